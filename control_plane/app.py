@@ -1,0 +1,134 @@
+"""Assembly and lifecycle of a control-plane process.
+
+Start-up: open the store, load the registry, start the reaper, then listen and report ready.
+Shutdown on SIGTERM or SIGINT, in steps:
+  1. not ready (``/readyz`` answers 503)
+  2. stop accepting connections
+  3. let in-flight requests finish, up to ``shutdown_timeout``
+  4. cancel the reaper
+  5. close the store
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator
+
+import uvloop
+from aiohttp import web
+
+from control_plane import api
+from control_plane.clock import Clock, SystemClock
+from control_plane.config import ControlPlaneConfig
+from control_plane.errors import ConfigError, StoreError
+from control_plane.openapi import build_spec
+from control_plane.reaper import run_reaper
+from control_plane.registry import Registry
+from control_plane.schema import MAX_BODY_BYTES
+from control_plane.store import Store, open_store
+
+log = logging.getLogger("meshlet.control_plane")
+
+STORE = web.AppKey("store", Store)
+
+
+def build_app(
+    config: ControlPlaneConfig, *, clock: Clock | None = None, store: Store | None = None
+) -> web.Application:
+    """The aiohttp application; its cleanup context owns the store and the reaper."""
+    store = store if store is not None else open_store(config.store)
+    app = web.Application(middlewares=[api.guard], client_max_size=MAX_BODY_BYTES)
+    app[STORE] = store
+    app[api.REGISTRY] = Registry(
+        store,
+        clock if clock is not None else SystemClock(),
+        heartbeat_ttl=config.heartbeat_ttl,
+        remove_after=config.remove_after,
+        protect_percent=config.protect_percent,
+    )
+    app[api.ADMIN_TOKEN] = config.admin_token
+    app[api.READY] = [False]
+    app[api.OPENAPI] = json.dumps(build_spec(), indent=1).encode()
+    api.add_routes(app)
+    app.cleanup_ctx.append(_lifecycle)
+    return app
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    registry = app[api.REGISTRY]
+    try:
+        await registry.start()
+    except BaseException:
+        await app[STORE].close()
+        raise
+    interval = min(1.0, registry.heartbeat_ttl / 4)
+    reaper = asyncio.create_task(run_reaper(registry.expire, interval), name="reaper")
+    app[api.READY][0] = True
+    yield
+    app[api.READY][0] = False
+    reaper.cancel()  # step 4
+    with contextlib.suppress(asyncio.CancelledError):
+        await reaper
+    await app[STORE].close()  # step 5
+
+
+async def serve(config: ControlPlaneConfig, stop: asyncio.Event | None = None) -> None:
+    """Run until ``stop`` is set (by default: until SIGTERM or SIGINT)."""
+    stop = stop if stop is not None else _stop_on_signals()
+    app = build_app(config)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(
+            runner, config.host, config.port, shutdown_timeout=config.shutdown_timeout
+        )
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        log.info("listening on %s (store %s)", _url(host, port), config.store)
+        await stop.wait()
+        log.info("shutting down")
+        app[api.READY][0] = False  # step 1
+    finally:
+        await runner.cleanup()  # steps 2-5
+    log.info("stopped")
+
+
+def _stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def run(config: ControlPlaneConfig) -> int:
+    """Run a control plane in this process; the exit code."""
+    setup_logging(config.log_level)
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(serve(config))
+    except (StoreError, ConfigError) as e:
+        log.error("cannot start: %s", e)
+        return 2
+    except OSError as e:
+        log.error("cannot listen on %s:%d: %s", config.host, config.port, e.strerror or e)
+        return 2
+    return 0

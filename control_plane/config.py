@@ -1,0 +1,49 @@
+"""Settings of a control-plane process, validated when built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from control_plane.errors import ConfigError
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True, slots=True)
+class ControlPlaneConfig:
+    host: str = "127.0.0.1"
+    """address the REST API listens on"""
+    port: int = 7070
+    """TCP port of the REST API; 0 picks a free one"""
+    store: str = "sqlite:///meshlet.db"
+    """``sqlite:///PATH`` or ``memory``"""
+    admin_token: str = ""
+    """when set, mutating calls need ``Authorization: Bearer <token>``"""
+    heartbeat_ttl: float = 15.0
+    """seconds without a heartbeat before an instance turns unhealthy"""
+    remove_after: float = 30.0
+    """seconds without a heartbeat before an instance is removed"""
+    protect_percent: float = 15.0
+    """expire nothing while more than this % of all instances (and >= 3) lapse at once"""
+    log_level: str = "info"
+    shutdown_timeout: float = 10.0
+    """seconds in-flight requests get to finish on SIGTERM"""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError("listen", f"port must be from 0 to 65535, got {self.port}")
+        if not self.heartbeat_ttl > 0:
+            raise ConfigError("heartbeat_ttl", "must be more than 0 seconds")
+        if not self.remove_after > self.heartbeat_ttl:
+            raise ConfigError("remove_after", "must be more than --heartbeat-ttl")
+        if not 0 <= self.protect_percent <= 100:
+            raise ConfigError("protect_percent", "must be from 0 to 100 (100 turns it off)")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError("log_level", f"must be one of {', '.join(LOG_LEVELS)}")
+        if self.shutdown_timeout < 0:
+            raise ConfigError("shutdown_timeout", "must not be negative")
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"

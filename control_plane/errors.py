@@ -1,0 +1,65 @@
+"""Errors of the control plane.
+
+    MeshletError
+     ├── ApiError              a request the REST API refuses: HTTP status, message, field
+     │    ├── BadRequest            400  malformed JSON or an invalid field
+     │    ├── Unauthorized          401  missing or wrong admin token
+     │    ├── NotFound              404  no such service or instance
+     │    ├── PayloadTooLarge       413  body over the limit
+     │    └── UnsupportedMediaType  415  body that is not JSON
+     ├── StoreError            the store failed (disk, corrupt file); the API answers 503
+     └── ConfigError           bad flags, environment or store URL; the process exits 2
+
+``wire.WireError`` (a document field is invalid) becomes ``BadRequest`` at the API boundary.
+"""
+
+from __future__ import annotations
+
+
+class MeshletError(Exception):
+    """Base of every error the control plane raises on purpose."""
+
+
+class ApiError(MeshletError):
+    status = 500
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def to_json(self) -> dict[str, str | None]:
+        return {"error": self.message, "field": self.field}
+
+
+class BadRequest(ApiError):
+    status = 400
+
+
+class Unauthorized(ApiError):
+    status = 401
+
+
+class NotFound(ApiError):
+    status = 404
+
+
+class PayloadTooLarge(ApiError):
+    status = 413
+
+
+class UnsupportedMediaType(ApiError):
+    status = 415
+
+
+class StoreError(MeshletError):
+    """The store could not do what was asked; nothing was changed."""
+
+
+class ConfigError(MeshletError):
+    """A start-up setting is wrong; ``field`` names the flag."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message

@@ -1,0 +1,282 @@
+"""The OpenAPI 3.1 description of the REST API, served at ``/openapi.json``.
+
+Request schemas are generated from the same documents the API parses with (``wire.Policy``,
+``schema.Registration``, ``schema.InstancePatch``), so the spec cannot drift from the checks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from control_plane import schema, wire
+from control_plane.model import Status
+
+_VERSION = "0.1.0"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(name: str, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref(name)}}}
+
+
+_ERRORS = {
+    "400": _json("Error", "invalid input; `field` names what is wrong"),
+    "401": _json("Error", "admin token missing or wrong (only with --admin-token)"),
+    "404": _json("Error", "no such service or instance"),
+    "413": _json("Error", "body larger than 1 MiB"),
+    "415": _json("Error", "body is not application/json"),
+    "503": _json("Error", "the store is unavailable"),
+}
+
+
+def _errors(*codes: str) -> dict[str, Any]:
+    return {code: _ERRORS[code] for code in codes}
+
+
+_SERVICE = {
+    "name": "service",
+    "in": "path",
+    "required": True,
+    "description": "service name, a DNS label",
+    "schema": {"type": "string", "pattern": f"^{wire.SERVICE_NAME.pattern}$"},
+}
+_ID = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "description": "instance id",
+    "schema": {"type": "string", "pattern": f"^{wire.INSTANCE_ID.pattern}$"},
+}
+_MUTATING_SECURITY: list[dict[str, list[str]]] = [{"adminToken": []}, {}]
+
+
+def _op(
+    op_id: str,
+    summary: str,
+    responses: dict[str, Any],
+    *,
+    params: tuple[dict[str, Any], ...] = (),
+    body: str | None = None,
+    mutating: bool = False,
+) -> dict[str, Any]:
+    op: dict[str, Any] = {"operationId": op_id, "summary": summary, "responses": responses}
+    if params:
+        op["parameters"] = list(params)
+    if body is not None:
+        op["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": _ref(body)}},
+        }
+    if mutating:
+        op["security"] = _MUTATING_SECURITY
+        op["responses"] = {**responses, **_errors("401")}
+    return op
+
+
+def _schemas() -> dict[str, Any]:
+    string = {"type": "string"}
+    instance_props = {
+        "service": string,
+        "id": string,
+        "address": string,
+        "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+        "zone": string,
+        "weight": {"type": "integer", "minimum": 1, "maximum": 10000},
+        "metadata": {"type": "object", "additionalProperties": string},
+        "status": {"enum": [s.value for s in Status]},
+        "last_heartbeat": {
+            "anyOf": [{"type": "null"}, {"type": "string", "format": "date-time"}],
+            "description": "last heartbeat this control plane saw (null since its restart)",
+        },
+    }
+    policy_view_props = {
+        "service": string,
+        "policy": _ref("Policy"),
+        "policy_set": {
+            "type": "boolean",
+            "description": "false when the service runs on the default policy",
+        },
+    }
+    patch = wire.json_schema(schema.InstancePatch)
+    patch["minProperties"] = 1
+    return {
+        "Error": _object(
+            error={"type": "string", "description": "what is wrong, for a person"},
+            field={"anyOf": [{"type": "null"}, string], "description": "the offending field"},
+        ),
+        "Health": _object(status=string),
+        "Policy": wire.json_schema(wire.Policy),
+        "PolicyView": _object(**policy_view_props),
+        "Registration": wire.json_schema(schema.Registration),
+        "InstancePatch": patch,
+        "Instance": _object(**instance_props),
+        "InstanceList": _object(
+            service=string, instances={"type": "array", "items": _ref("Instance")}
+        ),
+        "Heartbeat": _object(service=string, id=string, status=instance_props["status"]),
+        "ServiceSummary": _object(
+            name=string,
+            lb={"enum": list(wire.LB_POLICIES)},
+            instances=_object(
+                **{s.value: {"type": "integer", "minimum": 0} for s in Status},
+                total={"type": "integer", "minimum": 0},
+            ),
+        ),
+        "ServiceList": _object(
+            services={"type": "array", "items": _ref("ServiceSummary")},
+            protection={
+                "type": "boolean",
+                "description": "true while too many instances missed heartbeats at once "
+                "and none expire",
+            },
+        ),
+        "Service": _object(
+            **policy_view_props, instances={"type": "array", "items": _ref("Instance")}
+        ),
+    }
+
+
+def _object(**properties: Any) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": list(properties),
+        "additionalProperties": False,
+        "properties": properties,
+    }
+
+
+def build_spec() -> dict[str, Any]:
+    svc = "/v1/services/{service}"
+    inst = svc + "/instances/{id}"
+    s, i = (_SERVICE,), (_SERVICE, _ID)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "meshlet control plane",
+            "version": _VERSION,
+            "description": "Service registry and policies of a meshlet mesh. With "
+            "--admin-token, every mutating call needs `Authorization: Bearer <token>`.",
+        },
+        "paths": {
+            "/healthz": {
+                "get": _op("healthz", "the process is up", {"200": _json("Health", "up")})
+            },
+            "/readyz": {
+                "get": _op(
+                    "readyz",
+                    "ready to serve (store loaded, not shutting down)",
+                    {"200": _json("Health", "ready"), "503": _json("Health", "not ready")},
+                )
+            },
+            "/openapi.json": {
+                "get": _op(
+                    "openapi",
+                    "this document",
+                    {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {}}}},
+                )
+            },
+            "/v1/services": {
+                "get": _op(
+                    "listServices",
+                    "services with instance counts by status",
+                    {"200": _json("ServiceList", "all services")},
+                )
+            },
+            svc: {
+                "get": _op(
+                    "getService",
+                    "one service: policy and instances",
+                    {"200": _json("Service", "the service"), **_errors("400", "404")},
+                    params=s,
+                )
+            },
+            svc + "/policy": {
+                "get": _op(
+                    "getPolicy",
+                    "the service's policy (defaults when none was set)",
+                    {"200": _json("PolicyView", "the policy"), **_errors("400", "404")},
+                    params=s,
+                ),
+                "put": _op(
+                    "putPolicy",
+                    "set the policy; absent keys take their defaults; creates the service",
+                    {
+                        "200": _json("PolicyView", "the policy in force"),
+                        **_errors("400", "413", "415", "503"),
+                    },
+                    params=s,
+                    body="Policy",
+                    mutating=True,
+                ),
+                "delete": _op(
+                    "deletePolicy",
+                    "back to the default policy",
+                    {"204": {"description": "reset"}, **_errors("400", "404", "503")},
+                    params=s,
+                    mutating=True,
+                ),
+            },
+            svc + "/instances": {
+                "get": _op(
+                    "listInstances",
+                    "the service's instances",
+                    {"200": _json("InstanceList", "instances"), **_errors("400", "404")},
+                    params=s,
+                ),
+                "post": _op(
+                    "registerInstance",
+                    "register an instance (201), or update one with the same id (200)",
+                    {
+                        "200": _json("Instance", "updated"),
+                        "201": _json("Instance", "registered"),
+                        **_errors("400", "413", "415", "503"),
+                    },
+                    params=s,
+                    body="Registration",
+                    mutating=True,
+                ),
+            },
+            inst: {
+                "get": _op(
+                    "getInstance",
+                    "one instance",
+                    {"200": _json("Instance", "the instance"), **_errors("400", "404")},
+                    params=i,
+                ),
+                "patch": _op(
+                    "patchInstance",
+                    "change the weight, or drain (status: draining) and undrain (healthy)",
+                    {
+                        "200": _json("Instance", "the instance"),
+                        **_errors("400", "404", "413", "415", "503"),
+                    },
+                    params=i,
+                    body="InstancePatch",
+                    mutating=True,
+                ),
+                "delete": _op(
+                    "deregisterInstance",
+                    "deregister",
+                    {"204": {"description": "removed"}, **_errors("400", "404", "503")},
+                    params=i,
+                    mutating=True,
+                ),
+            },
+            inst + "/heartbeat": {
+                "put": _op(
+                    "heartbeat",
+                    "the instance is alive (no body needed)",
+                    {"200": _json("Heartbeat", "seen"), **_errors("400", "404")},
+                    params=i,
+                    mutating=True,
+                )
+            },
+        },
+        "components": {
+            "schemas": _schemas(),
+            "securitySchemes": {"adminToken": {"type": "http", "scheme": "bearer"}},
+        },
+    }

@@ -1,0 +1,57 @@
+"""Expiry of instances that stopped heartbeating, with Eureka-style self-preservation.
+
+An instance is *lapsed* once no heartbeat came for ``ttl`` seconds: it turns unhealthy. After
+``remove_after`` seconds it is removed. When more than ``protect_percent`` % of all
+instances (and at least ``PROTECT_MIN`` of them) have lapsed at once, this control plane is
+more likely cut off from them than they are all dead, so nothing expires until heartbeats
+recover; a lone dead instance in a healthy registry still expires normally.
+
+``plan_expiry`` is a plain function over ages; ``run_reaper`` is the loop that drives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Hashable, Mapping
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+log = logging.getLogger("meshlet.reaper")
+
+PROTECT_MIN = 3
+
+K = TypeVar("K", bound=Hashable)
+
+
+@dataclass(frozen=True, slots=True)
+class ExpiryPlan(Generic[K]):
+    lapsed: tuple[K, ...]
+    """past the TTL, not yet removable: unhealthy"""
+    removed: tuple[K, ...]
+    """past ``remove_after``: to be removed"""
+    protection: bool
+    """too many lapsed at once: neither list applies"""
+
+
+def plan_expiry(
+    ages: Mapping[K, float], *, ttl: float, remove_after: float, protect_percent: float
+) -> ExpiryPlan[K]:
+    """What to do with instances whose last sign of life is ``ages[key]`` seconds old."""
+    lapsed = [key for key, age in ages.items() if age > ttl]
+    if len(lapsed) >= PROTECT_MIN and len(lapsed) * 100 > protect_percent * len(ages):
+        return ExpiryPlan((), (), protection=True)
+    removed = tuple(key for key in lapsed if ages[key] > remove_after)
+    still = tuple(key for key in lapsed if ages[key] <= remove_after)
+    return ExpiryPlan(still, removed, protection=False)
+
+
+async def run_reaper(expire: Callable[[], Awaitable[object]], interval: float) -> None:
+    """Call ``expire`` every ``interval`` seconds until cancelled; a failed sweep is logged
+    and the next one runs as usual."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await expire()
+        except Exception:
+            log.exception("expiry sweep failed; retrying in %.1fs", interval)

@@ -1,0 +1,315 @@
+"""The service registry: services, their policies and instances, and instance liveness.
+
+The registry keeps the whole registry in memory and writes every change through to its
+``Store`` before acknowledging it; writes are serialised by one lock. Heartbeats are soft
+state: they touch memory only. After a restart every known instance gets one full TTL of
+grace before it can lapse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from control_plane.clock import Clock
+from control_plane.errors import NotFound
+from control_plane.model import InstanceRecord, InstanceView, ServiceSummary, ServiceView, Status
+from control_plane.reaper import plan_expiry
+from control_plane.schema import InstancePatch, Registration
+from control_plane.store import Store
+from control_plane.wire import DEFAULT_POLICY, DEFAULT_WEIGHT, Policy
+
+log = logging.getLogger("meshlet.registry")
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class _Liveness:
+    seen: float
+    """monotonic time of the last sign of life (or of this process's start)"""
+    heartbeat_wall: float | None
+    """wall-clock time of the last heartbeat this process saw"""
+    lapsed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryStatistics:
+    services: int
+    instances: int
+    lapsed: int
+    protection: bool
+
+
+class Registry:
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        *,
+        heartbeat_ttl: float,
+        remove_after: float,
+        protect_percent: float,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self.heartbeat_ttl = heartbeat_ttl
+        self.remove_after = remove_after
+        self.protect_percent = protect_percent
+        self._policies: dict[str, Policy] = {}
+        self._instances: dict[str, dict[str, InstanceRecord]] = {}
+        self._live: dict[tuple[str, str], _Liveness] = {}
+        self._lock = asyncio.Lock()
+        self.protection = False
+
+    async def start(self) -> None:
+        """Load the store; every loaded instance starts with a full TTL of grace."""
+        snapshot = await self._store.load()
+        now = self._clock.monotonic()
+        self._policies = dict(snapshot.policies)
+        for record in snapshot.instances:
+            self._instances.setdefault(record.service, {})[record.id] = record
+            self._live[record.key] = _Liveness(seen=now, heartbeat_wall=None)
+        log.info(
+            "registry loaded: %d services, %d instances",
+            len(self._service_names()),
+            len(snapshot.instances),
+        )
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def services(self) -> list[ServiceSummary]:
+        result = []
+        for name in sorted(self._service_names()):
+            counts = dict.fromkeys(Status, 0)
+            for record in self._instances.get(name, {}).values():
+                counts[self._status(record)] += 1
+            result.append(ServiceSummary(name, self.policy(name).lb, counts))
+        return result
+
+    def service(self, name: str) -> ServiceView:
+        if name not in self._policies and name not in self._instances:
+            raise NotFound(f"no service {name!r}", "service")
+        return ServiceView(name, self.policy(name), name in self._policies, self.instances(name))
+
+    def policy(self, name: str) -> Policy:
+        return self._policies.get(name, DEFAULT_POLICY)
+
+    def instances(self, name: str) -> list[InstanceView]:
+        if name not in self._policies and name not in self._instances:
+            raise NotFound(f"no service {name!r}", "service")
+        return [self._view(r) for _, r in sorted(self._instances.get(name, {}).items())]
+
+    def instance(self, service: str, instance_id: str) -> InstanceView:
+        return self._view(self._record(service, instance_id))
+
+    def statistics(self) -> RegistryStatistics:
+        return RegistryStatistics(
+            services=len(self._service_names()),
+            instances=len(self._live),
+            lapsed=sum(1 for live in self._live.values() if live.lapsed),
+            protection=self.protection,
+        )
+
+    def __repr__(self) -> str:
+        s = self.statistics()
+        return (
+            f"<Registry [{s.services} services, {s.instances} instances, {s.lapsed} lapsed"
+            f"{', protection' if s.protection else ''}] store={self._store!r}>"
+        )
+
+    # -- writes --------------------------------------------------------------------------
+
+    async def set_policy(self, service: str, policy: Policy) -> None:
+        async with self._lock:
+
+            def apply() -> None:
+                self._policies[service] = policy
+
+            await self._commit(self._store.put_policy(service, policy), apply)
+        log.info("policy of %s set (lb %s)", service, policy.lb)
+
+    async def clear_policy(self, service: str) -> None:
+        """Back to the default policy; a service with no instances then disappears."""
+        async with self._lock:
+            if service not in self._policies:
+                self.service(service)  # 404 for an unknown service
+                return
+
+            def apply() -> None:
+                del self._policies[service]
+
+            await self._commit(self._store.delete_policy(service), apply)
+        log.info("policy of %s reset to defaults", service)
+
+    async def register(self, service: str, reg: Registration) -> tuple[InstanceView, bool]:
+        """Register or update an instance; True when it is new."""
+        instance_id = reg.instance_id()
+        async with self._lock:
+            old = self._instances.get(service, {}).get(instance_id)
+            record = InstanceRecord(
+                service,
+                instance_id,
+                reg.address,
+                reg.port,
+                zone=_given(reg.zone, old.zone if old else ""),
+                weight=_given(reg.weight, old.weight if old else DEFAULT_WEIGHT),
+                metadata=_given(reg.metadata, old.metadata if old else {}),
+                draining=old.draining if old else False,
+            )
+
+            def apply() -> None:
+                self._instances.setdefault(service, {})[instance_id] = record
+                self._touch(record.key)
+
+            if record == old:
+                apply()
+            else:
+                await self._commit(self._store.put_instance(record), apply)
+        if old is None:
+            log.info("registered %s/%s at %s:%d", service, instance_id, reg.address, reg.port)
+        return self._view(record), old is None
+
+    def heartbeat(self, service: str, instance_id: str) -> Status:
+        """Memory only, no store write: the hot path of every instance without a sidecar."""
+        record = self._record(service, instance_id)
+        if self._touch(record.key):
+            log.info("%s/%s is heartbeating again", service, instance_id)
+        return self._status(record)
+
+    async def update(self, service: str, instance_id: str, patch: InstancePatch) -> InstanceView:
+        async with self._lock:
+            old = self._record(service, instance_id)
+            record = InstanceRecord(
+                service,
+                instance_id,
+                old.address,
+                old.port,
+                zone=old.zone,
+                weight=_given(patch.weight, old.weight),
+                metadata=old.metadata,
+                draining=old.draining if patch.status is None else patch.status == "draining",
+            )
+            if record != old:
+
+                def apply() -> None:
+                    self._instances[service][instance_id] = record
+
+                await self._commit(self._store.put_instance(record), apply)
+        if record.draining != old.draining:
+            log.info(
+                "%s/%s %s", service, instance_id, "draining" if record.draining else "undrained"
+            )
+        return self._view(record)
+
+    async def deregister(self, service: str, instance_id: str) -> None:
+        async with self._lock:
+            record = self._record(service, instance_id)
+            await self._commit(
+                self._store.delete_instances([record.key]), lambda: self._forget([record.key])
+            )
+        log.info("deregistered %s/%s", service, instance_id)
+
+    async def expire(self) -> None:
+        """One reaper sweep: lapse, remove, or hold everything under protection."""
+        now = self._clock.monotonic()
+        plan = plan_expiry(
+            {key: now - live.seen for key, live in self._live.items()},
+            ttl=self.heartbeat_ttl,
+            remove_after=self.remove_after,
+            protect_percent=self.protect_percent,
+        )
+        if plan.protection != self.protection:
+            self.protection = plan.protection
+            if plan.protection:
+                lapsed = sum(
+                    1 for live in self._live.values() if now - live.seen > self.heartbeat_ttl
+                )
+                log.warning(
+                    "protection on: %d of %d instances missed heartbeats at once; expiring "
+                    "none until heartbeats recover (this control plane may be cut off)",
+                    lapsed,
+                    len(self._live),
+                )
+            else:
+                log.info("protection off: heartbeats recovered")
+        for key in plan.lapsed:
+            live = self._live[key]
+            if not live.lapsed:
+                live.lapsed = True
+                log.info("%s/%s unhealthy: no heartbeat for %.1fs", *key, now - live.seen)
+        if plan.removed:
+            async with self._lock:
+                now = self._clock.monotonic()
+                gone = [
+                    k
+                    for k in plan.removed
+                    if k in self._live and now - self._live[k].seen > self.remove_after
+                ]
+                if gone:
+                    await self._commit(
+                        self._store.delete_instances(gone), lambda: self._forget(gone)
+                    )
+            for service, instance_id in gone:
+                log.info(
+                    "removed %s/%s: no heartbeat for over %.0fs",
+                    service,
+                    instance_id,
+                    self.remove_after,
+                )
+
+    # -- internals -----------------------------------------------------------------------
+
+    async def _commit(self, write: Coroutine[Any, Any, None], apply: Callable[[], T]) -> T:
+        """Write to the store, then apply to memory. Shielded: a cancelled caller cannot leave
+        the store changed and memory not."""
+
+        async def both() -> T:
+            await write
+            return apply()
+
+        return await asyncio.shield(both())
+
+    def _service_names(self) -> set[str]:
+        return self._policies.keys() | self._instances.keys()
+
+    def _record(self, service: str, instance_id: str) -> InstanceRecord:
+        record = self._instances.get(service, {}).get(instance_id)
+        if record is None:
+            raise NotFound(f"no instance {instance_id!r} in service {service!r}", "id")
+        return record
+
+    def _touch(self, key: tuple[str, str]) -> bool:
+        """Record a heartbeat; True when the instance had lapsed."""
+        live = self._live.get(key)
+        if live is None:
+            self._live[key] = _Liveness(self._clock.monotonic(), self._clock.time())
+            return False
+        was_lapsed = live.lapsed
+        live.seen = self._clock.monotonic()
+        live.heartbeat_wall = self._clock.time()
+        live.lapsed = False
+        return was_lapsed
+
+    def _forget(self, keys: list[tuple[str, str]]) -> None:
+        for service, instance_id in keys:
+            instances = self._instances.get(service, {})
+            instances.pop(instance_id, None)
+            if not instances:
+                self._instances.pop(service, None)
+            self._live.pop((service, instance_id), None)
+
+    def _status(self, record: InstanceRecord) -> Status:
+        if record.draining:
+            return Status.DRAINING
+        return Status.UNHEALTHY if self._live[record.key].lapsed else Status.HEALTHY
+
+    def _view(self, record: InstanceRecord) -> InstanceView:
+        return InstanceView(record, self._status(record), self._live[record.key].heartbeat_wall)
+
+
+def _given(value: T | None, current: T) -> T:
+    return current if value is None else value

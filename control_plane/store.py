@@ -1,0 +1,59 @@
+"""Where the registry keeps what must survive a restart, behind one Protocol.
+
+A store holds the explicit policies and the instance records (with their weights and drains).
+Heartbeats are soft state and never reach a store. Implementations: ``store_sqlite`` (the
+default) and ``store_memory``; one contract suite (``tests/control_plane/test_store_contract``)
+runs over every one of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from control_plane.errors import ConfigError
+from control_plane.model import InstanceRecord
+from control_plane.wire import Policy
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything a store holds, as loaded at start-up."""
+
+    policies: dict[str, Policy]
+    instances: list[InstanceRecord]
+
+
+class Store(Protocol):
+    """Each write is durable when its coroutine returns; a failed write raises ``StoreError``
+    and changes nothing."""
+
+    async def load(self) -> Snapshot: ...
+
+    async def put_policy(self, service: str, policy: Policy) -> None: ...
+
+    async def delete_policy(self, service: str) -> None: ...
+
+    async def put_instance(self, record: InstanceRecord) -> None: ...
+
+    async def delete_instances(self, keys: Sequence[tuple[str, str]]) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def open_store(url: str) -> Store:
+    """A store from ``--store``: ``sqlite:///relative.db``, ``sqlite:////abs/path.db``,
+    or ``memory``."""
+    if url == "memory":
+        from control_plane.store_memory import MemoryStore
+
+        return MemoryStore()
+    if url.startswith("sqlite:///"):
+        path = url.removeprefix("sqlite:///")
+        if not path:
+            raise ConfigError("store", "sqlite:/// needs a file path, e.g. sqlite:///meshlet.db")
+        from control_plane.store_sqlite import SqliteStore
+
+        return SqliteStore(path)
+    raise ConfigError("store", f"unsupported store {url!r}; use sqlite:///PATH or memory")

@@ -1,0 +1,174 @@
+"""The default store: one SQLite file in WAL mode, driven from one worker thread.
+
+Every call runs on a single dedicated thread (SQLite calls block), so writes reach the file in
+the order they were made. Each write is one transaction committed before its coroutine
+returns. ``synchronous=NORMAL`` in WAL mode keeps every committed write across a crash of this
+process (SIGKILL included); only a power loss or kernel crash can lose the last commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from control_plane.errors import StoreError
+from control_plane.model import InstanceRecord
+from control_plane.store import Snapshot
+from control_plane.wire import Policy, WireError, parse_policy, to_json
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS policies (service TEXT PRIMARY KEY, document TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS instances (
+    service TEXT NOT NULL,
+    id TEXT NOT NULL,
+    address TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    zone TEXT NOT NULL,
+    weight INTEGER NOT NULL,
+    metadata TEXT NOT NULL,
+    draining INTEGER NOT NULL,
+    PRIMARY KEY (service, id)
+) WITHOUT ROWID;
+"""
+
+T = TypeVar("T")
+
+
+class SqliteStore:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshlet-sqlite")
+        self._db: sqlite3.Connection | None = None
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def call() -> T:
+            if self._db is None:
+                self._db = self._open()
+            return fn(self._db)
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        except sqlite3.Error as e:
+            raise StoreError(f"sqlite {self.path}: {e}") from e
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False)
+        try:
+            db.execute("PRAGMA busy_timeout = 5000")
+            mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode != "wal":
+                raise StoreError(f"sqlite {self.path}: cannot use WAL mode (got {mode})")
+            db.execute("PRAGMA synchronous = NORMAL")
+            with db:
+                db.executescript(_SCHEMA)
+                row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+                if row is None:
+                    db.execute(
+                        "INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                    )
+                elif int(row[0]) > SCHEMA_VERSION:
+                    raise StoreError(
+                        f"sqlite {self.path}: schema version {row[0]} is newer than this "
+                        f"meshlet understands ({SCHEMA_VERSION})"
+                    )
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    async def load(self) -> Snapshot:
+        def load(db: sqlite3.Connection) -> Snapshot:
+            policies = {}
+            for service, document in db.execute("SELECT service, document FROM policies"):
+                try:
+                    policies[service] = parse_policy(json.loads(document))
+                except (ValueError, WireError) as e:
+                    raise StoreError(
+                        f"sqlite {self.path}: stored policy of {service!r} is invalid: {e}"
+                    ) from e
+            instances = []
+            for service, id_, address, port, zone, weight, metadata, draining in db.execute(
+                "SELECT service, id, address, port, zone, weight, metadata, draining "
+                "FROM instances ORDER BY service, id"
+            ):
+                try:
+                    instances.append(
+                        InstanceRecord(
+                            service,
+                            id_,
+                            address,
+                            port,
+                            zone=zone,
+                            weight=weight,
+                            metadata=json.loads(metadata),
+                            draining=bool(draining),
+                        )
+                    )
+                except (ValueError, WireError) as e:
+                    raise StoreError(
+                        f"sqlite {self.path}: stored instance {service}/{id_} is invalid: {e}"
+                    ) from e
+            return Snapshot(policies, instances)
+
+        return await self._run(load)
+
+    async def put_policy(self, service: str, policy: Policy) -> None:
+        document = json.dumps(to_json(policy), separators=(",", ":"))
+
+        def put(db: sqlite3.Connection) -> None:
+            with db:
+                db.execute("INSERT OR REPLACE INTO policies VALUES (?, ?)", (service, document))
+
+        await self._run(put)
+
+    async def delete_policy(self, service: str) -> None:
+        def delete(db: sqlite3.Connection) -> None:
+            with db:
+                db.execute("DELETE FROM policies WHERE service = ?", (service,))
+
+        await self._run(delete)
+
+    async def put_instance(self, record: InstanceRecord) -> None:
+        row = (
+            record.service,
+            record.id,
+            record.address,
+            record.port,
+            record.zone,
+            record.weight,
+            json.dumps(record.metadata, separators=(",", ":")),
+            int(record.draining),
+        )
+
+        def put(db: sqlite3.Connection) -> None:
+            with db:
+                db.execute("INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+
+        await self._run(put)
+
+    async def delete_instances(self, keys: Sequence[tuple[str, str]]) -> None:
+        rows = list(keys)
+
+        def delete(db: sqlite3.Connection) -> None:
+            with db:
+                db.executemany("DELETE FROM instances WHERE service = ? AND id = ?", rows)
+
+        await self._run(delete)
+
+    async def close(self) -> None:
+        def close() -> None:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, close)
+        self._executor.shutdown(wait=True)
+
+    def __repr__(self) -> str:
+        return f"<SqliteStore {self.path} [{'open' if self._db else 'closed'}]>"

@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from control_plane.app import build_app
+from control_plane.clock import FakeClock
+from control_plane.config import ControlPlaneConfig
+from control_plane.store import Store
+from control_plane.store_memory import MemoryStore
+from control_plane.store_sqlite import SqliteStore
+from tests.processes import ControlPlane
+
+Api = TestClient[Any, Any]
+MakeApi = Callable[..., Awaitable[Api]]
+
+
+@pytest.fixture
+def control_plane(tmp_path: Path) -> Iterator[Callable[..., ControlPlane]]:
+    """Start real control-plane processes (``ControlPlane(tmp_path, *args)``); any still
+    running at the end of the test are killed."""
+    started: list[ControlPlane] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> ControlPlane:
+        cp = ControlPlane(tmp_path / "logs", *args, env=env)
+        started.append(cp)
+        return cp
+
+    yield start
+    for cp in started:
+        cp.kill()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store_kind(request: pytest.FixtureRequest) -> str:
+    kind: str = request.param
+    return kind
+
+
+def new_store(kind: str, path: Path) -> Store:
+    return MemoryStore() if kind == "memory" else SqliteStore(str(path / "meshlet.db"))
+
+
+@pytest.fixture
+async def make_api(clock: FakeClock, tmp_path: Path) -> AsyncIterator[MakeApi]:
+    """Start an in-process control plane on a free loopback port; keyword arguments go to
+    ``ControlPlaneConfig`` (plus ``store=`` for a store object, SQLite in tmp_path by default)."""
+    clients: list[Api] = []
+
+    async def make(store: Store | None = None, **config: Any) -> Api:
+        store = store if store is not None else SqliteStore(str(tmp_path / "meshlet.db"))
+        app = build_app(ControlPlaneConfig(port=0, **config), clock=clock, store=store)
+        client: Api = TestClient(TestServer(app))
+        await client.start_server()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in reversed(clients):
+        await client.close()
+
+
+@pytest.fixture
+async def api(make_api: MakeApi) -> Api:
+    return await make_api()

@@ -1,0 +1,190 @@
+"""One contract for every Store, checked against a model by a hypothesis state machine."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import tempfile
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from control_plane.errors import ConfigError, StoreError
+from control_plane.model import InstanceRecord
+from control_plane.store import Snapshot, Store, open_store
+from control_plane.store_memory import MemoryStore
+from control_plane.store_sqlite import SqliteStore
+from control_plane.wire import Policy
+from tests.conftest import new_store
+
+T = TypeVar("T")
+
+services = st.sampled_from(["a", "b", "cat-1"])
+ids = st.sampled_from(["i1", "i2", "10.0.0.1-80"])
+records = st.builds(
+    InstanceRecord,
+    service=services,
+    id=ids,
+    address=st.sampled_from(["10.0.0.1", "::1", "host.example"]),
+    port=st.integers(1, 65535),
+    zone=st.sampled_from(["", "a", "us-east-1a"]),
+    weight=st.integers(1, 10_000),
+    metadata=st.dictionaries(st.sampled_from(["v", "team"]), st.text(max_size=5), max_size=2),
+    draining=st.booleans(),
+)
+policies = st.builds(
+    Policy,
+    lb=st.sampled_from(["round_robin", "least_request"]),
+    retries=st.integers(0, 10),
+    zone_aware=st.booleans(),
+)
+
+
+class StoreContract(RuleBasedStateMachine):
+    """``make`` opens a store on ``path``; a durable store must give back, after a reopen,
+    exactly what was acknowledged."""
+
+    make: Callable[[Path], Store]
+    durable: bool
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.dir = tempfile.TemporaryDirectory()
+        self.path = Path(self.dir.name)
+        self.store = type(self).make(self.path)
+        self.policies: dict[str, Policy] = {}
+        self.instances: dict[tuple[str, str], InstanceRecord] = {}
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self.loop.run_until_complete(coro)
+
+    @rule(service=services, policy=policies)
+    def put_policy(self, service: str, policy: Policy) -> None:
+        self.run(self.store.put_policy(service, policy))
+        self.policies[service] = policy
+
+    @rule(service=services)
+    def delete_policy(self, service: str) -> None:
+        self.run(self.store.delete_policy(service))
+        self.policies.pop(service, None)
+
+    @rule(record=records)
+    def put_instance(self, record: InstanceRecord) -> None:
+        self.run(self.store.put_instance(record))
+        self.instances[record.key] = record
+
+    @rule(keys=st.lists(st.tuples(services, ids), max_size=3))
+    def delete_instances(self, keys: list[tuple[str, str]]) -> None:
+        self.run(self.store.delete_instances(keys))
+        for key in keys:
+            self.instances.pop(key, None)
+
+    @rule()
+    def reopen(self) -> None:
+        if self.durable:
+            self.run(self.store.close())
+            self.store = type(self).make(self.path)
+
+    @invariant()
+    def load_gives_back_what_was_written(self) -> None:
+        snapshot: Snapshot = self.run(self.store.load())
+        assert snapshot.policies == self.policies
+        assert sorted(snapshot.instances, key=lambda r: r.key) == sorted(
+            self.instances.values(), key=lambda r: r.key
+        )
+
+    def teardown(self) -> None:
+        self.run(self.store.close())
+        self.loop.close()
+        self.dir.cleanup()
+
+
+class MemoryContract(StoreContract):
+    make = staticmethod(lambda path: MemoryStore())
+    durable = False
+
+
+class SqliteContract(StoreContract):
+    make = staticmethod(lambda path: SqliteStore(str(path / "meshlet.db")))
+    durable = True
+
+
+_settings = settings(
+    max_examples=30,
+    stateful_step_count=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestMemoryStoreContract = _settings(MemoryContract).TestCase
+TestSqliteStoreContract = _settings(SqliteContract).TestCase
+
+
+async def test_a_new_store_is_empty(store_kind: str, tmp_path: Path) -> None:
+    store = new_store(store_kind, tmp_path)
+    snapshot = await store.load()
+    assert (snapshot.policies, snapshot.instances) == ({}, [])
+    await store.close()
+
+
+async def test_sqlite_uses_wal(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "m.db"))
+    await store.load()
+    await store.close()
+    with sqlite3.connect(tmp_path / "m.db") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_sqlite_refuses_a_file_that_is_not_a_database(tmp_path: Path) -> None:
+    (tmp_path / "junk.db").write_bytes(b"this is not sqlite" * 100)
+    store = SqliteStore(str(tmp_path / "junk.db"))
+    with pytest.raises(StoreError, match="not a database"):
+        await store.load()
+    await store.close()
+    assert (tmp_path / "junk.db").read_bytes() == b"this is not sqlite" * 100
+
+
+async def test_sqlite_refuses_a_newer_schema(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "m.db"))
+    await store.load()
+    await store.close()
+    with sqlite3.connect(tmp_path / "m.db") as db:
+        db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    store = SqliteStore(str(tmp_path / "m.db"))
+    with pytest.raises(StoreError, match="schema version 99 is newer"):
+        await store.load()
+    await store.close()
+
+
+async def test_sqlite_names_an_invalid_stored_row(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "m.db"))
+    await store.load()
+    await store.close()
+    with sqlite3.connect(tmp_path / "m.db") as db:
+        db.execute("INSERT INTO policies VALUES ('svc', '{\"lb\": \"bogus\"}')")
+    store = SqliteStore(str(tmp_path / "m.db"))
+    with pytest.raises(StoreError, match="stored policy of 'svc' is invalid: lb"):
+        await store.load()
+    await store.close()
+
+
+async def test_sqlite_in_a_missing_directory_fails_clearly(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "missing" / "m.db"))
+    with pytest.raises(StoreError, match="unable to open database file"):
+        await store.load()
+    await store.close()
+
+
+def test_store_urls(tmp_path: Path) -> None:
+    assert isinstance(open_store("memory"), MemoryStore)
+    sqlite_store = open_store(f"sqlite:///{tmp_path}/x.db")
+    assert isinstance(sqlite_store, SqliteStore)
+    assert sqlite_store.path == f"{tmp_path}/x.db"
+    for bad in ("sqlite:///", "postgres://x", "redis://localhost:6379/0", "meshlet.db"):
+        with pytest.raises(ConfigError, match="store"):
+            open_store(bad)

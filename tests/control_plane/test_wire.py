@@ -1,0 +1,181 @@
+"""The policy document: defaults, every field's validation, and names."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from control_plane import wire
+from control_plane.wire import DEFAULT_POLICY, Policy, WireError, parse_policy, to_json
+
+
+def test_empty_document_is_all_defaults() -> None:
+    policy = parse_policy({})
+    assert policy == DEFAULT_POLICY
+    assert policy.lb == "peak_ewma"
+    assert policy.timeout_ms == 15_000
+    assert policy.connect_timeout_ms == 1_000
+    assert policy.retries == 1
+    assert policy.retry_on == ("connect-failure", "reset", 502, 503, 504)
+    assert policy.retry_budget == wire.RetryBudget(ratio=0.2, min_per_s=10)
+    assert policy.max_requests == 1024
+    assert policy.outlier == wire.Outlier(5, 30_000, 50)
+    assert policy.panic_threshold == 50
+    assert policy.slow_start_ms == 30_000
+    assert policy.zone_aware is True
+    assert policy.hedge is None
+    assert policy.hash_balance_factor == 1.25
+
+
+def test_full_document_round_trips() -> None:
+    doc = {
+        "lb": "ring_hash",
+        "hash_on": "cookie:session",
+        "hash_balance_factor": 1.5,
+        "timeout_ms": 2000,
+        "connect_timeout_ms": 200,
+        "retries": 3,
+        "retry_on": ["reset", 503, "429"],
+        "retry_budget": {"ratio": 0.5, "min_per_s": 1},
+        "max_requests": 10,
+        "outlier": {"consecutive_failures": 0, "base_ejection_ms": 1, "max_ejection_percent": 100},
+        "panic_threshold": 0,
+        "slow_start_ms": 0,
+        "zone_aware": False,
+        "hedge": {"after_ms": 50},
+    }
+    policy = parse_policy(doc)
+    assert policy.retry_on == ("reset", 503, 429)  # status strings become numbers
+    assert to_json(policy) == {**doc, "retry_on": ["reset", 503, 429]}
+    assert parse_policy(to_json(policy)) == policy
+
+
+@pytest.mark.parametrize(
+    ("doc", "field", "says"),
+    [
+        ({"lb": "fastest"}, "lb", "must be one of round_robin"),
+        ({"lb": 3}, "lb", "must be a string"),
+        ({"lb": "maglev"}, "hash_on", "is required when lb is maglev"),
+        ({"hash_on": "path"}, "hash_on", "applies only when lb is ring_hash or maglev"),
+        ({"lb": "ring_hash", "hash_on": "header:"}, "hash_on", "is not of the form"),
+        ({"lb": "ring_hash", "hash_on": "body"}, "hash_on", "is not of the form"),
+        ({"hash_balance_factor": 0.9}, "hash_balance_factor", "must be from 1 to 100"),
+        ({"hash_balance_factor": "1.5"}, "hash_balance_factor", "must be a number"),
+        ({"timeout_ms": 0}, "timeout_ms", "must be from 1 to 3600000 milliseconds"),
+        ({"timeout_ms": 1.5}, "timeout_ms", "must be an integer"),
+        ({"timeout_ms": True}, "timeout_ms", "must be an integer, got a boolean"),
+        ({"connect_timeout_ms": 60_001}, "connect_timeout_ms", "must be from 1 to 60000"),
+        ({"timeout_ms": 500}, "connect_timeout_ms", "must not exceed timeout_ms"),
+        ({"retries": -1}, "retries", "must be from 0 to 10"),
+        ({"retries": 11}, "retries", "must be from 0 to 10"),
+        ({"retry_on": "reset"}, "retry_on", "must be an array"),
+        ({"retry_on": ["timeout"]}, "retry_on[0]", "must be connect-failure or reset"),
+        ({"retry_on": [503, 200]}, "retry_on[1]", "a status 400-599"),
+        ({"retry_on": [503, "503"]}, "retry_on[1]", "listed twice"),
+        ({"retry_on": [True]}, "retry_on[0]", "must be connect-failure"),
+        ({"retry_budget": {"ratio": 1.5}}, "retry_budget.ratio", "must be from 0 to 1"),
+        ({"retry_budget": {"min_per_s": -1}}, "retry_budget.min_per_s", "must be from 0"),
+        ({"retry_budget": {"burst": 1}}, "retry_budget.burst", "unknown key"),
+        ({"retry_budget": 0.2}, "retry_budget", "must be an object"),
+        ({"max_requests": 0}, "max_requests", "must be from 1 to 1000000"),
+        ({"outlier": {"consecutive_failures": -1}}, "outlier.consecutive_failures", "from 0"),
+        ({"outlier": {"base_ejection_ms": 0}}, "outlier.base_ejection_ms", "from 1"),
+        ({"outlier": {"max_ejection_percent": 101}}, "outlier.max_ejection_percent", "to 100"),
+        ({"outlier": {"interval": 1}}, "outlier.interval", "unknown key"),
+        ({"panic_threshold": 101}, "panic_threshold", "must be from 0 to 100 %"),
+        ({"slow_start_ms": -1}, "slow_start_ms", "must be from 0"),
+        ({"zone_aware": "yes"}, "zone_aware", "must be true or false"),
+        ({"zone_aware": 1}, "zone_aware", "must be true or false"),
+        ({"hedge": "on"}, "hedge", 'must be "off" or {"after_ms": N}'),
+        ({"hedge": {}}, "hedge.after_ms", "is required"),
+        ({"hedge": {"after_ms": 0}}, "hedge.after_ms", "must be from 1"),
+        ({"hedge": {"after_ms": 10, "max": 2}}, "hedge.max", "unknown key"),
+        ({"hedge": {"after_ms": 15_000}}, "hedge.after_ms", "must be less than timeout_ms"),
+        ({"retry": 2}, "retry", "unknown key; allowed keys: lb, hash_on"),
+    ],
+)
+def test_invalid_documents_name_the_field(doc: dict[str, Any], field: str, says: str) -> None:
+    with pytest.raises(WireError) as caught:
+        parse_policy(doc)
+    assert caught.value.field == field
+    assert says in caught.value.message
+
+
+@pytest.mark.parametrize("data", [[], "lb", 3, None])
+def test_a_policy_must_be_an_object(data: Any) -> None:
+    with pytest.raises(WireError, match="must be an object"):
+        parse_policy(data)
+
+
+@pytest.mark.parametrize("off", [None, False, "off"])
+def test_hedge_off_spellings(off: Any) -> None:
+    assert parse_policy({"hedge": off}).hedge is None
+
+
+def test_documents_validate_themselves_when_built_directly() -> None:
+    with pytest.raises(WireError, match="retries"):
+        Policy(retries=50)
+    with pytest.raises(WireError, match="ratio"):
+        wire.RetryBudget(ratio=-0.1)
+
+
+@pytest.mark.parametrize("name", ["a", "payments", "a-b-9", "x" * 63, "9lives"])
+def test_valid_service_names(name: str) -> None:
+    assert wire.check_service_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "-a", "a-", "A", "a_b", "a.b", "x" * 64, "ä"])
+def test_invalid_service_names(name: str) -> None:
+    with pytest.raises(WireError, match="DNS label"):
+        wire.check_service_name(name)
+
+
+@pytest.mark.parametrize(
+    "address", ["10.0.0.1", "::1", "fe80::1", "catalog", "catalog.svc.cluster.local", "a-1.b."]
+)
+def test_valid_addresses(address: str) -> None:
+    assert wire.check_address(address) == address
+
+
+@pytest.mark.parametrize(
+    "address", ["", "999.1.1.1", "a..b", "-a.com", "a_b", "x" * 254, "10.0.0.1:80", 7, None]
+)
+def test_invalid_addresses(address: Any) -> None:
+    with pytest.raises(WireError, match="IP address or a hostname"):
+        wire.check_address(address)
+
+
+def test_json_schema_matches_the_parser_on_defaults() -> None:
+    schema = wire.json_schema(Policy)
+    assert schema["additionalProperties"] is False
+    props = schema["properties"]
+    assert set(props) == set(to_json(DEFAULT_POLICY))
+    for key, value in to_json(DEFAULT_POLICY).items():
+        assert props[key]["default"] == value, key
+    assert props["timeout_ms"]["minimum"] == 1
+    assert props["lb"]["enum"] == list(wire.LB_POLICIES)
+    assert "milliseconds" in props["timeout_ms"]["description"]
+
+
+policies: st.SearchStrategy[dict[str, Any]] = st.builds(
+    dict,
+    lb=st.sampled_from(["round_robin", "random", "least_request", "peak_ewma"]),
+    timeout_ms=st.integers(1000, 3_600_000),
+    connect_timeout_ms=st.integers(1, 1000),
+    retries=st.integers(0, 10),
+    retry_on=st.lists(st.sampled_from(["reset", "connect-failure", 500, 502, 429]), unique=True),
+    retry_budget=st.fixed_dictionaries(
+        {"ratio": st.floats(0, 1), "min_per_s": st.integers(0, 100)}
+    ),
+    zone_aware=st.booleans(),
+    hedge=st.one_of(st.none(), st.builds(dict, after_ms=st.integers(1, 999))),
+)
+
+
+@given(policies)
+def test_any_valid_policy_round_trips(doc: dict[str, Any]) -> None:
+    policy = parse_policy(doc)
+    assert parse_policy(to_json(policy)) == policy

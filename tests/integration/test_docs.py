@@ -1,0 +1,109 @@
+"""The README's examples work as printed, its tables match the code, and so does the demo."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from control_plane.cli import build_parser
+from control_plane.wire import DEFAULT_POLICY, to_json
+from tests.processes import ControlPlane
+
+pytestmark = pytest.mark.slow
+
+README = (Path(__file__).parents[2] / "README.md").read_text()
+
+
+def block_after(heading: str, lang: str) -> str:
+    found = re.search(re.escape(heading) + r".*?```" + lang + r"\n(.*?)```", README, re.S)
+    assert found, f"no ```{lang} block after {heading!r} in README.md"
+    return found.group(1)
+
+
+def commands(block: str) -> list[str]:
+    return [c.strip() for c in block.replace("\\\n", " ").splitlines() if c.strip()]
+
+
+def run_curl(command: str) -> str:
+    assert command.startswith("curl ")
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, (command, done.stderr)
+    if done.stdout:
+        assert "error" not in json.loads(done.stdout), (command, done.stdout)
+    return done.stdout
+
+
+def test_readme_curl_examples_work_as_printed(
+    control_plane: Callable[..., ControlPlane], tmp_path: Path
+) -> None:
+    cp = control_plane("--store", f"sqlite:///{tmp_path}/meshlet.db")
+    expected_listing = json.loads(block_after("`GET /v1/services` answers", "json"))
+    outputs = {}
+    for command in commands(block_after("### Try the API", "sh")):
+        outputs[command] = run_curl(command.replace("http://127.0.0.1:7070", cp.url))
+    listing = outputs["curl -s http://127.0.0.1:7070/v1/services"]
+    assert json.loads(listing) == expected_listing
+    assert len(outputs) == 8
+    assert cp.stop() == 0
+
+
+def test_readme_policy_table_matches_the_code() -> None:
+    rows = re.findall(
+        r"^\| `(\w+)` \| (.+?) \| .+ \|$", README.split("### The policy document")[1], re.M
+    )
+    documented = dict(rows)
+    defaults = to_json(DEFAULT_POLICY)
+    assert list(documented) == list(defaults)
+    for key, shown in documented.items():
+        value = defaults[key]
+        if value is None:
+            assert shown in ("none", '`"off"`'), key
+        elif isinstance(value, str):
+            assert shown == f"`{value}`", key
+        else:
+            assert json.loads(shown.strip("`")) == value, key
+
+
+def test_readme_flag_table_matches_the_parser() -> None:
+    section = README.split("## The control plane")[1].split("###")[0]
+    documented = re.findall(r"^\| `(--[\w-]+)[^|]*\| `(MESHLET_\w+)` \| ([^|]+) \|", section, re.M)
+    parser = build_parser("meshlet control-plane")
+    flags = {a.option_strings[0]: a for a in parser._actions if a.option_strings[0] != "-h"}
+    assert [d[0] for d in documented] == list(flags)
+    for flag, env, default in documented:
+        assert env in (flags[flag].help or ""), flag
+        shown = default.strip().strip("`")
+        if shown != "none":
+            assert f"default {shown})" in (flags[flag].help or ""), flag
+
+
+def test_the_demo_runs_and_its_curl_commands_work() -> None:
+    meshlet = Path(sys.executable).with_name("meshlet")
+    with subprocess.Popen(
+        [str(meshlet), "demo", "--seconds", "6"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as demo:
+        assert demo.stdout is not None
+        lines = []
+        for line in demo.stdout:
+            lines.append(line)
+            if "Ctrl-C stops the demo" in line:
+                break
+        printed = [line.strip() for line in lines if line.strip().startswith("curl ")]
+        assert len(printed) == 5, "".join(lines)
+        for command in printed:
+            run_curl(command)
+        rest = demo.stdout.read()
+        assert demo.wait(30) == 0, "".join(lines) + rest
+    out = "".join(lines) + rest
+    assert "[live] batch: 1 healthy | catalog: 2 healthy, 1 draining | frontend: 1 healthy" in out
+    assert out.rstrip().endswith("meshlet demo: stopped")
+    assert "Traceback" not in out

@@ -1,0 +1,41 @@
+"""Package boundaries that DESIGN.md promises."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+
+
+def imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+def test_control_plane_never_imports_the_sidecar_or_the_command() -> None:
+    files = sorted((ROOT / "control_plane").glob("*.py"))
+    assert files
+    for path in files:
+        bad = {m for m in imports(path) if m.split(".")[0] in ("sidecar", "meshlet")}
+        assert not bad, f"{path.name} imports {bad}"
+
+
+def test_sidecar_imports_only_wire_and_ring_from_the_control_plane() -> None:
+    allowed = {"control_plane.wire", "control_plane.ring"}
+    for path in sorted((ROOT / "sidecar").glob("*.py")):
+        used = {m for m in imports(path) if m.startswith("control_plane")}
+        assert used <= allowed | {"control_plane"}, f"{path.name} imports {used - allowed}"
+
+
+def test_wire_is_standard_library_only() -> None:
+    for module in imports(ROOT / "control_plane" / "wire.py"):
+        top = module.split(".")[0]
+        assert top in sys.stdlib_module_names or top == "__future__", module
