@@ -482,3 +482,89 @@ DEFAULT_POLICY = Policy()
 def parse_policy(data: Any, path: str = "") -> Policy:
     """A policy document from decoded JSON or YAML; raises :class:`WireError`."""
     return parse(Policy, data, path)
+
+
+# -- the routing table ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One place a service can be reached."""
+
+    address: str = spec(
+        dataclasses.MISSING,
+        "IP address or hostname",
+        parse=check_address,
+        schema={"type": "string", "minLength": 1, "maxLength": 253},
+    )
+    port: int = spec(dataclasses.MISSING, "TCP port", lo=PORT_RANGE[0], hi=PORT_RANGE[1])
+    weight: int = spec(
+        DEFAULT_WEIGHT, "relative share of traffic", lo=WEIGHT_RANGE[0], hi=WEIGHT_RANGE[1]
+    )
+    zone: str = spec(
+        "", "locality zone, empty for none", parse=check_zone, schema={"type": "string"}
+    )
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+        check_address(self.address)
+        check_zone(self.zone)
+
+
+def _parse_endpoints(value: Any, path: str) -> tuple[Endpoint, ...]:
+    if not isinstance(value, list):
+        raise WireError(path, f"must be an array, got {_json_type(value)}")
+    endpoints = tuple(parse(Endpoint, item, f"{path}[{i}]") for i, item in enumerate(value))
+    seen: set[tuple[str, int]] = set()
+    for i, e in enumerate(endpoints):
+        if (e.address, e.port) in seen:
+            raise WireError(f"{path}[{i}]", f"{e.address}:{e.port} is listed twice")
+        seen.add((e.address, e.port))
+    return endpoints
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceEntry:
+    """A service as callers see it: how to call it and where."""
+
+    policy: Policy = spec(DEFAULT_POLICY, "how callers balance, retry and time out")
+    endpoints: tuple[Endpoint, ...] = spec(
+        (),
+        "routable endpoints",
+        parse=_parse_endpoints,
+        schema={"type": "array", "items": {"type": "object"}},
+    )
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+
+
+def _parse_services(value: Any, path: str) -> dict[str, ServiceEntry]:
+    if not isinstance(value, dict):
+        raise WireError(path, f"must be an object of services, got {_json_type(value)}")
+    services = {}
+    for name, entry in value.items():
+        check_service_name(name, f"{path}.{name}")
+        services[name] = parse(ServiceEntry, {} if entry is None else entry, f"{path}.{name}")
+    return services
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    """Everything a sidecar routes by: the static file's content, or a pushed snapshot."""
+
+    services: dict[str, ServiceEntry] = spec(
+        dataclasses.MISSING,
+        "services by name",
+        parse=_parse_services,
+        schema={"type": "object"},
+    )
+    version: int = spec(0, "increases with every change the control plane pushes", lo=0)
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+
+
+def parse_table(data: Any) -> Table:
+    """A routing table from decoded JSON or YAML; raises :class:`WireError`."""
+    return parse(Table, data)

@@ -14,6 +14,12 @@ def _control_plane(argv: Sequence[str]) -> int:
     return main(argv, prog="meshlet control-plane")
 
 
+def _sidecar(argv: Sequence[str]) -> int:
+    from sidecar.cli import main
+
+    return main(argv, prog="meshlet sidecar")
+
+
 def _demo(argv: Sequence[str]) -> int:
     from meshlet.demo import main
 
@@ -22,6 +28,7 @@ def _demo(argv: Sequence[str]) -> int:
 
 SUBCOMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "control-plane": (_control_plane, "run the control plane (registry and REST admin API)"),
+    "sidecar": (_sidecar, "run a sidecar proxy beside one service"),
     "demo": (_demo, "run a local mesh with sample services and show what it does"),
 }
 

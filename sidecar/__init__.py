@@ -1,0 +1,1 @@
+"""meshlet's sidecar: the data-path proxy beside every service."""

@@ -1,0 +1,231 @@
+"""A sidecar process: listeners, the routing table, the admin port, and their lifecycle.
+
+Start-up: load the routing file (if any), open the outbound and inbound listeners and the
+admin port, then watch the file. Shutdown on SIGTERM or SIGINT, in steps:
+  1. not ready (``/readyz`` answers 503)
+  2. stop accepting connections
+  3. idle keep-alive connections close; in-flight requests finish (their responses carry
+     ``Connection: close``) within ``--drain-timeout``
+  4. whatever is left is cut; pooled upstream connections close
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from typing import Any
+
+import uvloop
+from aiohttp import web
+
+from control_plane.wire import Endpoint
+from sidecar.admin import build_admin_app
+from sidecar.config import Listen, SidecarConfig
+from sidecar.errors import TableError
+from sidecar.proxy import ConnectionTracker, Downstream, Router, Timeouts
+from sidecar.routing import AppRouter, Pools, TableHolder, file_signature, load_table_file
+
+log = logging.getLogger("meshlet.sidecar")
+
+
+class Sidecar:
+    def __init__(self, config: SidecarConfig, timeouts: Timeouts | None = None) -> None:
+        self.config = config
+        self.timeouts = timeouts or Timeouts()
+        self.pools = Pools()
+        self.app_pools = Pools()
+        self.tables = TableHolder(self.pools)
+        self.outbound = ConnectionTracker()
+        self.inbound = ConnectionTracker()
+        self.app_router = AppRouter(Endpoint(config.app.host, config.app.port), self.app_pools)
+        self.draining = False
+        self.listening = False
+        self.last_reload_error = ""
+        self._servers: list[asyncio.Server] = []
+        self._admin: web.AppRunner | None = None
+        self._table_signature: tuple[int, int, int] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self.addresses: dict[str, Listen] = {}
+
+    def __repr__(self) -> str:
+        table = self.tables.current
+        version = table.info.version if table else None
+        return (
+            f"<Sidecar {self.config.service} [table v{version}, "
+            f"{len(self.outbound.connections)} outbound and {len(self.inbound.connections)} "
+            f"inbound connections{', draining' if self.draining else ''}]>"
+        )
+
+    # -- start ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the table and listen. A table file that cannot be used raises TableError."""
+        if self.config.table:
+            self._table_signature = file_signature(self.config.table)
+            table = load_table_file(self.config.table)
+            self.tables.install(table, f"file:{self.config.table}")
+            log.info(
+                "routing table loaded from %s: %d services", self.config.table, len(table.services)
+            )
+        c = self.config
+        await self._listen("outbound", c.outbound, self.tables, self.outbound)
+        await self._listen("inbound", c.inbound, self.app_router, self.inbound)
+        self._admin = web.AppRunner(build_admin_app(self), access_log=None)
+        await self._admin.setup()
+        site = web.TCPSite(self._admin, c.admin.host, c.admin.port)
+        await site.start()
+        host, port = self._admin.addresses[0][:2]
+        self.addresses["admin"] = Listen(host, port)
+        log.info("admin listening on %s", self.addresses["admin"])
+        self.listening = True
+        if self.config.table:
+            self._watcher = asyncio.create_task(self._watch_table(), name="table-watcher")
+
+    async def _listen(
+        self, name: str, where: Listen, router: Router, tracker: ConnectionTracker
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: Downstream(router, tracker, self.timeouts),
+            where.host,
+            where.port,
+            reuse_address=True,
+        )
+        self._servers.append(server)
+        host, port = server.sockets[0].getsockname()[:2]
+        self.addresses[name] = Listen(host, port)
+        log.info("%s listening on %s", name, self.addresses[name])
+
+    # -- the routing file -------------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Load the routing file again; a bad one is logged and the old table stays."""
+        path = self.config.table
+        try:
+            table = load_table_file(path)
+        except TableError as e:
+            self.last_reload_error = str(e)
+            log.warning("routing table rejected, keeping version in force: %s", e)
+            return False
+        self.last_reload_error = ""
+        self.tables.install(table, f"file:{path}")
+        log.info("routing table reloaded from %s: %d services", path, len(table.services))
+        return True
+
+    async def _watch_table(self) -> None:
+        """Reload the routing file whenever it changes (polled; also on SIGHUP)."""
+        while True:
+            await asyncio.sleep(self.config.table_poll_interval)
+            signature = file_signature(self.config.table)
+            if signature != self._table_signature and signature is not None:
+                self._table_signature = signature
+                self.reload()
+
+    # -- admin --------------------------------------------------------------------------------
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "draining"
+        if not self.listening:
+            return False, "listeners are not up yet"
+        if self.tables.current is None:
+            return False, "no routing table loaded"
+        return True, ""
+
+    def config_dump(self) -> dict[str, Any]:
+        table = self.tables.current
+        return {
+            "service": self.config.service,
+            "zone": self.config.zone,
+            "listeners": {name: str(where) for name, where in self.addresses.items()},
+            "app": str(self.config.app),
+            "draining": self.draining,
+            "last_reload_error": self.last_reload_error or None,
+            "table": table.dump() if table else None,
+        }
+
+    def drain(self) -> None:
+        """Not ready; keep-alive connections close once their in-flight requests finish."""
+        if not self.draining:
+            log.info("draining")
+        self.draining = True
+        self.outbound.drain()
+        self.inbound.drain()
+
+    # -- stop -------------------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        self.drain()  # step 1
+        for server in self._servers:  # step 2
+            server.close()
+        deadline = time.monotonic() + self.config.drain_timeout  # step 3
+        while self.outbound.connections or self.inbound.connections:
+            self.outbound.drain()
+            self.inbound.drain()
+            if time.monotonic() >= deadline:
+                left = len(self.outbound.connections) + len(self.inbound.connections)
+                log.warning("drain timeout: cutting %d connections", left)
+                break
+            await asyncio.sleep(0.05)
+        for tracker in (self.outbound, self.inbound):  # step 4
+            for ds in list(tracker.connections):
+                if ds.transport is not None:
+                    ds.transport.abort()
+        self.pools.close()
+        self.app_pools.close()
+        for server in self._servers:
+            await server.wait_closed()
+        if self._admin is not None:
+            await self._admin.cleanup()
+
+
+async def serve(config: SidecarConfig, stop: asyncio.Event | None = None) -> None:
+    """Run until ``stop`` is set (by default until SIGTERM or SIGINT); SIGHUP reloads."""
+    loop = asyncio.get_running_loop()
+    if stop is None:
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    sidecar = Sidecar(config)
+    try:
+        await sidecar.start()
+        if config.table:
+            loop.add_signal_handler(signal.SIGHUP, sidecar.reload)
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.remove_signal_handler(signal.SIGHUP)
+        await sidecar.stop()
+    log.info("stopped")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def run(config: SidecarConfig) -> int:
+    setup_logging(config.log_level)
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(serve(config))
+    except TableError as e:
+        log.error("cannot start: %s", e)
+        return 2
+    except OSError as e:
+        log.error("cannot start: %s", e.strerror or e)
+        return 2
+    return 0

@@ -1,0 +1,69 @@
+"""``meshlet sidecar``: flags (each also read from ``MESHLET_<FLAG>``) to a config."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from urllib.parse import urlsplit
+
+from control_plane.flags import FlagParser, host_port, number
+from sidecar.config import LOG_LEVELS, Listen, SidecarConfig
+from sidecar.errors import ConfigError
+
+
+def listen(value: str) -> Listen:
+    return Listen(*host_port(value))
+
+
+def app_url(value: str) -> Listen:
+    """``http://HOST:PORT``: where the application listens."""
+    parts = urlsplit(value)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme != "http" or not parts.hostname or port is None or parts.path not in ("", "/"):
+        raise argparse.ArgumentTypeError(f"{value!r} is not http://HOST:PORT")
+    return Listen(parts.hostname, port)
+
+
+def build_parser(prog: str) -> FlagParser:
+    p = FlagParser(prog=prog, description="Run a meshlet sidecar beside one service.")
+    p.flag("--service", "", "name of the service this sidecar stands beside (required)")
+    p.flag("--app", "http://127.0.0.1:8080", "the local application", convert=app_url)
+    p.flag("--outbound", "127.0.0.1:15001", "listener for the app's outbound calls", convert=listen)
+    p.flag("--inbound", "0.0.0.0:15006", "listener for calls to this service", convert=listen)
+    p.flag(
+        "--admin",
+        "127.0.0.1:15000",
+        "admin port: /healthz /readyz /config_dump /drain",
+        convert=listen,
+    )
+    p.flag("--table", "", "static routing file, YAML or JSON (reloaded on change and SIGHUP)")
+    p.flag("--zone", "", "this sidecar's locality zone")
+    p.flag("--drain-timeout", "20", "seconds in-flight requests get on SIGTERM", convert=number)
+    p.flag("--log-level", "info", "log level", choices=LOG_LEVELS)
+    return p
+
+
+def parse_config(argv: Sequence[str] | None, prog: str) -> SidecarConfig:
+    parser = build_parser(prog)
+    values = parser.parse_flags(argv)
+    if not values["service"]:
+        parser.error("--service: required (or MESHLET_SERVICE)")
+    try:
+        return SidecarConfig(**values)
+    except ConfigError as e:
+        parser.error(f"--{e.field.replace('_', '-')}: {e.message}")
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "meshlet sidecar") -> int:
+    config = parse_config(argv, prog)
+    from sidecar.app import run
+
+    return run(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Settings of a sidecar process, validated when built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from control_plane import wire
+from sidecar.errors import ConfigError
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarConfig:
+    service: str
+    """the service this sidecar stands beside (a DNS label)"""
+    app: Listen = Listen("127.0.0.1", 8080)
+    """where inbound traffic goes: the local application"""
+    outbound: Listen = Listen("127.0.0.1", 15001)
+    """the app's calls to other services come in here"""
+    inbound: Listen = Listen("0.0.0.0", 15006)
+    """other services' calls to this one come in here"""
+    admin: Listen = Listen("127.0.0.1", 15000)
+    """health, readiness, config dump, drain"""
+    table: str = ""
+    """static routing file (YAML or JSON); empty for none"""
+    zone: str = ""
+    """this sidecar's locality zone"""
+    drain_timeout: float = 20.0
+    """seconds in-flight requests get to finish on SIGTERM"""
+    log_level: str = "info"
+    table_poll_interval: float = 1.0
+    """seconds between checks of the routing file for changes"""
+
+    def __post_init__(self) -> None:
+        try:
+            wire.check_service_name(self.service)
+            wire.check_zone(self.zone)
+        except wire.WireError as e:
+            raise ConfigError(e.field, e.message) from None
+        if self.drain_timeout < 0:
+            raise ConfigError("drain_timeout", "must not be negative")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError("log_level", f"must be one of {', '.join(LOG_LEVELS)}")
+        if self.app.port == 0:
+            raise ConfigError("app", "needs a port")

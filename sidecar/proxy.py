@@ -1,0 +1,725 @@
+"""The proxy listeners: one asyncio Protocol per client connection, one Exchange per request.
+
+The data path reads top to bottom in ``Exchange``: route -> pick an endpoint -> take a pooled
+connection (or connect) -> send the head and stream the body -> stream the response back ->
+release the connection. All of it is synchronous callback code; the only thing awaited is a
+new upstream connection. Bodies are never buffered whole: each side pauses reading the other
+when its write buffer fills.
+
+Requests on one connection are answered in order. A pipelined request waits, head and body
+held in memory, while reading from the client is paused, so at most one read's worth waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, cast
+
+import httptools
+
+from control_plane.wire import Endpoint, Policy
+from sidecar import http1
+from sidecar.balancer import Balancer
+from sidecar.errors import Reason, error_response
+from sidecar.http1 import Headers, RequestHead
+from sidecar.upstream import Pool, UpstreamConnection
+
+log = logging.getLogger("meshlet.proxy")
+
+#: request body bytes kept for a replay on a fresh connection; larger bodies are not replayed
+REPLAY_LIMIT = 64 * 1024
+#: body bytes held while connecting before the client is paused
+PENDING_LIMIT = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    head: float = 10.0
+    """seconds a client has to send a whole request head"""
+    idle: float = 60.0
+    """seconds a keep-alive client connection may sit between requests"""
+
+
+@dataclass(slots=True)
+class Route:
+    """Where a request goes: a service's policy, balancer and connection pools."""
+
+    name: str
+    policy: Policy
+    balancer: Balancer
+    pool_for: Callable[[Endpoint], Pool]
+
+
+class Router(Protocol):
+    def route(self, authority: bytes | None) -> Route | tuple[Reason, str]:
+        """The route for a request's authority, or why there is none."""
+        ...
+
+
+class _State(enum.Enum):
+    QUEUED = 0
+    CONNECTING = 1
+    SENT = 2
+    RESPONDING = 3
+    TUNNEL = 4
+    DONE = 5
+
+
+class Exchange:
+    """One request's journey upstream and its response's journey back."""
+
+    __slots__ = (
+        "_chunk_out",
+        "_close_out",
+        "_connect_task",
+        "_pending",
+        "_pending_size",
+        "_replay",
+        "_replay_size",
+        "_retried",
+        "_timer",
+        "_trailers",
+        "_tunnel_early",
+        "conn",
+        "ds",
+        "endpoint",
+        "head",
+        "keep_alive",
+        "request_done",
+        "route",
+        "state",
+    )
+
+    def __init__(self, ds: Downstream, head: RequestHead) -> None:
+        self.ds = ds
+        self.head = head
+        self.state = _State.QUEUED
+        self.route: Route | None = None
+        self.endpoint: Endpoint | None = None
+        self.conn: UpstreamConnection | None = None
+        self.request_done = False
+        self.keep_alive = head.keep_alive
+        self._pending: list[bytes] = []  # framed request bytes not yet written upstream
+        self._pending_size = 0
+        self._replay: list[bytes] | None = []  # everything sent, for a replay; None if too big
+        self._replay_size = 0
+        self._retried = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._connect_task: asyncio.Task[UpstreamConnection] | None = None
+        self._chunk_out = False
+        self._close_out = False
+        self._trailers: Headers = []
+        self._tunnel_early: list[bytes] = []
+
+    def __repr__(self) -> str:
+        target = self.head.target[:40].decode(errors="replace")
+        return f"<Exchange {self.head.method.decode()} {target} {self.state.name}>"
+
+    # -- request side ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Route, pick, and send (or connect): called when this exchange reaches the front."""
+        head = self.head
+        if head.method == b"CONNECT":
+            self.fail(Reason.BAD_REQUEST, "CONNECT is not supported")
+            return
+        routed = self.ds.router.route(head.authority)
+        if isinstance(routed, tuple):
+            self.fail(*routed)
+            return
+        self.route = routed
+        endpoint = routed.balancer.pick()
+        if endpoint is None:
+            self.fail(Reason.NO_HEALTHY_UPSTREAM, f"service {routed.name} has no endpoints")
+            return
+        self.endpoint = endpoint
+        data = http1.upstream_request(head, self.ds.client_ip)
+        self._pending.insert(0, data)
+        self._pending_size += len(data)
+        if self._replay is not None:
+            self._replay.insert(0, data)
+            self._replay_size += len(data)
+        loop = self.ds.loop
+        self._timer = loop.call_later(routed.policy.timeout_ms / 1000, self._route_timeout)
+        conn = routed.pool_for(endpoint).take_idle()
+        if conn is not None:
+            self._send_on(conn)
+        else:
+            self._connect(routed.pool_for(endpoint))
+
+    def request_body(self, data: bytes) -> None:
+        if self.head.chunked:
+            data = http1.chunk(data)
+        self._out(data)
+
+    def request_trailer(self, name: bytes, value: bytes) -> None:
+        self._trailers.append((name, value))
+
+    def request_complete(self) -> None:
+        self.request_done = True
+        if self.head.chunked:
+            trailers, self._trailers = self._trailers, []
+            self._out(http1.last_chunk(trailers))
+
+    def _out(self, data: bytes) -> None:
+        if self._replay is not None:
+            self._replay.append(data)
+            self._replay_size += len(data)
+            if self._replay_size > REPLAY_LIMIT:
+                self._replay = None
+        if self.state is _State.SENT or self.state is _State.RESPONDING:
+            if self.conn is not None:
+                self.conn.write(data)
+        elif self.state is not _State.DONE:
+            self._pending.append(data)
+            self._pending_size += len(data)
+            if self._pending_size > PENDING_LIMIT:
+                self.ds.pause_reading("pending", True)
+
+    # -- connecting -------------------------------------------------------------------------
+
+    def _connect(self, pool: Pool) -> None:
+        self.state = _State.CONNECTING
+        assert self.route is not None
+        timeout = self.route.policy.connect_timeout_ms / 1000
+
+        async def connect() -> UpstreamConnection:
+            async with asyncio.timeout(timeout):
+                return await pool.connect()
+
+        task = self.ds.loop.create_task(connect())
+        self._connect_task = task
+        task.add_done_callback(self._connected)
+
+    def _connected(self, task: asyncio.Task[UpstreamConnection]) -> None:
+        self._connect_task = None
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if self.state is _State.DONE:
+            if exc is None:
+                conn = task.result()
+                conn.pool.release(conn)  # a fresh connection nobody needs: keep it
+            return
+        if exc is not None:
+            assert self.endpoint is not None
+            e = self.endpoint
+            what = (
+                f"timed out after {self.route.policy.connect_timeout_ms} ms"
+                if isinstance(exc, TimeoutError) and self.route is not None
+                else str(exc) or type(exc).__name__
+            )
+            self.fail(Reason.UPSTREAM_CONNECT_FAILURE, f"connect to {e.address}:{e.port} {what}")
+            return
+        self._send_on(task.result())
+
+    def _send_on(self, conn: UpstreamConnection) -> None:
+        self.conn = conn
+        self.state = _State.SENT
+        data = b"".join(self._pending)
+        self._pending.clear()
+        self._pending_size = 0
+        conn.send(self, data)
+        self.ds.pause_reading("pending", False)
+
+    # -- response side (ResponseSink) -----------------------------------------------------
+
+    def response_head(
+        self, status: int, reason: bytes, headers: Headers, chunked: bool, sized: bool
+    ) -> bool:
+        ds = self.ds
+        head = self.head
+        if status < 200 and status != 101:
+            if ds.version == "1.1":
+                ds.write(
+                    http1.downstream_response(
+                        status,
+                        reason,
+                        headers,
+                        chunked=False,
+                        keep_alive=True,
+                        client_version="1.1",
+                        upgrade=True,
+                    )
+                )
+            return False
+        if status == 101:
+            if not head.upgrade:
+                self.upstream_failed(None, protocol_error=True)
+                return False
+            self.state = _State.TUNNEL
+            ds.write(
+                http1.downstream_response(
+                    101,
+                    reason,
+                    headers,
+                    chunked=False,
+                    keep_alive=True,
+                    client_version="1.1",
+                    upgrade=True,
+                )
+            )
+            return False
+        self.state = _State.RESPONDING
+        no_body = head.method == b"HEAD" or status in (204, 304)
+        keep_alive = self.keep_alive and not ds.draining and not head.upgrade
+        if no_body or (sized and not chunked):
+            self._chunk_out = False
+        elif ds.version == "1.1":
+            self._chunk_out = True  # chunked or read-until-close upstream: chunked to the client
+        else:
+            self._chunk_out = False  # an HTTP/1.0 client: the end of the body is the close
+            keep_alive = False
+        if not self.request_done:
+            keep_alive = False  # the rest of the request body would have to be read first
+        self.keep_alive = keep_alive
+        ds.write(
+            http1.downstream_response(
+                status,
+                reason,
+                headers,
+                chunked=self._chunk_out,
+                keep_alive=keep_alive,
+                client_version=ds.version,
+            )
+        )
+        return head.method == b"HEAD"
+
+    def response_body(self, data: bytes) -> None:
+        self.ds.write(http1.chunk(data) if self._chunk_out else data)
+
+    def response_trailer(self, name: bytes, value: bytes) -> None:
+        if self._chunk_out:
+            self._trailers.append((name, value))
+
+    def response_complete(self) -> None:
+        if self.state is _State.DONE:
+            return
+        if self._chunk_out:
+            trailers, self._trailers = self._trailers, []
+            self.ds.write(http1.last_chunk(trailers))
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            if not self.request_done:
+                conn.reusable = False
+            conn.pool.release(conn)
+        self._finish(close=not self.keep_alive)
+
+    def response_upgraded(self, rest: bytes) -> None:
+        conn = self.conn
+        assert conn is not None
+        conn.tunnel_to(self.ds.write)
+        if rest:
+            self.ds.write(rest)
+        for data in self._tunnel_early:
+            conn.write(data)
+        self._tunnel_early.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.ds.become_tunnel(self)
+
+    def upstream_failed(self, exc: BaseException | None, protocol_error: bool) -> None:
+        conn, self.conn = self.conn, None
+        if self.state is _State.DONE:
+            return
+        if self.state is _State.TUNNEL:
+            self._finish(close=True)
+            return
+        if self.state is _State.RESPONDING:
+            # mid-body: the client must not see a body that looks complete
+            self._finish(close=True, abort=True)
+            return
+        if (
+            not protocol_error
+            and conn is not None
+            and conn.requests > 1  # a reused connection the upstream had closed: stale
+            and not conn.received
+            and not self._retried
+            and self._replay is not None
+            and self.head.method in http1.IDEMPOTENT
+        ):
+            self._retried = True
+            self._pending = list(self._replay)
+            self._pending_size = sum(map(len, self._pending))
+            self._connect(conn.pool)
+            return
+        if protocol_error:
+            self.fail(Reason.UPSTREAM_PROTOCOL_ERROR, "the upstream sent a malformed response")
+        else:
+            detail = f"{type(exc).__name__}: {exc}" if exc else "connection closed"
+            self.fail(Reason.UPSTREAM_RESET, f"upstream closed the connection ({detail})")
+
+    def upstream_paused(self, paused: bool) -> None:
+        self.ds.pause_reading("upstream", paused)
+
+    # -- tunnel -----------------------------------------------------------------------------
+
+    def tunnel_from_client(self, data: bytes) -> None:
+        if self.state is _State.TUNNEL and self.conn is not None:
+            self.conn.write(data)
+        elif self.state is not _State.DONE:
+            self._tunnel_early.append(data)
+
+    # -- endings --------------------------------------------------------------------------
+
+    def _route_timeout(self) -> None:
+        self._timer = None
+        assert self.route is not None
+        timeout = self.route.policy.timeout_ms
+        if self.state is _State.RESPONDING:
+            self._finish(close=True, abort=True)  # too late for a 504: cut the stream
+        else:
+            self.fail(Reason.UPSTREAM_TIMEOUT, f"no response within {timeout} ms")
+
+    def fail(self, reason: Reason, detail: str) -> None:
+        """Answer with a synthetic error instead of an upstream response."""
+        if self.state is _State.DONE:
+            return
+        # A body still coming would have to be read first: close instead.
+        unread_body = not self.request_done and (self.head.has_body or self.head.chunked)
+        close = not self.keep_alive or unread_body or self.head.upgrade
+        self.ds.write(error_response(reason, detail, close=close))
+        self.ds.stats_error(reason)
+        self._finish(close=close)
+
+    def _finish(self, *, close: bool, abort: bool = False) -> None:
+        if self.state is _State.DONE:
+            return
+        self.state = _State.DONE
+        self.cancel()
+        self.ds.exchange_done(self, close=close, abort=abort)
+
+    def cancel(self) -> None:
+        """Stop all upstream work: timers, a connect in progress, the connection in use."""
+        self.state = _State.DONE
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._connect_task is not None:
+            self._connect_task.remove_done_callback(self._connected)
+            self._connect_task.cancel()
+            self._connect_task = None
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.close()
+        self._pending.clear()
+
+
+class Downstream(asyncio.Protocol):
+    """One client connection: parses requests, runs their exchanges in order."""
+
+    def __init__(self, router: Router, tracker: ConnectionTracker, timeouts: Timeouts) -> None:
+        self.router = router
+        self.tracker = tracker
+        self.timeouts = timeouts
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.client_ip = b"unknown"
+        self.version = "1.1"
+        self.draining = False
+        self._parser = httptools.HttpRequestParser(self)
+        self._url = b""
+        self._headers: Headers = []
+        self._head_size = 0
+        self._in_head = False
+        self._current: Exchange | None = None  # the exchange being parsed
+        self._active: Exchange | None = None  # the exchange talking to the upstream
+        self._queue: deque[Exchange] = deque()
+        self._pauses: set[str] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._tunnel: Exchange | None = None
+        self._latest: Exchange | None = None  # the exchange whose head came last
+        self._closing = False
+        self._limit_error: tuple[Reason, str] | None = None
+        self._pending_reject: bytes | None = None
+
+    def __repr__(self) -> str:
+        state = "tunnel" if self._tunnel else "busy" if self._active else "idle"
+        return f"<Downstream {self.client_ip.decode()} {state}, {len(self._queue)} queued>"
+
+    # -- asyncio.Protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.client_ip = str(peer[0]).encode()
+        self.tracker.add(self)
+        self.draining = self.tracker.draining
+        self._set_timer(self.timeouts.head, self._head_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self._tunnel is not None:
+            self._tunnel.tunnel_from_client(data)
+            return
+        if self._closing:
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._upgrade(data[upgrade.args[0] :])
+        except httptools.HttpParserCallbackError:
+            reason, detail = self._limit_error or (Reason.BAD_REQUEST, "request rejected")
+            self._reject(reason, detail)
+            return
+        except httptools.HttpParserError as e:
+            self._reject(Reason.BAD_REQUEST, str(e) or type(e).__name__)
+            return
+        # Exchanges start only once a whole read parsed cleanly: llhttp checks some of the
+        # head (Transfer-Encoding) after its headers-complete callback.
+        if self._active is None and self._queue:
+            self._start_next()
+
+    # No eof_received: a client's FIN is taken as a disconnect (as nginx and Envoy do), so its
+    # upstream request is cancelled rather than left running for nobody.
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self.tracker.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for ex in (self._active, self._tunnel, *self._queue):
+            if ex is not None:
+                ex.cancel()  # a client gone: its upstream requests go too
+        self._active = self._tunnel = None
+        self._queue.clear()
+
+    def pause_writing(self) -> None:
+        ex = self._active or self._tunnel
+        if ex is not None and ex.conn is not None:
+            ex.conn.pause_reading(True)
+
+    def resume_writing(self) -> None:
+        ex = self._active or self._tunnel
+        if ex is not None and ex.conn is not None:
+            ex.conn.pause_reading(False)
+
+    # -- httptools callbacks --------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._head_size = 0
+        self._in_head = True
+        if self._active is None:
+            self._set_timer(self.timeouts.head, self._head_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._count(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._current is not None:  # after the head: a chunked body's trailers
+            self._current.request_trailer(name, value)
+            return
+        self._headers.append((name, value))
+        self._count(len(name) + len(value) + 4)
+        if len(self._headers) > http1.MAX_HEADERS:
+            self._limit_error = (Reason.HEAD_TOO_LARGE, f"more than {http1.MAX_HEADERS} headers")
+            raise ValueError("too many headers")
+
+    def _count(self, n: int) -> None:
+        self._head_size += n
+        if self._head_size > http1.MAX_HEAD_BYTES:
+            self._limit_error = (
+                Reason.HEAD_TOO_LARGE,
+                f"head larger than {http1.MAX_HEAD_BYTES} bytes",
+            )
+            raise ValueError("head too large")
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        parser = self._parser
+        self.version = parser.get_http_version()
+        try:
+            head = http1.parse_request_head(
+                parser.get_method(),
+                self._url,
+                self.version,
+                self._headers,
+                parser.should_keep_alive(),
+            )
+        except ValueError as e:
+            self._limit_error = (Reason.BAD_REQUEST, str(e))
+            raise
+        if head.authority is None and self.version == "1.1":
+            self._limit_error = (Reason.BAD_REQUEST, "HTTP/1.1 request without Host")
+            raise ValueError("no host")
+        ex = Exchange(self, head)
+        self._current = self._latest = ex
+        self._queue.append(ex)
+        if self._active is None:
+            self._cancel_timer()
+        else:
+            self.pause_reading("pipeline", True)
+
+    def on_body(self, data: bytes) -> None:
+        if self._current is not None:
+            self._current.request_body(data)
+
+    def on_message_complete(self) -> None:
+        ex, self._current = self._current, None
+        if ex is not None:
+            ex.request_complete()
+
+    # -- exchanges ------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def pause_reading(self, reason: str, paused: bool) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if paused:
+            if not self._pauses:
+                transport.pause_reading()
+            self._pauses.add(reason)
+        elif reason in self._pauses:
+            self._pauses.discard(reason)
+            if not self._pauses:
+                transport.resume_reading()
+
+    def exchange_done(self, ex: Exchange, *, close: bool, abort: bool) -> None:
+        if ex is self._active:
+            self._active = None
+        if ex is self._tunnel:  # an upgrade ends the connection, whatever the answer was
+            self._tunnel = None
+            close = True
+        if close:
+            self._close(abort=abort)
+        elif self._queue:
+            self._start_next()
+        elif self._closing:
+            self._close(abort=False)
+        elif self._in_head:
+            self._set_timer(self.timeouts.head, self._head_timeout)
+        else:
+            self._set_timer(self.timeouts.idle, self._idle_timeout)
+
+    def _start_next(self) -> None:
+        nxt = self._queue.popleft()
+        self._active = nxt
+        if not self._queue:
+            self.pause_reading("pipeline", False)
+        nxt.start()
+
+    def become_tunnel(self, ex: Exchange) -> None:
+        """The upstream answered 101: bytes now flow both ways unparsed."""
+        self._active = None
+        self.pause_reading("upgrade", False)
+
+    def stats_error(self, reason: Reason) -> None:
+        self.tracker.errors[reason] = self.tracker.errors.get(reason, 0) + 1
+
+    def drain(self) -> None:
+        """Finish what is in flight, then close; close at once if idle."""
+        self.draining = True
+        if self._active is None and self._tunnel is None and not self._in_head:
+            self._close(abort=False)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _upgrade(self, rest: bytes) -> None:
+        """httptools stopped at the end of an upgrade (or CONNECT) head; no more HTTP follows
+        on this connection. Bytes after the head wait for the upstream's 101."""
+        ex, self._current = self._latest, None
+        if self._active is None and self._queue:
+            self._start_next()
+        if ex is None or ex.state is _State.DONE:
+            return  # already answered (CONNECT) and closing
+        self._tunnel = ex
+        self.pause_reading("upgrade", True)
+        if rest:
+            ex.tunnel_from_client(rest)
+
+    def _reject(self, reason: Reason, detail: str) -> None:
+        """A malformed request: answer 400 (or 431) after the complete requests before it,
+        then close."""
+        self._closing = True
+        self.pause_reading("rejected", True)
+        self.stats_error(reason)
+        broken, self._current = self._current, None
+        self._queue = deque(ex for ex in self._queue if ex.request_done and ex is not broken)
+        active = self._active
+        if active is not None and (active is broken or not active.request_done):
+            # the broken request is already on its way upstream: call it off
+            self._active = None
+            responding = active.state is _State.RESPONDING
+            active.cancel()
+            if responding:  # too late for a 400
+                self._close(abort=True)
+                return
+        self._pending_reject = error_response(reason, detail, close=True)
+        if self._active is None:
+            if self._queue:
+                self._start_next()
+            else:
+                self._close(abort=False)
+
+    def _close(self, *, abort: bool) -> None:
+        self._closing = True
+        self._cancel_timer()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if abort:
+            transport.abort()
+        else:
+            if self._pending_reject is not None:
+                transport.write(self._pending_reject)
+                self._pending_reject = None
+            transport.close()
+
+    def _set_timer(self, seconds: float, callback: Callable[[], None]) -> None:
+        self._cancel_timer()
+        self._timer = self.loop.call_later(seconds, callback)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _head_timeout(self) -> None:
+        self._timer = None
+        if self._in_head:
+            self.write(
+                error_response(
+                    Reason.REQUEST_TIMEOUT, "request head not received in time", close=True
+                )
+            )
+            self.stats_error(Reason.REQUEST_TIMEOUT)
+        self._close(abort=False)
+
+    def _idle_timeout(self) -> None:
+        self._timer = None
+        if self._active is None and self._tunnel is None:
+            self._close(abort=False)
+
+
+class ConnectionTracker:
+    """The client connections of one listener, for draining and statistics."""
+
+    def __init__(self) -> None:
+        self.connections: set[Downstream] = set()
+        self.errors: dict[Reason, int] = {}
+        self.draining = False
+
+    def add(self, ds: Downstream) -> None:
+        self.connections.add(ds)
+
+    def discard(self, ds: Downstream) -> None:
+        self.connections.discard(ds)
+
+    def drain(self) -> None:
+        self.draining = True
+        for ds in list(self.connections):
+            ds.drain()

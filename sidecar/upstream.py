@@ -1,0 +1,319 @@
+"""Connections to upstream endpoints, pooled per endpoint with keep-alive.
+
+An ``UpstreamConnection`` parses responses with httptools and hands each event to the
+``Exchange`` that owns it at the moment (its *owner*). A connection goes back to its ``Pool``
+only after a complete response without ``Connection: close``; idle connections are capped per
+endpoint and closed after ``idle_timeout``. One that the upstream closes while idle leaves the
+pool at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, cast
+
+import httptools
+
+from control_plane.wire import Endpoint
+
+
+class ResponseSink(Protocol):
+    """What an upstream connection tells the exchange that owns it."""
+
+    def response_head(
+        self,
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+        chunked: bool,
+        sized: bool,
+    ) -> bool:
+        """A response head arrived (``sized``: it has a Content-Length or chunks); return
+        True when no body follows even so (the answer to a HEAD request)."""
+        ...
+
+    def response_body(self, data: bytes) -> None: ...
+
+    def response_trailer(self, name: bytes, value: bytes) -> None: ...
+
+    def response_complete(self) -> None: ...
+
+    def response_upgraded(self, rest: bytes) -> None: ...
+
+    def upstream_failed(self, exc: BaseException | None, protocol_error: bool) -> None: ...
+
+    def upstream_paused(self, paused: bool) -> None: ...
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "_headers",
+        "_in_body",
+        "_parser",
+        "_raw",
+        "_reason",
+        "_sized",
+        "_status",
+        "idle_handle",
+        "owner",
+        "pool",
+        "received",
+        "requests",
+        "reusable",
+        "transport",
+    )
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.owner: ResponseSink | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._in_body = False
+        self._sized = False  # the current response has a length or chunks (not read-until-close)
+        self._status = 0
+        self._reason = b""
+        self._raw: Callable[[bytes], None] | None = None  # after an upgrade: bytes go here
+        self.received = False  # any byte of the current response
+        self.reusable = True
+        self.requests = 0  # requests sent on this connection, the current one included
+        self.idle_handle: asyncio.TimerHandle | None = None
+
+    def __repr__(self) -> str:
+        e = self.pool.endpoint
+        state = "busy" if self.owner else "idle"
+        return f"<UpstreamConnection {e.address}:{e.port} {state}, {self.requests} requests>"
+
+    # -- asyncio.Protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._raw is not None:
+            self._raw(data)
+            return
+        if self.owner is None:  # bytes nobody asked for: the connection is not sane
+            self.close()
+            return
+        self.received = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self.reusable = False
+            if self.owner is not None:
+                self.owner.response_upgraded(data[upgrade.args[0] :])
+        except httptools.HttpParserError:
+            self.reusable = False
+            owner, self.owner = self.owner, None
+            self.close()
+            if owner is not None:
+                owner.upstream_failed(None, protocol_error=True)
+
+    def eof_received(self) -> bool | None:
+        if self.owner is not None and self._in_body:
+            with contextlib.suppress(httptools.HttpParserError):
+                self._parser.feed_data(b"")  # ends a read-until-close body
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.reusable = False
+        self.pool.discard(self)
+        owner, self.owner = self.owner, None
+        if owner is not None:
+            if self._in_body and not self._sized:
+                owner.response_complete()  # read-until-close: the close is the end
+            else:
+                owner.upstream_failed(exc, protocol_error=False)
+
+    def pause_writing(self) -> None:
+        if self.owner is not None:
+            self.owner.upstream_paused(True)
+
+    def resume_writing(self) -> None:
+        if self.owner is not None:
+            self.owner.upstream_paused(False)
+
+    # -- httptools callbacks --------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._reason = b""
+        self._in_body = False
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._in_body:
+            if self.owner is not None:
+                self.owner.response_trailer(name, value)
+        else:
+            self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        self._status = status = parser.get_status_code()
+        if self.owner is None:
+            return
+        chunked = sized = close = False
+        for name, value in self._headers:
+            lname = name.lower()
+            if lname == b"transfer-encoding":
+                chunked = True
+            elif lname == b"content-length":
+                sized = True
+            elif lname == b"connection" and b"close" in value.lower():
+                close = True
+        if close or parser.get_http_version() != "1.1":
+            self.reusable = False
+        self._in_body = status >= 200
+        self._sized = sized = sized or chunked or status in (204, 304)
+        if self.owner.response_head(status, self._reason, self._headers, chunked, sized):
+            # The response to a HEAD request: its Content-Length describes a body that will not
+            # come, and httptools cannot be told so. Finish here and do not reuse the connection.
+            self._in_body = False
+            self.reusable = False
+            owner, self.owner = self.owner, None
+            owner.response_complete()
+            self.close()
+
+    def on_body(self, data: bytes) -> None:
+        if self.owner is not None and data:
+            self.owner.response_body(data)
+
+    def on_message_complete(self) -> None:
+        if self._status < 200:  # an interim response (100 Continue): the real one follows
+            return
+        self._in_body = False
+        owner, self.owner = self.owner, None
+        if owner is not None:
+            owner.response_complete()
+
+    # -- use by exchanges and the pool ----------------------------------------------------
+
+    def send(self, owner: ResponseSink, data: bytes) -> None:
+        """Start a request: ``owner`` gets the response; ``data`` is its head (and body)."""
+        self.owner = owner
+        self.received = False
+        self.requests += 1
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def tunnel_to(self, write: Callable[[bytes], None]) -> None:
+        """After a 101: every byte from the upstream goes to ``write`` unparsed."""
+        self._raw = write
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def pause_reading(self, paused: bool) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            if paused:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
+
+    def close(self) -> None:
+        self.owner = None
+        self.reusable = False
+        if self.transport is not None:
+            self.transport.abort()
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStatistics:
+    idle: int
+    busy: int
+    connects: int
+    reuses: int
+
+
+class Pool:
+    """Keep-alive connections to one endpoint."""
+
+    def __init__(
+        self, endpoint: Endpoint, *, max_idle: int = 64, idle_timeout: float = 30.0
+    ) -> None:
+        self.endpoint = endpoint
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        self._idle: collections.deque[UpstreamConnection] = collections.deque()
+        self._all: set[UpstreamConnection] = set()
+        self._connects = 0
+        self._reuses = 0
+        self._closed = False
+
+    def take_idle(self) -> UpstreamConnection | None:
+        """The most recently used idle connection, or None."""
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.idle_handle is not None:
+                conn.idle_handle.cancel()
+                conn.idle_handle = None
+            if conn.transport is not None and not conn.transport.is_closing():
+                self._reuses += 1
+                return conn
+        return None
+
+    async def connect(self) -> UpstreamConnection:
+        """A new connection; the caller bounds the time with ``asyncio.timeout``."""
+        loop = asyncio.get_running_loop()
+        _, conn = await loop.create_connection(
+            lambda: UpstreamConnection(self), self.endpoint.address, self.endpoint.port
+        )
+        self._connects += 1
+        self._all.add(conn)
+        return conn
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """Back to the pool after a complete response, or closed when it cannot be reused."""
+        if not conn.reusable or len(self._idle) >= self.max_idle or self._closed:
+            self._all.discard(conn)
+            conn.close()
+            return
+        conn.owner = None
+        self._idle.append(conn)
+        conn.idle_handle = asyncio.get_running_loop().call_later(
+            self.idle_timeout, self._expire, conn
+        )
+
+    def _expire(self, conn: UpstreamConnection) -> None:
+        conn.idle_handle = None
+        with contextlib.suppress(ValueError):
+            self._idle.remove(conn)
+        self._all.discard(conn)
+        conn.close()
+
+    def discard(self, conn: UpstreamConnection) -> None:
+        """Forget a connection that closed."""
+        if conn.idle_handle is not None:
+            conn.idle_handle.cancel()
+            conn.idle_handle = None
+        with contextlib.suppress(ValueError):
+            self._idle.remove(conn)
+        self._all.discard(conn)
+
+    def close(self) -> None:
+        """Close idle connections now; busy ones close when their exchange ends."""
+        self._closed = True
+        while self._idle:
+            self._expire(self._idle[0])
+
+    def statistics(self) -> PoolStatistics:
+        return PoolStatistics(
+            idle=len(self._idle),
+            busy=len(self._all) - len(self._idle),
+            connects=self._connects,
+            reuses=self._reuses,
+        )
+
+    def __repr__(self) -> str:
+        s = self.statistics()
+        e = self.endpoint
+        return f"<Pool {e.address}:{e.port} [{s.busy} busy, {s.idle} idle | {s.connects} connects]>"
