@@ -1,149 +1,238 @@
 """HTTP/1.1 heads as a proxy rewrites them: hop-by-hop headers, forwarding headers, framing.
 
-Plain functions over ``(name, value)`` byte pairs as httptools delivers them; header order and
-repeated headers (``Set-Cookie``) are kept. RFC 9110 section 7.6.1 names the hop-by-hop
-headers; ``Proxy-*`` and anything listed in ``Connection`` go too.
+Plain functions over ``(name, value)`` byte pairs as httptools delivers them. Each head is
+scanned once: the lines to forward are built in the same pass that classifies the head.
+Header order and repeated headers (``Set-Cookie``) are kept. Hop-by-hop headers (RFC 9110
+7.6.1), ``Proxy-*``, and anything listed in ``Connection`` are not forwarded; the proxy writes
+its own framing (``Transfer-Encoding``) and ``Connection``.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
-import uuid
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
 Headers = list[tuple[bytes, bytes]]
 
-HOP_BY_HOP = frozenset(
-    {b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
-)
 #: methods whose requests may be replayed on a fresh connection (RFC 9110 9.2.2)
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADERS = 100
+#: Connection tokens that name no other header
+_PLAIN_TOKENS = frozenset({b"keep-alive", b"close", b"upgrade"})
+
+# What the single pass does with each special header (lowercase name -> action).
+_HOST, _TE, _CL, _CONN, _UPGRADE, _EXPECT, _RID, _XFF, _DROP = range(9)
+_REQUEST = {
+    b"host": _HOST,
+    b"transfer-encoding": _TE,
+    b"content-length": _CL,
+    b"connection": _CONN,
+    b"upgrade": _UPGRADE,
+    b"expect": _EXPECT,
+    b"x-request-id": _RID,
+    b"x-forwarded-for": _XFF,
+    b"x-forwarded-proto": _DROP,
+    b"keep-alive": _DROP,
+    b"te": _DROP,
+    b"trailer": _DROP,
+}
+_RESPONSE = {
+    b"transfer-encoding": _TE,
+    b"content-length": _CL,
+    b"connection": _CONN,
+    b"upgrade": _UPGRADE,
+    b"keep-alive": _DROP,
+    b"te": _DROP,
+    b"trailer": _DROP,
+}
+
+
+def _tokens(value: bytes) -> set[bytes]:
+    return {t.strip().lower() for t in value.split(b",") if t.strip()}
+
+
+def _without(lines: list[bytes], names: set[bytes]) -> list[bytes]:
+    """``lines`` (4 items per header) without the headers called ``names``."""
+    kept: list[bytes] = []
+    for i in range(0, len(lines), 4):
+        if lines[i].lower() not in names:
+            kept += lines[i : i + 4]
+    return kept
+
+
+_ID_PREFIX = os.urandom(8).hex()
+_ID_PREFIX = f"{_ID_PREFIX[:8]}-{_ID_PREFIX[8:12]}-{_ID_PREFIX[12:16]}"
+_id_counter = itertools.count(int.from_bytes(os.urandom(6), "big"))
+
+
+def new_request_id() -> bytes:
+    """A UUID-shaped id: 64 random bits per process, then a counter (cheaper than uuid4)."""
+    n = next(_id_counter)
+    return f"{_ID_PREFIX}-{(n >> 48) & 0xFFFF:04x}-{n & 0xFFFFFFFFFFFF:012x}".encode()
+
+
+# -- requests ---------------------------------------------------------------------------------
 
 
 @dataclass(slots=True)
 class RequestHead:
-    """A request head from a client, with what the proxy needs to know about it."""
+    """A client's request head, classified, with its header lines ready to forward."""
 
     method: bytes
     target: bytes
     """origin-form path and query, as sent upstream"""
     version: str
-    headers: Headers
+    keep_alive: bool
     authority: bytes | None = None
     """absolute-form authority, else the Host header"""
-    keep_alive: bool = True
     chunked: bool = False
     upgrade: bool = False
     expect_continue: bool = False
     has_body: bool = False
     request_id: bytes = b""
-    drop: frozenset[bytes] = field(default_factory=frozenset)
-    """lowercase names not forwarded: hop-by-hop and those listed in Connection"""
+    forwarded_for: bytes = b""
+    upgrade_value: bytes = b""
+    lines: list[bytes] = field(default_factory=list)
+    """forwardable headers, four items each: name, b": ", value, b"\\r\\n\""""
 
 
-def _connection_tokens(value: bytes) -> set[bytes]:
-    return {t.strip().lower() for t in value.split(b",") if t.strip()}
-
-
-def new_request_id() -> bytes:
-    return str(uuid.UUID(bytes=os.urandom(16), version=4)).encode()
-
-
-def parse_request_head(
-    method: bytes, url: bytes, version: str, headers: Headers, keep_alive: bool
-) -> RequestHead:
-    """Classify a parsed request head. Raises ValueError for a target the proxy cannot serve."""
-    authority: bytes | None = None
+def split_target(method: bytes, url: bytes) -> tuple[bytes, bytes | None]:
+    """(origin-form target, authority of an absolute-form URL). ValueError when unusable."""
     if url.startswith(b"/"):
-        target = url
-    elif url[:7].lower() == b"http://":
+        return url, None
+    if url[:7].lower() == b"http://":
         rest = url[7:]
-        slash = rest.find(b"/")
-        query = rest.find(b"?")
-        cut = min(i for i in (slash, query, len(rest)) if i >= 0)
+        cut = len(rest)
+        for sep in (b"/", b"?"):
+            i = rest.find(sep)
+            if 0 <= i < cut:
+                cut = i
         authority, target = rest[:cut], rest[cut:] or b"/"
         if target.startswith(b"?"):
             target = b"/" + target
         if not authority or b"@" in authority:
             raise ValueError("absolute-form target without a usable authority")
-    elif url == b"*" and method == b"OPTIONS":
-        target = url
-    else:
-        raise ValueError(f"request target {url[:64]!r} is not origin-form or http:// absolute-form")
+        return target, authority
+    if url == b"*" and method == b"OPTIONS":
+        return url, None
+    raise ValueError(f"request target {url[:64]!r} is not origin-form or http:// absolute-form")
 
-    head = RequestHead(method, target, version, headers, authority, keep_alive)
-    drop = set(HOP_BY_HOP)
-    upgrade_header = connection_upgrade = False
+
+def parse_request_head(
+    method: bytes, url: bytes, version: str, headers: Headers, keep_alive: bool
+) -> RequestHead:
+    """Classify a request head and build its forwardable lines in one pass."""
+    target, authority = split_target(method, url)
+    head = RequestHead(method, target, version, keep_alive, authority)
+    lines = head.lines
+    custom: set[bytes] | None = None
+    connection_upgrade = seen_host = False
     for name, value in headers:
         lname = name.lower()
-        if lname == b"host":
-            if head.authority is None:
-                head.authority = value
-        elif lname == b"transfer-encoding":
-            head.chunked = True  # httptools accepts only a final "chunked"
-            head.has_body = True
-        elif lname == b"content-length":
+        action = _REQUEST.get(lname)
+        if action is None:
+            if lname[:6] != b"proxy-":
+                lines += (name, b": ", value, b"\r\n")
+        elif action == _HOST:
+            if not seen_host:
+                seen_host = True
+                if authority is None:
+                    head.authority = value
+                lines += (name, b": ", head.authority or value, b"\r\n")
+        elif action == _CL:
             head.has_body = value.strip() != b"0"
-        elif lname == b"connection":
-            tokens = _connection_tokens(value)
+            lines += (name, b": ", value, b"\r\n")
+        elif action == _TE:
+            head.chunked = head.has_body = True  # httptools accepts only a final "chunked"
+        elif action == _CONN:
+            tokens = _tokens(value)
             connection_upgrade = connection_upgrade or b"upgrade" in tokens
-            drop |= tokens
-        elif lname == b"upgrade":
-            upgrade_header = upgrade_header or bool(value.strip())
-        elif lname == b"expect":
+            extra = tokens - _PLAIN_TOKENS
+            if extra:
+                custom = extra if custom is None else custom | extra
+        elif action == _UPGRADE:
+            head.upgrade_value = value.strip()
+        elif action == _EXPECT:
             head.expect_continue = value.strip().lower() == b"100-continue"
-        elif lname == b"x-request-id" and value:
-            head.request_id = value
-        elif lname.startswith(b"proxy-"):
-            drop.add(lname)
-    head.upgrade = upgrade_header and connection_upgrade  # as httptools decides it too
-    if head.upgrade:
-        drop -= {b"upgrade", b"connection"}
-    head.drop = frozenset(drop)
+            lines += (name, b": ", value, b"\r\n")
+        elif action == _RID:
+            if value and not head.request_id:
+                head.request_id = value
+            lines += (name, b": ", value, b"\r\n")
+        elif action == _XFF:
+            head.forwarded_for = head.forwarded_for + b", " + value if head.forwarded_for else value
+    if custom:
+        head.lines = _without(lines, custom)
+    if not seen_host and authority is not None:
+        head.lines += (b"host", b": ", authority, b"\r\n")
+    head.upgrade = connection_upgrade and bool(head.upgrade_value)  # as httptools decides
     return head
 
 
 def upstream_request(head: RequestHead, client_ip: bytes) -> bytes:
     """The head sent upstream: origin-form, HTTP/1.1, hop-by-hop removed, X-Forwarded-For
     appended, X-Forwarded-Proto set, X-Request-Id added when absent."""
-    drop = head.drop
-    out = [head.method, b" ", head.target, b" HTTP/1.1\r\n"]
-    forwarded_for = b""
-    seen_host = False
-    for name, value in head.headers:
-        lname = name.lower()
-        if lname in drop:
-            continue
-        if lname == b"x-forwarded-for":
-            forwarded_for = forwarded_for + b", " + value if forwarded_for else value
-            continue
-        if lname == b"x-forwarded-proto":
-            continue
-        if lname == b"host":
-            if seen_host:
-                continue
-            seen_host = True
-            if head.authority is not None:
-                value = head.authority  # absolute-form wins over Host (RFC 9112 3.2.2)
-        elif lname == b"connection" and head.upgrade:
-            value = b"upgrade"
-        out += (name, b": ", value, b"\r\n")
-    if not seen_host and head.authority is not None:
-        out += (b"host: ", head.authority, b"\r\n")
-    if head.chunked:
-        out.append(b"transfer-encoding: chunked\r\n")
+    tail = [b"x-forwarded-for: "]
+    if head.forwarded_for:
+        tail += (head.forwarded_for, b", ")
+    tail += (client_ip, b"\r\nx-forwarded-proto: http\r\n")
     if not head.request_id:
         head.request_id = new_request_id()
-        out += (b"x-request-id: ", head.request_id, b"\r\n")
-    out += (
-        b"x-forwarded-for: ",
-        forwarded_for + b", " + client_ip if forwarded_for else client_ip,
-        b"\r\nx-forwarded-proto: http\r\n\r\n",
-    )
-    return b"".join(out)
+        tail += (b"x-request-id: ", head.request_id, b"\r\n")
+    if head.chunked:
+        tail.append(b"transfer-encoding: chunked\r\n")
+    if head.upgrade:
+        tail += (b"connection: upgrade\r\nupgrade: ", head.upgrade_value, b"\r\n")
+    tail.append(b"\r\n")
+    return b"".join((head.method, b" ", head.target, b" HTTP/1.1\r\n", *head.lines, *tail))
+
+
+# -- responses --------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    status: int
+    reason: bytes
+    lines: list[bytes]
+    """forwardable headers, four items each"""
+    chunked: bool = False
+    sized: bool = False
+    """has a Content-Length"""
+    close: bool = False
+    """the upstream closes the connection after it"""
+    upgrade_value: bytes = b""
+
+
+def parse_response_head(status: int, reason: bytes, headers: Headers) -> ResponseHead:
+    lines: list[bytes] = []
+    resp = ResponseHead(status, reason, lines)
+    custom: set[bytes] | None = None
+    for name, value in headers:
+        lname = name.lower()
+        action = _RESPONSE.get(lname)
+        if action is None:
+            if lname[:6] != b"proxy-":
+                lines += (name, b": ", value, b"\r\n")
+        elif action == _CL:
+            resp.sized = True
+            lines += (name, b": ", value, b"\r\n")
+        elif action == _TE:
+            resp.chunked = True
+        elif action == _CONN:
+            tokens = _tokens(value)
+            resp.close = resp.close or b"close" in tokens
+            extra = tokens - _PLAIN_TOKENS
+            if extra:
+                custom = extra if custom is None else custom | extra
+        elif action == _UPGRADE:
+            resp.upgrade_value = value.strip()
+    if custom:
+        resp.lines = _without(lines, custom)
+    return resp
 
 
 def reason_phrase(status: int, given: bytes) -> bytes:
@@ -156,38 +245,29 @@ def reason_phrase(status: int, given: bytes) -> bytes:
 
 
 def downstream_response(
-    status: int,
-    reason: bytes,
-    headers: Headers,
-    *,
-    chunked: bool,
-    keep_alive: bool,
-    client_version: str,
-    upgrade: bool = False,
+    resp: ResponseHead, *, chunked: bool, keep_alive: bool, client_version: str
 ) -> bytes:
-    """The head sent to the client: hop-by-hop removed, our framing and Connection added."""
-    drop = set(HOP_BY_HOP)
-    for name, value in headers:
-        lname = name.lower()
-        if lname == b"connection":
-            drop |= _connection_tokens(value)
-        elif lname.startswith(b"proxy-"):
-            drop.add(lname)
-    if upgrade:
-        drop -= {b"upgrade", b"connection"}
-    out = [b"HTTP/1.1 %d " % status, reason, b"\r\n"]
-    for name, value in headers:
-        if name.lower() not in drop:
-            out += (name, b": ", value, b"\r\n")
-    if chunked:
-        out.append(b"transfer-encoding: chunked\r\n")
-    if not upgrade:
-        if not keep_alive:
-            out.append(b"connection: close\r\n")
-        elif client_version == "1.0":
-            out.append(b"connection: keep-alive\r\n")
-    out.append(b"\r\n")
-    return b"".join(out)
+    """The head sent to the client, with our framing and Connection."""
+    end = b"transfer-encoding: chunked\r\n" if chunked else b""
+    if not keep_alive:
+        end += b"connection: close\r\n\r\n"
+    elif client_version == "1.0":
+        end += b"connection: keep-alive\r\n\r\n"
+    else:
+        end += b"\r\n"
+    status_line = b"HTTP/1.1 %d %s\r\n" % (resp.status, reason_phrase(resp.status, resp.reason))
+    return b"".join((status_line, *resp.lines, end))
+
+
+def interim_response(resp: ResponseHead) -> bytes:
+    """A 1xx head as is (101 keeps its Upgrade and Connection: upgrade)."""
+    end = (
+        b"connection: upgrade\r\nupgrade: " + resp.upgrade_value + b"\r\n\r\n"
+        if resp.status == 101
+        else b"\r\n"
+    )
+    status_line = b"HTTP/1.1 %d %s\r\n" % (resp.status, reason_phrase(resp.status, resp.reason))
+    return b"".join((status_line, *resp.lines, end))
 
 
 def chunk(data: bytes) -> bytes:

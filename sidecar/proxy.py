@@ -61,6 +61,15 @@ class Router(Protocol):
         ...
 
 
+class _Wait(enum.Enum):
+    """What a client connection's deadline is for."""
+
+    HEAD = 0  # the client's request head
+    ROUTE = 1  # the active exchange's route timeout
+    IDLE = 2  # the next request on a keep-alive connection
+    NONE = 3  # nothing (a tunnel)
+
+
 class _State(enum.Enum):
     QUEUED = 0
     CONNECTING = 1
@@ -82,7 +91,6 @@ class Exchange:
         "_replay",
         "_replay_size",
         "_retried",
-        "_timer",
         "_trailers",
         "_tunnel_early",
         "conn",
@@ -109,7 +117,6 @@ class Exchange:
         self._replay: list[bytes] | None = []  # everything sent, for a replay; None if too big
         self._replay_size = 0
         self._retried = False
-        self._timer: asyncio.TimerHandle | None = None
         self._connect_task: asyncio.Task[UpstreamConnection] | None = None
         self._chunk_out = False
         self._close_out = False
@@ -144,8 +151,7 @@ class Exchange:
         if self._replay is not None:
             self._replay.insert(0, data)
             self._replay_size += len(data)
-        loop = self.ds.loop
-        self._timer = loop.call_later(routed.policy.timeout_ms / 1000, self._route_timeout)
+        self.ds.expect(_Wait.ROUTE, routed.policy.timeout_ms / 1000)
         conn = routed.pool_for(endpoint).take_idle()
         if conn is not None:
             self._send_on(conn)
@@ -229,46 +235,25 @@ class Exchange:
 
     # -- response side (ResponseSink) -----------------------------------------------------
 
-    def response_head(
-        self, status: int, reason: bytes, headers: Headers, chunked: bool, sized: bool
-    ) -> bool:
+    def response_head(self, resp: http1.ResponseHead) -> bool:
         ds = self.ds
         head = self.head
+        status = resp.status
         if status < 200 and status != 101:
             if ds.version == "1.1":
-                ds.write(
-                    http1.downstream_response(
-                        status,
-                        reason,
-                        headers,
-                        chunked=False,
-                        keep_alive=True,
-                        client_version="1.1",
-                        upgrade=True,
-                    )
-                )
+                ds.write(http1.interim_response(resp))
             return False
         if status == 101:
             if not head.upgrade:
                 self.upstream_failed(None, protocol_error=True)
                 return False
             self.state = _State.TUNNEL
-            ds.write(
-                http1.downstream_response(
-                    101,
-                    reason,
-                    headers,
-                    chunked=False,
-                    keep_alive=True,
-                    client_version="1.1",
-                    upgrade=True,
-                )
-            )
+            ds.write(http1.interim_response(resp))
             return False
         self.state = _State.RESPONDING
         no_body = head.method == b"HEAD" or status in (204, 304)
         keep_alive = self.keep_alive and not ds.draining and not head.upgrade
-        if no_body or (sized and not chunked):
+        if no_body or (resp.sized and not resp.chunked):
             self._chunk_out = False
         elif ds.version == "1.1":
             self._chunk_out = True  # chunked or read-until-close upstream: chunked to the client
@@ -280,9 +265,7 @@ class Exchange:
         self.keep_alive = keep_alive
         ds.write(
             http1.downstream_response(
-                status,
-                reason,
-                headers,
+                resp,
                 chunked=self._chunk_out,
                 keep_alive=keep_alive,
                 client_version=ds.version,
@@ -319,9 +302,6 @@ class Exchange:
         for data in self._tunnel_early:
             conn.write(data)
         self._tunnel_early.clear()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         self.ds.become_tunnel(self)
 
     def upstream_failed(self, exc: BaseException | None, protocol_error: bool) -> None:
@@ -358,6 +338,12 @@ class Exchange:
     def upstream_paused(self, paused: bool) -> None:
         self.ds.pause_reading("upstream", paused)
 
+    def cork(self) -> None:
+        self.ds.cork()
+
+    def uncork(self) -> None:
+        self.ds.uncork()
+
     # -- tunnel -----------------------------------------------------------------------------
 
     def tunnel_from_client(self, data: bytes) -> None:
@@ -368,8 +354,7 @@ class Exchange:
 
     # -- endings --------------------------------------------------------------------------
 
-    def _route_timeout(self) -> None:
-        self._timer = None
+    def route_timeout(self) -> None:
         assert self.route is not None
         timeout = self.route.policy.timeout_ms
         if self.state is _State.RESPONDING:
@@ -396,11 +381,8 @@ class Exchange:
         self.ds.exchange_done(self, close=close, abort=abort)
 
     def cancel(self) -> None:
-        """Stop all upstream work: timers, a connect in progress, the connection in use."""
+        """Stop all upstream work: a connect in progress, the connection in use."""
         self.state = _State.DONE
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         if self._connect_task is not None:
             self._connect_task.remove_done_callback(self._connected)
             self._connect_task.cancel()
@@ -433,11 +415,15 @@ class Downstream(asyncio.Protocol):
         self._queue: deque[Exchange] = deque()
         self._pauses: set[str] = set()
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._wait = _Wait.HEAD
+        self._deadline = 0.0
         self._tunnel: Exchange | None = None
         self._latest: Exchange | None = None  # the exchange whose head came last
         self._closing = False
         self._limit_error: tuple[Reason, str] | None = None
         self._pending_reject: bytes | None = None
+        self._corked: list[bytes] | None = None
 
     def __repr__(self) -> str:
         state = "tunnel" if self._tunnel else "busy" if self._active else "idle"
@@ -452,7 +438,7 @@ class Downstream(asyncio.Protocol):
             self.client_ip = str(peer[0]).encode()
         self.tracker.add(self)
         self.draining = self.tracker.draining
-        self._set_timer(self.timeouts.head, self._head_timeout)
+        self.expect(_Wait.HEAD, self.timeouts.head)
 
     def data_received(self, data: bytes) -> None:
         if self._tunnel is not None:
@@ -482,9 +468,7 @@ class Downstream(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
         self.tracker.discard(self)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._cancel_timer()
         for ex in (self._active, self._tunnel, *self._queue):
             if ex is not None:
                 ex.cancel()  # a client gone: its upstream requests go too
@@ -509,7 +493,7 @@ class Downstream(asyncio.Protocol):
         self._head_size = 0
         self._in_head = True
         if self._active is None:
-            self._set_timer(self.timeouts.head, self._head_timeout)
+            self.expect(_Wait.HEAD, self.timeouts.head)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -555,9 +539,7 @@ class Downstream(asyncio.Protocol):
         ex = Exchange(self, head)
         self._current = self._latest = ex
         self._queue.append(ex)
-        if self._active is None:
-            self._cancel_timer()
-        else:
+        if self._active is not None:
             self.pause_reading("pipeline", True)
 
     def on_body(self, data: bytes) -> None:
@@ -572,10 +554,25 @@ class Downstream(asyncio.Protocol):
     # -- exchanges ------------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+        if self._corked is not None:
+            self._corked.append(data)
+        elif self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
+    def cork(self) -> None:
+        """Hold writes until ``uncork``: a response head and body read together from the
+        upstream go out in one send instead of several."""
+        if self._corked is None:
+            self._corked = []
+
+    def uncork(self) -> None:
+        held, self._corked = self._corked, None
+        if held and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(held[0] if len(held) == 1 else b"".join(held))
+
     def pause_reading(self, reason: str, paused: bool) -> None:
+        if not paused and reason not in self._pauses:
+            return  # the common case: nothing to resume
         transport = self.transport
         if transport is None or transport.is_closing():
             return
@@ -601,9 +598,9 @@ class Downstream(asyncio.Protocol):
         elif self._closing:
             self._close(abort=False)
         elif self._in_head:
-            self._set_timer(self.timeouts.head, self._head_timeout)
+            self.expect(_Wait.HEAD, self.timeouts.head)
         else:
-            self._set_timer(self.timeouts.idle, self._idle_timeout)
+            self.expect(_Wait.IDLE, self.timeouts.idle)
 
     def _start_next(self) -> None:
         nxt = self._queue.popleft()
@@ -615,6 +612,7 @@ class Downstream(asyncio.Protocol):
     def become_tunnel(self, ex: Exchange) -> None:
         """The upstream answered 101: bytes now flow both ways unparsed."""
         self._active = None
+        self._wait = _Wait.NONE
         self.pause_reading("upgrade", False)
 
     def stats_error(self, reason: Reason) -> None:
@@ -672,16 +670,47 @@ class Downstream(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         if abort:
+            self._corked = None
             transport.abort()
         else:
+            self.uncork()
             if self._pending_reject is not None:
                 transport.write(self._pending_reject)
                 self._pending_reject = None
             transport.close()
 
-    def _set_timer(self, seconds: float, callback: Callable[[], None]) -> None:
-        self._cancel_timer()
-        self._timer = self.loop.call_later(seconds, callback)
+    def expect(self, wait: _Wait, seconds: float) -> None:
+        """From now on the connection waits for ``wait``, at most ``seconds``.
+
+        The timer is lazy: it wakes no later than the deadline, and when it wakes early it
+        re-arms. A deadline that moves later touches no timer, so most requests cost none.
+        """
+        now = self.loop.time()
+        self._wait = wait
+        self._deadline = now + seconds
+        when = min(self._deadline, now + self.timeouts.head)
+        if self._timer is None or when < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self.loop.call_at(when, self._on_timer)
+            self._timer_at = when
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._closing or self._wait is _Wait.NONE:
+            return
+        now = self.loop.time()
+        if now < self._deadline:
+            when = min(self._deadline, now + self.timeouts.head)
+            self._timer = self.loop.call_at(when, self._on_timer)
+            self._timer_at = when
+        elif self._wait is _Wait.ROUTE:
+            if self._active is not None:
+                self._active.route_timeout()
+        elif self._wait is _Wait.HEAD:
+            self._head_timeout()
+        else:
+            self._close(abort=False)  # idle keep-alive
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -689,7 +718,6 @@ class Downstream(asyncio.Protocol):
             self._timer = None
 
     def _head_timeout(self) -> None:
-        self._timer = None
         if self._in_head:
             self.write(
                 error_response(
@@ -698,11 +726,6 @@ class Downstream(asyncio.Protocol):
             )
             self.stats_error(Reason.REQUEST_TIMEOUT)
         self._close(abort=False)
-
-    def _idle_timeout(self) -> None:
-        self._timer = None
-        if self._active is None and self._tunnel is None:
-            self._close(abort=False)
 
 
 class ConnectionTracker:

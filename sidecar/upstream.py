@@ -19,21 +19,15 @@ from typing import Protocol, cast
 import httptools
 
 from control_plane.wire import Endpoint
+from sidecar import http1
 
 
 class ResponseSink(Protocol):
     """What an upstream connection tells the exchange that owns it."""
 
-    def response_head(
-        self,
-        status: int,
-        reason: bytes,
-        headers: list[tuple[bytes, bytes]],
-        chunked: bool,
-        sized: bool,
-    ) -> bool:
-        """A response head arrived (``sized``: it has a Content-Length or chunks); return
-        True when no body follows even so (the answer to a HEAD request)."""
+    def response_head(self, resp: http1.ResponseHead) -> bool:
+        """A response head arrived; return True when no body follows even though the head
+        says one does (the answer to a HEAD request)."""
         ...
 
     def response_body(self, data: bytes) -> None: ...
@@ -48,6 +42,12 @@ class ResponseSink(Protocol):
 
     def upstream_paused(self, paused: bool) -> None: ...
 
+    def cork(self) -> None:
+        """Hold writes to the client until ``uncork`` (one upstream read, one client send)."""
+        ...
+
+    def uncork(self) -> None: ...
+
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
@@ -58,7 +58,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_reason",
         "_sized",
         "_status",
-        "idle_handle",
+        "idle_since",
         "owner",
         "pool",
         "received",
@@ -81,7 +81,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.received = False  # any byte of the current response
         self.reusable = True
         self.requests = 0  # requests sent on this connection, the current one included
-        self.idle_handle: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0  # loop time it went back to the pool
 
     def __repr__(self) -> str:
         e = self.pool.endpoint
@@ -97,10 +97,12 @@ class UpstreamConnection(asyncio.Protocol):
         if self._raw is not None:
             self._raw(data)
             return
-        if self.owner is None:  # bytes nobody asked for: the connection is not sane
+        owner = self.owner
+        if owner is None:  # bytes nobody asked for: the connection is not sane
             self.close()
             return
         self.received = True
+        owner.cork()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -109,10 +111,12 @@ class UpstreamConnection(asyncio.Protocol):
                 self.owner.response_upgraded(data[upgrade.args[0] :])
         except httptools.HttpParserError:
             self.reusable = False
-            owner, self.owner = self.owner, None
+            failed, self.owner = self.owner, None
             self.close()
-            if owner is not None:
-                owner.upstream_failed(None, protocol_error=True)
+            if failed is not None:
+                failed.upstream_failed(None, protocol_error=True)
+        finally:
+            owner.uncork()
 
     def eof_received(self) -> bool | None:
         if self.owner is not None and self._in_body:
@@ -160,20 +164,12 @@ class UpstreamConnection(asyncio.Protocol):
         self._status = status = parser.get_status_code()
         if self.owner is None:
             return
-        chunked = sized = close = False
-        for name, value in self._headers:
-            lname = name.lower()
-            if lname == b"transfer-encoding":
-                chunked = True
-            elif lname == b"content-length":
-                sized = True
-            elif lname == b"connection" and b"close" in value.lower():
-                close = True
-        if close or parser.get_http_version() != "1.1":
+        resp = http1.parse_response_head(status, self._reason, self._headers)
+        if resp.close or parser.get_http_version() != "1.1":
             self.reusable = False
         self._in_body = status >= 200
-        self._sized = sized = sized or chunked or status in (204, 304)
-        if self.owner.response_head(status, self._reason, self._headers, chunked, sized):
+        self._sized = resp.sized or resp.chunked or status in (204, 304)
+        if self.owner.response_head(resp):
             # The response to a HEAD request: its Content-Length describes a body that will not
             # come, and httptools cannot be told so. Finish here and do not reuse the connection.
             self._in_body = False
@@ -235,7 +231,12 @@ class PoolStatistics:
 
 
 class Pool:
-    """Keep-alive connections to one endpoint."""
+    """Keep-alive connections to one endpoint.
+
+    Idle connections are a stack (the most recently used is reused first, so the rest age
+    out); one lazy timer per pool closes those idle longer than ``idle_timeout``, instead of
+    a timer per connection per request.
+    """
 
     def __init__(
         self, endpoint: Endpoint, *, max_idle: int = 64, idle_timeout: float = 30.0
@@ -248,14 +249,13 @@ class Pool:
         self._connects = 0
         self._reuses = 0
         self._closed = False
+        self._sweeper: asyncio.TimerHandle | None = None
 
     def take_idle(self) -> UpstreamConnection | None:
         """The most recently used idle connection, or None."""
-        while self._idle:
-            conn = self._idle.pop()
-            if conn.idle_handle is not None:
-                conn.idle_handle.cancel()
-                conn.idle_handle = None
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
             if conn.transport is not None and not conn.transport.is_closing():
                 self._reuses += 1
                 return conn
@@ -278,23 +278,27 @@ class Pool:
             conn.close()
             return
         conn.owner = None
+        loop = asyncio.get_running_loop()
+        conn.idle_since = loop.time()
         self._idle.append(conn)
-        conn.idle_handle = asyncio.get_running_loop().call_later(
-            self.idle_timeout, self._expire, conn
-        )
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(self.idle_timeout, self._sweep)
 
-    def _expire(self, conn: UpstreamConnection) -> None:
-        conn.idle_handle = None
-        with contextlib.suppress(ValueError):
-            self._idle.remove(conn)
-        self._all.discard(conn)
-        conn.close()
+    def _sweep(self) -> None:
+        """Close connections idle for longer than ``idle_timeout`` (the oldest are first)."""
+        self._sweeper = None
+        loop = asyncio.get_running_loop()
+        limit = loop.time() - self.idle_timeout
+        idle = self._idle
+        while idle and idle[0].idle_since <= limit:
+            conn = idle.popleft()
+            self._all.discard(conn)
+            conn.close()
+        if idle:
+            self._sweeper = loop.call_at(idle[0].idle_since + self.idle_timeout, self._sweep)
 
     def discard(self, conn: UpstreamConnection) -> None:
         """Forget a connection that closed."""
-        if conn.idle_handle is not None:
-            conn.idle_handle.cancel()
-            conn.idle_handle = None
         with contextlib.suppress(ValueError):
             self._idle.remove(conn)
         self._all.discard(conn)
@@ -302,8 +306,13 @@ class Pool:
     def close(self) -> None:
         """Close idle connections now; busy ones close when their exchange ends."""
         self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         while self._idle:
-            self._expire(self._idle[0])
+            conn = self._idle.popleft()
+            self._all.discard(conn)
+            conn.close()
 
     def statistics(self) -> PoolStatistics:
         return PoolStatistics(
