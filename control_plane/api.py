@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -33,7 +34,16 @@ log = logging.getLogger("meshlet.api")
 
 REGISTRY = web.AppKey("registry", Registry)
 ADMIN_TOKEN = web.AppKey("admin_token", str)  # "" when no token is required
-READY = web.AppKey("ready", list)  # [bool]: a mutable cell, set by the lifecycle
+
+
+@dataclass(slots=True)
+class Readiness:
+    """Set by the lifecycle: ready once the store is loaded, not ready from shutdown on."""
+
+    ready: bool = False
+
+
+READY = web.AppKey("ready", Readiness)
 OPENAPI = web.AppKey("openapi", bytes)
 
 _MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -63,7 +73,10 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     token = request.app[ADMIN_TOKEN]
     if token and request.method in _MUTATING:
         given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        # surrogateescape: a header that is not UTF-8 is just a wrong token, not a crash
+        if not hmac.compare_digest(
+            given.encode("utf-8", "surrogateescape"), f"Bearer {token}".encode()
+        ):
             why = "missing" if not given else "wrong"
             return error_response(
                 Unauthorized(f"{why} admin token: send Authorization: Bearer <token>"),
@@ -93,9 +106,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 async def read_json(request: web.Request) -> Any:
-    """The request body as strict JSON; 400, 413 or 415 otherwise."""
-    if request.content_length is not None and request.content_length > schema.MAX_BODY_BYTES:
-        raise PayloadTooLarge(f"body larger than {schema.MAX_BODY_BYTES} bytes")
+    """The request body as strict JSON; 400, 413 (from ``client_max_size``) or 415."""
     body = await request.read()
     if not body:
         raise BadRequest("request body required: a JSON object", "(body)")
@@ -160,7 +171,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    if request.app[READY][0]:
+    if request.app[READY].ready:
         return json_response({"status": "ready"})
     return json_response({"status": "not ready"}, 503)
 

@@ -52,7 +52,7 @@ def build_app(
         protect_percent=config.protect_percent,
     )
     app[api.ADMIN_TOKEN] = config.admin_token
-    app[api.READY] = [False]
+    app[api.READY] = api.Readiness()
     app[api.OPENAPI] = json.dumps(build_spec(), indent=1).encode()
     api.add_routes(app)
     app.cleanup_ctx.append(_lifecycle)
@@ -68,9 +68,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         raise
     interval = min(1.0, registry.heartbeat_ttl / 4)
     reaper = asyncio.create_task(run_reaper(registry.expire, interval), name="reaper")
-    app[api.READY][0] = True
+    app[api.READY].ready = True
     yield
-    app[api.READY][0] = False
+    app[api.READY].ready = False
     reaper.cancel()  # step 4
     with contextlib.suppress(asyncio.CancelledError):
         await reaper
@@ -81,18 +81,16 @@ async def serve(config: ControlPlaneConfig, stop: asyncio.Event | None = None) -
     """Run until ``stop`` is set (by default: until SIGTERM or SIGINT)."""
     stop = stop if stop is not None else _stop_on_signals()
     app = build_app(config)
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.shutdown_timeout)
     await runner.setup()
     try:
-        site = web.TCPSite(
-            runner, config.host, config.port, shutdown_timeout=config.shutdown_timeout
-        )
+        site = web.TCPSite(runner, config.host, config.port)
         await site.start()
         host, port = runner.addresses[0][:2]
         log.info("listening on %s (store %s)", _url(host, port), config.store)
         await stop.wait()
         log.info("shutting down")
-        app[api.READY][0] = False  # step 1
+        app[api.READY].ready = False  # step 1
     finally:
         await runner.cleanup()  # steps 2-5
     log.info("stopped")

@@ -65,8 +65,11 @@ class FlagParser(argparse.ArgumentParser):
 def host_port(value: str) -> tuple[str, int]:
     """``HOST:PORT`` or ``[IPv6]:PORT``."""
     host, sep, port = value.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT ([IPv6]:PORT)")
+        host = host[1:-1]
+    if not sep or not host or not port.isascii() or not port.isdigit() or int(port) > 65535:
         raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT")
     return host, int(port)
 

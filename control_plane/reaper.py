@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Hashable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -31,19 +31,38 @@ class ExpiryPlan(Generic[K]):
     removed: tuple[K, ...]
     """past ``remove_after``: to be removed"""
     protection: bool
-    """too many lapsed at once: neither list applies"""
+    """too many lapsed at once: those are held as they are"""
+    late: int = 0
+    """instances past the TTL, draining ones not counted"""
+    counted: int = 0
+    """instances the protection threshold is a share of (draining ones are not)"""
 
 
 def plan_expiry(
-    ages: Mapping[K, float], *, ttl: float, remove_after: float, protect_percent: float
+    ages: Mapping[K, float],
+    *,
+    ttl: float,
+    remove_after: float,
+    protect_percent: float,
+    draining: Collection[K] = (),
 ) -> ExpiryPlan[K]:
-    """What to do with instances whose last sign of life is ``ages[key]`` seconds old."""
-    lapsed = [key for key, age in ages.items() if age > ttl]
-    if len(lapsed) >= PROTECT_MIN and len(lapsed) * 100 > protect_percent * len(ages):
-        return ExpiryPlan((), (), protection=True)
-    removed = tuple(key for key in lapsed if ages[key] > remove_after)
-    still = tuple(key for key in lapsed if ages[key] <= remove_after)
-    return ExpiryPlan(still, removed, protection=False)
+    """What to do with instances whose last sign of life is ``ages[key]`` seconds old.
+
+    Draining instances are expected to go quiet: they neither count towards protection nor
+    are held by it.
+    """
+    counted = [key for key in ages if key not in draining]
+    late = [key for key in counted if ages[key] > ttl]
+    protection = len(late) >= PROTECT_MIN and len(late) * 100 > protect_percent * len(counted)
+    held = set(late) if protection else set()
+    lapsed = [key for key, age in ages.items() if age > ttl and key not in held]
+    return ExpiryPlan(
+        lapsed=tuple(key for key in lapsed if ages[key] <= remove_after),
+        removed=tuple(key for key in lapsed if ages[key] > remove_after),
+        protection=protection,
+        late=len(late),
+        counted=len(counted),
+    )
 
 
 async def run_reaper(expire: Callable[[], Awaitable[object]], interval: float) -> None:

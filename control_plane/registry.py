@@ -91,16 +91,13 @@ class Registry:
         return result
 
     def service(self, name: str) -> ServiceView:
-        if name not in self._policies and name not in self._instances:
-            raise NotFound(f"no service {name!r}", "service")
         return ServiceView(name, self.policy(name), name in self._policies, self.instances(name))
 
     def policy(self, name: str) -> Policy:
         return self._policies.get(name, DEFAULT_POLICY)
 
     def instances(self, name: str) -> list[InstanceView]:
-        if name not in self._policies and name not in self._instances:
-            raise NotFound(f"no service {name!r}", "service")
+        self._require_service(name)
         return [self._view(r) for _, r in sorted(self._instances.get(name, {}).items())]
 
     def instance(self, service: str, instance_id: str) -> InstanceView:
@@ -125,24 +122,20 @@ class Registry:
 
     async def set_policy(self, service: str, policy: Policy) -> None:
         async with self._lock:
-
-            def apply() -> None:
-                self._policies[service] = policy
-
-            await self._commit(self._store.put_policy(service, policy), apply)
+            await self._commit(
+                self._store.put_policy(service, policy), self._policies.__setitem__, service, policy
+            )
         log.info("policy of %s set (lb %s)", service, policy.lb)
 
     async def clear_policy(self, service: str) -> None:
         """Back to the default policy; a service with no instances then disappears."""
         async with self._lock:
+            self._require_service(service)
             if service not in self._policies:
-                self.service(service)  # 404 for an unknown service
                 return
-
-            def apply() -> None:
-                del self._policies[service]
-
-            await self._commit(self._store.delete_policy(service), apply)
+            await self._commit(
+                self._store.delete_policy(service), self._policies.__delitem__, service
+            )
         log.info("policy of %s reset to defaults", service)
 
     async def register(self, service: str, reg: Registration) -> tuple[InstanceView, bool]:
@@ -161,14 +154,9 @@ class Registry:
                 draining=old.draining if old else False,
             )
 
-            def apply() -> None:
-                self._instances.setdefault(service, {})[instance_id] = record
-                self._touch(record.key)
-
-            if record == old:
-                apply()
-            else:
-                await self._commit(self._store.put_instance(record), apply)
+            if record != old:
+                await self._commit(self._store.put_instance(record), self._put, record)
+            self._touch(record.key)
         if old is None:
             log.info("registered %s/%s at %s:%d", service, instance_id, reg.address, reg.port)
         return self._view(record), old is None
@@ -194,11 +182,7 @@ class Registry:
                 draining=old.draining if patch.status is None else patch.status == "draining",
             )
             if record != old:
-
-                def apply() -> None:
-                    self._instances[service][instance_id] = record
-
-                await self._commit(self._store.put_instance(record), apply)
+                await self._commit(self._store.put_instance(record), self._put, record)
         if record.draining != old.draining:
             log.info(
                 "%s/%s %s", service, instance_id, "draining" if record.draining else "undrained"
@@ -209,7 +193,7 @@ class Registry:
         async with self._lock:
             record = self._record(service, instance_id)
             await self._commit(
-                self._store.delete_instances([record.key]), lambda: self._forget([record.key])
+                self._store.delete_instances([record.key]), self._forget, [record.key]
             )
         log.info("deregistered %s/%s", service, instance_id)
 
@@ -221,18 +205,17 @@ class Registry:
             ttl=self.heartbeat_ttl,
             remove_after=self.remove_after,
             protect_percent=self.protect_percent,
+            draining={r.key for s in self._instances.values() for r in s.values() if r.draining},
         )
         if plan.protection != self.protection:
             self.protection = plan.protection
             if plan.protection:
-                lapsed = sum(
-                    1 for live in self._live.values() if now - live.seen > self.heartbeat_ttl
-                )
                 log.warning(
                     "protection on: %d of %d instances missed heartbeats at once; expiring "
-                    "none until heartbeats recover (this control plane may be cut off)",
-                    lapsed,
-                    len(self._live),
+                    "none of them until heartbeats recover (this control plane may be cut off; "
+                    "DELETE instances that are really gone)",
+                    plan.late,
+                    plan.counted,
                 )
             else:
                 log.info("protection off: heartbeats recovered")
@@ -250,9 +233,7 @@ class Registry:
                     if k in self._live and now - self._live[k].seen > self.remove_after
                 ]
                 if gone:
-                    await self._commit(
-                        self._store.delete_instances(gone), lambda: self._forget(gone)
-                    )
+                    await self._commit(self._store.delete_instances(gone), self._forget, gone)
             for service, instance_id in gone:
                 log.info(
                     "removed %s/%s: no heartbeat for over %.0fs",
@@ -263,18 +244,36 @@ class Registry:
 
     # -- internals -----------------------------------------------------------------------
 
-    async def _commit(self, write: Coroutine[Any, Any, None], apply: Callable[[], T]) -> T:
-        """Write to the store, then apply to memory. Shielded: a cancelled caller cannot leave
-        the store changed and memory not."""
+    async def _commit(
+        self, write: Coroutine[Any, Any, None], apply: Callable[..., None], *args: Any
+    ) -> None:
+        """Write to the store, then ``apply(*args)`` to memory; the caller holds the lock.
 
-        async def both() -> T:
+        A cancelled caller waits for the commit to finish before the cancellation goes on, so
+        the lock is never released with a write still in flight: memory and the store never
+        disagree, and the next writer always starts from the committed state.
+        """
+
+        async def both() -> None:
             await write
-            return apply()
+            apply(*args)
 
-        return await asyncio.shield(both())
+        commit = asyncio.ensure_future(both())
+        try:
+            await asyncio.shield(commit)
+        except asyncio.CancelledError:
+            await commit
+            raise
 
     def _service_names(self) -> set[str]:
         return self._policies.keys() | self._instances.keys()
+
+    def _require_service(self, name: str) -> None:
+        if name not in self._policies and name not in self._instances:
+            raise NotFound(f"no service {name!r}", "service")
+
+    def _put(self, record: InstanceRecord) -> None:
+        self._instances.setdefault(record.service, {})[record.id] = record
 
     def _record(self, service: str, instance_id: str) -> InstanceRecord:
         record = self._instances.get(service, {}).get(instance_id)

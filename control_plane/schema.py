@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import ipaddress
 import json
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,9 +121,18 @@ class Registration:
 
 
 def default_instance_id(address: str, port: int) -> str:
-    """``10.0.0.7-8080``: the same instance registered twice without an id keeps one id."""
-    candidate = re.sub(r"[^A-Za-z0-9._-]", "-", f"{address}-{port}")
-    if len(candidate) <= 128:
+    """``10.0.0.7-8080``: the same instance registered twice without an id keeps one id.
+
+    IPv6 addresses (compressed, so one address has one id) become ``fd00__7-8080``: an ``_``
+    never occurs in a hostname or IPv4 address, so no two addresses share an id.
+    """
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        candidate = f"{address}-{port}"  # a hostname: already [A-Za-z0-9.-]
+    else:
+        candidate = f"{ip.compressed.replace(':', '_').replace('%', '.')}-{port}"
+    if len(candidate) <= 128 and wire.INSTANCE_ID.fullmatch(candidate):
         return candidate
     return hashlib.blake2b(candidate.encode(), digest_size=16).hexdigest()
 

@@ -9,7 +9,9 @@ process (SIGKILL included); only a power loss or kernel crash can lose the last 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
+import os
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +47,7 @@ class SqliteStore:
         self.path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshlet-sqlite")
         self._db: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def call() -> T:
@@ -58,6 +61,7 @@ class SqliteStore:
             raise StoreError(f"sqlite {self.path}: {e}") from e
 
     def _open(self) -> sqlite3.Connection:
+        self._lock_file()
         db = sqlite3.connect(self.path, check_same_thread=False)
         try:
             db.execute("PRAGMA busy_timeout = 5000")
@@ -81,6 +85,23 @@ class SqliteStore:
             db.close()
             raise
         return db
+
+    def _lock_file(self) -> None:
+        """One control plane per file: two writing one file would undo each other's writes
+        in memory. The lock (``PATH.lock``, flock) goes with the process."""
+        try:
+            fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise StoreError(f"sqlite {self.path}: cannot create lock file: {e.strerror}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreError(
+                f"sqlite {self.path}: another control plane is using this file; "
+                "give each control plane its own --store"
+            ) from None
+        self._lock_fd = fd
 
     async def load(self) -> Snapshot:
         def load(db: sqlite3.Connection) -> Snapshot:
@@ -166,6 +187,9 @@ class SqliteStore:
             if self._db is not None:
                 self._db.close()
                 self._db = None
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # releases the flock
+                self._lock_fd = None
 
         await asyncio.get_running_loop().run_in_executor(self._executor, close)
         self._executor.shutdown(wait=True)

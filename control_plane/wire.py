@@ -30,6 +30,7 @@ LB_POLICIES = ("round_robin", "random", "least_request", "peak_ewma", "ring_hash
 HASH_POLICIES = frozenset({"ring_hash", "maglev"})
 HASH_ON = re.compile(r"(header|cookie|query):[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}|path|source_ip")
 RETRY_ON_EVENTS = ("connect-failure", "reset")
+_STATUS_TEXT = re.compile(r"[45][0-9][0-9]", re.ASCII)
 
 
 class WireError(ValueError):
@@ -143,7 +144,9 @@ def check_bounds(doc: Any) -> None:
             (s.lo is None or value >= s.lo) and (s.hi is None or value <= s.hi)
         ):
             unit = f" {s.unit}" if s.unit else ""
-            raise WireError(f.name, f"must be from {_num(s.lo)} to {_num(s.hi)}{unit}; got {value}")
+            raise WireError(
+                f.name, f"must be from {_num(s.lo)} to {_num(s.hi)}{unit}; got {str(value)[:40]}"
+            )
 
 
 def _num(x: float | None) -> str:
@@ -204,13 +207,13 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
         return value
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value
-    if (
-        hint is float
-        and isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-    ):
-        return float(value)
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:
+            raise WireError(path, "is too large") from None
+        if math.isfinite(number):
+            return number
     if hint is str and isinstance(value, str):
         return value
     expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
@@ -367,7 +370,7 @@ def _parse_retry_on(value: Any, path: str) -> tuple[str | int, ...]:
     out: list[str | int] = []
     for i, item in enumerate(value):
         where = f"{path}[{i}]"
-        if isinstance(item, str) and item.isdigit():
+        if isinstance(item, str) and _STATUS_TEXT.fullmatch(item):
             item = int(item)
         if isinstance(item, bool) or not (
             item in RETRY_ON_EVENTS or (isinstance(item, int) and 400 <= item <= 599)

@@ -20,6 +20,12 @@ def _sidecar(argv: Sequence[str]) -> int:
     return main(argv, prog="meshlet sidecar")
 
 
+def _ctl(argv: Sequence[str]) -> int:
+    from meshlet.ctl import main
+
+    return main(argv, prog="meshlet ctl")
+
+
 def _demo(argv: Sequence[str]) -> int:
     from meshlet.demo import main
 
@@ -29,6 +35,7 @@ def _demo(argv: Sequence[str]) -> int:
 SUBCOMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "control-plane": (_control_plane, "run the control plane (registry and REST admin API)"),
     "sidecar": (_sidecar, "run a sidecar proxy beside one service"),
+    "ctl": (_ctl, "look at and steer a control plane (services, instances, policy, drain)"),
     "demo": (_demo, "run a local mesh with sample services and show what it does"),
 }
 

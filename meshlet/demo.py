@@ -68,13 +68,19 @@ async def _call(
 
 
 async def _heartbeats(http: aiohttp.ClientSession, base: str) -> None:
+    """Every sample instance but batch-1 heartbeats; one you deleted stays deleted."""
+    gone: set[str] = set()
     while True:
         await asyncio.sleep(HEARTBEAT_EVERY)
         for service, body in SAMPLES:
-            if service != "batch":
-                await _call(
-                    http, "PUT", f"{base}/v1/services/{service}/instances/{body['id']}/heartbeat"
-                )
+            name = f"{service}/{body['id']}"
+            if service == "batch" or name in gone:
+                continue
+            url = f"{base}/v1/services/{name.replace('/', '/instances/')}/heartbeat"
+            async with http.put(url) as r:
+                if r.status == 404:
+                    gone.add(name)
+                    _say(f"  [demo] {name} was deleted: it stops heartbeating")
 
 
 async def _watch(http: aiohttp.ClientSession, base: str) -> None:

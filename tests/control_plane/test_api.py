@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 from collections.abc import AsyncIterator
 from typing import Any
@@ -30,9 +31,13 @@ async def call(api: Api, method: str, path: str, body: Any = None, **kw: Any) ->
         return r.status, data
 
 
-async def register(api: Api, service: str = "catalog", **body: Any) -> dict[str, Any]:
+async def register(
+    api: Api, service: str = "catalog", headers: dict[str, str] | None = None, **body: Any
+) -> dict[str, Any]:
     doc = {"address": "10.0.0.1", "port": 8080, **body}
-    status, data = await call(api, "POST", f"/v1/services/{service}/instances", doc)
+    status, data = await call(
+        api, "POST", f"/v1/services/{service}/instances", doc, headers=headers or {}
+    )
     assert status in (200, 201), data
     result: dict[str, Any] = data
     return result
@@ -297,10 +302,30 @@ async def test_admin_token_guards_every_mutating_call(make_api: MakeApi) -> None
     assert (await call(api, "GET", "/openapi.json"))[0] == 200
 
 
+async def test_an_authorization_header_that_is_not_utf8_is_a_401(make_api: MakeApi) -> None:
+    api = await make_api(admin_token="tok")
+    assert api.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", api.port)
+    writer.write(
+        b"DELETE /v1/services/a/policy HTTP/1.1\r\nHost: x\r\n"
+        b"Authorization: Bearer \xff\xfe\r\nConnection: close\r\n\r\n"
+    )
+    response = await reader.read()
+    writer.close()
+    assert response.startswith(b"HTTP/1.1 401 ")
+    assert b'"error"' in response
+
+
 # -- never a 500 for bad input ----------------------------------------------------------------
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=10**300, max_value=10**400)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8)
+    | st.sampled_from(["503", "\u00b2", "\u0665\u0660\u0662", "0502", "off", "header:x"]),
     lambda inner: (
         st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
     ),
@@ -311,6 +336,7 @@ policy_like = st.dictionaries(
         [
             "lb",
             "hash_on",
+            "hash_balance_factor",
             "timeout_ms",
             "retries",
             "retry_on",
@@ -329,27 +355,38 @@ registration_like = st.dictionaries(
     json_values,
     max_size=5,
 )
+header_values = st.text(
+    alphabet=st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"),
+    max_size=20,
+)
 
 
 @settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(
     policy=policy_like,
     registration=registration_like,
     patch=registration_like,
     name=st.text(max_size=10),
+    authorization=header_values,
 )
 async def test_random_input_never_gets_a_500(
-    api: Api, policy: Any, registration: Any, patch: Any, name: str
+    make_api: MakeApi, policy: Any, registration: Any, patch: Any, name: str, authorization: str
 ) -> None:
-    await register(api, id="c1")
-    for method, path, body in [
-        ("PUT", f"{CATALOG}/policy", policy),
-        ("POST", f"{CATALOG}/instances", registration),
-        ("PATCH", f"{CATALOG}/instances/c1", patch),
-    ]:
-        async with api.request(method, path, json=body) as r:
-            assert r.status < 500, await r.text()
+    api = await make_api(store=MemoryStore(), admin_token="tok")
+    good = {"Authorization": "Bearer tok"}
+    await register(api, id="c1", headers=good)
+    for headers in (good, {"Authorization": authorization}):
+        for method, path, body in [
+            ("PUT", f"{CATALOG}/policy", policy),
+            ("POST", f"{CATALOG}/instances", registration),
+            ("PATCH", f"{CATALOG}/instances/c1", patch),
+        ]:
+            async with api.request(method, path, json=body, headers=headers) as r:
+                assert r.status < 500, await r.text()
+                assert r.content_type == "application/json"
     async with api.get(f"/v1/services/{name}") as r:
         assert r.status < 500, await r.text()

@@ -49,15 +49,39 @@ def test_protect_percent_100_turns_protection_off() -> None:
     assert len(p.removed) == 3
 
 
-@given(st.dictionaries(st.integers(0, 200), st.floats(0, 100), max_size=60), st.floats(0, 100))
-def test_plan_properties(ages: dict[int, float], protect: float) -> None:
-    p = plan_expiry(ages, ttl=15, remove_after=30, protect_percent=protect)
-    late = [k for k, age in ages.items() if age > 15]
+def test_draining_instances_are_left_out_of_protection() -> None:
+    ages = {f"h{i}": 1.0 for i in range(7)} | {"d1": 40, "d2": 40, "d3": 20}
+    p = plan_expiry(ages, ttl=15, remove_after=30, protect_percent=15, draining={"d1", "d2", "d3"})
+    assert p.protection is False
+    assert (set(p.removed), p.lapsed) == ({"d1", "d2"}, ("d3",))
+    held = plan_expiry(
+        ages | {"x": 40, "y": 40, "z": 40},
+        ttl=15,
+        remove_after=30,
+        protect_percent=15,
+        draining={"d1", "d2", "d3"},
+    )
+    assert held.protection is True
+    assert (held.late, held.counted) == (3, 10)
+    assert set(held.removed) == {"d1", "d2"}  # a drained instance still goes
+
+
+@given(
+    st.dictionaries(st.integers(0, 200), st.floats(0, 100), max_size=60),
+    st.floats(0, 100),
+    st.sets(st.integers(0, 200)),
+)
+def test_plan_properties(ages: dict[int, float], protect: float, draining: set[int]) -> None:
+    p = plan_expiry(ages, ttl=15, remove_after=30, protect_percent=protect, draining=draining)
+    counted = [k for k in ages if k not in draining]
+    late = [k for k in counted if ages[k] > 15]
+    assert (p.late, p.counted) == (len(late), len(counted))
+    everything_late = {k for k, age in ages.items() if age > 15}
     if p.protection:
         assert len(late) >= PROTECT_MIN
-        assert len(late) * 100 > protect * len(ages)
-        assert p.lapsed == p.removed == ()
+        assert len(late) * 100 > protect * len(counted)
+        assert set(p.lapsed) | set(p.removed) == everything_late - set(late)
     else:
-        assert set(p.lapsed) | set(p.removed) == set(late)
-        assert not set(p.lapsed) & set(p.removed)
-        assert all(ages[k] > 30 for k in p.removed)
+        assert set(p.lapsed) | set(p.removed) == everything_late
+    assert not set(p.lapsed) & set(p.removed)
+    assert all(ages[k] > 30 for k in p.removed)

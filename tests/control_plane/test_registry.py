@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from control_plane.clock import FakeClock
 from control_plane.errors import NotFound
-from control_plane.model import Status
+from control_plane.model import InstanceRecord, Status
 from control_plane.registry import Registry
 from control_plane.schema import InstancePatch, Registration
 from control_plane.store import Store
+from control_plane.store_memory import MemoryStore
 from control_plane.wire import Policy
 from tests.conftest import new_store
 
@@ -27,8 +30,51 @@ async def make(store: Store, clock: FakeClock) -> Registry:
 
 
 @pytest.fixture
-async def store(store_kind: str, tmp_path: Path) -> Store:
-    return new_store(store_kind, tmp_path)
+async def store(store_kind: str, tmp_path: Path) -> AsyncIterator[Store]:
+    store = new_store(store_kind, tmp_path)
+    yield store
+    await store.close()
+
+
+class SlowStore(MemoryStore):
+    """Writes take a while, as a remote store's do."""
+
+    async def put_instance(self, record: InstanceRecord) -> None:
+        await asyncio.sleep(0.05)
+        await super().put_instance(record)
+
+
+async def test_a_cancelled_write_neither_is_lost_nor_overtakes_the_next(clock: FakeClock) -> None:
+    store = SlowStore()
+    r = await make(store, clock)
+    await r.register("svc", reg(1))
+    drain = asyncio.create_task(r.update("svc", "i1", InstancePatch(status="draining")))
+    await asyncio.sleep(0.01)  # the drain is writing now
+    drain.cancel()
+    weight = await r.update("svc", "i1", InstancePatch(weight=7))
+    with pytest.raises(asyncio.CancelledError):
+        await drain
+    # the drain committed before the weight change started from it
+    assert (weight.record.weight, weight.status) == (7, Status.DRAINING)
+    (stored,) = (await store.load()).instances
+    assert (stored.weight, stored.draining) == (7, True)
+
+
+async def test_draining_instances_neither_count_for_nor_are_held_by_protection(
+    store: Store, clock: FakeClock
+) -> None:
+    r = await make(store, clock)
+    for n in range(10):
+        await r.register("svc", reg(n))
+    for n in range(3):  # three instances drain and go quiet, as they do when shutting down
+        await r.update("svc", f"i{n}", InstancePatch(status="draining"))
+    clock.advance(20)
+    for n in range(3, 10):
+        r.heartbeat("svc", f"i{n}")
+    clock.advance(11)
+    await r.expire()
+    assert r.protection is False
+    assert [v.record.id for v in r.instances("svc")] == [f"i{n}" for n in range(3, 10)]
 
 
 async def test_register_update_and_keep_unsent_fields(store: Store, clock: FakeClock) -> None:

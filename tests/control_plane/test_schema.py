@@ -37,7 +37,14 @@ def test_registration_defaults_and_id() -> None:
     assert (reg.id, reg.zone, reg.weight, reg.metadata) == (None, None, None, None)
     assert reg.instance_id() == "10.0.0.7-8080"
     v6 = schema.document(schema.Registration, {"address": "fd00::7", "port": 80})
-    assert v6.instance_id() == "fd00--7-80"
+    assert v6.instance_id() == "fd00__7-80"
+
+
+def test_default_ids_never_collide() -> None:
+    addresses = ["1::2", "1:0::2", "1--2", "1-2", "fe80::1%eth0", "fe80--1.eth0", "10.0.0.1"]
+    ids = {a: schema.default_instance_id(a, 80) for a in addresses}
+    assert ids["1::2"] == ids["1:0::2"]  # one address, however it is written: one id
+    assert len({ids[a] for a in addresses if a != "1:0::2"}) == len(addresses) - 1
 
 
 def test_default_id_of_a_long_hostname_is_a_digest() -> None:

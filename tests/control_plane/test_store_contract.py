@@ -19,7 +19,7 @@ from control_plane.model import InstanceRecord
 from control_plane.store import Snapshot, Store, open_store
 from control_plane.store_memory import MemoryStore
 from control_plane.store_sqlite import SqliteStore
-from control_plane.wire import Policy
+from control_plane.wire import Hedge, Policy, RetryBudget
 from tests.conftest import new_store
 
 T = TypeVar("T")
@@ -37,11 +37,25 @@ records = st.builds(
     metadata=st.dictionaries(st.sampled_from(["v", "team"]), st.text(max_size=5), max_size=2),
     draining=st.booleans(),
 )
-policies = st.builds(
+hash_policies = st.builds(
     Policy,
-    lb=st.sampled_from(["round_robin", "least_request"]),
-    retries=st.integers(0, 10),
-    zone_aware=st.booleans(),
+    lb=st.sampled_from(["ring_hash", "maglev"]),
+    hash_on=st.sampled_from(["header:x-user", "cookie:s", "query:q", "path", "source_ip"]),
+    hash_balance_factor=st.floats(1, 100),
+)
+policies = (
+    st.builds(
+        Policy,
+        lb=st.sampled_from(["round_robin", "least_request", "peak_ewma", "random"]),
+        retries=st.integers(0, 10),
+        retry_on=st.lists(
+            st.sampled_from(["connect-failure", "reset", 429, 500, 503]), unique=True
+        ).map(tuple),
+        retry_budget=st.builds(RetryBudget, ratio=st.floats(0, 1), min_per_s=st.integers(0, 50)),
+        zone_aware=st.booleans(),
+        hedge=st.none() | st.builds(Hedge, after_ms=st.integers(1, 14_999)),
+    )
+    | hash_policies
 )
 
 
@@ -132,6 +146,19 @@ async def test_a_new_store_is_empty(store_kind: str, tmp_path: Path) -> None:
     await store.close()
 
 
+async def test_sqlite_refuses_a_second_user_of_the_file(tmp_path: Path) -> None:
+    first = SqliteStore(str(tmp_path / "m.db"))
+    await first.load()
+    second = SqliteStore(str(tmp_path / "m.db"))
+    with pytest.raises(StoreError, match="another control plane is using this file"):
+        await second.load()
+    await second.close()
+    await first.close()
+    third = SqliteStore(str(tmp_path / "m.db"))  # the lock went with the first's close
+    await third.load()
+    await third.close()
+
+
 async def test_sqlite_uses_wal(tmp_path: Path) -> None:
     store = SqliteStore(str(tmp_path / "m.db"))
     await store.load()
@@ -175,7 +202,7 @@ async def test_sqlite_names_an_invalid_stored_row(tmp_path: Path) -> None:
 
 async def test_sqlite_in_a_missing_directory_fails_clearly(tmp_path: Path) -> None:
     store = SqliteStore(str(tmp_path / "missing" / "m.db"))
-    with pytest.raises(StoreError, match="unable to open database file"):
+    with pytest.raises(StoreError, match="cannot create lock file: No such file or directory"):
         await store.load()
     await store.close()
 

@@ -75,18 +75,21 @@ async def test_sigkill_during_a_write_burst_keeps_every_acknowledged_write(
     db_path = tmp_path / "m.db"
     cp = control_plane("--store", sqlite_url(db_path))
     acknowledged: set[str] = set()
-    policies: dict[str, int] = {}
+    sent: dict[str, list[int]] = {}  # retries values sent per service, in order
+    acked: dict[str, int] = {}  # index into sent[...] of the last acknowledged one
     enough = asyncio.Event()
 
     async def writer(session: aiohttp.ClientSession, w: int) -> None:
         for n in range(10_000):
             try:
                 if n % 5 == 4:
+                    values = sent.setdefault(f"svc-{w}", [])
+                    values.append(n % 10)
                     async with session.put(
                         f"{cp.url}/v1/services/svc-{w}/policy", json={"retries": n % 10}
                     ) as r:
                         if r.status == 200:
-                            policies[f"svc-{w}"] = n % 10
+                            acked[f"svc-{w}"] = len(values) - 1
                     continue
                 body = {"id": f"w{w}-{n}", "address": "10.0.0.1", "port": 1 + n}
                 async with session.post(f"{cp.url}/v1/services/svc-{w}/instances", json=body) as r:
@@ -113,11 +116,30 @@ async def test_sigkill_during_a_write_burst_keeps_every_acknowledged_write(
         status, data = cp.call("GET", f"/v1/services/svc-{w}")
         assert status == 200
         found |= {f"svc-{w}/{i['id']}" for i in data["instances"]}
-        if f"svc-{w}" in policies:
-            # the last acknowledged policy, or one written just after it
+        if f"svc-{w}" in acked:
+            # the last acknowledged policy, or one sent after it that landed before the kill
             assert data["policy_set"] is True
+            later = sent[f"svc-{w}"][acked[f"svc-{w}"] :]
+            assert data["policy"]["retries"] in later
     assert acknowledged <= found
     assert cp.stop() == 0
+
+
+def test_a_second_control_plane_on_the_same_file_exits_2(
+    control_plane: Start, tmp_path: Path
+) -> None:
+    db = sqlite_url(tmp_path / "m.db")
+    first = control_plane("--store", db)
+    proc = subprocess.run(
+        [sys.executable, "-m", "control_plane", "--listen", "127.0.0.1:0", "--store", db],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2
+    assert "another control plane is using this file" in proc.stderr
+    assert first.call("GET", "/readyz")[0] == 200
+    assert first.stop() == 0
 
 
 def test_an_unusable_store_fails_at_start_with_exit_2(tmp_path: Path) -> None:
@@ -202,8 +224,7 @@ def test_admin_token_from_the_environment(control_plane: Start, tmp_path: Path) 
 
 
 def test_expiry_with_real_time(control_plane: Start, tmp_path: Path) -> None:
-    cp = ControlPlane(
-        tmp_path,
+    cp = control_plane(
         "--store",
         "memory",
         "--heartbeat-ttl",

@@ -1,0 +1,173 @@
+"""``meshlet ctl``: the operator's view of a control plane, over its REST API.
+
+Readable tables on a terminal, ``--json`` for scripts; a refusal or an unreachable control
+plane is one line on stderr and exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
+
+from control_plane.flags import FlagParser
+
+
+class CtlError(Exception):
+    """One line for the operator."""
+
+
+class Client:
+    def __init__(self, base: str, token: str) -> None:
+        self.base = base.rstrip("/")
+        self.token = token
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        req = urllib.request.Request(self.base + path, data, headers, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                raw = r.read()
+        except urllib.error.HTTPError as e:
+            try:
+                err = json.loads(e.read())
+                detail = err["error"] + (f" (field {err['field']})" if err.get("field") else "")
+            except (ValueError, KeyError, TypeError):
+                detail = e.reason
+            raise CtlError(f"{method} {path}: {e.code} {detail}") from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise CtlError(f"control plane at {self.base} is unreachable: {reason}") from None
+        return json.loads(raw) if raw else None
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
+    lines = [header, *rows]
+    return "\n".join(
+        "  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=False)).rstrip()
+        for line in lines
+    )
+
+
+def set_key(policy: dict[str, Any], assignment: str) -> None:
+    """``retries=2``, ``retry_budget.ratio=0.3``, ``lb=maglev``: JSON values, else strings."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise CtlError(f"--set {assignment!r}: expected KEY=VALUE")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    *parents, last = key.split(".")
+    target = policy
+    for part in parents:
+        child = target.get(part)
+        if not isinstance(child, dict):
+            raise CtlError(f"--set {assignment!r}: {part} is not an object")
+        target = child
+    target[last] = value
+
+
+def run(args: argparse.Namespace, client: Client) -> tuple[Any, str]:
+    """(the JSON answer, the same for a person)."""
+    if args.command == "services":
+        data = client.call("GET", "/v1/services")
+        rows = [
+            [
+                s["name"],
+                s["lb"],
+                *(str(s["instances"][k]) for k in ("healthy", "unhealthy", "draining", "total")),
+            ]
+            for s in data["services"]
+        ]
+        text = table(rows, ["SERVICE", "LB", "HEALTHY", "UNHEALTHY", "DRAINING", "TOTAL"])
+        if data["protection"]:
+            text += "\nPROTECTION ON: too many instances missed heartbeats; none expire"
+        return data, text
+    if args.command == "instances":
+        data = client.call("GET", f"/v1/services/{args.service}/instances")
+        rows = [
+            [
+                i["id"],
+                f"{i['address']}:{i['port']}",
+                i["zone"] or "-",
+                str(i["weight"]),
+                i["status"],
+                i["last_heartbeat"] or "-",
+            ]
+            for i in data["instances"]
+        ]
+        return data, table(rows, ["ID", "ADDRESS", "ZONE", "WEIGHT", "STATUS", "LAST HEARTBEAT"])
+    if args.command == "policy":
+        data = client.call("GET", f"/v1/services/{args.service}/policy")
+        if args.set:
+            policy = data["policy"]
+            for assignment in args.set:
+                set_key(policy, assignment)
+            data = client.call("PUT", f"/v1/services/{args.service}/policy", policy)
+        return data, json.dumps(data["policy"], indent=2)
+    if args.command in ("drain", "undrain", "weight"):
+        body: dict[str, Any] = (
+            {"weight": args.weight}
+            if args.command == "weight"
+            else {"status": "draining" if args.command == "drain" else "healthy"}
+        )
+        data = client.call("PATCH", f"/v1/services/{args.service}/instances/{args.id}", body)
+        return data, f"{data['service']}/{data['id']}: {data['status']}, weight {data['weight']}"
+    raise AssertionError(args.command)
+
+
+def build_parser(prog: str) -> FlagParser:
+    p = FlagParser(prog=prog, description="Look at and steer a meshlet control plane.")
+    p.flag("--control-plane", "http://127.0.0.1:7070", "control plane URL")
+    p.flag("--admin-token", "", "bearer token for changes")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    # --json after the command too; SUPPRESS keeps a subcommand from resetting it to False
+    common = FlagParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[common])
+
+    command("services", "services and their instance counts")
+    command("instances", "one service's instances").add_argument("service")
+    pol = command("policy", "show a service's policy, or change keys of it")
+    pol.add_argument("service")
+    pol.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        default=[],
+        help="e.g. retries=2, lb=round_robin, retry_budget.ratio=0.3",
+    )
+    for name, help in (("drain", "drain an instance"), ("undrain", "undrain an instance")):
+        cmd = command(name, help)
+        cmd.add_argument("service")
+        cmd.add_argument("id")
+    weight = command("weight", "set an instance's weight")
+    weight.add_argument("service")
+    weight.add_argument("id")
+    weight.add_argument("weight", type=int)
+    return p
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "meshlet ctl") -> int:
+    parser = build_parser(prog)
+    values = parser.parse_flags(argv)
+    args = argparse.Namespace(**values)
+    try:
+        data, text = run(args, Client(args.control_plane, args.admin_token))
+    except CtlError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(data, indent=2) if args.json else text)
+    return 0
