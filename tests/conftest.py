@@ -13,7 +13,7 @@ from control_plane.config import ControlPlaneConfig
 from control_plane.store import Store
 from control_plane.store_memory import MemoryStore
 from control_plane.store_sqlite import SqliteStore
-from tests.processes import ControlPlane
+from tests.processes import ControlPlane, Sidecar
 
 Api = TestClient[Any, Any]
 MakeApi = Callable[..., Awaitable[Api]]
@@ -33,6 +33,21 @@ def control_plane(tmp_path: Path) -> Iterator[Callable[..., ControlPlane]]:
     yield start
     for cp in started:
         cp.kill()
+
+
+@pytest.fixture
+def sidecar_process(tmp_path: Path) -> Iterator[Callable[..., Sidecar]]:
+    """Start real sidecar processes (``Sidecar(tmp_path, *args)``); killed at the end."""
+    started: list[Sidecar] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> Sidecar:
+        sidecar = Sidecar(tmp_path / "logs", *args, env=env)
+        started.append(sidecar)
+        return sidecar
+
+    yield start
+    for sidecar in started:
+        sidecar.kill()
 
 
 @pytest.fixture

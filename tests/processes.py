@@ -1,4 +1,4 @@
-"""Real control-plane processes for integration tests: free ports, logs in a file."""
+"""Real meshlet processes for integration tests: free ports, logs in a file."""
 
 from __future__ import annotations
 
@@ -17,41 +17,30 @@ from typing import Any
 LISTENING = re.compile(r"listening on (http://\S+)")
 
 
-class ControlPlane:
-    def __init__(self, log_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
+class Process:
+    """A child process whose log goes to a file; ``wait_for`` reads it."""
+
+    def __init__(self, log_dir: Path, argv: list[str], env: dict[str, str] | None = None) -> None:
         log_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = log_dir / f"control-plane-{time.monotonic_ns()}.log"
+        self.log_path = log_dir / f"{Path(argv[2]).name}-{time.monotonic_ns()}.log"
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "control_plane", "--listen", "127.0.0.1:0", *args],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
+            argv, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
         )
-        try:
-            self.url = self._wait_listening()
-        except BaseException:
-            self.kill()
-            raise
-
-    def _wait_listening(self, timeout: float = 15.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = LISTENING.search(self.log())
-            if found:
-                return found.group(1)
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"control plane exited {self.proc.returncode}:\n{self.log()}")
-            time.sleep(0.05)
-        raise RuntimeError(f"control plane did not listen within {timeout}s:\n{self.log()}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def call(
-        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
-    ) -> tuple[int, Any]:
-        return http(method, self.url + path, body, headers)
+    def wait_for(self, pattern: re.Pattern[str], timeout: float = 15.0) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = pattern.search(self.log())
+            if found:
+                return found
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"process exited {self.proc.returncode}:\n{self.log()}")
+            time.sleep(0.05)
+        raise RuntimeError(f"no {pattern.pattern!r} within {timeout}s:\n{self.log()}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         if self.proc.poll() is None:
@@ -66,6 +55,56 @@ class ControlPlane:
             self.proc.kill()
         self.proc.wait(15)
         self._log.close()
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+
+class ControlPlane(Process):
+    def __init__(self, log_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        argv = [sys.executable, "-m", "control_plane", "--listen", "127.0.0.1:0", *args]
+        super().__init__(log_dir, argv, env)
+        try:
+            self.url = self.wait_for(LISTENING).group(1)
+        except BaseException:
+            self.kill()
+            raise
+
+    def call(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any]:
+        return http(method, self.url + path, body, headers)
+
+
+class Sidecar(Process):
+    def __init__(self, log_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        argv = [
+            sys.executable,
+            "-m",
+            "sidecar",
+            "--outbound",
+            "127.0.0.1:0",
+            "--inbound",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            *args,
+        ]
+        super().__init__(log_dir, argv, env)
+        try:
+            self.ports = {
+                name: int(self.wait_for(re.compile(rf"{name} listening on [\d.]+:(\d+)")).group(1))
+                for name in ("outbound", "inbound", "admin")
+            }
+        except BaseException:
+            self.kill()
+            raise
+
+    def admin(self, path: str, method: str = "GET") -> tuple[int, Any]:
+        return http(method, f"http://127.0.0.1:{self.ports['admin']}{path}")
 
 
 def http(

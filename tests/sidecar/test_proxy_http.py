@@ -317,6 +317,23 @@ async def test_connect_failures(raw_upstream: RawUpstreams, make_mesh: MakeMesh)
     assert f"127.0.0.1:{port}".encode() in resp.body
 
 
+async def test_connect_timeout(make_mesh: MakeMesh) -> None:
+    import socket
+
+    full = socket.socket()
+    full.bind((LOCAL, 0))
+    full.listen(0)
+    filler = socket.create_connection(full.getsockname())  # the backlog is full now
+    mesh = await make_mesh(
+        {"svc": service(full.getsockname()[1], connect_timeout_ms=200, timeout_ms=3000)}
+    )
+    (resp,) = await request(mesh.outbound, get("/"))
+    assert (resp.status, resp.header("x-meshlet-error")) == (502, "upstream-connect-failure")
+    assert b"timed out after 200 ms" in resp.body
+    filler.close()
+    full.close()
+
+
 async def test_route_timeout_is_504(upstreams: Upstreams, make_mesh: MakeMesh) -> None:
     up = await upstreams("up")
     mesh = await make_mesh({"svc": service(up.port, timeout_ms=200, connect_timeout_ms=100)})
