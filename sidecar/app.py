@@ -22,7 +22,7 @@ from typing import Any
 import uvloop
 from aiohttp import web
 
-from control_plane.wire import Endpoint
+from control_plane.wire import Endpoint, Table
 from sidecar.admin import build_admin_app
 from sidecar.config import Listen, SidecarConfig
 from sidecar.errors import TableError
@@ -71,6 +71,7 @@ class Sidecar:
             log.info(
                 "routing table loaded from %s: %d services", self.config.table, len(table.services)
             )
+            _warn_unbalanced(table)
         c = self.config
         await self._listen("outbound", c.outbound, self.tables, self.outbound)
         await self._listen("inbound", c.inbound, self.app_router, self.inbound)
@@ -114,6 +115,7 @@ class Sidecar:
         self.last_reload_error = ""
         self.tables.install(table, f"file:{path}")
         log.info("routing table reloaded from %s: %d services", path, len(table.services))
+        _warn_unbalanced(table)
         return True
 
     async def _watch_table(self) -> None:
@@ -185,6 +187,20 @@ class Sidecar:
             await server.wait_closed()
         if self._admin is not None:
             await self._admin.cleanup()
+
+
+def _warn_unbalanced(table: Table) -> None:
+    """Say so when a table asks for a balancing policy this sidecar does not have yet."""
+    asked = sorted(
+        f"{name} ({s.policy.lb})"
+        for name, s in table.services.items()
+        if s.policy.lb != "round_robin"
+    )
+    if asked:
+        log.warning(
+            "balancing by round robin for now; other lb policies are not implemented yet: %s",
+            ", ".join(asked),
+        )
 
 
 async def serve(config: SidecarConfig, stop: asyncio.Event | None = None) -> None:

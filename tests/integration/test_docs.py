@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +16,8 @@ import pytest
 
 from control_plane.cli import build_parser
 from control_plane.wire import DEFAULT_POLICY, to_json
-from tests.processes import ControlPlane
+from sidecar.cli import build_parser as build_sidecar_parser
+from tests.processes import ControlPlane, Sidecar
 
 pytestmark = pytest.mark.slow
 
@@ -51,6 +55,43 @@ def test_readme_curl_examples_work_as_printed(
     assert json.loads(listing) == expected_listing
     assert len(outputs) == 8
     assert cp.stop() == 0
+
+
+def test_readme_sidecar_example_works_as_printed(
+    sidecar_process: Callable[..., Sidecar], tmp_path: Path
+) -> None:
+    (tmp_path / "items").write_text("the items")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) for _ in range(2)]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    section = README.split("## The sidecar")[1].split("\n## ")[0]
+    routes = block_after("## The sidecar", "yaml")
+    for documented, server in zip(("8081", "8082"), servers, strict=True):
+        routes = routes.replace(f"port: {documented}", f"port: {server.server_address[1]}")
+    (tmp_path / "routes.yaml").write_text(routes)
+    sidecar = sidecar_process("--service", "web", "--table", str(tmp_path / "routes.yaml"))
+    calls = commands(re.findall(r"```sh\n(.*?)```", section, re.S)[1])
+    assert len(calls) == 2
+    for command in calls:
+        command = command.split("#")[0].replace(
+            "127.0.0.1:15001", f"127.0.0.1:{sidecar.ports['outbound']}"
+        )
+        done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=30)
+        assert (done.returncode, done.stdout) == (0, "the items"), (command, done.stderr)
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+    assert sidecar.stop() == 0
+
+
+def test_readme_sidecar_flag_table_matches_the_parser() -> None:
+    section = README.split("## The sidecar")[1].split("\n## ")[0]
+    documented = re.findall(r"^\| `(--[\w-]+)[^|]*\| `(MESHLET_\w+)` \|", section, re.M)
+    parser = build_sidecar_parser("meshlet sidecar")
+    flags = [a.option_strings[0] for a in parser._actions if a.option_strings[0] != "-h"]
+    assert [flag for flag, _ in documented] == flags
+    assert all(env == "MESHLET_" + flag[2:].replace("-", "_").upper() for flag, env in documented)
 
 
 def test_readme_policy_table_matches_the_code() -> None:
