@@ -20,8 +20,20 @@ Headers = list[tuple[bytes, bytes]]
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADERS = 100
-#: Connection tokens that name no other header
-_PLAIN_TOKENS = frozenset({b"keep-alive", b"close", b"upgrade"})
+#: Connection tokens that are not taken as header names to drop: the plain options, and the
+#: headers that frame or identify a message (a client listing Content-Length there would
+#: otherwise have its body forwarded without framing: a request smuggled to the upstream)
+_KEPT_TOKENS = frozenset(
+    {
+        b"keep-alive",
+        b"close",
+        b"upgrade",
+        b"content-length",
+        b"transfer-encoding",
+        b"host",
+        b"x-request-id",
+    }
+)
 
 # What the single pass does with each special header (lowercase name -> action).
 _HOST, _TE, _CL, _CONN, _UPGRADE, _EXPECT, _RID, _XFF, _DROP = range(9)
@@ -52,6 +64,10 @@ _RESPONSE = {
 
 def _tokens(value: bytes) -> set[bytes]:
     return {t.strip().lower() for t in value.split(b",") if t.strip()}
+
+
+def _codings(value: bytes) -> list[bytes]:
+    return [c.strip() for c in value.split(b",") if c.strip()]
 
 
 def _without(lines: list[bytes], names: set[bytes]) -> list[bytes]:
@@ -93,6 +109,8 @@ class RequestHead:
     expect_continue: bool = False
     has_body: bool = False
     request_id: bytes = b""
+    codings: bytes = b""
+    """transfer codings before the final chunked (kept when the body is re-chunked)"""
     forwarded_for: bytes = b""
     upgrade_value: bytes = b""
     lines: list[bytes] = field(default_factory=list)
@@ -129,6 +147,7 @@ def parse_request_head(
     head = RequestHead(method, target, version, keep_alive, authority)
     lines = head.lines
     custom: set[bytes] | None = None
+    te_tokens: list[bytes] = []
     connection_upgrade = seen_host = False
     for name, value in headers:
         lname = name.lower()
@@ -147,10 +166,11 @@ def parse_request_head(
             lines += (name, b": ", value, b"\r\n")
         elif action == _TE:
             head.chunked = head.has_body = True  # httptools accepts only a final "chunked"
+            te_tokens += _codings(value)
         elif action == _CONN:
             tokens = _tokens(value)
             connection_upgrade = connection_upgrade or b"upgrade" in tokens
-            extra = tokens - _PLAIN_TOKENS
+            extra = tokens - _KEPT_TOKENS
             if extra:
                 custom = extra if custom is None else custom | extra
         elif action == _UPGRADE:
@@ -164,6 +184,8 @@ def parse_request_head(
             lines += (name, b": ", value, b"\r\n")
         elif action == _XFF:
             head.forwarded_for = head.forwarded_for + b", " + value if head.forwarded_for else value
+    if te_tokens:
+        head.codings = b", ".join(te_tokens[:-1])
     if custom:
         head.lines = _without(lines, custom)
     if not seen_host and authority is not None:
@@ -183,7 +205,10 @@ def upstream_request(head: RequestHead, client_ip: bytes) -> bytes:
         head.request_id = new_request_id()
         tail += (b"x-request-id: ", head.request_id, b"\r\n")
     if head.chunked:
-        tail.append(b"transfer-encoding: chunked\r\n")
+        if head.codings:
+            tail += (b"transfer-encoding: ", head.codings, b", chunked\r\n")
+        else:
+            tail.append(b"transfer-encoding: chunked\r\n")
     if head.upgrade:
         tail += (b"connection: upgrade\r\nupgrade: ", head.upgrade_value, b"\r\n")
     tail.append(b"\r\n")
@@ -200,6 +225,9 @@ class ResponseHead:
     lines: list[bytes]
     """forwardable headers, four items each"""
     chunked: bool = False
+    """the final transfer coding is chunked"""
+    codings: bytes = b""
+    """transfer codings other than a final chunked (a read-until-close body), kept"""
     sized: bool = False
     """has a Content-Length"""
     close: bool = False
@@ -211,6 +239,7 @@ def parse_response_head(status: int, reason: bytes, headers: Headers) -> Respons
     lines: list[bytes] = []
     resp = ResponseHead(status, reason, lines)
     custom: set[bytes] | None = None
+    te_tokens: list[bytes] = []
     for name, value in headers:
         lname = name.lower()
         action = _RESPONSE.get(lname)
@@ -221,15 +250,18 @@ def parse_response_head(status: int, reason: bytes, headers: Headers) -> Respons
             resp.sized = True
             lines += (name, b": ", value, b"\r\n")
         elif action == _TE:
-            resp.chunked = True
+            te_tokens += _codings(value)
         elif action == _CONN:
             tokens = _tokens(value)
             resp.close = resp.close or b"close" in tokens
-            extra = tokens - _PLAIN_TOKENS
+            extra = tokens - _KEPT_TOKENS
             if extra:
                 custom = extra if custom is None else custom | extra
         elif action == _UPGRADE:
             resp.upgrade_value = value.strip()
+    if te_tokens:
+        resp.chunked = te_tokens[-1].lower() == b"chunked"
+        resp.codings = b", ".join(te_tokens[:-1] if resp.chunked else te_tokens)
     if custom:
         resp.lines = _without(lines, custom)
     return resp
@@ -248,7 +280,13 @@ def downstream_response(
     resp: ResponseHead, *, chunked: bool, keep_alive: bool, client_version: str
 ) -> bytes:
     """The head sent to the client, with our framing and Connection."""
-    end = b"transfer-encoding: chunked\r\n" if chunked else b""
+    if chunked:
+        codings = resp.codings + b", chunked" if resp.codings else b"chunked"
+        end = b"transfer-encoding: " + codings + b"\r\n"
+    elif resp.codings:
+        end = b"transfer-encoding: " + resp.codings + b"\r\n"
+    else:
+        end = b""
     if not keep_alive:
         end += b"connection: close\r\n\r\n"
     elif client_version == "1.0":

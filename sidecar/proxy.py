@@ -35,6 +35,8 @@ log = logging.getLogger("meshlet.proxy")
 REPLAY_LIMIT = 64 * 1024
 #: body bytes held while connecting before the client is paused
 PENDING_LIMIT = 64 * 1024
+#: seconds a closing connection keeps dropping what an unread client still sends
+LINGER = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +86,6 @@ class Exchange:
 
     __slots__ = (
         "_chunk_out",
-        "_close_out",
         "_connect_task",
         "_pending",
         "_pending_size",
@@ -119,7 +120,6 @@ class Exchange:
         self._retried = False
         self._connect_task: asyncio.Task[UpstreamConnection] | None = None
         self._chunk_out = False
-        self._close_out = False
         self._trailers: Headers = []
         self._tunnel_early: list[bytes] = []
 
@@ -161,6 +161,9 @@ class Exchange:
     def request_body(self, data: bytes) -> None:
         if self.head.chunked:
             data = http1.chunk(data)
+        if self.state is not _State.QUEUED and self.route is not None:
+            # an upload in progress: the route timeout counts from its last byte
+            self.ds.expect(_Wait.ROUTE, self.route.policy.timeout_ms / 1000)
         self._out(data)
 
     def request_trailer(self, name: bytes, value: bytes) -> None:
@@ -168,6 +171,9 @@ class Exchange:
 
     def request_complete(self) -> None:
         self.request_done = True
+        if self.state is not _State.QUEUED and self.route is not None:
+            # as Envoy's route timeout: from the end of the request to the end of the response
+            self.ds.expect(_Wait.ROUTE, self.route.policy.timeout_ms / 1000)
         if self.head.chunked:
             trailers, self._trailers = self._trailers, []
             self._out(http1.last_chunk(trailers))
@@ -225,8 +231,16 @@ class Exchange:
         self._send_on(task.result())
 
     def _send_on(self, conn: UpstreamConnection) -> None:
+        if not conn.alive():  # the upstream accepted and hung up before a byte was sent
+            conn.pool.discard(conn)
+            self.fail(
+                Reason.UPSTREAM_RESET, "the upstream closed the connection before the request"
+            )
+            return
         self.conn = conn
         self.state = _State.SENT
+        if self.ds.write_paused:
+            conn.pause_reading(True)
         data = b"".join(self._pending)
         self._pending.clear()
         self._pending_size = 0
@@ -245,7 +259,7 @@ class Exchange:
             return False
         if status == 101:
             if not head.upgrade:
-                self.upstream_failed(None, protocol_error=True)
+                self.upstream_failed(None, protocol_error=True)  # closes the connection
                 return False
             self.state = _State.TUNNEL
             ds.write(http1.interim_response(resp))
@@ -295,7 +309,8 @@ class Exchange:
 
     def response_upgraded(self, rest: bytes) -> None:
         conn = self.conn
-        assert conn is not None
+        if conn is None or self.state is not _State.TUNNEL:
+            return  # answered already (a 101 nobody asked for is a 502)
         conn.tunnel_to(self.ds.write)
         if rest:
             self.ds.write(rest)
@@ -306,6 +321,8 @@ class Exchange:
 
     def upstream_failed(self, exc: BaseException | None, protocol_error: bool) -> None:
         conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.close()  # a connection that failed is never reused
         if self.state is _State.DONE:
             return
         if self.state is _State.TUNNEL:
@@ -359,6 +376,8 @@ class Exchange:
         timeout = self.route.policy.timeout_ms
         if self.state is _State.RESPONDING:
             self._finish(close=True, abort=True)  # too late for a 504: cut the stream
+        elif not self.request_done:
+            self.fail(Reason.REQUEST_TIMEOUT, f"the request body stalled for {timeout} ms")
         else:
             self.fail(Reason.UPSTREAM_TIMEOUT, f"no response within {timeout} ms")
 
@@ -378,13 +397,16 @@ class Exchange:
             return
         self.state = _State.DONE
         self.cancel()
+        # back-pressure this exchange put on the client ends with it
+        self.ds.pause_reading("upstream", False)
+        self.ds.pause_reading("pending", False)
         self.ds.exchange_done(self, close=close, abort=abort)
 
     def cancel(self) -> None:
         """Stop all upstream work: a connect in progress, the connection in use."""
         self.state = _State.DONE
         if self._connect_task is not None:
-            self._connect_task.remove_done_callback(self._connected)
+            # _connected still runs: a connect that finished just now is released, not leaked
             self._connect_task.cancel()
             self._connect_task = None
         conn, self.conn = self.conn, None
@@ -424,6 +446,13 @@ class Downstream(asyncio.Protocol):
         self._limit_error: tuple[Reason, str] | None = None
         self._pending_reject: bytes | None = None
         self._corked: list[bytes] | None = None
+        self._trailers = 0
+        self._raw_count = 0  # bytes read while in a head, or in what may be trailers
+        self._trailer_watch = False  # after a chunk header with no data since
+        self._starting = False  # _start_next is running (it loops; calls inside it return)
+        self._unread = False  # the client may still be sending: linger before closing
+        self._linger: asyncio.TimerHandle | None = None
+        self.write_paused = False  # the client is not reading: keep upstreams paused
 
     def __repr__(self) -> str:
         state = "tunnel" if self._tunnel else "busy" if self._active else "idle"
@@ -448,6 +477,15 @@ class Downstream(asyncio.Protocol):
             return
         try:
             self._parser.feed_data(data)
+            if self._in_head or self._trailer_watch:
+                # httptools joins a header line before it calls back: count what was read
+                self._raw_count += len(data)
+                if self._raw_count > http1.MAX_HEAD_BYTES:
+                    what = "head" if self._in_head else "trailer section"
+                    self._reject(
+                        Reason.HEAD_TOO_LARGE, f"{what} larger than {http1.MAX_HEAD_BYTES} bytes"
+                    )
+                    return
         except httptools.HttpParserUpgrade as upgrade:
             self._upgrade(data[upgrade.args[0] :])
         except httptools.HttpParserCallbackError:
@@ -469,6 +507,8 @@ class Downstream(asyncio.Protocol):
         self._closing = True
         self.tracker.discard(self)
         self._cancel_timer()
+        if self._linger is not None:
+            self._linger.cancel()
         for ex in (self._active, self._tunnel, *self._queue):
             if ex is not None:
                 ex.cancel()  # a client gone: its upstream requests go too
@@ -476,11 +516,13 @@ class Downstream(asyncio.Protocol):
         self._queue.clear()
 
     def pause_writing(self) -> None:
+        self.write_paused = True
         ex = self._active or self._tunnel
         if ex is not None and ex.conn is not None:
             ex.conn.pause_reading(True)
 
     def resume_writing(self) -> None:
+        self.write_paused = False
         ex = self._active or self._tunnel
         if ex is not None and ex.conn is not None:
             ex.conn.pause_reading(False)
@@ -491,6 +533,7 @@ class Downstream(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._head_size = 0
+        self._raw_count = 0
         self._in_head = True
         if self._active is None:
             self.expect(_Wait.HEAD, self.timeouts.head)
@@ -501,6 +544,18 @@ class Downstream(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._current is not None:  # after the head: a chunked body's trailers
+            self._trailer_watch = True
+            self._trailers += 1
+            self._head_size += len(name) + len(value) + 4
+            if self._trailers > http1.MAX_HEADERS:
+                self._limit_error = (Reason.HEAD_TOO_LARGE, "too many trailers")
+                raise ValueError("too many trailers")
+            if self._head_size > http1.MAX_HEAD_BYTES:
+                self._limit_error = (
+                    Reason.HEAD_TOO_LARGE,
+                    f"trailer section larger than {http1.MAX_HEAD_BYTES} bytes",
+                )
+                raise ValueError("trailers too large")
             self._current.request_trailer(name, value)
             return
         self._headers.append((name, value))
@@ -520,6 +575,9 @@ class Downstream(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._raw_count = 0
+        self._head_size = 0  # from here on: the size of the trailer section
+        self._trailers = 0
         parser = self._parser
         self.version = parser.get_http_version()
         try:
@@ -543,8 +601,17 @@ class Downstream(asyncio.Protocol):
             self.pause_reading("pipeline", True)
 
     def on_body(self, data: bytes) -> None:
+        self._trailer_watch = False
+        self._raw_count = 0
         if self._current is not None:
             self._current.request_body(data)
+
+    def on_chunk_header(self) -> None:
+        self._trailer_watch = True  # data resets it; a last chunk's trailers do not
+
+    def on_chunk_complete(self) -> None:
+        self._trailer_watch = False
+        self._raw_count = 0
 
     def on_message_complete(self) -> None:
         ex, self._current = self._current, None
@@ -595,7 +662,12 @@ class Downstream(asyncio.Protocol):
             self._close(abort=abort)
         elif self._queue:
             self._start_next()
-        elif self._closing:
+        elif not self._starting:
+            self._idle()
+
+    def _idle(self) -> None:
+        """Nothing in flight: close if asked to, else wait for the next request."""
+        if self._closing or self.draining:
             self._close(abort=False)
         elif self._in_head:
             self.expect(_Wait.HEAD, self.timeouts.head)
@@ -603,11 +675,26 @@ class Downstream(asyncio.Protocol):
             self.expect(_Wait.IDLE, self.timeouts.idle)
 
     def _start_next(self) -> None:
-        nxt = self._queue.popleft()
-        self._active = nxt
-        if not self._queue:
-            self.pause_reading("pipeline", False)
-        nxt.start()
+        """Start queued exchanges in order. A loop, not recursion: exchanges that are answered
+        at once (a pipeline of 404s) finish inside ``start``, and their ``exchange_done``
+        calls back in here."""
+        if self._starting:
+            return
+        self._starting = True
+        try:
+            while self._active is None and self._queue and not self._closing_now():
+                nxt = self._queue.popleft()
+                self._active = nxt
+                if not self._queue:
+                    self.pause_reading("pipeline", False)
+                nxt.start()
+        finally:
+            self._starting = False
+        if self._active is None and not self._queue:
+            self._idle()
+
+    def _closing_now(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
 
     def become_tunnel(self, ex: Exchange) -> None:
         """The upstream answered 101: bytes now flow both ways unparsed."""
@@ -643,6 +730,7 @@ class Downstream(asyncio.Protocol):
         """A malformed request: answer 400 (or 431) after the complete requests before it,
         then close."""
         self._closing = True
+        self._unread = True
         self.pause_reading("rejected", True)
         self.stats_error(reason)
         broken, self._current = self._current, None
@@ -672,11 +760,22 @@ class Downstream(asyncio.Protocol):
         if abort:
             self._corked = None
             transport.abort()
+            return
+        self.uncork()
+        if self._pending_reject is not None:
+            transport.write(self._pending_reject)
+            self._pending_reject = None
+        if (self._unread or self._in_head or self._current is not None) and (
+            transport.can_write_eof()
+        ):
+            # Lingering close: the client may still be sending what we will not read. Closing
+            # now could reset the connection before it reads our answer; instead say we are
+            # done, drop what it sends, and close on its EOF or after LINGER seconds.
+            transport.write_eof()
+            self._pauses.clear()
+            transport.resume_reading()
+            self._linger = self.loop.call_later(LINGER, transport.close)
         else:
-            self.uncork()
-            if self._pending_reject is not None:
-                transport.write(self._pending_reject)
-                self._pending_reject = None
             transport.close()
 
     def expect(self, wait: _Wait, seconds: float) -> None:

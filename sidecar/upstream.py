@@ -49,15 +49,32 @@ class ResponseSink(Protocol):
     def uncork(self) -> None: ...
 
 
+class _TooLarge(Exception):
+    """The upstream's head or trailers are over the limits."""
+
+
 class UpstreamConnection(asyncio.Protocol):
+    """One connection to an upstream endpoint, parsing responses.
+
+    A response is handed over complete only once the read it ended in has been parsed, so
+    that bytes after it (a broken upstream) can never reach the next request: a connection
+    that sent more than one response's worth is closed, not reused. Heads and trailers are
+    held to the client-side limits (64 KiB, 100 headers).
+    """
+
     __slots__ = (
+        "_done",
+        "_header_count",
         "_headers",
         "_in_body",
+        "_in_head",
         "_parser",
         "_raw",
+        "_raw_count",
         "_reason",
         "_sized",
         "_status",
+        "_trailer_watch",
         "idle_since",
         "owner",
         "pool",
@@ -73,10 +90,15 @@ class UpstreamConnection(asyncio.Protocol):
         self.owner: ResponseSink | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._headers: list[tuple[bytes, bytes]] = []
+        self._header_count = 0
+        self._in_head = False  # waiting for (the rest of) a response head
         self._in_body = False
+        self._done = False  # the response is complete; handed over after this read
         self._sized = False  # the current response has a length or chunks (not read-until-close)
         self._status = 0
         self._reason = b""
+        self._raw_count = 0  # bytes read while in a head, or in what may be trailers
+        self._trailer_watch = False  # after a chunk header with no data since: maybe trailers
         self._raw: Callable[[bytes], None] | None = None  # after an upgrade: bytes go here
         self.received = False  # any byte of the current response
         self.reusable = True
@@ -105,17 +127,27 @@ class UpstreamConnection(asyncio.Protocol):
         owner.cork()
         try:
             self._parser.feed_data(data)
+            if self._in_head or self._trailer_watch:
+                self._raw_count += len(data)
+                if self._raw_count > http1.MAX_HEAD_BYTES:
+                    raise _TooLarge
         except httptools.HttpParserUpgrade as upgrade:
             self.reusable = False
-            if self.owner is not None:
+            if self.owner is not None and not self._done:
                 self.owner.response_upgraded(data[upgrade.args[0] :])
-        except httptools.HttpParserError:
+        except (httptools.HttpParserError, _TooLarge):
             self.reusable = False
-            failed, self.owner = self.owner, None
-            self.close()
-            if failed is not None:
-                failed.upstream_failed(None, protocol_error=True)
+            if not self._done:  # garbage after a complete response only spoils the connection
+                failed, self.owner = self.owner, None
+                self.close()
+                if failed is not None:
+                    failed.upstream_failed(None, protocol_error=True)
         finally:
+            if self._done:
+                self._done = False
+                done, self.owner = self.owner, None
+                if done is not None:
+                    done.response_complete()
             owner.uncork()
 
     def eof_received(self) -> bool | None:
@@ -129,8 +161,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool.discard(self)
         owner, self.owner = self.owner, None
         if owner is not None:
-            if self._in_body and not self._sized:
-                owner.response_complete()  # read-until-close: the close is the end
+            if self._in_body and not self._sized and exc is None:
+                owner.response_complete()  # read-until-close: a clean close is the end
             else:
                 owner.upstream_failed(exc, protocol_error=False)
 
@@ -145,7 +177,11 @@ class UpstreamConnection(asyncio.Protocol):
     # -- httptools callbacks --------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._done:  # a second response to one request: the connection is not sane
+            self.reusable = False
+            return
         self._headers = []
+        self._header_count = 0
         self._reason = b""
         self._in_body = False
 
@@ -153,7 +189,14 @@ class UpstreamConnection(asyncio.Protocol):
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._done:
+            return
+        self._header_count += 1
+        self._raw_count += len(name) + len(value) + 4
+        if self._header_count > http1.MAX_HEADERS or self._raw_count > http1.MAX_HEAD_BYTES:
+            raise _TooLarge
         if self._in_body:
+            self._trailer_watch = True  # a trailer line: still in the trailer section
             if self.owner is not None:
                 self.owner.response_trailer(name, value)
         else:
@@ -162,8 +205,11 @@ class UpstreamConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         parser = self._parser
         self._status = status = parser.get_status_code()
-        if self.owner is None:
+        if self.owner is None or self._done:
             return
+        self._in_head = False
+        self._raw_count = 0
+        self._header_count = 0
         resp = http1.parse_response_head(status, self._reason, self._headers)
         if resp.close or parser.get_http_version() != "1.1":
             self.reusable = False
@@ -178,24 +224,39 @@ class UpstreamConnection(asyncio.Protocol):
             owner.response_complete()
             self.close()
 
+    def on_chunk_header(self) -> None:
+        self._trailer_watch = True  # data resets it; a last chunk's trailers do not
+
+    def on_chunk_complete(self) -> None:
+        self._trailer_watch = False
+        self._raw_count = 0
+
     def on_body(self, data: bytes) -> None:
-        if self.owner is not None and data:
+        self._trailer_watch = False
+        self._raw_count = 0
+        if self.owner is not None and data and not self._done:
             self.owner.response_body(data)
 
     def on_message_complete(self) -> None:
+        if self._done:
+            return
         if self._status < 200:  # an interim response (100 Continue): the real one follows
+            self._in_head = True
             return
         self._in_body = False
-        owner, self.owner = self.owner, None
-        if owner is not None:
-            owner.response_complete()
+        self._done = True
 
     # -- use by exchanges and the pool ----------------------------------------------------
+
+    def alive(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
 
     def send(self, owner: ResponseSink, data: bytes) -> None:
         """Start a request: ``owner`` gets the response; ``data`` is its head (and body)."""
         self.owner = owner
         self.received = False
+        self._in_head = True
+        self._raw_count = 0
         self.requests += 1
         assert self.transport is not None
         self.transport.write(data)
@@ -205,8 +266,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._raw = write
 
     def write(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
 
     def pause_reading(self, paused: bool) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -256,7 +317,7 @@ class Pool:
         idle = self._idle
         while idle:
             conn = idle.pop()
-            if conn.transport is not None and not conn.transport.is_closing():
+            if conn.alive():
                 self._reuses += 1
                 return conn
         return None

@@ -175,6 +175,8 @@ async def raw_upstream() -> AsyncIterator[Callable[[RawHandler], Awaitable[RawUp
                 await handler(reader, writer)
             except (ConnectionError, asyncio.IncompleteReadError):
                 pass
+            except asyncio.CancelledError:
+                pass  # the fixture's teardown: end quietly (asyncio logs cancelled callbacks)
             finally:
                 writer.close()
                 tasks.discard(task)
