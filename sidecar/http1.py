@@ -90,6 +90,11 @@ def new_request_id() -> bytes:
     return f"{_ID_PREFIX}-{(n >> 48) & 0xFFFF:04x}-{n & 0xFFFFFFFFFFFF:012x}".encode()
 
 
+def head_size(headers: Headers) -> int:
+    """Bytes the header lines took on the wire (name, ": ", value, CRLF)."""
+    return sum(len(name) + len(value) + 4 for name, value in headers)
+
+
 # -- requests ---------------------------------------------------------------------------------
 
 

@@ -171,8 +171,9 @@ class Exchange:
 
     def request_complete(self) -> None:
         self.request_done = True
-        if self.state is not _State.QUEUED and self.route is not None:
+        if self.head.has_body and self.state is not _State.QUEUED and self.route is not None:
             # as Envoy's route timeout: from the end of the request to the end of the response
+            # (a request without a body ended where it started: start() set the deadline)
             self.ds.expect(_Wait.ROUTE, self.route.policy.timeout_ms / 1000)
         if self.head.chunked:
             trailers, self._trailers = self._trailers, []
@@ -430,7 +431,7 @@ class Downstream(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
         self._headers: Headers = []
-        self._head_size = 0
+        self._trailer_size = 0
         self._in_head = False
         self._current: Exchange | None = None  # the exchange being parsed
         self._active: Exchange | None = None  # the exchange talking to the upstream
@@ -447,6 +448,7 @@ class Downstream(asyncio.Protocol):
         self._pending_reject: bytes | None = None
         self._corked: list[bytes] | None = None
         self._trailers = 0
+        self._read = 0  # the size of the read being parsed
         self._raw_count = 0  # bytes read while in a head, or in what may be trailers
         self._trailer_watch = False  # after a chunk header with no data since
         self._starting = False  # _start_next is running (it loops; calls inside it return)
@@ -475,6 +477,7 @@ class Downstream(asyncio.Protocol):
             return
         if self._closing:
             return
+        self._read = len(data)
         try:
             self._parser.feed_data(data)
             if self._in_head or self._trailer_watch:
@@ -532,7 +535,7 @@ class Downstream(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._url = b""
         self._headers = []
-        self._head_size = 0
+        self._trailer_size = 0
         self._raw_count = 0
         self._in_head = True
         if self._active is None:
@@ -540,17 +543,16 @@ class Downstream(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._count(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._current is not None:  # after the head: a chunked body's trailers
             self._trailer_watch = True
             self._trailers += 1
-            self._head_size += len(name) + len(value) + 4
+            self._trailer_size += len(name) + len(value) + 4
             if self._trailers > http1.MAX_HEADERS:
                 self._limit_error = (Reason.HEAD_TOO_LARGE, "too many trailers")
                 raise ValueError("too many trailers")
-            if self._head_size > http1.MAX_HEAD_BYTES:
+            if self._trailer_size > http1.MAX_HEAD_BYTES:
                 self._limit_error = (
                     Reason.HEAD_TOO_LARGE,
                     f"trailer section larger than {http1.MAX_HEAD_BYTES} bytes",
@@ -558,25 +560,25 @@ class Downstream(asyncio.Protocol):
                 raise ValueError("trailers too large")
             self._current.request_trailer(name, value)
             return
-        self._headers.append((name, value))
-        self._count(len(name) + len(value) + 4)
-        if len(self._headers) > http1.MAX_HEADERS:
+        self._headers.append((name, value))  # limits: checked once, when the head is whole
+
+    def on_headers_complete(self) -> None:
+        headers = self._headers
+        if len(headers) > http1.MAX_HEADERS:
             self._limit_error = (Reason.HEAD_TOO_LARGE, f"more than {http1.MAX_HEADERS} headers")
             raise ValueError("too many headers")
-
-    def _count(self, n: int) -> None:
-        self._head_size += n
-        if self._head_size > http1.MAX_HEAD_BYTES:
+        if (  # the head took at most the reads before this one and all of this one
+            self._raw_count + self._read > http1.MAX_HEAD_BYTES
+            and len(self._url) + http1.head_size(headers) > http1.MAX_HEAD_BYTES
+        ):
             self._limit_error = (
                 Reason.HEAD_TOO_LARGE,
                 f"head larger than {http1.MAX_HEAD_BYTES} bytes",
             )
             raise ValueError("head too large")
-
-    def on_headers_complete(self) -> None:
         self._in_head = False
         self._raw_count = 0
-        self._head_size = 0  # from here on: the size of the trailer section
+        self._trailer_size = 0
         self._trailers = 0
         parser = self._parser
         self.version = parser.get_http_version()

@@ -71,6 +71,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_parser",
         "_raw",
         "_raw_count",
+        "_read",
         "_reason",
         "_sized",
         "_status",
@@ -98,6 +99,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._status = 0
         self._reason = b""
         self._raw_count = 0  # bytes read while in a head, or in what may be trailers
+        self._read = 0  # the size of the read being parsed
         self._trailer_watch = False  # after a chunk header with no data since: maybe trailers
         self._raw: Callable[[bytes], None] | None = None  # after an upgrade: bytes go here
         self.received = False  # any byte of the current response
@@ -124,6 +126,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self.received = True
+        self._read = len(data)
         owner.cork()
         try:
             self._parser.feed_data(data)
@@ -189,24 +192,29 @@ class UpstreamConnection(asyncio.Protocol):
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._done:
+        if not self._in_body:
+            self._headers.append((name, value))  # limits: checked once, when the head is whole
             return
         self._header_count += 1
         self._raw_count += len(name) + len(value) + 4
         if self._header_count > http1.MAX_HEADERS or self._raw_count > http1.MAX_HEAD_BYTES:
             raise _TooLarge
-        if self._in_body:
-            self._trailer_watch = True  # a trailer line: still in the trailer section
-            if self.owner is not None:
-                self.owner.response_trailer(name, value)
-        else:
-            self._headers.append((name, value))
+        self._trailer_watch = True  # a trailer line: still in the trailer section
+        if self.owner is not None and not self._done:
+            self.owner.response_trailer(name, value)
 
     def on_headers_complete(self) -> None:
         parser = self._parser
         self._status = status = parser.get_status_code()
         if self.owner is None or self._done:
             return
+        headers = self._headers
+        if len(headers) > http1.MAX_HEADERS or (
+            # the head took at most the reads before this one and all of this one
+            self._raw_count + self._read > http1.MAX_HEAD_BYTES
+            and http1.head_size(headers) > http1.MAX_HEAD_BYTES
+        ):
+            raise _TooLarge
         self._in_head = False
         self._raw_count = 0
         self._header_count = 0
