@@ -16,7 +16,6 @@ import contextlib
 import json
 import logging
 import signal
-import sys
 from collections.abc import AsyncIterator
 
 import uvloop
@@ -26,6 +25,7 @@ from control_plane import api
 from control_plane.clock import Clock, SystemClock
 from control_plane.config import ControlPlaneConfig
 from control_plane.errors import ConfigError, StoreError
+from control_plane.flags import setup_logging
 from control_plane.openapi import build_spec
 from control_plane.reaper import run_reaper
 from control_plane.registry import Registry
@@ -106,15 +106,6 @@ def _stop_on_signals() -> asyncio.Event:
 
 def _url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%Y-%m-%dT%H:%M:%S",
-        stream=sys.stderr,
-    )
 
 
 def run(config: ControlPlaneConfig) -> int:

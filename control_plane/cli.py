@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
 from control_plane.config import LOG_LEVELS, ControlPlaneConfig
@@ -39,7 +38,7 @@ def parse_config(argv: Sequence[str] | None, prog: str) -> ControlPlaneConfig:
     try:
         return ControlPlaneConfig(host=host, port=port, **values)
     except ConfigError as e:
-        parser.error(f"--{e.field.replace('_', '-')}: {e.message}")
+        parser.field_error(e.field, e.message)
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "meshlet control-plane") -> int:
@@ -47,7 +46,3 @@ def main(argv: Sequence[str] | None = None, prog: str = "meshlet control-plane")
     from control_plane.app import run
 
     return run(config)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,5 @@
-"""Command-line flags that fall back to ``MESHLET_<FLAG>`` environment variables.
+"""Start-up of a meshlet process: command-line flags that fall back to ``MESHLET_<FLAG>``
+environment variables, and logging.
 
 Standard library only: the sidecar uses it too (with ``wire`` and ``ring``, the only control
 plane modules it may import).
@@ -7,7 +8,9 @@ plane modules it may import).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -44,6 +47,10 @@ class FlagParser(argparse.ArgumentParser):
         )
         self._env_flags.append((name, env, convert, default, choices))
 
+    def field_error(self, field: str, message: str) -> NoReturn:
+        """A refused config field (``drain_timeout``), named as its flag (``--drain-timeout``)."""
+        self.error(f"--{field.replace('_', '-')}: {message}")
+
     def parse_flags(self, argv: Sequence[str] | None) -> dict[str, Any]:
         """Flags given, else their environment variables, else their defaults."""
         values = vars(self.parse_args(argv))
@@ -79,3 +86,12 @@ def number(value: str) -> float:
         return float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S",
+        stream=sys.stderr,
+    )

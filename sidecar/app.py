@@ -15,13 +15,13 @@ import asyncio
 import contextlib
 import logging
 import signal
-import sys
 import time
 from typing import Any
 
 import uvloop
 from aiohttp import web
 
+from control_plane.flags import setup_logging
 from control_plane.wire import Endpoint, Table
 from sidecar.admin import build_admin_app
 from sidecar.config import Listen, SidecarConfig
@@ -222,15 +222,6 @@ async def serve(config: SidecarConfig, stop: asyncio.Event | None = None) -> Non
             loop.remove_signal_handler(signal.SIGHUP)
         await sidecar.stop()
     log.info("stopped")
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%Y-%m-%dT%H:%M:%S",
-        stream=sys.stderr,
-    )
 
 
 def run(config: SidecarConfig) -> int:

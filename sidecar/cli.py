@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
@@ -55,7 +54,7 @@ def parse_config(argv: Sequence[str] | None, prog: str) -> SidecarConfig:
     try:
         return SidecarConfig(**values)
     except ConfigError as e:
-        parser.error(f"--{e.field.replace('_', '-')}: {e.message}")
+        parser.field_error(e.field, e.message)
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "meshlet sidecar") -> int:
@@ -63,7 +62,3 @@ def main(argv: Sequence[str] | None = None, prog: str = "meshlet sidecar") -> in
     from sidecar.app import run
 
     return run(config)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

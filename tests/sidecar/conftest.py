@@ -41,24 +41,15 @@ async def echo(request: web.Request) -> web.StreamResponse:
 
 
 async def sized(request: web.Request) -> web.StreamResponse:
-    size = int(request.query.get("size", "1024"))
-    resp = web.StreamResponse(headers={"Content-Length": str(size)})
-    await resp.prepare(request)
-    block = b"x" * 65536
-    left = size
-    while left > 0:
-        await resp.write(block[: min(left, len(block))])
-        left -= min(left, len(block))
-    await resp.write_eof()
-    return resp
-
-
-async def chunked(request: web.Request) -> web.StreamResponse:
+    """?size=N bytes, with a Content-Length (/sized) or chunked (/chunked)."""
     size = int(request.query.get("size", "1024"))
     resp = web.StreamResponse()
-    resp.enable_chunked_encoding()
+    if request.path == "/chunked":
+        resp.enable_chunked_encoding()
+    else:
+        resp.content_length = size
     await resp.prepare(request)
-    block = b"y" * 65536
+    block = (b"x" if request.path == "/sized" else b"y") * 65536
     left = size
     while left > 0:
         await resp.write(block[: min(left, len(block))])
@@ -111,7 +102,7 @@ def upstream_app(name: str) -> web.Application:
     app.router.add_route("*", "/echo", echo)
     app.router.add_route("*", "/echo/{tail:.*}", echo)
     app.router.add_get("/sized", sized)
-    app.router.add_get("/chunked", chunked)
+    app.router.add_get("/chunked", sized)
     app.router.add_get("/cookies", cookies)
     app.router.add_route("*", "/status/{code}", status)
     app.router.add_get("/slow", slow)
