@@ -7,31 +7,11 @@ from dataclasses import dataclass, field
 
 from control_plane import wire
 
-METADATA_MAX_ENTRIES = 64
-METADATA_KEY_MAX = 128
-METADATA_VALUE_MAX = 1024
-
 
 class Status(enum.StrEnum):
     HEALTHY = "healthy"
     UNHEALTHY = "unhealthy"
     DRAINING = "draining"
-
-
-def check_metadata(metadata: object, field: str = "metadata") -> dict[str, str]:
-    """String to string, at most 64 entries, keys 1-128 and values 0-1024 characters."""
-    if not isinstance(metadata, dict):
-        raise wire.WireError(field, "must be an object of strings")
-    if len(metadata) > METADATA_MAX_ENTRIES:
-        raise wire.WireError(field, f"has {len(metadata)} entries; at most {METADATA_MAX_ENTRIES}")
-    for key, value in metadata.items():
-        if not isinstance(key, str) or not 1 <= len(key) <= METADATA_KEY_MAX:
-            raise wire.WireError(field, f"keys must be 1-{METADATA_KEY_MAX} characters")
-        if not isinstance(value, str) or len(value) > METADATA_VALUE_MAX:
-            raise wire.WireError(
-                f"{field}.{key}", f"must be a string of at most {METADATA_VALUE_MAX} characters"
-            )
-    return dict(metadata)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +34,7 @@ class InstanceRecord:
         wire.check_int(self.port, "port", wire.PORT_RANGE)
         wire.check_int(self.weight, "weight", wire.WEIGHT_RANGE)
         wire.check_zone(self.zone)
-        check_metadata(self.metadata)
+        wire.check_metadata(self.metadata)
 
     @property
     def key(self) -> tuple[str, str]:

@@ -6,16 +6,15 @@ error is a ``BadRequest`` naming the field.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import ipaddress
 import json
 from dataclasses import dataclass
 from typing import Any
 
-from control_plane import model, wire
+from control_plane import wire
 from control_plane.errors import BadRequest
-from control_plane.wire import WireError, spec
+from control_plane.wire import Registration, WireError, default_instance_id, spec
+
+__all__ = ["InstancePatch", "Registration", "decode_json", "default_instance_id", "document"]
 
 #: request bodies larger than this are refused with 413
 MAX_BODY_BYTES = 1024 * 1024
@@ -64,77 +63,6 @@ def instance_id(value: str) -> str:
         return wire.check_instance_id(value)
     except WireError as e:
         raise BadRequest(f"instance id {value[:80]!r} {e.message}", "id") from None
-
-
-_ID_SCHEMA = {"type": "string", "pattern": f"^{wire.INSTANCE_ID.pattern}$"}
-_ZONE_SCHEMA = {"type": "string", "pattern": f"^{wire.ZONE.pattern}$"}
-_METADATA_SCHEMA = {
-    "type": "object",
-    "maxProperties": model.METADATA_MAX_ENTRIES,
-    "propertyNames": {"minLength": 1, "maxLength": model.METADATA_KEY_MAX},
-    "additionalProperties": {"type": "string", "maxLength": model.METADATA_VALUE_MAX},
-}
-
-
-@dataclass(frozen=True, slots=True)
-class Registration:
-    """Body of ``POST /v1/services/{svc}/instances``.
-
-    Re-registering an id updates the fields given and keeps the others; it counts as a
-    heartbeat and does not undo a drain.
-    """
-
-    address: str = spec(
-        dataclasses.MISSING,
-        "IP address or hostname callers connect to",
-        parse=wire.check_address,
-        schema={"type": "string", "minLength": 1, "maxLength": 253},
-    )
-    port: int = spec(dataclasses.MISSING, "TCP port", lo=wire.PORT_RANGE[0], hi=wire.PORT_RANGE[1])
-    id: str | None = spec(
-        None,
-        "instance id, unique in the service; default: from address and port",
-        parse=wire.check_instance_id,
-        schema=_ID_SCHEMA,
-    )
-    zone: str | None = spec(
-        None, "locality zone, empty for none", parse=wire.check_zone, schema=_ZONE_SCHEMA
-    )
-    weight: int | None = spec(
-        None,
-        f"relative share of traffic; default {wire.DEFAULT_WEIGHT}",
-        lo=wire.WEIGHT_RANGE[0],
-        hi=wire.WEIGHT_RANGE[1],
-    )
-    metadata: dict[str, str] | None = spec(
-        None,
-        "string labels, at most 64",
-        parse=model.check_metadata,
-        schema=_METADATA_SCHEMA,
-    )
-
-    def __post_init__(self) -> None:
-        wire.check_bounds(self)
-
-    def instance_id(self) -> str:
-        return self.id if self.id is not None else default_instance_id(self.address, self.port)
-
-
-def default_instance_id(address: str, port: int) -> str:
-    """``10.0.0.7-8080``: the same instance registered twice without an id keeps one id.
-
-    IPv6 addresses (compressed, so one address has one id) become ``fd00__7-8080``: an ``_``
-    never occurs in a hostname or IPv4 address, so no two addresses share an id.
-    """
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        candidate = f"{address}-{port}"  # a hostname: already [A-Za-z0-9.-]
-    else:
-        candidate = f"{ip.compressed.replace(':', '_').replace('%', '.')}-{port}"
-    if len(candidate) <= 128 and wire.INSTANCE_ID.fullmatch(candidate):
-        return candidate
-    return hashlib.blake2b(candidate.encode(), digest_size=16).hexdigest()
 
 
 def _patch_status(value: Any, path: str) -> str:

@@ -26,8 +26,15 @@ from control_plane.wire import Endpoint, Table
 from sidecar.admin import build_admin_app
 from sidecar.config import Listen, SidecarConfig
 from sidecar.errors import TableError
-from sidecar.proxy import ConnectionTracker, Downstream, Router, Timeouts
-from sidecar.routing import AppRouter, Pools, TableHolder, file_signature, load_table_file
+from sidecar.proxy import ConnectionTracker, Downstream, Timeouts
+from sidecar.routing import (
+    AppRouter,
+    Pools,
+    Router,
+    TableHolder,
+    file_signature,
+    load_table_file,
+)
 
 log = logging.getLogger("meshlet.sidecar")
 

@@ -10,16 +10,34 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import yaml
 
 from control_plane.wire import Endpoint, Policy, Table, WireError, parse_table, to_json
-from sidecar.balancer import RoundRobin
+from sidecar.balancer import Balancer, RoundRobin
 from sidecar.errors import Reason, TableError
-from sidecar.proxy import Route
 from sidecar.upstream import Pool
+
+
+@dataclass(slots=True)
+class Route:
+    """Where a request goes: a service's policy, balancer and connection pools."""
+
+    name: str
+    policy: Policy
+    balancer: Balancer
+    pool_for: Callable[[Endpoint], Pool]
+
+
+class Router(Protocol):
+    def route(self, authority: bytes | None) -> Route | tuple[Reason, str]:
+        """The route for a request's authority, or why there is none."""
+        ...
+
 
 _CACHE_LIMIT = 4096
 

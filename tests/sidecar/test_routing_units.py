@@ -8,8 +8,7 @@ import pytest
 
 from control_plane.wire import Endpoint, parse_table
 from sidecar.errors import Reason
-from sidecar.proxy import Route
-from sidecar.routing import Pools, TableHolder, service_of
+from sidecar.routing import Pools, Route, TableHolder, service_of
 from sidecar.upstream import Pool
 
 

@@ -1,0 +1,195 @@
+"""Instances as they register, and the routing table a sidecar routes by."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import ipaddress
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from control_plane.wire.checks import (
+    DEFAULT_WEIGHT,
+    INSTANCE_ID,
+    METADATA_KEY_MAX,
+    METADATA_MAX_ENTRIES,
+    METADATA_VALUE_MAX,
+    PORT_RANGE,
+    WEIGHT_RANGE,
+    ZONE,
+    WireError,
+    _json_type,
+    check_address,
+    check_instance_id,
+    check_metadata,
+    check_service_name,
+    check_zone,
+)
+from control_plane.wire.documents import check_bounds, parse, spec, to_json
+from control_plane.wire.policy import DEFAULT_POLICY, Policy
+
+_ID_SCHEMA = {"type": "string", "pattern": f"^{INSTANCE_ID.pattern}$"}
+_ZONE_SCHEMA = {"type": "string", "pattern": f"^{ZONE.pattern}$"}
+_METADATA_SCHEMA = {
+    "type": "object",
+    "maxProperties": METADATA_MAX_ENTRIES,
+    "propertyNames": {"minLength": 1, "maxLength": METADATA_KEY_MAX},
+    "additionalProperties": {"type": "string", "maxLength": METADATA_VALUE_MAX},
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """Body of ``POST /v1/services/{svc}/instances``.
+
+    Re-registering an id updates the fields given and keeps the others; it counts as a
+    heartbeat and does not undo a drain.
+    """
+
+    address: str = spec(
+        dataclasses.MISSING,
+        "IP address or hostname callers connect to",
+        parse=check_address,
+        schema={"type": "string", "minLength": 1, "maxLength": 253},
+    )
+    port: int = spec(dataclasses.MISSING, "TCP port", lo=PORT_RANGE[0], hi=PORT_RANGE[1])
+    id: str | None = spec(
+        None,
+        "instance id, unique in the service; default: from address and port",
+        parse=check_instance_id,
+        schema=_ID_SCHEMA,
+    )
+    zone: str | None = spec(
+        None, "locality zone, empty for none", parse=check_zone, schema=_ZONE_SCHEMA
+    )
+    weight: int | None = spec(
+        None,
+        f"relative share of traffic; default {DEFAULT_WEIGHT}",
+        lo=WEIGHT_RANGE[0],
+        hi=WEIGHT_RANGE[1],
+    )
+    metadata: dict[str, str] | None = spec(
+        None,
+        "string labels, at most 64",
+        parse=check_metadata,
+        schema=_METADATA_SCHEMA,
+    )
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+
+    def instance_id(self) -> str:
+        return self.id if self.id is not None else default_instance_id(self.address, self.port)
+
+
+def default_instance_id(address: str, port: int) -> str:
+    """``10.0.0.7-8080``: the same instance registered twice without an id keeps one id.
+
+    IPv6 addresses (compressed, so one address has one id) become ``fd00__7-8080``: an ``_``
+    never occurs in a hostname or IPv4 address, so no two addresses share an id.
+    """
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        candidate = f"{address}-{port}"  # a hostname: already [A-Za-z0-9.-]
+    else:
+        candidate = f"{ip.compressed.replace(':', '_').replace('%', '.')}-{port}"
+    if len(candidate) <= 128 and INSTANCE_ID.fullmatch(candidate):
+        return candidate
+    return hashlib.blake2b(candidate.encode(), digest_size=16).hexdigest()
+
+
+# -- the routing table ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One place a service can be reached."""
+
+    address: str = spec(
+        dataclasses.MISSING,
+        "IP address or hostname",
+        parse=check_address,
+        schema={"type": "string", "minLength": 1, "maxLength": 253},
+    )
+    port: int = spec(dataclasses.MISSING, "TCP port", lo=PORT_RANGE[0], hi=PORT_RANGE[1])
+    weight: int = spec(
+        DEFAULT_WEIGHT, "relative share of traffic", lo=WEIGHT_RANGE[0], hi=WEIGHT_RANGE[1]
+    )
+    zone: str = spec(
+        "", "locality zone, empty for none", parse=check_zone, schema={"type": "string"}
+    )
+    draining: bool = spec(False, "in-flight requests finish; no new ones are sent")
+    instance: str = spec("", "the registry's instance id, empty in static files")
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+        check_address(self.address)
+        check_zone(self.zone)
+        if self.instance:
+            check_instance_id(self.instance, "instance")
+
+
+def _parse_endpoints(value: Any, path: str) -> tuple[Endpoint, ...]:
+    if not isinstance(value, list):
+        raise WireError(path, f"must be an array, got {_json_type(value)}")
+    endpoints = tuple(parse(Endpoint, item, f"{path}[{i}]") for i, item in enumerate(value))
+    seen: set[tuple[str, int]] = set()
+    for i, e in enumerate(endpoints):
+        if (e.address, e.port) in seen:
+            raise WireError(f"{path}[{i}]", f"{e.address}:{e.port} is listed twice")
+        seen.add((e.address, e.port))
+    return endpoints
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceEntry:
+    """A service as callers see it: how to call it and where."""
+
+    policy: Policy = spec(DEFAULT_POLICY, "how callers balance, retry and time out")
+    endpoints: tuple[Endpoint, ...] = spec(
+        (),
+        "routable endpoints",
+        parse=_parse_endpoints,
+        schema={"type": "array", "items": {"type": "object"}},
+    )
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+
+
+def _parse_services(value: Any, path: str) -> dict[str, ServiceEntry]:
+    if not isinstance(value, dict):
+        raise WireError(path, f"must be an object of services, got {_json_type(value)}")
+    services = {}
+    for name, entry in value.items():
+        check_service_name(name, f"{path}.{name}")
+        services[name] = parse(ServiceEntry, {} if entry is None else entry, f"{path}.{name}")
+    return services
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    """Everything a sidecar routes by: the static file's content, or a pushed snapshot."""
+
+    services: dict[str, ServiceEntry] = spec(
+        dataclasses.MISSING,
+        "services by name",
+        parse=_parse_services,
+        schema={"type": "object"},
+    )
+    version: int = spec(0, "increases with every change the control plane pushes", lo=0)
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+
+
+def parse_table(data: Any) -> Table:
+    """A routing table from decoded JSON or YAML; raises :class:`WireError`."""
+    return parse(Table, data)
+
+
+def table_message(table: Table) -> str:
+    """A table as the control plane pushes it, compact JSON."""
+    return json.dumps({"type": "table", **to_json(table)}, separators=(",", ":"))
