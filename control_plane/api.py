@@ -27,12 +27,14 @@ from control_plane.errors import (
     UnsupportedMediaType,
 )
 from control_plane.model import InstanceView, ServiceSummary
+from control_plane.publisher import Publisher
 from control_plane.registry import Registry
-from control_plane.wire import Policy, to_json
+from control_plane.wire import STREAM_PATH, Policy, to_json
 
 log = logging.getLogger("meshlet.api")
 
 REGISTRY = web.AppKey("registry", Registry)
+PUBLISHER = web.AppKey("publisher", Publisher)
 ADMIN_TOKEN = web.AppKey("admin_token", str)  # "" when no token is required
 
 
@@ -180,6 +182,20 @@ async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=request.app[OPENAPI], content_type="application/json")
 
 
+async def get_table(request: web.Request) -> web.Response:
+    return web.Response(
+        body=request.app[PUBLISHER].payload.encode(), content_type="application/json"
+    )
+
+
+async def list_sidecars(request: web.Request) -> web.Response:
+    return json_response({"sidecars": request.app[PUBLISHER].sidecars()})
+
+
+async def stream(request: web.Request) -> web.StreamResponse:
+    return await request.app[PUBLISHER].handle(request)
+
+
 async def list_services(request: web.Request) -> web.Response:
     registry = _registry(request)
     return json_response(
@@ -268,6 +284,9 @@ def add_routes(app: web.Application) -> None:
             web.get("/readyz", readyz),
             web.get("/openapi.json", openapi),
             web.get("/v1/services", list_services),
+            web.get("/v1/table", get_table),
+            web.get("/v1/sidecars", list_sidecars),
+            web.get(STREAM_PATH, stream),
             web.get(svc, get_service),
             web.get(svc + "/policy", get_policy),
             web.put(svc + "/policy", put_policy),

@@ -27,6 +27,7 @@ from control_plane.config import ControlPlaneConfig
 from control_plane.errors import ConfigError, StoreError
 from control_plane.flags import setup_logging
 from control_plane.openapi import build_spec
+from control_plane.publisher import Publisher
 from control_plane.reaper import run_reaper
 from control_plane.registry import Registry
 from control_plane.schema import MAX_BODY_BYTES
@@ -44,37 +45,66 @@ def build_app(
     store = store if store is not None else open_store(config.store)
     app = web.Application(middlewares=[api.guard], client_max_size=MAX_BODY_BYTES)
     app[STORE] = store
-    app[api.REGISTRY] = Registry(
+    registry = Registry(
         store,
         clock if clock is not None else SystemClock(),
         heartbeat_ttl=config.heartbeat_ttl,
         remove_after=config.remove_after,
         protect_percent=config.protect_percent,
     )
+    app[api.REGISTRY] = registry
+    app[api.PUBLISHER] = Publisher(
+        registry,
+        store,
+        quiet=config.debounce_quiet,
+        max_wait=config.debounce_max,
+        tokens=(config.admin_token, config.join_token),
+    )
     app[api.ADMIN_TOKEN] = config.admin_token
     app[api.READY] = api.Readiness()
     app[api.OPENAPI] = json.dumps(build_spec(), indent=1).encode()
     api.add_routes(app)
     app.cleanup_ctx.append(_lifecycle)
+    app.on_shutdown.append(_close_streams)
     return app
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
-    registry = app[api.REGISTRY]
+    registry, publisher = app[api.REGISTRY], app[api.PUBLISHER]
     try:
-        await registry.start()
+        snapshot = await registry.start()
+        await publisher.start(snapshot.table_version, snapshot.table_digest)
     except BaseException:
         await app[STORE].close()
         raise
-    interval = min(1.0, registry.heartbeat_ttl / 4)
-    reaper = asyncio.create_task(run_reaper(registry.expire, interval), name="reaper")
+    background = asyncio.create_task(_background(registry, publisher), name="background")
+    background.add_done_callback(lambda task: _crashed(task, app))
     app[api.READY].ready = True
     yield
     app[api.READY].ready = False
-    reaper.cancel()  # step 4
+    background.cancel()  # step 4
     with contextlib.suppress(asyncio.CancelledError):
-        await reaper
+        await background
     await app[STORE].close()  # step 5
+
+
+async def _background(registry: Registry, publisher: Publisher) -> None:
+    """The control plane's own tasks, in one group: the reaper and the publisher."""
+    async with asyncio.TaskGroup() as tasks:
+        interval = min(1.0, registry.heartbeat_ttl / 4)
+        tasks.create_task(run_reaper(registry.expire, interval), name="reaper")
+        tasks.create_task(publisher.run(), name="publisher")
+
+
+def _crashed(task: asyncio.Task[None], app: web.Application) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        app[api.READY].ready = False
+        log.error("bug: a background task died; not ready", exc_info=task.exception())
+
+
+async def _close_streams(app: web.Application) -> None:
+    """Shutdown: sidecar streams last forever, so close them rather than wait for them."""
+    await app[api.PUBLISHER].close_sessions()
 
 
 async def serve(config: ControlPlaneConfig, stop: asyncio.Event | None = None) -> None:

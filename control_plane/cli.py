@@ -19,6 +19,7 @@ def build_parser(prog: str) -> FlagParser:
     )
     p.flag("--store", "sqlite:///meshlet.db", "sqlite:///PATH or memory")
     p.flag("--admin-token", "", "bearer token that mutating calls must present")
+    p.flag("--join-token", "", "bearer token that sidecars present to open the stream")
     p.flag("--heartbeat-ttl", "15", "seconds without heartbeat until unhealthy", convert=number)
     p.flag("--remove-after", "30", "seconds without heartbeat until removed", convert=number)
     p.flag(
@@ -27,6 +28,8 @@ def build_parser(prog: str) -> FlagParser:
         "expire nothing while more than this %% of instances lapse at once",
         convert=number,
     )
+    p.flag("--debounce-quiet", "0.1", "seconds without changes before a push", convert=number)
+    p.flag("--debounce-max", "2", "seconds at most from a change to its push", convert=number)
     p.flag("--log-level", "info", "log level", choices=LOG_LEVELS)
     return p
 

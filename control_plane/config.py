@@ -19,6 +19,12 @@ class ControlPlaneConfig:
     """``sqlite:///PATH`` or ``memory``"""
     admin_token: str = ""
     """when set, mutating calls need ``Authorization: Bearer <token>``"""
+    join_token: str = ""
+    """a second token that only opens the sidecar stream (the admin token does too)"""
+    debounce_quiet: float = 0.1
+    """seconds without another change before a new table is pushed"""
+    debounce_max: float = 2.0
+    """seconds at most between a change and its push, however busy"""
     heartbeat_ttl: float = 15.0
     """seconds without a heartbeat before an instance turns unhealthy"""
     remove_after: float = 30.0
@@ -40,6 +46,10 @@ class ControlPlaneConfig:
             raise ConfigError("protect_percent", "must be from 0 to 100 (100 turns it off)")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError("log_level", f"must be one of {', '.join(LOG_LEVELS)}")
+        if not self.debounce_quiet > 0:
+            raise ConfigError("debounce_quiet", "must be more than 0 seconds")
+        if not self.debounce_max >= self.debounce_quiet:
+            raise ConfigError("debounce_max", "must be at least --debounce-quiet")
         if self.shutdown_timeout < 0:
             raise ConfigError("shutdown_timeout", "must not be negative")
 

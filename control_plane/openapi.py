@@ -136,6 +136,24 @@ def _schemas() -> dict[str, Any]:
         "Service": _object(
             **policy_view_props, instances={"type": "array", "items": _ref("Instance")}
         ),
+        "Endpoint": wire.json_schema(wire.Endpoint),
+        "ServiceEntry": _object(
+            policy=_ref("Policy"), endpoints={"type": "array", "items": _ref("Endpoint")}
+        ),
+        "Table": _object(
+            type={"const": "table"},
+            services={"type": "object", "additionalProperties": _ref("ServiceEntry")},
+            version={"type": "integer", "minimum": 0},
+        ),
+        "Sidecar": _object(
+            node=string,
+            service=string,
+            instance=string,
+            acked_version={"type": "integer", "minimum": 0},
+            last_nack={"anyOf": [{"type": "null"}, string]},
+            connected_since={"type": "string", "format": "date-time"},
+        ),
+        "SidecarList": _object(sidecars={"type": "array", "items": _ref("Sidecar")}),
     }
 
 
@@ -183,6 +201,33 @@ def build_spec() -> dict[str, Any]:
                     "listServices",
                     "services with instance counts by status",
                     {"200": _json("ServiceList", "all services")},
+                )
+            },
+            "/v1/table": {
+                "get": _op(
+                    "getTable",
+                    "the routing table sidecars receive: every service's policy and its "
+                    "healthy and draining endpoints, with its version",
+                    {"200": _json("Table", "the table in force")},
+                )
+            },
+            "/v1/sidecars": {
+                "get": _op(
+                    "listSidecars",
+                    "connected sidecars, with the table version each acknowledged",
+                    {"200": _json("SidecarList", "connected sidecars")},
+                )
+            },
+            wire.STREAM_PATH: {
+                "get": _op(
+                    "stream",
+                    "the sidecar push stream (WebSocket; JSON messages hello, heartbeat, ack, "
+                    "nack, deregister up; welcome, table down). With --admin-token or "
+                    "--join-token, send one as Authorization: Bearer",
+                    {
+                        "101": {"description": "switching to WebSocket"},
+                        "401": _json("Error", "token missing or wrong"),
+                    },
                 )
             },
             svc: {

@@ -19,7 +19,7 @@ from control_plane.errors import NotFound
 from control_plane.model import InstanceRecord, InstanceView, ServiceSummary, ServiceView, Status
 from control_plane.reaper import plan_expiry
 from control_plane.schema import InstancePatch, Registration
-from control_plane.store import Store
+from control_plane.store import Snapshot, Store
 from control_plane.wire import DEFAULT_POLICY, DEFAULT_WEIGHT, Policy
 
 log = logging.getLogger("meshlet.registry")
@@ -34,6 +34,9 @@ class _Liveness:
     heartbeat_wall: float | None
     """wall-clock time of the last heartbeat this process saw"""
     lapsed: bool = False
+    """no heartbeat for the TTL, or its sidecar's stream closed"""
+    app_healthy: bool = True
+    """what the instance's sidecar last said of its app"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +67,18 @@ class Registry:
         self._live: dict[tuple[str, str], _Liveness] = {}
         self._lock = asyncio.Lock()
         self.protection = False
+        self._listener: Callable[[], None] | None = None
 
-    async def start(self) -> None:
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """``listener()`` runs (synchronously) after anything that can change the routing table:
+        a policy, an instance, its weight, drain or health."""
+        self._listener = listener
+
+    def _changed(self) -> None:
+        if self._listener is not None:
+            self._listener()
+
+    async def start(self) -> Snapshot:
         """Load the store; every loaded instance starts with a full TTL of grace."""
         snapshot = await self._store.load()
         now = self._clock.monotonic()
@@ -78,6 +91,7 @@ class Registry:
             len(self._service_names()),
             len(snapshot.instances),
         )
+        return snapshot
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -125,6 +139,7 @@ class Registry:
             await self._commit(
                 self._store.put_policy(service, policy), self._policies.__setitem__, service, policy
             )
+        self._changed()
         log.info("policy of %s set (lb %s)", service, policy.lb)
 
     async def clear_policy(self, service: str) -> None:
@@ -136,6 +151,7 @@ class Registry:
             await self._commit(
                 self._store.delete_policy(service), self._policies.__delitem__, service
             )
+        self._changed()
         log.info("policy of %s reset to defaults", service)
 
     async def register(self, service: str, reg: Registration) -> tuple[InstanceView, bool]:
@@ -156,7 +172,9 @@ class Registry:
 
             if record != old:
                 await self._commit(self._store.put_instance(record), self._put, record)
-            self._touch(record.key)
+            came_back = self._touch(record.key)
+        if record != old or came_back:
+            self._changed()
         if old is None:
             log.info("registered %s/%s at %s:%d", service, instance_id, reg.address, reg.port)
         return self._view(record), old is None
@@ -166,7 +184,34 @@ class Registry:
         record = self._record(service, instance_id)
         if self._touch(record.key):
             log.info("%s/%s is heartbeating again", service, instance_id)
+            self._changed()
         return self._status(record)
+
+    def report(self, service: str, instance_id: str, *, app_healthy: bool) -> None:
+        """A heartbeat over a sidecar's stream, with its app's health."""
+        record = self._record(service, instance_id)
+        live = self._live[record.key]
+        was = self._status(record)
+        self._touch(record.key)
+        if live.app_healthy != app_healthy:
+            live.app_healthy = app_healthy
+            log.info(
+                "%s/%s app %s", service, instance_id, "healthy" if app_healthy else "unhealthy"
+            )
+        if self._status(record) is not was:
+            self._changed()
+
+    def disconnected(self, service: str, instance_id: str) -> None:
+        """Its sidecar's stream closed: unhealthy at once; removed after ``remove_after`` (from
+        its last heartbeat) unless it comes back."""
+        record = self._instances.get(service, {}).get(instance_id)
+        if record is None:
+            return
+        live = self._live[record.key]
+        if not live.lapsed:
+            live.lapsed = True
+            log.info("%s/%s unhealthy: its sidecar's stream closed", service, instance_id)
+            self._changed()
 
     async def update(self, service: str, instance_id: str, patch: InstancePatch) -> InstanceView:
         async with self._lock:
@@ -183,6 +228,7 @@ class Registry:
             )
             if record != old:
                 await self._commit(self._store.put_instance(record), self._put, record)
+                self._changed()
         if record.draining != old.draining:
             log.info(
                 "%s/%s %s", service, instance_id, "draining" if record.draining else "undrained"
@@ -195,6 +241,7 @@ class Registry:
             await self._commit(
                 self._store.delete_instances([record.key]), self._forget, [record.key]
             )
+        self._changed()
         log.info("deregistered %s/%s", service, instance_id)
 
     async def expire(self) -> None:
@@ -224,6 +271,7 @@ class Registry:
             if not live.lapsed:
                 live.lapsed = True
                 log.info("%s/%s unhealthy: no heartbeat for %.1fs", *key, now - live.seen)
+                self._changed()
         if plan.removed:
             async with self._lock:
                 now = self._clock.monotonic()
@@ -234,6 +282,7 @@ class Registry:
                 ]
                 if gone:
                     await self._commit(self._store.delete_instances(gone), self._forget, gone)
+                    self._changed()
             for service, instance_id in gone:
                 log.info(
                     "removed %s/%s: no heartbeat for over %.0fs",
@@ -304,7 +353,8 @@ class Registry:
     def _status(self, record: InstanceRecord) -> Status:
         if record.draining:
             return Status.DRAINING
-        return Status.UNHEALTHY if self._live[record.key].lapsed else Status.HEALTHY
+        live = self._live[record.key]
+        return Status.UNHEALTHY if live.lapsed or not live.app_healthy else Status.HEALTHY
 
     def _view(self, record: InstanceRecord) -> InstanceView:
         return InstanceView(record, self._status(record), self._live[record.key].heartbeat_wall)

@@ -23,6 +23,10 @@ class Snapshot:
 
     policies: dict[str, Policy]
     instances: list[InstanceRecord]
+    table_version: int = 0
+    """the last routing-table version pushed (versions never go back, across restarts)"""
+    table_digest: str = ""
+    """the digest of that table's content"""
 
 
 class Store(Protocol):
@@ -38,6 +42,8 @@ class Store(Protocol):
     async def put_instance(self, record: InstanceRecord) -> None: ...
 
     async def delete_instances(self, keys: Sequence[tuple[str, str]]) -> None: ...
+
+    async def put_table_version(self, version: int, digest: str) -> None: ...
 
     async def close(self) -> None: ...
 

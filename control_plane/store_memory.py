@@ -13,9 +13,10 @@ class MemoryStore:
     def __init__(self) -> None:
         self._policies: dict[str, Policy] = {}
         self._instances: dict[tuple[str, str], InstanceRecord] = {}
+        self._table = (0, "")
 
     async def load(self) -> Snapshot:
-        return Snapshot(dict(self._policies), list(self._instances.values()))
+        return Snapshot(dict(self._policies), list(self._instances.values()), *self._table)
 
     async def put_policy(self, service: str, policy: Policy) -> None:
         self._policies[service] = policy
@@ -29,6 +30,9 @@ class MemoryStore:
     async def delete_instances(self, keys: Sequence[tuple[str, str]]) -> None:
         for key in keys:
             self._instances.pop(key, None)
+
+    async def put_table_version(self, version: int, digest: str) -> None:
+        self._table = (version, digest)
 
     async def close(self) -> None:
         pass

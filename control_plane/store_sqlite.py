@@ -135,7 +135,13 @@ class SqliteStore:
                     raise StoreError(
                         f"sqlite {self.path}: stored instance {service}/{id_} is invalid: {e}"
                     ) from e
-            return Snapshot(policies, instances)
+            meta = dict(db.execute("SELECT key, value FROM meta"))
+            return Snapshot(
+                policies,
+                instances,
+                table_version=int(meta.get("table_version", 0)),
+                table_digest=meta.get("table_digest", ""),
+            )
 
         return await self._run(load)
 
@@ -181,6 +187,16 @@ class SqliteStore:
                 db.executemany("DELETE FROM instances WHERE service = ? AND id = ?", rows)
 
         await self._run(delete)
+
+    async def put_table_version(self, version: int, digest: str) -> None:
+        def put(db: sqlite3.Connection) -> None:
+            with db:
+                db.executemany(
+                    "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                    [("table_version", str(version)), ("table_digest", digest)],
+                )
+
+        await self._run(put)
 
     async def close(self) -> None:
         def close() -> None:

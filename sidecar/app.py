@@ -1,7 +1,10 @@
 """A sidecar process: listeners, the routing table, the admin port, and their lifecycle.
 
-Start-up: load the routing file (if any), open the outbound and inbound listeners and the
-admin port, then watch the file. Shutdown on SIGTERM or SIGINT, in steps:
+Start-up: load a table (the routing file, or the table saved from the control plane), open the
+outbound and inbound listeners and the admin port, then run the background work (watch the
+file; or hold the control-plane stream and check the app's health). Shutdown on SIGTERM or
+SIGINT, in steps:
+  0. deregister from the control plane (callers stop sending here)
   1. not ready (``/readyz`` answers 503)
   2. stop accepting connections
   3. idle keep-alive connections close; in-flight requests finish (their responses carry
@@ -15,17 +18,23 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import time
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import uvloop
 from aiohttp import web
 
 from control_plane.flags import setup_logging
-from control_plane.wire import Endpoint, Table
+from control_plane.wire import Endpoint, Registration, Table
+from sidecar import state
 from sidecar.admin import build_admin_app
 from sidecar.config import Listen, SidecarConfig
+from sidecar.discovery import Discovery
 from sidecar.errors import TableError
+from sidecar.health import AppHealth
 from sidecar.proxy import ConnectionTracker, Downstream, Timeouts
 from sidecar.routing import (
     AppRouter,
@@ -55,7 +64,11 @@ class Sidecar:
         self._servers: list[asyncio.Server] = []
         self._admin: web.AppRunner | None = None
         self._table_signature: tuple[int, int, int] | None = None
-        self._watcher: asyncio.Task[None] | None = None
+        self._background: asyncio.Task[None] | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self.discovery: Discovery | None = None
+        self.health: AppHealth | None = None
+        self.state_path = Path(config.state_dir) / f"{config.service}.table"
         self.addresses: dict[str, Listen] = {}
 
     def __repr__(self) -> str:
@@ -70,7 +83,10 @@ class Sidecar:
     # -- start ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load the table and listen. A table file that cannot be used raises TableError."""
+        """Load a table (the file, or the one saved from the control plane), listen, and start
+        the background work. A table file that cannot be used raises TableError."""
+        if self.config.control_plane:
+            self._load_saved()
         if self.config.table:
             self._table_signature = file_signature(self.config.table)
             table = load_table_file(self.config.table)
@@ -90,8 +106,60 @@ class Sidecar:
         self.addresses["admin"] = Listen(host, port)
         log.info("admin listening on %s", self.addresses["admin"])
         self.listening = True
-        if self.config.table:
-            self._watcher = asyncio.create_task(self._watch_table(), name="table-watcher")
+        self._http = aiohttp.ClientSession()
+        if self.config.app_health != "none" and self.config.control_plane:
+            url = f"http://{self.config.app}{self.config.app_health}"
+            self.health = AppHealth(url, self._app_health_changed)
+        if self.config.control_plane:
+            self.discovery = Discovery(
+                control_plane=self.config.control_plane,
+                token=self.config.join_token,
+                service=self.config.service,
+                registration=self._registration(),
+                tables=self.tables,
+                state_path=self.state_path,
+            )
+        self._background = asyncio.create_task(self._run_background(), name="sidecar-background")
+
+    async def _run_background(self) -> None:
+        """The sidecar's own tasks, in one group: table watcher, stream, app health."""
+        assert self._http is not None
+        async with asyncio.TaskGroup() as tasks:
+            if self.config.table:
+                tasks.create_task(self._watch_table(), name="table-watcher")
+            if self.discovery is not None:
+                tasks.create_task(self.discovery.run(self._http), name="discovery")
+            if self.health is not None:
+                tasks.create_task(self.health.run(self._http), name="app-health")
+
+    def _load_saved(self) -> None:
+        """Fail-static: start from the last table the control plane gave us, if it is sound."""
+        if not self.state_path.exists():
+            log.info(
+                "no saved table at %s: not ready until the control plane answers", self.state_path
+            )
+            return
+        try:
+            table = state.load(self.state_path)
+        except state.StateError as e:
+            log.warning("saved table ignored: %s", e)
+            return
+        self.tables.install(table, f"saved:{self.state_path}")
+        log.info(
+            "serving the saved table version %d until the control plane answers", table.version
+        )
+
+    def _registration(self) -> Registration:
+        c = self.config
+        if c.register == "app":
+            address, port = c.app.host, c.app.port
+        else:
+            address, port = c.advertise or _host_address(), self.addresses["inbound"].port
+        return Registration(address=address, port=port, zone=c.zone or None)
+
+    def _app_health_changed(self, healthy: bool) -> None:
+        if self.discovery is not None:
+            self.discovery.set_app_health(healthy)
 
     async def _listen(
         self, name: str, where: Listen, router: Router, tracker: ConnectionTracker
@@ -154,7 +222,22 @@ class Sidecar:
             "app": str(self.config.app),
             "draining": self.draining,
             "last_reload_error": self.last_reload_error or None,
+            "control_plane": self._stream_state(),
             "table": table.dump() if table else None,
+        }
+
+    def _stream_state(self) -> dict[str, Any] | None:
+        d = self.discovery
+        if d is None:
+            return None
+        return {
+            "url": d.url,
+            "connected": d.connected,
+            "instance": d.instance,
+            "node": d.node,
+            "version": d.version,
+            "app_healthy": d.app_healthy,
+            "last_error": d.last_error or None,
         }
 
     def drain(self) -> None:
@@ -168,10 +251,12 @@ class Sidecar:
     # -- stop -------------------------------------------------------------------------------
 
     async def stop(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
+        if self.discovery is not None:
+            await self.discovery.deregister()  # step 0: callers stop routing here first
+        if self._background is not None:
+            self._background.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+                await self._background
         self.drain()  # step 1
         for server in self._servers:  # step 2
             server.close()
@@ -194,6 +279,16 @@ class Sidecar:
             await server.wait_closed()
         if self._admin is not None:
             await self._admin.cleanup()
+        if self._http is not None:
+            await self._http.close()
+
+
+def _host_address() -> str:
+    """This host's address as its name resolves, else loopback (set --advertise to be sure)."""
+    try:
+        return str(socket.gethostbyname(socket.gethostname()))
+    except OSError:
+        return "127.0.0.1"
 
 
 def _warn_unbalanced(table: Table) -> None:

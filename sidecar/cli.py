@@ -40,6 +40,17 @@ def build_parser(prog: str) -> FlagParser:
         convert=listen,
     )
     p.flag("--table", "", "static routing file, YAML or JSON (reloaded on change and SIGHUP)")
+    p.flag("--control-plane", "", "control plane URL; tables are pushed from it")
+    p.flag("--join-token", "", "bearer token for the control plane's stream")
+    p.flag("--advertise", "", "address callers reach this sidecar at (default: this host's)")
+    p.flag(
+        "--register",
+        "sidecar",
+        "register the inbound listener or the app itself",
+        choices=("sidecar", "app"),
+    )
+    p.flag("--state-dir", ".meshlet", "where the last good table is kept")
+    p.flag("--app-health", "/healthz", "path on the app checked every 5 s, or none")
     p.flag("--zone", "", "this sidecar's locality zone")
     p.flag("--drain-timeout", "20", "seconds in-flight requests get on SIGTERM", convert=number)
     p.flag("--log-level", "info", "log level", choices=LOG_LEVELS)

@@ -33,6 +33,18 @@ class SidecarConfig:
     """health, readiness, config dump, drain"""
     table: str = ""
     """static routing file (YAML or JSON); empty for none"""
+    control_plane: str = ""
+    """control plane URL (http://HOST:PORT); tables are pushed from it"""
+    join_token: str = ""
+    """bearer token for the control plane's stream"""
+    advertise: str = ""
+    """address other sidecars reach this one at; empty: this host's address"""
+    register: str = "sidecar"
+    """register the inbound listener (sidecar) or the app itself (app)"""
+    state_dir: str = ".meshlet"
+    """where the last good table is kept for starts without a control plane"""
+    app_health: str = "/healthz"
+    """path on the app checked every 5 s, or none"""
     zone: str = ""
     """this sidecar's locality zone"""
     drain_timeout: float = 20.0
@@ -53,3 +65,16 @@ class SidecarConfig:
             raise ConfigError("log_level", f"must be one of {', '.join(LOG_LEVELS)}")
         if self.app.port == 0:
             raise ConfigError("app", "needs a port")
+        if self.table and self.control_plane:
+            raise ConfigError("table", "use either --table or --control-plane, not both")
+        if self.control_plane and not self.control_plane.startswith(("http://", "https://")):
+            raise ConfigError("control_plane", "must be a URL: http://HOST:PORT")
+        if self.register not in ("sidecar", "app"):
+            raise ConfigError("register", "must be sidecar or app")
+        if self.app_health != "none" and not self.app_health.startswith("/"):
+            raise ConfigError("app_health", "must be a path starting with / or none")
+        if self.advertise:
+            try:
+                wire.check_address(self.advertise)
+            except wire.WireError as e:
+                raise ConfigError("advertise", e.message) from None

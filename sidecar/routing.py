@@ -95,7 +95,12 @@ class RoutingTable:
         self.table = table
         self.info = info
         self._routes = {
-            name: Route(name, entry.policy, RoundRobin(entry.endpoints), pools.get)
+            name: Route(
+                name,
+                entry.policy,
+                RoundRobin([e for e in entry.endpoints if not e.draining]),  # draining: no new
+                pools.get,
+            )
             for name, entry in table.services.items()
         }
         self._cache: dict[bytes, Route] = {}

@@ -74,6 +74,7 @@ class StoreContract(RuleBasedStateMachine):
         self.store = type(self).make(self.path)
         self.policies: dict[str, Policy] = {}
         self.instances: dict[tuple[str, str], InstanceRecord] = {}
+        self.table = (0, "")
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.loop.run_until_complete(coro)
@@ -99,6 +100,11 @@ class StoreContract(RuleBasedStateMachine):
         for key in keys:
             self.instances.pop(key, None)
 
+    @rule(version=st.integers(0, 10**9), digest=st.text(alphabet="0123456789abcdef", max_size=64))
+    def put_table_version(self, version: int, digest: str) -> None:
+        self.run(self.store.put_table_version(version, digest))
+        self.table = (version, digest)
+
     @rule()
     def reopen(self) -> None:
         if self.durable:
@@ -109,6 +115,7 @@ class StoreContract(RuleBasedStateMachine):
     def load_gives_back_what_was_written(self) -> None:
         snapshot: Snapshot = self.run(self.store.load())
         assert snapshot.policies == self.policies
+        assert (snapshot.table_version, snapshot.table_digest) == self.table
         assert sorted(snapshot.instances, key=lambda r: r.key) == sorted(
             self.instances.values(), key=lambda r: r.key
         )

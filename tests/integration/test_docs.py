@@ -71,7 +71,8 @@ def test_readme_sidecar_example_works_as_printed(
         routes = routes.replace(f"port: {documented}", f"port: {server.server_address[1]}")
     (tmp_path / "routes.yaml").write_text(routes)
     sidecar = sidecar_process("--service", "web", "--table", str(tmp_path / "routes.yaml"))
-    calls = commands(re.findall(r"```sh\n(.*?)```", section, re.S)[1])
+    (block,) = [b for b in re.findall(r"```sh\n(.*?)```", section, re.S) if "curl" in b]
+    calls = commands(block)
     assert len(calls) == 2
     for command in calls:
         command = command.split("#")[0].replace(

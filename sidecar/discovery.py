@@ -1,0 +1,221 @@
+"""The sidecar's end of the push stream: register, heartbeat, apply tables, ACK or NACK.
+
+A table is applied only if it parses and is newer than the one in force; otherwise it is
+NACKed with the reason and the last good table stays. Every applied table is saved
+(``state``) so the next start works without a control plane. A lost connection is retried
+with jittered exponential backoff (0.1 s doubling to 30 s, a random 50-100 % of that); the
+sidecar keeps serving from the table it has all along.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import re
+import socket
+from pathlib import Path
+
+import aiohttp
+
+from control_plane.wire import (
+    STREAM_PATH,
+    Ack,
+    Deregister,
+    Heartbeat,
+    Hello,
+    Nack,
+    Registration,
+    Table,
+    Welcome,
+    WireError,
+    decode,
+    encode,
+)
+from sidecar import state
+from sidecar.routing import TableHolder
+
+log = logging.getLogger("meshlet.discovery")
+
+HEARTBEAT_EVERY = 5.0
+WELCOME_TIMEOUT = 10.0
+MAX_TABLE_BYTES = 256 * 1024 * 1024
+
+
+class Backoff:
+    """Jittered exponential backoff: ``base`` doubling up to ``cap``, each a random 50-100 %."""
+
+    def __init__(self, base: float = 0.1, cap: float = 30.0) -> None:
+        self.base = base
+        self.cap = cap
+        self.attempt = 0
+
+    def next(self) -> float:
+        delay = min(self.cap, self.base * 2.0**self.attempt)
+        self.attempt = min(self.attempt + 1, 30)
+        return delay * random.uniform(0.5, 1.0)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+def node_id(service: str) -> str:
+    raw = f"{service}-{socket.gethostname()}-{os.getpid()}"
+    return re.sub(r"[^A-Za-z0-9._-]", "-", raw)[:128]
+
+
+def stream_url(control_plane: str) -> str:
+    base = control_plane.rstrip("/")
+    if base.startswith("https://"):
+        return "wss://" + base.removeprefix("https://") + STREAM_PATH
+    return "ws://" + base.removeprefix("http://") + STREAM_PATH
+
+
+class Discovery:
+    def __init__(
+        self,
+        *,
+        control_plane: str,
+        token: str,
+        service: str,
+        registration: Registration,
+        tables: TableHolder,
+        state_path: Path,
+        app_healthy: bool = True,
+    ) -> None:
+        self.url = stream_url(control_plane)
+        self.token = token
+        self.service = service
+        self.registration = registration
+        self.tables = tables
+        self.state_path = state_path
+        self.node = node_id(service)
+        self.version = tables.current.info.version if tables.current else 0
+        self.instance: str | None = None
+        self.app_healthy = app_healthy
+        self.connected = False
+        self.last_error = ""
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._health_changed = asyncio.Event()
+        self._backoff = Backoff()
+
+    def __repr__(self) -> str:
+        state = "connected" if self.connected else f"disconnected ({self.last_error})"
+        return f"<Discovery {self.url} {state}, version {self.version}>"
+
+    def set_app_health(self, healthy: bool) -> None:
+        self.app_healthy = healthy
+        self._health_changed.set()
+
+    async def run(self, http: aiohttp.ClientSession) -> None:
+        """Stay connected until cancelled."""
+        while True:
+            try:
+                await self._session(http)
+                self.last_error = "the control plane closed the stream"
+            except (aiohttp.ClientError, OSError, TimeoutError, WireError) as e:
+                self.last_error = str(e) or type(e).__name__
+            finally:
+                self.connected = False
+                self._ws = None
+            delay = self._backoff.next()
+            log.warning("control plane stream down (%s); retrying in %.1fs", self.last_error, delay)
+            await asyncio.sleep(delay)
+
+    async def _session(self, http: aiohttp.ClientSession) -> None:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        async with http.ws_connect(
+            self.url, headers=headers, max_msg_size=MAX_TABLE_BYTES, autoping=True
+        ) as ws:
+            health = "healthy" if self.app_healthy else "unhealthy"
+            hello = Hello(self.node, self.service, self.registration, self.version, health)
+            await ws.send_str(encode(hello))
+            async with asyncio.timeout(WELCOME_TIMEOUT):
+                first = await ws.receive()
+            if first.type is not aiohttp.WSMsgType.TEXT:
+                raise WireError("(stream)", f"closed before welcome: {ws.close_code} {first.extra}")
+            welcome = decode(first.data)
+            if not isinstance(welcome, Welcome):
+                raise WireError("type", "the control plane's first message must be welcome")
+            if welcome.version < self.version:
+                log.warning(
+                    "the control plane is at version %d, behind our %d (its store was reset?): "
+                    "taking its next table",
+                    welcome.version,
+                    self.version,
+                )
+                self.version = 0
+            self.instance = welcome.instance
+            self.connected = True
+            self._ws = ws
+            self._backoff.reset()
+            log.info("connected to %s as %s/%s", self.url, self.service, welcome.instance)
+            beats = asyncio.create_task(self._heartbeats(ws), name="heartbeats")
+            try:
+                async for msg in ws:
+                    if msg.type is aiohttp.WSMsgType.TEXT:
+                        await ws.send_str(encode(await self._apply(msg.data)))
+            finally:
+                beats.cancel()
+                await asyncio.gather(beats, return_exceptions=True)
+
+    async def _heartbeats(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """Every 5 s +-10 %, and at once when the app's health changes."""
+        while True:
+            self._health_changed.clear()
+            health = "healthy" if self.app_healthy else "unhealthy"
+            await ws.send_str(encode(Heartbeat(health)))
+            try:
+                async with asyncio.timeout(HEARTBEAT_EVERY * random.uniform(0.9, 1.1)):
+                    await self._health_changed.wait()
+            except TimeoutError:
+                pass
+
+    async def _apply(self, text: str) -> Ack | Nack:
+        try:
+            message = decode(text)
+        except WireError as e:
+            log.warning("table refused: %s", e)
+            return Nack(_version_of(text), str(e))
+        if not isinstance(message, Table):
+            return Nack(0, f"expected a table, got {type(message).__name__}")
+        if message.version <= self.version:
+            error = f"version {message.version} is not newer than {self.version}"
+            log.warning("table refused: %s", error)
+            return Nack(message.version, error)
+        self.tables.install(message, "control-plane")
+        self.version = message.version
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None, state.save, self.state_path, message
+            )
+        except OSError as e:
+            log.warning(
+                "table %d in force but not saved to %s: %s", message.version, self.state_path, e
+            )
+        log.info("table version %d applied: %d services", message.version, len(message.services))
+        return Ack(message.version)
+
+    async def deregister(self) -> None:
+        """Tell the control plane to remove this instance now (on shutdown)."""
+        ws = self._ws
+        if ws is None or ws.closed:
+            return
+        try:
+            async with asyncio.timeout(2.0):
+                await ws.send_str(encode(Deregister()))
+                await ws.close()
+            log.info("deregistered %s/%s", self.service, self.instance)
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            log.warning("could not deregister: %s", e)
+
+
+def _version_of(text: str) -> int:
+    """A refused table's version, if its JSON says one (for the NACK)."""
+    try:
+        version = json.loads(text).get("version", 0)
+    except (ValueError, AttributeError):
+        return 0
+    return version if isinstance(version, int) and version >= 0 else 0

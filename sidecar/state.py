@@ -1,0 +1,60 @@
+"""The last good routing table on disk, so a sidecar can start while the control plane is down.
+
+The file is written atomically (temp file, fsync, rename, fsync of the directory) and carries a
+SHA-256 of its table: a torn or edited file is refused with a warning, never half-used.
+
+    meshlet-table 1 sha256=<hex>\\n
+    <the table message, as pushed>
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from control_plane.wire import Table, WireError, parse_table, table_message
+from sidecar.errors import SidecarError
+
+MAGIC = "meshlet-table 1 sha256="
+
+
+class StateError(SidecarError):
+    """The saved table cannot be used; the message says why."""
+
+
+def save(path: Path, table: Table) -> None:
+    body = table_message(table).encode()
+    header = f"{MAGIC}{hashlib.sha256(body).hexdigest()}\n".encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as f:
+        f.write(header + body)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load(path: Path) -> Table:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise StateError(f"{path}: {e.strerror or e}") from None
+    header, newline, body = raw.partition(b"\n")
+    text = header.decode("ascii", "replace")
+    if not newline or not text.startswith(MAGIC):
+        raise StateError(f"{path}: not a meshlet table file")
+    if hashlib.sha256(body).hexdigest() != text.removeprefix(MAGIC):
+        raise StateError(f"{path}: checksum mismatch (torn or edited)")
+    try:
+        data = json.loads(body)
+        data.pop("type", None)
+        return parse_table(data)
+    except (ValueError, AttributeError, WireError) as e:
+        raise StateError(f"{path}: {e}") from None

@@ -1,0 +1,261 @@
+"""The push stream in-process: hello and welcome, versions, debounce, ACK/NACK, tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+from typing import Any
+
+import aiohttp
+import pytest
+
+from control_plane import api as api_module
+from control_plane.publisher import Publisher
+from control_plane.store_memory import MemoryStore
+from control_plane.wire import (
+    Ack,
+    Deregister,
+    Heartbeat,
+    Hello,
+    Nack,
+    Registration,
+    Table,
+    Welcome,
+    decode,
+    encode,
+)
+from tests.conftest import Api, MakeApi
+
+
+def hello(n: int = 1, service: str = "svc", version: int = 0, **kw: Any) -> Hello:
+    reg = Registration(address="10.0.0.1", port=9000 + n, id=f"i{n}")
+    return Hello(f"node-{n}", service, reg, version, **kw)
+
+
+class Sidecar:
+    """A minimal stream client, as a sidecar's discovery speaks it."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, welcome: Welcome) -> None:
+        self.ws = ws
+        self.welcome = welcome
+
+    async def next_table(self) -> Table:
+        async with asyncio.timeout(3):
+            msg = await self.ws.receive()
+        table = decode(msg.data)
+        assert isinstance(table, Table), table
+        return table
+
+    async def send(self, message: Any) -> None:
+        await self.ws.send_str(encode(message))
+
+    async def no_table(self, within: float) -> None:
+        try:
+            async with asyncio.timeout(within):
+                msg = await self.ws.receive()
+        except TimeoutError:
+            return
+        raise AssertionError(f"unexpected message: {msg.data}")
+
+
+@pytest.fixture
+async def cp(make_api: MakeApi) -> Api:
+    return await make_api(store=MemoryStore(), debounce_quiet=0.05, debounce_max=0.5)
+
+
+async def connect(api: Api, h: Hello, token: str = "") -> Sidecar:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    ws = await api.ws_connect("/v1/stream", headers=headers)
+    await ws.send_str(encode(h))
+    welcome = decode((await ws.receive()).data)
+    assert isinstance(welcome, Welcome)
+    return Sidecar(ws, welcome)
+
+
+def publisher(api: Api) -> Publisher:
+    return api.app[api_module.PUBLISHER]  # type: ignore[no-any-return]
+
+
+async def test_hello_registers_and_the_table_follows(cp: Api) -> None:
+    a = await connect(cp, hello(1, "a"))
+    assert a.welcome.instance == "i1"
+    first = await a.next_table()
+    if "a" not in first.services:  # the empty start table, then the one with us in it
+        first = await a.next_table()
+    (endpoint,) = first.services["a"].endpoints
+    assert (endpoint.address, endpoint.port, endpoint.instance) == ("10.0.0.1", 9001, "i1")
+    await a.send(Ack(first.version))
+    b = await connect(cp, hello(2, "b"))
+    for side in (a, b):
+        table = await side.next_table()
+        while "b" not in table.services:
+            table = await side.next_table()
+        await side.send(Ack(table.version))
+    await asyncio.sleep(0.1)
+    async with cp.get("/v1/sidecars") as r:
+        sidecars = (await r.json())["sidecars"]
+    assert [(s["node"], s["acked_version"]) for s in sidecars] == [
+        ("node-1", table.version),
+        ("node-2", table.version),
+    ]
+    async with cp.get("/v1/table") as r:
+        assert (await r.json())["version"] == table.version
+
+
+async def test_a_sidecar_at_the_current_version_gets_nothing(cp: Api) -> None:
+    a = await connect(cp, hello(1))
+    table = await a.next_table()
+    while "svc" not in table.services:
+        table = await a.next_table()
+    await a.ws.close()
+    again = await connect(cp, hello(1, version=table.version))
+    await again.no_table(within=0.5)
+
+
+async def test_changes_are_debounced_into_one_table(cp: Api) -> None:
+    a = await connect(cp, hello(1))
+    table = await a.next_table()
+    while "svc" not in table.services:
+        table = await a.next_table()
+    start = table.version
+    for n in range(20):  # a burst of changes, all inside the quiet window
+        async with cp.patch("/v1/services/svc/instances/i1", json={"weight": 1 + n}) as r:
+            assert r.status == 200
+    table = await a.next_table()
+    assert table.version == start + 1
+    assert table.services["svc"].endpoints[0].weight == 20
+    await a.no_table(within=0.3)
+
+
+async def test_closing_the_stream_makes_the_instance_unhealthy_at_once(cp: Api) -> None:
+    a = await connect(cp, hello(1, "a"))
+    b = await connect(cp, hello(2, "b"))
+    await b.ws.close()
+    async with asyncio.timeout(3):
+        while True:
+            table = await a.next_table()
+            if "b" in table.services and not table.services["b"].endpoints:
+                break
+    async with cp.get("/v1/services/b/instances/i2") as r:
+        assert (await r.json())["status"] == "unhealthy"
+
+
+async def test_heartbeats_carry_app_health(cp: Api) -> None:
+    a = await connect(cp, hello(1))
+    await a.send(Heartbeat("unhealthy"))
+    await asyncio.sleep(0.05)
+    async with cp.get("/v1/services/svc/instances/i1") as r:
+        assert (await r.json())["status"] == "unhealthy"
+    await a.send(Heartbeat("healthy"))
+    await asyncio.sleep(0.05)
+    async with cp.get("/v1/services/svc/instances/i1") as r:
+        assert (await r.json())["status"] == "healthy"
+
+
+async def test_nack_is_recorded_and_deregister_removes(cp: Api) -> None:
+    a = await connect(cp, hello(1))
+    await a.send(Nack(7, "endpoint port out of range"))
+    await asyncio.sleep(0.05)
+    async with cp.get("/v1/sidecars") as r:
+        (sidecar,) = (await r.json())["sidecars"]
+    assert sidecar["last_nack"] == "version 7: endpoint port out of range"
+    await a.send(Deregister())
+    await asyncio.sleep(0.05)
+    async with cp.get("/v1/services/svc/instances/i1") as r:
+        assert r.status == 404
+
+
+async def test_versions_survive_a_restart_and_stay_when_nothing_changed(
+    make_api: MakeApi, tmp_path: Any
+) -> None:
+    store = MemoryStore()
+    first = await make_api(store=store, debounce_quiet=0.05)
+    async with first.post(
+        "/v1/services/svc/instances", json={"id": "i1", "address": "10.0.0.1", "port": 1}
+    ) as r:
+        assert r.status == 201
+    await asyncio.sleep(0.2)
+    version = publisher(first).version
+    assert version >= 2
+    await first.close()
+    second = await make_api(store=store, debounce_quiet=0.05)
+    assert publisher(second).version == version  # same content: same version
+    async with second.post(
+        "/v1/services/svc/instances", json={"id": "i2", "address": "10.0.0.2", "port": 1}
+    ) as r:
+        assert r.status == 201
+    await asyncio.sleep(0.2)
+    assert publisher(second).version == version + 1
+
+
+@pytest.mark.parametrize(
+    ("first", "close_code"),
+    [
+        ('{"type": "heartbeat"}', 4400),
+        ("not json", 4400),
+        ('{"type": "hello", "node": "n", "service": "Bad_Name", "instance": {}}', 4400),
+    ],
+)
+async def test_a_bad_hello_closes_the_stream(cp: Api, first: str, close_code: int) -> None:
+    ws = await cp.ws_connect("/v1/stream")
+    await ws.send_str(first)
+    msg = await ws.receive()
+    assert msg.type is aiohttp.WSMsgType.CLOSE
+    assert ws.close_code == close_code
+
+
+async def test_tokens_guard_the_stream(make_api: MakeApi) -> None:
+    api = await make_api(store=MemoryStore(), admin_token="admin", join_token="join")
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await api.ws_connect("/v1/stream")
+    assert refused.value.status == 401
+    with pytest.raises(aiohttp.WSServerHandshakeError):
+        await api.ws_connect("/v1/stream", headers={"Authorization": "Bearer nope"})
+    for token in ("admin", "join"):
+        side = await connect(api, hello(1), token=token)
+        await side.ws.close()
+
+
+async def raw_stream_client(port: int, first: str) -> asyncio.StreamWriter:
+    """A WebSocket client that sends one text frame and then never reads: a stuck sidecar."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        f"GET /v1/stream HTTP/1.1\r\nHost: cp\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+        f"Sec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+    payload = first.encode()
+    mask = os.urandom(4)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    assert 126 <= len(payload) < 65536
+    writer.write(bytes([0x81, 0x80 | 126]) + len(payload).to_bytes(2, "big") + mask + masked)
+    await writer.drain()
+    return writer
+
+
+async def test_a_sidecar_that_stops_reading_is_dropped(
+    cp: Api, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import control_plane.publisher as pub
+
+    monkeypatch.setattr(pub, "SEND_TIMEOUT", 0.5)
+    # tables far larger than the socket buffers, to a sidecar that reads nothing at all
+    monkeypatch.setattr(pub, "table_message", lambda table: "x" * 50_000_000)
+    assert cp.port is not None
+    stuck = await raw_stream_client(cp.port, encode(hello(1)))
+    reader = await connect(cp, hello(2))  # a healthy sidecar beside it
+    async with cp.put("/v1/services/other/policy", json={"retries": 2}) as r:
+        assert r.status == 200
+    for _ in range(100):
+        if len(publisher(cp).sessions) == 1:
+            break
+        await asyncio.sleep(0.1)
+    assert "node-1 took no table for 0s: disconnecting" in caplog.text
+    async with cp.get("/v1/services/svc/instances/i1") as r:
+        assert (await r.json())["status"] == "unhealthy"
+    assert [s.node for s in publisher(cp).sessions.values()] == ["node-2"]
+    stuck.close()
+    del reader
