@@ -109,7 +109,9 @@ class Sidecar:
         self._http = aiohttp.ClientSession()
         if self.config.app_health != "none" and self.config.control_plane:
             url = f"http://{self.config.app}{self.config.app_health}"
-            self.health = AppHealth(url, self._app_health_changed)
+            self.health = AppHealth(
+                url, self._app_health_changed, interval=self.config.app_health_interval
+            )
         if self.config.control_plane:
             self.discovery = Discovery(
                 control_plane=self.config.control_plane,

@@ -50,7 +50,8 @@ def build_parser(prog: str) -> FlagParser:
         choices=("sidecar", "app"),
     )
     p.flag("--state-dir", ".meshlet", "where the last good table is kept")
-    p.flag("--app-health", "/healthz", "path on the app checked every 5 s, or none")
+    p.flag("--app-health", "/healthz", "path on the app to check, or none")
+    p.flag("--app-health-interval", "5", "seconds between app health checks", convert=number)
     p.flag("--zone", "", "this sidecar's locality zone")
     p.flag("--drain-timeout", "20", "seconds in-flight requests get on SIGTERM", convert=number)
     p.flag("--log-level", "info", "log level", choices=LOG_LEVELS)

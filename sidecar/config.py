@@ -44,7 +44,9 @@ class SidecarConfig:
     state_dir: str = ".meshlet"
     """where the last good table is kept for starts without a control plane"""
     app_health: str = "/healthz"
-    """path on the app checked every 5 s, or none"""
+    """path on the app checked every ``app_health_interval`` seconds, or none"""
+    app_health_interval: float = 5.0
+    """seconds between app health checks"""
     zone: str = ""
     """this sidecar's locality zone"""
     drain_timeout: float = 20.0
@@ -71,6 +73,8 @@ class SidecarConfig:
             raise ConfigError("control_plane", "must be a URL: http://HOST:PORT")
         if self.register not in ("sidecar", "app"):
             raise ConfigError("register", "must be sidecar or app")
+        if not self.app_health_interval > 0:
+            raise ConfigError("app_health_interval", "must be more than 0 seconds")
         if self.app_health != "none" and not self.app_health.startswith("/"):
             raise ConfigError("app_health", "must be a path starting with / or none")
         if self.advertise:

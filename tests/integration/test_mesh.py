@@ -1,0 +1,305 @@
+"""A whole mesh of real processes: a control plane, sidecars, apps, on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import json
+import signal
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import WSMsgType, web
+
+from control_plane.wire import Nack, Welcome, decode, encode, parse_table, table_message
+from tests.processes import ControlPlane, Sidecar
+
+pytestmark = pytest.mark.slow
+StartCP = Callable[..., ControlPlane]
+StartSidecar = Callable[..., Sidecar]
+
+
+class App:
+    """A tiny app: ``/whoami`` answers its name, ``/healthz`` answers ``self.status``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.status = 200
+        app = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                code = app.status if self.path == "/healthz" else 200
+                body = app.name.encode() if self.path == "/whoami" else b"ok"
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def apps() -> Iterator[Callable[[str], App]]:
+    started: list[App] = []
+
+    def start(name: str) -> App:
+        started.append(App(name))
+        return started[-1]
+
+    yield start
+    for app in started:
+        app.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def call(sidecar: Sidecar, service: str, path: str = "/whoami") -> tuple[int, str]:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{sidecar.ports['outbound']}{path}", headers={"Host": service}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def dump(sidecar: Sidecar) -> dict[str, Any]:
+    status, data = sidecar.admin("/config_dump")
+    assert status == 200
+    result: dict[str, Any] = data
+    return result
+
+
+def endpoints(sidecar: Sidecar, service: str) -> list[int]:
+    table = dump(sidecar)["table"]
+    entry = (table or {}).get("services", {}).get(service)
+    return sorted(e["port"] for e in entry["endpoints"]) if entry else []
+
+
+def eventually(check: Callable[[], bool], timeout: float = 10.0, what: str = "") -> float:
+    """Seconds until ``check()`` held; fails after ``timeout``."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if check():
+            return time.monotonic() - start
+        time.sleep(0.02)
+    raise AssertionError(f"not within {timeout}s: {what}")
+
+
+def mesh_sidecar(
+    start: StartSidecar, cp_url: str, service: str, app: App, tmp: Path, *extra: str
+) -> Sidecar:
+    return start(
+        "--service",
+        service,
+        "--control-plane",
+        cp_url,
+        "--app",
+        f"http://127.0.0.1:{app.port}",
+        "--advertise",
+        "127.0.0.1",
+        "--state-dir",
+        str(tmp / f"state-{service}"),
+        *extra,
+    )
+
+
+def quick_cp(control_plane: StartCP, tmp: Path, port: int = 0, *extra: str) -> ControlPlane:
+    return control_plane(
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--store",
+        f"sqlite:///{tmp}/cp.db",
+        "--debounce-quiet",
+        "0.05",
+        *extra,
+    )
+
+
+def test_two_services_call_each_other_and_follow_the_registry(
+    control_plane: StartCP,
+    sidecar_process: StartSidecar,
+    apps: Callable[[str], App],
+    tmp_path: Path,
+) -> None:
+    cp = quick_cp(control_plane, tmp_path)
+    app_a, app_b, app_b2 = apps("a"), apps("b"), apps("b2")
+    a = mesh_sidecar(sidecar_process, cp.url, "a", app_a, tmp_path)
+    b = mesh_sidecar(sidecar_process, cp.url, "b", app_b, tmp_path)
+    eventually(lambda: endpoints(a, "b") == [b.ports["inbound"]], what="a sees b")
+    eventually(lambda: endpoints(b, "a") == [a.ports["inbound"]], what="b sees a")
+    assert call(a, "b") == (200, "b")
+    assert call(b, "a") == (200, "a")
+
+    # an instance registered over REST (no sidecar) joins every caller's table
+    body = {"id": "b2", "address": "127.0.0.1", "port": app_b2.port}
+    assert cp.call("POST", "/v1/services/b/instances", body)[0] == 201
+    eventually(lambda: endpoints(a, "b") == sorted([b.ports["inbound"], app_b2.port]))
+    assert {call(a, "b")[1] for _ in range(6)} == {"b", "b2"}
+    assert cp.call("DELETE", "/v1/services/b/instances/b2")[0] == 204
+    eventually(lambda: endpoints(a, "b") == [b.ports["inbound"]])
+
+    # kill -9 of b's sidecar: gone from a's table within a second
+    b.proc.send_signal(signal.SIGKILL)
+    took = eventually(lambda: endpoints(a, "b") == [], timeout=5, what="b gone")
+    assert took < 1.0, f"b left a's table after {took:.2f}s"
+    _, body = cp.call("GET", "/v1/services/b/instances")
+    assert [i["status"] for i in body["instances"]] == ["unhealthy"]
+    assert call(a, "b")[0] == 503
+
+
+def test_control_plane_down_restarts_and_saved_tables(
+    control_plane: StartCP,
+    sidecar_process: StartSidecar,
+    apps: Callable[[str], App],
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    cp = quick_cp(control_plane, tmp_path, port)
+    app_a, app_b = apps("a"), apps("b")
+    a = mesh_sidecar(sidecar_process, cp.url, "a", app_a, tmp_path)
+    b = mesh_sidecar(sidecar_process, cp.url, "b", app_b, tmp_path)
+    eventually(lambda: endpoints(a, "b") == [b.ports["inbound"]])
+
+    # with the control plane stopped, traffic keeps flowing and the sidecars stay ready
+    assert cp.stop() == 0
+    for _ in range(5):
+        assert call(a, "b") == (200, "b")
+    assert a.admin("/readyz")[0] == 200
+    assert dump(a)["control_plane"]["connected"] is False
+
+    # a sidecar started now serves from the table a saved
+    (tmp_path / "state-c").mkdir()
+    (tmp_path / "state-c" / "c.table").write_bytes((tmp_path / "state-a" / "a.table").read_bytes())
+    c = mesh_sidecar(sidecar_process, cp.url, "c", apps("c"), tmp_path)
+    assert c.admin("/readyz")[0] == 200
+    assert dump(c)["table"]["source"].startswith("saved:")
+    assert call(c, "b") == (200, "b")
+
+    # the control plane comes back (same file, same port): everyone converges on one version
+    cp = quick_cp(control_plane, tmp_path, port)
+
+    def converged() -> bool:
+        version = cp.call("GET", "/v1/table")[1]["version"]
+        sidecars = cp.call("GET", "/v1/sidecars")[1]["sidecars"]
+        return len(sidecars) == 3 and all(s["acked_version"] == version for s in sidecars)
+
+    eventually(converged, timeout=15, what="all three sidecars ack the current version")
+    version = cp.call("GET", "/v1/table")[1]["version"]
+    assert {dump(s)["table"]["version"] for s in (a, b, c)} == {version}
+    assert endpoints(a, "c") == [c.ports["inbound"]]
+
+
+def test_sigterm_deregisters_and_app_health_is_reported(
+    control_plane: StartCP,
+    sidecar_process: StartSidecar,
+    apps: Callable[[str], App],
+    tmp_path: Path,
+) -> None:
+    cp = quick_cp(control_plane, tmp_path)
+    app_a, app_b = apps("a"), apps("b")
+    a = mesh_sidecar(sidecar_process, cp.url, "a", app_a, tmp_path)
+    b = mesh_sidecar(sidecar_process, cp.url, "b", app_b, tmp_path, "--app-health-interval", "0.1")
+    eventually(lambda: endpoints(a, "b") == [b.ports["inbound"]])
+
+    app_b.status = 500  # three failed checks: callers stop routing to b
+    eventually(lambda: endpoints(a, "b") == [], timeout=5, what="b reported unhealthy")
+    app_b.status = 200  # one good check: back
+    eventually(lambda: endpoints(a, "b") == [b.ports["inbound"]], timeout=5)
+
+    assert b.stop() == 0  # SIGTERM: deregistered, not just unhealthy
+    assert cp.call("GET", "/v1/services/b")[0] == 404  # its only instance is gone
+    assert "deregistered b/" in b.log()
+
+
+def test_a_corrupted_state_file_is_ignored_with_a_warning(
+    sidecar_process: StartSidecar, apps: Callable[[str], App], tmp_path: Path
+) -> None:
+    (tmp_path / "state-a").mkdir()
+    (tmp_path / "state-a" / "a.table").write_bytes(b"meshlet-table 1 sha256=00\n{}")
+    a = mesh_sidecar(sidecar_process, f"http://127.0.0.1:{free_port()}", "a", apps("a"), tmp_path)
+    assert "saved table ignored" in a.log()
+    assert "checksum mismatch" in a.log()
+    status, body = a.admin("/readyz")
+    assert (status, body["reason"]) == (503, "no routing table loaded")
+
+
+async def test_a_nacked_table_leaves_the_old_one_serving(
+    sidecar_process: StartSidecar, apps: Callable[[str], App], tmp_path: Path
+) -> None:
+    """A stand-in control plane pushes a good table, then a bad one."""
+    app_x = apps("x")
+    answers: list[Any] = []
+    pushed = asyncio.Event()
+
+    async def stream(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.receive()  # hello
+        await ws.send_str(encode(Welcome("x1", 0)))
+        good = parse_table(
+            {
+                "services": {"x": {"endpoints": [{"address": "127.0.0.1", "port": app_x.port}]}},
+                "version": 1,
+            }
+        )
+        await ws.send_str(table_message(good))
+        bad = {
+            "type": "table",
+            "version": 2,
+            "services": {"x": {"endpoints": [{"address": "127.0.0.1", "port": 0}]}},
+        }
+        await ws.send_str(json.dumps(bad))
+        async for msg in ws:
+            if msg.type is WSMsgType.TEXT and decode(msg.data).__class__.__name__ in (
+                "Ack",
+                "Nack",
+            ):
+                answers.append(decode(msg.data))
+                if len(answers) == 2:
+                    pushed.set()
+        return ws
+
+    fake = web.Application()
+    fake.router.add_get("/v1/stream", stream)
+    runner = web.AppRunner(fake, shutdown_timeout=1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    x = mesh_sidecar(sidecar_process, url, "x", app_x, tmp_path, "--app-health", "none")
+    await asyncio.wait_for(pushed.wait(), 10)
+    ack, nack = answers
+    assert ack.version == 1
+    assert isinstance(nack, Nack)
+    assert (nack.version, nack.error) == (
+        2,
+        "services.x.endpoints[0].port: must be from 1 to 65535; got 0",
+    )
+    assert (await asyncio.to_thread(dump, x))["table"]["version"] == 1
+    assert await asyncio.to_thread(call, x, "x") == (200, "x")
+    x.kill()  # ends the stand-in's stream handler
+    await runner.cleanup()

@@ -1,0 +1,118 @@
+"""Discovery, the saved table, and app health, without a control plane."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from control_plane.wire import Ack, Nack, Registration, Table, parse_table, table_message
+from sidecar import state
+from sidecar.discovery import Backoff, Discovery, stream_url
+from sidecar.health import AppHealth
+from sidecar.routing import Pools, TableHolder
+
+TABLE = parse_table(
+    {"services": {"a": {"endpoints": [{"address": "10.0.0.1", "port": 80}]}}, "version": 3}
+)
+
+
+def test_backoff_grows_jittered_and_capped() -> None:
+    b = Backoff(0.1, 30.0)
+    delays = [b.next() for _ in range(12)]
+    for attempt, delay in enumerate(delays):
+        ceiling = min(30.0, 0.1 * 2**attempt)
+        assert ceiling / 2 <= delay <= ceiling
+    b.reset()
+    assert b.next() <= 0.1
+
+
+def test_stream_urls() -> None:
+    assert stream_url("http://cp:7070") == "ws://cp:7070/v1/stream"
+    assert stream_url("https://cp:7070/") == "wss://cp:7070/v1/stream"
+
+
+def test_state_round_trip_and_corruption(tmp_path: Path) -> None:
+    path = tmp_path / "dir" / "svc.table"
+    state.save(path, TABLE)
+    assert state.load(path) == TABLE
+    raw = path.read_bytes()
+    path.write_bytes(raw[:-5])  # torn
+    with pytest.raises(state.StateError, match="checksum mismatch"):
+        state.load(path)
+    path.write_bytes(b"garbage")
+    with pytest.raises(state.StateError, match="not a meshlet table file"):
+        state.load(path)
+    with pytest.raises(state.StateError, match="No such file"):
+        state.load(tmp_path / "missing")
+    assert not list(path.parent.glob(".*.tmp"))  # no temp files left behind
+
+
+def test_app_health_falls_after_three_and_rises_after_one() -> None:
+    changes: list[bool] = []
+    health = AppHealth("http://app/healthz", changes.append)
+    for _ in range(2):
+        health.record(False, "status 500")
+    assert (health.healthy, changes) == (True, [])
+    health.record(False, "status 500")
+    assert (health.healthy, changes) == (False, [False])
+    health.record(False, "timeout")
+    assert changes == [False]
+    health.record(True)
+    assert (health.healthy, changes) == (True, [False, True])
+    assert "healthy" in repr(health)
+
+
+def discovery(tmp_path: Path, holder: TableHolder) -> Discovery:
+    return Discovery(
+        control_plane="http://127.0.0.1:1",
+        token="",
+        service="svc",
+        registration=Registration(address="127.0.0.1", port=1),
+        tables=holder,
+        state_path=tmp_path / "svc.table",
+    )
+
+
+async def test_apply_acks_newer_tables_and_saves_them(tmp_path: Path) -> None:
+    holder = TableHolder(Pools())
+    d = discovery(tmp_path, holder)
+    assert await d._apply(table_message(TABLE)) == Ack(3)
+    assert holder.current is not None
+    assert (holder.current.info.version, holder.current.info.source) == (3, "control-plane")
+    assert state.load(tmp_path / "svc.table") == TABLE
+
+
+@pytest.mark.parametrize(
+    ("message", "version", "says"),
+    [
+        (table_message(Table({}, 2)), 2, "version 2 is not newer than 3"),
+        (table_message(Table({}, 3)), 3, "version 3 is not newer than 3"),
+        (
+            json.dumps(
+                {
+                    "type": "table",
+                    "version": 9,
+                    "services": {"a": {"endpoints": [{"address": "10.0.0.1", "port": 0}]}},
+                }
+            ),
+            9,
+            "services.a.endpoints[0].port: must be from 1 to 65535",
+        ),
+        ("{not json", 0, "not JSON"),
+        ('{"type": "welcome", "instance": "x", "version": 1}', 0, "expected a table"),
+    ],
+)
+async def test_apply_nacks_and_keeps_the_old_table(
+    tmp_path: Path, message: str, version: int, says: str
+) -> None:
+    holder = TableHolder(Pools())
+    d = discovery(tmp_path, holder)
+    await d._apply(table_message(TABLE))
+    answer = await d._apply(message)
+    assert isinstance(answer, Nack)
+    assert answer.version == version
+    assert says in answer.error
+    assert holder.current is not None
+    assert holder.current.info.version == 3
