@@ -32,13 +32,10 @@ from control_plane.wire import (
     Heartbeat,
     Hello,
     Nack,
-    ServiceEntry,
-    Table,
     Welcome,
     WireError,
     decode,
     encode,
-    table_message,
 )
 
 log = logging.getLogger("meshlet.publisher")
@@ -96,8 +93,8 @@ class Publisher:
         self.tokens = tuple(t for t in tokens if t)
         self.version = 0
         self.digest = ""
-        self.table = Table({}, 0)
-        self.payload = table_message(self.table)
+        self.payload = table.message("{}", 0)
+        self._installed = False
         self.sessions: dict[int, SidecarSession] = {}
         self._ids = itertools.count(1)
         self._changed = asyncio.Event()
@@ -138,25 +135,25 @@ class Publisher:
 
     async def rebuild(self) -> bool:
         """Build the table; publish it as a new version if its content changed."""
-        services = table.build_services(self.registry)
-        digest = table.digest(services)
+        services = table.build(self.registry)
+        rendered, digest = table.render(services)
         if digest == self.digest:
-            if self.table.version != self.version:  # first build after a restart
-                self._install(services, self.version)
+            if not self._installed:  # the first build after a restart: same content, same version
+                self._install(rendered, self.version)
             return False
         version = self.version + 1
         await self.store.put_table_version(version, digest)
         self.digest = digest
-        self._install(services, version)
+        self._install(rendered, version)
         log.info("table version %d: %d services", version, len(services))
         for session in self.sessions.values():
             session.wake.set()
         return True
 
-    def _install(self, services: dict[str, ServiceEntry], version: int) -> None:
+    def _install(self, rendered: str, version: int) -> None:
         self.version = version
-        self.table = Table(services, version)
-        self.payload = table_message(self.table)
+        self.payload = table.message(rendered, version)
+        self._installed = True
 
     def sidecars(self) -> list[dict[str, object]]:
         return [s.describe() for s in sorted(self.sessions.values(), key=lambda s: s.node)]

@@ -107,6 +107,10 @@ class Registry:
     def service(self, name: str) -> ServiceView:
         return ServiceView(name, self.policy(name), name in self._policies, self.instances(name))
 
+    def views(self) -> list[ServiceView]:
+        """Every service with its policy and instances (what the routing table is built from)."""
+        return [self.service(name) for name in sorted(self._service_names())]
+
     def policy(self, name: str) -> Policy:
         return self._policies.get(name, DEFAULT_POLICY)
 
@@ -171,8 +175,12 @@ class Registry:
             )
 
             if record != old:
-                await self._commit(self._store.put_instance(record), self._put, record)
-            came_back = self._touch(record.key)
+                # the record and its liveness appear together: readers between two awaits
+                # (the publisher's rebuild) must never see one without the other
+                await self._commit(self._store.put_instance(record), self._put, record, True)
+                came_back = False
+            else:
+                came_back = self._touch(record.key)
         if record != old or came_back:
             self._changed()
         if old is None:
@@ -321,8 +329,10 @@ class Registry:
         if name not in self._policies and name not in self._instances:
             raise NotFound(f"no service {name!r}", "service")
 
-    def _put(self, record: InstanceRecord) -> None:
+    def _put(self, record: InstanceRecord, touch: bool = False) -> None:
         self._instances.setdefault(record.service, {})[record.id] = record
+        if touch:
+            self._touch(record.key)
 
     def _record(self, service: str, instance_id: str) -> InstanceRecord:
         record = self._instances.get(service, {}).get(instance_id)

@@ -240,10 +240,11 @@ async def test_a_sidecar_that_stops_reading_is_dropped(
     cp: Api, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     import control_plane.publisher as pub
+    import control_plane.table as table_module
 
     monkeypatch.setattr(pub, "SEND_TIMEOUT", 0.5)
     # tables far larger than the socket buffers, to a sidecar that reads nothing at all
-    monkeypatch.setattr(pub, "table_message", lambda table: "x" * 50_000_000)
+    monkeypatch.setattr(table_module, "message", lambda rendered, version: "x" * 50_000_000)
     assert cp.port is not None
     stuck = await raw_stream_client(cp.port, encode(hello(1)))
     reader = await connect(cp, hello(2))  # a healthy sidecar beside it

@@ -60,6 +60,18 @@ async def test_a_cancelled_write_neither_is_lost_nor_overtakes_the_next(clock: F
     assert (stored.weight, stored.draining) == (7, True)
 
 
+async def test_readers_never_see_a_record_without_its_liveness(clock: FakeClock) -> None:
+    """The publisher rebuilds between any two awaits; a half-registered instance crashed it."""
+    r = await make(SlowStore(), clock)
+    registering = asyncio.create_task(r.register("svc", reg(1)))
+    while not registering.done():
+        r.services()  # raised KeyError between the commit and the liveness update
+        for view in r.instances("svc") if "svc" in {s.name for s in r.services()} else []:
+            assert view.status is Status.HEALTHY
+        await asyncio.sleep(0)
+    await registering
+
+
 async def test_draining_instances_neither_count_for_nor_are_held_by_protection(
     store: Store, clock: FakeClock
 ) -> None:

@@ -1,0 +1,391 @@
+"""Pushing routing tables to N sidecars, beside Redis PUBLISH to N subscribers.
+
+A control plane (memory store, default debounce: 100 ms quiet, 2 s max) runs pinned to CPU 0.
+N lightweight simulated sidecars (WebSocket clients that read a table's version and ACK it,
+without parsing the rest) run in this process on CPU 1; each registers an instance, so the
+table holds N endpoints across 50 services, as a real mesh of N sidecars would.
+
+  flip       one instance's weight changes over REST; the time until each sidecar has the new
+             version: p50, p99, max, with the default debounce, and again with a control
+             plane whose debounce is off (--debounce-quiet 0.001): the transport alone
+  floor      Redis PUBLISH of a message of the table's size to N subscribers (raw RESP
+             clients in this same process): until each has all of it
+  burst      100 weight changes within 1 s: tables each sidecar receives (goal <= 2) and
+             whether the final table has the final weight
+  rss        a real sidecar process's RSS idle, and after a table of 1,000 services x 10
+             endpoints (goal <= 60 MB, stretch <= 40 MB)
+
+Run: .venv/bin/python tests/benchmarks/bench_push.py [--sizes 100,1000] [--flips 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+import uvloop
+
+CP_CORE, CLIENT_CORE = 0, 1
+VERSION = re.compile(rb'"version":(\d+)}$')
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_http(url: str) -> None:
+    for _ in range(200):
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+class SimSidecar:
+    """Registers, then ACKs every table, noting when each version arrived."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.arrived: dict[int, float] = {}
+        self.tables = 0
+        self.last_payload = b""
+
+    async def run(self, http: aiohttp.ClientSession, url: str, ready: asyncio.Event) -> None:
+        async with http.ws_connect(f"{url}/v1/stream", max_msg_size=0) as ws:
+            hello = {
+                "type": "hello",
+                "node": f"sim-{self.n}",
+                "service": f"svc-{self.n % 50}",
+                "instance": {"id": f"i{self.n}", "address": "127.0.0.1", "port": 10000 + self.n},
+                "version": 0,
+                "health": "healthy",
+            }
+            await ws.send_str(json.dumps(hello))
+            await ws.receive()  # welcome
+            ready.set()
+            beats = asyncio.create_task(self._heartbeats(ws))
+            try:
+                await self._tables(ws)
+            finally:
+                beats.cancel()
+
+    async def _heartbeats(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        while True:
+            await asyncio.sleep(5.0)
+            await ws.send_str('{"type":"heartbeat","health":"healthy"}')
+
+    async def _tables(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        async for msg in ws:
+            data = msg.data.encode() if isinstance(msg.data, str) else msg.data
+            found = VERSION.search(data[-40:])
+            if found is None:
+                continue
+            version = int(found.group(1))
+            self.arrived[version] = time.monotonic()
+            self.tables += 1
+            self.last_payload = data
+            await ws.send_str(f'{{"type":"ack","version":{version}}}')
+
+
+async def current_version(http: aiohttp.ClientSession, url: str) -> int:
+    async with http.get(f"{url}/v1/table") as r:
+        return int((await r.json())["version"])
+
+
+async def settle(sims: list[SimSidecar], version: int) -> None:
+    deadline = time.monotonic() + 30.0
+    while any(version not in s.arrived for s in sims):
+        if time.monotonic() > deadline:
+            missing = sum(version not in s.arrived for s in sims)
+            raise RuntimeError(f"{missing} sidecars never got version {version}")
+        await asyncio.sleep(0.01)
+
+
+async def push_rounds(url: str, n: int, flips: int, burst: bool) -> tuple[list[float], int]:
+    sims = [SimSidecar(i) for i in range(n)]
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+        readies = [asyncio.Event() for _ in sims]
+        tasks = [
+            asyncio.create_task(s.run(http, url, e)) for s, e in zip(sims, readies, strict=True)
+        ]
+        for start in range(0, n, 100):  # connect in waves, as a fleet starts
+            await asyncio.gather(*(e.wait() for e in readies[start : start + 100]))
+        await asyncio.sleep(3.0)  # registrations debounced and pushed
+        await settle(sims, await current_version(http, url))
+        latencies: list[float] = []
+        for f in range(flips):
+            flip_at = time.monotonic()
+            async with http.patch(
+                f"{url}/v1/services/svc-0/instances/i0", json={"weight": 50 + f}
+            ) as r:
+                assert r.status == 200, await r.text()
+            await asyncio.sleep(0.2)
+            version = await current_version(http, url)
+            await settle(sims, version)
+            latencies += [s.arrived[version] - flip_at for s in sims]
+            await asyncio.sleep(0.3)
+        table_bytes = len(sims[0].last_payload)
+        if not burst:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            return latencies, table_bytes
+        # a burst: 100 changes within a second
+        before = [s.tables for s in sims]
+        for w in range(100):
+            async with http.patch(
+                f"{url}/v1/services/svc-0/instances/i0", json={"weight": 1 + w}
+            ) as r:
+                assert r.status == 200
+            await asyncio.sleep(0.009)
+        await asyncio.sleep(2.5)
+        version = await current_version(http, url)
+        await settle(sims, version)
+        burst_tables = max(s.tables - b for s, b in zip(sims, before, strict=True))
+        final = json.loads(sims[-1].last_payload)["services"]["svc-0"]["endpoints"]
+        final_ok = [e["weight"] for e in final if e["instance"] == "i0"] == [100]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    print(
+        f"  N={n}: table {table_bytes / 1024:.0f} KiB; burst of 100 changes in ~1 s: at most "
+        f"{burst_tables} tables per sidecar (goal <= 2), final table right: {final_ok}"
+    )
+    return latencies, table_bytes
+
+
+async def redis_floor(port: int, n: int, size: int, rounds: int) -> list[float]:
+    """Time from PUBLISH to each of N subscribers having the whole message."""
+    loop = asyncio.get_running_loop()
+    payload = b"x" * size
+    expected = len(b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$%d\r\n" % size) + size + 2
+    done: list[asyncio.Future[float]] = []
+
+    class Sub(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.got = 0
+            self.subscribed = False
+            self.future: asyncio.Future[float] | None = None
+
+        def data_received(self, data: bytes) -> None:
+            if not self.subscribed:
+                self.subscribed = True  # the SUBSCRIBE confirmation
+                return
+            self.got += len(data)
+            if self.got >= expected and self.future is not None and not self.future.done():
+                self.future.set_result(time.monotonic())
+
+    subs = []
+    for _ in range(n):
+        transport, sub = await loop.create_connection(Sub, "127.0.0.1", port)
+        transport.write(b"*2\r\n$9\r\nSUBSCRIBE\r\n$2\r\nch\r\n")
+        subs.append((transport, sub))
+    await asyncio.sleep(1.0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    latencies: list[float] = []
+    for _ in range(rounds):
+        done = [loop.create_future() for _ in subs]
+        for (_, sub), fut in zip(subs, done, strict=True):
+            sub.got = 0
+            sub.future = fut
+        start = time.monotonic()
+        writer.write(b"*3\r\n$7\r\nPUBLISH\r\n$2\r\nch\r\n$%d\r\n%s\r\n" % (size, payload))
+        await reader.readline()
+        latencies += [t - start for t in await asyncio.gather(*done)]
+        await asyncio.sleep(0.3)
+    writer.close()
+    for transport, _ in subs:
+        transport.close()
+    return latencies
+
+
+def sidecar_rss(cp_url: str, tmp: Path) -> tuple[float, float]:
+    """A real sidecar's RSS idle, then after a table of 1,000 services x 10 endpoints."""
+    admin = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sidecar",
+            "--service",
+            "rss",
+            "--control-plane",
+            cp_url,
+            "--advertise",
+            "127.0.0.1",
+            "--outbound",
+            "127.0.0.1:0",
+            "--inbound",
+            "127.0.0.1:0",
+            "--admin",
+            f"127.0.0.1:{admin}",
+            "--state-dir",
+            str(tmp / "rss"),
+            "--app-health",
+            "none",
+            "--log-level",
+            "warning",
+        ],
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{admin}/healthz")
+        time.sleep(2.0)
+        idle = rss_mb(proc.pid)
+        body = {"address": "10.0.0.1", "port": 1}
+        opener = urllib.request.build_opener()
+        for s in range(1000):
+            for i in range(10):
+                req = urllib.request.Request(
+                    f"{cp_url}/v1/services/big-{s}/instances",
+                    data=json.dumps({**body, "id": f"i{i}", "port": 1000 + i}).encode(),
+                    headers={"Content-Type": "application/json"},
+                    method="POST",
+                )
+                opener.open(req).read()
+        for _ in range(100):  # until the sidecar has it
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/config_dump") as r:
+                services = json.loads(r.read())["table"]["services"]
+            if len(services) > 1000:
+                break
+            time.sleep(0.2)
+        time.sleep(1.0)
+        return idle, rss_mb(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def start_control_plane(port: int, *debounce: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            "taskset",
+            "-c",
+            str(CP_CORE),
+            sys.executable,
+            "-m",
+            "control_plane",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--store",
+            "memory",
+            "--log-level",
+            "warning",
+            *debounce,
+        ],
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", default="100,1000")
+    parser.add_argument("--flips", type=int, default=5)
+    args = parser.parse_args()
+    if shutil.which("redis-server") is None:
+        print("redis-server not found (apt-get install redis-server)", file=sys.stderr)
+        return 2
+    os.sched_setaffinity(0, {CLIENT_CORE})
+    tmp = Path(tempfile.mkdtemp(prefix="bench-push-"))
+    sizes = [int(x) for x in args.sizes.split(",")]
+    lines = []
+    try:
+        for n in sizes:
+            redis_port = free_port()
+            redis = subprocess.Popen(
+                [
+                    "taskset",
+                    "-c",
+                    str(CP_CORE),
+                    "redis-server",
+                    "--port",
+                    str(redis_port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--maxclients",
+                    "10000",
+                    "--client-output-buffer-limit",
+                    "pubsub 0 0 0",
+                ],
+                stdout=subprocess.DEVNULL,
+            )
+            runs = {}
+            try:
+                for label, debounce in (
+                    ("default", ()),
+                    ("off", ("--debounce-quiet", "0.001", "--debounce-max", "0.001")),
+                ):
+                    port = free_port()
+                    cp = start_control_plane(port, *debounce)
+                    url = f"http://127.0.0.1:{port}"
+                    try:
+                        wait_http(f"{url}/readyz")
+                        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                            runs[label] = runner.run(
+                                push_rounds(url, n, args.flips, burst=label == "default")
+                            )
+                        if label == "default" and n == max(sizes):
+                            idle, loaded = sidecar_rss(url, tmp)
+                            lines.append(
+                                f"real sidecar RSS: idle {idle:.0f} MB, with a 1,000 x 10 "
+                                f"table {loaded:.0f} MB (goal <= 60, stretch <= 40)"
+                            )
+                    finally:
+                        cp.terminate()
+                        cp.wait(10)
+                size = runs["off"][1]
+                with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                    floor = runner.run(redis_floor(redis_port, n, size, args.flips))
+            finally:
+                redis.terminate()
+                redis.wait(10)
+            lat, off = runs["default"][0], runs["off"][0]
+            lines.append(
+                f"N={n} ({size / 1024:.0f} KiB tables): with the debounce p50 "
+                f"{statistics.median(lat) * 1000:.0f} ms, p99 {percentile(lat, 99) * 1000:.0f} "
+                f"ms, max {max(lat) * 1000:.0f} ms (goal p99 <= 1000 ms); debounce off p99 "
+                f"{percentile(off, 99) * 1000:.0f} ms; Redis floor p99 "
+                f"{percentile(floor, 99) * 1000:.0f} ms; ratio "
+                f"{percentile(off, 99) / percentile(floor, 99):.1f}x (goal <= 3x)"
+            )
+        print()
+        print("\n".join(lines))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
