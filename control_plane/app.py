@@ -73,7 +73,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     registry, publisher = app[api.REGISTRY], app[api.PUBLISHER]
     try:
         snapshot = await registry.start()
-        await publisher.start(snapshot.table_version, snapshot.table_digest)
+        await publisher.start(snapshot.table_version, snapshot.table_digest, snapshot.epoch)
     except BaseException:
         await app[STORE].close()
         raise

@@ -5,9 +5,10 @@ Registry changes wake ``run``, which waits for ``quiet`` seconds without another
 most ``max_wait`` after the first), rebuilds the table, and bumps the version only when the
 content changed (the digest persists with the version, so a restart keeps the version when
 nothing changed). Each connected sidecar has one sender task that always sends the newest
-table; a sidecar that already has it gets nothing. Sends are bounded: at most ``MAX_SENDING``
-at once, and a sidecar that does not take a table within ``SEND_TIMEOUT`` is disconnected,
-so one slow reader never holds up the others.
+table; a sidecar that already has it gets nothing. Sends are bounded per sidecar and never
+wait on each other: a sidecar whose send buffer holds more than ``SEND_BUFFER_LIMIT``, or
+that does not take a table within ``SEND_TIMEOUT``, is disconnected. WebSocket pings every
+``KEEPALIVE`` seconds find streams that went silent without closing.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ from control_plane.wire import (
 
 log = logging.getLogger("meshlet.publisher")
 
-MAX_SENDING = 64
 SEND_TIMEOUT = 10.0
+SEND_BUFFER_LIMIT = 16 * 1024 * 1024
+KEEPALIVE = 10.0
 HELLO_TIMEOUT = 10.0
 MAX_MESSAGE = 1024 * 1024
 
@@ -93,21 +95,22 @@ class Publisher:
         self.tokens = tuple(t for t in tokens if t)
         self.version = 0
         self.digest = ""
-        self.payload = table.message("{}", 0)
+        self.epoch = ""
+        self.payload = table.message("{}", 0, "")
         self._installed = False
         self.sessions: dict[int, SidecarSession] = {}
+        self._owners: dict[tuple[str, str], int] = {}  # instance -> the session it is live on
         self._ids = itertools.count(1)
         self._changed = asyncio.Event()
-        self._sending = asyncio.Semaphore(MAX_SENDING)
         self.pushes = 0
         registry.on_change(self._changed.set)
 
     def __repr__(self) -> str:
         return f"<Publisher [version {self.version}, {len(self.sessions)} sidecars]>"
 
-    async def start(self, version: int, digest: str) -> None:
+    async def start(self, version: int, digest: str, epoch: str) -> None:
         """Take the version the store remembers; a changed table after a restart bumps it."""
-        self.version, self.digest = version, digest
+        self.version, self.digest, self.epoch = version, digest, epoch
         await self.rebuild()
 
     async def run(self) -> None:
@@ -132,6 +135,10 @@ class Publisher:
                 log.warning("table not published, store failed: %s; retrying", e)
                 self._changed.set()
                 await asyncio.sleep(1.0)
+            except Exception:
+                log.exception("bug: table not published; retrying in 1s")
+                self._changed.set()
+                await asyncio.sleep(1.0)
 
     async def rebuild(self) -> bool:
         """Build the table; publish it as a new version if its content changed."""
@@ -142,7 +149,7 @@ class Publisher:
                 self._install(rendered, self.version)
             return False
         version = self.version + 1
-        await self.store.put_table_version(version, digest)
+        await self.store.put_table_version(version, digest, self.registry.unhealthy())
         self.digest = digest
         self._install(rendered, version)
         log.info("table version %d: %d services", version, len(services))
@@ -152,19 +159,31 @@ class Publisher:
 
     def _install(self, rendered: str, version: int) -> None:
         self.version = version
-        self.payload = table.message(rendered, version)
+        self.payload = table.message(rendered, version, self.epoch)
         self._installed = True
+
+    def _cut(self, session: SidecarSession, why: str) -> None:
+        """Disconnect a sidecar that stopped reading (a close frame would wait too)."""
+        log.warning("sidecar %s %s: disconnecting", session.node, why)
+        if session.transport is not None:
+            session.transport.abort()
 
     def sidecars(self) -> list[dict[str, object]]:
         return [s.describe() for s in sorted(self.sessions.values(), key=lambda s: s.node)]
 
     async def close_sessions(self) -> None:
-        """On shutdown: tell every sidecar we are going (they keep their tables and retry)."""
-        sessions = list(self.sessions.values())
-        await asyncio.gather(
-            *(s.ws.close(code=1001, message=b"control plane shutting down") for s in sessions),
-            return_exceptions=True,
-        )
+        """On shutdown: tell every sidecar we are going (they keep their tables and retry).
+        A sidecar that does not take the close within a second is cut off."""
+
+        async def close(session: SidecarSession) -> None:
+            try:
+                async with asyncio.timeout(1.0):
+                    await session.ws.close(code=1001, message=b"control plane shutting down")
+            except (TimeoutError, ConnectionError):
+                if session.transport is not None:
+                    session.transport.abort()
+
+        await asyncio.gather(*(close(s) for s in list(self.sessions.values())))
 
     # -- the stream -------------------------------------------------------------------------
 
@@ -185,13 +204,12 @@ class Publisher:
                 status=401,
                 headers={"WWW-Authenticate": 'Bearer realm="meshlet"'},
             )
-        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE)
+        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE, heartbeat=KEEPALIVE)
         await ws.prepare(request)
-        session = await self._welcome(ws, request.transport)
+        key = next(self._ids)
+        session = await self._welcome(ws, request.transport, key)
         if session is None:
             return ws
-        key = next(self._ids)
-        self.sessions[key] = session
         sender = asyncio.create_task(self._send_tables(session), name=f"send-{session.node}")
         try:
             await self._receive(session)
@@ -199,17 +217,21 @@ class Publisher:
             # Synchronous first: aiohttp cancels this handler once the socket is gone, and an
             # await here would then skip the rest.
             sender.cancel()
-            del self.sessions[key]
-            if not session.deregistered:
-                self.registry.disconnected(session.service, session.instance)
-            log.info(
-                "sidecar %s (%s/%s) disconnected", session.node, session.service, session.instance
-            )
+            self._end(key, session)
             await asyncio.gather(sender, return_exceptions=True)
         return ws
 
+    def _end(self, key: int, session: SidecarSession) -> None:
+        self.sessions.pop(key, None)
+        instance = (session.service, session.instance)
+        if self._owners.get(instance) == key:  # a newer stream for the instance may be live
+            del self._owners[instance]
+            if not session.deregistered:
+                self.registry.disconnected(session.service, session.instance)
+        log.info("sidecar %s (%s/%s) disconnected", session.node, *instance)
+
     async def _welcome(
-        self, ws: web.WebSocketResponse, transport: asyncio.Transport | None
+        self, ws: web.WebSocketResponse, transport: asyncio.Transport | None, key: int
     ) -> SidecarSession | None:
         try:
             async with asyncio.timeout(HELLO_TIMEOUT):
@@ -220,14 +242,9 @@ class Publisher:
         except (TimeoutError, WireError) as e:
             await ws.close(code=4400, message=f"bad hello: {e}"[:120].encode())
             return None
-        try:
-            view, _ = await self.registry.register(hello.service, hello.instance)
-        except StoreError as e:
-            log.warning("sidecar %s not registered, store failed: %s", hello.node, e)
-            await ws.close(code=1011, message=b"store unavailable")
-            return None
-        instance = view.record.id
-        self.registry.report(hello.service, instance, app_healthy=hello.health == "healthy")
+        # The session owns its instance before registering: if this handler is cancelled
+        # (the socket died) anywhere from here on, _end marks the instance unhealthy.
+        instance = hello.instance.instance_id()
         session = SidecarSession(
             ws,
             transport,
@@ -239,7 +256,24 @@ class Publisher:
             acked=hello.version,
             sent=hello.version,
         )
-        await ws.send_str(encode(Welcome(instance, self.version)))
+        if hello.epoch != self.epoch or hello.version > self.version:
+            # its table is from another history (this control plane's store was reset, or it
+            # is another control plane): versions do not compare, so it gets ours whatever
+            session.sent = session.acked = 0
+        self.sessions[key] = session
+        self._owners[(hello.service, instance)] = key
+        try:
+            await self.registry.register(hello.service, hello.instance)
+            self.registry.report(hello.service, instance, app_healthy=hello.health == "healthy")
+            await ws.send_str(encode(Welcome(instance, self.version, self.epoch)))
+        except StoreError as e:
+            log.warning("sidecar %s not registered, store failed: %s", hello.node, e)
+            self._end(key, session)
+            await ws.close(code=1011, message=b"store unavailable")
+            return None
+        except BaseException:  # gone between hello and welcome: not live after all
+            self._end(key, session)
+            raise
         session.wake.set()
         log.info(
             "sidecar %s connected for %s/%s at version %d",
@@ -259,6 +293,8 @@ class Publisher:
             except WireError as e:
                 log.warning("sidecar %s sent a bad message: %s", session.node, e)
                 continue
+            if session.deregistered:
+                continue  # it is going: a late heartbeat must not bring it back
             if isinstance(message, Heartbeat):
                 healthy = message.health == "healthy"
                 try:
@@ -287,15 +323,15 @@ class Publisher:
             if session.sent >= self.version:
                 continue
             version, payload = self.version, self.payload
+            buffered = session.transport.get_write_buffer_size() if session.transport else 0
+            if buffered > SEND_BUFFER_LIMIT:
+                self._cut(session, f"{buffered} bytes of tables unread")
+                return
             try:
-                async with self._sending, asyncio.timeout(SEND_TIMEOUT):
+                async with asyncio.timeout(SEND_TIMEOUT):
                     await session.ws.send_str(payload)
             except TimeoutError:
-                log.warning(
-                    "sidecar %s took no table for %.0fs: disconnecting", session.node, SEND_TIMEOUT
-                )
-                if session.transport is not None:
-                    session.transport.abort()  # its buffer is full: a close frame would wait too
+                self._cut(session, f"took no table for {SEND_TIMEOUT:.0f}s")
                 return
             except ConnectionError:
                 return

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from control_plane.clock import Clock
 from control_plane.errors import NotFound
 from control_plane.model import InstanceRecord, InstanceView, ServiceSummary, ServiceView, Status
-from control_plane.reaper import plan_expiry
+from control_plane.reaper import PROTECT_MIN, plan_expiry
 from control_plane.schema import InstancePatch, Registration
 from control_plane.store import Snapshot, Store
 from control_plane.wire import DEFAULT_POLICY, DEFAULT_WEIGHT, Policy
@@ -67,6 +67,7 @@ class Registry:
         self._live: dict[tuple[str, str], _Liveness] = {}
         self._lock = asyncio.Lock()
         self.protection = False
+        self._held_logged = -float("inf")
         self._listener: Callable[[], None] | None = None
 
     def on_change(self, listener: Callable[[], None]) -> None:
@@ -85,7 +86,10 @@ class Registry:
         self._policies = dict(snapshot.policies)
         for record in snapshot.instances:
             self._instances.setdefault(record.service, {})[record.id] = record
-            self._live[record.key] = _Liveness(seen=now, heartbeat_wall=None)
+            # Unhealthy at the last publish: stays out until it shows a sign of life; the rest
+            # get one TTL of grace for their sidecars to reconnect.
+            lapsed = record.key in snapshot.lapsed
+            self._live[record.key] = _Liveness(seen=now, heartbeat_wall=None, lapsed=lapsed)
         log.info(
             "registry loaded: %d services, %d instances",
             len(self._service_names()),
@@ -106,6 +110,15 @@ class Registry:
 
     def service(self, name: str) -> ServiceView:
         return ServiceView(name, self.policy(name), name in self._policies, self.instances(name))
+
+    def unhealthy(self) -> frozenset[tuple[str, str]]:
+        """The instances left out of the table as unhealthy (draining ones are in it)."""
+        return frozenset(
+            r.key
+            for instances in self._instances.values()
+            for r in instances.values()
+            if self._status(r) is Status.UNHEALTHY
+        )
 
     def views(self) -> list[ServiceView]:
         """Every service with its policy and instances (what the routing table is built from)."""
@@ -211,15 +224,38 @@ class Registry:
 
     def disconnected(self, service: str, instance_id: str) -> None:
         """Its sidecar's stream closed: unhealthy at once; removed after ``remove_after`` (from
-        its last heartbeat) unless it comes back."""
+        its last heartbeat) unless it comes back.
+
+        Protection applies here too: when this would make more than ``protect_percent`` of
+        all instances (and at least 3) unhealthy at once, the streams more likely broke on this
+        side (a reset-style partition) than the sidecars all died: the instance stays as it
+        is, and its heartbeats' TTL decides (under the reaper's protection)."""
         record = self._instances.get(service, {}).get(instance_id)
         if record is None:
             return
         live = self._live[record.key]
-        if not live.lapsed:
-            live.lapsed = True
-            log.info("%s/%s unhealthy: its sidecar's stream closed", service, instance_id)
-            self._changed()
+        if live.lapsed:
+            return
+        counted = [r for s in self._instances.values() for r in s.values() if not r.draining]
+        lapsed = 1 + sum(1 for r in counted if self._live[r.key].lapsed)
+        if (
+            not record.draining
+            and lapsed >= PROTECT_MIN
+            and (lapsed * 100 > self.protect_percent * len(counted))
+        ):
+            now = self._clock.monotonic()
+            if now - self._held_logged > self.heartbeat_ttl:
+                self._held_logged = now
+                log.warning(
+                    "%d of %d instances lost their streams at once: kept as they are until "
+                    "their heartbeats' TTL decides (protection)",
+                    lapsed,
+                    len(counted),
+                )
+            return
+        live.lapsed = True
+        log.info("%s/%s unhealthy: its sidecar's stream closed", service, instance_id)
+        self._changed()
 
     async def update(self, service: str, instance_id: str, patch: InstancePatch) -> InstanceView:
         async with self._lock:

@@ -27,6 +27,11 @@ class Snapshot:
     """the last routing-table version pushed (versions never go back, across restarts)"""
     table_digest: str = ""
     """the digest of that table's content"""
+    epoch: str = ""
+    """made once when the store is new: versions compare only within one epoch, so sidecars
+    notice a control plane whose store was reset (its versions start over)"""
+    lapsed: frozenset[tuple[str, str]] = frozenset()
+    """instances the last published table left out as unhealthy"""
 
 
 class Store(Protocol):
@@ -43,7 +48,12 @@ class Store(Protocol):
 
     async def delete_instances(self, keys: Sequence[tuple[str, str]]) -> None: ...
 
-    async def put_table_version(self, version: int, digest: str) -> None: ...
+    async def put_table_version(
+        self, version: int, digest: str, lapsed: frozenset[tuple[str, str]]
+    ) -> None:
+        """What was published: its version, its content's digest, and which instances were
+        unhealthy in it (so a restart does not bring dead instances back)."""
+        ...
 
     async def close(self) -> None: ...
 

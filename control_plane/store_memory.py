@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 
 from control_plane.model import InstanceRecord
@@ -13,10 +14,19 @@ class MemoryStore:
     def __init__(self) -> None:
         self._policies: dict[str, Policy] = {}
         self._instances: dict[tuple[str, str], InstanceRecord] = {}
-        self._table = (0, "")
+        self._table: tuple[int, str, frozenset[tuple[str, str]]] = (0, "", frozenset())
+        self._epoch = secrets.token_hex(8)
 
     async def load(self) -> Snapshot:
-        return Snapshot(dict(self._policies), list(self._instances.values()), *self._table)
+        version, digest, lapsed = self._table
+        return Snapshot(
+            dict(self._policies),
+            list(self._instances.values()),
+            table_version=version,
+            table_digest=digest,
+            epoch=self._epoch,
+            lapsed=lapsed,
+        )
 
     async def put_policy(self, service: str, policy: Policy) -> None:
         self._policies[service] = policy
@@ -31,8 +41,10 @@ class MemoryStore:
         for key in keys:
             self._instances.pop(key, None)
 
-    async def put_table_version(self, version: int, digest: str) -> None:
-        self._table = (version, digest)
+    async def put_table_version(
+        self, version: int, digest: str, lapsed: frozenset[tuple[str, str]]
+    ) -> None:
+        self._table = (version, digest, lapsed)
 
     async def close(self) -> None:
         pass

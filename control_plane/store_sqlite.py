@@ -12,6 +12,7 @@ import asyncio
 import fcntl
 import json
 import os
+import secrets
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -136,11 +137,18 @@ class SqliteStore:
                         f"sqlite {self.path}: stored instance {service}/{id_} is invalid: {e}"
                     ) from e
             meta = dict(db.execute("SELECT key, value FROM meta"))
+            if "epoch" not in meta:
+                meta["epoch"] = secrets.token_hex(8)
+                with db:
+                    db.execute("INSERT INTO meta VALUES ('epoch', ?)", (meta["epoch"],))
+            lapsed = frozenset(tuple(k) for k in json.loads(meta.get("lapsed", "[]")))
             return Snapshot(
                 policies,
                 instances,
                 table_version=int(meta.get("table_version", 0)),
                 table_digest=meta.get("table_digest", ""),
+                epoch=meta["epoch"],
+                lapsed=lapsed,
             )
 
         return await self._run(load)
@@ -188,13 +196,18 @@ class SqliteStore:
 
         await self._run(delete)
 
-    async def put_table_version(self, version: int, digest: str) -> None:
+    async def put_table_version(
+        self, version: int, digest: str, lapsed: frozenset[tuple[str, str]]
+    ) -> None:
+        rows = [
+            ("table_version", str(version)),
+            ("table_digest", digest),
+            ("lapsed", json.dumps(sorted(lapsed), separators=(",", ":"))),
+        ]
+
         def put(db: sqlite3.Connection) -> None:
             with db:
-                db.executemany(
-                    "INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                    [("table_version", str(version)), ("table_digest", digest)],
-                )
+                db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", rows)
 
         await self._run(put)
 

@@ -54,6 +54,9 @@ def render(services: dict[str, Any]) -> tuple[str, str]:
     return canonical, hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def message(services_json: str, version: int) -> str:
+def message(services_json: str, version: int, epoch: str) -> str:
     """The table message (as ``wire.table_message`` writes it) from rendered services."""
-    return f'{{"type":"table","services":{services_json},"version":{version}}}'
+    return (
+        f'{{"type":"table","services":{services_json},"version":{version},'
+        f'"epoch":{json.dumps(epoch)}}}'
+    )

@@ -120,6 +120,7 @@ class Sidecar:
                 registration=self._registration(),
                 tables=self.tables,
                 state_path=self.state_path,
+                app_healthy=self.health is None or self.health.healthy,
             )
         self._background = asyncio.create_task(self._run_background(), name="sidecar-background")
 
@@ -253,8 +254,9 @@ class Sidecar:
     # -- stop -------------------------------------------------------------------------------
 
     async def stop(self) -> None:
-        if self.discovery is not None:
-            await self.discovery.deregister()  # step 0: callers stop routing here first
+        if self.discovery is not None and self.discovery.connected:
+            await self.discovery.deregister()  # step 0: callers stop routing here first,
+            await asyncio.sleep(self.config.deregister_delay)  # once their tables say so
         if self._background is not None:
             self._background.cancel()
             with contextlib.suppress(asyncio.CancelledError):

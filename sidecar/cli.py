@@ -54,6 +54,12 @@ def build_parser(prog: str) -> FlagParser:
     p.flag("--app-health-interval", "5", "seconds between app health checks", convert=number)
     p.flag("--zone", "", "this sidecar's locality zone")
     p.flag("--drain-timeout", "20", "seconds in-flight requests get on SIGTERM", convert=number)
+    p.flag(
+        "--deregister-delay",
+        "1",
+        "seconds between deregistering and draining on SIGTERM",
+        convert=number,
+    )
     p.flag("--log-level", "info", "log level", choices=LOG_LEVELS)
     return p
 

@@ -51,6 +51,8 @@ class SidecarConfig:
     """this sidecar's locality zone"""
     drain_timeout: float = 20.0
     """seconds in-flight requests get to finish on SIGTERM"""
+    deregister_delay: float = 1.0
+    """seconds between deregistering and draining, for callers' tables to change"""
     log_level: str = "info"
     table_poll_interval: float = 1.0
     """seconds between checks of the routing file for changes"""
@@ -63,6 +65,8 @@ class SidecarConfig:
             raise ConfigError(e.field, e.message) from None
         if self.drain_timeout < 0:
             raise ConfigError("drain_timeout", "must not be negative")
+        if self.deregister_delay < 0:
+            raise ConfigError("deregister_delay", "must not be negative")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError("log_level", f"must be one of {', '.join(LOG_LEVELS)}")
         if self.app.port == 0:

@@ -40,6 +40,10 @@ from sidecar.routing import TableHolder
 log = logging.getLogger("meshlet.discovery")
 
 HEARTBEAT_EVERY = 5.0
+KEEPALIVE = 10.0
+#: a session this long resets the backoff (not merely a welcome: a control plane that closes
+#: every stream at once would otherwise be retried every 0.1 s)
+STABLE_SESSION = 5.0
 WELCOME_TIMEOUT = 10.0
 MAX_TABLE_BYTES = 256 * 1024 * 1024
 
@@ -93,6 +97,7 @@ class Discovery:
         self.state_path = state_path
         self.node = node_id(service)
         self.version = tables.current.info.version if tables.current else 0
+        self.epoch = tables.current.table.epoch if tables.current else ""
         self.instance: str | None = None
         self.app_healthy = app_healthy
         self.connected = False
@@ -100,6 +105,8 @@ class Discovery:
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._health_changed = asyncio.Event()
         self._backoff = Backoff()
+        self._beats: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def __repr__(self) -> str:
         state = "connected" if self.connected else f"disconnected ({self.last_error})"
@@ -110,8 +117,10 @@ class Discovery:
         self._health_changed.set()
 
     async def run(self, http: aiohttp.ClientSession) -> None:
-        """Stay connected until cancelled."""
-        while True:
+        """Stay connected until cancelled (or deregistered)."""
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            started = loop.time()
             try:
                 await self._session(http)
                 self.last_error = "the control plane closed the stream"
@@ -120,6 +129,10 @@ class Discovery:
             finally:
                 self.connected = False
                 self._ws = None
+            if self._stopping:
+                return
+            if loop.time() - started >= STABLE_SESSION:
+                self._backoff.reset()
             delay = self._backoff.next()
             log.warning("control plane stream down (%s); retrying in %.1fs", self.last_error, delay)
             await asyncio.sleep(delay)
@@ -127,10 +140,16 @@ class Discovery:
     async def _session(self, http: aiohttp.ClientSession) -> None:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         async with http.ws_connect(
-            self.url, headers=headers, max_msg_size=MAX_TABLE_BYTES, autoping=True
+            self.url,
+            headers=headers,
+            max_msg_size=MAX_TABLE_BYTES,
+            autoping=True,
+            heartbeat=KEEPALIVE,  # pings find a control plane that went silent
         ) as ws:
             health = "healthy" if self.app_healthy else "unhealthy"
-            hello = Hello(self.node, self.service, self.registration, self.version, health)
+            hello = Hello(
+                self.node, self.service, self.registration, self.version, health, self.epoch
+            )
             await ws.send_str(encode(hello))
             async with asyncio.timeout(WELCOME_TIMEOUT):
                 first = await ws.receive()
@@ -139,27 +158,30 @@ class Discovery:
             welcome = decode(first.data)
             if not isinstance(welcome, Welcome):
                 raise WireError("type", "the control plane's first message must be welcome")
-            if welcome.version < self.version:
-                log.warning(
-                    "the control plane is at version %d, behind our %d (its store was reset?): "
-                    "taking its next table",
-                    welcome.version,
-                    self.version,
-                )
+            if welcome.epoch != self.epoch or welcome.version < self.version:
+                if self.epoch:
+                    log.warning(
+                        "the control plane's tables are another history (epoch %s, version %d; "
+                        "ours %s, %d; its store was reset?): taking its next table",
+                        welcome.epoch,
+                        welcome.version,
+                        self.epoch,
+                        self.version,
+                    )
                 self.version = 0
             self.instance = welcome.instance
             self.connected = True
+            self.last_error = ""
             self._ws = ws
-            self._backoff.reset()
             log.info("connected to %s as %s/%s", self.url, self.service, welcome.instance)
-            beats = asyncio.create_task(self._heartbeats(ws), name="heartbeats")
+            self._beats = asyncio.create_task(self._heartbeats(ws), name="heartbeats")
             try:
                 async for msg in ws:
                     if msg.type is aiohttp.WSMsgType.TEXT:
                         await ws.send_str(encode(await self._apply(msg.data)))
             finally:
-                beats.cancel()
-                await asyncio.gather(beats, return_exceptions=True)
+                self._beats.cancel()
+                await asyncio.gather(self._beats, return_exceptions=True)
 
     async def _heartbeats(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         """Every 5 s +-10 %, and at once when the app's health changes."""
@@ -187,6 +209,7 @@ class Discovery:
             return Nack(message.version, error)
         self.tables.install(message, "control-plane")
         self.version = message.version
+        self.epoch = message.epoch
         try:
             await asyncio.get_running_loop().run_in_executor(
                 None, state.save, self.state_path, message
@@ -199,7 +222,11 @@ class Discovery:
         return Ack(message.version)
 
     async def deregister(self) -> None:
-        """Tell the control plane to remove this instance now (on shutdown)."""
+        """Tell the control plane to remove this instance now (on shutdown); no heartbeat or
+        reconnect follows that could bring it back."""
+        self._stopping = True
+        if self._beats is not None:
+            self._beats.cancel()
         ws = self._ws
         if ws is None or ws.closed:
             return

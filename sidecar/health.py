@@ -1,8 +1,10 @@
 """The local app's health, as the sidecar reports it to the control plane.
 
-``GET <app><path>`` every ``interval`` seconds with a ``timeout``: ``fall`` failures in a row
-make it unhealthy (callers stop routing to this instance), ``rise`` successes healthy again.
-A response counts as a success when its status is below 400.
+``GET <app><path>`` at once and then every ``interval`` seconds with a ``timeout``: ``fall``
+failures in a row make it unhealthy (callers stop routing to this instance), ``rise``
+successes healthy again. It starts unhealthy, as a Kubernetes readiness probe does: an app
+gets traffic only once it has answered. A response counts as a success when its status is
+below 400.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class AppHealth:
         self.timeout = timeout
         self.fall = fall
         self.rise = rise
-        self.healthy = True
+        self.healthy = False
         self._failures = 0
         self._successes = 0
         self.last_error = ""
@@ -61,8 +63,11 @@ class AppHealth:
                 self.on_change(False)
 
     async def run(self, http: aiohttp.ClientSession) -> None:
+        first = True
         while True:
-            await asyncio.sleep(self.interval)
+            if not first:
+                await asyncio.sleep(self.interval)
+            first = False
             try:
                 async with asyncio.timeout(self.timeout), http.get(self.url) as r:
                     ok = r.status < 400

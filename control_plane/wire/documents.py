@@ -4,12 +4,14 @@ bounds) from which the JSON parser (``parse``) and the JSON Schema (``json_schem
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import re
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -77,6 +79,21 @@ def _num(x: float | None) -> str:
 D = TypeVar("D")
 
 
+#: set while parsing what a peer of another version may send (stream messages): unknown keys
+#: are then skipped instead of refused, so a newer control plane can add fields
+_lenient: contextvars.ContextVar[bool] = contextvars.ContextVar("lenient", default=False)
+
+
+@contextlib.contextmanager
+def lenient() -> Iterator[None]:
+    """Within: unknown keys are ignored (a newer peer's fields), not refused."""
+    token = _lenient.set(True)
+    try:
+        yield
+    finally:
+        _lenient.reset(token)
+
+
 def parse(cls: type[D], data: Any, path: str = "") -> D:
     """Build document ``cls`` from decoded JSON, rejecting unknown keys and wrong types.
 
@@ -88,9 +105,11 @@ def parse(cls: type[D], data: Any, path: str = "") -> D:
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise WireError(
-            _join(path, str(unknown[0])), f"unknown key; allowed keys: {', '.join(known)}"
-        )
+        if not _lenient.get():
+            raise WireError(
+                _join(path, str(unknown[0])), f"unknown key; allowed keys: {', '.join(known)}"
+            )
+        data = {k: v for k, v in data.items() if k in known}
     missing = [
         f.name
         for f in dataclasses.fields(cls)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from control_plane.wire.checks import WireError, _json_type, check_instance_id, check_service_name
-from control_plane.wire.documents import check_bounds, parse, spec, to_json
+from control_plane.wire.documents import check_bounds, lenient, parse, spec, to_json
 from control_plane.wire.table import _ID_SCHEMA, Registration, Table
 
 STREAM_PATH = "/v1/stream"
@@ -32,6 +32,7 @@ class Hello:
     instance: Registration = spec(dataclasses.MISSING, "the instance it registers")
     version: int = spec(0, "the last table version it applied (0: none)", lo=0)
     health: str = spec("healthy", "its app's health", choices=HEALTH)
+    epoch: str = spec("", "the epoch of the table it has (empty: none)", schema={"type": "string"})
 
     def __post_init__(self) -> None:
         check_bounds(self)
@@ -87,6 +88,11 @@ class Welcome:
         dataclasses.MISSING, "the instance id", parse=check_instance_id, schema=_ID_SCHEMA
     )
     version: int = spec(dataclasses.MISSING, "the current table version", lo=0)
+    epoch: str = spec(
+        "",
+        "the control plane's table history: versions compare only within one epoch",
+        schema={"type": "string"},
+    )
 
     def __post_init__(self) -> None:
         check_bounds(self)
@@ -121,5 +127,6 @@ def decode(text: str | bytes) -> Message:
     cls = _MESSAGES.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise WireError("type", f"must be one of {', '.join(_MESSAGES)}; got {kind!r}")
-    message: Message = parse(cls, data)
+    with lenient():  # a peer of a newer version may send fields this one does not know
+        message: Message = parse(cls, data)
     return message

@@ -180,6 +180,9 @@ class Table:
         schema={"type": "object"},
     )
     version: int = spec(0, "increases with every change the control plane pushes", lo=0)
+    epoch: str = spec(
+        "", "the control plane's table history it belongs to", schema={"type": "string"}
+    )
 
     def __post_init__(self) -> None:
         check_bounds(self)

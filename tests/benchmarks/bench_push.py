@@ -39,7 +39,7 @@ import aiohttp
 import uvloop
 
 CP_CORE, CLIENT_CORE = 0, 1
-VERSION = re.compile(rb'"version":(\d+)}$')
+VERSION = re.compile(rb'"version":(\d+),"epoch"')
 
 
 def free_port() -> int:
@@ -100,7 +100,7 @@ class SimSidecar:
     async def _tables(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         async for msg in ws:
             data = msg.data.encode() if isinstance(msg.data, str) else msg.data
-            found = VERSION.search(data[-40:])
+            found = VERSION.search(data[-80:])
             if found is None:
                 continue
             version = int(found.group(1))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import socket
+import struct
 from typing import Any
 
 import aiohttp
@@ -109,8 +111,18 @@ async def test_a_sidecar_at_the_current_version_gets_nothing(cp: Api) -> None:
     while "svc" not in table.services:
         table = await a.next_table()
     await a.ws.close()
-    again = await connect(cp, hello(1, version=table.version))
+    again = await connect(cp, hello(1, version=table.version, epoch=table.epoch))
+    assert again.welcome.epoch == table.epoch
     await again.no_table(within=0.5)
+    await again.ws.close()
+    # a table from another history (the store was reset) is replaced whatever its version
+    for other in (
+        hello(1, version=table.version, epoch="elsewhere"),
+        hello(1, version=table.version + 50, epoch=table.epoch),
+    ):
+        side = await connect(cp, other)
+        assert (await side.next_table()).version == table.version
+        await side.ws.close()
 
 
 async def test_changes_are_debounced_into_one_table(cp: Api) -> None:
@@ -244,7 +256,7 @@ async def test_a_sidecar_that_stops_reading_is_dropped(
 
     monkeypatch.setattr(pub, "SEND_TIMEOUT", 0.5)
     # tables far larger than the socket buffers, to a sidecar that reads nothing at all
-    monkeypatch.setattr(table_module, "message", lambda rendered, version: "x" * 50_000_000)
+    monkeypatch.setattr(table_module, "message", lambda rendered, version, epoch: "x" * 50_000_000)
     assert cp.port is not None
     stuck = await raw_stream_client(cp.port, encode(hello(1)))
     reader = await connect(cp, hello(2))  # a healthy sidecar beside it
@@ -260,3 +272,111 @@ async def test_a_sidecar_that_stops_reading_is_dropped(
     assert [s.node for s in publisher(cp).sessions.values()] == ["node-2"]
     stuck.close()
     del reader
+
+
+async def test_a_stale_stream_closing_leaves_the_live_one_alone(cp: Api) -> None:
+    old = await connect(cp, hello(1))
+    new = await connect(cp, hello(1))  # the same instance, reconnected
+    await old.ws.close()
+    await asyncio.sleep(0.2)
+    async with cp.get("/v1/services/svc/instances/i1") as r:
+        assert (await r.json())["status"] == "healthy"
+    await new.ws.close()
+    await asyncio.sleep(0.1)
+    async with cp.get("/v1/services/svc/instances/i1") as r:
+        assert (await r.json())["status"] == "unhealthy"
+
+
+async def test_gone_between_hello_and_welcome_is_not_left_healthy(cp: Api) -> None:
+    assert cp.port is not None
+    stuck = await raw_stream_client(cp.port, encode(hello(1)))
+    sock = stuck.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    stuck.transport.abort()  # a reset, maybe before the welcome is out
+    for _ in range(50):
+        async with cp.get("/v1/services/svc/instances/i1") as r:
+            body = await r.json()
+        if r.status == 200 and body["status"] == "unhealthy":
+            break
+        await asyncio.sleep(0.05)
+    assert body["status"] == "unhealthy"
+
+
+async def test_a_heartbeat_after_deregister_is_ignored(cp: Api) -> None:
+    a = await connect(cp, hello(1))
+    await a.send(Deregister())
+    await a.send(Heartbeat("healthy"))
+    await asyncio.sleep(0.1)
+    async with cp.get("/v1/services/svc/instances/i1") as r:
+        assert r.status == 404
+
+
+async def test_streams_lost_at_once_are_protected(make_api: MakeApi) -> None:
+    api = await make_api(store=MemoryStore(), debounce_quiet=0.05)
+    sides = [await connect(api, hello(n)) for n in range(10)]
+    for side in sides[:6]:  # six of ten streams reset together: this side is likely cut off
+        await side.ws.close()
+    await asyncio.sleep(0.3)
+    async with api.get("/v1/services/svc/instances") as r:
+        statuses = [i["status"] for i in (await r.json())["instances"]]
+    assert statuses.count("healthy") >= 8  # at most two lapse before the threshold holds
+
+
+async def test_a_silent_stream_is_found_by_keepalive(
+    cp: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import control_plane.publisher as pub
+
+    monkeypatch.setattr(pub, "KEEPALIVE", 0.3)
+    assert cp.port is not None
+    silent = await raw_stream_client(cp.port, encode(hello(1)))  # never answers a ping
+    for _ in range(60):
+        async with cp.get("/v1/services/svc/instances/i1") as r:
+            if (await r.json())["status"] == "unhealthy":
+                break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("a silent stream was never dropped")
+    silent.close()
+
+
+async def test_the_publisher_survives_a_failed_build(
+    cp: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import control_plane.table as table_module
+
+    real = table_module.build
+    calls = {"n": 0}
+
+    def flaky(registry: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("a bug")
+        return real(registry)
+
+    monkeypatch.setattr(table_module, "build", flaky)
+    start = publisher(cp).version
+    async with cp.put("/v1/services/svc/policy", json={"retries": 3}) as r:
+        assert r.status == 200
+    for _ in range(60):
+        if publisher(cp).version > start:
+            break
+        await asyncio.sleep(0.05)
+    assert publisher(cp).version == start + 1
+
+
+async def test_shutdown_does_not_wait_for_a_stuck_sidecar(
+    cp: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import control_plane.table as table_module
+
+    monkeypatch.setattr(table_module, "message", lambda rendered, version, epoch: "x" * 50_000_000)
+    assert cp.port is not None
+    stuck = await raw_stream_client(cp.port, encode(hello(1)))
+    async with cp.put("/v1/services/svc/policy", json={"retries": 3}) as r:
+        assert r.status == 200
+    await asyncio.sleep(0.3)  # a 50 MB table is stuck in its buffer now
+    started = asyncio.get_running_loop().time()
+    await publisher(cp).close_sessions()
+    assert asyncio.get_running_loop().time() - started < 2.0
+    stuck.close()

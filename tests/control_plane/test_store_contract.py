@@ -74,7 +74,8 @@ class StoreContract(RuleBasedStateMachine):
         self.store = type(self).make(self.path)
         self.policies: dict[str, Policy] = {}
         self.instances: dict[tuple[str, str], InstanceRecord] = {}
-        self.table = (0, "")
+        self.table: tuple[int, str, frozenset[tuple[str, str]]] = (0, "", frozenset())
+        self.epoch = ""
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.loop.run_until_complete(coro)
@@ -100,10 +101,16 @@ class StoreContract(RuleBasedStateMachine):
         for key in keys:
             self.instances.pop(key, None)
 
-    @rule(version=st.integers(0, 10**9), digest=st.text(alphabet="0123456789abcdef", max_size=64))
-    def put_table_version(self, version: int, digest: str) -> None:
-        self.run(self.store.put_table_version(version, digest))
-        self.table = (version, digest)
+    @rule(
+        version=st.integers(0, 10**9),
+        digest=st.text(alphabet="0123456789abcdef", max_size=64),
+        lapsed=st.frozensets(st.tuples(services, ids), max_size=3),
+    )
+    def put_table_version(
+        self, version: int, digest: str, lapsed: frozenset[tuple[str, str]]
+    ) -> None:
+        self.run(self.store.put_table_version(version, digest, lapsed))
+        self.table = (version, digest, lapsed)
 
     @rule()
     def reopen(self) -> None:
@@ -115,7 +122,11 @@ class StoreContract(RuleBasedStateMachine):
     def load_gives_back_what_was_written(self) -> None:
         snapshot: Snapshot = self.run(self.store.load())
         assert snapshot.policies == self.policies
-        assert (snapshot.table_version, snapshot.table_digest) == self.table
+        assert (snapshot.table_version, snapshot.table_digest, snapshot.lapsed) == self.table
+        assert snapshot.epoch  # made once, kept for good
+        if self.durable:
+            assert self.epoch in ("", snapshot.epoch)
+            self.epoch = snapshot.epoch
         assert sorted(snapshot.instances, key=lambda r: r.key) == sorted(
             self.instances.values(), key=lambda r: r.key
         )

@@ -201,6 +201,7 @@ def test_control_plane_down_restarts_and_saved_tables(
 
     # the control plane comes back (same file, same port): everyone converges on one version
     cp = quick_cp(control_plane, tmp_path, port)
+    eventually(lambda: endpoints(a, "c") == [c.ports["inbound"]], timeout=15, what="c joins")
 
     def converged() -> bool:
         version = cp.call("GET", "/v1/table")[1]["version"]
@@ -210,7 +211,18 @@ def test_control_plane_down_restarts_and_saved_tables(
     eventually(converged, timeout=15, what="all three sidecars ack the current version")
     version = cp.call("GET", "/v1/table")[1]["version"]
     assert {dump(s)["table"]["version"] for s in (a, b, c)} == {version}
-    assert endpoints(a, "c") == [c.ports["inbound"]]
+
+    # a sidecar killed before the next restart does not come back with it
+    b.proc.send_signal(signal.SIGKILL)
+    eventually(lambda: endpoints(a, "b") == [], timeout=5)
+    assert cp.stop() == 0
+    cp = quick_cp(control_plane, tmp_path, port)
+    eventually(lambda: len(cp.call("GET", "/v1/sidecars")[1]["sidecars"]) == 2, timeout=15)
+    time.sleep(0.5)
+    assert endpoints(a, "b") == []
+    assert [i["status"] for i in cp.call("GET", "/v1/services/b/instances")[1]["instances"]] == [
+        "unhealthy"
+    ]
 
 
 def test_sigterm_deregisters_and_app_health_is_reported(

@@ -52,6 +52,12 @@ def test_state_round_trip_and_corruption(tmp_path: Path) -> None:
 def test_app_health_falls_after_three_and_rises_after_one() -> None:
     changes: list[bool] = []
     health = AppHealth("http://app/healthz", changes.append)
+    assert health.healthy is False  # no traffic before the app has answered once
+    health.record(False, "connection refused")
+    assert changes == []
+    health.record(True)
+    assert (health.healthy, changes) == (True, [True])
+    changes.clear()
     for _ in range(2):
         health.record(False, "status 500")
     assert (health.healthy, changes) == (True, [])
