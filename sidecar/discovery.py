@@ -212,7 +212,7 @@ class Discovery:
         self.epoch = message.epoch
         try:
             await asyncio.get_running_loop().run_in_executor(
-                None, state.save, self.state_path, message
+                None, state.save, self.state_path, text
             )
         except OSError as e:
             log.warning(

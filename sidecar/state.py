@@ -1,7 +1,9 @@
 """The last good routing table on disk, so a sidecar can start while the control plane is down.
 
 The file is written atomically (temp file, fsync, rename, fsync of the directory) and carries a
-SHA-256 of its table: a torn or edited file is refused with a warning, never half-used.
+SHA-256 of its table: a torn or edited file is refused with a warning, never half-used. The
+table is kept as the message that brought it, byte for byte (re-encoding a large table would
+cost as much memory again as parsing it did).
 
     meshlet-table 1 sha256=<hex>\\n
     <the table message, as pushed>
@@ -10,11 +12,10 @@ SHA-256 of its table: a torn or edited file is refused with a warning, never hal
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
-from control_plane.wire import Table, WireError, parse_table, table_message
+from control_plane.wire import Table, WireError, decode
 from sidecar.errors import SidecarError
 
 MAGIC = "meshlet-table 1 sha256="
@@ -24,8 +25,9 @@ class StateError(SidecarError):
     """The saved table cannot be used; the message says why."""
 
 
-def save(path: Path, table: Table) -> None:
-    body = table_message(table).encode()
+def save(path: Path, message: str) -> None:
+    """Keep ``message`` (a table message, as received) as the last good table."""
+    body = message.encode()
     header = f"{MAGIC}{hashlib.sha256(body).hexdigest()}\n".encode()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -53,8 +55,9 @@ def load(path: Path) -> Table:
     if hashlib.sha256(body).hexdigest() != text.removeprefix(MAGIC):
         raise StateError(f"{path}: checksum mismatch (torn or edited)")
     try:
-        data = json.loads(body)
-        data.pop("type", None)
-        return parse_table(data)
-    except (ValueError, AttributeError, WireError) as e:
+        table = decode(body)
+    except WireError as e:
         raise StateError(f"{path}: {e}") from None
+    if not isinstance(table, Table):
+        raise StateError(f"{path}: holds a {type(table).__name__}, not a table")
+    return table

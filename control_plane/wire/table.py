@@ -163,9 +163,14 @@ def _parse_services(value: Any, path: str) -> dict[str, ServiceEntry]:
     if not isinstance(value, dict):
         raise WireError(path, f"must be an object of services, got {_json_type(value)}")
     services = {}
+    policies: dict[Policy, Policy] = {}  # most services share a few policies: keep one of each
     for name, entry in value.items():
         check_service_name(name, f"{path}.{name}")
-        services[name] = parse(ServiceEntry, {} if entry is None else entry, f"{path}.{name}")
+        parsed = parse(ServiceEntry, {} if entry is None else entry, f"{path}.{name}")
+        shared = policies.setdefault(parsed.policy, parsed.policy)
+        services[name] = (
+            parsed if shared is parsed.policy else ServiceEntry(shared, parsed.endpoints)
+        )
     return services
 
 

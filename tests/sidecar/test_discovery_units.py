@@ -35,7 +35,7 @@ def test_stream_urls() -> None:
 
 def test_state_round_trip_and_corruption(tmp_path: Path) -> None:
     path = tmp_path / "dir" / "svc.table"
-    state.save(path, TABLE)
+    state.save(path, table_message(TABLE))
     assert state.load(path) == TABLE
     raw = path.read_bytes()
     path.write_bytes(raw[:-5])  # torn
