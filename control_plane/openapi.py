@@ -144,6 +144,7 @@ def _schemas() -> dict[str, Any]:
             type={"const": "table"},
             services={"type": "object", "additionalProperties": _ref("ServiceEntry")},
             version={"type": "integer", "minimum": 0},
+            epoch={"type": "string", "description": "versions compare only within one epoch"},
         ),
         "Sidecar": _object(
             node=string,

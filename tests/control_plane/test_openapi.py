@@ -84,6 +84,8 @@ async def test_every_answer_matches_its_schema(api: Api) -> None:
         ("PATCH", inst.format(id="c1"), svc + "/instances/{id}", {"status": "draining"}, 200),
         ("PATCH", inst.format(id="c1"), svc + "/instances/{id}", {}, 400),
         ("GET", "/v1/services", "/v1/services", None, 200),
+        ("GET", "/v1/table", "/v1/table", None, 200),
+        ("GET", "/v1/sidecars", "/v1/sidecars", None, 200),
         ("DELETE", inst.format(id="c1"), svc + "/instances/{id}", None, 204),
         ("DELETE", f"{CATALOG}/policy", svc + "/policy", None, 204),
         ("DELETE", f"{CATALOG}/policy", svc + "/policy", None, 404),
