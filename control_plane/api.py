@@ -16,10 +16,11 @@ from typing import Any
 
 from aiohttp import web
 
-from control_plane import schema
+from control_plane import schema, table
 from control_plane.errors import (
     ApiError,
     BadRequest,
+    Conflict,
     NotFound,
     PayloadTooLarge,
     StoreError,
@@ -29,7 +30,7 @@ from control_plane.errors import (
 from control_plane.model import InstanceView, ServiceSummary
 from control_plane.publisher import Publisher
 from control_plane.registry import Registry
-from control_plane.wire import STREAM_PATH, Policy, to_json
+from control_plane.wire import HASH_POLICIES, STREAM_PATH, Policy, to_json
 
 log = logging.getLogger("meshlet.api")
 
@@ -182,6 +183,27 @@ async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=request.app[OPENAPI], content_type="application/json")
 
 
+async def ring_owner(request: web.Request) -> web.Response:
+    """Which instance sidecars send ``key`` to, by the table pushed to them (so a change
+    answers once it is pushed, with that table's version)."""
+    name = _service(request)
+    key = request.query.get("key")
+    if key is None:
+        raise BadRequest("the key to look up is required: ?key=K", "key")
+    _registry(request).service(name)  # 404 for a service the registry does not know
+    publisher = request.app[PUBLISHER]
+    version, entry = publisher.version, publisher.services.get(name)
+    if entry is None:
+        raise Conflict(f"service {name} is not in the pushed table yet", "service")
+    lb = entry["policy"]["lb"]
+    if lb not in HASH_POLICIES:
+        raise BadRequest(f"service {name} does not hash in table v{version} (lb {lb})", "service")
+    instance = table.ring_owner(entry, key)
+    if instance is None:
+        raise Conflict(f"service {name} has no routable endpoint to own a key", "service")
+    return json_response({"key": key, "instance": instance, "algorithm": lb, "version": version})
+
+
 async def get_table(request: web.Request) -> web.Response:
     return web.Response(
         body=request.app[PUBLISHER].payload.encode(), content_type="application/json"
@@ -291,6 +313,7 @@ def add_routes(app: web.Application) -> None:
             web.get(svc + "/policy", get_policy),
             web.put(svc + "/policy", put_policy),
             web.delete(svc + "/policy", delete_policy),
+            web.get(svc + "/ring", ring_owner),
             web.post(svc + "/instances", register),
             web.get(svc + "/instances", list_instances),
             web.get(inst, get_instance),

@@ -5,6 +5,8 @@
      │    ├── BadRequest            400  malformed JSON or an invalid field
      │    ├── Unauthorized          401  missing or wrong admin token
      │    ├── NotFound              404  no such service or instance
+     │    ├── Conflict              409  the request does not fit the state (a ring with
+     │    │                              no endpoint)
      │    ├── PayloadTooLarge       413  body over the limit
      │    └── UnsupportedMediaType  415  body that is not JSON
      ├── StoreError            the store failed (disk, corrupt file); the API answers 503
@@ -42,6 +44,10 @@ class Unauthorized(ApiError):
 
 class NotFound(ApiError):
     status = 404
+
+
+class Conflict(ApiError):
+    status = 409
 
 
 class PayloadTooLarge(ApiError):

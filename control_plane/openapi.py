@@ -155,6 +155,12 @@ def _schemas() -> dict[str, Any]:
             connected_since={"type": "string", "format": "date-time"},
         ),
         "SidecarList": _object(sidecars={"type": "array", "items": _ref("Sidecar")}),
+        "RingOwner": _object(
+            key=string,
+            instance=string,
+            algorithm={"enum": ["ring_hash", "maglev"]},
+            version={"type": "integer", "minimum": 0},
+        ),
     }
 
 
@@ -264,6 +270,33 @@ def build_spec() -> dict[str, Any]:
                     params=s,
                     mutating=True,
                 ),
+            },
+            svc + "/ring": {
+                "get": _op(
+                    "ringOwner",
+                    "which instance owns a key in the service's ring, as every sidecar with "
+                    "the pushed table (its version in the answer) maps it",
+                    {
+                        "200": _json("RingOwner", "the owner"),
+                        "409": _json(
+                            "Error",
+                            "the service is not in the pushed table yet, or has no routable "
+                            "endpoint",
+                        ),
+                        **_errors("400", "404"),
+                    },
+                    params=(
+                        _SERVICE,
+                        {
+                            "name": "key",
+                            "in": "query",
+                            "required": True,
+                            "description": "the request key (a header's, cookie's or query "
+                            "parameter's value, the path, or the client address)",
+                            "schema": {"type": "string"},
+                        },
+                    ),
+                )
             },
             svc + "/instances": {
                 "get": _op(

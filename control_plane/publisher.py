@@ -20,6 +20,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import WSMsgType, web
 
@@ -97,6 +98,8 @@ class Publisher:
         self.digest = ""
         self.epoch = ""
         self.payload = table.message("{}", 0, "")
+        self.services: dict[str, Any] = {}
+        """the table in force, as built (what ``payload`` carries)"""
         self._installed = False
         self.sessions: dict[int, SidecarSession] = {}
         self._owners: dict[tuple[str, str], int] = {}  # instance -> the session it is live on
@@ -146,18 +149,19 @@ class Publisher:
         rendered, digest = table.render(services)
         if digest == self.digest:
             if not self._installed:  # the first build after a restart: same content, same version
-                self._install(rendered, self.version)
+                self._install(services, rendered, self.version)
             return False
         version = self.version + 1
         await self.store.put_table_version(version, digest, self.registry.unhealthy())
         self.digest = digest
-        self._install(rendered, version)
+        self._install(services, rendered, version)
         log.info("table version %d: %d services", version, len(services))
         for session in self.sessions.values():
             session.wake.set()
         return True
 
-    def _install(self, rendered: str, version: int) -> None:
+    def _install(self, services: dict[str, Any], rendered: str, version: int) -> None:
+        self.services = services
         self.version = version
         self.payload = table.message(rendered, version, self.epoch)
         self._installed = True

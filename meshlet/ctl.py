@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from typing import Any
@@ -122,6 +123,12 @@ def run(args: argparse.Namespace, client: Client) -> tuple[Any, str]:
         )
         data = client.call("PATCH", f"/v1/services/{args.service}/instances/{args.id}", body)
         return data, f"{data['service']}/{data['id']}: {data['status']}, weight {data['weight']}"
+    if args.command == "ring":
+        key = urllib.parse.quote(args.key, safe="")
+        data = client.call("GET", f"/v1/services/{args.service}/ring?key={key}")
+        return data, (
+            f"{data['key']} -> {data['instance']} ({data['algorithm']}, table v{data['version']})"
+        )
     raise AssertionError(args.command)
 
 
@@ -157,6 +164,9 @@ def build_parser(prog: str) -> FlagParser:
     weight.add_argument("service")
     weight.add_argument("id")
     weight.add_argument("weight", type=int)
+    ring = command("ring", "which instance a hash policy sends a key to")
+    ring.add_argument("service")
+    ring.add_argument("--key", required=True, help="the request's hash key, e.g. a user id")
     return p
 
 

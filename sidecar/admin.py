@@ -1,4 +1,5 @@
-"""The sidecar's admin port (aiohttp; not the hot path): health, readiness, config, drain."""
+"""The sidecar's admin port (aiohttp; not the hot path): health, readiness, config, endpoint
+statistics, drain."""
 
 from __future__ import annotations
 
@@ -31,6 +32,10 @@ async def config_dump(request: web.Request) -> web.Response:
     return _json(request.app[SIDECAR].config_dump())
 
 
+async def clusters(request: web.Request) -> web.Response:
+    return _json(request.app[SIDECAR].endpoint_stats())
+
+
 async def drain(request: web.Request) -> web.Response:
     request.app[SIDECAR].drain()
     return _json({"status": "draining"}, 202)
@@ -44,6 +49,7 @@ def build_admin_app(sidecar: Sidecar) -> web.Application:
             web.get("/healthz", healthz),
             web.get("/readyz", readyz),
             web.get("/config_dump", config_dump),
+            web.get("/clusters", clusters),
             web.post("/drain", drain),
         ]
     )

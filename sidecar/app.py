@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import socket
@@ -28,7 +29,7 @@ import uvloop
 from aiohttp import web
 
 from control_plane.flags import setup_logging
-from control_plane.wire import Endpoint, Registration, Table
+from control_plane.wire import Endpoint, Registration
 from sidecar import state
 from sidecar.admin import build_admin_app
 from sidecar.config import Listen, SidecarConfig
@@ -54,7 +55,7 @@ class Sidecar:
         self.timeouts = timeouts or Timeouts()
         self.pools = Pools()
         self.app_pools = Pools()
-        self.tables = TableHolder(self.pools)
+        self.tables = TableHolder(self.pools, service=config.service, zone=config.zone)
         self.outbound = ConnectionTracker()
         self.inbound = ConnectionTracker()
         self.app_router = AppRouter(Endpoint(config.app.host, config.app.port), self.app_pools)
@@ -94,7 +95,6 @@ class Sidecar:
             log.info(
                 "routing table loaded from %s: %d services", self.config.table, len(table.services)
             )
-            _warn_unbalanced(table)
         c = self.config
         await self._listen("outbound", c.outbound, self.tables, self.outbound)
         await self._listen("inbound", c.inbound, self.app_router, self.inbound)
@@ -144,10 +144,10 @@ class Sidecar:
             return
         try:
             table = state.load(self.state_path)
-        except state.StateError as e:
+            self.tables.install(table, f"saved:{self.state_path}")
+        except (state.StateError, TableError) as e:
             log.warning("saved table ignored: %s", e)
             return
-        self.tables.install(table, f"saved:{self.state_path}")
         log.info(
             "serving the saved table version %d until the control plane answers", table.version
         )
@@ -186,14 +186,13 @@ class Sidecar:
         path = self.config.table
         try:
             table = load_table_file(path)
+            self.tables.install(table, f"file:{path}")
         except TableError as e:
             self.last_reload_error = str(e)
             log.warning("routing table rejected, keeping version in force: %s", e)
             return False
         self.last_reload_error = ""
-        self.tables.install(table, f"file:{path}")
         log.info("routing table reloaded from %s: %d services", path, len(table.services))
-        _warn_unbalanced(table)
         return True
 
     async def _watch_table(self) -> None:
@@ -228,6 +227,28 @@ class Sidecar:
             "control_plane": self._stream_state(),
             "table": table.dump() if table else None,
         }
+
+    def endpoint_stats(self) -> dict[str, Any]:
+        """What the balancers know of every endpoint in the table in force."""
+        table = self.tables.current
+        now = self.pools.clock.monotonic()
+        services: dict[str, list[dict[str, Any]]] = {}
+        for name, entry in table.table.services.items() if table else ():
+            rows = services[name] = []
+            for e in entry.endpoints:
+                pool = self.pools.find(e)
+                row: dict[str, Any] = {
+                    "address": e.address,
+                    "port": e.port,
+                    "instance": e.instance,
+                    "weight": e.weight,
+                    "zone": e.zone,
+                    "draining": e.draining,
+                }
+                if pool is not None:
+                    row |= dataclasses.asdict(pool.stats.statistics(now))
+                rows.append(row)
+        return {"services": services}
 
     def _stream_state(self) -> dict[str, Any] | None:
         d = self.discovery
@@ -293,20 +314,6 @@ def _host_address() -> str:
         return str(socket.gethostbyname(socket.gethostname()))
     except OSError:
         return "127.0.0.1"
-
-
-def _warn_unbalanced(table: Table) -> None:
-    """Say so when a table asks for a balancing policy this sidecar does not have yet."""
-    asked = sorted(
-        f"{name} ({s.policy.lb})"
-        for name, s in table.services.items()
-        if s.policy.lb != "round_robin"
-    )
-    if asked:
-        log.warning(
-            "balancing by round robin for now; other lb policies are not implemented yet: %s",
-            ", ".join(asked),
-        )
 
 
 async def serve(config: SidecarConfig, stop: asyncio.Event | None = None) -> None:

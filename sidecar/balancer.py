@@ -1,47 +1,336 @@
-"""Choosing an endpoint for a request, behind one Protocol.
+"""Choosing an endpoint for a request: every policy of the policy document.
 
-``pick`` is plain synchronous code, called once per try on the hot path; it never blocks and
-never awaits. Only round robin lives here for now; the balancing issue adds the others.
+``pick`` is plain synchronous code on the hot path; it never blocks and never awaits. Every
+policy honours weights, slow start (an endpoint's weight ramps from 10 % to 100 % over
+``slow_start_ms`` from when this sidecar first saw it routable, unless it came with the first
+ones) and ``Retry-After`` (an endpoint that asked for a pause is skipped while another is
+available).
+
+    round_robin    smooth weighted round robin (nginx): exact shares, interleaved
+    random         weighted random
+    least_request  power of two choices on in flight + 1
+    peak_ewma      power of two choices on latency x (in flight + 1), where latency is the
+                   peak EWMA plus a decaying penalty for each failure (``ewma``); an endpoint
+                   not measured yet takes its rival's latency, so newcomers get tried
+                   With unequal weights (or while one is in slow start), both pick at random
+                   in proportion to w / (latency x (in flight / w + 1)), w the weight over
+                   the mean weight: shares follow the weights both when idle and under
+                   steady load (in flight grows with share), and move away from latency.
+                   (Two choices on cost / weight would starve a lighter or slow-starting
+                   endpoint whenever nothing is in flight; Envoy's weight / (in flight + 1)
+                   drifts to sqrt(weight) shares under load.)
+    ring_hash,     the control plane's ring maps the request's key to an endpoint; bounded
+    maglev         loads (Mirrokni et al.): none takes more than ceil(``hash_balance_factor`` x
+                   its weighted share of what is in flight), the rest walks on round the ring (so
+                   an endpoint in slow start spills what it cannot take yet). A request
+                   without the key is balanced by peak_ewma.
+
+Zone awareness (Envoy's algorithm, not for the hash policies): with ``zone_aware`` and at
+least ``MIN_ZONE_CLUSTER`` endpoints, requests stay in this sidecar's zone if the zone holds at
+least its callers' share of the endpoints; otherwise only that share of them does and the rest
+spreads over the other zones.
 """
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
-from control_plane.wire import Endpoint
+from control_plane.ring import Ring, key_hash
+from control_plane.wire import HASH_POLICIES, Endpoint, Policy
+from sidecar.clock import Clock
+from sidecar.ewma import EndpointStats, Exclusions
+
+MIN_ZONE_CLUSTER = 6
+SLOW_START_GRACE = 1.0
+"""seconds: endpoints first seen within this of the earliest one do not slow-start"""
+
+
+@dataclass(slots=True)
+class Member:
+    endpoint: Endpoint
+    stats: EndpointStats
+
+
+@dataclass(frozen=True, slots=True)
+class Locality:
+    """This sidecar's zone, and the share of its own service's endpoints in that zone (the
+    callers' share); None when unknown."""
+
+    zone: str = ""
+    callers_share: float | None = None
 
 
 class Balancer(Protocol):
-    def pick(self) -> Endpoint | None:
-        """An endpoint for the next try, or None when there is none."""
+    def pick(self, key: bytes | None = None, avoid: Endpoint | None = None) -> Member | None:
+        """A member for the next try (``key``: the request's hash key; ``avoid``: the
+        endpoint of the previous try), or None when there is none."""
         ...
 
 
-class RoundRobin:
-    """Smooth weighted round robin (nginx): over any run of sum(weights) picks, each endpoint
-    is picked exactly ``weight`` times, interleaved rather than in bursts."""
+class _Members:
+    """What every policy shares: the members, their effective weights, availability, zone."""
 
-    __slots__ = ("_current", "_endpoints", "_total", "_weights")
+    def __init__(
+        self,
+        members: Sequence[Member],
+        policy: Policy,
+        clock: Clock,
+        locality: Locality = Locality(),
+    ) -> None:
+        self.members = list(members)
+        self.clock = clock
+        self.weights = [m.endpoint.weight for m in self.members]
+        self.window = policy.slow_start_ms / 1000
+        since = [m.stats.since for m in self.members]
+        #: endpoints seen together with the first (a sidecar's start, a new service) do not
+        #: ramp: slow start is relative to endpoints already taking traffic (as in Envoy)
+        self._settled = min(since, default=0.0) + SLOW_START_GRACE
+        ramping = [t for t in since if t > self._settled]
+        self._ramp_end = max(ramping) + self.window if ramping else 0.0
+        self._all = list(range(len(self.members)))
+        self._local: list[int] = []
+        self._remote: list[int] = []
+        self._p_local = 0.0
+        if policy.zone_aware and policy.lb not in HASH_POLICIES:
+            self._zones(locality)
+        self._prepare()
 
-    def __init__(self, endpoints: Sequence[Endpoint]) -> None:
-        self._endpoints = list(endpoints)
-        self._weights = [e.weight for e in self._endpoints]
-        self._current = [0] * len(self._endpoints)
-        self._total = sum(self._weights)
-
-    def pick(self) -> Endpoint | None:
-        endpoints = self._endpoints
-        if len(endpoints) < 2:
-            return endpoints[0] if endpoints else None
-        current, weights = self._current, self._weights
-        best = 0
-        for i, weight in enumerate(weights):
-            current[i] += weight
-            if current[i] > current[best]:
-                best = i
-        current[best] -= self._total
-        return endpoints[best]
+    def _prepare(self) -> None:
+        """A policy's own state, once the members are known."""
 
     def __repr__(self) -> str:
-        return f"<RoundRobin [{len(self._endpoints)} endpoints, total weight {self._total}]>"
+        return f"<{type(self).__name__} [{len(self.members)} endpoints]>"
+
+    def _zones(self, locality: Locality) -> None:
+        if not locality.zone or len(self.members) < MIN_ZONE_CLUSTER:
+            return
+        local = [i for i in self._all if self.members[i].endpoint.zone == locality.zone]
+        if not local or len(local) == len(self.members):
+            return
+        upstream_share = sum(self.weights[i] for i in local) / sum(self.weights)
+        callers = locality.callers_share
+        self._local = local
+        self._remote = [i for i in self._all if i not in set(local)]
+        self._p_local = (
+            1.0 if callers is None or upstream_share >= callers else upstream_share / callers
+        )
+
+    def zone_pool(self) -> list[int]:
+        """The members this pick chooses among by zone."""
+        if self._local:
+            return self._local if random.random() < self._p_local else self._remote
+        return self._all
+
+    def candidates(self, avoid: Endpoint | None, now: float) -> list[int]:
+        """The zone's choice, narrowed to the available, then to those not ``avoid``."""
+        pool = self.zone_pool()
+        if avoid is None and now >= Exclusions.until:
+            return pool  # nobody asked for a pause: all are available
+        members = self.members
+        ready = [i for i in pool if members[i].stats.excluded_until <= now]
+        if avoid is not None and len(ready) > 1:
+            ready = [i for i in ready if members[i].endpoint is not avoid] or ready
+        return ready or pool
+
+    def weight(self, i: int, now: float) -> float:
+        if now < self._ramp_end:
+            stats = self.members[i].stats
+            if stats.since > self._settled:
+                return self.weights[i] * stats.slow_start(now, self.window)
+        return self.weights[i]
+
+
+class RoundRobin(_Members):
+    """Smooth weighted round robin: over any run of sum(weights) picks each member is picked
+    exactly ``weight`` times, interleaved rather than in bursts."""
+
+    def _prepare(self) -> None:
+        self._current = [0.0] * len(self.members)
+
+    def pick(self, key: bytes | None = None, avoid: Endpoint | None = None) -> Member | None:
+        members = self.members
+        if len(members) < 2:
+            return members[0] if members else None
+        now = self.clock.monotonic()
+        pool = self.candidates(avoid, now)
+        current = self._current
+        weights = (
+            self.weights if now >= self._ramp_end else [self.weight(i, now) for i in self._all]
+        )
+        best = pool[0]
+        total = 0.0
+        for i in pool:
+            w = weights[i]
+            current[i] += w
+            total += w
+            if current[i] > current[best]:
+                best = i
+        current[best] -= total
+        return members[best]
+
+
+class WeightedRandom(_Members):
+    def pick(self, key: bytes | None = None, avoid: Endpoint | None = None) -> Member | None:
+        if not self.members:
+            return None
+        now = self.clock.monotonic()
+        pool = self.candidates(avoid, now)
+        weights = [self.weight(i, now) for i in pool]
+        return self.members[random.choices(pool, weights)[0]]
+
+
+class LeastRequest(_Members):
+    """Power of two choices on load; with unequal weights, a weighted choice on weight/cost."""
+
+    def _prepare(self) -> None:
+        self._equal = len(set(self.weights)) <= 1
+        self._mean_weight = sum(self.weights) / len(self.weights) if self.weights else 1.0
+
+    def _latency(self, m: Member, now: float) -> float:
+        return 1.0
+
+    def pick(self, key: bytes | None = None, avoid: Endpoint | None = None) -> Member | None:
+        members = self.members
+        if not members:
+            return None
+        now = self.clock.monotonic()
+        if self._equal and now >= self._ramp_end:
+            pool = self.zone_pool()
+            n = len(pool)
+            if n > 1:  # the usual case first: two at random, both fit to take the request
+                x = int(random.random() * n)
+                y = int(random.random() * (n - 1))
+                a, b = members[pool[x]], members[pool[y + 1 if y >= x else y]]
+                if (
+                    a.endpoint is not avoid
+                    and b.endpoint is not avoid
+                    and a.stats.excluded_until <= now
+                    and b.stats.excluded_until <= now
+                ):
+                    return self._better(a, b, now)
+        pool = self.candidates(avoid, now)
+        if len(pool) == 1:
+            return members[pool[0]]
+        if self._equal and now >= self._ramp_end:
+            x, y = random.sample(pool, 2)
+            return self._better(members[x], members[y], now)
+        latencies = [self._latency(members[i], now) for i in pool]
+        measured = [t for i, t in zip(pool, latencies, strict=True) if members[i].stats.measured]
+        guess = min(measured, default=1.0)
+        scores = []
+        for i, t in zip(pool, latencies, strict=True):
+            w = self.weight(i, now) / self._mean_weight
+            latency = t if members[i].stats.measured else guess
+            scores.append(w * w / (latency * (members[i].stats.in_flight + w)))
+        return members[random.choices(pool, scores)[0]]
+
+    def _better(self, a: Member, b: Member, now: float) -> Member:
+        """Of two, the lower latency x (in flight + 1); a newcomer takes its rival's latency."""
+        la, lb = self._latency(a, now), self._latency(b, now)
+        if not a.stats.measured:
+            la = lb
+        elif not b.stats.measured:
+            lb = la
+        ca = la * (a.stats.in_flight + 1)
+        cb = lb * (b.stats.in_flight + 1)
+        return a if ca < cb or (ca == cb and random.random() < 0.5) else b
+
+
+class PeakEwma(LeastRequest):
+    """Power of two choices by expected latency: peak EWMA (plus failure penalty) x load."""
+
+    def _latency(self, m: Member, now: float) -> float:
+        return m.stats.latency(now)
+
+
+class HashRing(_Members):
+    """The control plane's ring, with bounded loads; keyless requests go by peak EWMA."""
+
+    def __init__(
+        self,
+        members: Sequence[Member],
+        policy: Policy,
+        clock: Clock,
+        ring: Ring,
+        index: Sequence[int],
+    ) -> None:
+        super().__init__(members, policy, clock, Locality())
+        self.ring = ring
+        #: ring owners index the service's whole endpoint list; this maps them to members
+        self.index = index
+        self.factor = policy.hash_balance_factor
+        self._total_weight = sum(self.weights)
+        self.fallback = PeakEwma(members, policy, clock, Locality())
+
+    def pick(self, key: bytes | None = None, avoid: Endpoint | None = None) -> Member | None:
+        if key is None or not self.members:
+            return self.fallback.pick(None, avoid)
+        members, ring, index = self.members, self.ring, self.index
+        now = self.clock.monotonic()
+        load: tuple[float, float] | None = None  # (c x (in flight + 1), total weight)
+        slot = ring.slot(key_hash(key))
+        spare: int | None = None  # available, but full: if every endpoint is
+        first: int | None = None  # not the one to avoid: if none is available
+        tried: set[int] = set()
+        for _ in range(len(ring.owners)):
+            i = index[ring.owners[slot]]
+            if i >= 0 and i not in tried:
+                tried.add(i)
+                m = members[i]
+                if m.endpoint is not avoid:
+                    if m.stats.available(now):
+                        if not m.stats.in_flight:
+                            return m  # an idle endpoint always has room
+                        if load is None:
+                            load = self._load(now)
+                        if m.stats.in_flight < math.ceil(load[0] * self.weight(i, now) / load[1]):
+                            return m
+                        if spare is None:
+                            spare = i
+                    elif first is None:
+                        first = i
+                if len(tried) == len(members):
+                    break
+            slot = ring.walk(slot)
+        chosen = spare if spare is not None else first
+        return members[chosen if chosen is not None else 0]
+
+    def _load(self, now: float) -> tuple[float, float]:
+        """(c x (in flight + 1), total weight): an endpoint's capacity is its weight's share
+        of the first. O(endpoints), so only when the key's endpoint is busy."""
+        members = self.members
+        weight = (
+            self._total_weight
+            if now >= self._ramp_end
+            else sum(self.weight(i, now) for i in range(len(members)))
+        )
+        in_flight = sum(m.stats.in_flight for m in members) + 1
+        return self.factor * in_flight, weight
+
+
+POLICIES: dict[str, type[_Members]] = {
+    "round_robin": RoundRobin,
+    "random": WeightedRandom,
+    "least_request": LeastRequest,
+    "peak_ewma": PeakEwma,
+}
+
+
+def make(
+    policy: Policy,
+    members: Sequence[Member],
+    clock: Clock,
+    locality: Locality = Locality(),
+    ring: Ring | None = None,
+    index: Sequence[int] = (),
+) -> Balancer:
+    """The balancer a service's policy asks for (a hash policy without a ring: peak_ewma)."""
+    if policy.lb in HASH_POLICIES and ring is not None:
+        return HashRing(members, policy, clock, ring, index)
+    cls = POLICIES.get(policy.lb, PeakEwma)
+    balancer: Balancer = cls(members, policy, clock, locality)  # type: ignore[assignment]
+    return balancer

@@ -35,6 +35,7 @@ from control_plane.wire import (
     encode,
 )
 from sidecar import state
+from sidecar.errors import TableError
 from sidecar.routing import TableHolder
 
 log = logging.getLogger("meshlet.discovery")
@@ -207,7 +208,11 @@ class Discovery:
             error = f"version {message.version} is not newer than {self.version}"
             log.warning("table refused: %s", error)
             return Nack(message.version, error)
-        self.tables.install(message, "control-plane")
+        try:
+            self.tables.install(message, "control-plane")
+        except TableError as e:
+            log.warning("table %d refused: %s", message.version, e)
+            return Nack(message.version, str(e))
         self.version = message.version
         self.epoch = message.epoch
         try:

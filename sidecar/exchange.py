@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from control_plane.wire import Endpoint
 from sidecar import http1
 from sidecar.errors import Reason, error_response
+from sidecar.ewma import EndpointStats
 from sidecar.http1 import Headers, RequestHead
 from sidecar.routing import Route
 from sidecar.upstream import Pool, UpstreamConnection
@@ -26,6 +27,17 @@ if TYPE_CHECKING:
 REPLAY_LIMIT = 64 * 1024
 #: body bytes held while connecting before the client is paused
 PENDING_LIMIT = 64 * 1024
+
+
+#: synthetic answers that count as the endpoint failing (for its latency cost)
+UPSTREAM_FAILURES = frozenset(
+    {
+        Reason.UPSTREAM_CONNECT_FAILURE,
+        Reason.UPSTREAM_RESET,
+        Reason.UPSTREAM_PROTOCOL_ERROR,
+        Reason.UPSTREAM_TIMEOUT,
+    }
+)
 
 
 class State(enum.Enum):
@@ -48,7 +60,9 @@ class Exchange:
         "_replay",
         "_replay_size",
         "_retried",
+        "_stats",
         "_trailers",
+        "_tried_at",
         "_tunnel_early",
         "conn",
         "ds",
@@ -74,6 +88,8 @@ class Exchange:
         self._replay: list[bytes] | None = []  # everything sent, for a replay; None if too big
         self._replay_size = 0
         self._retried = False
+        self._stats: EndpointStats | None = None  # the picked endpoint's, while in flight
+        self._tried_at = 0.0
         self._connect_task: asyncio.Task[UpstreamConnection] | None = None
         self._chunk_out = False
         self._trailers: Headers = []
@@ -96,11 +112,15 @@ class Exchange:
             self.fail(*routed)
             return
         self.route = routed
-        endpoint = routed.balancer.pick()
-        if endpoint is None:
+        key = routed.key_of(head, self.ds.client_ip) if routed.key_of is not None else None
+        member = routed.balancer.pick(key)
+        if member is None:
             self.fail(Reason.NO_HEALTHY_UPSTREAM, f"service {routed.name} has no endpoints")
             return
-        self.endpoint = endpoint
+        self.endpoint = endpoint = member.endpoint
+        self._stats = member.stats
+        member.stats.in_flight += 1
+        self._tried_at = routed.clock.monotonic()
         data = http1.upstream_request(head, self.ds.client_ip)
         self._pending.insert(0, data)
         self._pending_size += len(data)
@@ -222,6 +242,8 @@ class Exchange:
             ds.write(http1.interim_response(resp))
             return False
         self.state = State.RESPONDING
+        retry_after = http1.retry_after(resp) if status in (429, 503) else None
+        self._outcome(failed=status >= 500, retry_after=retry_after)
         no_body = head.method == b"HEAD" or status in (204, 304)
         keep_alive = self.keep_alive and not ds.draining and not head.upgrade
         if no_body or (resp.sized and not resp.chunked):
@@ -342,6 +364,8 @@ class Exchange:
         """Answer with a synthetic error instead of an upstream response."""
         if self.state is State.DONE:
             return
+        if reason in UPSTREAM_FAILURES:
+            self._outcome(failed=True)
         # A body still coming would have to be read first: close instead.
         unread_body = not self.request_done and (self.head.has_body or self.head.chunked)
         close = not self.keep_alive or unread_body or self.head.upgrade
@@ -359,8 +383,19 @@ class Exchange:
         self.ds.pause_reading("pending", False)
         self.ds.exchange_done(self, close=close, abort=abort)
 
+    def _outcome(self, *, failed: bool, retry_after: float | None = None) -> None:
+        """Tell the endpoint's stats how the try went: its time to the response head (or to
+        the failure), once. It stays in flight until the exchange ends."""
+        if self._stats is not None and self.route is not None and self._tried_at:
+            now = self.route.clock.monotonic()
+            self._stats.record(now, now - self._tried_at, failed, retry_after)
+            self._tried_at = 0.0
+
     def cancel(self) -> None:
         """Stop all upstream work: a connect in progress, the connection in use."""
+        if self._stats is not None:  # out of flight (a client gone: nothing learnt)
+            self._stats.in_flight -= 1
+            self._stats = None
         self.state = State.DONE
         if self._connect_task is not None:
             # _connected still runs: a connect that finished just now is released, not leaked

@@ -9,8 +9,10 @@ its own framing (``Transfer-Encoding``) and ``Connection``.
 
 from __future__ import annotations
 
+import email.utils
 import itertools
 import os
+import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -270,6 +272,22 @@ def parse_response_head(status: int, reason: bytes, headers: Headers) -> Respons
     if custom:
         resp.lines = _without(lines, custom)
     return resp
+
+
+def retry_after(resp: ResponseHead) -> float | None:
+    """Seconds a ``Retry-After`` asks for (delay-seconds or an HTTP date), or None."""
+    lines = resp.lines
+    for i in range(0, len(lines), 4):
+        if lines[i].lower() == b"retry-after":
+            value = lines[i + 2].strip().decode("latin-1")
+            if value.isdigit():
+                return float(value)
+            try:
+                when = email.utils.parsedate_to_datetime(value)
+            except (TypeError, ValueError):
+                return None
+            return max(0.0, when.timestamp() - time.time())
+    return None
 
 
 def reason_phrase(status: int, given: bytes) -> bytes:

@@ -11,15 +11,30 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import yaml
 
-from control_plane.wire import Endpoint, Policy, Table, WireError, parse_table, to_json
-from sidecar.balancer import Balancer, RoundRobin
+from control_plane import ring
+from control_plane.ring import Ring
+from control_plane.wire import (
+    HASH_POLICIES,
+    Endpoint,
+    Policy,
+    ServiceEntry,
+    Table,
+    WireError,
+    parse_table,
+    to_json,
+)
+from sidecar import balancer
+from sidecar.balancer import Balancer, Locality, Member
+from sidecar.clock import Clock, SystemClock
 from sidecar.errors import Reason, TableError
+from sidecar.ewma import EndpointStats
+from sidecar.hashing import KeyOf, key_function
 from sidecar.upstream import Pool
 
 
@@ -31,6 +46,10 @@ class Route:
     policy: Policy
     balancer: Balancer
     pool_for: Callable[[Endpoint], Pool]
+    key_of: KeyOf | None = None
+    """hash policies: the request's key"""
+    clock: Clock = field(default_factory=SystemClock)
+    """the balancer's clock: try times are measured on it"""
 
 
 class Router(Protocol):
@@ -54,7 +73,10 @@ def service_of(authority: bytes) -> str:
 class Pools:
     """One connection pool per endpoint address, shared by every table."""
 
-    def __init__(self, *, max_idle: int = 64, idle_timeout: float = 30.0) -> None:
+    def __init__(
+        self, *, clock: Clock | None = None, max_idle: int = 64, idle_timeout: float = 30.0
+    ) -> None:
+        self.clock = clock or SystemClock()
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         self._pools: dict[tuple[str, int], Pool] = {}
@@ -63,9 +85,17 @@ class Pools:
         key = (endpoint.address, endpoint.port)
         pool = self._pools.get(key)
         if pool is None:
-            pool = Pool(endpoint, max_idle=self.max_idle, idle_timeout=self.idle_timeout)
+            pool = Pool(
+                endpoint,
+                max_idle=self.max_idle,
+                idle_timeout=self.idle_timeout,
+                stats=EndpointStats(self.clock.monotonic()),
+            )
             self._pools[key] = pool
         return pool
+
+    def find(self, endpoint: Endpoint) -> Pool | None:
+        return self._pools.get((endpoint.address, endpoint.port))
 
     def retain(self, endpoints: set[tuple[str, int]]) -> None:
         """Close the idle connections of endpoints no table routes to any more."""
@@ -91,19 +121,43 @@ class TableInfo:
 
 
 class RoutingTable:
-    def __init__(self, table: Table, info: TableInfo, pools: Pools) -> None:
+    """Built once per table: each service's route, with its balancer over the endpoints that
+    are not draining (draining ones only finish what they have)."""
+
+    def __init__(
+        self,
+        table: Table,
+        info: TableInfo,
+        pools: Pools,
+        locality: Locality = Locality(),  # noqa: B008
+    ) -> None:
         self.table = table
         self.info = info
         self._routes = {
-            name: Route(
-                name,
-                entry.policy,
-                RoundRobin([e for e in entry.endpoints if not e.draining]),  # draining: no new
-                pools.get,
-            )
+            name: self._route(name, entry, pools, locality)
             for name, entry in table.services.items()
         }
         self._cache: dict[bytes, Route] = {}
+
+    @staticmethod
+    def _route(name: str, entry: ServiceEntry, pools: Pools, locality: Locality) -> Route:
+        index: list[int] = []
+        members: list[Member] = []
+        for e in entry.endpoints:
+            index.append(-1 if e.draining else len(members))
+            if not e.draining:
+                members.append(Member(e, pools.get(e).stats))
+        policy = entry.policy
+        hashing = policy.lb in HASH_POLICIES and bool(members)
+        built = _ring(name, entry) if hashing else None
+        return Route(
+            name,
+            policy,
+            balancer.make(policy, members, pools.clock, locality, built, index),
+            pools.get,
+            key_function(policy.hash_on) if hashing else None,
+            pools.clock,
+        )
 
     def route(self, authority: bytes | None) -> Route | tuple[Reason, str]:
         if authority is None:
@@ -135,8 +189,10 @@ class RoutingTable:
 class TableHolder:
     """The table in force; listeners route through it, reloads swap it."""
 
-    def __init__(self, pools: Pools) -> None:
+    def __init__(self, pools: Pools, *, service: str = "", zone: str = "") -> None:
         self.pools = pools
+        self.service = service
+        self.zone = zone
         self.current: RoutingTable | None = None
 
     def route(self, authority: bytes | None) -> Route | tuple[Reason, str]:
@@ -145,20 +201,53 @@ class TableHolder:
         return self.current.route(authority)
 
     def install(self, table: Table, source: str) -> RoutingTable:
-        new = RoutingTable(table, TableInfo(table.version, source, time.time()), self.pools)
+        """Build the table's routes and put them in force; TableError (nothing changes) if
+        a ring does not fit its service."""
+        info = TableInfo(table.version, source, time.time())
+        new = RoutingTable(table, info, self.pools, self._locality(table))
         self.current = new
         self.pools.retain(new.endpoints())
         return new
+
+    def _locality(self, table: Table) -> Locality:
+        """Where this sidecar's own service's endpoints are: the callers' share of the zone."""
+        own = table.services.get(self.service)
+        if not self.zone or own is None or not own.endpoints:
+            return Locality(self.zone)
+        local = sum(1 for e in own.endpoints if e.zone == self.zone)
+        return Locality(self.zone, local / len(own.endpoints))
 
 
 class AppRouter:
     """The inbound listener's only route: the local application."""
 
-    def __init__(self, endpoint: Endpoint, pools: Pools, policy: Policy | None = None) -> None:
-        self._route = Route("app", policy or Policy(), RoundRobin([endpoint]), pools.get)
+    def __init__(self, endpoint: Endpoint, pools: Pools) -> None:
+        policy = Policy(lb="round_robin")
+        members = [Member(endpoint, pools.get(endpoint).stats)]
+        self._route = Route(
+            "app", policy, balancer.make(policy, members, pools.clock), pools.get, clock=pools.clock
+        )
 
     def route(self, authority: bytes | None) -> Route | tuple[Reason, str]:
         return self._route
+
+
+def _ring(name: str, entry: ServiceEntry) -> Ring:
+    """The ring the control plane pushed, or (a static file) one built here the same way."""
+    if entry.ring is not None:
+        try:
+            return ring.decode(entry.ring, len(entry.endpoints))
+        except ring.RingError as e:
+            raise TableError(f"services.{name}.ring: {e}") from None
+    live = [e for e in entry.endpoints if not e.draining]
+    built = ring.build(
+        entry.policy.lb,
+        [e.instance or f"{e.address}:{e.port}" for e in live],
+        [e.weight for e in live],
+    )
+    positions = [i for i, e in enumerate(entry.endpoints) if not e.draining]
+    owners = type(built.owners)(built.owners.typecode, (positions[o] for o in built.owners))
+    return Ring(built.algorithm, owners, built.points)
 
 
 def load_table_file(path: str) -> Table:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, cast
@@ -20,6 +21,7 @@ import httptools
 
 from control_plane.wire import Endpoint
 from sidecar import http1
+from sidecar.ewma import EndpointStats
 
 
 class ResponseSink(Protocol):
@@ -308,9 +310,17 @@ class Pool:
     """
 
     def __init__(
-        self, endpoint: Endpoint, *, max_idle: int = 64, idle_timeout: float = 30.0
+        self,
+        endpoint: Endpoint,
+        *,
+        max_idle: int = 64,
+        idle_timeout: float = 30.0,
+        stats: EndpointStats | None = None,
     ) -> None:
         self.endpoint = endpoint
+        #: what balancers know of the endpoint; it lives as long as the pool (a table swap
+        #: keeps it, an endpoint that leaves every table and comes back starts afresh)
+        self.stats = stats if stats is not None else EndpointStats(time.monotonic())
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         self._idle: collections.deque[UpstreamConnection] = collections.deque()

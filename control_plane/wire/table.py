@@ -143,6 +143,15 @@ def _parse_endpoints(value: Any, path: str) -> tuple[Endpoint, ...]:
     return endpoints
 
 
+def _parse_ring(value: Any, path: str) -> dict[str, str]:
+    """A ring's packed form (``ring.encode``); its content is checked where it is decoded."""
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise WireError(path, "must be an object of strings (a packed ring)")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class ServiceEntry:
     """A service as callers see it: how to call it and where."""
@@ -153,6 +162,12 @@ class ServiceEntry:
         "routable endpoints",
         parse=_parse_endpoints,
         schema={"type": "array", "items": {"type": "object"}},
+    )
+    ring: dict[str, str] | None = spec(
+        None,
+        "hash policies: the ring over the endpoints not draining, built by the control plane",
+        parse=_parse_ring,
+        schema={"type": "object", "additionalProperties": {"type": "string"}},
     )
 
     def __post_init__(self) -> None:
@@ -168,9 +183,9 @@ def _parse_services(value: Any, path: str) -> dict[str, ServiceEntry]:
         check_service_name(name, f"{path}.{name}")
         parsed = parse(ServiceEntry, {} if entry is None else entry, f"{path}.{name}")
         shared = policies.setdefault(parsed.policy, parsed.policy)
-        services[name] = (
-            parsed if shared is parsed.policy else ServiceEntry(shared, parsed.endpoints)
-        )
+        if shared is not parsed.policy:
+            parsed = ServiceEntry(shared, parsed.endpoints, parsed.ring)
+        services[name] = parsed
     return services
 
 

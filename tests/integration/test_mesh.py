@@ -27,16 +27,22 @@ StartSidecar = Callable[..., Sidecar]
 
 
 class App:
-    """A tiny app: ``/whoami`` answers its name, ``/healthz`` answers ``self.status``."""
+    """A tiny app: ``/whoami`` answers its name (with status ``self.code``; ``self.hits``
+    counts them), ``/healthz`` answers ``self.status``."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.status = 200
+        self.code = 200
+        self.hits = 0
         app = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 code = app.status if self.path == "/healthz" else 200
+                if self.path == "/whoami":
+                    app.hits += 1
+                    code = app.code
                 body = app.name.encode() if self.path == "/whoami" else b"ok"
                 self.send_response(code)
                 self.send_header("Content-Length", str(len(body)))
@@ -75,9 +81,12 @@ def free_port() -> int:
         return port
 
 
-def call(sidecar: Sidecar, service: str, path: str = "/whoami") -> tuple[int, str]:
+def call(
+    sidecar: Sidecar, service: str, path: str = "/whoami", headers: dict[str, str] | None = None
+) -> tuple[int, str]:
     req = urllib.request.Request(
-        f"http://127.0.0.1:{sidecar.ports['outbound']}{path}", headers={"Host": service}
+        f"http://127.0.0.1:{sidecar.ports['outbound']}{path}",
+        headers={"Host": service, **(headers or {})},
     )
     try:
         with urllib.request.urlopen(req, timeout=5) as r:
@@ -315,3 +324,73 @@ async def test_a_nacked_table_leaves_the_old_one_serving(
     assert await asyncio.to_thread(call, x, "x") == (200, "x")
     x.kill()  # ends the stand-in's stream handler
     await runner.cleanup()
+
+
+def test_ring_hash_sends_each_user_to_one_instance_from_every_caller(
+    control_plane: StartCP,
+    sidecar_process: StartSidecar,
+    apps: Callable[[str], App],
+    tmp_path: Path,
+) -> None:
+    cp = quick_cp(control_plane, tmp_path)
+    policy = {"lb": "ring_hash", "hash_on": "header:x-user"}
+    assert cp.call("PUT", "/v1/services/users/policy", policy)[0] == 200
+    backends = [
+        mesh_sidecar(sidecar_process, cp.url, "users", apps(f"u{i}"), tmp_path / f"u{i}")
+        for i in range(5)
+    ]
+    callers = [
+        mesh_sidecar(sidecar_process, cp.url, name, apps(name), tmp_path) for name in ("web", "api")
+    ]
+    eventually(lambda: all(len(endpoints(c, "users")) == 5 for c in callers), what="five users")
+
+    def owners() -> dict[str, str]:
+        found = {}
+        for user in range(60):
+            answers = {
+                call(c, "users", headers={"x-user": f"user-{user}"})
+                for c in callers
+                for _ in range(2)
+            }
+            assert len(answers) == 1, (user, answers)  # every caller, every time, one instance
+            ((status, name),) = answers
+            assert status == 200
+            found[f"user-{user}"] = name
+        return found
+
+    before = owners()
+    assert len(set(before.values())) == 5
+    # the control plane answers the same for every key (instance ids are ADDRESS-PORT)
+    ports = [b.ports["inbound"] for b in backends]
+    for user, name in before.items():
+        _, owner = cp.call("GET", f"/v1/services/users/ring?key={user}")
+        assert owner["instance"] == f"127.0.0.1-{ports[int(name[1:])]}"
+
+    backends[2].proc.send_signal(signal.SIGKILL)
+    eventually(lambda: all(len(endpoints(c, "users")) == 4 for c in callers), what="u2 gone")
+    after = owners()
+    for user, name in before.items():
+        if name == "u2":
+            assert after[user] != "u2"
+        else:
+            assert after[user] == name, f"{user} moved from {name} to {after[user]}"
+
+
+def test_peak_ewma_keeps_traffic_off_an_instance_that_fails_fast(
+    control_plane: StartCP,
+    sidecar_process: StartSidecar,
+    apps: Callable[[str], App],
+    tmp_path: Path,
+) -> None:
+    cp = quick_cp(control_plane, tmp_path)
+    assert cp.call("PUT", "/v1/services/flaky/policy", {"retries": 0})[0] == 200
+    backends = [apps(f"f{i}") for i in range(4)]
+    backends[0].code = 503  # answers at once, always 503
+    for i, app in enumerate(backends):
+        mesh_sidecar(sidecar_process, cp.url, "flaky", app, tmp_path / f"f{i}")
+    caller = mesh_sidecar(sidecar_process, cp.url, "web", apps("web"), tmp_path)
+    eventually(lambda: len(endpoints(caller, "flaky")) == 4, what="four flaky")
+    statuses = [call(caller, "flaky")[0] for _ in range(400)]
+    bad = backends[0].hits / sum(a.hits for a in backends)
+    assert bad < 0.05, f"{backends[0].hits} of 400 went to the failing instance"
+    assert statuses.count(503) == backends[0].hits  # no retries: each of its answers shows

@@ -6,6 +6,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -75,6 +76,23 @@ def test_ctl_round_trip(control_plane: Callable[..., ControlPlane]) -> None:
     assert out.stdout.strip() == "catalog/c2: healthy, weight 7"
     out = ctl(cp.url, "undrain", "catalog", "c1", token="tok")
     assert out.stdout.strip() == "catalog/c1: healthy, weight 100"
+
+    out = ctl(cp.url, "ring", "catalog", "--key", "u1")
+    assert out.returncode == 1
+    assert "does not hash in table v" in out.stderr
+    ctl(cp.url, "policy", "catalog", "--set", "lb=maglev", "--set", "hash_on=path", token="tok")
+    for key in ("u1", "user 2/&x"):
+        for _ in range(50):  # answers by the pushed table: the change lands within a debounce
+            out = ctl(cp.url, "ring", "catalog", "--key", key)
+            if out.returncode == 0:
+                break
+            time.sleep(0.1)
+        assert out.returncode == 0, out.stderr
+        owner = ctl(cp.url, "ring", "catalog", "--key", key, "--json")
+        answer = json.loads(owner.stdout)
+        assert answer["key"] == key
+        assert answer["instance"] in ("c1", "c2")
+        assert out.stdout == f"{key} -> {answer['instance']} (maglev, table v{answer['version']})\n"
     assert cp.stop() == 0
 
 

@@ -75,6 +75,13 @@ async def status(request: web.Request) -> web.StreamResponse:
     return web.Response(status=code, text=f"status {code}")
 
 
+async def busy(request: web.Request) -> web.StreamResponse:
+    """503 with Retry-After from an upstream named ``busy``; 200 from the others."""
+    if request.app[NAME] == "busy":
+        return web.Response(status=503, headers={"Retry-After": "30"}, text="busy")
+    return web.Response(text=request.app[NAME])
+
+
 async def slow(request: web.Request) -> web.StreamResponse:
     await asyncio.sleep(float(request.query.get("delay", "1")))
     return web.Response(text="slow")
@@ -106,6 +113,7 @@ def upstream_app(name: str) -> web.Application:
     app.router.add_get("/cookies", cookies)
     app.router.add_route("*", "/status/{code}", status)
     app.router.add_get("/slow", slow)
+    app.router.add_get("/busy", busy)
     app.router.add_post("/consume", consume)
     app.router.add_put("/consume", consume)
     app.router.add_get("/ws", websocket)

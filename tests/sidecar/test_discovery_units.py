@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from control_plane import ring
 from control_plane.wire import Ack, Nack, Registration, Table, parse_table, table_message
 from sidecar import state
 from sidecar.discovery import Backoff, Discovery, stream_url
@@ -105,6 +106,23 @@ async def test_apply_acks_newer_tables_and_saves_them(tmp_path: Path) -> None:
             ),
             9,
             "services.a.endpoints[0].port: must be from 1 to 65535",
+        ),
+        (
+            json.dumps(
+                {
+                    "type": "table",
+                    "version": 10,
+                    "services": {
+                        "a": {
+                            "policy": {"lb": "maglev", "hash_on": "path"},
+                            "endpoints": [{"address": "10.0.0.1", "port": 1}],
+                            "ring": ring.encode(ring.build_maglev(["x", "y"], [1, 1])),
+                        }
+                    },
+                }
+            ),
+            10,
+            "services.a.ring: ring names endpoint 1 of 1",
         ),
         ("{not json", 0, "not JSON"),
         ('{"type": "welcome", "instance": "x", "version": 1}', 0, "expected a table"),

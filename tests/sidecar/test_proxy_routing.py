@@ -79,6 +79,32 @@ async def test_round_robin_honours_weights(upstreams: Upstreams, make_mesh: Make
     assert counts == {"a": 30, "b": 10}
 
 
+async def test_retry_after_keeps_an_endpoint_out(upstreams: Upstreams, make_mesh: MakeMesh) -> None:
+    busy, ok = await upstreams("busy"), await upstreams("ok")
+    for lb in ("round_robin", "peak_ewma"):
+        mesh = await make_mesh({"svc": service(busy.port, ok.port, lb=lb)})
+        responses = await request(mesh.outbound, get("/busy") * 20, count=20)
+        statuses = Counter(r.status for r in responses)
+        assert statuses[503] <= 1, (lb, statuses)  # once told, the sidecar stays away 30 s
+        assert statuses[200] >= 19
+
+
+async def test_hash_policies_keep_a_key_on_one_endpoint(
+    upstreams: Upstreams, make_mesh: MakeMesh
+) -> None:
+    ups = [await upstreams(f"u{i}") for i in range(4)]
+    mesh = await make_mesh(
+        {"svc": service(*(u.port for u in ups), lb="maglev", hash_on="cookie:session")}
+    )
+    seen: dict[str, set[str]] = {}
+    for user in range(12):
+        extra = f"Cookie: theme=x; session=s{user}\r\n"
+        for r in await request(mesh.outbound, get("/echo", extra=extra) * 3, count=3):
+            seen.setdefault(f"s{user}", set()).add(json.loads(r.body)["server"])
+    assert all(len(servers) == 1 for servers in seen.values()), seen
+    assert len(set().union(*seen.values())) > 1  # and the keys spread
+
+
 async def test_keep_alive_connections_are_reused(
     raw_upstream: Callable[..., Awaitable[RawUpstream]], make_mesh: MakeMesh
 ) -> None:
@@ -168,6 +194,32 @@ async def test_admin_port(upstreams: Upstreams, make_mesh: MakeMesh) -> None:
     (resp,) = await request(mesh.outbound, get("/echo"))
     assert resp.status == 200
     assert resp.header("connection") == "close"  # draining: callers move off
+
+
+async def test_endpoint_stats_follow_every_outcome(
+    upstreams: Upstreams, make_mesh: MakeMesh
+) -> None:
+    ok, busy = await upstreams("ok"), await upstreams("busy")
+    mesh = await make_mesh({"svc": service(ok.port, busy.port, lb="round_robin")})
+    responses = await request(mesh.outbound, get("/busy") * 4, count=4)
+    assert sorted(r.status for r in responses) == [200, 200, 200, 503]
+    # a client that leaves while its request is upstream takes it out of flight too
+    _, writer = await asyncio.open_connection(LOCAL, mesh.outbound)
+    writer.write(get("/slow?delay=1"))
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    writer.close()
+    await asyncio.sleep(0.2)
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://{LOCAL}:{mesh.admin}/clusters") as r,
+    ):
+        rows = {e["port"]: e for e in (await r.json())["services"]["svc"]}
+    assert [rows[p]["in_flight"] for p in (ok.port, busy.port)] == [0, 0]
+    assert rows[busy.port]["excluded_for_s"] > 25  # Retry-After: 30
+    assert rows[busy.port]["penalty_ms"] > 900  # a 503 counts as a failure
+    assert rows[ok.port]["penalty_ms"] == 0
+    assert 0 < rows[ok.port]["rtt_ms"] <= 30  # measured: faster than the 30 ms default
 
 
 async def test_readyz_waits_for_a_table(make_mesh: MakeMesh) -> None:

@@ -6,8 +6,9 @@ import asyncio
 
 import pytest
 
+from control_plane import ring
 from control_plane.wire import Endpoint, parse_table
-from sidecar.errors import Reason
+from sidecar.errors import Reason, TableError
 from sidecar.routing import Pools, Route, TableHolder, service_of
 from sidecar.upstream import Pool
 
@@ -82,3 +83,40 @@ async def test_a_pooled_connection_the_upstream_closes_leaves_the_pool() -> None
     assert pool.statistics().idle == 0
     server.close()
     await server.wait_closed()
+
+
+def hashed_table(ring_json: object = None) -> dict[str, object]:
+    service: dict[str, object] = {
+        "policy": {"lb": "ring_hash", "hash_on": "header:x-user"},
+        "endpoints": [
+            {"address": "10.0.0.1", "port": 1, "instance": "a"},
+            {"address": "10.0.0.2", "port": 1, "instance": "b", "draining": True},
+            {"address": "10.0.0.3", "port": 1},  # no id: its address:port names it
+        ],
+    }
+    if ring_json is not None:
+        service["ring"] = ring_json
+    return {"services": {"u": service}}
+
+
+def test_a_static_table_builds_the_ring_the_control_plane_would() -> None:
+    holder = TableHolder(Pools())
+    holder.install(parse_table(hashed_table()), "file:x")
+    route = holder.route(b"u")
+    assert isinstance(route, Route)
+    built = ring.build("ring_hash", ["a", "10.0.0.3:1"], [100, 100])
+    for user in range(200):
+        key = f"user-{user}".encode()
+        member = route.balancer.pick(key)
+        assert member is not None
+        assert member.endpoint.address == ("10.0.0.1", "10.0.0.3")[built.lookup(ring.key_hash(key))]
+
+
+def test_a_ring_that_does_not_fit_is_refused_and_the_old_table_stays() -> None:
+    holder = TableHolder(Pools())
+    holder.install(parse_table({"services": {}}), "file:old")
+    wrong = ring.encode(ring.build("ring_hash", ["a", "b", "c", "d"], [1, 1, 1, 1]))
+    with pytest.raises(TableError, match=r"services\.u\.ring: ring names endpoint 3 of 3"):
+        holder.install(parse_table(hashed_table(wrong)), "file:new")
+    assert holder.current is not None
+    assert holder.current.info.source == "file:old"

@@ -1,0 +1,119 @@
+"""What a sidecar knows of each endpoint: requests in flight, latency, failures, slow start.
+
+Latency is a peak-sensitive EWMA (Finagle and Linkerd's "peak EWMA"): a sample above the
+estimate replaces it at once, one below pulls it down with weight ``exp(-dt / DECAY)``; left
+alone the estimate drifts back to ``DEFAULT_RTT``. That is where Linkerd stops, and why an
+endpoint that fails fast looks attractive (linkerd2#11669). Here each failure (a 5xx, a reset,
+a timeout, a refused connect) also adds ``FAILURE_PENALTY`` to the cost, decaying with the same
+half-life, and a 429 or 503 with ``Retry-After`` takes the endpoint out of the pick for that
+long (at most ``RETRY_AFTER_CAP``).
+
+All plain code over an injected clock: ``cost`` and ``record`` are what balancers and the
+exchange call.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+DECAY = 10.0
+"""seconds: the EWMA's time constant"""
+DEFAULT_RTT = 0.030
+"""seconds: what an endpoint with no recent samples is assumed to take"""
+FAILURE_PENALTY = 1.0
+"""seconds added to an endpoint's latency cost per failure, decaying like the EWMA"""
+RETRY_AFTER_CAP = 30.0
+"""seconds at most an endpoint's Retry-After keeps it out of the pick"""
+SLOW_START_FLOOR = 0.1
+"""the share of its weight an endpoint gets at the start of its slow start"""
+
+
+class Exclusions:
+    until = 0.0
+    """the latest ``excluded_until`` of any endpoint: before it, balancers check each one"""
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointStatistics:
+    in_flight: int
+    rtt_ms: float
+    penalty_ms: float
+    excluded_for_s: float
+    since_s: float
+
+
+class EndpointStats:
+    __slots__ = (
+        "_penalty",
+        "_penalty_at",
+        "_rtt",
+        "_rtt_at",
+        "excluded_until",
+        "in_flight",
+        "measured",
+        "since",
+    )
+
+    def __init__(self, now: float) -> None:
+        self.in_flight = 0
+        self._rtt = DEFAULT_RTT
+        self._rtt_at = now
+        self._penalty = 0.0
+        self._penalty_at = now
+        self.excluded_until = 0.0
+        self.measured = False
+        """any try recorded yet (a newcomer's latency is a guess)"""
+        self.since = now
+        """when this sidecar first saw the endpoint routable (slow start counts from here)"""
+
+    def __repr__(self) -> str:
+        return (
+            f"<EndpointStats [{self.in_flight} in flight, rtt {self._rtt * 1000:.1f} ms, "
+            f"penalty {self._penalty * 1000:.0f} ms]>"
+        )
+
+    def latency(self, now: float) -> float:
+        """Seconds: the decayed latency estimate plus the decayed failure penalty."""
+        rtt = DEFAULT_RTT + (self._rtt - DEFAULT_RTT) * math.exp((self._rtt_at - now) / DECAY)
+        if self._penalty:
+            return rtt + self._penalty * math.exp((self._penalty_at - now) / DECAY)
+        return rtt
+
+    def record(self, now: float, rtt: float, failed: bool, retry_after: float | None) -> None:
+        """A finished try: its time to first byte (or to failure) and how it went."""
+        self.measured = True
+        w = math.exp((self._rtt_at - now) / DECAY)
+        current = DEFAULT_RTT + (self._rtt - DEFAULT_RTT) * w
+        # peak: a slower sample counts in full at once; a faster one by how long it has been
+        self._rtt = rtt if rtt >= current else current * w + rtt * (1 - w)
+        self._rtt_at = now
+        if failed:
+            self._penalty = (
+                self._penalty * math.exp((self._penalty_at - now) / DECAY) + FAILURE_PENALTY
+            )
+            self._penalty_at = now
+        if retry_after is not None and retry_after > 0:
+            self.excluded_until = now + min(retry_after, RETRY_AFTER_CAP)
+            if self.excluded_until > Exclusions.until:
+                Exclusions.until = self.excluded_until
+
+    def available(self, now: float) -> bool:
+        return now >= self.excluded_until
+
+    def slow_start(self, now: float, window: float) -> float:
+        """The share of its weight the endpoint gets now: 10 % rising to 100 % over
+        ``window`` seconds from ``since``."""
+        if window <= 0:
+            return 1.0
+        ramp = (now - self.since) / window
+        return 1.0 if ramp >= 1.0 else SLOW_START_FLOOR + (1 - SLOW_START_FLOOR) * max(0.0, ramp)
+
+    def statistics(self, now: float) -> EndpointStatistics:
+        return EndpointStatistics(
+            in_flight=self.in_flight,
+            rtt_ms=round(self.latency(now) * 1000, 3),
+            penalty_ms=round(self._penalty * math.exp((self._penalty_at - now) / DECAY) * 1000, 3),
+            excluded_for_s=max(0.0, round(self.excluded_until - now, 3)),
+            since_s=round(now - self.since, 3),
+        )
