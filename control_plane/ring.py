@@ -8,10 +8,11 @@ maps a key to the same endpoint. The sidecar imports this module (and ``wire``, 
 filled by each endpoint's own permutation in turns proportional to its weight (Eisenbud et al.
 2016, with Envoy's weighting). A key's slot is ``hash % M``.
 
-``ring_hash``: each endpoint gets ``points_for(weight)`` points at ``hash(id-k)``; a key belongs
-to the first point at or after its hash. An endpoint's points depend on its own id and weight
-only, so removing one moves exactly its keys; the exception is a service crossing
-``SMALL_RING`` endpoints, where every endpoint's point count changes.
+``ring_hash``: each endpoint gets ``weight x scale`` points at ``hash(id-k)`` (100 for the
+default weight); a key belongs to the first point at or after its hash. ``scale`` is 1, or the
+power of two that keeps the ring between ``MIN_RING_POINTS`` and ``MAX_RING_POINTS`` in all.
+An endpoint's points depend on its own id and weight and on the scale only, so removing one
+moves exactly its keys, except where the total weight crosses a step of the scale.
 """
 
 from __future__ import annotations
@@ -28,11 +29,8 @@ from typing import Any
 import xxhash
 
 MAGLEV_SIZE = 65537
-#: ring points per 100 of weight: 100, or 512 while a service is small (<= 16 endpoints) so
-#: that a small ring still has >= 1024 points
-POINTS_PER_100 = 100
-SMALL_RING = 16
-POINTS_PER_100_SMALL = 512
+MIN_RING_POINTS = 1024
+MAX_RING_POINTS = 131072
 ALGORITHMS = ("ring_hash", "maglev")
 
 
@@ -127,9 +125,14 @@ def build_maglev(ids: Sequence[str], weights: Sequence[int], size: int = 0) -> R
                 return Ring("maglev", array.array(_owner_type(n), table))
 
 
-def points_for(weight: int, endpoints: int) -> int:
-    per_100 = POINTS_PER_100_SMALL if endpoints <= SMALL_RING else POINTS_PER_100
-    return max(1, round(weight * per_100 / 100))
+def ring_scale(total_weight: int) -> float:
+    """Points per unit of weight: 1, doubled or halved (in steps) into the ring size range."""
+    scale = 1.0
+    while total_weight * scale < MIN_RING_POINTS:
+        scale *= 2
+    while total_weight * scale > MAX_RING_POINTS:
+        scale /= 2
+    return scale
 
 
 def build_ring_hash(ids: Sequence[str], weights: Sequence[int]) -> Ring:
@@ -140,8 +143,9 @@ def build_ring_hash(ids: Sequence[str], weights: Sequence[int]) -> Ring:
     hashes: list[int] = []
     owners: list[int] = []
     digest = xxhash.xxh3_64_intdigest
+    scale = ring_scale(sum(weights))
     for index, (ident, weight) in enumerate(zip(ids, weights, strict=True)):
-        count = points_for(weight, n)
+        count = max(1, round(weight * scale))
         hashes += [digest(f"{ident}-{k}".encode()) for k in range(count)]
         owners += [index] * count
     order = sorted(range(len(hashes)), key=hashes.__getitem__)  # stable: ties by index

@@ -103,8 +103,8 @@ def main() -> None:
             print(measure(algorithm, n, keys, hashes, args.rounds))
     print(
         "removed/added: share of keys whose owner changed when endpoint 3 left or one joined "
-        "(ideal 1/N; ring_hash moves exactly the leaving endpoint's keys). ring_hash uses 512 "
-        "points per endpoint up to 16 endpoints, 100 beyond."
+        "(ideal 1/N; ring_hash moves exactly the leaving endpoint's keys, except at N = 10 where "
+        "the total weight crosses a step: 2 points per unit of weight below 1,024, 1 above)."
     )
 
 

@@ -163,7 +163,10 @@ def test_two_services_call_each_other_and_follow_the_registry(
     assert call(a, "b") == (200, "b")
     assert call(b, "a") == (200, "a")
 
-    # an instance registered over REST (no sidecar) joins every caller's table
+    # an instance registered over REST (no sidecar) joins every caller's table (round robin:
+    # peak EWMA would rightly prefer it, one hop nearer, and slow start would hold it back)
+    policy = {"lb": "round_robin", "slow_start_ms": 0}
+    assert cp.call("PUT", "/v1/services/b/policy", policy)[0] == 200
     body = {"id": "b2", "address": "127.0.0.1", "port": app_b2.port}
     assert cp.call("POST", "/v1/services/b/instances", body)[0] == 201
     eventually(lambda: endpoints(a, "b") == sorted([b.ports["inbound"], app_b2.port]))
