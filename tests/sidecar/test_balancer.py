@@ -264,3 +264,28 @@ def test_bounded_loads_hold_as_requests_pile_up_on_hot_keys(lb: str) -> None:
             flying.pop(random.randrange(len(flying))).stats.in_flight -= 1
     # three keys, yet spread over at least four endpoints by the spill
     assert len({m.endpoint.port for m in flying}) >= 4
+
+
+@pytest.mark.parametrize("lb", ["ring_hash", "maglev"])
+def test_hash_policies_slow_start_through_the_bounded_load_spill(lb: str) -> None:
+    random.seed(4)
+    clock = FakeClock()
+    ms = members([100] * 4, clock)
+    ms[0].stats.since = clock.monotonic()  # just appeared: 10 % of its weight
+    built = ring.build(lb, [f"i{i}" for i in range(4)], [100] * 4)
+    b = balancer.make(
+        policy(lb, hash_on="path", hash_balance_factor=1.25), ms, clock, ring=built, index=range(4)
+    )
+    flying: list[Member] = []
+    picks: Counter[int] = Counter()
+    for _ in range(4000):
+        m = b.pick(f"user-{random.randrange(500)}".encode())
+        assert m is not None
+        picks[m.endpoint.port - 1000] += 1
+        m.stats.in_flight += 1
+        flying.append(m)
+        if len(flying) > 40:
+            flying.pop(0).stats.in_flight -= 1
+    owned = sum(built.lookup(ring.key_hash(f"user-{u}".encode())) == 0 for u in range(500)) / 500
+    assert owned > 0.15  # its keys would give it about a quarter
+    assert picks[0] / 4000 < owned / 2  # ramping, it takes much less; the rest spills
