@@ -32,6 +32,7 @@ from control_plane.flags import setup_logging
 from control_plane.wire import Endpoint, Registration
 from sidecar import state
 from sidecar.admin import build_admin_app
+from sidecar.breaker import Services
 from sidecar.config import Listen, SidecarConfig
 from sidecar.discovery import Discovery
 from sidecar.errors import TableError
@@ -55,7 +56,10 @@ class Sidecar:
         self.timeouts = timeouts or Timeouts()
         self.pools = Pools()
         self.app_pools = Pools()
-        self.tables = TableHolder(self.pools, service=config.service, zone=config.zone)
+        self.services = Services()
+        self.tables = TableHolder(
+            self.pools, service=config.service, zone=config.zone, services=self.services
+        )
         self.outbound = ConnectionTracker()
         self.inbound = ConnectionTracker()
         self.app_router = AppRouter(Endpoint(config.app.host, config.app.port), self.app_pools)
@@ -229,12 +233,18 @@ class Sidecar:
         }
 
     def endpoint_stats(self) -> dict[str, Any]:
-        """What the balancers know of every endpoint in the table in force."""
+        """Per service of the table in force: its counters (limits, retries, ejections,
+        panics) and what the balancers know of each endpoint."""
         table = self.tables.current
         now = self.pools.clock.monotonic()
-        services: dict[str, list[dict[str, Any]]] = {}
+        services: dict[str, dict[str, Any]] = {}
         for name, entry in table.table.services.items() if table else ():
-            rows = services[name] = []
+            state = self.services.find(name)
+            rows: list[dict[str, Any]] = []
+            services[name] = {
+                "counters": state.counters() if state else {},
+                "endpoints": rows,
+            }
             for e in entry.endpoints:
                 pool = self.pools.find(e)
                 row: dict[str, Any] = {
@@ -247,6 +257,8 @@ class Sidecar:
                 }
                 if pool is not None:
                     row |= dataclasses.asdict(pool.stats.statistics(now))
+                    ejection = pool.stats.ejection
+                    row["outlier"] = ejection.phase.name.lower() if ejection else "healthy"
                 rows.append(row)
         return {"services": services}
 

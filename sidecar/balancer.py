@@ -65,6 +65,8 @@ class Locality:
 
 
 class Balancer(Protocol):
+    members: list[Member]
+
     def pick(self, key: bytes | None = None, avoid: Endpoint | None = None) -> Member | None:
         """A member for the next try (``key``: the request's hash key; ``avoid``: the
         endpoint of the previous try), or None when there is none."""
@@ -85,6 +87,7 @@ class _Members:
         self.clock = clock
         self.weights = [m.endpoint.weight for m in self.members]
         self.window = policy.slow_start_ms / 1000
+        self._panic = policy.panic_threshold
         since = [m.stats.since for m in self.members]
         #: endpoints seen together with the first (a sidecar's start, a new service) do not
         #: ramp: slow start is relative to endpoints already taking traffic (as in Envoy)
@@ -126,15 +129,18 @@ class _Members:
         return self._all
 
     def candidates(self, avoid: Endpoint | None, now: float) -> list[int]:
-        """The zone's choice, narrowed to the available, then to those not ``avoid``."""
+        """The zone's choice, narrowed to the available (unless fewer than ``panic_threshold``
+        % are: then all of them), then to those not ``avoid``."""
         pool = self.zone_pool()
-        if avoid is None and now >= Exclusions.until:
+        if avoid is None and now >= Exclusions.until and not Exclusions.probing:
             return pool  # nobody asked for a pause: all are available
         members = self.members
         ready = [i for i in pool if members[i].stats.excluded_until <= now]
+        if len(ready) * 100 < self._panic * len(pool) or not ready:
+            ready = pool  # panic: too few are available, balance over all of them
         if avoid is not None and len(ready) > 1:
             ready = [i for i in ready if members[i].endpoint is not avoid] or ready
-        return ready or pool
+        return ready
 
     def weight(self, i: int, now: float) -> float:
         if now < self._ramp_end:

@@ -42,6 +42,7 @@ class Reason(enum.Enum):
     UPSTREAM_PROTOCOL_ERROR = (502, "Bad Gateway", "upstream-protocol-error")
     NO_HEALTHY_UPSTREAM = (503, "Service Unavailable", "no-healthy-upstream")
     DRAINING = (503, "Service Unavailable", "draining")
+    OVERLOADED = (503, "Service Unavailable", "overloaded")
     UPSTREAM_TIMEOUT = (504, "Gateway Timeout", "upstream-timeout")
 
     @property

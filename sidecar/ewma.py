@@ -16,6 +16,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sidecar.outlier import Ejection
 
 DECAY = 10.0
 """seconds: the EWMA's time constant"""
@@ -30,8 +34,12 @@ SLOW_START_FLOOR = 0.1
 
 
 class Exclusions:
+    """Whether any endpoint may be out of the pick: while not, balancers skip the check."""
+
     until = 0.0
-    """the latest ``excluded_until`` of any endpoint: before it, balancers check each one"""
+    """the latest finite ``excluded_until`` of any endpoint"""
+    probing = 0
+    """endpoints out until their probe ends"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +57,7 @@ class EndpointStats:
         "_penalty_at",
         "_rtt",
         "_rtt_at",
+        "ejection",
         "excluded_until",
         "in_flight",
         "measured",
@@ -66,6 +75,8 @@ class EndpointStats:
         """any try recorded yet (a newcomer's latency is a guess)"""
         self.since = now
         """when this sidecar first saw the endpoint routable (slow start counts from here)"""
+        self.ejection: Ejection | None = None
+        """outlier state, from the endpoint's first failure (``outlier``)"""
 
     def __repr__(self) -> str:
         return (

@@ -1,6 +1,12 @@
 """One request's journey: route -> pick an endpoint -> take a pooled connection (or connect)
 -> send the head and stream the body -> stream the response back -> release the connection.
 
+A request may take several tries (``retry``): a try that fails before any of its response
+reached the client (a refused connect, a reset, a status ``retry_on`` lists, its per-try
+timeout) is retried on another endpoint within the retry budget and the time left; otherwise
+its failure is the answer. Every try's outcome goes to the endpoint's statistics (latency,
+failure penalty, Retry-After) and to outlier ejection.
+
 All of it is synchronous callback code; the only thing awaited is a new upstream connection.
 The ``Downstream`` (``proxy``) that owns an exchange parses the request and writes what the
 exchange hands back; the ``UpstreamConnection`` calls it back as a ``ResponseSink``.
@@ -10,10 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import math
 from typing import TYPE_CHECKING
 
 from control_plane.wire import Endpoint
-from sidecar import http1
+from sidecar import http1, outlier, retry
 from sidecar.errors import Reason, error_response
 from sidecar.ewma import EndpointStats
 from sidecar.http1 import Headers, RequestHead
@@ -38,6 +45,12 @@ UPSTREAM_FAILURES = frozenset(
         Reason.UPSTREAM_TIMEOUT,
     }
 )
+#: what ``retry_on`` calls each failure a try can have
+RETRY_EVENT: dict[Reason, str | int] = {
+    Reason.UPSTREAM_CONNECT_FAILURE: "connect-failure",
+    Reason.UPSTREAM_RESET: "reset",
+    Reason.UPSTREAM_TIMEOUT: 504,
+}
 
 
 class State(enum.Enum):
@@ -47,23 +60,37 @@ class State(enum.Enum):
     RESPONDING = 3
     TUNNEL = 4
     DONE = 5
+    BACKOFF = 6  # between a failed try and the next
 
 
 class Exchange:
     """One request's journey upstream and its response's journey back."""
 
     __slots__ = (
+        "_attempt",
         "_chunk_out",
         "_connect_task",
+        "_counted",
+        "_failure",
+        "_hard_deadline",
+        "_key",
+        "_may_retry",
         "_pending",
         "_pending_size",
+        "_per_try",
+        "_probing",
         "_replay",
         "_replay_size",
-        "_retried",
+        "_retry_timer",
+        "_route_deadline",
+        "_stale_retried",
         "_stats",
+        "_timeout",
         "_trailers",
         "_tried_at",
+        "_try_deadline",
         "_tunnel_early",
+        "_waiting",
         "conn",
         "ds",
         "endpoint",
@@ -85,15 +112,28 @@ class Exchange:
         self.keep_alive = head.keep_alive
         self._pending: list[bytes] = []  # framed request bytes not yet written upstream
         self._pending_size = 0
-        self._replay: list[bytes] | None = []  # everything sent, for a replay; None if too big
+        self._replay: list[bytes] | None = []  # the body so far, for another try; None: too big
         self._replay_size = 0
-        self._retried = False
-        self._stats: EndpointStats | None = None  # the picked endpoint's, while in flight
+        self._stale_retried = False
+        self._stats: EndpointStats | None = None  # the current try's endpoint's, while in flight
         self._tried_at = 0.0
         self._connect_task: asyncio.Task[UpstreamConnection] | None = None
+        self._waiting = False  # counted in the service's pending (connecting)
+        self._counted = False  # counted in the service's in flight
         self._chunk_out = False
         self._trailers: Headers = []
         self._tunnel_early: list[bytes] = []
+        self._key: bytes | None = None
+        self._attempt = 0  # tries started
+        self._may_retry = False
+        self._probing = False  # the current try probes an ejected endpoint
+        self._retry_timer: asyncio.TimerHandle | None = None
+        self._failure: tuple[Reason, str] | None = None  # the last try's, for the answer
+        self._timeout = 0.0  # seconds: the route timeout, from the end of the request
+        self._per_try = math.inf
+        self._hard_deadline = math.inf  # loop time: the caller's deadline, not extended
+        self._route_deadline = math.inf
+        self._try_deadline = math.inf
 
     def __repr__(self) -> str:
         target = self.head.target[:40].decode(errors="replace")
@@ -102,7 +142,8 @@ class Exchange:
     # -- request side ---------------------------------------------------------------------
 
     def start(self) -> None:
-        """Route, pick, and send (or connect): called when this exchange reaches the front."""
+        """Route, check the limits and deadline, and start the first try: called when this
+        exchange reaches the front."""
         head = self.head
         if head.method == b"CONNECT":
             self.fail(Reason.BAD_REQUEST, "CONNECT is not supported")
@@ -112,34 +153,105 @@ class Exchange:
             self.fail(*routed)
             return
         self.route = routed
-        key = routed.key_of(head, self.ds.client_ip) if routed.key_of is not None else None
-        member = routed.balancer.pick(key)
-        if member is None:
-            self.fail(Reason.NO_HEALTHY_UPSTREAM, f"service {routed.name} has no endpoints")
+        policy = routed.policy
+        service = routed.service
+        if service.in_flight >= policy.max_requests:
+            service.overloaded += 1
+            self.fail(
+                Reason.OVERLOADED,
+                f"service {routed.name} has {policy.max_requests} requests in flight "
+                "(max_requests)",
+            )
             return
+        now = self.ds.loop.time()
+        self._timeout = timeout = routed.timeout
+        if head.timeout_ms is not None and head.timeout_ms / 1000 < timeout:
+            self._timeout = timeout = head.timeout_ms / 1000
+        if head.deadline_ms is None:
+            self._route_deadline = now + timeout
+        else:
+            if head.deadline_ms <= 0:
+                self.fail(Reason.UPSTREAM_TIMEOUT, "the caller's deadline is spent")
+                return
+            self._hard_deadline = now + head.deadline_ms / 1000
+            self._route_deadline = min(now + timeout, self._hard_deadline)
+        service.in_flight += 1
+        self._counted = True
+        service.budget.request(now)
+        if routed.retries:
+            self._per_try = routed.per_try
+            # a request that an earlier hop retries is not retried again here
+            self._may_retry = head.attempt == 0 and (head.method in http1.IDEMPOTENT or head.retry)
+        if routed.key_of is not None:
+            self._key = routed.key_of(head, self.ds.client_ip)
+        self._try(None, now)
+
+    def _try(self, avoid: Endpoint | None, loop_now: float) -> None:
+        """Pick an endpoint (not ``avoid`` if another is there) and send the request to it."""
+        route = self.route
+        assert route is not None
+        member = route.balancer.pick(self._key, avoid)
+        if member is None:
+            self.fail(Reason.NO_HEALTHY_UPSTREAM, f"service {route.name} has no endpoints")
+            return
+        stats = member.stats
+        now = route.clock.monotonic()
+        if stats.excluded_until > now:  # the balancer chose among all: too few are available
+            self._panic(now)
+        elif stats.ejection is not None and stats.ejection.phase is outlier.Phase.EJECTED:
+            outlier.probe(stats)  # an ejected endpoint whose time is up: this try probes it
+            self._probing = True
         self.endpoint = endpoint = member.endpoint
-        self._stats = member.stats
-        member.stats.in_flight += 1
-        self._tried_at = routed.clock.monotonic()
-        data = http1.upstream_request(head, self.ds.client_ip)
-        self._pending.insert(0, data)
-        self._pending_size += len(data)
-        if self._replay is not None:
-            self._replay.insert(0, data)
-            self._replay_size += len(data)
-        self.ds.expect_route(routed.policy.timeout_ms / 1000)
-        conn = routed.pool_for(endpoint).take_idle()
+        self._stats = stats
+        stats.in_flight += 1
+        self._tried_at = now
+        self._attempt += 1
+        if self.request_done and self._per_try < self._route_deadline - loop_now:
+            self._try_deadline = loop_now + self._per_try
+        left = self._route_deadline - loop_now
+        attempt = self.head.attempt if route.relay else self._attempt
+        data = http1.upstream_request(
+            self.head, self.ds.client_ip, attempt, int(left * 1000) if left > 0 else 0
+        )
+        if self._attempt > 1:  # another try: the body again, from the replay
+            assert self._replay is not None
+            self._pending = [data, *self._replay]
+            self._pending_size = len(data) + self._replay_size
+        else:
+            self._pending.insert(0, data)
+            self._pending_size += len(data)
+        self._arm()
+        pool = route.pool_for(endpoint)
+        conn = pool.take_idle()
         if conn is not None:
             self._send_on(conn)
         else:
-            self._connect(routed.pool_for(endpoint))
+            self._connect(pool)
+
+    def _arm(self) -> None:
+        """The connection's timer: at the route deadline or the try's, whichever is first."""
+        route, at = self._route_deadline, self._try_deadline
+        self.ds.expect_route_at(at if at < route else route)
+
+    def _progress(self) -> None:
+        """Request bytes arrived: the route timeout (and the first try's) count from here."""
+        now = self.ds.loop.time()
+        self._route_deadline = min(now + self._timeout, self._hard_deadline)
+        if (
+            self.request_done
+            and self._attempt == 1
+            and self.state is not State.RESPONDING
+            and self._per_try < self._route_deadline - now
+        ):
+            self._try_deadline = now + self._per_try
+        self._arm()
 
     def request_body(self, data: bytes) -> None:
         if self.head.chunked:
             data = http1.chunk(data)
         if self.state is not State.QUEUED and self.route is not None:
             # an upload in progress: the route timeout counts from its last byte
-            self.ds.expect_route(self.route.policy.timeout_ms / 1000)
+            self._progress()
         self._out(data)
 
     def request_trailer(self, name: bytes, value: bytes) -> None:
@@ -150,7 +262,7 @@ class Exchange:
         if self.head.has_body and self.state is not State.QUEUED and self.route is not None:
             # as Envoy's route timeout: from the end of the request to the end of the response
             # (a request without a body ended where it started: start() set the deadline)
-            self.ds.expect_route(self.route.policy.timeout_ms / 1000)
+            self._progress()
         if self.head.chunked:
             trailers, self._trailers = self._trailers, []
             self._out(http1.last_chunk(trailers))
@@ -161,10 +273,11 @@ class Exchange:
             self._replay_size += len(data)
             if self._replay_size > REPLAY_LIMIT:
                 self._replay = None
-        if self.state is State.SENT or self.state is State.RESPONDING:
+        state = self.state
+        if state is State.SENT or state is State.RESPONDING:
             if self.conn is not None:
                 self.conn.write(data)
-        elif self.state is not State.DONE:
+        elif state is not State.DONE and state is not State.BACKOFF:
             self._pending.append(data)
             self._pending_size += len(data)
             if self._pending_size > PENDING_LIMIT:
@@ -173,9 +286,20 @@ class Exchange:
     # -- connecting -------------------------------------------------------------------------
 
     def _connect(self, pool: Pool) -> None:
+        route = self.route
+        assert route is not None
+        policy = route.policy
+        service = route.service
+        if pool.size() >= policy.max_connections or service.pending >= policy.max_pending:
+            service.overloaded += 1
+            limit = "max_connections" if pool.size() >= policy.max_connections else "max_pending"
+            self._end_try()
+            self.fail(Reason.OVERLOADED, f"service {route.name} is at its {limit} limit")
+            return
         self.state = State.CONNECTING
-        assert self.route is not None
-        timeout = self.route.policy.connect_timeout_ms / 1000
+        service.pending += 1
+        self._waiting = True
+        timeout = policy.connect_timeout_ms / 1000
 
         async def connect() -> UpstreamConnection:
             async with asyncio.timeout(timeout):
@@ -185,16 +309,22 @@ class Exchange:
         self._connect_task = task
         task.add_done_callback(self._connected)
 
+    def _not_waiting(self) -> None:
+        if self._waiting and self.route is not None:
+            self._waiting = False
+            self.route.service.pending -= 1
+
     def _connected(self, task: asyncio.Task[UpstreamConnection]) -> None:
-        self._connect_task = None
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if self.state is State.DONE:
-            if exc is None:
+        if task is not self._connect_task:  # the connect of a try given up (or the exchange)
+            if not task.cancelled() and task.exception() is None:
                 conn = task.result()
                 conn.pool.release(conn)  # a fresh connection nobody needs: keep it
             return
+        self._connect_task = None
+        self._not_waiting()
+        if task.cancelled():
+            return
+        exc = task.exception()
         if exc is not None:
             assert self.endpoint is not None
             e = self.endpoint
@@ -203,14 +333,23 @@ class Exchange:
                 if isinstance(exc, TimeoutError) and self.route is not None
                 else str(exc) or type(exc).__name__
             )
-            self.fail(Reason.UPSTREAM_CONNECT_FAILURE, f"connect to {e.address}:{e.port} {what}")
+            self._try_failed(
+                Reason.UPSTREAM_CONNECT_FAILURE, f"connect to {e.address}:{e.port} {what}"
+            )
             return
         self._send_on(task.result())
+
+    def _stop_connecting(self) -> None:
+        if self._connect_task is not None:
+            # _connected still runs: a connect that finished just now is released, not leaked
+            self._connect_task.cancel()
+            self._connect_task = None
+        self._not_waiting()
 
     def _send_on(self, conn: UpstreamConnection) -> None:
         if not conn.alive():  # the upstream accepted and hung up before a byte was sent
             conn.pool.discard(conn)
-            self.fail(
+            self._try_failed(
                 Reason.UPSTREAM_RESET, "the upstream closed the connection before the request"
             )
             return
@@ -223,6 +362,103 @@ class Exchange:
         self._pending_size = 0
         conn.send(self, data)
         self.ds.pause_reading("pending", False)
+
+    # -- tries --------------------------------------------------------------------------------
+
+    def _try_failed(self, reason: Reason, detail: str) -> None:
+        """The current try failed before any of its response reached the client: retry if
+        the policy, the budget and the time left allow, else answer with the failure."""
+        self._abandon_try(retry_after=None)
+        delay = self._retry_delay(RETRY_EVENT.get(reason, 0), None)
+        if delay is None:
+            self.fail(reason, detail)
+        else:
+            self._backoff(delay, reason, detail)
+
+    def _abandon_try(self, retry_after: float | None) -> None:
+        """The current try failed: count it, and let go of its connection and endpoint."""
+        self._outcome(failed=True, retry_after=retry_after)
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.close()
+        self._stop_connecting()
+        self._end_try()
+
+    def _backoff(self, delay: float, reason: Reason, detail: str) -> None:
+        route = self.route
+        assert route is not None
+        self._failure = (reason, detail)
+        self.state = State.BACKOFF
+        self._try_deadline = math.inf
+        self._arm()
+        route.service.retrying += 1
+        route.service.retries += 1
+        self._retry_timer = self.ds.loop.call_later(delay, self._retry)
+
+    def _retry_delay(self, event: str | int, retry_after: float | None) -> float | None:
+        """Seconds to wait before retrying after ``event``, or None: no retry."""
+        route = self.route
+        if route is None or not self._may_retry or self._replay is None:
+            return None
+        policy = route.policy
+        if self._attempt > policy.retries or event not in policy.retry_on:
+            return None
+        if isinstance(event, int) and not self.request_done:
+            return None  # answered before the whole request came: nothing to replay yet
+        delay = retry.backoff(self._attempt)
+        if retry_after is not None and not self._elsewhere():
+            delay = max(delay, retry_after)  # only the endpoint that asked for a pause is left
+        if self._route_deadline - self.ds.loop.time() - delay < retry.MIN_TRY:
+            return None  # it would not fit in the time left
+        service = route.service
+        if service.retrying >= policy.max_retries:
+            service.overloaded += 1
+            return None
+        budget = policy.retry_budget
+        if not service.budget.spend(route.clock.monotonic(), budget.ratio, budget.min_per_s):
+            return None
+        return delay
+
+    def _elsewhere(self) -> bool:
+        """Another endpoint than the last try's is available now."""
+        route = self.route
+        assert route is not None
+        now = route.clock.monotonic()
+        return any(
+            m.endpoint is not self.endpoint and m.stats.excluded_until <= now
+            for m in route.balancer.members
+        )
+
+    def _retry(self) -> None:
+        self._retry_timer = None
+        route = self.route
+        assert route is not None
+        route.service.retrying -= 1
+        if self.state is not State.BACKOFF:
+            return
+        if self._replay is None:  # the body grew past what is kept while waiting
+            assert self._failure is not None
+            self.fail(*self._failure)
+            return
+        self.state = State.QUEUED
+        self._try(self.endpoint, self.ds.loop.time())
+
+    def _end_try(self) -> None:
+        """The current try's endpoint has it in flight no more."""
+        stats, self._stats = self._stats, None
+        if stats is not None:
+            stats.in_flight -= 1
+            if self._probing and self._tried_at:  # a probe that got no answer
+                outlier.abandon(stats, self.route.clock.monotonic() if self.route else 0.0)
+            self._tried_at = 0.0
+            self._probing = False
+
+    def _panic(self, now: float) -> None:
+        route = self.route
+        assert route is not None
+        members = route.balancer.members
+        available = sum(1 for m in members if m.stats.excluded_until <= now)
+        route.service.panic(now, available, len(members))
 
     # -- response side (ResponseSink) -----------------------------------------------------
 
@@ -241,8 +477,16 @@ class Exchange:
             self.state = State.TUNNEL
             ds.write(http1.interim_response(resp))
             return False
-        self.state = State.RESPONDING
         retry_after = http1.retry_after(resp) if status in (429, 503) else None
+        if self._may_retry:
+            delay = self._retry_delay(status, retry_after)
+            if delay is not None:  # this response goes nowhere: the request goes again
+                self._abandon_try(retry_after)
+                detail = f"the upstream answered {status}; the request body grew too large to retry"
+                self._backoff(delay, Reason.UPSTREAM_RESET, detail)
+                return False
+        self.state = State.RESPONDING
+        self._try_deadline = math.inf
         self._outcome(failed=status >= 500, retry_after=retry_after)
         no_body = head.method == b"HEAD" or status in (204, 304)
         keep_alive = self.keep_alive and not ds.draining and not head.upgrade
@@ -316,20 +560,28 @@ class Exchange:
             and conn is not None
             and conn.requests > 1  # a reused connection the upstream had closed: stale
             and not conn.received
-            and not self._retried
+            and not self._stale_retried
             and self._replay is not None
             and self.head.method in http1.IDEMPOTENT
         ):
-            self._retried = True
-            self._pending = list(self._replay)
-            self._pending_size = sum(map(len, self._pending))
+            self._stale_retried = True  # the same try again, on a fresh connection
+            route = self.route
+            assert route is not None
+            left_ms = max(0, int((self._route_deadline - self.ds.loop.time()) * 1000))
+            attempt = self.head.attempt if route.relay else self._attempt
+            data = http1.upstream_request(self.head, self.ds.client_ip, attempt, left_ms)
+            self._pending = [data, *self._replay]
+            self._pending_size = len(data) + self._replay_size
             self._connect(conn.pool)
             return
         if protocol_error:
             self.fail(Reason.UPSTREAM_PROTOCOL_ERROR, "the upstream sent a malformed response")
+        elif conn is not None and conn.received:
+            detail = f"{type(exc).__name__}: {exc}" if exc else "connection closed"
+            self.fail(Reason.UPSTREAM_RESET, f"upstream closed the connection mid-head ({detail})")
         else:
             detail = f"{type(exc).__name__}: {exc}" if exc else "connection closed"
-            self.fail(Reason.UPSTREAM_RESET, f"upstream closed the connection ({detail})")
+            self._try_failed(Reason.UPSTREAM_RESET, f"upstream closed the connection ({detail})")
 
     def upstream_paused(self, paused: bool) -> None:
         self.ds.pause_reading("upstream", paused)
@@ -351,8 +603,19 @@ class Exchange:
     # -- endings --------------------------------------------------------------------------
 
     def route_timeout(self) -> None:
+        """The connection's timer: the route deadline, or the current try's."""
         assert self.route is not None
-        timeout = self.route.policy.timeout_ms
+        now = self.ds.loop.time()
+        if now < self._route_deadline:
+            if now >= self._try_deadline and (
+                self.state is State.SENT or self.state is State.CONNECTING
+            ):
+                ms = round(self._per_try * 1000)
+                self._try_failed(Reason.UPSTREAM_TIMEOUT, f"no response within {ms} ms (per try)")
+            else:
+                self._arm()
+            return
+        timeout = round(self._timeout * 1000)
         if self.state is State.RESPONDING:
             self._finish(close=True, abort=True)  # too late for a 504: cut the stream
         elif not self.request_done:
@@ -384,23 +647,41 @@ class Exchange:
         self.ds.exchange_done(self, close=close, abort=abort)
 
     def _outcome(self, *, failed: bool, retry_after: float | None = None) -> None:
-        """Tell the endpoint's stats how the try went: its time to the response head (or to
-        the failure), once. It stays in flight until the exchange ends."""
-        if self._stats is not None and self.route is not None and self._tried_at:
-            now = self.route.clock.monotonic()
-            self._stats.record(now, now - self._tried_at, failed, retry_after)
+        """Tell the endpoint's stats and outlier state how the try went: its time to the
+        response head (or to the failure), once. It stays in flight until the try ends."""
+        stats, route = self._stats, self.route
+        if stats is not None and route is not None and self._tried_at:
+            now = route.clock.monotonic()
+            stats.record(now, now - self._tried_at, failed, retry_after)
             self._tried_at = 0.0
+            ejection = stats.ejection
+            if ejection is None:
+                if not failed:
+                    return
+            elif ejection.phase is not outlier.Phase.HEALTHY and not self._probing:
+                return  # a panic pick of an endpoint that is out: its probe decides
+            if outlier.record(
+                stats, failed, now, route.policy.outlier, route.balancer.members, route.name
+            ):
+                route.service.ejections += 1
 
     def cancel(self) -> None:
-        """Stop all upstream work: a connect in progress, the connection in use."""
-        if self._stats is not None:  # out of flight (a client gone: nothing learnt)
-            self._stats.in_flight -= 1
-            self._stats = None
+        """Stop all upstream work: a connect in progress, the connection in use, a retry
+        waiting; the request leaves the service's count."""
+        if self._stats is not None:
+            self._end_try()  # (a client gone mid-try: nothing learnt)
+        if self._connect_task is not None or self._waiting:
+            self._stop_connecting()
+        route = self.route
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
+            if route is not None:
+                route.service.retrying -= 1
+        if self._counted and route is not None:
+            self._counted = False
+            route.service.in_flight -= 1
         self.state = State.DONE
-        if self._connect_task is not None:
-            # _connected still runs: a connect that finished just now is released, not leaked
-            self._connect_task.cancel()
-            self._connect_task = None
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.close()

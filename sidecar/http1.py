@@ -39,7 +39,12 @@ _KEPT_TOKENS = frozenset(
 
 # What the single pass does with each special header (lowercase name -> action).
 _HOST, _TE, _CL, _CONN, _UPGRADE, _EXPECT, _RID, _XFF, _DROP = range(9)
+_DEADLINE, _TIMEOUT, _ATTEMPT, _RETRY = range(9, 13)
 _REQUEST = {
+    b"x-meshlet-deadline-ms": _DEADLINE,
+    b"x-meshlet-timeout-ms": _TIMEOUT,
+    b"x-meshlet-attempt": _ATTEMPT,
+    b"x-meshlet-retry": _RETRY,
     b"host": _HOST,
     b"transfer-encoding": _TE,
     b"content-length": _CL,
@@ -120,6 +125,14 @@ class RequestHead:
     """transfer codings before the final chunked (kept when the body is re-chunked)"""
     forwarded_for: bytes = b""
     upgrade_value: bytes = b""
+    deadline_ms: int | None = None
+    """``x-meshlet-deadline-ms``: what an earlier hop left of its deadline"""
+    timeout_ms: int | None = None
+    """``x-meshlet-timeout-ms``: the caller's own shorter timeout"""
+    attempt: int = 0
+    """``x-meshlet-attempt``: the try of an earlier hop that retries (0: none)"""
+    retry: bool = False
+    """``x-meshlet-retry: on``: retry even a method that is not idempotent"""
     lines: list[bytes] = field(default_factory=list)
     """forwardable headers, four items each: name, b": ", value, b"\\r\\n\""""
 
@@ -191,6 +204,8 @@ def parse_request_head(
             lines += (name, b": ", value, b"\r\n")
         elif action == _XFF:
             head.forwarded_for = head.forwarded_for + b", " + value if head.forwarded_for else value
+        elif action >= _DEADLINE:  # the mesh's own: read, never forwarded as sent
+            _mesh_header(head, action, value.strip())
     if te_tokens:
         head.codings = b", ".join(te_tokens[:-1])
     if custom:
@@ -201,9 +216,26 @@ def parse_request_head(
     return head
 
 
-def upstream_request(head: RequestHead, client_ip: bytes) -> bytes:
+def _mesh_header(head: RequestHead, action: int, value: bytes) -> None:
+    """A malformed value is ignored (as Envoy ignores a bad x-envoy-upstream-rq-timeout-ms)."""
+    if action == _RETRY:
+        head.retry = value.lower() == b"on"
+    elif value.isdigit() and len(value) <= 10:
+        number = int(value)
+        if action == _DEADLINE:
+            head.deadline_ms = number
+        elif action == _TIMEOUT:
+            head.timeout_ms = number or None
+        else:
+            head.attempt = number
+
+
+def upstream_request(
+    head: RequestHead, client_ip: bytes, attempt: int = 0, deadline_ms: int | None = None
+) -> bytes:
     """The head sent upstream: origin-form, HTTP/1.1, hop-by-hop removed, X-Forwarded-For
-    appended, X-Forwarded-Proto set, X-Request-Id added when absent."""
+    appended, X-Forwarded-Proto set, X-Request-Id added when absent; which try this is and
+    the milliseconds left (``x-meshlet-attempt``, ``x-meshlet-deadline-ms``) when given."""
     tail = [b"x-forwarded-for: "]
     if head.forwarded_for:
         tail += (head.forwarded_for, b", ")
@@ -218,6 +250,10 @@ def upstream_request(head: RequestHead, client_ip: bytes) -> bytes:
             tail.append(b"transfer-encoding: chunked\r\n")
     if head.upgrade:
         tail += (b"connection: upgrade\r\nupgrade: ", head.upgrade_value, b"\r\n")
+    if attempt:
+        tail += (b"x-meshlet-attempt: ", b"%d" % attempt, b"\r\n")
+    if deadline_ms is not None:
+        tail += (b"x-meshlet-deadline-ms: ", b"%d" % deadline_ms, b"\r\n")
     tail.append(b"\r\n")
     return b"".join((head.method, b" ", head.target, b" HTTP/1.1\r\n", *head.lines, *tail))
 

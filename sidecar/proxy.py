@@ -412,9 +412,18 @@ class Downstream(asyncio.Protocol):
         else:
             transport.close()
 
-    def expect_route(self, seconds: float) -> None:
-        """The active exchange's route timeout, from now."""
-        self.expect(_Wait.ROUTE, seconds)
+    def expect_route_at(self, when: float) -> None:
+        """The active exchange's deadline (loop time): its route timeout or its try's."""
+        self._wait = _Wait.ROUTE
+        self._deadline = when
+        if self._timer is not None and self._timer_at <= when:
+            return  # it wakes in time (and re-arms), as ``expect`` explains
+        now = self.loop.time()
+        at = min(when, now + self.timeouts.head)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_at(at, self._on_timer)
+        self._timer_at = at
 
     def expect(self, wait: _Wait, seconds: float) -> None:
         """From now on the connection waits for ``wait``, at most ``seconds``.

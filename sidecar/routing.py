@@ -8,6 +8,7 @@ address in ``Pools``.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from control_plane.ring import Ring
 from control_plane.wire import (
     HASH_POLICIES,
     Endpoint,
+    Outlier,
     Policy,
     ServiceEntry,
     Table,
@@ -31,6 +33,7 @@ from control_plane.wire import (
 )
 from sidecar import balancer
 from sidecar.balancer import Balancer, Locality, Member
+from sidecar.breaker import Services, ServiceState
 from sidecar.clock import Clock, SystemClock
 from sidecar.errors import Reason, TableError
 from sidecar.ewma import EndpointStats
@@ -46,10 +49,30 @@ class Route:
     policy: Policy
     balancer: Balancer
     pool_for: Callable[[Endpoint], Pool]
+    service: ServiceState
+    """what outlives tables: limits' counters, the retry budget"""
     key_of: KeyOf | None = None
     """hash policies: the request's key"""
     clock: Clock = field(default_factory=SystemClock)
     """the balancer's clock: try times are measured on it"""
+    relay: bool = False
+    """the inbound route: no retries; the caller's try number is passed on as it came"""
+    timeout: float = field(init=False)
+    """seconds: the policy's route timeout"""
+    per_try: float = field(init=False)
+    """seconds: each try's timeout (inf when there are no retries)"""
+    retries: bool = field(init=False)
+    """this route retries"""
+
+    def __post_init__(self) -> None:
+        policy = self.policy
+        self.timeout = policy.timeout_ms / 1000
+        self.retries = bool(policy.retries) and not self.relay
+        self.per_try = (
+            (policy.per_try_timeout_ms or policy.timeout_ms / (policy.retries + 1)) / 1000
+            if self.retries
+            else math.inf
+        )
 
 
 class Router(Protocol):
@@ -129,18 +152,21 @@ class RoutingTable:
         table: Table,
         info: TableInfo,
         pools: Pools,
+        services: Services,
         locality: Locality = Locality(),  # noqa: B008
     ) -> None:
         self.table = table
         self.info = info
         self._routes = {
-            name: self._route(name, entry, pools, locality)
+            name: self._route(name, entry, pools, services.get(name), locality)
             for name, entry in table.services.items()
         }
         self._cache: dict[bytes, Route] = {}
 
     @staticmethod
-    def _route(name: str, entry: ServiceEntry, pools: Pools, locality: Locality) -> Route:
+    def _route(
+        name: str, entry: ServiceEntry, pools: Pools, service: ServiceState, locality: Locality
+    ) -> Route:
         index: list[int] = []
         members: list[Member] = []
         for e in entry.endpoints:
@@ -155,6 +181,7 @@ class RoutingTable:
             policy,
             balancer.make(policy, members, pools.clock, locality, built, index),
             pools.get,
+            service,
             key_function(policy.hash_on) if hashing else None,
             pools.clock,
         )
@@ -189,8 +216,16 @@ class RoutingTable:
 class TableHolder:
     """The table in force; listeners route through it, reloads swap it."""
 
-    def __init__(self, pools: Pools, *, service: str = "", zone: str = "") -> None:
+    def __init__(
+        self,
+        pools: Pools,
+        *,
+        service: str = "",
+        zone: str = "",
+        services: Services | None = None,
+    ) -> None:
         self.pools = pools
+        self.services = services or Services()
         self.service = service
         self.zone = zone
         self.current: RoutingTable | None = None
@@ -204,7 +239,7 @@ class TableHolder:
         """Build the table's routes and put them in force; TableError (nothing changes) if
         a ring does not fit its service."""
         info = TableInfo(table.version, source, time.time())
-        new = RoutingTable(table, info, self.pools, self._locality(table))
+        new = RoutingTable(table, info, self.pools, self.services, self._locality(table))
         self.current = new
         self.pools.retain(new.endpoints())
         return new
@@ -222,10 +257,21 @@ class AppRouter:
     """The inbound listener's only route: the local application."""
 
     def __init__(self, endpoint: Endpoint, pools: Pools) -> None:
-        policy = Policy(lb="round_robin")
+        policy = Policy(
+            lb="round_robin",
+            retries=0,
+            outlier=Outlier(consecutive_failures=0, failure_rate_percent=0),
+        )
         members = [Member(endpoint, pools.get(endpoint).stats)]
+        self.service = ServiceState("app")
         self._route = Route(
-            "app", policy, balancer.make(policy, members, pools.clock), pools.get, clock=pools.clock
+            "app",
+            policy,
+            balancer.make(policy, members, pools.clock),
+            pools.get,
+            self.service,
+            clock=pools.clock,
+            relay=True,
         )
 
     def route(self, authority: bytes | None) -> Route | tuple[Reason, str]:

@@ -326,6 +326,7 @@ class Pool:
         self._idle: collections.deque[UpstreamConnection] = collections.deque()
         self._all: set[UpstreamConnection] = set()
         self._connects = 0
+        self._connecting = 0
         self._reuses = 0
         self._closed = False
         self._sweeper: asyncio.TimerHandle | None = None
@@ -343,12 +344,20 @@ class Pool:
     async def connect(self) -> UpstreamConnection:
         """A new connection; the caller bounds the time with ``asyncio.timeout``."""
         loop = asyncio.get_running_loop()
-        _, conn = await loop.create_connection(
-            lambda: UpstreamConnection(self), self.endpoint.address, self.endpoint.port
-        )
+        self._connecting += 1
+        try:
+            _, conn = await loop.create_connection(
+                lambda: UpstreamConnection(self), self.endpoint.address, self.endpoint.port
+            )
+        finally:
+            self._connecting -= 1
         self._connects += 1
         self._all.add(conn)
         return conn
+
+    def size(self) -> int:
+        """Connections open or opening."""
+        return len(self._all) + self._connecting
 
     def release(self, conn: UpstreamConnection) -> None:
         """Back to the pool after a complete response, or closed when it cannot be reused."""

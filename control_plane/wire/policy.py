@@ -50,9 +50,20 @@ class Outlier:
         lo=0,
         hi=100,
     )
+    failure_rate_percent: int = spec(
+        50, "failure rate over a 10 s window that ejects an endpoint; 0 turns it off", lo=0, hi=100
+    )
+    failure_rate_min_requests: int = spec(
+        20, "requests in the window before the failure rate counts", lo=1, hi=1_000_000
+    )
+    max_ejection_ms: int = spec(
+        300_000, "longest ejection", unit="milliseconds", lo=1, hi=86_400_000
+    )
 
     def __post_init__(self) -> None:
         check_bounds(self)
+        if self.base_ejection_ms > self.max_ejection_ms:
+            raise WireError("base_ejection_ms", "must not exceed max_ejection_ms")
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +153,13 @@ class Policy:
     connect_timeout_ms: int = spec(
         1_000, "TCP connect timeout", unit="milliseconds", lo=1, hi=60_000
     )
+    per_try_timeout_ms: int | None = spec(
+        None,
+        "timeout of each try; none: timeout_ms / (retries + 1)",
+        unit="milliseconds",
+        lo=1,
+        hi=3_600_000,
+    )
     retries: int = spec(1, "retries after the first try (idempotent requests only)", lo=0, hi=10)
     retry_on: tuple[str | int, ...] = spec(
         ("connect-failure", "reset", 502, 503, 504),
@@ -151,6 +169,11 @@ class Policy:
     )
     retry_budget: RetryBudget = spec(RetryBudget(), "retries allowed over a 10 s window")
     max_requests: int = spec(1024, "in-flight requests to the service", lo=1, hi=1_000_000)
+    max_pending: int = spec(
+        1024, "requests of the service waiting for a connection", lo=1, hi=1_000_000
+    )
+    max_connections: int = spec(1024, "connections to each endpoint", lo=1, hi=1_000_000)
+    max_retries: int = spec(3, "retries of the service in progress at once", lo=0, hi=1_000_000)
     outlier: Outlier = spec(Outlier(), "passive outlier ejection")
     panic_threshold: int = spec(
         50, "below this share of healthy endpoints, balance over all", unit="%", lo=0, hi=100
@@ -178,6 +201,8 @@ class Policy:
             raise WireError("hash_on", "applies only when lb is ring_hash or maglev")
         if self.connect_timeout_ms > self.timeout_ms:
             raise WireError("connect_timeout_ms", "must not exceed timeout_ms")
+        if self.per_try_timeout_ms is not None and self.per_try_timeout_ms > self.timeout_ms:
+            raise WireError("per_try_timeout_ms", "must not exceed timeout_ms")
         if self.hedge is not None and self.hedge.after_ms >= self.timeout_ms:
             raise WireError("hedge.after_ms", "must be less than timeout_ms")
 

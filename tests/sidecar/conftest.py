@@ -19,6 +19,8 @@ from sidecar.proxy import Timeouts
 
 LOCAL = "127.0.0.1"
 NAME = web.AppKey("name", str)
+HITS = web.AppKey("hits", list[int])
+MODE = web.AppKey("mode", list[str])
 
 
 # -- upstreams ----------------------------------------------------------------------------
@@ -82,6 +84,22 @@ async def busy(request: web.Request) -> web.StreamResponse:
     return web.Response(text=request.app[NAME])
 
 
+async def behave(request: web.Request) -> web.StreamResponse:
+    """``/behave``: by the upstream's name (or ``behave_as``), ``fail*`` answers 500,
+    ``stall*`` waits 5 s, ``busy*`` answers 503; the others answer their name and the mesh
+    headers they got. Each upstream counts its hits."""
+    name = request.app[MODE][0]
+    request.app[HITS][0] += 1
+    if name.startswith("fail"):
+        return web.Response(status=500, text=name)
+    if name.startswith("stall"):
+        await asyncio.sleep(5)
+    if name.startswith("busy"):
+        return web.Response(status=503, text=name)
+    seen = {k: v for k, v in request.headers.items() if k.lower().startswith("x-meshlet")}
+    return web.json_response({"server": name, "mesh": seen})
+
+
 async def slow(request: web.Request) -> web.StreamResponse:
     await asyncio.sleep(float(request.query.get("delay", "1")))
     return web.Response(text="slow")
@@ -106,6 +124,9 @@ async def websocket(request: web.Request) -> web.StreamResponse:
 def upstream_app(name: str) -> web.Application:
     app = web.Application()
     app[NAME] = name
+    app[HITS] = [0]
+    app[MODE] = [name]
+    app.router.add_route("*", "/behave", behave)
     app.router.add_route("*", "/echo", echo)
     app.router.add_route("*", "/echo/{tail:.*}", echo)
     app.router.add_get("/sized", sized)
@@ -125,6 +146,15 @@ class Upstream:
     name: str
     port: int
     runner: web.AppRunner
+
+    @property
+    def hits(self) -> int:
+        """Requests to ``/behave`` so far."""
+        return self.runner.app[HITS][0]
+
+    def behave_as(self, mode: str) -> None:
+        """How ``/behave`` answers from now on (``fail``, ``stall``, ``busy``, other: fine)."""
+        self.runner.app[MODE][0] = mode
 
 
 @pytest.fixture

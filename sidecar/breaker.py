@@ -1,0 +1,78 @@
+"""What a sidecar keeps per service across routing tables: its limits' counters (Envoy's
+circuit breakers), its retry budget, and what happened to it (for ``/clusters``).
+
+Over a limit a request is answered 503 ``overloaded`` at once and counted; nothing queues
+without bound.
+
+    max_requests     requests of the service in flight
+    max_pending      requests of the service waiting for a new connection
+    max_connections  connections to one endpoint (counted by its pool)
+    max_retries      retries of the service in progress at once
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from sidecar.retry import Budget
+
+log = logging.getLogger("meshlet.breaker")
+
+PANIC_LOG_INTERVAL = 10.0
+"""seconds between two log lines about one service's panic"""
+
+
+@dataclass(slots=True)
+class ServiceState:
+    name: str
+    in_flight: int = 0
+    pending: int = 0
+    retrying: int = 0
+    budget: Budget = field(default_factory=Budget)
+    overloaded: int = 0
+    """requests refused by a limit"""
+    retries: int = 0
+    ejections: int = 0
+    panics: int = 0
+    """picks made among all endpoints because too few were available"""
+    _panic_logged: float = -PANIC_LOG_INTERVAL
+
+    def panic(self, now: float, available: int, total: int) -> None:
+        self.panics += 1
+        if now - self._panic_logged >= PANIC_LOG_INTERVAL:
+            self._panic_logged = now
+            log.warning(
+                "%s: panic: %d of %d endpoints available, balancing over all of them",
+                self.name,
+                available,
+                total,
+            )
+
+    def counters(self) -> dict[str, int]:
+        return {
+            "in_flight": self.in_flight,
+            "pending": self.pending,
+            "retrying": self.retrying,
+            "overloaded": self.overloaded,
+            "retries": self.retries,
+            "retries_suppressed": self.budget.suppressed,
+            "ejections": self.ejections,
+            "panics": self.panics,
+        }
+
+
+class Services:
+    """Every service's state, by name; tables come and go, this stays."""
+
+    def __init__(self) -> None:
+        self._states: dict[str, ServiceState] = {}
+
+    def get(self, name: str) -> ServiceState:
+        state = self._states.get(name)
+        if state is None:
+            state = self._states[name] = ServiceState(name)
+        return state
+
+    def find(self, name: str) -> ServiceState | None:
+        return self._states.get(name)

@@ -1,0 +1,194 @@
+"""Retries, budgets, per-try timeouts, deadlines, limits, ejection and panic, through an
+in-process sidecar to real upstream servers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+
+from tests.sidecar.conftest import LOCAL, Mesh, Response, Upstream, get, request
+
+MakeMesh = Callable[..., Awaitable[Mesh]]
+Upstreams = Callable[[str], Awaitable[Upstream]]
+NO_OUTLIER = {"consecutive_failures": 0, "failure_rate_percent": 0}
+
+
+def svc(*ups: Upstream | int, **policy: Any) -> dict[str, Any]:
+    ports = [u if isinstance(u, int) else u.port for u in ups]
+    return {
+        "svc": {
+            "policy": {"lb": "round_robin", **policy},
+            "endpoints": [{"address": LOCAL, "port": p} for p in ports],
+        }
+    }
+
+
+async def counters(mesh: Mesh) -> dict[str, Any]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://{LOCAL}:{mesh.admin}/clusters") as r,
+    ):
+        data: dict[str, Any] = (await r.json())["services"]["svc"]
+    return data
+
+
+async def each(mesh: Mesh, raw: bytes, n: int) -> list[Response]:
+    """``n`` requests, one at a time, each on its own connection."""
+    return [(await request(mesh.outbound, raw))[0] for _ in range(n)]
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOCAL, 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+async def test_a_retriable_status_is_retried_on_another_endpoint(
+    upstreams: Upstreams, make_mesh: MakeMesh
+) -> None:
+    busy, ok = await upstreams("busy"), await upstreams("ok")
+    mesh = await make_mesh(svc(busy, ok, outlier=NO_OUTLIER))
+    responses = await each(mesh, get("/behave"), 10)
+    assert [r.status for r in responses] == [200] * 10
+    assert {json.loads(r.body)["server"] for r in responses} == {"ok"}
+    assert busy.hits == 5  # round robin sent it every other first try
+    assert (await counters(mesh))["counters"]["retries"] == 5
+
+
+async def test_only_idempotent_requests_are_retried_unless_asked(
+    upstreams: Upstreams, make_mesh: MakeMesh
+) -> None:
+    bad, ok = await upstreams("fail"), await upstreams("ok")
+    mesh = await make_mesh(svc(bad, ok, outlier=NO_OUTLIER, retry_on=[500]))
+    post = b"POST /behave HTTP/1.1\r\nHost: svc\r\nContent-Length: 2\r\n\r\nhi"
+    statuses = [r.status for r in await each(mesh, post, 4)]
+    assert sorted(statuses) == [200, 200, 500, 500]  # the upstream's 500 passes through
+    asked = post.replace(b"Host: svc\r\n", b"Host: svc\r\nx-meshlet-retry: on\r\n")
+    assert [r.status for r in await each(mesh, asked, 4)] == [200] * 4
+    # a request that an outer hop will retry is not retried again here
+    outer = get("/behave", extra="x-meshlet-attempt: 1\r\n")
+    statuses = [r.status for r in await each(mesh, outer, 4)]
+    assert sorted(statuses) == [200, 200, 500, 500]
+
+
+async def test_a_refused_connect_is_retried_elsewhere(
+    upstreams: Upstreams, make_mesh: MakeMesh
+) -> None:
+    ok = await upstreams("ok")
+    mesh = await make_mesh(svc(closed_port(), ok, outlier=NO_OUTLIER))
+    responses = await each(mesh, get("/behave"), 6)
+    assert [r.status for r in responses] == [200] * 6
+    assert (await counters(mesh))["counters"]["retries"] == 3
+
+
+async def test_a_stalled_try_times_out_and_the_retry_answers(
+    upstreams: Upstreams, make_mesh: MakeMesh
+) -> None:
+    stall, ok = await upstreams("stall"), await upstreams("ok")
+    mesh = await make_mesh(svc(stall, ok, timeout_ms=2000, outlier=NO_OUTLIER))
+    started = time.monotonic()
+    (first,) = await request(mesh.outbound, get("/behave"))  # round robin: stall first
+    took = time.monotonic() - started
+    assert first.status == 200
+    assert json.loads(first.body)["server"] == "ok"
+    assert 0.9 < took < 1.6  # the per-try timeout: 2000 ms / (1 retry + 1)
+
+
+async def test_the_budget_caps_retries_and_counts_the_rest(
+    upstreams: Upstreams, make_mesh: MakeMesh
+) -> None:
+    a, b = await upstreams("busy-a"), await upstreams("busy-b")
+    budget = {"ratio": 0, "min_per_s": 1}  # ten retries per ten seconds, whatever the traffic
+    mesh = await make_mesh(svc(a, b, outlier=NO_OUTLIER, retry_budget=budget))
+    responses = await each(mesh, get("/behave"), 20)
+    assert [r.status for r in responses] == [503] * 20  # fast, and the upstream's own answer
+    assert a.hits + b.hits == 30
+    c = (await counters(mesh))["counters"]
+    assert (c["retries"], c["retries_suppressed"]) == (10, 10)
+
+
+async def test_over_max_requests_is_503_overloaded_at_once(
+    upstreams: Upstreams, make_mesh: MakeMesh
+) -> None:
+    up = await upstreams("u")
+    mesh = await make_mesh(svc(up, max_requests=1))
+    slow = asyncio.create_task(request(mesh.outbound, get("/slow?delay=1")))
+    await asyncio.sleep(0.2)
+    started = time.monotonic()
+    (refused,) = await request(mesh.outbound, get("/behave"))
+    assert time.monotonic() - started < 0.5
+    assert (refused.status, refused.header("x-meshlet-error")) == (503, "overloaded")
+    assert (await slow)[0].status == 200
+    assert (await counters(mesh))["counters"]["overloaded"] == 1
+
+
+async def test_deadlines_travel_and_are_honoured(upstreams: Upstreams, make_mesh: MakeMesh) -> None:
+    ok, stall = await upstreams("ok"), await upstreams("stall")
+    mesh = await make_mesh({**svc(ok), "stalls": svc(stall, outlier=NO_OUTLIER)["svc"]})
+    (resp,) = await request(mesh.outbound, get("/behave"))
+    mesh_headers = json.loads(resp.body)["mesh"]
+    assert mesh_headers["x-meshlet-attempt"] == "1"
+    assert 14_000 < int(mesh_headers["x-meshlet-deadline-ms"]) <= 15_000
+    (resp,) = await request(mesh.outbound, get("/behave", extra="x-meshlet-timeout-ms: 300\r\n"))
+    assert int(json.loads(resp.body)["mesh"]["x-meshlet-deadline-ms"]) <= 300
+    # a deadline already spent: 504 at once, nothing sent
+    hits = ok.hits
+    (spent,) = await request(mesh.outbound, get("/behave", extra="x-meshlet-deadline-ms: 0\r\n"))
+    assert (spent.status, spent.header("x-meshlet-error")) == (504, "upstream-timeout")
+    assert ok.hits == hits
+    # a caller's deadline shorter than the route timeout ends the wait, with no retry
+    started = time.monotonic()
+    (late,) = await request(
+        mesh.outbound, get("/behave", "stalls", extra="x-meshlet-deadline-ms: 300\r\n")
+    )
+    assert late.status == 504
+    assert time.monotonic() - started < 1.0
+    assert stall.hits == 1
+
+
+async def test_a_failing_endpoint_is_ejected_then_probed_back(
+    upstreams: Upstreams, make_mesh: MakeMesh
+) -> None:
+    bad = await upstreams("fail")
+    good = [await upstreams(f"ok{i}") for i in range(3)]
+    outlier = {"base_ejection_ms": 500}
+    mesh = await make_mesh(svc(bad, *good, retries=0, outlier=outlier))
+    statuses = [r.status for r in await each(mesh, get("/behave"), 40)]
+    assert bad.hits == 5  # five in a row, then out
+    assert statuses.count(500) == 5
+    data = await counters(mesh)
+    assert data["counters"]["ejections"] == 1
+    assert data["endpoints"][0]["outlier"] == "ejected"
+    await asyncio.sleep(0.6)
+    bad.behave_as("ok-again")
+    statuses = [r.status for r in await each(mesh, get("/behave"), 8)]
+    assert statuses == [200] * 8
+    assert bad.hits >= 6  # one probe (and maybe its turn after)
+    assert (await counters(mesh))["endpoints"][0]["outlier"] == "healthy"
+    hits = bad.hits
+    await each(mesh, get("/behave"), 8)
+    assert bad.hits == hits + 2  # restored: its full share again
+
+
+async def test_everything_failing_panics_and_answers_fast(
+    upstreams: Upstreams, make_mesh: MakeMesh
+) -> None:
+    ups = [await upstreams(f"fail{i}") for i in range(4)]
+    mesh = await make_mesh(svc(*ups, retry_on=[500], panic_threshold=75))
+    started = time.monotonic()
+    statuses = [r.status for r in await each(mesh, get("/behave"), 60)]
+    assert time.monotonic() - started < 5
+    assert statuses == [500] * 60
+    c = (await counters(mesh))["counters"]
+    assert c["ejections"] == 2  # 50 % at most
+    assert c["panics"] > 0  # 2 of 4 left < 75 %: balance over all
+    assert c["retries"] + c["retries_suppressed"] == 60
+    assert c["retries"] <= 0.2 * 60 + 100
+    assert sum(u.hits for u in ups) == 60 + c["retries"]
