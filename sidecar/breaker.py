@@ -1,8 +1,8 @@
 """What a sidecar keeps per service across routing tables: its limits' counters (Envoy's
 circuit breakers), its retry budget, and what happened to it (for ``/clusters``).
 
-Over a limit a request is answered 503 ``overloaded`` at once and counted; nothing queues
-without bound.
+Over a limit a request is answered 503 ``overloaded`` at once and counted (a retry over
+``max_retries`` is not made, and counted apart); nothing queues without bound.
 
     max_requests     requests of the service in flight
     max_pending      requests of the service waiting for a new connection
@@ -33,6 +33,8 @@ class ServiceState:
     overloaded: int = 0
     """requests refused by a limit"""
     retries: int = 0
+    retries_over_limit: int = 0
+    """retries not made because ``max_retries`` were in progress"""
     ejections: int = 0
     panics: int = 0
     """picks made among all endpoints because too few were available"""
@@ -57,6 +59,7 @@ class ServiceState:
             "overloaded": self.overloaded,
             "retries": self.retries,
             "retries_suppressed": self.budget.suppressed,
+            "retries_over_limit": self.retries_over_limit,
             "ejections": self.ejections,
             "panics": self.panics,
         }

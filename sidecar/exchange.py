@@ -208,10 +208,9 @@ class Exchange:
         self._attempt += 1
         if self.request_done and self._per_try < self._route_deadline - loop_now:
             self._try_deadline = loop_now + self._per_try
-        left = self._route_deadline - loop_now
         attempt = self.head.attempt if route.relay else self._attempt
         data = http1.upstream_request(
-            self.head, self.ds.client_ip, attempt, int(left * 1000) if left > 0 else 0
+            self.head, self.ds.client_ip, attempt, self._left_ms(loop_now)
         )
         if self._attempt > 1:  # another try: the body again, from the replay
             assert self._replay is not None
@@ -227,6 +226,12 @@ class Exchange:
             self._send_on(conn)
         else:
             self._connect(pool)
+
+    def _left_ms(self, loop_now: float) -> int:
+        """What the next hop may spend: this try's time left (``x-meshlet-deadline-ms``), so
+        that it gives up when this hop does."""
+        left = min(self._route_deadline, self._try_deadline) - loop_now
+        return int(left * 1000) if left > 0 else 0
 
     def _arm(self) -> None:
         """The connection's timer: at the route deadline or the try's, whichever is first."""
@@ -412,7 +417,7 @@ class Exchange:
             return None  # it would not fit in the time left
         service = route.service
         if service.retrying >= policy.max_retries:
-            service.overloaded += 1
+            service.retries_over_limit += 1
             return None
         budget = policy.retry_budget
         if not service.budget.spend(route.clock.monotonic(), budget.ratio, budget.min_per_s):
@@ -567,8 +572,8 @@ class Exchange:
             self._stale_retried = True  # the same try again, on a fresh connection
             route = self.route
             assert route is not None
-            left_ms = max(0, int((self._route_deadline - self.ds.loop.time()) * 1000))
             attempt = self.head.attempt if route.relay else self._attempt
+            left_ms = self._left_ms(self.ds.loop.time())
             data = http1.upstream_request(self.head, self.ds.client_ip, attempt, left_ms)
             self._pending = [data, *self._replay]
             self._pending_size = len(data) + self._replay_size

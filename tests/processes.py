@@ -122,3 +122,23 @@ def http(
     except urllib.error.HTTPError as e:
         raw = e.read()
         return e.code, json.loads(raw) if raw else None
+
+
+class Backend(Process):
+    """``tests/backend.py`` in its own process: kill -9 and SIGSTOP it, SIGUSR1 makes it fail."""
+
+    def __init__(self, log_dir: Path, name: str, *args: str) -> None:
+        argv = [sys.executable, "-m", "tests.backend", "--name", name, *args]
+        super().__init__(log_dir, argv)
+        try:
+            self.port = int(self.wait_for(re.compile(r"listening on (\d+)")).group(1))
+        except BaseException:
+            self.kill()
+            raise
+        self.name = name
+
+    def hits(self) -> int:
+        status, data = http("GET", f"http://127.0.0.1:{self.port}/hits")
+        assert status == 200
+        count: int = data["hits"]
+        return count

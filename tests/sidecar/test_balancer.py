@@ -222,8 +222,8 @@ def test_every_policy_picks_only_admissible_endpoints(
     lb: str, weights: list[int], data: st.DataObject
 ) -> None:
     """A member of the route; one that asked for a pause only in panic (fewer than half are
-    available; the hash policies walk on instead, for requests with a key); never the previous try's endpoint while
-    another is admissible."""
+    available; the hash policies walk on instead, for requests with a key); never the
+    previous try's endpoint while another is admissible."""
     random.seed(data.draw(st.integers(0, 10**6)))
     clock = FakeClock()
     n = len(weights)
