@@ -193,3 +193,73 @@ async def test_everything_failing_panics_and_answers_fast(
     assert c["retries"] + c["retries_suppressed"] == 60
     assert c["retries"] <= 0.2 * 60 + 100
     assert sum(u.hits for u in ups) == 60 + c["retries"]
+
+
+HEDGE = {"hedge": {"after_ms": 50}, "outlier": NO_OUTLIER}
+
+
+async def timed(mesh: Mesh, raw: bytes) -> tuple[Response, float]:
+    started = time.monotonic()
+    (resp,) = await request(mesh.outbound, raw)
+    return resp, time.monotonic() - started
+
+
+async def test_a_hedged_try_answers_for_a_stalled_first_try(
+    upstreams: Upstreams, make_mesh: MakeMesh
+) -> None:
+    stall, ok = await upstreams("stall"), await upstreams("ok")
+    mesh = await make_mesh(svc(stall, ok, **HEDGE))
+    replies = [await timed(mesh, get("/behave")) for _ in range(4)]
+    assert {(r.status, json.loads(r.body)["server"]) for r, _ in replies} == {(200, "ok")}
+    assert all(seconds < 1.0 for _, seconds in replies)
+    c = (await counters(mesh))["counters"]
+    assert c["hedges"] == c["hedges_won"] == stall.hits >= 1  # each stall met was hedged
+    hedged = [json.loads(r.body)["mesh"]["x-meshlet-attempt"] for r, s in replies if s > 0.05]
+    assert hedged == ["2"] * stall.hits
+    assert c["in_flight"] == 0
+
+
+async def test_the_first_response_wins_whichever_try_sent_it(
+    upstreams: Upstreams, make_mesh: MakeMesh
+) -> None:
+    """Both tries run: the 150 ms endpoint answers, the stalled one is cut off; when the
+    late one was the hedge (attempt 2), the hedge won."""
+    late, stall = await upstreams("late"), await upstreams("stall")
+    mesh = await make_mesh(svc(late, stall, **HEDGE))
+    replies = [await timed(mesh, get("/behave")) for _ in range(4)]
+    assert {(r.status, json.loads(r.body)["server"]) for r, _ in replies} == {(200, "late")}
+    assert all(0.15 <= seconds < 1.0 for _, seconds in replies)
+    c = (await counters(mesh))["counters"]
+    won = sum(json.loads(r.body)["mesh"]["x-meshlet-attempt"] == "2" for r, _ in replies)
+    assert (c["hedges"], c["hedges_won"]) == (4, won)
+    assert (late.hits, stall.hits) == (4, 4)
+    await asyncio.sleep(0.05)
+    data = await counters(mesh)
+    assert data["counters"]["in_flight"] == 0
+    assert [e["in_flight"] for e in data["endpoints"]] == [0, 0]  # the losers were let go
+
+
+async def test_a_failed_hedge_leaves_the_first_try_to_answer(
+    upstreams: Upstreams, make_mesh: MakeMesh
+) -> None:
+    late = await upstreams("late")
+    mesh = await make_mesh(svc(late, closed_port(), **HEDGE))
+    replies = [await timed(mesh, get("/behave")) for _ in range(4)]
+    assert [r.status for r, _ in replies] == [200] * 4
+    c = (await counters(mesh))["counters"]
+    assert c["hedges"] >= 1
+    assert c["hedges_won"] == 0
+
+
+async def test_only_requests_that_may_be_retried_are_hedged(
+    upstreams: Upstreams, make_mesh: MakeMesh
+) -> None:
+    late, ok = await upstreams("late"), await upstreams("ok")
+    mesh = await make_mesh(svc(late, ok, **HEDGE))
+    post = b"POST /behave HTTP/1.1\r\nHost: svc\r\nContent-Length: 2\r\n\r\nhi"
+    inner = get("/behave", extra="x-meshlet-attempt: 1\r\n")  # an earlier hop's try
+    for raw in (post, post, inner, inner):
+        (resp,) = await request(mesh.outbound, raw)
+        assert resp.status == 200
+    assert (await counters(mesh))["counters"]["hedges"] == 0
+    assert late.hits == 2
