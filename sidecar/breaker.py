@@ -35,6 +35,10 @@ class ServiceState:
     retries: int = 0
     retries_over_limit: int = 0
     """retries not made because ``max_retries`` were in progress"""
+    hedges: int = 0
+    """hedged tries sent (``hedge.after_ms`` without a response)"""
+    hedges_won: int = 0
+    """hedged tries whose response was the answer"""
     ejections: int = 0
     panics: int = 0
     """picks made among all endpoints because too few were available"""
@@ -60,6 +64,8 @@ class ServiceState:
             "retries": self.retries,
             "retries_suppressed": self.budget.suppressed,
             "retries_over_limit": self.retries_over_limit,
+            "hedges": self.hedges,
+            "hedges_won": self.hedges_won,
             "ejections": self.ejections,
             "panics": self.panics,
         }

@@ -73,6 +73,9 @@ class Exchange:
         "_counted",
         "_failure",
         "_hard_deadline",
+        "_hedge_at",
+        "_hedged",
+        "_hedging",
         "_key",
         "_may_retry",
         "_pending",
@@ -134,6 +137,9 @@ class Exchange:
         self._hard_deadline = math.inf  # loop time: the caller's deadline, not extended
         self._route_deadline = math.inf
         self._try_deadline = math.inf
+        self._hedging = False  # this request may be hedged
+        self._hedge_at = math.inf  # loop time: when the first try is hedged
+        self._hedged: Hedged | None = None  # the first try, still waiting after a hedge
 
     def __repr__(self) -> str:
         target = self.head.target[:40].decode(errors="replace")
@@ -178,10 +184,12 @@ class Exchange:
         service.in_flight += 1
         self._counted = True
         service.budget.request(now)
-        if routed.retries:
+        if routed.retries or routed.hedge < math.inf:
             self._per_try = routed.per_try
-            # a request that an earlier hop retries is not retried again here
-            self._may_retry = head.attempt == 0 and (head.method in http1.IDEMPOTENT or head.retry)
+            # a request that an earlier hop retries is not retried (nor hedged) again here
+            again = head.attempt == 0 and (head.method in http1.IDEMPOTENT or head.retry)
+            self._may_retry = again and routed.retries
+            self._hedging = again and routed.hedge < math.inf and not head.upgrade
         if routed.key_of is not None:
             self._key = routed.key_of(head, self.ds.client_ip)
         self._try(None, now)
@@ -208,6 +216,8 @@ class Exchange:
         self._attempt += 1
         if self.request_done and self._per_try < self._route_deadline - loop_now:
             self._try_deadline = loop_now + self._per_try
+        if self._hedging and self._attempt == 1 and self.request_done:
+            self._hedge_at = loop_now + route.hedge
         attempt = self.head.attempt if route.relay else self._attempt
         data = http1.upstream_request(
             self.head, self.ds.client_ip, attempt, self._left_ms(loop_now)
@@ -234,9 +244,14 @@ class Exchange:
         return int(left * 1000) if left > 0 else 0
 
     def _arm(self) -> None:
-        """The connection's timer: at the route deadline or the try's, whichever is first."""
+        """The connection's timer: at the route deadline, the try's or the hedge's, whichever
+        is first."""
         route, at = self._route_deadline, self._try_deadline
-        self.ds.expect_route_at(at if at < route else route)
+        if route < at:
+            at = route
+        if self._hedge_at < at:
+            at = self._hedge_at
+        self.ds.expect_route_at(at)
 
     def _progress(self) -> None:
         """Request bytes arrived: the route timeout (and the first try's) count from here."""
@@ -249,6 +264,9 @@ class Exchange:
             and self._per_try < self._route_deadline - now
         ):
             self._try_deadline = now + self._per_try
+        if self._hedging and self.request_done and self._attempt == 1:
+            assert self.route is not None
+            self._hedge_at = now + self.route.hedge
         self._arm()
 
     def request_body(self, data: bytes) -> None:
@@ -299,7 +317,7 @@ class Exchange:
             service.overloaded += 1
             limit = "max_connections" if pool.size() >= policy.max_connections else "max_pending"
             self._end_try()
-            self.fail(Reason.OVERLOADED, f"service {route.name} is at its {limit} limit")
+            self._give_up(Reason.OVERLOADED, f"service {route.name} is at its {limit} limit")
             return
         self.state = State.CONNECTING
         service.pending += 1
@@ -376,13 +394,21 @@ class Exchange:
         self._abandon_try(retry_after=None)
         delay = self._retry_delay(RETRY_EVENT.get(reason, 0), None)
         if delay is None:
-            self.fail(reason, detail)
+            self._give_up(reason, detail)
         else:
             self._backoff(delay, reason, detail)
+
+    def _give_up(self, reason: Reason, detail: str) -> None:
+        """The current try failed for good: the answer, unless a hedged try still waits."""
+        if self._hedged is None:
+            self.fail(reason, detail)
+        else:
+            self._take(self._hedged)
 
     def _abandon_try(self, retry_after: float | None) -> None:
         """The current try failed: count it, and let go of its connection and endpoint."""
         self._outcome(failed=True, retry_after=retry_after)
+        self._hedge_at = math.inf  # only a first try is hedged
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.close()
@@ -465,6 +491,64 @@ class Exchange:
         available = sum(1 for m in members if m.stats.excluded_until <= now)
         route.service.panic(now, available, len(members))
 
+    # -- hedging ----------------------------------------------------------------------------
+
+    def _hedge(self, loop_now: float) -> None:
+        """The first try has not answered in ``hedge.after_ms``: leave it waiting (as a
+        ``Hedged``) and send another try to another endpoint, if the budget has one."""
+        route, conn, stats, endpoint = self.route, self.conn, self._stats, self.endpoint
+        assert route is not None
+        if conn is None or stats is None or endpoint is None or self._replay is None:
+            return
+        if not self._elsewhere():
+            return
+        budget = route.policy.retry_budget
+        if not route.service.budget.spend(route.clock.monotonic(), budget.ratio, budget.min_per_s):
+            return
+        route.service.hedges += 1
+        self._hedged = conn.owner = Hedged(
+            self, conn, endpoint, stats, self._tried_at, self._probing
+        )
+        self.conn, self._stats, self._tried_at, self._probing = None, None, 0.0, False
+        self.state = State.QUEUED
+        self._try_deadline = math.inf
+        self._try(endpoint, loop_now)
+
+    def _take(self, hedged: Hedged) -> None:
+        """Make the hedged try the current one again (whatever the current one was, it is
+        over: ended, failed or lost)."""
+        self._hedged = None
+        self.conn = conn = hedged.conn
+        conn.owner = self
+        self.endpoint, self._stats = hedged.endpoint, hedged.stats
+        self._tried_at, self._probing = hedged.tried_at, hedged.probing
+        self.state = State.SENT
+        conn.pause_reading(self.ds.write_paused)
+        self._arm()
+
+    def _adopt(self, hedged: Hedged, resp: http1.ResponseHead) -> bool:
+        """The hedged try answered first: the current try loses, and that answer goes on."""
+        route = self.route
+        assert route is not None
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
+            route.service.retrying -= 1
+        self._stop_connecting()
+        self._end_try()
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.close()
+        self._pending.clear()
+        self._pending_size = 0
+        self._take(hedged)
+        return self.response_head(resp)
+
+    def _drop_hedged(self) -> None:
+        hedged, self._hedged = self._hedged, None
+        if hedged is not None:
+            hedged.end()
+
     # -- response side (ResponseSink) -----------------------------------------------------
 
     def response_head(self, resp: http1.ResponseHead) -> bool:
@@ -490,8 +574,17 @@ class Exchange:
                 detail = f"the upstream answered {status}; the request body grew too large to retry"
                 self._backoff(delay, Reason.UPSTREAM_RESET, detail)
                 return False
+        if self._hedged is not None:
+            assert self.route is not None
+            if status in self.route.policy.retry_on:  # the hedged try may still do better
+                self._abandon_try(retry_after)
+                self._take(self._hedged)
+                return False
+            self._drop_hedged()
+            self.route.service.hedges_won += 1
         self.state = State.RESPONDING
         self._try_deadline = math.inf
+        self._hedge_at = math.inf
         self._outcome(failed=status >= 500, retry_after=retry_after)
         no_body = head.method == b"HEAD" or status in (204, 304)
         keep_alive = self.keep_alive and not ds.draining and not head.upgrade
@@ -612,6 +705,12 @@ class Exchange:
         assert self.route is not None
         now = self.ds.loop.time()
         if now < self._route_deadline:
+            if now >= self._hedge_at:
+                self._hedge_at = math.inf
+                if self.state is State.SENT and self._hedged is None:
+                    self._hedge(now)
+                    if self._hedged is not None:
+                        return
             if now >= self._try_deadline and (
                 self.state is State.SENT or self.state is State.CONNECTING
             ):
@@ -656,25 +755,16 @@ class Exchange:
         response head (or to the failure), once. It stays in flight until the try ends."""
         stats, route = self._stats, self.route
         if stats is not None and route is not None and self._tried_at:
-            now = route.clock.monotonic()
-            stats.record(now, now - self._tried_at, failed, retry_after)
+            record(route, stats, self._tried_at, self._probing, failed, retry_after)
             self._tried_at = 0.0
-            ejection = stats.ejection
-            if ejection is None:
-                if not failed:
-                    return
-            elif ejection.phase is not outlier.Phase.HEALTHY and not self._probing:
-                return  # a panic pick of an endpoint that is out: its probe decides
-            if outlier.record(
-                stats, failed, now, route.policy.outlier, route.balancer.members, route.name
-            ):
-                route.service.ejections += 1
 
     def cancel(self) -> None:
         """Stop all upstream work: a connect in progress, the connection in use, a retry
         waiting; the request leaves the service's count."""
         if self._stats is not None:
             self._end_try()  # (a client gone mid-try: nothing learnt)
+        if self._hedged is not None:
+            self._drop_hedged()
         if self._connect_task is not None or self._waiting:
             self._stop_connecting()
         route = self.route
@@ -691,3 +781,106 @@ class Exchange:
         if conn is not None:
             conn.close()
         self._pending.clear()
+
+
+def record(
+    route: Route,
+    stats: EndpointStats,
+    tried_at: float,
+    probing: bool,
+    failed: bool,
+    retry_after: float | None,
+) -> None:
+    """Tell an endpoint's stats and outlier state how a try that began at ``tried_at`` went."""
+    now = route.clock.monotonic()
+    stats.record(now, now - tried_at, failed, retry_after)
+    ejection = stats.ejection
+    if ejection is None:
+        if not failed:
+            return
+    elif ejection.phase is not outlier.Phase.HEALTHY and not probing:
+        return  # a panic pick of an endpoint that is out: its probe decides
+    if outlier.record(stats, failed, now, route.policy.outlier, route.balancer.members, route.name):
+        route.service.ejections += 1
+
+
+class Hedged:
+    """The first try of a hedged request, still waiting for its response head while the
+    exchange's next try runs. A usable head (not a ``retry_on`` status) wins: the exchange
+    adopts this try and drops its own. A failure leaves the exchange to its own try."""
+
+    __slots__ = ("conn", "endpoint", "exchange", "probing", "stats", "tried_at")
+
+    def __init__(
+        self,
+        exchange: Exchange,
+        conn: UpstreamConnection,
+        endpoint: Endpoint,
+        stats: EndpointStats,
+        tried_at: float,
+        probing: bool,
+    ) -> None:
+        self.exchange = exchange
+        self.conn = conn
+        self.endpoint = endpoint
+        self.stats = stats
+        self.tried_at = tried_at
+        self.probing = probing
+
+    def __repr__(self) -> str:
+        return f"<Hedged {self.endpoint.address}:{self.endpoint.port}>"
+
+    def end(self, failed: bool | None = None, retry_after: float | None = None) -> None:
+        """This try is over: ``failed`` says how it went (None: nobody knows, it was cut)."""
+        self.conn.close()
+        self.stats.in_flight -= 1
+        route = self.exchange.route
+        if route is not None and self.tried_at:
+            if failed is not None:
+                record(route, self.stats, self.tried_at, self.probing, failed, retry_after)
+            elif self.probing:
+                outlier.abandon(self.stats, route.clock.monotonic())
+        self.tried_at = 0.0
+
+    def _lose(self, failed: bool, retry_after: float | None = None) -> None:
+        exchange = self.exchange
+        if exchange._hedged is self:
+            exchange._hedged = None
+            self.end(failed, retry_after)
+
+    # -- ResponseSink -----------------------------------------------------------------------
+
+    def response_head(self, resp: http1.ResponseHead) -> bool:
+        status = resp.status
+        if status < 200:
+            return False  # an interim response: the real one follows
+        route = self.exchange.route
+        if status == 101 or route is None or status in route.policy.retry_on:
+            retry_after = http1.retry_after(resp) if status in (429, 503) else None
+            self._lose(status >= 500, retry_after)
+            return False
+        return self.exchange._adopt(self, resp)
+
+    def response_body(self, data: bytes) -> None:
+        pass  # (only after a head, and a head that wins makes the exchange the owner)
+
+    def response_trailer(self, name: bytes, value: bytes) -> None:
+        pass
+
+    def response_complete(self) -> None:
+        pass
+
+    def response_upgraded(self, rest: bytes) -> None:
+        pass
+
+    def upstream_failed(self, exc: BaseException | None, protocol_error: bool) -> None:
+        self._lose(True)
+
+    def upstream_paused(self, paused: bool) -> None:
+        pass
+
+    def cork(self) -> None:
+        self.exchange.cork()
+
+    def uncork(self) -> None:
+        self.exchange.uncork()

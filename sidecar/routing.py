@@ -63,6 +63,8 @@ class Route:
     """seconds: each try's timeout (inf when there are no retries)"""
     retries: bool = field(init=False)
     """this route retries"""
+    hedge: float = field(init=False)
+    """seconds before a hedged try (inf: no hedging)"""
 
     def __post_init__(self) -> None:
         policy = self.policy
@@ -73,6 +75,8 @@ class Route:
             if self.retries
             else math.inf
         )
+        hedge = policy.hedge
+        self.hedge = hedge.after_ms / 1000 if hedge is not None and not self.relay else math.inf
 
 
 class Router(Protocol):
