@@ -275,11 +275,13 @@ async def test_a_three_hop_chain_retries_once_and_times_out_where_time_runs_out(
         assert service(side_b, "c")["counters"]["retries"] == 0
         c.proc.send_signal(signal.SIGUSR1)
 
-        # C takes 3 s; the client allows 600 ms. A gives up at 600 ms; B got the deadline
-        # with the request and gives up then too, instead of waiting 3 s for C.
+        # C takes 3 s; the client allows 600 ms. A and B (which got the deadline with the
+        # request) both give up at 600 ms, instead of B waiting 3 s for C: whichever fires
+        # first answers (B's deadline is A's less the whole milliseconds A rounded down)
         slow = "/chain?to=c&path=sleep%3Fms%3D3000"
         late = await call(http, side_a, "b", slow, {"x-meshlet-timeout-ms": "600"})
-        assert (late.status, late.error) == (504, "upstream-timeout")
+        assert late.status == 504
+        assert late.error == "upstream-timeout" or late.body.startswith("b got 504 upstream-ti")
         assert 0.55 < late.seconds < 1.0
         await asyncio.sleep(0.3)
         assert service(side_b, "c")["counters"]["in_flight"] == 0
