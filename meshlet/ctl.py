@@ -1,7 +1,9 @@
 """``meshlet ctl``: the operator's view of a control plane, over its REST API.
 
-Readable tables on a terminal, ``--json`` for scripts; a refusal or an unreachable control
-plane is one line on stderr and exit code 1.
+Each command turns the control plane's JSON into a view (tables and lines of text), and
+``emit`` alone decides its form: ``--json`` prints the JSON itself, a terminal gets rich
+tables, anything else (pipes, scripts, the README's examples) plain aligned text. A refusal or
+an unreachable control plane is one line on stderr and exit code 1.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Sequence, Sized
+from dataclasses import dataclass
+from typing import Any, TextIO
 
 from control_plane.flags import FlagParser
 
@@ -49,6 +52,19 @@ class Client:
         return json.loads(raw) if raw else None
 
 
+@dataclass(frozen=True, slots=True)
+class Grid:
+    """Rows under a header, with a title line above them if any."""
+
+    header: list[str]
+    rows: list[list[str]]
+    title: str = ""
+
+
+#: what a command shows, in order: tables, and lines of text ("" for a blank line)
+View = list[Grid | str]
+
+
 def table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
     lines = [header, *rows]
@@ -77,7 +93,7 @@ def set_key(policy: dict[str, Any], assignment: str) -> None:
     target[last] = value
 
 
-def run(args: argparse.Namespace, client: Client) -> tuple[Any, str]:
+def run(args: argparse.Namespace, client: Client) -> tuple[Any, View]:
     """(the JSON answer, the same for a person)."""
     if args.command == "services":
         data = client.call("GET", "/v1/services")
@@ -89,10 +105,10 @@ def run(args: argparse.Namespace, client: Client) -> tuple[Any, str]:
             ]
             for s in data["services"]
         ]
-        text = table(rows, ["SERVICE", "LB", "HEALTHY", "UNHEALTHY", "DRAINING", "TOTAL"])
+        view: View = [Grid(["SERVICE", "LB", "HEALTHY", "UNHEALTHY", "DRAINING", "TOTAL"], rows)]
         if data["protection"]:
-            text += "\nPROTECTION ON: too many instances missed heartbeats; none expire"
-        return data, text
+            view.append("PROTECTION ON: too many instances missed heartbeats; none expire")
+        return data, view
     if args.command == "instances":
         data = client.call("GET", f"/v1/services/{args.service}/instances")
         rows = [
@@ -106,7 +122,7 @@ def run(args: argparse.Namespace, client: Client) -> tuple[Any, str]:
             ]
             for i in data["instances"]
         ]
-        return data, table(rows, ["ID", "ADDRESS", "ZONE", "WEIGHT", "STATUS", "LAST HEARTBEAT"])
+        return data, [Grid(["ID", "ADDRESS", "ZONE", "WEIGHT", "STATUS", "LAST HEARTBEAT"], rows)]
     if args.command == "policy":
         data = client.call("GET", f"/v1/services/{args.service}/policy")
         if args.set:
@@ -114,7 +130,7 @@ def run(args: argparse.Namespace, client: Client) -> tuple[Any, str]:
             for assignment in args.set:
                 set_key(policy, assignment)
             data = client.call("PUT", f"/v1/services/{args.service}/policy", policy)
-        return data, json.dumps(data["policy"], indent=2)
+        return data, [json.dumps(data["policy"], indent=2)]
     if args.command in ("drain", "undrain", "weight"):
         body: dict[str, Any] = (
             {"weight": args.weight}
@@ -122,14 +138,115 @@ def run(args: argparse.Namespace, client: Client) -> tuple[Any, str]:
             else {"status": "draining" if args.command == "drain" else "healthy"}
         )
         data = client.call("PATCH", f"/v1/services/{args.service}/instances/{args.id}", body)
-        return data, f"{data['service']}/{data['id']}: {data['status']}, weight {data['weight']}"
+        return data, [f"{data['service']}/{data['id']}: {data['status']}, weight {data['weight']}"]
     if args.command == "ring":
         key = urllib.parse.quote(args.key, safe="")
         data = client.call("GET", f"/v1/services/{args.service}/ring?key={key}")
-        return data, (
+        return data, [
             f"{data['key']} -> {data['instance']} ({data['algorithm']}, table v{data['version']})"
-        )
+        ]
+    if args.command == "sidecars":
+        data = client.call("GET", "/v1/sidecars")
+        return data, sidecars_view(data["sidecars"])
+    if args.command == "table":
+        data = client.call("GET", "/v1/table")
+        return data, table_view(data)
     raise AssertionError(args.command)
+
+
+def sidecars_view(sidecars: list[dict[str, Any]]) -> View:
+    if not sidecars:
+        return ["no sidecars connected"]
+    rows = [
+        [
+            s["node"],
+            s["service"],
+            s["instance"],
+            f"v{s['acked_version']}" if s["acked_version"] else "-",  # 0: none acked yet
+            s["last_nack"] or "-",
+            s["connected_since"],
+        ]
+        for s in sidecars
+    ]
+    header = ["NODE", "SERVICE", "INSTANCE", "ACKED", "LAST NACK", "CONNECTED SINCE"]
+    return [Grid(header, rows)]
+
+
+def table_view(data: dict[str, Any]) -> View:
+    """The table in force: its version, then each service's policy and endpoints."""
+    services = data["services"]
+    view: View = [
+        f"table v{data['version']} (epoch {data['epoch']}): {plural(services, 'service')}"
+    ]
+    for name, entry in sorted(services.items()):
+        endpoints = entry["endpoints"]
+        title = f"{name}: {entry['policy']['lb']}, {plural(endpoints, 'endpoint')}"
+        rows = [
+            [
+                f"{e['address']}:{e['port']}",
+                e["instance"] or "-",
+                str(e["weight"]),
+                e["zone"] or "-",
+                "yes" if e["draining"] else "no",
+            ]
+            for e in endpoints
+        ]
+        view.append("")
+        if rows:
+            view.append(Grid(["ADDRESS", "INSTANCE", "WEIGHT", "ZONE", "DRAINING"], rows, title))
+        else:
+            view.append(title)
+    return view
+
+
+def plural(items: Sized, noun: str) -> str:
+    return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
+
+
+def emit(data: Any, view: View, as_json: bool, out: TextIO) -> None:
+    """The one place output takes its form."""
+    if as_json:
+        print(json.dumps(data, indent=2), file=out)
+    elif out.isatty():
+        print_rich(view, out)
+    else:
+        print(plain(view), file=out)
+
+
+def plain(view: View) -> str:
+    """Aligned text; a titled table's rows are indented under its title."""
+    lines: list[str] = []
+    for part in view:
+        if isinstance(part, str):
+            lines.append(part)
+        elif part.title:
+            lines.append(part.title)
+            lines.extend("  " + line for line in table(part.rows, part.header).splitlines())
+        else:
+            lines.append(table(part.rows, part.header))
+    return "\n".join(lines)
+
+
+def print_rich(view: View, out: TextIO) -> None:
+    # Imported here: rich takes tens of milliseconds to load, which --json and pipes skip.
+    from rich import box
+    from rich.console import Console
+    from rich.table import Column, Table
+    from rich.text import Text
+
+    console = Console(file=out)
+    for part in view:
+        # Text, not str: names and NACK reasons come from outside and may look like markup
+        if isinstance(part, str):
+            console.print(Text(part))
+            continue
+        # fold, not the default ellipsis: a cut-off instance id is no use to an operator
+        columns = (Column(h, overflow="fold") for h in part.header)
+        title = part.title or None
+        grid = Table(*columns, title=title, title_justify="left", box=box.SIMPLE_HEAD)
+        for row in part.rows:
+            grid.add_row(*(Text(cell) for cell in row))
+        console.print(grid)
 
 
 def build_parser(prog: str) -> FlagParser:
@@ -167,6 +284,8 @@ def build_parser(prog: str) -> FlagParser:
     ring = command("ring", "which instance a hash policy sends a key to")
     ring.add_argument("service")
     ring.add_argument("--key", required=True, help="the request's hash key, e.g. a user id")
+    command("sidecars", "connected sidecars and the table version each acknowledged")
+    command("table", "the routing table in force: each service's policy and endpoints")
     return p
 
 
@@ -175,9 +294,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "meshlet ctl") -> int:
     values = parser.parse_flags(argv)
     args = argparse.Namespace(**values)
     try:
-        data, text = run(args, Client(args.control_plane, args.admin_token))
+        data, view = run(args, Client(args.control_plane, args.admin_token))
     except CtlError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(data, indent=2) if args.json else text)
+    emit(data, view, args.json, sys.stdout)
     return 0

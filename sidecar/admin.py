@@ -1,11 +1,12 @@
-"""The sidecar's admin port (aiohttp; not the hot path): health, readiness, config, endpoint
-statistics, drain."""
+"""The sidecar's admin port (aiohttp; not the hot path): health, readiness, metrics, config,
+endpoint statistics, drain."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 if TYPE_CHECKING:
     from sidecar.app import Sidecar
@@ -33,7 +34,59 @@ async def config_dump(request: web.Request) -> web.Response:
 
 
 async def clusters(request: web.Request) -> web.Response:
-    return _json(request.app[SIDECAR].endpoint_stats())
+    data = request.app[SIDECAR].endpoint_stats()
+    form = request.query.get("format", "json")
+    if form == "text":
+        return web.Response(text=clusters_text(data))
+    if form != "json":
+        return _json({"error": f"format must be json or text, got {form!r}"}, 400)
+    return _json(data)
+
+
+COLUMNS = ("endpoint", "state", "out_for_s", "in_flight", "rtt_ms", "penalty_ms", "weight", "ramp")
+
+
+def clusters_text(data: dict[str, Any]) -> str:
+    """``/clusters?format=text``: a line of counters and a table of endpoints per service."""
+    out: list[str] = []
+    for name, service in data["services"].items():
+        c = service["counters"]
+        out.append(
+            f"{name}: {c.get('in_flight', 0)} in flight, {c.get('retries', 0)} retries "
+            f"({c.get('retries_suppressed', 0)} over budget), {c.get('ejections', 0)} "
+            f"ejections, {c.get('panics', 0)} panics, {c.get('overloaded', 0)} overloaded"
+        )
+        rows = [COLUMNS]
+        for e in service["endpoints"]:
+            out_for = e.get("excluded_for_s")
+            ramp = e.get("slow_start")
+            rows.append(
+                (
+                    f"{e['address']}:{e['port']}",
+                    e["state"],
+                    "probe" if out_for is None and e["state"] == "probing" else f"{out_for or 0:g}",
+                    str(e.get("in_flight", 0)),
+                    f"{e.get('rtt_ms', 0):.2f}",
+                    f"{e.get('penalty_ms', 0):.0f}",
+                    str(e["weight"]),
+                    "-" if ramp is None else f"{ramp:.2f}",
+                )
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+        out += [
+            "  " + "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
+            for r in rows
+        ]
+    return "\n".join(out) + "\n" if out else "no routing table loaded\n"
+
+
+async def metrics(request: web.Request) -> web.Response:
+    registry = request.app[SIDECAR].metrics
+    if registry is None:
+        return _json({"error": "metrics are off (--metrics off)"}, 404)
+    return web.Response(
+        body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
 
 
 async def drain(request: web.Request) -> web.Response:
@@ -50,6 +103,7 @@ def build_admin_app(sidecar: Sidecar) -> web.Application:
             web.get("/readyz", readyz),
             web.get("/config_dump", config_dump),
             web.get("/clusters", clusters),
+            web.get("/metrics", metrics),
             web.post("/drain", drain),
         ]
     )

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import signal
 import socket
 import time
@@ -30,13 +31,16 @@ from aiohttp import web
 
 from control_plane.flags import setup_logging
 from control_plane.wire import Endpoint, Registration
+from sidecar import metrics as sidecar_metrics
 from sidecar import state
+from sidecar.accesslog import AccessLog
 from sidecar.admin import build_admin_app
 from sidecar.breaker import Services
 from sidecar.config import Listen, SidecarConfig
 from sidecar.discovery import Discovery
 from sidecar.errors import TableError
 from sidecar.health import AppHealth
+from sidecar.metrics import endpoint_state
 from sidecar.proxy import ConnectionTracker, Downstream, Timeouts
 from sidecar.routing import (
     AppRouter,
@@ -56,13 +60,20 @@ class Sidecar:
         self.timeouts = timeouts or Timeouts()
         self.pools = Pools()
         self.app_pools = Pools()
-        self.services = Services()
+        metrics = config.metrics == "on"
+        self.services = Services(metrics=metrics)
         self.tables = TableHolder(
             self.pools, service=config.service, zone=config.zone, services=self.services
         )
-        self.outbound = ConnectionTracker()
-        self.inbound = ConnectionTracker()
-        self.app_router = AppRouter(Endpoint(config.app.host, config.app.port), self.app_pools)
+        self.access_log = AccessLog(config.access_log) if config.access_log else None
+        self.outbound = ConnectionTracker("outbound", metrics=metrics, access_log=self.access_log)
+        self.inbound = ConnectionTracker(
+            "inbound", config.service, metrics=metrics, access_log=self.access_log
+        )
+        self.app_router = AppRouter(
+            Endpoint(config.app.host, config.app.port), self.app_pools, metrics=metrics
+        )
+        self.metrics = sidecar_metrics.registry(self) if metrics else None
         self.draining = False
         self.listening = False
         self.last_reload_error = ""
@@ -99,6 +110,8 @@ class Sidecar:
             log.info(
                 "routing table loaded from %s: %d services", self.config.table, len(table.services)
             )
+        if self.access_log is not None:
+            self.access_log.open()
         c = self.config
         await self._listen("outbound", c.outbound, self.tables, self.outbound)
         await self._listen("inbound", c.inbound, self.app_router, self.inbound)
@@ -238,15 +251,24 @@ class Sidecar:
         table = self.tables.current
         now = self.pools.clock.monotonic()
         services: dict[str, dict[str, Any]] = {}
-        for name, entry in table.table.services.items() if table else ():
+        if table is None:
+            return {"services": services}
+        for name, entry in table.table.services.items():
             state = self.services.find(name)
             rows: list[dict[str, Any]] = []
             services[name] = {
                 "counters": state.counters() if state else {},
                 "endpoints": rows,
             }
+            route = table.route(name.encode())
+            ramps: dict[Endpoint, float] = {}
+            if not isinstance(route, tuple):
+                members = route.balancer.members
+                factors = route.balancer.slow_start(now)
+                ramps = {m.endpoint: f for m, f in zip(members, factors, strict=True)}
             for e in entry.endpoints:
                 pool = self.pools.find(e)
+                stats = pool.stats if pool is not None else None
                 row: dict[str, Any] = {
                     "address": e.address,
                     "port": e.port,
@@ -254,10 +276,14 @@ class Sidecar:
                     "weight": e.weight,
                     "zone": e.zone,
                     "draining": e.draining,
+                    "state": endpoint_state(e.draining, stats, now),
+                    "slow_start": round(ramps[e], 3) if e in ramps else None,
                 }
-                if pool is not None:
-                    row |= dataclasses.asdict(pool.stats.statistics(now))
-                    ejection = pool.stats.ejection
+                if stats is not None:
+                    row |= dataclasses.asdict(stats.statistics(now))
+                    if math.isinf(row["excluded_for_s"]):
+                        row["excluded_for_s"] = None  # probing: out until its probe ends
+                    ejection = stats.ejection
                     row["outlier"] = ejection.phase.name.lower() if ejection else "healthy"
                 rows.append(row)
         return {"services": services}
@@ -318,6 +344,8 @@ class Sidecar:
             await self._admin.cleanup()
         if self._http is not None:
             await self._http.close()
+        if self.access_log is not None:
+            await self.access_log.close()
 
 
 def _host_address() -> str:
@@ -358,6 +386,7 @@ def run(config: SidecarConfig) -> int:
         log.error("cannot start: %s", e)
         return 2
     except OSError as e:
-        log.error("cannot start: %s", e.strerror or e)
+        where = f"{e.filename}: " if e.filename else ""
+        log.error("cannot start: %s%s", where, e.strerror or e)
         return 2
     return 0

@@ -72,6 +72,10 @@ class Balancer(Protocol):
         endpoint of the previous try), or None when there is none."""
         ...
 
+    def slow_start(self, now: float) -> list[float]:
+        """Each member's share of its weight now: below 1.0 while it ramps up."""
+        ...
+
 
 class _Members:
     """What every policy shares: the members, their effective weights, availability, zone."""
@@ -141,6 +145,9 @@ class _Members:
         if avoid is not None and len(ready) > 1:
             ready = [i for i in ready if members[i].endpoint is not avoid] or ready
         return ready
+
+    def slow_start(self, now: float) -> list[float]:
+        return [self.weight(i, now) / w if w else 1.0 for i, w in enumerate(self.weights)]
 
     def weight(self, i: int, now: float) -> float:
         if now < self._ramp_end:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from sidecar.metrics import RequestStats
 from sidecar.retry import Budget
 
 log = logging.getLogger("meshlet.breaker")
@@ -30,9 +31,13 @@ class ServiceState:
     pending: int = 0
     retrying: int = 0
     budget: Budget = field(default_factory=Budget)
+    requests: RequestStats | None = field(default_factory=RequestStats)
+    """for /metrics (None: metrics are off)"""
     overloaded: int = 0
     """requests refused by a limit"""
     retries: int = 0
+    retry_reasons: dict[str, int] = field(default_factory=dict)
+    """retries by what failed: ``connect-failure``, ``reset``, ``timeout`` or the status"""
     retries_over_limit: int = 0
     """retries not made because ``max_retries`` were in progress"""
     hedges: int = 0
@@ -74,14 +79,20 @@ class ServiceState:
 class Services:
     """Every service's state, by name; tables come and go, this stays."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, metrics: bool = True) -> None:
         self._states: dict[str, ServiceState] = {}
+        self._metrics = metrics
 
     def get(self, name: str) -> ServiceState:
         state = self._states.get(name)
         if state is None:
-            state = self._states[name] = ServiceState(name)
+            state = self._states[name] = ServiceState(
+                name, requests=RequestStats() if self._metrics else None
+            )
         return state
+
+    def names(self) -> list[str]:
+        return list(self._states)
 
     def find(self, name: str) -> ServiceState | None:
         return self._states.get(name)

@@ -36,7 +36,7 @@ def build_parser(prog: str) -> FlagParser:
     p.flag(
         "--admin",
         "127.0.0.1:15000",
-        "admin port: /healthz /readyz /config_dump /drain",
+        "admin port: /healthz /readyz /metrics /clusters /config_dump /drain",
         convert=listen,
     )
     p.flag("--table", "", "static routing file, YAML or JSON (reloaded on change and SIGHUP)")
@@ -61,6 +61,8 @@ def build_parser(prog: str) -> FlagParser:
         convert=number,
     )
     p.flag("--log-level", "info", "log level", choices=LOG_LEVELS)
+    p.flag("--metrics", "on", "Prometheus metrics on the admin port", choices=("on", "off"))
+    p.flag("--access-log", "", "JSON lines of every request to this file, or - for stdout")
     return p
 
 

@@ -54,6 +54,10 @@ class SidecarConfig:
     deregister_delay: float = 1.0
     """seconds between deregistering and draining, for callers' tables to change"""
     log_level: str = "info"
+    metrics: str = "on"
+    """``on``: /metrics on the admin port, requests timed; ``off``: neither"""
+    access_log: str = ""
+    """JSON lines of every request to this file, ``-`` for stdout; empty: none"""
     table_poll_interval: float = 1.0
     """seconds between checks of the routing file for changes"""
 
@@ -69,6 +73,8 @@ class SidecarConfig:
             raise ConfigError("deregister_delay", "must not be negative")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError("log_level", f"must be one of {', '.join(LOG_LEVELS)}")
+        if self.metrics not in ("on", "off"):
+            raise ConfigError("metrics", "must be on or off")
         if self.app.port == 0:
             raise ConfigError("app", "needs a port")
         if self.table and self.control_plane:

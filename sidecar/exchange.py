@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import math
+import time
 from typing import TYPE_CHECKING
 
 from control_plane.wire import Endpoint
@@ -51,6 +52,12 @@ RETRY_EVENT: dict[Reason, str | int] = {
     Reason.UPSTREAM_RESET: "reset",
     Reason.UPSTREAM_TIMEOUT: 504,
 }
+#: the retry metric's ``reason`` for each failure of a try (statuses go by their number)
+RETRY_REASON = {
+    Reason.UPSTREAM_CONNECT_FAILURE: "connect-failure",
+    Reason.UPSTREAM_RESET: "reset",
+    Reason.UPSTREAM_TIMEOUT: "timeout",
+}
 
 
 class State(enum.Enum):
@@ -71,6 +78,7 @@ class Exchange:
         "_chunk_out",
         "_connect_task",
         "_counted",
+        "_error",
         "_failure",
         "_hard_deadline",
         "_hedge_at",
@@ -87,7 +95,9 @@ class Exchange:
         "_retry_timer",
         "_route_deadline",
         "_stale_retried",
+        "_started",
         "_stats",
+        "_status",
         "_timeout",
         "_trailers",
         "_tried_at",
@@ -118,6 +128,9 @@ class Exchange:
         self._replay: list[bytes] | None = []  # the body so far, for another try; None: too big
         self._replay_size = 0
         self._stale_retried = False
+        self._started = ds.loop.time()  # for the duration metric; -1 once recorded
+        self._status = 0  # what the client was answered (0: nothing yet)
+        self._error = ""  # x-meshlet-error, when the sidecar answered itself
         self._stats: EndpointStats | None = None  # the current try's endpoint's, while in flight
         self._tried_at = 0.0
         self._connect_task: asyncio.Task[UpstreamConnection] | None = None
@@ -392,11 +405,12 @@ class Exchange:
         """The current try failed before any of its response reached the client: retry if
         the policy, the budget and the time left allow, else answer with the failure."""
         self._abandon_try(retry_after=None)
-        delay = self._retry_delay(RETRY_EVENT.get(reason, 0), None)
+        event = RETRY_EVENT.get(reason, 0)
+        delay = self._retry_delay(event, None)
         if delay is None:
             self._give_up(reason, detail)
         else:
-            self._backoff(delay, reason, detail)
+            self._backoff(delay, reason, detail, RETRY_REASON.get(reason, str(event)))
 
     def _give_up(self, reason: Reason, detail: str) -> None:
         """The current try failed for good: the answer, unless a hedged try still waits."""
@@ -415,15 +429,18 @@ class Exchange:
         self._stop_connecting()
         self._end_try()
 
-    def _backoff(self, delay: float, reason: Reason, detail: str) -> None:
+    def _backoff(self, delay: float, reason: Reason, detail: str, why: str) -> None:
+        """Wait ``delay``, then retry; ``why`` names the failure for the retry metric."""
         route = self.route
         assert route is not None
         self._failure = (reason, detail)
         self.state = State.BACKOFF
         self._try_deadline = math.inf
         self._arm()
-        route.service.retrying += 1
-        route.service.retries += 1
+        service = route.service
+        service.retrying += 1
+        service.retries += 1
+        service.retry_reasons[why] = service.retry_reasons.get(why, 0) + 1
         self._retry_timer = self.ds.loop.call_later(delay, self._retry)
 
     def _retry_delay(self, event: str | int, retry_after: float | None) -> float | None:
@@ -564,6 +581,7 @@ class Exchange:
                 self.upstream_failed(None, protocol_error=True)  # closes the connection
                 return False
             self.state = State.TUNNEL
+            self._status = 101
             ds.write(http1.interim_response(resp))
             return False
         retry_after = http1.retry_after(resp) if status in (429, 503) else None
@@ -572,7 +590,7 @@ class Exchange:
             if delay is not None:  # this response goes nowhere: the request goes again
                 self._abandon_try(retry_after)
                 detail = f"the upstream answered {status}; the request body grew too large to retry"
-                self._backoff(delay, Reason.UPSTREAM_RESET, detail)
+                self._backoff(delay, Reason.UPSTREAM_RESET, detail, str(status))
                 return False
         if self._hedged is not None:
             assert self.route is not None
@@ -583,6 +601,7 @@ class Exchange:
             self._drop_hedged()
             self.route.service.hedges_won += 1
         self.state = State.RESPONDING
+        self._status = status
         self._try_deadline = math.inf
         self._hedge_at = math.inf
         self._outcome(failed=status >= 500, retry_after=retry_after)
@@ -736,6 +755,8 @@ class Exchange:
         # A body still coming would have to be read first: close instead.
         unread_body = not self.request_done and (self.head.has_body or self.head.chunked)
         close = not self.keep_alive or unread_body or self.head.upgrade
+        self._status = reason.status
+        self._error = reason.code
         self.ds.write(error_response(reason, detail, close=close))
         self.ds.stats_error(reason)
         self._finish(close=close)
@@ -750,6 +771,30 @@ class Exchange:
         self.ds.pause_reading("pending", False)
         self.ds.exchange_done(self, close=close, abort=abort)
 
+    def _record(self) -> None:
+        """Into the metrics and the access log, once."""
+        ds, route = self.ds, self.route
+        seconds = ds.loop.time() - self._started
+        self._started = -1.0
+        tracker = ds.tracker
+        stats = route.service.requests if route is not None else tracker.unrouted
+        if stats is not None:
+            stats.record(self._status, seconds)
+        if tracker.access_log is not None:
+            tracker.access_log.add(
+                (
+                    time.time() - seconds,
+                    tracker.direction,
+                    tracker.service or (route.name if route is not None else ""),
+                    self.head,
+                    self._status,
+                    seconds,
+                    self.endpoint,
+                    self._attempt,
+                    self._error,
+                )
+            )
+
     def _outcome(self, *, failed: bool, retry_after: float | None = None) -> None:
         """Tell the endpoint's stats and outlier state how the try went: its time to the
         response head (or to the failure), once. It stays in flight until the try ends."""
@@ -760,7 +805,9 @@ class Exchange:
 
     def cancel(self) -> None:
         """Stop all upstream work: a connect in progress, the connection in use, a retry
-        waiting; the request leaves the service's count."""
+        waiting; the request leaves the service's count, and goes into its metrics."""
+        if self._started >= 0:
+            self._record()
         if self._stats is not None:
             self._end_try()  # (a client gone mid-try: nothing learnt)
         if self._hedged is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import cast
@@ -20,9 +21,11 @@ from typing import cast
 import httptools
 
 from sidecar import http1
+from sidecar.accesslog import AccessLog
 from sidecar.errors import Reason, error_response
 from sidecar.exchange import Exchange, State
 from sidecar.http1 import Headers
+from sidecar.metrics import RequestStats
 from sidecar.routing import Router
 
 log = logging.getLogger("meshlet.proxy")
@@ -367,6 +370,7 @@ class Downstream(asyncio.Protocol):
         self._unread = True
         self.pause_reading("rejected", True)
         self.stats_error(reason)
+        self.tracker.rejected(reason, 0.0)
         broken, self._current = self._current, None
         self._queue = deque(ex for ex in self._queue if ex.request_done and ex is not broken)
         active = self._active
@@ -471,16 +475,38 @@ class Downstream(asyncio.Protocol):
                 )
             )
             self.stats_error(Reason.REQUEST_TIMEOUT)
+            self.tracker.rejected(Reason.REQUEST_TIMEOUT, self.timeouts.head)
         self._close(abort=False)
 
 
 class ConnectionTracker:
     """The client connections of one listener, for draining and statistics."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        direction: str = "outbound",
+        service: str = "",
+        *,
+        metrics: bool = True,
+        access_log: AccessLog | None = None,
+    ) -> None:
+        self.direction = direction
+        #: the service every request here is for (inbound: this sidecar's); "": by route
+        self.service = service
         self.connections: set[Downstream] = set()
         self.errors: dict[Reason, int] = {}
         self.draining = False
+        #: requests answered before they had a service (no route, malformed), for /metrics
+        self.unrouted = RequestStats() if metrics else None
+        self.access_log = access_log
+
+    def rejected(self, reason: Reason, seconds: float) -> None:
+        """A request the connection answered itself before it became an exchange."""
+        if self.unrouted is not None:
+            self.unrouted.record(reason.status, seconds)
+        if self.access_log is not None:
+            entry = (time.time() - seconds, self.direction, self.service, None, reason.status)
+            self.access_log.add((*entry, seconds, None, 0, reason.code))
 
     def add(self, ds: Downstream) -> None:
         self.connections.add(ds)

@@ -38,6 +38,7 @@ from sidecar.clock import Clock, SystemClock
 from sidecar.errors import Reason, TableError
 from sidecar.ewma import EndpointStats
 from sidecar.hashing import KeyOf, key_function
+from sidecar.metrics import RequestStats
 from sidecar.upstream import Pool
 
 
@@ -260,14 +261,14 @@ class TableHolder:
 class AppRouter:
     """The inbound listener's only route: the local application."""
 
-    def __init__(self, endpoint: Endpoint, pools: Pools) -> None:
+    def __init__(self, endpoint: Endpoint, pools: Pools, *, metrics: bool = True) -> None:
         policy = Policy(
             lb="round_robin",
             retries=0,
             outlier=Outlier(consecutive_failures=0, failure_rate_percent=0),
         )
         members = [Member(endpoint, pools.get(endpoint).stats)]
-        self.service = ServiceState("app")
+        self.service = ServiceState("app", requests=RequestStats() if metrics else None)
         self._route = Route(
             "app",
             policy,

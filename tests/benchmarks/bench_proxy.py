@@ -7,6 +7,7 @@ the targets:
   nginx        wrk -> nginx proxy (upstream keepalive) -> backend
   haproxy      wrk -> HAProxy (http mode, keep-alive) -> backend
   meshlet      wrk -> meshlet outbound -> backend
+  meshlet-nomet  the same with --metrics off (the cost of metrics: on/off CPU per request)
   meshlet-2hop wrk -> meshlet outbound -> meshlet inbound -> backend
 Printed per round and as medians: throughput relative to nginx proxy, CPU-seconds per 1,000
 requests of each proxy (utime + stime from /proc), and latency added over direct (p50, p99)
@@ -216,6 +217,9 @@ listen proxy
         hop_port = free_port()
         a = self.sidecar("a", table, out_port, app=self.backend_port)
         self.targets["meshlet"] = (out_port, "backend", lambda: self._tree(a.pid))
+        off_port = free_port()
+        off = self.sidecar("off", table, off_port, app=self.backend_port, metrics="off")
+        self.targets["meshlet-nomet"] = (off_port, "backend", lambda: self._tree(off.pid))
 
         # two hops: A's outbound routes "backend" to B's inbound, which forwards to the backend
         table2 = self.tmp / "table2.yaml"
@@ -232,7 +236,14 @@ listen proxy
         )
 
     def sidecar(
-        self, name: str, table: Path, outbound: int, *, app: int, inbound: int | None = None
+        self,
+        name: str,
+        table: Path,
+        outbound: int,
+        *,
+        app: int,
+        inbound: int | None = None,
+        metrics: str = "on",
     ) -> subprocess.Popen[bytes]:
         proc = self.spawn(
             PROXY_CORE,
@@ -253,6 +264,8 @@ listen proxy
             f"http://127.0.0.1:{app}",
             "--log-level",
             "warning",
+            "--metrics",
+            metrics,
         )
         wait_port(outbound)
         if inbound:
@@ -319,7 +332,7 @@ def report(results: dict[tuple[str, int], list[Result]], rounds: int) -> None:
     def med(values: list[float]) -> float:
         return statistics.median(values)
 
-    names = ["direct", "nginx", "haproxy", "meshlet", "meshlet-2hop"]
+    names = ["direct", "nginx", "haproxy", "meshlet", "meshlet-nomet", "meshlet-2hop"]
     print(f"\nmedians over {rounds} rounds (ratios taken per round)")
     print(
         f"{'':13} {'rps/nginx':>10} {'cpu/1k req':>11} {'cpu/haproxy':>12} "
@@ -348,7 +361,18 @@ def report(results: dict[tuple[str, int], list[Result]], rounds: int) -> None:
             f"{(f'{med(cpu_ratio):.2f}x') if cpu_ratio else '-':>12} "
             + " ".join(f"{a:8.3f}ms" if name != "direct" else f"{'':>10}" for a in added)
         )
-    print("goals: cpu/haproxy <= 2x; +p50 at c=1 <= 0.3 ms per hop; rps/nginx >= 0.5")
+    on, off = results[("meshlet", 50)], results[("meshlet-nomet", 50)]
+    metrics_cost = [
+        r.cpu_per_1000 / o.cpu_per_1000
+        for r, o in zip(on, off, strict=True)
+        if r.cpu_per_1000 and o.cpu_per_1000
+    ]
+    if metrics_cost:
+        print(f"cpu per request, metrics on / off: {med(metrics_cost):.3f}x")
+    print(
+        "goals: cpu/haproxy <= 2x; +p50 at c=1 <= 0.3 ms per hop; rps/nginx >= 0.5; "
+        "metrics on/off <= 1.10x"
+    )
 
 
 if __name__ == "__main__":

@@ -223,6 +223,47 @@ async def test_endpoint_stats_follow_every_outcome(
     assert rows[busy.port]["penalty_ms"] > 900  # a 503 counts as a failure
     assert rows[ok.port]["penalty_ms"] == 0
     assert 0 < rows[ok.port]["rtt_ms"] <= 30  # measured: faster than the 30 ms default
+    assert (rows[ok.port]["state"], rows[busy.port]["state"]) == ("healthy", "paused")
+    assert rows[ok.port]["slow_start"] == 1.0  # seen with the first table: no ramp
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://{LOCAL}:{mesh.admin}/clusters?format=text") as r,
+    ):
+        text = await r.text()
+    head, columns, *lines = text.splitlines()
+    assert head.startswith("svc: 0 in flight, 1 retries (0 over budget), 0 ejections")
+    assert columns.split() == ["endpoint", "state", "out_for_s", "in_flight", "rtt_ms",
+                               "penalty_ms", "weight", "ramp"]  # fmt: skip
+    busy_line = next(line.split() for line in lines if f":{busy.port}" in line)
+    assert busy_line[1] == "paused"
+    assert 25 < float(busy_line[2]) <= 30
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://{LOCAL}:{mesh.admin}/clusters?format=xml") as r,
+    ):
+        assert r.status == 400
+        assert "format must be json or text" in (await r.json())["error"]
+
+
+async def test_clusters_show_a_new_endpoints_slow_start(
+    upstreams: Upstreams, make_mesh: MakeMesh
+) -> None:
+    first, second = await upstreams("first"), await upstreams("second")
+    mesh = await make_mesh({"svc": service(first.port)})
+    await asyncio.sleep(1.1)  # past the grace for endpoints seen with the first
+    mesh.write_table({"svc": service(first.port, second.port)})
+    for _ in range(40):
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://{LOCAL}:{mesh.admin}/clusters") as r,
+        ):
+            rows = (await r.json())["services"]["svc"]["endpoints"]
+        if len(rows) == 2:
+            break
+        await asyncio.sleep(0.05)
+    ramps = {e["port"]: e["slow_start"] for e in rows}
+    assert ramps[first.port] == 1.0
+    assert 0.1 <= ramps[second.port] < 0.2  # 10 % rising to 100 % over 30 s
 
 
 async def test_readyz_waits_for_a_table(make_mesh: MakeMesh) -> None:

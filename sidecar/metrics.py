@@ -1,0 +1,239 @@
+"""The sidecar's Prometheus metrics, served on the admin port at ``/metrics``.
+
+Nothing on the data path touches prometheus-client: its metrics take a lock per observation,
+and a label lookup per request would cost more than the rest of the accounting together. A
+request is recorded into plain lists (``RequestStats``: a bisect and two increments), and the
+counters the resilience code keeps anyway (``ServiceState``) are read as they are. At scrape
+time ``SidecarCollector`` turns all of it into metric families on the sidecar's own registry.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from bisect import bisect_left
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from sidecar import outlier
+from sidecar.ewma import EndpointStats
+
+if TYPE_CHECKING:
+    from sidecar.app import Sidecar
+
+BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+"""seconds: the request duration histogram's upper bounds (and +Inf)"""
+CODES = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")
+"""status classes by ``status // 100``; ``none``: the client left before any response"""
+MAX_ENDPOINT_SERIES = 100
+"""a service with more endpoints gets no per-endpoint state series (cardinality)"""
+ENDPOINT_STATES = ("healthy", "ejected", "probing", "paused", "draining")
+
+
+class RequestStats:
+    """Requests of one service through one listener, by status class: the histogram of their
+    durations (its buckets' counts, not yet cumulative) and the sum."""
+
+    __slots__ = ("buckets", "sums")
+
+    def __init__(self) -> None:
+        self.buckets = [[0] * (len(BUCKETS) + 1) for _ in CODES]
+        self.sums = [0.0] * len(CODES)
+
+    def __repr__(self) -> str:
+        return f"<RequestStats [{sum(map(sum, self.buckets))} requests]>"
+
+    def record(self, status: int, seconds: float) -> None:
+        code = status // 100 if 100 <= status < 600 else 0
+        self.buckets[code][bisect_left(BUCKETS, seconds)] += 1
+        self.sums[code] += seconds
+
+    def count(self, code: int) -> int:
+        return sum(self.buckets[code])
+
+
+class SidecarCollector(Collector):
+    """Everything ``/metrics`` shows, read from the sidecar when Prometheus scrapes."""
+
+    def __init__(self, sidecar: Sidecar) -> None:
+        self.sidecar = sidecar
+
+    def collect(self) -> Iterator[Metric]:
+        sc = self.sidecar
+        yield from self._requests()
+        outbound = [(name, sc.services.get(name)) for name in sc.services.names()]
+        per_service = {
+            "meshlet_upstream_retries": ("retries by what failed", None),
+            "meshlet_retries_suppressed": ("retries the retry budget refused", "suppressed"),
+            "meshlet_retries_over_limit": ("retries max_retries refused", "retries_over_limit"),
+            "meshlet_hedges": ("hedged tries sent", "hedges"),
+            "meshlet_outlier_ejections": ("endpoints ejected", "ejections"),
+            "meshlet_overloaded": ("requests refused by a limit (503 overloaded)", "overloaded"),
+            "meshlet_panics": ("picks among all endpoints, too few available", "panics"),
+        }
+        for name, (doc, attr) in per_service.items():
+            if attr is None:
+                retries = CounterMetricFamily(name, doc, labels=["service", "reason"])
+                for service, state in outbound:
+                    for reason, n in sorted(state.retry_reasons.items()):
+                        retries.add_metric([service, reason], n)
+                yield retries
+                continue
+            family = CounterMetricFamily(name, doc, labels=["service"])
+            for service, state in outbound:
+                value = state.budget.suppressed if attr == "suppressed" else getattr(state, attr)
+                family.add_metric([service], value)
+            yield family
+        yield from self._endpoints()
+        yield from self._table()
+
+    def _requests(self) -> Iterator[Metric]:
+        sc = self.sidecar
+        labels = ["direction", "service", "code"]
+        total = CounterMetricFamily(
+            "meshlet_requests", "requests answered, by status class", labels=labels
+        )
+        duration = HistogramMetricFamily(
+            "meshlet_request_duration_seconds",
+            "from the request head to the end of the response",
+            labels=labels,
+        )
+        sources: list[tuple[str, str, RequestStats | None]] = [
+            ("outbound", name, sc.services.get(name).requests) for name in sc.services.names()
+        ]
+        sources.append(("inbound", sc.config.service, sc.app_router.service.requests))
+        sources += [
+            ("outbound", "", sc.outbound.unrouted),
+            ("inbound", "", sc.inbound.unrouted),
+        ]
+        bounds = [*(repr(b) for b in BUCKETS), "+Inf"]
+        for direction, service, stats in sources:
+            if stats is None:
+                continue
+            for code, name in enumerate(CODES):
+                counts = stats.buckets[code]
+                n = sum(counts)
+                if not n:
+                    continue
+                key = [direction, service, name]
+                total.add_metric(key, n)
+                running, cumulative = 0, []
+                for bound, c in zip(bounds, counts, strict=True):
+                    running += c
+                    cumulative.append((bound, running))
+                duration.add_metric(key, cumulative, stats.sums[code])
+        yield total
+        yield duration
+
+    def _endpoints(self) -> Iterator[Metric]:
+        sc = self.sidecar
+        state = GaugeMetricFamily(
+            "meshlet_endpoint_state",
+            f"1 for each endpoint's state (services of up to {MAX_ENDPOINT_SERIES} endpoints)",
+            labels=["service", "endpoint", "state"],
+        )
+        connections = GaugeMetricFamily(
+            "meshlet_upstream_connections",
+            "pooled connections to the service's endpoints",
+            labels=["service", "state"],
+        )
+        table = sc.tables.current
+        now = sc.pools.clock.monotonic()
+        for name, entry in table.table.services.items() if table else ():
+            idle = busy = 0
+            many = len(entry.endpoints) > MAX_ENDPOINT_SERIES
+            for e in entry.endpoints:
+                pool = sc.pools.find(e)
+                if pool is not None:
+                    counts = pool.statistics()
+                    idle += counts.idle
+                    busy += counts.busy
+                if many:
+                    continue
+                current = endpoint_state(e.draining, pool.stats if pool else None, now)
+                for s in ENDPOINT_STATES:
+                    state.add_metric([name, f"{e.address}:{e.port}", s], float(s == current))
+            connections.add_metric([name, "idle"], idle)
+            connections.add_metric([name, "busy"], busy)
+        yield state
+        yield connections
+
+    def _table(self) -> Iterator[Metric]:
+        sc = self.sidecar
+        table = sc.tables.current
+        yield GaugeMetricFamily(
+            "meshlet_table_version",
+            "the routing table in force (0: none yet)",
+            value=table.info.version if table else 0,
+        )
+        yield GaugeMetricFamily(
+            "meshlet_table_age_seconds",
+            "since the table in force was loaded (NaN: none yet)",
+            value=time.time() - table.info.loaded_at if table else math.nan,
+        )
+        if sc.discovery is not None:
+            yield GaugeMetricFamily(
+                "meshlet_control_plane_connected",
+                "1 while the push stream is up",
+                value=float(sc.discovery.connected),
+            )
+        if sc.access_log is not None:
+            yield CounterMetricFamily(
+                "meshlet_access_log_dropped",
+                "access log lines dropped (the writer fell behind, or writing failed)",
+                value=sc.access_log.dropped,
+            )
+        if sc.health is not None:
+            yield GaugeMetricFamily(
+                "meshlet_app_healthy",
+                "1 while the app passes its health check",
+                value=float(sc.health.healthy),
+            )
+
+
+def endpoint_state(draining: bool, stats: EndpointStats | None, now: float) -> str:
+    """One word for an endpoint: draining, ejected or probing (outlier ejection), paused
+    (``Retry-After``), or healthy."""
+    if draining:
+        return "draining"
+    if stats is not None:
+        ejection = stats.ejection
+        if ejection is not None and ejection.phase is not outlier.Phase.HEALTHY:
+            return ejection.phase.name.lower()
+        if stats.excluded_until > now:
+            return "paused"
+    return "healthy"
+
+
+def registry(sidecar: Sidecar) -> CollectorRegistry:
+    """The sidecar's own registry (never prometheus-client's global one): its collector and
+    the process's CPU, memory and file descriptors."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(SidecarCollector(sidecar))
+    ProcessCollector(registry=reg)
+    return reg
