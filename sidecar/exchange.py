@@ -128,7 +128,9 @@ class Exchange:
         self._replay: list[bytes] | None = []  # the body so far, for another try; None: too big
         self._replay_size = 0
         self._stale_retried = False
-        self._started = ds.loop.time()  # for the duration metric; -1 once recorded
+        # for the duration metric (not loop.time(): uvloop's ticks in whole milliseconds); -1
+        # once recorded
+        self._started = time.monotonic()
         self._status = 0  # what the client was answered (0: nothing yet)
         self._error = ""  # x-meshlet-error, when the sidecar answered itself
         self._stats: EndpointStats | None = None  # the current try's endpoint's, while in flight
@@ -774,7 +776,7 @@ class Exchange:
     def _record(self) -> None:
         """Into the metrics and the access log, once."""
         ds, route = self.ds, self.route
-        seconds = ds.loop.time() - self._started
+        seconds = time.monotonic() - self._started
         self._started = -1.0
         tracker = ds.tracker
         stats = route.service.requests if route is not None else tracker.unrouted
