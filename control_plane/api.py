@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from control_plane import schema, table
+from control_plane import metrics, schema, table
 from control_plane.errors import (
     ApiError,
     BadRequest,
@@ -36,6 +36,7 @@ log = logging.getLogger("meshlet.api")
 
 REGISTRY = web.AppKey("registry", Registry)
 PUBLISHER = web.AppKey("publisher", Publisher)
+METRICS = web.AppKey("metrics", metrics.Metrics)
 ADMIN_TOKEN = web.AppKey("admin_token", str)  # "" when no token is required
 
 
@@ -179,6 +180,13 @@ async def readyz(request: web.Request) -> web.Response:
     return json_response({"status": "not ready"}, 503)
 
 
+async def prometheus(request: web.Request) -> web.Response:
+    # no token even with --admin-token: read-only, like /healthz, for Prometheus to scrape
+    return web.Response(
+        body=request.app[METRICS].render(), headers={"Content-Type": metrics.CONTENT_TYPE}
+    )
+
+
 async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=request.app[OPENAPI], content_type="application/json")
 
@@ -304,6 +312,7 @@ def add_routes(app: web.Application) -> None:
         [
             web.get("/healthz", healthz),
             web.get("/readyz", readyz),
+            web.get("/metrics", prometheus),
             web.get("/openapi.json", openapi),
             web.get("/v1/services", list_services),
             web.get("/v1/table", get_table),

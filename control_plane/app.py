@@ -26,6 +26,7 @@ from control_plane.clock import Clock, SystemClock
 from control_plane.config import ControlPlaneConfig
 from control_plane.errors import ConfigError, StoreError
 from control_plane.flags import setup_logging
+from control_plane.metrics import Metrics
 from control_plane.openapi import build_spec
 from control_plane.publisher import Publisher
 from control_plane.reaper import run_reaper
@@ -53,13 +54,15 @@ def build_app(
         protect_percent=config.protect_percent,
     )
     app[api.REGISTRY] = registry
-    app[api.PUBLISHER] = Publisher(
+    publisher = Publisher(
         registry,
         store,
         quiet=config.debounce_quiet,
         max_wait=config.debounce_max,
         tokens=(config.admin_token, config.join_token),
     )
+    app[api.PUBLISHER] = publisher
+    app[api.METRICS] = Metrics(registry, publisher)
     app[api.ADMIN_TOKEN] = config.admin_token
     app[api.READY] = api.Readiness()
     app[api.OPENAPI] = json.dumps(build_spec(), indent=1).encode()

@@ -196,6 +196,18 @@ def build_spec() -> dict[str, Any]:
                     {"200": _json("Health", "ready"), "503": _json("Health", "not ready")},
                 )
             },
+            "/metrics": {
+                "get": _op(
+                    "metrics",
+                    "Prometheus metrics in the text exposition format (no token needed)",
+                    {
+                        "200": {
+                            "description": "registry, push and process metrics",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                )
+            },
             "/openapi.json": {
                 "get": _op(
                     "openapi",

@@ -9,6 +9,9 @@ table; a sidecar that already has it gets nothing. Sends are bounded per sidecar
 wait on each other: a sidecar whose send buffer holds more than ``SEND_BUFFER_LIMIT``, or
 that does not take a table within ``SEND_TIMEOUT``, is disconnected. WebSocket pings every
 ``KEEPALIVE`` seconds find streams that went silent without closing.
+
+Counters are plain integers (no lock, no label lookup on the event path); ``statistics()``
+hands them to ``metrics`` when Prometheus scrapes.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from control_plane import table
+from control_plane.convergence import Convergence
 from control_plane.errors import NotFound, StoreError
 from control_plane.registry import Registry
 from control_plane.store import Store
@@ -53,6 +57,7 @@ MAX_MESSAGE = 1024 * 1024
 class SidecarSession:
     """One connected sidecar."""
 
+    key: int
     ws: web.WebSocketResponse
     transport: asyncio.Transport | None
     node: str
@@ -77,6 +82,19 @@ class SidecarSession:
                 "%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.connected_since)
             ),
         }
+
+
+@dataclass(frozen=True, slots=True)
+class PublisherStatistics:
+    version: int
+    sidecars: int
+    """open streams"""
+    pushes: int
+    """tables sent to sidecars"""
+    heartbeats: int
+    """heartbeat messages received over streams"""
+    nacks: int
+    """tables sidecars refused"""
 
 
 class Publisher:
@@ -105,11 +123,23 @@ class Publisher:
         self._owners: dict[tuple[str, str], int] = {}  # instance -> the session it is live on
         self._ids = itertools.count(1)
         self._changed = asyncio.Event()
+        self.convergence = Convergence()
         self.pushes = 0
-        registry.on_change(self._changed.set)
+        self.heartbeats = 0
+        self.nacks = 0
+        registry.on_change(self._on_change)
 
     def __repr__(self) -> str:
         return f"<Publisher [version {self.version}, {len(self.sessions)} sidecars]>"
+
+    def statistics(self) -> PublisherStatistics:
+        return PublisherStatistics(
+            self.version, len(self.sessions), self.pushes, self.heartbeats, self.nacks
+        )
+
+    def _on_change(self) -> None:
+        self.convergence.changed()
+        self._changed.set()
 
     async def start(self, version: int, digest: str, epoch: str) -> None:
         """Take the version the store remembers; a changed table after a restart bumps it."""
@@ -145,6 +175,7 @@ class Publisher:
 
     async def rebuild(self) -> bool:
         """Build the table; publish it as a new version if its content changed."""
+        since = self.convergence.take()
         services = table.build(self.registry)
         rendered, digest = table.render(services)
         if digest == self.digest:
@@ -152,10 +183,16 @@ class Publisher:
                 self._install(services, rendered, self.version)
             return False
         version = self.version + 1
-        await self.store.put_table_version(version, digest, self.registry.unhealthy())
+        try:
+            await self.store.put_table_version(version, digest, self.registry.unhealthy())
+        except BaseException:
+            self.convergence.restore(since)  # the retry publishes the same change
+            raise
         self.digest = digest
         self._install(services, rendered, version)
         log.info("table version %d: %d services", version, len(services))
+        behind = [key for key, session in self.sessions.items() if session.acked < version]
+        self.convergence.published(version, since, behind)
         for session in self.sessions.values():
             session.wake.set()
         return True
@@ -227,6 +264,7 @@ class Publisher:
 
     def _end(self, key: int, session: SidecarSession) -> None:
         self.sessions.pop(key, None)
+        self.convergence.gone(key)
         instance = (session.service, session.instance)
         if self._owners.get(instance) == key:  # a newer stream for the instance may be live
             del self._owners[instance]
@@ -250,6 +288,7 @@ class Publisher:
         # (the socket died) anywhere from here on, _end marks the instance unhealthy.
         instance = hello.instance.instance_id()
         session = SidecarSession(
+            key,
             ws,
             transport,
             hello.node,
@@ -300,6 +339,7 @@ class Publisher:
             if session.deregistered:
                 continue  # it is going: a late heartbeat must not bring it back
             if isinstance(message, Heartbeat):
+                self.heartbeats += 1
                 healthy = message.health == "healthy"
                 try:
                     self.registry.report(session.service, session.instance, app_healthy=healthy)
@@ -307,7 +347,10 @@ class Publisher:
                     await self.registry.register(session.service, session.hello.instance)
             elif isinstance(message, Ack):
                 session.acked = max(session.acked, message.version)
+                self.convergence.acked(session.key, message.version)
             elif isinstance(message, Nack):
+                self.nacks += 1
+                self.convergence.refused(session.key, message.version)
                 session.last_nack = f"version {message.version}: {message.error}"
                 log.warning("sidecar %s refused table %s", session.node, session.last_nack)
             elif isinstance(message, Deregister):

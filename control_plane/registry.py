@@ -3,7 +3,7 @@
 The registry keeps the whole registry in memory and writes every change through to its
 ``Store`` before acknowledging it; writes are serialised by one lock. Heartbeats are soft
 state: they touch memory only. After a restart every known instance gets one full TTL of
-grace before it can lapse.
+grace before it can lapse. Its counters are plain integers, read when Prometheus scrapes.
 """
 
 from __future__ import annotations
@@ -45,6 +45,10 @@ class RegistryStatistics:
     instances: int
     lapsed: int
     protection: bool
+    heartbeats: int
+    """REST heartbeats accepted (stream heartbeats are the publisher's to count)"""
+    expired: int
+    """instances the reaper removed after ``remove_after`` without a heartbeat"""
 
 
 class Registry:
@@ -67,6 +71,8 @@ class Registry:
         self._live: dict[tuple[str, str], _Liveness] = {}
         self._lock = asyncio.Lock()
         self.protection = False
+        self.heartbeats = 0
+        self.expired = 0
         self._held_logged = -float("inf")
         self._listener: Callable[[], None] | None = None
 
@@ -134,12 +140,27 @@ class Registry:
     def instance(self, service: str, instance_id: str) -> InstanceView:
         return self._view(self._record(service, instance_id))
 
+    def protected(self) -> frozenset[str]:
+        """Services with instances that protection is holding right now (past the TTL, not
+        draining); none while it is off. Protection itself is one registry-wide decision."""
+        if not self.protection:
+            return frozenset()
+        now = self._clock.monotonic()
+        return frozenset(
+            r.service
+            for instances in self._instances.values()
+            for r in instances.values()
+            if not r.draining and now - self._live[r.key].seen > self.heartbeat_ttl
+        )
+
     def statistics(self) -> RegistryStatistics:
         return RegistryStatistics(
             services=len(self._service_names()),
             instances=len(self._live),
             lapsed=sum(1 for live in self._live.values() if live.lapsed),
             protection=self.protection,
+            heartbeats=self.heartbeats,
+            expired=self.expired,
         )
 
     def __repr__(self) -> str:
@@ -203,6 +224,7 @@ class Registry:
     def heartbeat(self, service: str, instance_id: str) -> Status:
         """Memory only, no store write: the hot path of every instance without a sidecar."""
         record = self._record(service, instance_id)
+        self.heartbeats += 1
         if self._touch(record.key):
             log.info("%s/%s is heartbeating again", service, instance_id)
             self._changed()
@@ -326,6 +348,7 @@ class Registry:
                 ]
                 if gone:
                     await self._commit(self._store.delete_instances(gone), self._forget, gone)
+                    self.expired += len(gone)
                     self._changed()
             for service, instance_id in gone:
                 log.info(

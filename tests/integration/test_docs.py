@@ -97,7 +97,9 @@ def test_readme_sidecar_flag_table_matches_the_parser() -> None:
 
 def test_readme_policy_table_matches_the_code() -> None:
     rows = re.findall(
-        r"^\| `(\w+)` \| (.+?) \| .+ \|$", README.split("### The policy document")[1], re.M
+        r"^\| `(\w+)` \| (.+?) \| .+ \|$",
+        README.split("### The policy document")[1].split("\n### ")[0],
+        re.M,
     )
     documented = dict(rows)
     defaults = to_json(DEFAULT_POLICY)

@@ -1,0 +1,120 @@
+"""The control plane's Prometheus metrics, served at ``GET /metrics``.
+
+Each ``Metrics`` owns its ``CollectorRegistry`` (never prometheus_client's global one), so one
+process can hold several control planes, as the tests do. Nearly everything is read at scrape
+time from the registry and the publisher, which count events in plain integers: the write
+path and the heartbeat hot path pay one ``+= 1``, with no lock and no label lookup (a
+prometheus_client ``Counter.inc`` takes a lock). Only the convergence histogram is observed
+as it happens, a few times per table version.
+
+| metric | type | labels | meaning |
+|---|---|---|---|
+| ``meshlet_registry_instances`` | gauge | service, status | instances by status |
+| ``meshlet_heartbeats_total`` | counter | | heartbeats accepted, REST and stream |
+| ``meshlet_instances_expired_total`` | counter | | instances removed for missed heartbeats |
+| ``meshlet_protection_active`` | gauge | service | 1 while protection holds some of its instances |
+| ``meshlet_connected_sidecars`` | gauge | | open push streams |
+| ``meshlet_pushes_total`` | counter | | tables sent to sidecars |
+| ``meshlet_nacks_total`` | counter | | tables sidecars refused |
+| ``meshlet_push_convergence_seconds`` | histogram | | registry change to the last ACK |
+
+plus the ``process_*``, ``python_info`` and ``python_gc_*`` collectors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from control_plane.publisher import Publisher
+from control_plane.registry import Registry
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# from a quick push on a small mesh (the 100 ms debounce and a round trip) to a busy one
+# pushed at the 2 s debounce limit, and beyond to a sidecar that is slow to apply tables
+CONVERGENCE_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0,
+)  # fmt: skip
+
+
+class Metrics:
+    """One control plane's metrics; ``render()`` is the ``/metrics`` body."""
+
+    def __init__(self, registry: Registry, publisher: Publisher) -> None:
+        self.collectors = CollectorRegistry()
+        ProcessCollector(registry=self.collectors)
+        PlatformCollector(registry=self.collectors)
+        GCCollector(registry=self.collectors)
+        self.collectors.register(_Snapshot(registry, publisher))
+        self.convergence = Histogram(
+            "meshlet_push_convergence_seconds",
+            "Seconds from a registry change to the last ACK of the table version carrying it, "
+            "from the sidecars connected when it was published (see control_plane/convergence)",
+            buckets=CONVERGENCE_BUCKETS,
+            registry=self.collectors,
+        )
+        publisher.convergence.on_converged(self.convergence.observe)
+
+    def render(self) -> bytes:
+        """The text exposition format (``CONTENT_TYPE``)."""
+        return generate_latest(self.collectors)
+
+
+class _Snapshot(Collector):
+    """Everything that is read from the registry and the publisher at scrape time."""
+
+    def __init__(self, registry: Registry, publisher: Publisher) -> None:
+        self._registry = registry
+        self._publisher = publisher
+
+    def collect(self) -> Iterator[Metric]:
+        registry, publisher = self._registry.statistics(), self._publisher.statistics()
+        instances = GaugeMetricFamily(
+            "meshlet_registry_instances",
+            "Registered instances by service and status (healthy, unhealthy, draining)",
+            labels=["service", "status"],
+        )
+        protection = GaugeMetricFamily(
+            "meshlet_protection_active",
+            "1 while expiry protection holds some of the service's instances past their "
+            "heartbeat TTL; protection is registry-wide, max() of this says whether it is on",
+            labels=["service"],
+        )
+        held = self._registry.protected()
+        for service in self._registry.services():
+            for status, count in service.counts.items():
+                instances.add_metric([service.name, status.value], count)
+            protection.add_metric([service.name], 1 if service.name in held else 0)
+        yield instances
+        yield protection
+        yield CounterMetricFamily(
+            "meshlet_heartbeats",
+            "Heartbeats accepted: REST heartbeats and heartbeat messages over sidecar streams",
+            value=registry.heartbeats + publisher.heartbeats,
+        )
+        yield CounterMetricFamily(
+            "meshlet_instances_expired",
+            "Instances the reaper removed after --remove-after without a heartbeat (turning "
+            "unhealthy after the TTL is not counted here)",
+            value=registry.expired,
+        )
+        yield GaugeMetricFamily(
+            "meshlet_connected_sidecars", "Open sidecar push streams", value=publisher.sidecars
+        )
+        yield CounterMetricFamily(
+            "meshlet_pushes", "Routing tables sent to sidecars", value=publisher.pushes
+        )
+        yield CounterMetricFamily(
+            "meshlet_nacks", "Routing tables sidecars refused (NACKs)", value=publisher.nacks
+        )
