@@ -2,8 +2,12 @@
 
 Latency is a peak-sensitive EWMA (Finagle and Linkerd's "peak EWMA"): a sample above the
 estimate replaces it at once, one below pulls it down with weight ``exp(-dt / DECAY)``; left
-alone the estimate drifts back to ``DEFAULT_RTT``. That is where Linkerd stops, and why an
-endpoint that fails fast looks attractive (linkerd2#11669). Here each failure (a 5xx, a reset,
+alone the estimate decays toward zero (as tower's does), so an endpoint that has not been
+picked for a while is tried again and measured afresh. (Drifting back to a constant instead
+starved endpoints: with nothing in flight P2C compares bare estimates, and a fast endpoint
+whose estimate rose to the constant, above its peers' measured ones, was never picked
+again.) A newcomer starts at ``DEFAULT_RTT``. That is where Linkerd stops, and why an endpoint
+that fails fast looks attractive (linkerd2#11669). Here each failure (a 5xx, a reset,
 a timeout, a refused connect) also adds ``FAILURE_PENALTY`` to the cost, decaying with the same
 half-life, and a 429 or 503 with ``Retry-After`` takes the endpoint out of the pick for that
 long (at most ``RETRY_AFTER_CAP``).
@@ -24,7 +28,7 @@ if TYPE_CHECKING:
 DECAY = 10.0
 """seconds: the EWMA's time constant"""
 DEFAULT_RTT = 0.030
-"""seconds: what an endpoint with no recent samples is assumed to take"""
+"""seconds: what an endpoint not yet measured is assumed to take"""
 FAILURE_PENALTY = 1.0
 """seconds added to an endpoint's latency cost per failure, decaying like the EWMA"""
 RETRY_AFTER_CAP = 30.0
@@ -86,7 +90,7 @@ class EndpointStats:
 
     def latency(self, now: float) -> float:
         """Seconds: the decayed latency estimate plus the decayed failure penalty."""
-        rtt = DEFAULT_RTT + (self._rtt - DEFAULT_RTT) * math.exp((self._rtt_at - now) / DECAY)
+        rtt = self._rtt * math.exp((self._rtt_at - now) / DECAY)
         if self._penalty:
             return rtt + self._penalty * math.exp((self._penalty_at - now) / DECAY)
         return rtt
@@ -95,9 +99,9 @@ class EndpointStats:
         """A finished try: its time to first byte (or to failure) and how it went."""
         self.measured = True
         w = math.exp((self._rtt_at - now) / DECAY)
-        current = DEFAULT_RTT + (self._rtt - DEFAULT_RTT) * w
+        current = self._rtt * w
         # peak: a slower sample counts in full at once; a faster one by how long it has been
-        self._rtt = rtt if rtt >= current else current * w + rtt * (1 - w)
+        self._rtt = rtt if rtt >= current else current + rtt * (1 - w)  # old x w + new x (1 - w)
         self._rtt_at = now
         if failed:
             self._penalty = (

@@ -118,6 +118,29 @@ def test_peak_ewma_avoids_slow_and_failing_endpoints() -> None:
     assert picks[1] / 5000 < 0.05
 
 
+def test_peak_ewma_starves_no_equal_endpoint_at_low_concurrency() -> None:
+    """One request at a time (nothing in flight at a pick, so P2C compares bare estimates),
+    every endpoint ~9 ms, and each one's first sample a slow 25 ms (a new connection). An
+    estimate left alone must not drift above the others' for good: each endpoint keeps a
+    fair share (the demo saw one endpoint get nothing at 50 requests/s)."""
+    random.seed(7)
+    clock = FakeClock()
+    ms = members([100] * 3, clock)
+    b = balancer.make(policy("peak_ewma"), ms, clock)
+    picks: Counter[int] = Counter()
+    seen: set[int] = set()
+    for _ in range(3000):  # 60 s at 50 requests/s
+        m = b.pick()
+        assert m is not None
+        i = m.endpoint.port - 1000
+        picks[i] += 1
+        rtt = 0.025 if i not in seen else random.uniform(0.008, 0.010)
+        seen.add(i)
+        m.stats.record(clock.monotonic(), rtt, failed=False, retry_after=None)
+        clock.advance(0.02)
+    assert min(picks.values()) / 3000 > 0.2, picks
+
+
 def test_retry_after_takes_an_endpoint_out_for_that_long() -> None:
     clock = FakeClock()
     ms = members([100, 100], clock)
