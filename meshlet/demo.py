@@ -1,14 +1,13 @@
-"""``meshlet demo``: a whole mesh on this machine, under steady traffic, losing an instance.
+"""``meshlet demo``: a whole mesh on this machine, under steady traffic, losing instances.
 
 It starts a control plane (SQLite in a temp dir), three ``catalog`` instances and a
 ``frontend`` (the sample apps in ``meshlet.samples``, each with its own sidecar), sends 50
 requests/s to the frontend, which asks catalog through its sidecar, and shows each second what
-every catalog instance serves and what the control plane and the frontend's sidecar think of
-it. A quarter of the way through each cycle (30 s, or the whole ``--duration`` when shorter) it
-kills one catalog instance, app and sidecar, with ``kill -9``: the requests that were on their
-way there are retried on the others and the control plane drops it from the routing table,
-and no client sees an error. Just past half way it starts the instance again, and slow start
-gives it a growing share of the traffic. At the end: a summary.
+each catalog instance serves and what the control plane and the frontend's sidecar make of it.
+A quarter of the way through each cycle (30 s, or the whole ``--duration`` when shorter) it
+kills a catalog instance with ``kill -9`` (the first time app and sidecar, the next time only
+the app: ``meshlet.demo_scenario``), and no client sees an error; just past half way it starts
+it again, and slow start gives it a growing share. At the end: a summary.
 """
 
 from __future__ import annotations
@@ -16,14 +15,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import itertools
 import shlex
 import signal
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,45 +30,28 @@ import uvloop
 
 from meshlet import demo_view as view
 from meshlet.demo_mesh import START_TIMEOUT, Mesh
+from meshlet.demo_scenario import CATALOGS, KILL_AT, RESTART_AT, SLOW_START, Scenario, summary
 from meshlet.demo_traffic import Traffic, percentile
 
 T = TypeVar("T")
-CATALOGS = ("catalog-1", "catalog-2", "catalog-3")
-VICTIMS = ("catalog-2", "catalog-3", "catalog-1")
-"""killed in this order, one per cycle"""
 CYCLE = 30.0
 """seconds of one kill-and-restart cycle (shorter when ``--duration`` is)"""
-KILL_AT, RESTART_AT, SLOW_START = 0.25, 0.55, 0.3
-"""fractions of a cycle: when the kill comes, when the restart, how long the slow start"""
 NO_TTY_DURATION = 30.0
+"""seconds a run without a terminal lasts unless ``--duration`` says otherwise"""
 LB = "peak_ewma"
+"""catalog's balancing policy in the demo (meshlet's default); ``--lb`` picks another"""
 
 
 class Stopped(Exception):
     """Ctrl-C (or SIGTERM) came before the demo had started."""
 
 
-@dataclass
-class Outage:
-    """One kill and what followed, in monotonic seconds."""
-
-    name: str
-    killed_at: float
-    table_before: int | None = None
-    out_at: float | None = None
-    """when the frontend's sidecar no longer had it in its table"""
-    table_after: int | None = None
-    restarted_at: float | None = None
-    back_at: float | None = None
-    """when the frontend's sidecar had it in its table again"""
-    answered_before_restart: int = 0
-    answers: list[str] = field(default_factory=list)
-
-
 @dataclass(frozen=True)
 class Plan:
     cycle: float
+    """seconds"""
     rate: float
+    """requests per second"""
     lb: str
 
     @property
@@ -78,95 +59,13 @@ class Plan:
         return round(self.cycle * SLOW_START, 1)
 
     def policy(self) -> dict[str, Any]:
+        """catalog's policy: short ejections and slow start, so both show within a cycle"""
         return {
             "lb": self.lb,
             "retries": 1,
             "outlier": {"base_ejection_ms": 5000},
             "slow_start_ms": int(self.slow_start_s * 1000),
         }
-
-
-class Scenario:
-    """Kills an instance, measures the fail-over, restarts it and measures its return."""
-
-    def __init__(
-        self,
-        mesh: Mesh,
-        traffic: Traffic,
-        http: aiohttp.ClientSession,
-        plan: Plan,
-        event: Callable[[str], None],
-    ) -> None:
-        self.mesh = mesh
-        self.traffic = traffic
-        self.http = http
-        self.plan = plan
-        self.event = event
-        self.outages: list[Outage] = []
-
-    async def run(self) -> None:
-        t0 = self.traffic.started_at
-        for k, name in enumerate(itertools.cycle(VICTIMS)):
-            start = t0 + k * self.plan.cycle
-            await _sleep_until(start + KILL_AT * self.plan.cycle)
-            outage = await self.kill(name)
-            await _sleep_until(start + RESTART_AT * self.plan.cycle)
-            await self.restart(outage)
-
-    def _at(self, when: float) -> float:
-        return when - self.traffic.started_at
-
-    async def kill(self, name: str) -> Outage:
-        port = self.mesh.instances[name].ports["inbound"]
-        before = await self._frontend_table()
-        outage = Outage(name, time.monotonic(), table_before=before[0])
-        self.outages.append(outage)
-        app, sidecar = await self.mesh.kill(name)
-        self.event(f"kill -9 {name}: its app (pid {app}) and its sidecar (pid {sidecar})")
-        outage.out_at, outage.table_after = await self._watch_for(port, present=False)
-        retried = [r for r in self.traffic.retried if r.started + r.seconds >= outage.killed_at]
-        self.event(
-            f"{name} out of the frontend sidecar's table (v{outage.table_after}) "
-            f"{(outage.out_at - outage.killed_at) * 1000:.0f} ms after the kill; "
-            f"{len(retried)} requests retried on another instance so far, "
-            f"{len(self.traffic.failed)} client errors"
-        )
-        return outage
-
-    async def restart(self, outage: Outage) -> None:
-        name = outage.name
-        outage.answered_before_restart = self.traffic.by_catalog[name]
-        outage.restarted_at = time.monotonic()
-        self.event(f"restart {name} (same port, so the same instance id)")
-        instance = await self.mesh.restart(name)
-        outage.back_at, version = await self._watch_for(instance.ports["inbound"], present=True)
-        self.event(
-            f"{name} back in the frontend sidecar's table (v{version}) "
-            f"{outage.back_at - outage.restarted_at:.1f} s after the restart: slow start "
-            f"ramps it from 10 % to its full share over {self.plan.slow_start_s:g} s"
-        )
-
-    async def _frontend_table(self) -> tuple[int | None, set[int]]:
-        """The frontend sidecar's table version and the catalog ports it routes to."""
-        admin = self.mesh.instances["frontend-1"].admin_url
-        async with self.http.get(f"{admin}/config_dump") as r:
-            dump = await r.json()
-        table = dump.get("table") or {}
-        catalog = table.get("services", {}).get("catalog", {})
-        return table.get("version"), {e["port"] for e in catalog.get("endpoints", [])}
-
-    async def _watch_for(self, port: int, *, present: bool) -> tuple[float, int | None]:
-        """Poll the frontend's sidecar until ``port`` is (or is no longer) in its table."""
-        while True:
-            with contextlib.suppress(aiohttp.ClientError, ValueError):
-                version, ports = await self._frontend_table()
-                if (port in ports) == present:
-                    return time.monotonic(), version
-            await asyncio.sleep(0.02)
-
-
-async def _sleep_until(when: float) -> None:
-    await asyncio.sleep(max(0.0, when - time.monotonic()))
 
 
 async def _until(stop: asyncio.Event, work: Coroutine[Any, Any, T]) -> T:
@@ -255,8 +154,16 @@ def _intro(mesh: Mesh, inbound: str, plan: Plan, repeat: bool, keep: bool) -> li
         f"At {cut:g} s catalog-2 is killed (kill -9, app and sidecar): requests on their way",
         "there are retried on another instance, and the control plane drops it from the table.",
         f"At {back:g} s it is restarted, and slow start gives it a growing share over "
-        f"{plan.slow_start_s:g} s."
-        + (f" Every {plan.cycle:g} s the next one, until you stop it." if repeat else ""),
+        f"{plan.slow_start_s:g} s.",
+        *(
+            [
+                f"Every {plan.cycle:g} s the next instance, alternately a whole one and only its "
+                "app: then its",
+                "sidecar answers 502 for it, and the frontend's sidecar retries and ejects it.",
+            ]
+            if repeat
+            else []
+        ),
         "",
         "Try these while it runs (the REST API, the frontend, the frontend sidecar's balancer):",
         f"  curl -s {cp}/v1/services",
@@ -277,7 +184,7 @@ def _intro(mesh: Mesh, inbound: str, plan: Plan, repeat: bool, keep: bool) -> li
     return lines
 
 
-def _summary(traffic: Traffic, outages: list[Outage], elapsed: float, cycle: float) -> list[str]:
+def _summary(traffic: Traffic, scenario: Scenario, elapsed: float) -> list[str]:
     stats = traffic.statistics()
     ms = sorted(s * 1000 for s in traffic.latencies)
     lines = [
@@ -286,6 +193,8 @@ def _summary(traffic: Traffic, outages: list[Outage], elapsed: float, cycle: flo
         f"  requests        {stats.sent} sent at {traffic.rate:g}/s, {stats.answered} answered, "
         f"client errors {stats.errors}",
     ]
+    if stats.skipped:
+        lines.append(f"  not sent        {stats.skipped}: {traffic.max_in_flight} were in flight")
     if ms:
         p50, p99 = percentile(ms, 0.5), percentile(ms, 0.99)
         lines.append(
@@ -295,48 +204,7 @@ def _summary(traffic: Traffic, outages: list[Outage], elapsed: float, cycle: flo
     shown = ", ".join(f"{n} {traffic.by_catalog[n]}" for n in CATALOGS)
     lines.append(f"  answered by     {shown}")
     lines += [f"  client error    status {e.status} {e.error}" for e in traffic.failed[:5]]
-    for o in outages:
-        t = o.killed_at - traffic.started_at
-        lines.append(f"  kill -9         {o.name} (app and sidecar) at {t:.1f} s")
-        if o.out_at is not None:
-            cut = [r for r in traffic.retried if r.started + r.seconds >= o.killed_at]
-            cut = [r for r in cut if o.restarted_at is None or r.started < o.restarted_at]
-            last = max((r.started - o.killed_at for r in cut), default=0.0)
-            lines.append(
-                f"  fail-over       {(o.out_at - o.killed_at) * 1000:.0f} ms: until the frontend's "
-                f"sidecar dropped {o.name} from its table (v{o.table_before} -> "
-                f"v{o.table_after})"
-            )
-            lines.append(
-                f"  retried         {len(cut)} requests on another instance (the last started "
-                f"{last * 1000:.0f} ms after the kill)"
-                if cut
-                else "  retried         no request needed a retry"
-            )
-        if o.restarted_at is not None and o.back_at is not None:
-            since = traffic.by_catalog[o.name] - o.answered_before_restart
-            t = o.restarted_at - traffic.started_at
-            lines.append(
-                f"  restart         {o.name} at {t:.1f} s: back in the table after "
-                f"{o.back_at - o.restarted_at:.1f} s, answered {since} requests since"
-            )
-            lines.append(f"  slow start      {_ramp(traffic, o, cycle)}")
-    return lines
-
-
-def _ramp(traffic: Traffic, o: Outage, cycle: float) -> str:
-    """The returning instance's share of the answers, per bin from its return."""
-    assert o.back_at is not None
-    step = 2 if cycle >= 20 else 1
-    first = int(o.back_at - traffic.started_at) + 1
-    bins = traffic.by_second[first : first + int(cycle * (1 - RESTART_AT))]
-    shares = []
-    for i in range(0, len(bins) - step + 1, step):
-        counts = sum(bins[i : i + step], start=type(bins[0])())
-        total = sum(counts.values())
-        shares.append(f"{counts[o.name] / total:.0%}" if total else "-")
-    even = 1 / len(CATALOGS)
-    return f"{o.name}'s share per {step} s from its return: {' '.join(shares)} (even: {even:.0%})"
+    return lines + summary(traffic, scenario.outages, scenario.cycle)
 
 
 async def _demo(args: argparse.Namespace, tty: bool) -> None:
@@ -388,7 +256,7 @@ async def _run(
         if not tty:
             _say(line)
 
-    scenario = Scenario(mesh, traffic, http, plan, event)
+    scenario = Scenario(mesh, traffic, http, plan.cycle, event)
     footer = "Ctrl-C stops the demo" + (f"; it ends at {duration:g} s" if duration else "")
 
     async def watch() -> None:
@@ -415,7 +283,7 @@ async def _run(
         traffic.stop()
         await driving
     elapsed = time.monotonic() - traffic.started_at
-    _say(*_summary(traffic, scenario.outages, elapsed, plan.cycle))
+    _say(*_summary(traffic, scenario, elapsed))
 
 
 def _say(*lines: str) -> None:
@@ -423,7 +291,12 @@ def _say(*lines: str) -> None:
 
 
 def main(argv: Sequence[str] = ()) -> int:
-    parser = argparse.ArgumentParser(prog="meshlet demo", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="meshlet demo",
+        description="Run a whole mesh on this machine (a control plane; frontend and three "
+        "catalog instances, each with its sidecar) under steady traffic, kill a catalog "
+        "instance and restart it, and show what the mesh does about it.",
+    )
     parser.add_argument(
         "--duration",
         "--seconds",

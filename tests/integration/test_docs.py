@@ -142,12 +142,14 @@ def test_the_demo_runs_and_its_curl_commands_work() -> None:
             if "Ctrl-C stops the demo" in line:
                 break
         printed = [line.strip() for line in lines if line.strip().startswith("curl ")]
-        assert len(printed) == 5, "".join(lines)
-        for command in printed:
-            run_curl(command)
+        assert len(printed) == 8, "".join(lines)
+        outputs = [run_curl(command) for command in printed]
         rest = demo.stdout.read()
         assert demo.wait(30) == 0, "".join(lines) + rest
     out = "".join(lines) + rest
-    assert "[live] batch: 1 healthy | catalog: 2 healthy, 1 draining | frontend: 1 healthy" in out
+    assert json.loads(outputs[4])["items"] == 3  # the frontend, through its sidecar
+    assert json.loads(outputs[6])["status"] == "draining"
+    assert json.loads(outputs[7])["status"] == "healthy"
+    assert "meshlet demo: summary after 6." in out
     assert out.rstrip().endswith("meshlet demo: stopped")
     assert "Traceback" not in out

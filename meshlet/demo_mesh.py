@@ -1,0 +1,271 @@
+"""The demo's processes: a control plane, and sample apps each with its sidecar, all children
+of the demo on free loopback ports, their logs in files.
+
+Children run in sessions of their own, so a Ctrl-C in the terminal reaches only the demo, which
+then stops them in order (``Mesh.close``: SIGTERM, then SIGKILL after a grace period). On Linux
+each child also gets SIGTERM from the kernel should the demo die without cleaning up
+(``PR_SET_PDEATHSIG``), so not even a ``kill -9`` of the demo leaves a child behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LISTENING = re.compile(r"listening on (http://[\d.]+:\d+)")
+SIDECAR_LISTENING = re.compile(r"(outbound|inbound|admin) listening on [\d.]+:(\d+)")
+START_TIMEOUT = 30.0
+"""seconds a child gets to say it is listening (a loaded 2-core machine starts Python slowly)"""
+STOP_GRACE = 5.0
+"""seconds children get to exit on SIGTERM before they are killed"""
+PR_SET_PDEATHSIG = 1
+
+
+class StartError(RuntimeError):
+    """A child did not start; the message ends with the tail of its log."""
+
+
+_LIBC = ctypes.CDLL(None) if sys.platform == "linux" else None
+
+
+def _pdeathsig() -> None:  # pragma: no cover - runs in the child between fork and exec
+    assert _LIBC is not None
+    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _child_env() -> dict[str, str]:
+    """The demo's environment without MESHLET_* settings meant for some other mesh (a
+    MESHLET_ADMIN_TOKEN, say, would lock the demo out of its own control plane)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("MESHLET_")}
+
+
+class Child:
+    """One child process whose output goes to ``log_path`` (``Child.start`` starts one)."""
+
+    def __init__(self, label: str, proc: asyncio.subprocess.Process, log_path: Path) -> None:
+        self.label = label
+        self.proc = proc
+        self.log_path = log_path
+
+    @classmethod
+    async def start(cls, label: str, argv: list[str], log_path: Path) -> Child:
+        with log_path.open("wb") as log:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=_child_env(),
+                start_new_session=True,
+                preexec_fn=_pdeathsig if _LIBC is not None else None,
+            )
+        return cls(label, proc, log_path)
+
+    def __repr__(self) -> str:
+        state = "running" if self.alive else f"exited {self.proc.returncode}"
+        return f"<Child {self.label} [pid {self.pid}, {state}]>"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.returncode is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    async def wait_for(self, pattern: re.Pattern[str], count: int = 1) -> list[re.Match[str]]:
+        """The first ``count`` matches of ``pattern`` in its log (polled)."""
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                while True:
+                    found = list(pattern.finditer(self.log()))
+                    if len(found) >= count:
+                        return found[:count]
+                    if not self.alive:
+                        raise StartError(
+                            f"{self.label} exited {self.proc.returncode}:\n{self._tail()}"
+                        )
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            raise StartError(
+                f"{self.label} did not start within {START_TIMEOUT:.0f} s:\n{self._tail()}"
+            ) from None
+
+    def _tail(self, lines: int = 15) -> str:
+        return "\n".join("    " + line for line in self.log().splitlines()[-lines:])
+
+    def send(self, sig: int) -> None:
+        if self.alive:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
+
+    async def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Send ``sig``; SIGKILL if it has not exited within ``STOP_GRACE``."""
+        self.send(sig)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(STOP_GRACE):
+                await self.proc.wait()
+        self.send(signal.SIGKILL)
+        await self.proc.wait()
+
+
+@dataclass
+class Instance:
+    """A sample app and its sidecar: what the demo calls ``catalog-2``."""
+
+    name: str
+    service: str
+    app: Child
+    sidecar: Child
+    app_url: str
+    ports: dict[str, int] = field(default_factory=dict)
+    """the sidecar's ``outbound``, ``inbound`` and ``admin`` ports"""
+
+    @property
+    def alive(self) -> bool:
+        return self.app.alive and self.sidecar.alive
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['admin']}"
+
+
+class Mesh:
+    """Every process of the demo; ``close`` leaves none of them running."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.logs = root / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.children: list[Child] = []
+        self.instances: dict[str, Instance] = {}
+        self.control_plane: Child | None = None
+        self.url = ""
+
+    def __repr__(self) -> str:
+        alive = sum(c.alive for c in self.children)
+        return f"<Mesh [{alive} of {len(self.children)} processes running, {self.url}]>"
+
+    async def _spawn(self, label: str, module: str, *args: str) -> Child:
+        """Start ``python -m module args``; its output goes to ``LABEL.log`` (``LABEL.2.log``
+        when it is started the second time)."""
+        runs = sum(c.label == label for c in self.children)
+        log = self.logs / (label.replace(" ", "-") + (f".{runs + 1}" if runs else "") + ".log")
+        child = await Child.start(label, [sys.executable, "-m", module, *args], log)
+        self.children.append(child)
+        return child
+
+    async def start_control_plane(self, port: int) -> str:
+        self.control_plane = await self._spawn(
+            "control-plane",
+            "control_plane",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--store",
+            f"sqlite:///{self.root / 'meshlet.db'}",
+        )
+        (found,) = await self.control_plane.wait_for(LISTENING)
+        self.url = found.group(1)
+        return self.url
+
+    async def start_instance(self, service: str, name: str, *, inbound: int = 0) -> Instance:
+        """``service``'s sample app and its sidecar. A frontend app calls catalog through its
+        sidecar, so that sidecar starts first (its app on a port picked for it); a catalog
+        app starts first, so that its sidecar's first health check finds it up."""
+        if service == "frontend":
+            app_url = f"http://127.0.0.1:{free_port()}"
+            sidecar = await self._sidecar(service, name, app_url, inbound)
+            ports = await _sidecar_ports(sidecar)
+            app = await self._app(
+                service, name, app_url, "--outbound", f"127.0.0.1:{ports['outbound']}"
+            )
+            await app.wait_for(LISTENING)
+        else:
+            app = await self._app(service, name, "http://127.0.0.1:0")
+            (found,) = await app.wait_for(LISTENING)
+            app_url = found.group(1)
+            sidecar = await self._sidecar(service, name, app_url, inbound)
+            ports = await _sidecar_ports(sidecar)
+        instance = Instance(name, service, app, sidecar, app_url, ports)
+        self.instances[name] = instance
+        return instance
+
+    async def _app(self, service: str, name: str, url: str, *args: str) -> Child:
+        port = url.rsplit(":", 1)[1]
+        return await self._spawn(
+            f"{name} app", "meshlet.samples", service, "--name", name, "--port", port, *args
+        )
+
+    async def _sidecar(self, service: str, name: str, app_url: str, inbound: int) -> Child:
+        return await self._spawn(
+            f"{name} sidecar",
+            "sidecar",
+            "--service", service,
+            "--control-plane", self.url,
+            "--app", app_url,
+            "--advertise", "127.0.0.1",
+            "--outbound", "127.0.0.1:0",
+            "--inbound", f"127.0.0.1:{inbound}",
+            "--admin", "127.0.0.1:0",
+            "--state-dir", str(self.root / "state" / name),
+            "--app-health-interval", "1",
+            "--deregister-delay", "0.2",
+            "--drain-timeout", "2",
+        )  # fmt: skip
+
+    async def kill(self, name: str, *, app_only: bool = False) -> list[int]:
+        """``kill -9`` an instance's app and sidecar at once, as when its pod or VM dies (or
+        only its app, as when the app crashes); the pids killed."""
+        instance = self.instances[name]
+        victims = [instance.app] if app_only else [instance.app, instance.sidecar]
+        for child in victims:
+            child.send(signal.SIGKILL)
+        for child in victims:
+            await child.proc.wait()
+        return [c.pid for c in victims]
+
+    async def restart(self, name: str) -> Instance:
+        """Start what was killed of an instance again, on the same ports: a sidecar on the
+        same inbound port comes back as the same instance (the control plane's id is address
+        and port); an app on its old port is where its sidecar looks for it."""
+        old = self.instances[name]
+        if old.sidecar.alive:
+            old.app = await self._app(old.service, name, old.app_url)
+            await old.app.wait_for(LISTENING)
+            return old
+        return await self.start_instance(old.service, name, inbound=old.ports["inbound"])
+
+    async def close(self) -> None:
+        """Stop every child still running: SIGTERM to the apps and sidecars (the sidecars
+        deregister), then to the control plane; whatever has not exited within
+        ``STOP_GRACE`` of its SIGTERM gets SIGKILL."""
+        async with asyncio.TaskGroup() as tasks:
+            for child in self.children:
+                if child is not self.control_plane:
+                    tasks.create_task(child.stop())
+        if self.control_plane is not None:
+            await self.control_plane.stop()
+
+
+async def _sidecar_ports(sidecar: Child) -> dict[str, int]:
+    found = await sidecar.wait_for(SIDECAR_LISTENING, 3)
+    return {m.group(1): int(m.group(2)) for m in found}
