@@ -802,7 +802,7 @@ class Exchange:
         response head (or to the failure), once. It stays in flight until the try ends."""
         stats, route = self._stats, self.route
         if stats is not None and route is not None and self._tried_at:
-            record(route, stats, self._tried_at, self._probing, failed, retry_after)
+            record(route, self.endpoint, stats, self._tried_at, self._probing, failed, retry_after)
             self._tried_at = 0.0
 
     def cancel(self) -> None:
@@ -834,6 +834,7 @@ class Exchange:
 
 def record(
     route: Route,
+    endpoint: Endpoint | None,
     stats: EndpointStats,
     tried_at: float,
     probing: bool,
@@ -849,7 +850,8 @@ def record(
             return
     elif ejection.phase is not outlier.Phase.HEALTHY and not probing:
         return  # a panic pick of an endpoint that is out: its probe decides
-    if outlier.record(stats, failed, now, route.policy.outlier, route.balancer.members, route.name):
+    members = route.balancer.members
+    if outlier.record(stats, failed, now, route.policy.outlier, members, route.name, endpoint):
         route.service.ejections += 1
 
 
@@ -886,7 +888,15 @@ class Hedged:
         route = self.exchange.route
         if route is not None and self.tried_at:
             if failed is not None:
-                record(route, self.stats, self.tried_at, self.probing, failed, retry_after)
+                record(
+                    route,
+                    self.endpoint,
+                    self.stats,
+                    self.tried_at,
+                    self.probing,
+                    failed,
+                    retry_after,
+                )
             elif self.probing:
                 outlier.abandon(self.stats, route.clock.monotonic())
         self.tried_at = 0.0

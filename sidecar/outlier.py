@@ -25,6 +25,7 @@ from control_plane.wire.policy import Outlier
 from sidecar.ewma import EndpointStats, Exclusions
 
 if TYPE_CHECKING:
+    from control_plane.wire import Endpoint
     from sidecar.balancer import Member
 
 log = logging.getLogger("meshlet.outlier")
@@ -62,8 +63,10 @@ def record(
     config: Outlier,
     members: Sequence[Member],
     service: str,
+    endpoint: Endpoint | None = None,
 ) -> bool:
-    """A try's outcome; True when it ejected the endpoint."""
+    """A try's outcome; True when it ejected the endpoint (``endpoint`` names it in logs)."""
+    where = (service, endpoint)
     e = stats.ejection
     if e is None:
         if not failed:
@@ -72,8 +75,8 @@ def record(
     if e.phase is Phase.PROBING:
         Exclusions.probing -= 1
         if failed:
-            return _eject(stats, e, now, config, service, "its probe failed")
-        _restore(stats, e, now, service)
+            return _eject(stats, e, now, config, where, "its probe failed")
+        _restore(stats, e, now, where)
         return False
     if e.phase is Phase.EJECTED:
         return False  # a try that was in flight when it was ejected
@@ -97,7 +100,7 @@ def record(
         return False
     if not may_eject(members, config):
         return False
-    return _eject(stats, e, now, config, service, why)
+    return _eject(stats, e, now, config, where, why)
 
 
 def may_eject(members: Sequence[Member], config: Outlier) -> bool:
@@ -127,8 +130,16 @@ def abandon(stats: EndpointStats, now: float) -> None:
         stats.excluded_until = now
 
 
+Where = tuple[str, "Endpoint | None"]
+
+
+def _named(where: Where) -> str:
+    service, endpoint = where
+    return f"{service}: endpoint {endpoint.address}:{endpoint.port}" if endpoint else service
+
+
 def _eject(
-    stats: EndpointStats, e: Ejection, now: float, config: Outlier, service: str, why: str
+    stats: EndpointStats, e: Ejection, now: float, config: Outlier, where: Where, why: str
 ) -> bool:
     if now - e.restored_at > config.max_ejection_ms / 1000:
         e.times = 0  # healthy for long enough: start over
@@ -139,15 +150,15 @@ def _eject(
     e.window, e.requests, e.failures = now, 0, 0
     stats.excluded_until = now + seconds  # (over any Retry-After: ejection is longer)
     Exclusions.until = max(Exclusions.until, stats.excluded_until)
-    log.warning("%s: endpoint ejected for %.0f s: %s", service, seconds, why)
+    log.warning("%s ejected for %.0f s: %s", _named(where), seconds, why)
     return True
 
 
-def _restore(stats: EndpointStats, e: Ejection, now: float, service: str) -> None:
+def _restore(stats: EndpointStats, e: Ejection, now: float, where: Where) -> None:
     e.phase = Phase.HEALTHY
     e.consecutive = 0
     e.window, e.requests, e.failures = now, 0, 0
     e.restored_at = now
     if stats.excluded_until == math.inf:  # (a Retry-After the probe was sent stays)
         stats.excluded_until = 0.0
-    log.info("%s: endpoint restored: its probe succeeded", service)
+    log.info("%s restored: its probe succeeded", _named(where))
