@@ -63,9 +63,11 @@ class EndpointStats:
         "_rtt_at",
         "ejection",
         "excluded_until",
+        "failures",
         "in_flight",
         "measured",
         "since",
+        "tries",
     )
 
     def __init__(self, now: float) -> None:
@@ -75,6 +77,9 @@ class EndpointStats:
         self._penalty = 0.0
         self._penalty_at = now
         self.excluded_until = 0.0
+        self.tries = 0
+        """tries that ended with a response or a failure (for /metrics)"""
+        self.failures = 0
         self.measured = False
         """any try recorded yet (a newcomer's latency is a guess)"""
         self.since = now
@@ -98,12 +103,14 @@ class EndpointStats:
     def record(self, now: float, rtt: float, failed: bool, retry_after: float | None) -> None:
         """A finished try: its time to first byte (or to failure) and how it went."""
         self.measured = True
+        self.tries += 1
         w = math.exp((self._rtt_at - now) / DECAY)
         current = self._rtt * w
         # peak: a slower sample counts in full at once; a faster one by how long it has been
         self._rtt = rtt if rtt >= current else current + rtt * (1 - w)  # old x w + new x (1 - w)
         self._rtt_at = now
         if failed:
+            self.failures += 1
             self._penalty = (
                 self._penalty * math.exp((self._penalty_at - now) / DECAY) + FAILURE_PENALTY
             )

@@ -157,6 +157,15 @@ class SidecarCollector(Collector):
             f"1 for each endpoint's state (services of up to {MAX_ENDPOINT_SERIES} endpoints)",
             labels=["service", "endpoint", "state"],
         )
+        labels = ["service", "endpoint"]
+        tries = CounterMetricFamily(
+            "meshlet_endpoint_tries", "tries answered or failed, per endpoint", labels=labels
+        )
+        failures = CounterMetricFamily(
+            "meshlet_endpoint_failures",
+            "tries that failed (5xx, reset, timeout, refused connect), per endpoint",
+            labels=labels,
+        )
         connections = GaugeMetricFamily(
             "meshlet_upstream_connections",
             "pooled connections to the service's endpoints",
@@ -175,12 +184,19 @@ class SidecarCollector(Collector):
                     busy += counts.busy
                 if many:
                     continue
-                current = endpoint_state(e.draining, pool.stats if pool else None, now)
+                where = f"{e.address}:{e.port}"
+                stats = pool.stats if pool else None
+                current = endpoint_state(e.draining, stats, now)
                 for s in ENDPOINT_STATES:
-                    state.add_metric([name, f"{e.address}:{e.port}", s], float(s == current))
+                    state.add_metric([name, where, s], float(s == current))
+                if stats is not None:
+                    tries.add_metric([name, where], stats.tries)
+                    failures.add_metric([name, where], stats.failures)
             connections.add_metric([name, "idle"], idle)
             connections.add_metric([name, "busy"], busy)
         yield state
+        yield tries
+        yield failures
         yield connections
 
     def _table(self) -> Iterator[Metric]:

@@ -126,6 +126,20 @@ async def test_retries_ejections_and_endpoint_states_are_exposed(
         == 1
     )
     assert value(found, "meshlet_retries_suppressed_total", service="svc") == 0
+    # per endpoint: what the outlier state does not show under peak EWMA (a failing endpoint
+    # avoided on its penalty before five failures in a row) a failure rate does
+    assert value(found, "meshlet_endpoint_tries_total", service="svc", endpoint=bad_endpoint) == 2
+    assert (
+        value(found, "meshlet_endpoint_failures_total", service="svc", endpoint=bad_endpoint) == 2
+    )
+    good_tries = [
+        value(found, "meshlet_endpoint_tries_total", service="svc", endpoint=f"{LOCAL}:{g.port}")
+        for g in good
+    ]
+    assert sum(good_tries) == 20
+    assert (
+        value(found, "meshlet_endpoint_failures_total", service="svc", endpoint=good_endpoint) == 0
+    )
     promtool_check(text)
 
 
@@ -165,3 +179,5 @@ async def test_per_endpoint_series_stop_above_a_hundred_endpoints(
     found = samples(await scrape(mesh))
     states = [k for k in found if k[0] == "meshlet_endpoint_state"]
     assert len(states) == (endpoints * 5 if endpoints <= 100 else 0)
+    tries = [v for k, v in found.items() if k[0] == "meshlet_endpoint_tries_total"]
+    assert tries == ([0.0] * endpoints if endpoints <= 100 else [])
