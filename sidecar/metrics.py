@@ -57,24 +57,29 @@ ENDPOINT_STATES = ("healthy", "ejected", "probing", "paused", "draining")
 
 class RequestStats:
     """Requests of one service through one listener, by status class: the histogram of their
-    durations (its buckets' counts, not yet cumulative) and the sum."""
+    durations (its buckets' counts, not yet cumulative; made at a class's first request, as
+    a table may name thousands of services this sidecar never calls) and the sum."""
 
     __slots__ = ("buckets", "sums")
 
     def __init__(self) -> None:
-        self.buckets = [[0] * (len(BUCKETS) + 1) for _ in CODES]
+        self.buckets: list[list[int] | None] = [None] * len(CODES)
         self.sums = [0.0] * len(CODES)
 
     def __repr__(self) -> str:
-        return f"<RequestStats [{sum(map(sum, self.buckets))} requests]>"
+        return f"<RequestStats [{sum(map(self.count, range(len(CODES))))} requests]>"
 
     def record(self, status: int, seconds: float) -> None:
         code = status // 100 if 100 <= status < 600 else 0
-        self.buckets[code][bisect_left(BUCKETS, seconds)] += 1
+        counts = self.buckets[code]
+        if counts is None:
+            counts = self.buckets[code] = [0] * (len(BUCKETS) + 1)
+        counts[bisect_left(BUCKETS, seconds)] += 1
         self.sums[code] += seconds
 
     def count(self, code: int) -> int:
-        return sum(self.buckets[code])
+        counts = self.buckets[code]
+        return sum(counts) if counts else 0
 
 
 class SidecarCollector(Collector):
@@ -137,9 +142,9 @@ class SidecarCollector(Collector):
                 continue
             for code, name in enumerate(CODES):
                 counts = stats.buckets[code]
-                n = sum(counts)
-                if not n:
+                if counts is None:
                     continue
+                n = sum(counts)
                 key = [direction, service, name]
                 total.add_metric(key, n)
                 running, cumulative = 0, []
