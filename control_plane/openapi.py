@@ -137,8 +137,10 @@ def _schemas() -> dict[str, Any]:
             **policy_view_props, instances={"type": "array", "items": _ref("Instance")}
         ),
         "Endpoint": wire.json_schema(wire.Endpoint),
-        "ServiceEntry": _object(
-            policy=_ref("Policy"), endpoints={"type": "array", "items": _ref("Endpoint")}
+        "ServiceEntry": _optional(
+            _object(policy=_ref("Policy"), endpoints={"type": "array", "items": _ref("Endpoint")}),
+            # hash policies only: the packed ring (wire is its one definition)
+            ring=wire.json_schema(wire.ServiceEntry)["properties"]["ring"],
         ),
         "Table": _object(
             type={"const": "table"},
@@ -171,6 +173,11 @@ def _object(**properties: Any) -> dict[str, Any]:
         "additionalProperties": False,
         "properties": properties,
     }
+
+
+def _optional(schema: dict[str, Any], **properties: Any) -> dict[str, Any]:
+    """``schema`` with more properties that may be absent."""
+    return {**schema, "properties": {**schema["properties"], **properties}}
 
 
 def build_spec() -> dict[str, Any]:

@@ -176,7 +176,8 @@ class Publisher:
     async def rebuild(self) -> bool:
         """Build the table; publish it as a new version if its content changed."""
         since = self.convergence.take()
-        services = table.build(self.registry)
+        views = self.registry.views()  # one snapshot: the table and what it leaves out
+        services = table.build(views)
         rendered, digest = table.render(services)
         if digest == self.digest:
             if not self._installed:  # the first build after a restart: same content, same version
@@ -184,7 +185,7 @@ class Publisher:
             return False
         version = self.version + 1
         try:
-            await self.store.put_table_version(version, digest, self.registry.unhealthy())
+            await self.store.put_table_version(version, digest, table.unhealthy(views))
         except BaseException:
             self.convergence.restore(since)  # the retry publishes the same change
             raise
@@ -306,8 +307,7 @@ class Publisher:
         self.sessions[key] = session
         self._owners[(hello.service, instance)] = key
         try:
-            await self.registry.register(hello.service, hello.instance)
-            self.registry.report(hello.service, instance, app_healthy=hello.health == "healthy")
+            await self._register(session, healthy=hello.health == "healthy")
             await ws.send_str(encode(Welcome(instance, self.version, self.epoch)))
         except StoreError as e:
             log.warning("sidecar %s not registered, store failed: %s", hello.node, e)
@@ -327,6 +327,11 @@ class Publisher:
         )
         return session
 
+    async def _register(self, session: SidecarSession, healthy: bool) -> None:
+        """Register the session's instance, with its app's health (StoreError if not)."""
+        await self.registry.register(session.service, session.hello.instance)
+        self.registry.report(session.service, session.instance, app_healthy=healthy)
+
     async def _receive(self, session: SidecarSession) -> None:
         async for msg in session.ws:
             if msg.type is not WSMsgType.TEXT:
@@ -344,7 +349,10 @@ class Publisher:
                 try:
                     self.registry.report(session.service, session.instance, app_healthy=healthy)
                 except NotFound:  # removed while connected (an operator's DELETE): back again
-                    await self.registry.register(session.service, session.hello.instance)
+                    try:
+                        await self._register(session, healthy)
+                    except StoreError as e:  # the next heartbeat tries again
+                        log.warning("sidecar %s not registered again: %s", session.node, e)
             elif isinstance(message, Ack):
                 session.acked = max(session.acked, message.version)
                 self.convergence.acked(session.key, message.version)

@@ -38,6 +38,12 @@ class ExpiryPlan(Generic[K]):
     """instances the protection threshold is a share of (draining ones are not)"""
 
 
+def protecting(late: int, counted: int, protect_percent: float) -> bool:
+    """Whether ``late`` of ``counted`` (not draining) instances lapsing at once looks like
+    this control plane's trouble rather than theirs."""
+    return late >= PROTECT_MIN and late * 100 > protect_percent * counted
+
+
 def plan_expiry(
     ages: Mapping[K, float],
     *,
@@ -53,7 +59,7 @@ def plan_expiry(
     """
     counted = [key for key in ages if key not in draining]
     late = [key for key in counted if ages[key] > ttl]
-    protection = len(late) >= PROTECT_MIN and len(late) * 100 > protect_percent * len(counted)
+    protection = protecting(len(late), len(counted), protect_percent)
     held = set(late) if protection else set()
     lapsed = [key for key, age in ages.items() if age > ttl and key not in held]
     return ExpiryPlan(

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from control_plane.clock import Clock
 from control_plane.errors import NotFound
 from control_plane.model import InstanceRecord, InstanceView, ServiceSummary, ServiceView, Status
-from control_plane.reaper import PROTECT_MIN, plan_expiry
+from control_plane.reaper import plan_expiry, protecting
 from control_plane.schema import InstancePatch, Registration
 from control_plane.store import Snapshot, Store
 from control_plane.wire import DEFAULT_POLICY, DEFAULT_WEIGHT, Policy
@@ -116,15 +116,6 @@ class Registry:
 
     def service(self, name: str) -> ServiceView:
         return ServiceView(name, self.policy(name), name in self._policies, self.instances(name))
-
-    def unhealthy(self) -> frozenset[tuple[str, str]]:
-        """The instances left out of the table as unhealthy (draining ones are in it)."""
-        return frozenset(
-            r.key
-            for instances in self._instances.values()
-            for r in instances.values()
-            if self._status(r) is Status.UNHEALTHY
-        )
 
     def views(self) -> list[ServiceView]:
         """Every service with its policy and instances (what the routing table is built from)."""
@@ -260,11 +251,7 @@ class Registry:
             return
         counted = [r for s in self._instances.values() for r in s.values() if not r.draining]
         lapsed = 1 + sum(1 for r in counted if self._live[r.key].lapsed)
-        if (
-            not record.draining
-            and lapsed >= PROTECT_MIN
-            and (lapsed * 100 > self.protect_percent * len(counted))
-        ):
+        if not record.draining and protecting(lapsed, len(counted), self.protect_percent):
             now = self._clock.monotonic()
             if now - self._held_logged > self.heartbeat_ttl:
                 self._held_logged = now

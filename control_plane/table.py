@@ -23,7 +23,6 @@ from typing import Any
 
 from control_plane import ring
 from control_plane.model import ServiceView, Status
-from control_plane.registry import Registry
 from control_plane.wire import HASH_POLICIES, Policy, to_json
 
 #: (instance id, weight, draining) of a service's endpoints, in table order
@@ -35,9 +34,16 @@ def _policy_json(policy: Policy) -> dict[str, Any]:
     return to_json(policy)
 
 
-def build(registry: Registry) -> dict[str, Any]:
+def build(views: list[ServiceView]) -> dict[str, Any]:
     """Every service's ``{"policy", "endpoints"[, "ring"]}``, as JSON-ready data."""
-    return {view.name: build_one(view) for view in registry.views()}
+    return {view.name: build_one(view) for view in views}
+
+
+def unhealthy(views: list[ServiceView]) -> frozenset[tuple[str, str]]:
+    """The instances left out of the table as unhealthy (draining ones are in it)."""
+    return frozenset(
+        i.record.key for view in views for i in view.instances if i.status is Status.UNHEALTHY
+    )
 
 
 def build_one(view: ServiceView) -> dict[str, Any]:

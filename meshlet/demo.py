@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import aiohttp
 import uvloop
 
+from control_plane.wire import HASH_POLICIES, LB_POLICIES, default_instance_id
 from meshlet import demo_view as view
 from meshlet.demo_mesh import START_TIMEOUT, Mesh
 from meshlet.demo_scenario import CATALOGS, KILL_AT, RESTART_AT, SLOW_START, Scenario, summary
@@ -141,9 +142,8 @@ def _intro(mesh: Mesh, inbound: str, plan: Plan, repeat: bool, keep: bool) -> li
     back = RESTART_AT * plan.cycle
     drain = shlex.quote('{"status": "draining"}')
     undrain = shlex.quote('{"status": "healthy"}')
-    catalog_1 = f"{cp}/v1/services/catalog/instances/127.0.0.1-" + str(
-        mesh.instances["catalog-1"].ports["inbound"]
-    )
+    first = default_instance_id("127.0.0.1", mesh.instances["catalog-1"].ports["inbound"])
+    catalog_1 = f"{cp}/v1/services/catalog/instances/{first}"
     json_header = "-H 'Content-Type: application/json'"
     sidecar_metrics = ", ".join(f"{i.admin_url}/metrics" for i in mesh.instances.values())
     lines += [
@@ -263,7 +263,7 @@ async def _run(
         while True:
             await asyncio.sleep(1.0)
             elapsed = time.monotonic() - traffic.started_at
-            snap = await view.observe(http, mesh, traffic, elapsed, plan.slow_start_s)
+            snap = await view.observe(http, mesh, traffic, elapsed)
             if tty:
                 screen.draw(view.frame(snap, events, footer))
             else:
@@ -312,7 +312,7 @@ def main(argv: Sequence[str] = ()) -> int:
     parser.add_argument("--rate", type=float, default=50.0, help="requests/s (default 50)")
     parser.add_argument(
         "--lb",
-        choices=["round_robin", "random", "least_request", "peak_ewma"],
+        choices=[p for p in LB_POLICIES if p not in HASH_POLICIES],  # requests carry no key
         default=LB,
         help=f"how the frontend's sidecar balances over catalog (default {LB})",
     )

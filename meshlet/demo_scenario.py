@@ -19,12 +19,12 @@ import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
 
 from meshlet.demo_mesh import Mesh
 from meshlet.demo_traffic import Reply, Traffic
+from meshlet.demo_view import get_json
 
 CATALOGS = ("catalog-1", "catalog-2", "catalog-3")
 VICTIMS = ("catalog-2", "catalog-3", "catalog-1")
@@ -155,23 +155,11 @@ class Scenario:
         by port (``healthy``, ``ejected``, ...)."""
         admin = self.mesh.instances["frontend-1"].admin_url
         dump, clusters = await asyncio.gather(
-            _get(self.http, f"{admin}/config_dump"), _get(self.http, f"{admin}/clusters")
+            get_json(self.http, f"{admin}/config_dump"), get_json(self.http, f"{admin}/clusters")
         )
-        version = (dump.get("table") or {}).get("version")
-        catalog = clusters.get("services", {}).get("catalog", {})
-        return version, {
-            e["port"]: str(e.get("state") or e.get("outlier", "healthy"))
-            for e in catalog.get("endpoints", [])
-        }
-
-
-async def _get(http: aiohttp.ClientSession, url: str) -> dict[str, Any]:
-    with contextlib.suppress(aiohttp.ClientError, ValueError):
-        async with http.get(url) as r:
-            data = await r.json()
-            if isinstance(data, dict):
-                return data
-    return {}
+        version = ((dump or {}).get("table") or {}).get("version")
+        catalog = (clusters or {}).get("services", {}).get("catalog", {})
+        return version, {e["port"]: str(e["state"]) for e in catalog.get("endpoints", [])}
 
 
 def summary(traffic: Traffic, outages: list[Outage], cycle: float) -> list[str]:

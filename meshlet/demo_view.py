@@ -62,7 +62,8 @@ class Snapshot:
     rows: list[Row]
 
 
-async def _get(http: aiohttp.ClientSession, url: str) -> Any:
+async def get_json(http: aiohttp.ClientSession, url: str) -> Any:
+    """The JSON at ``url``, or None (not 200, unreachable, slow or not JSON)."""
     try:
         async with http.get(url) as r:
             return await r.json() if r.status == 200 else None
@@ -75,14 +76,13 @@ async def observe(
     mesh: Mesh,
     traffic: Traffic,
     elapsed: float,
-    slow_start_s: float,
 ) -> Snapshot:
     frontend = mesh.instances["frontend-1"]
     clusters, dump, listed, table = await asyncio.gather(
-        _get(http, f"{frontend.admin_url}/clusters"),
-        _get(http, f"{frontend.admin_url}/config_dump"),
-        _get(http, f"{mesh.url}/v1/services/catalog/instances"),
-        _get(http, f"{mesh.url}/v1/table"),
+        get_json(http, f"{frontend.admin_url}/clusters"),
+        get_json(http, f"{frontend.admin_url}/config_dump"),
+        get_json(http, f"{mesh.url}/v1/services/catalog/instances"),
+        get_json(http, f"{mesh.url}/v1/table"),
     )
     catalog = (clusters or {}).get("services", {}).get("catalog", {})
     endpoints = {e["port"]: e for e in catalog.get("endpoints", [])}
@@ -90,7 +90,6 @@ async def observe(
     counters = catalog.get("counters", {})
     recent = traffic.window(RATE_WINDOW)
     seconds = min(RATE_WINDOW, max(elapsed, 0.5))
-    oldest = max((e.get("since_s", 0.0) for e in endpoints.values()), default=0.0)
     rows = []
     for name, instance in sorted(mesh.instances.items()):
         if instance.service != "catalog":
@@ -103,7 +102,7 @@ async def observe(
                 name=name,
                 process="up" if instance.alive else "killed",
                 registry=statuses.get(port, "-"),
-                routing=_routing(endpoints.get(port), oldest, slow_start_s),
+                routing=_routing(endpoints.get(port)),
                 rate=len(answered) / seconds,
                 share=len(answered) / len(recent) if recent else 0.0,
                 p50_ms=percentile(latencies, 0.5),
@@ -124,21 +123,15 @@ async def observe(
     )
 
 
-def _routing(endpoint: dict[str, Any] | None, oldest: float, slow_start_s: float) -> str:
-    """What the frontend's sidecar does with an endpoint, in a few words."""
+def _routing(endpoint: dict[str, Any] | None) -> str:
+    """What the frontend's sidecar does with an endpoint, in a few words (its /clusters
+    state: draining, ejected, ...; its slow-start share; its failure penalty)."""
     if endpoint is None:
         return "out of table"
-    if endpoint.get("draining"):
-        return "draining"
-    phase = str(endpoint.get("state") or endpoint.get("outlier", "healthy"))
-    if phase != "healthy":
-        return phase
-    ramp = endpoint.get("slow_start")
-    if ramp is None:  # a sidecar that does not say: from when it first saw the endpoint
-        since = float(endpoint.get("since_s", oldest))
-        ramping = since < slow_start_s and oldest - since > 1.0
-        ramp = 0.1 + 0.9 * since / slow_start_s if ramping else 1.0
-    if ramp < 1.0:
+    if endpoint["state"] != "healthy":
+        return str(endpoint["state"])
+    ramp = endpoint["slow_start"]
+    if ramp is not None and ramp < 1.0:
         return f"slow start {math.floor(ramp * 100)}%"
     if float(endpoint.get("penalty_ms", 0.0)) >= 100:
         return f"penalised {endpoint['penalty_ms'] / 1000:.1f} s"

@@ -186,7 +186,7 @@ class Sidecar:
     ) -> None:
         loop = asyncio.get_running_loop()
         server = await loop.create_server(
-            lambda: Downstream(router, tracker, self.timeouts),
+            lambda: Downstream(router, tracker, self.timeouts, loop),
             where.host,
             where.port,
             reuse_address=True,
@@ -260,9 +260,9 @@ class Sidecar:
                 "counters": state.counters() if state else {},
                 "endpoints": rows,
             }
-            route = table.route(name.encode())
+            route = table.named(name)
             ramps: dict[Endpoint, float] = {}
-            if not isinstance(route, tuple):
+            if route is not None:
                 members = route.balancer.members
                 factors = route.balancer.slow_start(now)
                 ramps = {m.endpoint: f for m, f in zip(members, factors, strict=True)}

@@ -121,7 +121,8 @@ class _Members:
         upstream_share = sum(self.weights[i] for i in local) / sum(self.weights)
         callers = locality.callers_share
         self._local = local
-        self._remote = [i for i in self._all if i not in set(local)]
+        in_zone = set(local)
+        self._remote = [i for i in self._all if i not in in_zone]
         self._p_local = (
             1.0 if callers is None or upstream_share >= callers else upstream_share / callers
         )

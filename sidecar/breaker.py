@@ -91,8 +91,8 @@ class Services:
             )
         return state
 
-    def names(self) -> list[str]:
-        return list(self._states)
+    def states(self) -> list[ServiceState]:
+        return list(self._states.values())
 
     def find(self, name: str) -> ServiceState | None:
         return self._states.get(name)

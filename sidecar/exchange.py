@@ -125,7 +125,9 @@ class Exchange:
         self.keep_alive = head.keep_alive
         self._pending: list[bytes] = []  # framed request bytes not yet written upstream
         self._pending_size = 0
-        self._replay: list[bytes] | None = []  # the body so far, for another try; None: too big
+        # the body so far, for another try; None: too big, or a request never sent twice
+        again = head.method in http1.IDEMPOTENT or head.retry
+        self._replay: list[bytes] | None = [] if again else None
         self._replay_size = 0
         self._stale_retried = False
         # for the duration metric (not loop.time(): uvloop's ticks in whole milliseconds); -1
@@ -328,9 +330,10 @@ class Exchange:
         assert route is not None
         policy = route.policy
         service = route.service
-        if pool.size() >= policy.max_connections or service.pending >= policy.max_pending:
+        full = pool.size() >= policy.max_connections
+        if full or service.pending >= policy.max_pending:
             service.overloaded += 1
-            limit = "max_connections" if pool.size() >= policy.max_connections else "max_pending"
+            limit = "max_connections" if full else "max_pending"
             self._end_try()
             self._give_up(Reason.OVERLOADED, f"service {route.name} is at its {limit} limit")
             return
@@ -375,7 +378,14 @@ class Exchange:
                 Reason.UPSTREAM_CONNECT_FAILURE, f"connect to {e.address}:{e.port} {what}"
             )
             return
-        self._send_on(task.result())
+        conn = task.result()
+        if not conn.alive():  # the upstream accepted and hung up before a byte was sent
+            conn.pool.discard(conn)
+            self._try_failed(
+                Reason.UPSTREAM_RESET, "the upstream closed the connection before the request"
+            )
+            return
+        self._send_on(conn)
 
     def _stop_connecting(self) -> None:
         if self._connect_task is not None:
@@ -385,12 +395,7 @@ class Exchange:
         self._not_waiting()
 
     def _send_on(self, conn: UpstreamConnection) -> None:
-        if not conn.alive():  # the upstream accepted and hung up before a byte was sent
-            conn.pool.discard(conn)
-            self._try_failed(
-                Reason.UPSTREAM_RESET, "the upstream closed the connection before the request"
-            )
-            return
+        """Send on a live connection (a pooled one is checked by ``take_idle``)."""
         self.conn = conn
         self.state = State.SENT
         if self.ds.write_paused:
@@ -406,7 +411,7 @@ class Exchange:
     def _try_failed(self, reason: Reason, detail: str) -> None:
         """The current try failed before any of its response reached the client: retry if
         the policy, the budget and the time left allow, else answer with the failure."""
-        self._abandon_try(retry_after=None)
+        self._abandon_try(True, retry_after=None)
         event = RETRY_EVENT.get(reason, 0)
         delay = self._retry_delay(event, None)
         if delay is None:
@@ -421,9 +426,10 @@ class Exchange:
         else:
             self._take(self._hedged)
 
-    def _abandon_try(self, retry_after: float | None) -> None:
-        """The current try failed: count it, and let go of its connection and endpoint."""
-        self._outcome(failed=True, retry_after=retry_after)
+    def _abandon_try(self, failed: bool, retry_after: float | None) -> None:
+        """The current try is given up (``failed``: a failure for the endpoint's statistics,
+        not a 4xx that ``retry_on`` lists): let go of its connection and endpoint."""
+        self._outcome(failed=failed, retry_after=retry_after)
         self._hedge_at = math.inf  # only a first try is hedged
         conn, self.conn = self.conn, None
         if conn is not None:
@@ -590,14 +596,14 @@ class Exchange:
         if self._may_retry:
             delay = self._retry_delay(status, retry_after)
             if delay is not None:  # this response goes nowhere: the request goes again
-                self._abandon_try(retry_after)
+                self._abandon_try(status >= 500, retry_after)
                 detail = f"the upstream answered {status}; the request body grew too large to retry"
                 self._backoff(delay, Reason.UPSTREAM_RESET, detail, str(status))
                 return False
         if self._hedged is not None:
             assert self.route is not None
             if status in self.route.policy.retry_on:  # the hedged try may still do better
-                self._abandon_try(retry_after)
+                self._abandon_try(status >= 500, retry_after)
                 self._take(self._hedged)
                 return False
             self._drop_hedged()
@@ -760,7 +766,6 @@ class Exchange:
         self._status = reason.status
         self._error = reason.code
         self.ds.write(error_response(reason, detail, close=close))
-        self.ds.stats_error(reason)
         self._finish(close=close)
 
     def _finish(self, *, close: bool, abort: bool = False) -> None:
@@ -775,27 +780,11 @@ class Exchange:
 
     def _record(self) -> None:
         """Into the metrics and the access log, once."""
-        ds, route = self.ds, self.route
         seconds = time.monotonic() - self._started
         self._started = -1.0
-        tracker = ds.tracker
-        stats = route.service.requests if route is not None else tracker.unrouted
-        if stats is not None:
-            stats.record(self._status, seconds)
-        if tracker.access_log is not None:
-            tracker.access_log.add(
-                (
-                    time.time() - seconds,
-                    tracker.direction,
-                    tracker.service or (route.name if route is not None else ""),
-                    self.head,
-                    self._status,
-                    seconds,
-                    self.endpoint,
-                    self._attempt,
-                    self._error,
-                )
-            )
+        self.ds.tracker.record(
+            self.route, self.head, self._status, seconds, self.endpoint, self._attempt, self._error
+        )
 
     def _outcome(self, *, failed: bool, retry_after: float | None = None) -> None:
         """Tell the endpoint's stats and outlier state how the try went: its time to the

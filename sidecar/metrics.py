@@ -29,6 +29,7 @@ from sidecar.ewma import EndpointStats
 
 if TYPE_CHECKING:
     from sidecar.app import Sidecar
+    from sidecar.breaker import ServiceState
 
 BUCKETS = (
     0.0005,
@@ -52,6 +53,15 @@ CODES = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")
 """status classes by ``status // 100``; ``none``: the client left before any response"""
 MAX_ENDPOINT_SERIES = 100
 """a service with more endpoints gets no per-endpoint state series (cardinality)"""
+#: metric: (its key in ``ServiceState.counters()``, help)
+SERVICE_COUNTERS = {
+    "meshlet_retries_suppressed": ("retries_suppressed", "retries the retry budget refused"),
+    "meshlet_retries_over_limit": ("retries_over_limit", "retries max_retries refused"),
+    "meshlet_hedges": ("hedges", "hedged tries sent"),
+    "meshlet_outlier_ejections": ("ejections", "endpoints ejected"),
+    "meshlet_overloaded": ("overloaded", "requests refused by a limit (503 overloaded)"),
+    "meshlet_panics": ("panics", "picks among all endpoints, too few available"),
+}
 ENDPOINT_STATES = ("healthy", "ejected", "probing", "paused", "draining")
 
 
@@ -89,35 +99,25 @@ class SidecarCollector(Collector):
         self.sidecar = sidecar
 
     def collect(self) -> Iterator[Metric]:
-        sc = self.sidecar
-        yield from self._requests()
-        outbound = [(name, sc.services.get(name)) for name in sc.services.names()]
-        per_service = {
-            "meshlet_upstream_retries": ("retries by what failed", None),
-            "meshlet_retries_suppressed": ("retries the retry budget refused", "suppressed"),
-            "meshlet_retries_over_limit": ("retries max_retries refused", "retries_over_limit"),
-            "meshlet_hedges": ("hedged tries sent", "hedges"),
-            "meshlet_outlier_ejections": ("endpoints ejected", "ejections"),
-            "meshlet_overloaded": ("requests refused by a limit (503 overloaded)", "overloaded"),
-            "meshlet_panics": ("picks among all endpoints, too few available", "panics"),
-        }
-        for name, (doc, attr) in per_service.items():
-            if attr is None:
-                retries = CounterMetricFamily(name, doc, labels=["service", "reason"])
-                for service, state in outbound:
-                    for reason, n in sorted(state.retry_reasons.items()):
-                        retries.add_metric([service, reason], n)
-                yield retries
-                continue
+        outbound = self.sidecar.services.states()
+        yield from self._requests(outbound)
+        retries = CounterMetricFamily(
+            "meshlet_upstream_retries", "retries by what failed", labels=["service", "reason"]
+        )
+        for state in outbound:
+            for reason, n in sorted(state.retry_reasons.items()):
+                retries.add_metric([state.name, reason], n)
+        yield retries
+        counters = [state.counters() for state in outbound]
+        for name, (key, doc) in SERVICE_COUNTERS.items():
             family = CounterMetricFamily(name, doc, labels=["service"])
-            for service, state in outbound:
-                value = state.budget.suppressed if attr == "suppressed" else getattr(state, attr)
-                family.add_metric([service], value)
+            for state, values in zip(outbound, counters, strict=True):
+                family.add_metric([state.name], values[key])
             yield family
         yield from self._endpoints()
         yield from self._table()
 
-    def _requests(self) -> Iterator[Metric]:
+    def _requests(self, outbound: list[ServiceState]) -> Iterator[Metric]:
         sc = self.sidecar
         labels = ["direction", "service", "code"]
         total = CounterMetricFamily(
@@ -129,7 +129,7 @@ class SidecarCollector(Collector):
             labels=labels,
         )
         sources: list[tuple[str, str, RequestStats | None]] = [
-            ("outbound", name, sc.services.get(name).requests) for name in sc.services.names()
+            ("outbound", state.name, state.requests) for state in outbound
         ]
         sources.append(("inbound", sc.config.service, sc.app_router.service.requests))
         sources += [

@@ -66,7 +66,6 @@ def record(
     endpoint: Endpoint | None = None,
 ) -> bool:
     """A try's outcome; True when it ejected the endpoint (``endpoint`` names it in logs)."""
-    where = (service, endpoint)
     e = stats.ejection
     if e is None:
         if not failed:
@@ -75,8 +74,8 @@ def record(
     if e.phase is Phase.PROBING:
         Exclusions.probing -= 1
         if failed:
-            return _eject(stats, e, now, config, where, "its probe failed")
-        _restore(stats, e, now, where)
+            return _eject(stats, e, now, config, _named(service, endpoint), "its probe failed")
+        _restore(stats, e, now, _named(service, endpoint))
         return False
     if e.phase is Phase.EJECTED:
         return False  # a try that was in flight when it was ejected
@@ -100,7 +99,7 @@ def record(
         return False
     if not may_eject(members, config):
         return False
-    return _eject(stats, e, now, config, where, why)
+    return _eject(stats, e, now, config, _named(service, endpoint), why)
 
 
 def may_eject(members: Sequence[Member], config: Outlier) -> bool:
@@ -130,16 +129,13 @@ def abandon(stats: EndpointStats, now: float) -> None:
         stats.excluded_until = now
 
 
-Where = tuple[str, "Endpoint | None"]
-
-
-def _named(where: Where) -> str:
-    service, endpoint = where
+def _named(service: str, endpoint: Endpoint | None) -> str:
+    """For a log line (only then: records of healthy tries build no strings)."""
     return f"{service}: endpoint {endpoint.address}:{endpoint.port}" if endpoint else service
 
 
 def _eject(
-    stats: EndpointStats, e: Ejection, now: float, config: Outlier, where: Where, why: str
+    stats: EndpointStats, e: Ejection, now: float, config: Outlier, named: str, why: str
 ) -> bool:
     if now - e.restored_at > config.max_ejection_ms / 1000:
         e.times = 0  # healthy for long enough: start over
@@ -150,15 +146,15 @@ def _eject(
     e.window, e.requests, e.failures = now, 0, 0
     stats.excluded_until = now + seconds  # (over any Retry-After: ejection is longer)
     Exclusions.until = max(Exclusions.until, stats.excluded_until)
-    log.warning("%s ejected for %.0f s: %s", _named(where), seconds, why)
+    log.warning("%s ejected for %.0f s: %s", named, seconds, why)
     return True
 
 
-def _restore(stats: EndpointStats, e: Ejection, now: float, where: Where) -> None:
+def _restore(stats: EndpointStats, e: Ejection, now: float, named: str) -> None:
     e.phase = Phase.HEALTHY
     e.consecutive = 0
     e.window, e.requests, e.failures = now, 0, 0
     e.restored_at = now
     if stats.excluded_until == math.inf:  # (a Retry-After the probe was sent stays)
         stats.excluded_until = 0.0
-    log.info("%s restored: its probe succeeded", _named(where))
+    log.info("%s restored: its probe succeeded", named)

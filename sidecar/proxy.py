@@ -16,7 +16,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import httptools
 
@@ -24,9 +24,12 @@ from sidecar import http1
 from sidecar.accesslog import AccessLog
 from sidecar.errors import Reason, error_response
 from sidecar.exchange import Exchange, State
-from sidecar.http1 import Headers
+from sidecar.http1 import Headers, RequestHead
 from sidecar.metrics import RequestStats
-from sidecar.routing import Router
+from sidecar.routing import Route, Router
+
+if TYPE_CHECKING:
+    from control_plane.wire import Endpoint
 
 log = logging.getLogger("meshlet.proxy")
 
@@ -54,11 +57,19 @@ class _Wait(enum.Enum):
 class Downstream(asyncio.Protocol):
     """One client connection: parses requests, runs their exchanges in order."""
 
-    def __init__(self, router: Router, tracker: ConnectionTracker, timeouts: Timeouts) -> None:
+    def __init__(
+        self,
+        router: Router,
+        tracker: ConnectionTracker,
+        timeouts: Timeouts,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
         self.router = router
         self.tracker = tracker
         self.timeouts = timeouts
-        self.loop = asyncio.get_running_loop()
+        # the listener passes its loop: asyncio.get_running_loop() makes a getpid() system
+        # call on Python 3.11, and a client may open a connection per request
+        self.loop = loop or asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.client_ip = b"unknown"
         self.version = "1.1"
@@ -339,9 +350,6 @@ class Downstream(asyncio.Protocol):
         self._wait = _Wait.NONE
         self.pause_reading("upgrade", False)
 
-    def stats_error(self, reason: Reason) -> None:
-        self.tracker.errors[reason] = self.tracker.errors.get(reason, 0) + 1
-
     def drain(self) -> None:
         """Finish what is in flight, then close; close at once if idle."""
         self.draining = True
@@ -369,7 +377,6 @@ class Downstream(asyncio.Protocol):
         self._closing = True
         self._unread = True
         self.pause_reading("rejected", True)
-        self.stats_error(reason)
         self.tracker.rejected(reason, 0.0)
         broken, self._current = self._current, None
         self._queue = deque(ex for ex in self._queue if ex.request_done and ex is not broken)
@@ -474,7 +481,6 @@ class Downstream(asyncio.Protocol):
                     Reason.REQUEST_TIMEOUT, "request head not received in time", close=True
                 )
             )
-            self.stats_error(Reason.REQUEST_TIMEOUT)
             self.tracker.rejected(Reason.REQUEST_TIMEOUT, self.timeouts.head)
         self._close(abort=False)
 
@@ -494,19 +500,35 @@ class ConnectionTracker:
         #: the service every request here is for (inbound: this sidecar's); "": by route
         self.service = service
         self.connections: set[Downstream] = set()
-        self.errors: dict[Reason, int] = {}
         self.draining = False
         #: requests answered before they had a service (no route, malformed), for /metrics
         self.unrouted = RequestStats() if metrics else None
         self.access_log = access_log
 
+    def record(
+        self,
+        route: Route | None,
+        head: RequestHead | None,
+        status: int,
+        seconds: float,
+        endpoint: Endpoint | None = None,
+        attempts: int = 0,
+        error: str = "",
+    ) -> None:
+        """A request answered (``status`` 0: the client left first): into the metrics (its
+        route's service, else ``unrouted``) and the access log."""
+        stats = route.service.requests if route is not None else self.unrouted
+        if stats is not None:
+            stats.record(status, seconds)
+        if self.access_log is not None:
+            service = self.service or (route.name if route is not None else "")
+            started = time.time() - seconds
+            entry = (started, self.direction, service, head, status, seconds, endpoint)
+            self.access_log.add((*entry, attempts, error))
+
     def rejected(self, reason: Reason, seconds: float) -> None:
         """A request the connection answered itself before it became an exchange."""
-        if self.unrouted is not None:
-            self.unrouted.record(reason.status, seconds)
-        if self.access_log is not None:
-            entry = (time.time() - seconds, self.direction, self.service, None, reason.status)
-            self.access_log.add((*entry, seconds, None, 0, reason.code))
+        self.record(None, None, reason.status, seconds, error=reason.code)
 
     def add(self, ds: Downstream) -> None:
         self.connections.add(ds)

@@ -205,6 +205,10 @@ class RoutingTable:
             self._cache[authority] = route
         return route
 
+    def named(self, name: str) -> Route | None:
+        """A service's route by its name (not cached: for the admin port)."""
+        return self._routes.get(name)
+
     def endpoints(self) -> set[tuple[str, int]]:
         return {(e.address, e.port) for s in self.table.services.values() for e in s.endpoints}
 

@@ -68,8 +68,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run as a script: ``tests`` from the repo root
 
-from tests.benchmarks.bench_proxy import free_port, wait_port  # noqa: E402
-from tests.processes import Backend, Sidecar  # noqa: E402
+from tests.benchmarks.bench_proxy import wait_port  # noqa: E402
+from tests.processes import Backend, Sidecar, free_port  # noqa: E402
 
 RATE = 400.0
 """requests per second the client sends, whatever comes back"""

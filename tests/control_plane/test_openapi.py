@@ -7,6 +7,7 @@ from typing import Any
 import jsonschema
 from openapi_spec_validator import validate
 
+from control_plane.api import PUBLISHER
 from tests.conftest import Api
 
 CATALOG = "/v1/services/catalog"
@@ -95,6 +96,19 @@ async def test_every_answer_matches_its_schema(api: Api) -> None:
             assert r.status == expected, (method, path, await r.text())
             data = None if r.status == 204 else await r.json()
         check(spec, method, template, r.status, data)
+
+
+async def test_a_table_with_a_ring_matches_its_schema(api: Api) -> None:
+    spec = await fetch_spec(api)
+    assert (await api.put(f"{CATALOG}/policy", json={"lb": "maglev", "hash_on": "path"})).ok
+    body = {"id": "c1", "address": "10.0.0.1", "port": 80}
+    assert (await api.post(f"{CATALOG}/instances", json=body)).status == 201
+    assert api.app is not None
+    await api.app[PUBLISHER].rebuild()
+    async with api.get("/v1/table") as r:
+        table = await r.json()
+    assert table["services"]["catalog"]["ring"] is not None
+    check(spec, "GET", "/v1/table", r.status, table)
 
 
 async def test_policy_schema_rejects_what_the_api_rejects(api: Api) -> None:

@@ -165,6 +165,18 @@ async def test_heartbeats_carry_app_health(cp: Api) -> None:
         assert (await r.json())["status"] == "healthy"
 
 
+async def test_an_instance_deleted_while_connected_comes_back_with_its_apps_health(
+    cp: Api,
+) -> None:
+    a = await connect(cp, hello(1))
+    async with cp.delete("/v1/services/svc/instances/i1") as r:
+        assert r.status == 204
+    await a.send(Heartbeat("unhealthy"))
+    await asyncio.sleep(0.05)
+    async with cp.get("/v1/services/svc/instances/i1") as r:
+        assert (await r.json())["status"] == "unhealthy"  # not routed while its app is not
+
+
 async def test_nack_is_recorded_and_deregister_removes(cp: Api) -> None:
     a = await connect(cp, hello(1))
     await a.send(Nack(7, "endpoint port out of range"))

@@ -17,8 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.benchmarks.bench_proxy import free_port
-from tests.processes import Backend, Sidecar
+from tests.processes import Backend, Sidecar, free_port
 
 pytestmark = pytest.mark.slow
 StartBackend = Callable[..., Backend]

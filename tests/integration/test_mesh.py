@@ -6,7 +6,6 @@ import asyncio
 import http.server
 import json
 import signal
-import socket
 import threading
 import time
 import urllib.error
@@ -19,7 +18,7 @@ import pytest
 from aiohttp import WSMsgType, web
 
 from control_plane.wire import Nack, Welcome, decode, encode, parse_table, table_message
-from tests.processes import ControlPlane, Sidecar
+from tests.processes import ControlPlane, Sidecar, eventually, free_port
 
 pytestmark = pytest.mark.slow
 StartCP = Callable[..., ControlPlane]
@@ -74,13 +73,6 @@ def apps() -> Iterator[Callable[[str], App]]:
         app.stop()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def call(
     sidecar: Sidecar, service: str, path: str = "/whoami", headers: dict[str, str] | None = None
 ) -> tuple[int, str]:
@@ -106,16 +98,6 @@ def endpoints(sidecar: Sidecar, service: str) -> list[int]:
     table = dump(sidecar)["table"]
     entry = (table or {}).get("services", {}).get(service)
     return sorted(e["port"] for e in entry["endpoints"]) if entry else []
-
-
-def eventually(check: Callable[[], bool], timeout: float = 10.0, what: str = "") -> float:
-    """Seconds until ``check()`` held; fails after ``timeout``."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if check():
-            return time.monotonic() - start
-        time.sleep(0.02)
-    raise AssertionError(f"not within {timeout}s: {what}")
 
 
 def mesh_sidecar(

@@ -16,9 +16,7 @@ from typing import Any, BinaryIO
 import pytest
 import yaml
 
-from tests.benchmarks.bench_proxy import free_port
-from tests.integration.test_mesh import eventually
-from tests.processes import Backend, ControlPlane, Sidecar
+from tests.processes import Backend, ControlPlane, Sidecar, eventually, free_port
 
 pytestmark = pytest.mark.slow
 DEPLOY = Path(__file__).parents[2] / "deploy"

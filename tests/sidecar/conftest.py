@@ -264,6 +264,20 @@ def service(*ports: int, **policy: Any) -> dict[str, Any]:
     }
 
 
+NO_OUTLIER = {"consecutive_failures": 0, "failure_rate_percent": 0}
+
+
+def svc(*ups: Upstream | int, **policy: Any) -> dict[str, Any]:
+    """A table of one service, ``svc``, round robin unless the policy says otherwise."""
+    ports = [u if isinstance(u, int) else u.port for u in ups]
+    return {"svc": service(*ports, **{"lb": "round_robin", **policy})}
+
+
+async def each(mesh: Mesh, raw: bytes, n: int) -> list[Response]:
+    """``n`` requests, one at a time, each on its own connection."""
+    return [(await request(mesh.outbound, raw))[0] for _ in range(n)]
+
+
 @pytest.fixture
 async def make_mesh(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Mesh]]]:
     started: list[Sidecar] = []

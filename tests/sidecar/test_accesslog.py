@@ -10,8 +10,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from tests.sidecar.conftest import Mesh, Upstream, get, request
-from tests.sidecar.test_resilience import each, svc
+from tests.sidecar.conftest import Mesh, Upstream, each, get, request, svc
 
 MakeMesh = Callable[..., Awaitable[Mesh]]
 Upstreams = Callable[[str], Awaitable[Upstream]]

@@ -10,8 +10,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.sidecar.conftest import LOCAL, Mesh, Upstream, get, request
-from tests.sidecar.test_resilience import NO_OUTLIER, each, svc
+from tests.sidecar.conftest import LOCAL, NO_OUTLIER, Mesh, Upstream, each, get, request, svc
 
 MakeMesh = Callable[..., Awaitable[Mesh]]
 Upstreams = Callable[[str], Awaitable[Upstream]]

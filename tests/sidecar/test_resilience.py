@@ -5,28 +5,27 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 
-from tests.sidecar.conftest import LOCAL, Mesh, Response, Upstream, get, request
+from tests.processes import free_port
+from tests.sidecar.conftest import (
+    LOCAL,
+    NO_OUTLIER,
+    Mesh,
+    Response,
+    Upstream,
+    each,
+    get,
+    request,
+    svc,
+)
 
 MakeMesh = Callable[..., Awaitable[Mesh]]
 Upstreams = Callable[[str], Awaitable[Upstream]]
-NO_OUTLIER = {"consecutive_failures": 0, "failure_rate_percent": 0}
-
-
-def svc(*ups: Upstream | int, **policy: Any) -> dict[str, Any]:
-    ports = [u if isinstance(u, int) else u.port for u in ups]
-    return {
-        "svc": {
-            "policy": {"lb": "round_robin", **policy},
-            "endpoints": [{"address": LOCAL, "port": p} for p in ports],
-        }
-    }
 
 
 async def counters(mesh: Mesh) -> dict[str, Any]:
@@ -36,18 +35,6 @@ async def counters(mesh: Mesh) -> dict[str, Any]:
     ):
         data: dict[str, Any] = (await r.json())["services"]["svc"]
     return data
-
-
-async def each(mesh: Mesh, raw: bytes, n: int) -> list[Response]:
-    """``n`` requests, one at a time, each on its own connection."""
-    return [(await request(mesh.outbound, raw))[0] for _ in range(n)]
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOCAL, 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 async def test_a_retriable_status_is_retried_on_another_endpoint(
@@ -82,7 +69,7 @@ async def test_a_refused_connect_is_retried_elsewhere(
     upstreams: Upstreams, make_mesh: MakeMesh
 ) -> None:
     ok = await upstreams("ok")
-    mesh = await make_mesh(svc(closed_port(), ok, outlier=NO_OUTLIER))
+    mesh = await make_mesh(svc(free_port(), ok, outlier=NO_OUTLIER))
     responses = await each(mesh, get("/behave"), 6)
     assert [r.status for r in responses] == [200] * 6
     assert (await counters(mesh))["counters"]["retries"] == 3
@@ -243,7 +230,7 @@ async def test_a_failed_hedge_leaves_the_first_try_to_answer(
     upstreams: Upstreams, make_mesh: MakeMesh
 ) -> None:
     late = await upstreams("late")
-    mesh = await make_mesh(svc(late, closed_port(), **HEDGE))
+    mesh = await make_mesh(svc(late, free_port(), **HEDGE))
     replies = [await timed(mesh, get("/behave")) for _ in range(4)]
     assert [r.status for r, _ in replies] == [200] * 4
     c = (await counters(mesh))["counters"]
