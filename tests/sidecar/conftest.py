@@ -86,8 +86,9 @@ async def busy(request: web.Request) -> web.StreamResponse:
 
 async def behave(request: web.Request) -> web.StreamResponse:
     """``/behave``: by the upstream's name (or ``behave_as``), ``fail*`` answers 500,
-    ``stall*`` waits 5 s, ``late*`` 150 ms, ``busy*`` answers 503; the others answer their
-    name and the mesh headers they got. Each upstream counts its hits."""
+    ``stall*`` waits 5 s, ``late*`` 150 ms, ``busy*`` answers 503, ``limit*`` 429 (no
+    Retry-After); the others answer their name and the mesh headers they got. Each
+    upstream counts its hits."""
     name = request.app[MODE][0]
     request.app[HITS][0] += 1
     if name.startswith("fail"):
@@ -98,6 +99,8 @@ async def behave(request: web.Request) -> web.StreamResponse:
         await asyncio.sleep(0.15)
     if name.startswith("busy"):
         return web.Response(status=503, text=name)
+    if name.startswith("limit"):
+        return web.Response(status=429, text=name)
     seen = {k: v for k, v in request.headers.items() if k.lower().startswith("x-meshlet")}
     return web.json_response({"server": name, "mesh": seen})
 

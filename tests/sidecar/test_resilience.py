@@ -182,6 +182,21 @@ async def test_everything_failing_panics_and_answers_fast(
     assert sum(u.hits for u in ups) == 60 + c["retries"]
 
 
+async def test_a_retried_4xx_is_no_failure_of_the_endpoint(
+    upstreams: Upstreams, make_mesh: MakeMesh
+) -> None:
+    """retry_on may list a 429: retried elsewhere, but a 4xx is the client's, not the
+    endpoint's failure (no penalty, no ejection), as when it is the answer."""
+    limit, ok = await upstreams("limit"), await upstreams("ok")
+    mesh = await make_mesh(svc(limit, ok, retry_on=[429], outlier={"consecutive_failures": 1}))
+    assert [r.status for r in await each(mesh, get("/behave"), 6)] == [200] * 6
+    assert limit.hits >= 1
+    data = await counters(mesh)
+    rows = {e["port"]: e for e in data["endpoints"]}
+    assert data["counters"]["retries"] == limit.hits
+    assert (rows[limit.port]["penalty_ms"], rows[limit.port]["outlier"]) == (0, "healthy")
+
+
 HEDGE = {"hedge": {"after_ms": 50}, "outlier": NO_OUTLIER}
 
 
