@@ -233,21 +233,21 @@ class LeastRequest(_Members):
             x, y = random.sample(pool, 2)
             return self._better(members[x], members[y], now)
         latencies = [self._latency(members[i], now) for i in pool]
-        measured = [t for i, t in zip(pool, latencies, strict=True) if members[i].stats.measured]
+        measured = [t for i, t in zip(pool, latencies, strict=True) if members[i].stats.tries]
         guess = min(measured, default=1.0)
         scores = []
         for i, t in zip(pool, latencies, strict=True):
             w = self.weight(i, now) / self._mean_weight
-            latency = t if members[i].stats.measured else guess
+            latency = t if members[i].stats.tries else guess
             scores.append(w * w / (latency * (members[i].stats.in_flight + w)))
         return members[random.choices(pool, scores)[0]]
 
     def _better(self, a: Member, b: Member, now: float) -> Member:
         """Of two, the lower latency x (in flight + 1); a newcomer takes its rival's latency."""
         la, lb = self._latency(a, now), self._latency(b, now)
-        if not a.stats.measured:
+        if not a.stats.tries:
             la = lb
-        elif not b.stats.measured:
+        elif not b.stats.tries:
             lb = la
         ca = la * (a.stats.in_flight + 1)
         cb = lb * (b.stats.in_flight + 1)

@@ -65,7 +65,6 @@ class EndpointStats:
         "excluded_until",
         "failures",
         "in_flight",
-        "measured",
         "since",
         "tries",
     )
@@ -78,10 +77,8 @@ class EndpointStats:
         self._penalty_at = now
         self.excluded_until = 0.0
         self.tries = 0
-        """tries that ended with a response or a failure (for /metrics)"""
+        """tries that ended with a response or a failure (none yet: its latency is a guess)"""
         self.failures = 0
-        self.measured = False
-        """any try recorded yet (a newcomer's latency is a guess)"""
         self.since = now
         """when this sidecar first saw the endpoint routable (slow start counts from here)"""
         self.ejection: Ejection | None = None
@@ -102,7 +99,6 @@ class EndpointStats:
 
     def record(self, now: float, rtt: float, failed: bool, retry_after: float | None) -> None:
         """A finished try: its time to first byte (or to failure) and how it went."""
-        self.measured = True
         self.tries += 1
         w = math.exp((self._rtt_at - now) / DECAY)
         current = self._rtt * w

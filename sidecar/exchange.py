@@ -141,8 +141,8 @@ class Exchange:
         self._waiting = False  # counted in the service's pending (connecting)
         self._counted = False  # counted in the service's in flight
         self._chunk_out = False
-        self._trailers: Headers = []
-        self._tunnel_early: list[bytes] = []
+        self._trailers: Headers | None = None  # (most requests and responses have none)
+        self._tunnel_early: list[bytes] | None = None  # bytes for an upgrade before its 101
         self._key: bytes | None = None
         self._attempt = 0  # tries started
         self._may_retry = False
@@ -295,7 +295,17 @@ class Exchange:
         self._out(data)
 
     def request_trailer(self, name: bytes, value: bytes) -> None:
+        self._trailer(name, value)
+
+    def _trailer(self, name: bytes, value: bytes) -> None:
+        if self._trailers is None:
+            self._trailers = []
         self._trailers.append((name, value))
+
+    def _take_trailers(self) -> bytes:
+        """The last chunk, with the trailers held so far (request's, then response's)."""
+        trailers, self._trailers = self._trailers, None
+        return http1.last_chunk(trailers or [])
 
     def request_complete(self) -> None:
         self.request_done = True
@@ -304,8 +314,7 @@ class Exchange:
             # (a request without a body ended where it started: start() set the deadline)
             self._progress()
         if self.head.chunked:
-            trailers, self._trailers = self._trailers, []
-            self._out(http1.last_chunk(trailers))
+            self._out(self._take_trailers())
 
     def _out(self, data: bytes) -> None:
         if self._replay is not None:
@@ -640,14 +649,13 @@ class Exchange:
 
     def response_trailer(self, name: bytes, value: bytes) -> None:
         if self._chunk_out:
-            self._trailers.append((name, value))
+            self._trailer(name, value)
 
     def response_complete(self) -> None:
         if self.state is State.DONE:
             return
         if self._chunk_out:
-            trailers, self._trailers = self._trailers, []
-            self.ds.write(http1.last_chunk(trailers))
+            self.ds.write(self._take_trailers())
         conn, self.conn = self.conn, None
         if conn is not None:
             if not self.request_done:
@@ -662,9 +670,9 @@ class Exchange:
         conn.tunnel_to(self.ds.write)
         if rest:
             self.ds.write(rest)
-        for data in self._tunnel_early:
+        for data in self._tunnel_early or ():
             conn.write(data)
-        self._tunnel_early.clear()
+        self._tunnel_early = None
         self.ds.become_tunnel(self)
 
     def upstream_failed(self, exc: BaseException | None, protocol_error: bool) -> None:
@@ -723,6 +731,8 @@ class Exchange:
         if self.state is State.TUNNEL and self.conn is not None:
             self.conn.write(data)
         elif self.state is not State.DONE:
+            if self._tunnel_early is None:
+                self._tunnel_early = []
             self._tunnel_early.append(data)
 
     # -- endings --------------------------------------------------------------------------
