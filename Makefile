@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
+	./.ci/system-deps
 	$(MAKE) check
 
 check: lint typecheck pytest
