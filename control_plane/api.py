@@ -1,12 +1,13 @@
-"""The REST admin API: handlers, the JSON error contract and admin-token checks.
+"""The REST admin API: handlers, the JSON error contract, and who may call what.
 
-Every refusal is JSON ``{"error": ..., "field": ...}`` with a 4xx; a store failure is a 503.
-A 500 only ever means a bug, and is logged with its traceback.
+Every route declares its ``Access``; ``guard`` authenticates the caller (``access.Tokens``) and
+refuses what its token may not do before any handler runs. Every refusal is JSON
+``{"error": ..., "field": ...}`` with a 4xx; a store failure is a 503. A 500 only ever means a
+bug, and is logged with its traceback.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import time
@@ -16,18 +17,21 @@ from typing import Any
 
 from aiohttp import web
 
-from control_plane import metrics, schema, table
+from control_plane import metrics, ownership, schema, table
+from control_plane.access import Access, Principal, Tokens
 from control_plane.errors import (
     ApiError,
     BadRequest,
     Conflict,
+    Forbidden,
     NotFound,
     PayloadTooLarge,
     StoreError,
     Unauthorized,
     UnsupportedMediaType,
 )
-from control_plane.model import InstanceView, ServiceSummary
+from control_plane.model import InstanceRecord, InstanceView, ServiceSummary, TokenRecord
+from control_plane.ownership import Claimant
 from control_plane.publisher import Publisher
 from control_plane.registry import Registry
 from control_plane.wire import HASH_POLICIES, STREAM_PATH, Policy, to_json
@@ -37,7 +41,8 @@ log = logging.getLogger("meshlet.api")
 REGISTRY = web.AppKey("registry", Registry)
 PUBLISHER = web.AppKey("publisher", Publisher)
 METRICS = web.AppKey("metrics", metrics.Metrics)
-ADMIN_TOKEN = web.AppKey("admin_token", str)  # "" when no token is required
+TOKENS = web.AppKey("tokens", Tokens)
+PRINCIPAL = web.RequestKey("principal", Principal)
 
 
 @dataclass(slots=True)
@@ -50,7 +55,6 @@ class Readiness:
 READY = web.AppKey("ready", Readiness)
 OPENAPI = web.AppKey("openapi", bytes)
 
-_MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _JSON_TYPES = ("application/json",)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -71,21 +75,45 @@ def error_response(error: ApiError, headers: dict[str, str] | None = None) -> we
     return json_response(error.to_json(), error.status, headers)
 
 
+def authorize(principal: Principal, access: Access, request: web.Request) -> None:
+    """Forbidden unless ``principal`` may make this call."""
+    if access is Access.ADMIN and not principal.admin:
+        raise Forbidden(
+            f"{principal} may not {request.method} {request.path}: only the admin token may "
+            "(a service or join token registers, heartbeats and deregisters instances, and "
+            "opens the stream)"
+        )
+    service = request.match_info.get("service", "")
+    if access is Access.INSTANCE and not principal.acts_for(service):
+        raise Forbidden(f"{principal} acts only for {principal.service}, not {service[:80]}")
+
+
+def _access(request: web.Request) -> Access:
+    route = request.match_info.route
+    known = _ACCESS.get(route.handler) if route is not None else None
+    if known is not None:
+        return known
+    # no route (404, 405): /v1 answers only callers with a token, so nobody maps it unasked
+    return Access.TOKEN if request.path.startswith("/v1/") else Access.OPEN
+
+
 @web.middleware
 async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Admin token on mutating calls, then the error contract around every handler."""
-    token = request.app[ADMIN_TOKEN]
-    if token and request.method in _MUTATING:
-        given = request.headers.get("Authorization", "")
-        # surrogateescape: a header that is not UTF-8 is just a wrong token, not a crash
-        if not hmac.compare_digest(
-            given.encode("utf-8", "surrogateescape"), f"Bearer {token}".encode()
-        ):
-            why = "missing" if not given else "wrong"
-            return error_response(
-                Unauthorized(f"{why} admin token: send Authorization: Bearer <token>"),
-                {"WWW-Authenticate": 'Bearer realm="meshlet"'},
-            )
+    """Authenticate and authorize the caller, then the error contract around every handler."""
+    access = _access(request)
+    try:
+        if access is not Access.OPEN:
+            principal = request.app[TOKENS].authenticate(request.headers.get("Authorization"))
+            if principal is None:
+                raise Unauthorized(
+                    "token missing, unknown or revoked: send Authorization: Bearer <token>"
+                )
+            authorize(principal, access, request)
+            request[PRINCIPAL] = principal
+    except (Unauthorized, Forbidden) as e:
+        request.app[TOKENS].refusals[e.status] += 1
+        headers = {"WWW-Authenticate": 'Bearer realm="meshlet"'} if e.status == 401 else None
+        return error_response(e, headers)
     try:
         return await handler(request)
     except ApiError as e:
@@ -158,6 +186,10 @@ def _iso(wall: float | None) -> str | None:
 # -- handlers -----------------------------------------------------------------------------
 
 
+_SVC = "/v1/services/{service}"
+_INST = _SVC + "/instances/{id}"
+
+
 def _registry(request: web.Request) -> Registry:
     return request.app[REGISTRY]
 
@@ -181,7 +213,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def prometheus(request: web.Request) -> web.Response:
-    # no token even with --admin-token: read-only, like /healthz, for Prometheus to scrape
+    # no token ever: read-only, like /healthz, for Prometheus to scrape
     return web.Response(
         body=request.app[METRICS].render(), headers={"Content-Type": metrics.CONTENT_TYPE}
     )
@@ -223,7 +255,7 @@ async def list_sidecars(request: web.Request) -> web.Response:
 
 
 async def stream(request: web.Request) -> web.StreamResponse:
-    return await request.app[PUBLISHER].handle(request)
+    return await request.app[PUBLISHER].handle(request, request[PRINCIPAL])
 
 
 async def list_services(request: web.Request) -> web.Response:
@@ -260,10 +292,26 @@ async def delete_policy(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+def _may_change(request: web.Request, record: InstanceRecord | None, changes: bool = True) -> None:
+    """Conflict unless the caller may register again, change or remove ``record``."""
+    if record is None:
+        return
+    owner = request.app[PUBLISHER].owner(record.service, record.id)
+    live = owner.claimant if owner is not None else None
+    refused = ownership.refusal(record, live, Claimant(request[PRINCIPAL]), changes=changes)
+    if refused is not None:
+        raise Conflict(f"{refused.message}: only the admin token may change or remove it", "id")
+
+
 async def register(request: web.Request) -> web.Response:
     name = _service(request)
     registration = schema.document(schema.Registration, await read_json(request))
-    view, created = await _registry(request).register(name, registration)
+    record = _registry(request).find(name, registration.instance_id())
+    changes = ownership.changes(record, registration)
+    _may_change(request, record, changes)
+    # registering again without a change is a sign of life, not a claim
+    origin = record.origin if record and not changes else Claimant(request[PRINCIPAL]).origin
+    view, created = await _registry(request).register(name, registration, origin)
     location = f"/v1/services/{name}/instances/{view.record.id}"
     return json_response(instance_json(view), 201 if created else 200, {"Location": location})
 
@@ -301,33 +349,73 @@ async def patch_instance(request: web.Request) -> web.Response:
 
 
 async def delete_instance(request: web.Request) -> web.Response:
-    await _registry(request).deregister(_service(request), _instance_id(request))
+    name, instance_id = _service(request), _instance_id(request)
+    _may_change(request, _registry(request).find(name, instance_id))
+    await _registry(request).deregister(name, instance_id)
     return web.Response(status=204)
 
 
+def token_json(record: TokenRecord) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "service": record.service,
+        "description": record.description,
+        "created": _iso(record.created),
+        "last_used": _iso(record.last_used),
+    }
+
+
+async def create_token(request: web.Request) -> web.Response:
+    body = schema.document(schema.TokenRequest, await read_json(request))
+    record, secret = await request.app[TOKENS].mint(body.service, body.description)
+    log.info("token %s minted for service %s (%s)", record.id, record.service, record.description)
+    location = {"Location": f"/v1/tokens/{record.id}"}
+    return json_response({**token_json(record), "secret": secret}, 201, location)
+
+
+async def list_tokens(request: web.Request) -> web.Response:
+    return json_response({"tokens": [token_json(r) for r in request.app[TOKENS].records()]})
+
+
+async def revoke_token(request: web.Request) -> web.Response:
+    """Revoke, and close the token's streams at once (their sidecars keep serving from the
+    table they have, and cannot reconnect with it)."""
+    record = await request.app[TOKENS].revoke(request.match_info["id"])
+    closed = await request.app[PUBLISHER].close_streams_of(record.id)
+    log.info(
+        "token %s of service %s revoked (%d streams closed)", record.id, record.service, closed
+    )
+    return web.Response(status=204)
+
+
+_ROUTES: list[tuple[str, str, Handler, Access]] = [
+    ("GET", "/healthz", healthz, Access.OPEN),
+    ("GET", "/readyz", readyz, Access.OPEN),
+    ("GET", "/metrics", prometheus, Access.OPEN),
+    ("GET", "/openapi.json", openapi, Access.OPEN),
+    ("GET", "/v1/services", list_services, Access.ADMIN),
+    ("GET", "/v1/table", get_table, Access.ADMIN),
+    ("GET", "/v1/sidecars", list_sidecars, Access.ADMIN),
+    ("GET", STREAM_PATH, stream, Access.TOKEN),
+    ("GET", "/v1/tokens", list_tokens, Access.ADMIN),
+    ("POST", "/v1/tokens", create_token, Access.ADMIN),
+    ("DELETE", "/v1/tokens/{id}", revoke_token, Access.ADMIN),
+    ("GET", _SVC, get_service, Access.ADMIN),
+    ("GET", _SVC + "/policy", get_policy, Access.ADMIN),
+    ("PUT", _SVC + "/policy", put_policy, Access.ADMIN),
+    ("DELETE", _SVC + "/policy", delete_policy, Access.ADMIN),
+    ("GET", _SVC + "/ring", ring_owner, Access.ADMIN),
+    ("POST", _SVC + "/instances", register, Access.INSTANCE),
+    ("GET", _SVC + "/instances", list_instances, Access.ADMIN),
+    ("GET", _INST, get_instance, Access.ADMIN),
+    ("PUT", _INST + "/heartbeat", heartbeat, Access.INSTANCE),
+    ("PATCH", _INST, patch_instance, Access.ADMIN),
+    ("DELETE", _INST, delete_instance, Access.INSTANCE),
+]
+_ACCESS: dict[Handler, Access] = {handler: access for _, _, handler, access in _ROUTES}
+
+
 def add_routes(app: web.Application) -> None:
-    svc = "/v1/services/{service}"
-    inst = svc + "/instances/{id}"
     app.router.add_routes(
-        [
-            web.get("/healthz", healthz),
-            web.get("/readyz", readyz),
-            web.get("/metrics", prometheus),
-            web.get("/openapi.json", openapi),
-            web.get("/v1/services", list_services),
-            web.get("/v1/table", get_table),
-            web.get("/v1/sidecars", list_sidecars),
-            web.get(STREAM_PATH, stream),
-            web.get(svc, get_service),
-            web.get(svc + "/policy", get_policy),
-            web.put(svc + "/policy", put_policy),
-            web.delete(svc + "/policy", delete_policy),
-            web.get(svc + "/ring", ring_owner),
-            web.post(svc + "/instances", register),
-            web.get(svc + "/instances", list_instances),
-            web.get(inst, get_instance),
-            web.put(inst + "/heartbeat", heartbeat),
-            web.patch(inst, patch_instance),
-            web.delete(inst, delete_instance),
-        ]
+        [web.route(method, path, handler) for method, path, handler, _ in _ROUTES]
     )

@@ -1,11 +1,11 @@
 """Assembly and lifecycle of a control-plane process.
 
-Start-up: open the store, load the registry, start the reaper, then listen and report ready.
-Shutdown on SIGTERM or SIGINT, in steps:
+Start-up: open the store, load the registry and the tokens, start the reaper, then listen
+(HTTPS with ``--tls-cert``) and report ready. Shutdown on SIGTERM or SIGINT, in steps:
   1. not ready (``/readyz`` answers 503)
   2. stop accepting connections
   3. let in-flight requests finish, up to ``shutdown_timeout``
-  4. cancel the reaper
+  4. cancel the reaper, save when tokens were last used
   5. close the store
 """
 
@@ -16,14 +16,16 @@ import contextlib
 import json
 import logging
 import signal
+import ssl
 from collections.abc import AsyncIterator
 
 import uvloop
 from aiohttp import web
 
 from control_plane import api
+from control_plane.access import Tokens
 from control_plane.clock import Clock, SystemClock
-from control_plane.config import ControlPlaneConfig
+from control_plane.config import ControlPlaneConfig, is_loopback_host
 from control_plane.errors import ConfigError, StoreError
 from control_plane.flags import setup_logging
 from control_plane.metrics import Metrics
@@ -37,6 +39,8 @@ from control_plane.store import Store, open_store
 log = logging.getLogger("meshlet.control_plane")
 
 STORE = web.AppKey("store", Store)
+TOKEN_FLUSH_EVERY = 60.0
+"""seconds between saves of when tokens were last used"""
 
 
 def build_app(
@@ -44,26 +48,28 @@ def build_app(
 ) -> web.Application:
     """The aiohttp application; its cleanup context owns the store and the reaper."""
     store = store if store is not None else open_store(config.store)
+    clock = clock if clock is not None else SystemClock()
     app = web.Application(middlewares=[api.guard], client_max_size=MAX_BODY_BYTES)
     app[STORE] = store
     registry = Registry(
         store,
-        clock if clock is not None else SystemClock(),
+        clock,
         heartbeat_ttl=config.heartbeat_ttl,
         remove_after=config.remove_after,
         protect_percent=config.protect_percent,
+        protect_max=config.protect_max,
+        loopback=config.loopback_instances,
+        max_instances=config.max_instances,
+        max_per_service=config.max_instances_per_service,
     )
     app[api.REGISTRY] = registry
     publisher = Publisher(
-        registry,
-        store,
-        quiet=config.debounce_quiet,
-        max_wait=config.debounce_max,
-        tokens=(config.admin_token, config.join_token),
+        registry, store, quiet=config.debounce_quiet, max_wait=config.debounce_max
     )
     app[api.PUBLISHER] = publisher
-    app[api.METRICS] = Metrics(registry, publisher)
-    app[api.ADMIN_TOKEN] = config.admin_token
+    tokens = Tokens(store, clock, admin_token=config.admin_token, join_token=config.join_token)
+    app[api.TOKENS] = tokens
+    app[api.METRICS] = Metrics(registry, publisher, tokens)
     app[api.READY] = api.Readiness()
     app[api.OPENAPI] = json.dumps(build_spec(), indent=1).encode()
     api.add_routes(app)
@@ -73,14 +79,20 @@ def build_app(
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
-    registry, publisher = app[api.REGISTRY], app[api.PUBLISHER]
+    registry, publisher, tokens = app[api.REGISTRY], app[api.PUBLISHER], app[api.TOKENS]
     try:
         snapshot = await registry.start()
         await publisher.start(snapshot.table_version, snapshot.table_digest, snapshot.epoch)
     except BaseException:
         await app[STORE].close()
         raise
-    background = asyncio.create_task(_background(registry, publisher), name="background")
+    tokens.load(snapshot.tokens)
+    if snapshot.tokens and not tokens.admin_configured:
+        log.warning(
+            "%d service tokens in the store guard nothing: without --admin-token the API is open",
+            len(snapshot.tokens),
+        )
+    background = asyncio.create_task(_background(registry, publisher, tokens), name="background")
     background.add_done_callback(lambda task: _crashed(task, app))
     app[api.READY].ready = True
     yield
@@ -88,15 +100,19 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     background.cancel()  # step 4
     with contextlib.suppress(asyncio.CancelledError):
         await background
+    with contextlib.suppress(StoreError):
+        await tokens.flush()
     await app[STORE].close()  # step 5
 
 
-async def _background(registry: Registry, publisher: Publisher) -> None:
-    """The control plane's own tasks, in one group: the reaper and the publisher."""
+async def _background(registry: Registry, publisher: Publisher, tokens: Tokens) -> None:
+    """The control plane's own tasks, in one group: the reaper, the publisher, and saving when
+    tokens were last used."""
     async with asyncio.TaskGroup() as tasks:
         interval = min(1.0, registry.heartbeat_ttl / 4)
         tasks.create_task(run_reaper(registry.expire, interval), name="reaper")
         tasks.create_task(publisher.run(), name="publisher")
+        tasks.create_task(run_reaper(tokens.flush, TOKEN_FLUSH_EVERY), name="token-flush")
 
 
 def _crashed(task: asyncio.Task[None], app: web.Application) -> None:
@@ -113,14 +129,16 @@ async def _close_streams(app: web.Application) -> None:
 async def serve(config: ControlPlaneConfig, stop: asyncio.Event | None = None) -> None:
     """Run until ``stop`` is set (by default: until SIGTERM or SIGINT)."""
     stop = stop if stop is not None else _stop_on_signals()
+    tls = tls_context(config)
+    _warn_about_access(config)
     app = build_app(config)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.shutdown_timeout)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, config.host, config.port)
+        site = web.TCPSite(runner, config.host, config.port, ssl_context=tls)
         await site.start()
         host, port = runner.addresses[0][:2]
-        log.info("listening on %s (store %s)", _url(host, port), config.store)
+        log.info("listening on %s (store %s)", _url(host, port, tls), config.store)
         await stop.wait()
         log.info("shutting down")
         app[api.READY].ready = False  # step 1
@@ -137,8 +155,35 @@ def _stop_on_signals() -> asyncio.Event:
     return stop
 
 
-def _url(host: str, port: int) -> str:
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+def tls_context(config: ControlPlaneConfig) -> ssl.SSLContext | None:
+    """The server side of HTTPS from ``--tls-cert`` and ``--tls-key`` (TLS 1.2 at least)."""
+    if not config.tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except OSError as e:  # ssl.SSLError among them
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ConfigError(
+            "tls_cert", f"cannot load {config.tls_cert} and {config.tls_key}: {reason}"
+        ) from None
+    return context
+
+
+def _warn_about_access(config: ControlPlaneConfig) -> None:
+    if config.join_token and not config.admin_token:
+        log.warning(
+            "--join-token without --admin-token: nobody may read the registry, set policies, "
+            "drain or mint tokens"
+        )
+    elif not config.admin_token and not is_loopback_host(config.host):
+        log.warning("no --admin-token: anyone who reaches %s may change the mesh", config.url)
+
+
+def _url(host: str, port: int, tls: ssl.SSLContext | None) -> str:
+    scheme = "https" if tls is not None else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 def run(config: ControlPlaneConfig) -> int:

@@ -18,8 +18,21 @@ def build_parser(prog: str) -> FlagParser:
         convert=host_port,
     )
     p.flag("--store", "sqlite:///meshlet.db", "sqlite:///PATH or memory")
-    p.flag("--admin-token", "", "bearer token that mutating calls must present")
-    p.flag("--join-token", "", "bearer token that sidecars present to open the stream")
+    p.secret("--admin-token", "admin token, which may do everything")
+    p.secret("--join-token", "mesh-wide join token, which acts for any service's instances")
+    p.flag("--tls-cert", "", "PEM certificate chain: serve HTTPS (REST and stream)")
+    p.flag("--tls-key", "", "PEM private key of --tls-cert")
+    p.switch("--allow-loopback", "accept loopback instance addresses when not on loopback")
+    p.flag("--max-instances", "100000", "instances the registry holds at most", convert=int)
+    p.flag(
+        "--max-instances-per-service", "10000", "instances one service holds at most", convert=int
+    )
+    p.flag(
+        "--protect-max",
+        "900",
+        "seconds protection may hold expiry before it resumes at a bounded rate",
+        convert=number,
+    )
     p.flag("--heartbeat-ttl", "15", "seconds without heartbeat until unhealthy", convert=number)
     p.flag("--remove-after", "30", "seconds without heartbeat until removed", convert=number)
     p.flag(

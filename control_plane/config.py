@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 from control_plane.errors import ConfigError
@@ -18,9 +19,21 @@ class ControlPlaneConfig:
     store: str = "sqlite:///meshlet.db"
     """``sqlite:///PATH`` or ``memory``"""
     admin_token: str = ""
-    """when set, mutating calls need ``Authorization: Bearer <token>``"""
+    """may do everything; with it (or ``join_token``) set, every ``/v1`` call needs a token"""
     join_token: str = ""
-    """a second token that only opens the sidecar stream (the admin token does too)"""
+    """mesh-wide bootstrap secret: acts for any service's instances, never as the admin"""
+    tls_cert: str = ""
+    """PEM certificate chain to serve HTTPS (REST and stream) with; empty: plain HTTP"""
+    tls_key: str = ""
+    """PEM private key of ``tls_cert``"""
+    allow_loopback: bool = False
+    """accept loopback instance addresses even when not listening on loopback"""
+    max_instances: int = 100_000
+    """instances the registry holds at most; registrations beyond are refused"""
+    max_instances_per_service: int = 10_000
+    """instances one service holds at most"""
+    protect_max: float = 900.0
+    """seconds protection may hold expiry; then expiry resumes at a bounded rate"""
     debounce_quiet: float = 0.1
     """seconds without another change before a new table is pushed"""
     debounce_max: float = 2.0
@@ -50,10 +63,33 @@ class ControlPlaneConfig:
             raise ConfigError("debounce_quiet", "must be more than 0 seconds")
         if not self.debounce_max >= self.debounce_quiet:
             raise ConfigError("debounce_max", "must be at least --debounce-quiet")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert", "--tls-cert and --tls-key go together")
+        if self.max_instances < 1:
+            raise ConfigError("max_instances", "must be at least 1")
+        if not 1 <= self.max_instances_per_service <= self.max_instances:
+            raise ConfigError("max_instances_per_service", "must be from 1 to --max-instances")
+        if not self.protect_max >= 0:
+            raise ConfigError("protect_max", "must not be negative (0: protection never holds)")
         if self.shutdown_timeout < 0:
             raise ConfigError("shutdown_timeout", "must not be negative")
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls_cert else 'http'}://{host}:{self.port}"
+
+    @property
+    def loopback_instances(self) -> bool:
+        """Whether instances may register loopback addresses: only a control plane on
+        loopback (a local mesh) routes to them, unless ``allow_loopback`` says otherwise."""
+        return self.allow_loopback or is_loopback_host(self.host)
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

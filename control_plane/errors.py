@@ -3,10 +3,12 @@
     MeshletError
      ├── ApiError              a request the REST API refuses: HTTP status, message, field
      │    ├── BadRequest            400  malformed JSON or an invalid field
-     │    ├── Unauthorized          401  missing or wrong admin token
-     │    ├── NotFound              404  no such service or instance
+     │    ├── Unauthorized          401  no token, or one this control plane does not know
+     │    ├── Forbidden             403  a token that may not do this (another service's)
+     │    ├── NotFound              404  no such service, instance or token
      │    ├── Conflict              409  the request does not fit the state (a ring with
-     │    │                              no endpoint)
+     │    │                              no endpoint, an instance a sidecar's stream owns,
+     │    │                              a full registry)
      │    ├── PayloadTooLarge       413  body over the limit
      │    └── UnsupportedMediaType  415  body that is not JSON
      ├── StoreError            the store failed (disk, corrupt file); the API answers 503
@@ -40,6 +42,10 @@ class BadRequest(ApiError):
 
 class Unauthorized(ApiError):
     status = 401
+
+
+class Forbidden(ApiError):
+    status = 403
 
 
 class NotFound(ApiError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -22,6 +23,7 @@ class FlagParser(argparse.ArgumentParser):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._env_flags: list[tuple[str, str, Callable[[str], Any], str, Sequence[str]]] = []
+        self._secrets: list[str] = []
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -47,6 +49,31 @@ class FlagParser(argparse.ArgumentParser):
         )
         self._env_flags.append((name, env, convert, default, choices))
 
+    def switch(self, name: str, help: str) -> None:
+        """``--name`` turns it on; else ``MESHLET_NAME`` (1, true, yes, on; or 0, false, no,
+        off)."""
+        env = "MESHLET_" + name.removeprefix("--").replace("-", "_").upper()
+        self.add_argument(
+            name, action="store_const", const=True, help=f"{help} (env {env}; default off)"
+        )
+        self._env_flags.append((name, env, _on_off, "off", ()))
+
+    def secret(self, name: str, help: str) -> None:
+        """A secret (a token): ``--name VALUE`` or ``--name-file PATH``, else the environment
+        variables ``MESHLET_NAME`` or ``MESHLET_NAME_FILE``; none gives ``""``. A value on the
+        command line works but draws a warning: every user of the host sees it in ``ps``."""
+        env = "MESHLET_" + name.removeprefix("--").replace("-", "_").upper()
+        self.add_argument(
+            name, default=None, help=f"{help} (env {env}; visible in ps: prefer {name}-file)"
+        )
+        self.add_argument(
+            f"{name}-file",
+            default=None,
+            metavar="PATH",
+            help=f"file holding the {help} (env {env}_FILE)",
+        )
+        self._secrets.append(name)
+
     def field_error(self, field: str, message: str) -> NoReturn:
         """A refused config field (``drain_timeout``), named as its flag (``--drain-timeout``)."""
         self.error(f"--{field.replace('_', '-')}: {message}")
@@ -66,7 +93,52 @@ class FlagParser(argparse.ArgumentParser):
                 self.error(f"{source}: {e}")
             if choices and values[dest] not in choices:
                 self.error(f"{source}: must be one of {', '.join(choices)}")
+        for name in self._secrets:
+            values.update(self._resolve_secret(name, values))
         return values
+
+    def _resolve_secret(self, name: str, values: dict[str, Any]) -> dict[str, str]:
+        dest = name.removeprefix("--").replace("-", "_")
+        env = "MESHLET_" + dest.upper()
+        given, path = values.pop(dest), values.pop(dest + "_file")
+        on_command_line = given is not None
+        if on_command_line and path is not None:
+            self.error(f"{name} and {name}-file: give one of them")
+        if not on_command_line and path is None:
+            given, path = os.environ.get(env) or None, os.environ.get(env + "_FILE") or None
+            if given is not None and path is not None:
+                self.error(f"{env} and {env}_FILE: set one of them")
+        if path is not None:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    given = f.read(4096).rstrip("\r\n")
+            except (OSError, UnicodeDecodeError) as e:
+                reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                self.error(f"{name}-file {path}: {reason}")
+            if not given:
+                self.error(f"{name}-file {path}: the file is empty")
+        if given is not None and not _TOKEN.fullmatch(given):
+            self.error(f"{name}: a token is 1-256 printable ASCII characters without spaces")
+        if on_command_line:
+            print(
+                f"{self.prog}: warning: {name} on the command line is visible to every user of "
+                f"this host (ps); use {name}-file or {env}",
+                file=sys.stderr,
+            )
+        return {dest: given or ""}
+
+
+#: what a bearer token may hold (RFC 6750's b64token, and then some): no spaces or controls
+_TOKEN = re.compile(r"[!-~]{1,256}")
+
+
+def _on_off(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("", "0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{value!r} is not on or off (1/0, true/false, yes/no)")
 
 
 def host_port(value: str) -> tuple[str, int]:
@@ -88,10 +160,26 @@ def number(value: str) -> float:
         raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
 
 
+def escape(text: str) -> str:
+    """``text`` with every character that is not printable (newlines, NUL, ANSI escapes, other
+    controls) written as a Python escape: one log record stays one line that says what it got."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+class SafeFormatter(logging.Formatter):
+    """Log lines whose message cannot forge another line or drive a terminal, whatever a
+    client put in the strings it carries; a traceback below a message keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape(record.message)
+        return super().formatMessage(record)
+
+
 def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%Y-%m-%dT%H:%M:%S",
-        stream=sys.stderr,
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        SafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
     )
+    logging.basicConfig(level=level.upper(), handlers=[handler])

@@ -13,6 +13,10 @@ as it happens, a few times per table version.
 | ``meshlet_heartbeats_total`` | counter | | heartbeats accepted, REST and stream |
 | ``meshlet_instances_expired_total`` | counter | | instances removed for missed heartbeats |
 | ``meshlet_protection_active`` | gauge | service | 1 while protection holds some of its instances |
+| ``meshlet_protection_outlasted`` | gauge | | 1 once protection held for --protect-max |
+| ``meshlet_protection_released_total`` | counter | | held instances expired after that |
+| ``meshlet_stream_refusals_total`` | counter | reason | hellos refused: scope, owned, rest, ... |
+| ``meshlet_api_refusals_total`` | counter | status | calls refused for their token (401, 403) |
 | ``meshlet_connected_sidecars`` | gauge | | open push streams |
 | ``meshlet_pushes_total`` | counter | | tables sent to sidecars |
 | ``meshlet_nacks_total`` | counter | | tables sidecars refused |
@@ -36,6 +40,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from control_plane.access import Tokens
 from control_plane.publisher import Publisher
 from control_plane.registry import Registry
 
@@ -51,12 +56,12 @@ CONVERGENCE_BUCKETS = (
 class Metrics:
     """One control plane's metrics; ``render()`` is the ``/metrics`` body."""
 
-    def __init__(self, registry: Registry, publisher: Publisher) -> None:
+    def __init__(self, registry: Registry, publisher: Publisher, tokens: Tokens) -> None:
         self.collectors = CollectorRegistry()
         ProcessCollector(registry=self.collectors)
         PlatformCollector(registry=self.collectors)
         GCCollector(registry=self.collectors)
-        self.collectors.register(_Snapshot(registry, publisher))
+        self.collectors.register(_Snapshot(registry, publisher, tokens))
         self.convergence = Histogram(
             "meshlet_push_convergence_seconds",
             "Seconds from a registry change to the last ACK of the table version carrying it, "
@@ -74,9 +79,10 @@ class Metrics:
 class _Snapshot(Collector):
     """Everything that is read from the registry and the publisher at scrape time."""
 
-    def __init__(self, registry: Registry, publisher: Publisher) -> None:
+    def __init__(self, registry: Registry, publisher: Publisher, tokens: Tokens) -> None:
         self._registry = registry
         self._publisher = publisher
+        self._tokens = tokens
 
     def collect(self) -> Iterator[Metric]:
         registry, publisher = self._registry.statistics(), self._publisher.statistics()
@@ -118,3 +124,32 @@ class _Snapshot(Collector):
         yield CounterMetricFamily(
             "meshlet_nacks", "Routing tables sidecars refused (NACKs)", value=publisher.nacks
         )
+        yield GaugeMetricFamily(
+            "meshlet_protection_outlasted",
+            "1 once protection has held for --protect-max: held instances expire again, at "
+            "most 10% of all instances per heartbeat TTL",
+            value=1 if registry.outlasted else 0,
+        )
+        yield CounterMetricFamily(
+            "meshlet_protection_released",
+            "Instances protection held but let go after --protect-max",
+            value=registry.released,
+        )
+        refused = CounterMetricFamily(
+            "meshlet_stream_refusals",
+            "Sidecar hellos refused, by reason: scope (another service than the token's), "
+            "admin (the admin registered the instance), owned (another node's live stream owns "
+            "it), rest (registered over REST), address (not routable), full (registry limits)",
+            labels=["reason"],
+        )
+        for reason in ("scope", "admin", "owned", "rest", "address", "full"):
+            refused.add_metric([reason], publisher.refused.get(reason, 0))
+        yield refused
+        api_refused = CounterMetricFamily(
+            "meshlet_api_refusals",
+            "Calls refused for their token: 401 none or unknown, 403 not allowed to",
+            labels=["status"],
+        )
+        for code in (401, 403):
+            api_refused.add_metric([str(code)], self._tokens.refusals[code])
+        yield api_refused

@@ -8,6 +8,17 @@ from dataclasses import dataclass, field
 from control_plane import wire
 
 
+class Origin(enum.StrEnum):
+    """How an instance was registered, which decides who may change it (``ownership``)."""
+
+    ADMIN = "admin"
+    """with the admin token: only the admin may change or remove it"""
+    REST = "rest"
+    """over the REST API with another token (or none): no stream may take it over"""
+    STREAM = "stream"
+    """by a sidecar's stream: the stream owns it while connected"""
+
+
 class Status(enum.StrEnum):
     HEALTHY = "healthy"
     UNHEALTHY = "unhealthy"
@@ -26,6 +37,7 @@ class InstanceRecord:
     weight: int = wire.DEFAULT_WEIGHT
     metadata: dict[str, str] = field(default_factory=dict)
     draining: bool = False
+    origin: Origin = Origin.REST
 
     def __post_init__(self) -> None:
         wire.check_service_name(self.service)
@@ -64,3 +76,23 @@ class ServiceView:
     policy: wire.Policy
     policy_set: bool
     instances: list[InstanceView]
+
+
+TOKEN_DESCRIPTION_MAX = 256
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRecord:
+    """A service token as the store keeps it: never the secret, only its SHA-256."""
+
+    id: str
+    """public name of the token (in lists, logs and ``DELETE /v1/tokens/{id}``)"""
+    service: str
+    """the one service it acts for"""
+    description: str
+    digest: str
+    """hex SHA-256 of the secret"""
+    created: float
+    """wall-clock seconds since the epoch"""
+    last_used: float | None = None
+    """wall-clock seconds of its last use, as last saved (None: never)"""

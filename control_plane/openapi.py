@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from control_plane import schema, wire
+from control_plane.access import Access
 from control_plane.model import Status
 
 _VERSION = "0.1.0"
@@ -24,8 +25,9 @@ def _json(name: str, description: str) -> dict[str, Any]:
 
 _ERRORS = {
     "400": _json("Error", "invalid input; `field` names what is wrong"),
-    "401": _json("Error", "admin token missing or wrong (only with --admin-token)"),
-    "404": _json("Error", "no such service or instance"),
+    "401": _json("Error", "token missing, unknown or revoked (when any token is configured)"),
+    "403": _json("Error", "the token may not make this call (another service's, or not admin)"),
+    "404": _json("Error", "no such service, instance or token"),
     "413": _json("Error", "body larger than 1 MiB"),
     "415": _json("Error", "body is not application/json"),
     "503": _json("Error", "the store is unavailable"),
@@ -50,7 +52,17 @@ _ID = {
     "description": "instance id",
     "schema": {"type": "string", "pattern": f"^{wire.INSTANCE_ID.pattern}$"},
 }
-_MUTATING_SECURITY: list[dict[str, list[str]]] = [{"adminToken": []}, {}]
+#: who may call, by access: the alternatives of an operation's ``security``. With no token
+#: configured at all the API is open (a local mesh), which ``info.description`` says.
+SECURITY: dict[Access, list[dict[str, list[str]]]] = {
+    Access.OPEN: [],
+    Access.TOKEN: [{"adminToken": []}, {"joinToken": []}, {"serviceToken": []}],
+    Access.INSTANCE: [{"adminToken": []}, {"joinToken": []}, {"serviceToken": []}],
+    Access.ADMIN: [{"adminToken": []}],
+}
+
+
+OPEN = Access.OPEN
 
 
 def _op(
@@ -60,7 +72,7 @@ def _op(
     *,
     params: tuple[dict[str, Any], ...] = (),
     body: str | None = None,
-    mutating: bool = False,
+    access: Access = Access.ADMIN,
 ) -> dict[str, Any]:
     op: dict[str, Any] = {"operationId": op_id, "summary": summary, "responses": responses}
     if params:
@@ -70,9 +82,9 @@ def _op(
             "required": True,
             "content": {"application/json": {"schema": _ref(body)}},
         }
-    if mutating:
-        op["security"] = _MUTATING_SECURITY
-        op["responses"] = {**responses, **_errors("401")}
+    op["security"] = SECURITY[access]
+    if access is not Access.OPEN:
+        op["responses"] = {**responses, **_errors("401", "403")}
     return op
 
 
@@ -98,6 +110,16 @@ def _schemas() -> dict[str, Any]:
         "policy_set": {
             "type": "boolean",
             "description": "false when the service runs on the default policy",
+        },
+    }
+    token_props = {
+        "id": string,
+        "service": string,
+        "description": string,
+        "created": {"type": "string", "format": "date-time"},
+        "last_used": {
+            "anyOf": [{"type": "null"}, {"type": "string", "format": "date-time"}],
+            "description": "when it was last used (saved once a minute; null: never)",
         },
     }
     patch = wire.json_schema(schema.InstancePatch)
@@ -152,11 +174,26 @@ def _schemas() -> dict[str, Any]:
             node=string,
             service=string,
             instance=string,
+            token={
+                "type": "string",
+                "description": "the service token's id the stream was opened with, or admin, "
+                "join, open (no token configured)",
+            },
             acked_version={"type": "integer", "minimum": 0},
             last_nack={"anyOf": [{"type": "null"}, string]},
             connected_since={"type": "string", "format": "date-time"},
         ),
         "SidecarList": _object(sidecars={"type": "array", "items": _ref("Sidecar")}),
+        "TokenRequest": wire.json_schema(schema.TokenRequest),
+        "Token": _object(**token_props),
+        "NewToken": _object(
+            **token_props,
+            secret={
+                "type": "string",
+                "description": "send as Authorization: Bearer <secret>; shown only here",
+            },
+        ),
+        "TokenList": _object(tokens={"type": "array", "items": _ref("Token")}),
         "RingOwner": _object(
             key=string,
             instance=string,
@@ -190,17 +227,25 @@ def build_spec() -> dict[str, Any]:
             "title": "meshlet control plane",
             "version": _VERSION,
             "description": "Service registry and policies of a meshlet mesh. With "
-            "--admin-token, every mutating call needs `Authorization: Bearer <token>`.",
+            "--admin-token or --join-token set, every /v1 call needs `Authorization: Bearer "
+            "<token>`: the admin token may do everything; a service token (minted at "
+            "/v1/tokens) and the join token may open the stream and register, heartbeat and "
+            "deregister instances (a service token only its own service's). With no token "
+            "configured the API is open. /healthz, /readyz, /metrics and /openapi.json are "
+            "always open.",
         },
         "paths": {
             "/healthz": {
-                "get": _op("healthz", "the process is up", {"200": _json("Health", "up")})
+                "get": _op(
+                    "healthz", "the process is up", {"200": _json("Health", "up")}, access=OPEN
+                )
             },
             "/readyz": {
                 "get": _op(
                     "readyz",
                     "ready to serve (store loaded, not shutting down)",
                     {"200": _json("Health", "ready"), "503": _json("Health", "not ready")},
+                    access=OPEN,
                 )
             },
             "/metrics": {
@@ -213,6 +258,7 @@ def build_spec() -> dict[str, Any]:
                             "content": {"text/plain": {"schema": {"type": "string"}}},
                         }
                     },
+                    access=OPEN,
                 )
             },
             "/openapi.json": {
@@ -220,6 +266,7 @@ def build_spec() -> dict[str, Any]:
                     "openapi",
                     "this document",
                     {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {}}}},
+                    access=OPEN,
                 )
             },
             "/v1/services": {
@@ -248,12 +295,14 @@ def build_spec() -> dict[str, Any]:
                 "get": _op(
                     "stream",
                     "the sidecar push stream (WebSocket; JSON messages hello, heartbeat, ack, "
-                    "nack, deregister up; welcome, table down). With --admin-token or "
-                    "--join-token, send one as Authorization: Bearer",
+                    "nack, deregister up; welcome, table down). A service token opens it only for "
+                    "its own service's hello; refusals close it with 4000 + status (4403 "
+                    "another service, 4409 an instance another stream or REST owns, 4401 the "
+                    "token was revoked)",
                     {
                         "101": {"description": "switching to WebSocket"},
-                        "401": _json("Error", "token missing or wrong"),
                     },
+                    access=Access.TOKEN,
                 )
             },
             svc: {
@@ -280,14 +329,12 @@ def build_spec() -> dict[str, Any]:
                     },
                     params=s,
                     body="Policy",
-                    mutating=True,
                 ),
                 "delete": _op(
                     "deletePolicy",
                     "back to the default policy",
                     {"204": {"description": "reset"}, **_errors("400", "404", "503")},
                     params=s,
-                    mutating=True,
                 ),
             },
             svc + "/ring": {
@@ -330,11 +377,16 @@ def build_spec() -> dict[str, Any]:
                     {
                         "200": _json("Instance", "updated"),
                         "201": _json("Instance", "registered"),
+                        "409": _json(
+                            "Error",
+                            "a connected sidecar's stream owns the instance (for a non-admin), "
+                            "or the registry is full (--max-instances, per service too)",
+                        ),
                         **_errors("400", "413", "415", "503"),
                     },
                     params=s,
                     body="Registration",
-                    mutating=True,
+                    access=Access.INSTANCE,
                 ),
             },
             inst: {
@@ -353,15 +405,55 @@ def build_spec() -> dict[str, Any]:
                     },
                     params=i,
                     body="InstancePatch",
-                    mutating=True,
                 ),
                 "delete": _op(
                     "deregisterInstance",
                     "deregister",
-                    {"204": {"description": "removed"}, **_errors("400", "404", "503")},
+                    {
+                        "204": {"description": "removed"},
+                        "409": _json(
+                            "Error", "a connected sidecar's stream owns it (for a non-admin)"
+                        ),
+                        **_errors("400", "404", "503"),
+                    },
                     params=i,
-                    mutating=True,
+                    access=Access.INSTANCE,
                 ),
+            },
+            "/v1/tokens": {
+                "get": _op(
+                    "listTokens",
+                    "service tokens (never their secrets), with when each was last used",
+                    {"200": _json("TokenList", "every service token")},
+                ),
+                "post": _op(
+                    "createToken",
+                    "mint a service token; its secret is in this answer and nowhere else",
+                    {
+                        "201": _json("NewToken", "the token, with its secret"),
+                        "409": _json(
+                            "Error", "no --admin-token is configured, or 10000 tokens exist"
+                        ),
+                        **_errors("400", "413", "415", "503"),
+                    },
+                    body="TokenRequest",
+                ),
+            },
+            "/v1/tokens/{id}": {
+                "delete": _op(
+                    "revokeToken",
+                    "revoke a service token; the streams it opened are closed at once",
+                    {"204": {"description": "revoked"}, **_errors("404", "503")},
+                    params=(
+                        {
+                            "name": "id",
+                            "in": "path",
+                            "required": True,
+                            "description": "token id",
+                            "schema": {"type": "string"},
+                        },
+                    ),
+                )
             },
             inst + "/heartbeat": {
                 "put": _op(
@@ -369,12 +461,29 @@ def build_spec() -> dict[str, Any]:
                     "the instance is alive (no body needed)",
                     {"200": _json("Heartbeat", "seen"), **_errors("400", "404")},
                     params=i,
-                    mutating=True,
+                    access=Access.INSTANCE,
                 )
             },
         },
         "components": {
             "schemas": _schemas(),
-            "securitySchemes": {"adminToken": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "adminToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "--admin-token: everything",
+                },
+                "joinToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "--join-token: the stream and instance calls of any service",
+                },
+                "serviceToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "minted at /v1/tokens: the stream and instance calls of "
+                    "its service",
+                },
+            },
         },
     }

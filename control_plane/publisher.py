@@ -10,6 +10,13 @@ wait on each other: a sidecar whose send buffer holds more than ``SEND_BUFFER_LI
 that does not take a table within ``SEND_TIMEOUT``, is disconnected. WebSocket pings every
 ``KEEPALIVE`` seconds find streams that went silent without closing.
 
+Who may say what: the token that opened the stream (``api.guard`` checked it) must act for the
+hello's service; a stream owns the instance it registered while it is connected, and a hello
+for an instance that someone else owns (``ownership``) is refused without touching the record.
+Refusals close the stream with ``4000 + status`` (4400 a bad hello or address, 4401 a revoked
+token, 4403 another service's instance, 4409 someone else's instance or a full registry), are
+counted by reason and logged once per instance and node.
+
 Counters are plain integers (no lock, no label lookup on the event path); ``statistics()``
 hands them to ``metrics`` when Prometheus scrapes.
 """
@@ -17,8 +24,8 @@ hands them to ``metrics`` when Prometheus scrapes.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
-import hmac
 import itertools
 import logging
 import time
@@ -27,9 +34,11 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from control_plane import table
+from control_plane import ownership, table
+from control_plane.access import Principal
 from control_plane.convergence import Convergence
-from control_plane.errors import NotFound, StoreError
+from control_plane.errors import ApiError, BadRequest, NotFound, StoreError
+from control_plane.ownership import Claimant
 from control_plane.registry import Registry
 from control_plane.store import Store
 from control_plane.wire import (
@@ -46,11 +55,30 @@ from control_plane.wire import (
 
 log = logging.getLogger("meshlet.publisher")
 
+
+class Refused(Exception):
+    """A hello this control plane will not take: the stream closes with ``4000 + status``."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        """counted by: scope, admin, owned, rest, address, full"""
+        self.message = message
+
+    @classmethod
+    def by_registry(cls, error: ApiError) -> Refused:
+        reason = "address" if isinstance(error, BadRequest) else "full"
+        return cls(error.status, reason, error.message)
+
+
 SEND_TIMEOUT = 10.0
 SEND_BUFFER_LIMIT = 16 * 1024 * 1024
 KEEPALIVE = 10.0
 HELLO_TIMEOUT = 10.0
 MAX_MESSAGE = 1024 * 1024
+#: refusals remembered so that each (instance, node) is logged once; the oldest are forgotten
+LOGGED_REFUSALS = 1024
 
 
 @dataclass(slots=True)
@@ -60,6 +88,7 @@ class SidecarSession:
     key: int
     ws: web.WebSocketResponse
     transport: asyncio.Transport | None
+    principal: Principal
     node: str
     service: str
     instance: str
@@ -71,11 +100,16 @@ class SidecarSession:
     deregistered: bool = False
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
+    @property
+    def claimant(self) -> Claimant:
+        return Claimant(self.principal, self.node)
+
     def describe(self) -> dict[str, object]:
         return {
             "node": self.node,
             "service": self.service,
             "instance": self.instance,
+            "token": self.principal.token_id or self.principal.role.value,
             "acked_version": self.acked,
             "last_nack": self.last_nack,
             "connected_since": time.strftime(
@@ -95,6 +129,8 @@ class PublisherStatistics:
     """heartbeat messages received over streams"""
     nacks: int
     """tables sidecars refused"""
+    refused: dict[str, int] = field(default_factory=dict)
+    """hellos refused, by reason: scope, owned, rest, address, full, revoked"""
 
 
 class Publisher:
@@ -105,13 +141,11 @@ class Publisher:
         *,
         quiet: float,
         max_wait: float,
-        tokens: tuple[str, ...] = (),
     ) -> None:
         self.registry = registry
         self.store = store
         self.quiet = quiet
         self.max_wait = max_wait
-        self.tokens = tuple(t for t in tokens if t)
         self.version = 0
         self.digest = ""
         self.epoch = ""
@@ -127,6 +161,8 @@ class Publisher:
         self.pushes = 0
         self.heartbeats = 0
         self.nacks = 0
+        self.refused: collections.Counter[str] = collections.Counter()
+        self._logged: collections.OrderedDict[tuple[str, ...], None] = collections.OrderedDict()
         registry.on_change(self._on_change)
 
     def __repr__(self) -> str:
@@ -134,7 +170,12 @@ class Publisher:
 
     def statistics(self) -> PublisherStatistics:
         return PublisherStatistics(
-            self.version, len(self.sessions), self.pushes, self.heartbeats, self.nacks
+            self.version,
+            len(self.sessions),
+            self.pushes,
+            self.heartbeats,
+            self.nacks,
+            dict(self.refused),
         )
 
     def _on_change(self) -> None:
@@ -217,39 +258,40 @@ class Publisher:
         """On shutdown: tell every sidecar we are going (they keep their tables and retry).
         A sidecar that does not take the close within a second is cut off."""
 
-        async def close(session: SidecarSession) -> None:
-            try:
-                async with asyncio.timeout(1.0):
-                    await session.ws.close(code=1001, message=b"control plane shutting down")
-            except (TimeoutError, ConnectionError):
-                if session.transport is not None:
-                    session.transport.abort()
+        sessions = list(self.sessions.values())
+        await asyncio.gather(
+            *(self._close(s, 1001, "control plane shutting down") for s in sessions)
+        )
 
-        await asyncio.gather(*(close(s) for s in list(self.sessions.values())))
+    def owner(self, service: str, instance_id: str) -> SidecarSession | None:
+        """The live stream that owns an instance, if any."""
+        key = self._owners.get((service, instance_id))
+        return None if key is None else self.sessions.get(key)
+
+    async def close_streams_of(self, token_id: str) -> int:
+        """Close the streams opened with a (revoked) service token, at once: a close frame,
+        and a cut after a second for a sidecar that does not take it."""
+        doomed = [s for s in self.sessions.values() if s.principal.token_id == token_id]
+        await asyncio.gather(*(self._close(s, 4401, "token revoked") for s in doomed))
+        return len(doomed)
+
+    async def _close(self, session: SidecarSession, code: int, why: str) -> None:
+        try:
+            async with asyncio.timeout(1.0):
+                await session.ws.close(code=code, message=why.encode()[:120])
+        except (TimeoutError, ConnectionError):
+            if session.transport is not None:
+                session.transport.abort()
 
     # -- the stream -------------------------------------------------------------------------
 
-    def authorized(self, request: web.Request) -> bool:
-        if not self.tokens:
-            return True
-        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
-        return any(hmac.compare_digest(given, f"Bearer {t}".encode()) for t in self.tokens)
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        """``GET /v1/stream``: one sidecar's session, from hello to close."""
-        if not self.authorized(request):
-            return web.json_response(
-                {
-                    "error": "join token missing or wrong: send Authorization: Bearer <token>",
-                    "field": None,
-                },
-                status=401,
-                headers={"WWW-Authenticate": 'Bearer realm="meshlet"'},
-            )
+    async def handle(self, request: web.Request, principal: Principal) -> web.StreamResponse:
+        """``GET /v1/stream``: one sidecar's session, from hello to close. ``principal`` is
+        who opened it (the guard refused a stream without a valid token)."""
         ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE, heartbeat=KEEPALIVE)
         await ws.prepare(request)
         key = next(self._ids)
-        session = await self._welcome(ws, request.transport, key)
+        session = await self._welcome(ws, request.transport, principal, key)
         if session is None:
             return ws
         sender = asyncio.create_task(self._send_tables(session), name=f"send-{session.node}")
@@ -274,7 +316,11 @@ class Publisher:
         log.info("sidecar %s (%s/%s) disconnected", session.node, *instance)
 
     async def _welcome(
-        self, ws: web.WebSocketResponse, transport: asyncio.Transport | None, key: int
+        self,
+        ws: web.WebSocketResponse,
+        transport: asyncio.Transport | None,
+        principal: Principal,
+        key: int,
     ) -> SidecarSession | None:
         try:
             async with asyncio.timeout(HELLO_TIMEOUT):
@@ -285,13 +331,19 @@ class Publisher:
         except (TimeoutError, WireError) as e:
             await ws.close(code=4400, message=f"bad hello: {e}"[:120].encode())
             return None
+        instance = hello.instance.instance_id()
+        try:
+            self._admit(hello, instance, principal)
+        except Refused as e:
+            await self._refuse(ws, hello, instance, e)
+            return None
         # The session owns its instance before registering: if this handler is cancelled
         # (the socket died) anywhere from here on, _end marks the instance unhealthy.
-        instance = hello.instance.instance_id()
         session = SidecarSession(
             key,
             ws,
             transport,
+            principal,
             hello.node,
             hello.service,
             instance,
@@ -307,12 +359,19 @@ class Publisher:
         self.sessions[key] = session
         self._owners[(hello.service, instance)] = key
         try:
-            await self._register(session, healthy=hello.health == "healthy")
+            await self._register(session)
+            self.registry.set_app_health(
+                hello.service, instance, app_healthy=hello.health == "healthy"
+            )
             await ws.send_str(encode(Welcome(instance, self.version, self.epoch)))
         except StoreError as e:
             log.warning("sidecar %s not registered, store failed: %s", hello.node, e)
             self._end(key, session)
             await ws.close(code=1011, message=b"store unavailable")
+            return None
+        except ApiError as e:  # an address no caller may be sent to, a full registry
+            self._end(key, session)
+            await self._refuse(ws, hello, instance, Refused.by_registry(e))
             return None
         except BaseException:  # gone between hello and welcome: not live after all
             self._end(key, session)
@@ -327,10 +386,40 @@ class Publisher:
         )
         return session
 
-    async def _register(self, session: SidecarSession, healthy: bool) -> None:
-        """Register the session's instance, with its app's health (StoreError if not)."""
-        await self.registry.register(session.service, session.hello.instance)
-        self.registry.report(session.service, session.instance, app_healthy=healthy)
+    def _admit(self, hello: Hello, instance: str, principal: Principal) -> None:
+        """Whether this stream may register the hello's instance; Refused if not."""
+        if not principal.acts_for(hello.service):
+            raise Refused(403, "scope", f"{principal} acts only for {principal.service}")
+        owner = self.owner(hello.service, instance)
+        refused = ownership.refusal(
+            self.registry.find(hello.service, instance),
+            owner.claimant if owner is not None else None,
+            Claimant(principal, hello.node),
+        )
+        if refused is not None:
+            raise Refused(409, refused.reason, refused.message)
+
+    async def _refuse(
+        self, ws: web.WebSocketResponse, hello: Hello, instance: str, error: Refused
+    ) -> None:
+        """Close a stream whose hello is refused, with ``4000 + status``; counted, and logged
+        once per instance and node."""
+        reason = error.reason
+        self.refused[reason] += 1
+        what = (hello.service, instance, hello.node, reason)
+        if what not in self._logged:
+            self._logged[what] = None
+            if len(self._logged) > LOGGED_REFUSALS:
+                self._logged.popitem(last=False)
+            log.warning(
+                "sidecar %s refused %s/%s: %s", hello.node, hello.service, instance, error.message
+            )
+        await ws.close(code=4000 + error.status, message=error.message.encode()[:120])
+
+    async def _register(self, session: SidecarSession) -> None:
+        """Register the session's instance (StoreError, or ApiError for a refused one)."""
+        origin = session.claimant.origin
+        await self.registry.register(session.service, session.hello.instance, origin)
 
     async def _receive(self, session: SidecarSession) -> None:
         async for msg in session.ws:
@@ -350,8 +439,9 @@ class Publisher:
                     self.registry.report(session.service, session.instance, app_healthy=healthy)
                 except NotFound:  # removed while connected (an operator's DELETE): back again
                     try:
-                        await self._register(session, healthy)
-                    except StoreError as e:  # the next heartbeat tries again
+                        await self._register(session)
+                        self.registry.report(session.service, session.instance, app_healthy=healthy)
+                    except (StoreError, ApiError) as e:  # the next heartbeat tries again
                         log.warning("sidecar %s not registered again: %s", session.node, e)
             elif isinstance(message, Ack):
                 session.acked = max(session.acked, message.version)
@@ -363,12 +453,25 @@ class Publisher:
                 log.warning("sidecar %s refused table %s", session.node, session.last_nack)
             elif isinstance(message, Deregister):
                 session.deregistered = True
-                with contextlib.suppress(NotFound):
-                    await self.registry.deregister(session.service, session.instance)
+                await self._deregister(session)
             else:
                 log.warning(
                     "sidecar %s sent an unexpected %s", session.node, type(message).__name__
                 )
+
+    async def _deregister(self, session: SidecarSession) -> None:
+        """A stream removes only its own instance: one it registered and still owns."""
+        key = (session.service, session.instance)
+        owned = self._owners.get(key) == session.key
+        if not owned or ownership.refusal(self.registry.find(*key), None, session.claimant):
+            log.warning(
+                "sidecar %s asked to deregister %s/%s, which its stream does not own: ignored",
+                session.node,
+                *key,
+            )
+            return
+        with contextlib.suppress(NotFound):
+            await self.registry.deregister(*key)
 
     async def _send_tables(self, session: SidecarSession) -> None:
         """Always the newest table, never one the sidecar has; a stuck sidecar is dropped."""

@@ -6,6 +6,11 @@ instances (and at least ``PROTECT_MIN`` of them) have lapsed at once, this contr
 more likely cut off from them than they are all dead, so nothing expires until heartbeats
 recover; a lone dead instance in a healthy registry still expires normally.
 
+Nobody can hold protection on by registering junk: an instance that never heartbeated since it
+registered neither counts toward protection nor is held by it. And protection is bounded in
+time: once it has held for ``--protect-max``, the registry releases the oldest held instances
+a few at a time (``release``), so a control plane that really is cut off still converges.
+
 ``plan_expiry`` is a plain function over ages; ``run_reaper`` is the loop that drives it.
 """
 
@@ -36,6 +41,8 @@ class ExpiryPlan(Generic[K]):
     """instances past the TTL, draining ones not counted"""
     counted: int = 0
     """instances the protection threshold is a share of (draining ones are not)"""
+    released: tuple[K, ...] = ()
+    """held by protection but let go (``release``): in ``lapsed`` or ``removed``"""
 
 
 def protecting(late: int, counted: int, protect_percent: float) -> bool:
@@ -51,16 +58,21 @@ def plan_expiry(
     remove_after: float,
     protect_percent: float,
     draining: Collection[K] = (),
+    unproven: Collection[K] = (),
+    release: int = 0,
 ) -> ExpiryPlan[K]:
     """What to do with instances whose last sign of life is ``ages[key]`` seconds old.
 
-    Draining instances are expected to go quiet: they neither count towards protection nor
-    are held by it.
+    Draining instances are expected to go quiet, and ``unproven`` ones (never heartbeated since
+    they registered) may be junk: neither counts towards protection nor is held by it. Under
+    protection, the ``release`` oldest held instances are let go all the same.
     """
-    counted = [key for key in ages if key not in draining]
+    counted = [key for key in ages if key not in draining and key not in unproven]
     late = [key for key in counted if ages[key] > ttl]
     protection = protecting(len(late), len(counted), protect_percent)
     held = set(late) if protection else set()
+    released = sorted(held, key=ages.__getitem__, reverse=True)[:release] if held else []
+    held.difference_update(released)
     lapsed = [key for key, age in ages.items() if age > ttl and key not in held]
     return ExpiryPlan(
         lapsed=tuple(key for key in lapsed if ages[key] <= remove_after),
@@ -68,6 +80,7 @@ def plan_expiry(
         protection=protection,
         late=len(late),
         counted=len(counted),
+        released=tuple(released),
     )
 
 

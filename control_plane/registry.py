@@ -4,27 +4,42 @@ The registry keeps the whole registry in memory and writes every change through 
 ``Store`` before acknowledging it; writes are serialised by one lock. Heartbeats are soft
 state: they touch memory only. After a restart every known instance gets one full TTL of
 grace before it can lapse. Its counters are plain integers, read when Prometheus scrapes.
+
+What may be registered is bounded here: addresses no caller should be sent to are refused
+(``schema.routable``), and so is an instance beyond ``max_instances`` or ``max_per_service``.
+Who may register what is decided before (``api`` and ``publisher``, by token).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from control_plane.clock import Clock
-from control_plane.errors import NotFound
-from control_plane.model import InstanceRecord, InstanceView, ServiceSummary, ServiceView, Status
+from control_plane.errors import Conflict, NotFound
+from control_plane.model import (
+    InstanceRecord,
+    InstanceView,
+    Origin,
+    ServiceSummary,
+    ServiceView,
+    Status,
+)
 from control_plane.reaper import plan_expiry, protecting
-from control_plane.schema import InstancePatch, Registration
+from control_plane.schema import InstancePatch, Registration, routable
 from control_plane.store import Snapshot, Store
 from control_plane.wire import DEFAULT_POLICY, DEFAULT_WEIGHT, Policy
 
 log = logging.getLogger("meshlet.registry")
 
 T = TypeVar("T")
+
+RELEASE_SHARE = 0.1
+"""once protection has held for ``protect_max``: the share of all instances let go per TTL"""
 
 
 @dataclass(slots=True)
@@ -37,6 +52,8 @@ class _Liveness:
     """no heartbeat for the TTL, or its sidecar's stream closed"""
     app_healthy: bool = True
     """what the instance's sidecar last said of its app"""
+    proven: bool = True
+    """heartbeated since it registered (junk that never does cannot hold protection on)"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +66,10 @@ class RegistryStatistics:
     """REST heartbeats accepted (stream heartbeats are the publisher's to count)"""
     expired: int
     """instances the reaper removed after ``remove_after`` without a heartbeat"""
+    outlasted: bool = False
+    """protection has held for ``protect_max``: expiry resumes at a bounded rate"""
+    released: int = 0
+    """instances protection held but let go after ``protect_max``"""
 
 
 class Registry:
@@ -60,17 +81,32 @@ class Registry:
         heartbeat_ttl: float,
         remove_after: float,
         protect_percent: float,
+        protect_max: float = 900.0,
+        loopback: bool = True,
+        max_instances: int = 100_000,
+        max_per_service: int = 10_000,
     ) -> None:
         self._store = store
         self._clock = clock
         self.heartbeat_ttl = heartbeat_ttl
         self.remove_after = remove_after
         self.protect_percent = protect_percent
+        self.protect_max = protect_max
+        """seconds protection may hold before expiry resumes at ``RELEASE_SHARE`` per TTL"""
+        self.loopback = loopback
+        """whether loopback addresses may be registered"""
+        self.max_instances = max_instances
+        self.max_per_service = max_per_service
         self._policies: dict[str, Policy] = {}
         self._instances: dict[str, dict[str, InstanceRecord]] = {}
         self._live: dict[tuple[str, str], _Liveness] = {}
         self._lock = asyncio.Lock()
         self.protection = False
+        self._protected_since = 0.0
+        self.outlasted = False
+        self._releases: collections.deque[float] = collections.deque()
+        """monotonic times of the releases within the last TTL"""
+        self.released = 0
         self.heartbeats = 0
         self.expired = 0
         self._held_logged = -float("inf")
@@ -152,6 +188,8 @@ class Registry:
             protection=self.protection,
             heartbeats=self.heartbeats,
             expired=self.expired,
+            outlasted=self.outlasted,
+            released=self.released,
         )
 
     def __repr__(self) -> str:
@@ -183,11 +221,17 @@ class Registry:
         self._changed()
         log.info("policy of %s reset to defaults", service)
 
-    async def register(self, service: str, reg: Registration) -> tuple[InstanceView, bool]:
-        """Register or update an instance; True when it is new."""
+    async def register(
+        self, service: str, reg: Registration, origin: Origin = Origin.REST
+    ) -> tuple[InstanceView, bool]:
+        """Register or update an instance; True when it is new. BadRequest for an address no
+        caller should be sent to, Conflict when the registry is full."""
         instance_id = reg.instance_id()
+        routable(reg.address, loopback=self.loopback)
         async with self._lock:
             old = self._instances.get(service, {}).get(instance_id)
+            if old is None:
+                self._check_room(service)
             record = InstanceRecord(
                 service,
                 instance_id,
@@ -197,6 +241,7 @@ class Registry:
                 weight=_given(reg.weight, old.weight if old else DEFAULT_WEIGHT),
                 metadata=_given(reg.metadata, old.metadata if old else {}),
                 draining=old.draining if old else False,
+                origin=origin,
             )
 
             if record != old:
@@ -212,10 +257,27 @@ class Registry:
             log.info("registered %s/%s at %s:%d", service, instance_id, reg.address, reg.port)
         return self._view(record), old is None
 
+    def _check_room(self, service: str) -> None:
+        if len(self._live) >= self.max_instances:
+            raise Conflict(
+                f"the registry holds {len(self._live)} instances, its limit (--max-instances)",
+                None,
+            )
+        if len(self._instances.get(service, {})) >= self.max_per_service:
+            raise Conflict(
+                f"service {service} has {self.max_per_service} instances, the limit per service "
+                "(--max-instances-per-service)",
+                "service",
+            )
+
+    def find(self, service: str, instance_id: str) -> InstanceRecord | None:
+        return self._instances.get(service, {}).get(instance_id)
+
     def heartbeat(self, service: str, instance_id: str) -> Status:
         """Memory only, no store write: the hot path of every instance without a sidecar."""
         record = self._record(service, instance_id)
         self.heartbeats += 1
+        self._live[record.key].proven = True
         if self._touch(record.key):
             log.info("%s/%s is heartbeating again", service, instance_id)
             self._changed()
@@ -227,6 +289,19 @@ class Registry:
         live = self._live[record.key]
         was = self._status(record)
         self._touch(record.key)
+        live.proven = True
+        self._set_app_health(record, live, app_healthy, was)
+
+    def set_app_health(self, service: str, instance_id: str, *, app_healthy: bool) -> None:
+        """What a sidecar says of its app when it connects: no heartbeat (a stream that only
+        says hello proves nothing)."""
+        record = self._record(service, instance_id)
+        self._set_app_health(record, self._live[record.key], app_healthy, self._status(record))
+
+    def _set_app_health(
+        self, record: InstanceRecord, live: _Liveness, app_healthy: bool, was: Status
+    ) -> None:
+        service, instance_id = record.key
         if live.app_healthy != app_healthy:
             live.app_healthy = app_healthy
             log.info(
@@ -249,9 +324,18 @@ class Registry:
         live = self._live[record.key]
         if live.lapsed:
             return
-        counted = [r for s in self._instances.values() for r in s.values() if not r.draining]
+        counted = [
+            r
+            for s in self._instances.values()
+            for r in s.values()
+            if not r.draining and self._live[r.key].proven
+        ]
         lapsed = 1 + sum(1 for r in counted if self._live[r.key].lapsed)
-        if not record.draining and protecting(lapsed, len(counted), self.protect_percent):
+        if (
+            not record.draining
+            and live.proven
+            and protecting(lapsed, len(counted), self.protect_percent)
+        ):
             now = self._clock.monotonic()
             if now - self._held_logged > self.heartbeat_ttl:
                 self._held_logged = now
@@ -300,15 +384,23 @@ class Registry:
     async def expire(self) -> None:
         """One reaper sweep: lapse, remove, or hold everything under protection."""
         now = self._clock.monotonic()
+        if self.protection and not self.outlasted:
+            self._check_outlasted(now)
         plan = plan_expiry(
             {key: now - live.seen for key, live in self._live.items()},
             ttl=self.heartbeat_ttl,
             remove_after=self.remove_after,
             protect_percent=self.protect_percent,
             draining={r.key for s in self._instances.values() for r in s.values() if r.draining},
+            unproven={key for key, live in self._live.items() if not live.proven},
+            release=self._release_budget(now),
         )
+        self._releases.extend(now for _ in plan.released)
+        self.released += len(plan.released)
         if plan.protection != self.protection:
             self.protection = plan.protection
+            self._protected_since = now
+            self.outlasted = False
             if plan.protection:
                 log.warning(
                     "protection on: %d of %d instances missed heartbeats at once; expiring "
@@ -344,6 +436,30 @@ class Registry:
                     instance_id,
                     self.remove_after,
                 )
+
+    def _check_outlasted(self, now: float) -> None:
+        if now - self._protected_since < self.protect_max:
+            return
+        self.outlasted = True
+        log.warning(
+            "protection has held for %.0fs (--protect-max): expiring again, at most %d "
+            "instances per %.0fs",
+            now - self._protected_since,
+            self._release_limit(),
+            self.heartbeat_ttl,
+        )
+
+    def _release_limit(self) -> int:
+        return max(1, int(len(self._live) * RELEASE_SHARE))
+
+    def _release_budget(self, now: float) -> int:
+        """How many held instances this sweep may let go: none until protection has held
+        for ``protect_max``, then ``RELEASE_SHARE`` of all instances per TTL."""
+        if not self.outlasted:
+            return 0
+        while self._releases and now - self._releases[0] >= self.heartbeat_ttl:
+            self._releases.popleft()
+        return max(0, self._release_limit() - len(self._releases))
 
     # -- internals -----------------------------------------------------------------------
 
@@ -390,7 +506,7 @@ class Registry:
         """Record a heartbeat; True when the instance had lapsed."""
         live = self._live.get(key)
         if live is None:
-            self._live[key] = _Liveness(self._clock.monotonic(), self._clock.time())
+            self._live[key] = _Liveness(self._clock.monotonic(), self._clock.time(), proven=False)
             return False
         was_lapsed = live.lapsed
         live.seen = self._clock.monotonic()

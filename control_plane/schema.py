@@ -6,15 +6,25 @@ error is a ``BadRequest`` naming the field.
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import json
 from dataclasses import dataclass
 from typing import Any
 
 from control_plane import wire
 from control_plane.errors import BadRequest
+from control_plane.model import TOKEN_DESCRIPTION_MAX
 from control_plane.wire import Registration, WireError, default_instance_id, spec
 
-__all__ = ["InstancePatch", "Registration", "decode_json", "default_instance_id", "document"]
+__all__ = [
+    "InstancePatch",
+    "Registration",
+    "TokenRequest",
+    "decode_json",
+    "default_instance_id",
+    "document",
+]
 
 #: request bodies larger than this are refused with 413
 MAX_BODY_BYTES = 1024 * 1024
@@ -65,6 +75,44 @@ def instance_id(value: str) -> str:
         raise BadRequest(f"instance id {value[:80]!r} {e.message}", "id") from None
 
 
+_THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
+_BROADCAST = ipaddress.ip_address("255.255.255.255")
+
+
+def routable(address: str, *, loopback: bool) -> str:
+    """An instance address callers may be sent to: never unspecified, multicast, broadcast or
+    link-local (the cloud metadata service is link-local), loopback only when ``loopback``
+    (a control plane on loopback runs a local mesh). Hostnames are not resolved, except that
+    ``localhost`` is loopback."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        host = address.lower().removesuffix(".")
+        if not loopback and (host == "localhost" or host.endswith(".localhost")):
+            raise BadRequest(_LOOPBACK, "address") from None
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    why = (
+        "is unspecified" if ip.is_unspecified or ip in _THIS_NETWORK else
+        "is multicast" if ip.is_multicast else
+        "is the broadcast address" if ip == _BROADCAST else
+        "is link-local (as the cloud metadata address is)" if ip.is_link_local else
+        ""
+    )  # fmt: skip
+    if why:
+        raise BadRequest(f"address {address} {why}: no caller may be sent there", "address")
+    if ip.is_loopback and not loopback:
+        raise BadRequest(_LOOPBACK, "address")
+    return address
+
+
+_LOOPBACK = (
+    "loopback addresses are refused: this control plane does not listen on loopback, so its "
+    "sidecars are not on one host (start it with --allow-loopback if they are)"
+)
+
+
 def _patch_status(value: Any, path: str) -> str:
     if value not in ("draining", "healthy"):
         raise WireError(
@@ -92,3 +140,31 @@ class InstancePatch:
         wire.check_bounds(self)
         if self.weight is None and self.status is None:
             raise WireError("(body)", "nothing to change: give weight and/or status")
+
+
+def _description(value: Any, path: str) -> str:
+    if not isinstance(value, str):
+        raise WireError(path, "must be a string")
+    if len(value) > TOKEN_DESCRIPTION_MAX or not value.isprintable():
+        raise WireError(
+            path, f"must be at most {TOKEN_DESCRIPTION_MAX} printable characters (no newlines)"
+        )
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRequest:
+    """Body of ``POST /v1/tokens``: a service token for one service."""
+
+    service: str = spec(
+        dataclasses.MISSING,
+        "the service the token acts for (its stream and its instances)",
+        parse=lambda value, path: wire.check_service_name(value, path),
+        schema={"type": "string", "pattern": f"^{wire.SERVICE_NAME.pattern}$"},
+    )
+    description: str = spec(
+        "",
+        "what the token is for, for people (where it is deployed)",
+        parse=_description,
+        schema={"type": "string", "maxLength": TOKEN_DESCRIPTION_MAX},
+    )

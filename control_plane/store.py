@@ -1,6 +1,7 @@
 """Where the registry keeps what must survive a restart, behind one Protocol.
 
-A store holds the explicit policies and the instance records (with their weights and drains).
+A store holds the explicit policies, the instance records (with their weights and drains)
+and the service tokens (as digests).
 Heartbeats are soft state and never reach a store. Implementations: ``store_sqlite`` (the
 default) and ``store_memory``; one contract suite (``tests/control_plane/test_store_contract``)
 runs over every one of them.
@@ -9,11 +10,11 @@ runs over every one of them.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from control_plane.errors import ConfigError
-from control_plane.model import InstanceRecord
+from control_plane.model import InstanceRecord, TokenRecord
 from control_plane.wire import Policy
 
 
@@ -32,6 +33,8 @@ class Snapshot:
     notice a control plane whose store was reset (its versions start over)"""
     lapsed: frozenset[tuple[str, str]] = frozenset()
     """instances the last published table left out as unhealthy"""
+    tokens: list[TokenRecord] = field(default_factory=list)
+    """service tokens"""
 
 
 class Store(Protocol):
@@ -53,6 +56,15 @@ class Store(Protocol):
     ) -> None:
         """What was published: its version, its content's digest, and which instances were
         unhealthy in it (so a restart does not bring dead instances back)."""
+        ...
+
+    async def put_token(self, record: TokenRecord) -> None: ...
+
+    async def delete_token(self, token_id: str) -> None: ...
+
+    async def touch_tokens(self, used: dict[str, float]) -> None:
+        """Record when tokens were last used (token id -> wall-clock seconds); ids no longer
+        stored are ignored."""
         ...
 
     async def close(self) -> None: ...

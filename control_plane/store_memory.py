@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from collections.abc import Sequence
 
-from control_plane.model import InstanceRecord
+from control_plane.model import InstanceRecord, TokenRecord
 from control_plane.store import Snapshot
 from control_plane.wire import Policy
 
@@ -16,6 +17,7 @@ class MemoryStore:
         self._instances: dict[tuple[str, str], InstanceRecord] = {}
         self._table: tuple[int, str, frozenset[tuple[str, str]]] = (0, "", frozenset())
         self._epoch = secrets.token_hex(8)
+        self._tokens: dict[str, TokenRecord] = {}
 
     async def load(self) -> Snapshot:
         version, digest, lapsed = self._table
@@ -26,6 +28,7 @@ class MemoryStore:
             table_digest=digest,
             epoch=self._epoch,
             lapsed=lapsed,
+            tokens=list(self._tokens.values()),
         )
 
     async def put_policy(self, service: str, policy: Policy) -> None:
@@ -45,6 +48,17 @@ class MemoryStore:
         self, version: int, digest: str, lapsed: frozenset[tuple[str, str]]
     ) -> None:
         self._table = (version, digest, lapsed)
+
+    async def put_token(self, record: TokenRecord) -> None:
+        self._tokens[record.id] = record
+
+    async def delete_token(self, token_id: str) -> None:
+        self._tokens.pop(token_id, None)
+
+    async def touch_tokens(self, used: dict[str, float]) -> None:
+        for token_id, when in used.items():
+            if token_id in self._tokens:
+                self._tokens[token_id] = dataclasses.replace(self._tokens[token_id], last_used=when)
 
     async def close(self) -> None:
         pass

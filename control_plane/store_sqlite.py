@@ -19,11 +19,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from control_plane.errors import StoreError
-from control_plane.model import InstanceRecord
+from control_plane.model import InstanceRecord, Origin, TokenRecord
 from control_plane.store import Snapshot
 from control_plane.wire import Policy, WireError, parse_policy, to_json
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""1: policies, instances, meta; 2: instances.origin, tokens"""
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS policies (service TEXT PRIMARY KEY, document TEXT NOT NULL);
@@ -36,9 +37,19 @@ CREATE TABLE IF NOT EXISTS instances (
     weight INTEGER NOT NULL,
     metadata TEXT NOT NULL,
     draining INTEGER NOT NULL,
+    origin TEXT NOT NULL DEFAULT 'rest',
     PRIMARY KEY (service, id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tokens (
+    id TEXT PRIMARY KEY,
+    service TEXT NOT NULL,
+    description TEXT NOT NULL,
+    digest TEXT NOT NULL UNIQUE,
+    created REAL NOT NULL,
+    last_used REAL
+);
 """
+_INSTANCE_COLUMNS = "service, id, address, port, zone, weight, metadata, draining, origin"
 
 T = TypeVar("T")
 
@@ -73,15 +84,21 @@ class SqliteStore:
             with db:
                 db.executescript(_SCHEMA)
                 row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-                if row is None:
-                    db.execute(
-                        "INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-                    )
-                elif int(row[0]) > SCHEMA_VERSION:
+                if row is not None and int(row[0]) > SCHEMA_VERSION:
                     raise StoreError(
                         f"sqlite {self.path}: schema version {row[0]} is newer than this "
                         f"meshlet understands ({SCHEMA_VERSION})"
                     )
+                if row is not None and int(row[0]) < 2:
+                    # instances of version 1 came mostly from sidecars' streams: marking them
+                    # rest would lock every sidecar out of its own instance after an upgrade
+                    db.execute(
+                        "ALTER TABLE instances ADD COLUMN origin TEXT NOT NULL DEFAULT 'stream'"
+                    )
+                db.execute(
+                    "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
         except BaseException:
             db.close()
             raise
@@ -115,9 +132,8 @@ class SqliteStore:
                         f"sqlite {self.path}: stored policy of {service!r} is invalid: {e}"
                     ) from e
             instances = []
-            for service, id_, address, port, zone, weight, metadata, draining in db.execute(
-                "SELECT service, id, address, port, zone, weight, metadata, draining "
-                "FROM instances ORDER BY service, id"
+            for service, id_, address, port, zone, weight, metadata, draining, origin in db.execute(
+                f"SELECT {_INSTANCE_COLUMNS} FROM instances ORDER BY service, id"
             ):
                 try:
                     instances.append(
@@ -130,6 +146,7 @@ class SqliteStore:
                             weight=weight,
                             metadata=json.loads(metadata),
                             draining=bool(draining),
+                            origin=Origin(origin),
                         )
                     )
                 except (ValueError, WireError) as e:
@@ -142,6 +159,12 @@ class SqliteStore:
                 with db:
                     db.execute("INSERT INTO meta VALUES ('epoch', ?)", (meta["epoch"],))
             lapsed = frozenset(tuple(k) for k in json.loads(meta.get("lapsed", "[]")))
+            tokens = [
+                TokenRecord(*row)
+                for row in db.execute(
+                    "SELECT id, service, description, digest, created, last_used FROM tokens"
+                )
+            ]
             return Snapshot(
                 policies,
                 instances,
@@ -149,6 +172,7 @@ class SqliteStore:
                 table_digest=meta.get("table_digest", ""),
                 epoch=meta["epoch"],
                 lapsed=lapsed,
+                tokens=tokens,
             )
 
         return await self._run(load)
@@ -179,11 +203,16 @@ class SqliteStore:
             record.weight,
             json.dumps(record.metadata, separators=(",", ":")),
             int(record.draining),
+            record.origin.value,
         )
 
         def put(db: sqlite3.Connection) -> None:
             with db:
-                db.execute("INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+                db.execute(
+                    f"INSERT OR REPLACE INTO instances ({_INSTANCE_COLUMNS}) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    row,
+                )
 
         await self._run(put)
 
@@ -210,6 +239,35 @@ class SqliteStore:
                 db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", rows)
 
         await self._run(put)
+
+    async def put_token(self, record: TokenRecord) -> None:
+        row = (record.id, record.service, record.description, record.digest, record.created)
+
+        def put(db: sqlite3.Connection) -> None:
+            with db:
+                db.execute(
+                    "INSERT INTO tokens (id, service, description, digest, created) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    row,
+                )
+
+        await self._run(put)
+
+    async def delete_token(self, token_id: str) -> None:
+        def delete(db: sqlite3.Connection) -> None:
+            with db:
+                db.execute("DELETE FROM tokens WHERE id = ?", (token_id,))
+
+        await self._run(delete)
+
+    async def touch_tokens(self, used: dict[str, float]) -> None:
+        rows = [(when, token_id) for token_id, when in used.items()]
+
+        def touch(db: sqlite3.Connection) -> None:
+            with db:
+                db.executemany("UPDATE tokens SET last_used = ? WHERE id = ?", rows)
+
+        await self._run(touch)
 
     async def close(self) -> None:
         def close() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import ssl
 import sys
 import urllib.error
 import urllib.parse
@@ -26,9 +27,17 @@ class CtlError(Exception):
 
 
 class Client:
-    def __init__(self, base: str, token: str) -> None:
+    def __init__(self, base: str, token: str, ca_file: str = "") -> None:
         self.base = base.rstrip("/")
         self.token = token
+        self.tls: ssl.SSLContext | None = None
+        if self.base.startswith("https://"):
+            try:
+                self.tls = ssl.create_default_context(cafile=ca_file or None)
+            except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+                raise CtlError(
+                    f"--ca-file {ca_file}: {getattr(e, 'strerror', None) or e}"
+                ) from None
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
@@ -37,7 +46,7 @@ class Client:
             headers["Authorization"] = f"Bearer {self.token}"
         req = urllib.request.Request(self.base + path, data, headers, method=method)
         try:
-            with urllib.request.urlopen(req, timeout=10) as r:
+            with urllib.request.urlopen(req, timeout=10, context=self.tls) as r:
                 raw = r.read()
         except urllib.error.HTTPError as e:
             try:
@@ -151,7 +160,34 @@ def run(args: argparse.Namespace, client: Client) -> tuple[Any, View]:
     if args.command == "table":
         data = client.call("GET", "/v1/table")
         return data, table_view(data)
+    if args.command == "token":
+        return token(args, client)
     raise AssertionError(args.command)
+
+
+def token(args: argparse.Namespace, client: Client) -> tuple[Any, View]:
+    """``token create SERVICE``, ``token list``, ``token revoke ID``."""
+    if args.token_command == "create":
+        body = {"service": args.service, "description": args.description}
+        data = client.call("POST", "/v1/tokens", body)
+        return data, [
+            f"token {data['id']} for service {data['service']}:",
+            data["secret"],
+            "(shown this once: give it to the service's sidecars as --token-file or MESHLET_TOKEN)",
+        ]
+    if args.token_command == "list":
+        data = client.call("GET", "/v1/tokens")
+        rows = [
+            [t["id"], t["service"], t["description"] or "-", t["created"], t["last_used"] or "-"]
+            for t in data["tokens"]
+        ]
+        if not rows:
+            return data, ["no service tokens"]
+        return data, [Grid(["ID", "SERVICE", "DESCRIPTION", "CREATED", "LAST USED"], rows)]
+    token_id = urllib.parse.quote(args.id, safe="")
+    client.call("DELETE", f"/v1/tokens/{token_id}")
+    data = {"id": args.id, "revoked": True}
+    return data, [f"token {args.id} revoked; the streams it opened are closed"]
 
 
 def sidecars_view(sidecars: list[dict[str, Any]]) -> View:
@@ -162,13 +198,14 @@ def sidecars_view(sidecars: list[dict[str, Any]]) -> View:
             s["node"],
             s["service"],
             s["instance"],
+            s["token"],
             f"v{s['acked_version']}" if s["acked_version"] else "-",  # 0: none acked yet
             s["last_nack"] or "-",
             s["connected_since"],
         ]
         for s in sidecars
     ]
-    header = ["NODE", "SERVICE", "INSTANCE", "ACKED", "LAST NACK", "CONNECTED SINCE"]
+    header = ["NODE", "SERVICE", "INSTANCE", "TOKEN", "ACKED", "LAST NACK", "CONNECTED SINCE"]
     return [Grid(header, rows)]
 
 
@@ -252,7 +289,8 @@ def print_rich(view: View, out: TextIO) -> None:
 def build_parser(prog: str) -> FlagParser:
     p = FlagParser(prog=prog, description="Look at and steer a meshlet control plane.")
     p.flag("--control-plane", "http://127.0.0.1:7070", "control plane URL")
-    p.flag("--admin-token", "", "bearer token for changes")
+    p.secret("--admin-token", "admin token")
+    p.flag("--ca-file", "", "PEM CA bundle to verify an https:// control plane")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     # --json after the command too; SUPPRESS keeps a subcommand from resetting it to False
     common = FlagParser(add_help=False)
@@ -286,6 +324,13 @@ def build_parser(prog: str) -> FlagParser:
     ring.add_argument("--key", required=True, help="the request's hash key, e.g. a user id")
     command("sidecars", "connected sidecars and the table version each acknowledged")
     command("table", "the routing table in force: each service's policy and endpoints")
+    tokens = command("token", "service tokens: create, list, revoke")
+    token_sub = tokens.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    create = token_sub.add_parser("create", help="mint a token for one service", parents=[common])
+    create.add_argument("service")
+    create.add_argument("--description", default="", help="what it is for, for people")
+    token_sub.add_parser("list", help="every token, with when it was last used", parents=[common])
+    token_sub.add_parser("revoke", help="revoke a token", parents=[common]).add_argument("id")
     return p
 
 
@@ -294,7 +339,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "meshlet ctl") -> int:
     values = parser.parse_flags(argv)
     args = argparse.Namespace(**values)
     try:
-        data, view = run(args, Client(args.control_plane, args.admin_token))
+        data, view = run(args, Client(args.control_plane, args.admin_token, args.ca_file))
     except CtlError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 1

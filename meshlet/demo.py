@@ -89,21 +89,24 @@ async def _start(mesh: Mesh, port: int, plan: Plan, http: aiohttp.ClientSession)
     """Control plane, catalog policy, three catalogs, then the frontend; the frontend's
     inbound URL once a request through it works."""
     url = await mesh.start_control_plane(port)
-    async with http.put(f"{url}/v1/services/catalog/policy", json=plan.policy()) as r:
+    policy = plan.policy()
+    async with http.put(f"{url}/v1/services/catalog/policy", json=policy, headers=mesh.auth) as r:
         if r.status != 200:
             raise RuntimeError(f"catalog policy refused: {r.status} {await r.text()}")
+    for service in ("catalog", "frontend"):
+        await mesh.mint_token(http, service)
     async with asyncio.TaskGroup() as tasks:
         for name in CATALOGS:
             tasks.create_task(mesh.start_instance("catalog", name))
-    await _poll(lambda: _healthy_catalogs(http, url), "three healthy catalog instances")
+    await _poll(lambda: _healthy_catalogs(http, mesh), "three healthy catalog instances")
     frontend = await mesh.start_instance("frontend", "frontend-1")
     inbound = f"http://127.0.0.1:{frontend.ports['inbound']}/"
     await _poll(lambda: _answers(http, inbound), "an answer through the frontend")
     return inbound
 
 
-async def _healthy_catalogs(http: aiohttp.ClientSession, url: str) -> bool:
-    async with http.get(f"{url}/v1/services/catalog/instances") as r:
+async def _healthy_catalogs(http: aiohttp.ClientSession, mesh: Mesh) -> bool:
+    async with http.get(f"{mesh.url}/v1/services/catalog/instances", headers=mesh.auth) as r:
         listed = await r.json()
     healthy = [i for i in listed["instances"] if i["status"] == "healthy"]
     return len(healthy) == len(CATALOGS)
@@ -145,7 +148,8 @@ def _intro(mesh: Mesh, inbound: str, plan: Plan, repeat: bool, keep: bool) -> li
     first = default_instance_id("127.0.0.1", mesh.instances["catalog-1"].ports["inbound"])
     catalog_1 = f"{cp}/v1/services/catalog/instances/{first}"
     json_header = "-H 'Content-Type: application/json'"
-    sidecar_metrics = ", ".join(f"{i.admin_url}/metrics" for i in mesh.instances.values())
+    auth = f'-H "Authorization: Bearer $(cat {shlex.quote(str(mesh.admin_token_file))})"'
+    sidecar_metrics = ", ".join(i.metrics_url for i in mesh.instances.values())
     lines += [
         "",
         f"The demo sends {plan.rate:g} requests/s to frontend (its sidecar's inbound, {inbound});",
@@ -165,16 +169,19 @@ def _intro(mesh: Mesh, inbound: str, plan: Plan, repeat: bool, keep: bool) -> li
             else []
         ),
         "",
-        "Try these while it runs (the REST API, the frontend, the frontend sidecar's balancer):",
-        f"  curl -s {cp}/v1/services",
-        f"  curl -s {cp}/v1/services/catalog/instances",
-        f"  curl -s {cp}/v1/table",
-        f"  curl -s {cp}/v1/sidecars",
+        "Try these while it runs (the REST API with the demo's admin token, the frontend, the",
+        "frontend sidecar's balancer):",
+        f"  curl -s {auth} {cp}/v1/services",
+        f"  curl -s {auth} {cp}/v1/services/catalog/instances",
+        f"  curl -s {auth} {cp}/v1/table",
+        f"  curl -s {auth} {cp}/v1/sidecars",
+        f"  curl -s {auth} {cp}/v1/tokens",
         f"  curl -s {inbound}",
         f"  curl -s {frontend.admin_url}/clusters",
-        f"  curl -s -X PATCH {catalog_1} {json_header} -d {drain}",
-        f"  curl -s -X PATCH {catalog_1} {json_header} -d {undrain}",
-        f"  MESHLET_CONTROL_PLANE={cp} meshlet ctl instances catalog",
+        f"  curl -s -X PATCH {auth} {catalog_1} {json_header} -d {drain}",
+        f"  curl -s -X PATCH {auth} {catalog_1} {json_header} -d {undrain}",
+        f"  MESHLET_CONTROL_PLANE={cp} MESHLET_ADMIN_TOKEN_FILE={mesh.admin_token_file} "
+        "meshlet ctl instances catalog",
         "",
         f"REST API: {cp}/v1/... (described by {cp}/openapi.json)",
         f"Prometheus metrics: {cp}/metrics (control plane); {sidecar_metrics} (sidecars)",

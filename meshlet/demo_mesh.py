@@ -1,6 +1,10 @@
 """The demo's processes: a control plane, and sample apps each with its sidecar, all children
 of the demo on free loopback ports, their logs in files.
 
+The mesh runs with tokens on, as a user's should: the control plane has an admin token, each
+service's sidecars join with a service token minted for it, and every secret is a file of the
+demo's (mode 0600), never a command-line argument.
+
 Children run in sessions of their own, so a Ctrl-C in the terminal reaches only the demo, which
 then stops them in order (``Mesh.close``: SIGTERM, then SIGKILL after a grace period). On Linux
 each child also gets SIGTERM from the kernel should the demo die without cleaning up
@@ -14,6 +18,7 @@ import contextlib
 import ctypes
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -21,8 +26,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
+
 LISTENING = re.compile(r"listening on (http://[\d.]+:\d+)")
-SIDECAR_LISTENING = re.compile(r"(outbound|inbound|admin) listening on [\d.]+:(\d+)")
+SIDECAR_LISTENING = re.compile(r"(outbound|inbound|admin|metrics) listening on [\d.]+:(\d+)")
 START_TIMEOUT = 30.0
 """seconds a child gets to say it is listening (a loaded 2-core machine starts Python slowly)"""
 STOP_GRACE = 5.0
@@ -138,7 +145,7 @@ class Instance:
     sidecar: Child
     app_url: str
     ports: dict[str, int] = field(default_factory=dict)
-    """the sidecar's ``outbound``, ``inbound`` and ``admin`` ports"""
+    """the sidecar's ``outbound``, ``inbound``, ``admin`` and ``metrics`` ports"""
 
     @property
     def alive(self) -> bool:
@@ -147,6 +154,10 @@ class Instance:
     @property
     def admin_url(self) -> str:
         return f"http://127.0.0.1:{self.ports['admin']}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['metrics']}/metrics"
 
 
 class Mesh:
@@ -160,6 +171,21 @@ class Mesh:
         self.instances: dict[str, Instance] = {}
         self.control_plane: Child | None = None
         self.url = ""
+        self.secrets = root / "secrets"
+        self.secrets.mkdir(mode=0o700, exist_ok=True)
+        self.admin_token = secrets.token_urlsafe(32)
+        self.admin_token_file = self._secret("admin", self.admin_token)
+
+    def _secret(self, name: str, value: str) -> Path:
+        path = self.secrets / f"{name}.token"
+        path.touch(mode=0o600)
+        path.write_text(value + "\n")
+        return path
+
+    @property
+    def auth(self) -> dict[str, str]:
+        """Headers for the control plane's REST API (the admin token)."""
+        return {"Authorization": f"Bearer {self.admin_token}"}
 
     def __repr__(self) -> str:
         alive = sum(c.alive for c in self.children)
@@ -182,10 +208,20 @@ class Mesh:
             f"127.0.0.1:{port}",
             "--store",
             f"sqlite:///{self.root / 'meshlet.db'}",
+            "--admin-token-file",
+            str(self.admin_token_file),
         )
         (found,) = await self.control_plane.wait_for(LISTENING)
         self.url = found.group(1)
         return self.url
+
+    async def mint_token(self, http: aiohttp.ClientSession, service: str) -> None:
+        """A service token for ``service``'s sidecars (``secrets/SERVICE.token``)."""
+        body = {"service": service, "description": "meshlet demo"}
+        async with http.post(f"{self.url}/v1/tokens", json=body, headers=self.auth) as r:
+            if r.status != 201:
+                raise StartError(f"no token for {service}: {r.status} {await r.text()}")
+            self._secret(service, (await r.json())["secret"])
 
     async def start_instance(self, service: str, name: str, *, inbound: int = 0) -> Instance:
         """``service``'s sample app and its sidecar. A frontend app calls catalog through its
@@ -226,6 +262,8 @@ class Mesh:
             "--outbound", "127.0.0.1:0",
             "--inbound", f"127.0.0.1:{inbound}",
             "--admin", "127.0.0.1:0",
+            "--metrics-listen", "127.0.0.1:0",
+            "--token-file", str(self.secrets / f"{service}.token"),
             "--state-dir", str(self.root / "state" / name),
             "--app-health-interval", "1",
             "--deregister-delay", "0.2",
@@ -267,5 +305,5 @@ class Mesh:
 
 
 async def _sidecar_ports(sidecar: Child) -> dict[str, int]:
-    found = await sidecar.wait_for(SIDECAR_LISTENING, 3)
+    found = await sidecar.wait_for(SIDECAR_LISTENING, 4)
     return {m.group(1): int(m.group(2)) for m in found}

@@ -62,10 +62,12 @@ class Snapshot:
     rows: list[Row]
 
 
-async def get_json(http: aiohttp.ClientSession, url: str) -> Any:
+async def get_json(
+    http: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None
+) -> Any:
     """The JSON at ``url``, or None (not 200, unreachable, slow or not JSON)."""
     try:
-        async with http.get(url) as r:
+        async with http.get(url, headers=headers) as r:
             return await r.json() if r.status == 200 else None
     except (aiohttp.ClientError, TimeoutError, ValueError):
         return None
@@ -81,8 +83,8 @@ async def observe(
     clusters, dump, listed, table = await asyncio.gather(
         get_json(http, f"{frontend.admin_url}/clusters"),
         get_json(http, f"{frontend.admin_url}/config_dump"),
-        get_json(http, f"{mesh.url}/v1/services/catalog/instances"),
-        get_json(http, f"{mesh.url}/v1/table"),
+        get_json(http, f"{mesh.url}/v1/services/catalog/instances", mesh.auth),
+        get_json(http, f"{mesh.url}/v1/table", mesh.auth),
     )
     catalog = (clusters or {}).get("services", {}).get("catalog", {})
     endpoints = {e["port"]: e for e in catalog.get("endpoints", [])}

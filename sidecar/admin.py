@@ -1,17 +1,27 @@
 """The sidecar's admin port (aiohttp; not the hot path): health, readiness, metrics, config,
-endpoint statistics, drain."""
+endpoint statistics, drain; and the metrics port, which serves only metrics and the probes.
+
+Mutating calls on the admin port pass ``admin_access.refusal`` first (loopback or the admin
+token, same origin, JSON bodies).
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from sidecar.admin_access import CHALLENGE, MUTATING, AdminCall, refusal
 
 if TYPE_CHECKING:
     from sidecar.app import Sidecar
 
 SIDECAR: web.AppKey[Sidecar] = web.AppKey("sidecar")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+log = logging.getLogger("meshlet.admin")
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -94,8 +104,44 @@ async def drain(request: web.Request) -> web.Response:
     return _json({"status": "draining"}, 202)
 
 
+async def not_found(request: web.Request) -> web.Response:
+    return _json({"error": f"not found: {request.method} {request.path}"}, 404)
+
+
+def admin_call(request: web.Request, body: bytes) -> AdminCall:
+    """What ``admin_access.refusal`` reads: the TCP peer and the headers as sent."""
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    headers = request.headers
+    return AdminCall(
+        method=request.method,
+        peer=peer[0] if isinstance(peer, tuple) else None,
+        host=headers.get(hdrs.HOST),
+        origin=headers.get(hdrs.ORIGIN),
+        fetch_site=headers.get("Sec-Fetch-Site"),
+        content_type=headers.get(hdrs.CONTENT_TYPE),
+        authorization=headers.get(hdrs.AUTHORIZATION),
+        body=body,
+    )
+
+
+@web.middleware
+async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Mutating calls only when ``admin_access.refusal`` finds nothing wrong."""
+    if request.method not in MUTATING:
+        return await handler(request)
+    call = admin_call(request, await request.read())
+    refused = refusal(call, request.app[SIDECAR].config.admin_token)
+    if refused is None:
+        return await handler(request)
+    log.warning(
+        "admin %s %s from %s refused: %s", request.method, request.path, call.peer, refused.error
+    )
+    challenge = {hdrs.WWW_AUTHENTICATE: CHALLENGE} if refused.status == 401 else None
+    return web.json_response({"error": refused.error}, status=refused.status, headers=challenge)
+
+
 def build_admin_app(sidecar: Sidecar) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[guard])
     app[SIDECAR] = sidecar
     app.router.add_routes(
         [
@@ -105,6 +151,22 @@ def build_admin_app(sidecar: Sidecar) -> web.Application:
             web.get("/clusters", clusters),
             web.get("/metrics", metrics),
             web.post("/drain", drain),
+        ]
+    )
+    return app
+
+
+def build_metrics_app(sidecar: Sidecar) -> web.Application:
+    """``--metrics-listen``: what Prometheus and the kubelet need, and nothing that changes
+    the sidecar or shows its configuration; every other request is a JSON 404."""
+    app = web.Application()
+    app[SIDECAR] = sidecar
+    app.router.add_routes(
+        [
+            web.get("/metrics", metrics),
+            web.get("/healthz", healthz),
+            web.get("/readyz", readyz),
+            web.route("*", "/{tail:.*}", not_found),
         ]
     )
     return app

@@ -1,9 +1,9 @@
 """A sidecar process: listeners, the routing table, the admin port, and their lifecycle.
 
 Start-up: load a table (the routing file, or the table saved from the control plane), open the
-outbound and inbound listeners and the admin port, then run the background work (watch the
-file; or hold the control-plane stream and check the app's health). Shutdown on SIGTERM or
-SIGINT, in steps:
+outbound and inbound listeners, the admin port and the metrics port, then run the background
+work (watch the file; or hold the control-plane stream and check the app's health). Shutdown on
+SIGTERM or SIGINT, in steps:
   0. deregister from the control plane (callers stop sending here)
   1. not ready (``/readyz`` answers 503)
   2. stop accepting connections
@@ -21,6 +21,7 @@ import logging
 import math
 import signal
 import socket
+import ssl
 import time
 from pathlib import Path
 from typing import Any
@@ -34,11 +35,11 @@ from control_plane.wire import Endpoint, Registration
 from sidecar import metrics as sidecar_metrics
 from sidecar import state
 from sidecar.accesslog import AccessLog
-from sidecar.admin import build_admin_app
+from sidecar.admin import build_admin_app, build_metrics_app
 from sidecar.breaker import Services
 from sidecar.config import Listen, SidecarConfig
 from sidecar.discovery import Discovery
-from sidecar.errors import TableError
+from sidecar.errors import ConfigError, TableError
 from sidecar.health import AppHealth
 from sidecar.metrics import endpoint_state
 from sidecar.proxy import ConnectionTracker, Downstream, Timeouts
@@ -50,6 +51,7 @@ from sidecar.routing import (
     file_signature,
     load_table_file,
 )
+from sidecar.tls import client_context
 
 log = logging.getLogger("meshlet.sidecar")
 
@@ -78,7 +80,7 @@ class Sidecar:
         self.listening = False
         self.last_reload_error = ""
         self._servers: list[asyncio.Server] = []
-        self._admin: web.AppRunner | None = None
+        self._runners: list[web.AppRunner] = []
         self._table_signature: tuple[int, int, int] | None = None
         self._background: asyncio.Task[None] | None = None
         self._http: aiohttp.ClientSession | None = None
@@ -115,13 +117,8 @@ class Sidecar:
         c = self.config
         await self._listen("outbound", c.outbound, self.tables, self.outbound)
         await self._listen("inbound", c.inbound, self.app_router, self.inbound)
-        self._admin = web.AppRunner(build_admin_app(self), access_log=None)
-        await self._admin.setup()
-        site = web.TCPSite(self._admin, c.admin.host, c.admin.port)
-        await site.start()
-        host, port = self._admin.addresses[0][:2]
-        self.addresses["admin"] = Listen(host, port)
-        log.info("admin listening on %s", self.addresses["admin"])
+        await self._serve("admin", c.admin, build_admin_app(self))
+        await self._serve("metrics", c.metrics_listen, build_metrics_app(self))
         self.listening = True
         self._http = aiohttp.ClientSession()
         if self.config.app_health != "none" and self.config.control_plane:
@@ -132,7 +129,8 @@ class Sidecar:
         if self.config.control_plane:
             self.discovery = Discovery(
                 control_plane=self.config.control_plane,
-                token=self.config.join_token,
+                token=self.config.token,
+                tls=self._control_plane_tls(),
                 service=self.config.service,
                 registration=self._registration(),
                 tables=self.tables,
@@ -169,6 +167,12 @@ class Sidecar:
             "serving the saved table version %d until the control plane answers", table.version
         )
 
+    def _control_plane_tls(self) -> ssl.SSLContext | None:
+        """How an ``https://`` control plane's certificate is checked (``--ca-file``)."""
+        if not self.config.control_plane.startswith("https://"):
+            return None
+        return client_context(self.config.ca_file)
+
     def _registration(self) -> Registration:
         c = self.config
         if c.register == "app":
@@ -193,6 +197,15 @@ class Sidecar:
         )
         self._servers.append(server)
         host, port = server.sockets[0].getsockname()[:2]
+        self.addresses[name] = Listen(host, port)
+        log.info("%s listening on %s", name, self.addresses[name])
+
+    async def _serve(self, name: str, where: Listen, app: web.Application) -> None:
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        self._runners.append(runner)
+        await web.TCPSite(runner, where.host, where.port).start()
+        host, port = runner.addresses[0][:2]
         self.addresses[name] = Listen(host, port)
         log.info("%s listening on %s", name, self.addresses[name])
 
@@ -340,8 +353,8 @@ class Sidecar:
         self.app_pools.close()
         for server in self._servers:
             await server.wait_closed()
-        if self._admin is not None:
-            await self._admin.cleanup()
+        for runner in self._runners:
+            await runner.cleanup()
         if self._http is not None:
             await self._http.close()
         if self.access_log is not None:
@@ -382,7 +395,7 @@ def run(config: SidecarConfig) -> int:
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(serve(config))
-    except TableError as e:
+    except (TableError, ConfigError) as e:
         log.error("cannot start: %s", e)
         return 2
     except OSError as e:

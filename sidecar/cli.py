@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 from control_plane.flags import FlagParser, host_port, number
 from sidecar.config import LOG_LEVELS, Listen, SidecarConfig
 from sidecar.errors import ConfigError
+from sidecar.tls import client_context
 
 
 def listen(value: str) -> Listen:
@@ -39,9 +40,18 @@ def build_parser(prog: str) -> FlagParser:
         "admin port: /healthz /readyz /metrics /clusters /config_dump /drain",
         convert=listen,
     )
+    p.secret("--admin-token", "bearer token the admin port's mutating calls (/drain) need")
+    p.flag(
+        "--metrics-listen",
+        "127.0.0.1:15020",
+        "listener for /metrics /healthz /readyz only (Prometheus and probes)",
+        convert=listen,
+    )
     p.flag("--table", "", "static routing file, YAML or JSON (reloaded on change and SIGHUP)")
-    p.flag("--control-plane", "", "control plane URL; tables are pushed from it")
-    p.flag("--join-token", "", "bearer token for the control plane's stream")
+    p.flag("--control-plane", "", "control plane URL (http:// or https://); tables come from it")
+    p.secret("--token", "bearer token for the control plane's stream")
+    p.secret("--join-token", "bearer token for the control plane's stream (old name of --token)")
+    p.flag("--ca-file", "", "PEM CA bundle for an https:// control plane (default: the system's)")
     p.flag("--advertise", "", "address callers reach this sidecar at (default: this host's)")
     p.flag(
         "--register",
@@ -61,7 +71,7 @@ def build_parser(prog: str) -> FlagParser:
         convert=number,
     )
     p.flag("--log-level", "info", "log level", choices=LOG_LEVELS)
-    p.flag("--metrics", "on", "Prometheus metrics on the admin port", choices=("on", "off"))
+    p.flag("--metrics", "on", "Prometheus metrics at /metrics", choices=("on", "off"))
     p.flag("--access-log", "", "JSON lines of every request to this file, or - for stdout")
     return p
 
@@ -71,10 +81,17 @@ def parse_config(argv: Sequence[str] | None, prog: str) -> SidecarConfig:
     values = parser.parse_flags(argv)
     if not values["service"]:
         parser.error("--service: required (or MESHLET_SERVICE)")
+    join_token = values.pop("join_token")
+    if join_token and values["token"]:
+        parser.error("--token and --join-token: give one (--join-token is the old name)")
+    values["token"] = values["token"] or join_token
     try:
-        return SidecarConfig(**values)
+        config = SidecarConfig(**values)
+        if config.ca_file:
+            client_context(config.ca_file)  # a bad file stops the start, not each connect
     except ConfigError as e:
         parser.field_error(e.field, e.message)
+    return config
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "meshlet sidecar") -> int:

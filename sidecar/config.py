@@ -30,13 +30,22 @@ class SidecarConfig:
     inbound: Listen = Listen("0.0.0.0", 15006)
     """other services' calls to this one come in here"""
     admin: Listen = Listen("127.0.0.1", 15000)
-    """health, readiness, config dump, drain"""
+    """health, readiness, metrics, config dump, clusters, drain"""
+    admin_token: str = ""
+    """when set, the admin port's mutating calls need ``Authorization: Bearer <it>``; when
+    empty, only loopback peers may make them"""
+    metrics_listen: Listen = Listen("127.0.0.1", 15020)
+    """a listener for ``/metrics``, ``/healthz`` and ``/readyz`` only (Prometheus, probes)"""
     table: str = ""
     """static routing file (YAML or JSON); empty for none"""
     control_plane: str = ""
-    """control plane URL (http://HOST:PORT); tables are pushed from it"""
-    join_token: str = ""
-    """bearer token for the control plane's stream"""
+    """control plane URL (``http://HOST:PORT`` or ``https://``); tables are pushed from it"""
+    token: str = ""
+    """bearer token sent on the control plane's stream (a service token, or the mesh's join
+    token); empty: none"""
+    ca_file: str = ""
+    """PEM CA bundle that an ``https://`` control plane's certificate must chain to; empty:
+    the system's trust store"""
     advertise: str = ""
     """address other sidecars reach this one at; empty: this host's address"""
     register: str = "sidecar"
@@ -55,7 +64,7 @@ class SidecarConfig:
     """seconds between deregistering and draining, for callers' tables to change"""
     log_level: str = "info"
     metrics: str = "on"
-    """``on``: /metrics on the admin port, requests timed; ``off``: neither"""
+    """``on``: /metrics on the admin and metrics ports, requests timed; ``off``: neither"""
     access_log: str = ""
     """JSON lines of every request to this file, ``-`` for stdout; empty: none"""
     table_poll_interval: float = 1.0
@@ -81,6 +90,8 @@ class SidecarConfig:
             raise ConfigError("table", "use either --table or --control-plane, not both")
         if self.control_plane and not self.control_plane.startswith(("http://", "https://")):
             raise ConfigError("control_plane", "must be a URL: http://HOST:PORT")
+        if self.ca_file and not self.control_plane.startswith("https://"):
+            raise ConfigError("ca_file", "verifies an https:// --control-plane; there is none")
         if self.register not in ("sidecar", "app"):
             raise ConfigError("register", "must be sidecar or app")
         if not self.app_health_interval > 0:

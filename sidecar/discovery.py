@@ -5,6 +5,12 @@ NACKed with the reason and the last good table stays. Every applied table is sav
 (``state``) so the next start works without a control plane. A lost connection is retried
 with jittered exponential backoff (0.1 s doubling to 30 s, a random 50-100 % of that); the
 sidecar keeps serving from the table it has all along.
+
+The stream carries ``--token`` as ``Authorization: Bearer``; an ``https://`` control plane's
+certificate is checked with the given ``tls`` context (``--ca-file``). A control plane that
+refuses the stream (HTTP 401/403, or a 44xx close code) says why in the log line and in
+``last_error``; the sidecar keeps retrying (a revoked token may be replaced on disk, an
+instance's other owner may go away).
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ import os
 import random
 import re
 import socket
+import ssl
 from pathlib import Path
+from typing import Final
 
 import aiohttp
 
@@ -48,6 +56,14 @@ STABLE_SESSION = 5.0
 WELCOME_TIMEOUT = 10.0
 MAX_TABLE_BYTES = 256 * 1024 * 1024
 
+#: close codes a control plane refuses a stream with, and what they mean for this sidecar
+REFUSED: Final = {
+    4400: "bad hello",
+    4401: "unauthorized: the token is missing, wrong or revoked",
+    4403: "forbidden: the token may not speak for this service or instance",
+    4409: "the instance is owned by another live stream",
+}
+
 
 class Backoff:
     """Jittered exponential backoff: ``base`` doubling up to ``cap``, each a random 50-100 %."""
@@ -71,6 +87,31 @@ def node_id(service: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "-", raw)[:128]
 
 
+def describe_close(code: int | None, reason: str) -> str:
+    """Why the control plane ended a stream, for the log and ``last_error``."""
+    said = f": {reason}" if reason else ""
+    if code in REFUSED:
+        return f"the control plane refused the stream with {code} ({REFUSED[code]}){said}"
+    if code is None:
+        return "the control plane closed the stream"
+    return f"the control plane closed the stream with {code}{said}"
+
+
+def describe_failure(e: Exception) -> str:
+    """A failed connect or session, said plainly: refusals and untrusted certificates first."""
+    if isinstance(e, aiohttp.WSServerHandshakeError) and e.status in (401, 403):
+        what = "the token is missing or wrong" if e.status == 401 else "the token may not do this"
+        return f"the control plane refused the stream with HTTP {e.status} ({what})"
+    if isinstance(e, aiohttp.WSServerHandshakeError):
+        return f"the control plane answered HTTP {e.status} instead of opening the stream"
+    if isinstance(e, aiohttp.ClientConnectorCertificateError):
+        return (
+            f"the control plane's TLS certificate is not trusted ({e.certificate_error}); "
+            "--ca-file names the CA that signs it"
+        )
+    return str(e) or type(e).__name__
+
+
 def stream_url(control_plane: str) -> str:
     base = control_plane.rstrip("/")
     if base.startswith("https://"):
@@ -89,9 +130,11 @@ class Discovery:
         tables: TableHolder,
         state_path: Path,
         app_healthy: bool = True,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.url = stream_url(control_plane)
         self.token = token
+        self.tls = tls
         self.service = service
         self.registration = registration
         self.tables = tables
@@ -123,10 +166,9 @@ class Discovery:
         while not self._stopping:
             started = loop.time()
             try:
-                await self._session(http)
-                self.last_error = "the control plane closed the stream"
+                self.last_error = await self._session(http)
             except (aiohttp.ClientError, OSError, TimeoutError, WireError) as e:
-                self.last_error = str(e) or type(e).__name__
+                self.last_error = describe_failure(e)
             finally:
                 self.connected = False
                 self._ws = None
@@ -138,11 +180,13 @@ class Discovery:
             log.warning("control plane stream down (%s); retrying in %.1fs", self.last_error, delay)
             await asyncio.sleep(delay)
 
-    async def _session(self, http: aiohttp.ClientSession) -> None:
+    async def _session(self, http: aiohttp.ClientSession) -> str:
+        """One stream, from hello to close; why it closed."""
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         async with http.ws_connect(
             self.url,
             headers=headers,
+            ssl=self.tls if self.tls is not None else True,
             max_msg_size=MAX_TABLE_BYTES,
             autoping=True,
             heartbeat=KEEPALIVE,  # pings find a control plane that went silent
@@ -154,6 +198,8 @@ class Discovery:
             await ws.send_str(encode(hello))
             async with asyncio.timeout(WELCOME_TIMEOUT):
                 first = await ws.receive()
+            if first.type is aiohttp.WSMsgType.CLOSE:
+                return describe_close(ws.close_code, first.extra or "")
             if first.type is not aiohttp.WSMsgType.TEXT:
                 raise WireError("(stream)", f"closed before welcome: {ws.close_code} {first.extra}")
             welcome = decode(first.data)
@@ -177,12 +223,23 @@ class Discovery:
             log.info("connected to %s as %s/%s", self.url, self.service, welcome.instance)
             self._beats = asyncio.create_task(self._heartbeats(ws), name="heartbeats")
             try:
-                async for msg in ws:
-                    if msg.type is aiohttp.WSMsgType.TEXT:
-                        await ws.send_str(encode(await self._apply(msg.data)))
+                return await self._take_tables(ws)
             finally:
                 self._beats.cancel()
                 await asyncio.gather(self._beats, return_exceptions=True)
+
+    async def _take_tables(self, ws: aiohttp.ClientWebSocketResponse) -> str:
+        """Apply, ACK or NACK every table until the stream closes; why it closed."""
+        while True:
+            msg = await ws.receive()
+            if msg.type is aiohttp.WSMsgType.TEXT:
+                await ws.send_str(encode(await self._apply(msg.data)))
+            elif msg.type is aiohttp.WSMsgType.CLOSE:
+                return describe_close(ws.close_code, msg.extra or "")
+            elif msg.type in (aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
+                return describe_close(ws.close_code, "")
+            elif msg.type is aiohttp.WSMsgType.ERROR:  # e.g. no pong within the keepalive
+                return describe_failure(msg.data)
 
     async def _heartbeats(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         """Every 5 s +-10 %, and at once when the app's health changes."""

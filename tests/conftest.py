@@ -26,8 +26,8 @@ def control_plane(tmp_path: Path) -> Iterator[Callable[..., ControlPlane]]:
     running at the end of the test are killed."""
     started: list[ControlPlane] = []
 
-    def start(*args: str, env: dict[str, str] | None = None) -> ControlPlane:
-        cp = ControlPlane(tmp_path / "logs", *args, env=env)
+    def start(*args: str, **kwargs: Any) -> ControlPlane:
+        cp = ControlPlane(tmp_path / "logs", *args, **kwargs)
         started.append(cp)
         return cp
 
@@ -66,16 +66,25 @@ def new_store(kind: str, path: Path) -> Store:
     return MemoryStore() if kind == "memory" else SqliteStore(str(path / "meshlet.db"))
 
 
+#: the admin token of in-process control planes (``make_api``) unless a test says otherwise
+ADMIN = "test-admin-token"
+
+
 @pytest.fixture
 async def make_api(clock: FakeClock, tmp_path: Path) -> AsyncIterator[MakeApi]:
     """Start an in-process control plane on a free loopback port; keyword arguments go to
-    ``ControlPlaneConfig`` (plus ``store=`` for a store object, SQLite in tmp_path by default)."""
+    ``ControlPlaneConfig`` (plus ``store=`` for a store object, SQLite in tmp_path by default).
+    It runs with tokens on, as a user's should: ``admin_token`` is ``ADMIN`` unless given, and
+    the client sends ``token`` (the admin token unless given; "" for none) on every call."""
     clients: list[Api] = []
 
-    async def make(store: Store | None = None, **config: Any) -> Api:
+    async def make(store: Store | None = None, token: str | None = None, **config: Any) -> Api:
         store = store if store is not None else SqliteStore(str(tmp_path / "meshlet.db"))
+        config.setdefault("admin_token", ADMIN)
+        token = config["admin_token"] if token is None else token
         app = build_app(ControlPlaneConfig(port=0, **config), clock=clock, store=store)
-        client: Api = TestClient(TestServer(app))
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        client: Api = TestClient(TestServer(app), headers=headers)
         await client.start_server()
         clients.append(client)
         return client

@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-LISTENING = re.compile(r"listening on (http://\S+)")
+LISTENING = re.compile(r"listening on (https?://\S+)")
 
 
 def free_port() -> int:
@@ -83,10 +84,27 @@ class Process:
         raise RuntimeError("no VmRSS")
 
 
+#: the admin token of control planes the tests start, unless a test gives another
+ADMIN_TOKEN = "test-admin-token"
+
+
 class ControlPlane(Process):
-    def __init__(self, log_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    """A control plane with tokens on, as a user runs one: ``admin_token`` (given in the
+    environment, never on the command line) unless it is ""."""
+
+    def __init__(
+        self,
+        log_dir: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        admin_token: str = ADMIN_TOKEN,
+        ca_file: str = "",
+    ) -> None:
+        """``ca_file``: the CA that signed its ``--tls-cert``, for ``call``."""
         argv = [sys.executable, "-m", "control_plane", "--listen", "127.0.0.1:0", *args]
-        super().__init__(log_dir, argv, env)
+        self.admin_token = admin_token
+        self.tls = ssl.create_default_context(cafile=ca_file) if ca_file else None
+        super().__init__(log_dir, argv, {"MESHLET_ADMIN_TOKEN": admin_token, **(env or {})})
         try:
             self.url = self.wait_for(LISTENING).group(1)
         except BaseException:
@@ -94,9 +112,28 @@ class ControlPlane(Process):
             raise
 
     def call(
-        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        token: str | None = None,
     ) -> tuple[int, Any]:
-        return http(method, self.url + path, body, headers)
+        """A REST call with the admin token, or ``token`` ("" for none)."""
+        token = self.admin_token if token is None else token
+        auth = {"Authorization": f"Bearer {token}"} if token else {}
+        return http(method, self.url + path, body, {**auth, **(headers or {})}, self.tls)
+
+    def mint(self, service: str) -> str:
+        """A new service token's secret."""
+        status, body = self.call("POST", "/v1/tokens", {"service": service})
+        assert status == 201, body
+        secret: str = body["secret"]
+        return secret
+
+    def sidecar_env(self, service: str) -> dict[str, str]:
+        """The environment a sidecar of ``service`` connects with: a token of its own."""
+        return {"MESHLET_TOKEN": self.mint(service)}
 
 
 class Sidecar(Process):
@@ -111,24 +148,32 @@ class Sidecar(Process):
             "127.0.0.1:0",
             "--admin",
             "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
             *args,
         ]
         super().__init__(log_dir, argv, env)
         try:
             self.ports = {
                 name: int(self.wait_for(re.compile(rf"{name} listening on [\d.]+:(\d+)")).group(1))
-                for name in ("outbound", "inbound", "admin")
+                for name in ("outbound", "inbound", "admin", "metrics")
             }
         except BaseException:
             self.kill()
             raise
 
     def admin(self, path: str, method: str = "GET") -> tuple[int, Any]:
-        return http(method, f"http://127.0.0.1:{self.ports['admin']}{path}")
+        """A call to the admin port; a POST sends an empty JSON object, as the port asks."""
+        body: dict[str, Any] | None = {} if method != "GET" else None
+        return http(method, f"http://127.0.0.1:{self.ports['admin']}{path}", body)
 
 
 def http(
-    method: str, url: str, body: Any = None, headers: dict[str, str] | None = None
+    method: str,
+    url: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> tuple[int, Any]:
     data = None if body is None else json.dumps(body).encode()
     all_headers = {"Content-Type": "application/json"} if data is not None else {}
@@ -136,7 +181,7 @@ def http(
         url, data=data, method=method, headers={**all_headers, **(headers or {})}
     )
     try:
-        with urllib.request.urlopen(req, timeout=10) as r:
+        with urllib.request.urlopen(req, timeout=10, context=tls) as r:
             raw = r.read()
             return r.status, json.loads(raw) if raw else None
     except urllib.error.HTTPError as e:

@@ -44,24 +44,32 @@ WEIGHT_RANGE = (1, 10_000)
 DEFAULT_WEIGHT = 100
 ZONE = re.compile(r"[A-Za-z0-9._-]{0,63}")
 _HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+#: an IPv6 zone id (``fe80::1%eth0``) names an interface: Linux caps those at 15 characters
+IPV6_ZONE_ID = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 
 
 def check_address(address: Any, field: str = "address") -> str:
-    """An IP address (v4 or v6) or a DNS hostname."""
-    if isinstance(address, str):
-        try:
-            ipaddress.ip_address(address)
+    """An IP address (v4 or v6; a v6 zone id names an interface) or a DNS hostname."""
+    if not isinstance(address, str):
+        raise WireError(field, f"must be an IP address or a hostname, got {_json_type(address)}")
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        host = address.removesuffix(".")
+        labels = host.split(".")
+        if (
+            0 < len(host) <= 253
+            and all(_HOST_LABEL.fullmatch(x) for x in labels)
+            and not labels[-1].isdigit()  # 999.1.1.1 is a bad IP, not a hostname
+        ):
             return address
-        except ValueError:
-            host = address.removesuffix(".")
-            labels = host.split(".")
-            if (
-                0 < len(host) <= 253
-                and all(_HOST_LABEL.fullmatch(x) for x in labels)
-                and not labels[-1].isdigit()  # 999.1.1.1 is a bad IP, not a hostname
-            ):
-                return address
-    raise WireError(field, f"must be an IP address or a hostname, got {_json_type(address)}")
+        raise WireError(
+            field, f"must be an IP address or a hostname, got {_json_type(address)}"
+        ) from None
+    zone = getattr(ip, "scope_id", None)
+    if zone is not None and IPV6_ZONE_ID.fullmatch(zone) is None:
+        raise WireError(field, "an IPv6 zone id must name an interface: 1-15 of A-Za-z0-9_.-")
+    return address
 
 
 def check_zone(zone: Any, field: str = "zone") -> str:

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+from pathlib import Path
+
 import pytest
 
 from control_plane.cli import parse_config
 from control_plane.config import ControlPlaneConfig
+from control_plane.flags import SafeFormatter
 
 PROG = "meshlet control-plane"
 
 
 def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("LISTEN", "STORE", "ADMIN_TOKEN", "HEARTBEAT_TTL", "REMOVE_AFTER"):
+    for name in ("LISTEN", "STORE", "ADMIN_TOKEN", "JOIN_TOKEN", "HEARTBEAT_TTL", "REMOVE_AFTER"):
         monkeypatch.delenv(f"MESHLET_{name}", raising=False)
     assert parse_config([], PROG) == ControlPlaneConfig()
 
@@ -70,6 +75,23 @@ def test_environment_fills_what_flags_do_not(monkeypatch: pytest.MonkeyPatch) ->
         (["--bogus"], {}, "unrecognized arguments: --bogus"),
         ([], {"MESHLET_HEARTBEAT_TTL": "x"}, "MESHLET_HEARTBEAT_TTL='x': 'x' is not a number"),
         ([], {"MESHLET_LOG_LEVEL": "loud"}, "MESHLET_LOG_LEVEL='loud': must be one of debug"),
+        (["--admin-token", "a", "--admin-token-file", "f"], {}, "give one of them"),
+        (["--admin-token-file", "/nonexistent/t"], {}, "--admin-token-file /nonexistent/t: No"),
+        (["--admin-token", "has space"], {}, "--admin-token: a token is 1-256 printable"),
+        (
+            [],
+            {"MESHLET_JOIN_TOKEN": "a", "MESHLET_JOIN_TOKEN_FILE": "f"},
+            "MESHLET_JOIN_TOKEN and MESHLET_JOIN_TOKEN_FILE",
+        ),
+        ([], {"MESHLET_ALLOW_LOOPBACK": "maybe"}, "'maybe' is not on or off"),
+        (["--tls-cert", "c.pem"], {}, "--tls-cert: --tls-cert and --tls-key go together"),
+        (["--max-instances", "0"], {}, "--max-instances: must be at least 1"),
+        (
+            ["--max-instances", "10", "--max-instances-per-service", "11"],
+            {},
+            "--max-instances-per-service: must be from 1 to --max-instances",
+        ),
+        (["--protect-max", "-1"], {}, "--protect-max: must not be negative"),
     ],
 )
 def test_bad_settings_exit_2_with_one_line(
@@ -88,3 +110,52 @@ def test_bad_settings_exit_2_with_one_line(
     assert err.count("\n") == 1, err
     assert err.startswith(f"{PROG}: error: ")
     assert says in err
+
+
+def test_tokens_from_files_and_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in ("ADMIN_TOKEN", "JOIN_TOKEN", "ADMIN_TOKEN_FILE", "JOIN_TOKEN_FILE"):
+        monkeypatch.delenv(f"MESHLET_{name}", raising=False)
+    secret = tmp_path / "admin"
+    secret.write_text("from-a-file\n")
+    monkeypatch.setenv("MESHLET_JOIN_TOKEN", "from-env")
+    config = parse_config(["--admin-token-file", str(secret)], PROG)
+    assert (config.admin_token, config.join_token) == ("from-a-file", "from-env")
+    assert capsys.readouterr().err == ""  # nothing on the command line: no warning
+    monkeypatch.setenv("MESHLET_JOIN_TOKEN_FILE", str(secret))
+    monkeypatch.delenv("MESHLET_JOIN_TOKEN")
+    assert parse_config([], PROG).join_token == "from-a-file"
+
+
+def test_a_token_on_the_command_line_draws_a_warning(capsys: pytest.CaptureFixture[str]) -> None:
+    assert parse_config(["--admin-token", "t0k"], PROG).admin_token == "t0k"
+    err = capsys.readouterr().err
+    assert err.startswith(f"{PROG}: warning: --admin-token on the command line is visible")
+    assert "t0k" not in err
+
+
+def test_allow_loopback_is_a_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MESHLET_ALLOW_LOOPBACK", raising=False)
+    assert parse_config([], PROG).allow_loopback is False
+    assert parse_config(["--allow-loopback"], PROG).allow_loopback is True
+    monkeypatch.setenv("MESHLET_ALLOW_LOOPBACK", "true")
+    assert parse_config([], PROG).allow_loopback is True
+
+
+def test_log_lines_escape_what_clients_put_in_them() -> None:
+    formatter = SafeFormatter("%(levelname)s %(message)s")
+    hostile = "x\n2026-11-29T00:00:00 ERROR meshlet.api: FORGED\x00\x1b[2J\u2028end"
+    record = logging.LogRecord("t", logging.WARNING, __file__, 1, "got %s", (hostile,), None)
+    line = formatter.format(record)
+    assert "\n" not in line
+    assert "\x00" not in line
+    assert "\x1b" not in line
+    assert line == (
+        "WARNING got x\\n2026-11-29T00:00:00 ERROR meshlet.api: FORGED\\x00\\x1b[2J\\u2028end"
+    )
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.LogRecord("t", logging.ERROR, __file__, 1, "bug", (), sys.exc_info())
+    assert formatter.format(record).count("\n") >= 2  # a traceback keeps its lines

@@ -103,6 +103,8 @@ async def test_protection_holds_a_service_then_expiry_resumes(cp: Api, clock: Fa
         await register(cp, "a", instance_id)
     for instance_id in ("j1", "j2", "j3"):
         await register(cp, "b", instance_id)
+    await heartbeat(cp, "a", *a)  # a first heartbeat each: junk that never sends one
+    await heartbeat(cp, "b", "j1", "j2", "j3")  # cannot hold protection
     clock.advance(16)
     await heartbeat(cp, "a", *a)
     await expire(cp)  # 3 of 10 lapsed at once: protection
@@ -123,7 +125,7 @@ async def test_protection_holds_a_service_then_expiry_resumes(cp: Api, clock: Fa
     assert (samples[protection("a")], samples[protection("b")]) == (0, 0)
     assert samples["meshlet_instances_expired_total"] == 1
     assert instances(samples, "b") == {"healthy": 2, "unhealthy": 0, "draining": 0}
-    assert samples["meshlet_heartbeats_total"] == 16
+    assert samples["meshlet_heartbeats_total"] == 26
 
 
 async def test_each_app_has_its_own_metrics(make_api: MakeApi) -> None:

@@ -7,7 +7,10 @@ from typing import Any
 import jsonschema
 from openapi_spec_validator import validate
 
+from control_plane import api as api_module
+from control_plane.access import Access
 from control_plane.api import PUBLISHER
+from control_plane.openapi import SECURITY
 from tests.conftest import Api
 
 CATALOG = "/v1/services/catalog"
@@ -90,9 +93,15 @@ async def test_every_answer_matches_its_schema(api: Api) -> None:
         ("DELETE", inst.format(id="c1"), svc + "/instances/{id}", None, 204),
         ("DELETE", f"{CATALOG}/policy", svc + "/policy", None, 204),
         ("DELETE", f"{CATALOG}/policy", svc + "/policy", None, 404),
+        ("POST", "/v1/tokens", "/v1/tokens", {"service": "catalog", "description": "d"}, 201),
+        ("POST", "/v1/tokens", "/v1/tokens", {"service": "-"}, 400),
+        ("GET", "/v1/tokens", "/v1/tokens", None, 200),
+        ("DELETE", "/v1/tokens/nope", "/v1/tokens/{id}", None, 404),
+        ("GET", "/v1/tokens", "/v1/tokens", None, 401),
     ]
     for method, path, template, body, expected in calls:
-        async with api.request(method, path, json=body) as r:
+        headers = {"Authorization": "Bearer wrong"} if expected == 401 else None
+        async with api.request(method, path, json=body, headers=headers) as r:
             assert r.status == expected, (method, path, await r.text())
             data = None if r.status == 204 else await r.json()
         check(spec, method, template, r.status, data)
@@ -119,3 +128,12 @@ async def test_policy_schema_rejects_what_the_api_rejects(api: Api) -> None:
     assert validator.is_valid({"hedge": None})
     for bad in ({"lb": "x"}, {"retries": 11}, {"x": 1}, {"outlier": {"y": 1}}, {"hedge": "on"}):
         assert not validator.is_valid(bad), bad
+
+
+async def test_the_spec_says_who_may_call_each_route(api: Api) -> None:
+    spec = await fetch_spec(api)
+    for method, path, _, access in api_module._ROUTES:
+        op = spec["paths"][path][method.lower()]
+        assert op["security"] == SECURITY[access], (method, path)
+        if access is not Access.OPEN:
+            assert {"401", "403"} <= set(op["responses"]), (method, path)

@@ -66,22 +66,53 @@ def test_draining_instances_are_left_out_of_protection() -> None:
     assert set(held.removed) == {"d1", "d2"}  # a drained instance still goes
 
 
+def test_instances_that_never_heartbeated_neither_count_nor_are_held() -> None:
+    ages = {f"h{i}": 1.0 for i in range(7)} | {"j1": 40, "j2": 40, "j3": 20}
+    p = plan_expiry(ages, ttl=15, remove_after=30, protect_percent=15, unproven={"j1", "j2", "j3"})
+    assert p.protection is False
+    assert (set(p.removed), p.lapsed, p.counted) == ({"j1", "j2"}, ("j3",), 7)
+
+
+def test_release_lets_the_oldest_held_instances_go() -> None:
+    ages = {f"h{i}": 1.0 for i in range(5)} | {"x": 400, "y": 900, "z": 20}
+    p = plan_expiry(ages, ttl=15, remove_after=30, protect_percent=15, release=2)
+    assert p.protection is True
+    assert (p.released, p.removed, p.lapsed) == (("y", "x"), ("x", "y"), ())
+
+
 @given(
     st.dictionaries(st.integers(0, 200), st.floats(0, 100), max_size=60),
     st.floats(0, 100),
     st.sets(st.integers(0, 200)),
+    st.sets(st.integers(0, 200)),
+    st.integers(0, 5),
 )
-def test_plan_properties(ages: dict[int, float], protect: float, draining: set[int]) -> None:
-    p = plan_expiry(ages, ttl=15, remove_after=30, protect_percent=protect, draining=draining)
-    counted = [k for k in ages if k not in draining]
+def test_plan_properties(
+    ages: dict[int, float], protect: float, draining: set[int], unproven: set[int], release: int
+) -> None:
+    p = plan_expiry(
+        ages,
+        ttl=15,
+        remove_after=30,
+        protect_percent=protect,
+        draining=draining,
+        unproven=unproven,
+        release=release,
+    )
+    counted = [k for k in ages if k not in draining and k not in unproven]
     late = [k for k in counted if ages[k] > 15]
     assert (p.late, p.counted) == (len(late), len(counted))
     everything_late = {k for k, age in ages.items() if age > 15}
     if p.protection:
         assert len(late) >= PROTECT_MIN
         assert len(late) * 100 > protect * len(counted)
-        assert set(p.lapsed) | set(p.removed) == everything_late - set(late)
+        assert len(p.released) == min(release, len(late))
+        assert set(p.released) <= set(late)
+        held = set(late) - set(p.released)
+        assert all(ages[k] <= ages[r] for k in held for r in p.released)  # oldest go first
+        assert set(p.lapsed) | set(p.removed) == everything_late - held
     else:
+        assert p.released == ()
         assert set(p.lapsed) | set(p.removed) == everything_late
     assert not set(p.lapsed) & set(p.removed)
     assert all(ages[k] > 30 for k in p.removed)

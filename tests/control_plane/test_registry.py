@@ -148,6 +148,7 @@ async def test_protection_holds_everything_until_heartbeats_recover(
     r = await make(store, clock)
     for n in range(10):
         await r.register("svc", reg(n))
+        r.heartbeat("svc", f"i{n}")
     clock.advance(10)
     for n in range(5):  # i5..i9 go silent: 50% of the registry
         r.heartbeat("svc", f"i{n}")
@@ -164,6 +165,56 @@ async def test_protection_holds_everything_until_heartbeats_recover(
     await r.expire()
     assert r.protection is False
     assert [v.record.id for v in r.instances("svc")] == [f"i{n}" for n in range(9)]
+
+
+async def test_instances_that_never_heartbeat_cannot_hold_protection_on(
+    store: Store, clock: FakeClock
+) -> None:
+    """Four junk registrations that never heartbeat once went silent together with the one
+    real instance: protection held all five forever, the dead real one healthy in every table."""
+    r = await make(store, clock)
+    for n in range(4):
+        await r.register("junk", reg(n))
+    await r.register("svc", reg(9))
+    r.heartbeat("svc", "i9")  # real, then it dies
+    for _ in range(3):
+        clock.advance(6)
+        await r.expire()
+    assert r.protection is False
+    assert r.instance("svc", "i9").status is Status.UNHEALTHY
+    clock.advance(15)
+    await r.expire()
+    assert [s.name for s in r.services()] == []  # all gone on time
+
+
+async def test_protection_ends_after_protect_max_at_a_bounded_rate(
+    store: Store, clock: FakeClock
+) -> None:
+    r = Registry(
+        store, clock, heartbeat_ttl=15, remove_after=30, protect_percent=15, protect_max=300
+    )
+    await r.start()
+    for n in range(20):
+        await r.register("svc", reg(n))
+        r.heartbeat("svc", f"i{n}")
+    live = [f"i{n}" for n in range(10)]  # i10..i19 go silent: 50 %, protection
+    released_at: list[float] = []
+    for second in range(5, 600, 5):
+        clock.advance(5)
+        for instance_id in live:
+            r.heartbeat("svc", instance_id)
+        before = r.statistics().released
+        await r.expire()
+        released_at += [second] * (r.statistics().released - before)
+        if 20 <= second < 320:  # on once they are 15 s silent, and for 300 s after
+            assert (r.protection, r.outlasted) == (True, False), second
+    # from then on at most 10 % of all instances per 15 s TTL (2 of 20, then 1 of 18 or
+    # fewer), the oldest first, until so few are silent that protection is off
+    assert released_at[:2] == [320, 320]
+    for i in range(2, len(released_at)):
+        assert released_at[i] - released_at[i - 1] >= 15, released_at
+    assert r.protection is False
+    assert sorted(v.record.id for v in r.instances("svc")) == sorted(live)  # none held
 
 
 async def test_restart_gives_a_full_ttl_of_grace(store: Store, clock: FakeClock) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 import tempfile
 from collections.abc import Callable, Coroutine
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from control_plane.errors import ConfigError, StoreError
-from control_plane.model import InstanceRecord
+from control_plane.model import InstanceRecord, Origin, TokenRecord
 from control_plane.store import Snapshot, Store, open_store
 from control_plane.store_memory import MemoryStore
 from control_plane.store_sqlite import SqliteStore
@@ -36,6 +37,16 @@ records = st.builds(
     weight=st.integers(1, 10_000),
     metadata=st.dictionaries(st.sampled_from(["v", "team"]), st.text(max_size=5), max_size=2),
     draining=st.booleans(),
+    origin=st.sampled_from(list(Origin)),
+)
+token_ids = st.sampled_from(["t1", "t2", "t3"])
+tokens = st.builds(
+    TokenRecord,
+    id=token_ids,
+    service=services,
+    description=st.text(max_size=10),
+    digest=st.text(alphabet="0123456789abcdef", min_size=64, max_size=64),
+    created=st.floats(1e9, 2e9),
 )
 hash_policies = st.builds(
     Policy,
@@ -76,6 +87,7 @@ class StoreContract(RuleBasedStateMachine):
         self.instances: dict[tuple[str, str], InstanceRecord] = {}
         self.table: tuple[int, str, frozenset[tuple[str, str]]] = (0, "", frozenset())
         self.epoch = ""
+        self.tokens: dict[str, TokenRecord] = {}
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.loop.run_until_complete(coro)
@@ -112,6 +124,25 @@ class StoreContract(RuleBasedStateMachine):
         self.run(self.store.put_table_version(version, digest, lapsed))
         self.table = (version, digest, lapsed)
 
+    @rule(record=tokens)
+    def put_token(self, record: TokenRecord) -> None:
+        if record.id in self.tokens or any(t.digest == record.digest for t in self.tokens.values()):
+            return  # ids and digests are unique: Tokens.mint never makes a second
+        self.run(self.store.put_token(record))
+        self.tokens[record.id] = record
+
+    @rule(token_id=token_ids)
+    def delete_token(self, token_id: str) -> None:
+        self.run(self.store.delete_token(token_id))
+        self.tokens.pop(token_id, None)
+
+    @rule(used=st.dictionaries(token_ids, st.floats(1e9, 2e9), max_size=3))
+    def touch_tokens(self, used: dict[str, float]) -> None:
+        self.run(self.store.touch_tokens(used))
+        for token_id, when in used.items():
+            if token_id in self.tokens:
+                self.tokens[token_id] = dataclasses.replace(self.tokens[token_id], last_used=when)
+
     @rule()
     def reopen(self) -> None:
         if self.durable:
@@ -130,6 +161,7 @@ class StoreContract(RuleBasedStateMachine):
         assert sorted(snapshot.instances, key=lambda r: r.key) == sorted(
             self.instances.values(), key=lambda r: r.key
         )
+        assert {t.id: t for t in snapshot.tokens} == self.tokens
 
     def teardown(self) -> None:
         self.run(self.store.close())
@@ -204,6 +236,35 @@ async def test_sqlite_refuses_a_newer_schema(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="schema version 99 is newer"):
         await store.load()
     await store.close()
+
+
+async def test_sqlite_upgrades_a_version_1_file(tmp_path: Path) -> None:
+    """Instances of a version 1 file came from sidecars' streams (mostly): they stay theirs."""
+    with sqlite3.connect(tmp_path / "m.db") as db:
+        db.executescript(
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+            "INSERT INTO meta VALUES ('schema_version', '1');"
+            "CREATE TABLE instances (service TEXT NOT NULL, id TEXT NOT NULL, address TEXT NOT "
+            "NULL, port INTEGER NOT NULL, zone TEXT NOT NULL, weight INTEGER NOT NULL, metadata "
+            "TEXT NOT NULL, draining INTEGER NOT NULL, PRIMARY KEY (service, id)) WITHOUT ROWID;"
+            "INSERT INTO instances VALUES ('a', 'i1', '10.0.0.1', 80, '', 100, '{}', 0);"
+        )
+    store = SqliteStore(str(tmp_path / "m.db"))
+    (record,) = (await store.load()).instances
+    assert record.origin is Origin.STREAM
+    await store.put_instance(dataclasses.replace(record, id="i2", origin=Origin.REST))
+    await store.put_token(TokenRecord("t1", "a", "", "0" * 64, 1e9))
+    await store.close()
+    store = SqliteStore(str(tmp_path / "m.db"))
+    snapshot = await store.load()
+    assert [(r.id, r.origin) for r in snapshot.instances] == [
+        ("i1", Origin.STREAM),
+        ("i2", Origin.REST),
+    ]
+    assert [t.id for t in snapshot.tokens] == ["t1"]
+    await store.close()
+    with sqlite3.connect(tmp_path / "m.db") as db:
+        assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
 
 
 async def test_sqlite_names_an_invalid_stored_row(tmp_path: Path) -> None:

@@ -100,7 +100,9 @@ async def test_sigkill_during_a_write_burst_keeps_every_acknowledged_write(
             except aiohttp.ClientError:
                 return  # the process is gone
 
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(
+        headers={"Authorization": f"Bearer {cp.admin_token}"}
+    ) as session:
         writers = [asyncio.create_task(writer(session, w)) for w in range(16)]
         await asyncio.wait_for(enough.wait(), 10)
         cp.proc.send_signal(signal.SIGKILL)  # mid-burst: requests are in flight
@@ -213,13 +215,17 @@ def test_meshlet_command_lists_subcommands() -> None:
     assert "unknown subcommand 'frobnicate'" in bad.stderr
 
 
-def test_admin_token_from_the_environment(control_plane: Start, tmp_path: Path) -> None:
-    cp = control_plane("--store", "memory", env={"MESHLET_ADMIN_TOKEN": "tok"})
+def test_admin_token_from_a_file(control_plane: Start, tmp_path: Path) -> None:
+    (tmp_path / "admin.token").write_text("from-a-file\n")
+    cp = control_plane(
+        "--store", "memory", "--admin-token-file", str(tmp_path / "admin.token"), admin_token=""
+    )
     body = {"address": "10.0.0.1", "port": 80}
     assert cp.call("POST", "/v1/services/a/instances", body)[0] == 401
-    auth = {"Authorization": "Bearer tok"}
-    assert cp.call("POST", "/v1/services/a/instances", body, auth)[0] == 201
-    assert http("GET", cp.url + "/v1/services")[0] == 200
+    assert cp.call("POST", "/v1/services/a/instances", body, token="from-a-file")[0] == 201
+    assert http("GET", cp.url + "/v1/services")[0] == 401  # reads need a token too
+    assert http("GET", cp.url + "/healthz")[0] == 200
+    assert "warning" not in cp.log()  # no token on the command line
     assert cp.stop() == 0
 
 

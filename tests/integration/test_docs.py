@@ -34,9 +34,11 @@ def commands(block: str) -> list[str]:
     return [c.strip() for c in block.replace("\\\n", " ").splitlines() if c.strip()]
 
 
-def run_curl(command: str) -> str:
+def run_curl(command: str, env: dict[str, str] | None = None) -> str:
     assert command.startswith("curl ")
-    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        ["bash", "-c", command], capture_output=True, text=True, timeout=30, env=env
+    )
     assert done.returncode == 0, (command, done.stderr)
     if done.stdout:
         assert "error" not in json.loads(done.stdout), (command, done.stdout)
@@ -46,12 +48,23 @@ def run_curl(command: str) -> str:
 def test_readme_curl_examples_work_as_printed(
     control_plane: Callable[..., ControlPlane], tmp_path: Path
 ) -> None:
-    cp = control_plane("--store", f"sqlite:///{tmp_path}/meshlet.db")
+    setup = commands(block_after("### Try the API", "sh"))
+    assert setup[1] == ".venv/bin/meshlet control-plane --admin-token-file admin.token &"
+    subprocess.run(["bash", "-c", setup[0]], cwd=tmp_path, check=True, timeout=30)
+    assert (tmp_path / "admin.token").stat().st_mode & 0o777 == 0o600
+    cp = control_plane(
+        "--store",
+        f"sqlite:///{tmp_path}/meshlet.db",
+        "--admin-token-file",
+        str(tmp_path / "admin.token"),
+        admin_token="",
+    )
+    env = {"PATH": "/usr/bin:/bin", "TOKEN": (tmp_path / "admin.token").read_text().strip()}
     expected_listing = json.loads(block_after("`GET /v1/services` answers", "json"))
     outputs = {}
-    for command in commands(block_after("### Try the API", "sh")):
-        outputs[command] = run_curl(command.replace("http://127.0.0.1:7070", cp.url))
-    listing = outputs["curl -s http://127.0.0.1:7070/v1/services"]
+    for command in commands(block_after("Then, on the default address:", "sh")):
+        outputs[command] = run_curl(command.replace("http://127.0.0.1:7070", cp.url), env)
+    listing = outputs['curl -s -H "Authorization: Bearer $TOKEN" http://127.0.0.1:7070/v1/services']
     assert json.loads(listing) == expected_listing
     assert len(outputs) == 8
     assert cp.stop() == 0
@@ -71,7 +84,7 @@ def test_readme_sidecar_example_works_as_printed(
         routes = routes.replace(f"port: {documented}", f"port: {server.server_address[1]}")
     (tmp_path / "routes.yaml").write_text(routes)
     sidecar = sidecar_process("--service", "web", "--table", str(tmp_path / "routes.yaml"))
-    (block,) = [b for b in re.findall(r"```sh\n(.*?)```", section, re.S) if "curl" in b]
+    (block,) = [b for b in re.findall(r"```sh\n(.*?)```", section, re.S) if "15001" in b]
     calls = commands(block)
     assert len(calls) == 2
     for command in calls:
@@ -83,6 +96,22 @@ def test_readme_sidecar_example_works_as_printed(
     for server in servers:
         server.shutdown()
         server.server_close()
+    assert sidecar.stop() == 0
+
+
+def test_readme_drain_example_works_as_printed(
+    sidecar_process: Callable[..., Sidecar], tmp_path: Path
+) -> None:
+    section = README.split("## The sidecar")[1].split("\n## ")[0]
+    (block,) = [b for b in re.findall(r"```sh\n(.*?)```", section, re.S) if "/drain" in b]
+    (command,) = commands(block)
+    (tmp_path / "routes.yaml").write_text("services: {}\n")
+    sidecar = sidecar_process("--service", "web", "--table", str(tmp_path / "routes.yaml"))
+    assert sidecar.admin("/readyz")[0] == 200
+    command = command.replace("127.0.0.1:15000", f"127.0.0.1:{sidecar.ports['admin']}")
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=30)
+    assert (done.returncode, json.loads(done.stdout)) == (0, {"status": "draining"}), done.stderr
+    assert sidecar.admin("/readyz") == (503, {"status": "not ready", "reason": "draining"})
     assert sidecar.stop() == 0
 
 
@@ -142,14 +171,15 @@ def test_the_demo_runs_and_its_curl_commands_work() -> None:
             if "Ctrl-C stops the demo" in line:
                 break
         printed = [line.strip() for line in lines if line.strip().startswith("curl ")]
-        assert len(printed) == 8, "".join(lines)
+        assert len(printed) == 9, "".join(lines)
         outputs = [run_curl(command) for command in printed]
         rest = demo.stdout.read()
         assert demo.wait(30) == 0, "".join(lines) + rest
     out = "".join(lines) + rest
-    assert json.loads(outputs[4])["items"] == 3  # the frontend, through its sidecar
-    assert json.loads(outputs[6])["status"] == "draining"
-    assert json.loads(outputs[7])["status"] == "healthy"
+    assert [t["service"] for t in json.loads(outputs[4])["tokens"]] == ["catalog", "frontend"]
+    assert json.loads(outputs[5])["items"] == 3  # the frontend, through its sidecar
+    assert json.loads(outputs[7])["status"] == "draining"
+    assert json.loads(outputs[8])["status"] == "healthy"
     assert "meshlet demo: summary after 6." in out
     assert out.rstrip().endswith("meshlet demo: stopped")
     assert "Traceback" not in out

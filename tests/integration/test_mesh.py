@@ -101,13 +101,23 @@ def endpoints(sidecar: Sidecar, service: str) -> list[int]:
 
 
 def mesh_sidecar(
-    start: StartSidecar, cp_url: str, service: str, app: App, tmp: Path, *extra: str
+    start: StartSidecar,
+    cp: ControlPlane | str,
+    service: str,
+    app: App,
+    tmp: Path,
+    *extra: str,
+    env: dict[str, str] | None = None,
 ) -> Sidecar:
+    """A sidecar of ``service`` joining ``cp`` with a token of its own, as a user's would (a
+    bare URL: a control plane that is not there, or a stand-in; no token)."""
+    if isinstance(cp, ControlPlane) and env is None:
+        env = cp.sidecar_env(service)
     return start(
         "--service",
         service,
         "--control-plane",
-        cp_url,
+        cp if isinstance(cp, str) else cp.url,
         "--app",
         f"http://127.0.0.1:{app.port}",
         "--advertise",
@@ -115,6 +125,7 @@ def mesh_sidecar(
         "--state-dir",
         str(tmp / f"state-{service}"),
         *extra,
+        env=env,
     )
 
 
@@ -138,8 +149,8 @@ def test_two_services_call_each_other_and_follow_the_registry(
 ) -> None:
     cp = quick_cp(control_plane, tmp_path)
     app_a, app_b, app_b2 = apps("a"), apps("b"), apps("b2")
-    a = mesh_sidecar(sidecar_process, cp.url, "a", app_a, tmp_path)
-    b = mesh_sidecar(sidecar_process, cp.url, "b", app_b, tmp_path)
+    a = mesh_sidecar(sidecar_process, cp, "a", app_a, tmp_path)
+    b = mesh_sidecar(sidecar_process, cp, "b", app_b, tmp_path)
     eventually(lambda: endpoints(a, "b") == [b.ports["inbound"]], what="a sees b")
     eventually(lambda: endpoints(b, "a") == [a.ports["inbound"]], what="b sees a")
     assert call(a, "b") == (200, "b")
@@ -174,11 +185,12 @@ def test_control_plane_down_restarts_and_saved_tables(
     port = free_port()
     cp = quick_cp(control_plane, tmp_path, port)
     app_a, app_b = apps("a"), apps("b")
-    a = mesh_sidecar(sidecar_process, cp.url, "a", app_a, tmp_path)
-    b = mesh_sidecar(sidecar_process, cp.url, "b", app_b, tmp_path)
+    a = mesh_sidecar(sidecar_process, cp, "a", app_a, tmp_path)
+    b = mesh_sidecar(sidecar_process, cp, "b", app_b, tmp_path)
     eventually(lambda: endpoints(a, "b") == [b.ports["inbound"]])
 
     # with the control plane stopped, traffic keeps flowing and the sidecars stay ready
+    c_env = cp.sidecar_env("c")  # minted now: the token outlives the restart (SQLite)
     assert cp.stop() == 0
     for _ in range(5):
         assert call(a, "b") == (200, "b")
@@ -188,7 +200,7 @@ def test_control_plane_down_restarts_and_saved_tables(
     # a sidecar started now serves from the table a saved
     (tmp_path / "state-c").mkdir()
     (tmp_path / "state-c" / "c.table").write_bytes((tmp_path / "state-a" / "a.table").read_bytes())
-    c = mesh_sidecar(sidecar_process, cp.url, "c", apps("c"), tmp_path)
+    c = mesh_sidecar(sidecar_process, cp, "c", apps("c"), tmp_path, env=c_env)
     assert c.admin("/readyz")[0] == 200
     assert dump(c)["table"]["source"].startswith("saved:")
     assert call(c, "b") == (200, "b")
@@ -227,8 +239,8 @@ def test_sigterm_deregisters_and_app_health_is_reported(
 ) -> None:
     cp = quick_cp(control_plane, tmp_path)
     app_a, app_b = apps("a"), apps("b")
-    a = mesh_sidecar(sidecar_process, cp.url, "a", app_a, tmp_path)
-    b = mesh_sidecar(sidecar_process, cp.url, "b", app_b, tmp_path, "--app-health-interval", "0.1")
+    a = mesh_sidecar(sidecar_process, cp, "a", app_a, tmp_path)
+    b = mesh_sidecar(sidecar_process, cp, "b", app_b, tmp_path, "--app-health-interval", "0.1")
     eventually(lambda: endpoints(a, "b") == [b.ports["inbound"]])
 
     app_b.status = 500  # three failed checks: callers stop routing to b
@@ -239,6 +251,46 @@ def test_sigterm_deregisters_and_app_health_is_reported(
     assert b.stop() == 0  # SIGTERM: deregistered, not just unhealthy
     assert cp.call("GET", "/v1/services/b")[0] == 404  # its only instance is gone
     assert "deregistered b/" in b.log()
+
+
+def refused_stream(sidecar: Sidecar) -> dict[str, Any]:
+    """The sidecar's stream state once it says why it is not connected."""
+    eventually(lambda: bool(dump(sidecar)["control_plane"]["last_error"]), what="a refusal")
+    state: dict[str, Any] = dump(sidecar)["control_plane"]
+    return state
+
+
+def test_a_sidecar_sends_its_token_and_a_wrong_one_is_refused(
+    control_plane: StartCP,
+    sidecar_process: StartSidecar,
+    apps: Callable[[str], App],
+    tmp_path: Path,
+) -> None:
+    """A control plane with a join token: the sidecar with the token (from a file) joins; one
+    with a wrong token, or none, is refused and says so at /config_dump."""
+    cp = control_plane(
+        "--store", "memory", "--debounce-quiet", "0.05", env={"MESHLET_JOIN_TOKEN": "mesh-join"}
+    )
+    (tmp_path / "token").write_text("mesh-join\n")
+    app = apps("a")
+    good = mesh_sidecar(
+        sidecar_process, cp, "a", app, tmp_path, "--token-file", str(tmp_path / "token")
+    )
+    wrong = sidecar_process(
+        "--service", "b", "--control-plane", cp.url, "--app", f"http://127.0.0.1:{app.port}",
+        "--advertise", "127.0.0.1", "--state-dir", str(tmp_path / "state-b"),
+        env={"MESHLET_TOKEN": "mesh-joiN"},
+    )  # fmt: skip
+    none = mesh_sidecar(sidecar_process, cp, "c", app, tmp_path, env={})
+
+    eventually(lambda: dump(good)["control_plane"]["connected"], what="the token's sidecar joins")
+    assert dump(good)["control_plane"]["instance"]
+    for refused in (wrong, none):
+        stream = refused_stream(refused)
+        assert (stream["connected"], stream["instance"]) == (False, None)
+        assert stream["last_error"].startswith("the control plane refused the stream with")
+        assert "token" in stream["last_error"]
+    assert "control plane stream down (the control plane refused the stream" in wrong.log()
 
 
 def test_a_corrupted_state_file_is_ignored_with_a_warning(
@@ -321,11 +373,11 @@ def test_ring_hash_sends_each_user_to_one_instance_from_every_caller(
     policy = {"lb": "ring_hash", "hash_on": "header:x-user"}
     assert cp.call("PUT", "/v1/services/users/policy", policy)[0] == 200
     backends = [
-        mesh_sidecar(sidecar_process, cp.url, "users", apps(f"u{i}"), tmp_path / f"u{i}")
+        mesh_sidecar(sidecar_process, cp, "users", apps(f"u{i}"), tmp_path / f"u{i}")
         for i in range(5)
     ]
     callers = [
-        mesh_sidecar(sidecar_process, cp.url, name, apps(name), tmp_path) for name in ("web", "api")
+        mesh_sidecar(sidecar_process, cp, name, apps(name), tmp_path) for name in ("web", "api")
     ]
     eventually(lambda: all(len(endpoints(c, "users")) == 5 for c in callers), what="five users")
 
@@ -372,8 +424,8 @@ def test_peak_ewma_keeps_traffic_off_an_instance_that_fails_fast(
     backends = [apps(f"f{i}") for i in range(4)]
     backends[0].code = 503  # answers at once, always 503
     for i, app in enumerate(backends):
-        mesh_sidecar(sidecar_process, cp.url, "flaky", app, tmp_path / f"f{i}")
-    caller = mesh_sidecar(sidecar_process, cp.url, "web", apps("web"), tmp_path)
+        mesh_sidecar(sidecar_process, cp, "flaky", app, tmp_path / f"f{i}")
+    caller = mesh_sidecar(sidecar_process, cp, "web", apps("web"), tmp_path)
     eventually(lambda: len(endpoints(caller, "flaky")) == 4, what="four flaky")
     statuses = [call(caller, "flaky")[0] for _ in range(400)]
     bad = backends[0].hits / sum(a.hits for a in backends)

@@ -1,5 +1,6 @@
-"""A real Prometheus scrapes a control plane and two sidecars: all up, and the request
-counters it stores match the traffic sent. The shipped Prometheus config is valid."""
+"""A real Prometheus scrapes a control plane and two sidecars (their metrics ports): all up,
+and the request counters it stores match the traffic sent. The shipped Prometheus config is
+valid, and the example pod exposes the metrics port, not the admin port."""
 
 from __future__ import annotations
 
@@ -118,10 +119,11 @@ def test_prometheus_scrapes_the_mesh_and_counts_the_traffic(
             "--state-dir",
             str(tmp_path / "f"),
             *common,
+            env=cp.sidecar_env("front"),
         )
         back = sidecar_process(
             "--service", "items", "--app", f"http://127.0.0.1:{items.port}",
-            "--state-dir", str(tmp_path / "b"), *common,
+            "--state-dir", str(tmp_path / "b"), *common, env=cp.sidecar_env("items"),
         )  # fmt: skip
 
         eventually(lambda: whoami(front, "items") == 200, timeout=20, what="front finds items")
@@ -131,8 +133,8 @@ def test_prometheus_scrapes_the_mesh_and_counts_the_traffic(
 
         targets = {
             cp.url.removeprefix("http://"): "control plane",
-            f"127.0.0.1:{front.ports['admin']}": "front",
-            f"127.0.0.1:{back.ports['admin']}": "items",
+            f"127.0.0.1:{front.ports['metrics']}": "front",
+            f"127.0.0.1:{back.ports['metrics']}": "items",
         }
         url = prometheus(list(targets))
 
@@ -144,11 +146,11 @@ def test_prometheus_scrapes_the_mesh_and_counts_the_traffic(
         counted: dict[str, float] = {}
 
         def counts_match() -> bool:
-            for direction, admin in (("outbound", front), ("inbound", back)):
+            for direction, sidecar in (("outbound", front), ("inbound", back)):
                 found = query(
                     url,
                     f'meshlet_requests_total{{direction="{direction}",service="items",'
-                    f'code="2xx",instance="127.0.0.1:{admin.ports["admin"]}"}}',
+                    f'code="2xx",instance="127.0.0.1:{sidecar.ports["metrics"]}"}}',
                 )
                 counted[direction] = float(found[0]["value"][1]) if found else 0.0
             return counted == {"outbound": sent, "inbound": sent}
@@ -168,7 +170,7 @@ def test_the_shipped_prometheus_config_is_valid(tmp_path: Path) -> None:
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     (job,) = config["scrape_configs"]
     assert job.pop("kubernetes_sd_configs") == [{"role": "pod"}]
-    job["static_configs"] = [{"targets": ["127.0.0.1:15000"]}]
+    job["static_configs"] = [{"targets": ["127.0.0.1:15020"]}]
     checked = tmp_path / "prometheus.yml"
     checked.write_text(yaml.safe_dump(config))
     done = subprocess.run(
@@ -179,9 +181,14 @@ def test_the_shipped_prometheus_config_is_valid(tmp_path: Path) -> None:
     annotations = pod["metadata"]["annotations"]
     assert annotations == {
         "prometheus.io/scrape": "true",
-        "prometheus.io/port": "15000",
+        "prometheus.io/port": "15020",
         "prometheus.io/path": "/metrics",
     }
     (sidecar,) = [c for c in pod["spec"]["containers"] if c["name"] == "meshlet"]
     env = {e["name"]: e.get("value") for e in sidecar["env"]}
-    assert env["MESHLET_ADMIN"] == "0.0.0.0:15000"
+    assert env["MESHLET_METRICS_LISTEN"] == "0.0.0.0:15020"  # Prometheus and the kubelet
+    assert "MESHLET_ADMIN" not in env  # /drain stays on loopback
+    assert sidecar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 15020}
+    assert "MESHLET_TOKEN" not in env  # a secret belongs in a file, not in the pod spec
+    mount = sidecar["volumeMounts"][0]["mountPath"]
+    assert env["MESHLET_TOKEN_FILE"].startswith(mount + "/")

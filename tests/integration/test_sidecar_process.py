@@ -232,15 +232,50 @@ def test_sighup_reloads_the_table(sidecar_process: Start, tmp_path: Path) -> Non
         ),
         (["--service", "a", "--outbound", "nope"], "argument --outbound: 'nope' is not HOST:PORT"),
         (["--service", "a", "--drain-timeout", "-1"], "--drain-timeout: must not be negative"),
+        (
+            ["--service", "a", "--control-plane", "https://cp:7070", "--ca-file", "/nonexistent"],
+            "--ca-file: /nonexistent: No such file or directory",
+        ),
+        (
+            ["--service", "a", "--control-plane", "https://cp:7070", "--ca-file", "/etc/hostname"],
+            "--ca-file: /etc/hostname: no PEM certificate could be loaded",
+        ),
+        (["--service", "a", "--token-file", "/nonexistent"], "--token-file /nonexistent: No such"),
+        (["--service", "a", "--metrics-listen", "x"], "argument --metrics-listen: 'x' is not"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(args: list[str], says: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHLET_")}
     done = subprocess.run(
-        [sys.executable, "-m", "sidecar", *args], capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "sidecar", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
     )
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1, done.stderr
     assert says in done.stderr
+
+
+def test_token_and_its_old_name_together_exit_2_with_one_line() -> None:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("MESHLET_")},
+        "MESHLET_TOKEN": "svc-token",
+        "MESHLET_JOIN_TOKEN": "join-token",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "sidecar", "--service", "a"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
+    assert done.returncode == 2
+    assert done.stderr == (
+        "python -m sidecar: error: --token and --join-token: give one (--join-token is the old "
+        "name)\n"
+    )
 
 
 @pytest.mark.parametrize(

@@ -15,13 +15,14 @@ from pathlib import Path
 import pytest
 
 from meshlet import ctl as ctl_module
-from tests.processes import ControlPlane, Sidecar
+from tests.processes import ADMIN_TOKEN, ControlPlane, Sidecar
 
 pytestmark = pytest.mark.slow
 MESHLET = str(Path(sys.executable).with_name("meshlet"))
 
 
-def ctl(cp_url: str, *args: str, token: str = "") -> subprocess.CompletedProcess[str]:
+def ctl(cp_url: str, *args: str, token: str = ADMIN_TOKEN) -> subprocess.CompletedProcess[str]:
+    """``meshlet ctl ARGS`` with the admin token (in the environment, as a user should)."""
     env = {"MESHLET_CONTROL_PLANE": cp_url, "PATH": "/usr/bin:/bin"}
     if token:
         env["MESHLET_ADMIN_TOKEN"] = token
@@ -31,11 +32,10 @@ def ctl(cp_url: str, *args: str, token: str = "") -> subprocess.CompletedProcess
 
 
 def test_ctl_round_trip(control_plane: Callable[..., ControlPlane]) -> None:
-    cp = control_plane("--store", "memory", "--admin-token", "tok")
-    auth = {"Authorization": "Bearer tok"}
+    cp = control_plane("--store", "memory")
     for n in (1, 2):
         body = {"id": f"c{n}", "address": "10.0.0.1", "port": 8080 + n, "zone": "a"}
-        assert cp.call("POST", "/v1/services/catalog/instances", body, auth)[0] == 201
+        assert cp.call("POST", "/v1/services/catalog/instances", body)[0] == 201
 
     out = ctl(cp.url, "services")
     assert out.returncode == 0, out.stderr
@@ -62,7 +62,6 @@ def test_ctl_round_trip(control_plane: Callable[..., ControlPlane]) -> None:
         "retry_budget.ratio=0.5",
         "--set",
         "lb=round_robin",
-        token="tok",
     )
     assert out.returncode == 0, out.stderr
     policy = json.loads(out.stdout)
@@ -73,17 +72,17 @@ def test_ctl_round_trip(control_plane: Callable[..., ControlPlane]) -> None:
     )
     assert cp.call("GET", "/v1/services/catalog/policy")[1]["policy"]["retries"] == 3
 
-    out = ctl(cp.url, "drain", "catalog", "c1", token="tok")
+    out = ctl(cp.url, "drain", "catalog", "c1")
     assert out.stdout.strip() == "catalog/c1: draining, weight 100"
-    out = ctl(cp.url, "weight", "catalog", "c2", "7", token="tok")
+    out = ctl(cp.url, "weight", "catalog", "c2", "7")
     assert out.stdout.strip() == "catalog/c2: healthy, weight 7"
-    out = ctl(cp.url, "undrain", "catalog", "c1", token="tok")
+    out = ctl(cp.url, "undrain", "catalog", "c1")
     assert out.stdout.strip() == "catalog/c1: healthy, weight 100"
 
     out = ctl(cp.url, "ring", "catalog", "--key", "u1")
     assert out.returncode == 1
     assert "does not hash in table v" in out.stderr
-    ctl(cp.url, "policy", "catalog", "--set", "lb=maglev", "--set", "hash_on=path", token="tok")
+    ctl(cp.url, "policy", "catalog", "--set", "lb=maglev", "--set", "hash_on=path")
     for key in ("u1", "user 2/&x"):
         for _ in range(50):  # answers by the pushed table: the change lands within a debounce
             out = ctl(cp.url, "ring", "catalog", "--key", key)
@@ -100,18 +99,19 @@ def test_ctl_round_trip(control_plane: Callable[..., ControlPlane]) -> None:
 
 
 def test_ctl_refusals_are_one_line_exit_1(control_plane: Callable[..., ControlPlane]) -> None:
-    cp = control_plane("--store", "memory", "--admin-token", "tok")
+    cp = control_plane("--store", "memory")
     out = ctl(cp.url, "instances", "nope")
     assert (out.returncode, out.stdout) == (1, "")
     assert (
         out.stderr
         == "meshlet ctl: GET /v1/services/nope/instances: 404 no service 'nope' (field service)\n"
     )
-    out = ctl(cp.url, "policy", "catalog", "--set", "retries=2")
-    assert out.returncode == 1
-    out = ctl(cp.url, "drain", "catalog", "c1")
+    out = ctl(cp.url, "policy", "catalog", "--set", "retries=2", token="")
     assert out.returncode == 1
     assert "401" in out.stderr
+    out = ctl(cp.url, "drain", "catalog", "c1", token=cp.mint("catalog"))
+    assert out.returncode == 1
+    assert "403" in out.stderr
     assert cp.stop() == 0
 
     with socket.socket() as s:
@@ -141,19 +141,17 @@ def test_ctl_sidecars_and_table(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    cp = control_plane("--store", "memory", "--debounce-quiet", "0.05", "--admin-token", "tok")
-    auth = {"Authorization": "Bearer tok"}
+    cp = control_plane("--store", "memory", "--debounce-quiet", "0.05")
+    monkeypatch.setenv("MESHLET_ADMIN_TOKEN", ADMIN_TOKEN)  # for main() in this process
     for n, weight in ((1, 100), (2, 7)):
         body = {"id": f"c{n}", "address": "10.0.0.1", "port": 8080 + n, "weight": weight}
-        assert cp.call("POST", "/v1/services/catalog/instances", {**body, "zone": "a"}, auth)[0]
-    assert ctl(cp.url, "drain", "catalog", "c2", token="tok").returncode == 0
+        assert cp.call("POST", "/v1/services/catalog/instances", {**body, "zone": "a"})[0]
+    assert ctl(cp.url, "drain", "catalog", "c2").returncode == 0
     sidecar = sidecar_process(
         "--service",
         "frontend",
         "--control-plane",
         cp.url,
-        "--join-token",
-        "tok",  # with an admin token set, the stream wants a token too
         "--app",
         "http://127.0.0.1:9",
         "--app-health",
@@ -162,6 +160,7 @@ def test_ctl_sidecars_and_table(
         "127.0.0.1",
         "--state-dir",
         str(tmp_path / "state"),
+        env=cp.sidecar_env("frontend"),
     )
     inbound = f"127.0.0.1-{sidecar.ports['inbound']}"
 
@@ -186,6 +185,7 @@ def test_ctl_sidecars_and_table(
         "NODE",
         "SERVICE",
         "INSTANCE",
+        "TOKEN",
         "ACKED",
         "LAST",
         "NACK",
@@ -195,7 +195,8 @@ def test_ctl_sidecars_and_table(
     node, *cells, since = row.split()
     assert node == sidecars[0]["node"]
     assert node.startswith("frontend-")
-    assert cells == ["frontend", inbound, f"v{version}", "-"]
+    assert cells == ["frontend", inbound, sidecars[0]["token"], f"v{version}", "-"]
+    assert re.fullmatch(r"[0-9a-f]{12}", sidecars[0]["token"])  # its service token's id
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", since)
 
     out = ctl(cp.url, "table")
@@ -232,7 +233,7 @@ def test_ctl_sidecars_and_table(
     monkeypatch.setattr(sys, "stdout", terminal)
     assert ctl_module.main(["--control-plane", cp.url, "sidecars"]) == 0
     rows = [line.split() for line in ANSI.sub("", terminal.getvalue()).splitlines()]
-    assert [node, "frontend", inbound, f"v{version}", "-", since] in rows
+    assert [node, "frontend", inbound, sidecars[0]["token"], f"v{version}", "-", since] in rows
 
     # --json and pipes never load rich
     script = (
@@ -249,4 +250,42 @@ def test_ctl_sidecars_and_table(
     assert (out.returncode, out.stdout) == (1, "")
     assert out.stderr == "meshlet ctl: GET /v1/sidecars: 404 Not Found\n"
     assert sidecar.stop() == 0
+    assert cp.stop() == 0
+
+
+def test_ctl_tokens_create_list_revoke(
+    control_plane: Callable[..., ControlPlane], tmp_path: Path
+) -> None:
+    cp = control_plane("--store", "memory")
+    out = ctl(cp.url, "token", "create", "catalog", "--description", "catalog pods")
+    assert out.returncode == 0, out.stderr
+    first, secret, note = out.stdout.splitlines()
+    token_id = re.fullmatch(r"token (\w+) for service catalog:", first)
+    assert token_id is not None, first
+    assert "shown this once" in note
+    body = {"address": "10.0.0.1", "port": 80}
+    assert cp.call("POST", "/v1/services/catalog/instances", body, token=secret)[0] == 201
+
+    out = ctl(cp.url, "token", "list")
+    header, row = out.stdout.splitlines()
+    assert header.split() == ["ID", "SERVICE", "DESCRIPTION", "CREATED", "LAST", "USED"]
+    assert row.split()[:4] == [token_id[1], "catalog", "catalog", "pods"]
+    assert secret not in out.stdout
+    listed = json.loads(ctl(cp.url, "token", "list", "--json").stdout)["tokens"]
+    assert [t["id"] for t in listed] == [token_id[1]]
+
+    out = ctl(cp.url, "token", "revoke", token_id[1])
+    assert out.stdout == f"token {token_id[1]} revoked; the streams it opened are closed\n"
+    assert cp.call("POST", "/v1/services/catalog/instances", body, token=secret)[0] == 401
+    assert ctl(cp.url, "token", "list").stdout == "no service tokens\n"
+    out = ctl(cp.url, "token", "revoke", token_id[1])
+    assert (out.returncode, out.stderr.count("\n")) == (1, 1)
+    assert "404" in out.stderr
+
+    # the token from a file, as a script should keep it
+    (tmp_path / "admin").write_text(ADMIN_TOKEN + "\n")
+    env = {"MESHLET_CONTROL_PLANE": cp.url, "PATH": "/usr/bin:/bin"}
+    argv = [MESHLET, "ctl", "--admin-token-file", str(tmp_path / "admin"), "token", "list"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=env)
+    assert (done.returncode, done.stdout) == (0, "no service tokens\n")
     assert cp.stop() == 0

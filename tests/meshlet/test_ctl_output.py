@@ -54,6 +54,7 @@ def test_sidecars_view_shows_none_acked_and_none_connected() -> None:
         "node": "n1",
         "service": "svc",
         "instance": "i1",
+        "token": "3f9a1c0b7d2e",
         "acked_version": 0,
         "last_nack": "services.x.policy.retries: must be at most 10",
         "connected_since": "2026-01-01T00:00:00Z",
@@ -63,6 +64,7 @@ def test_sidecars_view_shows_none_acked_and_none_connected() -> None:
         "n1",
         "svc",
         "i1",
+        "3f9a1c0b7d2e",
         "-",  # nothing acknowledged yet
         "services.x.policy.retries: must be at most 10",
         "2026-01-01T00:00:00Z",

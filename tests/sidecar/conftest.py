@@ -254,6 +254,10 @@ class Mesh:
     def admin(self) -> int:
         return self.sidecar.addresses["admin"].port
 
+    @property
+    def metrics(self) -> int:
+        return self.sidecar.addresses["metrics"].port
+
     def write_table(self, services: dict[str, Any]) -> None:
         tmp = self.table_path.with_suffix(".tmp")
         tmp.write_text(yaml.safe_dump({"services": services}))
@@ -300,6 +304,7 @@ async def make_mesh(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Mes
             outbound=Listen(LOCAL, 0),
             inbound=Listen(LOCAL, 0),
             admin=Listen(LOCAL, 0),
+            metrics_listen=Listen(LOCAL, 0),
             table=str(table),
             drain_timeout=2,
             table_poll_interval=0.05,

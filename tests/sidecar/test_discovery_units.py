@@ -10,7 +10,7 @@ import pytest
 from control_plane import ring
 from control_plane.wire import Ack, Nack, Registration, Table, parse_table, table_message
 from sidecar import state
-from sidecar.discovery import Backoff, Discovery, stream_url
+from sidecar.discovery import Backoff, Discovery, describe_close, stream_url
 from sidecar.health import AppHealth
 from sidecar.routing import Pools, TableHolder
 
@@ -32,6 +32,21 @@ def test_backoff_grows_jittered_and_capped() -> None:
 def test_stream_urls() -> None:
     assert stream_url("http://cp:7070") == "ws://cp:7070/v1/stream"
     assert stream_url("https://cp:7070/") == "wss://cp:7070/v1/stream"
+
+
+def test_a_close_says_its_code_and_reason() -> None:
+    assert describe_close(4409, "owned by node n2") == (
+        "the control plane refused the stream with 4409 "
+        "(the instance is owned by another live stream): owned by node n2"
+    )
+    assert describe_close(4401, "") == (
+        "the control plane refused the stream with 4401 "
+        "(unauthorized: the token is missing, wrong or revoked)"
+    )
+    assert describe_close(1001, "control plane shutting down") == (
+        "the control plane closed the stream with 1001: control plane shutting down"
+    )
+    assert describe_close(None, "") == "the control plane closed the stream"
 
 
 def test_state_round_trip_and_corruption(tmp_path: Path) -> None:

@@ -187,7 +187,7 @@ async def test_admin_port(upstreams: Upstreams, make_mesh: MakeMesh) -> None:
         assert dump["table"]["source"].startswith("file:")
         assert dump["table"]["services"]["svc"]["endpoints"][0]["port"] == up.port
         assert dump["table"]["services"]["svc"]["policy"]["lb"] == "round_robin"
-        async with http.post(f"{base}/drain") as r:
+        async with http.post(f"{base}/drain", json={}) as r:
             assert r.status == 202
         async with http.get(f"{base}/readyz") as r:
             assert (r.status, (await r.json())["reason"]) == (503, "draining")
