@@ -260,6 +260,8 @@ listen proxy
             f"127.0.0.1:{inbound or free_port()}",
             "--admin",
             f"127.0.0.1:{free_port()}",
+            "--metrics-listen",
+            "127.0.0.1:0",
             "--app",
             f"http://127.0.0.1:{app}",
             "--log-level",

@@ -15,6 +15,10 @@ table holds N endpoints across 50 services, as a real mesh of N sidecars would.
   rss        a real sidecar process's RSS idle, and after a table of 1,000 services x 10
              endpoints (goal <= 60 MB, stretch <= 40 MB)
 
+Tokens are on, as a user runs a mesh: each control plane has an admin token in its
+environment, the benchmark's REST calls carry it, and every sidecar (simulated or real) opens
+its stream with a service token of its own service, minted by the admin.
+
 Run: .venv/bin/python tests/benchmarks/bench_push.py [--sizes 100,1000] [--flips 5]
 """
 
@@ -25,6 +29,7 @@ import asyncio
 import json
 import os
 import re
+import secrets
 import shutil
 import socket
 import statistics
@@ -39,6 +44,7 @@ import aiohttp
 import uvloop
 
 CP_CORE, CLIENT_CORE = 0, 1
+SERVICES = 50
 VERSION = re.compile(rb'"version":(\d+),"epoch"')
 
 
@@ -67,25 +73,45 @@ def percentile(values: list[float], p: float) -> float:
 class SimSidecar:
     """Registers, then ACKs every table, noting when each version arrived."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, token: str) -> None:
         self.n = n
+        self.service = f"svc-{n % SERVICES}"
+        self.token = token
+        """a service token of ``service``"""
         self.arrived: dict[int, float] = {}
         self.tables = 0
         self.last_payload = b""
 
-    async def run(self, http: aiohttp.ClientSession, url: str, ready: asyncio.Event) -> None:
-        async with http.ws_connect(f"{url}/v1/stream", max_msg_size=0) as ws:
+    async def run(self, http: aiohttp.ClientSession, url: str, ready: asyncio.Future[None]) -> None:
+        """Until cancelled; ``ready`` holds the outcome of connecting (a refused token, say)."""
+        try:
+            await self._session(http, url, ready)
+        except Exception as e:
+            if not ready.done():
+                ready.set_exception(
+                    RuntimeError(f"sim-{self.n} did not connect: {type(e).__name__}: {e}")
+                )
+            raise
+
+    async def _session(
+        self, http: aiohttp.ClientSession, url: str, ready: asyncio.Future[None]
+    ) -> None:
+        async with http.ws_connect(
+            f"{url}/v1/stream", max_msg_size=0, headers=bearer(self.token)
+        ) as ws:
             hello = {
                 "type": "hello",
                 "node": f"sim-{self.n}",
-                "service": f"svc-{self.n % 50}",
+                "service": self.service,
                 "instance": {"id": f"i{self.n}", "address": "127.0.0.1", "port": 10000 + self.n},
                 "version": 0,
                 "health": "healthy",
             }
             await ws.send_str(json.dumps(hello))
-            await ws.receive()  # welcome
-            ready.set()
+            welcome = await ws.receive()
+            if welcome.type is not aiohttp.WSMsgType.TEXT or '"welcome"' not in welcome.data:
+                raise RuntimeError(f"sim-{self.n}: no welcome: {welcome.type} {welcome.data!r}")
+            ready.set_result(None)
             beats = asyncio.create_task(self._heartbeats(ws))
             try:
                 await self._tables(ws)
@@ -110,8 +136,21 @@ class SimSidecar:
             await ws.send_str(f'{{"type":"ack","version":{version}}}')
 
 
-async def current_version(http: aiohttp.ClientSession, url: str) -> int:
-    async with http.get(f"{url}/v1/table") as r:
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def mint(http: aiohttp.ClientSession, url: str, admin: str, service: str) -> str:
+    """A new service token's secret, minted with the admin token."""
+    async with http.post(f"{url}/v1/tokens", json={"service": service}, headers=bearer(admin)) as r:
+        assert r.status == 201, await r.text()
+        secret: str = (await r.json())["secret"]
+        return secret
+
+
+async def current_version(http: aiohttp.ClientSession, url: str, admin: str) -> int:
+    async with http.get(f"{url}/v1/table", headers=bearer(admin)) as r:
+        assert r.status == 200, await r.text()
         return int((await r.json())["version"])
 
 
@@ -124,33 +163,41 @@ async def settle(sims: list[SimSidecar], version: int) -> None:
         await asyncio.sleep(0.01)
 
 
-async def push_rounds(url: str, n: int, flips: int, burst: bool) -> tuple[list[float], int]:
-    sims = [SimSidecar(i) for i in range(n)]
+async def push_rounds(
+    url: str, admin: str, n: int, flips: int, burst: bool
+) -> tuple[list[float], int]:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
-        readies = [asyncio.Event() for _ in sims]
+        # one token per service, shared by its sidecars, as a user deploys them
+        tokens = [await mint(http, url, admin, f"svc-{s}") for s in range(SERVICES)]
+        sims = [SimSidecar(i, tokens[i % SERVICES]) for i in range(n)]
+        loop = asyncio.get_running_loop()
+        readies: list[asyncio.Future[None]] = [loop.create_future() for _ in sims]
         tasks = [
             asyncio.create_task(s.run(http, url, e)) for s, e in zip(sims, readies, strict=True)
         ]
         for start in range(0, n, 100):  # connect in waves, as a fleet starts
-            await asyncio.gather(*(e.wait() for e in readies[start : start + 100]))
+            await asyncio.gather(*readies[start : start + 100])
         await asyncio.sleep(3.0)  # registrations debounced and pushed
-        await settle(sims, await current_version(http, url))
+        await settle(sims, await current_version(http, url, admin))
         latencies: list[float] = []
         rest: list[float] = []
         for f in range(flips):
             flip_at = time.monotonic()
             async with http.patch(
-                f"{url}/v1/services/svc-0/instances/i0", json={"weight": 50 + f}
+                f"{url}/v1/services/svc-0/instances/i0",
+                json={"weight": 50 + f},
+                headers=bearer(admin),
             ) as r:
                 assert r.status == 200, await r.text()
             # REST reads while the new table goes out to every sidecar
             while time.monotonic() - flip_at < 0.4:
                 started = time.monotonic()
-                async with http.get(f"{url}/v1/services") as r:
+                async with http.get(f"{url}/v1/services", headers=bearer(admin)) as r:
+                    assert r.status == 200, await r.text()
                     await r.read()
                 rest.append(time.monotonic() - started)
                 await asyncio.sleep(0.005)
-            version = await current_version(http, url)
+            version = await current_version(http, url, admin)
             await settle(sims, version)
             latencies += [s.arrived[version] - flip_at for s in sims]
             await asyncio.sleep(0.3)
@@ -164,12 +211,14 @@ async def push_rounds(url: str, n: int, flips: int, burst: bool) -> tuple[list[f
         before = [s.tables for s in sims]
         for w in range(100):
             async with http.patch(
-                f"{url}/v1/services/svc-0/instances/i0", json={"weight": 1 + w}
+                f"{url}/v1/services/svc-0/instances/i0",
+                json={"weight": 1 + w},
+                headers=bearer(admin),
             ) as r:
                 assert r.status == 200
             await asyncio.sleep(0.009)
         await asyncio.sleep(2.5)
-        version = await current_version(http, url)
+        version = await current_version(http, url, admin)
         await settle(sims, version)
         burst_tables = max(s.tables - b for s, b in zip(sims, before, strict=True))
         final = json.loads(sims[-1].last_payload)["services"]["svc-0"]["endpoints"]
@@ -231,9 +280,23 @@ async def redis_floor(port: int, n: int, size: int, rounds: int) -> list[float]:
     return latencies
 
 
-def sidecar_rss(cp_url: str, tmp: Path) -> tuple[float, float]:
+def sidecar_rss(cp_url: str, admin_token: str, tmp: Path) -> tuple[float, float]:
     """A real sidecar's RSS idle, then after a table of 1,000 services x 10 endpoints."""
     admin = free_port()
+    opener = urllib.request.build_opener()
+
+    def post(path: str, body: dict[str, object]) -> bytes:
+        req = urllib.request.Request(
+            cp_url + path,
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json", **bearer(admin_token)},
+            method="POST",
+        )
+        with opener.open(req) as r:
+            answer: bytes = r.read()
+            return answer
+
+    token = json.loads(post("/v1/tokens", {"service": "rss"}))["secret"]
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -251,6 +314,8 @@ def sidecar_rss(cp_url: str, tmp: Path) -> tuple[float, float]:
             "127.0.0.1:0",
             "--admin",
             f"127.0.0.1:{admin}",
+            "--metrics-listen",
+            "127.0.0.1:0",
             "--state-dir",
             str(tmp / "rss"),
             "--app-health",
@@ -258,22 +323,16 @@ def sidecar_rss(cp_url: str, tmp: Path) -> tuple[float, float]:
             "--log-level",
             "warning",
         ],
+        env={**clean_env(), "MESHLET_TOKEN": token},
     )
     try:
         wait_http(f"http://127.0.0.1:{admin}/healthz")
         time.sleep(2.0)
         idle = rss_mb(proc.pid)
-        body = {"address": "10.0.0.1", "port": 1}
-        opener = urllib.request.build_opener()
         for s in range(1000):
             for i in range(10):
-                req = urllib.request.Request(
-                    f"{cp_url}/v1/services/big-{s}/instances",
-                    data=json.dumps({**body, "id": f"i{i}", "port": 1000 + i}).encode(),
-                    headers={"Content-Type": "application/json"},
-                    method="POST",
-                )
-                opener.open(req).read()
+                body = {"address": "10.0.0.1", "id": f"i{i}", "port": 1000 + i}
+                post(f"/v1/services/big-{s}/instances", body)
         for _ in range(100):  # until the sidecar has it
             with urllib.request.urlopen(f"http://127.0.0.1:{admin}/config_dump") as r:
                 services = json.loads(r.read())["table"]["services"]
@@ -294,7 +353,13 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def start_control_plane(port: int, *debounce: str) -> subprocess.Popen[bytes]:
+def clean_env() -> dict[str, str]:
+    """This environment without any MESHLET_ setting, so only the benchmark's tokens count."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("MESHLET_")}
+
+
+def start_control_plane(port: int, admin: str, *debounce: str) -> subprocess.Popen[bytes]:
+    """A control plane with ``admin`` as its admin token, given in the environment."""
     return subprocess.Popen(
         [
             "taskset",
@@ -311,6 +376,7 @@ def start_control_plane(port: int, *debounce: str) -> subprocess.Popen[bytes]:
             "warning",
             *debounce,
         ],
+        env={**clean_env(), "MESHLET_ADMIN_TOKEN": admin},
     )
 
 
@@ -326,6 +392,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-push-"))
     sizes = [int(x) for x in args.sizes.split(",")]
     lines = []
+    admin = secrets.token_urlsafe(32)
     try:
         for n in sizes:
             redis_port = free_port()
@@ -357,13 +424,13 @@ def main() -> int:
                     ("off", ("--debounce-quiet", "0.001", "--debounce-max", "0.001")),
                 ):
                     port = free_port()
-                    cp = start_control_plane(port, *debounce)
+                    cp = start_control_plane(port, admin, *debounce)
                     url = f"http://127.0.0.1:{port}"
                     try:
                         wait_http(f"{url}/readyz")
                         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
                             runs[label] = runner.run(
-                                push_rounds(url, n, args.flips, burst=label == "default")
+                                push_rounds(url, admin, n, args.flips, burst=label == "default")
                             )
                     finally:
                         cp.terminate()
@@ -384,10 +451,10 @@ def main() -> int:
                 f"{percentile(off, 99) / percentile(floor, 99):.1f}x (goal <= 3x)"
             )
         port = free_port()  # the RSS run gets a control plane of its own
-        cp = start_control_plane(port)
+        cp = start_control_plane(port, admin)
         try:
             wait_http(f"http://127.0.0.1:{port}/readyz")
-            idle, loaded = sidecar_rss(f"http://127.0.0.1:{port}", tmp)
+            idle, loaded = sidecar_rss(f"http://127.0.0.1:{port}", admin, tmp)
         finally:
             cp.terminate()
             cp.wait(10)

@@ -1,6 +1,6 @@
 """REST heartbeats per second one control-plane process absorbs on one core, beside Redis.
 
-The control plane (SQLite store in a temp dir, 1,000 registered instances) and a private
+The control plane (SQLite store in a temp dir, 1,000 instances of 50 services) and a private
 redis-server each run pinned to core 0; the load generator runs on core 1. The same client
 code drives both over C keep-alive connections, one request in flight per connection:
   - meshlet: ``PUT /v1/services/{svc}/instances/{id}/heartbeat``
@@ -8,14 +8,22 @@ code drives both over C keep-alive connections, one request in flight per connec
 Rounds alternate between the two; the result is the median of the per-round ratios.
 Goals: >= 5,000 heartbeats/s and >= 0.2x the Redis figure.
 
-Run: .venv/bin/python tests/benchmarks/bench_registry.py [--rounds 5] [--seconds 3]
+Tokens are on, as a user runs a control plane: an admin token in its environment, which
+mints one service token per service; each instance registers and heartbeats with its
+service's token (``Authorization: Bearer mlt_...``: a SHA-256 and a dict lookup per call).
+``--no-tokens`` runs an open control plane (no token configured, no header sent) instead, to
+measure what tokens cost.
+
+Run: .venv/bin/python tests/benchmarks/bench_registry.py [--rounds 5] [--seconds 3] [--no-tokens]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import secrets
 import shutil
 import socket
 import statistics
@@ -26,11 +34,12 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import uvloop
 
 INSTANCES = 1000
+SERVICES = 50
 SERVER_CORE = 0
 CLIENT_CORE = 1
 
@@ -121,12 +130,19 @@ async def drive(
     return sum(counts) / elapsed
 
 
-def heartbeat_request(conn: int, n: int) -> bytes:
-    i = (conn * 7919 + n) % INSTANCES
-    return (
-        f"PUT /v1/services/svc-{i % 50}/instances/inst-{i}/heartbeat HTTP/1.1\r\n"
-        f"Host: cp\r\nContent-Length: 0\r\n\r\n"
-    ).encode()
+def heartbeat_requests(tokens: list[str]) -> Callable[[int, int], bytes]:
+    """Heartbeats of every instance in turn, each with its service's token (none if
+    ``tokens`` is empty: an open control plane)."""
+    auth = [f"Authorization: Bearer {t}\r\n" for t in tokens] or [""] * SERVICES
+
+    def heartbeat_request(conn: int, n: int) -> bytes:
+        i = (conn * 7919 + n) % INSTANCES
+        return (
+            f"PUT /v1/services/svc-{i % SERVICES}/instances/inst-{i}/heartbeat HTTP/1.1\r\n"
+            f"Host: cp\r\n{auth[i % SERVICES]}Content-Length: 0\r\n\r\n"
+        ).encode()
+
+    return heartbeat_request
 
 
 def redis_request(conn: int, n: int) -> bytes:
@@ -151,17 +167,39 @@ def wait_http(url: str) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-def register_all(base: str) -> None:
+def call(base: str, path: str, body: dict[str, Any], token: str) -> Any:
+    """A POST with a JSON body, and ``token`` unless it is ""; the answer's JSON."""
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
+    req = urllib.request.Request(
+        base + path,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json", **auth},
+    )
+    with urllib.request.urlopen(req) as r:
+        assert r.status == 201, r.status
+        return json.loads(r.read())
+
+
+def mint_tokens(base: str, admin_token: str) -> list[str]:
+    """One service token per service, minted by the admin, as a user deploys them."""
+    return [
+        call(base, "/v1/tokens", {"service": f"svc-{s}"}, admin_token)["secret"]
+        for s in range(SERVICES)
+    ]
+
+
+def register_all(base: str, tokens: list[str]) -> None:
     for i in range(INSTANCES):
-        body = f'{{"id": "inst-{i}", "address": "10.0.{i // 250}.{i % 250 + 1}", "port": 8080}}'
-        req = urllib.request.Request(
-            f"{base}/v1/services/svc-{i % 50}/instances",
-            data=body.encode(),
-            method="POST",
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(req) as r:
-            assert r.status == 201, r.status
+        body = {"id": f"inst-{i}", "address": f"10.0.{i // 250}.{i % 250 + 1}", "port": 8080}
+        token = tokens[i % SERVICES] if tokens else ""
+        call(base, f"/v1/services/svc-{i % SERVICES}/instances", body, token)
+
+
+def control_plane_env(admin_token: str) -> dict[str, str]:
+    """This environment without any MESHLET_ setting, plus ``admin_token`` unless it is ""."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHLET_")}
+    return {**env, "MESHLET_ADMIN_TOKEN": admin_token} if admin_token else env
 
 
 def main() -> int:
@@ -169,6 +207,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument(
+        "--no-tokens",
+        action="store_true",
+        help="an open control plane: no token configured, heartbeats without one",
+    )
     args = parser.parse_args()
     redis_server = shutil.which("redis-server")
     if redis_server is None:
@@ -178,6 +221,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-registry-"))
     cp_port, redis_port = free_port(), free_port()
     wrap = os.environ.get("BENCH_WRAP", "").split()
+    admin_token = "" if args.no_tokens else secrets.token_urlsafe(32)
     procs = [
         subprocess.Popen(
             [
@@ -193,6 +237,7 @@ def main() -> int:
                 "warning",
             ],
             preexec_fn=pinned(SERVER_CORE),
+            env=control_plane_env(admin_token),
         ),
         subprocess.Popen(
             [
@@ -215,7 +260,9 @@ def main() -> int:
     try:
         base = f"http://127.0.0.1:{cp_port}"
         wait_http(f"{base}/readyz")
-        register_all(base)
+        tokens = mint_tokens(base, admin_token) if admin_token else []
+        register_all(base, tokens)
+        heartbeat_request = heartbeat_requests(tokens)
         ratios, meshlet_rates, redis_rates = [], [], []
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(drive(cp_port, args.connections, 1.0, heartbeat_request, http_done))  # warm
@@ -231,9 +278,11 @@ def main() -> int:
                 redis_rates.append(d)
                 ratios.append(m / d)
                 print(f"round {r + 1}: meshlet {m:8.0f}/s  redis {d:8.0f}/s  ratio {m / d:.3f}")
+        auth = "none (open control plane)" if args.no_tokens else "a service token each"
         print(
             f"\nheartbeats/s, median of {args.rounds} rounds x {args.seconds:.0f}s, "
-            f"{args.connections} keep-alive connections, server pinned to one core:\n"
+            f"{args.connections} keep-alive connections, server pinned to one core, "
+            f"tokens: {auth}:\n"
             f"  meshlet control plane {statistics.median(meshlet_rates):8.0f}/s (goal >= 5000)\n"
             f"  redis HSET+PEXPIRE    {statistics.median(redis_rates):8.0f}/s\n"
             f"  median ratio          {statistics.median(ratios):8.3f}   (goal >= 0.2)"
