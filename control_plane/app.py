@@ -164,7 +164,7 @@ def tls_context(config: ControlPlaneConfig) -> ssl.SSLContext | None:
     try:
         context.load_cert_chain(config.tls_cert, config.tls_key)
     except OSError as e:  # ssl.SSLError among them
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        reason = e.strerror or str(e)
         raise ConfigError(
             "tls_cert", f"cannot load {config.tls_cert} and {config.tls_key}: {reason}"
         ) from None

@@ -130,7 +130,7 @@ class PublisherStatistics:
     nacks: int
     """tables sidecars refused"""
     refused: dict[str, int] = field(default_factory=dict)
-    """hellos refused, by reason: scope, owned, rest, address, full, revoked"""
+    """hellos refused, by reason (``Refused.reason``)"""
 
 
 class Publisher:
@@ -404,9 +404,8 @@ class Publisher:
     ) -> None:
         """Close a stream whose hello is refused, with ``4000 + status``; counted, and logged
         once per instance and node."""
-        reason = error.reason
-        self.refused[reason] += 1
-        what = (hello.service, instance, hello.node, reason)
+        self.refused[error.reason] += 1
+        what = (hello.service, instance, hello.node, error.reason)
         if what not in self._logged:
             self._logged[what] = None
             if len(self._logged) > LOGGED_REFUSALS:

@@ -166,6 +166,17 @@ def test_an_unusable_store_fails_at_start_with_exit_2(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
+def test_an_unusable_certificate_fails_at_start_with_exit_2(tmp_path: Path) -> None:
+    (tmp_path / "cert.pem").write_text("not a certificate\n")
+    argv = [sys.executable, "-m", "control_plane", "--listen", "127.0.0.1:0", "--store", "memory"]
+    for cert, key in ((tmp_path / "cert.pem",) * 2, (tmp_path / "none.pem",) * 2):
+        tls = ["--tls-cert", str(cert), "--tls-key", str(key)]
+        proc = subprocess.run([*argv, *tls], capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 2
+        assert f"cannot start: tls_cert: cannot load {cert}" in proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
 def test_a_busy_port_fails_at_start_with_exit_2(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
