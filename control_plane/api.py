@@ -47,9 +47,21 @@ PRINCIPAL = web.RequestKey("principal", Principal)
 
 @dataclass(slots=True)
 class Readiness:
-    """Set by the lifecycle: ready once the store is loaded, not ready from shutdown on."""
+    """Set by the lifecycle: ready once the store is loaded, not ready from shutdown on; and
+    not ready while the store refuses writes (a full disk), as the last write or probe said."""
 
     ready: bool = False
+    store_error: str = ""
+
+    def store_failed(self, error: StoreError) -> None:
+        if not self.store_error:
+            log.warning("store refuses writes, not ready: %s", error)
+        self.store_error = str(error) or type(error).__name__
+
+    def store_works(self) -> None:
+        if self.store_error:
+            log.info("store takes writes again: ready")
+        self.store_error = ""
 
 
 READY = web.AppKey("ready", Readiness)
@@ -119,6 +131,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     except ApiError as e:
         return error_response(e)
     except StoreError as e:
+        request.app[READY].store_failed(e)
         log.warning("store failed during %s %s: %s", request.method, request.path, e)
         return json_response({"error": f"store unavailable: {e}", "field": None}, 503)
     except web.HTTPException as e:
@@ -207,8 +220,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    if request.app[READY].ready:
+    readiness = request.app[READY]
+    if readiness.ready and not readiness.store_error:
         return json_response({"status": "ready"})
+    if readiness.ready:
+        reason = f"store refuses writes: {readiness.store_error}"
+        return json_response({"status": "not ready", "reason": reason}, 503)
     return json_response({"status": "not ready"}, 503)
 
 

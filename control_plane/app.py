@@ -41,6 +41,8 @@ log = logging.getLogger("meshlet.control_plane")
 STORE = web.AppKey("store", Store)
 TOKEN_FLUSH_EVERY = 60.0
 """seconds between saves of when tokens were last used"""
+STORE_PROBE_EVERY = 2.0
+"""seconds between writes that check the store still takes them (``/readyz``)"""
 
 
 def build_app(
@@ -64,7 +66,7 @@ def build_app(
     )
     app[api.REGISTRY] = registry
     publisher = Publisher(
-        registry, store, quiet=config.debounce_quiet, max_wait=config.debounce_max
+        registry, store, quiet=config.debounce_quiet, max_wait=config.debounce_max, clock=clock
     )
     app[api.PUBLISHER] = publisher
     tokens = Tokens(store, clock, admin_token=config.admin_token, join_token=config.join_token)
@@ -82,7 +84,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     registry, publisher, tokens = app[api.REGISTRY], app[api.PUBLISHER], app[api.TOKENS]
     try:
         snapshot = await registry.start()
-        await publisher.start(snapshot.table_version, snapshot.table_digest, snapshot.epoch)
+        await publisher.start(
+            snapshot.table_version, snapshot.table_digest, snapshot.epoch, snapshot.table_built
+        )
     except BaseException:
         await app[STORE].close()
         raise
@@ -92,7 +96,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             "%d service tokens in the store guard nothing: without --admin-token the API is open",
             len(snapshot.tokens),
         )
-    background = asyncio.create_task(_background(registry, publisher, tokens), name="background")
+    background = asyncio.create_task(
+        _background(registry, publisher, tokens, app[STORE], app[api.READY]), name="background"
+    )
     background.add_done_callback(lambda task: _crashed(task, app))
     app[api.READY].ready = True
     yield
@@ -105,14 +111,30 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await app[STORE].close()  # step 5
 
 
-async def _background(registry: Registry, publisher: Publisher, tokens: Tokens) -> None:
-    """The control plane's own tasks, in one group: the reaper, the publisher, and saving when
-    tokens were last used."""
+async def _background(
+    registry: Registry, publisher: Publisher, tokens: Tokens, store: Store, ready: api.Readiness
+) -> None:
+    """The control plane's own tasks, in one group: the reaper, the publisher, saving when
+    tokens were last used, and a probe of the store's writes for readiness."""
     async with asyncio.TaskGroup() as tasks:
         interval = min(1.0, registry.heartbeat_ttl / 4)
         tasks.create_task(run_reaper(registry.expire, interval), name="reaper")
         tasks.create_task(publisher.run(), name="publisher")
         tasks.create_task(run_reaper(tokens.flush, TOKEN_FLUSH_EVERY), name="token-flush")
+        tasks.create_task(_probe_store(store, ready), name="store-probe")
+
+
+async def _probe_store(store: Store, ready: api.Readiness) -> None:
+    """A write every ``STORE_PROBE_EVERY`` seconds: not ready while the store refuses them,
+    ready again as soon as one goes through."""
+    while True:
+        await asyncio.sleep(STORE_PROBE_EVERY)
+        try:
+            await store.probe()
+        except StoreError as e:
+            ready.store_failed(e)
+        else:
+            ready.store_works()
 
 
 def _crashed(task: asyncio.Task[None], app: web.Application) -> None:

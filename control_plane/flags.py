@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -168,6 +169,63 @@ def escape(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+class LogBudget:
+    """At most ``lines`` log lines per ``window`` seconds for one source of events a client
+    drives (a sidecar's junk frames, bad requests); the rest are counted, and the next line let
+    through says how many were left out."""
+
+    def __init__(
+        self, lines: int = 5, window: float = 10.0, now: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.lines = lines
+        self.window = window
+        self._now = now
+        self._start = -float("inf")
+        self._used = 0
+        self.skipped = 0
+        """left out since the last line let through"""
+
+    def take(self) -> str | None:
+        """None: say nothing; else the suffix for the line (empty, or how many were left
+        out)."""
+        now = self._now()
+        if now - self._start >= self.window:
+            self._start, self._used = now, 0
+        if self._used >= self.lines:
+            self.skipped += 1
+            return None
+        self._used += 1
+        skipped, self.skipped = self.skipped, 0
+        return f" (and {skipped} more like it not logged)" if skipped else ""
+
+
+class _ClientErrors(logging.Filter):
+    """aiohttp logs a request it could not parse (a client's mistake: an overlong line, a bad
+    header) with a traceback at ERROR: make it one line, within a ``LogBudget``. Its errors
+    carry the HTTP status they answer with; only a 4xx is the client's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.budget = LogBudget()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        status = getattr(exc, "code", None)
+        if not isinstance(status, int) or not 400 <= status < 500:
+            return True
+        if not logging.getLogger("meshlet").isEnabledFor(logging.INFO):
+            return False
+        suffix = self.budget.take()
+        if suffix is None:
+            return False
+        message = str(getattr(exc, "message", "") or exc).strip()
+        remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        record.msg, record.args = "bad request from %s: %d %s%s", (remote, status, message, suffix)
+        record.exc_info = record.exc_text = None
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
 class SafeFormatter(logging.Formatter):
     """Log lines whose message cannot forge another line or drive a terminal, whatever a
     client put in the strings it carries; a traceback below a message keeps its lines."""
@@ -183,3 +241,4 @@ def setup_logging(level: str) -> None:
         SafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
     )
     logging.basicConfig(level=level.upper(), handlers=[handler])
+    logging.getLogger("aiohttp.server").addFilter(_ClientErrors())

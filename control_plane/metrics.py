@@ -20,6 +20,7 @@ as it happens, a few times per table version.
 | ``meshlet_connected_sidecars`` | gauge | | open push streams |
 | ``meshlet_pushes_total`` | counter | | tables sent to sidecars |
 | ``meshlet_nacks_total`` | counter | | tables sidecars refused |
+| ``meshlet_stream_bad_messages_total`` | counter | | stream messages that did not parse |
 | ``meshlet_push_convergence_seconds`` | histogram | | registry change to the last ACK |
 
 plus the ``process_*``, ``python_info`` and ``python_gc_*`` collectors.
@@ -123,6 +124,12 @@ class _Snapshot(Collector):
         )
         yield CounterMetricFamily(
             "meshlet_nacks", "Routing tables sidecars refused (NACKs)", value=publisher.nacks
+        )
+        yield CounterMetricFamily(
+            "meshlet_stream_bad_messages",
+            "Stream messages from sidecars that did not parse or were not expected (each "
+            "sidecar's are logged a few per 10 s)",
+            value=publisher.bad_messages,
         )
         yield GaugeMetricFamily(
             "meshlet_protection_outlasted",

@@ -169,6 +169,11 @@ def _schemas() -> dict[str, Any]:
             services={"type": "object", "additionalProperties": _ref("ServiceEntry")},
             version={"type": "integer", "minimum": 0},
             epoch={"type": "string", "description": "versions compare only within one epoch"},
+            built={
+                "type": "number",
+                "minimum": 0,
+                "description": "when the control plane built this version (wall-clock seconds)",
+            },
         ),
         "Sidecar": _object(
             node=string,

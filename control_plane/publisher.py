@@ -36,8 +36,10 @@ from aiohttp import WSMsgType, web
 
 from control_plane import ownership, table
 from control_plane.access import Principal
+from control_plane.clock import Clock
 from control_plane.convergence import Convergence
 from control_plane.errors import ApiError, BadRequest, NotFound, StoreError
+from control_plane.flags import LogBudget
 from control_plane.ownership import Claimant
 from control_plane.registry import Registry
 from control_plane.store import Store
@@ -99,6 +101,8 @@ class SidecarSession:
     last_nack: str | None = None
     deregistered: bool = False
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    complaints: LogBudget = field(default_factory=LogBudget)
+    """log lines about what it sends (bad frames, NACKs): a few per 10 s"""
 
     @property
     def claimant(self) -> Claimant:
@@ -129,6 +133,8 @@ class PublisherStatistics:
     """heartbeat messages received over streams"""
     nacks: int
     """tables sidecars refused"""
+    bad_messages: int = 0
+    """stream messages that did not parse, or that a sidecar may not send"""
     refused: dict[str, int] = field(default_factory=dict)
     """hellos refused, by reason (``Refused.reason``)"""
 
@@ -141,15 +147,19 @@ class Publisher:
         *,
         quiet: float,
         max_wait: float,
+        clock: Clock,
     ) -> None:
         self.registry = registry
+        self.clock = clock
         self.store = store
         self.quiet = quiet
         self.max_wait = max_wait
         self.version = 0
         self.digest = ""
         self.epoch = ""
-        self.payload = table.message("{}", 0, "")
+        self.built = 0.0
+        """wall-clock time the version in force was built (kept across restarts)"""
+        self.payload = table.message("{}", 0, "", 0.0)
         self.services: dict[str, Any] = {}
         """the table in force, as built (what ``payload`` carries)"""
         self._installed = False
@@ -161,6 +171,7 @@ class Publisher:
         self.pushes = 0
         self.heartbeats = 0
         self.nacks = 0
+        self.bad_messages = 0
         self.refused: collections.Counter[str] = collections.Counter()
         self._logged: collections.OrderedDict[tuple[str, ...], None] = collections.OrderedDict()
         registry.on_change(self._on_change)
@@ -175,6 +186,7 @@ class Publisher:
             self.pushes,
             self.heartbeats,
             self.nacks,
+            self.bad_messages,
             dict(self.refused),
         )
 
@@ -182,9 +194,9 @@ class Publisher:
         self.convergence.changed()
         self._changed.set()
 
-    async def start(self, version: int, digest: str, epoch: str) -> None:
+    async def start(self, version: int, digest: str, epoch: str, built: float) -> None:
         """Take the version the store remembers; a changed table after a restart bumps it."""
-        self.version, self.digest, self.epoch = version, digest, epoch
+        self.version, self.digest, self.epoch, self.built = version, digest, epoch, built
         await self.rebuild()
 
     async def run(self) -> None:
@@ -224,13 +236,13 @@ class Publisher:
             if not self._installed:  # the first build after a restart: same content, same version
                 self._install(services, rendered, self.version)
             return False
-        version = self.version + 1
+        version, built = self.version + 1, self.clock.time()
         try:
-            await self.store.put_table_version(version, digest, table.unhealthy(views))
+            await self.store.put_table_version(version, digest, table.unhealthy(views), built)
         except BaseException:
             self.convergence.restore(since)  # the retry publishes the same change
             raise
-        self.digest = digest
+        self.digest, self.built = digest, built
         self._install(services, rendered, version)
         log.info("table version %d: %d services", version, len(services))
         behind = [key for key, session in self.sessions.items() if session.acked < version]
@@ -242,7 +254,7 @@ class Publisher:
     def _install(self, services: dict[str, Any], rendered: str, version: int) -> None:
         self.services = services
         self.version = version
-        self.payload = table.message(rendered, version, self.epoch)
+        self.payload = table.message(rendered, version, self.epoch, self.built)
         self._installed = True
 
     def _cut(self, session: SidecarSession, why: str) -> None:
@@ -427,7 +439,8 @@ class Publisher:
             try:
                 message = decode(msg.data)
             except WireError as e:
-                log.warning("sidecar %s sent a bad message: %s", session.node, e)
+                self.bad_messages += 1
+                self._complain(session, "sent a bad message: %s", e)
                 continue
             if session.deregistered:
                 continue  # it is going: a late heartbeat must not bring it back
@@ -449,14 +462,20 @@ class Publisher:
                 self.nacks += 1
                 self.convergence.refused(session.key, message.version)
                 session.last_nack = f"version {message.version}: {message.error}"
-                log.warning("sidecar %s refused table %s", session.node, session.last_nack)
+                self._complain(session, "refused table %s", session.last_nack)
             elif isinstance(message, Deregister):
                 session.deregistered = True
                 await self._deregister(session)
             else:
-                log.warning(
-                    "sidecar %s sent an unexpected %s", session.node, type(message).__name__
-                )
+                self.bad_messages += 1
+                self._complain(session, "sent an unexpected %s", type(message).__name__)
+
+    @staticmethod
+    def _complain(session: SidecarSession, what: str, *args: object) -> None:
+        """A warning about what a sidecar sent, within its log budget."""
+        suffix = session.complaints.take()
+        if suffix is not None:
+            log.warning(f"sidecar %s {what}%s", session.node, *args, suffix)
 
     async def _deregister(self, session: SidecarSession) -> None:
         """A stream removes only its own instance: one it registered and still owns."""

@@ -31,7 +31,7 @@ MAX_BODY_BYTES = 1024 * 1024
 
 
 def decode_json(body: bytes) -> Any:
-    """Strict JSON: UTF-8, no NaN or Infinity, no duplicate keys."""
+    """Strict JSON: UTF-8, no NaN or Infinity, no duplicate keys, no lone surrogates."""
 
     def no_constants(name: str) -> Any:
         raise ValueError(f"{name} is not JSON")
@@ -45,12 +45,16 @@ def decode_json(body: bytes) -> Any:
         return result
 
     try:
-        return json.loads(
-            body.decode("utf-8"), parse_constant=no_constants, object_pairs_hook=no_duplicates
-        )
+        text = body.decode("utf-8")
+        data = json.loads(text, parse_constant=no_constants, object_pairs_hook=no_duplicates)
     except (ValueError, RecursionError) as e:
         message = str(e) if not isinstance(e, RecursionError) else "nested too deeply"
         raise BadRequest(f"malformed JSON: {message}") from None
+    try:
+        wire.check_unicode(text, data)
+    except WireError as e:
+        raise BadRequest(e.message, e.field) from None
+    return data
 
 
 def document(cls: type[wire.D], data: Any) -> wire.D:

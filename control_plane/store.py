@@ -28,6 +28,8 @@ class Snapshot:
     """the last routing-table version pushed (versions never go back, across restarts)"""
     table_digest: str = ""
     """the digest of that table's content"""
+    table_built: float = 0.0
+    """wall-clock time that version was built"""
     epoch: str = ""
     """made once when the store is new: versions compare only within one epoch, so sidecars
     notice a control plane whose store was reset (its versions start over)"""
@@ -52,10 +54,11 @@ class Store(Protocol):
     async def delete_instances(self, keys: Sequence[tuple[str, str]]) -> None: ...
 
     async def put_table_version(
-        self, version: int, digest: str, lapsed: frozenset[tuple[str, str]]
+        self, version: int, digest: str, lapsed: frozenset[tuple[str, str]], built: float = 0.0
     ) -> None:
-        """What was published: its version, its content's digest, and which instances were
-        unhealthy in it (so a restart does not bring dead instances back)."""
+        """What was published: its version, its content's digest, which instances were
+        unhealthy in it (so a restart does not bring dead instances back), and when it was
+        built (wall clock)."""
         ...
 
     async def put_token(self, record: TokenRecord) -> None: ...
@@ -65,6 +68,10 @@ class Store(Protocol):
     async def touch_tokens(self, used: dict[str, float]) -> None:
         """Record when tokens were last used (token id -> wall-clock seconds); ids no longer
         stored are ignored."""
+        ...
+
+    async def probe(self) -> None:
+        """A write no reader sees: StoreError when the store cannot take writes now."""
         ...
 
     async def close(self) -> None: ...

@@ -15,17 +15,23 @@ class MemoryStore:
     def __init__(self) -> None:
         self._policies: dict[str, Policy] = {}
         self._instances: dict[tuple[str, str], InstanceRecord] = {}
-        self._table: tuple[int, str, frozenset[tuple[str, str]]] = (0, "", frozenset())
+        self._table: tuple[int, str, frozenset[tuple[str, str]], float] = (
+            0,
+            "",
+            frozenset(),
+            0.0,
+        )
         self._epoch = secrets.token_hex(8)
         self._tokens: dict[str, TokenRecord] = {}
 
     async def load(self) -> Snapshot:
-        version, digest, lapsed = self._table
+        version, digest, lapsed, built = self._table
         return Snapshot(
             dict(self._policies),
             list(self._instances.values()),
             table_version=version,
             table_digest=digest,
+            table_built=built,
             epoch=self._epoch,
             lapsed=lapsed,
             tokens=list(self._tokens.values()),
@@ -45,9 +51,9 @@ class MemoryStore:
             self._instances.pop(key, None)
 
     async def put_table_version(
-        self, version: int, digest: str, lapsed: frozenset[tuple[str, str]]
+        self, version: int, digest: str, lapsed: frozenset[tuple[str, str]], built: float = 0.0
     ) -> None:
-        self._table = (version, digest, lapsed)
+        self._table = (version, digest, lapsed, built)
 
     async def put_token(self, record: TokenRecord) -> None:
         self._tokens[record.id] = record
@@ -59,6 +65,9 @@ class MemoryStore:
         for token_id, when in used.items():
             if token_id in self._tokens:
                 self._tokens[token_id] = dataclasses.replace(self._tokens[token_id], last_used=when)
+
+    async def probe(self) -> None:
+        pass
 
     async def close(self) -> None:
         pass

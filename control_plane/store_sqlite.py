@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -170,6 +171,7 @@ class SqliteStore:
                 instances,
                 table_version=int(meta.get("table_version", 0)),
                 table_digest=meta.get("table_digest", ""),
+                table_built=float(meta.get("table_built", 0)),
                 epoch=meta["epoch"],
                 lapsed=lapsed,
                 tokens=tokens,
@@ -226,11 +228,12 @@ class SqliteStore:
         await self._run(delete)
 
     async def put_table_version(
-        self, version: int, digest: str, lapsed: frozenset[tuple[str, str]]
+        self, version: int, digest: str, lapsed: frozenset[tuple[str, str]], built: float = 0.0
     ) -> None:
         rows = [
             ("table_version", str(version)),
             ("table_digest", digest),
+            ("table_built", repr(built)),
             ("lapsed", json.dumps(sorted(lapsed), separators=(",", ":"))),
         ]
 
@@ -268,6 +271,15 @@ class SqliteStore:
                 db.executemany("UPDATE tokens SET last_used = ? WHERE id = ?", rows)
 
         await self._run(touch)
+
+    async def probe(self) -> None:
+        row = ("probe", str(time.time()))
+
+        def probe(db: sqlite3.Connection) -> None:
+            with db:
+                db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", row)
+
+        await self._run(probe)
 
     async def close(self) -> None:
         def close() -> None:

@@ -97,9 +97,9 @@ def render(services: dict[str, Any]) -> tuple[str, str]:
     return canonical, hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def message(services_json: str, version: int, epoch: str) -> str:
+def message(services_json: str, version: int, epoch: str, built: float) -> str:
     """The table message (as ``wire.table_message`` writes it) from rendered services."""
     return (
         f'{{"type":"table","services":{services_json},"version":{version},'
-        f'"epoch":{json.dumps(epoch)}}}'
+        f'"epoch":{json.dumps(epoch)},"built":{built!r}}}'
     )

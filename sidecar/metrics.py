@@ -214,8 +214,9 @@ class SidecarCollector(Collector):
         )
         yield GaugeMetricFamily(
             "meshlet_table_age_seconds",
-            "since the table in force was loaded (NaN: none yet)",
-            value=time.time() - table.info.loaded_at if table else math.nan,
+            "since the control plane built the table in force (a file's: since it was loaded; "
+            "NaN: none yet)",
+            value=table.info.age(time.time()) if table else math.nan,
         )
         if sc.discovery is not None:
             yield GaugeMetricFamily(

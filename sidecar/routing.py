@@ -146,6 +146,13 @@ class TableInfo:
     source: str
     loaded_at: float
     """wall-clock seconds"""
+    built_at: float = 0.0
+    """when the control plane built it (wall clock); 0: unknown (a file)"""
+
+    def age(self, now: float) -> float:
+        """Seconds since the control plane built the table, else since it was loaded: a saved
+        table a sidecar starts from is as old as its content, not its loading."""
+        return now - (self.built_at or self.loaded_at)
 
 
 class RoutingTable:
@@ -217,7 +224,8 @@ class RoutingTable:
             "version": self.info.version,
             "source": self.info.source,
             "loaded_at": self.info.loaded_at,
-            "age_s": round(time.time() - self.info.loaded_at, 3),
+            "built_at": self.info.built_at or None,
+            "age_s": round(self.info.age(time.time()), 3),
             "services": to_json(self.table)["services"],
         }
 
@@ -247,7 +255,7 @@ class TableHolder:
     def install(self, table: Table, source: str) -> RoutingTable:
         """Build the table's routes and put them in force; TableError (nothing changes) if
         a ring does not fit its service."""
-        info = TableInfo(table.version, source, time.time())
+        info = TableInfo(table.version, source, time.time(), table.built)
         new = RoutingTable(table, info, self.pools, self.services, self._locality(table))
         self.current = new
         self.pools.retain(new.endpoints())

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,32 @@ def sidecar_process(tmp_path: Path) -> Iterator[Callable[..., Sidecar]]:
     yield start
     for sidecar in started:
         sidecar.kill()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real file system of 256 KiB (a tmpfs mounted for the test): writes beyond it fail
+    with ENOSPC, as on a full disk. Needs root, as the tests run here and in CI."""
+    where = tmp_path / "small-disk"
+    where.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(where)]
+    done = subprocess.run(mount, capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        pytest.fail(f"cannot mount a small tmpfs (this test needs root): {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=30)
+
+
+def fill(disk: Path) -> None:
+    """Take every byte left on ``disk``."""
+    with (disk / "filler").open("ab", buffering=0) as f:
+        try:
+            while f.write(b"x" * 4096):
+                pass
+        except OSError:
+            pass
 
 
 @pytest.fixture

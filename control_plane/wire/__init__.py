@@ -26,6 +26,7 @@ from control_plane.wire.checks import (
     check_int,
     check_metadata,
     check_service_name,
+    check_unicode,
     check_zone,
 )
 from control_plane.wire.documents import D, Spec, check_bounds, json_schema, parse, spec, to_json
@@ -103,6 +104,7 @@ __all__ = [
     "check_int",
     "check_metadata",
     "check_service_name",
+    "check_unicode",
     "check_zone",
     "decode",
     "default_instance_id",

@@ -106,6 +106,49 @@ def check_int(value: Any, field: str, bounds: tuple[int, int]) -> int:
     return value
 
 
+#: how JSON spells a UTF-16 surrogate; text without one cannot hold a lone surrogate
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def check_unicode(text: str | bytes, data: Any) -> None:
+    """WireError naming the first string of ``data`` (decoded from the JSON ``text``) that is
+    not valid Unicode: a lone surrogate, which a ``\\ud800`` escape can spell and which no
+    UTF-8 encoder takes."""
+    raw = text if isinstance(text, str) else text.decode("utf-8", "replace")
+    if _SURROGATE_ESCAPE.search(raw) is None:
+        return
+    path = _lone_surrogate(data, "")
+    if path is not None:
+        raise WireError(path or "(document)", "is not valid Unicode (a lone surrogate)")
+
+
+def _lone_surrogate(value: Any, path: str) -> str | None:
+    if isinstance(value, str):
+        return path if not _encodable(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if not _encodable(key):
+                return where.encode("utf-8", "backslashreplace").decode()
+            found = _lone_surrogate(item, where)
+            if found is not None:
+                return found
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _lone_surrogate(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _json_type(value: Any) -> str:
     """How a JSON value is named in error messages."""
     if value is None:

@@ -8,7 +8,13 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from control_plane.wire.checks import WireError, _json_type, check_instance_id, check_service_name
+from control_plane.wire.checks import (
+    WireError,
+    _json_type,
+    check_instance_id,
+    check_service_name,
+    check_unicode,
+)
 from control_plane.wire.documents import check_bounds, lenient, parse, spec, to_json
 from control_plane.wire.table import _ID_SCHEMA, Registration, Table
 
@@ -123,6 +129,7 @@ def decode(text: str | bytes) -> Message:
         raise WireError("(message)", f"not JSON: {e}") from None
     if not isinstance(data, dict):
         raise WireError("(message)", f"must be an object, got {_json_type(data)}")
+    check_unicode(text, data)
     kind = data.pop("type", None)
     cls = _MESSAGES.get(kind) if isinstance(kind, str) else None
     if cls is None:

@@ -203,6 +203,12 @@ class Table:
     epoch: str = spec(
         "", "the control plane's table history it belongs to", schema={"type": "string"}
     )
+    built: float = spec(
+        0.0,
+        "when the control plane built this version; 0: unknown (a file)",
+        unit="wall-clock seconds since 1970",
+        lo=0,
+    )
 
     def __post_init__(self) -> None:
         check_bounds(self)

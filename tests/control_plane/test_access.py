@@ -405,3 +405,51 @@ async def test_registry_limits_refuse_with_a_409(make_api: MakeApi) -> None:
     assert "--max-instances" in data["error"]
     code, _ = await refused(api, ADMIN, hello("n", service="orders"))
     assert code == 4409
+
+
+# -- what clients send that is not even valid -------------------------------------------------
+
+
+async def test_a_lone_surrogate_is_refused_naming_its_field(cp: Api) -> None:
+    raw = b'{"id": "c1", "address": "10.0.0.1", "port": 80, "metadata": {"k": "a\\ud800"}}'
+    async with cp.post(
+        f"{CATALOG}/instances",
+        data=raw,
+        headers={**bearer(ADMIN), "Content-Type": "application/json"},
+    ) as r:
+        assert r.status == 400
+        assert (await r.json())["field"] == "metadata.k"
+    async with cp.post(  # a proper pair is an emoji, and welcome
+        f"{CATALOG}/instances",
+        data=raw.replace(b"\\ud800", b"\\ud83d\\ude00"),
+        headers={**bearer(ADMIN), "Content-Type": "application/json"},
+    ) as r:
+        assert r.status == 201
+        assert (await r.json())["metadata"] == {"k": "a\U0001f600"}
+    ws = await cp.ws_connect("/v1/stream", headers=bearer(ADMIN))
+    hello_text = encode(hello("n1", "c2")).replace('"zone":null', '"zone":"\\udc00"')
+    await ws.send_str(hello_text)
+    async with asyncio.timeout(3):
+        msg = await ws.receive()
+    assert (msg.type, ws.close_code) == (aiohttp.WSMsgType.CLOSE, 4400)
+    assert "instance.zone" in str(msg.extra)
+
+
+async def test_junk_on_a_stream_is_counted_and_logged_a_few_times(
+    cp: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    ws = await welcomed(cp, ADMIN, hello("noisy"))
+    with caplog.at_level(logging.WARNING, "meshlet.publisher"):
+        for n in range(200):
+            await ws.send_str("junk" if n % 2 else '{"type": "nack", "version": 1, "error": "x"}')
+        await ws.send_str(encode(Heartbeat()))
+        for _ in range(100):
+            samples = await scrape(cp)
+            if samples["meshlet_stream_bad_messages_total"] == 100:
+                break
+            await asyncio.sleep(0.02)
+    assert samples["meshlet_stream_bad_messages_total"] == 100
+    assert samples["meshlet_nacks_total"] == 100
+    lines = [r.getMessage() for r in caplog.records if "sidecar noisy" in r.getMessage()]
+    assert 1 <= len(lines) <= 5, lines
+    await ws.close()

@@ -10,7 +10,7 @@ import pytest
 
 from control_plane.cli import parse_config
 from control_plane.config import ControlPlaneConfig
-from control_plane.flags import SafeFormatter
+from control_plane.flags import LogBudget, SafeFormatter
 
 PROG = "meshlet control-plane"
 
@@ -159,3 +159,13 @@ def test_log_lines_escape_what_clients_put_in_them() -> None:
     except ValueError:
         record = logging.LogRecord("t", logging.ERROR, __file__, 1, "bug", (), sys.exc_info())
     assert formatter.format(record).count("\n") >= 2  # a traceback keeps its lines
+
+
+def test_a_log_budget_lets_a_few_lines_through_and_counts_the_rest() -> None:
+    now = [0.0]
+    budget = LogBudget(lines=2, window=10.0, now=lambda: now[0])
+    assert [budget.take() for _ in range(5)] == ["", "", None, None, None]
+    now[0] = 10.0
+    assert budget.take() == " (and 3 more like it not logged)"
+    assert budget.take() == ""
+    assert budget.take() is None

@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 
 from control_plane import api as api_module
+from control_plane.clock import FakeClock
 from control_plane.publisher import Publisher
 from control_plane.store_memory import MemoryStore
 from control_plane.wire import (
@@ -191,10 +192,11 @@ async def test_nack_is_recorded_and_deregister_removes(cp: Api) -> None:
 
 
 async def test_versions_survive_a_restart_and_stay_when_nothing_changed(
-    make_api: MakeApi, tmp_path: Any
+    make_api: MakeApi, clock: FakeClock
 ) -> None:
     store = MemoryStore()
     first = await make_api(store=store, debounce_quiet=0.05)
+    built = clock.time()
     async with first.post(
         "/v1/services/svc/instances", json={"id": "i1", "address": "10.0.0.1", "port": 1}
     ) as r:
@@ -203,8 +205,12 @@ async def test_versions_survive_a_restart_and_stay_when_nothing_changed(
     version = publisher(first).version
     assert version >= 2
     await first.close()
+    clock.advance(86_400)
     second = await make_api(store=store, debounce_quiet=0.05)
     assert publisher(second).version == version  # same content: same version
+    table = decode(publisher(second).payload)
+    assert isinstance(table, Table)
+    assert table.built == built  # and as old as it was: the day in between counts
     async with second.post(
         "/v1/services/svc/instances", json={"id": "i2", "address": "10.0.0.2", "port": 1}
     ) as r:
@@ -257,7 +263,9 @@ async def test_a_sidecar_that_stops_reading_is_dropped(
 
     monkeypatch.setattr(pub, "SEND_TIMEOUT", 0.5)
     # tables far larger than the socket buffers, to a sidecar that reads nothing at all
-    monkeypatch.setattr(table_module, "message", lambda rendered, version, epoch: "x" * 50_000_000)
+    monkeypatch.setattr(
+        table_module, "message", lambda rendered, version, epoch, built: "x" * 50_000_000
+    )
     assert cp.port is not None
     stuck = await raw_stream_client(cp.port, encode(hello(1)))
     reader = await connect(cp, hello(2))  # a healthy sidecar beside it
@@ -374,7 +382,9 @@ async def test_shutdown_does_not_wait_for_a_stuck_sidecar(
 ) -> None:
     import control_plane.table as table_module
 
-    monkeypatch.setattr(table_module, "message", lambda rendered, version, epoch: "x" * 50_000_000)
+    monkeypatch.setattr(
+        table_module, "message", lambda rendered, version, epoch, built: "x" * 50_000_000
+    )
     assert cp.port is not None
     stuck = await raw_stream_client(cp.port, encode(hello(1)))
     async with cp.put("/v1/services/svc/policy", json={"retries": 3}) as r:

@@ -15,7 +15,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.processes import ControlPlane, http
+from tests.conftest import fill
+from tests.processes import ControlPlane, eventually, http
 
 Start = Callable[..., ControlPlane]
 
@@ -263,4 +264,43 @@ def test_expiry_with_real_time(control_plane: Start, tmp_path: Path) -> None:
         time.sleep(0.1)
     assert ids == ["i0", "i1", "i2"]
     assert "removed a/i3" in cp.log()
+    assert cp.stop() == 0
+
+
+def test_not_ready_while_the_store_refuses_writes(control_plane: Start, small_disk: Path) -> None:
+    cp = control_plane("--store", sqlite_url(small_disk / "m.db"), env={"PYTHONUNBUFFERED": "1"})
+    body = {"id": "c1", "address": "10.0.0.1", "port": 80, "metadata": {"pad": "x" * 1000}}
+    assert cp.call("POST", "/v1/services/a/instances", body)[0] == 201
+    assert cp.call("GET", "/readyz")[0] == 200
+    fill(small_disk)
+    for n in range(2, 200):  # until the WAL's room is used up too
+        status, answer = cp.call("POST", "/v1/services/a/instances", {**body, "id": f"c{n}"})
+        if status != 201:
+            break
+    assert status == 503, answer
+    status, answer = cp.call("GET", "/readyz")
+    assert status == 503
+    assert answer["reason"].startswith("store refuses writes: sqlite")
+    (small_disk / "filler").unlink()
+    eventually(lambda: cp.call("GET", "/readyz")[0] == 200, timeout=10, what="ready again")
+    assert "store takes writes again" in cp.log()
+    assert cp.stop() == 0
+
+
+def test_requests_that_do_not_parse_are_one_line_each_within_a_budget(
+    control_plane: Start,
+) -> None:
+    cp = control_plane("--store", "memory", env={"PYTHONUNBUFFERED": "1"})
+    port = int(cp.url.rsplit(":", 1)[1])
+    for n in range(20):
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            line = b"/" + b"a" * 20_000 if n % 2 else b"/ HTTP/1.1\r\nX: " + b"b" * 20_000
+            s.sendall(b"GET " + line + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert s.recv(100).startswith(b"HTTP/1.0 400")
+    assert cp.call("GET", "/healthz")[0] == 200
+    log = cp.log()
+    assert "Traceback" not in log
+    bad = [line for line in log.splitlines() if "bad request from 127.0.0.1: 400" in line]
+    assert len(bad) == 5  # the rest of the 20 in these 10 s are counted, not logged
+    assert all(len(line) < 400 for line in bad)
     assert cp.stop() == 0

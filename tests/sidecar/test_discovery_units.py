@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from sidecar import state
 from sidecar.discovery import Backoff, Discovery, describe_close, stream_url
 from sidecar.health import AppHealth
 from sidecar.routing import Pools, TableHolder
+from tests.conftest import fill
 
 TABLE = parse_table(
     {"services": {"a": {"endpoints": [{"address": "10.0.0.1", "port": 80}]}}, "version": 3}
@@ -47,6 +50,33 @@ def test_a_close_says_its_code_and_reason() -> None:
         "the control plane closed the stream with 1001: control plane shutting down"
     )
     assert describe_close(None, "") == "the control plane closed the stream"
+
+
+def test_a_save_on_a_full_disk_keeps_the_old_table_and_no_temp_file(small_disk: Path) -> None:
+    path = small_disk / "svc.table"
+    state.save(path, table_message(TABLE))
+    fill(small_disk)
+    big = table_message(replace(TABLE, version=TABLE.version + 1, epoch="x" * 300_000))
+    with pytest.raises(OSError, match="No space left"):
+        state.save(path, big)
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "svc.table"]
+    assert state.load(path) == TABLE
+
+
+def test_a_tables_age_counts_from_when_the_control_plane_built_it(tmp_path: Path) -> None:
+    """A sidecar restarted on a day-old saved table reported an age of 2 s."""
+    day_old = replace(TABLE, built=time.time() - 86_400)
+    path = tmp_path / "svc.table"
+    state.save(path, table_message(day_old))
+    holder = TableHolder(Pools())
+    holder.install(state.load(path), f"saved:{path}")
+    assert holder.current is not None
+    assert 86_400 <= holder.current.info.age(time.time()) < 86_460
+    age = holder.current.dump()["age_s"]
+    assert isinstance(age, float)
+    assert age >= 86_400
+    holder.install(replace(TABLE, version=TABLE.version + 1), "file:x")  # no built: loaded
+    assert holder.current.info.age(time.time()) < 60
 
 
 def test_state_round_trip_and_corruption(tmp_path: Path) -> None:
