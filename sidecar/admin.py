@@ -63,7 +63,8 @@ def clusters_text(data: dict[str, Any]) -> str:
         c = service["counters"]
         out.append(
             f"{name}: {c.get('in_flight', 0)} in flight, {c.get('retries', 0)} retries "
-            f"({c.get('retries_suppressed', 0)} over budget), {c.get('ejections', 0)} "
+            f"({c.get('retries_unsent', 0)} unsent, {c.get('retries_suppressed', 0)} over "
+            f"budget), {c.get('ejections', 0)} "
             f"ejections, {c.get('panics', 0)} panics, {c.get('overloaded', 0)} overloaded"
         )
         rows = [COLUMNS]

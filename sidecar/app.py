@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import resource
 import signal
 import socket
 import ssl
@@ -37,10 +38,11 @@ from sidecar import state
 from sidecar.accesslog import AccessLog
 from sidecar.admin import build_admin_app, build_metrics_app
 from sidecar.breaker import Services
-from sidecar.config import Listen, SidecarConfig
+from sidecar.config import DEFAULT_MAX_CONNECTIONS, Listen, SidecarConfig
 from sidecar.discovery import Discovery
 from sidecar.errors import ConfigError, TableError
 from sidecar.health import AppHealth
+from sidecar.limits import ListenerLimits, MinRate, connections_that_fit, raise_fd_limit
 from sidecar.metrics import endpoint_state
 from sidecar.proxy import ConnectionTracker, Downstream, Timeouts
 from sidecar.routing import (
@@ -68,9 +70,12 @@ class Sidecar:
             self.pools, service=config.service, zone=config.zone, services=self.services
         )
         self.access_log = AccessLog(config.access_log) if config.access_log else None
-        self.outbound = ConnectionTracker("outbound", metrics=metrics, access_log=self.access_log)
+        outbound, inbound = listener_limits(config)
+        self.outbound = ConnectionTracker(
+            "outbound", metrics=metrics, access_log=self.access_log, limits=outbound
+        )
         self.inbound = ConnectionTracker(
-            "inbound", config.service, metrics=metrics, access_log=self.access_log
+            "inbound", config.service, metrics=metrics, access_log=self.access_log, limits=inbound
         )
         self.app_router = AppRouter(
             Endpoint(config.app.host, config.app.port), self.app_pools, metrics=metrics
@@ -361,6 +366,29 @@ class Sidecar:
             await self.access_log.close()
 
 
+def listener_limits(config: SidecarConfig) -> tuple[ListenerLimits, ListenerLimits]:
+    """The outbound and inbound listeners' limits. ``max_connections`` is lowered to what the
+    file-descriptor limit holds, with a warning: a refused connection is counted, running
+    out of descriptors is not. Only the inbound listener has sources to share among (the
+    outbound one serves the app alone)."""
+    fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if fd_limit == resource.RLIM_INFINITY:
+        fd_limit = 1 << 20
+    most = connections_that_fit(config.max_connections, fd_limit)
+    if most < config.max_connections:
+        asked = config.max_connections != DEFAULT_MAX_CONNECTIONS  # (a default just fits)
+        log.log(
+            logging.WARNING if asked else logging.INFO,
+            "--max-connections %d lowered to %d per listener: the file-descriptor limit is %d",
+            config.max_connections,
+            most,
+            fd_limit,
+        )
+    rate = MinRate(config.min_data_rate, config.data_rate_grace)
+    outbound = ListenerLimits(max_connections=most, min_rate=rate)
+    return outbound, dataclasses.replace(outbound, source_share=config.source_share)
+
+
 def _host_address() -> str:
     """This host's address as its name resolves, else loopback (set --advertise to be sure)."""
     try:
@@ -392,6 +420,7 @@ async def serve(config: SidecarConfig, stop: asyncio.Event | None = None) -> Non
 
 def run(config: SidecarConfig) -> int:
     setup_logging(config.log_level)
+    raise_fd_limit()
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(serve(config))

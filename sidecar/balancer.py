@@ -67,9 +67,10 @@ class Locality:
 class Balancer(Protocol):
     members: list[Member]
 
-    def pick(self, key: bytes | None = None, avoid: Endpoint | None = None) -> Member | None:
+    def pick(self, key: bytes | None = None, avoid: tuple[Endpoint, ...] = ()) -> Member | None:
         """A member for the next try (``key``: the request's hash key; ``avoid``: the
-        endpoint of the previous try), or None when there is none."""
+        endpoints this request's earlier tries failed on, skipped while another is
+        admissible), or None when there is none."""
         ...
 
     def slow_start(self, now: float) -> list[float]:
@@ -133,18 +134,18 @@ class _Members:
             return self._local if random.random() < self._p_local else self._remote
         return self._all
 
-    def candidates(self, avoid: Endpoint | None, now: float) -> list[int]:
+    def candidates(self, avoid: tuple[Endpoint, ...], now: float) -> list[int]:
         """The zone's choice, narrowed to the available (unless fewer than ``panic_threshold``
-        % are: then all of them), then to those not ``avoid``."""
+        % are: then all of them), then to those not in ``avoid`` (unless none is left)."""
         pool = self.zone_pool()
-        if avoid is None and now >= Exclusions.until and not Exclusions.probing:
+        if not avoid and now >= Exclusions.until and not Exclusions.probing:
             return pool  # nobody asked for a pause: all are available
         members = self.members
         ready = [i for i in pool if members[i].stats.excluded_until <= now]
         if len(ready) * 100 < self._panic * len(pool) or not ready:
             ready = pool  # panic: too few are available, balance over all of them
-        if avoid is not None and len(ready) > 1:
-            ready = [i for i in ready if members[i].endpoint is not avoid] or ready
+        if avoid and len(ready) > 1:
+            ready = [i for i in ready if members[i].endpoint not in avoid] or ready
         return ready
 
     def slow_start(self, now: float) -> list[float]:
@@ -165,7 +166,7 @@ class RoundRobin(_Members):
     def _prepare(self) -> None:
         self._current = [0.0] * len(self.members)
 
-    def pick(self, key: bytes | None = None, avoid: Endpoint | None = None) -> Member | None:
+    def pick(self, key: bytes | None = None, avoid: tuple[Endpoint, ...] = ()) -> Member | None:
         members = self.members
         if len(members) < 2:
             return members[0] if members else None
@@ -188,7 +189,7 @@ class RoundRobin(_Members):
 
 
 class WeightedRandom(_Members):
-    def pick(self, key: bytes | None = None, avoid: Endpoint | None = None) -> Member | None:
+    def pick(self, key: bytes | None = None, avoid: tuple[Endpoint, ...] = ()) -> Member | None:
         if not self.members:
             return None
         now = self.clock.monotonic()
@@ -207,7 +208,7 @@ class LeastRequest(_Members):
     def _latency(self, m: Member, now: float) -> float:
         return 1.0
 
-    def pick(self, key: bytes | None = None, avoid: Endpoint | None = None) -> Member | None:
+    def pick(self, key: bytes | None = None, avoid: tuple[Endpoint, ...] = ()) -> Member | None:
         members = self.members
         if not members:
             return None
@@ -220,8 +221,7 @@ class LeastRequest(_Members):
                 y = int(random.random() * (n - 1))
                 a, b = members[pool[x]], members[pool[y + 1 if y >= x else y]]
                 if (
-                    a.endpoint is not avoid
-                    and b.endpoint is not avoid
+                    (not avoid or (a.endpoint not in avoid and b.endpoint not in avoid))
                     and a.stats.excluded_until <= now
                     and b.stats.excluded_until <= now
                 ):
@@ -280,7 +280,7 @@ class HashRing(_Members):
         self._total_weight = sum(self.weights)
         self.fallback = PeakEwma(members, policy, clock, Locality())
 
-    def pick(self, key: bytes | None = None, avoid: Endpoint | None = None) -> Member | None:
+    def pick(self, key: bytes | None = None, avoid: tuple[Endpoint, ...] = ()) -> Member | None:
         if key is None or not self.members:
             return self.fallback.pick(None, avoid)
         members, ring, index = self.members, self.ring, self.index
@@ -288,14 +288,14 @@ class HashRing(_Members):
         load: tuple[float, float] | None = None  # (c x (in flight + 1), total weight)
         slot = ring.slot(key_hash(key))
         spare: int | None = None  # available, but full: if every endpoint is
-        first: int | None = None  # not the one to avoid: if none is available
+        first: int | None = None  # not one to avoid: if none is available
         tried: set[int] = set()
         for _ in range(len(ring.owners)):
             i = index[ring.owners[slot]]
             if i >= 0 and i not in tried:
                 tried.add(i)
                 m = members[i]
-                if m.endpoint is not avoid:
+                if m.endpoint not in avoid:
                     if m.stats.available(now):
                         if not m.stats.in_flight:
                             return m  # an idle endpoint always has room

@@ -7,7 +7,12 @@ Over a limit a request is answered 503 ``overloaded`` at once and counted (a ret
     max_requests     requests of the service in flight
     max_pending      requests of the service waiting for a new connection
     max_connections  connections to one endpoint (counted by its pool)
-    max_retries      retries of the service in progress at once
+    max_retries      requests of the service retrying at once: from a retry's decision (its
+                     backoff) to the end of the request, as Envoy counts its retries. Every
+                     retry belongs to a request in flight, so the default (1024, as
+                     max_requests) binds only when max_requests is raised above it; the
+                     retry budget bounds retries over time. A try none of which was sent is
+                     resent outside this limit (``retry``)
 """
 
 from __future__ import annotations
@@ -30,14 +35,18 @@ class ServiceState:
     in_flight: int = 0
     pending: int = 0
     retrying: int = 0
+    """requests with a retry under way (``max_retries``)"""
     budget: Budget = field(default_factory=Budget)
     requests: RequestStats | None = field(default_factory=RequestStats)
     """for /metrics (None: metrics are off)"""
     overloaded: int = 0
     """requests refused by a limit"""
     retries: int = 0
+    """tries after a request's first, resends included"""
     retry_reasons: dict[str, int] = field(default_factory=dict)
     """retries by what failed: ``connect-failure``, ``reset``, ``timeout`` or the status"""
+    retries_unsent: int = 0
+    """retries of tries none of which was sent, resent elsewhere at once (in ``retries``)"""
     retries_over_limit: int = 0
     """retries not made because ``max_retries`` were in progress"""
     hedges: int = 0
@@ -67,6 +76,7 @@ class ServiceState:
             "retrying": self.retrying,
             "overloaded": self.overloaded,
             "retries": self.retries,
+            "retries_unsent": self.retries_unsent,
             "retries_suppressed": self.budget.suppressed,
             "retries_over_limit": self.retries_over_limit,
             "hedges": self.hedges,

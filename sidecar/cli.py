@@ -73,7 +73,34 @@ def build_parser(prog: str) -> FlagParser:
     p.flag("--log-level", "info", "log level", choices=LOG_LEVELS)
     p.flag("--metrics", "on", "Prometheus metrics at /metrics", choices=("on", "off"))
     p.flag("--access-log", "", "JSON lines of every request to this file, or - for stdout")
+    p.flag(
+        "--max-connections",
+        "10000",
+        "client connections per listener; more are closed at once",
+        convert=count,
+    )
+    p.flag(
+        "--source-share",
+        "0.5",
+        "inbound: the share of --max-connections and of the app's requests in flight one "
+        "source address may hold (0: no limit)",
+        convert=number,
+    )
+    p.flag(
+        "--min-data-rate",
+        "240",
+        "bytes/s a request body, or a client reading its answers, must average (0: off)",
+        convert=number,
+    )
+    p.flag("--data-rate-grace", "5", "seconds before --min-data-rate counts", convert=number)
     return p
+
+
+def count(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
 
 
 def parse_config(argv: Sequence[str] | None, prog: str) -> SidecarConfig:

@@ -8,6 +8,7 @@ from control_plane import wire
 from sidecar.errors import ConfigError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_MAX_CONNECTIONS = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +70,17 @@ class SidecarConfig:
     """JSON lines of every request to this file, ``-`` for stdout; empty: none"""
     table_poll_interval: float = 1.0
     """seconds between checks of the routing file for changes"""
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    """client connections per listener; more are closed at once (lowered to what the
+    process's file-descriptor limit holds)"""
+    source_share: float = 0.5
+    """inbound: the share of ``max_connections``, and of the app's ``max_requests`` in
+    flight, that one source address may hold (0: no per-source limit)"""
+    min_data_rate: float = 240.0
+    """bytes per second a request body, or a client reading its answers, must average
+    after ``data_rate_grace`` (0: off)"""
+    data_rate_grace: float = 5.0
+    """seconds before ``min_data_rate`` counts"""
 
     def __post_init__(self) -> None:
         try:
@@ -84,6 +96,14 @@ class SidecarConfig:
             raise ConfigError("log_level", f"must be one of {', '.join(LOG_LEVELS)}")
         if self.metrics not in ("on", "off"):
             raise ConfigError("metrics", "must be on or off")
+        if self.max_connections < 1:
+            raise ConfigError("max_connections", "must be at least 1")
+        if not 0 <= self.source_share <= 1:
+            raise ConfigError("source_share", "must be from 0 to 1")
+        if self.min_data_rate < 0:
+            raise ConfigError("min_data_rate", "must not be negative")
+        if self.data_rate_grace < 0:
+            raise ConfigError("data_rate_grace", "must not be negative")
         if self.app.port == 0:
             raise ConfigError("app", "needs a port")
         if self.table and self.control_plane:

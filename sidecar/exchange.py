@@ -4,8 +4,11 @@
 A request may take several tries (``retry``): a try that fails before any of its response
 reached the client (a refused connect, a reset, a status ``retry_on`` lists, its per-try
 timeout) is retried on another endpoint within the retry budget and the time left; otherwise
-its failure is the answer. Every try's outcome goes to the endpoint's statistics (latency,
-failure penalty, Retry-After) and to outlier ejection.
+its failure is the answer. A try none of which was sent (its connect refused or timed out, or
+the connection closed before the request head was written to it) is not one any app saw: it
+is resent to another endpoint at once, whatever the method (``_resend``). Every try's outcome
+goes to the endpoint's statistics (latency, failure penalty, Retry-After) and to outlier
+ejection.
 
 All of it is synchronous callback code; the only thing awaited is a new upstream connection.
 The ``Downstream`` (``proxy``) that owns an exchange parses the request and writes what the
@@ -22,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from control_plane.wire import Endpoint
 from sidecar import http1, outlier, retry
+from sidecar.balancer import Member
 from sidecar.errors import Reason, error_response
 from sidecar.ewma import EndpointStats
 from sidecar.http1 import Headers, RequestHead
@@ -79,6 +83,7 @@ class Exchange:
         "_connect_task",
         "_counted",
         "_error",
+        "_failed_at",
         "_failure",
         "_hard_deadline",
         "_hedge_at",
@@ -92,8 +97,11 @@ class Exchange:
         "_probing",
         "_replay",
         "_replay_size",
+        "_resends",
+        "_retry_slot",
         "_retry_timer",
         "_route_deadline",
+        "_sent",
         "_stale_retried",
         "_started",
         "_stats",
@@ -144,7 +152,11 @@ class Exchange:
         self._trailers: Headers | None = None  # (most requests and responses have none)
         self._tunnel_early: list[bytes] | None = None  # bytes for an upgrade before its 101
         self._key: bytes | None = None
-        self._attempt = 0  # tries started
+        self._attempt = 0  # tries started (a try resent because none of it went out: the same)
+        self._sent = False  # the current try has written some of the request to a connection
+        self._resends = 0  # tries resent to another endpoint because none of them went out
+        self._failed_at: tuple[Endpoint, ...] = ()  # endpoints this request's tries failed on
+        self._retry_slot = False  # counted in the service's retrying (max_retries)
         self._may_retry = False
         self._probing = False  # the current try probes an ejected endpoint
         self._retry_timer: asyncio.TimerHandle | None = None
@@ -186,20 +198,33 @@ class Exchange:
                 "(max_requests)",
             )
             return
+        source = self.ds.source
+        if source is not None and source.in_flight >= self.ds.tracker.source_limit(
+            policy.max_requests
+        ):
+            self.ds.tracker.counters.refused_source_requests += 1
+            self.fail(
+                Reason.OVERLOADED,
+                f"{self.ds.client_ip.decode()} has its share of the {policy.max_requests} "
+                "requests in flight (source_share)",
+            )
+            return
         now = self.ds.loop.time()
         self._timeout = timeout = routed.timeout
-        if head.timeout_ms is not None and head.timeout_ms / 1000 < timeout:
-            self._timeout = timeout = head.timeout_ms / 1000
-        if head.deadline_ms is None:
-            self._route_deadline = now + timeout
-        else:
-            if head.deadline_ms <= 0:
+        if head.timeout_ms is not None or head.deadline_ms is not None:
+            if head.deadline_ms is not None and head.deadline_ms <= 0:
                 self.fail(Reason.UPSTREAM_TIMEOUT, "the caller's deadline is spent")
                 return
-            self._hard_deadline = now + head.deadline_ms / 1000
-            self._route_deadline = min(now + timeout, self._hard_deadline)
+            self._timeout = timeout = self._callers_deadline(timeout, now)
+        if head.has_body and not self.request_done:  # the head's wait starts at its end
+            self._route_deadline = self._hard_deadline
+        else:
+            at, hard = now + timeout, self._hard_deadline
+            self._route_deadline = at if at < hard else hard
         service.in_flight += 1
         self._counted = True
+        if source is not None:
+            source.in_flight += 1
         service.budget.request(now)
         if routed.retries or routed.hedge < math.inf:
             self._per_try = routed.per_try
@@ -211,14 +236,40 @@ class Exchange:
             self._key = routed.key_of(head, self.ds.client_ip)
         self._try(None, now)
 
+    def _callers_deadline(self, timeout: float, now: float) -> float:
+        """The wait for the response head (``timeout``, the route's ``timeout_ms``, counted
+        from the end of the request) with the request's deadline headers. From another hop
+        (with ``x-meshlet-attempt``) they are what that hop waits for the head: they shorten
+        this wait. From an app they are the caller's own deadline: it bounds the whole
+        exchange, body included (``_hard_deadline``)."""
+        head = self.head
+        for ms in (head.timeout_ms, head.deadline_ms):
+            if ms is None:
+                continue
+            if head.attempt:
+                timeout = min(timeout, ms / 1000)
+            else:
+                self._hard_deadline = min(self._hard_deadline, now + ms / 1000)
+        return timeout
+
     def _try(self, avoid: Endpoint | None, loop_now: float) -> None:
-        """Pick an endpoint (not ``avoid`` if another is there) and send the request to it."""
+        """Pick an endpoint (not ``avoid`` nor one this request failed on, if another is
+        there) and send the request to it."""
         route = self.route
         assert route is not None
-        member = route.balancer.pick(self._key, avoid)
+        failed = self._failed_at
+        member = route.balancer.pick(self._key, failed if avoid is None else (*failed, avoid))
         if member is None:
             self.fail(Reason.NO_HEALTHY_UPSTREAM, f"service {route.name} has no endpoints")
             return
+        self._send_to(member, loop_now, resend=False)
+
+    def _send_to(self, member: Member, loop_now: float, *, resend: bool) -> None:
+        """Start a try on ``member``'s endpoint. ``resend``: the last try again, none of which
+        went out: its bytes still wait in ``_pending``, behind the head made for the last
+        endpoint."""
+        route = self.route
+        assert route is not None
         stats = member.stats
         now = route.clock.monotonic()
         if stats.excluded_until > now:  # the balancer chose among all: too few are available
@@ -230,7 +281,9 @@ class Exchange:
         self._stats = stats
         stats.in_flight += 1
         self._tried_at = now
-        self._attempt += 1
+        self._sent = False
+        if not resend:
+            self._attempt += 1
         if self.request_done and self._per_try < self._route_deadline - loop_now:
             self._try_deadline = loop_now + self._per_try
         if self._hedging and self._attempt == 1 and self.request_done:
@@ -239,7 +292,10 @@ class Exchange:
         data = http1.upstream_request(
             self.head, self.ds.client_ip, attempt, self._left_ms(loop_now)
         )
-        if self._attempt > 1:  # another try: the body again, from the replay
+        if resend:
+            self._pending_size += len(data) - len(self._pending[0])
+            self._pending[0] = data
+        elif self._attempt > 1:  # another try: the body again, from the replay
             assert self._replay is not None
             self._pending = [data, *self._replay]
             self._pending_size = len(data) + self._replay_size
@@ -258,6 +314,8 @@ class Exchange:
         """What the next hop may spend: this try's time left (``x-meshlet-deadline-ms``), so
         that it gives up when this hop does."""
         left = min(self._route_deadline, self._try_deadline) - loop_now
+        if not self.request_done and self._timeout < left:
+            left = self._timeout  # (the wait for the head starts when the body has come)
         return int(left * 1000) if left > 0 else 0
 
     def _arm(self) -> None:
@@ -271,7 +329,8 @@ class Exchange:
         self.ds.expect_route_at(at)
 
     def _progress(self) -> None:
-        """Request bytes arrived: the route timeout (and the first try's) count from here."""
+        """The request is complete: the wait for the head (and the first try's) counts from
+        here."""
         now = self.ds.loop.time()
         self._route_deadline = min(now + self._timeout, self._hard_deadline)
         if (
@@ -289,10 +348,7 @@ class Exchange:
     def request_body(self, data: bytes) -> None:
         if self.head.chunked:
             data = http1.chunk(data)
-        if self.state is not State.QUEUED and self.route is not None:
-            # an upload in progress: the route timeout counts from its last byte
-            self._progress()
-        self._out(data)
+        self._out(data)  # (its pace and silence are the connection's to watch)
 
     def request_trailer(self, name: bytes, value: bytes) -> None:
         self._trailer(name, value)
@@ -309,8 +365,13 @@ class Exchange:
 
     def request_complete(self) -> None:
         self.request_done = True
-        if self.head.has_body and self.state is not State.QUEUED and self.route is not None:
-            # as Envoy's route timeout: from the end of the request to the end of the response
+        state = self.state
+        if (
+            self.head.has_body
+            and self.route is not None
+            and (state is State.SENT or state is State.CONNECTING or state is State.BACKOFF)
+        ):
+            # as Envoy's route timeout: from the end of the request to the response head
             # (a request without a body ended where it started: start() set the deadline)
             self._progress()
         if self.head.chunked:
@@ -412,15 +473,20 @@ class Exchange:
         data = b"".join(self._pending)
         self._pending.clear()
         self._pending_size = 0
+        self._sent = True  # from here on the app may see it
         conn.send(self, data)
         self.ds.pause_reading("pending", False)
 
     # -- tries --------------------------------------------------------------------------------
 
     def _try_failed(self, reason: Reason, detail: str) -> None:
-        """The current try failed before any of its response reached the client: retry if
-        the policy, the budget and the time left allow, else answer with the failure."""
+        """The current try failed before any of its response reached the client. One that
+        sent nothing goes to another endpoint at once (``_resend``); otherwise retry if the
+        policy, the budget and the time left allow, else answer with the failure."""
+        sent = self._sent
         self._abandon_try(True, retry_after=None)
+        if not sent and self._resend(reason, detail):
+            return
         event = RETRY_EVENT.get(reason, 0)
         delay = self._retry_delay(event, None)
         if delay is None:
@@ -440,11 +506,45 @@ class Exchange:
         not a 4xx that ``retry_on`` lists): let go of its connection and endpoint."""
         self._outcome(failed=failed, retry_after=retry_after)
         self._hedge_at = math.inf  # only a first try is hedged
+        endpoint = self.endpoint
+        if endpoint is not None and endpoint not in self._failed_at:
+            self._failed_at = (*self._failed_at, endpoint)  # the next tries go elsewhere
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.close()
         self._stop_connecting()
         self._end_try()
+
+    def _resend(self, reason: Reason, detail: str) -> bool:
+        """The try that just failed sent nothing (a refused or timed-out connect, a
+        connection closed before the request was written to it), so no app has seen the
+        request: send it to another endpoint at once, whatever its method, outside
+        ``retries``, ``retry_on``, the backoff and ``max_retries``, but from the retry budget
+        and only with time left; at most ``retry.MAX_RESENDS`` times, never to an endpoint
+        that failed this request. False: not resent (the retry policy decides)."""
+        route = self.route
+        assert route is not None
+        if self._hedged is not None or self._resends >= retry.MAX_RESENDS:
+            return False  # (with a hedged try still running, that one may answer)
+        loop_now = self.ds.loop.time()
+        if self._route_deadline - loop_now < retry.MIN_TRY:
+            return False
+        failed = self._failed_at
+        member = route.balancer.pick(self._key, failed)
+        if member is None or member.endpoint in failed:
+            return False  # no other endpoint to send it to
+        service = route.service
+        budget = route.policy.retry_budget
+        if not service.budget.spend(route.clock.monotonic(), budget.ratio, budget.min_per_s):
+            self._give_up(reason, detail)
+            return True
+        self._resends += 1
+        service.retries += 1
+        service.retries_unsent += 1
+        why = RETRY_REASON.get(reason, reason.code)
+        service.retry_reasons[why] = service.retry_reasons.get(why, 0) + 1
+        self._send_to(member, loop_now, resend=True)
+        return True
 
     def _backoff(self, delay: float, reason: Reason, detail: str, why: str) -> None:
         """Wait ``delay``, then retry; ``why`` names the failure for the retry metric."""
@@ -455,7 +555,9 @@ class Exchange:
         self._try_deadline = math.inf
         self._arm()
         service = route.service
-        service.retrying += 1
+        if not self._retry_slot:  # held until the request ends (max_retries)
+            self._retry_slot = True
+            service.retrying += 1
         service.retries += 1
         service.retry_reasons[why] = service.retry_reasons.get(why, 0) + 1
         self._retry_timer = self.ds.loop.call_later(delay, self._retry)
@@ -476,7 +578,7 @@ class Exchange:
         if self._route_deadline - self.ds.loop.time() - delay < retry.MIN_TRY:
             return None  # it would not fit in the time left
         service = route.service
-        if service.retrying >= policy.max_retries:
+        if not self._retry_slot and service.retrying >= policy.max_retries:
             service.retries_over_limit += 1
             return None
         budget = policy.retry_budget
@@ -496,9 +598,6 @@ class Exchange:
 
     def _retry(self) -> None:
         self._retry_timer = None
-        route = self.route
-        assert route is not None
-        route.service.retrying -= 1
         if self.state is not State.BACKOFF:
             return
         if self._replay is None:  # the body grew past what is kept while waiting
@@ -556,6 +655,7 @@ class Exchange:
         conn.owner = self
         self.endpoint, self._stats = hedged.endpoint, hedged.stats
         self._tried_at, self._probing = hedged.tried_at, hedged.probing
+        self._sent = True
         self.state = State.SENT
         conn.pause_reading(self.ds.write_paused)
         self._arm()
@@ -567,6 +667,8 @@ class Exchange:
         if self._retry_timer is not None:
             self._retry_timer.cancel()
             self._retry_timer = None
+        if self._retry_slot:  # the first try answers: this request is retrying no more
+            self._retry_slot = False
             route.service.retrying -= 1
         self._stop_connecting()
         self._end_try()
@@ -758,11 +860,32 @@ class Exchange:
             return
         timeout = round(self._timeout * 1000)
         if self.state is State.RESPONDING:
-            self._finish(close=True, abort=True)  # too late for a 504: cut the stream
+            if now < self._hard_deadline:  # the body: only the caller's deadline bounds it
+                self._route_deadline = self._hard_deadline
+                self._arm()
+            else:
+                self._finish(close=True, abort=True)  # the caller's deadline, mid-body
         elif not self.request_done:
-            self.fail(Reason.REQUEST_TIMEOUT, f"the request body stalled for {timeout} ms")
+            self.fail(Reason.UPSTREAM_TIMEOUT, "the caller's deadline ran out during the upload")
+        elif now >= self._hard_deadline:
+            self.fail(Reason.UPSTREAM_TIMEOUT, "no response within the caller's deadline")
         else:
             self.fail(Reason.UPSTREAM_TIMEOUT, f"no response within {timeout} ms")
+
+    def idle_timeout(self, seconds: float, *, client_stalled: bool) -> None:
+        """The connection's timer: nothing moved either way for ``seconds``, the route's
+        ``stream_idle_timeout_ms`` (``tunnel_idle_timeout_ms`` for a tunnel). A request body
+        the client stopped sending is a 408; no response head yet, a 504; a response or a
+        tunnel under way is cut."""
+        ms = round(seconds * 1000)
+        if self.state is State.TUNNEL:
+            self._finish(close=True)
+        elif self.state is State.RESPONDING:
+            self._finish(close=True, abort=True)
+        elif not self.request_done and client_stalled:
+            self.fail(Reason.REQUEST_TIMEOUT, f"no request body bytes for {ms} ms")
+        else:
+            self.fail(Reason.UPSTREAM_TIMEOUT, f"nothing moved either way for {ms} ms")
 
     def fail(self, reason: Reason, detail: str) -> None:
         """Answer with a synthetic error instead of an upstream response."""
@@ -793,7 +916,13 @@ class Exchange:
         seconds = time.monotonic() - self._started
         self._started = -1.0
         self.ds.tracker.record(
-            self.route, self.head, self._status, seconds, self.endpoint, self._attempt, self._error
+            self.route,
+            self.head,
+            self._status,
+            seconds,
+            self.endpoint,
+            self._attempt + self._resends,
+            self._error,
         )
 
     def _outcome(self, *, failed: bool, retry_after: float | None = None) -> None:
@@ -819,11 +948,14 @@ class Exchange:
         if self._retry_timer is not None:
             self._retry_timer.cancel()
             self._retry_timer = None
-            if route is not None:
-                route.service.retrying -= 1
+        if self._retry_slot and route is not None:
+            self._retry_slot = False
+            route.service.retrying -= 1
         if self._counted and route is not None:
             self._counted = False
             route.service.in_flight -= 1
+            if self.ds.source is not None:
+                self.ds.source.in_flight -= 1
         self.state = State.DONE
         conn, self.conn = self.conn, None
         if conn is not None:

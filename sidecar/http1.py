@@ -120,6 +120,8 @@ class RequestHead:
     upgrade: bool = False
     expect_continue: bool = False
     has_body: bool = False
+    content_length: int = -1
+    """the ``Content-Length`` (-1: none)"""
     request_id: bytes = b""
     codings: bytes = b""
     """transfer codings before the final chunked (kept when the body is re-chunked)"""
@@ -162,7 +164,8 @@ def split_target(method: bytes, url: bytes) -> tuple[bytes, bytes | None]:
 def parse_request_head(
     method: bytes, url: bytes, version: str, headers: Headers, keep_alive: bool
 ) -> RequestHead:
-    """Classify a request head and build its forwardable lines in one pass."""
+    """Classify a request head and build its forwardable lines in one pass; ValueError for
+    a head no proxy should forward (an unusable target, two Host headers)."""
     target, authority = split_target(method, url)
     head = RequestHead(method, target, version, keep_alive, authority)
     lines = head.lines
@@ -176,13 +179,17 @@ def parse_request_head(
             if lname[:6] != b"proxy-":
                 lines += (name, b": ", value, b"\r\n")
         elif action == _HOST:
-            if not seen_host:
-                seen_host = True
-                if authority is None:
-                    head.authority = value
-                lines += (name, b": ", head.authority or value, b"\r\n")
+            if seen_host:  # which one the upstream would take is anybody's guess
+                raise ValueError("more than one Host header")
+            seen_host = True
+            if authority is None:
+                head.authority = value
+            lines += (name, b": ", head.authority or value, b"\r\n")
         elif action == _CL:
-            head.has_body = value.strip() != b"0"
+            if not value.strip().isdigit():  # (llhttp lets only digits through)
+                raise ValueError(f"Content-Length {value[:20]!r} is not a number")
+            head.content_length = length = int(value)
+            head.has_body = length > 0
             lines += (name, b": ", value, b"\r\n")
         elif action == _TE:
             head.chunked = head.has_body = True  # httptools accepts only a final "chunked"

@@ -57,6 +57,10 @@ MAX_ENDPOINT_SERIES = 100
 SERVICE_COUNTERS = {
     "meshlet_retries_suppressed": ("retries_suppressed", "retries the retry budget refused"),
     "meshlet_retries_over_limit": ("retries_over_limit", "retries max_retries refused"),
+    "meshlet_retries_unsent": (
+        "retries_unsent",
+        "retries of tries none of which was sent, resent elsewhere at once",
+    ),
     "meshlet_hedges": ("hedges", "hedged tries sent"),
     "meshlet_outlier_ejections": ("ejections", "endpoints ejected"),
     "meshlet_overloaded": ("overloaded", "requests refused by a limit (503 overloaded)"),
@@ -116,6 +120,46 @@ class SidecarCollector(Collector):
             yield family
         yield from self._endpoints()
         yield from self._table()
+        yield from self._listeners()
+
+    def _listeners(self) -> Iterator[Metric]:
+        """Client connections per listener, and what its limits did (``limits``)."""
+        sc = self.sidecar
+        trackers = (sc.outbound, sc.inbound)
+        open_ = GaugeMetricFamily(
+            "meshlet_listener_connections", "client connections open", labels=["direction"]
+        )
+        refused = CounterMetricFamily(
+            "meshlet_listener_refused",
+            "connections closed at once, or requests answered 503, by a listener limit",
+            labels=["direction", "limit"],
+        )
+        timeouts = CounterMetricFamily(
+            "meshlet_listener_timeouts",
+            "requests and connections ended for their pace or their silence",
+            labels=["direction", "timeout"],
+        )
+        backpressure = CounterMetricFamily(
+            "meshlet_listener_backpressure",
+            "times a client connection stopped being read (a pipeline full, a client not "
+            "reading its answers)",
+            labels=["direction", "cause"],
+        )
+        for tracker in trackers:
+            direction = tracker.direction
+            open_.add_metric([direction], len(tracker.connections))
+            counters = tracker.counters
+            for family, values in (
+                (refused, counters.refused()),
+                (timeouts, counters.timeouts()),
+                (backpressure, counters.backpressure()),
+            ):
+                for name, n in values.items():
+                    family.add_metric([direction, name], n)
+        yield open_
+        yield refused
+        yield timeouts
+        yield backpressure
 
     def _requests(self, outbound: list[ServiceState]) -> Iterator[Metric]:
         sc = self.sidecar

@@ -5,7 +5,15 @@ before any response byte, or a status; a try that runs out of its per-try timeou
 504), of an idempotent request or one sent with ``x-meshlet-retry: on``, whose body (at most
 64 KiB) was kept. It goes to another endpoint when there is one, after a full-jitter
 exponential backoff (25 ms base, 250 ms cap) or the ``Retry-After`` the failed try was sent,
-and only when the service's budget allows and the time left fits it.
+and only when the service's budget allows, the time left fits it and fewer than
+``max_retries`` requests of the service are retrying.
+
+A try none of which was sent (its connect refused or timed out, or its connection closed
+before the request head was written to it) is different: no app saw the request, so it is
+resent to an endpoint this request has not failed on, at once and whatever the method, as
+Envoy does for resets before a request is sent and Linkerd for connection failures. Only the
+budget and the time left bound it (and ``MAX_RESENDS``); not ``retries``, ``retry_on``, the
+backoff or ``max_retries``.
 
 Deadlines: every request a sidecar sends carries ``x-meshlet-deadline-ms`` (the milliseconds
 left) and ``x-meshlet-attempt`` (which try it is). Apps forward them with the calls they make
@@ -25,6 +33,9 @@ BACKOFF_BASE = 0.025
 BACKOFF_CAP = 0.250
 MIN_TRY = 0.010
 """seconds: a retry is not started with less time left than this"""
+MAX_RESENDS = 3
+"""tries of one request resent elsewhere because none of them was sent (HAProxy's
+``retries 3`` with ``option redispatch`` for connection failures)"""
 
 
 class Budget:

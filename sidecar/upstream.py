@@ -64,6 +64,7 @@ class UpstreamConnection(asyncio.Protocol):
     """
 
     __slots__ = (
+        "_began",
         "_done",
         "_header_count",
         "_headers",
@@ -72,6 +73,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_parser",
         "_raw",
         "_raw_count",
+        "_raw_first",
         "_read",
         "_reason",
         "_sized",
@@ -99,7 +101,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._sized = False  # the current response has a length or chunks (not read-until-close)
         self._status = 0
         self._reason = b""
-        self._raw_count = 0  # bytes read while in a head, or in what may be trailers
+        # a head (or what may be trailers) is counted by the reads it spans, as a client's
+        # head is (``proxy.Downstream``): the read it began in only as an upper bound
+        self._raw_count = 0  # bytes of the reads wholly inside a head or trailers
+        self._raw_first = 0  # the size of the read it began in (before this one)
+        self._began = False  # a head or trailer section began since a read last ended in one
         self._read = 0  # the size of the read being parsed
         self._trailer_watch = False  # after a chunk header with no data since: maybe trailers
         self._raw: Callable[[bytes], None] | None = None  # after an upgrade: bytes go here
@@ -132,9 +138,13 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
             if self._in_head or self._trailer_watch:
-                self._raw_count += len(data)
-                if self._raw_count > http1.MAX_HEAD_BYTES:
-                    raise _TooLarge
+                if self._began:  # (set when one begins; one closed since does not matter)
+                    self._began = False
+                    self._raw_first = len(data)
+                else:
+                    self._raw_count += len(data)
+                    if self._raw_count > http1.MAX_HEAD_BYTES:
+                        raise _TooLarge
         except httptools.HttpParserUpgrade as upgrade:
             self.reusable = False
             if self.owner is not None and not self._done:
@@ -188,6 +198,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._header_count = 0
         self._reason = b""
         self._in_body = False
+        self._raw_count = 0
+        self._began = True
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
@@ -211,13 +223,13 @@ class UpstreamConnection(asyncio.Protocol):
             return
         headers = self._headers
         if len(headers) > http1.MAX_HEADERS or (
-            # the head took at most the reads before this one and all of this one
-            self._raw_count + self._read > http1.MAX_HEAD_BYTES
+            # the head took at most the reads it spans
+            self._raw_count + self._raw_first + self._read > http1.MAX_HEAD_BYTES
             and http1.head_size(headers) > http1.MAX_HEAD_BYTES
         ):
             raise _TooLarge
         self._in_head = False
-        self._raw_count = 0
+        self._raw_count = self._raw_first = 0
         self._header_count = 0
         resp = http1.parse_response_head(status, self._reason, self._headers)
         if resp.close or parser.get_http_version() != "1.1":
@@ -235,6 +247,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_chunk_header(self) -> None:
         self._trailer_watch = True  # data resets it; a last chunk's trailers do not
+        self._raw_count = self._raw_first = 0
+        self._began = True
 
     def on_chunk_complete(self) -> None:
         self._trailer_watch = False
@@ -265,7 +279,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.owner = owner
         self.received = False
         self._in_head = True
-        self._raw_count = 0
+        self._raw_count = self._raw_first = 0
         self.requests += 1
         assert self.transport is not None
         self.transport.write(data)

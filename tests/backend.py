@@ -8,6 +8,10 @@
                          x-meshlet-* headers as an app forwards trace headers; answers with
                          that status, and a body naming who answered what
     GET /hits            how many /whoami and /chain requests it has had (never fails)
+    POST /consume        reads the body, answers its size
+    GET /events?count=N&every_ms=M&silent_ms=S
+                         server-sent events: N events M ms apart, then S ms of silence
+    GET /ws              a WebSocket that echoes every message
 """
 
 from __future__ import annotations
@@ -59,6 +63,34 @@ async def hits(request: web.Request) -> web.Response:
     return web.json_response({"hits": request.app[STATE]["hits"]})
 
 
+async def consume(request: web.Request) -> web.Response:
+    total = 0
+    async for chunk in request.content.iter_any():
+        total += len(chunk)
+    return web.json_response({"received": total})
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    count = int(request.query.get("count", "10"))
+    every = int(request.query.get("every_ms", "100")) / 1000
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    for i in range(count):
+        await resp.write(b"data: %d\n\n" % i)
+        await asyncio.sleep(every)
+    await asyncio.sleep(int(request.query.get("silent_ms", "0")) / 1000)
+    await resp.write_eof()
+    return resp
+
+
+async def websocket(request: web.Request) -> web.StreamResponse:
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    async for msg in ws:
+        await ws.send_str(f"echo: {msg.data}")
+    return ws
+
+
 async def main(args: argparse.Namespace) -> None:
     app = web.Application()
     state = {"name": args.name, "failing": False, "hits": 0, "outbound": args.outbound}
@@ -68,6 +100,9 @@ async def main(args: argparse.Namespace) -> None:
     app.router.add_get("/sleep", sleep)
     app.router.add_get("/chain", chain)
     app.router.add_get("/hits", hits)
+    app.router.add_post("/consume", consume)
+    app.router.add_get("/events", events)
+    app.router.add_get("/ws", websocket)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGUSR1, lambda: state.update(failing=not state["failing"]))
     stop = asyncio.Event()

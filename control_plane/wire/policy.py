@@ -148,7 +148,11 @@ class Policy:
         1.25, "bounded loads: no endpoint above this x the mean in-flight", lo=1, hi=100
     )
     timeout_ms: int = spec(
-        15_000, "route timeout, all tries", unit="milliseconds", lo=1, hi=3_600_000
+        15_000,
+        "route timeout: until the response head, all tries",
+        unit="milliseconds",
+        lo=1,
+        hi=3_600_000,
     )
     connect_timeout_ms: int = spec(
         1_000, "TCP connect timeout", unit="milliseconds", lo=1, hi=60_000
@@ -159,6 +163,20 @@ class Policy:
         unit="milliseconds",
         lo=1,
         hi=3_600_000,
+    )
+    stream_idle_timeout_ms: int = spec(
+        300_000,
+        "longest silence either way once a request is under way, its body included; 0 is off",
+        unit="milliseconds",
+        lo=0,
+        hi=86_400_000,
+    )
+    tunnel_idle_timeout_ms: int = spec(
+        3_600_000,
+        "longest silence either way of an upgraded connection (WebSocket); 0 is off",
+        unit="milliseconds",
+        lo=0,
+        hi=86_400_000,
     )
     retries: int = spec(1, "retries after the first try (idempotent requests only)", lo=0, hi=10)
     retry_on: tuple[str | int, ...] = spec(
@@ -173,7 +191,7 @@ class Policy:
         1024, "requests of the service waiting for a connection", lo=1, hi=1_000_000
     )
     max_connections: int = spec(1024, "connections to each endpoint", lo=1, hi=1_000_000)
-    max_retries: int = spec(3, "retries of the service in progress at once", lo=0, hi=1_000_000)
+    max_retries: int = spec(1024, "requests of the service retrying at once", lo=0, hi=1_000_000)
     outlier: Outlier = spec(Outlier(), "passive outlier ejection")
     panic_threshold: int = spec(
         50, "below this share of healthy endpoints, balance over all", unit="%", lo=0, hi=100

@@ -38,6 +38,8 @@ def test_full_document_round_trips() -> None:
         "timeout_ms": 2000,
         "connect_timeout_ms": 200,
         "per_try_timeout_ms": 500,
+        "stream_idle_timeout_ms": 0,
+        "tunnel_idle_timeout_ms": 60_000,
         "retries": 3,
         "retry_on": ["reset", 503, "429"],
         "retry_budget": {"ratio": 0.5, "min_per_s": 1},

@@ -4,6 +4,7 @@ die, stall, or sit at the end of a three-hop chain. Every test asserts counts.""
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import signal
@@ -56,6 +57,12 @@ def caller(
     *args: str,
 ) -> Sidecar:
     """A sidecar whose static table sends each service to the given loopback ports."""
+    write_table(path, services)
+    return start("--service", path.stem, "--table", str(path), "--app-health", "none", *args)
+
+
+def write_table(path: Path, services: dict[str, tuple[dict[str, Any], list[int]]]) -> None:
+    """A static table (replaced whole: a sidecar never reads half of one)."""
     table = {
         "services": {
             name: {
@@ -65,8 +72,8 @@ def caller(
             for name, (policy, ports) in services.items()
         }
     }
-    path.write_text(json.dumps(table))
-    return start("--service", path.stem, "--table", str(path), "--app-health", "none", *args)
+    path.with_suffix(".tmp").write_text(json.dumps(table))
+    path.with_suffix(".tmp").replace(path)
 
 
 async def call(
@@ -182,14 +189,9 @@ async def test_a_stalled_instance_costs_one_per_try_timeout(
     """3. SIGSTOP: the kernel still accepts connections, nothing answers. Tries to it time
     out after ``per_try_timeout_ms`` and go elsewhere; p99 stays under the route timeout."""
     bs = [backend(f"b{i}") for i in range(4)]
-    # four callers can all be waiting on the stalled one at once: allow them all a retry
-    # (the default max_retries, 3 at once, answers the fourth with its 504, counted overloaded)
-    policy = {
-        "lb": "round_robin",
-        "timeout_ms": 3000,
-        "per_try_timeout_ms": 300,
-        "max_retries": 10,
-    }
+    # four callers can all be waiting on the stalled one at once: the default max_retries
+    # (1024) lets them all retry (3, the old default, answered the fourth with its 504)
+    policy = {"lb": "round_robin", "timeout_ms": 3000, "per_try_timeout_ms": 300}
     sc = caller(sidecar_process, tmp_path / "c.json", {"svc": (policy, [b.port for b in bs])})
     async with await session() as http:
         running = asyncio.create_task(load(http, sc, "svc", 3.0, workers=4))
@@ -292,3 +294,80 @@ async def test_a_three_hop_chain_retries_once_and_times_out_where_time_runs_out(
         assert late.body.startswith("b got 504 upstream-timeout: ")
         assert late.seconds < 1.0
     assert b.proc.poll() is None
+
+
+KILL_ROUNDS = 20
+KILL_POLICIES = ("round_robin", "least_request", "peak_ewma")
+
+
+def svc_of(lb: str) -> str:
+    """The service balanced by ``lb`` (a service name is a DNS label)."""
+    return lb.replace("_", "-")
+
+
+async def test_twenty_kill_9_rounds_across_policies_fail_no_request(
+    backend: StartBackend, sidecar_process: StartSidecar, tmp_path: Path
+) -> None:
+    """6. Issue 11, item 1: twenty rounds, ``round_robin``, ``least_request`` and
+    ``peak_ewma`` in turn, of eight closed-loop clients calling a service of four instances
+    while one of them is killed with SIGKILL; then a new instance takes its place in the
+    table (SIGHUP). Tries the dead one refuses (never sent) go elsewhere at once, and the
+    requests it took down with it are retried: no client sees an error."""
+    live = [backend(f"b{i}") for i in range(4)]
+    path = tmp_path / "c.json"
+
+    def services() -> dict[str, tuple[dict[str, Any], list[int]]]:
+        # slow start off: a new instance takes its full share at once, and so has requests
+        # in flight when its turn to be killed comes
+        ports = [b.port for b in live]
+        return {svc_of(lb): ({"lb": lb, "slow_start_ms": 0}, ports) for lb in KILL_POLICIES}
+
+    sc = caller(sidecar_process, path, services())
+    replies: list[tuple[int, str, Reply]] = []  # (round, policy, reply)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+
+        async def clients(r: int, lb: str, stop: asyncio.Event) -> None:
+            until = time.monotonic() + 5.0  # bounded, whatever happens to ``stop``
+
+            async def worker() -> None:
+                for _ in range(2000):
+                    if stop.is_set() or time.monotonic() >= until:
+                        return
+                    replies.append((r, lb, await call(http, sc, svc_of(lb))))
+
+            await asyncio.gather(*(worker() for _ in range(8)))
+
+        for r in range(KILL_ROUNDS):
+            lb = KILL_POLICIES[r % len(KILL_POLICIES)]
+            stop = asyncio.Event()
+            running = asyncio.create_task(clients(r, lb, stop))
+            spare = asyncio.create_task(asyncio.to_thread(backend, f"n{r}"))
+            await asyncio.sleep(0.3)
+            victim = r % len(live)
+            served = sum(1 for n, _, x in replies if n == r and x.body == live[victim].name)
+            assert served > 0, f"round {r}: {live[victim].name} had no share before its kill"
+            live[victim].proc.kill()  # SIGKILL, with requests in flight
+            await asyncio.sleep(0.5)
+            live[victim] = await spare
+            stop.set()
+            await running
+            write_table(path, services())  # the new instance takes the dead one's place
+            sc.proc.send_signal(signal.SIGHUP)
+            want = {b.port for b in live}
+            deadline = time.monotonic() + 5.0
+            while {e["port"] for e in service(sc, svc_of(lb))["endpoints"]} != want:
+                assert time.monotonic() < deadline, "the sidecar did not reload its table"
+                await asyncio.sleep(0.02)
+
+    failed = collections.Counter((lb, x.status, x.error) for _, lb, x in replies if x.status != 200)
+    assert not failed, f"{failed.total()} of {len(replies)} requests failed: {dict(failed)}"
+    assert min(sum(1 for n, _, _ in replies if n == r) for r in range(KILL_ROUNDS)) > 50
+    counters = {lb: service(sc, svc_of(lb))["counters"] for lb in KILL_POLICIES}
+    for c in counters.values():
+        assert c["retries_over_limit"] == 0
+        assert (c["in_flight"], c["pending"], c["retrying"]) == (0, 0, 0)
+    # the connects the dead instances refused were resent; under peak_ewma their first
+    # failures usually steered every pick away from them before another connect
+    assert counters["round_robin"]["retries_unsent"] >= KILL_ROUNDS // 3
+    assert counters["least_request"]["retries_unsent"] >= 1
+    assert sc.proc.poll() is None

@@ -246,7 +246,7 @@ def test_every_policy_picks_only_admissible_endpoints(
 ) -> None:
     """A member of the route; one that asked for a pause only in panic (fewer than half are
     available; the hash policies walk on instead, for requests with a key); never the
-    previous try's endpoint while another is admissible."""
+    endpoints the request's earlier tries failed on while another is admissible."""
     random.seed(data.draw(st.integers(0, 10**6)))
     clock = FakeClock()
     n = len(weights)
@@ -263,14 +263,15 @@ def test_every_policy_picks_only_admissible_endpoints(
     available = [m for i, m in enumerate(ms) if i not in paused]
     panic = len(available) * 100 < 50 * n  # fewer than panic_threshold %: balance over all
     for k in range(20):
-        avoid = ms[k % n].endpoint if k % 2 else None
-        key = f"k{k}".encode() if k % 3 else None
+        # the endpoints a request's earlier tries failed on: none, one, or several
+        avoid = tuple(ms[(k + j) % n].endpoint for j in range(k % 3))
+        key = f"k{k}".encode() if k % 4 else None
         m = b.pick(key, avoid)
         assert m in ms
         # keyless requests under a hash policy go by peak EWMA, which panics too
         hashed = lb in ("ring_hash", "maglev") and key is not None
         ready = ms if panic and not hashed else available
-        others = [r for r in ready if r.endpoint is not avoid]
+        others = [r for r in ready if r.endpoint not in avoid]
         if others:
             assert m in others, (lb, m, paused, avoid)
 

@@ -105,3 +105,10 @@ def test_framing_helpers() -> None:
     assert http1.last_chunk([(b"X-T", b"1")]) == b"0\r\nX-T: 1\r\n\r\n"
     assert http1.reason_phrase(404, b"") == b"Not Found"
     assert http1.reason_phrase(599, b"") == b"Unknown"
+
+
+def test_two_host_headers_are_refused() -> None:
+    with pytest.raises(ValueError, match="more than one Host"):
+        parse(b"/", [(b"Host", b"a"), (b"host", b"b")])
+    with pytest.raises(ValueError, match="more than one Host"):
+        parse(b"http://a/", [(b"Host", b"a"), (b"Host", b"a")])

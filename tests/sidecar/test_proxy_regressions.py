@@ -247,15 +247,19 @@ async def test_route_timeout_counts_from_the_end_of_the_request(
     upstreams: Upstreams, make_mesh: MakeMesh
 ) -> None:
     up = await upstreams("up")
-    mesh = await make_mesh({"svc": service(up.port, timeout_ms=300, connect_timeout_ms=100)})
+    mesh = await make_mesh(
+        {"svc": service(up.port, timeout_ms=300, connect_timeout_ms=100)},
+        min_data_rate=5,
+        data_rate_grace=0.3,
+    )
     reader, writer = await asyncio.open_connection(LOCAL, mesh.outbound)
     writer.write(b"POST /consume HTTP/1.1\r\nHost: svc\r\nContent-Length: 10\r\n\r\n")
-    for _ in range(10):  # a steady upload longer than the timeout
+    for _ in range(10):  # a steady upload (10 bytes/s) longer than the timeout
         await asyncio.sleep(0.1)
         writer.write(b"x")
     resp = await read_response(reader)
     assert (resp.status, json.loads(resp.body)) == (200, {"received": 10})
-    # a stalled upload is the client's fault: 408
+    # a stalled upload (under 5 bytes/s after 0.3 s) is the client's fault: 408
     writer.write(b"POST /consume HTTP/1.1\r\nHost: svc\r\nContent-Length: 10\r\n\r\nxx")
     resp = await read_response(reader)
     writer.close()

@@ -231,7 +231,7 @@ async def test_endpoint_stats_follow_every_outcome(
     ):
         text = await r.text()
     head, columns, *lines = text.splitlines()
-    assert head.startswith("svc: 0 in flight, 1 retries (0 over budget), 0 ejections")
+    assert head.startswith("svc: 0 in flight, 1 retries (0 unsent, 0 over budget), 0 ejections")
     assert columns.split() == ["endpoint", "state", "out_for_s", "in_flight", "rtt_ms",
                                "penalty_ms", "weight", "ramp"]  # fmt: skip
     busy_line = next(line.split() for line in lines if f":{busy.port}" in line)
