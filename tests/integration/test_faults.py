@@ -177,10 +177,12 @@ async def test_kill_9_of_an_instance_under_load_fails_no_request(
     assert sum(r.body == "b1" for r in replies) > 0  # it had its share before
     svc = service(sc, "svc")
     # the 8 requests in flight when it died, then a few refused connects: after those the
-    # balancer's failure penalty (or an ejection) keeps every pick away from it
+    # balancer's failure penalty (or an ejection) keeps every pick away from it (each pick of
+    # it would be one more retry). The penalty decays while nothing picks it, so how much of
+    # it is left 2 s later depends on when the last failure was: it only has to be there.
     assert 1 <= svc["counters"]["retries"] <= 8 + 5
     (dead,) = [e for e in svc["endpoints"] if e["port"] == bs[1].port]
-    assert dead["outlier"] == "ejected" or dead["penalty_ms"] > 1000
+    assert dead["outlier"] == "ejected" or dead["penalty_ms"] > 0
 
 
 async def test_a_stalled_instance_costs_one_per_try_timeout(
