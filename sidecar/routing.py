@@ -270,6 +270,9 @@ class TableHolder:
         return Locality(self.zone, local / len(own.endpoints))
 
 
+APP_CONNECT_TIMEOUT_MS = 5_000
+
+
 class AppRouter:
     """The inbound listener's only route: the local application."""
 
@@ -277,6 +280,10 @@ class AppRouter:
         policy = Policy(
             lb="round_robin",
             retries=0,
+            # A busy app whose accept queue is full drops the SYN, and the kernel sends it again
+            # only after 1 s (its first retransmission timeout): 1 s, the outbound default,
+            # turned a slow accept into a 502. Envoy's default, 5 s, outlasts two retransmissions.
+            connect_timeout_ms=APP_CONNECT_TIMEOUT_MS,
             outlier=Outlier(consecutive_failures=0, failure_rate_percent=0),
         )
         members = [Member(endpoint, pools.get(endpoint).stats)]

@@ -112,6 +112,7 @@ async def test_an_address_holding_a_thousand_slow_bodies_leaves_room_for_others(
             await asyncio.sleep(0.2)  # (a steady attacker, not a busy loop on 2 cores)
 
     statuses: list[int] = []
+    failures: set[bytes] = set()
 
     async def client() -> None:
         for _ in range(50):
@@ -127,6 +128,8 @@ async def test_an_address_holding_a_thousand_slow_bodies_leaves_room_for_others(
                 async with asyncio.timeout(10):
                     raw = await reader.read(-1)
                 statuses.append(int(raw.split(b" ", 2)[1]) if raw else 0)
+                if not raw.startswith(b"HTTP/1.1 200"):
+                    failures.add(raw.rpartition(b"\r\n\r\n")[2][:200])
             except (OSError, TimeoutError):
                 statuses.append(0)
             finally:
@@ -148,7 +151,7 @@ async def test_an_address_holding_a_thousand_slow_bodies_leaves_room_for_others(
         await asyncio.gather(*attackers, return_exceptions=True)
     ok = statuses.count(200)
     assert len(statuses) == 500
-    assert ok >= 495, (ok, sorted(set(statuses)), took)
+    assert ok >= 495, (ok, sorted(set(statuses)), took, failures)
     refused = metric(
         sidecar, "meshlet_listener_refused_total", direction="inbound", limit="source_requests"
     )
