@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test check lint typecheck pytest demo bench clean
+.PHONY: test check lint typecheck imports pytest demo bench clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "meshlet needs Python 3.11 or newer")'
@@ -16,7 +16,7 @@ test: $(STAMP)
 	./.ci/system-deps
 	$(MAKE) check
 
-check: lint typecheck pytest
+check: lint typecheck imports pytest
 
 lint:
 	$(BIN)/ruff format --check .
@@ -24,6 +24,9 @@ lint:
 
 typecheck:
 	$(BIN)/mypy
+
+imports:
+	$(BIN)/lint-imports
 
 pytest:
 	$(BIN)/pytest -q

@@ -33,26 +33,25 @@ from aiohttp import web
 
 from control_plane.flags import setup_logging
 from control_plane.wire import Endpoint, Registration
-from sidecar import metrics as sidecar_metrics
-from sidecar import state
-from sidecar.accesslog import AccessLog
-from sidecar.admin import build_admin_app, build_metrics_app
-from sidecar.breaker import Services
+from sidecar.admin import metrics as sidecar_metrics
+from sidecar.admin.metrics import endpoint_state
+from sidecar.admin.server import build_admin_app, build_metrics_app
 from sidecar.config import DEFAULT_MAX_CONNECTIONS, Listen, SidecarConfig
-from sidecar.discovery import Discovery
+from sidecar.control import state
+from sidecar.control.discovery import Discovery
+from sidecar.control.health import AppHealth
+from sidecar.control.tablefile import file_signature, load_table_file
 from sidecar.errors import ConfigError, TableError
-from sidecar.health import AppHealth
-from sidecar.limits import ListenerLimits, MinRate, connections_that_fit, raise_fd_limit
-from sidecar.metrics import endpoint_state
-from sidecar.proxy import ConnectionTracker, Downstream, Timeouts
-from sidecar.routing import (
+from sidecar.proxy.limits import ListenerLimits, MinRate, connections_that_fit, raise_fd_limit
+from sidecar.proxy.listener import ConnectionTracker, Downstream, Timeouts
+from sidecar.proxy.routing import (
     AppRouter,
     Pools,
     Router,
     TableHolder,
-    file_signature,
-    load_table_file,
 )
+from sidecar.resilience.service import Services
+from sidecar.telemetry.accesslog import AccessLog
 from sidecar.tls import client_context
 
 log = logging.getLogger("meshlet.sidecar")

@@ -31,7 +31,7 @@ def test_control_plane_never_imports_the_sidecar_or_the_command() -> None:
 def test_sidecar_imports_only_wire_ring_and_flags_from_the_control_plane() -> None:
     # flags (argparse with MESHLET_ environment fallbacks) is standard library only, like wire
     allowed = {"control_plane.wire", "control_plane.ring", "control_plane.flags"}
-    files = sorted((ROOT / "sidecar").glob("*.py"))
+    files = sorted((ROOT / "sidecar").rglob("*.py"))
     assert files
     for path in files:
         used = {m for m in imports(path) if m.split(".")[0] == "control_plane"}

@@ -20,10 +20,10 @@ import statistics
 from dataclasses import dataclass
 
 from control_plane.wire import Endpoint, Policy
-from sidecar import balancer
-from sidecar.balancer import Member
+from sidecar.balancing import balancer
+from sidecar.balancing.balancer import Member
+from sidecar.balancing.ewma import EndpointStats
 from sidecar.clock import FakeClock
-from sidecar.ewma import EndpointStats
 
 ENDPOINTS = 10
 SLOW, FAILING = 8, 9

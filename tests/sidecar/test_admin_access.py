@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.admin_access import AdminCall, Refusal, is_loopback, refusal
+from sidecar.admin.access import AdminCall, Refusal, is_loopback, refusal
 
 #: what ``curl -X POST -H 'Content-Type: application/json' http://127.0.0.1:15000/drain`` sends
 CURL = AdminCall(

@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 
 from control_plane import ring
 from control_plane.wire import Endpoint, Policy
-from sidecar import balancer
-from sidecar.balancer import Locality, Member
+from sidecar.balancing import balancer
+from sidecar.balancing.balancer import Locality, Member
+from sidecar.balancing.ewma import EndpointStats
 from sidecar.clock import FakeClock
-from sidecar.ewma import EndpointStats
 
 
 def members(weights: list[int], clock: FakeClock, zones: list[str] | None = None) -> list[Member]:

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 import pytest
 
-from sidecar.limits import MAX_PIPELINED
+from sidecar.proxy.limits import MAX_PIPELINED
 from tests.sidecar.conftest import (
     LOCAL,
     Mesh,
@@ -182,24 +182,31 @@ async def test_answers_the_sidecar_makes_itself_wait_for_a_client_that_does_not_
     mesh = await make_mesh({})
     reader, writer = await asyncio.open_connection(LOCAL, mesh.outbound, limit=1 << 16)
     writer.write(get("/", "nope") * 200_000)  # 6 MB of requests for 404s, never read
-    await asyncio.sleep(1.0)
-    (ds,) = mesh.sidecar.outbound.connections
-    assert ds.write_paused
-    assert ds.transport is not None
-    assert ds.transport.get_write_buffer_size() < 1024 * 1024
-    assert len(ds._queue) <= MAX_PIPELINED
-    counters = mesh.sidecar.outbound.counters
-    assert counters.client_not_reading >= 1
-    assert counters.pipeline_full >= 1
-    # reading them all now gets every answer
-    async with asyncio.timeout(30):
-        first = await read_response(reader)
-        one = len(first.body) + len(b"".join(f"{k}: {v}\r\n".encode() for k, v in first.headers))
-        one += len(b"HTTP/1.1 404 Not Found\r\n\r\n")
-        rest = await reader.readexactly(one * (200_000 - 1))
-    assert first.status == 404
-    assert rest.count(b"HTTP/1.1 404 Not Found\r\n") == 200_000 - 1
-    writer.close()
+    try:
+        for _ in range(500):  # until the sidecar has filled the client's socket (<= 10 s)
+            await asyncio.sleep(0.02)
+            if any(ds.write_paused for ds in mesh.sidecar.outbound.connections):
+                break
+        (ds,) = mesh.sidecar.outbound.connections
+        assert ds.write_paused
+        assert ds.transport is not None
+        assert ds.transport.get_write_buffer_size() < 1024 * 1024
+        assert len(ds._queue) <= MAX_PIPELINED
+        counters = mesh.sidecar.outbound.counters
+        assert counters.client_not_reading >= 1
+        assert counters.pipeline_full >= 1
+        # reading them all now gets every answer
+        async with asyncio.timeout(30):
+            first = await read_response(reader)
+            one = len(first.body) + len(
+                b"".join(f"{k}: {v}\r\n".encode() for k, v in first.headers)
+            )
+            one += len(b"HTTP/1.1 404 Not Found\r\n\r\n")
+            rest = await reader.readexactly(one * (200_000 - 1))
+        assert first.status == 404
+        assert rest.count(b"HTTP/1.1 404 Not Found\r\n") == 200_000 - 1
+    finally:
+        writer.close()
 
 
 async def test_a_read_ending_inside_a_head_counts_only_that_head(mesh_up: Mesh) -> None:

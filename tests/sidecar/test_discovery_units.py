@@ -11,10 +11,10 @@ import pytest
 
 from control_plane import ring
 from control_plane.wire import Ack, Nack, Registration, Table, parse_table, table_message
-from sidecar import state
-from sidecar.discovery import Backoff, Discovery, describe_close, stream_url
-from sidecar.health import AppHealth
-from sidecar.routing import Pools, TableHolder
+from sidecar.control import state
+from sidecar.control.discovery import Backoff, Discovery, describe_close, stream_url
+from sidecar.control.health import AppHealth
+from sidecar.proxy.routing import Pools, TableHolder
 from tests.conftest import fill
 
 TABLE = parse_table(

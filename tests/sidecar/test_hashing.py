@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.hashing import key_function
-from sidecar.http1 import parse_request_head
+from sidecar.balancing.hashing import key_function
+from sidecar.http.http1 import parse_request_head
 
 HEADERS = [
     (b"Host", b"catalog"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar import http1
+from sidecar.http import http1
 
 
 def parse(

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from sidecar.errors import ConfigError
-from sidecar.limits import (
+from sidecar.proxy.limits import (
     FD_RESERVE,
     Admission,
     ListenerCounters,

@@ -8,11 +8,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from control_plane.wire import Endpoint, Outlier
-from sidecar import outlier
-from sidecar.balancer import Member
+from sidecar.balancing import outlier
+from sidecar.balancing.balancer import Member
+from sidecar.balancing.ewma import EndpointStats, Exclusions, Phase
 from sidecar.clock import FakeClock
-from sidecar.ewma import EndpointStats, Exclusions
-from sidecar.outlier import Phase
 
 CONFIG = Outlier(
     consecutive_failures=3,

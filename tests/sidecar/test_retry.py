@@ -5,8 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar import retry
-from sidecar.retry import Budget
+from sidecar.resilience.budget import BACKOFF_BASE, BACKOFF_CAP, WINDOW, Budget, backoff
 
 
 def test_the_floor_allows_min_per_s_times_the_window() -> None:
@@ -50,14 +49,14 @@ def test_retries_never_exceed_the_budget_in_any_window(events: list[tuple[float,
             budget.request(now)
             history.append((now, False))
         # in the buckets the budget looks at (the last 10 whole seconds)
-        oldest = int(now) - retry.WINDOW
+        oldest = int(now) - WINDOW
         requests = sum(1 for t, r in history if not r and int(t) > oldest)
         retries = sum(1 for t, r in history if r and int(t) > oldest)
-        assert retries <= 0.5 * requests + 1 * retry.WINDOW
+        assert retries <= 0.5 * requests + 1 * WINDOW
 
 
 @given(st.integers(1, 20))
 def test_backoff_is_full_jitter_capped(n: int) -> None:
     for _ in range(20):
-        delay = retry.backoff(n)
-        assert 0 <= delay <= min(retry.BACKOFF_CAP, retry.BACKOFF_BASE * 2 ** (n - 1))
+        delay = backoff(n)
+        assert 0 <= delay <= min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (n - 1))

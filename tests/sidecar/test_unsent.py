@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 
-from sidecar.upstream import Pool, UpstreamConnection
+from sidecar.proxy.upstream import Pool, UpstreamConnection
 from tests.processes import free_port
 from tests.sidecar.conftest import (
     NO_OUTLIER,

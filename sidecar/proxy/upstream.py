@@ -19,8 +19,8 @@ from typing import Protocol, cast
 import httptools
 
 from control_plane.wire import Endpoint
-from sidecar import http1
-from sidecar.ewma import EndpointStats
+from sidecar.balancing.ewma import EndpointStats
+from sidecar.http import http1
 
 
 class ResponseSink(Protocol):

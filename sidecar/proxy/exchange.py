@@ -24,16 +24,18 @@ import time
 from typing import TYPE_CHECKING
 
 from control_plane.wire import Endpoint
-from sidecar import http1, outlier, retry
-from sidecar.balancer import Member
+from sidecar.balancing import outlier
+from sidecar.balancing.balancer import Member
+from sidecar.balancing.ewma import EndpointStats, Phase
 from sidecar.errors import Reason, error_response
-from sidecar.ewma import EndpointStats
-from sidecar.http1 import Headers, RequestHead
-from sidecar.routing import Route
-from sidecar.upstream import Pool, UpstreamConnection
+from sidecar.http import http1
+from sidecar.http.http1 import Headers, RequestHead
+from sidecar.proxy.routing import Route
+from sidecar.proxy.upstream import Pool, UpstreamConnection
+from sidecar.resilience.budget import MAX_RESENDS, MIN_TRY, backoff
 
 if TYPE_CHECKING:
-    from sidecar.proxy import Downstream
+    from sidecar.proxy.listener import Downstream
 
 #: request body bytes kept for a replay on a fresh connection; larger bodies are not replayed
 REPLAY_LIMIT = 64 * 1024
@@ -274,7 +276,7 @@ class Exchange:
         now = route.clock.monotonic()
         if stats.excluded_until > now:  # the balancer chose among all: too few are available
             self._panic(now)
-        elif stats.ejection is not None and stats.ejection.phase is outlier.Phase.EJECTED:
+        elif stats.ejection is not None and stats.ejection.phase is Phase.EJECTED:
             outlier.probe(stats)  # an ejected endpoint whose time is up: this try probes it
             self._probing = True
         self.endpoint = endpoint = member.endpoint
@@ -520,14 +522,14 @@ class Exchange:
         connection closed before the request was written to it), so no app has seen the
         request: send it to another endpoint at once, whatever its method, outside
         ``retries``, ``retry_on``, the backoff and ``max_retries``, but from the retry budget
-        and only with time left; at most ``retry.MAX_RESENDS`` times, never to an endpoint
+        and only with time left; at most ``MAX_RESENDS`` times, never to an endpoint
         that failed this request. False: not resent (the retry policy decides)."""
         route = self.route
         assert route is not None
-        if self._hedged is not None or self._resends >= retry.MAX_RESENDS:
+        if self._hedged is not None or self._resends >= MAX_RESENDS:
             return False  # (with a hedged try still running, that one may answer)
         loop_now = self.ds.loop.time()
-        if self._route_deadline - loop_now < retry.MIN_TRY:
+        if self._route_deadline - loop_now < MIN_TRY:
             return False
         failed = self._failed_at
         member = route.balancer.pick(self._key, failed)
@@ -572,10 +574,10 @@ class Exchange:
             return None
         if isinstance(event, int) and not self.request_done:
             return None  # answered before the whole request came: nothing to replay yet
-        delay = retry.backoff(self._attempt)
+        delay = backoff(self._attempt)
         if retry_after is not None and not self._elsewhere():
             delay = max(delay, retry_after)  # only the endpoint that asked for a pause is left
-        if self._route_deadline - self.ds.loop.time() - delay < retry.MIN_TRY:
+        if self._route_deadline - self.ds.loop.time() - delay < MIN_TRY:
             return None  # it would not fit in the time left
         service = route.service
         if not self._retry_slot and service.retrying >= policy.max_retries:
@@ -979,7 +981,7 @@ def record(
     if ejection is None:
         if not failed:
             return
-    elif ejection.phase is not outlier.Phase.HEALTHY and not probing:
+    elif ejection.phase is not Phase.HEALTHY and not probing:
         return  # a panic pick of an endpoint that is out: its probe decides
     members = route.balancer.members
     if outlier.record(stats, failed, now, route.policy.outlier, members, route.name, endpoint):

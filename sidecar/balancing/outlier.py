@@ -15,45 +15,22 @@ never fail cost nothing.
 
 from __future__ import annotations
 
-import enum
 import logging
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from control_plane.wire.policy import Outlier
-from sidecar.ewma import EndpointStats, Exclusions
+from sidecar.balancing.ewma import Ejection, EndpointStats, Exclusions, Phase
 
 if TYPE_CHECKING:
     from control_plane.wire import Endpoint
-    from sidecar.balancer import Member
+    from sidecar.balancing.balancer import Member
 
 log = logging.getLogger("meshlet.outlier")
 
 WINDOW = 10.0
 """seconds of the failure-rate window"""
-
-
-class Phase(enum.Enum):
-    HEALTHY = 0
-    EJECTED = 1
-    PROBING = 2
-
-
-class Ejection:
-    __slots__ = ("consecutive", "failures", "phase", "requests", "restored_at", "times", "window")
-
-    def __init__(self, now: float) -> None:
-        self.phase = Phase.HEALTHY
-        self.consecutive = 0
-        self.window = now
-        self.requests = 0
-        self.failures = 0
-        self.times = 0
-        self.restored_at = now
-
-    def __repr__(self) -> str:
-        return f"<Ejection {self.phase.name} [{self.consecutive} in a row, ejected {self.times}x]>"
 
 
 def record(

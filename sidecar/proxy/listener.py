@@ -27,14 +27,14 @@ from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
-from sidecar import http1
-from sidecar.accesslog import AccessLog
 from sidecar.errors import Reason, error_response
-from sidecar.exchange import Exchange, State
-from sidecar.http1 import Headers, RequestHead
-from sidecar.limits import MAX_PIPELINED, Admission, ListenerCounters, ListenerLimits, Source
-from sidecar.metrics import RequestStats
-from sidecar.routing import Route, Router
+from sidecar.http import http1
+from sidecar.http.http1 import Headers, RequestHead
+from sidecar.proxy.exchange import Exchange, State
+from sidecar.proxy.limits import MAX_PIPELINED, Admission, ListenerCounters, ListenerLimits, Source
+from sidecar.proxy.routing import Route, Router
+from sidecar.telemetry.accesslog import AccessLog
+from sidecar.telemetry.stats import RequestStats
 
 if TYPE_CHECKING:
     from control_plane.wire import Endpoint

@@ -18,12 +18,9 @@ exchange call.
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from sidecar.outlier import Ejection
 
 DECAY = 10.0
 """seconds: the EWMA's time constant"""
@@ -44,6 +41,30 @@ class Exclusions:
     """the latest finite ``excluded_until`` of any endpoint"""
     probing = 0
     """endpoints out until their probe ends"""
+
+
+class Phase(enum.Enum):
+    HEALTHY = 0
+    EJECTED = 1
+    PROBING = 2
+
+
+class Ejection:
+    """An endpoint's outlier state (``outlier``), made at its first failure."""
+
+    __slots__ = ("consecutive", "failures", "phase", "requests", "restored_at", "times", "window")
+
+    def __init__(self, now: float) -> None:
+        self.phase = Phase.HEALTHY
+        self.consecutive = 0
+        self.window = now
+        self.requests = 0
+        self.failures = 0
+        self.times = 0
+        self.restored_at = now
+
+    def __repr__(self) -> str:
+        return f"<Ejection {self.phase.name} [{self.consecutive} in a row, ejected {self.times}x]>"
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from sidecar.admin_access import CHALLENGE, MUTATING, AdminCall, refusal
+from sidecar.admin.access import CHALLENGE, MUTATING, AdminCall, refusal
 
 if TYPE_CHECKING:
-    from sidecar.app import Sidecar
+    from sidecar.admin.view import SidecarView
 
-SIDECAR: web.AppKey[Sidecar] = web.AppKey("sidecar")
+SIDECAR: web.AppKey[SidecarView] = web.AppKey("sidecar")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 log = logging.getLogger("meshlet.admin")
 
@@ -141,7 +141,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     return web.json_response({"error": refused.error}, status=refused.status, headers=challenge)
 
 
-def build_admin_app(sidecar: Sidecar) -> web.Application:
+def build_admin_app(sidecar: SidecarView) -> web.Application:
     app = web.Application(middlewares=[guard])
     app[SIDECAR] = sidecar
     app.router.add_routes(
@@ -157,7 +157,7 @@ def build_admin_app(sidecar: Sidecar) -> web.Application:
     return app
 
 
-def build_metrics_app(sidecar: Sidecar) -> web.Application:
+def build_metrics_app(sidecar: SidecarView) -> web.Application:
     """``--metrics-listen``: what Prometheus and the kubelet need, and nothing that changes
     the sidecar or shows its configuration; every other request is a JSON 404."""
     app = web.Application()

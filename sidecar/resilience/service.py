@@ -20,8 +20,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from sidecar.metrics import RequestStats
-from sidecar.retry import Budget
+from sidecar.resilience.budget import Budget
+from sidecar.telemetry.stats import RequestStats
 
 log = logging.getLogger("meshlet.breaker")
 

@@ -42,9 +42,9 @@ from control_plane.wire import (
     decode,
     encode,
 )
-from sidecar import state
+from sidecar.control import state
 from sidecar.errors import TableError
-from sidecar.routing import TableHolder
+from sidecar.proxy.routing import TableHolder
 
 log = logging.getLogger("meshlet.discovery")
 

@@ -9,14 +9,10 @@ address in ``Pools``.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
-
-import yaml
 
 from control_plane import ring
 from control_plane.ring import Ring
@@ -27,19 +23,17 @@ from control_plane.wire import (
     Policy,
     ServiceEntry,
     Table,
-    WireError,
-    parse_table,
     to_json,
 )
-from sidecar import balancer
-from sidecar.balancer import Balancer, Locality, Member
-from sidecar.breaker import Services, ServiceState
+from sidecar.balancing import balancer
+from sidecar.balancing.balancer import Balancer, Locality, Member
+from sidecar.balancing.ewma import EndpointStats
+from sidecar.balancing.hashing import KeyOf, key_function
 from sidecar.clock import Clock, SystemClock
 from sidecar.errors import Reason, TableError
-from sidecar.ewma import EndpointStats
-from sidecar.hashing import KeyOf, key_function
-from sidecar.metrics import RequestStats
-from sidecar.upstream import Pool
+from sidecar.proxy.upstream import Pool
+from sidecar.resilience.service import Services, ServiceState
+from sidecar.telemetry.stats import RequestStats
 
 
 @dataclass(slots=True)
@@ -318,32 +312,3 @@ def _ring(name: str, entry: ServiceEntry) -> Ring:
     positions = [i for i, e in enumerate(entry.endpoints) if not e.draining]
     owners = type(built.owners)(built.owners.typecode, (positions[o] for o in built.owners))
     return Ring(built.algorithm, owners, built.points)
-
-
-def load_table_file(path: str) -> Table:
-    """A static routing file (YAML or JSON); TableError names what is wrong."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise TableError(f"{path}: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise TableError(f"{path}: not UTF-8 text") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise TableError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
-    try:
-        return parse_table(data if data is not None else {})
-    except WireError as e:
-        raise TableError(f"{path}: {e}") from None
-
-
-def file_signature(path: str) -> tuple[int, int, int] | None:
-    """What changes when a file is rewritten (or replaced by rename); None if missing."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from urllib.parse import unquote_to_bytes
 
-from sidecar.http1 import RequestHead
+from sidecar.http.http1 import RequestHead
 
 KeyOf = Callable[[RequestHead, bytes], bytes | None]
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
     from control_plane.wire import Endpoint
-    from sidecar.http1 import RequestHead
+    from sidecar.http.http1 import RequestHead
 
 log = logging.getLogger("meshlet.accesslog")
 

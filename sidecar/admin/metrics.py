@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import time
-from bisect import bisect_left
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -24,33 +23,13 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from sidecar import outlier
-from sidecar.ewma import EndpointStats
+from sidecar.balancing.ewma import EndpointStats, Phase
+from sidecar.telemetry.stats import BUCKETS, CODES, RequestStats
 
 if TYPE_CHECKING:
-    from sidecar.app import Sidecar
-    from sidecar.breaker import ServiceState
+    from sidecar.admin.view import SidecarView
+    from sidecar.resilience.service import ServiceState
 
-BUCKETS = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-)
-"""seconds: the request duration histogram's upper bounds (and +Inf)"""
-CODES = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")
-"""status classes by ``status // 100``; ``none``: the client left before any response"""
 MAX_ENDPOINT_SERIES = 100
 """a service with more endpoints gets no per-endpoint state series (cardinality)"""
 #: metric: (its key in ``ServiceState.counters()``, help)
@@ -69,37 +48,10 @@ SERVICE_COUNTERS = {
 ENDPOINT_STATES = ("healthy", "ejected", "probing", "paused", "draining")
 
 
-class RequestStats:
-    """Requests of one service through one listener, by status class: the histogram of their
-    durations (its buckets' counts, not yet cumulative; made at a class's first request, as
-    a table may name thousands of services this sidecar never calls) and the sum."""
-
-    __slots__ = ("buckets", "sums")
-
-    def __init__(self) -> None:
-        self.buckets: list[list[int] | None] = [None] * len(CODES)
-        self.sums = [0.0] * len(CODES)
-
-    def __repr__(self) -> str:
-        return f"<RequestStats [{sum(map(self.count, range(len(CODES))))} requests]>"
-
-    def record(self, status: int, seconds: float) -> None:
-        code = status // 100 if 100 <= status < 600 else 0
-        counts = self.buckets[code]
-        if counts is None:
-            counts = self.buckets[code] = [0] * (len(BUCKETS) + 1)
-        counts[bisect_left(BUCKETS, seconds)] += 1
-        self.sums[code] += seconds
-
-    def count(self, code: int) -> int:
-        counts = self.buckets[code]
-        return sum(counts) if counts else 0
-
-
 class SidecarCollector(Collector):
     """Everything ``/metrics`` shows, read from the sidecar when Prometheus scrapes."""
 
-    def __init__(self, sidecar: Sidecar) -> None:
+    def __init__(self, sidecar: SidecarView) -> None:
         self.sidecar = sidecar
 
     def collect(self) -> Iterator[Metric]:
@@ -289,14 +241,14 @@ def endpoint_state(draining: bool, stats: EndpointStats | None, now: float) -> s
         return "draining"
     if stats is not None:
         ejection = stats.ejection
-        if ejection is not None and ejection.phase is not outlier.Phase.HEALTHY:
+        if ejection is not None and ejection.phase is not Phase.HEALTHY:
             return ejection.phase.name.lower()
         if stats.excluded_until > now:
             return "paused"
     return "healthy"
 
 
-def registry(sidecar: Sidecar) -> CollectorRegistry:
+def registry(sidecar: SidecarView) -> CollectorRegistry:
     """The sidecar's own registry (never prometheus-client's global one): its collector and
     the process's CPU, memory and file descriptors."""
     reg = CollectorRegistry(auto_describe=False)

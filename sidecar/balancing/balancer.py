@@ -41,8 +41,8 @@ from typing import Protocol
 
 from control_plane.ring import Ring, key_hash
 from control_plane.wire import HASH_POLICIES, Endpoint, Policy
+from sidecar.balancing.ewma import EndpointStats, Exclusions
 from sidecar.clock import Clock
-from sidecar.ewma import EndpointStats, Exclusions
 
 MIN_ZONE_CLUSTER = 6
 SLOW_START_GRACE = 1.0

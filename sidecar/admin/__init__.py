@@ -1,0 +1,1 @@
+"""The admin and metrics ports: endpoints, who may call them, the Prometheus collector."""

@@ -1,0 +1,38 @@
+"""What the admin and metrics ports read of the running sidecar (``sidecar.app.Sidecar``): a
+Protocol, so that the ports sit below the process that serves them and import nothing of it."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry
+
+from sidecar.config import SidecarConfig
+from sidecar.control.discovery import Discovery
+from sidecar.control.health import AppHealth
+from sidecar.proxy.listener import ConnectionTracker
+from sidecar.proxy.routing import AppRouter, Pools, TableHolder
+from sidecar.resilience.service import Services
+from sidecar.telemetry.accesslog import AccessLog
+
+
+class SidecarView(Protocol):
+    config: SidecarConfig
+    services: Services
+    tables: TableHolder
+    pools: Pools
+    app_router: AppRouter
+    outbound: ConnectionTracker
+    inbound: ConnectionTracker
+    access_log: AccessLog | None
+    discovery: Discovery | None
+    health: AppHealth | None
+    metrics: CollectorRegistry | None
+
+    def readiness(self) -> tuple[bool, str]: ...
+
+    def config_dump(self) -> dict[str, Any]: ...
+
+    def endpoint_stats(self) -> dict[str, Any]: ...
+
+    def drain(self) -> None: ...

@@ -1,0 +1,1 @@
+"""Who gets a request: balancing policies, peak EWMA, outlier ejection, hash keys."""

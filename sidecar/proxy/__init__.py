@@ -1,0 +1,1 @@
+"""Moving requests: the listeners, the exchange of one request, upstream pools, routes."""

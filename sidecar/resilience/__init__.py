@@ -1,0 +1,1 @@
+"""What protects a service: its limits and counters, the retry budget."""
