@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from control_plane.wire import Table, decode
-from sidecar.routing import Pools, Route, TableHolder
+from sidecar.proxy.routing import Pools, Route, TableHolder
 from tests.conftest import Api
 from tests.control_plane.test_api import CATALOG, call, register
 
