@@ -211,11 +211,16 @@ class Policy:
         schema=_HEDGE_SCHEMA,
     )
 
+    @property
+    def hashes(self) -> bool:
+        """Whether a request's key places it (ring_hash, maglev): the one place that says."""
+        return self.lb in HASH_POLICIES
+
     def __post_init__(self) -> None:
         check_bounds(self)
-        if self.lb in HASH_POLICIES and self.hash_on is None:
+        if self.hashes and self.hash_on is None:
             raise WireError("hash_on", f"is required when lb is {self.lb}")
-        if self.lb not in HASH_POLICIES and self.hash_on is not None:
+        if not self.hashes and self.hash_on is not None:
             raise WireError("hash_on", "applies only when lb is ring_hash or maglev")
         if self.connect_timeout_ms > self.timeout_ms:
             raise WireError("connect_timeout_ms", "must not exceed timeout_ms")

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from control_plane.ring import Ring, key_hash
-from control_plane.wire import HASH_POLICIES, Endpoint, Policy
+from control_plane.wire import Endpoint, Policy
 from sidecar.balancing.ewma import EndpointStats, Exclusions
 from sidecar.clock import Clock
 
@@ -90,6 +90,8 @@ class _Members:
     ) -> None:
         self.members = list(members)
         self.clock = clock
+        # the members' endpoints are one sidecar's: their stats share its Exclusions
+        self._exclusions = self.members[0].stats.exclusions if self.members else Exclusions()
         self.weights = [m.endpoint.weight for m in self.members]
         self.window = policy.slow_start_ms / 1000
         self._panic = policy.panic_threshold
@@ -103,7 +105,7 @@ class _Members:
         self._local: list[int] = []
         self._remote: list[int] = []
         self._p_local = 0.0
-        if policy.zone_aware and policy.lb not in HASH_POLICIES:
+        if policy.zone_aware and not policy.hashes:
             self._zones(locality)
         self._prepare()
 
@@ -138,7 +140,7 @@ class _Members:
         """The zone's choice, narrowed to the available (unless fewer than ``panic_threshold``
         % are: then all of them), then to those not in ``avoid`` (unless none is left)."""
         pool = self.zone_pool()
-        if not avoid and now >= Exclusions.until and not Exclusions.probing:
+        if not avoid and now >= self._exclusions.until and not self._exclusions.probing:
             return pool  # nobody asked for a pause: all are available
         members = self.members
         ready = [i for i in pool if members[i].stats.excluded_until <= now]
@@ -343,7 +345,7 @@ def make(
     index: Sequence[int] = (),
 ) -> Balancer:
     """The balancer a service's policy asks for (a hash policy without a ring: peak_ewma)."""
-    if policy.lb in HASH_POLICIES and ring is not None:
+    if policy.hashes and ring is not None:
         return HashRing(members, policy, clock, ring, index)
     cls = POLICIES.get(policy.lb, PeakEwma)
     balancer: Balancer = cls(members, policy, clock, locality)  # type: ignore[assignment]

@@ -35,12 +35,16 @@ SLOW_START_FLOOR = 0.1
 
 
 class Exclusions:
-    """Whether any endpoint may be out of the pick: while not, balancers skip the check."""
+    """Whether any endpoint may be out of the pick: while not, balancers skip the check. One
+    per sidecar (its ``Pools``), shared by the stats of all its endpoints."""
 
-    until = 0.0
-    """the latest finite ``excluded_until`` of any endpoint"""
-    probing = 0
-    """endpoints out until their probe ends"""
+    __slots__ = ("probing", "until")
+
+    def __init__(self) -> None:
+        self.until = 0.0
+        """the latest finite ``excluded_until`` of any endpoint"""
+        self.probing = 0
+        """endpoints out until their probe ends"""
 
 
 class Phase(enum.Enum):
@@ -84,13 +88,15 @@ class EndpointStats:
         "_rtt_at",
         "ejection",
         "excluded_until",
+        "exclusions",
         "failures",
         "in_flight",
         "since",
         "tries",
     )
 
-    def __init__(self, now: float) -> None:
+    def __init__(self, now: float, exclusions: Exclusions) -> None:
+        self.exclusions = exclusions
         self.in_flight = 0
         self._rtt = DEFAULT_RTT
         self._rtt_at = now
@@ -134,8 +140,8 @@ class EndpointStats:
             self._penalty_at = now
         if retry_after is not None and retry_after > 0:
             self.excluded_until = now + min(retry_after, RETRY_AFTER_CAP)
-            if self.excluded_until > Exclusions.until:
-                Exclusions.until = self.excluded_until
+            if self.excluded_until > self.exclusions.until:
+                self.exclusions.until = self.excluded_until
 
     def available(self, now: float) -> bool:
         return now >= self.excluded_until

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from control_plane.wire.policy import Outlier
-from sidecar.balancing.ewma import Ejection, EndpointStats, Exclusions, Phase
+from sidecar.balancing.ewma import Ejection, EndpointStats, Phase
 
 if TYPE_CHECKING:
     from control_plane.wire import Endpoint
@@ -49,7 +49,7 @@ def record(
             return False
         e = stats.ejection = Ejection(now)
     if e.phase is Phase.PROBING:
-        Exclusions.probing -= 1
+        stats.exclusions.probing -= 1
         if failed:
             return _eject(stats, e, now, config, _named(service, endpoint), "its probe failed")
         _restore(stats, e, now, _named(service, endpoint))
@@ -94,7 +94,7 @@ def probe(stats: EndpointStats) -> None:
     if e is not None and e.phase is Phase.EJECTED:
         e.phase = Phase.PROBING
         stats.excluded_until = math.inf
-        Exclusions.probing += 1
+        stats.exclusions.probing += 1
 
 
 def abandon(stats: EndpointStats, now: float) -> None:
@@ -102,7 +102,7 @@ def abandon(stats: EndpointStats, now: float) -> None:
     e = stats.ejection
     if e is not None and e.phase is Phase.PROBING:
         e.phase = Phase.EJECTED
-        Exclusions.probing -= 1
+        stats.exclusions.probing -= 1
         stats.excluded_until = now
 
 
@@ -122,7 +122,7 @@ def _eject(
     e.consecutive = 0
     e.window, e.requests, e.failures = now, 0, 0
     stats.excluded_until = now + seconds  # (over any Retry-After: ejection is longer)
-    Exclusions.until = max(Exclusions.until, stats.excluded_until)
+    stats.exclusions.until = max(stats.exclusions.until, stats.excluded_until)
     log.warning("%s ejected for %.0f s: %s", named, seconds, why)
     return True
 

@@ -17,7 +17,6 @@ from typing import Protocol
 from control_plane import ring
 from control_plane.ring import Ring
 from control_plane.wire import (
-    HASH_POLICIES,
     Endpoint,
     Outlier,
     Policy,
@@ -27,7 +26,7 @@ from control_plane.wire import (
 )
 from sidecar.balancing import balancer
 from sidecar.balancing.balancer import Balancer, Locality, Member
-from sidecar.balancing.ewma import EndpointStats
+from sidecar.balancing.ewma import EndpointStats, Exclusions
 from sidecar.balancing.hashing import KeyOf, key_function
 from sidecar.clock import Clock, SystemClock
 from sidecar.errors import Reason, TableError
@@ -102,6 +101,8 @@ class Pools:
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         self._pools: dict[tuple[str, int], Pool] = {}
+        self.exclusions = Exclusions()
+        """whether any of these endpoints may be out of the pick (``ewma.Exclusions``)"""
 
     def get(self, endpoint: Endpoint) -> Pool:
         key = (endpoint.address, endpoint.port)
@@ -111,7 +112,7 @@ class Pools:
                 endpoint,
                 max_idle=self.max_idle,
                 idle_timeout=self.idle_timeout,
-                stats=EndpointStats(self.clock.monotonic()),
+                stats=EndpointStats(self.clock.monotonic(), self.exclusions),
             )
             self._pools[key] = pool
         return pool
@@ -180,7 +181,7 @@ class RoutingTable:
             if not e.draining:
                 members.append(Member(e, pools.get(e).stats))
         policy = entry.policy
-        hashing = policy.lb in HASH_POLICIES and bool(members)
+        hashing = policy.hashes and bool(members)
         built = _ring(name, entry) if hashing else None
         return Route(
             name,

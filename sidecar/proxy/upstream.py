@@ -19,7 +19,7 @@ from typing import Protocol, cast
 import httptools
 
 from control_plane.wire import Endpoint
-from sidecar.balancing.ewma import EndpointStats
+from sidecar.balancing.ewma import EndpointStats, Exclusions
 from sidecar.http import http1
 
 
@@ -333,7 +333,7 @@ class Pool:
         self.endpoint = endpoint
         #: what balancers know of the endpoint; it lives as long as the pool (a table swap
         #: keeps it, an endpoint that leaves every table and comes back starts afresh)
-        self.stats = stats if stats is not None else EndpointStats(time.monotonic())
+        self.stats = stats if stats is not None else EndpointStats(time.monotonic(), Exclusions())
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         # a list, not a deque: a table of 10,000 endpoints has as many pools, and an empty

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from control_plane.wire import Endpoint, Policy
 from sidecar.balancing import balancer
 from sidecar.balancing.balancer import Member
-from sidecar.balancing.ewma import EndpointStats
+from sidecar.balancing.ewma import EndpointStats, Exclusions
 from sidecar.clock import FakeClock
 
 ENDPOINTS = 10
@@ -48,9 +48,9 @@ def latency_of(endpoint: int, rng: random.Random) -> float:
 def simulate(lb: str, requests: int, seed: int) -> Outcome:
     rng = random.Random(seed)
     random.seed(seed)  # the balancers draw from the module's generator
-    clock = FakeClock()
+    clock, shared = FakeClock(), Exclusions()
     members = [
-        Member(Endpoint("10.0.0.1", 1000 + i), EndpointStats(clock.monotonic() - 3600))
+        Member(Endpoint("10.0.0.1", 1000 + i), EndpointStats(clock.monotonic() - 3600, shared))
         for i in range(ENDPOINTS)
     ]
     pick = balancer.make(Policy(lb=lb), members, clock).pick

@@ -16,15 +16,16 @@ from control_plane import ring
 from control_plane.wire import Endpoint, Policy
 from sidecar.balancing import balancer
 from sidecar.balancing.balancer import Locality, Member
-from sidecar.balancing.ewma import EndpointStats
+from sidecar.balancing.ewma import EndpointStats, Exclusions
 from sidecar.clock import FakeClock
 
 
 def members(weights: list[int], clock: FakeClock, zones: list[str] | None = None) -> list[Member]:
+    shared = Exclusions()
     return [
         Member(
             Endpoint("10.0.0.1", 1000 + i, weight=w, zone=(zones or [""] * len(weights))[i]),
-            EndpointStats(clock.monotonic() - 3600),  # long known: no slow start
+            EndpointStats(clock.monotonic() - 3600, shared),  # long known: no slow start
         )
         for i, w in enumerate(weights)
     ]
@@ -172,9 +173,9 @@ def test_slow_start_ramps_a_new_endpoint_from_ten_percent() -> None:
 
 def test_endpoints_seen_together_do_not_slow_start() -> None:
     """At a sidecar's start (or a new service's) nothing is warm yet: no ramp."""
-    clock = FakeClock()
+    clock, shared = FakeClock(), Exclusions()
     ms = [
-        Member(Endpoint("10.0.0.1", 1000 + i, weight=w), EndpointStats(clock.monotonic()))
+        Member(Endpoint("10.0.0.1", 1000 + i, weight=w), EndpointStats(clock.monotonic(), shared))
         for i, w in enumerate([100, 300])
     ]
     rr = balancer.make(policy("round_robin", slow_start_ms=30_000), ms, clock)

@@ -34,12 +34,12 @@ class Ejections(RuleBasedStateMachine):
     @initialize(n=st.integers(1, 6))
     def start(self, n: int) -> None:
         self.clock = FakeClock()
+        shared = Exclusions()
         self.members = [
-            Member(Endpoint("10.0.0.1", 1000 + i), EndpointStats(self.clock.monotonic()))
+            Member(Endpoint("10.0.0.1", 1000 + i), EndpointStats(self.clock.monotonic(), shared))
             for i in range(n)
         ]
         self.ejected_at: dict[int, float] = {}
-        Exclusions.probing = 0
 
     def _outcome(self, i: int, failed: bool) -> None:
         m = self.members[i]
@@ -108,10 +108,11 @@ TestEjections = Ejections.TestCase
 
 
 def test_five_in_a_row_then_probe_then_restore() -> None:
-    clock = FakeClock()
+    clock, shared = FakeClock(), Exclusions()
     config = Outlier()
     ms = [
-        Member(Endpoint("10.0.0.1", 1000 + i), EndpointStats(clock.monotonic())) for i in range(4)
+        Member(Endpoint("10.0.0.1", 1000 + i), EndpointStats(clock.monotonic(), shared))
+        for i in range(4)
     ]
     bad = ms[0].stats
     for n in range(1, 6):
@@ -130,10 +131,11 @@ def test_five_in_a_row_then_probe_then_restore() -> None:
 
 
 def test_failure_rate_ejects_an_endpoint_that_fails_every_other_time() -> None:
-    clock = FakeClock()
+    clock, shared = FakeClock(), Exclusions()
     config = Outlier()
     ms = [
-        Member(Endpoint("10.0.0.1", 1000 + i), EndpointStats(clock.monotonic())) for i in range(4)
+        Member(Endpoint("10.0.0.1", 1000 + i), EndpointStats(clock.monotonic(), shared))
+        for i in range(4)
     ]
     flaky = ms[1].stats
     ejected = [
