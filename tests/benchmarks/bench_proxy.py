@@ -123,6 +123,13 @@ def run_wrk(port: int, host: str, conns: int, seconds: float, cpu_pids: list[int
     return Result(rps, requests, p50, p99, per_1000)
 
 
+PROXY_PASS = (
+    "location / { proxy_pass http://backend; proxy_http_version 1.1; "
+    'proxy_set_header Connection ""; }'
+)
+"""nginx as a proxy to the backend, keeping upstream connections open"""
+
+
 class Lab:
     """The backend, the proxies, and what to measure of each."""
 
@@ -130,18 +137,22 @@ class Lab:
         self.tmp = tmp
         self.procs: list[subprocess.Popen[bytes]] = []
         self.targets: dict[str, tuple[int, str, Callable[[], list[int]]]] = {}
+        self.backend_port = 0
 
-    def spawn(self, core: str, *argv: str) -> subprocess.Popen[bytes]:
+    def spawn(
+        self, core: str, *argv: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
             ["taskset", "-c", core, *argv],
             stdout=subprocess.DEVNULL,
             stderr=open(self.tmp / f"{Path(argv[0]).name}-{len(self.procs)}.log", "wb"),  # noqa: SIM115
+            env=None if env is None else {**os.environ, **env},
         )
         self.procs.append(proc)
         return proc
 
-    def nginx(self, name: str, core: str, server: str) -> int:
-        port = free_port()
+    def nginx_conf(self, name: str, port: int, server: str, extra: str = "") -> Path:
+        """One worker serving ``server`` on ``port``; ``http://backend`` is the backend."""
         conf = self.tmp / f"{name}.conf"
         upstream = (
             f"upstream backend {{ server 127.0.0.1:{self.backend_port}; keepalive 128; }}"
@@ -152,6 +163,7 @@ class Lab:
             f"""
 worker_processes 1;
 daemon off;
+{extra}
 pid {self.tmp}/{name}.pid;
 error_log {self.tmp}/{name}.error.log warn;
 events {{ worker_connections 4096; }}
@@ -166,29 +178,26 @@ http {{
 }}
 """
         )
+        return conf
+
+    def nginx(self, name: str, core: str, server: str) -> int:
+        port = free_port()
+        conf = self.nginx_conf(name, port, server)
         self.spawn(core, "nginx", "-c", str(conf), "-e", f"{self.tmp}/{name}.error.log")
         wait_port(port)
         return port
 
-    def start(self) -> None:
+    def backend(self) -> None:
+        """An nginx serving a 1 KiB body, on the load generator's core."""
         (self.tmp / "body").write_bytes(b"b" * 1024)
         self.backend_port = 0  # the backend itself has no upstream
         self.backend_port = self.nginx(
             "backend", LOAD_CORE, f"location / {{ root {self.tmp}; try_files /body =404; }}"
         )
-        self.targets["direct"] = (self.backend_port, "backend", list)
 
-        nginx_port = self.nginx(
-            "proxy",
-            PROXY_CORE,
-            "location / { proxy_pass http://backend; proxy_http_version 1.1; "
-            'proxy_set_header Connection ""; }',
-        )
-        nginx_master = self.procs[-1].pid
-        self.targets["nginx"] = (nginx_port, "backend", lambda: self._nginx_workers(nginx_master))
-
-        hap_port = free_port()
-        (self.tmp / "haproxy.cfg").write_text(
+    def haproxy_cfg(self, name: str, port: int, upstream: int) -> Path:
+        cfg = self.tmp / f"{name}.cfg"
+        cfg.write_text(
             f"""
 global
   nbthread 1
@@ -200,53 +209,25 @@ defaults
   timeout server 30s
   option http-keep-alive
 listen proxy
-  bind 127.0.0.1:{hap_port}
-  server backend 127.0.0.1:{self.backend_port}
+  bind 127.0.0.1:{port}
+  server backend 127.0.0.1:{upstream}
 """
         )
-        hap = self.spawn(PROXY_CORE, "haproxy", "-f", str(self.tmp / "haproxy.cfg"))
-        wait_port(hap_port)
-        self.targets["haproxy"] = (hap_port, "backend", lambda: self._tree(hap.pid))
+        return cfg
 
-        table = self.tmp / "table.yaml"
-        table.write_text(
+    def table(self, name: str, port: int) -> Path:
+        """A routing table sending service "backend" to ``port``."""
+        path = self.tmp / f"{name}.yaml"
+        path.write_text(
             f"services:\n  backend:\n    policy: {{lb: round_robin}}\n"
-            f"    endpoints: [{{address: 127.0.0.1, port: {self.backend_port}}}]\n"
+            f"    endpoints: [{{address: 127.0.0.1, port: {port}}}]\n"
         )
-        out_port, in_port = free_port(), free_port()
-        hop_port = free_port()
-        a = self.sidecar("a", table, out_port, app=self.backend_port)
-        self.targets["meshlet"] = (out_port, "backend", lambda: self._tree(a.pid))
-        off_port = free_port()
-        off = self.sidecar("off", table, off_port, app=self.backend_port, metrics="off")
-        self.targets["meshlet-nomet"] = (off_port, "backend", lambda: self._tree(off.pid))
+        return path
 
-        # two hops: A's outbound routes "backend" to B's inbound, which forwards to the backend
-        table2 = self.tmp / "table2.yaml"
-        table2.write_text(
-            f"services:\n  backend:\n    policy: {{lb: round_robin}}\n"
-            f"    endpoints: [{{address: 127.0.0.1, port: {in_port}}}]\n"
-        )
-        a2 = self.sidecar("a2", table2, hop_port, app=self.backend_port)
-        b = self.sidecar("b", table, free_port(), app=self.backend_port, inbound=in_port)
-        self.targets["meshlet-2hop"] = (
-            hop_port,
-            "backend",
-            lambda: self._tree(a2.pid) + self._tree(b.pid),
-        )
-
-    def sidecar(
-        self,
-        name: str,
-        table: Path,
-        outbound: int,
-        *,
-        app: int,
-        inbound: int | None = None,
-        metrics: str = "on",
-    ) -> subprocess.Popen[bytes]:
-        proc = self.spawn(
-            PROXY_CORE,
+    def sidecar_argv(
+        self, name: str, table: Path, outbound: int, inbound: int, *extra: str
+    ) -> list[str]:
+        return [
             sys.executable,
             "-m",
             "sidecar",
@@ -257,18 +238,57 @@ listen proxy
             "--outbound",
             f"127.0.0.1:{outbound}",
             "--inbound",
-            f"127.0.0.1:{inbound or free_port()}",
+            f"127.0.0.1:{inbound}",
             "--admin",
             f"127.0.0.1:{free_port()}",
             "--metrics-listen",
             "127.0.0.1:0",
             "--app",
-            f"http://127.0.0.1:{app}",
+            f"http://127.0.0.1:{self.backend_port}",
+            "--state-dir",
+            str(self.tmp / f"{name}.state"),
             "--log-level",
             "warning",
-            "--metrics",
-            metrics,
+            *extra,
+        ]
+
+    def start(self) -> None:
+        self.backend()
+        self.targets["direct"] = (self.backend_port, "backend", list)
+
+        nginx_port = self.nginx("proxy", PROXY_CORE, PROXY_PASS)
+        nginx_master = self.procs[-1].pid
+        self.targets["nginx"] = (nginx_port, "backend", lambda: self._nginx_workers(nginx_master))
+
+        hap_port = free_port()
+        cfg = self.haproxy_cfg("haproxy", hap_port, self.backend_port)
+        hap = self.spawn(PROXY_CORE, "haproxy", "-f", str(cfg))
+        wait_port(hap_port)
+        self.targets["haproxy"] = (hap_port, "backend", lambda: self._tree(hap.pid))
+
+        table = self.table("table", self.backend_port)
+        out_port, in_port = free_port(), free_port()
+        hop_port = free_port()
+        a = self.sidecar("a", table, out_port)
+        self.targets["meshlet"] = (out_port, "backend", lambda: self._tree(a.pid))
+        off_port = free_port()
+        off = self.sidecar("off", table, off_port, "--metrics", "off")
+        self.targets["meshlet-nomet"] = (off_port, "backend", lambda: self._tree(off.pid))
+
+        # two hops: A's outbound routes "backend" to B's inbound, which forwards to the backend
+        a2 = self.sidecar("a2", self.table("table2", in_port), hop_port)
+        b = self.sidecar("b", table, free_port(), inbound=in_port)
+        self.targets["meshlet-2hop"] = (
+            hop_port,
+            "backend",
+            lambda: self._tree(a2.pid) + self._tree(b.pid),
         )
+
+    def sidecar(
+        self, name: str, table: Path, outbound: int, *extra: str, inbound: int | None = None
+    ) -> subprocess.Popen[bytes]:
+        argv = self.sidecar_argv(name, table, outbound, inbound or free_port(), *extra)
+        proc = self.spawn(PROXY_CORE, *argv)
         wait_port(outbound)
         if inbound:
             wait_port(inbound)
