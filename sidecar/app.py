@@ -284,8 +284,7 @@ class Sidecar:
                 factors = route.balancer.slow_start(now)
                 ramps = {m.endpoint: f for m, f in zip(members, factors, strict=True)}
             for e in entry.endpoints:
-                pool = self.pools.find(e)
-                stats = pool.stats if pool is not None else None
+                stats = self.pools.find_stats(e)
                 row: dict[str, Any] = {
                     "address": e.address,
                     "port": e.port,

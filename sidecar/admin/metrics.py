@@ -186,7 +186,7 @@ class SidecarCollector(Collector):
                 if many:
                     continue
                 where = f"{e.address}:{e.port}"
-                stats = pool.stats if pool else None
+                stats = sc.pools.find_stats(e)
                 current = endpoint_state(e.draining, stats, now)
                 for s in ENDPOINT_STATES:
                     state.add_metric([name, where, s], float(s == current))

@@ -92,7 +92,12 @@ def service_of(authority: bytes) -> str:
 
 
 class Pools:
-    """One connection pool per endpoint address, shared by every table."""
+    """One connection pool per endpoint address, shared by every table.
+
+    What balancers know of an endpoint (its ``EndpointStats``) is kept from when a table
+    first routes to it; its pool only from its first connection: a sidecar calls few of the
+    services a large table names, and an empty pool costs ~500 bytes (5 MB per 10,000).
+    """
 
     def __init__(
         self, *, clock: Clock | None = None, max_idle: int = 64, idle_timeout: float = 30.0
@@ -100,9 +105,19 @@ class Pools:
         self.clock = clock or SystemClock()
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
+        self._stats: dict[tuple[str, int], EndpointStats] = {}
         self._pools: dict[tuple[str, int], Pool] = {}
         self.exclusions = Exclusions()
         """whether any of these endpoints may be out of the pick (``ewma.Exclusions``)"""
+
+    def stats(self, endpoint: Endpoint) -> EndpointStats:
+        """The endpoint's stats, made when a table first routes to it (slow start counts
+        from then)."""
+        key = (endpoint.address, endpoint.port)
+        stats = self._stats.get(key)
+        if stats is None:
+            stats = self._stats[key] = EndpointStats(self.clock.monotonic(), self.exclusions)
+        return stats
 
     def get(self, endpoint: Endpoint) -> Pool:
         key = (endpoint.address, endpoint.port)
@@ -112,19 +127,25 @@ class Pools:
                 endpoint,
                 max_idle=self.max_idle,
                 idle_timeout=self.idle_timeout,
-                stats=EndpointStats(self.clock.monotonic(), self.exclusions),
+                stats=self.stats(endpoint),
             )
             self._pools[key] = pool
         return pool
 
     def find(self, endpoint: Endpoint) -> Pool | None:
+        """The endpoint's pool, if anything connected to it yet."""
         return self._pools.get((endpoint.address, endpoint.port))
 
+    def find_stats(self, endpoint: Endpoint) -> EndpointStats | None:
+        """The endpoint's stats, if a table routed to it."""
+        return self._stats.get((endpoint.address, endpoint.port))
+
     def retain(self, endpoints: set[tuple[str, int]]) -> None:
-        """Close the idle connections of endpoints no table routes to any more."""
-        for key in list(self._pools):
-            if key not in endpoints:
-                self._pools.pop(key).close()
+        """Forget endpoints no table routes to any more; close their idle connections."""
+        for key in [k for k in self._stats if k not in endpoints]:
+            del self._stats[key]
+        for key in [k for k in self._pools if k not in endpoints]:
+            self._pools.pop(key).close()
 
     def close(self) -> None:
         for pool in self._pools.values():
@@ -179,7 +200,7 @@ class RoutingTable:
         for e in entry.endpoints:
             index.append(-1 if e.draining else len(members))
             if not e.draining:
-                members.append(Member(e, pools.get(e).stats))
+                members.append(Member(e, pools.stats(e)))
         policy = entry.policy
         hashing = policy.hashes and bool(members)
         built = _ring(name, entry) if hashing else None

@@ -46,6 +46,24 @@ async def test_tables_swap_and_pools_outlive_them() -> None:
     assert pool._closed  # an endpoint no table routes to: its pool closes
 
 
+def test_an_endpoints_pool_is_made_at_its_first_connection_its_stats_with_the_table() -> None:
+    pools = Pools()
+    holder = TableHolder(pools)
+    table = parse_table({"services": {"a": {"endpoints": [{"address": "10.0.0.1", "port": 1}]}}})
+    holder.install(table, "file:x")
+    endpoint = table.services["a"].endpoints[0]
+    assert pools.find(endpoint) is None  # routed to, never connected to: no pool yet
+    stats = pools.find_stats(endpoint)
+    route = holder.route(b"a")
+    assert isinstance(route, Route)
+    assert stats is not None
+    assert route.balancer.members[0].stats is stats
+    assert route.pool_for(endpoint).stats is stats  # the pool, once made, shares them
+    assert pools.find(endpoint) is not None
+    holder.install(parse_table({"services": {}}), "file:x")
+    assert (pools.find(endpoint), pools.find_stats(endpoint)) == (None, None)
+
+
 async def test_pool_idle_cap_and_idle_timeout() -> None:
     got: list[int] = []
 
