@@ -233,7 +233,9 @@ class Discovery:
         while True:
             msg = await ws.receive()
             if msg.type is aiohttp.WSMsgType.TEXT:
-                await ws.send_str(encode(await self._apply(msg.data)))
+                answer = await self._apply(msg.data)
+                del msg  # a table's text (a few MB) is not held while the next one is awaited
+                await ws.send_str(encode(answer))
             elif msg.type is aiohttp.WSMsgType.CLOSE:
                 return describe_close(ws.close_code, msg.extra or "")
             elif msg.type in (aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from control_plane.wire import Table, WireError, decode
 from sidecar.errors import SidecarError
 
 MAGIC = "meshlet-table 1 sha256="
+_CHUNK = 64 * 1024
+"""characters encoded at a time"""
 
 
 class StateError(SidecarError):
@@ -27,13 +30,15 @@ class StateError(SidecarError):
 
 def save(path: Path, message: str) -> None:
     """Keep ``message`` (a table message, as received) as the last good table."""
-    body = message.encode()
-    header = f"{MAGIC}{hashlib.sha256(body).hexdigest()}\n".encode()
+    digest = hashlib.sha256()
+    for chunk in _utf8(message):
+        digest.update(chunk)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with tmp.open("wb") as f:
-            f.write(header + body)
+            f.write(f"{MAGIC}{digest.hexdigest()}\n".encode())
+            f.writelines(_utf8(message))
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(path)
@@ -47,12 +52,20 @@ def save(path: Path, message: str) -> None:
         os.close(fd)
 
 
+def _utf8(message: str) -> Iterator[bytes]:
+    """``message`` encoded a piece at a time: a table is megabytes, and its whole encoding
+    made at once (in the thread that saves) stayed in that thread's heap."""
+    for start in range(0, len(message), _CHUNK):
+        yield message[start : start + _CHUNK].encode()
+
+
 def load(path: Path) -> Table:
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise StateError(f"{path}: {e.strerror or e}") from None
     header, newline, body = raw.partition(b"\n")
+    del raw  # (a copy of the table less)
     text = header.decode("ascii", "replace")
     if not newline or not text.startswith(MAGIC):
         raise StateError(f"{path}: not a meshlet table file")
