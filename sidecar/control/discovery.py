@@ -172,8 +172,8 @@ class Discovery:
             finally:
                 self.connected = False
                 self._ws = None
-            if self._stopping:
-                return
+            if self._stopping:  # (deregister() meanwhile: mypy does not see it)
+                return  # type: ignore[unreachable]
             if loop.time() - started >= STABLE_SESSION:
                 self._backoff.reset()
             delay = self._backoff.next()

@@ -649,6 +649,11 @@ class Exchange:
         self._try_deadline = math.inf
         self._try(endpoint, loop_now)
 
+    def _hedge_out(self) -> bool:
+        """A hedged try is out. (A method, not ``self._hedged is not None`` after a call that
+        sets it: mypy would keep the narrowing from before the call, and mypyc compile it.)"""
+        return self._hedged is not None
+
     def _take(self, hedged: Hedged) -> None:
         """Make the hedged try the current one again (whatever the current one was, it is
         over: ended, failed or lost)."""
@@ -850,7 +855,7 @@ class Exchange:
                 self._hedge_at = math.inf
                 if self.state is State.SENT and self._hedged is None:
                     self._hedge(now)
-                    if self._hedged is not None:
+                    if self._hedge_out():
                         return
             if now >= self._try_deadline and (
                 self.state is State.SENT or self.state is State.CONNECTING

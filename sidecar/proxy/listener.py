@@ -312,7 +312,7 @@ class Downstream(asyncio.Protocol):
             self._parse_large(held)
         elif not self._parse(held):
             return
-        if self._held is None:
+        if not self._holding():
             self.pause_reading("held", False)
         if self._current is not None and self._body_since is None and not self._closing:
             self._body_started()
@@ -499,6 +499,11 @@ class Downstream(asyncio.Protocol):
                 if self._body_since is not None and self._body_paused is not None:
                     self._body_since += self.loop.time() - self._body_paused
                     self._body_paused = None
+
+    def _holding(self) -> bool:
+        """Bytes wait unparsed. (A method, not ``self._held is None`` after a call that may
+        set it: mypy would keep the narrowing from before the call, and mypyc compile it.)"""
+        return self._held is not None
 
     def reading_paused(self) -> bool:
         """The sidecar, not the client, holds up the request (upstream or pipeline)."""
