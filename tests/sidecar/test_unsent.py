@@ -12,10 +12,10 @@ import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 import pytest
 
-from sidecar.proxy.upstream import Pool, UpstreamConnection
 from tests.processes import free_port
 from tests.sidecar.conftest import (
     NO_OUTLIER,
@@ -79,20 +79,22 @@ async def reset_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
 async def closed_before_written(
     raw_upstream: RawUpstreams, monkeypatch: pytest.MonkeyPatch
 ) -> RawUpstream:
-    """An upstream that resets every connection as it accepts it, and a sidecar that hands
-    new connections to it over only 50 ms after they open: by then the reset has closed
-    them, so no byte of a request is ever written to one (on a real network the sidecar
-    usually writes first, and the try counts as sent)."""
+    """An upstream that resets every connection as it accepts it, and a sidecar whose event
+    loop hands new connections to it over only 50 ms after they open: by then the reset has
+    closed them, so no byte of a request is ever written to one (on a real network the
+    sidecar usually writes first, and the try counts as sent). The loop's method is what is
+    replaced, not the pool's: compiled with mypyc, the pool's callers do not look it up."""
     dead = await raw_upstream(reset_at_once)
-    connect = Pool.connect
+    loop = asyncio.get_running_loop()
+    create_connection = loop.create_connection
 
-    async def late(pool: Pool) -> UpstreamConnection:
-        conn = await connect(pool)
-        if pool.endpoint.port == dead.port:
+    async def late(*args: Any, **options: Any) -> tuple[asyncio.BaseTransport, Any]:
+        made = await create_connection(*args, **options)  # (factory, host, port)
+        if args[2:] == (dead.port,):
             await asyncio.sleep(0.05)
-        return conn
+        return made
 
-    monkeypatch.setattr(Pool, "connect", late)
+    monkeypatch.setattr(loop, "create_connection", late)
     return dead
 
 
