@@ -50,7 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {name:<15} {help}")
         return 0 if args else 2
     if args[0] == "--version":
-        print(f"meshlet {__version__}")
+        import sidecar
+
+        print(f"meshlet {__version__} ({sidecar.__build__})")
         return 0
     command = SUBCOMMANDS.get(args[0])
     if command is None:

@@ -33,6 +33,7 @@ from aiohttp import web
 
 from control_plane.flags import setup_logging
 from control_plane.wire import Endpoint, Registration
+from sidecar import build
 from sidecar.admin import metrics as sidecar_metrics
 from sidecar.admin.metrics import endpoint_state
 from sidecar.admin.server import build_admin_app, build_metrics_app
@@ -260,6 +261,7 @@ class Sidecar:
             "last_reload_error": self.last_reload_error or None,
             "control_plane": self._stream_state(),
             "table": table.dump() if table else None,
+            "build": build(),
         }
 
     def endpoint_stats(self) -> dict[str, Any]:

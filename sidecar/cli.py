@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from control_plane.flags import FlagParser, host_port, number
+from sidecar import build_error
 from sidecar.config import LOG_LEVELS, Listen, SidecarConfig
 from sidecar.errors import ConfigError
 from sidecar.tls import client_context
@@ -122,6 +124,10 @@ def parse_config(argv: Sequence[str] | None, prog: str) -> SidecarConfig:
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "meshlet sidecar") -> int:
+    refused = build_error()
+    if refused:
+        print(f"{prog}: error: {refused}", file=sys.stderr)
+        return 2
     config = parse_config(argv, prog)
     from sidecar.app import run
 

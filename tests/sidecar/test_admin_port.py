@@ -12,6 +12,8 @@ import aiohttp
 import pytest
 from multidict import CIMultiDictProxy
 
+import sidecar
+from meshlet import __version__
 from tests.sidecar.conftest import LOCAL, Mesh, get, request
 
 MakeMesh = Callable[..., Awaitable[Mesh]]
@@ -174,6 +176,21 @@ async def test_reads_stay_open_on_the_admin_port(
     cross = {"Origin": "http://evil.example", "Host": "evil.example"}
     for path in ("/healthz", "/readyz", "/metrics", "/config_dump", "/clusters"):
         assert (await call(http, mesh.admin, path, headers=cross))[0] == 200, path
+
+
+async def test_config_dump_says_which_build_runs(
+    make_mesh: MakeMesh, http: aiohttp.ClientSession
+) -> None:
+    """Compiled with mypyc, or the Python source (``MESHLET_PURE=1``, or built without a C
+    compiler)."""
+    mesh = await make_mesh({})
+    status, dump, _ = await call(http, mesh.admin, "/config_dump")
+    assert status == 200
+    assert dump["build"] == {
+        "version": __version__,
+        "compiled": sidecar.__compiled__,
+        "runs": sidecar.__build__,
+    }
 
 
 async def test_the_metrics_port_serves_metrics_and_probes_only(
