@@ -27,21 +27,13 @@ from setuptools import Extension, setup
 # constants, no subclasses of Python classes on the hot path (mypyc makes those slow), and no
 # test that patches its attributes (native classes refuse that: inject instead).
 COMPILED = [
-    "sidecar/http1.py",
-    "sidecar/balancer.py",
-    "sidecar/ewma.py",
-    "sidecar/outlier.py",
-    "sidecar/hashing.py",
-    "sidecar/retry.py",
-    "sidecar/breaker.py",
-    "sidecar/routing.py",
-    "sidecar/upstream.py",
-    "sidecar/exchange.py",
-    "sidecar/proxy.py",
-    "sidecar/limits.py",
+    "sidecar/http/",
+    "sidecar/telemetry/",
+    "sidecar/balancing/",
+    "sidecar/resilience/",
+    "sidecar/proxy/",
     "sidecar/errors.py",
     "sidecar/clock.py",
-    "sidecar/accesslog.py",
 ]
 
 # The shared library's name, sidecar__mypyc (else a hash of the module list, which changes with
