@@ -15,7 +15,7 @@ error string from ``head_complete`` and ``trailer``) means the message is over t
 
 from __future__ import annotations
 
-from sidecar.http1 import MAX_HEAD_BYTES, MAX_HEADERS, Headers, head_size
+from sidecar.http.http1 import MAX_HEAD_BYTES, MAX_HEADERS, Headers, head_size
 
 
 class HeadReader:

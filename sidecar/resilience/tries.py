@@ -32,9 +32,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from control_plane.wire import Policy
-from sidecar.breaker import ServiceState
+from sidecar.resilience.budget import MAX_RESENDS, MIN_TRY, backoff
 from sidecar.resilience.classify import Outcome
-from sidecar.retry import MAX_RESENDS, MIN_TRY, backoff
+from sidecar.resilience.service import ServiceState
 
 
 class State(enum.Enum):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httptools
 import pytest
 
-from sidecar import http1
+from sidecar.http import http1
 from sidecar.http.framing import Framing, relayed_framing, request_framing, response_framing
 
 

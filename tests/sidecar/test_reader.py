@@ -6,8 +6,8 @@ from __future__ import annotations
 import httptools
 import pytest
 
+from sidecar.http.http1 import MAX_HEAD_BYTES, MAX_HEADERS
 from sidecar.http.reader import HeadReader
-from sidecar.http1 import MAX_HEAD_BYTES, MAX_HEADERS
 
 
 class TooLarge(Exception):

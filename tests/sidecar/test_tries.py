@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 
 from control_plane.wire import parse_policy
-from sidecar.breaker import ServiceState
 from sidecar.clock import FakeClock
 from sidecar.errors import Reason
 from sidecar.resilience import classify
+from sidecar.resilience.budget import MAX_RESENDS
+from sidecar.resilience.service import ServiceState
 from sidecar.resilience.tries import Due, State, Tries, TryPolicy
-from sidecar.retry import MAX_RESENDS
 
 OK = classify.response(200)
 UNAVAILABLE = classify.response(503)
