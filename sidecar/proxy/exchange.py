@@ -1,197 +1,120 @@
-"""One request's journey: route -> pick an endpoint -> take a pooled connection (or connect)
--> send the head and stream the body -> stream the response back -> release the connection.
+"""One request's journey: route -> admit -> pick an endpoint -> take a pooled connection (or
+connect) -> send the head and stream the body -> classify the outcome -> stream the response
+back -> release the connection.
 
-A request may take several tries (``retry``): a try that fails before any of its response
-reached the client (a refused connect, a reset, a status ``retry_on`` lists, its per-try
-timeout) is retried on another endpoint within the retry budget and the time left; otherwise
-its failure is the answer. A try none of which was sent (its connect refused or timed out, or
-the connection closed before the request head was written to it) is not one any app saw: it
-is resent to another endpoint at once, whatever the method (``_resend``). Every try's outcome
-goes to the endpoint's statistics (latency, failure penalty, Retry-After) and to outlier
-ejection.
+The exchange does the I/O; what to do next is decided elsewhere, without it. ``Tries``
+(``resilience.tries``) holds the request's state and deadlines and answers after each try's
+outcome (``resilience.classify``): retry after a delay, resend at once, hedge, answer, or give
+up. An ``Attempt`` (``attempt``) is one try on one endpoint and records its outcome for the
+balancers and outlier ejection; the request's bytes wait and are kept for another try in an
+``Outbox``. The exchange talks to its client through ``Client`` and ``Answer`` (``client``)
+and is called back by its upstream connection as a ``ResponseSink`` (``upstream``).
 
 All of it is synchronous callback code; the only thing awaited is a new upstream connection.
-The ``Downstream`` (``proxy``) that owns an exchange parses the request and writes what the
-exchange hands back; the ``UpstreamConnection`` calls it back as a ``ResponseSink``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
-import math
 import time
-from typing import TYPE_CHECKING
 
 from control_plane.wire import Endpoint
-from sidecar.balancing import outlier
 from sidecar.balancing.balancer import Member
-from sidecar.balancing.ewma import EndpointStats, Phase
-from sidecar.errors import Reason, error_response
+from sidecar.errors import Reason
 from sidecar.http import http1
-from sidecar.http.http1 import Headers, RequestHead
+from sidecar.http.http1 import RequestHead, ResponseHead
+from sidecar.proxy.attempt import Attempt, Hedged
+from sidecar.proxy.client import Client
+from sidecar.proxy.outbox import Outbox
 from sidecar.proxy.routing import Route
 from sidecar.proxy.upstream import Pool, UpstreamConnection
-from sidecar.resilience.budget import MAX_RESENDS, MIN_TRY, backoff
-
-if TYPE_CHECKING:
-    from sidecar.proxy.listener import Downstream
-
-#: request body bytes kept for a replay on a fresh connection; larger bodies are not replayed
-REPLAY_LIMIT = 64 * 1024
-#: body bytes held while connecting before the client is paused
-PENDING_LIMIT = 64 * 1024
-
-
-#: synthetic answers that count as the endpoint failing (for its latency cost)
-UPSTREAM_FAILURES = frozenset(
-    {
-        Reason.UPSTREAM_CONNECT_FAILURE,
-        Reason.UPSTREAM_RESET,
-        Reason.UPSTREAM_PROTOCOL_ERROR,
-        Reason.UPSTREAM_TIMEOUT,
-    }
-)
-#: what ``retry_on`` calls each failure a try can have
-RETRY_EVENT: dict[Reason, str | int] = {
-    Reason.UPSTREAM_CONNECT_FAILURE: "connect-failure",
-    Reason.UPSTREAM_RESET: "reset",
-    Reason.UPSTREAM_TIMEOUT: 504,
-}
-#: the retry metric's ``reason`` for each failure of a try (statuses go by their number)
-RETRY_REASON = {
-    Reason.UPSTREAM_CONNECT_FAILURE: "connect-failure",
-    Reason.UPSTREAM_RESET: "reset",
-    Reason.UPSTREAM_TIMEOUT: "timeout",
-}
-
-
-class State(enum.Enum):
-    QUEUED = 0
-    CONNECTING = 1
-    SENT = 2
-    RESPONDING = 3
-    TUNNEL = 4
-    DONE = 5
-    BACKOFF = 6  # between a failed try and the next
+from sidecar.resilience import classify
+from sidecar.resilience.classify import Outcome
+from sidecar.resilience.tries import Due, State, Tries
 
 
 class Exchange:
     """One request's journey upstream and its response's journey back."""
 
     __slots__ = (
-        "_attempt",
-        "_chunk_out",
         "_connect_task",
         "_counted",
         "_error",
         "_failed_at",
         "_failure",
-        "_hard_deadline",
-        "_hedge_at",
         "_hedged",
-        "_hedging",
         "_key",
-        "_may_retry",
-        "_pending",
-        "_pending_size",
-        "_per_try",
-        "_probing",
-        "_replay",
-        "_replay_size",
-        "_resends",
-        "_retry_slot",
+        "_out",
         "_retry_timer",
-        "_route_deadline",
         "_sent",
         "_stale_retried",
         "_started",
-        "_stats",
         "_status",
-        "_timeout",
-        "_trailers",
-        "_tried_at",
-        "_try_deadline",
         "_tunnel_early",
         "_waiting",
+        "attempt",
+        "client",
         "conn",
-        "ds",
         "endpoint",
         "head",
         "keep_alive",
         "request_done",
         "route",
-        "state",
+        "tries",
     )
 
-    def __init__(self, ds: Downstream, head: RequestHead) -> None:
-        self.ds = ds
+    def __init__(self, client: Client, head: RequestHead) -> None:
+        self.client = client
         self.head = head
-        self.state = State.QUEUED
+        self.tries = Tries()
         self.route: Route | None = None
-        self.endpoint: Endpoint | None = None
+        self.endpoint: Endpoint | None = None  # the last try's
+        self.attempt: Attempt | None = None  # the current try, while in flight
         self.conn: UpstreamConnection | None = None
         self.request_done = False
         self.keep_alive = head.keep_alive
-        self._pending: list[bytes] = []  # framed request bytes not yet written upstream
-        self._pending_size = 0
-        # the body so far, for another try; None: too big, or a request never sent twice
         again = head.method in http1.IDEMPOTENT or head.retry
-        self._replay: list[bytes] | None = [] if again else None
-        self._replay_size = 0
+        self._out = Outbox(chunked=head.chunked, replayable=again)
         self._stale_retried = False
         # for the duration metric (not loop.time(): uvloop's ticks in whole milliseconds); -1
         # once recorded
         self._started = time.monotonic()
         self._status = 0  # what the client was answered (0: nothing yet)
         self._error = ""  # x-meshlet-error, when the sidecar answered itself
-        self._stats: EndpointStats | None = None  # the current try's endpoint's, while in flight
-        self._tried_at = 0.0
         self._connect_task: asyncio.Task[UpstreamConnection] | None = None
         self._waiting = False  # counted in the service's pending (connecting)
         self._counted = False  # counted in the service's in flight
-        self._chunk_out = False
-        self._trailers: Headers | None = None  # (most requests and responses have none)
         self._tunnel_early: list[bytes] | None = None  # bytes for an upgrade before its 101
         self._key: bytes | None = None
-        self._attempt = 0  # tries started (a try resent because none of it went out: the same)
         self._sent = False  # the current try has written some of the request to a connection
-        self._resends = 0  # tries resent to another endpoint because none of them went out
         self._failed_at: tuple[Endpoint, ...] = ()  # endpoints this request's tries failed on
-        self._retry_slot = False  # counted in the service's retrying (max_retries)
-        self._may_retry = False
-        self._probing = False  # the current try probes an ejected endpoint
         self._retry_timer: asyncio.TimerHandle | None = None
         self._failure: tuple[Reason, str] | None = None  # the last try's, for the answer
-        self._timeout = 0.0  # seconds: the route timeout, from the end of the request
-        self._per_try = math.inf
-        self._hard_deadline = math.inf  # loop time: the caller's deadline, not extended
-        self._route_deadline = math.inf
-        self._try_deadline = math.inf
-        self._hedging = False  # this request may be hedged
-        self._hedge_at = math.inf  # loop time: when the first try is hedged
         self._hedged: Hedged | None = None  # the first try, still waiting after a hedge
 
     def __repr__(self) -> str:
         target = self.head.target[:40].decode(errors="replace")
-        return f"<Exchange {self.head.method.decode()} {target} {self.state.name}>"
+        return f"<Exchange {self.head.method.decode()} {target} {self.tries.state.name}>"
+
+    @property
+    def state(self) -> State:
+        return self.tries.state
 
     # -- request side ---------------------------------------------------------------------
 
     def start(self) -> None:
         """Route, check the limits and deadline, and start the first try: called when this
         exchange reaches the front."""
-        head = self.head
+        head, client = self.head, self.client
         if head.method == b"CONNECT":
             self.fail(Reason.BAD_REQUEST, "CONNECT is not supported")
             return
-        routed = self.ds.router.route(head.authority)
+        routed = client.route(head.authority)
         if isinstance(routed, tuple):
             self.fail(*routed)
             return
         self.route = routed
-        policy = routed.policy
-        service = routed.service
+        policy, service = routed.policy, routed.service
         if service.in_flight >= policy.max_requests:
             service.overloaded += 1
             self.fail(
@@ -200,61 +123,75 @@ class Exchange:
                 "(max_requests)",
             )
             return
-        source = self.ds.source
-        if source is not None and source.in_flight >= self.ds.tracker.source_limit(
-            policy.max_requests
-        ):
-            self.ds.tracker.counters.refused_source_requests += 1
+        if not client.source_allows(policy.max_requests):
             self.fail(
                 Reason.OVERLOADED,
-                f"{self.ds.client_ip.decode()} has its share of the {policy.max_requests} "
+                f"{client.client_ip.decode()} has its share of the {policy.max_requests} "
                 "requests in flight (source_share)",
             )
             return
-        now = self.ds.loop.time()
-        self._timeout = timeout = routed.timeout
-        if head.timeout_ms is not None or head.deadline_ms is not None:
-            if head.deadline_ms is not None and head.deadline_ms <= 0:
-                self.fail(Reason.UPSTREAM_TIMEOUT, "the caller's deadline is spent")
-                return
-            self._timeout = timeout = self._callers_deadline(timeout, now)
-        if head.has_body and not self.request_done:  # the head's wait starts at its end
-            self._route_deadline = self._hard_deadline
-        else:
-            at, hard = now + timeout, self._hard_deadline
-            self._route_deadline = at if at < hard else hard
+        now = client.loop.time()
+        if not self.tries.start(
+            now,
+            routed.tries,
+            service,
+            request_done=self.request_done,
+            has_body=head.has_body,
+            retryable=head.method in http1.IDEMPOTENT or head.retry,
+            upgrade=head.upgrade,
+            relayed=head.attempt != 0,
+            timeout_ms=head.timeout_ms,
+            deadline_ms=head.deadline_ms,
+        ):
+            self.fail(Reason.UPSTREAM_TIMEOUT, "the caller's deadline is spent")
+            return
         service.in_flight += 1
         self._counted = True
-        if source is not None:
-            source.in_flight += 1
-        service.budget.request(now)
-        if routed.retries or routed.hedge < math.inf:
-            self._per_try = routed.per_try
-            # a request that an earlier hop retries is not retried (nor hedged) again here
-            again = head.attempt == 0 and (head.method in http1.IDEMPOTENT or head.retry)
-            self._may_retry = again and routed.retries
-            self._hedging = again and routed.hedge < math.inf and not head.upgrade
+        client.source_count(1)
         if routed.key_of is not None:
-            self._key = routed.key_of(head, self.ds.client_ip)
+            self._key = routed.key_of(head, client.client_ip)
         self._try(None, now)
 
-    def _callers_deadline(self, timeout: float, now: float) -> float:
-        """The wait for the response head (``timeout``, the route's ``timeout_ms``, counted
-        from the end of the request) with the request's deadline headers. From another hop
-        (with ``x-meshlet-attempt``) they are what that hop waits for the head: they shorten
-        this wait. From an app they are the caller's own deadline: it bounds the whole
-        exchange, body included (``_hard_deadline``)."""
-        head = self.head
-        for ms in (head.timeout_ms, head.deadline_ms):
-            if ms is None:
-                continue
-            if head.attempt:
-                timeout = min(timeout, ms / 1000)
-            else:
-                self._hard_deadline = min(self._hard_deadline, now + ms / 1000)
-        return timeout
+    def request_body(self, data: bytes) -> None:
+        self._send(self._out.frame(data))  # (its pace and silence are the connection's)
 
-    def _try(self, avoid: Endpoint | None, loop_now: float) -> None:
+    def request_trailer(self, name: bytes, value: bytes) -> None:
+        self._out.trailer(name, value)
+
+    def request_complete(self) -> None:
+        self.request_done = True
+        # as Envoy's route timeout: from the end of the request to the response head
+        if self.route is not None and self.tries.request_complete(self.client.loop.time()):
+            self._arm()
+        if self.head.chunked:
+            self._send(self._out.last())
+
+    def _send(self, data: bytes) -> None:
+        self._out.keep(data)
+        state = self.tries.state
+        if state is State.SENT or state is State.RESPONDING:
+            if self.conn is not None:
+                self.conn.write(data)
+        elif state is not State.DONE and state is not State.BACKOFF and self._out.hold(data):
+            self.client.pause_reading("pending", True)
+
+    def tunnel_from_client(self, data: bytes) -> None:
+        state = self.tries.state
+        if state is State.TUNNEL and self.conn is not None:
+            self.conn.write(data)
+        elif state is not State.DONE:
+            if self._tunnel_early is None:
+                self._tunnel_early = []
+            self._tunnel_early.append(data)
+
+    def pause_upstream(self, paused: bool) -> None:
+        """The client stopped (or went on) reading its answer: so does the upstream."""
+        if self.conn is not None:
+            self.conn.pause_reading(paused)
+
+    # -- tries ----------------------------------------------------------------------------
+
+    def _try(self, avoid: Endpoint | None, now: float) -> None:
         """Pick an endpoint (not ``avoid`` nor one this request failed on, if another is
         there) and send the request to it."""
         route = self.route
@@ -264,144 +201,37 @@ class Exchange:
         if member is None:
             self.fail(Reason.NO_HEALTHY_UPSTREAM, f"service {route.name} has no endpoints")
             return
-        self._send_to(member, loop_now, resend=False)
+        self._send_to(member, now, resend=False)
 
-    def _send_to(self, member: Member, loop_now: float, *, resend: bool) -> None:
-        """Start a try on ``member``'s endpoint. ``resend``: the last try again, none of which
-        went out: its bytes still wait in ``_pending``, behind the head made for the last
-        endpoint."""
-        route = self.route
+    def _send_to(self, member: Member, now: float, *, resend: bool) -> None:
+        """Start a try on ``member``'s endpoint (``resend``: the last try again, none of
+        which went out)."""
+        route, tries = self.route, self.tries
         assert route is not None
-        stats = member.stats
-        now = route.clock.monotonic()
-        if stats.excluded_until > now:  # the balancer chose among all: too few are available
-            self._panic(now)
-        elif stats.ejection is not None and stats.ejection.phase is Phase.EJECTED:
-            outlier.probe(stats)  # an ejected endpoint whose time is up: this try probes it
-            self._probing = True
-        self.endpoint = endpoint = member.endpoint
-        self._stats = stats
-        stats.in_flight += 1
-        self._tried_at = now
+        self.attempt = Attempt(route, member)
+        self.endpoint = member.endpoint
         self._sent = False
-        if not resend:
-            self._attempt += 1
-        if self.request_done and self._per_try < self._route_deadline - loop_now:
-            self._try_deadline = loop_now + self._per_try
-        if self._hedging and self._attempt == 1 and self.request_done:
-            self._hedge_at = loop_now + route.hedge
-        attempt = self.head.attempt if route.relay else self._attempt
-        data = http1.upstream_request(
-            self.head, self.ds.client_ip, attempt, self._left_ms(loop_now)
-        )
+        tries.try_started(now, resend=resend)
+        attempt = self.head.attempt if route.relay else tries.attempt
+        data = http1.upstream_request(self.head, self.client.client_ip, attempt, tries.left_ms(now))
         if resend:
-            self._pending_size += len(data) - len(self._pending[0])
-            self._pending[0] = data
-        elif self._attempt > 1:  # another try: the body again, from the replay
-            assert self._replay is not None
-            self._pending = [data, *self._replay]
-            self._pending_size = len(data) + self._replay_size
+            self._out.readdressed(data)
+        elif tries.attempt > 1:
+            self._out.again(data)
         else:
-            self._pending.insert(0, data)
-            self._pending_size += len(data)
+            self._out.first(data)
         self._arm()
-        pool = route.pool_for(endpoint)
+        pool = route.pool_for(member.endpoint)
         conn = pool.take_idle()
         if conn is not None:
             self._send_on(conn)
         else:
             self._connect(pool)
 
-    def _left_ms(self, loop_now: float) -> int:
-        """What the next hop may spend: this try's time left (``x-meshlet-deadline-ms``), so
-        that it gives up when this hop does."""
-        left = min(self._route_deadline, self._try_deadline) - loop_now
-        if not self.request_done and self._timeout < left:
-            left = self._timeout  # (the wait for the head starts when the body has come)
-        return int(left * 1000) if left > 0 else 0
-
-    def _arm(self) -> None:
-        """The connection's timer: at the route deadline, the try's or the hedge's, whichever
-        is first."""
-        route, at = self._route_deadline, self._try_deadline
-        if route < at:
-            at = route
-        if self._hedge_at < at:
-            at = self._hedge_at
-        self.ds.expect_route_at(at)
-
-    def _progress(self) -> None:
-        """The request is complete: the wait for the head (and the first try's) counts from
-        here."""
-        now = self.ds.loop.time()
-        self._route_deadline = min(now + self._timeout, self._hard_deadline)
-        if (
-            self.request_done
-            and self._attempt == 1
-            and self.state is not State.RESPONDING
-            and self._per_try < self._route_deadline - now
-        ):
-            self._try_deadline = now + self._per_try
-        if self._hedging and self.request_done and self._attempt == 1:
-            assert self.route is not None
-            self._hedge_at = now + self.route.hedge
-        self._arm()
-
-    def request_body(self, data: bytes) -> None:
-        if self.head.chunked:
-            data = http1.chunk(data)
-        self._out(data)  # (its pace and silence are the connection's to watch)
-
-    def request_trailer(self, name: bytes, value: bytes) -> None:
-        self._trailer(name, value)
-
-    def _trailer(self, name: bytes, value: bytes) -> None:
-        if self._trailers is None:
-            self._trailers = []
-        self._trailers.append((name, value))
-
-    def _take_trailers(self) -> bytes:
-        """The last chunk, with the trailers held so far (request's, then response's)."""
-        trailers, self._trailers = self._trailers, None
-        return http1.last_chunk(trailers or [])
-
-    def request_complete(self) -> None:
-        self.request_done = True
-        state = self.state
-        if (
-            self.head.has_body
-            and self.route is not None
-            and (state is State.SENT or state is State.CONNECTING or state is State.BACKOFF)
-        ):
-            # as Envoy's route timeout: from the end of the request to the response head
-            # (a request without a body ended where it started: start() set the deadline)
-            self._progress()
-        if self.head.chunked:
-            self._out(self._take_trailers())
-
-    def _out(self, data: bytes) -> None:
-        if self._replay is not None:
-            self._replay.append(data)
-            self._replay_size += len(data)
-            if self._replay_size > REPLAY_LIMIT:
-                self._replay = None
-        state = self.state
-        if state is State.SENT or state is State.RESPONDING:
-            if self.conn is not None:
-                self.conn.write(data)
-        elif state is not State.DONE and state is not State.BACKOFF:
-            self._pending.append(data)
-            self._pending_size += len(data)
-            if self._pending_size > PENDING_LIMIT:
-                self.ds.pause_reading("pending", True)
-
-    # -- connecting -------------------------------------------------------------------------
-
     def _connect(self, pool: Pool) -> None:
         route = self.route
         assert route is not None
-        policy = route.policy
-        service = route.service
+        policy, service = route.policy, route.service
         full = pool.size() >= policy.max_connections
         if full or service.pending >= policy.max_pending:
             service.overloaded += 1
@@ -409,7 +239,7 @@ class Exchange:
             self._end_try()
             self._give_up(Reason.OVERLOADED, f"service {route.name} is at its {limit} limit")
             return
-        self.state = State.CONNECTING
+        self.tries.state = State.CONNECTING
         service.pending += 1
         self._waiting = True
         timeout = policy.connect_timeout_ms / 1000
@@ -418,14 +248,9 @@ class Exchange:
             async with asyncio.timeout(timeout):
                 return await pool.connect()
 
-        task = self.ds.loop.create_task(connect())
+        task = self.client.loop.create_task(connect())
         self._connect_task = task
         task.add_done_callback(self._connected)
-
-    def _not_waiting(self) -> None:
-        if self._waiting and self.route is not None:
-            self._waiting = False
-            self.route.service.pending -= 1
 
     def _connected(self, task: asyncio.Task[UpstreamConnection]) -> None:
         if task is not self._connect_task:  # the connect of a try given up (or the exchange)
@@ -439,11 +264,12 @@ class Exchange:
             return
         exc = task.exception()
         if exc is not None:
-            assert self.endpoint is not None
-            e = self.endpoint
+            e, route = self.endpoint, self.route
+            assert e is not None
+            assert route is not None
             what = (
-                f"timed out after {self.route.policy.connect_timeout_ms} ms"
-                if isinstance(exc, TimeoutError) and self.route is not None
+                f"timed out after {route.policy.connect_timeout_ms} ms"
+                if isinstance(exc, TimeoutError)
                 else str(exc) or type(exc).__name__
             )
             self._try_failed(
@@ -459,6 +285,11 @@ class Exchange:
             return
         self._send_on(conn)
 
+    def _not_waiting(self) -> None:
+        if self._waiting and self.route is not None:
+            self._waiting = False
+            self.route.service.pending -= 1
+
     def _stop_connecting(self) -> None:
         if self._connect_task is not None:
             # _connected still runs: a connect that finished just now is released, not leaked
@@ -469,32 +300,49 @@ class Exchange:
     def _send_on(self, conn: UpstreamConnection) -> None:
         """Send on a live connection (a pooled one is checked by ``take_idle``)."""
         self.conn = conn
-        self.state = State.SENT
-        if self.ds.write_paused:
+        self.tries.state = State.SENT
+        if self.client.write_paused:
             conn.pause_reading(True)
-        data = b"".join(self._pending)
-        self._pending.clear()
-        self._pending_size = 0
         self._sent = True  # from here on the app may see it
-        conn.send(self, data)
-        self.ds.pause_reading("pending", False)
-
-    # -- tries --------------------------------------------------------------------------------
+        conn.send(self, self._out.take())
+        self.client.pause_reading("pending", False)
 
     def _try_failed(self, reason: Reason, detail: str) -> None:
         """The current try failed before any of its response reached the client. One that
         sent nothing goes to another endpoint at once (``_resend``); otherwise retry if the
         policy, the budget and the time left allow, else answer with the failure."""
+        outcome = classify.error(reason)
         sent = self._sent
-        self._abandon_try(True, retry_after=None)
-        if not sent and self._resend(reason, detail):
+        self._abandon_try(True, None)
+        if not sent and self._resend(reason, detail, outcome):
             return
-        event = RETRY_EVENT.get(reason, 0)
-        delay = self._retry_delay(event, None)
+        tries = self.tries
+        delay = None
+        if tries.retriable(outcome, replayable=self._out.replayable):
+            delay = tries.retry_delay(self.client.loop.time())
         if delay is None:
             self._give_up(reason, detail)
         else:
-            self._backoff(delay, reason, detail, RETRY_REASON.get(reason, str(event)))
+            self._backoff(delay, reason, detail, outcome)
+
+    def _resend(self, reason: Reason, detail: str, outcome: Outcome) -> bool:
+        """The try that just failed sent nothing: no app has seen the request, so it goes to
+        another endpoint at once, if ``Tries`` allows and there is one. False: not resent
+        (the retry policy decides)."""
+        route, tries = self.route, self.tries
+        assert route is not None
+        now = self.client.loop.time()
+        if not tries.may_resend(now, hedged=self._hedged is not None):
+            return False
+        failed = self._failed_at
+        member = route.balancer.pick(self._key, failed)
+        if member is None or member.endpoint in failed:
+            return False  # no other endpoint to send it to
+        if not tries.resend(now, outcome):
+            self._give_up(reason, detail)
+        else:
+            self._send_to(member, now, resend=True)
+        return True
 
     def _give_up(self, reason: Reason, detail: str) -> None:
         """The current try failed for good: the answer, unless a hedged try still waits."""
@@ -506,8 +354,9 @@ class Exchange:
     def _abandon_try(self, failed: bool, retry_after: float | None) -> None:
         """The current try is given up (``failed``: a failure for the endpoint's statistics,
         not a 4xx that ``retry_on`` lists): let go of its connection and endpoint."""
-        self._outcome(failed=failed, retry_after=retry_after)
-        self._hedge_at = math.inf  # only a first try is hedged
+        if self.attempt is not None:
+            self.attempt.record(failed, retry_after)
+        self.tries.try_abandoned()
         endpoint = self.endpoint
         if endpoint is not None and endpoint not in self._failed_at:
             self._failed_at = (*self._failed_at, endpoint)  # the next tries go elsewhere
@@ -517,76 +366,28 @@ class Exchange:
         self._stop_connecting()
         self._end_try()
 
-    def _resend(self, reason: Reason, detail: str) -> bool:
-        """The try that just failed sent nothing (a refused or timed-out connect, a
-        connection closed before the request was written to it), so no app has seen the
-        request: send it to another endpoint at once, whatever its method, outside
-        ``retries``, ``retry_on``, the backoff and ``max_retries``, but from the retry budget
-        and only with time left; at most ``MAX_RESENDS`` times, never to an endpoint
-        that failed this request. False: not resent (the retry policy decides)."""
-        route = self.route
-        assert route is not None
-        if self._hedged is not None or self._resends >= MAX_RESENDS:
-            return False  # (with a hedged try still running, that one may answer)
-        loop_now = self.ds.loop.time()
-        if self._route_deadline - loop_now < MIN_TRY:
-            return False
-        failed = self._failed_at
-        member = route.balancer.pick(self._key, failed)
-        if member is None or member.endpoint in failed:
-            return False  # no other endpoint to send it to
-        service = route.service
-        budget = route.policy.retry_budget
-        if not service.budget.spend(route.clock.monotonic(), budget.ratio, budget.min_per_s):
-            self._give_up(reason, detail)
-            return True
-        self._resends += 1
-        service.retries += 1
-        service.retries_unsent += 1
-        why = RETRY_REASON.get(reason, reason.code)
-        service.retry_reasons[why] = service.retry_reasons.get(why, 0) + 1
-        self._send_to(member, loop_now, resend=True)
-        return True
-
-    def _backoff(self, delay: float, reason: Reason, detail: str, why: str) -> None:
-        """Wait ``delay``, then retry; ``why`` names the failure for the retry metric."""
-        route = self.route
-        assert route is not None
+    def _backoff(self, delay: float, reason: Reason, detail: str, outcome: Outcome) -> None:
+        """Wait ``delay``, then retry."""
         self._failure = (reason, detail)
-        self.state = State.BACKOFF
-        self._try_deadline = math.inf
+        self.tries.begin_backoff(outcome)
         self._arm()
-        service = route.service
-        if not self._retry_slot:  # held until the request ends (max_retries)
-            self._retry_slot = True
-            service.retrying += 1
-        service.retries += 1
-        service.retry_reasons[why] = service.retry_reasons.get(why, 0) + 1
-        self._retry_timer = self.ds.loop.call_later(delay, self._retry)
+        self._retry_timer = self.client.loop.call_later(delay, self._retry)
 
-    def _retry_delay(self, event: str | int, retry_after: float | None) -> float | None:
-        """Seconds to wait before retrying after ``event``, or None: no retry."""
-        route = self.route
-        if route is None or not self._may_retry or self._replay is None:
-            return None
-        policy = route.policy
-        if self._attempt > policy.retries or event not in policy.retry_on:
-            return None
-        if isinstance(event, int) and not self.request_done:
-            return None  # answered before the whole request came: nothing to replay yet
-        delay = backoff(self._attempt)
-        if retry_after is not None and not self._elsewhere():
-            delay = max(delay, retry_after)  # only the endpoint that asked for a pause is left
-        if self._route_deadline - self.ds.loop.time() - delay < MIN_TRY:
-            return None  # it would not fit in the time left
-        service = route.service
-        if not self._retry_slot and service.retrying >= policy.max_retries:
-            service.retries_over_limit += 1
-            return None
-        budget = policy.retry_budget
-        if not service.budget.spend(route.clock.monotonic(), budget.ratio, budget.min_per_s):
-            return None
-        return delay
+    def _retry(self) -> None:
+        self._retry_timer = None
+        if self.tries.state is not State.BACKOFF:
+            return
+        if not self._out.replayable:  # the body grew past what is kept while waiting
+            assert self._failure is not None
+            self.fail(*self._failure)
+            return
+        self.tries.state = State.QUEUED
+        self._try(self.endpoint, self.client.loop.time())
+
+    def _end_try(self) -> None:
+        attempt, self.attempt = self.attempt, None
+        if attempt is not None:
+            attempt.end()
 
     def _elsewhere(self) -> bool:
         """Another endpoint than the last try's is available now."""
@@ -598,56 +399,38 @@ class Exchange:
             for m in route.balancer.members
         )
 
-    def _retry(self) -> None:
-        self._retry_timer = None
-        if self.state is not State.BACKOFF:
-            return
-        if self._replay is None:  # the body grew past what is kept while waiting
-            assert self._failure is not None
-            self.fail(*self._failure)
-            return
-        self.state = State.QUEUED
-        self._try(self.endpoint, self.ds.loop.time())
-
-    def _end_try(self) -> None:
-        """The current try's endpoint has it in flight no more."""
-        stats, self._stats = self._stats, None
-        if stats is not None:
-            stats.in_flight -= 1
-            if self._probing and self._tried_at:  # a probe that got no answer
-                outlier.abandon(stats, self.route.clock.monotonic() if self.route else 0.0)
-            self._tried_at = 0.0
-            self._probing = False
-
-    def _panic(self, now: float) -> None:
-        route = self.route
-        assert route is not None
-        members = route.balancer.members
-        available = sum(1 for m in members if m.stats.excluded_until <= now)
-        route.service.panic(now, available, len(members))
-
     # -- hedging ----------------------------------------------------------------------------
 
-    def _hedge(self, loop_now: float) -> None:
+    def _hedge(self, now: float) -> None:
         """The first try has not answered in ``hedge.after_ms``: leave it waiting (as a
-        ``Hedged``) and send another try to another endpoint, if the budget has one."""
-        route, conn, stats, endpoint = self.route, self.conn, self._stats, self.endpoint
-        assert route is not None
-        if conn is None or stats is None or endpoint is None or self._replay is None:
+        ``Hedged``) and send another try to another endpoint, if ``Tries`` agrees."""
+        conn, attempt = self.conn, self.attempt
+        if conn is None or attempt is None:
             return
-        if not self._elsewhere():
+        if not self.tries.hedge(now, replayable=self._out.replayable, elsewhere=self._elsewhere()):
             return
-        budget = route.policy.retry_budget
-        if not route.service.budget.spend(route.clock.monotonic(), budget.ratio, budget.min_per_s):
-            return
-        route.service.hedges += 1
-        self._hedged = conn.owner = Hedged(
-            self, conn, endpoint, stats, self._tried_at, self._probing
-        )
-        self.conn, self._stats, self._tried_at, self._probing = None, None, 0.0, False
-        self.state = State.QUEUED
-        self._try_deadline = math.inf
-        self._try(endpoint, loop_now)
+        self._hedged = hedged = Hedged(self, conn, attempt)
+        conn.owner = hedged
+        self.conn, self.attempt = None, None
+        self._try(attempt.endpoint, now)
+
+    def hedged_head(self, hedged: Hedged, resp: ResponseHead) -> bool:
+        """The first try answered while its hedge runs: a usable answer wins, one that
+        ``retry_on`` lists loses (the hedge may still do better)."""
+        outcome = classify.response(resp.status)
+        if self.tries.listed(outcome):
+            retry_after = http1.retry_after(resp) if outcome.pauses else None
+            self._lose(hedged, outcome.failed, retry_after)
+            return False
+        return self._adopt(hedged, resp)
+
+    def hedged_failed(self, hedged: Hedged) -> None:
+        self._lose(hedged, True)
+
+    def _lose(self, hedged: Hedged, failed: bool, retry_after: float | None = None) -> None:
+        if self._hedged is hedged:
+            self._hedged = None
+            hedged.end(failed, retry_after)
 
     def _hedge_out(self) -> bool:
         """A hedged try is out. (A method, not ``self._hedged is not None`` after a call that
@@ -660,30 +443,25 @@ class Exchange:
         self._hedged = None
         self.conn = conn = hedged.conn
         conn.owner = self
-        self.endpoint, self._stats = hedged.endpoint, hedged.stats
-        self._tried_at, self._probing = hedged.tried_at, hedged.probing
+        self.attempt = hedged.attempt
+        self.endpoint = hedged.attempt.endpoint
         self._sent = True
-        self.state = State.SENT
-        conn.pause_reading(self.ds.write_paused)
+        self.tries.state = State.SENT
+        conn.pause_reading(self.client.write_paused)
         self._arm()
 
-    def _adopt(self, hedged: Hedged, resp: http1.ResponseHead) -> bool:
+    def _adopt(self, hedged: Hedged, resp: ResponseHead) -> bool:
         """The hedged try answered first: the current try loses, and that answer goes on."""
-        route = self.route
-        assert route is not None
         if self._retry_timer is not None:
             self._retry_timer.cancel()
             self._retry_timer = None
-        if self._retry_slot:  # the first try answers: this request is retrying no more
-            self._retry_slot = False
-            route.service.retrying -= 1
+        self.tries.stop_retrying()  # the first try answers: this request is retrying no more
         self._stop_connecting()
         self._end_try()
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.close()
-        self._pending.clear()
-        self._pending_size = 0
+        self._out.clear()
         self._take(hedged)
         return self.response_head(resp)
 
@@ -694,77 +472,60 @@ class Exchange:
 
     # -- response side (ResponseSink) -----------------------------------------------------
 
-    def response_head(self, resp: http1.ResponseHead) -> bool:
-        ds = self.ds
-        head = self.head
+    def response_head(self, resp: ResponseHead) -> bool:
+        head, client, tries = self.head, self.client, self.tries
         status = resp.status
         if status < 200 and status != 101:
-            if ds.version == "1.1":
-                ds.write(http1.interim_response(resp))
+            client.answer.interim(resp, head.version)
             return False
         if status == 101:
             if not head.upgrade:
                 self.upstream_failed(None, protocol_error=True)  # closes the connection
                 return False
-            self.state = State.TUNNEL
+            tries.state = State.TUNNEL
             self._status = 101
-            ds.write(http1.interim_response(resp))
+            client.answer.interim(resp, head.version)
             return False
-        retry_after = http1.retry_after(resp) if status in (429, 503) else None
-        if self._may_retry:
-            delay = self._retry_delay(status, retry_after)
+        outcome = classify.response(status)
+        retry_after = http1.retry_after(resp) if outcome.pauses else None
+        if tries.retriable(outcome, replayable=self._out.replayable):
+            delay = tries.retry_delay(client.loop.time(), retry_after, self._elsewhere)
             if delay is not None:  # this response goes nowhere: the request goes again
-                self._abandon_try(status >= 500, retry_after)
+                self._abandon_try(outcome.failed, retry_after)
                 detail = f"the upstream answered {status}; the request body grew too large to retry"
-                self._backoff(delay, Reason.UPSTREAM_RESET, detail, str(status))
+                self._backoff(delay, Reason.UPSTREAM_RESET, detail, outcome)
                 return False
         if self._hedged is not None:
-            assert self.route is not None
-            if status in self.route.policy.retry_on:  # the hedged try may still do better
-                self._abandon_try(status >= 500, retry_after)
+            if tries.listed(outcome):  # the hedged try may still do better
+                self._abandon_try(outcome.failed, retry_after)
                 self._take(self._hedged)
                 return False
             self._drop_hedged()
-            self.route.service.hedges_won += 1
-        self.state = State.RESPONDING
+            tries.hedge_won()
+        tries.answered()
         self._status = status
-        self._try_deadline = math.inf
-        self._hedge_at = math.inf
-        self._outcome(failed=status >= 500, retry_after=retry_after)
-        no_body = head.method == b"HEAD" or status in (204, 304)
-        keep_alive = self.keep_alive and not ds.draining and not head.upgrade
-        if no_body or (resp.sized and not resp.chunked):
-            self._chunk_out = False
-        elif ds.version == "1.1":
-            self._chunk_out = True  # chunked or read-until-close upstream: chunked to the client
-        else:
-            self._chunk_out = False  # an HTTP/1.0 client: the end of the body is the close
-            keep_alive = False
-        if not self.request_done:
-            keep_alive = False  # the rest of the request body would have to be read first
-        self.keep_alive = keep_alive
-        ds.write(
-            http1.downstream_response(
-                resp,
-                chunked=self._chunk_out,
-                keep_alive=keep_alive,
-                client_version=ds.version,
-            )
+        if self.attempt is not None:
+            self.attempt.record(outcome.failed, retry_after)
+        keep_alive = self.keep_alive and not client.draining and not head.upgrade
+        self.keep_alive = client.answer.head(
+            resp,
+            version=head.version,
+            head_request=head.method == b"HEAD",
+            # the rest of a request body still coming would have to be read first
+            keep_alive=keep_alive and self.request_done,
         )
         return head.method == b"HEAD"
 
     def response_body(self, data: bytes) -> None:
-        self.ds.write(http1.chunk(data) if self._chunk_out else data)
+        self.client.answer.body(data)
 
     def response_trailer(self, name: bytes, value: bytes) -> None:
-        if self._chunk_out:
-            self._trailer(name, value)
+        self.client.answer.trailer(name, value)
 
     def response_complete(self) -> None:
-        if self.state is State.DONE:
+        if self.tries.state is State.DONE:
             return
-        if self._chunk_out:
-            self.ds.write(self._take_trailers())
+        self.client.answer.end()
         conn, self.conn = self.conn, None
         if conn is not None:
             if not self.request_done:
@@ -774,26 +535,28 @@ class Exchange:
 
     def response_upgraded(self, rest: bytes) -> None:
         conn = self.conn
-        if conn is None or self.state is not State.TUNNEL:
+        if conn is None or self.tries.state is not State.TUNNEL:
             return  # answered already (a 101 nobody asked for is a 502)
-        conn.tunnel_to(self.ds.write)
+        client = self.client
+        conn.tunnel_to(client.write)
         if rest:
-            self.ds.write(rest)
+            client.write(rest)
         for data in self._tunnel_early or ():
             conn.write(data)
         self._tunnel_early = None
-        self.ds.become_tunnel(self)
+        client.become_tunnel()
 
     def upstream_failed(self, exc: BaseException | None, protocol_error: bool) -> None:
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.close()  # a connection that failed is never reused
-        if self.state is State.DONE:
+        state = self.tries.state
+        if state is State.DONE:
             return
-        if self.state is State.TUNNEL:
+        if state is State.TUNNEL:
             self._finish(close=True)
             return
-        if self.state is State.RESPONDING:
+        if state is State.RESPONDING:
             # mid-body: the client must not see a body that looks complete
             self._finish(close=True, abort=True)
             return
@@ -803,81 +566,67 @@ class Exchange:
             and conn.requests > 1  # a reused connection the upstream had closed: stale
             and not conn.received
             and not self._stale_retried
-            and self._replay is not None
+            and self._out.replayable
             and self.head.method in http1.IDEMPOTENT
         ):
             self._stale_retried = True  # the same try again, on a fresh connection
             route = self.route
             assert route is not None
-            attempt = self.head.attempt if route.relay else self._attempt
-            left_ms = self._left_ms(self.ds.loop.time())
-            data = http1.upstream_request(self.head, self.ds.client_ip, attempt, left_ms)
-            self._pending = [data, *self._replay]
-            self._pending_size = len(data) + self._replay_size
+            attempt = self.head.attempt if route.relay else self.tries.attempt
+            left_ms = self.tries.left_ms(self.client.loop.time())
+            self._out.again(
+                http1.upstream_request(self.head, self.client.client_ip, attempt, left_ms)
+            )
             self._connect(conn.pool)
             return
+        detail = f"{type(exc).__name__}: {exc}" if exc else "connection closed"
         if protocol_error:
             self.fail(Reason.UPSTREAM_PROTOCOL_ERROR, "the upstream sent a malformed response")
         elif conn is not None and conn.received:
-            detail = f"{type(exc).__name__}: {exc}" if exc else "connection closed"
             self.fail(Reason.UPSTREAM_RESET, f"upstream closed the connection mid-head ({detail})")
         else:
-            detail = f"{type(exc).__name__}: {exc}" if exc else "connection closed"
             self._try_failed(Reason.UPSTREAM_RESET, f"upstream closed the connection ({detail})")
 
     def upstream_paused(self, paused: bool) -> None:
-        self.ds.pause_reading("upstream", paused)
+        self.client.pause_reading("upstream", paused)
 
     def cork(self) -> None:
-        self.ds.cork()
+        self.client.cork()
 
     def uncork(self) -> None:
-        self.ds.uncork()
-
-    # -- tunnel -----------------------------------------------------------------------------
-
-    def tunnel_from_client(self, data: bytes) -> None:
-        if self.state is State.TUNNEL and self.conn is not None:
-            self.conn.write(data)
-        elif self.state is not State.DONE:
-            if self._tunnel_early is None:
-                self._tunnel_early = []
-            self._tunnel_early.append(data)
+        self.client.uncork()
 
     # -- endings --------------------------------------------------------------------------
 
+    def _arm(self) -> None:
+        """The connection's timer: at the next of the request's deadlines."""
+        self.client.expect_route_at(self.tries.next_deadline())
+
     def route_timeout(self) -> None:
-        """The connection's timer: the route deadline, or the current try's."""
-        assert self.route is not None
-        now = self.ds.loop.time()
-        if now < self._route_deadline:
-            if now >= self._hedge_at:
-                self._hedge_at = math.inf
-                if self.state is State.SENT and self._hedged is None:
-                    self._hedge(now)
-                    if self._hedge_out():
-                        return
-            if now >= self._try_deadline and (
-                self.state is State.SENT or self.state is State.CONNECTING
-            ):
-                ms = round(self._per_try * 1000)
-                self._try_failed(Reason.UPSTREAM_TIMEOUT, f"no response within {ms} ms (per try)")
-            else:
+        """The connection's timer rang: what ``Tries`` finds due."""
+        now = self.client.loop.time()
+        tries = self.tries
+        due = tries.on_timer(now, hedged=self._hedged is not None)
+        if due is Due.HEDGE:
+            self._hedge(now)
+            if self._hedge_out():
+                return
+            due = tries.on_timer(now)
+        if due is Due.NOTHING:
+            if tries.state is not State.DONE:
                 self._arm()
-            return
-        timeout = round(self._timeout * 1000)
-        if self.state is State.RESPONDING:
-            if now < self._hard_deadline:  # the body: only the caller's deadline bounds it
-                self._route_deadline = self._hard_deadline
-                self._arm()
-            else:
-                self._finish(close=True, abort=True)  # the caller's deadline, mid-body
-        elif not self.request_done:
+        elif due is Due.TRY_TIMEOUT:
+            ms = round(tries.policy.per_try * 1000)
+            self._try_failed(Reason.UPSTREAM_TIMEOUT, f"no response within {ms} ms (per try)")
+        elif due is Due.CUT:
+            self._finish(close=True, abort=True)  # the caller's deadline, mid-body
+        elif due is Due.UPLOAD_TIMEOUT:
             self.fail(Reason.UPSTREAM_TIMEOUT, "the caller's deadline ran out during the upload")
-        elif now >= self._hard_deadline:
+        elif due is Due.CALLER_TIMEOUT:
             self.fail(Reason.UPSTREAM_TIMEOUT, "no response within the caller's deadline")
         else:
-            self.fail(Reason.UPSTREAM_TIMEOUT, f"no response within {timeout} ms")
+            ms = round(tries.timeout * 1000)
+            self.fail(Reason.UPSTREAM_TIMEOUT, f"no response within {ms} ms")
 
     def idle_timeout(self, seconds: float, *, client_stalled: bool) -> None:
         """The connection's timer: nothing moved either way for ``seconds``, the route's
@@ -885,9 +634,10 @@ class Exchange:
         the client stopped sending is a 408; no response head yet, a 504; a response or a
         tunnel under way is cut."""
         ms = round(seconds * 1000)
-        if self.state is State.TUNNEL:
+        state = self.tries.state
+        if state is State.TUNNEL:
             self._finish(close=True)
-        elif self.state is State.RESPONDING:
+        elif state is State.RESPONDING:
             self._finish(close=True, abort=True)
         elif not self.request_done and client_stalled:
             self.fail(Reason.REQUEST_TIMEOUT, f"no request body bytes for {ms} ms")
@@ -896,188 +646,59 @@ class Exchange:
 
     def fail(self, reason: Reason, detail: str) -> None:
         """Answer with a synthetic error instead of an upstream response."""
-        if self.state is State.DONE:
+        if self.tries.state is State.DONE:
             return
-        if reason in UPSTREAM_FAILURES:
-            self._outcome(failed=True)
+        if self.attempt is not None and classify.failed(reason):
+            self.attempt.record(True)
+        head = self.head
         # A body still coming would have to be read first: close instead.
-        unread_body = not self.request_done and (self.head.has_body or self.head.chunked)
-        close = not self.keep_alive or unread_body or self.head.upgrade
+        unread_body = not self.request_done and (head.has_body or head.chunked)
+        close = not self.keep_alive or unread_body or head.upgrade
         self._status = reason.status
         self._error = reason.code
-        self.ds.write(error_response(reason, detail, close=close))
+        self.client.answer.error(reason, detail, close=close)
         self._finish(close=close)
 
     def _finish(self, *, close: bool, abort: bool = False) -> None:
-        if self.state is State.DONE:
+        if self.tries.state is State.DONE:
             return
-        self.state = State.DONE
         self.cancel()
         # back-pressure this exchange put on the client ends with it
-        self.ds.pause_reading("upstream", False)
-        self.ds.pause_reading("pending", False)
-        self.ds.exchange_done(self, close=close, abort=abort)
-
-    def _record(self) -> None:
-        """Into the metrics and the access log, once."""
-        seconds = time.monotonic() - self._started
-        self._started = -1.0
-        self.ds.tracker.record(
-            self.route,
-            self.head,
-            self._status,
-            seconds,
-            self.endpoint,
-            self._attempt + self._resends,
-            self._error,
-        )
-
-    def _outcome(self, *, failed: bool, retry_after: float | None = None) -> None:
-        """Tell the endpoint's stats and outlier state how the try went: its time to the
-        response head (or to the failure), once. It stays in flight until the try ends."""
-        stats, route = self._stats, self.route
-        if stats is not None and route is not None and self._tried_at:
-            record(route, self.endpoint, stats, self._tried_at, self._probing, failed, retry_after)
-            self._tried_at = 0.0
+        client = self.client
+        client.pause_reading("upstream", False)
+        client.pause_reading("pending", False)
+        client.exchange_done(self, close=close, abort=abort)
 
     def cancel(self) -> None:
         """Stop all upstream work: a connect in progress, the connection in use, a retry
         waiting; the request leaves the service's count, and goes into its metrics."""
         if self._started >= 0:
-            self._record()
-        if self._stats is not None:
-            self._end_try()  # (a client gone mid-try: nothing learnt)
-        if self._hedged is not None:
-            self._drop_hedged()
+            seconds = time.monotonic() - self._started
+            self._started = -1.0
+            tries = self.tries
+            self.client.record(
+                self.route,
+                self.head,
+                self._status,
+                seconds,
+                self.endpoint,
+                tries.attempt + tries.resends,
+                self._error,
+            )
+        self._end_try()  # (a client gone mid-try: nothing learnt)
+        self._drop_hedged()
         if self._connect_task is not None or self._waiting:
             self._stop_connecting()
-        route = self.route
         if self._retry_timer is not None:
             self._retry_timer.cancel()
             self._retry_timer = None
-        if self._retry_slot and route is not None:
-            self._retry_slot = False
-            route.service.retrying -= 1
+        self.tries.finish()
+        route = self.route
         if self._counted and route is not None:
             self._counted = False
             route.service.in_flight -= 1
-            if self.ds.source is not None:
-                self.ds.source.in_flight -= 1
-        self.state = State.DONE
+            self.client.source_count(-1)
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.close()
-        self._pending.clear()
-
-
-def record(
-    route: Route,
-    endpoint: Endpoint | None,
-    stats: EndpointStats,
-    tried_at: float,
-    probing: bool,
-    failed: bool,
-    retry_after: float | None,
-) -> None:
-    """Tell an endpoint's stats and outlier state how a try that began at ``tried_at`` went."""
-    now = route.clock.monotonic()
-    stats.record(now, now - tried_at, failed, retry_after)
-    ejection = stats.ejection
-    if ejection is None:
-        if not failed:
-            return
-    elif ejection.phase is not Phase.HEALTHY and not probing:
-        return  # a panic pick of an endpoint that is out: its probe decides
-    members = route.balancer.members
-    if outlier.record(stats, failed, now, route.policy.outlier, members, route.name, endpoint):
-        route.service.ejections += 1
-
-
-class Hedged:
-    """The first try of a hedged request, still waiting for its response head while the
-    exchange's next try runs. A usable head (not a ``retry_on`` status) wins: the exchange
-    adopts this try and drops its own. A failure leaves the exchange to its own try."""
-
-    __slots__ = ("conn", "endpoint", "exchange", "probing", "stats", "tried_at")
-
-    def __init__(
-        self,
-        exchange: Exchange,
-        conn: UpstreamConnection,
-        endpoint: Endpoint,
-        stats: EndpointStats,
-        tried_at: float,
-        probing: bool,
-    ) -> None:
-        self.exchange = exchange
-        self.conn = conn
-        self.endpoint = endpoint
-        self.stats = stats
-        self.tried_at = tried_at
-        self.probing = probing
-
-    def __repr__(self) -> str:
-        return f"<Hedged {self.endpoint.address}:{self.endpoint.port}>"
-
-    def end(self, failed: bool | None = None, retry_after: float | None = None) -> None:
-        """This try is over: ``failed`` says how it went (None: nobody knows, it was cut)."""
-        self.conn.close()
-        self.stats.in_flight -= 1
-        route = self.exchange.route
-        if route is not None and self.tried_at:
-            if failed is not None:
-                record(
-                    route,
-                    self.endpoint,
-                    self.stats,
-                    self.tried_at,
-                    self.probing,
-                    failed,
-                    retry_after,
-                )
-            elif self.probing:
-                outlier.abandon(self.stats, route.clock.monotonic())
-        self.tried_at = 0.0
-
-    def _lose(self, failed: bool, retry_after: float | None = None) -> None:
-        exchange = self.exchange
-        if exchange._hedged is self:
-            exchange._hedged = None
-            self.end(failed, retry_after)
-
-    # -- ResponseSink -----------------------------------------------------------------------
-
-    def response_head(self, resp: http1.ResponseHead) -> bool:
-        status = resp.status
-        if status < 200:
-            return False  # an interim response: the real one follows
-        route = self.exchange.route
-        if status == 101 or route is None or status in route.policy.retry_on:
-            retry_after = http1.retry_after(resp) if status in (429, 503) else None
-            self._lose(status >= 500, retry_after)
-            return False
-        return self.exchange._adopt(self, resp)
-
-    def response_body(self, data: bytes) -> None:
-        pass  # (only after a head, and a head that wins makes the exchange the owner)
-
-    def response_trailer(self, name: bytes, value: bytes) -> None:
-        pass
-
-    def response_complete(self) -> None:
-        pass
-
-    def response_upgraded(self, rest: bytes) -> None:
-        pass
-
-    def upstream_failed(self, exc: BaseException | None, protocol_error: bool) -> None:
-        self._lose(True)
-
-    def upstream_paused(self, paused: bool) -> None:
-        pass
-
-    def cork(self) -> None:
-        self.exchange.cork()
-
-    def uncork(self) -> None:
-        self.exchange.uncork()
+        self._out.clear()

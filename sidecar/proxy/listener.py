@@ -29,10 +29,13 @@ import httptools
 
 from sidecar.errors import Reason, error_response
 from sidecar.http import http1
-from sidecar.http.http1 import Headers, RequestHead
-from sidecar.proxy.exchange import Exchange, State
+from sidecar.http.http1 import RequestHead
+from sidecar.http.reader import HeadReader
+from sidecar.proxy.client import Http1Answer
+from sidecar.proxy.exchange import Exchange
 from sidecar.proxy.limits import MAX_PIPELINED, Admission, ListenerCounters, ListenerLimits, Source
 from sidecar.proxy.routing import Route, Router
+from sidecar.resilience.tries import State
 from sidecar.telemetry.accesslog import AccessLog
 from sidecar.telemetry.stats import RequestStats
 
@@ -75,7 +78,6 @@ class Downstream(asyncio.Protocol):
 
     __slots__ = (
         "_active",
-        "_began",
         "_body_base",
         "_body_left",
         "_body_paused",
@@ -86,9 +88,7 @@ class Downstream(asyncio.Protocol):
         "_corked",
         "_current",
         "_deadline",
-        "_headers",
         "_held",
-        "_in_head",
         "_latest",
         "_limit_error",
         "_linger",
@@ -98,21 +98,17 @@ class Downstream(asyncio.Protocol):
         "_pending_reject",
         "_queue",
         "_quiet_since",
-        "_raw_count",
-        "_raw_first",
-        "_read",
+        "_reader",
         "_stalled_at",
         "_stalled_sent",
         "_starting",
         "_timer",
         "_timer_at",
-        "_trailer_size",
-        "_trailer_watch",
-        "_trailers",
         "_tunnel",
         "_unread",
         "_url",
         "_wait",
+        "answer",
         "client_ip",
         "draining",
         "loop",
@@ -121,7 +117,6 @@ class Downstream(asyncio.Protocol):
         "timeouts",
         "tracker",
         "transport",
-        "version",
         "write_paused",
     )
 
@@ -141,13 +136,11 @@ class Downstream(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.client_ip = b"unknown"
         self.source: Source | None = None  # inbound: this address's share (``limits``)
-        self.version = "1.1"
         self.draining = False
+        self.answer = Http1Answer(self.write)
         self._parser = httptools.HttpRequestParser(self)
+        self._reader = HeadReader()  # the head being read, and the limits of heads and trailers
         self._url = b""
-        self._headers: Headers = []
-        self._trailer_size = 0
-        self._in_head = False
         self._current: Exchange | None = None  # the exchange being parsed
         self._active: Exchange | None = None  # the exchange talking to the upstream
         self._queue: deque[Exchange] = deque()
@@ -163,15 +156,6 @@ class Downstream(asyncio.Protocol):
         self._limit_error: tuple[Reason, str] | None = None
         self._pending_reject: bytes | None = None
         self._corked: list[bytes] | None = None
-        self._trailers = 0
-        self._read = 0  # the size of the read being parsed
-        # A head (or what may be a trailer section) is counted by the reads it spans: the
-        # read it began in counts only as an upper bound at its end (it may hold whole
-        # requests before it), the reads after it count whole.
-        self._raw_count = 0  # bytes of the reads wholly inside the head or trailers
-        self._raw_first = 0  # the size of the read the head or trailers began in (before this)
-        self._began = False  # a head or trailer section began since the last read ended in one
-        self._trailer_watch = False  # after a chunk header with no data since
         self._body_left = -1  # bytes of the request body still to come (-1: chunked, none)
         self._starting = False  # _start_next is running (it loops; calls inside it return)
         self._unread = False  # the client may still be sending: linger before closing
@@ -221,14 +205,15 @@ class Downstream(asyncio.Protocol):
         if n > _WALK_ABOVE:
             self._parse_large(data)
         else:  # ``_parse``, inline: on the hot path a call costs as much as the rest
-            self._read = n
+            reader = self._reader
+            reader.read = n
             try:
                 self._parser.feed_data(data)
             except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:
                 if not self._parse_failed(e, data):
                     return
             else:
-                if (self._in_head or self._trailer_watch) and not self._count_section(n):
+                if (reader.in_head or reader.trailer_watch) and not self._count_section(n):
                     return
         if self._current is not None and self._body_since is None and not self._closing:
             self._body_started()
@@ -239,25 +224,20 @@ class Downstream(asyncio.Protocol):
 
     def _parse(self, data: bytes) -> bool:
         """Parse one read (or part of one); False when it was rejected."""
-        self._read = n = len(data)
+        reader = self._reader
+        reader.read = n = len(data)
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:
             return self._parse_failed(e, data)
-        return not (self._in_head or self._trailer_watch) or self._count_section(n)
+        return not (reader.in_head or reader.trailer_watch) or self._count_section(n)
 
     def _count_section(self, n: int) -> bool:
-        """The read (of ``n`` bytes) ended inside a head or what may be trailers:
-        httptools joins a header line before it calls back, so count what was read. False
-        when it is too large (rejected)."""
-        if self._began:  # (set when one begins; a section closed since does not matter)
-            self._began = False
-            self._raw_first = n  # (it may hold whole requests before the head began)
+        """The read (of ``n`` bytes) ended inside a head or what may be trailers (``reader``).
+        False when it is too large (rejected)."""
+        if self._reader.read_ended(n):
             return True
-        self._raw_count += n
-        if self._raw_count <= http1.MAX_HEAD_BYTES:
-            return True
-        what = "head" if self._in_head else "trailer section"
+        what = "head" if self._reader.in_head else "trailer section"
         self._reject(Reason.HEAD_TOO_LARGE, f"{what} larger than {http1.MAX_HEAD_BYTES} bytes")
         return False
 
@@ -281,7 +261,7 @@ class Downstream(asyncio.Protocol):
         they have been answered."""
         pos, end = 0, len(data)
         while pos < end:
-            if self._current is not None and not self._in_head and self._body_left > 0:
+            if self._current is not None and not self._reader.in_head and self._body_left > 0:
                 cut = pos + self._body_left  # (a chunked body: to its next blank line)
             elif self._current is None and len(self._queue) >= MAX_PIPELINED:
                 self._held = data[pos:]
@@ -339,8 +319,8 @@ class Downstream(asyncio.Protocol):
         """The client is not reading: stop the upstream, and reading more requests."""
         self.write_paused = True
         ex = self._active or self._tunnel
-        if ex is not None and ex.conn is not None:
-            ex.conn.pause_reading(True)
+        if ex is not None:
+            ex.pause_upstream(True)
         transport = self.transport
         if transport is None or self._closing or self._tunnel is not None:
             return  # (a tunnel's two ways are independent: its upstream waits, paused)
@@ -354,8 +334,8 @@ class Downstream(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         ex = self._active or self._tunnel
-        if ex is not None and ex.conn is not None:
-            ex.conn.pause_reading(False)
+        if ex is not None:
+            ex.pause_upstream(False)
         self.pause_reading("write", False)
         if self._active is None and self._queue and not self._closing:
             self._start_next()
@@ -364,11 +344,7 @@ class Downstream(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._url = b""
-        self._headers = []
-        self._trailer_size = 0
-        self._raw_count = 0  # (and _raw_first, when the last head was counted)
-        self._began = True
-        self._in_head = True
+        self._reader.message_begin()
         if self._active is None:
             self.expect(_Wait.HEAD, self.timeouts.head)
 
@@ -376,54 +352,30 @@ class Downstream(asyncio.Protocol):
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._current is not None:  # after the head: a chunked body's trailers
-            self._trailer_watch = True
-            self._trailers += 1
-            self._trailer_size += len(name) + len(value) + 4
-            if self._trailers > http1.MAX_HEADERS:
-                self._limit_error = (Reason.HEAD_TOO_LARGE, "too many trailers")
-                raise ValueError("too many trailers")
-            if self._trailer_size > http1.MAX_HEAD_BYTES:
-                self._limit_error = (
-                    Reason.HEAD_TOO_LARGE,
-                    f"trailer section larger than {http1.MAX_HEAD_BYTES} bytes",
-                )
-                raise ValueError("trailers too large")
-            self._current.request_trailer(name, value)
+        reader = self._reader
+        if self._current is None:
+            reader.headers.append((name, value))  # limits: checked once the head is whole
             return
-        self._headers.append((name, value))  # limits: checked once, when the head is whole
+        too_large = reader.trailer(name, value)  # after the head: a chunked body's trailers
+        if too_large:
+            self._limit_error = (Reason.HEAD_TOO_LARGE, too_large)
+            raise ValueError(too_large)
+        self._current.request_trailer(name, value)
 
     def on_headers_complete(self) -> None:
-        headers = self._headers
-        if len(headers) > http1.MAX_HEADERS:
-            self._limit_error = (Reason.HEAD_TOO_LARGE, f"more than {http1.MAX_HEADERS} headers")
-            raise ValueError("too many headers")
-        if (  # the head took at most the reads it spans
-            self._raw_count + self._raw_first + self._read > http1.MAX_HEAD_BYTES
-            and len(self._url) + http1.head_size(headers) > http1.MAX_HEAD_BYTES
-        ):
-            self._limit_error = (
-                Reason.HEAD_TOO_LARGE,
-                f"head larger than {http1.MAX_HEAD_BYTES} bytes",
-            )
-            raise ValueError("head too large")
-        self._in_head = False
-        self._raw_count = self._raw_first = 0
-        self._trailer_size = 0
-        self._trailers = 0
+        reader = self._reader
+        too_large = reader.head_complete(len(self._url))
+        if too_large:
+            self._limit_error = (Reason.HEAD_TOO_LARGE, too_large)
+            raise ValueError(too_large)
         parser = self._parser
-        self.version = version = parser.get_http_version()
+        version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
             self._limit_error = (Reason.BAD_REQUEST, f"HTTP/{version} is not supported")
-            self.version = "1.1"
             raise ValueError("version")
         try:
             head = http1.parse_request_head(
-                parser.get_method(),
-                self._url,
-                version,
-                self._headers,
-                parser.should_keep_alive(),
+                parser.get_method(), self._url, version, reader.headers, parser.should_keep_alive()
             )
         except ValueError as e:
             self._limit_error = (Reason.BAD_REQUEST, str(e))
@@ -439,20 +391,16 @@ class Downstream(asyncio.Protocol):
             self.pause_reading("pipeline", True)
 
     def on_body(self, data: bytes) -> None:
-        self._trailer_watch = False
-        self._raw_count = 0
+        self._reader.body()
         self._body_left -= len(data)
         if self._current is not None:
             self._current.request_body(data)
 
     def on_chunk_header(self) -> None:
-        self._trailer_watch = True  # data resets it; a last chunk's trailers do not
-        self._raw_count = self._raw_first = 0
-        self._began = True
+        self._reader.chunk_header()
 
     def on_chunk_complete(self) -> None:
-        self._trailer_watch = False
-        self._raw_count = 0
+        self._reader.chunk_complete()
 
     def on_message_complete(self) -> None:
         ex, self._current = self._current, None
@@ -505,11 +453,39 @@ class Downstream(asyncio.Protocol):
         set it: mypy would keep the narrowing from before the call, and mypyc compile it.)"""
         return self._held is not None
 
+    # -- the rest of what an exchange asks of its client (``client.Client``) ----------------
+
+    def route(self, authority: bytes | None) -> Route | tuple[Reason, str]:
+        return self.router.route(authority)
+
+    def source_allows(self, max_requests: int) -> bool:
+        source = self.source
+        if source is None or source.in_flight < self.tracker.source_limit(max_requests):
+            return True
+        self.tracker.counters.refused_source_requests += 1
+        return False
+
+    def source_count(self, delta: int) -> None:
+        if self.source is not None:
+            self.source.in_flight += delta
+
+    def record(
+        self,
+        route: Route | None,
+        head: RequestHead | None,
+        status: int,
+        seconds: float,
+        endpoint: Endpoint | None = None,
+        attempts: int = 0,
+        error: str = "",
+    ) -> None:
+        self.tracker.record(route, head, status, seconds, endpoint, attempts, error)
+
     def reading_paused(self) -> bool:
         """The sidecar, not the client, holds up the request (upstream or pipeline)."""
         return bool(self._pauses)
 
-    def exchange_done(self, ex: Exchange, *, close: bool, abort: bool) -> None:
+    def exchange_done(self, ex: object, *, close: bool, abort: bool) -> None:
         if ex is self._active:
             self._active = None
         if ex is self._tunnel:  # an upgrade ends the connection, whatever the answer was
@@ -526,7 +502,7 @@ class Downstream(asyncio.Protocol):
         """Nothing in flight: close if asked to, else wait for the next request."""
         if self._closing or self.draining:
             self._close(abort=False)
-        elif self._in_head:
+        elif self._reader.in_head:
             self.expect(_Wait.HEAD, self.timeouts.head)
         else:
             self.expect(_Wait.IDLE, self.timeouts.idle)
@@ -561,14 +537,14 @@ class Downstream(asyncio.Protocol):
     def _closing_now(self) -> bool:
         return self.transport is None or self.transport.is_closing()
 
-    def become_tunnel(self, ex: Exchange) -> None:
+    def become_tunnel(self) -> None:
         """The upstream answered 101: bytes now flow both ways unparsed, until either side
         closes or both are silent for the route's ``tunnel_idle_timeout_ms``."""
         self._active = None
         self._wait = _Wait.TUNNEL
         self._deadline = math.inf
         self.pause_reading("upgrade", False)
-        idle = self._silence_limit(ex)
+        idle = self._silence_limit(self._tunnel)
         if idle < math.inf:
             self._arm_at(self.loop.time() + min(self.timeouts.head, idle / 2))
 
@@ -576,7 +552,10 @@ class Downstream(asyncio.Protocol):
         """Finish what is in flight, then close; close at once if idle."""
         self.draining = True
         if (  # (requests may wait for a client that reads slowly: they are answered first)
-            self._active is None and self._tunnel is None and not self._in_head and not self._queue
+            self._active is None
+            and self._tunnel is None
+            and not self._reader.in_head
+            and not self._queue
         ):
             self._close(abort=False)
 
@@ -636,7 +615,7 @@ class Downstream(asyncio.Protocol):
         if self._pending_reject is not None:
             transport.write(self._pending_reject)
             self._pending_reject = None
-        if (self._unread or self._in_head or self._current is not None) and (
+        if (self._unread or self._reader.in_head or self._current is not None) and (
             transport.can_write_eof()
         ):
             # Lingering close: the client may still be sending what we will not read. Closing
@@ -747,7 +726,7 @@ class Downstream(asyncio.Protocol):
             self._timer = None
 
     def _head_timeout(self) -> None:
-        if self._in_head:
+        if self._reader.in_head:
             self.write(
                 error_response(
                     Reason.REQUEST_TIMEOUT, "request head not received in time", close=True

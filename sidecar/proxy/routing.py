@@ -8,7 +8,6 @@ address in ``Pools``.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from sidecar.clock import Clock, SystemClock
 from sidecar.errors import Reason, TableError
 from sidecar.proxy.upstream import Pool
 from sidecar.resilience.service import Services, ServiceState
+from sidecar.resilience.tries import TryPolicy
 from sidecar.telemetry.stats import RequestStats
 
 
@@ -51,26 +51,11 @@ class Route:
     """the balancer's clock: try times are measured on it"""
     relay: bool = False
     """the inbound route: no retries; the caller's try number is passed on as it came"""
-    timeout: float = field(init=False)
-    """seconds: the policy's route timeout"""
-    per_try: float = field(init=False)
-    """seconds: each try's timeout (inf when there are no retries)"""
-    retries: bool = field(init=False)
-    """this route retries"""
-    hedge: float = field(init=False)
-    """seconds before a hedged try (inf: no hedging)"""
+    tries: TryPolicy = field(init=False)
+    """what each request's tries may do: timeouts, retries, hedging, the budget"""
 
     def __post_init__(self) -> None:
-        policy = self.policy
-        self.timeout = policy.timeout_ms / 1000
-        self.retries = bool(policy.retries) and not self.relay
-        self.per_try = (
-            (policy.per_try_timeout_ms or policy.timeout_ms / (policy.retries + 1)) / 1000
-            if self.retries
-            else math.inf
-        )
-        hedge = policy.hedge
-        self.hedge = hedge.after_ms / 1000 if hedge is not None and not self.relay else math.inf
+        self.tries = TryPolicy.of(self.policy, relay=self.relay)
 
 
 class Router(Protocol):

@@ -212,23 +212,25 @@ class Tries:
         if self.hedging and self.attempt == 1 and self.request_done:
             self.hedge_at = now + self.policy.hedge
 
-    def request_complete(self, now: float) -> None:
+    def request_complete(self, now: float) -> bool:
         """The request's body ended: the wait for the response head counts from here (as
-        Envoy's route timeout), and so do the first try's timeout and its hedge."""
+        Envoy's route timeout), and so do the first try's timeout and its hedge. True when
+        that moved a deadline."""
         self.request_done = True
         state = self.state
         if not self._has_body or not (
             state is State.SENT or state is State.CONNECTING or state is State.BACKOFF
         ):
-            return  # (a request without a body ended where it started)
+            return False  # (a request without a body ended where it started)
         self.route_deadline = min(now + self.timeout, self.hard_deadline)
         if state is State.BACKOFF or self.attempt != 1:
-            return  # the next try's own time starts with it
+            return True  # the next try's own time starts with it
         per_try = self.policy.per_try
         if per_try < self.route_deadline - now:
             self.try_deadline = now + per_try
         if self.hedging:
             self.hedge_at = now + self.policy.hedge
+        return True
 
     def answered(self) -> None:
         """A response head went to the client: no try or hedge deadline any more."""
@@ -311,6 +313,11 @@ class Tries:
             return False
         # answered before the whole request came: nothing to replay yet
         return self.request_done or not isinstance(outcome.event, int)
+
+    def listed(self, outcome: Outcome) -> bool:
+        """``retry_on`` names the outcome: while a hedged first try waits, such an answer
+        of either try loses to the other's."""
+        return outcome.event in self.policy.retry_on
 
     def retry_delay(
         self,

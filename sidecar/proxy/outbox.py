@@ -1,0 +1,104 @@
+"""A request's bytes on their way upstream, across its tries.
+
+The body is framed for HTTP/1 as it comes (a chunked body is chunked again, its trailers end
+it). What no connection has taken yet waits in ``pending``, behind the head made for the
+current try; past ``PENDING_LIMIT`` the client is paused. A copy of the body is kept for
+another try (``replay``) while it is at most ``REPLAY_LIMIT`` and the request may be sent
+twice at all; a longer one is not replayed.
+"""
+
+from __future__ import annotations
+
+from sidecar.http import http1
+from sidecar.http.http1 import Headers
+
+#: request body bytes kept for a replay on a fresh connection; larger bodies are not replayed
+REPLAY_LIMIT = 64 * 1024
+#: body bytes held while connecting before the client is paused
+PENDING_LIMIT = 64 * 1024
+
+
+class Outbox:
+    """One request's upstream bytes: framed, held, and kept for another try."""
+
+    __slots__ = ("_chunked", "_pending", "_pending_size", "_replay", "_replay_size", "_trailers")
+
+    def __init__(self, *, chunked: bool, replayable: bool) -> None:
+        self._chunked = chunked
+        self._pending: list[bytes] = []  # framed request bytes not yet written upstream
+        self._pending_size = 0
+        # the body so far, for another try; None: too big, or a request never sent twice
+        self._replay: list[bytes] | None = [] if replayable else None
+        self._replay_size = 0
+        self._trailers: Headers | None = None  # (most requests have none)
+
+    def __repr__(self) -> str:
+        kept = "not kept" if self._replay is None else f"{self._replay_size} bytes kept"
+        return f"<Outbox [{self._pending_size} bytes pending, {kept}]>"
+
+    @property
+    def replayable(self) -> bool:
+        """The whole body so far is kept: another try can send it again."""
+        return self._replay is not None
+
+    # -- the body, framed -----------------------------------------------------------------
+
+    def frame(self, data: bytes) -> bytes:
+        """A piece of the request body as it goes upstream."""
+        return http1.chunk(data) if self._chunked else data
+
+    def trailer(self, name: bytes, value: bytes) -> None:
+        if self._trailers is None:
+            self._trailers = []
+        self._trailers.append((name, value))
+
+    def last(self) -> bytes:
+        """The end of a chunked body: its last chunk with the trailers (b"": not chunked)."""
+        if not self._chunked:
+            return b""
+        trailers, self._trailers = self._trailers, None
+        return http1.last_chunk(trailers or [])
+
+    def keep(self, data: bytes) -> None:
+        """Framed body bytes: kept for another try, while they fit."""
+        replay = self._replay
+        if replay is not None:
+            replay.append(data)
+            self._replay_size += len(data)
+            if self._replay_size > REPLAY_LIMIT:
+                self._replay = None
+
+    # -- what waits for a connection ------------------------------------------------------
+
+    def hold(self, data: bytes) -> bool:
+        """Bytes no connection takes yet; True when they are over ``PENDING_LIMIT``."""
+        self._pending.append(data)
+        self._pending_size += len(data)
+        return self._pending_size > PENDING_LIMIT
+
+    def first(self, head: bytes) -> None:
+        """The first try's head, ahead of the body that came with the request."""
+        self._pending.insert(0, head)
+        self._pending_size += len(head)
+
+    def again(self, head: bytes) -> None:
+        """Another try: its head, then the body again from the replay."""
+        assert self._replay is not None
+        self._pending = [head, *self._replay]
+        self._pending_size = len(head) + self._replay_size
+
+    def readdressed(self, head: bytes) -> None:
+        """The same try to another endpoint (none of it went out): a new head, same body."""
+        self._pending_size += len(head) - len(self._pending[0])
+        self._pending[0] = head
+
+    def take(self) -> bytes:
+        """Everything pending, for a connection that takes it now."""
+        data = b"".join(self._pending)
+        self._pending.clear()
+        self._pending_size = 0
+        return data
+
+    def clear(self) -> None:
+        self._pending.clear()
+        self._pending_size = 0
