@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import enum
 
-from sidecar.http.http1 import ResponseHead
-
 
 class Framing(enum.Enum):
     """How a message's body is delimited on the wire."""
@@ -63,17 +61,6 @@ def response_framing(
         return Framing.LENGTH
     # Step 4: nothing says: the body is what comes until the upstream closes.
     return Framing.UNTIL_CLOSE
-
-
-def of_response(resp: ResponseHead, *, head_request: bool = False) -> Framing:
-    """``response_framing`` of a parsed head."""
-    return response_framing(
-        resp.status,
-        head_request=head_request,
-        coded=resp.chunked or bool(resp.codings),
-        chunked=resp.chunked,
-        sized=resp.sized,
-    )
 
 
 def relayed_framing(upstream: Framing, client_version: str) -> Framing:

@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
+from sidecar.http.framing import Framing, request_framing, response_framing
+
 Headers = list[tuple[bytes, bytes]]
 
 #: methods whose requests may be replayed on a fresh connection (RFC 9110 9.2.2)
@@ -188,11 +190,10 @@ def parse_request_head(
         elif action == _CL:
             if not value.strip().isdigit():  # (llhttp lets only digits through)
                 raise ValueError(f"Content-Length {value[:20]!r} is not a number")
-            head.content_length = length = int(value)
-            head.has_body = length > 0
+            head.content_length = int(value)
             lines += (name, b": ", value, b"\r\n")
         elif action == _TE:
-            head.chunked = head.has_body = True  # httptools accepts only a final "chunked"
+            head.chunked = True  # httptools accepts only a final "chunked"
             te_tokens += _codings(value)
         elif action == _CONN:
             tokens = _tokens(value)
@@ -215,6 +216,7 @@ def parse_request_head(
             _mesh_header(head, action, value.strip())
     if te_tokens:
         head.codings = b", ".join(te_tokens[:-1])
+    head.has_body = request_framing(head.chunked, head.content_length) is not Framing.EMPTY
     if custom:
         head.lines = _without(lines, custom)
     if not seen_host and authority is not None:
@@ -283,6 +285,16 @@ class ResponseHead:
     close: bool = False
     """the upstream closes the connection after it"""
     upgrade_value: bytes = b""
+
+    def framing(self, *, head_request: bool = False) -> Framing:
+        """Where its body ends (``framing.response_framing``)."""
+        return response_framing(
+            self.status,
+            head_request=head_request,
+            coded=self.chunked or bool(self.codings),
+            chunked=self.chunked,
+            sized=self.sized,
+        )
 
 
 def parse_response_head(status: int, reason: bytes, headers: Headers) -> ResponseHead:

@@ -144,7 +144,7 @@ class Http1Answer:
     def head(
         self, resp: ResponseHead, *, version: str, head_request: bool, keep_alive: bool
     ) -> bool:
-        upstream = framing.of_response(resp, head_request=head_request)
+        upstream = resp.framing(head_request=head_request)
         out = framing.relayed_framing(upstream, version)
         self._chunked = chunked = out is Framing.CHUNKED
         self._trailers = None

@@ -21,6 +21,8 @@ import httptools
 from control_plane.wire import Endpoint
 from sidecar.balancing.ewma import EndpointStats, Exclusions
 from sidecar.http import http1
+from sidecar.http.framing import Framing
+from sidecar.http.reader import HeadReader
 
 
 class ResponseSink(Protocol):
@@ -64,21 +66,14 @@ class UpstreamConnection(asyncio.Protocol):
     """
 
     __slots__ = (
-        "_began",
         "_done",
-        "_header_count",
-        "_headers",
         "_in_body",
-        "_in_head",
         "_parser",
         "_raw",
-        "_raw_count",
-        "_raw_first",
-        "_read",
+        "_reader",
         "_reason",
         "_sized",
         "_status",
-        "_trailer_watch",
         "idle_since",
         "owner",
         "pool",
@@ -93,21 +88,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.owner: ResponseSink | None = None
         self._parser = httptools.HttpResponseParser(self)
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._header_count = 0
-        self._in_head = False  # waiting for (the rest of) a response head
+        self._reader = HeadReader()  # the head being read, and the limits of heads, trailers
         self._in_body = False
         self._done = False  # the response is complete; handed over after this read
         self._sized = False  # the current response has a length or chunks (not read-until-close)
         self._status = 0
         self._reason = b""
-        # a head (or what may be trailers) is counted by the reads it spans, as a client's
-        # head is (``proxy.Downstream``): the read it began in only as an upper bound
-        self._raw_count = 0  # bytes of the reads wholly inside a head or trailers
-        self._raw_first = 0  # the size of the read it began in (before this one)
-        self._began = False  # a head or trailer section began since a read last ended in one
-        self._read = 0  # the size of the read being parsed
-        self._trailer_watch = False  # after a chunk header with no data since: maybe trailers
         self._raw: Callable[[bytes], None] | None = None  # after an upgrade: bytes go here
         self.received = False  # any byte of the current response
         self.reusable = True
@@ -133,18 +119,13 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self.received = True
-        self._read = len(data)
+        reader = self._reader
+        reader.read = n = len(data)
         owner.cork()
         try:
             self._parser.feed_data(data)
-            if self._in_head or self._trailer_watch:
-                if self._began:  # (set when one begins; one closed since does not matter)
-                    self._began = False
-                    self._raw_first = len(data)
-                else:
-                    self._raw_count += len(data)
-                    if self._raw_count > http1.MAX_HEAD_BYTES:
-                        raise _TooLarge
+            if not reader.read_ended(n):
+                raise _TooLarge
         except httptools.HttpParserUpgrade as upgrade:
             self.reusable = False
             if self.owner is not None and not self._done:
@@ -194,25 +175,19 @@ class UpstreamConnection(asyncio.Protocol):
         if self._done:  # a second response to one request: the connection is not sane
             self.reusable = False
             return
-        self._headers = []
-        self._header_count = 0
+        self._reader.message_begin()
         self._reason = b""
         self._in_body = False
-        self._raw_count = 0
-        self._began = True
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._in_body:
-            self._headers.append((name, value))  # limits: checked once, when the head is whole
+            self._reader.headers.append((name, value))  # limits: checked once the head is whole
             return
-        self._header_count += 1
-        self._raw_count += len(name) + len(value) + 4
-        if self._header_count > http1.MAX_HEADERS or self._raw_count > http1.MAX_HEAD_BYTES:
+        if self._reader.trailer(name, value):
             raise _TooLarge
-        self._trailer_watch = True  # a trailer line: still in the trailer section
         if self.owner is not None and not self._done:
             self.owner.response_trailer(name, value)
 
@@ -221,21 +196,15 @@ class UpstreamConnection(asyncio.Protocol):
         self._status = status = parser.get_status_code()
         if self.owner is None or self._done:
             return
-        headers = self._headers
-        if len(headers) > http1.MAX_HEADERS or (
-            # the head took at most the reads it spans
-            self._raw_count + self._raw_first + self._read > http1.MAX_HEAD_BYTES
-            and http1.head_size(headers) > http1.MAX_HEAD_BYTES
-        ):
+        reader = self._reader
+        if reader.head_complete():
             raise _TooLarge
-        self._in_head = False
-        self._raw_count = self._raw_first = 0
-        self._header_count = 0
-        resp = http1.parse_response_head(status, self._reason, self._headers)
+        resp = http1.parse_response_head(status, self._reason, reader.headers)
         if resp.close or parser.get_http_version() != "1.1":
             self.reusable = False
         self._in_body = status >= 200
-        self._sized = resp.sized or resp.chunked or status in (204, 304)
+        # (the answer to a HEAD request has its end marked too: ``response_head`` says so)
+        self._sized = resp.framing() is not Framing.UNTIL_CLOSE
         if self.owner.response_head(resp):
             # The response to a HEAD request: its Content-Length describes a body that will not
             # come, and httptools cannot be told so. Finish here and do not reuse the connection.
@@ -246,17 +215,13 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
 
     def on_chunk_header(self) -> None:
-        self._trailer_watch = True  # data resets it; a last chunk's trailers do not
-        self._raw_count = self._raw_first = 0
-        self._began = True
+        self._reader.chunk_header()
 
     def on_chunk_complete(self) -> None:
-        self._trailer_watch = False
-        self._raw_count = 0
+        self._reader.chunk_complete()
 
     def on_body(self, data: bytes) -> None:
-        self._trailer_watch = False
-        self._raw_count = 0
+        self._reader.body()
         if self.owner is not None and data and not self._done:
             self.owner.response_body(data)
 
@@ -264,7 +229,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self._done:
             return
         if self._status < 200:  # an interim response (100 Continue): the real one follows
-            self._in_head = True
+            self._reader.expect_head()
             return
         self._in_body = False
         self._done = True
@@ -278,8 +243,7 @@ class UpstreamConnection(asyncio.Protocol):
         """Start a request: ``owner`` gets the response; ``data`` is its head (and body)."""
         self.owner = owner
         self.received = False
-        self._in_head = True
-        self._raw_count = self._raw_first = 0
+        self._reader.expect_head()
         self.requests += 1
         assert self.transport is not None
         self.transport.write(data)

@@ -10,14 +10,7 @@ from sidecar.http.framing import Framing, relayed_framing, request_framing, resp
 
 
 def response(status: int, *headers: tuple[bytes, bytes], head: bool = False) -> Framing:
-    resp = http1.parse_response_head(status, b"", list(headers))
-    return response_framing(
-        status,
-        head_request=head,
-        coded=bool(resp.codings) or resp.chunked,
-        chunked=resp.chunked,
-        sized=resp.sized,
-    )
+    return http1.parse_response_head(status, b"", list(headers)).framing(head_request=head)
 
 
 CL = (b"Content-Length", b"5")
@@ -52,7 +45,19 @@ def test_step_3_and_4_content_length_else_until_close() -> None:
     assert response(500, (b"Content-Length", b"0")) is Framing.LENGTH
 
 
+def request(*headers: tuple[bytes, bytes]) -> bool:
+    return http1.parse_request_head(
+        b"POST", b"/", "1.1", [(b"Host", b"a"), *headers], True
+    ).has_body
+
+
 def test_requests() -> None:
+    assert [request(CHUNKED), request(CL), request(), request((b"Content-Length", b"0"))] == [
+        True,
+        True,
+        False,
+        False,
+    ]
     assert request_framing(chunked=True, content_length=-1) is Framing.CHUNKED
     assert request_framing(chunked=False, content_length=10) is Framing.LENGTH
     assert request_framing(chunked=False, content_length=0) is Framing.EMPTY
