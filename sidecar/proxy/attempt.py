@@ -18,9 +18,12 @@ from control_plane.wire import Endpoint
 from sidecar.balancing import outlier
 from sidecar.balancing.balancer import Member
 from sidecar.balancing.ewma import EndpointStats, Phase
+from sidecar.http import http1
 from sidecar.http.http1 import ResponseHead
 from sidecar.proxy.routing import Route
 from sidecar.proxy.upstream import UpstreamConnection
+from sidecar.resilience import classify
+from sidecar.resilience.tries import Tries
 
 
 class Attempt:
@@ -82,15 +85,26 @@ class Attempt:
         self.probing = False
 
 
-class HedgeOwner(Protocol):
-    """What a hedged first try tells the exchange that hedged it."""
+def elsewhere(route: Route, endpoint: Endpoint | None) -> bool:
+    """Whether an endpoint of ``route`` other than ``endpoint`` is available now."""
+    now = route.clock.monotonic()
+    return any(
+        m.endpoint is not endpoint and m.stats.excluded_until <= now for m in route.balancer.members
+    )
 
-    def hedged_head(self, hedged: Hedged, resp: ResponseHead) -> bool:
-        """The first try's final head came: it wins (the return is ``ResponseSink``'s) or
-        loses."""
+
+class HedgeOwner(Protocol):
+    """What a hedged first try tells the request that hedged it."""
+
+    tries: Tries
+
+    def hedged_won(self, hedged: Hedged, resp: ResponseHead) -> bool:
+        """Its head is the answer (the return is ``ResponseSink.response_head``'s)."""
         ...
 
-    def hedged_failed(self, hedged: Hedged) -> None: ...
+    def hedged_lost(
+        self, hedged: Hedged, failed: bool, retry_after: float | None = None
+    ) -> None: ...
 
     def cork(self) -> None: ...
 
@@ -121,9 +135,16 @@ class Hedged:
     # -- ResponseSink -----------------------------------------------------------------------
 
     def response_head(self, resp: ResponseHead) -> bool:
+        """A usable answer wins; one that ``retry_on`` lists loses (the hedge may still do
+        better)."""
         if resp.status < 200:
             return False  # an interim response: the real one follows (no upgrade is hedged)
-        return self.owner.hedged_head(self, resp)
+        outcome = classify.response(resp.status)
+        if self.owner.tries.listed(outcome):
+            retry_after = http1.retry_after(resp) if outcome.pauses else None
+            self.owner.hedged_lost(self, outcome.failed, retry_after)
+            return False
+        return self.owner.hedged_won(self, resp)
 
     def response_body(self, data: bytes) -> None:
         pass  # (only after a head, and a head that wins makes the exchange the owner)
@@ -138,7 +159,7 @@ class Hedged:
         pass
 
     def upstream_failed(self, exc: BaseException | None, protocol_error: bool) -> None:
-        self.owner.hedged_failed(self)
+        self.owner.hedged_lost(self, True)
 
     def upstream_paused(self, paused: bool) -> None:
         pass

@@ -236,6 +236,11 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- use by exchanges and the pool ----------------------------------------------------
 
+    def stale(self) -> bool:
+        """A reused connection the upstream closed before a byte of this response: it had
+        gone stale in the pool; the request may go again on a fresh one."""
+        return self.requests > 1 and not self.received
+
     def alive(self) -> bool:
         return self.transport is not None and not self.transport.is_closing()
 

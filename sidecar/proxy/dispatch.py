@@ -1,0 +1,415 @@
+"""A request's tries upstream: pick an endpoint, take a pooled connection or connect, send,
+and after a try fails, do what ``Tries`` answers (``resilience.tries``): resend at once a try
+none of which went out, retry after a backoff, hedge a slow first try, or give up.
+
+A ``Dispatch`` is the upstream half of an ``Exchange``: it holds the current try (an
+``Attempt`` and its connection), the request's bytes (an ``Outbox``), a connect under way,
+a retry waiting, and a hedged first try; it tells the exchange (its ``Owner``) only when the
+request fails for good. The exchange stays its connections' ``ResponseSink`` and asks it
+(``on_head``) whether a response head is the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+from control_plane.wire import Endpoint
+from sidecar.balancing.balancer import Member
+from sidecar.errors import Reason
+from sidecar.http import http1
+from sidecar.http.http1 import RequestHead, ResponseHead
+from sidecar.proxy.attempt import Attempt, Hedged, elsewhere
+from sidecar.proxy.client import Client
+from sidecar.proxy.connect import Connect
+from sidecar.proxy.outbox import Outbox
+from sidecar.proxy.routing import Route
+from sidecar.proxy.upstream import Pool, ResponseSink, UpstreamConnection
+from sidecar.resilience import classify
+from sidecar.resilience.classify import Outcome
+from sidecar.resilience.tries import State, Tries
+
+
+class Owner(ResponseSink, Protocol):
+    """What a dispatch tells the exchange it works for (besides its responses)."""
+
+    def fail(self, reason: Reason, detail: str) -> None:
+        """The request failed for good: answer so."""
+        ...
+
+
+class Dispatch:
+    """The upstream half of one exchange: its tries."""
+
+    __slots__ = (
+        "_connecting",
+        "_failed_at",
+        "_failure",
+        "_hedged",
+        "_key",
+        "_retry_timer",
+        "_sent",
+        "_stale_retried",
+        "attempt",
+        "client",
+        "conn",
+        "endpoint",
+        "head",
+        "out",
+        "owner",
+        "route",
+        "tries",
+    )
+
+    def __init__(self, owner: Owner, client: Client, head: RequestHead, tries: Tries) -> None:
+        self.owner = owner
+        self.client = client
+        self.head = head
+        self.tries = tries
+        self.route: Route | None = None
+        again = head.method in http1.IDEMPOTENT or head.retry
+        self.out = Outbox(chunked=head.chunked, replayable=again)
+        self.attempt: Attempt | None = None  # the current try, while in flight
+        self.conn: UpstreamConnection | None = None  # the current try's
+        self.endpoint: Endpoint | None = None  # the last try's
+        self._key: bytes | None = None  # hash policies: the request's
+        self._sent = False  # the current try has written some of the request to a connection
+        self._stale_retried = False
+        self._failed_at: tuple[Endpoint, ...] = ()  # endpoints this request's tries failed on
+        self._connecting: Connect | None = None
+        self._retry_timer: asyncio.TimerHandle | None = None
+        self._failure: tuple[Reason, str] | None = None  # the last try's, for the answer
+        self._hedged: Hedged | None = None  # the first try, still waiting after a hedge
+
+    def __repr__(self) -> str:
+        hedged = ", hedged" if self._hedged is not None else ""
+        return f"<Dispatch {self.tries.state.name} [{self.attempt or 'no try'}{hedged}]>"
+
+    @property
+    def hedged(self) -> bool:
+        return self._hedged is not None
+
+    def start(self, route: Route, now: float) -> None:
+        """The first try (the request is routed and admitted)."""
+        self.route = route
+        if route.key_of is not None:
+            self._key = route.key_of(self.head, self.client.client_ip)
+        self._try(None, now)
+
+    def send(self, data: bytes) -> None:
+        """Request body bytes (framed): to the connection, or held until one takes them."""
+        out = self.out
+        out.keep(data)
+        state = self.tries.state
+        if state is State.SENT or state is State.RESPONDING:
+            if self.conn is not None:
+                self.conn.write(data)
+        elif state is not State.DONE and state is not State.BACKOFF and out.hold(data):
+            self.client.pause_reading("pending", True)
+
+    def record(self, failed: bool, retry_after: float | None = None) -> None:
+        """How the current try went (``classify``), for its endpoint."""
+        if self.attempt is not None:
+            self.attempt.record(failed, retry_after)
+
+    # -- a try ----------------------------------------------------------------------------
+
+    def _try(self, avoid: Endpoint | None, now: float) -> None:
+        """Pick an endpoint (not ``avoid`` nor one this request failed on, if another is
+        there) and send the request to it."""
+        route = self.route
+        assert route is not None
+        failed = self._failed_at
+        member = route.balancer.pick(self._key, failed if avoid is None else (*failed, avoid))
+        if member is None:
+            self.owner.fail(Reason.NO_HEALTHY_UPSTREAM, f"service {route.name} has no endpoints")
+            return
+        self._send_to(member, now, resend=False)
+
+    def _send_to(self, member: Member, now: float, *, resend: bool) -> None:
+        """Start a try on ``member``'s endpoint (``resend``: the last try again, none of
+        which went out)."""
+        route, tries = self.route, self.tries
+        assert route is not None
+        self.attempt = Attempt(route, member)
+        self.endpoint = member.endpoint
+        self._sent = False
+        tries.try_started(now, resend=resend)
+        data = self._request_head(now)
+        if resend:
+            self.out.readdressed(data)
+        elif tries.attempt > 1:
+            self.out.again(data)
+        else:
+            self.out.first(data)
+        self.client.expect_route_at(tries.next_deadline())
+        pool = route.pool_for(member.endpoint)
+        conn = pool.take_idle()
+        if conn is not None:
+            self._send_on(conn)
+        else:
+            self._connect(pool)
+
+    def _request_head(self, now: float) -> bytes:
+        """The current try's head: which try it is, and the time it has left."""
+        route, tries = self.route, self.tries
+        assert route is not None
+        attempt = self.head.attempt if route.relay else tries.attempt
+        return http1.upstream_request(self.head, self.client.client_ip, attempt, tries.left_ms(now))
+
+    def _connect(self, pool: Pool) -> None:
+        route = self.route
+        assert route is not None
+        policy, service = route.policy, route.service
+        full = pool.size() >= policy.max_connections
+        if full or service.pending >= policy.max_pending:
+            service.overloaded += 1
+            limit = "max_connections" if full else "max_pending"
+            self._end_try()
+            self._give_up(Reason.OVERLOADED, f"service {route.name} is at its {limit} limit")
+            return
+        self.tries.state = State.CONNECTING
+        loop, timeout_ms = self.client.loop, policy.connect_timeout_ms
+        self._connecting = Connect(loop, pool, service, timeout_ms, self._connected)
+
+    def _connected(self, conn: UpstreamConnection | None, reason: Reason, detail: str) -> None:
+        self._connecting = None
+        if conn is None:
+            self.try_failed(reason, detail)
+        else:
+            self._send_on(conn)
+
+    def _stop_connecting(self) -> None:
+        if self._connecting is not None:
+            self._connecting.cancel()
+            self._connecting = None
+
+    def _send_on(self, conn: UpstreamConnection) -> None:
+        """Send on a live connection (a pooled one is checked by ``take_idle``)."""
+        self.conn = conn
+        self.tries.state = State.SENT
+        if self.client.write_paused:
+            conn.pause_reading(True)
+        self._sent = True  # from here on the app may see it
+        conn.send(self.owner, self.out.take())
+        self.client.pause_reading("pending", False)
+
+    def _end_try(self) -> None:
+        attempt, self.attempt = self.attempt, None
+        if attempt is not None:
+            attempt.end()
+
+    # -- after a try ------------------------------------------------------------------------
+
+    def on_head(self, resp: ResponseHead, outcome: Outcome, retry_after: float | None) -> bool:
+        """A final response head came: True when it is the answer; False when the request
+        goes again (a status ``retry_on`` lists) or a hedged first try may still answer."""
+        tries = self.tries
+        if tries.retriable(outcome, replayable=self.out.replayable):
+            delay = tries.retry_delay(self.client.loop.time(), retry_after, self._elsewhere)
+            if delay is not None:  # this response goes nowhere: the request goes again
+                self._abandon(outcome.failed, retry_after)
+                detail = f"the upstream answered {resp.status}; the request body grew too large"
+                self._backoff(delay, Reason.UPSTREAM_RESET, f"{detail} to retry", outcome)
+                return False
+        if self._hedged is not None:
+            if tries.listed(outcome):  # the hedged try may still do better
+                self._abandon(outcome.failed, retry_after)
+                self._take(self._hedged)
+                return False
+            self._drop_hedged()
+            tries.hedge_won()
+        return True
+
+    def failed(
+        self, conn: UpstreamConnection | None, exc: BaseException | None, protocol_error: bool
+    ) -> None:
+        """The try's connection ``conn`` failed before a response head went to the client."""
+        if (
+            not protocol_error
+            and conn is not None
+            and conn.stale()
+            and not self._stale_retried
+            and self.out.replayable
+            and self.head.method in http1.IDEMPOTENT
+        ):
+            self._stale_retried = True  # the same try again, on a fresh connection
+            self.out.again(self._request_head(self.client.loop.time()))
+            self._connect(conn.pool)
+            return
+        detail = f"{type(exc).__name__}: {exc}" if exc else "connection closed"
+        if protocol_error:
+            self.owner.fail(
+                Reason.UPSTREAM_PROTOCOL_ERROR, "the upstream sent a malformed response"
+            )
+        elif conn is not None and conn.received:
+            self.owner.fail(
+                Reason.UPSTREAM_RESET, f"upstream closed the connection mid-head ({detail})"
+            )
+        else:
+            self.try_failed(Reason.UPSTREAM_RESET, f"upstream closed the connection ({detail})")
+
+    def try_failed(self, reason: Reason, detail: str) -> None:
+        """The current try failed before any of its response reached the client. One that
+        sent nothing goes to another endpoint at once (``_resend``); otherwise retry if the
+        policy, the budget and the time left allow, else answer with the failure."""
+        outcome = classify.error(reason)
+        sent = self._sent
+        self._abandon(True, None)
+        if not sent and self._resend(reason, detail, outcome):
+            return
+        tries = self.tries
+        delay = None
+        if tries.retriable(outcome, replayable=self.out.replayable):
+            delay = tries.retry_delay(self.client.loop.time())
+        if delay is None:
+            self._give_up(reason, detail)
+        else:
+            self._backoff(delay, reason, detail, outcome)
+
+    def _resend(self, reason: Reason, detail: str, outcome: Outcome) -> bool:
+        """The try that just failed sent nothing: no app has seen the request, so it goes to
+        another endpoint at once, if ``Tries`` allows and there is one. False: not resent
+        (the retry policy decides)."""
+        route, tries = self.route, self.tries
+        assert route is not None
+        now = self.client.loop.time()
+        if not tries.may_resend(now, hedged=self._hedged is not None):
+            return False
+        failed = self._failed_at
+        member = route.balancer.pick(self._key, failed)
+        if member is None or member.endpoint in failed:
+            return False  # no other endpoint to send it to
+        if not tries.resend(now, outcome):
+            self._give_up(reason, detail)
+        else:
+            self._send_to(member, now, resend=True)
+        return True
+
+    def _give_up(self, reason: Reason, detail: str) -> None:
+        """The current try failed for good: the answer, unless a hedged try still waits."""
+        if self._hedged is None:
+            self.owner.fail(reason, detail)
+        else:
+            self._take(self._hedged)
+
+    def _abandon(self, failed: bool, retry_after: float | None) -> None:
+        """The current try is given up (``failed``: a failure for the endpoint's statistics,
+        not a 4xx that ``retry_on`` lists): let go of its connection and endpoint."""
+        self.record(failed, retry_after)
+        self.tries.try_abandoned()
+        endpoint = self.endpoint
+        if endpoint is not None and endpoint not in self._failed_at:
+            self._failed_at = (*self._failed_at, endpoint)  # the next tries go elsewhere
+        self.close()
+        self._stop_connecting()
+        self._end_try()
+
+    def _backoff(self, delay: float, reason: Reason, detail: str, outcome: Outcome) -> None:
+        """Wait ``delay``, then retry."""
+        self._failure = (reason, detail)
+        self.tries.begin_backoff(outcome)
+        self.client.expect_route_at(self.tries.next_deadline())
+        self._retry_timer = self.client.loop.call_later(delay, self._retry)
+
+    def _retry(self) -> None:
+        self._retry_timer = None
+        if self.tries.state is not State.BACKOFF:
+            return
+        if not self.out.replayable:  # the body grew past what is kept while waiting
+            assert self._failure is not None
+            self.owner.fail(*self._failure)
+            return
+        self.tries.state = State.QUEUED
+        self._try(self.endpoint, self.client.loop.time())
+
+    def _elsewhere(self) -> bool:
+        assert self.route is not None
+        return elsewhere(self.route, self.endpoint)
+
+    # -- hedging (``Hedged``'s owner) -------------------------------------------------------
+
+    def hedge(self, now: float) -> None:
+        """The first try has not answered in ``hedge.after_ms``: leave it waiting (as a
+        ``Hedged``) and send another try to another endpoint, if ``Tries`` agrees."""
+        conn, attempt = self.conn, self.attempt
+        if conn is None or attempt is None:
+            return
+        if not self.tries.hedge(now, replayable=self.out.replayable, elsewhere=self._elsewhere()):
+            return
+        self._hedged = hedged = Hedged(self, conn, attempt)
+        conn.owner = hedged
+        self.conn, self.attempt = None, None
+        self._try(attempt.endpoint, now)
+
+    def cork(self) -> None:
+        self.client.cork()
+
+    def uncork(self) -> None:
+        self.client.uncork()
+
+    def hedged_lost(self, hedged: Hedged, failed: bool, retry_after: float | None = None) -> None:
+        if self._hedged is hedged:
+            self._hedged = None
+            hedged.end(failed, retry_after)
+
+    def _take(self, hedged: Hedged) -> None:
+        """Make the hedged try the current one again (whatever the current one was, it is
+        over: ended, failed or lost)."""
+        self._hedged = None
+        self.conn = conn = hedged.conn
+        conn.owner = self.owner
+        self.attempt = hedged.attempt
+        self.endpoint = hedged.attempt.endpoint
+        self._sent = True
+        self.tries.state = State.SENT
+        conn.pause_reading(self.client.write_paused)
+        self.client.expect_route_at(self.tries.next_deadline())
+
+    def hedged_won(self, hedged: Hedged, resp: ResponseHead) -> bool:
+        """The hedged try answered first: the current try loses, and that answer goes on."""
+        self._cancel_retry()
+        self.tries.stop_retrying()  # the first try answers: this request is retrying no more
+        self._stop_connecting()
+        self._end_try()
+        self.close()
+        self.out.clear()
+        self._take(hedged)
+        return self.owner.response_head(resp)
+
+    def _drop_hedged(self) -> None:
+        hedged, self._hedged = self._hedged, None
+        if hedged is not None:
+            hedged.end()
+
+    def _cancel_retry(self) -> None:
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
+
+    # -- the end --------------------------------------------------------------------------
+
+    def release(self, *, reusable: bool) -> None:
+        """The response is complete: its connection goes back to its pool."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            if not reusable:
+                conn.reusable = False
+            conn.pool.release(conn)
+
+    def close(self) -> UpstreamConnection | None:
+        """Let go of the current connection, which is never reused; it is returned."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.close()
+        return conn
+
+    def cancel(self) -> None:
+        """Stop all upstream work: the try (a client gone mid-try: nothing learnt), a hedged
+        try, a connect in progress, a retry waiting, the connection in use."""
+        self._end_try()
+        self._drop_hedged()
+        self._stop_connecting()
+        self._cancel_retry()
+        self.close()
+        self.out.clear()
