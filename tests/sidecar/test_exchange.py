@@ -1,0 +1,354 @@
+"""The exchange without a socket or an event loop: a fake client, pools that hand out fake
+connections, and the loop's timers on a fake clock. What the client reads, what each
+endpoint was sent, and the counters, after retries, per-try timeouts, hedges and deadlines
+(the same cases test_resilience runs over real sockets, here in microseconds)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any, cast
+
+import pytest
+
+from control_plane.wire import Endpoint, parse_policy
+from sidecar.balancing import balancer
+from sidecar.balancing.balancer import Member
+from sidecar.balancing.ewma import EndpointStats, Exclusions
+from sidecar.clock import FakeClock
+from sidecar.errors import Reason
+from sidecar.http import http1
+from sidecar.http.http1 import ResponseHead
+from sidecar.proxy.client import Http1Answer
+from sidecar.proxy.exchange import Exchange
+from sidecar.proxy.routing import Route
+from sidecar.proxy.upstream import Pool, ResponseSink
+from sidecar.resilience.service import ServiceState
+from sidecar.resilience.tries import State
+
+
+class Timer:
+    def __init__(self, at: float, callback: Callable[[], None]) -> None:
+        self.at = at
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Loop:
+    """The loop as an exchange uses it: its time and timers (no connects here)."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.timers: list[Timer] = []
+
+    def time(self) -> float:
+        return self.clock.now
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        timer = Timer(self.clock.now + delay, callback)
+        self.timers.append(timer)
+        return timer
+
+
+class Conn:
+    """An upstream connection: what it was sent, and the answers it is told to give."""
+
+    def __init__(self, pool: FakePool) -> None:
+        self.pool = pool
+        self.owner: ResponseSink | None = None
+        self.sent = b""
+        self.closed = False
+        self.requests = 0
+        self.received = False
+        self.reusable = True
+
+    def send(self, owner: ResponseSink, data: bytes) -> None:
+        self.owner = owner
+        self.sent += data
+        self.requests += 1
+
+    def write(self, data: bytes) -> None:
+        self.sent += data
+
+    def close(self) -> None:
+        self.closed = True
+        self.owner = None
+
+    def pause_reading(self, paused: bool) -> None:
+        pass
+
+    def stale(self) -> bool:
+        return False
+
+    def answer(self, status: int, *headers: tuple[bytes, bytes], body: bytes = b"") -> None:
+        owner = self.owner
+        assert owner is not None, "nobody waits for this connection's answer"
+        self.received = True
+        length = (b"content-length", b"%d" % len(body))
+        resp: ResponseHead = http1.parse_response_head(status, b"", [*headers, length])
+        owner.response_head(resp)
+        owner = self.owner  # (a hedged try that wins hands its connection to the exchange)
+        if owner is not None and body:
+            owner.response_body(body)
+        if owner is not None and self.owner is owner:
+            self.owner = None
+            owner.response_complete()
+
+
+class FakePool:
+    def __init__(self, endpoint: Endpoint, taken: list[Conn]) -> None:
+        self.endpoint = endpoint
+        self.taken = taken  # every pool's, in order
+        self.conns: list[Conn] = []
+        self.released: list[Conn] = []
+
+    def take_idle(self) -> Conn:
+        conn = Conn(self)
+        self.conns.append(conn)
+        self.taken.append(conn)
+        return conn
+
+    def release(self, conn: Conn) -> None:
+        self.released.append(conn)
+
+
+class Client:
+    """The client connection: what it was written, and what the exchange asked of it."""
+
+    def __init__(self, route: Route, loop: Loop) -> None:
+        self._route = route
+        self.loop = cast(asyncio.AbstractEventLoop, loop)
+        self.client_ip = b"10.0.0.1"
+        self.draining = False
+        self.write_paused = False
+        self.written = b""
+        self.answer = Http1Answer(self.write)
+        self.deadline = 0.0
+        self.done: list[tuple[bool, bool]] = []
+        self.records: list[tuple[Any, ...]] = []
+
+    def route(self, authority: bytes | None) -> Route | tuple[Reason, str]:
+        return self._route
+
+    def source_allows(self, max_requests: int) -> bool:
+        return True
+
+    def source_count(self, delta: int) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def cork(self) -> None:
+        pass
+
+    def uncork(self) -> None:
+        pass
+
+    def pause_reading(self, reason: str, paused: bool) -> None:
+        pass
+
+    def expect_route_at(self, when: float) -> None:
+        self.deadline = when
+
+    def become_tunnel(self) -> None:
+        pass
+
+    def exchange_done(self, ex: object, *, close: bool, abort: bool) -> None:
+        self.done.append((close, abort))
+
+    def record(self, *entry: Any) -> None:
+        self.records.append(entry)
+
+
+class Mesh:
+    """One service of two endpoints (round robin) and one client request at a time."""
+
+    def __init__(self, **policy: Any) -> None:
+        self.clock = FakeClock()
+        self.loop = Loop(self.clock)
+        exclusions = Exclusions()
+        endpoints = [Endpoint(address="10.0.1.1", port=80), Endpoint(address="10.0.1.2", port=80)]
+        self.taken: list[Conn] = []
+        self.pools = [FakePool(e, self.taken) for e in endpoints]
+        self.stats = [EndpointStats(self.clock.now, exclusions) for _ in endpoints]
+        members = [Member(e, s) for e, s in zip(endpoints, self.stats, strict=True)]
+        parsed = parse_policy(
+            {"lb": "round_robin", "outlier": {"consecutive_failures": 0}, **policy}
+        )
+        self.service = ServiceState("svc")
+        by_address = {e.address: p for e, p in zip(endpoints, self.pools, strict=True)}
+        self.route = Route(
+            "svc",
+            parsed,
+            balancer.make(parsed, members, self.clock),
+            lambda e: cast(Pool, by_address[e.address]),
+            self.service,
+            clock=self.clock,
+        )
+        self.client = Client(self.route, self.loop)
+
+    def request(self, *headers: tuple[bytes, bytes], method: bytes = b"GET") -> Exchange:
+        head = http1.parse_request_head(method, b"/", "1.1", [(b"host", b"svc"), *headers], True)
+        ex = Exchange(self.client, head)
+        ex.request_complete()  # (a request without a body: whole before it starts)
+        ex.start()
+        return ex
+
+    def conns(self) -> list[Conn]:
+        """Every connection used, in the order they were taken."""
+        return list(self.taken)
+
+    def ring(self, ex: Exchange) -> None:
+        """Move the clock to what is due next, a timer's or the connection's deadline."""
+        timers = [t for t in self.loop.timers if not t.cancelled]
+        timer = min(timers, key=lambda t: t.at, default=None)
+        if timer is not None and timer.at <= self.client.deadline:
+            self.loop.timers.remove(timer)
+            self.clock.now = max(self.clock.now, timer.at)
+            timer.callback()
+        else:
+            self.clock.now = max(self.clock.now, self.client.deadline)
+            ex.route_timeout()
+
+    def status(self) -> int:
+        line = self.client.written.split(b"\r\n", 1)[0]
+        return int(line.split()[1])
+
+
+def sent_header(conn: Conn, name: bytes) -> bytes:
+    for line in conn.sent.split(b"\r\n"):
+        if line.startswith(name + b": "):
+            return line.split(b": ")[1]
+    return b""
+
+
+def attempt_header(conn: Conn) -> bytes:
+    return sent_header(conn, b"x-meshlet-attempt")
+
+
+def test_a_retriable_status_is_retried_on_the_other_endpoint() -> None:
+    mesh = Mesh()
+    ex = mesh.request()
+    (first,) = mesh.conns()
+    first.answer(503)
+    assert mesh.client.written == b""  # the 503 goes nowhere
+    assert (ex.state, first.closed) == (State.BACKOFF, True)
+    mesh.ring(ex)  # the backoff
+    _, second = mesh.conns()
+    assert (first.pool is not second.pool, attempt_header(second)) == (True, b"2")
+    second.answer(200, body=b"ok")
+    assert mesh.status() == 200
+    assert mesh.client.written.endswith(b"\r\n\r\nok")
+    assert (mesh.service.retries, mesh.service.retry_reasons) == (1, {"503": 1})
+    assert ([s.failures for s in mesh.stats], [s.in_flight for s in mesh.stats]) == (
+        [1, 0],
+        [0, 0],
+    )
+    assert mesh.client.done == [(False, False)]
+    assert second.pool.released == [second]  # back to its pool for the next request
+
+
+def test_a_retried_429_is_no_failure_of_the_endpoint() -> None:
+    mesh = Mesh(retry_on=[429])
+    ex = mesh.request()
+    mesh.conns()[0].answer(429)
+    mesh.ring(ex)
+    mesh.conns()[1].answer(200)
+    assert mesh.status() == 200
+    assert [s.failures for s in mesh.stats] == [0, 0]
+
+
+def test_a_post_gets_the_upstreams_answer() -> None:
+    mesh = Mesh(retry_on=[500])
+    mesh.request((b"content-length", b"0"), method=b"POST")
+    mesh.conns()[0].answer(500)
+    assert (mesh.status(), len(mesh.conns())) == (500, 1)
+
+
+def test_a_stalled_try_times_out_and_the_retry_answers() -> None:
+    mesh = Mesh(timeout_ms=2000)
+    started = mesh.clock.now
+    ex = mesh.request()
+    mesh.ring(ex)  # the per-try timeout: 2000 ms / (1 retry + 1)
+    assert mesh.clock.now == pytest.approx(started + 1.0)
+    (stalled,) = mesh.conns()
+    assert stalled.closed
+    mesh.ring(ex)  # the backoff
+    mesh.conns()[1].answer(200)
+    assert mesh.status() == 200
+    assert mesh.service.retry_reasons == {"timeout": 1}
+
+
+def test_the_budget_caps_retries_and_the_upstreams_answer_goes_through() -> None:
+    mesh = Mesh(retry_budget={"ratio": 0, "min_per_s": 0})
+    mesh.request()
+    mesh.conns()[0].answer(503)
+    assert (mesh.status(), mesh.service.budget.suppressed) == (503, 1)
+
+
+def test_a_hedged_try_answers_for_a_stalled_first_try() -> None:
+    mesh = Mesh(hedge={"after_ms": 50})
+    ex = mesh.request()
+    mesh.ring(ex)  # the hedge
+    first, hedge = mesh.conns()
+    assert (attempt_header(first), attempt_header(hedge)) == (b"1", b"2")
+    hedge.answer(200)
+    assert mesh.status() == 200
+    assert first.closed  # the loser is let go
+    assert (mesh.service.hedges, mesh.service.hedges_won) == (1, 1)
+    assert [s.in_flight for s in mesh.stats] == [0, 0]
+
+
+def test_the_first_try_wins_when_it_answers_first() -> None:
+    mesh = Mesh(hedge={"after_ms": 50})
+    ex = mesh.request()
+    mesh.ring(ex)
+    first, hedge = mesh.conns()
+    first.answer(200, body=b"first")
+    assert mesh.client.written.endswith(b"first")
+    assert hedge.closed
+    assert (mesh.service.hedges, mesh.service.hedges_won) == (1, 0)
+    assert [s.in_flight for s in mesh.stats] == [0, 0]
+
+
+def test_a_hedge_answering_503_leaves_the_first_try_to_answer() -> None:
+    mesh = Mesh(hedge={"after_ms": 50})
+    ex = mesh.request()
+    mesh.ring(ex)
+    first, hedge = mesh.conns()
+    hedge.answer(503)
+    assert mesh.client.written == b""
+    first.answer(200)
+    assert mesh.status() == 200
+
+
+def test_a_spent_deadline_is_504_at_once_with_nothing_sent() -> None:
+    mesh = Mesh()
+    mesh.request((b"x-meshlet-deadline-ms", b"0"))
+    assert mesh.status() == 504
+    assert b"x-meshlet-error: upstream-timeout" in mesh.client.written
+    assert mesh.conns() == []
+
+
+def test_the_callers_deadline_ends_the_wait_without_a_retry() -> None:
+    mesh = Mesh()
+    started = mesh.clock.now
+    ex = mesh.request((b"x-meshlet-deadline-ms", b"300"))
+    (conn,) = mesh.conns()
+    assert 299 <= int(sent_header(conn, b"x-meshlet-deadline-ms")) <= 300
+    mesh.ring(ex)
+    assert mesh.clock.now == pytest.approx(started + 0.3)
+    assert mesh.status() == 504
+    assert b"no response within the caller's deadline" in mesh.client.written
+    assert (conn.closed, len(mesh.conns()), mesh.service.retries) == (True, 1, 0)
+    assert mesh.stats[0].failures == 1
+
+
+def test_the_deadline_header_is_the_tries_time_left() -> None:
+    mesh = Mesh()  # 15 s, one retry: 7.5 s a try
+    mesh.request()
+    assert b"x-meshlet-deadline-ms: 7500" in mesh.conns()[0].sent
