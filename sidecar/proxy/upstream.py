@@ -298,6 +298,7 @@ class Pool:
         max_idle: int = 64,
         idle_timeout: float = 30.0,
         stats: EndpointStats | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.endpoint = endpoint
         #: what balancers know of the endpoint; it lives as long as the pool (a table swap
@@ -314,7 +315,7 @@ class Pool:
         self._reuses = 0
         self._closed = False
         self._sweeper: asyncio.TimerHandle | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop = loop  # (None: the running loop, looked up once)
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         # asyncio.get_running_loop() makes a getpid() system call on Python 3.11: per

@@ -1,5 +1,6 @@
-"""The exchange without a socket or an event loop: a fake client, pools that hand out fake
-connections, and the loop's timers on a fake clock. What the client reads, what each
+"""The exchange without a socket or an event loop: a fake client, pools of upstream
+connections on fake transports (their answers read by the real parser), and the loop's
+timers on a fake clock. What the client reads, what each
 endpoint was sent, and the counters, after retries, per-try timeouts, hedges and deadlines
 (the same cases test_resilience runs over real sockets, here in microseconds)."""
 
@@ -18,11 +19,10 @@ from sidecar.balancing.ewma import EndpointStats, Exclusions
 from sidecar.clock import FakeClock
 from sidecar.errors import Reason
 from sidecar.http import http1
-from sidecar.http.http1 import ResponseHead
 from sidecar.proxy.client import Http1Answer
 from sidecar.proxy.exchange import Exchange
 from sidecar.proxy.routing import Route
-from sidecar.proxy.upstream import Pool, ResponseSink
+from sidecar.proxy.upstream import Pool, UpstreamConnection
 from sidecar.resilience.service import ServiceState
 from sidecar.resilience.tries import State
 
@@ -53,66 +53,44 @@ class Loop:
         return timer
 
 
-class Conn:
-    """An upstream connection: what it was sent, and the answers it is told to give."""
+class Transport:
+    """A connection's transport: what was written to it, and whether it was closed."""
 
-    def __init__(self, pool: FakePool) -> None:
-        self.pool = pool
-        self.owner: ResponseSink | None = None
+    def __init__(self, taken: list[UpstreamConnection], conn: UpstreamConnection) -> None:
+        self.taken = taken
+        self.conn = conn
         self.sent = b""
-        self.closed = False
-        self.requests = 0
-        self.received = False
-        self.reusable = True
-
-    def send(self, owner: ResponseSink, data: bytes) -> None:
-        self.owner = owner
-        self.sent += data
-        self.requests += 1
+        self.closing = False
 
     def write(self, data: bytes) -> None:
+        if not self.sent:
+            self.taken.append(self.conn)
         self.sent += data
 
-    def close(self) -> None:
-        self.closed = True
-        self.owner = None
+    def is_closing(self) -> bool:
+        return self.closing
 
-    def pause_reading(self, paused: bool) -> None:
+    def abort(self) -> None:
+        self.closing = True
+
+    def pause_reading(self) -> None:
         pass
 
-    def stale(self) -> bool:
-        return False
-
-    def answer(self, status: int, *headers: tuple[bytes, bytes], body: bytes = b"") -> None:
-        owner = self.owner
-        assert owner is not None, "nobody waits for this connection's answer"
-        self.received = True
-        length = (b"content-length", b"%d" % len(body))
-        resp: ResponseHead = http1.parse_response_head(status, b"", [*headers, length])
-        owner.response_head(resp)
-        owner = self.owner  # (a hedged try that wins hands its connection to the exchange)
-        if owner is not None and body:
-            owner.response_body(body)
-        if owner is not None and self.owner is owner:
-            self.owner = None
-            owner.response_complete()
+    def resume_reading(self) -> None:
+        pass
 
 
-class FakePool:
-    def __init__(self, endpoint: Endpoint, taken: list[Conn]) -> None:
-        self.endpoint = endpoint
-        self.taken = taken  # every pool's, in order
-        self.conns: list[Conn] = []
-        self.released: list[Conn] = []
+def sent(conn: UpstreamConnection) -> bytes:
+    return cast(Transport, conn.transport).sent
 
-    def take_idle(self) -> Conn:
-        conn = Conn(self)
-        self.conns.append(conn)
-        self.taken.append(conn)
-        return conn
 
-    def release(self, conn: Conn) -> None:
-        self.released.append(conn)
+def closed(conn: UpstreamConnection) -> bool:
+    return cast(Transport, conn.transport).closing
+
+
+def answer(conn: UpstreamConnection, status: int, body: bytes = b"") -> None:
+    """The upstream answers on ``conn``, its response read by the real parser."""
+    conn.data_received(b"HTTP/1.1 %d X\r\ncontent-length: %d\r\n\r\n%b" % (status, len(body), body))
 
 
 class Client:
@@ -172,9 +150,17 @@ class Mesh:
         self.loop = Loop(self.clock)
         exclusions = Exclusions()
         endpoints = [Endpoint(address="10.0.1.1", port=80), Endpoint(address="10.0.1.2", port=80)]
-        self.taken: list[Conn] = []
-        self.pools = [FakePool(e, self.taken) for e in endpoints]
+        self.taken: list[UpstreamConnection] = []
         self.stats = [EndpointStats(self.clock.now, exclusions) for _ in endpoints]
+        fake_loop = cast(asyncio.AbstractEventLoop, self.loop)
+        self.pools = [
+            Pool(e, stats=s, loop=fake_loop) for e, s in zip(endpoints, self.stats, strict=True)
+        ]
+        for pool in self.pools:  # two idle connections each: no connect needed
+            for _ in range(2):
+                conn = UpstreamConnection(pool)
+                conn.connection_made(cast(asyncio.Transport, Transport(self.taken, conn)))
+                pool.release(conn)
         members = [Member(e, s) for e, s in zip(endpoints, self.stats, strict=True)]
         parsed = parse_policy(
             {"lb": "round_robin", "outlier": {"consecutive_failures": 0}, **policy}
@@ -185,7 +171,7 @@ class Mesh:
             "svc",
             parsed,
             balancer.make(parsed, members, self.clock),
-            lambda e: cast(Pool, by_address[e.address]),
+            lambda e: by_address[e.address],
             self.service,
             clock=self.clock,
         )
@@ -198,7 +184,7 @@ class Mesh:
         ex.start()
         return ex
 
-    def conns(self) -> list[Conn]:
+    def conns(self) -> list[UpstreamConnection]:
         """Every connection used, in the order they were taken."""
         return list(self.taken)
 
@@ -219,14 +205,14 @@ class Mesh:
         return int(line.split()[1])
 
 
-def sent_header(conn: Conn, name: bytes) -> bytes:
-    for line in conn.sent.split(b"\r\n"):
+def sent_header(conn: UpstreamConnection, name: bytes) -> bytes:
+    for line in sent(conn).split(b"\r\n"):
         if line.startswith(name + b": "):
             return line.split(b": ")[1]
     return b""
 
 
-def attempt_header(conn: Conn) -> bytes:
+def attempt_header(conn: UpstreamConnection) -> bytes:
     return sent_header(conn, b"x-meshlet-attempt")
 
 
@@ -234,13 +220,13 @@ def test_a_retriable_status_is_retried_on_the_other_endpoint() -> None:
     mesh = Mesh()
     ex = mesh.request()
     (first,) = mesh.conns()
-    first.answer(503)
+    answer(first, 503)
     assert mesh.client.written == b""  # the 503 goes nowhere
-    assert (ex.state, first.closed) == (State.BACKOFF, True)
+    assert (ex.state, closed(first)) == (State.BACKOFF, True)
     mesh.ring(ex)  # the backoff
     _, second = mesh.conns()
     assert (first.pool is not second.pool, attempt_header(second)) == (True, b"2")
-    second.answer(200, body=b"ok")
+    answer(second, 200, b"ok")
     assert mesh.status() == 200
     assert mesh.client.written.endswith(b"\r\n\r\nok")
     assert (mesh.service.retries, mesh.service.retry_reasons) == (1, {"503": 1})
@@ -249,15 +235,15 @@ def test_a_retriable_status_is_retried_on_the_other_endpoint() -> None:
         [0, 0],
     )
     assert mesh.client.done == [(False, False)]
-    assert second.pool.released == [second]  # back to its pool for the next request
+    assert second.pool.statistics().idle == 2  # back to its pool for the next request
 
 
 def test_a_retried_429_is_no_failure_of_the_endpoint() -> None:
     mesh = Mesh(retry_on=[429])
     ex = mesh.request()
-    mesh.conns()[0].answer(429)
+    answer(mesh.conns()[0], 429)
     mesh.ring(ex)
-    mesh.conns()[1].answer(200)
+    answer(mesh.conns()[1], 200)
     assert mesh.status() == 200
     assert [s.failures for s in mesh.stats] == [0, 0]
 
@@ -265,7 +251,7 @@ def test_a_retried_429_is_no_failure_of_the_endpoint() -> None:
 def test_a_post_gets_the_upstreams_answer() -> None:
     mesh = Mesh(retry_on=[500])
     mesh.request((b"content-length", b"0"), method=b"POST")
-    mesh.conns()[0].answer(500)
+    answer(mesh.conns()[0], 500)
     assert (mesh.status(), len(mesh.conns())) == (500, 1)
 
 
@@ -276,9 +262,9 @@ def test_a_stalled_try_times_out_and_the_retry_answers() -> None:
     mesh.ring(ex)  # the per-try timeout: 2000 ms / (1 retry + 1)
     assert mesh.clock.now == pytest.approx(started + 1.0)
     (stalled,) = mesh.conns()
-    assert stalled.closed
+    assert closed(stalled)
     mesh.ring(ex)  # the backoff
-    mesh.conns()[1].answer(200)
+    answer(mesh.conns()[1], 200)
     assert mesh.status() == 200
     assert mesh.service.retry_reasons == {"timeout": 1}
 
@@ -286,7 +272,7 @@ def test_a_stalled_try_times_out_and_the_retry_answers() -> None:
 def test_the_budget_caps_retries_and_the_upstreams_answer_goes_through() -> None:
     mesh = Mesh(retry_budget={"ratio": 0, "min_per_s": 0})
     mesh.request()
-    mesh.conns()[0].answer(503)
+    answer(mesh.conns()[0], 503)
     assert (mesh.status(), mesh.service.budget.suppressed) == (503, 1)
 
 
@@ -296,9 +282,9 @@ def test_a_hedged_try_answers_for_a_stalled_first_try() -> None:
     mesh.ring(ex)  # the hedge
     first, hedge = mesh.conns()
     assert (attempt_header(first), attempt_header(hedge)) == (b"1", b"2")
-    hedge.answer(200)
+    answer(hedge, 200)
     assert mesh.status() == 200
-    assert first.closed  # the loser is let go
+    assert closed(first)  # the loser is let go
     assert (mesh.service.hedges, mesh.service.hedges_won) == (1, 1)
     assert [s.in_flight for s in mesh.stats] == [0, 0]
 
@@ -308,9 +294,9 @@ def test_the_first_try_wins_when_it_answers_first() -> None:
     ex = mesh.request()
     mesh.ring(ex)
     first, hedge = mesh.conns()
-    first.answer(200, body=b"first")
+    answer(first, 200, b"first")
     assert mesh.client.written.endswith(b"first")
-    assert hedge.closed
+    assert closed(hedge)
     assert (mesh.service.hedges, mesh.service.hedges_won) == (1, 0)
     assert [s.in_flight for s in mesh.stats] == [0, 0]
 
@@ -320,9 +306,9 @@ def test_a_hedge_answering_503_leaves_the_first_try_to_answer() -> None:
     ex = mesh.request()
     mesh.ring(ex)
     first, hedge = mesh.conns()
-    hedge.answer(503)
+    answer(hedge, 503)
     assert mesh.client.written == b""
-    first.answer(200)
+    answer(first, 200)
     assert mesh.status() == 200
 
 
@@ -344,11 +330,11 @@ def test_the_callers_deadline_ends_the_wait_without_a_retry() -> None:
     assert mesh.clock.now == pytest.approx(started + 0.3)
     assert mesh.status() == 504
     assert b"no response within the caller's deadline" in mesh.client.written
-    assert (conn.closed, len(mesh.conns()), mesh.service.retries) == (True, 1, 0)
+    assert (closed(conn), len(mesh.conns()), mesh.service.retries) == (True, 1, 0)
     assert mesh.stats[0].failures == 1
 
 
 def test_the_deadline_header_is_the_tries_time_left() -> None:
     mesh = Mesh()  # 15 s, one retry: 7.5 s a try
     mesh.request()
-    assert b"x-meshlet-deadline-ms: 7500" in mesh.conns()[0].sent
+    assert b"x-meshlet-deadline-ms: 7500" in sent(mesh.conns()[0])
