@@ -285,16 +285,9 @@ class ResponseHead:
     close: bool = False
     """the upstream closes the connection after it"""
     upgrade_value: bytes = b""
-
-    def framing(self, *, head_request: bool = False) -> Framing:
-        """Where its body ends (``framing.response_framing``)."""
-        return response_framing(
-            self.status,
-            head_request=head_request,
-            coded=self.chunked or bool(self.codings),
-            chunked=self.chunked,
-            sized=self.sized,
-        )
+    framing: Framing = Framing.EMPTY
+    """where its body ends, as the upstream sends it (``framing.response_framing``; the
+    answer to a HEAD request has none, whatever this says)"""
 
 
 def parse_response_head(status: int, reason: bytes, headers: Headers) -> ResponseHead:
@@ -326,6 +319,10 @@ def parse_response_head(status: int, reason: bytes, headers: Headers) -> Respons
         resp.codings = b", ".join(te_tokens[:-1] if resp.chunked else te_tokens)
     if custom:
         resp.lines = _without(lines, custom)
+    coded = resp.chunked or bool(resp.codings)
+    resp.framing = response_framing(
+        status, head_request=False, coded=coded, chunked=resp.chunked, sized=resp.sized
+    )
     return resp
 
 

@@ -20,6 +20,7 @@ from sidecar.errors import Reason, error_response
 from sidecar.http import framing, http1
 from sidecar.http.framing import Framing
 from sidecar.http.http1 import Headers, RequestHead, ResponseHead
+from sidecar.proxy.limits import Source
 from sidecar.proxy.routing import Route
 
 
@@ -60,6 +61,8 @@ class Client(Protocol):
     """the client is not reading its answers: keep the upstream paused"""
     loop: asyncio.AbstractEventLoop
     """for the exchange's timers and connects"""
+    source: Source | None
+    """inbound: the client's address, whose requests in flight count against its share"""
 
     @property
     def answer(self) -> Answer:
@@ -71,12 +74,8 @@ class Client(Protocol):
         ...
 
     def source_allows(self, max_requests: int) -> bool:
-        """Whether the client's address is under its share of ``max_requests`` in flight
-        (inbound, ``limits``); a refusal is counted."""
-        ...
-
-    def source_count(self, delta: int) -> None:
-        """One more (1) or one fewer (-1) request of the client's address in flight."""
+        """Whether the client's address (``source``) is under its share of ``max_requests``
+        in flight; a refusal is counted."""
         ...
 
     def write(self, data: bytes) -> None:
@@ -144,7 +143,7 @@ class Http1Answer:
     def head(
         self, resp: ResponseHead, *, version: str, head_request: bool, keep_alive: bool
     ) -> bool:
-        upstream = resp.framing(head_request=head_request)
+        upstream = Framing.EMPTY if head_request else resp.framing
         out = framing.relayed_framing(upstream, version)
         self._chunked = chunked = out is Framing.CHUNKED
         self._trailers = None

@@ -135,7 +135,8 @@ class Dispatch:
         self.endpoint = member.endpoint
         self._sent = False
         tries.try_started(now, resend=resend)
-        data = self._request_head(now)
+        attempt = self.head.attempt if route.relay else tries.attempt
+        data = http1.upstream_request(self.head, self.client.client_ip, attempt, tries.left_ms(now))
         if resend:
             self.out.readdressed(data)
         elif tries.attempt > 1:
@@ -205,7 +206,7 @@ class Dispatch:
         """A final response head came: True when it is the answer; False when the request
         goes again (a status ``retry_on`` lists) or a hedged first try may still answer."""
         tries = self.tries
-        if tries.retriable(outcome, replayable=self.out.replayable):
+        if tries.retriable(outcome) and self.out.replayable:
             delay = tries.retry_delay(self.client.loop.time(), retry_after, self._elsewhere)
             if delay is not None:  # this response goes nowhere: the request goes again
                 self._abandon(outcome.failed, retry_after)
@@ -260,7 +261,7 @@ class Dispatch:
             return
         tries = self.tries
         delay = None
-        if tries.retriable(outcome, replayable=self.out.replayable):
+        if tries.retriable(outcome) and self.out.replayable:
             delay = tries.retry_delay(self.client.loop.time())
         if delay is None:
             self._give_up(reason, detail)
@@ -407,9 +408,14 @@ class Dispatch:
     def cancel(self) -> None:
         """Stop all upstream work: the try (a client gone mid-try: nothing learnt), a hedged
         try, a connect in progress, a retry waiting, the connection in use."""
-        self._end_try()
-        self._drop_hedged()
-        self._stop_connecting()
-        self._cancel_retry()
-        self.close()
+        if self.attempt is not None:
+            self._end_try()
+        if self._hedged is not None:
+            self._drop_hedged()
+        if self._connecting is not None:
+            self._stop_connecting()
+        if self._retry_timer is not None:
+            self._cancel_retry()
+        if self.conn is not None:
+            self.close()
         self.out.clear()

@@ -91,7 +91,8 @@ class Exchange:
                 "(max_requests)",
             )
             return
-        if not client.source_allows(policy.max_requests):
+        source = client.source
+        if source is not None and not client.source_allows(policy.max_requests):
             self.fail(
                 Reason.OVERLOADED,
                 f"{client.client_ip.decode()} has its share of the {policy.max_requests} "
@@ -115,7 +116,8 @@ class Exchange:
             return
         service.in_flight += 1
         self._counted = True
-        client.source_count(1)
+        if source is not None:
+            source.in_flight += 1
         self.up.start(routed, now)
 
     def request_body(self, data: bytes) -> None:
@@ -168,7 +170,9 @@ class Exchange:
             return False
         tries.answered()
         self._status = status
-        self.up.record(outcome.failed, retry_after)
+        attempt = self.up.attempt
+        if attempt is not None:
+            attempt.record(outcome.failed, retry_after)
         keep_alive = self.keep_alive and not client.draining and not head.upgrade
         self.keep_alive = client.answer.head(
             resp,
@@ -318,4 +322,6 @@ class Exchange:
         if self._counted and route is not None:
             self._counted = False
             route.service.in_flight -= 1
-            self.client.source_count(-1)
+            source = self.client.source
+            if source is not None:
+                source.in_flight -= 1

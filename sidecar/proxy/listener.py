@@ -112,6 +112,8 @@ class Downstream(asyncio.Protocol):
         "client_ip",
         "draining",
         "loop",
+        "record",
+        "route",
         "router",
         "source",
         "timeouts",
@@ -129,6 +131,9 @@ class Downstream(asyncio.Protocol):
     ) -> None:
         self.router = router
         self.tracker = tracker
+        # what an exchange asks of its client (``client.Client``), straight from where it is
+        self.route = router.route
+        self.record = tracker.record
         self.timeouts = timeouts
         # the listener passes its loop: asyncio.get_running_loop() makes a getpid() system
         # call on Python 3.11, and a client may open a connection per request
@@ -455,31 +460,12 @@ class Downstream(asyncio.Protocol):
 
     # -- the rest of what an exchange asks of its client (``client.Client``) ----------------
 
-    def route(self, authority: bytes | None) -> Route | tuple[Reason, str]:
-        return self.router.route(authority)
-
     def source_allows(self, max_requests: int) -> bool:
         source = self.source
         if source is None or source.in_flight < self.tracker.source_limit(max_requests):
             return True
         self.tracker.counters.refused_source_requests += 1
         return False
-
-    def source_count(self, delta: int) -> None:
-        if self.source is not None:
-            self.source.in_flight += delta
-
-    def record(
-        self,
-        route: Route | None,
-        head: RequestHead | None,
-        status: int,
-        seconds: float,
-        endpoint: Endpoint | None = None,
-        attempts: int = 0,
-        error: str = "",
-    ) -> None:
-        self.tracker.record(route, head, status, seconds, endpoint, attempts, error)
 
     def reading_paused(self) -> bool:
         """The sidecar, not the client, holds up the request (upstream or pipeline)."""

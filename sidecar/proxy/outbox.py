@@ -21,7 +21,15 @@ PENDING_LIMIT = 64 * 1024
 class Outbox:
     """One request's upstream bytes: framed, held, and kept for another try."""
 
-    __slots__ = ("_chunked", "_pending", "_pending_size", "_replay", "_replay_size", "_trailers")
+    __slots__ = (
+        "_chunked",
+        "_pending",
+        "_pending_size",
+        "_replay",
+        "_replay_size",
+        "_trailers",
+        "replayable",
+    )
 
     def __init__(self, *, chunked: bool, replayable: bool) -> None:
         self._chunked = chunked
@@ -30,16 +38,13 @@ class Outbox:
         # the body so far, for another try; None: too big, or a request never sent twice
         self._replay: list[bytes] | None = [] if replayable else None
         self._replay_size = 0
+        self.replayable = replayable
+        """the whole body so far is kept: another try can send it again"""
         self._trailers: Headers | None = None  # (most requests have none)
 
     def __repr__(self) -> str:
         kept = "not kept" if self._replay is None else f"{self._replay_size} bytes kept"
         return f"<Outbox [{self._pending_size} bytes pending, {kept}]>"
-
-    @property
-    def replayable(self) -> bool:
-        """The whole body so far is kept: another try can send it again."""
-        return self._replay is not None
 
     # -- the body, framed -----------------------------------------------------------------
 
@@ -67,6 +72,7 @@ class Outbox:
             self._replay_size += len(data)
             if self._replay_size > REPLAY_LIMIT:
                 self._replay = None
+                self.replayable = False
 
     # -- what waits for a connection ------------------------------------------------------
 

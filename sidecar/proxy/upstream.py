@@ -124,7 +124,7 @@ class UpstreamConnection(asyncio.Protocol):
         owner.cork()
         try:
             self._parser.feed_data(data)
-            if not reader.read_ended(n):
+            if (reader.in_head or reader.trailer_watch) and not reader.read_ended(n):
                 raise _TooLarge
         except httptools.HttpParserUpgrade as upgrade:
             self.reusable = False
@@ -204,7 +204,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.reusable = False
         self._in_body = status >= 200
         # (the answer to a HEAD request has its end marked too: ``response_head`` says so)
-        self._sized = resp.framing() is not Framing.UNTIL_CLOSE
+        self._sized = resp.framing is not Framing.UNTIL_CLOSE
         if self.owner.response_head(resp):
             # The response to a HEAD request: its Content-Length describes a body that will not
             # come, and httptools cannot be told so. Finish here and do not reuse the connection.

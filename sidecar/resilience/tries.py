@@ -303,13 +303,13 @@ class Tries:
         self._count(outcome.label)
         return True
 
-    def retriable(self, outcome: Outcome, *, replayable: bool = True) -> bool:
-        """Whether the policy retries a try that ended so (``replayable``: the request's
-        body was kept for another try); ``retry_delay`` says if it fits."""
-        if not self.may_retry or not replayable:
+    def retriable(self, outcome: Outcome) -> bool:
+        """Whether the policy retries a try that ended so (if the request's body was kept
+        for another try); ``retry_delay`` says if it fits."""
+        if not self.may_retry:
             return False
         policy = self.policy
-        if self.attempt > policy.retries or outcome.event not in policy.retry_on:
+        if outcome.event not in policy.retry_on or self.attempt > policy.retries:
             return False
         # answered before the whole request came: nothing to replay yet
         return self.request_done or not isinstance(outcome.event, int)

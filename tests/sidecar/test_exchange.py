@@ -21,6 +21,7 @@ from sidecar.errors import Reason
 from sidecar.http import http1
 from sidecar.proxy.client import Http1Answer
 from sidecar.proxy.exchange import Exchange
+from sidecar.proxy.limits import Source
 from sidecar.proxy.routing import Route
 from sidecar.proxy.upstream import Pool, UpstreamConnection
 from sidecar.resilience.service import ServiceState
@@ -102,6 +103,7 @@ class Client:
         self.client_ip = b"10.0.0.1"
         self.draining = False
         self.write_paused = False
+        self.source: Source | None = None
         self.written = b""
         self.answer = Http1Answer(self.write)
         self.deadline = 0.0
@@ -113,9 +115,6 @@ class Client:
 
     def source_allows(self, max_requests: int) -> bool:
         return True
-
-    def source_count(self, delta: int) -> None:
-        pass
 
     def write(self, data: bytes) -> None:
         self.written += data

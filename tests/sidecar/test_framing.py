@@ -10,7 +10,16 @@ from sidecar.http.framing import Framing, relayed_framing, request_framing, resp
 
 
 def response(status: int, *headers: tuple[bytes, bytes], head: bool = False) -> Framing:
-    return http1.parse_response_head(status, b"", list(headers)).framing(head_request=head)
+    resp = http1.parse_response_head(status, b"", list(headers))
+    framing = response_framing(
+        status,
+        head_request=head,
+        coded=resp.chunked or bool(resp.codings),
+        chunked=resp.chunked,
+        sized=resp.sized,
+    )
+    assert head or resp.framing is framing  # (a parsed head carries its framing)
+    return framing
 
 
 CL = (b"Content-Length", b"5")
