@@ -2,10 +2,11 @@
 after each try's outcome (Envoy's ``RetryState``; h11's rule that what moves the state
 machine lives in one place).
 
-The exchange (``proxy``) tells a ``Tries`` what happened (the request reached the front, a
-try started, the request's last byte came, a try ended with an ``Outcome``, the timer rang)
-with the time of the caller's clock, and does what it answers: retry after a delay, resend at
-once, hedge, answer, or give up at a deadline; ``next_deadline`` is when to wake it next.
+The exchange (``proxy.exchange``) tells a ``Tries`` what happened (the request reached the
+front, a try started, the request's last byte came, a try ended with an ``Outcome``, the
+timer rang) with the time of the caller's clock, and does what it answers: retry after a
+delay, resend at once, hedge, answer, or give up at a deadline; ``next_deadline`` is when to
+wake it next.
 Plain values in and out: no sockets, no event loop, no logging, so that tests drive every
 branch on a fake clock.
 
@@ -21,7 +22,7 @@ Deadlines, in seconds on that clock (``math.inf``: none):
             app); from another hop (``x-meshlet-attempt``) those headers only shorten the
             route timeout, as they are that hop's wait for the head
 
-Retries and resends, and what bounds them, are explained in ``retry``.
+Retries and resends, and what bounds them, are explained in ``budget``.
 """
 
 from __future__ import annotations
