@@ -34,8 +34,7 @@ from aiohttp import web
 from control_plane.flags import setup_logging
 from control_plane.wire import Endpoint, Registration
 from sidecar import build
-from sidecar.admin import metrics as sidecar_metrics
-from sidecar.admin.metrics import endpoint_state
+from sidecar.admin.metrics import SidecarMetrics, endpoint_state
 from sidecar.admin.server import build_admin_app, build_metrics_app
 from sidecar.config import DEFAULT_MAX_CONNECTIONS, Listen, SidecarConfig
 from sidecar.control import state
@@ -80,7 +79,7 @@ class Sidecar:
         self.app_router = AppRouter(
             Endpoint(config.app.host, config.app.port), self.app_pools, metrics=metrics
         )
-        self.metrics = sidecar_metrics.registry(self) if metrics else None
+        self.metrics = SidecarMetrics(self) if metrics else None
         self.draining = False
         self.listening = False
         self.last_reload_error = ""

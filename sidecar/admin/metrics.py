@@ -1,10 +1,10 @@
-"""The sidecar's Prometheus metrics, served on the admin port at ``/metrics``.
+"""The sidecar's Prometheus metrics, served at ``/metrics`` on the admin and metrics ports.
 
-Nothing on the data path touches prometheus-client: its metrics take a lock per observation,
-and a label lookup per request would cost more than the rest of the accounting together. A
-request is recorded into plain lists (``RequestStats``: a bisect and two increments), and the
-counters the resilience code keeps anyway (``ServiceState``) are read as they are. At scrape
-time ``SidecarCollector`` turns all of it into metric families on the sidecar's own registry.
+Nothing on the data path touches a metrics library: a request is recorded into plain lists
+(``RequestStats``: a bisect and two increments), and the counters the resilience code keeps
+anyway (``ServiceState``) are read as they are. At scrape time ``SidecarMetrics`` turns all
+of it, and the process's own figures, into metric families (``exposition``) and writes them
+out. (No prometheus-client: it would cost the sidecar about 4 MB of its idle memory.)
 """
 
 from __future__ import annotations
@@ -14,15 +14,8 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, ProcessCollector
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.registry import Collector
-
+from sidecar.admin.exposition import Family, counter, gauge, histogram, render
+from sidecar.admin.process import ProcessMetrics
 from sidecar.balancing.ewma import EndpointStats, Phase
 from sidecar.telemetry.stats import BUCKETS, CODES, RequestStats
 
@@ -48,50 +41,59 @@ SERVICE_COUNTERS = {
 ENDPOINT_STATES = ("healthy", "ejected", "probing", "paused", "draining")
 
 
-class SidecarCollector(Collector):
+class SidecarMetrics:
     """Everything ``/metrics`` shows, read from the sidecar when Prometheus scrapes."""
 
     def __init__(self, sidecar: SidecarView) -> None:
         self.sidecar = sidecar
+        self.process = ProcessMetrics()
 
-    def collect(self) -> Iterator[Metric]:
+    def __repr__(self) -> str:
+        return f"<SidecarMetrics {self.sidecar.config.service}>"
+
+    def render(self) -> bytes:
+        """The text exposition (``exposition.CONTENT_TYPE``): the sidecar's families, then
+        the process's."""
+        return render([*self.collect(), *self.process.families()])
+
+    def collect(self) -> Iterator[Family]:
         outbound = self.sidecar.services.states()
         yield from self._requests(outbound)
-        retries = CounterMetricFamily(
+        retries = counter(
             "meshlet_upstream_retries", "retries by what failed", labels=["service", "reason"]
         )
         for state in outbound:
             for reason, n in sorted(state.retry_reasons.items()):
-                retries.add_metric([state.name, reason], n)
+                retries.add([state.name, reason], n)
         yield retries
         counters = [state.counters() for state in outbound]
         for name, (key, doc) in SERVICE_COUNTERS.items():
-            family = CounterMetricFamily(name, doc, labels=["service"])
+            family = counter(name, doc, labels=["service"])
             for state, values in zip(outbound, counters, strict=True):
-                family.add_metric([state.name], values[key])
+                family.add([state.name], values[key])
             yield family
         yield from self._endpoints()
         yield from self._table()
         yield from self._listeners()
 
-    def _listeners(self) -> Iterator[Metric]:
+    def _listeners(self) -> Iterator[Family]:
         """Client connections per listener, and what its limits did (``limits``)."""
         sc = self.sidecar
         trackers = (sc.outbound, sc.inbound)
-        open_ = GaugeMetricFamily(
+        open_ = gauge(
             "meshlet_listener_connections", "client connections open", labels=["direction"]
         )
-        refused = CounterMetricFamily(
+        refused = counter(
             "meshlet_listener_refused",
             "connections closed at once, or requests answered 503, by a listener limit",
             labels=["direction", "limit"],
         )
-        timeouts = CounterMetricFamily(
+        timeouts = counter(
             "meshlet_listener_timeouts",
             "requests and connections ended for their pace or their silence",
             labels=["direction", "timeout"],
         )
-        backpressure = CounterMetricFamily(
+        backpressure = counter(
             "meshlet_listener_backpressure",
             "times a client connection stopped being read (a pipeline full, a client not "
             "reading its answers)",
@@ -99,7 +101,7 @@ class SidecarCollector(Collector):
         )
         for tracker in trackers:
             direction = tracker.direction
-            open_.add_metric([direction], len(tracker.connections))
+            open_.add([direction], len(tracker.connections))
             counters = tracker.counters
             for family, values in (
                 (refused, counters.refused()),
@@ -107,19 +109,17 @@ class SidecarCollector(Collector):
                 (backpressure, counters.backpressure()),
             ):
                 for name, n in values.items():
-                    family.add_metric([direction, name], n)
+                    family.add([direction, name], n)
         yield open_
         yield refused
         yield timeouts
         yield backpressure
 
-    def _requests(self, outbound: list[ServiceState]) -> Iterator[Metric]:
+    def _requests(self, outbound: list[ServiceState]) -> Iterator[Family]:
         sc = self.sidecar
         labels = ["direction", "service", "code"]
-        total = CounterMetricFamily(
-            "meshlet_requests", "requests answered, by status class", labels=labels
-        )
-        duration = HistogramMetricFamily(
+        total = counter("meshlet_requests", "requests answered, by status class", labels=labels)
+        duration = histogram(
             "meshlet_request_duration_seconds",
             "from the request head to the end of the response",
             labels=labels,
@@ -142,32 +142,32 @@ class SidecarCollector(Collector):
                     continue
                 n = sum(counts)
                 key = [direction, service, name]
-                total.add_metric(key, n)
+                total.add(key, n)
                 running, cumulative = 0, []
                 for bound, c in zip(bounds, counts, strict=True):
                     running += c
                     cumulative.append((bound, running))
-                duration.add_metric(key, cumulative, stats.sums[code])
+                duration.add_histogram(key, cumulative, stats.sums[code])
         yield total
         yield duration
 
-    def _endpoints(self) -> Iterator[Metric]:
+    def _endpoints(self) -> Iterator[Family]:
         sc = self.sidecar
-        state = GaugeMetricFamily(
+        state = gauge(
             "meshlet_endpoint_state",
             f"1 for each endpoint's state (services of up to {MAX_ENDPOINT_SERIES} endpoints)",
             labels=["service", "endpoint", "state"],
         )
         labels = ["service", "endpoint"]
-        tries = CounterMetricFamily(
+        tries = counter(
             "meshlet_endpoint_tries", "tries answered or failed, per endpoint", labels=labels
         )
-        failures = CounterMetricFamily(
+        failures = counter(
             "meshlet_endpoint_failures",
             "tries that failed (5xx, reset, timeout, refused connect), per endpoint",
             labels=labels,
         )
-        connections = GaugeMetricFamily(
+        connections = gauge(
             "meshlet_upstream_connections",
             "pooled connections to the service's endpoints",
             labels=["service", "state"],
@@ -189,45 +189,45 @@ class SidecarCollector(Collector):
                 stats = sc.pools.find_stats(e)
                 current = endpoint_state(e.draining, stats, now)
                 for s in ENDPOINT_STATES:
-                    state.add_metric([name, where, s], float(s == current))
+                    state.add([name, where, s], float(s == current))
                 if stats is not None:
-                    tries.add_metric([name, where], stats.tries)
-                    failures.add_metric([name, where], stats.failures)
-            connections.add_metric([name, "idle"], idle)
-            connections.add_metric([name, "busy"], busy)
+                    tries.add([name, where], stats.tries)
+                    failures.add([name, where], stats.failures)
+            connections.add([name, "idle"], idle)
+            connections.add([name, "busy"], busy)
         yield state
         yield tries
         yield failures
         yield connections
 
-    def _table(self) -> Iterator[Metric]:
+    def _table(self) -> Iterator[Family]:
         sc = self.sidecar
         table = sc.tables.current
-        yield GaugeMetricFamily(
+        yield gauge(
             "meshlet_table_version",
             "the routing table in force (0: none yet)",
             value=table.info.version if table else 0,
         )
-        yield GaugeMetricFamily(
+        yield gauge(
             "meshlet_table_age_seconds",
             "since the control plane built the table in force (a file's: since it was loaded; "
             "NaN: none yet)",
             value=table.info.age(time.time()) if table else math.nan,
         )
         if sc.discovery is not None:
-            yield GaugeMetricFamily(
+            yield gauge(
                 "meshlet_control_plane_connected",
                 "1 while the push stream is up",
                 value=float(sc.discovery.connected),
             )
         if sc.access_log is not None:
-            yield CounterMetricFamily(
+            yield counter(
                 "meshlet_access_log_dropped",
                 "access log lines dropped (the writer fell behind, or writing failed)",
                 value=sc.access_log.dropped,
             )
         if sc.health is not None:
-            yield GaugeMetricFamily(
+            yield gauge(
                 "meshlet_app_healthy",
                 "1 while the app passes its health check",
                 value=float(sc.health.healthy),
@@ -246,12 +246,3 @@ def endpoint_state(draining: bool, stats: EndpointStats | None, now: float) -> s
         if stats.excluded_until > now:
             return "paused"
     return "healthy"
-
-
-def registry(sidecar: SidecarView) -> CollectorRegistry:
-    """The sidecar's own registry (never prometheus-client's global one): its collector and
-    the process's CPU, memory and file descriptors."""
-    reg = CollectorRegistry(auto_describe=False)
-    reg.register(SidecarCollector(sidecar))
-    ProcessCollector(registry=reg)
-    return reg

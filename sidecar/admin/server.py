@@ -12,9 +12,9 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import hdrs, web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sidecar.admin.access import CHALLENGE, MUTATING, AdminCall, refusal
+from sidecar.admin.exposition import CONTENT_TYPE
 
 if TYPE_CHECKING:
     from sidecar.admin.view import SidecarView
@@ -92,12 +92,10 @@ def clusters_text(data: dict[str, Any]) -> str:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    registry = request.app[SIDECAR].metrics
-    if registry is None:
+    metrics = request.app[SIDECAR].metrics
+    if metrics is None:
         return _json({"error": "metrics are off (--metrics off)"}, 404)
-    return web.Response(
-        body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-    )
+    return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
 async def drain(request: web.Request) -> web.Response:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry
-
 from sidecar.config import SidecarConfig
 from sidecar.control.discovery import Discovery
 from sidecar.control.health import AppHealth
@@ -14,6 +12,12 @@ from sidecar.proxy.listener import ConnectionTracker
 from sidecar.proxy.routing import AppRouter, Pools, TableHolder
 from sidecar.resilience.service import Services
 from sidecar.telemetry.accesslog import AccessLog
+
+
+class Exposition(Protocol):
+    def render(self) -> bytes:
+        """Every metric, in the Prometheus text format (``exposition.CONTENT_TYPE``)."""
+        ...
 
 
 class SidecarView(Protocol):
@@ -27,7 +31,11 @@ class SidecarView(Protocol):
     access_log: AccessLog | None
     discovery: Discovery | None
     health: AppHealth | None
-    metrics: CollectorRegistry | None
+
+    @property
+    def metrics(self) -> Exposition | None:
+        """None: ``--metrics off``"""
+        ...
 
     def readiness(self) -> tuple[bool, str]: ...
 
