@@ -29,13 +29,13 @@ from typing import Any
 
 import aiohttp
 import uvloop
-from aiohttp import web
 
 from control_plane.flags import setup_logging
 from control_plane.wire import Endpoint, Registration
 from sidecar import build
+from sidecar.admin.httpd import Port
 from sidecar.admin.metrics import SidecarMetrics, endpoint_state
-from sidecar.admin.server import build_admin_app, build_metrics_app
+from sidecar.admin.server import Site, admin_site, metrics_site
 from sidecar.config import DEFAULT_MAX_CONNECTIONS, Listen, SidecarConfig
 from sidecar.control import state
 from sidecar.control.discovery import Discovery
@@ -84,7 +84,7 @@ class Sidecar:
         self.listening = False
         self.last_reload_error = ""
         self._servers: list[asyncio.Server] = []
-        self._runners: list[web.AppRunner] = []
+        self._ports: list[Port] = []
         self._table_signature: tuple[int, int, int] | None = None
         self._background: asyncio.Task[None] | None = None
         self._http: aiohttp.ClientSession | None = None
@@ -121,8 +121,8 @@ class Sidecar:
         c = self.config
         await self._listen("outbound", c.outbound, self.tables, self.outbound)
         await self._listen("inbound", c.inbound, self.app_router, self.inbound)
-        await self._serve("admin", c.admin, build_admin_app(self))
-        await self._serve("metrics", c.metrics_listen, build_metrics_app(self))
+        await self._serve("admin", c.admin, admin_site(self))
+        await self._serve("metrics", c.metrics_listen, metrics_site(self))
         self.listening = True
         self._http = aiohttp.ClientSession()
         if self.config.app_health != "none" and self.config.control_plane:
@@ -204,13 +204,11 @@ class Sidecar:
         self.addresses[name] = Listen(host, port)
         log.info("%s listening on %s", name, self.addresses[name])
 
-    async def _serve(self, name: str, where: Listen, app: web.Application) -> None:
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        self._runners.append(runner)
-        await web.TCPSite(runner, where.host, where.port).start()
-        host, port = runner.addresses[0][:2]
-        self.addresses[name] = Listen(host, port)
+    async def _serve(self, name: str, where: Listen, site: Site) -> None:
+        port = Port(name, site.answer)
+        host, number = await port.start(where.host, where.port)
+        self._ports.append(port)
+        self.addresses[name] = Listen(host, number)
         log.info("%s listening on %s", name, self.addresses[name])
 
     # -- the routing file -------------------------------------------------------------------
@@ -357,8 +355,8 @@ class Sidecar:
         self.app_pools.close()
         for server in self._servers:
             await server.wait_closed()
-        for runner in self._runners:
-            await runner.cleanup()
+        for port in self._ports:
+            await port.close()
         if self._http is not None:
             await self._http.close()
         if self.access_log is not None:

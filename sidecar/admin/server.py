@@ -1,56 +1,53 @@
-"""The sidecar's admin port (aiohttp; not the hot path): health, readiness, metrics, config,
-endpoint statistics, drain; and the metrics port, which serves only metrics and the probes.
+"""The sidecar's admin port (not the hot path): health, readiness, metrics, config, endpoint
+statistics, drain; and the metrics port, which serves only metrics and the probes. Both are
+``httpd.Port``s; a ``Site`` answers their requests.
 
-Mutating calls on the admin port pass ``admin_access.refusal`` first (loopback or the admin
-token, same origin, JSON bodies).
+Mutating calls on the admin port pass ``access.refusal`` first (loopback or the admin token,
+same origin, JSON bodies), whatever their path. A GET route answers HEAD too. Anything else is
+a JSON 404, or on the admin port a 405 for a path it has under another method.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-
-from aiohttp import hdrs, web
 
 from sidecar.admin.access import CHALLENGE, MUTATING, AdminCall, refusal
 from sidecar.admin.exposition import CONTENT_TYPE
+from sidecar.admin.httpd import Request, Response, json_response, text_response
 
 if TYPE_CHECKING:
     from sidecar.admin.view import SidecarView
 
-SIDECAR: web.AppKey[SidecarView] = web.AppKey("sidecar")
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Handler = Callable[["SidecarView", Request], Response]
 log = logging.getLogger("meshlet.admin")
 
 
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.json_response(data, status=status)
+def healthz(sidecar: SidecarView, request: Request) -> Response:
+    return json_response({"status": "ok"})
 
 
-async def healthz(request: web.Request) -> web.Response:
-    return _json({"status": "ok"})
-
-
-async def readyz(request: web.Request) -> web.Response:
-    ready, why = request.app[SIDECAR].readiness()
-    return _json(
+def readyz(sidecar: SidecarView, request: Request) -> Response:
+    ready, why = sidecar.readiness()
+    return json_response(
         {"status": "ready" if ready else "not ready", "reason": why}, 200 if ready else 503
     )
 
 
-async def config_dump(request: web.Request) -> web.Response:
-    return _json(request.app[SIDECAR].config_dump())
+def config_dump(sidecar: SidecarView, request: Request) -> Response:
+    return json_response(sidecar.config_dump())
 
 
-async def clusters(request: web.Request) -> web.Response:
-    data = request.app[SIDECAR].endpoint_stats()
-    form = request.query.get("format", "json")
+def clusters(sidecar: SidecarView, request: Request) -> Response:
+    data = sidecar.endpoint_stats()
+    form = request.arg("format", "json")
     if form == "text":
-        return web.Response(text=clusters_text(data))
+        return text_response(clusters_text(data))
     if form != "json":
-        return _json({"error": f"format must be json or text, got {form!r}"}, 400)
-    return _json(data)
+        return json_response({"error": f"format must be json or text, got {form!r}"}, 400)
+    return json_response(data)
 
 
 COLUMNS = ("endpoint", "state", "out_for_s", "in_flight", "rtt_ms", "penalty_ms", "weight", "ramp")
@@ -91,81 +88,102 @@ def clusters_text(data: dict[str, Any]) -> str:
     return "\n".join(out) + "\n" if out else "no routing table loaded\n"
 
 
-async def metrics(request: web.Request) -> web.Response:
-    metrics = request.app[SIDECAR].metrics
-    if metrics is None:
-        return _json({"error": "metrics are off (--metrics off)"}, 404)
-    return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+def metrics(sidecar: SidecarView, request: Request) -> Response:
+    if sidecar.metrics is None:
+        return json_response({"error": "metrics are off (--metrics off)"}, 404)
+    return Response(200, sidecar.metrics.render(), CONTENT_TYPE)
 
 
-async def drain(request: web.Request) -> web.Response:
-    request.app[SIDECAR].drain()
-    return _json({"status": "draining"}, 202)
+def drain(sidecar: SidecarView, request: Request) -> Response:
+    sidecar.drain()
+    return json_response({"status": "draining"}, 202)
 
 
-async def not_found(request: web.Request) -> web.Response:
-    return _json({"error": f"not found: {request.method} {request.path}"}, 404)
+def not_found(request: Request) -> Response:
+    return json_response({"error": f"not found: {request.method} {request.path}"}, 404)
 
 
-def admin_call(request: web.Request, body: bytes) -> AdminCall:
-    """What ``admin_access.refusal`` reads: the TCP peer and the headers as sent."""
-    peer = request.transport.get_extra_info("peername") if request.transport else None
+def admin_call(request: Request) -> AdminCall:
+    """What ``access.refusal`` reads: the TCP peer and the headers as sent."""
     headers = request.headers
     return AdminCall(
         method=request.method,
-        peer=peer[0] if isinstance(peer, tuple) else None,
-        host=headers.get(hdrs.HOST),
-        origin=headers.get(hdrs.ORIGIN),
-        fetch_site=headers.get("Sec-Fetch-Site"),
-        content_type=headers.get(hdrs.CONTENT_TYPE),
-        authorization=headers.get(hdrs.AUTHORIZATION),
-        body=body,
+        peer=request.peer,
+        host=headers.get("host"),
+        origin=headers.get("origin"),
+        fetch_site=headers.get("sec-fetch-site"),
+        content_type=headers.get("content-type"),
+        authorization=headers.get("authorization"),
+        body=request.body,
     )
 
 
-@web.middleware
-async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Mutating calls only when ``admin_access.refusal`` finds nothing wrong."""
-    if request.method not in MUTATING:
-        return await handler(request)
-    call = admin_call(request, await request.read())
-    refused = refusal(call, request.app[SIDECAR].config.admin_token)
-    if refused is None:
-        return await handler(request)
-    log.warning(
-        "admin %s %s from %s refused: %s", request.method, request.path, call.peer, refused.error
-    )
-    challenge = {hdrs.WWW_AUTHENTICATE: CHALLENGE} if refused.status == 401 else None
-    return web.json_response({"error": refused.error}, status=refused.status, headers=challenge)
+ADMIN_ROUTES: Mapping[str, tuple[str, Handler]] = {
+    "/healthz": ("GET", healthz),
+    "/readyz": ("GET", readyz),
+    "/config_dump": ("GET", config_dump),
+    "/clusters": ("GET", clusters),
+    "/metrics": ("GET", metrics),
+    "/drain": ("POST", drain),
+}
+METRICS_ROUTES: Mapping[str, tuple[str, Handler]] = {
+    "/metrics": ("GET", metrics),
+    "/healthz": ("GET", healthz),
+    "/readyz": ("GET", readyz),
+}
 
 
-def build_admin_app(sidecar: SidecarView) -> web.Application:
-    app = web.Application(middlewares=[guard])
-    app[SIDECAR] = sidecar
-    app.router.add_routes(
-        [
-            web.get("/healthz", healthz),
-            web.get("/readyz", readyz),
-            web.get("/config_dump", config_dump),
-            web.get("/clusters", clusters),
-            web.get("/metrics", metrics),
-            web.post("/drain", drain),
-        ]
-    )
-    return app
+@dataclass(frozen=True, slots=True)
+class Site:
+    """What one port answers: a path's one method (GET answers HEAD too), and on the admin
+    port (``guarded``) the access rule for mutating calls and a 405 for a known path."""
+
+    sidecar: SidecarView
+    routes: Mapping[str, tuple[str, Handler]]
+    guarded: bool
+
+    def answer(self, request: Request) -> Response:
+        if self.guarded and request.method in MUTATING:
+            refused = self._refusal(request)
+            if refused is not None:
+                return refused
+        route = self.routes.get(request.path)
+        if route is None:
+            return not_found(request)
+        method, handler = route
+        if request.method == method or (method == "GET" and request.method == "HEAD"):
+            return handler(self.sidecar, request)
+        if not self.guarded:
+            return not_found(request)
+        allowed = "GET, HEAD" if method == "GET" else method
+        return json_response(
+            {"error": f"method not allowed: {request.method} {request.path} (allowed: {allowed})"},
+            405,
+            {"Allow": allowed},
+        )
+
+    def _refusal(self, request: Request) -> Response | None:
+        """Mutating calls only when ``access.refusal`` finds nothing wrong."""
+        call = admin_call(request)
+        refused = refusal(call, self.sidecar.config.admin_token)
+        if refused is None:
+            return None
+        log.warning(
+            "admin %s %s from %s refused: %s",
+            request.method,
+            request.path,
+            call.peer,
+            refused.error,
+        )
+        challenge = {"WWW-Authenticate": CHALLENGE} if refused.status == 401 else None
+        return json_response({"error": refused.error}, refused.status, challenge)
 
 
-def build_metrics_app(sidecar: SidecarView) -> web.Application:
+def admin_site(sidecar: SidecarView) -> Site:
+    return Site(sidecar, ADMIN_ROUTES, guarded=True)
+
+
+def metrics_site(sidecar: SidecarView) -> Site:
     """``--metrics-listen``: what Prometheus and the kubelet need, and nothing that changes
     the sidecar or shows its configuration; every other request is a JSON 404."""
-    app = web.Application()
-    app[SIDECAR] = sidecar
-    app.router.add_routes(
-        [
-            web.get("/metrics", metrics),
-            web.get("/healthz", healthz),
-            web.get("/readyz", readyz),
-            web.route("*", "/{tail:.*}", not_found),
-        ]
-    )
-    return app
+    return Site(sidecar, METRICS_ROUTES, guarded=False)
