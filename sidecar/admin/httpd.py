@@ -21,22 +21,18 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import json
 import logging
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Final, cast
-from urllib.parse import parse_qsl, unquote
+from dataclasses import dataclass, replace
+from typing import cast
+from urllib.parse import unquote
 
 import httptools
 
 from control_plane.flags import LogBudget, escape
+from sidecar.admin.messages import Answer, Request, Response, json_response
 from sidecar.http import http1
 
 log = logging.getLogger("meshlet.admin")
-
-JSON: Final = "application/json; charset=utf-8"
-TEXT: Final = "text/plain; charset=utf-8"
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,50 +56,6 @@ class Limits:
         for name in ("request_timeout", "idle_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be more than 0 seconds, got {getattr(self, name)}")
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    method: str
-    path: str
-    """percent-decoded, without the query"""
-    query: str
-    """as sent, after the ``?``"""
-    headers: Mapping[str, str]
-    """lowercase name -> the first value sent (UTF-8, undecodable bytes as surrogates)"""
-    peer: str | None
-    """the TCP peer's address; None when unknown"""
-    body: bytes = b""
-    version: str = "1.1"
-    keep_alive: bool = True
-
-    def arg(self, name: str, default: str) -> str:
-        """The first value of a query parameter, percent-decoded."""
-        for key, value in parse_qsl(self.query, keep_blank_values=True):
-            if key == name:
-                return value
-        return default
-
-
-@dataclass(frozen=True, slots=True)
-class Response:
-    status: int
-    body: bytes = b""
-    content_type: str = JSON
-    headers: tuple[tuple[str, str], ...] = ()
-
-
-Answer = Callable[[Request], Response]
-
-
-def json_response(
-    data: Any, status: int = 200, headers: Mapping[str, str] | None = None
-) -> Response:
-    return Response(status, json.dumps(data).encode(), JSON, tuple((headers or {}).items()))
-
-
-def text_response(text: str, status: int = 200) -> Response:
-    return Response(status, text.encode(), TEXT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -411,17 +363,8 @@ class Connection(asyncio.Protocol):
         request, self._request = self._request, None
         assert request is not None
         if self._body:
-            body, self._body = b"".join(self._body), []
-            request = Request(
-                request.method,
-                request.path,
-                request.query,
-                request.headers,
-                request.peer,
-                body,
-                request.version,
-                request.keep_alive,
-            )
+            request = replace(request, body=b"".join(self._body))
+            self._body = []
         self._complete = request
 
     # -- answering --------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from sidecar.admin.access import CHALLENGE, MUTATING, AdminCall, refusal
 from sidecar.admin.exposition import CONTENT_TYPE
-from sidecar.admin.httpd import Request, Response, json_response, text_response
+from sidecar.admin.messages import Request, Response, json_response, text_response
 
 if TYPE_CHECKING:
     from sidecar.admin.view import SidecarView

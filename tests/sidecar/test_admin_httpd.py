@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 import uvloop
 
-from sidecar.admin.httpd import Limits, Port, Request, Response, json_response
+from sidecar.admin.httpd import Limits, Port
+from sidecar.admin.messages import Request, Response, json_response
 from tests.sidecar.conftest import LOCAL, read_response
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
