@@ -6,7 +6,13 @@ application's.
 
     SidecarError
      ├── ConfigError    bad flags or environment; the process exits 2
-     └── TableError     a routing table (file or push) that cannot be used; the old one stays
+     ├── TableError     a routing table (file or push) that cannot be used; the old one stays
+     └── PeerError      a server the sidecar calls (the control plane's stream, the app's health
+          │             check) broke HTTP/1.1 or RFC 6455, or went silent
+          ├── ConnectError     no connection to it (refused, unreachable, unknown host)
+          ├── HandshakeError   a WebSocket upgrade not answered with 101 and the right accept key
+          └── FrameError       a frame RFC 6455 forbids, or a message over the size limit; the
+                               stream was closed with its ``code`` (1002, 1007, 1009)
 """
 
 from __future__ import annotations
@@ -27,6 +33,30 @@ class ConfigError(SidecarError):
 
 class TableError(SidecarError):
     """A routing table was rejected; the message names the problem."""
+
+
+class PeerError(SidecarError):
+    """A server the sidecar calls failed it; the message says how."""
+
+
+class ConnectError(PeerError):
+    def __init__(self, address: str, reason: str) -> None:
+        super().__init__(f"cannot connect to {address}: {reason}")
+        self.address = address
+
+
+class HandshakeError(PeerError):
+    """``status`` is what the server answered the upgrade with (101 when the headers were wrong)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class FrameError(PeerError):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class Reason(enum.Enum):
