@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import uvloop
 
 from control_plane.flags import setup_logging
@@ -87,7 +86,6 @@ class Sidecar:
         self._ports: list[Port] = []
         self._table_signature: tuple[int, int, int] | None = None
         self._background: asyncio.Task[None] | None = None
-        self._http: aiohttp.ClientSession | None = None
         self.discovery: Discovery | None = None
         self.health: AppHealth | None = None
         self.state_path = Path(config.state_dir) / f"{config.service}.table"
@@ -124,7 +122,6 @@ class Sidecar:
         await self._serve("admin", c.admin, admin_site(self))
         await self._serve("metrics", c.metrics_listen, metrics_site(self))
         self.listening = True
-        self._http = aiohttp.ClientSession()
         if self.config.app_health != "none" and self.config.control_plane:
             url = f"http://{self.config.app}{self.config.app_health}"
             self.health = AppHealth(
@@ -145,14 +142,13 @@ class Sidecar:
 
     async def _run_background(self) -> None:
         """The sidecar's own tasks, in one group: table watcher, stream, app health."""
-        assert self._http is not None
         async with asyncio.TaskGroup() as tasks:
             if self.config.table:
                 tasks.create_task(self._watch_table(), name="table-watcher")
             if self.discovery is not None:
-                tasks.create_task(self.discovery.run(self._http), name="discovery")
+                tasks.create_task(self.discovery.run(), name="discovery")
             if self.health is not None:
-                tasks.create_task(self.health.run(self._http), name="app-health")
+                tasks.create_task(self.health.run(), name="app-health")
 
     def _load_saved(self) -> None:
         """Fail-static: start from the last table the control plane gave us, if it is sound."""
@@ -357,8 +353,6 @@ class Sidecar:
             await server.wait_closed()
         for port in self._ports:
             await port.close()
-        if self._http is not None:
-            await self._http.close()
         if self.access_log is not None:
             await self.access_log.close()
 

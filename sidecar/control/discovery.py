@@ -26,8 +26,6 @@ import ssl
 from pathlib import Path
 from typing import Final
 
-import aiohttp
-
 from control_plane.wire import (
     STREAM_PATH,
     Ack,
@@ -43,13 +41,19 @@ from control_plane.wire import (
     encode,
 )
 from sidecar.control import state
-from sidecar.errors import TableError
+from sidecar.control.websocket import Close
+from sidecar.control.wsclient import WebSocket, connect
+from sidecar.errors import HandshakeError, PeerError, TableError
 from sidecar.proxy.routing import TableHolder
 
 log = logging.getLogger("meshlet.discovery")
 
 HEARTBEAT_EVERY = 5.0
 KEEPALIVE = 10.0
+"""seconds of silence from the control plane before a ping; no answer within half that and
+the stream counts as dead"""
+CONNECT_TIMEOUT = 10.0
+"""seconds to connect, agree TLS and be upgraded"""
 #: a session this long resets the backoff (not merely a welcome: a control plane that closes
 #: every stream at once would otherwise be retried every 0.1 s)
 STABLE_SESSION = 5.0
@@ -99,14 +103,14 @@ def describe_close(code: int | None, reason: str) -> str:
 
 def describe_failure(e: Exception) -> str:
     """A failed connect or session, said plainly: refusals and untrusted certificates first."""
-    if isinstance(e, aiohttp.WSServerHandshakeError) and e.status in (401, 403):
+    if isinstance(e, HandshakeError) and e.status in (401, 403):
         what = "the token is missing or wrong" if e.status == 401 else "the token may not do this"
         return f"the control plane refused the stream with HTTP {e.status} ({what})"
-    if isinstance(e, aiohttp.WSServerHandshakeError):
+    if isinstance(e, HandshakeError) and e.status != 101:
         return f"the control plane answered HTTP {e.status} instead of opening the stream"
-    if isinstance(e, aiohttp.ClientConnectorCertificateError):
+    if isinstance(e, ssl.SSLCertVerificationError):
         return (
-            f"the control plane's TLS certificate is not trusted ({e.certificate_error}); "
+            f"the control plane's TLS certificate is not trusted ({e}); "
             "--ca-file names the CA that signs it"
         )
     return str(e) or type(e).__name__
@@ -146,7 +150,7 @@ class Discovery:
         self.app_healthy = app_healthy
         self.connected = False
         self.last_error = ""
-        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._ws: WebSocket | None = None
         self._health_changed = asyncio.Event()
         self._backoff = Backoff()
         self._beats: asyncio.Task[None] | None = None
@@ -160,14 +164,14 @@ class Discovery:
         self.app_healthy = healthy
         self._health_changed.set()
 
-    async def run(self, http: aiohttp.ClientSession) -> None:
+    async def run(self) -> None:
         """Stay connected until cancelled (or deregistered)."""
         loop = asyncio.get_running_loop()
         while not self._stopping:
             started = loop.time()
             try:
-                self.last_error = await self._session(http)
-            except (aiohttp.ClientError, OSError, TimeoutError, WireError) as e:
+                self.last_error = await self._session()
+            except (PeerError, OSError, TimeoutError, WireError) as e:
                 self.last_error = describe_failure(e)
             finally:
                 self.connected = False
@@ -180,28 +184,29 @@ class Discovery:
             log.warning("control plane stream down (%s); retrying in %.1fs", self.last_error, delay)
             await asyncio.sleep(delay)
 
-    async def _session(self, http: aiohttp.ClientSession) -> str:
+    async def _session(self) -> str:
         """One stream, from hello to close; why it closed."""
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        async with http.ws_connect(
-            self.url,
-            headers=headers,
-            ssl=self.tls if self.tls is not None else True,
-            max_msg_size=MAX_TABLE_BYTES,
-            autoping=True,
-            heartbeat=KEEPALIVE,  # pings find a control plane that went silent
-        ) as ws:
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            ws = await connect(
+                self.url,
+                headers=headers,
+                tls=self.tls,
+                max_message=MAX_TABLE_BYTES,
+                keepalive=KEEPALIVE,  # pings find a control plane that went silent
+            )
+        async with ws:
             health = "healthy" if self.app_healthy else "unhealthy"
             hello = Hello(
                 self.node, self.service, self.registration, self.version, health, self.epoch
             )
-            await ws.send_str(encode(hello))
+            await ws.send_text(encode(hello))
             async with asyncio.timeout(WELCOME_TIMEOUT):
                 first = await ws.receive()
-            if first.type is aiohttp.WSMsgType.CLOSE:
-                return describe_close(ws.close_code, first.extra or "")
-            if first.type is not aiohttp.WSMsgType.TEXT:
-                raise WireError("(stream)", f"closed before welcome: {ws.close_code} {first.extra}")
+            if isinstance(first, Close):
+                return describe_close(first.code, first.reason)
+            if not isinstance(first.data, str):
+                raise WireError("(stream)", "a binary message before the welcome")
             welcome = decode(first.data)
             if not isinstance(welcome, Welcome):
                 raise WireError("type", "the control plane's first message must be welcome")
@@ -228,27 +233,24 @@ class Discovery:
                 self._beats.cancel()
                 await asyncio.gather(self._beats, return_exceptions=True)
 
-    async def _take_tables(self, ws: aiohttp.ClientWebSocketResponse) -> str:
-        """Apply, ACK or NACK every table until the stream closes; why it closed."""
+    async def _take_tables(self, ws: WebSocket) -> str:
+        """Apply, ACK or NACK every table until the stream closes; why it closed. (A frame
+        the stream forbids, or no pong within the keepalive, raises PeerError.)"""
         while True:
             msg = await ws.receive()
-            if msg.type is aiohttp.WSMsgType.TEXT:
+            if isinstance(msg, Close):
+                return describe_close(msg.code, msg.reason)
+            if isinstance(msg.data, str):
                 answer = await self._apply(msg.data)
                 del msg  # a table's text (a few MB) is not held while the next one is awaited
-                await ws.send_str(encode(answer))
-            elif msg.type is aiohttp.WSMsgType.CLOSE:
-                return describe_close(ws.close_code, msg.extra or "")
-            elif msg.type in (aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
-                return describe_close(ws.close_code, "")
-            elif msg.type is aiohttp.WSMsgType.ERROR:  # e.g. no pong within the keepalive
-                return describe_failure(msg.data)
+                await ws.send_text(encode(answer))
 
-    async def _heartbeats(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+    async def _heartbeats(self, ws: WebSocket) -> None:
         """Every 5 s +-10 %, and at once when the app's health changes."""
         while True:
             self._health_changed.clear()
             health = "healthy" if self.app_healthy else "unhealthy"
-            await ws.send_str(encode(Heartbeat(health)))
+            await ws.send_text(encode(Heartbeat(health)))
             try:
                 async with asyncio.timeout(HEARTBEAT_EVERY * random.uniform(0.9, 1.1)):
                     await self._health_changed.wait()
@@ -296,10 +298,10 @@ class Discovery:
             return
         try:
             async with asyncio.timeout(2.0):
-                await ws.send_str(encode(Deregister()))
+                await ws.send_text(encode(Deregister()))
                 await ws.close()
             log.info("deregistered %s/%s", self.service, self.instance)
-        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+        except (PeerError, OSError, TimeoutError) as e:
             log.warning("could not deregister: %s", e)
 
 

@@ -4,7 +4,7 @@
 failures in a row make it unhealthy (callers stop routing to this instance), ``rise``
 successes healthy again. It starts unhealthy, as a Kubernetes readiness probe does: an app
 gets traffic only once it has answered. A response counts as a success when its status is
-below 400.
+below 400; the body is not read. One connection per check (``Connection: close``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-import aiohttp
+from sidecar.control.httpclient import get_status
+from sidecar.errors import PeerError
 
 log = logging.getLogger("meshlet.health")
 
@@ -62,18 +63,18 @@ class AppHealth:
                 log.warning("app unhealthy after %d failed checks: %s", self._failures, error)
                 self.on_change(False)
 
-    async def run(self, http: aiohttp.ClientSession) -> None:
+    async def run(self) -> None:
         first = True
         while True:
             if not first:
                 await asyncio.sleep(self.interval)
             first = False
             try:
-                async with asyncio.timeout(self.timeout), http.get(self.url) as r:
-                    ok = r.status < 400
-                    error = f"status {r.status}"
+                async with asyncio.timeout(self.timeout):
+                    status = await get_status(self.url)
+                ok, error = status < 400, f"status {status}"
             except TimeoutError:
                 ok, error = False, f"no answer within {self.timeout * 1000:.0f} ms"
-            except aiohttp.ClientError as e:
+            except (PeerError, OSError) as e:
                 ok, error = False, str(e) or type(e).__name__
             self.record(ok, "" if ok else error)
