@@ -3,7 +3,7 @@ to send. ``wsclient`` moves them over a connection.
 
 The handshake: ``handshake_request`` is the upgrade request; ``check_answer`` accepts only a
 101 with ``Upgrade: websocket``, ``Connection: upgrade`` and the ``Sec-WebSocket-Accept`` that
-the key asks for, and no extension (none was offered).
+the key asks for, and no extension or subprotocol (none was offered).
 
 Frames: what the client sends is masked (a fresh 4-byte key each); what the server sends must
 not be. Text and binary messages may come in fragments and are handed on whole; pings, pongs
@@ -111,6 +111,8 @@ def check_answer(head: ResponseHead, key: str) -> None:
         wrong = "a Sec-WebSocket-Accept that does not match the key"
     elif h.get("sec-websocket-extensions"):
         wrong = f"an extension that was not asked for ({h['sec-websocket-extensions']})"
+    elif h.get("sec-websocket-protocol"):
+        wrong = f"a subprotocol that was not asked for ({h['sec-websocket-protocol']})"
     else:
         return
     raise HandshakeError(101, f"the answer to the WebSocket upgrade has {wrong}")

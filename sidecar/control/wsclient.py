@@ -54,7 +54,7 @@ class Keepalive:
         self._pinged: float | None = None
 
     def __repr__(self) -> str:
-        return f"<Keepalive every {self.every:g}s{', pinged' if self._pinged else ''}>"
+        return f"<Keepalive every {self.every:g}s{'' if self._pinged is None else ', pinged'}>"
 
     def received(self, now: float) -> None:
         """Something came from the server: it is alive."""

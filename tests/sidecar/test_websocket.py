@@ -110,6 +110,7 @@ def test_a_proper_101_opens_the_stream() -> None:
         (answer(upgrade="h2c"), 101, "no Upgrade: websocket"),
         (answer(connection="close"), 101, "no Connection: upgrade"),
         (answer(**{"sec-websocket-extensions": "permessage-deflate"}), 101, "not asked for"),
+        (answer(**{"sec-websocket-protocol": "chat"}), 101, "subprotocol"),
     ],
 )
 def test_a_bad_answer_to_the_upgrade_is_refused(head: ResponseHead, status: int, says: str) -> None:
