@@ -86,12 +86,6 @@ def app() -> Iterator[int]:
     server.server_close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the admin ports still run on aiohttp.web (imported by sidecar.app, web.AppRunner) "
-    "and prometheus_client (sidecar.admin.metrics); their replacement is another part of "
-    "issue 12: remove this mark when it lands",
-)
 def test_a_running_sidecar_never_imports_aiohttp_or_prometheus_client(
     control_plane: Callable[..., ControlPlane],
     sidecar_process: Callable[..., Sidecar],
