@@ -248,7 +248,7 @@ def test_ctl_sidecars_and_table(
     # pointed at the wrong port (the sidecar's admin), the answer is a one-line 404
     out = ctl(f"http://127.0.0.1:{sidecar.ports['admin']}", "sidecars")
     assert (out.returncode, out.stdout) == (1, "")
-    assert out.stderr == "meshlet ctl: GET /v1/sidecars: 404 Not Found\n"
+    assert out.stderr == "meshlet ctl: GET /v1/sidecars: 404 not found: GET /v1/sidecars\n"
     assert sidecar.stop() == 0
     assert cp.stop() == 0
 
