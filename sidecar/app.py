@@ -23,7 +23,6 @@ import resource
 import signal
 import socket
 import ssl
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from sidecar import build
 from sidecar.admin.httpd import Port
 from sidecar.admin.metrics import SidecarMetrics, endpoint_state
 from sidecar.admin.server import Site, admin_site, metrics_site
+from sidecar.clock import monotonic
 from sidecar.config import DEFAULT_MAX_CONNECTIONS, Listen, SidecarConfig
 from sidecar.control import state
 from sidecar.control.discovery import Discovery
@@ -334,11 +334,11 @@ class Sidecar:
         self.drain()  # step 1
         for server in self._servers:  # step 2
             server.close()
-        deadline = time.monotonic() + self.config.drain_timeout  # step 3
+        deadline = monotonic() + self.config.drain_timeout  # step 3
         while self.outbound.connections or self.inbound.connections:
             self.outbound.drain()
             self.inbound.drain()
-            if time.monotonic() >= deadline:
+            if monotonic() >= deadline:
                 left = len(self.outbound.connections) + len(self.inbound.connections)
                 log.warning("drain timeout: cutting %d connections", left)
                 break

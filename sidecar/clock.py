@@ -1,10 +1,21 @@
-"""Time, injected: EWMA decay, slow start and Retry-After read a ``Clock`` so that tests can
-move it instead of sleeping."""
+"""Time: the only module of the sidecar that reads the system's clocks (ruff's banned-API rule
+keeps ``time.monotonic`` and ``time.time`` out of every other).
+
+Injected where decisions depend on it: EWMA decay, slow start and Retry-After read a ``Clock``,
+and the request core (``resilience.tries``) takes the time as an argument, so that tests move a
+``FakeClock`` instead of sleeping. The listeners arm their timers on the event loop's own clock
+(``loop.time()``: the same monotonic clock, in whole milliseconds under uvloop); durations shown
+in metrics and logs use ``monotonic``, timestamps shown to people ``wall``."""
 
 from __future__ import annotations
 
 import time
 from typing import Protocol
+
+monotonic = time.monotonic
+"""seconds on the system's monotonic clock, to the nanosecond (durations)"""
+wall = time.time
+"""seconds since the epoch (timestamps for people: a table's age, the access log)"""
 
 
 class Clock(Protocol):

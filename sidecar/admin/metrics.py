@@ -10,13 +10,13 @@ out. (No prometheus-client: it would cost the sidecar about 4 MB of its idle mem
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from sidecar.admin.exposition import Family, counter, gauge, histogram, render
 from sidecar.admin.process import ProcessMetrics
 from sidecar.balancing.ewma import EndpointStats, Phase
+from sidecar.clock import wall
 from sidecar.telemetry.stats import BUCKETS, CODES, RequestStats
 
 if TYPE_CHECKING:
@@ -212,7 +212,7 @@ class SidecarMetrics:
             "meshlet_table_age_seconds",
             "since the control plane built the table in force (a file's: since it was loaded; "
             "NaN: none yet)",
-            value=table.info.age(time.time()) if table else math.nan,
+            value=table.info.age(wall()) if table else math.nan,
         )
         if sc.discovery is not None:
             yield gauge(

@@ -12,10 +12,10 @@ from __future__ import annotations
 import email.utils
 import itertools
 import os
-import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
+from sidecar.clock import wall
 from sidecar.http.framing import Framing, request_framing, response_framing
 
 Headers = list[tuple[bytes, bytes]]
@@ -338,7 +338,7 @@ def retry_after(resp: ResponseHead) -> float | None:
                 when = email.utils.parsedate_to_datetime(value)
             except (TypeError, ValueError):
                 return None
-            return max(0.0, when.timestamp() - time.time())
+            return max(0.0, when.timestamp() - wall())
     return None
 
 

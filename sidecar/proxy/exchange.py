@@ -14,8 +14,7 @@ All of it is synchronous callback code; the only thing awaited is a new upstream
 
 from __future__ import annotations
 
-import time
-
+from sidecar.clock import monotonic
 from sidecar.errors import Reason
 from sidecar.http import http1
 from sidecar.http.http1 import RequestHead, ResponseHead
@@ -54,7 +53,7 @@ class Exchange:
         self.keep_alive = head.keep_alive
         # for the duration metric (not loop.time(): uvloop's ticks in whole milliseconds); -1
         # once recorded
-        self._started = time.monotonic()
+        self._started = monotonic()
         self._status = 0  # what the client was answered (0: nothing yet)
         self._error = ""  # x-meshlet-error, when the sidecar answered itself
         self._counted = False  # counted in the service's in flight
@@ -304,7 +303,7 @@ class Exchange:
         """Stop all upstream work (``Dispatch.cancel``); the request leaves the service's
         count, and goes into its metrics."""
         if self._started >= 0:
-            seconds = time.monotonic() - self._started
+            seconds = monotonic() - self._started
             self._started = -1.0
             tries = self.tries
             self.client.record(

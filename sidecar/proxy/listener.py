@@ -20,13 +20,13 @@ import asyncio
 import enum
 import logging
 import math
-import time
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
+from sidecar.clock import wall
 from sidecar.errors import Reason, error_response
 from sidecar.http import http1
 from sidecar.http.http1 import RequestHead
@@ -847,7 +847,7 @@ class ConnectionTracker:
             stats.record(status, seconds)
         if self.access_log is not None:
             service = self.service or (route.name if route is not None else "")
-            started = time.time() - seconds
+            started = wall() - seconds
             entry = (started, self.direction, service, head, status, seconds, endpoint)
             self.access_log.add((*entry, attempts, error))
 

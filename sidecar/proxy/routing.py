@@ -8,7 +8,6 @@ address in ``Pools``.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -27,7 +26,7 @@ from sidecar.balancing import balancer
 from sidecar.balancing.balancer import Balancer, Locality, Member
 from sidecar.balancing.ewma import EndpointStats, Exclusions
 from sidecar.balancing.hashing import KeyOf, key_function
-from sidecar.clock import Clock, SystemClock
+from sidecar.clock import Clock, SystemClock, wall
 from sidecar.errors import Reason, TableError
 from sidecar.proxy.upstream import Pool
 from sidecar.resilience.service import Services, ServiceState
@@ -226,7 +225,7 @@ class RoutingTable:
             "source": self.info.source,
             "loaded_at": self.info.loaded_at,
             "built_at": self.info.built_at or None,
-            "age_s": round(self.info.age(time.time()), 3),
+            "age_s": round(self.info.age(wall()), 3),
             "services": to_json(self.table)["services"],
         }
 
@@ -256,7 +255,7 @@ class TableHolder:
     def install(self, table: Table, source: str) -> RoutingTable:
         """Build the table's routes and put them in force; TableError (nothing changes) if
         a ring does not fit its service."""
-        info = TableInfo(table.version, source, time.time(), table.built)
+        info = TableInfo(table.version, source, wall(), table.built)
         new = RoutingTable(table, info, self.pools, self.services, self._locality(table))
         self.current = new
         self.pools.retain(new.endpoints())

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, cast
@@ -20,6 +19,7 @@ import httptools
 
 from control_plane.wire import Endpoint
 from sidecar.balancing.ewma import EndpointStats, Exclusions
+from sidecar.clock import monotonic
 from sidecar.http import http1
 from sidecar.http.framing import Framing
 from sidecar.http.reader import HeadReader
@@ -303,7 +303,7 @@ class Pool:
         self.endpoint = endpoint
         #: what balancers know of the endpoint; it lives as long as the pool (a table swap
         #: keeps it, an endpoint that leaves every table and comes back starts afresh)
-        self.stats = stats if stats is not None else EndpointStats(time.monotonic(), Exclusions())
+        self.stats = stats if stats is not None else EndpointStats(monotonic(), Exclusions())
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         # a list, not a deque: a table of 10,000 endpoints has as many pools, and an empty

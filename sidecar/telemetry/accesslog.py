@@ -18,6 +18,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, TextIO
 
+from sidecar.clock import monotonic
+
 if TYPE_CHECKING:
     from control_plane.wire import Endpoint
     from sidecar.http.http1 import RequestHead
@@ -82,7 +84,7 @@ class AccessLog:
                 self.written += len(batch)
             except (OSError, ValueError) as e:  # a full disk, a closed pipe: drop, say so
                 self.dropped += len(batch)
-                now = time.monotonic()
+                now = monotonic()
                 if now - self._error_logged >= 60:
                     self._error_logged = now
                     log.error(

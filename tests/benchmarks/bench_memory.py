@@ -4,8 +4,9 @@ Each run starts fresh sidecar processes and reads their VmRSS from /proc once th
 table and have been quiet for a second:
   python        a bare ``python -c 'import asyncio, uvloop'`` process: the interpreter and the
                 event loop, what no Python sidecar can go below (the peer of this run)
-  deps          the same importing the sidecar's dependencies too (aiohttp.web for the admin
-                port and the control-plane stream, prometheus_client): its floor as it is built
+  deps          the same importing what else a running sidecar imports of others' code
+                (httptools, xxhash, ssl; no aiohttp, no prometheus_client since issue 12): its
+                floor as it is built
   push idle     a sidecar on a control plane whose table holds only its own instance
   push 1000x10  a sidecar on a control plane holding 1,000 services x 10 instances (the table
                 pushed to it, applied, saved to its state dir; the control plane's ACK says when)
@@ -270,7 +271,7 @@ def main() -> int:
         label = f"{n}x{k}"
         measures: dict[str, Callable[[], float]] = {
             "python": lambda: bare("asyncio", "uvloop"),
-            "deps": lambda: bare("asyncio", "uvloop", "aiohttp.web", "prometheus_client"),
+            "deps": lambda: bare("asyncio", "uvloop", "httptools", "xxhash", "ssl"),
             "push idle": lambda: sidecar(tmp, cp=empty_cp),
             f"push {label}": lambda: sidecar(tmp, cp=loaded_cp),
             "file idle": lambda: sidecar(tmp, table=empty),
