@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from urllib.parse import unquote_to_bytes
 
+from sidecar.http import http1
 from sidecar.http.http1 import RequestHead
 
 KeyOf = Callable[[RequestHead, bytes], bytes | None]
@@ -31,21 +32,17 @@ def key_function(hash_on: str | None) -> KeyOf | None:
 
 def _header(name: bytes) -> KeyOf:
     def key(head: RequestHead, client_ip: bytes) -> bytes | None:
-        lines = head.lines
-        for i in range(0, len(lines), 4):
-            if lines[i].lower() == name:
-                return lines[i + 2]
-        return None
+        return http1.header_value(head.lines, name)
 
     return key
 
 
 def _cookie(name: bytes) -> KeyOf:
     def key(head: RequestHead, client_ip: bytes) -> bytes | None:
-        lines = head.lines
-        for i in range(0, len(lines), 4):
-            if lines[i].lower() == b"cookie":
-                for pair in lines[i + 2].split(b";"):
+        for line in head.lines:
+            lname, _, value = line.partition(b": ")
+            if lname.lower() == b"cookie":
+                for pair in value[:-2].split(b";"):
                     k, eq, v = pair.strip().partition(b"=")
                     if eq and k == name:
                         return v

@@ -1,7 +1,8 @@
 """HTTP/1.1 heads as a proxy rewrites them: hop-by-hop headers, forwarding headers, framing.
 
 Plain functions over ``(name, value)`` byte pairs as httptools delivers them. Each head is
-scanned once: the lines to forward are built in the same pass that classifies the head.
+scanned once: the lines to forward (``name: value\r\n``, one bytes each) are built in the same
+pass that classifies the head.
 Header order and repeated headers (``Set-Cookie``) are kept. Hop-by-hop headers (RFC 9110
 7.6.1), ``Proxy-*``, and anything listed in ``Connection`` are not forwarded; the proxy writes
 its own framing (``Transfer-Encoding``) and ``Connection``.
@@ -12,8 +13,8 @@ from __future__ import annotations
 import email.utils
 import itertools
 import os
-from dataclasses import dataclass, field
 from http import HTTPStatus
+from typing import Final
 
 from sidecar.clock import wall
 from sidecar.http.framing import Framing, request_framing, response_framing
@@ -21,13 +22,13 @@ from sidecar.http.framing import Framing, request_framing, response_framing
 Headers = list[tuple[bytes, bytes]]
 
 #: methods whose requests may be replayed on a fresh connection (RFC 9110 9.2.2)
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
-MAX_HEAD_BYTES = 64 * 1024
-MAX_HEADERS = 100
+IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+MAX_HEAD_BYTES: Final = 64 * 1024
+MAX_HEADERS: Final = 100
 #: Connection tokens that are not taken as header names to drop: the plain options, and the
 #: headers that frame or identify a message (a client listing Content-Length there would
 #: otherwise have its body forwarded without framing: a request smuggled to the upstream)
-_KEPT_TOKENS = frozenset(
+_KEPT_TOKENS: Final = frozenset(
     {
         b"keep-alive",
         b"close",
@@ -39,10 +40,22 @@ _KEPT_TOKENS = frozenset(
     }
 )
 
-# What the single pass does with each special header (lowercase name -> action).
-_HOST, _TE, _CL, _CONN, _UPGRADE, _EXPECT, _RID, _XFF, _DROP = range(9)
-_DEADLINE, _TIMEOUT, _ATTEMPT, _RETRY = range(9, 13)
-_REQUEST = {
+# What the single pass does with each header. (Final: compiled, they are constants.)
+_FORWARD: Final = 0  # as it came
+_HOST: Final = 1
+_TE: Final = 2
+_CL: Final = 3
+_CONN: Final = 4
+_UPGRADE: Final = 5
+_EXPECT: Final = 6
+_RID: Final = 7
+_XFF: Final = 8
+_DROP: Final = 9
+_DEADLINE: Final = 10  # from here on the mesh's own headers
+_TIMEOUT: Final = 11
+_ATTEMPT: Final = 12
+_RETRY: Final = 13
+_SPECIAL_REQUEST: Final = {
     b"x-meshlet-deadline-ms": _DEADLINE,
     b"x-meshlet-timeout-ms": _TIMEOUT,
     b"x-meshlet-attempt": _ATTEMPT,
@@ -60,7 +73,7 @@ _REQUEST = {
     b"te": _DROP,
     b"trailer": _DROP,
 }
-_RESPONSE = {
+_SPECIAL_RESPONSE: Final = {
     b"transfer-encoding": _TE,
     b"content-length": _CL,
     b"connection": _CONN,
@@ -69,34 +82,104 @@ _RESPONSE = {
     b"te": _DROP,
     b"trailer": _DROP,
 }
+#: headers forwarded as they come whatever their case (none starts with ``proxy-``)
+_PLAIN: Final = (
+    b"accept",
+    b"accept-encoding",
+    b"accept-language",
+    b"accept-ranges",
+    b"age",
+    b"authorization",
+    b"cache-control",
+    b"content-encoding",
+    b"content-type",
+    b"cookie",
+    b"date",
+    b"etag",
+    b"expires",
+    b"last-modified",
+    b"location",
+    b"origin",
+    b"referer",
+    b"server",
+    b"set-cookie",
+    b"traceparent",
+    b"tracestate",
+    b"user-agent",
+    b"vary",
+)
 
 
-def _tokens(value: bytes) -> set[bytes]:
-    return {t.strip().lower() for t in value.split(b",") if t.strip()}
+def _spellings(special: dict[bytes, int]) -> dict[bytes, int]:
+    """Header name -> action, for names as lowercase and as Capitalized-Words (``ETag`` too),
+    the spellings clients and servers send: a name found here as it came is not lowered."""
+    table = dict.fromkeys(_PLAIN, _FORWARD) | special
+    for name, action in list(table.items()):
+        table[b"-".join(w.capitalize() for w in name.split(b"-"))] = action
+    table[b"ETag"] = _FORWARD
+    return table
+
+
+_REQUEST: Final = _spellings(_SPECIAL_REQUEST)
+_RESPONSE: Final = _spellings(_SPECIAL_RESPONSE)
+#: the Connection values nearly every message has, split once
+_COMMON_CONNECTION: Final = {
+    value: frozenset({value.lower()})
+    for value in (b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade")
+}
+
+
+def _action(table: dict[bytes, int], name: bytes) -> int:
+    """What to do with header ``name``: as spelled, else by its lowercase (``proxy-*`` is
+    dropped)."""
+    action = table.get(name, -1)
+    if action >= 0:
+        return action
+    lname = name.lower()
+    action = table.get(lname, _FORWARD)
+    if action == _FORWARD and lname[:6] == b"proxy-":
+        return _DROP
+    return action
+
+
+def _tokens(value: bytes) -> frozenset[bytes]:
+    common = _COMMON_CONNECTION.get(value)
+    if common is not None:
+        return common
+    return frozenset(t.strip().lower() for t in value.split(b",") if t.strip())
 
 
 def _codings(value: bytes) -> list[bytes]:
     return [c.strip() for c in value.split(b",") if c.strip()]
 
 
-def _without(lines: list[bytes], names: set[bytes]) -> list[bytes]:
-    """``lines`` (4 items per header) without the headers called ``names``."""
-    kept: list[bytes] = []
-    for i in range(0, len(lines), 4):
-        if lines[i].lower() not in names:
-            kept += lines[i : i + 4]
-    return kept
+def _without(lines: list[bytes], names: frozenset[bytes]) -> list[bytes]:
+    """``lines`` without the headers called ``names``."""
+    return [line for line in lines if line.partition(b":")[0].lower() not in names]
 
 
-_ID_PREFIX = os.urandom(8).hex()
-_ID_PREFIX = f"{_ID_PREFIX[:8]}-{_ID_PREFIX[8:12]}-{_ID_PREFIX[12:16]}"
-_id_counter = itertools.count(int.from_bytes(os.urandom(6), "big"))
+def header_value(lines: list[bytes], lname: bytes) -> bytes | None:
+    """The value of the first of ``lines`` whose header is called ``lname`` (lowercase)."""
+    for line in lines:
+        name, _, value = line.partition(b": ")
+        if name.lower() == lname:
+            return value[:-2]
+    return None
+
+
+def _id_prefix() -> bytes:
+    prefix = os.urandom(8).hex()
+    return f"{prefix[:8]}-{prefix[8:12]}-{prefix[12:16]}-".encode()
+
+
+_ID_PREFIX: Final = _id_prefix()
+_id_counter: Final = itertools.count(int.from_bytes(os.urandom(6), "big"))
 
 
 def new_request_id() -> bytes:
     """A UUID-shaped id: 64 random bits per process, then a counter (cheaper than uuid4)."""
-    n = next(_id_counter)
-    return f"{_ID_PREFIX}-{(n >> 48) & 0xFFFF:04x}-{n & 0xFFFFFFFFFFFF:012x}".encode()
+    n = next(_id_counter) & 0xFFFF_FFFF_FFFF_FFFF
+    return _ID_PREFIX + n.to_bytes(8, "big").hex("-", 6).encode()  # (16 bits, dash, 48 bits)
 
 
 def head_size(headers: Headers) -> int:
@@ -107,38 +190,73 @@ def head_size(headers: Headers) -> int:
 # -- requests ---------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
 class RequestHead:
-    """A client's request head, classified, with its header lines ready to forward."""
+    """A client's request head, classified, with its header lines ready to forward.
 
-    method: bytes
-    target: bytes
-    """origin-form path and query, as sent upstream"""
-    version: str
-    keep_alive: bool
-    authority: bytes | None = None
-    """absolute-form authority, else the Host header"""
-    chunked: bool = False
-    upgrade: bool = False
-    expect_continue: bool = False
-    has_body: bool = False
-    content_length: int = -1
-    """the ``Content-Length`` (-1: none)"""
-    request_id: bytes = b""
-    codings: bytes = b""
-    """transfer codings before the final chunked (kept when the body is re-chunked)"""
-    forwarded_for: bytes = b""
-    upgrade_value: bytes = b""
-    deadline_ms: int | None = None
-    """``x-meshlet-deadline-ms``: what an earlier hop left of its deadline"""
-    timeout_ms: int | None = None
-    """``x-meshlet-timeout-ms``: the caller's own shorter timeout"""
-    attempt: int = 0
-    """``x-meshlet-attempt``: the try of an earlier hop that retries (0: none)"""
-    retry: bool = False
-    """``x-meshlet-retry: on``: retry even a method that is not idempotent"""
-    lines: list[bytes] = field(default_factory=list)
-    """forwardable headers, four items each: name, b": ", value, b"\\r\\n\""""
+    (A plain class, not a dataclass: compiled, a dataclass's ``__init__`` stays Python.)"""
+
+    __slots__ = (
+        "attempt",
+        "authority",
+        "chunked",
+        "codings",
+        "content_length",
+        "deadline_ms",
+        "expect_continue",
+        "forwarded_for",
+        "has_body",
+        "keep_alive",
+        "lines",
+        "method",
+        "request_id",
+        "retry",
+        "target",
+        "timeout_ms",
+        "upgrade",
+        "upgrade_value",
+        "version",
+    )
+
+    def __init__(
+        self,
+        method: bytes,
+        target: bytes,
+        version: str,
+        keep_alive: bool,
+        authority: bytes | None = None,
+    ) -> None:
+        self.method = method
+        self.target = target
+        """origin-form path and query, as sent upstream"""
+        self.version = version
+        self.keep_alive = keep_alive
+        self.authority = authority
+        """absolute-form authority, else the Host header"""
+        self.chunked = False
+        self.upgrade = False
+        self.expect_continue = False
+        self.has_body = False
+        self.content_length = -1
+        """the ``Content-Length`` (-1: none)"""
+        self.request_id = b""
+        self.codings = b""
+        """transfer codings before the final chunked (kept when the body is re-chunked)"""
+        self.forwarded_for = b""
+        self.upgrade_value = b""
+        self.deadline_ms: int | None = None
+        """``x-meshlet-deadline-ms``: what an earlier hop left of its deadline"""
+        self.timeout_ms: int | None = None
+        """``x-meshlet-timeout-ms``: the caller's own shorter timeout"""
+        self.attempt = 0
+        """``x-meshlet-attempt``: the try of an earlier hop that retries (0: none)"""
+        self.retry = False
+        """``x-meshlet-retry: on``: retry even a method that is not idempotent"""
+        self.lines: list[bytes] = []
+        """forwardable header lines, ``name: value\\r\\n`` each"""
+
+    def __repr__(self) -> str:
+        target = self.target[:40].decode(errors="replace")
+        return f"<RequestHead {self.method.decode()} {target} [{len(self.lines)} headers]>"
 
 
 def split_target(method: bytes, url: bytes) -> tuple[bytes, bytes | None]:
@@ -171,27 +289,25 @@ def parse_request_head(
     target, authority = split_target(method, url)
     head = RequestHead(method, target, version, keep_alive, authority)
     lines = head.lines
-    custom: set[bytes] | None = None
+    custom: frozenset[bytes] | None = None
     te_tokens: list[bytes] = []
     connection_upgrade = seen_host = False
     for name, value in headers:
-        lname = name.lower()
-        action = _REQUEST.get(lname)
-        if action is None:
-            if lname[:6] != b"proxy-":
-                lines += (name, b": ", value, b"\r\n")
+        action = _action(_REQUEST, name)
+        if action == _FORWARD:
+            lines.append(name + b": " + value + b"\r\n")
         elif action == _HOST:
             if seen_host:  # which one the upstream would take is anybody's guess
                 raise ValueError("more than one Host header")
             seen_host = True
             if authority is None:
                 head.authority = value
-            lines += (name, b": ", head.authority or value, b"\r\n")
+            lines.append(name + b": " + (head.authority or value) + b"\r\n")
         elif action == _CL:
             if not value.strip().isdigit():  # (llhttp lets only digits through)
                 raise ValueError(f"Content-Length {value[:20]!r} is not a number")
             head.content_length = int(value)
-            lines += (name, b": ", value, b"\r\n")
+            lines.append(name + b": " + value + b"\r\n")
         elif action == _TE:
             head.chunked = True  # httptools accepts only a final "chunked"
             te_tokens += _codings(value)
@@ -205,11 +321,11 @@ def parse_request_head(
             head.upgrade_value = value.strip()
         elif action == _EXPECT:
             head.expect_continue = value.strip().lower() == b"100-continue"
-            lines += (name, b": ", value, b"\r\n")
+            lines.append(name + b": " + value + b"\r\n")
         elif action == _RID:
             if value and not head.request_id:
                 head.request_id = value
-            lines += (name, b": ", value, b"\r\n")
+            lines.append(name + b": " + value + b"\r\n")
         elif action == _XFF:
             head.forwarded_for = head.forwarded_for + b", " + value if head.forwarded_for else value
         elif action >= _DEADLINE:  # the mesh's own: read, never forwarded as sent
@@ -220,7 +336,7 @@ def parse_request_head(
     if custom:
         head.lines = _without(lines, custom)
     if not seen_host and authority is not None:
-        head.lines += (b"host", b": ", authority, b"\r\n")
+        head.lines.append(b"host: " + authority + b"\r\n")
     head.upgrade = connection_upgrade and bool(head.upgrade_value)  # as httptools decides
     return head
 
@@ -245,65 +361,84 @@ def upstream_request(
     """The head sent upstream: origin-form, HTTP/1.1, hop-by-hop removed, X-Forwarded-For
     appended, X-Forwarded-Proto set, X-Request-Id added when absent; which try this is and
     the milliseconds left (``x-meshlet-attempt``, ``x-meshlet-deadline-ms``) when given."""
-    tail = [b"x-forwarded-for: "]
+    out = [head.method, b" ", head.target, b" HTTP/1.1\r\n"]
+    out.extend(head.lines)
     if head.forwarded_for:
-        tail += (head.forwarded_for, b", ")
-    tail += (client_ip, b"\r\nx-forwarded-proto: http\r\n")
+        out.append(b"x-forwarded-for: " + head.forwarded_for + b", ")
+    else:
+        out.append(b"x-forwarded-for: ")
+    out.append(client_ip)
+    out.append(b"\r\nx-forwarded-proto: http\r\n")
     if not head.request_id:
         head.request_id = new_request_id()
-        tail += (b"x-request-id: ", head.request_id, b"\r\n")
+        out.append(b"x-request-id: " + head.request_id + b"\r\n")
     if head.chunked:
         if head.codings:
-            tail += (b"transfer-encoding: ", head.codings, b", chunked\r\n")
+            out.append(b"transfer-encoding: " + head.codings + b", chunked\r\n")
         else:
-            tail.append(b"transfer-encoding: chunked\r\n")
+            out.append(b"transfer-encoding: chunked\r\n")
     if head.upgrade:
-        tail += (b"connection: upgrade\r\nupgrade: ", head.upgrade_value, b"\r\n")
+        out.append(b"connection: upgrade\r\nupgrade: " + head.upgrade_value + b"\r\n")
     if attempt:
-        tail += (b"x-meshlet-attempt: ", b"%d" % attempt, b"\r\n")
+        out.append(b"x-meshlet-attempt: %d\r\n" % attempt)
     if deadline_ms is not None:
-        tail += (b"x-meshlet-deadline-ms: ", b"%d" % deadline_ms, b"\r\n")
-    tail.append(b"\r\n")
-    return b"".join((head.method, b" ", head.target, b" HTTP/1.1\r\n", *head.lines, *tail))
+        out.append(b"x-meshlet-deadline-ms: %d\r\n" % deadline_ms)
+    out.append(b"\r\n")
+    return b"".join(out)
 
 
 # -- responses --------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
 class ResponseHead:
-    status: int
-    reason: bytes
-    lines: list[bytes]
-    """forwardable headers, four items each"""
-    chunked: bool = False
-    """the final transfer coding is chunked"""
-    codings: bytes = b""
-    """transfer codings other than a final chunked (a read-until-close body), kept"""
-    sized: bool = False
-    """has a Content-Length"""
-    close: bool = False
-    """the upstream closes the connection after it"""
-    upgrade_value: bytes = b""
-    framing: Framing = Framing.EMPTY
-    """where its body ends, as the upstream sends it (``framing.response_framing``; the
-    answer to a HEAD request has none, whatever this says)"""
+    """An upstream's response head, classified, with its header lines ready to forward."""
+
+    __slots__ = (
+        "chunked",
+        "close",
+        "codings",
+        "framing",
+        "lines",
+        "reason",
+        "sized",
+        "status",
+        "upgrade_value",
+    )
+
+    def __init__(self, status: int, reason: bytes, lines: list[bytes]) -> None:
+        self.status = status
+        self.reason = reason
+        self.lines = lines
+        """forwardable header lines, ``name: value\\r\\n`` each"""
+        self.chunked = False
+        """the final transfer coding is chunked"""
+        self.codings = b""
+        """transfer codings other than a final chunked (a read-until-close body), kept"""
+        self.sized = False
+        """has a Content-Length"""
+        self.close = False
+        """the upstream closes the connection after it"""
+        self.upgrade_value = b""
+        self.framing = Framing.EMPTY
+        """where its body ends, as the upstream sends it (``framing.response_framing``; the
+        answer to a HEAD request has none, whatever this says)"""
+
+    def __repr__(self) -> str:
+        return f"<ResponseHead {self.status} {self.framing.name} [{len(self.lines)} headers]>"
 
 
 def parse_response_head(status: int, reason: bytes, headers: Headers) -> ResponseHead:
     lines: list[bytes] = []
     resp = ResponseHead(status, reason, lines)
-    custom: set[bytes] | None = None
+    custom: frozenset[bytes] | None = None
     te_tokens: list[bytes] = []
     for name, value in headers:
-        lname = name.lower()
-        action = _RESPONSE.get(lname)
-        if action is None:
-            if lname[:6] != b"proxy-":
-                lines += (name, b": ", value, b"\r\n")
+        action = _action(_RESPONSE, name)
+        if action == _FORWARD:
+            lines.append(name + b": " + value + b"\r\n")
         elif action == _CL:
             resp.sized = True
-            lines += (name, b": ", value, b"\r\n")
+            lines.append(name + b": " + value + b"\r\n")
         elif action == _TE:
             te_tokens += _codings(value)
         elif action == _CONN:
@@ -328,18 +463,17 @@ def parse_response_head(status: int, reason: bytes, headers: Headers) -> Respons
 
 def retry_after(resp: ResponseHead) -> float | None:
     """Seconds a ``Retry-After`` asks for (delay-seconds or an HTTP date), or None."""
-    lines = resp.lines
-    for i in range(0, len(lines), 4):
-        if lines[i].lower() == b"retry-after":
-            value = lines[i + 2].strip().decode("latin-1")
-            if value.isdigit():
-                return float(value)
-            try:
-                when = email.utils.parsedate_to_datetime(value)
-            except (TypeError, ValueError):
-                return None
-            return max(0.0, when.timestamp() - wall())
-    return None
+    found = header_value(resp.lines, b"retry-after")
+    if found is None:
+        return None
+    value = found.strip().decode("latin-1")
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - wall())
 
 
 def reason_phrase(status: int, given: bytes) -> bytes:
@@ -368,8 +502,10 @@ def downstream_response(
         end += b"connection: keep-alive\r\n\r\n"
     else:
         end += b"\r\n"
-    status_line = b"HTTP/1.1 %d %s\r\n" % (resp.status, reason_phrase(resp.status, resp.reason))
-    return b"".join((status_line, *resp.lines, end))
+    out = [b"HTTP/1.1 %d %s\r\n" % (resp.status, reason_phrase(resp.status, resp.reason))]
+    out.extend(resp.lines)
+    out.append(end)
+    return b"".join(out)
 
 
 def interim_response(resp: ResponseHead) -> bytes:
@@ -379,8 +515,10 @@ def interim_response(resp: ResponseHead) -> bytes:
         if resp.status == 101
         else b"\r\n"
     )
-    status_line = b"HTTP/1.1 %d %s\r\n" % (resp.status, reason_phrase(resp.status, resp.reason))
-    return b"".join((status_line, *resp.lines, end))
+    out = [b"HTTP/1.1 %d %s\r\n" % (resp.status, reason_phrase(resp.status, resp.reason))]
+    out.extend(resp.lines)
+    out.append(end)
+    return b"".join(out)
 
 
 def chunk(data: bytes) -> bytes:

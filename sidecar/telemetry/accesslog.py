@@ -19,6 +19,7 @@ import time
 from typing import TYPE_CHECKING, TextIO
 
 from sidecar.clock import monotonic
+from sidecar.http import http1
 
 if TYPE_CHECKING:
     from control_plane.wire import Endpoint
@@ -128,9 +129,7 @@ def line(entry: Entry) -> str:
         record["method"] = head.method.decode("latin-1")
         record["authority"] = head.authority.decode("latin-1") if head.authority else None
         record["path"] = head.target.decode("latin-1")
-        lines = head.lines
-        for i in range(0, len(lines), 4):
-            if lines[i].lower() == b"traceparent":
-                record["traceparent"] = lines[i + 2].decode("latin-1")
-                break
+        traceparent = http1.header_value(head.lines, b"traceparent")
+        if traceparent is not None:
+            record["traceparent"] = traceparent.decode("latin-1")
     return json.dumps(record, separators=(",", ":")) + "\n"
