@@ -62,7 +62,7 @@ class Dispatch:
     )
 
     def __init__(self, owner: Owner, client: Client, head: RequestHead, tries: Tries) -> None:
-        self.owner = owner
+        self.owner: Owner | None = owner  # None once cancelled (no cycle left for the gc)
         self.client = client
         self.head = head
         self.tries = tries
@@ -122,7 +122,7 @@ class Dispatch:
         failed = self._failed_at
         member = route.balancer.pick(self._key, failed if avoid is None else (*failed, avoid))
         if member is None:
-            self.owner.fail(Reason.NO_HEALTHY_UPSTREAM, f"service {route.name} has no endpoints")
+            self._fail(Reason.NO_HEALTHY_UPSTREAM, f"service {route.name} has no endpoints")
             return
         self._send_to(member, now, resend=False)
 
@@ -187,12 +187,15 @@ class Dispatch:
 
     def _send_on(self, conn: UpstreamConnection) -> None:
         """Send on a live connection (a pooled one is checked by ``take_idle``)."""
+        owner = self.owner
+        if owner is None:  # (cancelled: nothing calls back then)
+            return
         self.conn = conn
         self.tries.state = State.SENT
         if self.client.write_paused:
             conn.pause_reading(True)
         self._sent = True  # from here on the app may see it
-        conn.send(self.owner, self.out.take())
+        conn.send(owner, self.out.take())
         self.client.pause_reading("pending", False)
 
     def _end_try(self) -> None:
@@ -240,13 +243,9 @@ class Dispatch:
             return
         detail = f"{type(exc).__name__}: {exc}" if exc else "connection closed"
         if protocol_error:
-            self.owner.fail(
-                Reason.UPSTREAM_PROTOCOL_ERROR, "the upstream sent a malformed response"
-            )
+            self._fail(Reason.UPSTREAM_PROTOCOL_ERROR, "the upstream sent a malformed response")
         elif conn is not None and conn.received:
-            self.owner.fail(
-                Reason.UPSTREAM_RESET, f"upstream closed the connection mid-head ({detail})"
-            )
+            self._fail(Reason.UPSTREAM_RESET, f"upstream closed the connection mid-head ({detail})")
         else:
             self.try_failed(Reason.UPSTREAM_RESET, f"upstream closed the connection ({detail})")
 
@@ -287,10 +286,15 @@ class Dispatch:
             self._send_to(member, now, resend=True)
         return True
 
+    def _fail(self, reason: Reason, detail: str) -> None:
+        """The request failed for good: its owner answers so."""
+        if self.owner is not None:
+            self.owner.fail(reason, detail)
+
     def _give_up(self, reason: Reason, detail: str) -> None:
         """The current try failed for good: the answer, unless a hedged try still waits."""
         if self._hedged is None:
-            self.owner.fail(reason, detail)
+            self._fail(reason, detail)
         else:
             self._take(self._hedged)
 
@@ -319,7 +323,7 @@ class Dispatch:
             return
         if not self.out.replayable:  # the body grew past what is kept while waiting
             assert self._failure is not None
-            self.owner.fail(*self._failure)
+            self._fail(*self._failure)
             return
         self.tries.state = State.QUEUED
         self._try(self.endpoint, self.client.loop.time())
@@ -376,7 +380,7 @@ class Dispatch:
         self.close()
         self.out.clear()
         self._take(hedged)
-        return self.owner.response_head(resp)
+        return self.owner is not None and self.owner.response_head(resp)
 
     def _drop_hedged(self) -> None:
         hedged, self._hedged = self._hedged, None
@@ -419,3 +423,4 @@ class Dispatch:
         if self.conn is not None:
             self.close()
         self.out.clear()
+        self.owner = None  # the exchange and this dispatch hold each other: freed at once
