@@ -295,19 +295,19 @@ def parse_request_head(
     for name, value in headers:
         action = _action(_REQUEST, name)
         if action == _FORWARD:
-            lines.append(name + b": " + value + b"\r\n")
+            lines.append(b"%s: %s\r\n" % (name, value))
         elif action == _HOST:
             if seen_host:  # which one the upstream would take is anybody's guess
                 raise ValueError("more than one Host header")
             seen_host = True
             if authority is None:
                 head.authority = value
-            lines.append(name + b": " + (head.authority or value) + b"\r\n")
+            lines.append(b"%s: %s\r\n" % (name, head.authority or value))
         elif action == _CL:
             if not value.strip().isdigit():  # (llhttp lets only digits through)
                 raise ValueError(f"Content-Length {value[:20]!r} is not a number")
             head.content_length = int(value)
-            lines.append(name + b": " + value + b"\r\n")
+            lines.append(b"%s: %s\r\n" % (name, value))
         elif action == _TE:
             head.chunked = True  # httptools accepts only a final "chunked"
             te_tokens += _codings(value)
@@ -321,11 +321,11 @@ def parse_request_head(
             head.upgrade_value = value.strip()
         elif action == _EXPECT:
             head.expect_continue = value.strip().lower() == b"100-continue"
-            lines.append(name + b": " + value + b"\r\n")
+            lines.append(b"%s: %s\r\n" % (name, value))
         elif action == _RID:
             if value and not head.request_id:
                 head.request_id = value
-            lines.append(name + b": " + value + b"\r\n")
+            lines.append(b"%s: %s\r\n" % (name, value))
         elif action == _XFF:
             head.forwarded_for = head.forwarded_for + b", " + value if head.forwarded_for else value
         elif action >= _DEADLINE:  # the mesh's own: read, never forwarded as sent
@@ -371,7 +371,7 @@ def upstream_request(
     out.append(b"\r\nx-forwarded-proto: http\r\n")
     if not head.request_id:
         head.request_id = new_request_id()
-        out.append(b"x-request-id: " + head.request_id + b"\r\n")
+        out.append(b"x-request-id: %s\r\n" % head.request_id)
     if head.chunked:
         if head.codings:
             out.append(b"transfer-encoding: " + head.codings + b", chunked\r\n")
@@ -435,10 +435,10 @@ def parse_response_head(status: int, reason: bytes, headers: Headers) -> Respons
     for name, value in headers:
         action = _action(_RESPONSE, name)
         if action == _FORWARD:
-            lines.append(name + b": " + value + b"\r\n")
+            lines.append(b"%s: %s\r\n" % (name, value))
         elif action == _CL:
             resp.sized = True
-            lines.append(name + b": " + value + b"\r\n")
+            lines.append(b"%s: %s\r\n" % (name, value))
         elif action == _TE:
             te_tokens += _codings(value)
         elif action == _CONN:

@@ -102,8 +102,9 @@ class Client(Protocol):
         ...
 
     def exchange_done(self, ex: object, *, close: bool, abort: bool) -> None:
-        """Exchange ``ex`` is over: close the connection (``abort``: at once, the answer
-        was cut), or go on with the next request."""
+        """Exchange ``ex`` is over, and the back-pressure it put on the client with it
+        (``pause_reading`` for ``upstream`` and ``pending``): close the connection
+        (``abort``: at once, the answer was cut), or go on with the next request."""
         ...
 
     def record(

@@ -195,8 +195,11 @@ class Dispatch:
         if self.client.write_paused:
             conn.pause_reading(True)
         self._sent = True  # from here on the app may see it
-        conn.send(owner, self.out.take())
-        self.client.pause_reading("pending", False)
+        out = self.out
+        held_back = out.held_back
+        conn.send(owner, out.take())
+        if held_back:  # (the client was paused for ``pending`` only then)
+            self.client.pause_reading("pending", False)
 
     def _end_try(self) -> None:
         attempt, self.attempt = self.attempt, None

@@ -293,11 +293,7 @@ class Exchange:
         if self.tries.state is State.DONE:
             return
         self.cancel()
-        # back-pressure this exchange put on the client ends with it
-        client = self.client
-        client.pause_reading("upstream", False)
-        client.pause_reading("pending", False)
-        client.exchange_done(self, close=close, abort=abort)
+        self.client.exchange_done(self, close=close, abort=abort)
 
     def cancel(self) -> None:
         """Stop all upstream work (``Dispatch.cancel``); the request leaves the service's

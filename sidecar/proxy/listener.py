@@ -472,6 +472,8 @@ class Downstream(asyncio.Protocol):
         return bool(self._pauses)
 
     def exchange_done(self, ex: object, *, close: bool, abort: bool) -> None:
+        self.pause_reading("upstream", False)  # (one call from the exchange, not three)
+        self.pause_reading("pending", False)
         if ex is self._active:
             self._active = None
         if ex is self._tunnel:  # an upgrade ends the connection, whatever the answer was

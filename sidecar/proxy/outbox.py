@@ -28,6 +28,7 @@ class Outbox:
         "_replay",
         "_replay_size",
         "_trailers",
+        "held_back",
         "replayable",
     )
 
@@ -41,6 +42,8 @@ class Outbox:
         self.replayable = replayable
         """the whole body so far is kept: another try can send it again"""
         self._trailers: Headers | None = None  # (most requests have none)
+        self.held_back = False
+        """``hold`` went over ``PENDING_LIMIT`` (the client was paused) since the last ``take``"""
 
     def __repr__(self) -> str:
         kept = "not kept" if self._replay is None else f"{self._replay_size} bytes kept"
@@ -80,7 +83,10 @@ class Outbox:
         """Bytes no connection takes yet; True when they are over ``PENDING_LIMIT``."""
         self._pending.append(data)
         self._pending_size += len(data)
-        return self._pending_size > PENDING_LIMIT
+        over = self._pending_size > PENDING_LIMIT
+        if over:
+            self.held_back = True
+        return over
 
     def first(self, head: bytes) -> None:
         """The first try's head, ahead of the body that came with the request."""
@@ -103,6 +109,7 @@ class Outbox:
         data = b"".join(self._pending)
         self._pending.clear()
         self._pending_size = 0
+        self.held_back = False
         return data
 
     def clear(self) -> None:
