@@ -13,6 +13,7 @@ for messages that parsed.
 from __future__ import annotations
 
 import enum
+from typing import Final
 
 
 class Framing(enum.Enum):
@@ -28,14 +29,22 @@ class Framing(enum.Enum):
     """everything up to the connection's close (responses only)"""
 
 
+# The members as module constants for the hot path: on Python 3.11 each ``Framing.X`` goes
+# through EnumType.__getattr__ (~0.1 us in pure Python; compiled, both are static loads)
+EMPTY: Final = Framing.EMPTY
+LENGTH: Final = Framing.LENGTH
+CHUNKED: Final = Framing.CHUNKED
+UNTIL_CLOSE: Final = Framing.UNTIL_CLOSE
+
+
 def request_framing(chunked: bool, content_length: int) -> Framing:
     """A request's body: ``chunked`` (the last transfer coding) beats ``content_length``
     (-1: none); with neither there is no body (RFC 9112 6.3, steps 4-6)."""
     if chunked:
-        return Framing.CHUNKED
+        return CHUNKED
     if content_length > 0:
-        return Framing.LENGTH
-    return Framing.EMPTY
+        return LENGTH
+    return EMPTY
 
 
 def response_framing(
@@ -49,18 +58,18 @@ def response_framing(
     # Step 1: some responses never have a body, whatever their headers say: 1xx, 204, 304,
     # and the answer to a HEAD request (its Content-Length describes the GET's body).
     if head_request or status < 200 or status == 204 or status == 304:
-        return Framing.EMPTY
+        return EMPTY
     # Step 2: Transfer-Encoding beats Content-Length; a last coding other than chunked
     # leaves only the close to end the body.
     if chunked:
-        return Framing.CHUNKED
+        return CHUNKED
     if coded:
-        return Framing.UNTIL_CLOSE
+        return UNTIL_CLOSE
     # Step 3: Content-Length.
     if sized:
-        return Framing.LENGTH
+        return LENGTH
     # Step 4: nothing says: the body is what comes until the upstream closes.
-    return Framing.UNTIL_CLOSE
+    return UNTIL_CLOSE
 
 
 def relayed_framing(upstream: Framing, client_version: str) -> Framing:
@@ -68,6 +77,6 @@ def relayed_framing(upstream: Framing, client_version: str) -> Framing:
     an empty or sized body goes as it came; a chunked or read-until-close one is re-chunked
     for an HTTP/1.1 client (so the connection may stay open), and ended by the close for an
     HTTP/1.0 one (which cannot read chunks)."""
-    if upstream is Framing.EMPTY or upstream is Framing.LENGTH:
+    if upstream is EMPTY or upstream is LENGTH:
         return upstream
-    return Framing.CHUNKED if client_version == "1.1" else Framing.UNTIL_CLOSE
+    return CHUNKED if client_version == "1.1" else UNTIL_CLOSE

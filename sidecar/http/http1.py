@@ -17,7 +17,8 @@ from http import HTTPStatus
 from typing import Final
 
 from sidecar.clock import wall
-from sidecar.http.framing import Framing, request_framing, response_framing
+from sidecar.http import framing
+from sidecar.http.framing import request_framing, response_framing
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -332,7 +333,7 @@ def parse_request_head(
             _mesh_header(head, action, value.strip())
     if te_tokens:
         head.codings = b", ".join(te_tokens[:-1])
-    head.has_body = request_framing(head.chunked, head.content_length) is not Framing.EMPTY
+    head.has_body = request_framing(head.chunked, head.content_length) is not framing.EMPTY
     if custom:
         head.lines = _without(lines, custom)
     if not seen_host and authority is not None:
@@ -419,7 +420,7 @@ class ResponseHead:
         self.close = False
         """the upstream closes the connection after it"""
         self.upgrade_value = b""
-        self.framing = Framing.EMPTY
+        self.framing = framing.EMPTY
         """where its body ends, as the upstream sends it (``framing.response_framing``; the
         answer to a HEAD request has none, whatever this says)"""
 

@@ -18,7 +18,6 @@ from typing import Protocol
 from control_plane.wire import Endpoint
 from sidecar.errors import Reason, error_response
 from sidecar.http import framing, http1
-from sidecar.http.framing import Framing
 from sidecar.http.http1 import Headers, RequestHead, ResponseHead
 from sidecar.proxy.limits import Source
 from sidecar.proxy.routing import Route
@@ -144,11 +143,11 @@ class Http1Answer:
     def head(
         self, resp: ResponseHead, *, version: str, head_request: bool, keep_alive: bool
     ) -> bool:
-        upstream = Framing.EMPTY if head_request else resp.framing
+        upstream = framing.EMPTY if head_request else resp.framing
         out = framing.relayed_framing(upstream, version)
-        self._chunked = chunked = out is Framing.CHUNKED
+        self._chunked = chunked = out is framing.CHUNKED
         self._trailers = None
-        if out is Framing.UNTIL_CLOSE:
+        if out is framing.UNTIL_CLOSE:
             keep_alive = False
         self._write(
             http1.downstream_response(

@@ -27,7 +27,7 @@ from sidecar.proxy.routing import Route
 from sidecar.proxy.upstream import Pool, ResponseSink, UpstreamConnection
 from sidecar.resilience import classify
 from sidecar.resilience.classify import Outcome
-from sidecar.resilience.tries import State, Tries
+from sidecar.resilience.tries import BACKOFF, CONNECTING, DONE, QUEUED, RESPONDING, SENT, Tries
 
 
 class Owner(ResponseSink, Protocol):
@@ -101,10 +101,10 @@ class Dispatch:
         out = self.out
         out.keep(data)
         state = self.tries.state
-        if state is State.SENT or state is State.RESPONDING:
+        if state is SENT or state is RESPONDING:
             if self.conn is not None:
                 self.conn.write(data)
-        elif state is not State.DONE and state is not State.BACKOFF and out.hold(data):
+        elif state is not DONE and state is not BACKOFF and out.hold(data):
             self.client.pause_reading("pending", True)
 
     def record(self, failed: bool, retry_after: float | None = None) -> None:
@@ -169,7 +169,7 @@ class Dispatch:
             self._end_try()
             self._give_up(Reason.OVERLOADED, f"service {route.name} is at its {limit} limit")
             return
-        self.tries.state = State.CONNECTING
+        self.tries.state = CONNECTING
         loop, timeout_ms = self.client.loop, policy.connect_timeout_ms
         self._connecting = Connect(loop, pool, service, timeout_ms, self._connected)
 
@@ -191,7 +191,7 @@ class Dispatch:
         if owner is None:  # (cancelled: nothing calls back then)
             return
         self.conn = conn
-        self.tries.state = State.SENT
+        self.tries.state = SENT
         if self.client.write_paused:
             conn.pause_reading(True)
         self._sent = True  # from here on the app may see it
@@ -322,13 +322,13 @@ class Dispatch:
 
     def _retry(self) -> None:
         self._retry_timer = None
-        if self.tries.state is not State.BACKOFF:
+        if self.tries.state is not BACKOFF:
             return
         if not self.out.replayable:  # the body grew past what is kept while waiting
             assert self._failure is not None
             self._fail(*self._failure)
             return
-        self.tries.state = State.QUEUED
+        self.tries.state = QUEUED
         self._try(self.endpoint, self.client.loop.time())
 
     def _elsewhere(self) -> bool:
@@ -370,7 +370,7 @@ class Dispatch:
         self.attempt = hedged.attempt
         self.endpoint = hedged.attempt.endpoint
         self._sent = True
-        self.tries.state = State.SENT
+        self.tries.state = SENT
         conn.pause_reading(self.client.write_paused)
         self.client.expect_route_at(self.tries.next_deadline())
 

@@ -22,7 +22,7 @@ from sidecar.proxy.client import Client
 from sidecar.proxy.dispatch import Dispatch
 from sidecar.proxy.routing import Route
 from sidecar.resilience import classify
-from sidecar.resilience.tries import Due, State, Tries
+from sidecar.resilience.tries import DONE, RESPONDING, TUNNEL, Due, State, Tries
 
 
 class Exchange:
@@ -135,9 +135,9 @@ class Exchange:
 
     def tunnel_from_client(self, data: bytes) -> None:
         state, conn = self.tries.state, self.up.conn
-        if state is State.TUNNEL and conn is not None:
+        if state is TUNNEL and conn is not None:
             conn.write(data)
-        elif state is not State.DONE:
+        elif state is not DONE:
             if self._tunnel_early is None:
                 self._tunnel_early = []
             self._tunnel_early.append(data)
@@ -159,7 +159,7 @@ class Exchange:
             if not head.upgrade:
                 self.upstream_failed(None, protocol_error=True)  # closes the connection
                 return False
-            tries.state = State.TUNNEL
+            tries.state = TUNNEL
             self._status = 101
             client.answer.interim(resp, head.version)
             return False
@@ -189,7 +189,7 @@ class Exchange:
         self.client.answer.trailer(name, value)
 
     def response_complete(self) -> None:
-        if self.tries.state is State.DONE:
+        if self.tries.state is DONE:
             return
         self.client.answer.end()
         self.up.release(reusable=self.request_done)
@@ -197,7 +197,7 @@ class Exchange:
 
     def response_upgraded(self, rest: bytes) -> None:
         conn = self.up.conn
-        if conn is None or self.tries.state is not State.TUNNEL:
+        if conn is None or self.tries.state is not TUNNEL:
             return  # answered already (a 101 nobody asked for is a 502)
         client = self.client
         conn.tunnel_to(client.write)
@@ -211,11 +211,11 @@ class Exchange:
     def upstream_failed(self, exc: BaseException | None, protocol_error: bool) -> None:
         conn = self.up.close()  # a connection that failed is never reused
         state = self.tries.state
-        if state is State.DONE:
+        if state is DONE:
             return
-        if state is State.TUNNEL:
+        if state is TUNNEL:
             self._finish(close=True)
-        elif state is State.RESPONDING:
+        elif state is RESPONDING:
             # mid-body: the client must not see a body that looks complete
             self._finish(close=True, abort=True)
         else:
@@ -243,7 +243,7 @@ class Exchange:
                 return
             due = tries.on_timer(now)
         if due is Due.NOTHING:
-            if tries.state is not State.DONE:
+            if tries.state is not DONE:
                 self.client.expect_route_at(tries.next_deadline())
         elif due is Due.TRY_TIMEOUT:
             ms = round(tries.policy.per_try * 1000)
@@ -265,9 +265,9 @@ class Exchange:
         tunnel under way is cut."""
         ms = round(seconds * 1000)
         state = self.tries.state
-        if state is State.TUNNEL:
+        if state is TUNNEL:
             self._finish(close=True)
-        elif state is State.RESPONDING:
+        elif state is RESPONDING:
             self._finish(close=True, abort=True)
         elif not self.request_done and client_stalled:
             self.fail(Reason.REQUEST_TIMEOUT, f"no request body bytes for {ms} ms")
@@ -276,7 +276,7 @@ class Exchange:
 
     def fail(self, reason: Reason, detail: str) -> None:
         """Answer with a synthetic error instead of an upstream response."""
-        if self.tries.state is State.DONE:
+        if self.tries.state is DONE:
             return
         if classify.failed(reason):
             self.up.record(True)
@@ -290,7 +290,7 @@ class Exchange:
         self._finish(close=close)
 
     def _finish(self, *, close: bool, abort: bool = False) -> None:
-        if self.tries.state is State.DONE:
+        if self.tries.state is DONE:
             return
         self.cancel()
         self.client.exchange_done(self, close=close, abort=abort)

@@ -20,8 +20,7 @@ import httptools
 from control_plane.wire import Endpoint
 from sidecar.balancing.ewma import EndpointStats, Exclusions
 from sidecar.clock import monotonic
-from sidecar.http import http1
-from sidecar.http.framing import Framing
+from sidecar.http import framing, http1
 from sidecar.http.reader import HeadReader
 
 
@@ -204,7 +203,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.reusable = False
         self._in_body = status >= 200
         # (the answer to a HEAD request has its end marked too: ``response_head`` says so)
-        self._sized = resp.framing is not Framing.UNTIL_CLOSE
+        self._sized = resp.framing is not framing.UNTIL_CLOSE
         if self.owner.response_head(resp):
             # The response to a HEAD request: its Content-Length describes a body that will not
             # come, and httptools cannot be told so. Finish here and do not reuse the connection.
