@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from urllib.parse import unquote_to_bytes
 
-from sidecar.http import http1
+from sidecar.http import headers
 from sidecar.http.http1 import RequestHead
 
 KeyOf = Callable[[RequestHead, bytes], bytes | None]
@@ -32,7 +32,7 @@ def key_function(hash_on: str | None) -> KeyOf | None:
 
 def _header(name: bytes) -> KeyOf:
     def key(head: RequestHead, client_ip: bytes) -> bytes | None:
-        return http1.header_value(head.lines, name)
+        return headers.header_value(head.lines, name)
 
     return key
 

@@ -19,6 +19,28 @@ from typing import Final
 from sidecar.clock import wall
 from sidecar.http import framing
 from sidecar.http.framing import request_framing, response_framing
+from sidecar.http.headers import (
+    CL,
+    CONN,
+    DEADLINE,
+    EXPECT,
+    FORWARD,
+    HOST,
+    KEPT_TOKENS,
+    REQUEST,
+    RESPONSE,
+    RETRY,
+    RID,
+    TE,
+    TIMEOUT,
+    UPGRADE,
+    XFF,
+    action_of,
+    connection_tokens,
+    header_value,
+    split_codings,
+    without,
+)
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -26,146 +48,6 @@ Headers = list[tuple[bytes, bytes]]
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 MAX_HEAD_BYTES: Final = 64 * 1024
 MAX_HEADERS: Final = 100
-#: Connection tokens that are not taken as header names to drop: the plain options, and the
-#: headers that frame or identify a message (a client listing Content-Length there would
-#: otherwise have its body forwarded without framing: a request smuggled to the upstream)
-_KEPT_TOKENS: Final = frozenset(
-    {
-        b"keep-alive",
-        b"close",
-        b"upgrade",
-        b"content-length",
-        b"transfer-encoding",
-        b"host",
-        b"x-request-id",
-    }
-)
-
-# What the single pass does with each header. (Final: compiled, they are constants.)
-_FORWARD: Final = 0  # as it came
-_HOST: Final = 1
-_TE: Final = 2
-_CL: Final = 3
-_CONN: Final = 4
-_UPGRADE: Final = 5
-_EXPECT: Final = 6
-_RID: Final = 7
-_XFF: Final = 8
-_DROP: Final = 9
-_DEADLINE: Final = 10  # from here on the mesh's own headers
-_TIMEOUT: Final = 11
-_ATTEMPT: Final = 12
-_RETRY: Final = 13
-_SPECIAL_REQUEST: Final = {
-    b"x-meshlet-deadline-ms": _DEADLINE,
-    b"x-meshlet-timeout-ms": _TIMEOUT,
-    b"x-meshlet-attempt": _ATTEMPT,
-    b"x-meshlet-retry": _RETRY,
-    b"host": _HOST,
-    b"transfer-encoding": _TE,
-    b"content-length": _CL,
-    b"connection": _CONN,
-    b"upgrade": _UPGRADE,
-    b"expect": _EXPECT,
-    b"x-request-id": _RID,
-    b"x-forwarded-for": _XFF,
-    b"x-forwarded-proto": _DROP,
-    b"keep-alive": _DROP,
-    b"te": _DROP,
-    b"trailer": _DROP,
-}
-_SPECIAL_RESPONSE: Final = {
-    b"transfer-encoding": _TE,
-    b"content-length": _CL,
-    b"connection": _CONN,
-    b"upgrade": _UPGRADE,
-    b"keep-alive": _DROP,
-    b"te": _DROP,
-    b"trailer": _DROP,
-}
-#: headers forwarded as they come whatever their case (none starts with ``proxy-``)
-_PLAIN: Final = (
-    b"accept",
-    b"accept-encoding",
-    b"accept-language",
-    b"accept-ranges",
-    b"age",
-    b"authorization",
-    b"cache-control",
-    b"content-encoding",
-    b"content-type",
-    b"cookie",
-    b"date",
-    b"etag",
-    b"expires",
-    b"last-modified",
-    b"location",
-    b"origin",
-    b"referer",
-    b"server",
-    b"set-cookie",
-    b"traceparent",
-    b"tracestate",
-    b"user-agent",
-    b"vary",
-)
-
-
-def _spellings(special: dict[bytes, int]) -> dict[bytes, int]:
-    """Header name -> action, for names as lowercase and as Capitalized-Words (``ETag`` too),
-    the spellings clients and servers send: a name found here as it came is not lowered."""
-    table = dict.fromkeys(_PLAIN, _FORWARD) | special
-    for name, action in list(table.items()):
-        table[b"-".join(w.capitalize() for w in name.split(b"-"))] = action
-    table[b"ETag"] = _FORWARD
-    return table
-
-
-_REQUEST: Final = _spellings(_SPECIAL_REQUEST)
-_RESPONSE: Final = _spellings(_SPECIAL_RESPONSE)
-#: the Connection values nearly every message has, split once
-_COMMON_CONNECTION: Final = {
-    value: frozenset({value.lower()})
-    for value in (b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade")
-}
-
-
-def _action(table: dict[bytes, int], name: bytes) -> int:
-    """What to do with header ``name``: as spelled, else by its lowercase (``proxy-*`` is
-    dropped)."""
-    action = table.get(name, -1)
-    if action >= 0:
-        return action
-    lname = name.lower()
-    action = table.get(lname, _FORWARD)
-    if action == _FORWARD and lname[:6] == b"proxy-":
-        return _DROP
-    return action
-
-
-def _tokens(value: bytes) -> frozenset[bytes]:
-    common = _COMMON_CONNECTION.get(value)
-    if common is not None:
-        return common
-    return frozenset(t.strip().lower() for t in value.split(b",") if t.strip())
-
-
-def _codings(value: bytes) -> list[bytes]:
-    return [c.strip() for c in value.split(b",") if c.strip()]
-
-
-def _without(lines: list[bytes], names: frozenset[bytes]) -> list[bytes]:
-    """``lines`` without the headers called ``names``."""
-    return [line for line in lines if line.partition(b":")[0].lower() not in names]
-
-
-def header_value(lines: list[bytes], lname: bytes) -> bytes | None:
-    """The value of the first of ``lines`` whose header is called ``lname`` (lowercase)."""
-    for line in lines:
-        name, _, value = line.partition(b": ")
-        if name.lower() == lname:
-            return value[:-2]
-    return None
 
 
 def _id_prefix() -> bytes:
@@ -294,48 +176,48 @@ def parse_request_head(
     te_tokens: list[bytes] = []
     connection_upgrade = seen_host = False
     for name, value in headers:
-        action = _action(_REQUEST, name)
-        if action == _FORWARD:
+        action = action_of(REQUEST, name)
+        if action == FORWARD:
             lines.append(b"%s: %s\r\n" % (name, value))
-        elif action == _HOST:
+        elif action == HOST:
             if seen_host:  # which one the upstream would take is anybody's guess
                 raise ValueError("more than one Host header")
             seen_host = True
             if authority is None:
                 head.authority = value
             lines.append(b"%s: %s\r\n" % (name, head.authority or value))
-        elif action == _CL:
+        elif action == CL:
             if not value.strip().isdigit():  # (llhttp lets only digits through)
                 raise ValueError(f"Content-Length {value[:20]!r} is not a number")
             head.content_length = int(value)
             lines.append(b"%s: %s\r\n" % (name, value))
-        elif action == _TE:
+        elif action == TE:
             head.chunked = True  # httptools accepts only a final "chunked"
-            te_tokens += _codings(value)
-        elif action == _CONN:
-            tokens = _tokens(value)
+            te_tokens += split_codings(value)
+        elif action == CONN:
+            tokens = connection_tokens(value)
             connection_upgrade = connection_upgrade or b"upgrade" in tokens
-            extra = tokens - _KEPT_TOKENS
+            extra = tokens - KEPT_TOKENS
             if extra:
                 custom = extra if custom is None else custom | extra
-        elif action == _UPGRADE:
+        elif action == UPGRADE:
             head.upgrade_value = value.strip()
-        elif action == _EXPECT:
+        elif action == EXPECT:
             head.expect_continue = value.strip().lower() == b"100-continue"
             lines.append(b"%s: %s\r\n" % (name, value))
-        elif action == _RID:
+        elif action == RID:
             if value and not head.request_id:
                 head.request_id = value
             lines.append(b"%s: %s\r\n" % (name, value))
-        elif action == _XFF:
+        elif action == XFF:
             head.forwarded_for = head.forwarded_for + b", " + value if head.forwarded_for else value
-        elif action >= _DEADLINE:  # the mesh's own: read, never forwarded as sent
+        elif action >= DEADLINE:  # the mesh's own: read, never forwarded as sent
             _mesh_header(head, action, value.strip())
     if te_tokens:
         head.codings = b", ".join(te_tokens[:-1])
     head.has_body = request_framing(head.chunked, head.content_length) is not framing.EMPTY
     if custom:
-        head.lines = _without(lines, custom)
+        head.lines = without(lines, custom)
     if not seen_host and authority is not None:
         head.lines.append(b"host: " + authority + b"\r\n")
     head.upgrade = connection_upgrade and bool(head.upgrade_value)  # as httptools decides
@@ -344,13 +226,13 @@ def parse_request_head(
 
 def _mesh_header(head: RequestHead, action: int, value: bytes) -> None:
     """A malformed value is ignored (as Envoy ignores a bad x-envoy-upstream-rq-timeout-ms)."""
-    if action == _RETRY:
+    if action == RETRY:
         head.retry = value.lower() == b"on"
     elif value.isdigit() and len(value) <= 10:
         number = int(value)
-        if action == _DEADLINE:
+        if action == DEADLINE:
             head.deadline_ms = number
-        elif action == _TIMEOUT:
+        elif action == TIMEOUT:
             head.timeout_ms = number or None
         else:
             head.attempt = number
@@ -434,27 +316,27 @@ def parse_response_head(status: int, reason: bytes, headers: Headers) -> Respons
     custom: frozenset[bytes] | None = None
     te_tokens: list[bytes] = []
     for name, value in headers:
-        action = _action(_RESPONSE, name)
-        if action == _FORWARD:
+        action = action_of(RESPONSE, name)
+        if action == FORWARD:
             lines.append(b"%s: %s\r\n" % (name, value))
-        elif action == _CL:
+        elif action == CL:
             resp.sized = True
             lines.append(b"%s: %s\r\n" % (name, value))
-        elif action == _TE:
-            te_tokens += _codings(value)
-        elif action == _CONN:
-            tokens = _tokens(value)
+        elif action == TE:
+            te_tokens += split_codings(value)
+        elif action == CONN:
+            tokens = connection_tokens(value)
             resp.close = resp.close or b"close" in tokens
-            extra = tokens - _KEPT_TOKENS
+            extra = tokens - KEPT_TOKENS
             if extra:
                 custom = extra if custom is None else custom | extra
-        elif action == _UPGRADE:
+        elif action == UPGRADE:
             resp.upgrade_value = value.strip()
     if te_tokens:
         resp.chunked = te_tokens[-1].lower() == b"chunked"
         resp.codings = b", ".join(te_tokens[:-1] if resp.chunked else te_tokens)
     if custom:
-        resp.lines = _without(lines, custom)
+        resp.lines = without(lines, custom)
     coded = resp.chunked or bool(resp.codings)
     resp.framing = response_framing(
         status, head_request=False, coded=coded, chunked=resp.chunked, sized=resp.sized

@@ -19,7 +19,7 @@ import time
 from typing import TYPE_CHECKING, TextIO
 
 from sidecar.clock import monotonic
-from sidecar.http import http1
+from sidecar.http import headers
 
 if TYPE_CHECKING:
     from control_plane.wire import Endpoint
@@ -129,7 +129,7 @@ def line(entry: Entry) -> str:
         record["method"] = head.method.decode("latin-1")
         record["authority"] = head.authority.decode("latin-1") if head.authority else None
         record["path"] = head.target.decode("latin-1")
-        traceparent = http1.header_value(head.lines, b"traceparent")
+        traceparent = headers.header_value(head.lines, b"traceparent")
         if traceparent is not None:
             record["traceparent"] = traceparent.decode("latin-1")
     return json.dumps(record, separators=(",", ":")) + "\n"
