@@ -13,8 +13,8 @@ table and have been quiet for a second:
   file idle     a sidecar routing by a ``--table`` file of no services
   file 1000x10  a sidecar routing by a ``--table`` file of the same 1,000 x 10 table
 Meshlet's modules are compiled first, as an installed package has them (``bytecode_as_installed``).
-Every endpoint has an address of its own, as in a mesh (bench_push's RSS check gives the 1,000
-services the same 10 addresses: 10 connection pools, not 10,000).
+Every endpoint has an address of its own, as in a mesh (10,000 connection pools, not the 10 a
+table of 1,000 services on the same 10 addresses would make).
 Printed: min / median / max of the runs for each, and each median less the peers' (less
 ``deps``: what the sidecar itself holds). Goals (issue 12): with the 1,000 x 10 table <= 50 MB,
 idle <= 35 MB.

@@ -12,8 +12,8 @@ table holds N endpoints across 50 services, as a real mesh of N sidecars would.
              clients in this same process): until each has all of it
   burst      100 weight changes within 1 s: tables each sidecar receives (goal <= 2) and
              whether the final table has the final weight
-  rss        a real sidecar process's RSS idle, and after a table of 1,000 services x 10
-             endpoints (goal <= 60 MB, stretch <= 40 MB)
+
+A sidecar's memory with a 1,000 x 10 table is bench_memory.py's.
 
 Tokens are on, as a user runs a mesh: each control plane has an admin token in its
 environment, the benchmark's REST calls carry it, and every sidecar (simulated or real) opens
@@ -280,79 +280,6 @@ async def redis_floor(port: int, n: int, size: int, rounds: int) -> list[float]:
     return latencies
 
 
-def sidecar_rss(cp_url: str, admin_token: str, tmp: Path) -> tuple[float, float]:
-    """A real sidecar's RSS idle, then after a table of 1,000 services x 10 endpoints."""
-    admin = free_port()
-    opener = urllib.request.build_opener()
-
-    def post(path: str, body: dict[str, object]) -> bytes:
-        req = urllib.request.Request(
-            cp_url + path,
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json", **bearer(admin_token)},
-            method="POST",
-        )
-        with opener.open(req) as r:
-            answer: bytes = r.read()
-            return answer
-
-    token = json.loads(post("/v1/tokens", {"service": "rss"}))["secret"]
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sidecar",
-            "--service",
-            "rss",
-            "--control-plane",
-            cp_url,
-            "--advertise",
-            "127.0.0.1",
-            "--outbound",
-            "127.0.0.1:0",
-            "--inbound",
-            "127.0.0.1:0",
-            "--admin",
-            f"127.0.0.1:{admin}",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--state-dir",
-            str(tmp / "rss"),
-            "--app-health",
-            "none",
-            "--log-level",
-            "warning",
-        ],
-        env={**clean_env(), "MESHLET_TOKEN": token},
-    )
-    try:
-        wait_http(f"http://127.0.0.1:{admin}/healthz")
-        time.sleep(2.0)
-        idle = rss_mb(proc.pid)
-        for s in range(1000):
-            for i in range(10):
-                body = {"address": "10.0.0.1", "id": f"i{i}", "port": 1000 + i}
-                post(f"/v1/services/big-{s}/instances", body)
-        for _ in range(100):  # until the sidecar has it
-            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/config_dump") as r:
-                services = json.loads(r.read())["table"]["services"]
-            if len(services) > 1000:
-                break
-            time.sleep(0.2)
-        time.sleep(1.0)
-        return idle, rss_mb(proc.pid)
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
-
-
 def clean_env() -> dict[str, str]:
     """This environment without any MESHLET_ setting, so only the benchmark's tokens count."""
     return {k: v for k, v in os.environ.items() if not k.startswith("MESHLET_")}
@@ -450,18 +377,6 @@ def main() -> int:
                 f"{percentile(floor, 99) * 1000:.0f} ms; ratio "
                 f"{percentile(off, 99) / percentile(floor, 99):.1f}x (goal <= 3x)"
             )
-        port = free_port()  # the RSS run gets a control plane of its own
-        cp = start_control_plane(port, admin)
-        try:
-            wait_http(f"http://127.0.0.1:{port}/readyz")
-            idle, loaded = sidecar_rss(f"http://127.0.0.1:{port}", admin, tmp)
-        finally:
-            cp.terminate()
-            cp.wait(10)
-        lines.append(
-            f"real sidecar RSS: idle {idle:.0f} MB, with a 1,000 x 10 table {loaded:.0f} MB "
-            f"(goal <= 60, stretch <= 40)"
-        )
         print()
         print("\n".join(lines))
     finally:
