@@ -65,11 +65,6 @@ def new_request_id() -> bytes:
     return _ID_PREFIX + n.to_bytes(8, "big").hex("-", 6).encode()  # (16 bits, dash, 48 bits)
 
 
-def head_size(headers: Headers) -> int:
-    """Bytes the header lines took on the wire (name, ": ", value, CRLF)."""
-    return sum(len(name) + len(value) + 4 for name, value in headers)
-
-
 # -- requests ---------------------------------------------------------------------------------
 
 
@@ -79,6 +74,10 @@ class RequestHead:
     (A plain class, not a dataclass: compiled, a dataclass's ``__init__`` stays Python.)"""
 
     __slots__ = (
+        "_connection_upgrade",
+        "_custom",
+        "_host_seen",
+        "_te",
         "attempt",
         "authority",
         "chunked",
@@ -95,24 +94,22 @@ class RequestHead:
         "retry",
         "target",
         "timeout_ms",
+        "unlisted",
+        "unlisted_bytes",
         "upgrade",
         "upgrade_value",
         "version",
     )
 
     def __init__(
-        self,
-        method: bytes,
-        target: bytes,
-        version: str,
-        keep_alive: bool,
-        authority: bytes | None = None,
+        self, method: bytes, target: bytes, version: str, authority: bytes | None = None
     ) -> None:
         self.method = method
         self.target = target
         """origin-form path and query, as sent upstream"""
         self.version = version
-        self.keep_alive = keep_alive
+        self.keep_alive = True
+        """(from ``complete``)"""
         self.authority = authority
         """absolute-form authority, else the Host header"""
         self.chunked = False
@@ -136,10 +133,82 @@ class RequestHead:
         """``x-meshlet-retry: on``: retry even a method that is not idempotent"""
         self.lines: list[bytes] = []
         """forwardable header lines, ``name: value\\r\\n`` each"""
+        self.unlisted = 0
+        """header lines read but not forwarded as they came (for the limits, with ``lines``)"""
+        self.unlisted_bytes = 0
+        """their bytes on the wire (name, ": ", value, CRLF)"""
+        # what the lines decide only together, until ``complete``
+        self._te: list[bytes] | None = None
+        self._custom: frozenset[bytes] | None = None
+        self._connection_upgrade = False
+        self._host_seen = False
 
     def __repr__(self) -> str:
         target = self.target[:40].decode(errors="replace")
         return f"<RequestHead {self.method.decode()} {target} [{len(self.lines)} headers]>"
+
+    def add(self, name: bytes, value: bytes) -> None:
+        """One header line, as it came: read, and forwarded or dropped. ValueError for a
+        line no proxy should forward (a second Host, a Content-Length that is no number)."""
+        # ``action_of``, its common case inline (through a local: CPython 3.11 binds a method
+        # of an imported name anew at each call)
+        actions = REQUEST
+        action = actions.get(name, -1)
+        if action < 0:
+            action = action_of(actions, name)
+        if action == FORWARD:
+            self.lines.append(b"%s: %s\r\n" % (name, value))
+        elif action == HOST:
+            if self._host_seen:  # which one the upstream would take is anybody's guess
+                raise ValueError("more than one Host header")
+            self._host_seen = True
+            if self.authority is None:
+                self.authority = value
+            self.lines.append(b"%s: %s\r\n" % (name, self.authority or value))
+        elif action == CL:
+            if not value.strip().isdigit():  # (llhttp lets only digits through)
+                raise ValueError(f"Content-Length {value[:20]!r} is not a number")
+            self.content_length = int(value)
+            self.lines.append(b"%s: %s\r\n" % (name, value))
+        elif action == EXPECT:
+            self.expect_continue = value.strip().lower() == b"100-continue"
+            self.lines.append(b"%s: %s\r\n" % (name, value))
+        elif action == RID:
+            if value and not self.request_id:
+                self.request_id = value
+            self.lines.append(b"%s: %s\r\n" % (name, value))
+        else:  # read, or dropped: not among the lines
+            self.unlisted += 1
+            self.unlisted_bytes += len(name) + len(value) + 4
+            if action == TE:
+                self.chunked = True  # httptools accepts only a final "chunked"
+                codings = split_codings(value)
+                self._te = codings if self._te is None else self._te + codings
+            elif action == CONN:
+                tokens = connection_tokens(value)
+                self._connection_upgrade = self._connection_upgrade or b"upgrade" in tokens
+                extra = tokens - KEPT_TOKENS
+                if extra:
+                    self._custom = extra if self._custom is None else self._custom | extra
+            elif action == UPGRADE:
+                self.upgrade_value = value.strip()
+            elif action == XFF:
+                xff = self.forwarded_for
+                self.forwarded_for = xff + b", " + value if xff else value
+            elif action >= DEADLINE:  # the mesh's own: read, never forwarded as sent
+                _mesh_header(self, action, value.strip())
+
+    def complete(self, keep_alive: bool) -> None:
+        """The last header line came: what the lines decide together."""
+        self.keep_alive = keep_alive
+        if self._te:
+            self.codings = b", ".join(self._te[:-1])
+        self.has_body = request_framing(self.chunked, self.content_length) is not framing.EMPTY
+        if self._custom:
+            self.lines = without(self.lines, self._custom)
+        if not self._host_seen and self.authority is not None:
+            self.lines.append(b"host: " + self.authority + b"\r\n")
+        self.upgrade = self._connection_upgrade and bool(self.upgrade_value)  # as httptools
 
 
 def split_target(method: bytes, url: bytes) -> tuple[bytes, bytes | None]:
@@ -164,63 +233,23 @@ def split_target(method: bytes, url: bytes) -> tuple[bytes, bytes | None]:
     raise ValueError(f"request target {url[:64]!r} is not origin-form or http:// absolute-form")
 
 
+def request_head(method: bytes, url: bytes, version: str) -> RequestHead:
+    """A request head from its request line, for its header lines to be ``add``ed to;
+    ValueError when the target is unusable."""
+    if url[:1] == b"/":  # origin-form: nearly every request
+        return RequestHead(method, url, version)
+    target, authority = split_target(method, url)
+    return RequestHead(method, target, version, authority)
+
+
 def parse_request_head(
     method: bytes, url: bytes, version: str, headers: Headers, keep_alive: bool
 ) -> RequestHead:
-    """Classify a request head and build its forwardable lines in one pass; ValueError for
-    a head no proxy should forward (an unusable target, two Host headers)."""
-    target, authority = split_target(method, url)
-    head = RequestHead(method, target, version, keep_alive, authority)
-    lines = head.lines
-    custom: frozenset[bytes] | None = None
-    te_tokens: list[bytes] = []
-    connection_upgrade = seen_host = False
+    """A whole request head at once (``request_head``, ``add`` each line, ``complete``)."""
+    head = request_head(method, url, version)
     for name, value in headers:
-        action = action_of(REQUEST, name)
-        if action == FORWARD:
-            lines.append(b"%s: %s\r\n" % (name, value))
-        elif action == HOST:
-            if seen_host:  # which one the upstream would take is anybody's guess
-                raise ValueError("more than one Host header")
-            seen_host = True
-            if authority is None:
-                head.authority = value
-            lines.append(b"%s: %s\r\n" % (name, head.authority or value))
-        elif action == CL:
-            if not value.strip().isdigit():  # (llhttp lets only digits through)
-                raise ValueError(f"Content-Length {value[:20]!r} is not a number")
-            head.content_length = int(value)
-            lines.append(b"%s: %s\r\n" % (name, value))
-        elif action == TE:
-            head.chunked = True  # httptools accepts only a final "chunked"
-            te_tokens += split_codings(value)
-        elif action == CONN:
-            tokens = connection_tokens(value)
-            connection_upgrade = connection_upgrade or b"upgrade" in tokens
-            extra = tokens - KEPT_TOKENS
-            if extra:
-                custom = extra if custom is None else custom | extra
-        elif action == UPGRADE:
-            head.upgrade_value = value.strip()
-        elif action == EXPECT:
-            head.expect_continue = value.strip().lower() == b"100-continue"
-            lines.append(b"%s: %s\r\n" % (name, value))
-        elif action == RID:
-            if value and not head.request_id:
-                head.request_id = value
-            lines.append(b"%s: %s\r\n" % (name, value))
-        elif action == XFF:
-            head.forwarded_for = head.forwarded_for + b", " + value if head.forwarded_for else value
-        elif action >= DEADLINE:  # the mesh's own: read, never forwarded as sent
-            _mesh_header(head, action, value.strip())
-    if te_tokens:
-        head.codings = b", ".join(te_tokens[:-1])
-    head.has_body = request_framing(head.chunked, head.content_length) is not framing.EMPTY
-    if custom:
-        head.lines = without(lines, custom)
-    if not seen_host and authority is not None:
-        head.lines.append(b"host: " + authority + b"\r\n")
-    head.upgrade = connection_upgrade and bool(head.upgrade_value)  # as httptools decides
+        head.add(name, value)
+    head.complete(keep_alive)
     return head
 
 
@@ -277,6 +306,8 @@ class ResponseHead:
     """An upstream's response head, classified, with its header lines ready to forward."""
 
     __slots__ = (
+        "_custom",
+        "_te",
         "chunked",
         "close",
         "codings",
@@ -285,13 +316,15 @@ class ResponseHead:
         "reason",
         "sized",
         "status",
+        "unlisted",
+        "unlisted_bytes",
         "upgrade_value",
     )
 
-    def __init__(self, status: int, reason: bytes, lines: list[bytes]) -> None:
+    def __init__(self, status: int, reason: bytes) -> None:
         self.status = status
         self.reason = reason
-        self.lines = lines
+        self.lines: list[bytes] = []
         """forwardable header lines, ``name: value\\r\\n`` each"""
         self.chunked = False
         """the final transfer coding is chunked"""
@@ -305,42 +338,66 @@ class ResponseHead:
         self.framing = framing.EMPTY
         """where its body ends, as the upstream sends it (``framing.response_framing``; the
         answer to a HEAD request has none, whatever this says)"""
+        self.unlisted = 0
+        """header lines read but not forwarded as they came (for the limits, with ``lines``)"""
+        self.unlisted_bytes = 0
+        """their bytes on the wire (name, ": ", value, CRLF)"""
+        self._te: list[bytes] | None = None
+        self._custom: frozenset[bytes] | None = None
 
     def __repr__(self) -> str:
         return f"<ResponseHead {self.status} {self.framing.name} [{len(self.lines)} headers]>"
 
-
-def parse_response_head(status: int, reason: bytes, headers: Headers) -> ResponseHead:
-    lines: list[bytes] = []
-    resp = ResponseHead(status, reason, lines)
-    custom: frozenset[bytes] | None = None
-    te_tokens: list[bytes] = []
-    for name, value in headers:
-        action = action_of(RESPONSE, name)
+    def add(self, name: bytes, value: bytes) -> None:
+        """One header line, as it came: read, and forwarded or dropped."""
+        actions = RESPONSE  # (``action_of``, its common case inline, as ``RequestHead.add``)
+        action = actions.get(name, -1)
+        if action < 0:
+            action = action_of(actions, name)
         if action == FORWARD:
-            lines.append(b"%s: %s\r\n" % (name, value))
-        elif action == CL:
-            resp.sized = True
-            lines.append(b"%s: %s\r\n" % (name, value))
-        elif action == TE:
-            te_tokens += split_codings(value)
+            self.lines.append(b"%s: %s\r\n" % (name, value))
+            return
+        if action == CL:
+            self.sized = True
+            self.lines.append(b"%s: %s\r\n" % (name, value))
+            return
+        self.unlisted += 1  # read, or dropped: not among the lines
+        self.unlisted_bytes += len(name) + len(value) + 4
+        if action == TE:
+            codings = split_codings(value)
+            self._te = codings if self._te is None else self._te + codings
         elif action == CONN:
             tokens = connection_tokens(value)
-            resp.close = resp.close or b"close" in tokens
+            self.close = self.close or b"close" in tokens
             extra = tokens - KEPT_TOKENS
             if extra:
-                custom = extra if custom is None else custom | extra
+                self._custom = extra if self._custom is None else self._custom | extra
         elif action == UPGRADE:
-            resp.upgrade_value = value.strip()
-    if te_tokens:
-        resp.chunked = te_tokens[-1].lower() == b"chunked"
-        resp.codings = b", ".join(te_tokens[:-1] if resp.chunked else te_tokens)
-    if custom:
-        resp.lines = without(lines, custom)
-    coded = resp.chunked or bool(resp.codings)
-    resp.framing = response_framing(
-        status, head_request=False, coded=coded, chunked=resp.chunked, sized=resp.sized
-    )
+            self.upgrade_value = value.strip()
+
+    def complete(self) -> None:
+        """The last header line came: what the lines decide together, its framing."""
+        te = self._te
+        if te:
+            self.chunked = te[-1].lower() == b"chunked"
+            self.codings = b", ".join(te[:-1] if self.chunked else te)
+        if self._custom:
+            self.lines = without(self.lines, self._custom)
+        self.framing = response_framing(
+            self.status,
+            head_request=False,
+            coded=self.chunked or bool(self.codings),
+            chunked=self.chunked,
+            sized=self.sized,
+        )
+
+
+def parse_response_head(status: int, reason: bytes, headers: Headers) -> ResponseHead:
+    """A whole response head at once (``add`` each line, ``complete``)."""
+    resp = ResponseHead(status, reason)
+    for name, value in headers:
+        resp.add(name, value)
+    resp.complete()
     return resp
 
 

@@ -15,7 +15,7 @@ error string from ``head_complete`` and ``trailer``) means the message is over t
 
 from __future__ import annotations
 
-from sidecar.http.http1 import MAX_HEAD_BYTES, MAX_HEADERS, Headers, head_size
+from sidecar.http.http1 import MAX_HEAD_BYTES, MAX_HEADERS
 
 
 class HeadReader:
@@ -23,7 +23,6 @@ class HeadReader:
 
     __slots__ = (
         "began",
-        "headers",
         "in_head",
         "raw_count",
         "raw_first",
@@ -34,8 +33,6 @@ class HeadReader:
     )
 
     def __init__(self) -> None:
-        self.headers: Headers = []
-        """the head's header lines so far"""
         self.in_head = False
         """waiting for (the rest of) a head"""
         self.trailer_watch = False
@@ -53,7 +50,7 @@ class HeadReader:
 
     def __repr__(self) -> str:
         where = "head" if self.in_head else "trailers?" if self.trailer_watch else "body"
-        return f"<HeadReader {where} [{len(self.headers)} headers, {self.raw_count} bytes]>"
+        return f"<HeadReader {where} [{self.raw_count} bytes]>"
 
     def expect_head(self) -> None:
         """A head is due (a request was sent upstream, or after an interim response)."""
@@ -78,21 +75,20 @@ class HeadReader:
     # -- the parser's callbacks -----------------------------------------------------------
 
     def message_begin(self) -> None:
-        self.headers = []
         self.trailer_count = self.trailer_size = 0
         self.raw_count = 0  # (and raw_first, when the last head was counted)
         self.began = True
         self.in_head = True
 
-    def head_complete(self, start_line: int = 0) -> str | None:
-        """The head's last header came (``start_line``: bytes of the start line to count
-        with them); None when it is within the limits, else what is wrong."""
-        headers = self.headers
-        if len(headers) > MAX_HEADERS:
+    def head_complete(self, lines: list[bytes], unlisted: int, unlisted_bytes: int) -> str | None:
+        """The head's last header came: its ``lines`` (``name: value\\r\\n`` each), and
+        ``unlisted`` more of ``unlisted_bytes`` (the start line's target counted with
+        them); None when it is within the limits, else what is wrong."""
+        if len(lines) + unlisted > MAX_HEADERS:
             return f"more than {MAX_HEADERS} headers"
         if (  # the head took at most the reads it spans
             self.raw_count + self.raw_first + self.read > MAX_HEAD_BYTES
-            and start_line + head_size(headers) > MAX_HEAD_BYTES
+            and sum(map(len, lines)) + unlisted_bytes > MAX_HEAD_BYTES
         ):
             return f"head larger than {MAX_HEAD_BYTES} bytes"
         self.in_head = False

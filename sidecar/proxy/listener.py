@@ -96,6 +96,7 @@ class Downstream(asyncio.Protocol):
         "_corked",
         "_current",
         "_deadline",
+        "_head",
         "_held",
         "_latest",
         "_limit_error",
@@ -154,6 +155,7 @@ class Downstream(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self._reader = HeadReader()  # the head being read, and the limits of heads and trailers
         self._url = b""
+        self._head: RequestHead | None = None  # the head being read, from its request line
         self._current: Exchange | None = None  # the exchange being parsed
         self._active: Exchange | None = None  # the exchange talking to the upstream
         self._queue: deque[Exchange] = deque()
@@ -357,6 +359,7 @@ class Downstream(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._url = b""
+        self._head = None
         self._reader.message_begin()
         if self._active is None:
             self.expect(_WAIT_HEAD, self.timeouts.head)
@@ -365,35 +368,46 @@ class Downstream(asyncio.Protocol):
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        reader = self._reader
-        if self._current is None:
-            reader.headers.append((name, value))  # limits: checked once the head is whole
+        if self._current is None:  # a line of the head: read as it comes
+            head = self._head or self._begin_head()
+            try:
+                head.add(name, value)
+            except ValueError as e:
+                self._limit_error = (Reason.BAD_REQUEST, str(e))
+                raise
             return
-        too_large = reader.trailer(name, value)  # after the head: a chunked body's trailers
+        too_large = self._reader.trailer(name, value)  # after the head: a chunked body's
         if too_large:
             self._limit_error = (Reason.HEAD_TOO_LARGE, too_large)
             raise ValueError(too_large)
         self._current.request_trailer(name, value)
 
-    def on_headers_complete(self) -> None:
-        reader = self._reader
-        too_large = reader.head_complete(len(self._url))
-        if too_large:
-            self._limit_error = (Reason.HEAD_TOO_LARGE, too_large)
-            raise ValueError(too_large)
+    def _begin_head(self) -> RequestHead:
+        """The request line is whole (a header line came, or the head's end): its head."""
         parser = self._parser
         version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
             self._limit_error = (Reason.BAD_REQUEST, f"HTTP/{version} is not supported")
             raise ValueError("version")
         try:
-            head = http1.parse_request_head(
-                parser.get_method(), self._url, version, reader.headers, parser.should_keep_alive()
-            )
+            self._head = http1.request_head(parser.get_method(), self._url, version)
         except ValueError as e:
             self._limit_error = (Reason.BAD_REQUEST, str(e))
             raise
-        if head.authority is None and version == "1.1":
+        return self._head
+
+    def on_headers_complete(self) -> None:
+        head = self._head or self._begin_head()
+        self._head = None
+        reader = self._reader
+        too_large = reader.head_complete(
+            head.lines, head.unlisted, len(self._url) + head.unlisted_bytes
+        )
+        if too_large:
+            self._limit_error = (Reason.HEAD_TOO_LARGE, too_large)
+            raise ValueError(too_large)
+        head.complete(self._parser.should_keep_alive())
+        if head.authority is None and head.version == "1.1":
             self._limit_error = (Reason.BAD_REQUEST, "HTTP/1.1 request without Host")
             raise ValueError("no host")
         ex = Exchange(self, head)

@@ -67,6 +67,7 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "_done",
         "_fresh",
+        "_head",
         "_http11",
         "_in_body",
         "_parser",
@@ -95,6 +96,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._sized = False  # the current response has a length or chunks (not read-until-close)
         self._status = 0
         self._reason = b""
+        self._head: http1.ResponseHead | None = None  # the head being read, from its status line
         self._fresh = b""  # a read that began with the current response's first byte
         self._http11 = False  # the response's status line said HTTP/1.1 (False: not known)
         self._raw: Callable[[bytes], None] | None = None  # after an upgrade: bytes go here
@@ -181,6 +183,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self._reader.message_begin()
         self._reason = b""
+        self._head = None
         self._in_body = False
         # its version, seen in the read whose first byte is its first (else asked of the
         # parser, whose get_http_version formats a string: 3 % of the work of a request)
@@ -191,23 +194,29 @@ class UpstreamConnection(asyncio.Protocol):
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._in_body:
-            self._reader.headers.append((name, value))  # limits: checked once the head is whole
+        if not self._in_body:  # a line of the head: read as it comes
+            (self._head or self._begin_head()).add(name, value)
             return
         if self._reader.trailer(name, value):
             raise _TooLarge
         if self.owner is not None and not self._done:
             self.owner.response_trailer(name, value)
 
+    def _begin_head(self) -> http1.ResponseHead:
+        """The status line is whole (a header line came, or the head's end): its head."""
+        self._head = http1.ResponseHead(self._parser.get_status_code(), self._reason)
+        return self._head
+
     def on_headers_complete(self) -> None:
         parser = self._parser
-        self._status = status = parser.get_status_code()
+        resp = self._head or self._begin_head()
+        self._head = None
+        self._status = status = resp.status
         if self.owner is None or self._done:
             return
-        reader = self._reader
-        if reader.head_complete():
+        if self._reader.head_complete(resp.lines, resp.unlisted, resp.unlisted_bytes):
             raise _TooLarge
-        resp = http1.parse_response_head(status, self._reason, reader.headers)
+        resp.complete()
         if resp.close or not (self._http11 or parser.get_http_version() == "1.1"):
             self.reusable = False
         self._in_body = status >= 200

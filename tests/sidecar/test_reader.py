@@ -24,6 +24,7 @@ class Reading:
             httptools.HttpResponseParser(self) if response else httptools.HttpRequestParser(self)
         )
         self.url = b""
+        self.lines: list[bytes] = []  # the head's, as a proxy would forward them
         self.heads = 0
         self.trailers: list[bytes] = []
         self.error: str | None = None
@@ -44,6 +45,7 @@ class Reading:
 
     def on_message_begin(self) -> None:
         self.url = b""
+        self.lines = []
         self.reader.message_begin()
 
     def on_url(self, url: bytes) -> None:
@@ -51,7 +53,7 @@ class Reading:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.reader.in_head:
-            self.reader.headers.append((name, value))
+            self.lines.append(b"%s: %s\r\n" % (name, value))
             return
         self.error = self.reader.trailer(name, value)
         if self.error:
@@ -59,7 +61,7 @@ class Reading:
         self.trailers.append(name)
 
     def on_headers_complete(self) -> None:
-        self.error = self.reader.head_complete(len(self.url))
+        self.error = self.reader.head_complete(self.lines, 0, len(self.url))
         if self.error:
             raise TooLarge
         self.heads += 1
