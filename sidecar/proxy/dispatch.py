@@ -153,7 +153,8 @@ class Dispatch:
             self._connect(pool)
 
     def _request_head(self, now: float) -> bytes:
-        """The current try's head: which try it is, and the time it has left."""
+        """The current try's head: which try it is, and the time it has left. (``_send_to``
+        builds it inline: a call there would be one more per request.)"""
         route, tries = self.route, self.tries
         assert route is not None
         attempt = self.head.attempt if route.relay else tries.attempt
