@@ -42,13 +42,15 @@ from sidecar.control.health import AppHealth
 from sidecar.control.tablefile import file_signature, load_table_file
 from sidecar.errors import ConfigError, TableError
 from sidecar.proxy.limits import ListenerLimits, MinRate, connections_that_fit, raise_fd_limit
-from sidecar.proxy.listener import ConnectionTracker, Downstream, Timeouts
+from sidecar.proxy.listener import Downstream
 from sidecar.proxy.routing import (
     AppRouter,
     Pools,
     Router,
     TableHolder,
 )
+from sidecar.proxy.tracker import ConnectionTracker
+from sidecar.proxy.watch import Timeouts
 from sidecar.resilience.service import Services
 from sidecar.telemetry.accesslog import AccessLog
 from sidecar.tls import client_context

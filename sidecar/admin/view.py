@@ -8,8 +8,8 @@ from typing import Any, Protocol
 from sidecar.config import SidecarConfig
 from sidecar.control.discovery import Discovery
 from sidecar.control.health import AppHealth
-from sidecar.proxy.listener import ConnectionTracker
 from sidecar.proxy.routing import AppRouter, Pools, TableHolder
+from sidecar.proxy.tracker import ConnectionTracker
 from sidecar.resilience.service import Services
 from sidecar.telemetry.accesslog import AccessLog
 

@@ -14,7 +14,8 @@ from collections.abc import Callable
 
 from control_plane.wire import Endpoint
 from sidecar.errors import Reason
-from sidecar.proxy.upstream import Pool, UpstreamConnection
+from sidecar.proxy.pool import Pool
+from sidecar.proxy.upstream import UpstreamConnection
 from sidecar.resilience.service import ServiceState
 
 #: what a connect calls back: the connection, or None and why there is none

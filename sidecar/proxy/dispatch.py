@@ -23,8 +23,9 @@ from sidecar.proxy.attempt import Attempt, Hedged, elsewhere
 from sidecar.proxy.client import Client
 from sidecar.proxy.connect import Connect
 from sidecar.proxy.outbox import Outbox
+from sidecar.proxy.pool import Pool
 from sidecar.proxy.routing import Route
-from sidecar.proxy.upstream import Pool, ResponseSink, UpstreamConnection
+from sidecar.proxy.upstream import ResponseSink, UpstreamConnection
 from sidecar.resilience import classify
 from sidecar.resilience.classify import Outcome
 from sidecar.resilience.tries import BACKOFF, CONNECTING, DONE, QUEUED, RESPONDING, SENT, Tries
@@ -152,7 +153,8 @@ class Dispatch:
             self._connect(pool)
 
     def _request_head(self, now: float) -> bytes:
-        """The current try's head: which try it is, and the time it has left."""
+        """The current try's head: which try it is, and the time it has left. (``_send_to``
+        builds it inline: a call there would be one more per request.)"""
         route, tries = self.route, self.tries
         assert route is not None
         attempt = self.head.attempt if route.relay else tries.attempt
@@ -242,7 +244,9 @@ class Dispatch:
         ):
             self._stale_retried = True  # the same try again, on a fresh connection
             self.out.again(self._request_head(self.client.loop.time()))
-            self._connect(conn.pool)
+            pool = conn.pool
+            assert isinstance(pool, Pool)  # (the only kind of ``upstream.Home``)
+            self._connect(pool)
             return
         detail = f"{type(exc).__name__}: {exc}" if exc else "connection closed"
         if protocol_error:

@@ -28,7 +28,7 @@ from sidecar.balancing.ewma import EndpointStats, Exclusions
 from sidecar.balancing.hashing import KeyOf, key_function
 from sidecar.clock import Clock, SystemClock, wall
 from sidecar.errors import Reason, TableError
-from sidecar.proxy.upstream import Pool
+from sidecar.proxy.pool import Pool
 from sidecar.resilience.service import Services, ServiceState
 from sidecar.resilience.tries import TryPolicy
 from sidecar.telemetry.stats import RequestStats

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from sidecar.app import Sidecar
 from sidecar.config import Listen, SidecarConfig
-from sidecar.proxy.listener import Timeouts
+from sidecar.proxy.watch import Timeouts
 
 LOCAL = "127.0.0.1"
 NAME = web.AppKey("name", str)

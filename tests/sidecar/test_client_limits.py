@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 
 from sidecar.proxy.limits import MAX_PIPELINED
+from sidecar.proxy.listener import Downstream
 from tests.sidecar.conftest import (
     LOCAL,
     Mesh,
@@ -185,9 +186,11 @@ async def test_answers_the_sidecar_makes_itself_wait_for_a_client_that_does_not_
     try:
         for _ in range(500):  # until the sidecar has filled the client's socket (<= 10 s)
             await asyncio.sleep(0.02)
-            if any(ds.write_paused for ds in mesh.sidecar.outbound.connections):
+            conns = mesh.sidecar.outbound.connections
+            if any(isinstance(ds, Downstream) and ds.write_paused for ds in conns):
                 break
         (ds,) = mesh.sidecar.outbound.connections
+        assert isinstance(ds, Downstream)
         assert ds.write_paused
         assert ds.transport is not None
         assert ds.transport.get_write_buffer_size() < 1024 * 1024

@@ -22,8 +22,9 @@ from sidecar.http import http1
 from sidecar.proxy.client import Http1Answer
 from sidecar.proxy.exchange import Exchange
 from sidecar.proxy.limits import Source
+from sidecar.proxy.pool import Pool
 from sidecar.proxy.routing import Route
-from sidecar.proxy.upstream import Pool, UpstreamConnection
+from sidecar.proxy.upstream import UpstreamConnection
 from sidecar.resilience.service import ServiceState
 from sidecar.resilience.tries import State
 
@@ -234,6 +235,7 @@ def test_a_retriable_status_is_retried_on_the_other_endpoint() -> None:
         [0, 0],
     )
     assert mesh.client.done == [(False, False)]
+    assert isinstance(second.pool, Pool)
     assert second.pool.statistics().idle == 2  # back to its pool for the next request
 
 

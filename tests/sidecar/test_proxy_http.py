@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 import pytest
 
-from sidecar.proxy.listener import Timeouts
+from sidecar.proxy.watch import Timeouts
 from tests.sidecar.conftest import (
     LOCAL,
     Mesh,

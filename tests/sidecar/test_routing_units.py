@@ -9,8 +9,8 @@ import pytest
 from control_plane import ring
 from control_plane.wire import Endpoint, parse_table
 from sidecar.errors import Reason, TableError
+from sidecar.proxy.pool import Pool
 from sidecar.proxy.routing import Pools, Route, TableHolder, service_of
-from sidecar.proxy.upstream import Pool
 
 
 @pytest.mark.parametrize(

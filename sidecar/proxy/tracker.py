@@ -1,0 +1,110 @@
+"""The client connections of one listener (``ConnectionTracker``): for draining and statistics,
+what they may take of it (``limits``), and where their requests are recorded (metrics and the
+access log).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Protocol
+
+from sidecar.clock import wall
+from sidecar.errors import Reason
+from sidecar.http.http1 import RequestHead
+from sidecar.proxy.limits import Admission, ListenerCounters, ListenerLimits, Source
+from sidecar.proxy.routing import Route
+from sidecar.telemetry.accesslog import AccessLog
+from sidecar.telemetry.stats import RequestStats
+
+if TYPE_CHECKING:
+    from control_plane.wire import Endpoint
+
+
+class Tracked(Protocol):
+    """What a tracker asks of a client connection (``listener.Downstream``)."""
+
+    client_ip: bytes
+    source: Source | None
+    transport: asyncio.Transport | None
+
+    def drain(self) -> None:
+        """Finish what is in flight, then close."""
+        ...
+
+
+class ConnectionTracker:
+    """The client connections of one listener, for draining and statistics, and what they
+    may take of it (``limits``)."""
+
+    def __init__(
+        self,
+        direction: str = "outbound",
+        service: str = "",
+        *,
+        metrics: bool = True,
+        access_log: AccessLog | None = None,
+        limits: ListenerLimits | None = None,
+    ) -> None:
+        self.direction = direction
+        #: the service every request here is for (inbound: this sidecar's); "": by route
+        self.service = service
+        self.connections: set[Tracked] = set()
+        self.draining = False
+        #: requests answered before they had a service (no route, malformed), for /metrics
+        self.unrouted = RequestStats() if metrics else None
+        self.access_log = access_log
+        self.limits = limits or ListenerLimits()
+        self.counters = ListenerCounters()
+        self.admission = Admission(self.limits, self.counters)
+
+    def __repr__(self) -> str:
+        return (
+            f"<ConnectionTracker {self.direction} [{len(self.connections)} connections, "
+            f"{self.admission.sources()} sources{', draining' if self.draining else ''}]>"
+        )
+
+    def record(
+        self,
+        route: Route | None,
+        head: RequestHead | None,
+        status: int,
+        seconds: float,
+        endpoint: Endpoint | None = None,
+        attempts: int = 0,
+        error: str = "",
+    ) -> None:
+        """A request answered (``status`` 0: the client left first): into the metrics (its
+        route's service, else ``unrouted``) and the access log."""
+        stats = route.service.requests if route is not None else self.unrouted
+        if stats is not None:
+            stats.record(status, seconds)
+        if self.access_log is not None:
+            service = self.service or (route.name if route is not None else "")
+            started = wall() - seconds
+            entry = (started, self.direction, service, head, status, seconds, endpoint)
+            self.access_log.add((*entry, attempts, error))
+
+    def rejected(self, reason: Reason, seconds: float) -> None:
+        """A request the connection answered itself before it became an exchange."""
+        self.record(None, None, reason.status, seconds, error=reason.code)
+
+    def add(self, ds: Tracked) -> bool:
+        """A new connection: False when a limit refuses it (it is to be closed at once)."""
+        admitted, ds.source = self.admission.admit(ds.client_ip)
+        if admitted:
+            self.connections.add(ds)
+        return admitted
+
+    def discard(self, ds: Tracked) -> None:
+        if ds in self.connections:
+            self.connections.remove(ds)
+            self.admission.release(ds.source)
+
+    def source_limit(self, max_requests: int) -> int:
+        """Requests of ``max_requests`` one source address may have in flight."""
+        return self.limits.per_source(max_requests)
+
+    def drain(self) -> None:
+        self.draining = True
+        for ds in list(self.connections):
+            ds.drain()
