@@ -136,8 +136,7 @@ class Dispatch:
         self.endpoint = member.endpoint
         self._sent = False
         tries.try_started(now, resend=resend)
-        attempt = self.head.attempt if route.relay else tries.attempt
-        data = http1.upstream_request(self.head, self.client.client_ip, attempt, tries.left_ms(now))
+        data = self._request_head(now)
         if resend:
             self.out.readdressed(data)
         elif tries.attempt > 1:
@@ -153,8 +152,7 @@ class Dispatch:
             self._connect(pool)
 
     def _request_head(self, now: float) -> bytes:
-        """The current try's head: which try it is, and the time it has left. (``_send_to``
-        builds it inline: a call there would be one more per request.)"""
+        """The current try's head: which try it is, and the time it has left."""
         route, tries = self.route, self.tries
         assert route is not None
         attempt = self.head.attempt if route.relay else tries.attempt

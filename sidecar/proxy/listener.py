@@ -32,7 +32,7 @@ from sidecar.proxy.exchange import Exchange
 from sidecar.proxy.limits import MAX_PIPELINED, Source
 from sidecar.proxy.routing import Router
 from sidecar.proxy.tracker import ConnectionTracker
-from sidecar.proxy.watch import _WAIT_HEAD, _WAIT_IDLE, _WAIT_TUNNEL, Timeouts, Watch
+from sidecar.proxy.watch import WAIT_HEAD, WAIT_IDLE, WAIT_TUNNEL, Timeouts, Watch
 from sidecar.resilience.tries import State
 
 log = logging.getLogger("meshlet.proxy")
@@ -123,7 +123,7 @@ class Downstream(Watch):
             self.transport.abort()
             return
         self.draining = self.tracker.draining
-        self.expect(_WAIT_HEAD, self.timeouts.head)
+        self.expect(WAIT_HEAD, self.timeouts.head)
 
     def data_received(self, data: bytes) -> None:
         n = len(data)
@@ -281,7 +281,7 @@ class Downstream(Watch):
         self._head = None
         self._reader.message_begin()
         if self._active is None:
-            self.expect(_WAIT_HEAD, self.timeouts.head)
+            self.expect(WAIT_HEAD, self.timeouts.head)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -432,9 +432,9 @@ class Downstream(Watch):
         if self._closing or self.draining:
             self._close(abort=False)
         elif self._reader.in_head:
-            self.expect(_WAIT_HEAD, self.timeouts.head)
+            self.expect(WAIT_HEAD, self.timeouts.head)
         else:
-            self.expect(_WAIT_IDLE, self.timeouts.idle)
+            self.expect(WAIT_IDLE, self.timeouts.idle)
 
     def _start_next(self) -> None:
         """Start queued exchanges in order. A loop, not recursion: exchanges that are answered
@@ -470,7 +470,7 @@ class Downstream(Watch):
         """The upstream answered 101: bytes now flow both ways unparsed, until either side
         closes or both are silent for the route's ``tunnel_idle_timeout_ms``."""
         self._active = None
-        self._wait = _WAIT_TUNNEL
+        self._wait = WAIT_TUNNEL
         self._deadline = math.inf
         self.pause_reading("upgrade", False)
         idle = self._silence_limit(self._tunnel)

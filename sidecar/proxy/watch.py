@@ -33,7 +33,7 @@ class Timeouts:
     """seconds a keep-alive client connection may sit between requests"""
 
 
-class _Wait(enum.Enum):
+class Wait(enum.Enum):
     """What a client connection's deadline is for."""
 
     HEAD = 0  # the client's request head
@@ -42,12 +42,12 @@ class _Wait(enum.Enum):
     TUNNEL = 3  # a tunnel's silence
 
 
-# The members as module constants for the hot path: on Python 3.11 each ``_Wait.X`` goes
+# The members as module constants for the hot path: on Python 3.11 each ``Wait.X`` goes
 # through EnumType.__getattr__ (~0.1 us in pure Python; compiled, both are static loads)
-_WAIT_HEAD: Final = _Wait.HEAD
-_WAIT_ROUTE: Final = _Wait.ROUTE
-_WAIT_IDLE: Final = _Wait.IDLE
-_WAIT_TUNNEL: Final = _Wait.TUNNEL
+WAIT_HEAD: Final = Wait.HEAD
+WAIT_ROUTE: Final = Wait.ROUTE
+WAIT_IDLE: Final = Wait.IDLE
+WAIT_TUNNEL: Final = Wait.TUNNEL
 
 
 class Watch(asyncio.Protocol):
@@ -100,7 +100,7 @@ class Watch(asyncio.Protocol):
         self._pauses: set[str] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
-        self._wait = _WAIT_HEAD
+        self._wait = WAIT_HEAD
         self._deadline = 0.0
         self._closing = False
         self.write_paused = False  # the client is not reading: keep upstreams paused
@@ -130,7 +130,7 @@ class Watch(asyncio.Protocol):
 
     def expect_route_at(self, when: float) -> None:
         """The active exchange's deadline (loop time): its route timeout or its try's."""
-        self._wait = _WAIT_ROUTE
+        self._wait = WAIT_ROUTE
         self._deadline = when
         if self._timer is not None and self._timer_at <= when:
             return  # it wakes in time (and re-arms), as ``expect`` explains
@@ -143,7 +143,7 @@ class Watch(asyncio.Protocol):
         self._timer = self.loop.call_at(at, self._on_timer)
         self._timer_at = at
 
-    def expect(self, wait: _Wait, seconds: float) -> None:
+    def expect(self, wait: Wait, seconds: float) -> None:
         """From now on the connection waits for ``wait``, at most ``seconds``.
 
         The timer is lazy: it wakes no later than the deadline, and when it wakes early it
@@ -179,13 +179,13 @@ class Watch(asyncio.Protocol):
         if self._too_slow(now):
             return
         wait = self._wait
-        if wait is _WAIT_ROUTE or wait is _WAIT_TUNNEL:
+        if wait is WAIT_ROUTE or wait is WAIT_TUNNEL:
             if self._went_silent(now):
                 return
-            if wait is _WAIT_ROUTE and now >= self._deadline and self._active is not None:
+            if wait is WAIT_ROUTE and now >= self._deadline and self._active is not None:
                 self._active.route_timeout()  # (it sets the next deadline, or ends)
         elif now >= self._deadline:
-            if wait is _WAIT_HEAD:
+            if wait is WAIT_HEAD:
                 self._head_timeout()
             else:
                 self._close(abort=False)  # idle keep-alive
@@ -198,10 +198,10 @@ class Watch(asyncio.Protocol):
         at most ``timeouts.head`` from now (half a silence limit, when that is shorter)."""
         at = now + self.timeouts.head
         wait = self._wait
-        if wait is not _WAIT_TUNNEL and now < self._deadline < at:
+        if wait is not WAIT_TUNNEL and now < self._deadline < at:
             at = self._deadline  # (one passed is the exchange's to move, or gone with it)
-        if wait is _WAIT_ROUTE or wait is _WAIT_TUNNEL:
-            idle = self._silence_limit(self._active if wait is _WAIT_ROUTE else self._tunnel)
+        if wait is WAIT_ROUTE or wait is WAIT_TUNNEL:
+            idle = self._silence_limit(self._active if wait is WAIT_ROUTE else self._tunnel)
             if idle < math.inf:
                 at = min(at, self._quiet_since + idle, now + idle / 2)
         rate = self.tracker.limits.min_rate
@@ -291,7 +291,7 @@ class Watch(asyncio.Protocol):
             self._moved_seen = moved
             self._quiet_since = now
             return False
-        ex = self._active if self._wait is _WAIT_ROUTE else self._tunnel
+        ex = self._active if self._wait is WAIT_ROUTE else self._tunnel
         idle = self._silence_limit(ex)
         if ex is None or now - self._quiet_since < idle:
             return False
