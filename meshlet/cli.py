@@ -26,6 +26,12 @@ def _ctl(argv: Sequence[str]) -> int:
     return main(argv, prog="meshlet ctl")
 
 
+def _iptables(argv: Sequence[str]) -> int:
+    from meshlet.iptables import main
+
+    return main(argv)
+
+
 def _demo(argv: Sequence[str]) -> int:
     from meshlet.demo import main
 
@@ -36,6 +42,7 @@ SUBCOMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "control-plane": (_control_plane, "run the control plane (registry and REST admin API)"),
     "sidecar": (_sidecar, "run a sidecar proxy beside one service"),
     "ctl": (_ctl, "look at and steer a control plane (services, instances, policy, drain)"),
+    "iptables": (_iptables, "write, remove or show a pod's interception rules (NET_ADMIN)"),
     "demo": (_demo, "run a local mesh with sample services and show what it does"),
 }
 

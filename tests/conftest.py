@@ -15,6 +15,7 @@ from control_plane.config import ControlPlaneConfig
 from control_plane.store import Store
 from control_plane.store_memory import MemoryStore
 from control_plane.store_sqlite import SqliteStore
+from tests.netns import netns  # noqa: F401 (a fixture: a network namespace)
 from tests.processes import ControlPlane, Sidecar
 
 Api = TestClient[Any, Any]
