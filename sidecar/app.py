@@ -41,6 +41,8 @@ from sidecar.control.discovery import Discovery
 from sidecar.control.health import AppHealth
 from sidecar.control.tablefile import file_signature, load_table_file
 from sidecar.errors import ConfigError, TableError
+from sidecar.proxy.egress import Egress
+from sidecar.proxy.intercept import Interception
 from sidecar.proxy.limits import ListenerLimits, MinRate, connections_that_fit, raise_fd_limit
 from sidecar.proxy.listener import Downstream
 from sidecar.proxy.routing import (
@@ -71,11 +73,23 @@ class Sidecar:
         )
         self.access_log = AccessLog(config.access_log) if config.access_log else None
         outbound, inbound = listener_limits(config)
+        self.egress = Egress(self.tables, config.outbound_policy)
+        opaque = frozenset(config.opaque_ports)
         self.outbound = ConnectionTracker(
-            "outbound", metrics=metrics, access_log=self.access_log, limits=outbound
+            "outbound",
+            metrics=metrics,
+            access_log=self.access_log,
+            limits=outbound,
+            interception=Interception(opaque),
+            egress=self.egress,
         )
         self.inbound = ConnectionTracker(
-            "inbound", config.service, metrics=metrics, access_log=self.access_log, limits=inbound
+            "inbound",
+            config.service,
+            metrics=metrics,
+            access_log=self.access_log,
+            limits=inbound,
+            interception=Interception(opaque, local=True, http_port=config.app.port),
         )
         self.app_router = AppRouter(
             Endpoint(config.app.host, config.app.port), self.app_pools, metrics=metrics
@@ -351,6 +365,7 @@ class Sidecar:
                     ds.transport.abort()
         self.pools.close()
         self.app_pools.close()
+        self.egress.close()
         for server in self._servers:
             await server.wait_closed()
         for port in self._ports:

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 from control_plane.flags import FlagParser, host_port, number
 from sidecar import build_error
-from sidecar.config import LOG_LEVELS, Listen, SidecarConfig
+from sidecar.config import LOG_LEVELS, OPAQUE_PORTS, OUTBOUND_POLICIES, Listen, SidecarConfig
 from sidecar.errors import ConfigError
 from sidecar.tls import client_context
 
@@ -95,7 +95,28 @@ def build_parser(prog: str) -> FlagParser:
         convert=number,
     )
     p.flag("--data-rate-grace", "5", "seconds before --min-data-rate counts", convert=number)
+    p.flag(
+        "--outbound-policy",
+        "allow_any",
+        "requests for hosts the mesh does not know: passed through, or answered 502",
+        choices=OUTBOUND_POLICIES,
+    )
+    p.flag(
+        "--opaque-ports",
+        ",".join(map(str, OPAQUE_PORTS)),
+        "intercepted connections to these ports are relayed as TCP, unparsed",
+        convert=ports,
+    )
     return p
+
+
+def ports(value: str) -> tuple[int, ...]:
+    found: list[int] = []
+    for part in filter(None, (p.strip() for p in value.split(","))):
+        if not part.isdigit() or not 0 < int(part) < 65536:
+            raise argparse.ArgumentTypeError(f"{part[:20]!r} is not a port (1-65535)")
+        found.append(int(part))
+    return tuple(found)
 
 
 def count(value: str) -> int:

@@ -9,6 +9,10 @@ from sidecar.errors import ConfigError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_MAX_CONNECTIONS = 10_000
+OUTBOUND_POLICIES = ("allow_any", "registry_only")
+#: Linkerd's default opaque ports: SMTP, MySQL, Galera, PostgreSQL, Redis, Elasticsearch,
+#: Memcached (their servers speak first, or their clients never send an HTTP request line)
+OPAQUE_PORTS = (25, 587, 3306, 4444, 5432, 6379, 9300, 11211)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +85,11 @@ class SidecarConfig:
     after ``data_rate_grace`` (0: off)"""
     data_rate_grace: float = 5.0
     """seconds before ``min_data_rate`` counts"""
+    outbound_policy: str = "allow_any"
+    """requests for hosts the mesh does not know: passed through (``allow_any``) or answered
+    502 (``registry_only``)"""
+    opaque_ports: tuple[int, ...] = OPAQUE_PORTS
+    """intercepted connections to these ports are relayed as TCP, unparsed"""
 
     def __post_init__(self) -> None:
         try:
@@ -104,6 +113,10 @@ class SidecarConfig:
             raise ConfigError("min_data_rate", "must not be negative")
         if self.data_rate_grace < 0:
             raise ConfigError("data_rate_grace", "must not be negative")
+        if self.outbound_policy not in OUTBOUND_POLICIES:
+            raise ConfigError("outbound_policy", f"must be one of {', '.join(OUTBOUND_POLICIES)}")
+        if not all(0 < port < 65536 for port in self.opaque_ports):
+            raise ConfigError("opaque_ports", "must be ports (1-65535)")
         if self.app.port == 0:
             raise ConfigError("app", "needs a port")
         if self.table and self.control_plane:

@@ -64,6 +64,8 @@ class Reason(enum.Enum):
 
     BAD_REQUEST = (400, "Bad Request", "bad-request")
     NO_ROUTE = (404, "Not Found", "no-route")
+    #: a destination outside the mesh, refused by ``outbound_policy: registry_only``
+    OUTSIDE_MESH = (502, "Bad Gateway", "no-route")
     REQUEST_TIMEOUT = (408, "Request Timeout", "request-timeout")
     BODY_TOO_LARGE = (413, "Content Too Large", "body-too-large")
     HEAD_TOO_LARGE = (431, "Request Header Fields Too Large", "head-too-large")

@@ -99,10 +99,16 @@ class SidecarMetrics:
             "reading its answers)",
             labels=["direction", "cause"],
         )
+        opaque = counter(
+            "meshlet_listener_opaque_streams",
+            "intercepted connections relayed as TCP, unparsed (not HTTP, or an opaque port)",
+            labels=["direction"],
+        )
         for tracker in trackers:
             direction = tracker.direction
             open_.add([direction], len(tracker.connections))
             counters = tracker.counters
+            opaque.add([direction], counters.opaque_streams)
             for family, values in (
                 (refused, counters.refused()),
                 (timeouts, counters.timeouts()),
@@ -114,6 +120,7 @@ class SidecarMetrics:
         yield refused
         yield timeouts
         yield backpressure
+        yield opaque
 
     def _requests(self, outbound: list[ServiceState]) -> Iterator[Family]:
         sc = self.sidecar

@@ -90,6 +90,7 @@ class RequestHead:
         "keep_alive",
         "lines",
         "method",
+        "proxied",
         "request_id",
         "retry",
         "target",
@@ -112,6 +113,8 @@ class RequestHead:
         """(from ``complete``)"""
         self.authority = authority
         """absolute-form authority, else the Host header"""
+        self.proxied = authority is not None
+        """absolute-form: sent to a proxy (``http_proxy``), for the host it names"""
         self.chunked = False
         self.upgrade = False
         self.expect_continue = False

@@ -72,6 +72,12 @@ class Client(Protocol):
         """The route for a request's authority, or why there is none."""
         ...
 
+    def egress(self, authority: bytes, proxied: bool) -> Route | tuple[Reason, str] | None:
+        """The way out of the mesh for a request ``route`` found no service for (``proxied``:
+        an absolute-form request), or why it may not leave; None: the request was going
+        nowhere else (it was made to the sidecar itself)."""
+        ...
+
     def source_allows(self, max_requests: int) -> bool:
         """Whether the client's address (``source``) is under its share of ``max_requests``
         in flight; a refusal is counted."""

@@ -155,6 +155,8 @@ class Dispatch:
         """The current try's head: which try it is, and the time it has left."""
         route, tries = self.route, self.tries
         assert route is not None
+        if route.external:  # the mesh's own headers stay in the mesh
+            return http1.upstream_request(self.head, self.client.client_ip)
         attempt = self.head.attempt if route.relay else tries.attempt
         return http1.upstream_request(self.head, self.client.client_ip, attempt, tries.left_ms(now))
 

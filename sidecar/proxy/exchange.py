@@ -78,8 +78,11 @@ class Exchange:
             return
         routed = client.route(head.authority)
         if isinstance(routed, tuple):
-            self.fail(*routed)
-            return
+            if routed[0] is Reason.NO_ROUTE and head.authority is not None:
+                routed = client.egress(head.authority, head.proxied) or routed
+            if isinstance(routed, tuple):
+                self.fail(*routed)
+                return
         self.route = routed
         policy, service = routed.policy, routed.service
         if service.in_flight >= policy.max_requests:

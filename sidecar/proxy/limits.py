@@ -109,6 +109,8 @@ class ListenerCounters:
     """reads left unparsed: ``MAX_PIPELINED`` requests were waiting"""
     client_not_reading: int = 0
     """times reading stopped because the client did not read its answers"""
+    opaque_streams: int = 0
+    """intercepted connections relayed as opaque TCP (not HTTP, or an opaque port)"""
 
     def refused(self) -> dict[str, int]:
         return {

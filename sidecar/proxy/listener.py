@@ -29,8 +29,10 @@ from sidecar.http import http1
 from sidecar.http.http1 import RequestHead
 from sidecar.proxy.client import Http1Answer
 from sidecar.proxy.exchange import Exchange
+from sidecar.proxy.intercept import looks_like_http, original_destination
 from sidecar.proxy.limits import MAX_PIPELINED, Source
-from sidecar.proxy.routing import Router
+from sidecar.proxy.relay import Relay
+from sidecar.proxy.routing import Route, Router
 from sidecar.proxy.tracker import ConnectionTracker
 from sidecar.proxy.watch import WAIT_HEAD, WAIT_IDLE, WAIT_TUNNEL, Timeouts, Watch
 from sidecar.resilience.tries import State
@@ -62,12 +64,15 @@ class Downstream(Watch):
         "_parser",
         "_pending_reject",
         "_queue",
+        "_relay",
+        "_sniffing",
         "_starting",
         "_unread",
         "_url",
         "answer",
         "client_ip",
         "draining",
+        "original",
         "record",
         "route",
         "router",
@@ -95,6 +100,9 @@ class Downstream(Watch):
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
         self._head: RequestHead | None = None  # the head being read, from its request line
+        self.original: tuple[str, int] | None = None  # intercepted: where it was going
+        self._sniffing = False  # intercepted: HTTP or not, its first bytes will say
+        self._relay: Relay | None = None  # not HTTP: relayed unparsed
         self._queue: deque[Exchange] = deque()
         self._held: bytes | None = None  # read, not parsed: MAX_PIPELINED requests wait
         self._latest: Exchange | None = None  # the exchange whose head came last
@@ -123,6 +131,14 @@ class Downstream(Watch):
             self.transport.abort()
             return
         self.draining = self.tracker.draining
+        interception = self.tracker.interception
+        if interception is not None:
+            self.original = original = original_destination(transport)
+            if original is not None:
+                if interception.opaque(original):
+                    self._become_relay(b"")
+                    return
+                self._sniffing = True
         self.expect(WAIT_HEAD, self.timeouts.head)
 
     def data_received(self, data: bytes) -> None:
@@ -131,7 +147,7 @@ class Downstream(Watch):
         if self._tunnel is not None:
             self._tunnel.tunnel_from_client(data)
             return
-        if self._closing:
+        if self._closing or (self._sniffing and not self._sniff(data)):
             return
         if self._held is not None:  # (reading is paused: only bytes already on their way)
             self._held += data
@@ -480,6 +496,9 @@ class Downstream(Watch):
     def drain(self) -> None:
         """Finish what is in flight, then close; close at once if idle."""
         self.draining = True
+        if self._relay is not None:
+            self._relay.close()
+            return
         if (  # (requests may wait for a client that reads slowly: they are answered first)
             self._active is None
             and self._tunnel is None
@@ -487,6 +506,47 @@ class Downstream(Watch):
             and not self._queue
         ):
             self._close(abort=False)
+
+    def egress(self, authority: bytes, proxied: bool) -> Route | tuple[Reason, str] | None:
+        egress = self.tracker.egress
+        if egress is None or (self.original is None and not proxied):
+            return None  # (made to the sidecar itself)
+        return egress.route(authority, self.original)
+
+    # -- intercepted connections (``intercept``) -------------------------------------------
+
+    def _sniff(self, data: bytes) -> bool:
+        """An intercepted connection's first bytes: False when they are not HTTP (the
+        connection is relayed unparsed from here on)."""
+        self._sniffing = False
+        if looks_like_http(data) is not False:
+            return True
+        self._become_relay(data)
+        return False
+
+    def _head_timeout(self) -> None:
+        if self._sniffing:  # an intercepted connection that said nothing: the server speaks first
+            self._become_relay(b"")
+        else:
+            super()._head_timeout()
+
+    def _become_relay(self, first: bytes) -> None:
+        """Relay the connection unparsed to where it was going (``first``: read already)."""
+        interception, original = self.tracker.interception, self.original
+        assert interception is not None
+        assert original is not None
+        assert self.transport is not None
+        self._sniffing = False
+        self._closing = True  # (nothing more reaches the parser)
+        self._cancel_timer()
+        self.tracker.counters.opaque_streams += 1
+        destination = interception.destination(original)
+        self._relay = Relay(self.transport, destination, interception, self.loop, self._relay_over)
+        self._relay.start(first)
+
+    def _relay_over(self) -> None:
+        self._relay = None
+        self.tracker.discard(self)
 
     # -- internals ------------------------------------------------------------------------
 

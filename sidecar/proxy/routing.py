@@ -50,6 +50,8 @@ class Route:
     """the balancer's clock: try times are measured on it"""
     relay: bool = False
     """the inbound route: no retries; the caller's try number is passed on as it came"""
+    external: bool = False
+    """a destination outside the mesh (``egress``): sent no ``x-meshlet-*`` headers"""
     tries: TryPolicy = field(init=False)
     """what each request's tries may do: timeouts, retries, hedging, the budget"""
 

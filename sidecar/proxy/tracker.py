@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Protocol
 from sidecar.clock import wall
 from sidecar.errors import Reason
 from sidecar.http.http1 import RequestHead
+from sidecar.proxy.egress import Egress
+from sidecar.proxy.intercept import Interception
 from sidecar.proxy.limits import Admission, ListenerCounters, ListenerLimits, Source
 from sidecar.proxy.routing import Route
 from sidecar.telemetry.accesslog import AccessLog
@@ -44,6 +46,8 @@ class ConnectionTracker:
         metrics: bool = True,
         access_log: AccessLog | None = None,
         limits: ListenerLimits | None = None,
+        interception: Interception | None = None,
+        egress: Egress | None = None,
     ) -> None:
         self.direction = direction
         #: the service every request here is for (inbound: this sidecar's); "": by route
@@ -56,6 +60,10 @@ class ConnectionTracker:
         self.limits = limits or ListenerLimits()
         self.counters = ListenerCounters()
         self.admission = Admission(self.limits, self.counters)
+        #: what becomes of connections ``meshlet iptables`` redirected here (None: not read)
+        self.interception = interception
+        #: outbound: the way out of the mesh, for hosts it does not know
+        self.egress = egress
 
     def __repr__(self) -> str:
         return (

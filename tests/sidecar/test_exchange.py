@@ -114,6 +114,9 @@ class Client:
     def route(self, authority: bytes | None) -> Route | tuple[Reason, str]:
         return self._route
 
+    def egress(self, authority: bytes, proxied: bool) -> Route | tuple[Reason, str] | None:
+        return None
+
     def source_allows(self, max_requests: int) -> bool:
         return True
 
