@@ -215,7 +215,8 @@ class RequestHead:
 
 
 def split_target(method: bytes, url: bytes) -> tuple[bytes, bytes | None]:
-    """(origin-form target, authority of an absolute-form URL). ValueError when unusable."""
+    """(origin-form target, authority of an absolute-form URL; a CONNECT's authority-form
+    target is both). ValueError when unusable."""
     if url.startswith(b"/"):
         return url, None
     if url[:7].lower() == b"http://":
@@ -233,6 +234,11 @@ def split_target(method: bytes, url: bytes) -> tuple[bytes, bytes | None]:
         return target, authority
     if url == b"*" and method == b"OPTIONS":
         return url, None
+    if method == b"CONNECT":  # authority-form, and only there
+        host, _, port = url.rpartition(b":")
+        if not host or b"@" in host or b"/" in host or not port.isdigit():
+            raise ValueError(f"CONNECT target {url[:64]!r} is not HOST:PORT")
+        return url, url
     raise ValueError(f"request target {url[:64]!r} is not origin-form or http:// absolute-form")
 
 

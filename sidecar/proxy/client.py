@@ -106,6 +106,14 @@ class Client(Protocol):
         """The exchange is upgraded: bytes flow both ways unparsed from now on."""
         ...
 
+    def relay_to(
+        self, destination: tuple[str, int], first: bytes, opened: Callable[[bool], None]
+    ) -> None:
+        """CONNECT: the connection becomes a TCP stream to ``destination`` (``first``: what
+        the client sent after its head), answered 200 once that is open, 502 if it cannot
+        be; ``opened`` is told which."""
+        ...
+
     def exchange_done(self, ex: object, *, close: bool, abort: bool) -> None:
         """Exchange ``ex`` is over, and the back-pressure it put on the client with it
         (``pause_reading`` for ``upstream`` and ``pending``): close the connection

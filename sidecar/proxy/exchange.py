@@ -74,7 +74,7 @@ class Exchange:
         exchange reaches the front."""
         head, client = self.head, self.client
         if head.method == b"CONNECT":
-            self.fail(Reason.BAD_REQUEST, "CONNECT is not supported")
+            self._connect_tunnel()
             return
         routed = client.route(head.authority)
         if isinstance(routed, tuple):
@@ -121,6 +121,38 @@ class Exchange:
         if source is not None:
             source.in_flight += 1
         self.up.start(routed, now)
+
+    def _connect_tunnel(self) -> None:
+        """CONNECT: a TCP stream to a host outside the mesh, under the same rule as a request
+        for it (``egress``), answered 200 once it is open; a service of the mesh is called
+        over HTTP, not tunnelled to."""
+        client, authority = self.client, self.head.authority
+        assert authority is not None  # (authority-form)
+        if not isinstance(client.route(authority), tuple):
+            self.fail(Reason.BAD_REQUEST, "CONNECT names a service of the mesh: call it over HTTP")
+            return
+        routed = client.egress(authority, True)
+        if routed is None:
+            self.fail(Reason.BAD_REQUEST, "CONNECT is not served on this listener")
+            return
+        if isinstance(routed, tuple):
+            self.fail(*routed)
+            return
+        member = routed.balancer.pick(None, ())
+        if member is None:  # (an egress route has its one endpoint)
+            self.fail(Reason.NO_HEALTHY_UPSTREAM, f"no way to {authority[:100]!r}")
+            return
+        self.route = routed
+        self.tries.state = TUNNEL
+        early, self._tunnel_early = self._tunnel_early, None
+        where = (member.endpoint.address, member.endpoint.port)
+        client.relay_to(where, b"".join(early or ()), self._tunnel_opened)
+
+    def _tunnel_opened(self, opened: bool) -> None:
+        """A CONNECT's stream opened (200) or could not be (502): into the metrics."""
+        failure = Reason.UPSTREAM_CONNECT_FAILURE
+        self._status, self._error = (200, "") if opened else (failure.status, failure.code)
+        self.cancel()
 
     def request_body(self, data: bytes) -> None:
         self.up.send(self.up.out.frame(data))  # (its pace and silence are the connection's)
@@ -286,7 +318,8 @@ class Exchange:
         head = self.head
         # A body still coming would have to be read first: close instead.
         unread_body = not self.request_done and (head.has_body or head.chunked)
-        close = not self.keep_alive or unread_body or head.upgrade
+        # (after a CONNECT, the bytes that follow are not HTTP)
+        close = not self.keep_alive or unread_body or head.upgrade or head.method == b"CONNECT"
         self._status = reason.status
         self._error = reason.code
         self.client.answer.error(reason, detail, close=close)

@@ -20,6 +20,8 @@ import asyncio
 import logging
 import math
 from collections import deque
+from collections.abc import Callable
+from functools import partial
 from typing import Final, cast
 
 import httptools
@@ -29,7 +31,7 @@ from sidecar.http import http1
 from sidecar.http.http1 import RequestHead
 from sidecar.proxy.client import Http1Answer
 from sidecar.proxy.exchange import Exchange
-from sidecar.proxy.intercept import looks_like_http, original_destination
+from sidecar.proxy.intercept import Interception, looks_like_http, original_destination
 from sidecar.proxy.limits import MAX_PIPELINED, Source
 from sidecar.proxy.relay import Relay
 from sidecar.proxy.routing import Route, Router
@@ -46,6 +48,8 @@ LINGER = 2.0
 #: ``GET / HTTP/1.0`` and two CRLFs), and a body of up to 16 KiB that came with its head is
 #: parsed in one go
 _WALK_ABOVE: Final = 16 * 1024
+#: a CONNECT's answer once its stream is open
+CONNECTED: Final = b"HTTP/1.1 200 Connection Established\r\n\r\n"
 assert _WALK_ABOVE // 18 < MAX_PIPELINED
 
 
@@ -445,6 +449,8 @@ class Downstream(Watch):
 
     def _idle(self) -> None:
         """Nothing in flight: close if asked to, else wait for the next request."""
+        if self._relay is not None:
+            return  # the connection is a relay's now (CONNECT)
         if self._closing or self.draining:
             self._close(abort=False)
         elif self._reader.in_head:
@@ -535,13 +541,30 @@ class Downstream(Watch):
         interception, original = self.tracker.interception, self.original
         assert interception is not None
         assert original is not None
+        self.tracker.counters.opaque_streams += 1
+        self._start_relay(Relay, interception.destination(original), first)
+
+    def relay_to(
+        self, destination: tuple[str, int], first: bytes, opened: Callable[[bool], None]
+    ) -> None:
+        self._active = self._tunnel = None
+        host, port = destination
+        refusal = error_response(
+            Reason.UPSTREAM_CONNECT_FAILURE, f"cannot connect to {host}:{port}", close=True
+        )
+        self._start_relay(
+            partial(Relay, greeting=CONNECTED, refusal=refusal, opened=opened), destination, first
+        )
+
+    def _start_relay(
+        self, relay: Callable[..., Relay], destination: tuple[str, int], first: bytes
+    ) -> None:
         assert self.transport is not None
         self._sniffing = False
         self._closing = True  # (nothing more reaches the parser)
         self._cancel_timer()
-        self.tracker.counters.opaque_streams += 1
-        destination = interception.destination(original)
-        self._relay = Relay(self.transport, destination, interception, self.loop, self._relay_over)
+        interception = self.tracker.interception or Interception()
+        self._relay = relay(self.transport, destination, interception, self.loop, self._relay_over)
         self._relay.start(first)
 
     def _relay_over(self) -> None:
@@ -554,14 +577,13 @@ class Downstream(Watch):
         """httptools stopped at the end of an upgrade (or CONNECT) head; no more HTTP follows
         on this connection. Bytes after the head wait for the upstream's 101."""
         ex, self._current = self._latest, None
+        if ex is not None and ex.state is not State.DONE:
+            self._tunnel = ex
+            self.pause_reading("upgrade", True)
+            if rest:  # (before it starts: a CONNECT may be relayed at once)
+                ex.tunnel_from_client(rest)
         if self._active is None and self._queue:
             self._start_next()
-        if ex is None or ex.state is State.DONE:
-            return  # already answered (CONNECT) and closing
-        self._tunnel = ex
-        self.pause_reading("upgrade", True)
-        if rest:
-            ex.tunnel_from_client(rest)
 
     def _reject(self, reason: Reason, detail: str) -> None:
         """A malformed request: answer 400 (or 431) after the complete requests before it,

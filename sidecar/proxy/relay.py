@@ -73,9 +73,12 @@ class Relay:
         "client",
         "destination",
         "ended",
+        "greeting",
         "interception",
         "loop",
         "moved",
+        "opened",
+        "refusal",
         "upstream",
     )
 
@@ -86,12 +89,22 @@ class Relay:
         interception: Interception,
         loop: asyncio.AbstractEventLoop,
         ended: Callable[[], None],
+        *,
+        greeting: bytes = b"",
+        refusal: bytes = b"",
+        opened: Callable[[bool], None] | None = None,
     ) -> None:
         self.destination = destination
         self.interception = interception
         self.loop = loop
         self.ended: Callable[[], None] | None = ended
         """called once, when the relay is over (the listener's count)"""
+        self.greeting = greeting
+        """written to the client once the destination's connection is open (CONNECT's 200)"""
+        self.refusal = refusal
+        """written to the client when it cannot be opened (CONNECT's 502)"""
+        self.opened = opened
+        """told whether the destination's connection opened"""
         self.client = _Side(self)
         self.client.transport = transport
         self.upstream = _Side(self)
@@ -114,6 +127,7 @@ class Relay:
         transport = self.client.transport
         assert transport is not None
         transport.set_protocol(self.client)
+        transport.resume_reading()  # (a CONNECT's client was paused while it waited its turn)
         if first:
             self.hold(first)
         self._task = self.loop.create_task(self._connect())
@@ -126,6 +140,9 @@ class Relay:
                 await self.loop.create_connection(lambda: self.upstream, host, port)
         except (OSError, TimeoutError) as e:
             log.info("opaque stream to %s:%d: connect failed: %s", host, port, e or "timed out")
+            if self.refusal and self.client.transport is not None:
+                self.client.transport.write(self.refusal)
+            self._tell(False)
             self.close()
             return
         upstream = self.upstream.transport
@@ -134,6 +151,9 @@ class Relay:
             upstream.close()
             return
         held, self._held = self._held, []
+        if self.greeting and self.client.transport is not None:
+            self.client.transport.write(self.greeting)
+        self._tell(True)
         for data in held:
             upstream.write(data)
         self.client.other, self.upstream.other = self.upstream, self.client
@@ -142,6 +162,11 @@ class Relay:
         self._held_bytes = 0
         if self._eofs and upstream.can_write_eof():  # the client closed its way meanwhile
             upstream.write_eof()
+
+    def _tell(self, opened: bool) -> None:
+        tell, self.opened = self.opened, None
+        if tell is not None:
+            tell(opened)
 
     def hold(self, data: bytes) -> None:
         self._held.append(data)

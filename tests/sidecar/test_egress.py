@@ -4,6 +4,7 @@ with real sidecars in network namespaces: tests/integration/test_pods.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 
@@ -141,3 +142,57 @@ async def test_registry_only_answers_502_for_a_proxy_request_outside_the_mesh(
         resp.body.decode()
     )
     assert outside.hits == 0
+
+
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
+
+async def test_connect_tunnels_to_a_host_outside_the_mesh(make_mesh: MakeMesh) -> None:
+    target = await asyncio.start_server(echo, LOCAL, 0)
+    port = target.sockets[0].getsockname()[1]
+    mesh = await make_mesh({})
+    reader, writer = await asyncio.open_connection(LOCAL, mesh.outbound)
+    # bytes right behind the head wait for the stream (a TLS client sends its hello at once)
+    writer.write(f"CONNECT {LOCAL}:{port} HTTP/1.1\r\nHost: {LOCAL}:{port}\r\n\r\nhello".encode())
+    async with asyncio.timeout(10):
+        assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 200 Connection Established\r\n\r\n"
+        assert await reader.readexactly(5) == b"hello"
+        writer.write(b" again")
+        assert await reader.readexactly(6) == b" again"
+    writer.close()
+    target.close()
+    found = samples(await scrape(mesh))
+    assert (
+        value(
+            found, "meshlet_requests_total", direction="outbound", service=PASSTHROUGH, code="2xx"
+        )
+        == 1
+    )
+
+
+async def test_connect_is_refused_by_the_same_rule_and_when_it_cannot_open(
+    make_mesh: MakeMesh,
+) -> None:
+    probe = await asyncio.start_server(echo, LOCAL, 0)
+    closed = probe.sockets[0].getsockname()[1]
+    probe.close()
+    await probe.wait_closed()
+    allowed = await make_mesh({})
+    refused = await make_mesh({}, outbound_policy="registry_only")
+    for mesh, status, error in (
+        (refused, 502, "no-route"),
+        (allowed, 502, "upstream-connect-failure"),
+    ):
+        raw = f"CONNECT {LOCAL}:{closed} HTTP/1.1\r\nHost: {LOCAL}:{closed}\r\n\r\n".encode()
+        reader, writer = await asyncio.open_connection(LOCAL, mesh.outbound)
+        writer.write(raw)
+        async with asyncio.timeout(10):
+            answer = await reader.read()  # answered, then closed: what follows is not HTTP
+        writer.close()
+        head = answer.split(b"\r\n\r\n")[0].decode()
+        assert head.startswith(f"HTTP/1.1 {status} "), answer
+        assert f"x-meshlet-error: {error}" in head

@@ -117,6 +117,11 @@ class Client:
     def egress(self, authority: bytes, proxied: bool) -> Route | tuple[Reason, str] | None:
         return None
 
+    def relay_to(
+        self, destination: tuple[str, int], first: bytes, opened: Callable[[bool], None]
+    ) -> None:
+        raise AssertionError("no CONNECT here")
+
     def source_allows(self, max_requests: int) -> bool:
         return True
 
