@@ -69,7 +69,11 @@ class Sidecar:
         metrics = config.metrics == "on"
         self.services = Services(metrics=metrics)
         self.tables = TableHolder(
-            self.pools, service=config.service, zone=config.zone, services=self.services
+            self.pools,
+            service=config.service,
+            zone=config.zone,
+            services=self.services,
+            cluster_domain=config.cluster_domain,
         )
         self.access_log = AccessLog(config.access_log) if config.access_log else None
         outbound, inbound = listener_limits(config)

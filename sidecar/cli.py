@@ -107,6 +107,11 @@ def build_parser(prog: str) -> FlagParser:
         "intercepted connections to these ports are relayed as TCP, unparsed",
         convert=ports,
     )
+    p.flag(
+        "--cluster-domain",
+        "cluster.local",
+        "Kubernetes' DNS domain: SERVICE.NAMESPACE.svc.<it> names SERVICE",
+    )
     return p
 
 

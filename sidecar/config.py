@@ -90,6 +90,8 @@ class SidecarConfig:
     502 (``registry_only``)"""
     opaque_ports: tuple[int, ...] = OPAQUE_PORTS
     """intercepted connections to these ports are relayed as TCP, unparsed"""
+    cluster_domain: str = "cluster.local"
+    """Kubernetes' DNS domain: ``SERVICE.NAMESPACE.svc.<it>`` names SERVICE"""
 
     def __post_init__(self) -> None:
         try:
@@ -117,6 +119,11 @@ class SidecarConfig:
             raise ConfigError("outbound_policy", f"must be one of {', '.join(OUTBOUND_POLICIES)}")
         if not all(0 < port < 65536 for port in self.opaque_ports):
             raise ConfigError("opaque_ports", "must be ports (1-65535)")
+        if not self.cluster_domain or not all(
+            label.isalnum() or label.replace("-", "").isalnum()
+            for label in self.cluster_domain.split(".")
+        ):
+            raise ConfigError("cluster_domain", "must be a DNS name, like cluster.local")
         if self.app.port == 0:
             raise ConfigError("app", "needs a port")
         if self.table and self.control_plane:

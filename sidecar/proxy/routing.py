@@ -68,13 +68,21 @@ class Router(Protocol):
 _CACHE_LIMIT = 4096
 
 
-def service_of(authority: bytes) -> str:
-    """``payments``, ``Payments:80``, ``payments.mesh`` and ``payments.`` all name payments."""
+CLUSTER_DOMAIN = "cluster.local"
+
+
+def service_of(authority: bytes, cluster_domain: str = CLUSTER_DOMAIN) -> str:
+    """The name an authority gives: ``payments``, ``Payments:80``, ``payments.mesh`` and
+    ``payments.`` give payments; so do Kubernetes' ``payments.NS.svc.CLUSTER-DOMAIN`` and
+    ``payments.NS.svc`` give ``payments.NS`` (which names payments if the table has it:
+    ``RoutingTable.route``)."""
     host = authority.decode("latin-1").strip().lower()
     if host.startswith("["):
         return host  # an IPv6 literal names no service
-    host = host.partition(":")[0].rstrip(".")
-    return host.removesuffix(".mesh")
+    host = host.partition(":")[0].rstrip(".").removesuffix(".mesh")
+    if host.endswith(".svc"):
+        return host[:-4]
+    return host.removesuffix(".svc." + cluster_domain)
 
 
 class Pools:
@@ -168,9 +176,11 @@ class RoutingTable:
         pools: Pools,
         services: Services,
         locality: Locality = Locality(),  # noqa: B008
+        cluster_domain: str = CLUSTER_DOMAIN,
     ) -> None:
         self.table = table
         self.info = info
+        self.cluster_domain = cluster_domain
         self._routes = {
             name: self._route(name, entry, pools, services.get(name), locality)
             for name, entry in table.services.items()
@@ -206,8 +216,10 @@ class RoutingTable:
         route = self._cache.get(authority)
         if route is not None:
             return route
-        name = service_of(authority)
+        name = service_of(authority, self.cluster_domain)
         route = self._routes.get(name)
+        if route is None and name.count(".") == 1:  # Kubernetes' SERVICE.NAMESPACE
+            route = self._routes.get(name.partition(".")[0])
         if route is None:
             return Reason.NO_ROUTE, f"no service {name[:100]!r} in the routing table"
         if len(self._cache) < _CACHE_LIMIT:
@@ -242,8 +254,10 @@ class TableHolder:
         service: str = "",
         zone: str = "",
         services: Services | None = None,
+        cluster_domain: str = CLUSTER_DOMAIN,
     ) -> None:
         self.pools = pools
+        self.cluster_domain = cluster_domain
         self.services = services or Services()
         self.service = service
         self.zone = zone
@@ -258,7 +272,9 @@ class TableHolder:
         """Build the table's routes and put them in force; TableError (nothing changes) if
         a ring does not fit its service."""
         info = TableInfo(table.version, source, wall(), table.built)
-        new = RoutingTable(table, info, self.pools, self.services, self._locality(table))
+        new = RoutingTable(
+            table, info, self.pools, self.services, self._locality(table), self.cluster_domain
+        )
         self.current = new
         self.pools.retain(new.endpoints())
         return new

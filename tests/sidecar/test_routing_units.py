@@ -22,10 +22,38 @@ from sidecar.proxy.routing import Pools, Route, TableHolder, service_of
         (b"payments.mesh.", "payments"),
         (b"payments.mesh:8080", "payments"),
         (b"[::1]:80", "[::1]:80"),
+        # Kubernetes: the namespace stays, for the table to decide (``test_kubernetes_names``)
+        (b"payments.shop.svc.cluster.local", "payments.shop"),
+        (b"payments.shop.svc.cluster.local.:8080", "payments.shop"),
+        (b"payments.shop.svc", "payments.shop"),
+        (b"payments.shop", "payments.shop"),
+        (b"payments.svc.cluster.local", "payments"),
+        (b"api.example.com", "api.example.com"),
     ],
 )
 def test_service_of(authority: bytes, service: str) -> None:
     assert service_of(authority) == service
+
+
+def test_kubernetes_names_name_the_service() -> None:
+    holder = TableHolder(Pools(), cluster_domain="k8s.internal")
+    table = parse_table(
+        {"services": {"catalog": {"endpoints": [{"address": "10.0.0.1", "port": 1}]}}}
+    )
+    holder.install(table, "file:x")
+    catalog = holder.route(b"catalog")
+    assert isinstance(catalog, Route)
+    for name in (
+        b"catalog.shop",
+        b"catalog.shop.svc",
+        b"catalog.shop.svc.k8s.internal",
+        b"Catalog.Shop.svc.k8s.internal.:8080",
+        b"catalog.mesh",
+    ):
+        assert holder.route(name) is catalog, name
+    # what is not a Kubernetes name of it stays outside the mesh (egress decides)
+    for name in (b"catalog.shop.svc.cluster.local", b"catalog.example.com", b"shop.catalog"):
+        assert isinstance(holder.route(name), tuple), name
 
 
 async def test_tables_swap_and_pools_outlive_them() -> None:
