@@ -1,10 +1,12 @@
-"""The deployment files check out offline: hadolint passes the Dockerfile, and every Kubernetes
+"""The deployment files check out offline: hadolint passes the Dockerfile, every Kubernetes
 manifest under deploy/kubernetes is valid, strictly (no unknown keys), for the current
-Kubernetes release and the oldest one the native-sidecar pod needs (1.29)."""
+Kubernetes release and the oldest one the native-sidecar pod needs (1.29), and so is what
+`kubectl kustomize` renders of every kustomization there."""
 
 from __future__ import annotations
 
 import copy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,10 +25,30 @@ def manifests() -> list[tuple[str, dict[str, Any]]]:
     found = [
         (f"{path.relative_to(DEPLOY)}[{i}]", doc)
         for path in sorted((DEPLOY / "kubernetes").rglob("*.yaml"))
+        if path.name != "kustomization.yaml"
         for i, doc in enumerate(yaml.safe_load_all(path.read_text()))
         if doc is not None
     ]
     assert found, "no manifests under deploy/kubernetes"
+    return found
+
+
+def kustomized() -> list[tuple[str, dict[str, Any]]]:
+    """What ``kubectl kustomize`` renders of every kustomization under deploy/kubernetes."""
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl not found: it renders the kustomizations (kubectl kustomize)"
+    found: list[tuple[str, dict[str, Any]]] = []
+    for kustomization in sorted((DEPLOY / "kubernetes").rglob("kustomization.yaml")):
+        where = kustomization.parent
+        done = subprocess.run(
+            [kubectl, "kustomize", str(where)], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, f"kubectl kustomize {where}: {done.stderr}"
+        docs = [doc for doc in yaml.safe_load_all(done.stdout) if doc is not None]
+        assert docs, f"kubectl kustomize {where} rendered nothing"
+        name = where.relative_to(DEPLOY)
+        found += [(f"{name} (kustomized)[{i}]", doc) for i, doc in enumerate(docs)]
+    assert found, "no kustomization under deploy/kubernetes"
     return found
 
 
@@ -40,7 +62,7 @@ def test_hadolint_passes_the_dockerfile() -> None:
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_every_manifest_is_valid_kubernetes(version: str) -> None:
-    for name, doc in manifests():
+    for name, doc in manifests() + kustomized():
         try:
             kubernetes_validate.validate(doc, version, strict=True)
         except kubernetes_validate.ValidationError as e:
@@ -49,7 +71,7 @@ def test_every_manifest_is_valid_kubernetes(version: str) -> None:
 
 def test_the_validation_is_strict() -> None:
     """A misspelt key fails: the check above is worth something."""
-    (_, pod), *_ = manifests()
+    pod = yaml.safe_load((DEPLOY / "kubernetes" / "example-pod.yaml").read_text())
     broken = copy.deepcopy(pod)
     broken["spec"]["initContainers"][1]["restartPolicyy"] = "Always"
     with pytest.raises(kubernetes_validate.ValidationError):
