@@ -1,7 +1,8 @@
 """The deployment files check out offline: hadolint passes the Dockerfile, every Kubernetes
 manifest under deploy/kubernetes is valid, strictly (no unknown keys), for the current
 Kubernetes release and the oldest one the native-sidecar pod needs (1.29), and so is what
-`kubectl kustomize` renders of every kustomization there."""
+`kubectl kustomize` renders of every kustomization there; deploy/compose.yaml follows the
+Compose specification's schema, and what it mounts is there."""
 
 from __future__ import annotations
 
@@ -76,3 +77,29 @@ def test_the_validation_is_strict() -> None:
     broken["spec"]["initContainers"][1]["restartPolicyy"] = "Always"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, VERSIONS[0], strict=True)
+
+
+def check_compose(path: Path) -> subprocess.CompletedProcess[str]:
+    checker = Path(sys.executable).parent / "check-jsonschema"  # (a dev dependency)
+    return subprocess.run(
+        [str(checker), "--builtin-schema", "vendor.compose-spec", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_the_compose_file_follows_the_compose_schema(tmp_path: Path) -> None:
+    compose = DEPLOY / "compose.yaml"
+    done = check_compose(compose)
+    assert done.returncode == 0, done.stdout + done.stderr
+    spec = yaml.safe_load(compose.read_text())
+    for name, service in spec["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (DEPLOY / source).exists(), f"{name} mounts {source}, which is not there"
+    spec["services"]["catalog"]["imagee"] = "typo"  # and the check is worth something
+    broken = tmp_path / "compose.yaml"
+    broken.write_text(yaml.safe_dump(spec))
+    assert check_compose(broken).returncode != 0
