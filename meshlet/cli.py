@@ -38,6 +38,12 @@ def _wait_ready(argv: Sequence[str]) -> int:
     return main(argv)
 
 
+def _inject(argv: Sequence[str]) -> int:
+    from meshlet.inject import main
+
+    return main(argv)
+
+
 def _demo(argv: Sequence[str]) -> int:
     from meshlet.demo import main
 
@@ -50,6 +56,7 @@ SUBCOMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "ctl": (_ctl, "look at and steer a control plane (services, instances, policy, drain)"),
     "iptables": (_iptables, "write, remove or show a pod's interception rules (NET_ADMIN)"),
     "wait-ready": (_wait_ready, "wait until the sidecar beside this app is ready (/readyz)"),
+    "inject": (_inject, "add the sidecar to the workloads in Kubernetes YAML (or take it out)"),
     "demo": (_demo, "run a local mesh with sample services and show what it does"),
 }
 
