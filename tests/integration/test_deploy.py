@@ -103,3 +103,21 @@ def test_the_compose_file_follows_the_compose_schema(tmp_path: Path) -> None:
     broken = tmp_path / "compose.yaml"
     broken.write_text(yaml.safe_dump(spec))
     assert check_compose(broken).returncode != 0
+
+
+def test_the_example_overlay_is_inject_output_and_scrapes_as_shipped() -> None:
+    example = DEPLOY / "kubernetes" / "example"
+    apps = (example / "apps.yaml").read_text()
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "meshlet"), "inject", str(example / "apps.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == apps  # injecting it again changes nothing: it is inject's output
+    kinds = [doc["kind"] for doc in yaml.safe_load_all(apps)]
+    assert kinds.count("Deployment") == 2
+    # kustomize reads files only below the overlay: its copy of the scrape config is the same
+    shipped = (DEPLOY / "prometheus" / "prometheus.yml").read_text()
+    assert (example / "prometheus.yml").read_text() == shipped

@@ -171,10 +171,18 @@ def test_the_shipped_prometheus_config_is_valid(tmp_path: Path) -> None:
     (job,) = config["scrape_configs"]
     assert job.pop("kubernetes_sd_configs") == [{"role": "pod"}]
     job["static_configs"] = [{"targets": ["127.0.0.1:15020"]}]
+    assert config["rule_files"] == ["alerts.yaml"]  # (checked beside it: test_dashboards.py)
+    config["rule_files"] = [str(DEPLOY / "prometheus" / "alerts.yaml")]
     checked = tmp_path / "prometheus.yml"
     checked.write_text(yaml.safe_dump(config))
     done = subprocess.run(
         [tool("promtool"), "check", "config", str(checked)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    # the laptop's (deploy/compose.yaml): static targets already, the same rules
+    compose = DEPLOY / "prometheus" / "compose.yml"
+    done = subprocess.run(
+        [tool("promtool"), "check", "config", str(compose)], capture_output=True, text=True
     )
     assert done.returncode == 0, done.stdout + done.stderr
     pod = yaml.safe_load((DEPLOY / "kubernetes" / "example-pod.yaml").read_text())
