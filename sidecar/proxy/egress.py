@@ -71,8 +71,9 @@ class Egress:
             endpoint = Endpoint(where[0], where[1])
         except WireError as e:
             return Reason.BAD_REQUEST, f"not a host to pass through to: {e}"
-        if len(self._routes) >= MAX_DESTINATIONS:
-            del self._routes[next(iter(self._routes))]  # the oldest
+        if len(self._routes) >= MAX_DESTINATIONS:  # the oldest goes, and its pool with it
+            del self._routes[next(iter(self._routes))]
+            self.pools.retain(set(self._routes))
         pools = self.pools
         route = Route(
             PASSTHROUGH,

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from control_plane.wire import Table
+from control_plane.wire import Endpoint, Table
 from sidecar.errors import Reason
 from sidecar.proxy.egress import MAX_DESTINATIONS, PASSTHROUGH, Egress, host_port
 from sidecar.proxy.intercept import Interception, looks_like_http
@@ -82,8 +82,15 @@ def test_allow_any_makes_one_external_route_a_destination_and_bounds_them() -> N
     assert isinstance(intercepted, Route)
     assert intercepted is not route
     for n in range(MAX_DESTINATIONS + 10):
-        assert isinstance(egress.route(b"h%d" % n, None), Route)
-    assert len(egress._routes) == MAX_DESTINATIONS  # a client names them: bounded
+        routed = egress.route(b"h%d" % n, None)
+        assert isinstance(routed, Route)
+        member = routed.balancer.pick(None, ())
+        assert member is not None
+        routed.pool_for(member.endpoint)  # (a pool, as a request to it would make)
+    # a client names them: the routes, their pools and their endpoints' stats are bounded
+    assert len(egress._routes) == MAX_DESTINATIONS
+    assert len(list(egress.pools)) <= MAX_DESTINATIONS
+    assert egress.pools.find_stats(Endpoint("h0", 80)) is None
 
 
 def test_registry_only_and_the_cases_nothing_passes() -> None:
