@@ -173,6 +173,7 @@ def instance_json(view: InstanceView) -> dict[str, Any]:
         "address": r.address,
         "port": r.port,
         "zone": r.zone,
+        "namespace": r.namespace,
         "weight": r.weight,
         "metadata": r.metadata,
         "status": view.status.value,

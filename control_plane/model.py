@@ -38,6 +38,7 @@ class InstanceRecord:
     metadata: dict[str, str] = field(default_factory=dict)
     draining: bool = False
     origin: Origin = Origin.REST
+    namespace: str = ""
 
     def __post_init__(self) -> None:
         wire.check_service_name(self.service)
@@ -46,6 +47,7 @@ class InstanceRecord:
         wire.check_int(self.port, "port", wire.PORT_RANGE)
         wire.check_int(self.weight, "weight", wire.WEIGHT_RANGE)
         wire.check_zone(self.zone)
+        wire.check_namespace(self.namespace)
         wire.check_metadata(self.metadata)
 
     @property

@@ -96,6 +96,7 @@ def _schemas() -> dict[str, Any]:
         "address": string,
         "port": {"type": "integer", "minimum": 1, "maximum": 65535},
         "zone": string,
+        "namespace": string,
         "weight": {"type": "integer", "minimum": 1, "maximum": 10000},
         "metadata": {"type": "object", "additionalProperties": string},
         "status": {"enum": [s.value for s in Status]},

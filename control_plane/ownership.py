@@ -74,5 +74,6 @@ def changes(record: InstanceRecord | None, reg: Registration) -> bool:
         (reg.address, reg.port) != (record.address, record.port)
         or reg.weight not in (None, record.weight)
         or reg.zone not in (None, record.zone)
+        or reg.namespace not in (None, record.namespace)
         or reg.metadata not in (None, record.metadata)
     )

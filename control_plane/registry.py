@@ -242,6 +242,7 @@ class Registry:
                 metadata=_given(reg.metadata, old.metadata if old else {}),
                 draining=old.draining if old else False,
                 origin=origin,
+                namespace=_given(reg.namespace, old.namespace if old else ""),
             )
 
             if record != old:
@@ -362,6 +363,7 @@ class Registry:
                 weight=_given(patch.weight, old.weight),
                 metadata=old.metadata,
                 draining=old.draining if patch.status is None else patch.status == "draining",
+                namespace=old.namespace,
             )
             if record != old:
                 await self._commit(self._store.put_instance(record), self._put, record)

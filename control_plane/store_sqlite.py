@@ -24,8 +24,8 @@ from control_plane.model import InstanceRecord, Origin, TokenRecord
 from control_plane.store import Snapshot
 from control_plane.wire import Policy, WireError, parse_policy, to_json
 
-SCHEMA_VERSION = 2
-"""1: policies, instances, meta; 2: instances.origin, tokens"""
+SCHEMA_VERSION = 3
+"""1: policies, instances, meta; 2: instances.origin, tokens; 3: instances.namespace"""
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS policies (service TEXT PRIMARY KEY, document TEXT NOT NULL);
@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS instances (
     metadata TEXT NOT NULL,
     draining INTEGER NOT NULL,
     origin TEXT NOT NULL DEFAULT 'rest',
+    namespace TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (service, id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS tokens (
@@ -50,7 +51,9 @@ CREATE TABLE IF NOT EXISTS tokens (
     last_used REAL
 );
 """
-_INSTANCE_COLUMNS = "service, id, address, port, zone, weight, metadata, draining, origin"
+_INSTANCE_COLUMNS = (
+    "service, id, address, port, zone, weight, metadata, draining, origin, namespace"
+)
 
 T = TypeVar("T")
 
@@ -96,6 +99,10 @@ class SqliteStore:
                     db.execute(
                         "ALTER TABLE instances ADD COLUMN origin TEXT NOT NULL DEFAULT 'stream'"
                     )
+                if row is not None and int(row[0]) < 3:
+                    db.execute(
+                        "ALTER TABLE instances ADD COLUMN namespace TEXT NOT NULL DEFAULT ''"
+                    )
                 db.execute(
                     "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
                     (str(SCHEMA_VERSION),),
@@ -133,9 +140,10 @@ class SqliteStore:
                         f"sqlite {self.path}: stored policy of {service!r} is invalid: {e}"
                     ) from e
             instances = []
-            for service, id_, address, port, zone, weight, metadata, draining, origin in db.execute(
+            for row in db.execute(
                 f"SELECT {_INSTANCE_COLUMNS} FROM instances ORDER BY service, id"
             ):
+                service, id_, address, port, zone, weight, metadata, draining, origin, ns = row
                 try:
                     instances.append(
                         InstanceRecord(
@@ -148,6 +156,7 @@ class SqliteStore:
                             metadata=json.loads(metadata),
                             draining=bool(draining),
                             origin=Origin(origin),
+                            namespace=ns,
                         )
                     )
                 except (ValueError, WireError) as e:
@@ -206,13 +215,14 @@ class SqliteStore:
             json.dumps(record.metadata, separators=(",", ":")),
             int(record.draining),
             record.origin.value,
+            record.namespace,
         )
 
         def put(db: sqlite3.Connection) -> None:
             with db:
                 db.execute(
                     f"INSERT OR REPLACE INTO instances ({_INSTANCE_COLUMNS}) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     row,
                 )
 

@@ -56,6 +56,7 @@ def build_one(view: ServiceView) -> dict[str, Any]:
             "zone": i.record.zone,
             "draining": i.status is Status.DRAINING,
             "instance": i.record.id,
+            "namespace": i.record.namespace,
         }
         for i in view.instances
         if i.status is Status.HEALTHY or i.status is Status.DRAINING

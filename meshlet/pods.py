@@ -129,6 +129,10 @@ def sidecar_container(options: Options, service: str, app_port: int) -> Doc:
             {"name": "MESHLET_METRICS_LISTEN", "value": f"0.0.0.0:{METRICS_PORT}"},
             {"name": "MESHLET_STATE_DIR", "value": "/var/lib/meshlet"},
             {"name": "MESHLET_ADVERTISE", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            {
+                "name": "MESHLET_NAMESPACE",
+                "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+            },
         ],
         "ports": [
             {"name": "inbound", "containerPort": INBOUND_PORT},

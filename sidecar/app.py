@@ -199,7 +199,9 @@ class Sidecar:
             address, port = c.app.host, c.app.port
         else:
             address, port = c.advertise or _host_address(), self.addresses["inbound"].port
-        return Registration(address=address, port=port, zone=c.zone or None)
+        return Registration(
+            address=address, port=port, zone=c.zone or None, namespace=c.namespace or None
+        )
 
     def _app_health_changed(self, healthy: bool) -> None:
         if self.discovery is not None:
@@ -268,6 +270,7 @@ class Sidecar:
         return {
             "service": self.config.service,
             "zone": self.config.zone,
+            "namespace": self.config.namespace,
             "listeners": {name: str(where) for name, where in self.addresses.items()},
             "app": str(self.config.app),
             "draining": self.draining,
@@ -306,6 +309,7 @@ class Sidecar:
                     "instance": e.instance,
                     "weight": e.weight,
                     "zone": e.zone,
+                    "namespace": e.namespace,
                     "draining": e.draining,
                     "state": endpoint_state(e.draining, stats, now),
                     "slow_start": round(ramps[e], 3) if e in ramps else None,

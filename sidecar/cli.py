@@ -112,6 +112,7 @@ def build_parser(prog: str) -> FlagParser:
         "cluster.local",
         "Kubernetes' DNS domain: SERVICE.NAMESPACE.svc.<it> names SERVICE",
     )
+    p.flag("--namespace", "", "the Kubernetes namespace this instance is registered in")
     return p
 
 

@@ -92,6 +92,8 @@ class SidecarConfig:
     """intercepted connections to these ports are relayed as TCP, unparsed"""
     cluster_domain: str = "cluster.local"
     """Kubernetes' DNS domain: ``SERVICE.NAMESPACE.svc.<it>`` names SERVICE"""
+    namespace: str = ""
+    """the Kubernetes namespace this instance is registered in (empty: none)"""
 
     def __post_init__(self) -> None:
         try:
@@ -124,6 +126,10 @@ class SidecarConfig:
             for label in self.cluster_domain.split(".")
         ):
             raise ConfigError("cluster_domain", "must be a DNS name, like cluster.local")
+        try:
+            wire.check_namespace(self.namespace)
+        except wire.WireError as e:
+            raise ConfigError("namespace", e.message) from None
         if self.app.port == 0:
             raise ConfigError("app", "needs a port")
         if self.table and self.control_plane:

@@ -72,6 +72,13 @@ def check_address(address: Any, field: str = "address") -> str:
     return address
 
 
+def check_namespace(namespace: Any, field: str = "namespace") -> str:
+    """A Kubernetes namespace (a DNS label), or "" for none."""
+    if namespace == "":
+        return ""
+    return check_service_name(namespace, field)
+
+
 def check_zone(zone: Any, field: str = "zone") -> str:
     if not isinstance(zone, str) or ZONE.fullmatch(zone) is None:
         raise WireError(field, "must be at most 63 of A-Z, a-z, 0-9, '.', '_' and '-'")

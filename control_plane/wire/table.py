@@ -23,6 +23,7 @@ from control_plane.wire.checks import (
     check_address,
     check_instance_id,
     check_metadata,
+    check_namespace,
     check_service_name,
     check_zone,
 )
@@ -31,6 +32,8 @@ from control_plane.wire.policy import DEFAULT_POLICY, Policy
 
 _ID_SCHEMA = {"type": "string", "pattern": f"^{INSTANCE_ID.pattern}$"}
 _ZONE_SCHEMA = {"type": "string", "pattern": f"^{ZONE.pattern}$"}
+_NAMESPACE_SCHEMA = {"type": "string", "pattern": "^([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)?$"}
+_NAMESPACE = "Kubernetes namespace (SERVICE.NAMESPACE names it), empty for none"
 _METADATA_SCHEMA = {
     "type": "object",
     "maxProperties": METADATA_MAX_ENTRIES,
@@ -63,6 +66,7 @@ class Registration:
     zone: str | None = spec(
         None, "locality zone, empty for none", parse=check_zone, schema=_ZONE_SCHEMA
     )
+    namespace: str | None = spec(None, _NAMESPACE, parse=check_namespace, schema=_NAMESPACE_SCHEMA)
     weight: int | None = spec(
         None,
         f"relative share of traffic; default {DEFAULT_WEIGHT}",
@@ -122,11 +126,13 @@ class Endpoint:
     )
     draining: bool = spec(False, "in-flight requests finish; no new ones are sent")
     instance: str = spec("", "the registry's instance id, empty in static files")
+    namespace: str = spec("", _NAMESPACE, parse=check_namespace, schema=_NAMESPACE_SCHEMA)
 
     def __post_init__(self) -> None:
         check_bounds(self)
         check_address(self.address)
         check_zone(self.zone)
+        check_namespace(self.namespace)
         if self.instance:
             check_instance_id(self.instance, "instance")
 

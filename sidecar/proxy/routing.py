@@ -181,6 +181,12 @@ class RoutingTable:
         self.table = table
         self.info = info
         self.cluster_domain = cluster_domain
+        # the namespaces a service's instances are in, where they say (SERVICE.NAMESPACE)
+        self._namespaces = {
+            name: spaces
+            for name, entry in table.services.items()
+            if (spaces := frozenset(e.namespace for e in entry.endpoints if e.namespace))
+        }
         self._routes = {
             name: self._route(name, entry, pools, services.get(name), locality)
             for name, entry in table.services.items()
@@ -219,7 +225,10 @@ class RoutingTable:
         name = service_of(authority, self.cluster_domain)
         route = self._routes.get(name)
         if route is None and name.count(".") == 1:  # Kubernetes' SERVICE.NAMESPACE
-            route = self._routes.get(name.partition(".")[0])
+            service, _, namespace = name.partition(".")
+            spaces = self._namespaces.get(service)
+            if spaces is None or namespace in spaces:  # (instances that say none: any)
+                route = self._routes.get(service)
         if route is None:
             return Reason.NO_ROUTE, f"no service {name[:100]!r} in the routing table"
         if len(self._cache) < _CACHE_LIMIT:

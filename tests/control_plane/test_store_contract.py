@@ -268,7 +268,31 @@ async def test_sqlite_upgrades_a_version_1_file(tmp_path: Path) -> None:
     assert [t.id for t in snapshot.tokens] == ["t1"]
     await store.close()
     with sqlite3.connect(tmp_path / "m.db") as db:
-        assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
+        assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("3",)
+
+
+async def test_sqlite_upgrades_a_version_2_file_instances_get_no_namespace(tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / "m.db") as db:
+        db.executescript(
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+            "INSERT INTO meta VALUES ('schema_version', '2');"
+            "CREATE TABLE instances (service TEXT NOT NULL, id TEXT NOT NULL, address TEXT NOT "
+            "NULL, port INTEGER NOT NULL, zone TEXT NOT NULL, weight INTEGER NOT NULL, metadata "
+            "TEXT NOT NULL, draining INTEGER NOT NULL, origin TEXT NOT NULL DEFAULT 'rest', "
+            "PRIMARY KEY (service, id)) WITHOUT ROWID;"
+            "INSERT INTO instances VALUES ('a', 'i1', '10.0.0.1', 80, '', 100, '{}', 0, 'rest');"
+        )
+    store = SqliteStore(str(tmp_path / "m.db"))
+    (record,) = (await store.load()).instances
+    assert (record.id, record.namespace) == ("i1", "")
+    await store.put_instance(dataclasses.replace(record, id="i2", namespace="shop"))
+    await store.close()
+    store = SqliteStore(str(tmp_path / "m.db"))
+    assert [(r.id, r.namespace) for r in (await store.load()).instances] == [
+        ("i1", ""),
+        ("i2", "shop"),
+    ]
+    await store.close()
 
 
 async def test_sqlite_names_an_invalid_stored_row(tmp_path: Path) -> None:

@@ -176,6 +176,32 @@ def test_two_services_call_each_other_and_follow_the_registry(
     assert call(a, "b")[0] == 503
 
 
+def test_a_sidecars_namespace_names_its_service_for_callers(
+    control_plane: StartCP,
+    sidecar_process: StartSidecar,
+    apps: Callable[[str], App],
+    tmp_path: Path,
+) -> None:
+    """``--namespace``: registered with the instance, carried in callers' tables, and what
+    ``SERVICE.NAMESPACE`` may name."""
+    cp = quick_cp(control_plane, tmp_path)
+    app_a, app_b = apps("a"), apps("b")
+    a = mesh_sidecar(sidecar_process, cp, "a", app_a, tmp_path)
+    b = mesh_sidecar(sidecar_process, cp, "b", app_b, tmp_path, "--namespace", "shop")
+    eventually(lambda: endpoints(a, "b") == [b.ports["inbound"]], what="a sees b")
+    _, body = cp.call("GET", "/v1/services/b/instances")
+    assert [i["namespace"] for i in body["instances"]] == ["shop"]
+    (entry,) = dump(a)["table"]["services"]["b"]["endpoints"]
+    assert entry["namespace"] == "shop"
+    assert call(a, "b.shop.svc.cluster.local") == (200, "b")
+    assert call(a, "b.shop") == (200, "b")
+    # another namespace is another host: passed through, or here (made to the sidecar
+    # itself) not found
+    status, text = call(a, "b.staging")
+    assert status == 404
+    assert "no service 'b.staging'" in text
+
+
 def test_control_plane_down_restarts_and_saved_tables(
     control_plane: StartCP,
     sidecar_process: StartSidecar,

@@ -166,3 +166,22 @@ def test_a_ring_that_does_not_fit_is_refused_and_the_old_table_stays() -> None:
         holder.install(parse_table(hashed_table(wrong)), "file:new")
     assert holder.current is not None
     assert holder.current.info.source == "file:old"
+
+
+def test_a_namespace_the_instances_say_narrows_service_dot_namespace() -> None:
+    holder = TableHolder(Pools())
+    endpoints = [
+        {"address": "10.0.0.1", "port": 1, "namespace": "shop"},
+        {"address": "10.0.0.2", "port": 1, "namespace": "staging"},
+    ]
+    table = parse_table({"services": {"catalog": {"endpoints": endpoints}}})
+    holder.install(table, "file:x")
+    catalog = holder.route(b"catalog")
+    assert isinstance(catalog, Route)
+    for name in (b"catalog.shop", b"catalog.staging.svc.cluster.local"):
+        assert holder.route(name) is catalog, name
+    # a namespace none of them is in: not this service (egress decides)
+    assert holder.route(b"catalog.example") == (
+        Reason.NO_ROUTE,
+        "no service 'catalog.example' in the routing table",
+    )
