@@ -56,7 +56,8 @@ def build_one(view: ServiceView) -> dict[str, Any]:
             "zone": i.record.zone,
             "draining": i.status is Status.DRAINING,
             "instance": i.record.id,
-            "namespace": i.record.namespace,
+            # (only when said: a table without it is one sidecars before it take too)
+            **({"namespace": i.record.namespace} if i.record.namespace else {}),
         }
         for i in view.instances
         if i.status is Status.HEALTHY or i.status is Status.DRAINING
