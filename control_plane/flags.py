@@ -154,6 +154,16 @@ def host_port(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def ports(value: str) -> tuple[int, ...]:
+    """``80, 443``: TCP ports, comma-separated (empty: none)."""
+    found: list[int] = []
+    for part in filter(None, (p.strip() for p in value.split(","))):
+        if not part.isdigit() or not 0 < int(part) < 65536:
+            raise argparse.ArgumentTypeError(f"{part[:20]!r} is not a port (1-65535)")
+        found.append(int(part))
+    return tuple(found)
+
+
 def number(value: str) -> float:
     try:
         return float(value)

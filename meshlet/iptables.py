@@ -29,6 +29,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from control_plane.flags import ports
+
 #: the sidecar's UID in the image (``deploy/Dockerfile``): its own traffic is never redirected
 DEFAULT_PROXY_UID = 1337
 #: the sidecar's ports a pod's peers reach directly: metrics and probes (15020), and the
@@ -104,12 +106,10 @@ def installed(save: str) -> list[str]:
 
 
 def _ports(flag: str, text: str) -> tuple[int, ...]:
-    ports: list[int] = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        if not part.isdigit() or not 0 < int(part) < 65536:
-            raise UsageError(f"{flag}: {part[:20]!r} is not a port (1-65535)")
-        ports.append(int(part))
-    return tuple(ports)
+    try:
+        return ports(text)
+    except argparse.ArgumentTypeError as e:
+        raise UsageError(f"{flag}: {e}") from None
 
 
 def _cidrs(flag: str, text: str) -> tuple[str, ...]:

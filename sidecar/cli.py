@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
-from control_plane.flags import FlagParser, host_port, number
+from control_plane.flags import FlagParser, host_port, number, ports
 from sidecar import build_error
 from sidecar.config import LOG_LEVELS, OPAQUE_PORTS, OUTBOUND_POLICIES, Listen, SidecarConfig
 from sidecar.errors import ConfigError
@@ -114,15 +114,6 @@ def build_parser(prog: str) -> FlagParser:
     )
     p.flag("--namespace", "", "the Kubernetes namespace this instance is registered in")
     return p
-
-
-def ports(value: str) -> tuple[int, ...]:
-    found: list[int] = []
-    for part in filter(None, (p.strip() for p in value.split(","))):
-        if not part.isdigit() or not 0 < int(part) < 65536:
-            raise argparse.ArgumentTypeError(f"{part[:20]!r} is not a port (1-65535)")
-        found.append(int(part))
-    return tuple(found)
 
 
 def count(value: str) -> int:

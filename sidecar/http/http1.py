@@ -68,16 +68,51 @@ def new_request_id() -> bytes:
 # -- requests ---------------------------------------------------------------------------------
 
 
-class RequestHead:
+class HeadLines:
+    """What request and response heads read alike: the lines forwarded as they came, those
+    read but not forwarded (counted, for the limits), the transfer codings, and the names
+    ``Connection`` lists. (Subclasses set these fields in their own ``__init__``: one call
+    fewer a head.)"""
+
+    __slots__ = ("_custom", "_te", "lines", "unlisted", "unlisted_bytes", "upgrade_value")
+
+    lines: list[bytes]
+    """forwardable header lines, ``name: value\\r\\n`` each"""
+    unlisted: int
+    """header lines read but not forwarded as they came (for the limits, with ``lines``)"""
+    unlisted_bytes: int
+    """their bytes on the wire (name, ": ", value, CRLF)"""
+    upgrade_value: bytes
+    _te: list[bytes] | None
+    _custom: frozenset[bytes] | None
+
+    def _read(self, action: int, name: bytes, value: bytes) -> frozenset[bytes] | None:
+        """A line not forwarded as it came: counted; Transfer-Encoding, Upgrade and
+        Connection read (Connection's tokens returned, for the caller to look at)."""
+        self.unlisted += 1
+        self.unlisted_bytes += len(name) + len(value) + 4
+        if action == TE:
+            codings = split_codings(value)
+            self._te = codings if self._te is None else self._te + codings
+        elif action == CONN:
+            tokens = connection_tokens(value)
+            extra = tokens - KEPT_TOKENS
+            if extra:
+                self._custom = extra if self._custom is None else self._custom | extra
+            return tokens
+        elif action == UPGRADE:
+            self.upgrade_value = value.strip()
+        return None
+
+
+class RequestHead(HeadLines):
     """A client's request head, classified, with its header lines ready to forward.
 
     (A plain class, not a dataclass: compiled, a dataclass's ``__init__`` stays Python.)"""
 
     __slots__ = (
         "_connection_upgrade",
-        "_custom",
         "_host_seen",
-        "_te",
         "attempt",
         "authority",
         "chunked",
@@ -88,17 +123,13 @@ class RequestHead:
         "forwarded_for",
         "has_body",
         "keep_alive",
-        "lines",
         "method",
         "proxied",
         "request_id",
         "retry",
         "target",
         "timeout_ms",
-        "unlisted",
-        "unlisted_bytes",
         "upgrade",
-        "upgrade_value",
         "version",
     )
 
@@ -134,15 +165,11 @@ class RequestHead:
         """``x-meshlet-attempt``: the try of an earlier hop that retries (0: none)"""
         self.retry = False
         """``x-meshlet-retry: on``: retry even a method that is not idempotent"""
-        self.lines: list[bytes] = []
-        """forwardable header lines, ``name: value\\r\\n`` each"""
-        self.unlisted = 0
-        """header lines read but not forwarded as they came (for the limits, with ``lines``)"""
-        self.unlisted_bytes = 0
-        """their bytes on the wire (name, ": ", value, CRLF)"""
+        self.lines = []
+        self.unlisted = self.unlisted_bytes = 0
         # what the lines decide only together, until ``complete``
-        self._te: list[bytes] | None = None
-        self._custom: frozenset[bytes] | None = None
+        self._te = None
+        self._custom = None
         self._connection_upgrade = False
         self._host_seen = False
 
@@ -181,20 +208,11 @@ class RequestHead:
                 self.request_id = value
             self.lines.append(b"%s: %s\r\n" % (name, value))
         else:  # read, or dropped: not among the lines
-            self.unlisted += 1
-            self.unlisted_bytes += len(name) + len(value) + 4
-            if action == TE:
-                self.chunked = True  # httptools accepts only a final "chunked"
-                codings = split_codings(value)
-                self._te = codings if self._te is None else self._te + codings
-            elif action == CONN:
-                tokens = connection_tokens(value)
+            tokens = self._read(action, name, value)
+            if tokens is not None:
                 self._connection_upgrade = self._connection_upgrade or b"upgrade" in tokens
-                extra = tokens - KEPT_TOKENS
-                if extra:
-                    self._custom = extra if self._custom is None else self._custom | extra
-            elif action == UPGRADE:
-                self.upgrade_value = value.strip()
+            elif action == TE:
+                self.chunked = True  # httptools accepts only a final "chunked"
             elif action == XFF:
                 xff = self.forwarded_for
                 self.forwarded_for = xff + b", " + value if xff else value
@@ -217,6 +235,11 @@ class RequestHead:
 def split_target(method: bytes, url: bytes) -> tuple[bytes, bytes | None]:
     """(origin-form target, authority of an absolute-form URL; a CONNECT's authority-form
     target is both). ValueError when unusable."""
+    if method == b"CONNECT":  # authority-form, and only it
+        host, _, port = url.rpartition(b":")
+        if not host or b"@" in host or b"/" in host or not port.isdigit():
+            raise ValueError(f"CONNECT target {url[:64]!r} is not HOST:PORT")
+        return url, url
     if url.startswith(b"/"):
         return url, None
     if url[:7].lower() == b"http://":
@@ -234,18 +257,13 @@ def split_target(method: bytes, url: bytes) -> tuple[bytes, bytes | None]:
         return target, authority
     if url == b"*" and method == b"OPTIONS":
         return url, None
-    if method == b"CONNECT":  # authority-form, and only there
-        host, _, port = url.rpartition(b":")
-        if not host or b"@" in host or b"/" in host or not port.isdigit():
-            raise ValueError(f"CONNECT target {url[:64]!r} is not HOST:PORT")
-        return url, url
     raise ValueError(f"request target {url[:64]!r} is not origin-form or http:// absolute-form")
 
 
 def request_head(method: bytes, url: bytes, version: str) -> RequestHead:
     """A request head from its request line, for its header lines to be ``add``ed to;
     ValueError when the target is unusable."""
-    if url[:1] == b"/":  # origin-form: nearly every request
+    if url[:1] == b"/" and method != b"CONNECT":  # origin-form: nearly every request
         return RequestHead(method, url, version)
     target, authority = split_target(method, url)
     return RequestHead(method, target, version, authority)
@@ -311,30 +329,23 @@ def upstream_request(
 # -- responses --------------------------------------------------------------------------------
 
 
-class ResponseHead:
+class ResponseHead(HeadLines):
     """An upstream's response head, classified, with its header lines ready to forward."""
 
     __slots__ = (
-        "_custom",
-        "_te",
         "chunked",
         "close",
         "codings",
         "framing",
-        "lines",
         "reason",
         "sized",
         "status",
-        "unlisted",
-        "unlisted_bytes",
-        "upgrade_value",
     )
 
     def __init__(self, status: int, reason: bytes) -> None:
         self.status = status
         self.reason = reason
-        self.lines: list[bytes] = []
-        """forwardable header lines, ``name: value\\r\\n`` each"""
+        self.lines = []
         self.chunked = False
         """the final transfer coding is chunked"""
         self.codings = b""
@@ -347,12 +358,9 @@ class ResponseHead:
         self.framing = framing.EMPTY
         """where its body ends, as the upstream sends it (``framing.response_framing``; the
         answer to a HEAD request has none, whatever this says)"""
-        self.unlisted = 0
-        """header lines read but not forwarded as they came (for the limits, with ``lines``)"""
-        self.unlisted_bytes = 0
-        """their bytes on the wire (name, ": ", value, CRLF)"""
-        self._te: list[bytes] | None = None
-        self._custom: frozenset[bytes] | None = None
+        self.unlisted = self.unlisted_bytes = 0
+        self._te = None
+        self._custom = None
 
     def __repr__(self) -> str:
         return f"<ResponseHead {self.status} {self.framing.name} [{len(self.lines)} headers]>"
@@ -370,19 +378,9 @@ class ResponseHead:
             self.sized = True
             self.lines.append(b"%s: %s\r\n" % (name, value))
             return
-        self.unlisted += 1  # read, or dropped: not among the lines
-        self.unlisted_bytes += len(name) + len(value) + 4
-        if action == TE:
-            codings = split_codings(value)
-            self._te = codings if self._te is None else self._te + codings
-        elif action == CONN:
-            tokens = connection_tokens(value)
+        tokens = self._read(action, name, value)  # read, or dropped: not among the lines
+        if tokens is not None:
             self.close = self.close or b"close" in tokens
-            extra = tokens - KEPT_TOKENS
-            if extra:
-                self._custom = extra if self._custom is None else self._custom | extra
-        elif action == UPGRADE:
-            self.upgrade_value = value.strip()
 
     def complete(self) -> None:
         """The last header line came: what the lines decide together, its framing."""

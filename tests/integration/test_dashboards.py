@@ -20,6 +20,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.integration.test_prometheus import whoami
 from tests.processes import Backend, ControlPlane, Sidecar, eventually
 
 pytestmark = pytest.mark.slow
@@ -116,17 +117,6 @@ def fetch(url: str) -> str:
         return body.decode()
 
 
-def call(sidecar: Sidecar, service: str) -> int:
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{sidecar.ports['outbound']}/whoami", headers={"Host": service}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=5) as r:
-            return int(r.status)
-    except urllib.error.HTTPError as e:
-        return e.code
-
-
 @pytest.fixture(scope="module")
 def exposition(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """The /metrics bodies of a control plane and of a sidecar connected to it (with an access
@@ -147,11 +137,11 @@ def exposition(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, s
         )  # fmt: skip
         started.append(sidecar)
         # it calls its own service: outbound, then inbound to the app, on one sidecar
-        eventually(lambda: call(sidecar, "items") == 200, timeout=20, what="items routed")
+        eventually(lambda: whoami(sidecar, "items") == 200, timeout=20, what="items routed")
         for _ in range(5):
-            assert call(sidecar, "items") == 200
+            assert whoami(sidecar, "items") == 200
         app.proc.send_signal(signal.SIGUSR1)  # the app answers 503 from now on: retried
-        assert call(sidecar, "items") == 503
+        assert whoami(sidecar, "items") == 503
         yield {
             "sidecar": fetch(f"http://127.0.0.1:{sidecar.ports['metrics']}/metrics"),
             "control plane": fetch(f"{cp.url}/metrics"),

@@ -134,3 +134,31 @@ def test_ca_file_needs_an_https_control_plane(
     argv = [*BASE, "--control-plane", "http://cp:7070", "--ca-file", str(ca)]
     (line,) = refused(argv, capsys)
     assert line == f"{PROG}: error: --ca-file: verifies an https:// --control-plane; there is none"
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--outbound-policy", "deny_all"], "argument --outbound-policy: invalid choice"),
+        (["--opaque-ports", "5432,pg"], "argument --opaque-ports: 'pg' is not a port (1-65535)"),
+        (["--opaque-ports", "0"], "argument --opaque-ports: '0' is not a port (1-65535)"),
+        (["--cluster-domain", "bad domain"], "--cluster-domain: must be a DNS name"),
+        (["--cluster-domain", ""], "--cluster-domain: must be a DNS name"),
+        (["--namespace", "Shop_1"], "--namespace: must be a DNS label"),
+    ],
+)
+def test_interception_flags_refuse_what_is_not_usable(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (line,) = refused([*BASE, *argv], capsys)[-1:]
+    assert says in line
+
+
+def test_interception_flags_read_what_they_are_given() -> None:
+    config = parse_config(
+        [*BASE, "--outbound-policy", "registry_only", "--opaque-ports", "5432, 6379",
+         "--cluster-domain", "k8s.internal", "--namespace", "shop"],
+        PROG,
+    )  # fmt: skip
+    assert (config.outbound_policy, config.opaque_ports) == ("registry_only", (5432, 6379))
+    assert (config.cluster_domain, config.namespace) == ("k8s.internal", "shop")

@@ -264,7 +264,10 @@ MALFORMED = {
     "two hosts, absolute-form": b"GET http://svc/ HTTP/1.1\r\nHost: svc\r\nhost: svc\r\n\r\n",
     "no host": b"GET / HTTP/1.1\r\n\r\n",
     "bad target": b"GET https://svc/ HTTP/1.1\r\nHost: svc\r\n\r\n",
-    "connect": b"CONNECT svc:443 HTTP/1.1\r\nHost: svc\r\n\r\n",
+    "connect": b"CONNECT svc:443 HTTP/1.1\r\nHost: svc\r\n\r\n",  # (a mesh service)
+    "connect without a port": b"CONNECT example.com HTTP/1.1\r\nHost: example.com\r\n\r\n",
+    "connect to a path": b"CONNECT /x:443 HTTP/1.1\r\nHost: x\r\n\r\n",
+    "connect with userinfo": b"CONNECT u@example.com:443 HTTP/1.1\r\nHost: x\r\n\r\n",
 }
 
 
