@@ -3,8 +3,8 @@
 A store holds the explicit policies, the instance records (with their weights and drains)
 and the service tokens (as digests).
 Heartbeats are soft state and never reach a store. Implementations: ``store_sqlite`` (the
-default) and ``store_memory``; one contract suite (``tests/control_plane/test_store_contract``)
-runs over every one of them.
+default), ``store_memory`` and ``store_redis`` (which control-plane replicas share); one contract
+suite (``tests/control_plane/test_store_contract``) runs over every one of them.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class Store(Protocol):
 
 def open_store(url: str) -> Store:
     """A store from ``--store``: ``sqlite:///relative.db``, ``sqlite:////abs/path.db``,
-    or ``memory``."""
+    ``redis://HOST:PORT/DB`` (``rediss://`` for TLS), or ``memory``."""
     if url == "memory":
         from control_plane.store_memory import MemoryStore
 
@@ -91,4 +91,14 @@ def open_store(url: str) -> Store:
         from control_plane.store_sqlite import SqliteStore
 
         return SqliteStore(path)
-    raise ConfigError("store", f"unsupported store {url!r}; use sqlite:///PATH or memory")
+    if url.startswith(("redis://", "rediss://")):
+        try:
+            from control_plane.store_redis import RedisStore
+        except ImportError:
+            raise ConfigError(
+                "store", "a redis store needs the redis package: pip install 'meshlet[redis]'"
+            ) from None
+        return RedisStore.from_url(url)
+    raise ConfigError(
+        "store", f"unsupported store {url!r}; use sqlite:///PATH, redis://HOST:PORT/DB or memory"
+    )

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -12,11 +13,12 @@ from hypothesis import settings
 from control_plane.app import build_app
 from control_plane.clock import FakeClock
 from control_plane.config import ControlPlaneConfig
-from control_plane.store import Store
+from control_plane.store import Store, open_store
 from control_plane.store_memory import MemoryStore
 from control_plane.store_sqlite import SqliteStore
 from tests.netns import netns  # noqa: F401 (a fixture: a network namespace)
 from tests.processes import ControlPlane, Sidecar
+from tests.redis_server import RedisServer
 
 Api = TestClient[Any, Any]
 MakeApi = Callable[..., Awaitable[Api]]
@@ -84,14 +86,37 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the session; each store on it gets a prefix of its own
+    (``redis_url``). A test that stops or restarts Redis starts its own ``RedisServer``."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+_prefixes = itertools.count(1)
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """A store URL on the session's Redis that no other test shares."""
+    return f"{redis_server.url}?prefix=t{next(_prefixes)}"
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 def store_kind(request: pytest.FixtureRequest) -> str:
     kind: str = request.param
     return kind
 
 
-def new_store(kind: str, path: Path) -> Store:
-    return MemoryStore() if kind == "memory" else SqliteStore(str(path / "meshlet.db"))
+def new_store(kind: str, path: Path, redis_url: str) -> Store:
+    """A store of ``kind`` (``store_kind``); a redis one at ``redis_url``."""
+    if kind == "memory":
+        return MemoryStore()
+    if kind == "sqlite":
+        return SqliteStore(str(path / "meshlet.db"))
+    return open_store(redis_url)
 
 
 #: the admin token of in-process control planes (``make_api``) unless a test says otherwise

@@ -30,8 +30,8 @@ async def make(store: Store, clock: FakeClock) -> Registry:
 
 
 @pytest.fixture
-async def store(store_kind: str, tmp_path: Path) -> AsyncIterator[Store]:
-    store = new_store(store_kind, tmp_path)
+async def store(store_kind: str, tmp_path: Path, redis_url: str) -> AsyncIterator[Store]:
+    store = new_store(store_kind, tmp_path, redis_url)
     yield store
     await store.close()
 

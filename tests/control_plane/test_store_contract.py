@@ -22,6 +22,7 @@ from control_plane.store_memory import MemoryStore
 from control_plane.store_sqlite import SqliteStore
 from control_plane.wire import Hedge, Policy, RetryBudget
 from tests.conftest import new_store
+from tests.redis_server import RedisServer
 
 T = TypeVar("T")
 
@@ -183,6 +184,20 @@ class SqliteContract(StoreContract):
     durable = True
 
 
+class RedisContract(StoreContract):
+    """On the session's redis-server (``_redis_for_contract``), each example under a prefix of
+    its own (its directory's name); a reopen is a new client on the same keys."""
+
+    server = ""
+    make = staticmethod(lambda path: open_store(f"{RedisContract.server}?prefix={path.name}"))
+    durable = True
+
+
+@pytest.fixture(autouse=True)
+def _redis_for_contract(redis_server: RedisServer) -> None:
+    RedisContract.server = redis_server.url
+
+
 _settings = settings(
     max_examples=30,
     stateful_step_count=20,
@@ -191,10 +206,11 @@ _settings = settings(
 )
 TestMemoryStoreContract = _settings(MemoryContract).TestCase
 TestSqliteStoreContract = _settings(SqliteContract).TestCase
+TestRedisStoreContract = _settings(RedisContract).TestCase
 
 
-async def test_a_new_store_is_empty(store_kind: str, tmp_path: Path) -> None:
-    store = new_store(store_kind, tmp_path)
+async def test_a_new_store_is_empty(store_kind: str, tmp_path: Path, redis_url: str) -> None:
+    store = new_store(store_kind, tmp_path, redis_url)
     snapshot = await store.load()
     assert (snapshot.policies, snapshot.instances) == ({}, [])
     await store.close()
@@ -319,6 +335,6 @@ def test_store_urls(tmp_path: Path) -> None:
     sqlite_store = open_store(f"sqlite:///{tmp_path}/x.db")
     assert isinstance(sqlite_store, SqliteStore)
     assert sqlite_store.path == f"{tmp_path}/x.db"
-    for bad in ("sqlite:///", "postgres://x", "redis://localhost:6379/0", "meshlet.db"):
+    for bad in ("sqlite:///", "postgres://x", "meshlet.db"):
         with pytest.raises(ConfigError, match="store"):
             open_store(bad)
