@@ -20,6 +20,7 @@ import enum
 import hashlib
 import hmac
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from control_plane.clock import Clock
@@ -114,6 +115,21 @@ class Tokens:
     def load(self, records: list[TokenRecord]) -> None:
         for record in records:
             self._add(record)
+
+    def apply(self, records: Mapping[str, TokenRecord | None]) -> list[str]:
+        """Tokens as the shared store has them now (another replica minted or revoked them;
+        None: gone); the ids of those that were revoked here by it."""
+        revoked = []
+        for token_id, record in records.items():
+            old = self._records.pop(token_id, None)
+            if old is not None:
+                del self._by_digest[bytes.fromhex(old.digest)]
+            if record is not None:
+                self._add(record)
+            elif old is not None:
+                self._used.pop(token_id, None)
+                revoked.append(token_id)
+        return revoked
 
     def _add(self, record: TokenRecord) -> None:
         self._records[record.id] = record

@@ -269,7 +269,9 @@ async def get_table(request: web.Request) -> web.Response:
 
 
 async def list_sidecars(request: web.Request) -> web.Response:
-    return json_response({"sidecars": request.app[PUBLISHER].sidecars()})
+    """Replicas list the sidecars of them all (each with its ``replica``); a replica that
+    cannot read the others' lists from the store answers 503 rather than a partial list."""
+    return json_response({"sidecars": await request.app[PUBLISHER].all_sidecars()})
 
 
 async def stream(request: web.Request) -> web.StreamResponse:

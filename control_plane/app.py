@@ -1,11 +1,13 @@
 """Assembly and lifecycle of a control-plane process.
 
-Start-up: open the store, load the registry and the tokens, start the reaper, then listen
-(HTTPS with ``--tls-cert``) and report ready. Shutdown on SIGTERM or SIGINT, in steps:
+Start-up: open the store, load the registry and the tokens, start the reaper (on a shared
+store: the replica's tasks, ``replica``), then listen (HTTPS with ``--tls-cert``) and report
+ready. Shutdown on SIGTERM or SIGINT, in steps:
   1. not ready (``/readyz`` answers 503)
   2. stop accepting connections
   3. let in-flight requests finish, up to ``shutdown_timeout``
-  4. cancel the reaper, save when tokens were last used
+  4. cancel the reaper, save when tokens were last used (a replica: its last batch of
+     heartbeats, and the reaper's lease handed back)
   5. close the store
 """
 
@@ -18,6 +20,7 @@ import logging
 import signal
 import ssl
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, cast
 
 import uvloop
 from aiohttp import web
@@ -33,12 +36,17 @@ from control_plane.openapi import build_spec
 from control_plane.publisher import Publisher
 from control_plane.reaper import run_reaper
 from control_plane.registry import Registry
+from control_plane.replica import Replica
 from control_plane.schema import MAX_BODY_BYTES
 from control_plane.store import Store, open_store
+
+if TYPE_CHECKING:
+    from control_plane.store_redis import RedisStore
 
 log = logging.getLogger("meshlet.control_plane")
 
 STORE = web.AppKey("store", Store)
+REPLICA = web.AppKey("replica", Replica)
 TOKEN_FLUSH_EVERY = 60.0
 """seconds between saves of when tokens were last used"""
 STORE_PROBE_EVERY = 2.0
@@ -71,7 +79,18 @@ def build_app(
     app[api.PUBLISHER] = publisher
     tokens = Tokens(store, clock, admin_token=config.admin_token, join_token=config.join_token)
     app[api.TOKENS] = tokens
-    app[api.METRICS] = Metrics(registry, publisher, tokens)
+    replica = None
+    if store.shared:
+        replica = Replica(
+            cast("RedisStore", store),
+            registry,
+            tokens,
+            publisher,
+            clock,
+            lease_ttl=config.lease_ttl,
+        )
+        app[REPLICA] = replica
+    app[api.METRICS] = Metrics(registry, publisher, tokens, replica)
     app[api.READY] = api.Readiness()
     app[api.OPENAPI] = json.dumps(build_spec(), indent=1).encode()
     api.add_routes(app)
@@ -96,8 +115,16 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             "%d service tokens in the store guard nothing: without --admin-token the API is open",
             len(snapshot.tokens),
         )
+    replica = app.get(REPLICA)
+    if replica is not None:
+        try:
+            await replica.start()
+        except BaseException:
+            await app[STORE].close()
+            raise
     background = asyncio.create_task(
-        _background(registry, publisher, tokens, app[STORE], app[api.READY]), name="background"
+        _background(registry, publisher, tokens, app[STORE], app[api.READY], replica),
+        name="background",
     )
     background.add_done_callback(lambda task: _crashed(task, app))
     app[api.READY].ready = True
@@ -108,17 +135,28 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await background
     with contextlib.suppress(StoreError):
         await tokens.flush()
+    if replica is not None:
+        await replica.close()  # the lease handed on at once
     await app[STORE].close()  # step 5
 
 
 async def _background(
-    registry: Registry, publisher: Publisher, tokens: Tokens, store: Store, ready: api.Readiness
+    registry: Registry,
+    publisher: Publisher,
+    tokens: Tokens,
+    store: Store,
+    ready: api.Readiness,
+    replica: Replica | None,
 ) -> None:
-    """The control plane's own tasks, in one group: the reaper, the publisher, saving when
-    tokens were last used, and a probe of the store's writes for readiness."""
+    """The control plane's own tasks, in one group: the reaper (a replica's own tasks,
+    whose reaper runs under a lease), the publisher, saving when tokens were last used, and a
+    probe of the store's writes for readiness."""
     async with asyncio.TaskGroup() as tasks:
-        interval = min(1.0, registry.heartbeat_ttl / 4)
-        tasks.create_task(run_reaper(registry.expire, interval), name="reaper")
+        if replica is not None:
+            tasks.create_task(replica.run(), name="replica")
+        else:
+            interval = min(1.0, registry.heartbeat_ttl / 4)
+            tasks.create_task(run_reaper(registry.expire, interval), name="reaper")
         tasks.create_task(publisher.run(), name="publisher")
         tasks.create_task(run_reaper(tokens.flush, TOKEN_FLUSH_EVERY), name="token-flush")
         tasks.create_task(_probe_store(store, ready), name="store-probe")

@@ -17,7 +17,11 @@ def build_parser(prog: str) -> FlagParser:
         "REST API address HOST:PORT (port 0: any free one)",
         convert=host_port,
     )
-    p.flag("--store", "sqlite:///meshlet.db", "sqlite:///PATH or memory")
+    p.flag(
+        "--store",
+        "sqlite:///meshlet.db",
+        "sqlite:///PATH, memory, or redis://HOST:PORT/DB (rediss:// for TLS) shared by replicas",
+    )
     p.secret("--admin-token", "admin token, which may do everything")
     p.secret("--join-token", "mesh-wide join token, which acts for any service's instances")
     p.flag("--tls-cert", "", "PEM certificate chain: serve HTTPS (REST and stream)")
@@ -43,6 +47,12 @@ def build_parser(prog: str) -> FlagParser:
     )
     p.flag("--debounce-quiet", "0.1", "seconds without changes before a push", convert=number)
     p.flag("--debounce-max", "2", "seconds at most from a change to its push", convert=number)
+    p.flag(
+        "--lease-ttl",
+        "5",
+        "replicas on redis: seconds the reaper's lease lasts unless renewed",
+        convert=number,
+    )
     p.flag("--log-level", "info", "log level", choices=LOG_LEVELS)
     return p
 

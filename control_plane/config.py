@@ -17,7 +17,7 @@ class ControlPlaneConfig:
     port: int = 7070
     """TCP port of the REST API; 0 picks a free one"""
     store: str = "sqlite:///meshlet.db"
-    """``sqlite:///PATH`` or ``memory``"""
+    """``sqlite:///PATH``, ``redis://HOST:PORT/DB`` (replicas share it) or ``memory``"""
     admin_token: str = ""
     """may do everything; with it (or ``join_token``) set, every ``/v1`` call needs a token"""
     join_token: str = ""
@@ -44,6 +44,9 @@ class ControlPlaneConfig:
     """seconds without a heartbeat before an instance is removed"""
     protect_percent: float = 15.0
     """expire nothing while more than this % of all instances (and >= 3) lapse at once"""
+    lease_ttl: float = 5.0
+    """replicas on Redis: seconds the reaper's lease lasts unless renewed (a dead reaper's
+    successor takes over within this)"""
     log_level: str = "info"
     shutdown_timeout: float = 10.0
     """seconds in-flight requests get to finish on SIGTERM"""
@@ -71,6 +74,8 @@ class ControlPlaneConfig:
             raise ConfigError("max_instances_per_service", "must be from 1 to --max-instances")
         if not self.protect_max >= 0:
             raise ConfigError("protect_max", "must not be negative (0: protection never holds)")
+        if not 1.0 <= self.lease_ttl <= 300.0:
+            raise ConfigError("lease_ttl", "must be from 1 to 300 seconds")
         if self.shutdown_timeout < 0:
             raise ConfigError("shutdown_timeout", "must not be negative")
 

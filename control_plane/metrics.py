@@ -22,6 +22,10 @@ as it happens, a few times per table version.
 | ``meshlet_nacks_total`` | counter | | tables sidecars refused |
 | ``meshlet_stream_bad_messages_total`` | counter | | stream messages that did not parse |
 | ``meshlet_push_convergence_seconds`` | histogram | | registry change to the last ACK |
+| ``meshlet_replica_reaper`` | gauge | | replicas: 1 while this one holds the reaper's lease |
+| ``meshlet_replica_leases_acquired_total`` | counter | | replicas: times it took the lease |
+| ``meshlet_replica_leases_lost_total`` | counter | | replicas: a fenced write or renewal failed |
+| ``meshlet_replica_resyncs_total`` | counter | | replicas: reloads after falling behind |
 
 plus the ``process_*``, ``python_info`` and ``python_gc_*`` collectors.
 """
@@ -44,6 +48,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from control_plane.access import Tokens
 from control_plane.publisher import Publisher
 from control_plane.registry import Registry
+from control_plane.replica import Replica
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -57,12 +62,20 @@ CONVERGENCE_BUCKETS = (
 class Metrics:
     """One control plane's metrics; ``render()`` is the ``/metrics`` body."""
 
-    def __init__(self, registry: Registry, publisher: Publisher, tokens: Tokens) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        publisher: Publisher,
+        tokens: Tokens,
+        replica: Replica | None = None,
+    ) -> None:
         self.collectors = CollectorRegistry()
         ProcessCollector(registry=self.collectors)
         PlatformCollector(registry=self.collectors)
         GCCollector(registry=self.collectors)
         self.collectors.register(_Snapshot(registry, publisher, tokens))
+        if replica is not None:
+            self.collectors.register(_ReplicaSnapshot(replica))
         self.convergence = Histogram(
             "meshlet_push_convergence_seconds",
             "Seconds from a registry change to the last ACK of the table version carrying it, "
@@ -160,3 +173,35 @@ class _Snapshot(Collector):
         for code in (401, 403):
             api_refused.add_metric([str(code)], self._tokens.refusals[code])
         yield api_refused
+
+
+class _ReplicaSnapshot(Collector):
+    """A replica's part in the lease and the change stream."""
+
+    def __init__(self, replica: Replica) -> None:
+        self._replica = replica
+
+    def collect(self) -> Iterator[Metric]:
+        replica = self._replica
+        yield GaugeMetricFamily(
+            "meshlet_replica_reaper",
+            "1 while this replica holds the reaper's lease (expiry runs on one replica)",
+            value=1 if replica.leading else 0,
+        )
+        yield CounterMetricFamily(
+            "meshlet_replica_leases_acquired",
+            "Times this replica took the reaper's lease",
+            value=replica.acquired,
+        )
+        yield CounterMetricFamily(
+            "meshlet_replica_leases_lost",
+            "Times this replica lost the reaper's lease while holding it: a fenced write "
+            "refused (another replica holds it now) or a renewal that failed",
+            value=replica.lost,
+        )
+        yield CounterMetricFamily(
+            "meshlet_replica_resyncs",
+            "Times this replica fell behind the change stream's retention and reloaded the "
+            "whole registry",
+            value=replica.resyncs,
+        )

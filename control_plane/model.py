@@ -56,6 +56,25 @@ class InstanceRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class Health:
+    """An instance's health as replicas share it (``store_redis``): soft state, not durable
+    like its record."""
+
+    lapsed: bool = False
+    """no heartbeat for the TTL, or its sidecar's stream closed"""
+    sick: bool = False
+    """its sidecar says its app is unhealthy"""
+
+    def encode(self) -> str:
+        return ",".join(name for name, on in (("lapsed", self.lapsed), ("sick", self.sick)) if on)
+
+    @classmethod
+    def decode(cls, value: str | None) -> Health:
+        flags = set((value or "").split(","))
+        return cls(lapsed="lapsed" in flags, sick="sick" in flags)
+
+
+@dataclass(frozen=True, slots=True)
 class InstanceView:
     """An instance as the API shows it: the record plus what its heartbeats say."""
 

@@ -29,6 +29,7 @@ import contextlib
 import itertools
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,6 +169,13 @@ class Publisher:
         self._ids = itertools.count(1)
         self._changed = asyncio.Event()
         self.convergence = Convergence()
+        self.claim: (
+            Callable[[str, frozenset[tuple[str, str]], float], Awaitable[tuple[int, float]]] | None
+        ) = None
+        """replicas: the version every replica gives a table's content (and when it was
+        first built), from the shared store; None: this process numbers its own"""
+        self.sidecars_of_all: Callable[[], Awaitable[list[dict[str, object]]]] | None = None
+        """replicas: the sidecars connected to every replica"""
         self.pushes = 0
         self.heartbeats = 0
         self.nacks = 0
@@ -238,7 +246,10 @@ class Publisher:
             return False
         version, built = self.version + 1, self.clock.time()
         try:
-            await self.store.put_table_version(version, digest, table.unhealthy(views), built)
+            if self.claim is not None:
+                version, built = await self.claim(digest, table.unhealthy(views), built)
+            else:
+                await self.store.put_table_version(version, digest, table.unhealthy(views), built)
         except BaseException:
             self.convergence.restore(since)  # the retry publishes the same change
             raise
@@ -264,7 +275,14 @@ class Publisher:
             session.transport.abort()
 
     def sidecars(self) -> list[dict[str, object]]:
+        """The sidecars connected to this process."""
         return [s.describe() for s in sorted(self.sessions.values(), key=lambda s: s.node)]
+
+    async def all_sidecars(self) -> list[dict[str, object]]:
+        """The sidecars connected to this control plane: to every replica, when there are."""
+        if self.sidecars_of_all is None:
+            return self.sidecars()
+        return await self.sidecars_of_all()
 
     async def close_sessions(self) -> None:
         """On shutdown: tell every sidecar we are going (they keep their tables and retry).
@@ -364,9 +382,10 @@ class Publisher:
             acked=hello.version,
             sent=hello.version,
         )
-        if hello.epoch != self.epoch or hello.version > self.version:
+        if hello.epoch != self.epoch or (hello.version > self.version and self.claim is None):
             # its table is from another history (this control plane's store was reset, or it
-            # is another control plane): versions do not compare, so it gets ours whatever
+            # is another control plane): versions do not compare, so it gets ours whatever.
+            # (From a replica that is ahead of this one, it gets only a newer version.)
             session.sent = session.acked = 0
         self.sessions[key] = session
         self._owners[(hello.service, instance)] = key

@@ -15,13 +15,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from control_plane.clock import Clock
 from control_plane.errors import Conflict, NotFound
 from control_plane.model import (
+    Health,
     InstanceRecord,
     InstanceView,
     Origin,
@@ -37,6 +38,15 @@ from control_plane.wire import DEFAULT_POLICY, DEFAULT_WEIGHT, Policy
 log = logging.getLogger("meshlet.registry")
 
 T = TypeVar("T")
+Key = tuple[str, str]
+FencedWrite = Callable[[list[Key], dict[Key, Health]], Awaitable[bool]]
+"""the reaper's write on a shared store: removals and health, refused (False) unless this
+replica still holds the reaper's lease"""
+
+
+class LeaseLost(Exception):
+    """A fenced write was refused: another replica holds the reaper's lease now."""
+
 
 RELEASE_SHARE = 0.1
 """once protection has held for ``protect_max``: the share of all instances let go per TTL"""
@@ -111,6 +121,11 @@ class Registry:
         self.expired = 0
         self._held_logged = -float("inf")
         self._listener: Callable[[], None] | None = None
+        self._shared = False
+        self._seen_out: dict[Key, float] = {}
+        """replicas: heartbeats heard here, not yet written to the shared store (wall clock)"""
+        self._health_out: dict[Key, Health] = {}
+        """replicas: health changes seen here, not yet written to the shared store"""
 
     def on_change(self, listener: Callable[[], None]) -> None:
         """``listener()`` runs (synchronously) after anything that can change the routing table:
@@ -305,6 +320,7 @@ class Registry:
         service, instance_id = record.key
         if live.app_healthy != app_healthy:
             live.app_healthy = app_healthy
+            self._share_health(record.key, live)
             log.info(
                 "%s/%s app %s", service, instance_id, "healthy" if app_healthy else "unhealthy"
             )
@@ -348,6 +364,7 @@ class Registry:
                 )
             return
         live.lapsed = True
+        self._share_health(record.key, live)
         log.info("%s/%s unhealthy: its sidecar's stream closed", service, instance_id)
         self._changed()
 
@@ -383,8 +400,10 @@ class Registry:
         self._changed()
         log.info("deregistered %s/%s", service, instance_id)
 
-    async def expire(self) -> None:
-        """One reaper sweep: lapse, remove, or hold everything under protection."""
+    async def expire(self, fenced: FencedWrite | None = None) -> None:
+        """One reaper sweep: lapse, remove, or hold everything under protection. On a shared
+        store (replicas) its writes go through ``fenced``, all or nothing: LeaseLost when
+        another replica holds the reaper's lease."""
         now = self._clock.monotonic()
         if self.protection and not self.outlasted:
             self._check_outlasted(now)
@@ -413,12 +432,11 @@ class Registry:
                 )
             else:
                 log.info("protection off: heartbeats recovered")
+        if fenced is not None:
+            await self._expire_fenced(fenced, plan.lapsed, plan.removed)
+            return
         for key in plan.lapsed:
-            live = self._live[key]
-            if not live.lapsed:
-                live.lapsed = True
-                log.info("%s/%s unhealthy: no heartbeat for %.1fs", *key, now - live.seen)
-                self._changed()
+            self._lapse(key, now)
         if plan.removed:
             async with self._lock:
                 now = self._clock.monotonic()
@@ -438,6 +456,52 @@ class Registry:
                     instance_id,
                     self.remove_after,
                 )
+
+    def _lapse(self, key: Key, now: float) -> None:
+        live = self._live[key]
+        if not live.lapsed:
+            live.lapsed = True
+            log.info("%s/%s unhealthy: no heartbeat for %.1fs", *key, now - live.seen)
+            self._changed()
+
+    async def _expire_fenced(
+        self, fenced: FencedWrite, lapsed: tuple[Key, ...], removable: tuple[Key, ...]
+    ) -> None:
+        async with self._lock:
+            now = self._clock.monotonic()
+            gone = [
+                k
+                for k in removable
+                if k in self._live and now - self._live[k].seen > self.remove_after
+            ]
+            health = {
+                k: Health(lapsed=True, sick=not self._live[k].app_healthy)
+                for k in lapsed
+                if k in self._live and not self._live[k].lapsed
+            }
+            if not gone and not health:
+                return
+
+            async def write() -> None:
+                if not await fenced(gone, health):
+                    raise LeaseLost("another replica holds the reaper's lease")
+
+            def apply() -> None:
+                for key in health:
+                    self._lapse(key, now)
+                if gone:
+                    self._forget(gone)
+                    self.expired += len(gone)
+                    self._changed()
+
+            await self._commit(write(), apply)
+        for service, instance_id in gone:
+            log.info(
+                "removed %s/%s: no heartbeat for over %.0fs",
+                service,
+                instance_id,
+                self.remove_after,
+            )
 
     def _check_outlasted(self, now: float) -> None:
         if now - self._protected_since < self.protect_max:
@@ -462,6 +526,91 @@ class Registry:
         while self._releases and now - self._releases[0] >= self.heartbeat_ttl:
             self._releases.popleft()
         return max(0, self._release_limit() - len(self._releases))
+
+    # -- replicas (a shared store: control_plane.replica) -----------------------------------
+
+    def share_liveness(self) -> None:
+        """Heartbeats and health changes seen here queue for ``take_liveness``: the replica
+        writes them to the shared store in batches, for the other replicas and the reaper."""
+        self._shared = True
+
+    def take_liveness(self) -> tuple[dict[Key, float], dict[Key, Health]]:
+        seen, self._seen_out = self._seen_out, {}
+        health, self._health_out = self._health_out, {}
+        return seen, health
+
+    def return_liveness(self, seen: dict[Key, float], health: dict[Key, Health]) -> None:
+        """A batch the store refused: kept for the next one (what came since wins)."""
+        self._seen_out = seen | self._seen_out
+        self._health_out = health | self._health_out
+
+    def _share_health(self, key: Key, live: _Liveness) -> None:
+        if self._shared:
+            self._health_out[key] = Health(lapsed=live.lapsed, sick=not live.app_healthy)
+
+    def apply_health(self, health: Mapping[Key, Health]) -> None:
+        """Health as the shared store has it (what other replicas and the reaper saw)."""
+        changed = False
+        for key, value in health.items():
+            record, live = self.find(*key), self._live.get(key)
+            if record is None or live is None:
+                continue
+            was = self._status(record)
+            live.lapsed, live.app_healthy = value.lapsed, not value.sick
+            changed = changed or self._status(record) is not was
+        if changed:
+            self._changed()
+
+    def apply_seen(self, seen: Mapping[Key, float]) -> None:
+        """The reaper's replica: heartbeats that other replicas heard (wall-clock times)."""
+        now, wall = self._clock.monotonic(), self._clock.time()
+        for key, when in seen.items():
+            live = self._live.get(key)
+            if live is not None and now - (wall - when) > live.seen:
+                live.seen = now - max(0.0, wall - when)
+                live.heartbeat_wall = when
+                live.proven = True
+
+    def grace(self) -> None:
+        """A full TTL for every instance from now: this replica just took over the reaping,
+        and heartbeats that others heard reach it only from now on."""
+        now = self._clock.monotonic()
+        for live in self._live.values():
+            live.seen = max(live.seen, now)
+
+    async def apply_changes(
+        self,
+        policies: Mapping[str, Policy | None],
+        instances: Mapping[Key, InstanceRecord | None],
+    ) -> None:
+        """Policies and instances as the shared store has them now (another replica wrote
+        them; None: gone). Under the write lock, so no write of this replica interleaves."""
+        async with self._lock:
+            for service, policy in policies.items():
+                if policy is None:
+                    self._policies.pop(service, None)
+                else:
+                    self._policies[service] = policy
+            for key, record in instances.items():
+                if record is None:
+                    self._forget([key])
+                else:
+                    self._put(record)
+                    if key not in self._live:
+                        now = self._clock.monotonic()
+                        self._live[key] = _Liveness(now, None, proven=False)
+        if policies or instances:
+            self._changed()
+
+    async def reload(self, snapshot: Snapshot, health: Mapping[Key, Health]) -> None:
+        """Everything as the shared store has it (a replica that fell too far behind)."""
+        async with self._lock:
+            instances: dict[Key, InstanceRecord | None] = dict.fromkeys(self._live)
+            instances.update({r.key: r for r in snapshot.instances})
+            policies: dict[str, Policy | None] = dict.fromkeys(self._policies)
+            policies.update(snapshot.policies)
+        await self.apply_changes(policies, instances)
+        self.apply_health(health)
 
     # -- internals -----------------------------------------------------------------------
 
@@ -514,6 +663,10 @@ class Registry:
         live.seen = self._clock.monotonic()
         live.heartbeat_wall = self._clock.time()
         live.lapsed = False
+        if self._shared:
+            self._seen_out[key] = live.heartbeat_wall
+            if was_lapsed:
+                self._health_out[key] = Health(lapsed=False, sick=not live.app_healthy)
         return was_lapsed
 
     def _forget(self, keys: list[tuple[str, str]]) -> None:

@@ -39,9 +39,34 @@ class Snapshot:
     """service tokens"""
 
 
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """A held lease (the reaper's): who holds it and its fencing token."""
+
+    holder: str
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """What a shared store's change stream says changed since a replica last looked."""
+
+    last: str
+    """the stream id to read after next time"""
+    keys: dict[str, set[str]]
+    """kind (p policy, i instance, t token, h health) -> keys"""
+    read: int = 0
+    """entries read"""
+    gap: bool = False
+    """entries after the last id were trimmed: only a reload of everything catches up"""
+
+
 class Store(Protocol):
     """Each write is durable when its coroutine returns; a failed write raises ``StoreError``
     and changes nothing."""
+
+    shared: bool
+    """whether several control planes may use it at once (then they run as replicas)"""
 
     async def load(self) -> Snapshot: ...
 

@@ -12,6 +12,8 @@ from control_plane.wire import Policy
 
 
 class MemoryStore:
+    shared = False
+
     def __init__(self) -> None:
         self._policies: dict[str, Policy] = {}
         self._instances: dict[tuple[str, str], InstanceRecord] = {}

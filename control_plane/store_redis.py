@@ -10,6 +10,18 @@ database can hold several meshes:
     {p}token-used    hash   token id -> when it was last used (a float's repr)
     {p}probe         string the readiness probe's write
 
+and what replicas share (``control_plane.replica``):
+
+    {p}changes       stream what each write changed: kind (p policy, i instance, t token,
+                            h health) and key; replicas follow it and read the current value
+    {p}seen          hash   "service/id" -> wall-clock time of its last heartbeat, written in
+                            batches by each replica
+    {p}health        hash   "service/id" -> "lapsed", "sick" (its app is unhealthy) or both;
+                            absent: healthy
+    {p}sidecars      hash   replica -> the sidecars connected to it (JSON, with a time limit)
+    {p}reaper        string the reaper's lease: its holder, with a TTL (``SET NX PX``)
+    {p}reaper:fence  counter the lease's fencing token, one more on every acquisition
+
 Each call is one round trip: a single command, a ``MULTI``/``EXEC`` pipeline, or a Lua script
 where a write depends on what is there. A call that cannot reach Redis within ``TIMEOUT``
 raises ``StoreError`` and, Redis being one server, changed nothing or everything of that one
@@ -28,15 +40,15 @@ import re
 import secrets
 import time
 import urllib.parse
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from control_plane.errors import ConfigError, StoreError
-from control_plane.model import InstanceRecord, Origin, TokenRecord
-from control_plane.store import Snapshot
+from control_plane.model import Health, InstanceRecord, Origin, TokenRecord
+from control_plane.store import Changes, Fence, Snapshot
 from control_plane.wire import Policy, WireError, parse_policy, to_json
 
 T = TypeVar("T")
@@ -48,6 +60,9 @@ PASSWORD_ENV = "MESHLET_REDIS_PASSWORD"
 PASSWORD_FILE_ENV = "MESHLET_REDIS_PASSWORD_FILE"
 _QUERY = ("prefix", "ssl_ca_certs")
 
+CHANGES_KEPT = 100_000
+"""entries of the change stream kept (about): a replica further behind reloads everything"""
+
 # touch_tokens: a last use is kept only for a token that is still stored
 _TOUCH = """
 for i = 1, #ARGV, 2 do
@@ -58,11 +73,117 @@ end
 """
 
 
+# The reaper's lease (KEYS: lease, fence). Acquire: the lease if free, and the next token.
+_ACQUIRE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    return redis.call('INCR', KEYS[2])
+end
+return false
+"""
+# Renew and release: only by its holder.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+# The reaper's writes, fenced: they happen only while KEYS[1] (the lease) is held by ARGV[1]
+# and the fence is still ARGV[2] (nobody acquired the lease since). KEYS: lease, fence,
+# instances, health, seen, changes. ARGV: holder, token, removed count, removed keys, then
+# health pairs (key, value; "" for healthy).
+_EXPIRE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('GET', KEYS[2]) ~= ARGV[2] then
+    return 0
+end
+local removed = tonumber(ARGV[3])
+for i = 4, 3 + removed do
+    redis.call('HDEL', KEYS[3], ARGV[i])
+    redis.call('HDEL', KEYS[4], ARGV[i])
+    redis.call('HDEL', KEYS[5], ARGV[i])
+    redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[#ARGV], '*', 'k', 'i', 'key', ARGV[i])
+end
+for i = 4 + removed, #ARGV - 1, 2 do
+    if redis.call('HEXISTS', KEYS[3], ARGV[i]) == 1 then
+        if ARGV[i + 1] == '' then
+            redis.call('HDEL', KEYS[4], ARGV[i])
+        else
+            redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 1])
+        end
+        redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[#ARGV], '*', 'k', 'h', 'key', ARGV[i])
+    end
+end
+return 1
+"""
+# A replica's batch of liveness, for instances still registered. KEYS: instances, seen,
+# health, changes. ARGV: seen count, seen pairs (key, time), health pairs (key, value; "" for
+# healthy), then the change stream's length.
+_SHARE = """
+local seen = tonumber(ARGV[1])
+for i = 2, 2 * seen, 2 do
+    if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 1 then
+        redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+    end
+end
+for i = 2 + 2 * seen, #ARGV - 1, 2 do
+    if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 1 then
+        if ARGV[i + 1] == '' then
+            redis.call('HDEL', KEYS[3], ARGV[i])
+        else
+            redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
+        end
+        redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[#ARGV], '*', 'k', 'h', 'key', ARGV[i])
+    end
+end
+"""
+# Where the change stream stands: its last id ("0-0": none yet), how many entries were ever
+# added to it, and how many it holds (the rest were trimmed, oldest first). KEYS: changes.
+_POSITION = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+    return {'0-0', 0, 0}
+end
+local info = redis.call('XINFO', 'STREAM', KEYS[1])
+local found = {}
+for i = 1, #info, 2 do
+    found[info[i]] = info[i + 1]
+end
+return {found['last-generated-id'], found['entries-added'], found['length']}
+"""
+# A table version for a table's digest: the current one when it has the same content, else
+# the next. KEYS: meta. ARGV: digest, built, lapsed.
+_CLAIM = """
+if redis.call('HGET', KEYS[1], 'table_digest') == ARGV[1] then
+    return {tonumber(redis.call('HGET', KEYS[1], 'table_version')),
+            redis.call('HGET', KEYS[1], 'table_built')}
+end
+local version = redis.call('HINCRBY', KEYS[1], 'table_version', 1)
+redis.call('HSET', KEYS[1], 'table_digest', ARGV[1], 'table_built', ARGV[2], 'lapsed', ARGV[3])
+return {version, ARGV[2]}
+"""
+
+
+def _key(service: str, instance_id: str) -> str:
+    return f"{service}/{instance_id}"
+
+
+def _split(key: str) -> tuple[str, str]:
+    service, _, instance_id = key.partition("/")
+    return service, instance_id
+
+
 def _dumps(value: object) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
 class RedisStore:
+    shared = True
+    """several control planes may share it (``control_plane.replica``)"""
+
     def __init__(
         self,
         url: str,
@@ -79,6 +200,7 @@ class RedisStore:
             "socket_connect_timeout": TIMEOUT,
             "decode_responses": True,
             "password": password,
+            "protocol": 2,  # the replies' shapes this module reads
         }
         if ssl_ca_certs:
             options["ssl_ca_certs"] = ssl_ca_certs
@@ -87,6 +209,16 @@ class RedisStore:
         p = prefix
         self._meta, self._policies, self._instances = f"{p}meta", f"{p}policies", f"{p}instances"
         self._tokens, self._used, self._probe = f"{p}tokens", f"{p}token-used", f"{p}probe"
+        self._changes, self._seen, self._health = f"{p}changes", f"{p}seen", f"{p}health"
+        self._lease, self._fence = f"{p}reaper", f"{p}reaper:fence"
+        self._sidecars = f"{p}sidecars"
+        self._acquire = self._redis.register_script(_ACQUIRE)
+        self._renew = self._redis.register_script(_RENEW)
+        self._release = self._redis.register_script(_RELEASE)
+        self._expire = self._redis.register_script(_EXPIRE)
+        self._claim = self._redis.register_script(_CLAIM)
+        self._share = self._redis.register_script(_SHARE)
+        self._position = self._redis.register_script(_POSITION)
 
     @classmethod
     def from_url(cls, url: str) -> RedisStore:
@@ -201,11 +333,18 @@ class RedisStore:
         except (ValueError, KeyError, TypeError) as e:
             raise StoreError(f"redis {self.url}: stored token {token_id!r} is invalid: {e}") from e
 
+    def _changed(self, kind: str, key: str) -> tuple[Any, ...]:
+        """The change stream's entry for a write (in the write's transaction)."""
+        return ("XADD", self._changes, "MAXLEN", "~", CHANGES_KEPT, "*", "k", kind, "key", key)
+
     async def put_policy(self, service: str, policy: Policy) -> None:
-        await self._call(self._redis.hset(self._policies, service, _dumps(to_json(policy))))
+        await self._transaction(
+            ("HSET", self._policies, service, _dumps(to_json(policy))),
+            self._changed("p", service),
+        )
 
     async def delete_policy(self, service: str) -> None:
-        await self._call(self._redis.hdel(self._policies, service))
+        await self._transaction(("HDEL", self._policies, service), self._changed("p", service))
 
     async def put_instance(self, record: InstanceRecord) -> None:
         document = {
@@ -218,13 +357,20 @@ class RedisStore:
             "origin": record.origin.value,
             "namespace": record.namespace,
         }
-        key = f"{record.service}/{record.id}"
-        await self._call(self._redis.hset(self._instances, key, _dumps(document)))
+        key = _key(record.service, record.id)
+        await self._transaction(
+            ("HSET", self._instances, key, _dumps(document)), self._changed("i", key)
+        )
 
     async def delete_instances(self, keys: Sequence[tuple[str, str]]) -> None:
         if keys:
-            fields = [f"{service}/{instance_id}" for service, instance_id in keys]
-            await self._call(self._redis.hdel(self._instances, *fields))
+            fields = [_key(service, instance_id) for service, instance_id in keys]
+            await self._transaction(
+                ("HDEL", self._instances, *fields),
+                ("HDEL", self._health, *fields),
+                ("HDEL", self._seen, *fields),
+                *(self._changed("i", key) for key in fields),
+            )
 
     async def put_table_version(
         self, version: int, digest: str, lapsed: frozenset[tuple[str, str]], built: float = 0.0
@@ -245,11 +391,17 @@ class RedisStore:
             "created": record.created,
         }
         await self._transaction(
-            ("HSET", self._tokens, record.id, _dumps(document)), ("HDEL", self._used, record.id)
+            ("HSET", self._tokens, record.id, _dumps(document)),
+            ("HDEL", self._used, record.id),
+            self._changed("t", record.id),
         )
 
     async def delete_token(self, token_id: str) -> None:
-        await self._transaction(("HDEL", self._tokens, token_id), ("HDEL", self._used, token_id))
+        await self._transaction(
+            ("HDEL", self._tokens, token_id),
+            ("HDEL", self._used, token_id),
+            self._changed("t", token_id),
+        )
 
     async def touch_tokens(self, used: dict[str, float]) -> None:
         if used:
@@ -261,6 +413,154 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+    # -- what replicas share (control_plane.replica) ---------------------------------------
+
+    async def position(self) -> tuple[str, int]:
+        """Where the change stream stands: the id to follow after, and how many entries were
+        ever added up to it."""
+        last, added, _ = await self._call(self._position(keys=[self._changes]))
+        return str(last), int(added)
+
+    async def changes(self, after: str, consumed: int, block_ms: int, count: int = 1000) -> Changes:
+        """What changed after ``after``, waiting up to ``block_ms`` for something to.
+        ``consumed``: entries ever added up to ``after`` (``position``, plus what was read
+        since). Trimming drops the oldest entries, so entries were lost unread exactly when
+        more were trimmed than were consumed."""
+        _, added, length = await self._call(self._position(keys=[self._changes]))
+        if int(added) - int(length) > consumed:
+            return Changes(after, {}, gap=True)
+        read = cast(
+            list[tuple[str, list[tuple[str, dict[str, str]]]]],
+            await self._call(
+                self._redis.xread({self._changes: after}, count=count, block=block_ms)
+            ),
+        )
+        keys: dict[str, set[str]] = {}
+        last, n = after, 0
+        for _, entries in read or []:
+            for entry_id, fields in entries:
+                keys.setdefault(fields.get("k", ""), set()).add(fields.get("key", ""))
+                last, n = entry_id, n + 1
+        return Changes(last, keys, read=n)
+
+    async def fetch(
+        self, keys: Mapping[str, set[str]]
+    ) -> tuple[
+        dict[str, Policy | None],
+        dict[tuple[str, str], InstanceRecord | None],
+        dict[str, TokenRecord | None],
+        dict[tuple[str, str], Health],
+    ]:
+        """The current values of changed keys (None: gone), in one round trip."""
+        kinds = [
+            ("p", self._policies),
+            ("i", self._instances),
+            ("t", self._tokens),
+            ("t", self._used),
+            ("h", self._health),
+        ]
+        wanted = [(kind, name, sorted(keys.get(kind, ()))) for kind, name in kinds]
+        pipe = self._redis.pipeline(transaction=True)
+        for _, name, fields in wanted:
+            pipe.hmget(name, fields or ["-"])
+        values = await self._call(pipe.execute())
+        found = [
+            dict(zip(fields, v, strict=False))
+            for (_, _, fields), v in zip(wanted, values, strict=True)
+        ]
+        policies, instances, tokens, used, health = found
+        return (
+            {k: None if v is None else self._policy(k, v) for k, v in policies.items()},
+            {_split(k): None if v is None else self._instance(k, v) for k, v in instances.items()},
+            {k: None if v is None else self._token(k, v, used.get(k)) for k, v in tokens.items()},
+            {_split(k): Health.decode(v) for k, v in health.items()},
+        )
+
+    async def load_health(self) -> dict[tuple[str, str], Health]:
+        values = await self._hgetall(self._health)
+        return {_split(key): Health.decode(value) for key, value in values.items()}
+
+    async def put_liveness(
+        self, seen: Mapping[tuple[str, str], float], health: Mapping[tuple[str, str], Health]
+    ) -> None:
+        """A replica's batch: when it last heard from instances, and the health changes it
+        saw (a stream that closed, an app that turned sick, an instance that came back); for
+        instances still registered (a late batch must not bring a removed one back)."""
+        if not seen and not health:
+            return
+        argv: list[Any] = [len(seen)]
+        argv += [x for key, when in seen.items() for x in (_key(*key), repr(when))]
+        argv += [x for key, value in health.items() for x in (_key(*key), value.encode())]
+        argv.append(CHANGES_KEPT)
+        keys = [self._instances, self._seen, self._health, self._changes]
+        await self._call(self._share(keys=keys, args=argv))
+
+    async def load_seen(self) -> dict[tuple[str, str], float]:
+        values = await self._hgetall(self._seen)
+        return {_split(key): float(when) for key, when in values.items()}
+
+    async def _hgetall(self, name: str) -> dict[str, str]:
+        return cast(dict[str, str], await self._call(self._redis.hgetall(name)))
+
+    async def put_sidecars(
+        self, replica: str, sidecars: list[dict[str, object]], until: float
+    ) -> None:
+        """The sidecars connected to ``replica``, good until ``until`` (wall clock): a replica
+        that dies stops being listed then."""
+        document = _dumps({"until": until, "sidecars": sidecars})
+        await self._call(self._redis.hset(self._sidecars, replica, document))
+
+    async def load_sidecars(self, now: float) -> dict[str, list[dict[str, object]]]:
+        """Every live replica's sidecars; the lists of replicas gone quiet are dropped."""
+        lists = await self._hgetall(self._sidecars)
+        live, dead = {}, []
+        for replica, document in lists.items():
+            entry = json.loads(document)
+            if entry["until"] < now:
+                dead.append(replica)
+            else:
+                live[replica] = entry["sidecars"]
+        if dead:
+            await self._call(self._redis.hdel(self._sidecars, *dead))
+        return live
+
+    async def claim_table_version(
+        self, digest: str, lapsed: frozenset[tuple[str, str]], built: float
+    ) -> tuple[int, float]:
+        """The version every replica gives a table with this content, and when it was first
+        built: the current one if the last table had the same digest, else the next."""
+        argv = [digest, repr(built), _dumps(sorted(lapsed))]
+        version, when = await self._call(self._claim(keys=[self._meta], args=argv))
+        return int(version), float(when)
+
+    async def acquire_lease(self, holder: str, ttl_ms: int) -> Fence | None:
+        token = await self._call(
+            self._acquire(keys=[self._lease, self._fence], args=[holder, ttl_ms])
+        )
+        return None if token is None else Fence(holder, int(token))
+
+    async def renew_lease(self, fence: Fence, ttl_ms: int) -> bool:
+        return bool(await self._call(self._renew(keys=[self._lease], args=[fence.holder, ttl_ms])))
+
+    async def release_lease(self, fence: Fence) -> None:
+        await self._call(self._release(keys=[self._lease], args=[fence.holder]))
+
+    async def expire_fenced(
+        self,
+        fence: Fence,
+        removed: Sequence[tuple[str, str]],
+        health: Mapping[tuple[str, str], Health],
+    ) -> bool:
+        """The reaper's writes, only while ``fence`` still holds the lease: False (nothing
+        written) when it does not."""
+        argv: list[Any] = [fence.holder, str(fence.token), len(removed)]
+        argv += [_key(*key) for key in removed]
+        argv += [x for key, value in health.items() for x in (_key(*key), value.encode())]
+        argv.append(CHANGES_KEPT)
+        keys = [self._lease, self._fence, self._instances, self._health, self._seen]
+        done = await self._call(self._expire(keys=[*keys, self._changes], args=argv))
+        return bool(done)
 
     def __repr__(self) -> str:
         return f"<RedisStore {self.url} prefix={self.prefix!r}>"

@@ -59,6 +59,8 @@ T = TypeVar("T")
 
 
 class SqliteStore:
+    shared = False
+
     def __init__(self, path: str) -> None:
         self.path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshlet-sqlite")

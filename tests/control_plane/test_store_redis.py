@@ -50,7 +50,7 @@ async def test_keys_are_kept_under_the_prefix(redis_server: RedisServer) -> None
     await store.put_instance(InstanceRecord("a", "i1", "10.0.0.1", 80))
     await store.close()
     client = redis.Redis(port=redis_server.port, decode_responses=True)
-    assert set(client.keys("prefixed:*")) == {"prefixed:instances"}
+    assert set(client.keys("prefixed:*")) == {"prefixed:instances", "prefixed:changes"}
     assert client.hkeys("prefixed:instances") == ["a/i1"]
     client.close()
 
@@ -62,7 +62,7 @@ async def test_the_password_comes_from_the_environment_or_a_file(
     try:
         url = f"{server.url}?prefix=p"
         store = open_store(url)  # no password
-        with pytest.raises(StoreError, match="authenticated"):
+        with pytest.raises(StoreError, match="Authentication required"):
             await store.load()
         await store.close()
 
