@@ -28,7 +28,7 @@ import random
 import re
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -125,7 +125,10 @@ class Discovery:
         tls: ssl.SSLContext | None = None,
         failover: Failover | None = None,
         clock: Clock | None = None,
+        resolver: Callable[[str], Awaitable[list[Replica]]] = resolve,
     ) -> None:
+        """``resolver``: the addresses a control-plane URL stands for (``failover.resolve``:
+        the system's resolver)."""
         assert control_planes, "a control plane to connect to"
         self.targets = tuple(control_planes)
         """the control plane's URLs, as configured"""
@@ -135,6 +138,7 @@ class Discovery:
         """the address the stream is up with, or None"""
         self.failover = failover or Failover()
         self._clock = clock or SystemClock()
+        self._resolver = resolver
         self.token = token
         self.tls = tls
         self.service = service
@@ -211,7 +215,7 @@ class Discovery:
         for url in self.targets:
             try:
                 async with asyncio.timeout(CONNECT_TIMEOUT):
-                    replicas += await resolve(url)
+                    replicas += await self._resolver(url)
             except (OSError, TimeoutError) as e:
                 why = str(e) or "timed out"
                 self.last_error = f"cannot resolve {url}: {why}"
