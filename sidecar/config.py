@@ -183,10 +183,15 @@ def _url_problem(entry: str) -> str:
     """What is wrong with one control-plane URL, or ``""``."""
     if not entry:
         return "is empty (a stray comma?)"
-    parts = urlsplit(entry)
-    if "@" in parts.netloc:  # not shown: it would put a password in the log
+    if "@" in entry.partition("://")[2].partition("/")[0]:  # not shown: it holds a password
         return "has credentials in it: give them with --token"
     shown = repr(entry[:200])
+    if not entry.isascii() or not entry.isprintable() or " " in entry:
+        return f"{shown}, has spaces, control or non-ASCII characters (an IDN: its xn-- form)"
+    try:
+        parts = urlsplit(entry)
+    except ValueError as e:  # an unbalanced [ or ]
+        return f"{shown}, is not a URL: {e}"
     try:
         port = parts.port
     except ValueError:
