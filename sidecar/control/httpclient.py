@@ -98,7 +98,8 @@ async def connect(
     except ssl.SSLCertVerificationError:
         raise
     except OSError as e:
-        where = f"{target.host}:{target.port}" + (f" at {address}" if address else "")
+        at = f" at {address}" if address and address != target.host else ""
+        where = f"{target.host}:{target.port}{at}"
         raise ConnectError(where, e.strerror or str(e)) from e
 
 
