@@ -405,3 +405,19 @@ async def test_a_name_with_two_addresses_is_two_replicas_named_by_it(
         assert (other.hellos[0].version, other.pushed) == (4, 0)
         assert discovery.failover.failovers == 1
         running.cancel()
+
+
+async def test_a_name_that_does_not_resolve_is_skipped_for_the_others(
+    stand_in: Callable[..., Awaitable[StandIn]],
+    make_mesh: MakeMesh,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cp = await stand_in()
+    gone = "http://no-such-host.invalid:7070"
+    mesh = await sidecar(make_mesh, tmp_path, f"{gone},{cp.url}")
+    state = await until(mesh, lambda s: s.get("version") == 4, "table 4 from the one that is")
+    assert state["targets"] == [gone, cp.url]
+    assert state["connected_to"] == {"url": cp.url, "address": LOCAL}
+    logged = [r.getMessage() for r in caplog.records if r.name == "meshlet.discovery"]
+    assert any(f"control plane {gone}: its host name does not resolve" in m for m in logged)
