@@ -192,35 +192,29 @@ class Discovery:
             welcomed = self._welcomed_at
             up_for = None if welcomed is None else self._clock.monotonic() - welcomed
             delay = self.failover.ended(up_for)
-            where = f" ({replica})" if replica is not None and len(self.targets) > 1 else ""
-            if delay:
-                log.warning(
-                    "control plane stream down%s (%s); retrying in %.1fs",
-                    where,
-                    self.last_error,
-                    delay,
-                )
-                await asyncio.sleep(delay)
-            else:
-                log.warning(
-                    "control plane stream down%s (%s); trying the next address at once",
-                    where,
-                    self.last_error,
-                )
+            self._log_down(replica, delay)
+            await asyncio.sleep(delay)
+
+    def _log_down(self, replica: Replica | None, delay: float) -> None:
+        where = f" ({replica})" if replica is not None and len(self.targets) > 1 else ""
+        then = f"retrying in {delay:.1f}s" if delay else "trying the next address at once"
+        log.warning("control plane stream down%s (%s); %s", where, self.last_error, then)
 
     async def _resolve(self) -> list[Replica]:
-        """This round's addresses: every URL's, those that resolve (why the others do not is
-        logged, and is ``last_error`` when none does)."""
-        replicas: list[Replica] = []
-        for url in self.targets:
-            try:
-                async with asyncio.timeout(CONNECT_TIMEOUT):
-                    replicas += await self._resolver(url)
-            except (OSError, TimeoutError) as e:
-                why = str(e) or "timed out"
-                self.last_error = f"cannot resolve {url}: {why}"
-                log.warning("control plane %s: its host name does not resolve: %s", url, why)
-        return replicas
+        """This round's addresses: every URL's (looked up together, in the given order), those
+        that resolve (why the others do not is logged, and is ``last_error`` when none does)."""
+        found = await asyncio.gather(*(self._resolve_one(url) for url in self.targets))
+        return [replica for replicas in found for replica in replicas]
+
+    async def _resolve_one(self, url: str) -> list[Replica]:
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                return await self._resolver(url)
+        except (OSError, TimeoutError) as e:
+            why = str(e) or "timed out"
+            self.last_error = f"cannot resolve {url}: {why}"
+            log.warning("control plane %s: its host name does not resolve: %s", url, why)
+            return []
 
     async def _session(self, replica: Replica) -> str:
         """One stream to ``replica``, from hello to close; why it closed."""
