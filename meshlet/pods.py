@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
-from urllib.parse import urlsplit
 
 from control_plane.wire import SERVICE_NAME
 from meshlet.iptables import DEFAULT_PROXY_UID
+from sidecar.config import control_plane_urls
+from sidecar.errors import ConfigError
 
 Doc = dict[str, Any]
 Warn = Callable[[str], None]
@@ -74,9 +75,11 @@ class Options:
             raise UsageError(f"--mode: {self.mode[:20]!r} is not one of {', '.join(MODES)}")
         if not self.image.strip():
             raise UsageError("--image: must not be empty")
-        url = urlsplit(self.control_plane)
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise UsageError(f"--control-plane: {self.control_plane[:200]!r} is not an http:// URL")
+        try:
+            if not control_plane_urls(self.control_plane):
+                raise UsageError("--control-plane: must not be empty")
+        except ConfigError as e:
+            raise UsageError(f"--control-plane: {e.message}") from None
         if self.service is not None and not SERVICE_NAME.fullmatch(self.service):
             raise UsageError(f"--service: {show(self.service)} is not a service name ({_RULE})")
         if self.app_port is not None and not 0 < self.app_port < 65536:

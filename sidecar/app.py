@@ -149,7 +149,7 @@ class Sidecar:
             )
         if self.config.control_plane:
             self.discovery = Discovery(
-                control_plane=self.config.control_plane,
+                control_planes=self.config.control_planes,
                 token=self.config.token,
                 tls=self._control_plane_tls(),
                 service=self.config.service,
@@ -189,7 +189,7 @@ class Sidecar:
 
     def _control_plane_tls(self) -> ssl.SSLContext | None:
         """How an ``https://`` control plane's certificate is checked (``--ca-file``)."""
-        if not self.config.control_plane.startswith("https://"):
+        if not any(url.startswith("https://") for url in self.config.control_planes):
             return None
         return client_context(self.config.ca_file)
 
@@ -327,8 +327,12 @@ class Sidecar:
         d = self.discovery
         if d is None:
             return None
+        on = d.replica
         return {
             "url": d.url,
+            "targets": list(d.targets),
+            "connected_to": {"url": on.url, "address": on.address} if on else None,
+            "failovers": d.failover.failovers,
             "connected": d.connected,
             "instance": d.instance,
             "node": d.node,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from control_plane import wire
 from sidecar.errors import ConfigError
@@ -13,6 +14,8 @@ OUTBOUND_POLICIES = ("allow_any", "registry_only")
 #: Linkerd's default opaque ports: SMTP, MySQL, Galera, PostgreSQL, Redis, Elasticsearch,
 #: Memcached (their servers speak first, or their clients never send an HTTP request line)
 OPAQUE_PORTS = (25, 587, 3306, 4444, 5432, 6379, 9300, 11211)
+MAX_CONTROL_PLANES = 16
+"""URLs ``--control-plane`` may list"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +47,8 @@ class SidecarConfig:
     table: str = ""
     """static routing file (YAML or JSON); empty for none"""
     control_plane: str = ""
-    """control plane URL (``http://HOST:PORT`` or ``https://``); tables are pushed from it"""
+    """control plane URL (``http://HOST:PORT`` or ``https://``), or several separated by
+    commas (replicas: the stream fails over between them); tables are pushed from it"""
     token: str = ""
     """bearer token sent on the control plane's stream (a service token, or the mesh's join
     token); empty: none"""
@@ -134,9 +138,8 @@ class SidecarConfig:
             raise ConfigError("app", "needs a port")
         if self.table and self.control_plane:
             raise ConfigError("table", "use either --table or --control-plane, not both")
-        if self.control_plane and not self.control_plane.startswith(("http://", "https://")):
-            raise ConfigError("control_plane", "must be a URL: http://HOST:PORT")
-        if self.ca_file and not self.control_plane.startswith("https://"):
+        urls = control_plane_urls(self.control_plane)
+        if self.ca_file and not any(url.startswith("https://") for url in urls):
             raise ConfigError("ca_file", "verifies an https:// --control-plane; there is none")
         if self.register not in ("sidecar", "app"):
             raise ConfigError("register", "must be sidecar or app")
@@ -149,3 +152,54 @@ class SidecarConfig:
                 wire.check_address(self.advertise)
             except wire.WireError as e:
                 raise ConfigError("advertise", e.message) from None
+
+    @property
+    def control_planes(self) -> tuple[str, ...]:
+        """The control plane's URLs, in the order given (none: no control plane)."""
+        return control_plane_urls(self.control_plane)
+
+
+def control_plane_urls(value: str) -> tuple[str, ...]:
+    """``--control-plane``'s comma-separated URLs; ConfigError naming the first bad one."""
+    if not value.strip():
+        return ()
+    entries = [entry.strip() for entry in value.split(",")]
+    if len(entries) > MAX_CONTROL_PLANES:
+        raise ConfigError(
+            "control_plane", f"lists {len(entries)} URLs; at most {MAX_CONTROL_PLANES}"
+        )
+    for n, entry in enumerate(entries, 1):
+        problem = _url_problem(entry)
+        if problem:
+            raise ConfigError("control_plane", f"URL {n} of {len(entries)}, {problem}")
+        if entry in entries[: n - 1]:
+            raise ConfigError(
+                "control_plane", f"URL {n} of {len(entries)}, {entry!r}, is listed twice"
+            )
+    return tuple(entries)
+
+
+def _url_problem(entry: str) -> str:
+    """What is wrong with one control-plane URL, or ``""``."""
+    if not entry:
+        return "is empty (a stray comma?)"
+    if "@" in entry.partition("://")[2].partition("/")[0]:  # not shown: it holds a password
+        return "has credentials in it: give them with --token"
+    shown = repr(entry[:200])
+    if not entry.isascii() or not entry.isprintable() or " " in entry:
+        return f"{shown}, has spaces, control or non-ASCII characters (an IDN: its xn-- form)"
+    try:
+        parts = urlsplit(entry)
+    except ValueError as e:  # an unbalanced [ or ]
+        return f"{shown}, is not a URL: {e}"
+    try:
+        port = parts.port
+    except ValueError:
+        return f"{shown}, has a port that is not 1-65535"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"{shown}, is not http://HOST:PORT or https://HOST:PORT"
+    if port == 0:
+        return f"{shown}, has a port that is not 1-65535"
+    if parts.query or parts.fragment or "?" in entry or "#" in entry:
+        return f"{shown}, has a query or fragment; a control plane URL takes neither"
+    return ""

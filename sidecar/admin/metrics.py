@@ -227,6 +227,12 @@ class SidecarMetrics:
                 "1 while the push stream is up",
                 value=float(sc.discovery.connected),
             )
+            yield counter(
+                "meshlet_control_plane_failovers",
+                "streams welcomed by another control-plane address than the stream before "
+                "(replicas: --control-plane lists several, or its name resolves to several)",
+                value=sc.discovery.failover.failovers,
+            )
         if sc.access_log is not None:
             yield counter(
                 "meshlet_access_log_dropped",

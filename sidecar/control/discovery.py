@@ -6,6 +6,11 @@ NACKed with the reason and the last good table stays. Every applied table is sav
 with jittered exponential backoff (0.1 s doubling to 30 s, a random 50-100 % of that); the
 sidecar keeps serving from the table it has all along.
 
+Several control-plane URLs, or a host name with several addresses, are replicas of one
+control plane: ``failover`` says which the stream tries next and when. The table version and
+epoch in force go with the sidecar from replica to replica: its hello says them, so a replica
+that is at that version sends nothing, and one of the same history sends only what is newer.
+
 The stream carries ``--token`` as ``Authorization: Bearer``; an ``https://`` control plane's
 certificate is checked with the given ``tls`` context (``--ca-file``). A control plane that
 refuses the stream (HTTP 401/403, or a 44xx close code) says why in the log line and in
@@ -23,6 +28,7 @@ import random
 import re
 import socket
 import ssl
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -40,7 +46,9 @@ from control_plane.wire import (
     decode,
     encode,
 )
+from sidecar.clock import Clock, SystemClock
 from sidecar.control import state
+from sidecar.control.failover import Failover, Replica, resolve
 from sidecar.control.websocket import Close
 from sidecar.control.wsclient import WebSocket, connect
 from sidecar.errors import HandshakeError, PeerError, TableError
@@ -53,10 +61,7 @@ KEEPALIVE = 10.0
 """seconds of silence from the control plane before a ping; no answer within half that and
 the stream counts as dead"""
 CONNECT_TIMEOUT = 10.0
-"""seconds to connect, agree TLS and be upgraded"""
-#: a session this long resets the backoff (not merely a welcome: a control plane that closes
-#: every stream at once would otherwise be retried every 0.1 s)
-STABLE_SESSION = 5.0
+"""seconds to resolve the control plane's names, or to connect, agree TLS and be upgraded"""
 WELCOME_TIMEOUT = 10.0
 MAX_TABLE_BYTES = 256 * 1024 * 1024
 
@@ -67,23 +72,6 @@ REFUSED: Final = {
     4403: "forbidden: the token may not speak for this service or instance",
     4409: "the instance is owned by another live stream",
 }
-
-
-class Backoff:
-    """Jittered exponential backoff: ``base`` doubling up to ``cap``, each a random 50-100 %."""
-
-    def __init__(self, base: float = 0.1, cap: float = 30.0) -> None:
-        self.base = base
-        self.cap = cap
-        self.attempt = 0
-
-    def next(self) -> float:
-        delay = min(self.cap, self.base * 2.0**self.attempt)
-        self.attempt = min(self.attempt + 1, 30)
-        return delay * random.uniform(0.5, 1.0)
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 def node_id(service: str) -> str:
@@ -127,7 +115,7 @@ class Discovery:
     def __init__(
         self,
         *,
-        control_plane: str,
+        control_planes: Sequence[str],
         token: str,
         service: str,
         registration: Registration,
@@ -135,8 +123,22 @@ class Discovery:
         state_path: Path,
         app_healthy: bool = True,
         tls: ssl.SSLContext | None = None,
+        failover: Failover | None = None,
+        clock: Clock | None = None,
+        resolver: Callable[[str], Awaitable[list[Replica]]] = resolve,
     ) -> None:
-        self.url = stream_url(control_plane)
+        """``resolver``: the addresses a control-plane URL stands for (``failover.resolve``:
+        the system's resolver)."""
+        assert control_planes, "a control plane to connect to"
+        self.targets = tuple(control_planes)
+        """the control plane's URLs, as configured"""
+        self.url = stream_url(self.targets[0])
+        """the stream URL tried last (or to be tried first)"""
+        self.replica: Replica | None = None
+        """the address the stream is up with, or None"""
+        self.failover = failover or Failover()
+        self._clock = clock or SystemClock()
+        self._resolver = resolver
         self.token = token
         self.tls = tls
         self.service = service
@@ -146,46 +148,76 @@ class Discovery:
         self.node = node_id(service)
         self.version = tables.current.info.version if tables.current else 0
         self.epoch = tables.current.table.epoch if tables.current else ""
+        self._welcomed_at: float | None = None
+        """when the stream in force was welcomed (``clock``), or None"""
+        self._newer_than = self.version
+        """a table must be newer than this to be applied: the version in force, or 0 in a
+        session with a control plane of another history"""
         self.instance: str | None = None
         self.app_healthy = app_healthy
         self.connected = False
         self.last_error = ""
         self._ws: WebSocket | None = None
         self._health_changed = asyncio.Event()
-        self._backoff = Backoff()
         self._beats: asyncio.Task[None] | None = None
         self._stopping = False
 
     def __repr__(self) -> str:
         state = "connected" if self.connected else f"disconnected ({self.last_error})"
-        return f"<Discovery {self.url} {state}, version {self.version}>"
+        return f"<Discovery {self.replica or self.url} {state}, version {self.version}>"
 
     def set_app_health(self, healthy: bool) -> None:
         self.app_healthy = healthy
         self._health_changed.set()
 
     async def run(self) -> None:
-        """Stay connected until cancelled (or deregistered)."""
-        loop = asyncio.get_running_loop()
+        """Stay connected until cancelled (or deregistered), failing over between replicas."""
         while not self._stopping:
-            started = loop.time()
-            try:
-                self.last_error = await self._session()
-            except (PeerError, OSError, TimeoutError, WireError) as e:
-                self.last_error = describe_failure(e)
-            finally:
-                self.connected = False
-                self._ws = None
+            if self.failover.round_over:
+                self.failover.begin(await self._resolve())
+            replica = self.failover.pick()
+            self._welcomed_at = None
+            if replica is not None:
+                self.url = stream_url(replica.url)
+                try:
+                    self.last_error = await self._session(replica)
+                except (PeerError, OSError, TimeoutError, WireError) as e:
+                    self.last_error = describe_failure(e)
+                finally:
+                    self.connected = False
+                    self.replica = None
+                    self._ws = None
             if self._stopping:  # (deregister() meanwhile: mypy does not see it)
                 return  # type: ignore[unreachable]
-            if loop.time() - started >= STABLE_SESSION:
-                self._backoff.reset()
-            delay = self._backoff.next()
-            log.warning("control plane stream down (%s); retrying in %.1fs", self.last_error, delay)
+            welcomed = self._welcomed_at
+            up_for = None if welcomed is None else self._clock.monotonic() - welcomed
+            delay = self.failover.ended(up_for)
+            self._log_down(replica, delay)
             await asyncio.sleep(delay)
 
-    async def _session(self) -> str:
-        """One stream, from hello to close; why it closed."""
+    def _log_down(self, replica: Replica | None, delay: float) -> None:
+        where = f" ({replica})" if replica is not None and len(self.targets) > 1 else ""
+        then = f"retrying in {delay:.1f}s" if delay else "trying the next address at once"
+        log.warning("control plane stream down%s (%s); %s", where, self.last_error, then)
+
+    async def _resolve(self) -> list[Replica]:
+        """This round's addresses: every URL's (looked up together, in the given order), those
+        that resolve (why the others do not is logged, and is ``last_error`` when none does)."""
+        found = await asyncio.gather(*(self._resolve_one(url) for url in self.targets))
+        return [replica for replicas in found for replica in replicas]
+
+    async def _resolve_one(self, url: str) -> list[Replica]:
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                return await self._resolver(url)
+        except (OSError, TimeoutError) as e:
+            why = str(e) or "timed out"
+            self.last_error = f"cannot resolve {url}: {why}"
+            log.warning("control plane %s: its host name does not resolve: %s", url, why)
+            return []
+
+    async def _session(self, replica: Replica) -> str:
+        """One stream to ``replica``, from hello to close; why it closed."""
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         async with asyncio.timeout(CONNECT_TIMEOUT):
             ws = await connect(
@@ -194,6 +226,7 @@ class Discovery:
                 tls=self.tls,
                 max_message=MAX_TABLE_BYTES,
                 keepalive=KEEPALIVE,  # pings find a control plane that went silent
+                address=replica.address,
             )
         async with ws:
             health = "healthy" if self.app_healthy else "unhealthy"
@@ -210,6 +243,9 @@ class Discovery:
             welcome = decode(first.data)
             if not isinstance(welcome, Welcome):
                 raise WireError("type", "the control plane's first message must be welcome")
+            # The version and epoch in force stay what they are (the next replica's hello says
+            # them); only what this session may apply changes.
+            self._newer_than = self.version
             if welcome.epoch != self.epoch or welcome.version < self.version:
                 if self.epoch:
                     log.warning(
@@ -220,12 +256,15 @@ class Discovery:
                         self.epoch,
                         self.version,
                     )
-                self.version = 0
+                self._newer_than = 0
             self.instance = welcome.instance
             self.connected = True
+            self.replica = replica
+            self._welcomed_at = self._clock.monotonic()
+            self.failover.welcomed(replica)
             self.last_error = ""
             self._ws = ws
-            log.info("connected to %s as %s/%s", self.url, self.service, welcome.instance)
+            log.info("connected to %s as %s/%s", replica, self.service, welcome.instance)
             self._beats = asyncio.create_task(self._heartbeats(ws), name="heartbeats")
             try:
                 return await self._take_tables(ws)
@@ -265,8 +304,8 @@ class Discovery:
             return Nack(_version_of(text), str(e))
         if not isinstance(message, Table):
             return Nack(0, f"expected a table, got {type(message).__name__}")
-        if message.version <= self.version:
-            error = f"version {message.version} is not newer than {self.version}"
+        if message.version <= self._newer_than:
+            error = f"version {message.version} is not newer than {self._newer_than}"
             log.warning("table refused: %s", error)
             return Nack(message.version, error)
         try:
@@ -274,7 +313,7 @@ class Discovery:
         except TableError as e:
             log.warning("table %d refused: %s", message.version, e)
             return Nack(message.version, str(e))
-        self.version = message.version
+        self.version = self._newer_than = message.version
         self.epoch = message.epoch
         try:
             await asyncio.get_running_loop().run_in_executor(

@@ -80,15 +80,16 @@ def parse_head(raw: bytes) -> ResponseHead:
 
 
 async def connect(
-    target: Target, tls: ssl.SSLContext | None
+    target: Target, tls: ssl.SSLContext | None, address: str = ""
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A connection to ``target`` (TLS with ``tls``, or the system's trust store, for https
-    and wss). A refused or unreachable server raises ConnectError; an untrusted certificate
-    raises ssl.SSLCertVerificationError as it is."""
+    and wss), at ``address`` if given (one the host name resolved to: the certificate is
+    still checked against the name). A refused or unreachable server raises ConnectError; an
+    untrusted certificate raises ssl.SSLCertVerificationError as it is."""
     context = (tls or ssl.create_default_context()) if target.secure else None
     try:
         return await asyncio.open_connection(
-            target.host,
+            address or target.host,
             target.port,
             ssl=context,
             server_hostname=target.host if context else None,
@@ -97,7 +98,9 @@ async def connect(
     except ssl.SSLCertVerificationError:
         raise
     except OSError as e:
-        raise ConnectError(f"{target.host}:{target.port}", e.strerror or str(e)) from e
+        at = f" at {address}" if address and address != target.host else ""
+        where = f"{target.host}:{target.port}{at}"
+        raise ConnectError(where, e.strerror or str(e)) from e
 
 
 async def read_head(reader: asyncio.StreamReader) -> ResponseHead:

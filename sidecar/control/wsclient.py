@@ -223,12 +223,14 @@ async def connect(
     max_message: int,
     keepalive: float | None = None,
     clock: Clock | None = None,
+    address: str = "",
 ) -> WebSocket:
     """A WebSocket to ``url`` (``ws://`` or ``wss://``, verified with ``tls``), with
-    ``headers`` on the upgrade. Raises ConnectError, ssl.SSLCertVerificationError (an
+    ``headers`` on the upgrade; at ``address`` if given (the URL's host still names it in
+    ``Host`` and the TLS checks). Raises ConnectError, ssl.SSLCertVerificationError (an
     untrusted certificate), HandshakeError (not upgraded) or PeerError."""
     target = Target.of(url)
-    reader, writer = await open_connection(target, tls)
+    reader, writer = await open_connection(target, tls, address)
     try:
         key = new_key()
         writer.write(handshake_request(target, key, {"User-Agent": USER_AGENT} | headers))

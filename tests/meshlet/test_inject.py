@@ -209,6 +209,13 @@ def test_the_flags_reach_the_sidecar(run: Run) -> None:
     assert env_of(sidecar)["MESHLET_CONTROL_PLANE"] == "https://cp:7443"
 
 
+def test_a_list_of_control_planes_reaches_the_sidecar_as_given(run: Run) -> None:
+    replicas = "http://cp-0.cp.meshlet:7070,http://cp-1.cp.meshlet:7070"
+    (doc,) = inject(run, [workload("Pod")], "--control-plane", replicas)
+    _, sidecar = doc["spec"]["initContainers"]
+    assert env_of(sidecar)["MESHLET_CONTROL_PLANE"] == replicas
+
+
 # -- proxy mode -----------------------------------------------------------------------------------
 
 
@@ -491,7 +498,11 @@ def test_bad_input_is_one_line_and_exit_2(run: Run, text: str, says: str) -> Non
         (["empty"], "'empty': no *.yaml or *.yml files in it"),
         (["--app-port", "0"], "--app-port: 0 is not a port (1-65535)"),
         (["--service", "Shop\n"], "--service: 'Shop\\n' is not a service name"),
-        (["--control-plane", "cp:7070"], "--control-plane: 'cp:7070' is not an http:// URL"),
+        (
+            ["--control-plane", "cp:7070"],
+            "--control-plane: URL 1 of 1, 'cp:7070', is not http://HOST:PORT or https://HOST:PORT",
+        ),
+        (["--control-plane", "http://cp-0:7070,"], "--control-plane: URL 2 of 2, is empty"),
     ],
 )
 def test_bad_paths_and_flags_are_one_line_and_exit_2(

@@ -162,3 +162,25 @@ def test_interception_flags_read_what_they_are_given() -> None:
     )  # fmt: skip
     assert (config.outbound_policy, config.opaque_ports) == ("registry_only", (5432, 6379))
     assert (config.cluster_domain, config.namespace) == ("k8s.internal", "shop")
+
+
+def test_control_plane_takes_a_list_from_the_flag_or_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ca = tmp_path / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(ca))
+    mixed = "http://cp-0:7070, https://cp-1.example:7070"
+    config = parse_config([*BASE, "--control-plane", mixed, "--ca-file", str(ca)], PROG)
+    assert config.control_planes == ("http://cp-0:7070", "https://cp-1.example:7070")
+    monkeypatch.setenv("MESHLET_CONTROL_PLANE", "http://a:1,http://b:1")
+    assert parse_config(BASE, PROG).control_planes == ("http://a:1", "http://b:1")
+
+
+def test_a_bad_control_plane_in_a_list_is_named_in_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    (line,) = refused([*BASE, "--control-plane", "http://cp-0:7070,cp-1:7070"], capsys)
+    assert line == (
+        f"{PROG}: error: --control-plane: URL 2 of 2, 'cp-1:7070', is not http://HOST:PORT "
+        "or https://HOST:PORT"
+    )

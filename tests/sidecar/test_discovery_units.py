@@ -12,7 +12,8 @@ import pytest
 from control_plane import ring
 from control_plane.wire import Ack, Nack, Registration, Table, parse_table, table_message
 from sidecar.control import state
-from sidecar.control.discovery import Backoff, Discovery, describe_close, stream_url
+from sidecar.control.discovery import Discovery, describe_close, stream_url
+from sidecar.control.failover import Backoff
 from sidecar.control.health import AppHealth
 from sidecar.proxy.routing import Pools, TableHolder
 from tests.conftest import fill
@@ -118,7 +119,7 @@ def test_app_health_falls_after_three_and_rises_after_one() -> None:
 
 def discovery(tmp_path: Path, holder: TableHolder) -> Discovery:
     return Discovery(
-        control_plane="http://127.0.0.1:1",
+        control_planes=["http://127.0.0.1:1"],
         token="",
         service="svc",
         registration=Registration(address="127.0.0.1", port=1),

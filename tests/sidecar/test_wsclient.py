@@ -170,3 +170,6 @@ async def test_an_upgrade_refused_or_unreachable() -> None:
     assert raised.value.status == 403
     with pytest.raises(ConnectError, match=f"cannot connect to {LOCAL}:{port}"):
         await open_ws(f"ws://{LOCAL}:{port}/s")
+    # an address a name resolved to: the error names both
+    with pytest.raises(ConnectError, match=f"cannot connect to cp.test:{port} at {LOCAL}: "):
+        await open_ws(f"ws://cp.test:{port}/s", address=LOCAL)
