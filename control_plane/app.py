@@ -1,7 +1,8 @@
 """Assembly and lifecycle of a control-plane process.
 
-Start-up: open the store, load the registry and the tokens, start the reaper, then listen
-(HTTPS with ``--tls-cert``) and report ready. Shutdown on SIGTERM or SIGINT, in steps:
+Start-up: open the store, load the registry, the tokens and the lock grants, start the
+reaper, then listen (HTTPS with ``--tls-cert``) and report ready. Shutdown on SIGTERM or
+SIGINT, in steps:
   1. not ready (``/readyz`` answers 503)
   2. stop accepting connections
   3. let in-flight requests finish, up to ``shutdown_timeout``
@@ -28,6 +29,7 @@ from control_plane.clock import Clock, SystemClock
 from control_plane.config import ControlPlaneConfig, is_loopback_host
 from control_plane.errors import ConfigError, StoreError
 from control_plane.flags import setup_logging
+from control_plane.locks import Locks
 from control_plane.metrics import Metrics
 from control_plane.openapi import build_spec
 from control_plane.publisher import Publisher
@@ -71,7 +73,9 @@ def build_app(
     app[api.PUBLISHER] = publisher
     tokens = Tokens(store, clock, admin_token=config.admin_token, join_token=config.join_token)
     app[api.TOKENS] = tokens
-    app[api.METRICS] = Metrics(registry, publisher, tokens)
+    locks = Locks(store)
+    app[api.LOCKS] = locks
+    app[api.METRICS] = Metrics(registry, publisher, tokens, locks)
     app[api.READY] = api.Readiness()
     app[api.OPENAPI] = json.dumps(build_spec(), indent=1).encode()
     api.add_routes(app)
@@ -91,6 +95,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await app[STORE].close()
         raise
     tokens.load(snapshot.tokens)
+    app[api.LOCKS].load(snapshot.lock_grants)
     if snapshot.tokens and not tokens.admin_configured:
         log.warning(
             "%d service tokens in the store guard nothing: without --admin-token the API is open",

@@ -22,6 +22,11 @@ as it happens, a few times per table version.
 | ``meshlet_nacks_total`` | counter | | tables sidecars refused |
 | ``meshlet_stream_bad_messages_total`` | counter | | stream messages that did not parse |
 | ``meshlet_push_convergence_seconds`` | histogram | | registry change to the last ACK |
+| ``meshlet_lock_acquisitions_total`` | counter | | locks taken (``POST .../locks/NAME``) |
+| ``meshlet_lock_refusals_total`` | counter | | acquisitions answered 409 (still held) |
+| ``meshlet_lock_renewals_total`` | counter | | leases renewed |
+| ``meshlet_lock_releases_total`` | counter | | locks released by their holder |
+| ``meshlet_lock_waiting`` | gauge | | acquisitions waiting for a holder now |
 
 plus the ``process_*``, ``python_info`` and ``python_gc_*`` collectors.
 """
@@ -42,6 +47,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from control_plane.access import Tokens
+from control_plane.locks import Locks
 from control_plane.publisher import Publisher
 from control_plane.registry import Registry
 
@@ -57,12 +63,14 @@ CONVERGENCE_BUCKETS = (
 class Metrics:
     """One control plane's metrics; ``render()`` is the ``/metrics`` body."""
 
-    def __init__(self, registry: Registry, publisher: Publisher, tokens: Tokens) -> None:
+    def __init__(
+        self, registry: Registry, publisher: Publisher, tokens: Tokens, locks: Locks
+    ) -> None:
         self.collectors = CollectorRegistry()
         ProcessCollector(registry=self.collectors)
         PlatformCollector(registry=self.collectors)
         GCCollector(registry=self.collectors)
-        self.collectors.register(_Snapshot(registry, publisher, tokens))
+        self.collectors.register(_Snapshot(registry, publisher, tokens, locks))
         self.convergence = Histogram(
             "meshlet_push_convergence_seconds",
             "Seconds from a registry change to the last ACK of the table version carrying it, "
@@ -80,10 +88,13 @@ class Metrics:
 class _Snapshot(Collector):
     """Everything that is read from the registry and the publisher at scrape time."""
 
-    def __init__(self, registry: Registry, publisher: Publisher, tokens: Tokens) -> None:
+    def __init__(
+        self, registry: Registry, publisher: Publisher, tokens: Tokens, locks: Locks
+    ) -> None:
         self._registry = registry
         self._publisher = publisher
         self._tokens = tokens
+        self._locks = locks
 
     def collect(self) -> Iterator[Metric]:
         registry, publisher = self._registry.statistics(), self._publisher.statistics()
@@ -160,3 +171,27 @@ class _Snapshot(Collector):
         for code in (401, 403):
             api_refused.add_metric([str(code)], self._tokens.refusals[code])
         yield api_refused
+        yield from _lock_metrics(self._locks)
+
+
+def _lock_metrics(locks: Locks) -> Iterator[Metric]:
+    s = locks.statistics()
+    yield CounterMetricFamily(
+        "meshlet_lock_acquisitions",
+        "App locks taken, with a new fencing token",
+        value=s.acquisitions,
+    )
+    yield CounterMetricFamily(
+        "meshlet_lock_refusals",
+        "Lock acquisitions refused (409): still held by another after wait_ms",
+        value=s.refusals,
+    )
+    yield CounterMetricFamily(
+        "meshlet_lock_renewals", "Lock leases renewed by their holder", value=s.renewals
+    )
+    yield CounterMetricFamily(
+        "meshlet_lock_releases", "Locks released by their holder", value=s.releases
+    )
+    yield GaugeMetricFamily(
+        "meshlet_lock_waiting", "Lock acquisitions waiting for a holder now", value=s.waiting
+    )
