@@ -11,9 +11,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import trustme
 
 from meshlet import locks
-from tests.processes import ControlPlane, Sidecar
+from tests.processes import ControlPlane, Sidecar, http
 
 
 @dataclass
@@ -155,3 +156,35 @@ def test_fences_survive_a_control_plane_restart(
     assert after["token"] > before["token"]
     status, _ = second.call("PUT", path + "/renew", {"token": before["token"], "ttl_ms": 100})
     assert status == 409
+
+
+def test_locks_reach_an_https_control_plane_verified_with_the_ca_file(
+    control_plane: Callable[..., ControlPlane],
+    sidecar_process: Callable[..., Sidecar],
+    tmp_path: Path,
+) -> None:
+    ca = trustme.CA()
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
+        str(tmp_path / "server.pem")
+    )
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    trustme.CA().cert_pem.write_to_path(str(tmp_path / "other-ca.pem"))
+    server = str(tmp_path / "server.pem")
+    cp = control_plane(
+        "--store", "memory", "--tls-cert", server, "--tls-key", server,
+        ca_file=str(tmp_path / "ca.pem"),
+    )  # fmt: skip
+    common = ("--service", "orders", "--control-plane", cp.url, "--app", "http://127.0.0.1:9",
+              "--app-health", "none", "--advertise", "127.0.0.1")  # fmt: skip
+    answers = []
+    for name, ca_file in (("good", "ca.pem"), ("bad", "other-ca.pem")):
+        sidecar = sidecar_process(
+            *common, "--state-dir", str(tmp_path / name), "--ca-file", str(tmp_path / ca_file),
+            env=cp.sidecar_env("orders"),
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{sidecar.ports['admin']}/v1/locks/{name}"
+        answers.append(http("POST", url, {"ttl_ms": 1000}))
+    (good_status, good), (bad_status, bad) = answers
+    assert (good_status, good["name"], good["token"] >= 1) == (200, "good", True)
+    assert bad_status == 503
+    assert "CERTIFICATE_VERIFY_FAILED" in bad["error"]

@@ -206,3 +206,59 @@ async def test_calls_on_one_connection_are_answered_in_order(mesh: Mesh) -> None
         await reader.readexactly(length)
     writer.close()
     assert statuses == [200, 409, 200]
+
+
+@pytest.mark.parametrize(
+    ("answer", "status", "error"),
+    [
+        (b'HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n{"token":1}', 200, None),
+        (b'HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{"token":1}', 200, None),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 503, "chunked"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 99999999\r\n\r\n", 503, "over 65536"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\n{}", 503, "2 bytes into the body"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", 503, "malformed Content-Length"),
+        (b"SSH-2.0-OpenSSH\r\n\r\n", 503, "not an HTTP/1.1 answer"),
+    ],
+)
+async def test_what_the_control_plane_answers_is_read_with_limits(
+    make_mesh: MakeMesh, tmp_path: Path, answer: bytes, status: int, error: str | None
+) -> None:
+    """A stand-in control plane that answers every request with ``answer`` and closes."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, LOCAL, 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        mesh = await sidecar(make_mesh, tmp_path, f"http://{LOCAL}:{port}")
+        got, body = await lock_call(mesh, "POST", "/v1/locks/jobs", {"ttl_ms": 500})
+    finally:
+        server.close()
+    assert got == status
+    if error is None:
+        assert body == {"token": 1}
+    else:
+        assert error in body["error"]
+
+
+async def test_a_client_that_sends_on_while_its_answer_is_awaited_is_cut(
+    cp: Api, mesh: Mesh
+) -> None:
+    """The next request waits for the answer; more than one request's worth of bytes is not
+    kept: the connection is cut."""
+    assert (await lock_call(mesh, "POST", "/v1/locks/jobs", {"ttl_ms": 60_000}))[0] == 200
+    body = b'{"ttl_ms": 1000, "wait_ms": 30000}'
+    reader, writer = await asyncio.open_connection(LOCAL, mesh.admin)
+    writer.write(
+        b"POST /v1/locks/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    writer.write(b"x" * (200 * 1024))
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, nothing answered
+    writer.close()
