@@ -94,8 +94,8 @@ def authorize(principal: Principal, access: Access, request: web.Request) -> Non
     if access is Access.ADMIN and not principal.admin:
         raise Forbidden(
             f"{principal} may not {request.method} {request.path}: only the admin token may "
-            "(a service or join token registers, heartbeats and deregisters instances, and "
-            "opens the stream)"
+            "(a service or join token registers, heartbeats and deregisters instances, takes "
+            "its service's locks, and opens the stream)"
         )
     service = request.match_info.get("service", "")
     if access is Access.INSTANCE and not principal.acts_for(service):

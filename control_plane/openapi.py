@@ -268,8 +268,9 @@ def build_spec() -> dict[str, Any]:
             "description": "Service registry and policies of a meshlet mesh. With "
             "--admin-token or --join-token set, every /v1 call needs `Authorization: Bearer "
             "<token>`: the admin token may do everything; a service token (minted at "
-            "/v1/tokens) and the join token may open the stream and register, heartbeat and "
-            "deregister instances (a service token only its own service's). With no token "
+            "/v1/tokens) and the join token may open the stream, register, heartbeat and "
+            "deregister instances, and take the service's locks (a service token only its own "
+            "service's). With no token "
             "configured the API is open. /healthz, /readyz, /metrics and /openapi.json are "
             "always open.",
         },
