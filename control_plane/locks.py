@@ -99,9 +99,17 @@ class Locks:
     """The lock service of one control plane: ``acquire``, ``renew``, ``release`` for a
     calling service, and the admin's grants."""
 
-    def __init__(self, store: Store, *, max_waiters: int = MAX_WAITERS) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        max_waiters: int = MAX_WAITERS,
+        backoff: tuple[float, float] = (BACKOFF_FIRST, BACKOFF_CAP),
+    ) -> None:
         self._store = store
         self._max_waiters = max_waiters
+        self.backoff = backoff
+        """seconds before the first retry of a held lock, and between retries at most"""
         self.grants: dict[str, frozenset[str]] = {}
         """shared name -> the services that share it"""
         self._released: dict[str, asyncio.Event] = {}
@@ -166,7 +174,7 @@ class Locks:
         try:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + wait_ms / 1000
-            delay = BACKOFF_FIRST
+            delay, cap = self.backoff
             while not gone():
                 left = deadline - loop.time()
                 if left <= 0:
@@ -176,7 +184,7 @@ class Locks:
                 grant = await self._store.acquire_lock(key, ttl_ms)
                 if grant is not None:
                     return grant
-                delay = min(delay * 2, BACKOFF_CAP)
+                delay = min(delay * 2, cap)
             return None
         finally:
             self._waiting -= 1
