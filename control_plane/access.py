@@ -2,8 +2,9 @@
 
     token                          principal  may
     ``--admin-token``              admin      everything
-    ``--join-token``               join       the stream, and register, heartbeat and
-                                              deregister instances, of any service
+    ``--join-token``               join       the stream, register, heartbeat and
+                                              deregister instances, and take, renew and
+                                              release locks, of any service
     a service token (/v1/tokens)   service    the same, for its own service only
     none, while no token is set    open       everything but minting tokens (a local mesh)
 
@@ -42,7 +43,8 @@ class Access(enum.Enum):
     TOKEN = "token"
     """any valid token: the stream (whose hello the publisher checks against the token)"""
     INSTANCE = "instance"
-    """the admin, the join token, or a service token of the path's service"""
+    """the admin, the join token, or a service token of the path's service (instance calls
+    and the service's locks)"""
     ADMIN = "admin"
     """the admin token only"""
 

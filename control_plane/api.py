@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from control_plane import metrics, ownership, schema, table
+from control_plane import locks, metrics, ownership, schema, table
 from control_plane.access import Access, Principal, Tokens
 from control_plane.errors import (
     ApiError,
@@ -30,6 +30,7 @@ from control_plane.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
+from control_plane.locks import Locks
 from control_plane.model import InstanceRecord, InstanceView, ServiceSummary, TokenRecord
 from control_plane.ownership import Claimant
 from control_plane.publisher import Publisher
@@ -42,6 +43,7 @@ REGISTRY = web.AppKey("registry", Registry)
 PUBLISHER = web.AppKey("publisher", Publisher)
 METRICS = web.AppKey("metrics", metrics.Metrics)
 TOKENS = web.AppKey("tokens", Tokens)
+LOCKS = web.AppKey("locks", Locks)
 PRINCIPAL = web.RequestKey("principal", Principal)
 
 
@@ -92,8 +94,8 @@ def authorize(principal: Principal, access: Access, request: web.Request) -> Non
     if access is Access.ADMIN and not principal.admin:
         raise Forbidden(
             f"{principal} may not {request.method} {request.path}: only the admin token may "
-            "(a service or join token registers, heartbeats and deregisters instances, and "
-            "opens the stream)"
+            "(a service or join token registers, heartbeats and deregisters instances, takes "
+            "its service's locks, and opens the stream)"
         )
     service = request.match_info.get("service", "")
     if access is Access.INSTANCE and not principal.acts_for(service):
@@ -408,6 +410,73 @@ async def revoke_token(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+# -- locks ------------------------------------------------------------------------------------
+
+
+_LOCK = _SVC + "/locks/{name}"
+
+
+def _lock_name(request: web.Request) -> str:
+    return locks.check_name(request.match_info["name"])
+
+
+async def acquire_lock(request: web.Request) -> web.Response:
+    """Take the lock (waiting up to ``wait_ms``): its fencing token; 409 while held."""
+    service, name = _service(request), _lock_name(request)
+    body = schema.document(schema.LockRequest, await read_json(request))
+
+    def gone() -> bool:  # the caller hung up: stop waiting for it
+        return request.transport is None or request.transport.is_closing()
+
+    held = await request.app[LOCKS].acquire(service, name, body.ttl_ms, body.wait_ms, gone)
+    return json_response(
+        {
+            "name": held.name,
+            "token": held.token,
+            "expires_in_ms": held.expires_in_ms,
+            "shared": held.shared,
+        }
+    )
+
+
+async def renew_lock(request: web.Request) -> web.Response:
+    service, name = _service(request), _lock_name(request)
+    body = schema.document(schema.LockRenewal, await read_json(request))
+    grant = await request.app[LOCKS].renew(service, name, body.token, body.ttl_ms)
+    return json_response({"token": grant.token, "expires_in_ms": grant.expires_in_ms})
+
+
+async def release_lock(request: web.Request) -> web.Response:
+    service, name = _service(request), _lock_name(request)
+    body = schema.document(schema.LockRelease, await read_json(request))
+    await request.app[LOCKS].release(service, name, body.token)
+    return web.Response(status=204)
+
+
+def _grant_json(name: str, services: frozenset[str]) -> dict[str, Any]:
+    return {"name": name, "services": sorted(services)}
+
+
+async def list_lock_grants(request: web.Request) -> web.Response:
+    grants = request.app[LOCKS].grants
+    return json_response({"grants": [_grant_json(n, grants[n]) for n in sorted(grants)]})
+
+
+async def put_lock_grant(request: web.Request) -> web.Response:
+    name = _lock_name(request)
+    body = schema.document(schema.LockGrantRequest, await read_json(request))
+    services = await request.app[LOCKS].grant(name, body.services)
+    log.info("lock name %s shared by %s", name, ", ".join(sorted(services)))
+    return json_response(_grant_json(name, services))
+
+
+async def delete_lock_grant(request: web.Request) -> web.Response:
+    name = _lock_name(request)
+    await request.app[LOCKS].revoke(name)
+    log.info("lock name %s no longer shared", name)
+    return web.Response(status=204)
+
+
 _ROUTES: list[tuple[str, str, Handler, Access]] = [
     ("GET", "/healthz", healthz, Access.OPEN),
     ("GET", "/readyz", readyz, Access.OPEN),
@@ -431,6 +500,12 @@ _ROUTES: list[tuple[str, str, Handler, Access]] = [
     ("PUT", _INST + "/heartbeat", heartbeat, Access.INSTANCE),
     ("PATCH", _INST, patch_instance, Access.ADMIN),
     ("DELETE", _INST, delete_instance, Access.INSTANCE),
+    ("POST", _LOCK, acquire_lock, Access.INSTANCE),
+    ("PUT", _LOCK + "/renew", renew_lock, Access.INSTANCE),
+    ("DELETE", _LOCK, release_lock, Access.INSTANCE),
+    ("GET", "/v1/lock-grants", list_lock_grants, Access.ADMIN),
+    ("PUT", "/v1/lock-grants/{name}", put_lock_grant, Access.ADMIN),
+    ("DELETE", "/v1/lock-grants/{name}", delete_lock_grant, Access.ADMIN),
 ]
 _ACCESS: dict[Handler, Access] = {handler: access for _, _, handler, access in _ROUTES}
 

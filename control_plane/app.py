@@ -1,8 +1,8 @@
 """Assembly and lifecycle of a control-plane process.
 
-Start-up: open the store, load the registry and the tokens, start the reaper (on a shared
-store: the replica's tasks, ``replica``), then listen (HTTPS with ``--tls-cert``) and report
-ready. Shutdown on SIGTERM or SIGINT, in steps:
+Start-up: open the store, load the registry, the tokens and the lock grants, start the
+reaper (on a shared store: the replica's tasks, ``replica``), then listen (HTTPS with
+``--tls-cert``) and report ready. Shutdown on SIGTERM or SIGINT, in steps:
   1. not ready (``/readyz`` answers 503)
   2. stop accepting connections
   3. let in-flight requests finish, up to ``shutdown_timeout``
@@ -31,6 +31,7 @@ from control_plane.clock import Clock, SystemClock
 from control_plane.config import ControlPlaneConfig, is_loopback_host
 from control_plane.errors import ConfigError, StoreError
 from control_plane.flags import setup_logging
+from control_plane.locks import Locks
 from control_plane.metrics import Metrics
 from control_plane.openapi import build_spec
 from control_plane.publisher import Publisher
@@ -79,18 +80,21 @@ def build_app(
     app[api.PUBLISHER] = publisher
     tokens = Tokens(store, clock, admin_token=config.admin_token, join_token=config.join_token)
     app[api.TOKENS] = tokens
+    locks = Locks(store)
+    app[api.LOCKS] = locks
     replica = None
     if store.shared:
         replica = Replica(
             cast("RedisStore", store),
             registry,
             tokens,
+            locks,
             publisher,
             clock,
             lease_ttl=config.lease_ttl,
         )
         app[REPLICA] = replica
-    app[api.METRICS] = Metrics(registry, publisher, tokens, replica)
+    app[api.METRICS] = Metrics(registry, publisher, tokens, locks, replica)
     app[api.READY] = api.Readiness()
     app[api.OPENAPI] = json.dumps(build_spec(), indent=1).encode()
     api.add_routes(app)
@@ -110,6 +114,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await app[STORE].close()
         raise
     tokens.load(snapshot.tokens)
+    app[api.LOCKS].load(snapshot.lock_grants)
     if snapshot.tokens and not tokens.admin_configured:
         log.warning(
             "%d service tokens in the store guard nothing: without --admin-token the API is open",

@@ -8,9 +8,11 @@
      │    ├── NotFound              404  no such service, instance or token
      │    ├── Conflict              409  the request does not fit the state (a ring with
      │    │                              no endpoint, an instance a sidecar's stream owns,
-     │    │                              a full registry)
+     │    │                              a full registry, a lock still held or not
+     │    │                              held by the token given)
      │    ├── PayloadTooLarge       413  body over the limit
-     │    └── UnsupportedMediaType  415  body that is not JSON
+     │    ├── UnsupportedMediaType  415  body that is not JSON
+     │    └── TooManyRequests       429  too many lock acquisitions waiting at once
      ├── StoreError            the store failed (disk, corrupt file); the API answers 503
      └── ConfigError           bad flags, environment or store URL; the process exits 2
 
@@ -75,3 +77,7 @@ class ConfigError(MeshletError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+
+
+class TooManyRequests(ApiError):
+    status = 429

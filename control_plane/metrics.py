@@ -22,6 +22,11 @@ as it happens, a few times per table version.
 | ``meshlet_nacks_total`` | counter | | tables sidecars refused |
 | ``meshlet_stream_bad_messages_total`` | counter | | stream messages that did not parse |
 | ``meshlet_push_convergence_seconds`` | histogram | | registry change to the last ACK |
+| ``meshlet_lock_acquisitions_total`` | counter | | locks taken (``POST .../locks/NAME``) |
+| ``meshlet_lock_refusals_total`` | counter | | acquisitions answered 409 (still held) |
+| ``meshlet_lock_renewals_total`` | counter | | leases renewed |
+| ``meshlet_lock_releases_total`` | counter | | locks released by their holder |
+| ``meshlet_lock_waiting`` | gauge | | acquisitions waiting for a holder now |
 | ``meshlet_replica_reaper`` | gauge | | replicas: 1 while this one holds the reaper's lease |
 | ``meshlet_replica_leases_acquired_total`` | counter | | replicas: times it took the lease |
 | ``meshlet_replica_leases_lost_total`` | counter | | replicas: a fenced write or renewal failed |
@@ -46,6 +51,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from control_plane.access import Tokens
+from control_plane.locks import Locks
 from control_plane.publisher import Publisher
 from control_plane.registry import Registry
 from control_plane.replica import Replica
@@ -67,13 +73,14 @@ class Metrics:
         registry: Registry,
         publisher: Publisher,
         tokens: Tokens,
+        locks: Locks,
         replica: Replica | None = None,
     ) -> None:
         self.collectors = CollectorRegistry()
         ProcessCollector(registry=self.collectors)
         PlatformCollector(registry=self.collectors)
         GCCollector(registry=self.collectors)
-        self.collectors.register(_Snapshot(registry, publisher, tokens))
+        self.collectors.register(_Snapshot(registry, publisher, tokens, locks))
         if replica is not None:
             self.collectors.register(_ReplicaSnapshot(replica))
         self.convergence = Histogram(
@@ -93,10 +100,13 @@ class Metrics:
 class _Snapshot(Collector):
     """Everything that is read from the registry and the publisher at scrape time."""
 
-    def __init__(self, registry: Registry, publisher: Publisher, tokens: Tokens) -> None:
+    def __init__(
+        self, registry: Registry, publisher: Publisher, tokens: Tokens, locks: Locks
+    ) -> None:
         self._registry = registry
         self._publisher = publisher
         self._tokens = tokens
+        self._locks = locks
 
     def collect(self) -> Iterator[Metric]:
         registry, publisher = self._registry.statistics(), self._publisher.statistics()
@@ -173,6 +183,30 @@ class _Snapshot(Collector):
         for code in (401, 403):
             api_refused.add_metric([str(code)], self._tokens.refusals[code])
         yield api_refused
+        yield from _lock_metrics(self._locks)
+
+
+def _lock_metrics(locks: Locks) -> Iterator[Metric]:
+    s = locks.statistics()
+    yield CounterMetricFamily(
+        "meshlet_lock_acquisitions",
+        "App locks taken, with a new fencing token",
+        value=s.acquisitions,
+    )
+    yield CounterMetricFamily(
+        "meshlet_lock_refusals",
+        "Lock acquisitions refused (409): still held by another after wait_ms",
+        value=s.refusals,
+    )
+    yield CounterMetricFamily(
+        "meshlet_lock_renewals", "Lock leases renewed by their holder", value=s.renewals
+    )
+    yield CounterMetricFamily(
+        "meshlet_lock_releases", "Locks released by their holder", value=s.releases
+    )
+    yield GaugeMetricFamily(
+        "meshlet_lock_waiting", "Lock acquisitions waiting for a holder now", value=s.waiting
+    )
 
 
 class _ReplicaSnapshot(Collector):

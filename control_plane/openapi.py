@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from control_plane import schema, wire
+from control_plane import locks, schema, wire
 from control_plane.access import Access
 from control_plane.model import Status
 
@@ -30,6 +30,7 @@ _ERRORS = {
     "404": _json("Error", "no such service, instance or token"),
     "413": _json("Error", "body larger than 1 MiB"),
     "415": _json("Error", "body is not application/json"),
+    "429": _json("Error", "too many lock acquisitions are waiting on this control plane"),
     "503": _json("Error", "the store is unavailable"),
 }
 
@@ -52,6 +53,14 @@ _ID = {
     "description": "instance id",
     "schema": {"type": "string", "pattern": f"^{wire.INSTANCE_ID.pattern}$"},
 }
+_LOCK_NAME = {
+    "name": "name",
+    "in": "path",
+    "required": True,
+    "description": "lock name (the caller's own, or shared by a grant)",
+    "schema": {"type": "string", "pattern": f"^{locks.LOCK_NAME.pattern}$"},
+}
+_NOT_HELD = _json("Error", "the token does not hold the lock: its lease ended, or it was released")
 #: who may call, by access: the alternatives of an operation's ``security``. With no token
 #: configured at all the API is open (a local mesh), which ``info.description`` says.
 SECURITY: dict[Access, list[dict[str, list[str]]]] = {
@@ -200,6 +209,30 @@ def _schemas() -> dict[str, Any]:
             },
         ),
         "TokenList": _object(tokens={"type": "array", "items": _ref("Token")}),
+        "LockRequest": wire.json_schema(schema.LockRequest),
+        "LockRenewal": wire.json_schema(schema.LockRenewal),
+        "LockRelease": wire.json_schema(schema.LockRelease),
+        "Lock": _object(
+            name=string,
+            token={
+                "type": "integer",
+                "minimum": 1,
+                "description": "the fencing token: greater than every earlier one of this "
+                "lock; pass it to the resource, which must refuse lower ones",
+            },
+            expires_in_ms={"type": "integer", "minimum": 0},
+            shared={
+                "type": "boolean",
+                "description": "the name is shared by a grant with other services",
+            },
+        ),
+        "LockLease": _object(
+            token={"type": "integer", "minimum": 1},
+            expires_in_ms={"type": "integer", "minimum": 0},
+        ),
+        "LockGrantRequest": wire.json_schema(schema.LockGrantRequest),
+        "LockGrant": _object(name=string, services={"type": "array", "items": string}),
+        "LockGrantList": _object(grants={"type": "array", "items": _ref("LockGrant")}),
         "RingOwner": _object(
             key=string,
             instance=string,
@@ -235,8 +268,9 @@ def build_spec() -> dict[str, Any]:
             "description": "Service registry and policies of a meshlet mesh. With "
             "--admin-token or --join-token set, every /v1 call needs `Authorization: Bearer "
             "<token>`: the admin token may do everything; a service token (minted at "
-            "/v1/tokens) and the join token may open the stream and register, heartbeat and "
-            "deregister instances (a service token only its own service's). With no token "
+            "/v1/tokens) and the join token may open the stream, register, heartbeat and "
+            "deregister instances, and take the service's locks (a service token only its own "
+            "service's). With no token "
             "configured the API is open. /healthz, /readyz, /metrics and /openapi.json are "
             "always open.",
         },
@@ -460,6 +494,73 @@ def build_spec() -> dict[str, Any]:
                         },
                     ),
                 )
+            },
+            svc + "/locks/{name}": {
+                "post": _op(
+                    "acquireLock",
+                    "take the service's lock (waiting up to wait_ms while another holds it): "
+                    "a lease with a fencing token",
+                    {
+                        "200": _json("Lock", "taken"),
+                        "409": _json("Error", "still held by another after wait_ms"),
+                        **_errors("400", "413", "415", "429", "503"),
+                    },
+                    params=(_SERVICE, _LOCK_NAME),
+                    body="LockRequest",
+                    access=Access.INSTANCE,
+                ),
+                "delete": _op(
+                    "releaseLock",
+                    "let the lock go (its holder's token)",
+                    {
+                        "204": {"description": "released"},
+                        "409": _NOT_HELD,
+                        **_errors("400", "413", "415", "503"),
+                    },
+                    params=(_SERVICE, _LOCK_NAME),
+                    body="LockRelease",
+                    access=Access.INSTANCE,
+                ),
+            },
+            svc + "/locks/{name}/renew": {
+                "put": _op(
+                    "renewLock",
+                    "extend the lease to ttl_ms from now (its holder's token)",
+                    {
+                        "200": _json("LockLease", "renewed"),
+                        "409": _NOT_HELD,
+                        **_errors("400", "413", "415", "503"),
+                    },
+                    params=(_SERVICE, _LOCK_NAME),
+                    body="LockRenewal",
+                    access=Access.INSTANCE,
+                )
+            },
+            "/v1/lock-grants": {
+                "get": _op(
+                    "listLockGrants",
+                    "lock names shared by several services",
+                    {"200": _json("LockGrantList", "every grant")},
+                )
+            },
+            "/v1/lock-grants/{name}": {
+                "put": _op(
+                    "putLockGrant",
+                    "share a lock name among services: their locks of that name are one lock",
+                    {
+                        "200": _json("LockGrant", "the grant in force"),
+                        "409": _json("Error", f"{locks.MAX_GRANTS} grants exist"),
+                        **_errors("400", "413", "415", "503"),
+                    },
+                    params=(_LOCK_NAME,),
+                    body="LockGrantRequest",
+                ),
+                "delete": _op(
+                    "deleteLockGrant",
+                    "stop sharing a lock name (each service has its own lock of it again)",
+                    {"204": {"description": "deleted"}, **_errors("400", "404", "503")},
+                    params=(_LOCK_NAME,),
+                ),
             },
             inst + "/heartbeat": {
                 "put": _op(

@@ -8,10 +8,10 @@ follow
     Every write also appends its kind and key to a Redis Stream (``store_redis``). Each
     replica reads the stream from where it last was and applies the *current* value of each
     key named (read after the entry, under the registry's write lock, so that a write of its
-    own never interleaves): policies, instances, health and tokens (a token revoked on one
-    replica closes its streams on all). After a reconnect it resumes from its last entry; a
-    replica that fell further behind than the stream keeps (``CHANGES_KEPT``) reloads
-    everything. Streams rather than pub/sub: pub/sub forgets what was said while a replica
+    own never interleaves): policies, instances, health, lock grants and tokens (a token
+    revoked on one replica closes its streams on all). After a reconnect it resumes from its
+    last entry; a replica that fell further behind than the stream keeps (``CHANGES_KEPT``)
+    reloads everything. Streams rather than pub/sub: pub/sub forgets what was said while a replica
     was disconnected, and the stream's ids order changes with the writes.
 share
     Heartbeats stay soft state, in batches: every ``SHARE_EVERY`` seconds one script writes the
@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING
 from control_plane.access import Tokens
 from control_plane.clock import Clock
 from control_plane.errors import StoreError
+from control_plane.locks import Locks
 from control_plane.model import TokenRecord
 from control_plane.publisher import Publisher
 from control_plane.registry import LeaseLost, Registry
@@ -74,6 +75,7 @@ class Replica:
         store: RedisStore,
         registry: Registry,
         tokens: Tokens,
+        locks: Locks,
         publisher: Publisher,
         clock: Clock,
         *,
@@ -82,6 +84,7 @@ class Replica:
         self.store = store
         self.registry = registry
         self.tokens = tokens
+        self.locks = locks
         self.publisher = publisher
         self.clock = clock
         self.lease_ttl = lease_ttl
@@ -152,9 +155,10 @@ class Replica:
     async def _apply(self, changes: Changes) -> None:
         if not changes.keys:
             return
-        policies, instances, tokens, health = await self.store.fetch(changes.keys)
+        policies, instances, tokens, health, grants = await self.store.fetch(changes.keys)
         await self.registry.apply_changes(policies, instances)
         self.registry.apply_health(health)
+        self.locks.apply(grants)
         await self._apply_tokens(tokens)
 
     async def _apply_tokens(self, tokens: dict[str, TokenRecord | None]) -> None:
@@ -168,6 +172,7 @@ class Replica:
         position = await self.store.position()  # first: nothing after it is missed
         snapshot = await self.store.load()
         await self.registry.reload(snapshot, await self.store.load_health())
+        self.locks.load(snapshot.lock_grants)
         tokens: dict[str, TokenRecord | None] = {r.id: None for r in self.tokens.records()}
         tokens.update({r.id: r for r in snapshot.tokens})
         await self._apply_tokens(tokens)

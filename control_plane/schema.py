@@ -12,13 +12,17 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from control_plane import wire
+from control_plane import locks, wire
 from control_plane.errors import BadRequest
 from control_plane.model import TOKEN_DESCRIPTION_MAX
 from control_plane.wire import Registration, WireError, default_instance_id, spec
 
 __all__ = [
     "InstancePatch",
+    "LockGrantRequest",
+    "LockRelease",
+    "LockRenewal",
+    "LockRequest",
     "Registration",
     "TokenRequest",
     "decode_json",
@@ -171,4 +175,86 @@ class TokenRequest:
         "what the token is for, for people (where it is deployed)",
         parse=_description,
         schema={"type": "string", "maxLength": TOKEN_DESCRIPTION_MAX},
+    )
+
+
+_TOKEN_MAX = 2**63 - 1
+_TTL = spec(
+    dataclasses.MISSING,
+    "how long the lease lasts unless renewed",
+    unit="milliseconds",
+    lo=locks.TTL_MS[0],
+    hi=locks.TTL_MS[1],
+)
+
+
+def _token() -> Any:
+    return spec(
+        dataclasses.MISSING,
+        "the fencing token the acquisition answered",
+        lo=1,
+        hi=_TOKEN_MAX,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LockRequest:
+    """Body of ``POST /v1/services/{svc}/locks/{name}``: take the lock."""
+
+    ttl_ms: int = _TTL
+    wait_ms: int = spec(
+        0,
+        "how long to wait while another holds it (409 after)",
+        unit="milliseconds",
+        lo=locks.WAIT_MS[0],
+        hi=locks.WAIT_MS[1],
+    )
+
+    def __post_init__(self) -> None:
+        wire.check_bounds(self)
+
+
+@dataclass(frozen=True, slots=True)
+class LockRenewal:
+    """Body of ``PUT /v1/services/{svc}/locks/{name}/renew``: extend the lease."""
+
+    token: int = _token()
+    ttl_ms: int = _TTL
+
+    def __post_init__(self) -> None:
+        wire.check_bounds(self)
+
+
+@dataclass(frozen=True, slots=True)
+class LockRelease:
+    """Body of ``DELETE /v1/services/{svc}/locks/{name}``: let it go."""
+
+    token: int = _token()
+
+    def __post_init__(self) -> None:
+        wire.check_bounds(self)
+
+
+def _services(value: Any, path: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise WireError(path, "must be a list of service names")
+    if not 1 <= len(value) <= locks.MAX_GRANT_SERVICES:
+        raise WireError(path, f"must list 1 to {locks.MAX_GRANT_SERVICES} services")
+    return tuple(wire.check_service_name(v, f"{path}[{i}]") for i, v in enumerate(value))
+
+
+@dataclass(frozen=True, slots=True)
+class LockGrantRequest:
+    """Body of ``PUT /v1/lock-grants/{name}``: the services that share lock ``name``."""
+
+    services: tuple[str, ...] = spec(
+        dataclasses.MISSING,
+        "services whose lock of this name is one and the same lock",
+        parse=_services,
+        schema={
+            "type": "array",
+            "minItems": 1,
+            "maxItems": locks.MAX_GRANT_SERVICES,
+            "items": {"type": "string", "pattern": f"^{wire.SERVICE_NAME.pattern}$"},
+        },
     )

@@ -1,7 +1,9 @@
 """Where the registry keeps what must survive a restart, behind one Protocol.
 
-A store holds the explicit policies, the instance records (with their weights and drains)
-and the service tokens (as digests).
+A store holds the explicit policies, the instance records (with their weights and drains),
+the service tokens (as digests), and the apps' locks (``locks``): the leases held now, the
+fence (the last fencing token handed out, one counter for every key, kept for good, so a
+key's row can go once its lease ends), and the admin's grants of shared lock names.
 Heartbeats are soft state and never reach a store. Implementations: ``store_sqlite`` (the
 default), ``store_memory`` and ``store_redis`` (which control-plane replicas share); one contract
 suite (``tests/control_plane/test_store_contract``) runs over every one of them.
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from control_plane.errors import ConfigError
+from control_plane.locks import LockGrant
 from control_plane.model import InstanceRecord, TokenRecord
 from control_plane.wire import Policy
 
@@ -37,6 +40,8 @@ class Snapshot:
     """instances the last published table left out as unhealthy"""
     tokens: list[TokenRecord] = field(default_factory=list)
     """service tokens"""
+    lock_grants: dict[str, frozenset[str]] = field(default_factory=dict)
+    """shared lock names -> the services that share them"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +99,29 @@ class Store(Protocol):
         """Record when tokens were last used (token id -> wall-clock seconds); ids no longer
         stored are ignored."""
         ...
+
+    async def acquire_lock(self, key: str, ttl_ms: int) -> LockGrant | None:
+        """Take lock ``key`` for ``ttl_ms`` milliseconds if it is free (never held, released,
+        or its lease expired), with the next fencing token: strictly greater than every token
+        ever handed out for ``key``, across releases, expiries and restarts (for a durable
+        store). None while another holds it."""
+        ...
+
+    async def renew_lock(self, key: str, token: int, ttl_ms: int) -> int | None:
+        """Extend the lease of ``key``'s holder ``token`` to ``ttl_ms`` from now: the lease's
+        length in milliseconds; None if ``token`` no longer holds it (expired, released,
+        taken by a later token)."""
+        ...
+
+    async def release_lock(self, key: str, token: int) -> bool:
+        """Free ``key`` if ``token`` holds it (True); its fence stays."""
+        ...
+
+    async def put_lock_grant(self, name: str, services: frozenset[str]) -> None:
+        """Share lock ``name`` among ``services`` (replacing an earlier grant of it)."""
+        ...
+
+    async def delete_lock_grant(self, name: str) -> None: ...
 
     async def probe(self) -> None:
         """A write no reader sees: StoreError when the store cannot take writes now."""

@@ -9,11 +9,15 @@ database can hold several meshes:
     {p}tokens        hash   token id -> token record without its last use (JSON)
     {p}token-used    hash   token id -> when it was last used (a float's repr)
     {p}probe         string the readiness probe's write
+    {p}lock:KEY      string an app lock's holder: its fencing token, with the lease as TTL
+    {p}lock-fence    counter the last fencing token handed out (for every lock)
+    {p}lock-grants   hash   shared lock name -> the services it is granted to (JSON)
 
 and what replicas share (``control_plane.replica``):
 
     {p}changes       stream what each write changed: kind (p policy, i instance, t token,
-                            h health) and key; replicas follow it and read the current value
+                            h health, g lock grant) and key; replicas follow it and read the
+                            current value
     {p}seen          hash   "service/id" -> wall-clock time of its last heartbeat, written in
                             batches by each replica
     {p}health        hash   "service/id" -> "lapsed", "sick" (its app is unhealthy) or both;
@@ -47,6 +51,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from control_plane.errors import ConfigError, StoreError
+from control_plane.locks import LockGrant
 from control_plane.model import Health, InstanceRecord, Origin, TokenRecord
 from control_plane.store import Changes, Fence, Snapshot
 from control_plane.wire import Policy, WireError, parse_policy, to_json
@@ -120,6 +125,29 @@ for i = 4 + removed, #ARGV - 1, 2 do
 end
 return 1
 """
+# App locks (KEYS: the lock, the fence). Acquire: free -> the next token, held for ARGV[1] ms.
+_LOCK = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+    return false
+end
+local token = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], token, 'PX', ARGV[1])
+return token
+"""
+# Renew (ARGV: token, ms) and release (ARGV: token): only by the token that holds it.
+_RENEW_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return 1
+end
+return 0
+"""
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
 # A replica's batch of liveness, for instances still registered. KEYS: instances, seen,
 # health, changes. ARGV: seen count, seen pairs (key, time), health pairs (key, value; "" for
 # healthy), then the change stream's length.
@@ -176,6 +204,10 @@ def _split(key: str) -> tuple[str, str]:
     return service, instance_id
 
 
+def _services(document: str) -> frozenset[str]:
+    return frozenset(json.loads(document))
+
+
 def _dumps(value: object) -> str:
     return json.dumps(value, separators=(",", ":"))
 
@@ -219,6 +251,10 @@ class RedisStore:
         self._claim = self._redis.register_script(_CLAIM)
         self._share = self._redis.register_script(_SHARE)
         self._position = self._redis.register_script(_POSITION)
+        self._lock = self._redis.register_script(_LOCK)
+        self._renew_lock = self._redis.register_script(_RENEW_LOCK)
+        self._unlock = self._redis.register_script(_UNLOCK)
+        self._lock_fence, self._grants = f"{p}lock-fence", f"{p}lock-grants"
 
     @classmethod
     def from_url(cls, url: str) -> RedisStore:
@@ -268,13 +304,14 @@ class RedisStore:
         return await self._call(pipe.execute())
 
     async def load(self) -> Snapshot:
-        _, meta, policies, instances, tokens, used = await self._transaction(
+        _, meta, policies, instances, tokens, used, grants = await self._transaction(
             ("HSETNX", self._meta, "epoch", secrets.token_hex(8)),
             ("HGETALL", self._meta),
             ("HGETALL", self._policies),
             ("HGETALL", self._instances),
             ("HGETALL", self._tokens),
             ("HGETALL", self._used),
+            ("HGETALL", self._grants),
         )
         return Snapshot(
             {service: self._policy(service, document) for service, document in policies.items()},
@@ -290,6 +327,7 @@ class RedisStore:
                 (service, instance) for service, instance in json.loads(meta.get("lapsed", "[]"))
             ),
             tokens=[self._token(i, document, used.get(i)) for i, document in tokens.items()],
+            lock_grants={name: _services(value) for name, value in grants.items()},
         )
 
     def _policy(self, service: str, document: str) -> Policy:
@@ -408,6 +446,29 @@ class RedisStore:
             argv = [item for token_id, when in used.items() for item in (token_id, repr(when))]
             await self._call(self._touch(keys=[self._tokens, self._used], args=argv))
 
+    async def acquire_lock(self, key: str, ttl_ms: int) -> LockGrant | None:
+        token = await self._call(
+            self._lock(keys=[f"{self.prefix}lock:{key}", self._lock_fence], args=[ttl_ms])
+        )
+        return None if token is None else LockGrant(int(token), ttl_ms)
+
+    async def renew_lock(self, key: str, token: int, ttl_ms: int) -> int | None:
+        lock = f"{self.prefix}lock:{key}"
+        renewed = await self._call(self._renew_lock(keys=[lock], args=[str(token), ttl_ms]))
+        return ttl_ms if renewed else None
+
+    async def release_lock(self, key: str, token: int) -> bool:
+        lock = f"{self.prefix}lock:{key}"
+        return bool(await self._call(self._unlock(keys=[lock], args=[str(token)])))
+
+    async def put_lock_grant(self, name: str, services: frozenset[str]) -> None:
+        await self._transaction(
+            ("HSET", self._grants, name, _dumps(sorted(services))), self._changed("g", name)
+        )
+
+    async def delete_lock_grant(self, name: str) -> None:
+        await self._transaction(("HDEL", self._grants, name), self._changed("g", name))
+
     async def probe(self) -> None:
         await self._call(self._redis.set(self._probe, repr(time.time())))
 
@@ -451,6 +512,7 @@ class RedisStore:
         dict[tuple[str, str], InstanceRecord | None],
         dict[str, TokenRecord | None],
         dict[tuple[str, str], Health],
+        dict[str, frozenset[str] | None],
     ]:
         """The current values of changed keys (None: gone), in one round trip."""
         kinds = [
@@ -459,6 +521,7 @@ class RedisStore:
             ("t", self._tokens),
             ("t", self._used),
             ("h", self._health),
+            ("g", self._grants),
         ]
         wanted = [(kind, name, sorted(keys.get(kind, ()))) for kind, name in kinds]
         pipe = self._redis.pipeline(transaction=True)
@@ -469,12 +532,13 @@ class RedisStore:
             dict(zip(fields, v, strict=False))
             for (_, _, fields), v in zip(wanted, values, strict=True)
         ]
-        policies, instances, tokens, used, health = found
+        policies, instances, tokens, used, health, grants = found
         return (
             {k: None if v is None else self._policy(k, v) for k, v in policies.items()},
             {_split(k): None if v is None else self._instance(k, v) for k, v in instances.items()},
             {k: None if v is None else self._token(k, v, used.get(k)) for k, v in tokens.items()},
             {_split(k): Health.decode(v) for k, v in health.items()},
+            {k: None if v is None else _services(v) for k, v in grants.items()},
         )
 
     async def load_health(self) -> dict[tuple[str, str], Health]:

@@ -4,6 +4,11 @@ Every call runs on a single dedicated thread (SQLite calls block), so writes rea
 the order they were made. Each write is one transaction committed before its coroutine
 returns. ``synchronous=NORMAL`` in WAL mode keeps every committed write across a crash of this
 process (SIGKILL included); only a power loss or kernel crash can lose the last commits.
+
+Locks: ``locks`` holds the leases held now, each ending at a wall-clock time (a lease must
+outlive a restart of the control plane); the fence is ``meta.lock_fence``, one counter for
+every key. A lease's row is deleted when it is released and when it has ended. A wall clock
+that jumps forward ends leases early, which the fencing token makes safe.
 """
 
 from __future__ import annotations
@@ -14,18 +19,20 @@ import json
 import os
 import secrets
 import sqlite3
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from control_plane.clock import Clock, SystemClock
 from control_plane.errors import StoreError
+from control_plane.locks import LockGrant
 from control_plane.model import InstanceRecord, Origin, TokenRecord
 from control_plane.store import Snapshot
 from control_plane.wire import Policy, WireError, parse_policy, to_json
 
-SCHEMA_VERSION = 3
-"""1: policies, instances, meta; 2: instances.origin, tokens; 3: instances.namespace"""
+SCHEMA_VERSION = 4
+"""1: policies, instances, meta; 2: instances.origin, tokens; 3: instances.namespace;
+4: locks, lock_grants (and meta's lock_fence)"""
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS policies (service TEXT PRIMARY KEY, document TEXT NOT NULL);
@@ -50,6 +57,13 @@ CREATE TABLE IF NOT EXISTS tokens (
     created REAL NOT NULL,
     last_used REAL
 );
+CREATE TABLE IF NOT EXISTS locks (
+    key TEXT PRIMARY KEY,
+    token INTEGER NOT NULL,
+    expires REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS locks_expires ON locks (expires);
+CREATE TABLE IF NOT EXISTS lock_grants (name TEXT PRIMARY KEY, services TEXT NOT NULL);
 """
 _INSTANCE_COLUMNS = (
     "service, id, address, port, zone, weight, metadata, draining, origin, namespace"
@@ -61,8 +75,9 @@ T = TypeVar("T")
 class SqliteStore:
     shared = False
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, clock: Clock | None = None) -> None:
         self.path = path
+        self._clock = clock if clock is not None else SystemClock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshlet-sqlite")
         self._db: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
@@ -177,6 +192,10 @@ class SqliteStore:
                     "SELECT id, service, description, digest, created, last_used FROM tokens"
                 )
             ]
+            grants = {
+                name: frozenset(json.loads(services))
+                for name, services in db.execute("SELECT name, services FROM lock_grants")
+            }
             return Snapshot(
                 policies,
                 instances,
@@ -186,6 +205,7 @@ class SqliteStore:
                 epoch=meta["epoch"],
                 lapsed=lapsed,
                 tokens=tokens,
+                lock_grants=grants,
             )
 
         return await self._run(load)
@@ -284,8 +304,70 @@ class SqliteStore:
 
         await self._run(touch)
 
+    async def acquire_lock(self, key: str, ttl_ms: int) -> LockGrant | None:
+        now = self._clock.time()
+
+        def acquire(db: sqlite3.Connection) -> LockGrant | None:
+            held = db.execute("SELECT expires FROM locks WHERE key = ?", (key,)).fetchone()
+            if held is not None and held[0] > now:
+                return None
+            with db:
+                db.execute("DELETE FROM locks WHERE expires <= ?", (now,))
+                row = db.execute("SELECT value FROM meta WHERE key = 'lock_fence'").fetchone()
+                token = int(row[0]) + 1 if row is not None else 1
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('lock_fence', ?)", (str(token),))
+                db.execute(
+                    "INSERT OR REPLACE INTO locks VALUES (?, ?, ?)",
+                    (key, token, now + ttl_ms / 1000),
+                )
+            return LockGrant(token, ttl_ms)
+
+        return await self._run(acquire)
+
+    async def renew_lock(self, key: str, token: int, ttl_ms: int) -> int | None:
+        now = self._clock.time()
+
+        def renew(db: sqlite3.Connection) -> bool:
+            with db:
+                done = db.execute(
+                    "UPDATE locks SET expires = ? WHERE key = ? AND token = ? AND expires > ?",
+                    (now + ttl_ms / 1000, key, token, now),
+                )
+            return done.rowcount == 1
+
+        return ttl_ms if await self._run(renew) else None
+
+    async def release_lock(self, key: str, token: int) -> bool:
+        now = self._clock.time()
+
+        def release(db: sqlite3.Connection) -> bool:
+            with db:
+                done = db.execute(
+                    "DELETE FROM locks WHERE key = ? AND token = ? AND expires > ?",
+                    (key, token, now),
+                )
+            return done.rowcount == 1
+
+        return await self._run(release)
+
+    async def put_lock_grant(self, name: str, services: frozenset[str]) -> None:
+        row = (name, json.dumps(sorted(services), separators=(",", ":")))
+
+        def put(db: sqlite3.Connection) -> None:
+            with db:
+                db.execute("INSERT OR REPLACE INTO lock_grants VALUES (?, ?)", row)
+
+        await self._run(put)
+
+    async def delete_lock_grant(self, name: str) -> None:
+        def delete(db: sqlite3.Connection) -> None:
+            with db:
+                db.execute("DELETE FROM lock_grants WHERE name = ?", (name,))
+
+        await self._run(delete)
+
     async def probe(self) -> None:
-        row = ("probe", str(time.time()))
+        row = ("probe", str(self._clock.time()))
 
         def probe(db: sqlite3.Connection) -> None:
             with db:

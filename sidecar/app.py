@@ -39,6 +39,7 @@ from sidecar.config import DEFAULT_MAX_CONNECTIONS, Listen, SidecarConfig
 from sidecar.control import state
 from sidecar.control.discovery import Discovery
 from sidecar.control.health import AppHealth
+from sidecar.control.locks import LockClient
 from sidecar.control.tablefile import file_signature, load_table_file
 from sidecar.errors import ConfigError, TableError
 from sidecar.proxy.egress import Egress
@@ -108,6 +109,8 @@ class Sidecar:
         self._background: asyncio.Task[None] | None = None
         self.discovery: Discovery | None = None
         self.health: AppHealth | None = None
+        self.locks: LockClient | None = None
+        """the app's lock calls, forwarded to the control plane (none with ``--table``)"""
         self.state_path = Path(config.state_dir) / f"{config.service}.table"
         self.addresses: dict[str, Listen] = {}
 
@@ -127,6 +130,8 @@ class Sidecar:
         the background work. A table file that cannot be used raises TableError."""
         if self.config.control_plane:
             self._load_saved()
+            c = self.config
+            self.locks = LockClient(c.control_plane, c.service, c.token, self._control_plane_tls())
         if self.config.table:
             self._table_signature = file_signature(self.config.table)
             table = load_table_file(self.config.table)

@@ -1,6 +1,10 @@
 """A small HTTP/1.1 server for the admin and metrics ports (not the hot path): an asyncio
-Protocol around httptools' request parser, keep-alive, each request answered at once by a
-plain function (``Answer``) that returns a ``Response``.
+Protocol around httptools' request parser, keep-alive, each request answered by a plain
+function (``Answer``) that returns a ``Response`` at once, or a coroutine of one (``Deferred``:
+a lock call the sidecar forwards). The port owns the task that awaits a deferred answer and
+cancels it when the client goes or the port closes; the connection parses nothing more until
+the answer is written (it holds at most one more request's bytes, and sees a hang-up), and its
+timers wait meanwhile (the answer bounds its own time).
 
 No client can grow the sidecar's memory or hold its connections:
   1. a head (request line and headers) is read up to its blank line, at most
@@ -22,14 +26,15 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass, replace
-from typing import cast
+from typing import Any, cast
 from urllib.parse import unquote
 
 import httptools
 
 from control_plane.flags import LogBudget, escape
-from sidecar.admin.messages import Answer, Request, Response, json_response
+from sidecar.admin.messages import Answer, Deferred, Request, Response, json_response
 from sidecar.http import http1
 
 log = logging.getLogger("meshlet.admin")
@@ -85,6 +90,8 @@ class Port:
         self.address: tuple[str, int] | None = None
         """(host, port) once listening"""
         self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        """deferred answers being awaited (one per connection at most)"""
 
     def __repr__(self) -> str:
         s = self.statistics()
@@ -114,13 +121,23 @@ class Port:
         return self.address
 
     async def close(self) -> None:
-        """Stop listening and cut every connection."""
+        """Stop listening, cut every connection and cancel the answers awaited."""
         if self._server is None:
             return
         self._server.close()
         for connection in list(self.connections):
             connection.abort()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._server.wait_closed()
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``work`` as a task this port owns (``close`` cancels it)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     def admit(self, connection: Connection) -> bool:
         if len(self.connections) >= self.limits.max_connections:
@@ -175,9 +192,19 @@ class Connection(asyncio.Protocol):
         self._write_paused = False
         self._closing = False
         self._timer: asyncio.TimerHandle | None = None
+        self._pending: asyncio.Task[None] | None = None
+        """awaiting a deferred answer: read nothing more until it is written"""
 
     def __repr__(self) -> str:
-        state = "closing" if self._closing else "request" if self._busy() else "idle"
+        state = (
+            "closing"
+            if self._closing
+            else "answering"
+            if self._pending is not None
+            else "request"
+            if self._busy()
+            else "idle"
+        )
         return f"<Connection {self.port.name} {self.peer} [{state}]>"
 
     # -- transport events -------------------------------------------------------------------
@@ -196,6 +223,8 @@ class Connection(asyncio.Protocol):
         self._closing = True
         if self._timer is not None:
             self._timer.cancel()
+        if self._pending is not None:  # nobody is left to answer
+            self._pending.cancel()
         self.port.connections.discard(self)
 
     def pause_writing(self) -> None:
@@ -206,7 +235,12 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        if self._closing or self.transport is None:
+        self._read_on()
+
+    def _read_on(self) -> None:
+        """Resume reading (and parse what was held) unless an answer is still awaited or the
+        client is not reading its answers."""
+        if self._closing or self.transport is None or self._pending or self._write_paused:
             return
         self.transport.resume_reading()
         held, self._held = self._held, b""
@@ -216,8 +250,15 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return
-        if self._write_paused:  # (reading is paused: only bytes already on their way)
-            self._held += data
+        if self._write_paused or self._pending is not None:  # (reading is paused, or an
+            self._held += data  # answer is awaited: the next request waits, bounded)
+            if len(self._held) > self.limits.max_head_bytes + self.limits.max_body_bytes:
+                self.port.note(
+                    logging.WARNING,
+                    f"{self.port.name} port: {self.peer} sent more than a request while its "
+                    "answer was awaited; closing",
+                )
+                self.abort()
             return
         self._consume(data)
 
@@ -237,8 +278,8 @@ class Connection(asyncio.Protocol):
         """Parse ``data`` a head or a body at a time, answering each request as it ends."""
         pos, end = 0, len(data)
         while pos < end and not self._closing:
-            if self._write_paused:  # the client is not reading its answers: wait for it
-                self._held = data[pos:]
+            if self._write_paused or self._pending is not None:  # wait for the client, or
+                self._held = data[pos:]  # for the answer being awaited
                 return
             if self._body_left:
                 n = min(self._body_left, end - pos)
@@ -371,10 +412,32 @@ class Connection(asyncio.Protocol):
 
     def _respond(self, request: Request, upgrade: bool) -> None:
         try:
-            response = self.port.answer(request)
+            answer = self.port.answer(request)
+        except Exception:
+            log.exception("%s port: %s %s failed", self.port.name, request.method, request.path)
+            answer = json_response({"error": "internal error"}, 500)
+        if isinstance(answer, Response):
+            self._send(request, answer, upgrade)
+            return
+        if self._timer is not None:  # the answer bounds its own time
+            self._timer.cancel()
+            self._timer = None
+        # reading goes on (held, not parsed) so that a client that hangs up is seen at once
+        self._pending = self.port.spawn(self._await(request, answer, upgrade))
+
+    async def _await(self, request: Request, answer: Deferred, upgrade: bool) -> None:
+        try:
+            response = await answer
         except Exception:
             log.exception("%s port: %s %s failed", self.port.name, request.method, request.path)
             response = json_response({"error": "internal error"}, 500)
+        self._pending = None
+        if self._closing:
+            return
+        self._send(request, response, upgrade)
+        self._read_on()
+
+    def _send(self, request: Request, response: Response, upgrade: bool) -> None:
         self.port.answered += 1
         keep_alive = request.keep_alive and not upgrade
         self._write(

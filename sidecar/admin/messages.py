@@ -4,7 +4,7 @@ a parsed request, and the response to write."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import parse_qsl
@@ -44,7 +44,10 @@ class Response:
     headers: tuple[tuple[str, str], ...] = ()
 
 
-Answer = Callable[[Request], Response]
+Deferred = Coroutine[Any, Any, Response]
+"""an answer that needs I/O first (a lock call forwarded to the control plane)"""
+Answer = Callable[[Request], Response | Deferred]
+"""what a port does with a request: a response at once, or one to await"""
 
 
 def json_response(

@@ -1,10 +1,12 @@
 """The sidecar's admin port (not the hot path): health, readiness, metrics, config, endpoint
-statistics, drain; and the metrics port, which serves only metrics and the probes. Both are
-``httpd.Port``s; a ``Site`` answers their requests.
+statistics, drain, and the app's locks (``locks``, under ``/v1/locks/``); and the metrics
+port, which serves only metrics and the probes. Both are ``httpd.Port``s; a ``Site`` answers
+their requests.
 
 Mutating calls on the admin port pass ``access.refusal`` first (loopback or the admin token,
-same origin, JSON bodies), whatever their path. A GET route answers HEAD too. Anything else is
-a JSON 404, or on the admin port a 405 for a path it has under another method.
+same origin, JSON bodies), whatever their path; lock calls from loopback peers only, whatever
+the admin token (``locks`` says why). A GET route answers HEAD too. Anything else is a JSON
+404, or on the admin port a 405 for a path it has under another method.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from control_plane.flags import escape
+from sidecar.admin import locks
 from sidecar.admin.access import CHALLENGE, MUTATING, AdminCall, refusal
 from sidecar.admin.exposition import CONTENT_TYPE
-from sidecar.admin.messages import Request, Response, json_response, text_response
+from sidecar.admin.messages import Deferred, Request, Response, json_response, text_response
 
 if TYPE_CHECKING:
     from sidecar.admin.view import SidecarView
@@ -142,11 +146,14 @@ class Site:
     routes: Mapping[str, tuple[str, Handler]]
     guarded: bool
 
-    def answer(self, request: Request) -> Response:
+    def answer(self, request: Request) -> Response | Deferred:
+        app_call = self.guarded and request.path.startswith(locks.PREFIX)
         if self.guarded and request.method in MUTATING:
-            refused = self._refusal(request)
+            refused = self._refusal(request, app_call)
             if refused is not None:
                 return refused
+        if app_call:
+            return locks.answer(self.sidecar, request)
         route = self.routes.get(request.path)
         if route is None:
             return not_found(request)
@@ -162,16 +169,17 @@ class Site:
             {"Allow": allowed},
         )
 
-    def _refusal(self, request: Request) -> Response | None:
-        """Mutating calls only when ``access.refusal`` finds nothing wrong."""
+    def _refusal(self, request: Request, app_call: bool) -> Response | None:
+        """Mutating calls only when ``access.refusal`` finds nothing wrong; the app's calls
+        (locks) from loopback whatever the admin token."""
         call = admin_call(request)
-        refused = refusal(call, self.sidecar.config.admin_token)
+        refused = refusal(call, "" if app_call else self.sidecar.config.admin_token)
         if refused is None:
             return None
         log.warning(
             "admin %s %s from %s refused: %s",
             request.method,
-            request.path,
+            escape(request.path[:200]),
             call.peer,
             refused.error,
         )

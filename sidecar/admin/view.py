@@ -8,6 +8,7 @@ from typing import Any, Protocol
 from sidecar.config import SidecarConfig
 from sidecar.control.discovery import Discovery
 from sidecar.control.health import AppHealth
+from sidecar.control.locks import LockClient
 from sidecar.proxy.routing import AppRouter, Pools, TableHolder
 from sidecar.proxy.tracker import ConnectionTracker
 from sidecar.resilience.service import Services
@@ -31,6 +32,8 @@ class SidecarView(Protocol):
     access_log: AccessLog | None
     discovery: Discovery | None
     health: AppHealth | None
+    locks: LockClient | None
+    """None: no control plane (``--table``)"""
 
     @property
     def metrics(self) -> Exposition | None:

@@ -1,9 +1,10 @@
-"""The little HTTP/1.1 the sidecar speaks as a client: the app's health check and the control
-plane's WebSocket upgrade (``websocket``). Not the proxy's codec: one request per connection,
-and only a response's head is read (a health check needs its status, an upgrade its headers).
+"""The little HTTP/1.1 the sidecar speaks as a client: the app's health check, the control
+plane's WebSocket upgrade (``websocket``), and the lock calls it forwards to the control plane
+(``request``). Not the proxy's codec: one request per connection; a health check reads only
+a response's head, an upgrade its headers, a lock call a small body of known length.
 
-``parse_head`` is plain code; ``connect``, ``read_head`` and ``get_status`` do the I/O on
-asyncio streams. Their time limits are the caller's ``asyncio.timeout`` scope.
+``parse_head`` is plain code; ``connect``, ``read_head``, ``get_status`` and ``request`` do
+the I/O on asyncio streams. Their time limits are the caller's ``asyncio.timeout`` scope.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from sidecar.errors import ConnectError, PeerError
 
 MAX_HEAD: Final = 64 * 1024
 """bytes: a longer response head is refused"""
+MAX_BODY: Final = 64 * 1024
+"""bytes: a longer response body is refused (``request``)"""
 USER_AGENT: Final = "meshlet-sidecar"
 
 
@@ -126,5 +129,57 @@ async def get_status(url: str, tls: ssl.SSLContext | None = None) -> int:
         while 100 <= head.status < 200:
             head = await read_head(reader)
         return head.status
+    finally:
+        writer.close()
+
+
+async def read_body(reader: asyncio.StreamReader, head: ResponseHead, limit: int) -> bytes:
+    """The body after ``head``: ``Content-Length`` bytes, or up to the end of the connection;
+    PeerError when it is chunked, longer than ``limit``, or cut short."""
+    if "transfer-encoding" in head.headers:
+        raise PeerError("a chunked answer (only a Content-Length body is read)")
+    length = head.headers.get("content-length")
+    try:
+        if length is None:
+            body = await reader.read(limit + 1)
+            while body and len(body) <= limit and (more := await reader.read(limit + 1)):
+                body += more
+        elif not (length.isascii() and length.isdigit()):
+            raise PeerError(f"a malformed Content-Length: {length[:20]!r}")
+        elif int(length) > limit:
+            raise PeerError(f"an answer's body of {length} bytes, over {limit}")
+        else:
+            body = await reader.readexactly(int(length))
+    except asyncio.IncompleteReadError as e:
+        raise PeerError(f"the connection closed {len(e.partial)} bytes into the body") from None
+    if len(body) > limit:
+        raise PeerError(f"an answer's body over {limit} bytes")
+    return body
+
+
+async def request(
+    method: str,
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    tls: ssl.SSLContext | None = None,
+) -> tuple[ResponseHead, bytes]:
+    """Send ``method url`` with a JSON ``body``; the answer's head and body (at most
+    ``MAX_BODY`` bytes)."""
+    target = Target.of(url)
+    reader, writer = await connect(target, tls)
+    try:
+        sent = {
+            "User-Agent": USER_AGENT,
+            "Connection": "close",
+            "Content-Type": "application/json",
+            "Content-Length": str(len(body)),
+            **headers,
+        }
+        writer.write(request_head(method, target, sent) + body)
+        head = await read_head(reader)
+        while 100 <= head.status < 200:
+            head = await read_head(reader)
+        return head, await read_body(reader, head, MAX_BODY)
     finally:
         writer.close()

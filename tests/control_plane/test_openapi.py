@@ -56,6 +56,7 @@ async def test_every_answer_matches_its_schema(api: Api) -> None:
     spec = await fetch_spec(api)
     inst = CATALOG + "/instances/{id}"
     svc = "/v1/services/{service}"
+    lock = svc + "/locks/{name}"
     calls: list[tuple[str, str, str, Any, int]] = [
         ("GET", "/healthz", "/healthz", None, 200),
         ("GET", "/readyz", "/readyz", None, 200),
@@ -98,6 +99,18 @@ async def test_every_answer_matches_its_schema(api: Api) -> None:
         ("GET", "/v1/tokens", "/v1/tokens", None, 200),
         ("DELETE", "/v1/tokens/nope", "/v1/tokens/{id}", None, 404),
         ("GET", "/v1/tokens", "/v1/tokens", None, 401),
+        ("POST", f"{CATALOG}/locks/job", lock, {"ttl_ms": 5000}, 200),
+        ("POST", f"{CATALOG}/locks/job", lock, {"ttl_ms": 5000}, 409),
+        ("POST", f"{CATALOG}/locks/job", lock, {"ttl_ms": 5}, 400),
+        ("PUT", f"{CATALOG}/locks/job/renew", lock + "/renew", {"token": 1, "ttl_ms": 900}, 200),
+        ("PUT", f"{CATALOG}/locks/job/renew", lock + "/renew", {"token": 9, "ttl_ms": 900}, 409),
+        ("DELETE", f"{CATALOG}/locks/job", lock, {"token": 1}, 204),
+        ("DELETE", f"{CATALOG}/locks/job", lock, {"token": 1}, 409),
+        ("PUT", "/v1/lock-grants/job", "/v1/lock-grants/{name}", {"services": ["a", "b"]}, 200),
+        ("PUT", "/v1/lock-grants/job", "/v1/lock-grants/{name}", {"services": []}, 400),
+        ("GET", "/v1/lock-grants", "/v1/lock-grants", None, 200),
+        ("DELETE", "/v1/lock-grants/job", "/v1/lock-grants/{name}", None, 204),
+        ("DELETE", "/v1/lock-grants/job", "/v1/lock-grants/{name}", None, 404),
     ]
     for method, path, template, body, expected in calls:
         headers = {"Authorization": "Bearer wrong"} if expected == 401 else None

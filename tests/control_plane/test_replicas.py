@@ -243,3 +243,25 @@ async def test_redis_down_reads_answer_writes_refused_then_recovery(
         await eventually(b_sees_it)
     finally:
         server.stop()
+
+
+async def test_locks_and_grants_are_one_across_replicas(make_api: MakeApi, redis_url: str) -> None:
+    a, b = await replicas(make_api, redis_url)
+    take = {"ttl_ms": 5000, "wait_ms": 0}
+    status, held = await call(a, "POST", f"{CATALOG}/locks/jobs", take)
+    assert status == 200
+    assert (await call(b, "POST", f"{CATALOG}/locks/jobs", take))[0] == 409
+    release = {"token": held["token"]}
+    assert (await call(b, "DELETE", f"{CATALOG}/locks/jobs", release))[0] == 204
+    status, again = await call(b, "POST", f"{CATALOG}/locks/jobs", take)
+    assert status == 200 and again["token"] > held["token"]
+
+    assert (await call(a, "PUT", "/v1/lock-grants/jobs", {"services": ["catalog", "orders"]}))[
+        0
+    ] == 200
+
+    async def b_shares_it() -> bool:
+        status, data = await call(b, "POST", "/v1/services/orders/locks/jobs", take)
+        return status == 200 and bool(data["shared"])
+
+    await eventually(b_shares_it)

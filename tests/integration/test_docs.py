@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import http.server
 import json
+import os
 import re
 import subprocess
 import sys
@@ -97,6 +98,38 @@ def test_readme_sidecar_example_works_as_printed(
         server.shutdown()
         server.server_close()
     assert sidecar.stop() == 0
+
+
+def test_readme_locks_example_works_as_printed(
+    control_plane: Callable[..., ControlPlane],
+    sidecar_process: Callable[..., Sidecar],
+    tmp_path: Path,
+) -> None:
+    example = block_after("## Locks", "python")
+    cp = control_plane("--store", f"sqlite:///{tmp_path}/cp.db")
+    sidecar = sidecar_process(
+        "--service", "billing", "--control-plane", cp.url, "--app", "http://127.0.0.1:9",
+        "--app-health", "none", "--advertise", "127.0.0.1", "--state-dir", str(tmp_path / "s"),
+        env=cp.sidecar_env("billing"),
+    )  # fmt: skip
+    admin = f"http://127.0.0.1:{sidecar.ports['admin']}"
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", example],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "MESHLET_ADMIN": admin},
+        )
+        for _ in range(2)
+    ]
+    tokens = []
+    for done in runs:
+        assert done.returncode == 0, done.stderr
+        found = re.fullmatch(r"wrote with fencing token (\d+)\n", done.stdout)
+        assert found, done.stdout
+        tokens.append(int(found.group(1)))
+    assert tokens[1] > tokens[0]  # released on exit, taken again with a higher token
 
 
 def test_readme_drain_example_works_as_printed(
