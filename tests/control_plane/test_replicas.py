@@ -25,14 +25,14 @@ from tests.redis_server import RedisServer
 CATALOG = "/v1/services/catalog"
 
 
-async def eventually(check: Callable[[], Any], timeout: float = 5.0) -> None:
-    """Until ``await check()`` is true (a coroutine function) or ``timeout``."""
-    deadline = time.monotonic() + timeout
+async def eventually(check: Callable[[], Any], within: float = 5.0) -> None:
+    """Until ``await check()`` is true (a coroutine function) or ``within`` seconds."""
+    deadline = time.monotonic() + within
     while True:
         if await check():
             return
         if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s")
+            raise AssertionError(f"not within {within}s")
         await asyncio.sleep(0.05)
 
 
@@ -157,7 +157,8 @@ async def test_a_reaper_that_lost_its_lease_writes_nothing(redis_url: str) -> No
     assert not await second.renew_lease(fence.__class__("second", fence.token), 200)
     await asyncio.sleep(0.3)  # the first "pauses" past its lease
     taken = await second.acquire_lease("second", 5000)
-    assert taken is not None and taken.token > fence.token
+    assert taken is not None
+    assert taken.token > fence.token
 
     assert not await first.expire_fenced(fence, [record.key], {})
     assert not await first.renew_lease(fence, 200)
@@ -176,7 +177,8 @@ async def test_a_reaper_that_lost_its_lease_writes_nothing(redis_url: str) -> No
     assert (await second.load()).instances == []
     await second.release_lease(taken)
     again = await first.acquire_lease("first", 200)
-    assert again is not None and again.token > taken.token  # tokens only grow
+    assert again is not None
+    assert again.token > taken.token  # tokens only grow
     for store in (first, second):
         await store.close()
 
@@ -219,7 +221,8 @@ async def test_redis_down_reads_answer_writes_refused_then_recovery(
         status, data = await call(b, "GET", CATALOG)
         assert status == 200  # reads from memory
         status, data = await call(a, "PUT", f"{CATALOG}/policy", {"lb": "random"})
-        assert status == 503 and "redis" in data["error"]
+        assert status == 503
+        assert "redis" in data["error"]
 
         async def not_ready() -> bool:
             async with a.get("/readyz") as r:
@@ -233,7 +236,7 @@ async def test_redis_down_reads_answer_writes_refused_then_recovery(
             async with a.get("/readyz") as r:
                 return r.status == 200
 
-        await eventually(ready_again, timeout=10)
+        await eventually(ready_again, within=10)
         assert (await call(a, "PUT", f"{CATALOG}/policy", {"lb": "random"}))[0] == 200
 
         async def b_sees_it() -> bool:
@@ -254,7 +257,8 @@ async def test_locks_and_grants_are_one_across_replicas(make_api: MakeApi, redis
     release = {"token": held["token"]}
     assert (await call(b, "DELETE", f"{CATALOG}/locks/jobs", release))[0] == 204
     status, again = await call(b, "POST", f"{CATALOG}/locks/jobs", take)
-    assert status == 200 and again["token"] > held["token"]
+    assert status == 200
+    assert again["token"] > held["token"]
 
     assert (await call(a, "PUT", "/v1/lock-grants/jobs", {"services": ["catalog", "orders"]}))[
         0
