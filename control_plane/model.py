@@ -64,14 +64,20 @@ class Health:
     """no heartbeat for the TTL, or its sidecar's stream closed"""
     sick: bool = False
     """its sidecar says its app is unhealthy"""
+    as_of: float = 0.0
+    """wall-clock time of the last sign of life it was judged on: a replica that heard from
+    the instance later knows better (``Registry.apply_health``)"""
 
     def encode(self) -> str:
-        return ",".join(name for name, on in (("lapsed", self.lapsed), ("sick", self.sick)) if on)
+        """``lapsed,sick@AS_OF`` (each flag only when set); "" for healthy."""
+        flags = ",".join(name for name, on in (("lapsed", self.lapsed), ("sick", self.sick)) if on)
+        return f"{flags}@{self.as_of!r}" if flags else ""
 
     @classmethod
     def decode(cls, value: str | None) -> Health:
-        flags = set((value or "").split(","))
-        return cls(lapsed="lapsed" in flags, sick="sick" in flags)
+        flags, _, as_of = (value or "").partition("@")
+        names = set(flags.split(","))
+        return cls("lapsed" in names, "sick" in names, float(as_of or 0))
 
 
 @dataclass(frozen=True, slots=True)

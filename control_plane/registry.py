@@ -475,7 +475,7 @@ class Registry:
                 if k in self._live and now - self._live[k].seen > self.remove_after
             ]
             health = {
-                k: Health(lapsed=True, sick=not self._live[k].app_healthy)
+                k: Health(True, not self._live[k].app_healthy, self._live[k].heartbeat_wall or 0)
                 for k in lapsed
                 if k in self._live and not self._live[k].lapsed
             }
@@ -546,14 +546,22 @@ class Registry:
 
     def _share_health(self, key: Key, live: _Liveness) -> None:
         if self._shared:
-            self._health_out[key] = Health(lapsed=live.lapsed, sick=not live.app_healthy)
+            as_of = (live.heartbeat_wall or 0.0) if live.lapsed else self._clock.time()
+            self._health_out[key] = Health(live.lapsed, not live.app_healthy, as_of)
 
     def apply_health(self, health: Mapping[Key, Health]) -> None:
-        """Health as the shared store has it (what other replicas and the reaper saw)."""
+        """Health as the shared store has it (what other replicas and the reaper saw). A lapse
+        judged on an older sign of life than this replica heard itself (a replica whose
+        stream to the instance closed after it had moved to this one) is stale: this replica
+        says so in its next batch instead."""
         changed = False
         for key, value in health.items():
             record, live = self.find(*key), self._live.get(key)
             if record is None or live is None:
+                continue
+            heard = live.heartbeat_wall
+            if value.lapsed and self._shared and heard is not None and heard > value.as_of:
+                self._health_out[key] = Health(False, not live.app_healthy, heard)
                 continue
             was = self._status(record)
             live.lapsed, live.app_healthy = value.lapsed, not value.sick
@@ -666,7 +674,7 @@ class Registry:
         if self._shared:
             self._seen_out[key] = live.heartbeat_wall
             if was_lapsed:
-                self._health_out[key] = Health(lapsed=False, sick=not live.app_healthy)
+                self._health_out[key] = Health(False, not live.app_healthy, live.heartbeat_wall)
         return was_lapsed
 
     def _forget(self, keys: list[tuple[str, str]]) -> None:
