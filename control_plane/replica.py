@@ -18,7 +18,8 @@ share
     last heartbeat of every instance heard since (a hash of wall-clock times), the health
     changes seen here (a stream that closed, an app that turned sick, an instance that came
     back), and this replica's sidecars (for ``/v1/sidecars``). 10k heartbeats/s cost a
-    replica four writes a second.
+    replica four writes a second. Every ``SIDECARS_EVERY`` seconds it reads the heartbeats all
+    replicas heard, so any replica shows an instance's last heartbeat.
 reap
     One replica at a time expires instances, elected by a lease: ``SET NX PX`` to acquire, with
     a fencing token from ``INCR`` on every acquisition; renewal and release only by the holder
@@ -66,7 +67,8 @@ FOLLOW_BLOCK_MS = 1000
 RETRY_AFTER = 0.5
 """seconds before the next try when Redis failed"""
 SIDECARS_EVERY = 2.0
-"""seconds between refreshes of this replica's list of sidecars in Redis"""
+"""seconds between refreshes of this replica's list of sidecars in Redis, and reads of the
+heartbeats other replicas heard"""
 
 
 class Replica:
@@ -191,6 +193,8 @@ class Replica:
                     until_sidecars = now + SIDECARS_EVERY
                     until = self.clock.time() + 3 * SIDECARS_EVERY
                     await self.store.put_sidecars(self.id, self.publisher.sidecars(), until)
+                    if not self.leading:  # (the reaper reads them every sweep)
+                        self.registry.apply_seen(await self.store.load_seen())
             except StoreError as e:
                 log.debug("liveness not shared: %s", e)
 

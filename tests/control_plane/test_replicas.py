@@ -20,6 +20,7 @@ from control_plane.store import open_store
 from control_plane.store_redis import RedisStore
 from tests.conftest import Api, MakeApi
 from tests.control_plane.test_api import call, register
+from tests.control_plane.test_publisher import connect, hello
 from tests.redis_server import RedisServer
 
 CATALOG = "/v1/services/catalog"
@@ -269,3 +270,47 @@ async def test_locks_and_grants_are_one_across_replicas(make_api: MakeApi, redis
         return status == 200 and bool(data["shared"])
 
     await eventually(b_shares_it)
+
+
+async def test_a_sidecar_moving_to_a_replica_at_its_version_is_not_sent_it_again(
+    make_api: MakeApi, redis_url: str
+) -> None:
+    a, b = await replicas(make_api, redis_url, debounce_quiet=0.02, debounce_max=0.1)
+    first = await connect(a, hello(1, "a"))
+    table = await first.next_table()
+    while "a" not in table.services:
+        table = await first.next_table()
+    await first.ws.close()  # its instance turns unhealthy: a new version, on both replicas
+    versions: list[int] = []
+
+    async def both_past_it() -> bool:
+        versions[:] = [(await call(api, "GET", "/v1/table"))[1]["version"] for api in (a, b)]
+        return versions[0] == versions[1] > table.version
+
+    await eventually(both_past_it)
+    current, epoch = versions[0], first.welcome.epoch
+    moved = await connect(b, hello(1, "a", version=current, epoch=epoch))
+    assert (moved.welcome.version, moved.welcome.epoch) == (current, epoch)
+    # its instance comes back (a newer table); the one it has is never sent again
+    assert (await moved.next_table()).version > current
+    # a sidecar ahead of this replica (from a replica that has seen more) is sent only what
+    # is newer than what it has, never this replica's older table
+    ahead = await connect(b, hello(2, "b", version=current + 50, epoch=epoch))
+    await ahead.no_table(within=0.5)
+
+
+async def test_every_replica_knows_an_instances_last_heartbeat(
+    make_api: MakeApi, redis_url: str, clock: FakeClock
+) -> None:
+    a, b = await replicas(make_api, redis_url)
+    await register(a, id="i1", address="10.0.0.1", port=8080)
+    clock.advance(1.0)
+    assert (await call(a, "PUT", f"{CATALOG}/instances/i1/heartbeat"))[0] == 200
+    _, on_a = await call(a, "GET", f"{CATALOG}/instances/i1")
+    assert on_a["last_heartbeat"] is not None
+
+    async def b_knows_it() -> bool:
+        _, on_b = await call(b, "GET", f"{CATALOG}/instances/i1")
+        return bool(on_b["last_heartbeat"] == on_a["last_heartbeat"])
+
+    await eventually(b_knows_it)
