@@ -106,6 +106,8 @@ class Replica:
         """the change stream's last entry this replica applied"""
         self._consumed = 0
         """entries ever added to the stream up to ``_last``"""
+        publisher.claim = store.claim_table_version
+        publisher.sidecars_of_all = self._sidecars
 
     def __repr__(self) -> str:
         role = f"reaper, token {self.fence.token}" if self.fence else "follower"
@@ -116,13 +118,11 @@ class Replica:
         return self.fence is not None
 
     async def start(self) -> None:
-        """After the registry loaded: follow from the newest change, take the shared health,
-        and share from now on."""
+        """After the registry loaded, before the first table is built: follow from the newest
+        change, take the shared health, and share from now on."""
         self._last, self._consumed = await self.store.position()
         self.registry.apply_health(await self.store.load_health())
         self.registry.share_liveness()
-        self.publisher.claim = self.store.claim_table_version
-        self.publisher.sidecars_of_all = self._sidecars
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tasks:
