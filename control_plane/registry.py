@@ -574,8 +574,8 @@ class Registry:
         now, wall = self._clock.monotonic(), self._clock.time()
         for key, when in seen.items():
             live = self._live.get(key)
-            if live is not None and now - (wall - when) > live.seen:
-                live.seen = now - max(0.0, wall - when)
+            if live is not None and (live.heartbeat_wall is None or when > live.heartbeat_wall):
+                live.seen = max(live.seen, now - max(0.0, wall - when))
                 live.heartbeat_wall = when
                 live.proven = True
 

@@ -76,6 +76,8 @@ def test_kill_9_of_its_control_plane_moves_the_sidecar_to_the_other_within_the_b
     killed = time.monotonic()
     eventually(lambda: healthy_instances(other, "a") == 1, what="registered at the other")
     moved = time.monotonic() - killed
+    # registered at its hello, connected once it read the welcome that follows
+    eventually(lambda: dump(sidecar)["control_plane"]["connected"], what="the stream is up")
     stream = dump(sidecar)["control_plane"]
     assert stream["connected_to"] == {"url": other.url, "address": "127.0.0.1"}
     assert (stream["connected"], stream["failovers"]) == (True, 1)
