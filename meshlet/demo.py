@@ -32,7 +32,6 @@ from typing import Any, TypeVar
 
 import aiohttp
 import uvloop
-from redis.exceptions import RedisError
 
 from control_plane.wire import HASH_POLICIES, LB_POLICIES, default_instance_id
 from meshlet import demo_ha
@@ -297,22 +296,9 @@ async def _demo(args: argparse.Namespace, tty: bool) -> int:
         finally:
             await mesh.close()
             if redis is not None:
-                await _forget(redis)
+                _say(await redis.forget())
     _say("meshlet demo: stopped")
     return 0
-
-
-async def _forget(redis: demo_ha.Redis) -> None:
-    """Remove the demo's keys from the Redis (after every replica stopped), then stop a
-    private redis-server."""
-    try:
-        if redis.server is None:
-            removed = await redis.erase()
-            _say(f"meshlet demo: removed its {removed} keys ({redis.prefix}:*) from {redis.url}")
-    except (OSError, RedisError) as e:
-        _say(f"meshlet demo: could not remove its keys ({redis.prefix}:*) from {redis.url}: {e}")
-    finally:
-        await redis.close()
 
 
 async def _run(
@@ -427,7 +413,7 @@ def main(argv: Sequence[str] = ()) -> int:
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             code = runner.run(_demo(args, tty))
-    except* (RuntimeError, OSError, aiohttp.ClientError, RedisError) as group:
+    except* (RuntimeError, OSError, aiohttp.ClientError) as group:
         failures.extend(group.exceptions)
     for e in failures:
         print(f"meshlet demo: error: {e}", file=sys.stderr)

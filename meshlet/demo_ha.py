@@ -27,16 +27,18 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from control_plane.errors import ConfigError
-from control_plane.store_redis import RedisStore
 from meshlet.demo_mesh import REDIS_PASSWORD_ENV, START_TIMEOUT, Child, Mesh, free_port
 from meshlet.demo_traffic import Traffic
+
+if TYPE_CHECKING:  # the redis package is an extra (meshlet[redis]): imported when --ha runs
+    import redis.asyncio as aioredis
+
+    from control_plane.store_redis import RedisStore
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 REPLICAS = 3
@@ -78,6 +80,21 @@ class Redis:
         query = [*urllib.parse.parse_qsl(parts.query), ("prefix", self.prefix)]
         return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
 
+    async def forget(self) -> str:
+        """Remove the demo's keys (every replica has stopped), stop a private redis-server;
+        what became of the keys, in a line."""
+        from redis.exceptions import RedisError
+
+        try:
+            if self.server is not None:
+                return f"meshlet demo: stopped its redis-server (pid {self.server.pid})"
+            removed = await self.erase()
+            return f"meshlet demo: removed its {removed} keys ({self.prefix}:*) from {self.url}"
+        except (OSError, RedisError) as e:
+            return f"meshlet demo: could not remove its keys ({self.prefix}:*) from {self.url}: {e}"
+        finally:
+            await self.close()
+
     async def erase(self) -> int:
         """Remove every key under the demo's prefix; how many there were."""
         removed = 0
@@ -110,6 +127,8 @@ def _password() -> str | None:
 
 
 def _client(store: RedisStore, ssl_ca_certs: str | None) -> aioredis.Redis:
+    import redis.asyncio as aioredis
+
     options: dict[str, Any] = {
         "socket_timeout": PROBE_TIMEOUT,
         "socket_connect_timeout": PROBE_TIMEOUT,
@@ -123,6 +142,8 @@ def _client(store: RedisStore, ssl_ca_certs: str | None) -> aioredis.Redis:
 
 async def _ping(client: aioredis.Redis) -> str | None:
     """None when Redis answers; else what went wrong, in a few words."""
+    from redis.exceptions import RedisError
+
     try:
         async with asyncio.timeout(PROBE_TIMEOUT + 1):
             await client.ping()
@@ -136,6 +157,12 @@ async def connect(given: str | None, root: Path, say: Callable[..., None]) -> Re
     ``redis-server`` in ``root`` when one is installed and ``--redis`` named none; NoRedis
     when there is none."""
     url = given or DEFAULT_REDIS
+    if not url.startswith(("redis://", "rediss://")):
+        raise NoRedis(f"--redis: {url[:100]!r} is not a redis:// or rediss:// URL")
+    try:
+        from control_plane.store_redis import RedisStore
+    except ImportError:
+        raise NoRedis("--ha needs the redis package: pip install 'meshlet[redis]'") from None
     try:
         store = RedisStore.from_url(url)
     except ConfigError as e:
@@ -185,6 +212,8 @@ async def _private(binary: str, root: Path) -> tuple[Child, str]:
     ]  # fmt: skip
     server = await Child.start("redis-server", argv, root / "logs" / "redis-server.log")
     url = f"redis://127.0.0.1:{port}/0"
+    import redis.asyncio as aioredis
+
     client = aioredis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
     try:
         deadline = time.monotonic() + START_TIMEOUT

@@ -185,9 +185,9 @@ def frame(s: Snapshot, events: list[str], footer: str) -> list[str]:
         for r in s.rows
     ]
     if s.replicas:
-        lines += ["", f"  {'replica':<10} {'process':<8} {'role':<8} {'ready':<6} streams on it"]
+        lines += ["", f"  {'replica':<10} {'process':<8} {'role':<9} {'ready':<6} streams on it"]
         lines += [
-            f"  {r.name:<10} {r.process:<8} {_part(r):<8} {'yes' if r.ready else 'no':<6} "
+            f"  {r.name:<10} {r.process:<8} {_part(r):<9} {_ready(r):<6} "
             + (", ".join(r.streams) or "-")
             for r in s.replicas
         ]
@@ -236,6 +236,10 @@ def _part(r: ReplicaState) -> str:
     if r.process != "up":
         return "-"
     return "reaper" if r.reaper else "follower"
+
+
+def _ready(r: ReplicaState) -> str:
+    return "-" if r.process != "up" else "yes" if r.ready else "no"
 
 
 def _role(r: ReplicaState) -> str:
