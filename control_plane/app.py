@@ -105,8 +105,11 @@ def build_app(
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     registry, publisher, tokens = app[api.REGISTRY], app[api.PUBLISHER], app[api.TOKENS]
+    replica = app.get(REPLICA)
     try:
         snapshot = await registry.start()
+        if replica is not None:  # the shared health first: the first table is the others'
+            await replica.start()
         await publisher.start(
             snapshot.table_version, snapshot.table_digest, snapshot.epoch, snapshot.table_built
         )
@@ -120,13 +123,6 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             "%d service tokens in the store guard nothing: without --admin-token the API is open",
             len(snapshot.tokens),
         )
-    replica = app.get(REPLICA)
-    if replica is not None:
-        try:
-            await replica.start()
-        except BaseException:
-            await app[STORE].close()
-            raise
     background = asyncio.create_task(
         _background(registry, publisher, tokens, app[STORE], app[api.READY], replica),
         name="background",

@@ -18,7 +18,8 @@ share
     last heartbeat of every instance heard since (a hash of wall-clock times), the health
     changes seen here (a stream that closed, an app that turned sick, an instance that came
     back), and this replica's sidecars (for ``/v1/sidecars``). 10k heartbeats/s cost a
-    replica four writes a second.
+    replica four writes a second. Every ``SIDECARS_EVERY`` seconds it reads the heartbeats all
+    replicas heard, so any replica shows an instance's last heartbeat.
 reap
     One replica at a time expires instances, elected by a lease: ``SET NX PX`` to acquire, with
     a fencing token from ``INCR`` on every acquisition; renewal and release only by the holder
@@ -66,7 +67,8 @@ FOLLOW_BLOCK_MS = 1000
 RETRY_AFTER = 0.5
 """seconds before the next try when Redis failed"""
 SIDECARS_EVERY = 2.0
-"""seconds between refreshes of this replica's list of sidecars in Redis"""
+"""seconds between refreshes of this replica's list of sidecars in Redis, and reads of the
+heartbeats other replicas heard"""
 
 
 class Replica:
@@ -104,6 +106,8 @@ class Replica:
         """the change stream's last entry this replica applied"""
         self._consumed = 0
         """entries ever added to the stream up to ``_last``"""
+        publisher.claim = store.claim_table_version
+        publisher.sidecars_of_all = self._sidecars
 
     def __repr__(self) -> str:
         role = f"reaper, token {self.fence.token}" if self.fence else "follower"
@@ -114,13 +118,11 @@ class Replica:
         return self.fence is not None
 
     async def start(self) -> None:
-        """After the registry loaded: follow from the newest change, take the shared health,
-        and share from now on."""
+        """After the registry loaded, before the first table is built: follow from the newest
+        change, take the shared health, and share from now on."""
         self._last, self._consumed = await self.store.position()
         self.registry.apply_health(await self.store.load_health())
         self.registry.share_liveness()
-        self.publisher.claim = self.store.claim_table_version
-        self.publisher.sidecars_of_all = self._sidecars
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tasks:
@@ -191,6 +193,8 @@ class Replica:
                     until_sidecars = now + SIDECARS_EVERY
                     until = self.clock.time() + 3 * SIDECARS_EVERY
                     await self.store.put_sidecars(self.id, self.publisher.sidecars(), until)
+                    if not self.leading:  # (the reaper reads them every sweep)
+                        self.registry.apply_seen(await self.store.load_seen())
             except StoreError as e:
                 log.debug("liveness not shared: %s", e)
 

@@ -580,11 +580,15 @@ class RedisStore:
         lists = await self._hgetall(self._sidecars)
         live, dead = {}, []
         for replica, document in lists.items():
-            entry = json.loads(document)
-            if entry["until"] < now:
-                dead.append(replica)
+            try:
+                entry = json.loads(document)
+                fresh, sidecars = entry["until"] >= now, entry["sidecars"]
+            except (ValueError, KeyError, TypeError):
+                fresh, sidecars = False, []  # not a replica's: dropped too
+            if fresh:
+                live[replica] = sidecars
             else:
-                live[replica] = entry["sidecars"]
+                dead.append(replica)
         if dead:
             await self._call(self._redis.hdel(self._sidecars, *dead))
         return live

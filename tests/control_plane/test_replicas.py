@@ -20,6 +20,7 @@ from control_plane.store import open_store
 from control_plane.store_redis import RedisStore
 from tests.conftest import Api, MakeApi
 from tests.control_plane.test_api import call, register
+from tests.control_plane.test_publisher import connect, hello
 from tests.redis_server import RedisServer
 
 CATALOG = "/v1/services/catalog"
@@ -65,7 +66,7 @@ async def test_a_change_made_on_one_replica_reaches_the_others(
 
     async def gone_from_a() -> bool:
         _, data = await call(a, "GET", CATALOG)
-        return data["instances"] == []
+        return not data["instances"]
 
     await eventually(gone_from_a)
 
@@ -120,7 +121,7 @@ async def test_one_replica_reaps_and_every_replica_sees_the_removal(
         await register(a, "other", id=f"o{n}", address=f"10.0.1.{n + 1}", port=8080)
 
     def leaders() -> list[bool]:
-        return [api.app[REPLICA].leading for api in (a, b)]  # type: ignore[union-attr]
+        return [api.app[REPLICA].leading for api in (a, b)]
 
     async def one_leader() -> bool:
         return leaders().count(True) == 1
@@ -206,7 +207,7 @@ async def test_a_replica_behind_the_change_stream_reloads(
         return data is not None and len(data.get("instances", [])) == 2
 
     await eventually(b_caught_up)
-    assert replica_b.resyncs >= 1  # type: ignore[union-attr]
+    assert replica_b.resyncs >= 1
 
 
 async def test_redis_down_reads_answer_writes_refused_then_recovery(
@@ -229,7 +230,7 @@ async def test_redis_down_reads_answer_writes_refused_then_recovery(
                 return r.status == 503
 
         await eventually(not_ready)
-        assert not any(api.app[REPLICA].leading for api in (a, b))  # type: ignore[union-attr]
+        assert not any(api.app[REPLICA].leading for api in (a, b))
         server.start()  # what it had is back from its append-only file
 
         async def ready_again() -> bool:
@@ -269,3 +270,47 @@ async def test_locks_and_grants_are_one_across_replicas(make_api: MakeApi, redis
         return status == 200 and bool(data["shared"])
 
     await eventually(b_shares_it)
+
+
+async def test_a_sidecar_moving_to_a_replica_at_its_version_is_not_sent_it_again(
+    make_api: MakeApi, redis_url: str
+) -> None:
+    a, b = await replicas(make_api, redis_url, debounce_quiet=0.02, debounce_max=0.1)
+    first = await connect(a, hello(1, "a"))
+    table = await first.next_table()
+    while "a" not in table.services:
+        table = await first.next_table()
+    await first.ws.close()  # its instance turns unhealthy: a new version, on both replicas
+    versions: list[int] = []
+
+    async def both_past_it() -> bool:
+        versions[:] = [(await call(api, "GET", "/v1/table"))[1]["version"] for api in (a, b)]
+        return versions[0] == versions[1] > table.version
+
+    await eventually(both_past_it)
+    current, epoch = versions[0], first.welcome.epoch
+    moved = await connect(b, hello(1, "a", version=current, epoch=epoch))
+    assert (moved.welcome.version, moved.welcome.epoch) == (current, epoch)
+    # its instance comes back (a newer table); the one it has is never sent again
+    assert (await moved.next_table()).version > current
+    # a sidecar ahead of this replica (from a replica that has seen more) is sent only what
+    # is newer than what it has, never this replica's older table
+    ahead = await connect(b, hello(2, "b", version=current + 50, epoch=epoch))
+    await ahead.no_table(within=0.5)
+
+
+async def test_every_replica_knows_an_instances_last_heartbeat(
+    make_api: MakeApi, redis_url: str, clock: FakeClock
+) -> None:
+    a, b = await replicas(make_api, redis_url)
+    await register(a, id="i1", address="10.0.0.1", port=8080)
+    clock.advance(1.0)
+    assert (await call(a, "PUT", f"{CATALOG}/instances/i1/heartbeat"))[0] == 200
+    _, on_a = await call(a, "GET", f"{CATALOG}/instances/i1")
+    assert on_a["last_heartbeat"] is not None
+
+    async def b_knows_it() -> bool:
+        _, on_b = await call(b, "GET", f"{CATALOG}/instances/i1")
+        return bool(on_b["last_heartbeat"] == on_a["last_heartbeat"])
+
+    await eventually(b_knows_it)

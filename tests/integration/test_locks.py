@@ -1,5 +1,6 @@
-"""Locks for apps with real processes (issue 14): a control plane on SQLite, a sidecar, and
-``meshlet.locks`` clients in this process writing to a resource that checks fencing tokens."""
+"""Locks for apps with real processes (issue 14): a control plane on SQLite or Redis (and three
+replicas on Redis), sidecars, and ``meshlet.locks`` clients in this process writing to a
+resource that checks fencing tokens."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import trustme
 
 from meshlet import locks
 from tests.processes import ControlPlane, Sidecar, http
+from tests.redis_server import RedisServer
 
 
 @dataclass
@@ -48,8 +50,13 @@ class FencedResource:
             self.inside -= 1
 
 
-@pytest.fixture
-def cp(control_plane: Callable[..., ControlPlane], tmp_path: Path) -> ControlPlane:
+@pytest.fixture(params=["sqlite", "redis"])
+def cp(
+    control_plane: Callable[..., ControlPlane], tmp_path: Path, request: pytest.FixtureRequest
+) -> ControlPlane:
+    """A control plane on SQLite, or a replica on the session's Redis."""
+    if request.param == "redis":
+        return control_plane("--store", request.getfixturevalue("redis_url"))
     return control_plane("--store", f"sqlite:///{tmp_path}/cp.db")
 
 
@@ -188,3 +195,46 @@ def test_locks_reach_an_https_control_plane_verified_with_the_ca_file(
     assert (good_status, good["name"], good["token"] >= 1) == (200, "good", True)
     assert bad_status == 503
     assert "CERTIFICATE_VERIFY_FAILED" in bad["error"]
+
+
+async def test_fifty_clients_through_three_replicas_on_redis_never_hold_one_name_at_once(
+    control_plane: Callable[..., ControlPlane],
+    sidecar_process: Callable[..., Sidecar],
+    tmp_path: Path,
+) -> None:
+    """Three control-plane replicas on one Redis, a sidecar on each: the clients of each
+    sidecar ask a different replica, and the lock is still one; a replica killed on the way
+    does not hand out a token twice."""
+    redis = RedisServer(tmp_path / "redis", persist=True)
+    try:
+        store = f"{redis.url}?prefix=locks"
+        cps = [control_plane("--store", store) for _ in range(3)]
+        admins = []
+        for n, cp in enumerate(cps):
+            sidecar = sidecar_process(
+                "--service", "orders", "--control-plane", cp.url, "--app",
+                "http://127.0.0.1:9", "--app-health", "none", "--advertise", f"127.0.0.{n + 1}",
+                "--state-dir", str(tmp_path / f"s{n}"), env=cps[0].sidecar_env("orders"),
+            )  # fmt: skip
+            admins.append(f"http://127.0.0.1:{sidecar.ports['admin']}")
+        resource = FencedResource()
+        tokens: list[int] = []
+
+        async def client(n: int, http: aiohttp.ClientSession) -> None:
+            admin = admins[n % 3]
+            async with locks.hold("orders", ttl=5.0, wait=50.0, admin=admin, session=http) as lock:
+                tokens.append(lock.token)
+                await resource.critical_section(lock.token, f"client-{n}")
+
+        async with aiohttp.ClientSession() as http:
+            await asyncio.gather(*(client(n, http) for n in range(50)))
+        assert resource.most_inside == 1
+        assert resource.refused == []
+        assert len(set(tokens)) == 50
+        assert tokens == sorted(tokens)  # each later holder fenced above the one before
+
+        cps[0].kill()  # the fence lives in Redis: a replica's death takes none of it
+        async with locks.hold("orders", ttl=5.0, admin=admins[1]) as lock:
+            assert lock.token > max(tokens)
+    finally:
+        redis.stop()

@@ -49,7 +49,7 @@ class Mesh:
         """instance id -> status, of every service, as ``cp`` has them."""
         status, body = cp.call("GET", "/v1/services")
         assert status == 200, body
-        found = {}
+        found: dict[str, str] = {}
         for service in body["services"]:
             _, detail = cp.call("GET", f"/v1/services/{service['name']}")
             found |= {f"{service['name']}/{i['id']}": i["status"] for i in detail["instances"]}
