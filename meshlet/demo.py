@@ -8,6 +8,11 @@ A quarter of the way through each cycle (30 s, or the whole ``--duration`` when 
 kills a catalog instance with ``kill -9`` (the first time app and sidecar, the next time only
 the app: ``meshlet.demo_scenario``), and no client sees an error; just past half way it starts
 it again, and slow start gives it a growing share. At the end: a summary.
+
+``meshlet demo --ha`` runs the control plane as three replicas on one Redis instead
+(``meshlet.demo_ha``): sidecars are given all three, and three quarters of the way through
+each cycle the replica that reaps is killed with ``kill -9``; another takes its lease, its
+sidecars' streams move, and still no client sees an error.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import aiohttp
 import uvloop
 
 from control_plane.wire import HASH_POLICIES, LB_POLICIES, default_instance_id
+from meshlet import demo_ha
 from meshlet import demo_view as view
 from meshlet.demo_mesh import START_TIMEOUT, Mesh
 from meshlet.demo_scenario import CATALOGS, KILL_AT, RESTART_AT, SLOW_START, Scenario, summary
@@ -85,10 +91,19 @@ async def _until(stop: asyncio.Event, work: Coroutine[Any, Any, T]) -> T:
     return task.result()
 
 
-async def _start(mesh: Mesh, port: int, plan: Plan, http: aiohttp.ClientSession) -> str:
-    """Control plane, catalog policy, three catalogs, then the frontend; the frontend's
-    inbound URL once a request through it works."""
-    url = await mesh.start_control_plane(port)
+async def _start(
+    mesh: Mesh,
+    port: int,
+    plan: Plan,
+    http: aiohttp.ClientSession,
+    redis: demo_ha.Redis | None,
+) -> str:
+    """Control plane (replicas on ``redis``), catalog policy, three catalogs, then the
+    frontend; the frontend's inbound URL once a request through it works."""
+    if redis is None:
+        url = await mesh.start_control_plane(port)
+    else:
+        url = await mesh.start_replicas(port, redis.store, demo_ha.LEASE_TTL, demo_ha.REPLICAS)
     policy = plan.policy()
     async with http.put(f"{url}/v1/services/catalog/policy", json=policy, headers=mesh.auth) as r:
         if r.status != 200:
@@ -129,13 +144,22 @@ async def _poll(check: Callable[[], Awaitable[bool]], what: str) -> None:
         raise RuntimeError(f"no {what} within {START_TIMEOUT:.0f} s") from None
 
 
-def _intro(mesh: Mesh, inbound: str, plan: Plan, repeat: bool, keep: bool) -> list[str]:
+def _intro(
+    mesh: Mesh, inbound: str, plan: Plan, repeat: bool, keep: bool, redis: demo_ha.Redis | None
+) -> list[str]:
     cp = mesh.url
     frontend = mesh.instances["frontend-1"]
-    lines = [
-        "",
-        f"  control plane  {cp}  (pid {mesh.control_plane.pid if mesh.control_plane else '-'})",
-    ]
+    lines = [""]
+    if redis is None:
+        pid = mesh.control_plane.pid if mesh.control_plane else "-"
+        lines.append(f"  control plane  {cp}  (pid {pid})")
+    else:
+        lines += [
+            f"  {r.name:<13}  {r.url}  (pid {r.child.pid}), a control-plane replica"
+            for r in mesh.replicas.values()
+        ]
+        where = f"pid {redis.server.pid}, the demo's own" if redis.server else "yours"
+        lines.append(f"  {'redis':<13}  {redis.url}  ({where}; keys under {redis.prefix}:)")
     for name, i in mesh.instances.items():
         lines.append(
             f"  {name:<13}  app pid {i.app.pid}, sidecar pid {i.sidecar.pid}: inbound :"
@@ -159,6 +183,7 @@ def _intro(mesh: Mesh, inbound: str, plan: Plan, repeat: bool, keep: bool) -> li
         "there are retried on another instance, and the control plane drops it from the table.",
         f"At {back:g} s it is restarted, and slow start gives it a growing share over "
         f"{plan.slow_start_s:g} s.",
+        *(_ha_intro(mesh, plan, redis) if redis is not None else []),
         *(
             [
                 f"Every {plan.cycle:g} s the next instance, alternately a whole one and only its "
@@ -183,12 +208,31 @@ def _intro(mesh: Mesh, inbound: str, plan: Plan, repeat: bool, keep: bool) -> li
         f"  MESHLET_CONTROL_PLANE={cp} MESHLET_ADMIN_TOKEN_FILE={mesh.admin_token_file} "
         "meshlet ctl instances catalog",
         "",
-        f"REST API: {cp}/v1/... (described by {cp}/openapi.json)",
-        f"Prometheus metrics: {cp}/metrics (control plane); {sidecar_metrics} (sidecars)",
+        f"REST API: {cp}/v1/... (described by {cp}/openapi.json)"
+        + ("; every replica serves all of it" if redis is not None else ""),
+        f"Prometheus metrics: {', '.join(f'{u}/metrics' for u in mesh.urls)} (control plane); "
+        f"{sidecar_metrics} (sidecars)",
         f"Logs of every process: {mesh.logs}"
         + ("" if keep else " (removed at the end; --keep keeps them)"),
     ]
     return lines
+
+
+def _ha_intro(mesh: Mesh, plan: Plan, redis: demo_ha.Redis) -> list[str]:
+    kill = demo_ha.KILL_AT * plan.cycle
+    back = demo_ha.RESTART_AT * plan.cycle
+    return [
+        "",
+        f"The control plane is {len(mesh.replicas)} replicas on one Redis (the demo's keys there "
+        "are removed at the end).",
+        "Each sidecar holds its push stream on one replica and knows them all; one replica "
+        "reaps (it holds",
+        f"the reaper's lease, {mesh.lease_ttl:g} s). At {kill:g} s that one is killed (kill -9): "
+        "another takes the lease once",
+        "it lapses, the sidecars whose streams were on it move to another at once, and the "
+        "traffic does not",
+        f"notice. At {back:g} s it is restarted, as a follower.",
+    ]
 
 
 def _summary(traffic: Traffic, scenario: Scenario, elapsed: float) -> list[str]:
@@ -214,7 +258,7 @@ def _summary(traffic: Traffic, scenario: Scenario, elapsed: float) -> list[str]:
     return lines + summary(traffic, scenario.outages, scenario.cycle)
 
 
-async def _demo(args: argparse.Namespace, tty: bool) -> None:
+async def _demo(args: argparse.Namespace, tty: bool) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -227,13 +271,23 @@ async def _demo(args: argparse.Namespace, tty: bool) -> None:
         else:
             root = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="meshlet-demo-"))
         mesh = Mesh(Path(root))
-        _say(f"meshlet demo: starting a control plane and four sample apps with sidecars in {root}")
+        redis = None
+        if args.ha:
+            try:
+                redis = await demo_ha.connect(args.redis, Path(root), _say)
+            except demo_ha.NoRedis as e:
+                print(f"meshlet demo: {e}", file=sys.stderr, flush=True)
+                return 2
+            what = f"three control-plane replicas on Redis ({redis.url})"
+        else:
+            what = "a control plane"
+        _say(f"meshlet demo: starting {what} and four sample apps with sidecars in {root}")
         try:
             timeout = aiohttp.ClientTimeout(total=5)
             async with aiohttp.ClientSession(timeout=timeout) as http:
-                inbound = await _until(stop, _start(mesh, args.port, plan, http))
+                inbound = await _until(stop, _start(mesh, args.port, plan, http, redis))
                 repeat = duration is None or duration > plan.cycle
-                _say(*_intro(mesh, inbound, plan, repeat, args.keep))
+                _say(*_intro(mesh, inbound, plan, repeat, args.keep, redis))
                 when = f" (or it ends by itself after {duration:g} s)" if duration else ""
                 _say(f"Ctrl-C stops the demo{when}.", "")
                 await _run(mesh, http, inbound, plan, duration, stop, tty)
@@ -241,7 +295,10 @@ async def _demo(args: argparse.Namespace, tty: bool) -> None:
             _say("meshlet demo: stopped before it had started")
         finally:
             await mesh.close()
+            if redis is not None:
+                _say(await redis.forget())
     _say("meshlet demo: stopped")
+    return 0
 
 
 async def _run(
@@ -264,6 +321,7 @@ async def _run(
             _say(line)
 
     scenario = Scenario(mesh, traffic, http, plan.cycle, event)
+    takeovers = demo_ha.Takeovers(mesh, traffic, http, plan.cycle, event) if mesh.ha else None
     footer = "Ctrl-C stops the demo" + (f"; it ends at {duration:g} s" if duration else "")
 
     async def watch() -> None:
@@ -282,6 +340,8 @@ async def _run(
             tasks.create_task(watch(), name="watch"),
             tasks.create_task(scenario.run(), name="scenario"),
         ]
+        if takeovers is not None:
+            helpers.append(tasks.create_task(takeovers.run(), name="takeovers"))
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(duration):
                 await stop.wait()
@@ -291,6 +351,8 @@ async def _run(
         await driving
     elapsed = time.monotonic() - traffic.started_at
     _say(*_summary(traffic, scenario, elapsed))
+    if takeovers is not None:
+        _say(*takeovers.summary())
 
 
 def _say(*lines: str) -> None:
@@ -325,18 +387,34 @@ def main(argv: Sequence[str] = ()) -> int:
     )
     parser.add_argument("--port", type=int, default=0, help="control plane port (default: free)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, store)")
+    parser.add_argument(
+        "--ha",
+        action="store_true",
+        help=f"run the control plane as {demo_ha.REPLICAS} replicas on Redis and kill the one "
+        "that reaps once a cycle",
+    )
+    parser.add_argument(
+        "--redis",
+        metavar="URL",
+        help=f"with --ha: the Redis (default {demo_ha.DEFAULT_REDIS}, else a private "
+        "redis-server when one is installed); the demo's keys get a prefix of their own and "
+        "are removed at the end; a password from MESHLET_REDIS_PASSWORD(_FILE)",
+    )
     args = parser.parse_args(argv)
+    if args.redis is not None and not args.ha:
+        parser.error("--redis goes with --ha")
     if args.duration is not None and args.duration <= 0:
         parser.error("--duration must be more than 0")
     if not 0 < args.rate <= 1000:
         parser.error("--rate must be more than 0 and at most 1000")
     tty = sys.stdout.isatty() and not args.no_tty
     failures: list[BaseException] = []
+    code = 0
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(_demo(args, tty))
+            code = runner.run(_demo(args, tty))
     except* (RuntimeError, OSError, aiohttp.ClientError) as group:
         failures.extend(group.exceptions)
     for e in failures:
         print(f"meshlet demo: error: {e}", file=sys.stderr)
-    return 1 if failures else 0
+    return 1 if failures else code

@@ -1,5 +1,6 @@
-"""The demo's processes: a control plane, and sample apps each with its sidecar, all children
-of the demo on free loopback ports, their logs in files.
+"""The demo's processes: a control plane (or, with ``--ha``, three replicas on one Redis), and
+sample apps each with its sidecar, all children of the demo on free loopback ports, their logs
+in files.
 
 The mesh runs with tokens on, as a user's should: the control plane has an admin token, each
 service's sidecars join with a service token minted for it, and every secret is a file of the
@@ -56,10 +57,15 @@ def free_port() -> int:
         return port
 
 
-def _child_env() -> dict[str, str]:
+REDIS_PASSWORD_ENV = ("MESHLET_REDIS_PASSWORD", "MESHLET_REDIS_PASSWORD_FILE")
+"""what replicas on the user's Redis are given of the demo's environment (``--ha --redis``)"""
+
+
+def _child_env(keep: tuple[str, ...] = ()) -> dict[str, str]:
     """The demo's environment without MESHLET_* settings meant for some other mesh (a
-    MESHLET_ADMIN_TOKEN, say, would lock the demo out of its own control plane)."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("MESHLET_")}
+    MESHLET_ADMIN_TOKEN, say, would lock the demo out of its own control plane), but for
+    those named in ``keep``."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("MESHLET_") or k in keep}
 
 
 class Child:
@@ -71,14 +77,16 @@ class Child:
         self.log_path = log_path
 
     @classmethod
-    async def start(cls, label: str, argv: list[str], log_path: Path) -> Child:
+    async def start(
+        cls, label: str, argv: list[str], log_path: Path, keep_env: tuple[str, ...] = ()
+    ) -> Child:
         with log_path.open("wb") as log:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=_child_env(),
+                env=_child_env(keep_env),
                 start_new_session=True,
                 preexec_fn=_pdeathsig if _LIBC is not None else None,
             )
@@ -160,6 +168,23 @@ class Instance:
         return f"http://127.0.0.1:{self.ports['metrics']}/metrics"
 
 
+@dataclass
+class Replica:
+    """A control-plane process: the only one, or one of the replicas (``replica-2``)."""
+
+    name: str
+    child: Child
+    url: str
+
+    @property
+    def alive(self) -> bool:
+        return self.child.alive
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+
 class Mesh:
     """Every process of the demo; ``close`` leaves none of them running."""
 
@@ -169,8 +194,12 @@ class Mesh:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.children: list[Child] = []
         self.instances: dict[str, Instance] = {}
-        self.control_plane: Child | None = None
-        self.url = ""
+        self.replicas: dict[str, Replica] = {}
+        """the control plane's processes by name: ``control-plane``, or (``--ha``)
+        ``replica-1`` to ``replica-3``"""
+        self.store = ""
+        """the replicas' ``--store`` (``--ha``)"""
+        self.lease_ttl = 0.0
         self.secrets = root / "secrets"
         self.secrets.mkdir(mode=0o700, exist_ok=True)
         self.admin_token = secrets.token_urlsafe(32)
@@ -183,6 +212,34 @@ class Mesh:
         return path
 
     @property
+    def ha(self) -> bool:
+        """Replicas on Redis rather than one control plane on SQLite."""
+        return bool(self.store)
+
+    @property
+    def control_plane(self) -> Child | None:
+        """The first control-plane process that is running (the first there was, when none
+        is)."""
+        replica = self._live_replica()
+        return replica.child if replica else None
+
+    @property
+    def url(self) -> str:
+        """A control plane's REST API: the first replica that is running (any replica
+        serves all of it)."""
+        replica = self._live_replica()
+        return replica.url if replica else ""
+
+    @property
+    def urls(self) -> list[str]:
+        """What sidecars are given as ``--control-plane``: every replica."""
+        return [r.url for r in self.replicas.values()]
+
+    def _live_replica(self) -> Replica | None:
+        replicas = list(self.replicas.values())
+        return next((r for r in replicas if r.alive), replicas[0] if replicas else None)
+
+    @property
     def auth(self) -> dict[str, str]:
         """Headers for the control plane's REST API (the admin token)."""
         return {"Authorization": f"Bearer {self.admin_token}"}
@@ -191,29 +248,59 @@ class Mesh:
         alive = sum(c.alive for c in self.children)
         return f"<Mesh [{alive} of {len(self.children)} processes running, {self.url}]>"
 
-    async def _spawn(self, label: str, module: str, *args: str) -> Child:
+    async def _spawn(
+        self, label: str, module: str, *args: str, keep_env: tuple[str, ...] = ()
+    ) -> Child:
         """Start ``python -m module args``; its output goes to ``LABEL.log`` (``LABEL.2.log``
         when it is started the second time)."""
         runs = sum(c.label == label for c in self.children)
         log = self.logs / (label.replace(" ", "-") + (f".{runs + 1}" if runs else "") + ".log")
-        child = await Child.start(label, [sys.executable, "-m", module, *args], log)
+        child = await Child.start(label, [sys.executable, "-m", module, *args], log, keep_env)
         self.children.append(child)
         return child
 
     async def start_control_plane(self, port: int) -> str:
-        self.control_plane = await self._spawn(
-            "control-plane",
-            "control_plane",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--store",
-            f"sqlite:///{self.root / 'meshlet.db'}",
-            "--admin-token-file",
-            str(self.admin_token_file),
-        )
-        (found,) = await self.control_plane.wait_for(LISTENING)
-        self.url = found.group(1)
+        """One control plane on SQLite in the demo's directory."""
+        await self._start_replica("control-plane", port, f"sqlite:///{self.root / 'meshlet.db'}")
         return self.url
+
+    async def start_replicas(self, port: int, store: str, lease_ttl: float, count: int) -> str:
+        """``count`` control-plane replicas on the Redis ``store`` (the first on ``port``),
+        each telling the others its changes through Redis; one of them reaps."""
+        self.store, self.lease_ttl = store, lease_ttl
+        first = await self._start_replica("replica-1", port, store)
+        async with asyncio.TaskGroup() as tasks:
+            for k in range(2, count + 1):
+                tasks.create_task(self._start_replica(f"replica-{k}", 0, store))
+        self.replicas = dict(sorted(self.replicas.items()))
+        return first.url
+
+    async def _start_replica(self, name: str, port: int, store: str) -> Replica:
+        extra = ("--lease-ttl", f"{self.lease_ttl:g}") if self.ha else ()
+        child = await self._spawn(
+            name,
+            "control_plane",
+            "--listen", f"127.0.0.1:{port}",
+            "--store", store,
+            "--admin-token-file", str(self.admin_token_file),
+            *extra,
+            keep_env=REDIS_PASSWORD_ENV if self.ha else (),
+        )  # fmt: skip
+        (found,) = await child.wait_for(LISTENING)
+        replica = Replica(name, child, found.group(1))
+        self.replicas[name] = replica
+        return replica
+
+    async def kill_replica(self, name: str) -> int:
+        """``kill -9`` a control-plane replica; its pid."""
+        child = self.replicas[name].child
+        child.send(signal.SIGKILL)
+        await child.proc.wait()
+        return child.pid
+
+    async def restart_replica(self, name: str) -> Replica:
+        """Start a replica that was killed again, on its old port."""
+        return await self._start_replica(name, self.replicas[name].port, self.store)
 
     async def mint_token(self, http: aiohttp.ClientSession, service: str) -> None:
         """A service token for ``service``'s sidecars (``secrets/SERVICE.token``)."""
@@ -256,7 +343,7 @@ class Mesh:
             f"{name} sidecar",
             "sidecar",
             "--service", service,
-            "--control-plane", self.url,
+            "--control-plane", ",".join(self.urls),
             "--app", app_url,
             "--advertise", "127.0.0.1",
             "--outbound", "127.0.0.1:0",
@@ -294,14 +381,16 @@ class Mesh:
 
     async def close(self) -> None:
         """Stop every child still running: SIGTERM to the apps and sidecars (the sidecars
-        deregister), then to the control plane; whatever has not exited within
+        deregister), then to the control plane (its replicas); whatever has not exited within
         ``STOP_GRACE`` of its SIGTERM gets SIGKILL."""
+        control = {r.child for r in self.replicas.values()}
         async with asyncio.TaskGroup() as tasks:
             for child in self.children:
-                if child is not self.control_plane:
+                if child not in control:
                     tasks.create_task(child.stop())
-        if self.control_plane is not None:
-            await self.control_plane.stop()
+        async with asyncio.TaskGroup() as tasks:
+            for child in control:
+                tasks.create_task(child.stop())
 
 
 async def _sidecar_ports(sidecar: Child) -> dict[str, int]:

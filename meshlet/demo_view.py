@@ -1,8 +1,11 @@
 """What the demo shows each second: per catalog instance its process, what the control plane
-says of it, what the frontend's sidecar does with it, and the traffic it answers.
+says of it, what the frontend's sidecar does with it, and the traffic it answers; with
+``--ha``, per control-plane replica whether it runs, reaps and is ready, and whose streams it
+holds.
 
 ``observe`` asks the mesh (the frontend sidecar's ``/clusters`` and ``/config_dump``, the
-control plane's instance list); ``frame`` draws it for a terminal (``Screen`` redraws in
+control plane's instance list; each replica's ``/metrics`` and ``/readyz`` and each sidecar's
+``/config_dump``); ``frame`` draws it for a terminal (``Screen`` redraws in
 place), ``status_line`` as one line for logs and CI.
 """
 
@@ -17,6 +20,7 @@ from typing import Any
 
 import aiohttp
 
+from meshlet.demo_ha import ReplicaState, replica_states
 from meshlet.demo_mesh import Mesh
 from meshlet.demo_traffic import Traffic, percentile
 
@@ -60,6 +64,8 @@ class Snapshot:
     """of the table in force at the frontend's sidecar"""
     control_plane_version: int | None
     rows: list[Row]
+    replicas: list[ReplicaState]
+    """(``--ha``) each control-plane replica; empty with one control plane"""
 
 
 async def get_json(
@@ -80,11 +86,12 @@ async def observe(
     elapsed: float,
 ) -> Snapshot:
     frontend = mesh.instances["frontend-1"]
-    clusters, dump, listed, table = await asyncio.gather(
+    clusters, dump, listed, table, replicas = await asyncio.gather(
         get_json(http, f"{frontend.admin_url}/clusters"),
         get_json(http, f"{frontend.admin_url}/config_dump"),
         get_json(http, f"{mesh.url}/v1/services/catalog/instances", mesh.auth),
         get_json(http, f"{mesh.url}/v1/table", mesh.auth),
+        replica_states(http, mesh) if mesh.ha else _no_replicas(),
     )
     catalog = (clusters or {}).get("services", {}).get("catalog", {})
     endpoints = {e["port"]: e for e in catalog.get("endpoints", [])}
@@ -122,7 +129,12 @@ async def observe(
         table_version=((dump or {}).get("table") or {}).get("version"),
         control_plane_version=(table or {}).get("version"),
         rows=rows,
+        replicas=replicas,
     )
+
+
+async def _no_replicas() -> list[ReplicaState]:
+    return []
 
 
 def _routing(endpoint: dict[str, Any] | None) -> str:
@@ -172,6 +184,13 @@ def frame(s: Snapshot, events: list[str], footer: str) -> list[str]:
         f"{_bar(r.share)}{r.share:4.0%}  {_ms(r.p50_ms, r.rate):>6}  {_ms(r.p99_ms, r.rate):>6}"
         for r in s.rows
     ]
+    if s.replicas:
+        lines += ["", f"  {'replica':<10} {'process':<8} {'role':<9} {'ready':<6} streams on it"]
+        lines += [
+            f"  {r.name:<10} {r.process:<8} {_part(r):<9} {_ready(r):<6} "
+            + (", ".join(r.streams) or "-")
+            for r in s.replicas
+        ]
     lines += [
         "",
         "  control plane: the instance's status in the registry; frontend's sidecar: what that "
@@ -179,6 +198,15 @@ def frame(s: Snapshot, events: list[str], footer: str) -> list[str]:
         "  balancer does with it (the table: its routing table); req/s, share: answers over the "
         f"last {RATE_WINDOW:g} s;",
         f"  p50, p99: the demo client's latency over the last {LATENCY_WINDOW:g} s",
+        *(
+            [
+                "  replica: a control-plane process on the shared Redis (the one that reaps "
+                "holds the lease);",
+                "  streams on it: the instances whose sidecars' push streams it serves",
+            ]
+            if s.replicas
+            else []
+        ),
         "",
         *(events[-8:] or ["  (events appear here)"]),
         "",
@@ -198,7 +226,26 @@ def status_line(s: Snapshot) -> str:
         if r.rate and not math.isnan(r.p50_ms):
             shown += f" p50 {r.p50_ms:2.0f} p99 {r.p99_ms:2.0f} ms"
         parts.append(shown + (f" ({state})" if state else ""))
+    for replica in s.replicas:
+        held = f" <- {' '.join(replica.streams)}" if replica.streams else ""
+        parts.append(f"{replica.name} {_role(replica)}{held}")
     return " | ".join(parts)
+
+
+def _part(r: ReplicaState) -> str:
+    if r.process != "up":
+        return "-"
+    return "reaper" if r.reaper else "follower"
+
+
+def _ready(r: ReplicaState) -> str:
+    return "-" if r.process != "up" else "yes" if r.ready else "no"
+
+
+def _role(r: ReplicaState) -> str:
+    if r.process != "up":
+        return r.process
+    return _part(r) + ("" if r.ready else ", not ready")
 
 
 class Screen:

@@ -1,6 +1,7 @@
 """``meshlet demo`` end to end: a real mesh of nine processes under traffic loses an instance
 and gets it back with no client error, says so in its summary, and leaves no process behind
-however it ends."""
+however it ends; ``demo --ha`` does it on three control-plane replicas and a real Redis, and
+loses the replica that reaps as well."""
 
 from __future__ import annotations
 
@@ -16,12 +17,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
+
+from tests.processes import free_port
+from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
 
 MESHLET = str(Path(sys.executable).with_name("meshlet"))
 PROCESSES = 9
 """control plane, and an app and a sidecar for each of catalog-1..3 and frontend-1"""
+LEASE_TTL = 3.0
+"""seconds: the reaper's lease in ``demo --ha`` (``meshlet.demo_ha.LEASE_TTL``)"""
 
 
 class Demo:
@@ -214,3 +221,66 @@ def test_kill_9_of_the_demo_takes_its_children_with_it(demos: list[Demo]) -> Non
     found = re.search(r"sidecars in (/\S+)", demo.out)  # its temp dir outlives it
     assert found, demo.out
     shutil.rmtree(found.group(1), ignore_errors=True)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_ha_demo_kills_the_reaping_replica_and_no_request_fails(
+    demos: list[Demo], tmp_path: Path
+) -> None:
+    """``meshlet demo --ha`` on a Redis of the test's: three replicas; three quarters into
+    the cycle the one that reaps is killed, another takes the lease within its TTL, the
+    sidecars on it move, no request fails, and the demo leaves nothing in Redis."""
+    server = RedisServer(tmp_path / "redis")
+    try:
+        demo = Demo("--ha", "--redis", server.url, "--duration", "30")
+        demos.append(demo)
+        assert demo.wait(120) == 0, demo.out
+        out = demo.out
+        assert "Traceback" not in out
+        assert out.rstrip().endswith("meshlet demo: stopped")
+        assert demo.children <= printed_pids(out)
+        assert len(re.findall(r"replica-\d +http://127\.0\.0\.1:\d+ +\(pid \d+\)", out)) == 3
+
+        requests = summary_number(out, r"requests +(\d+) sent at 50/s")
+        assert 1200 <= requests <= 1800
+        assert summary_number(out, r"(\d+) answered, client errors") == requests
+        assert summary_number(out, r"client errors (\d+)") == 0
+        killed = re.search(r"kill -9 +(replica-\d), the replica that reaps, at 2[23]\.\d s", out)
+        assert killed, out
+        new = re.search(
+            r"new reaper +(replica-\d) after (\d+) ms|new reaper +(replica-\d) after "
+            r"([\d.]+) s",
+            out,
+        )
+        assert new, out
+        successor = new.group(1) or new.group(3)
+        took = int(new.group(2)) / 1000 if new.group(2) else float(new.group(4))
+        assert successor != killed.group(1)
+        assert took <= LEASE_TTL + 2, out  # the lease lapses, the next tick takes it
+        assert summary_number(out, r"meanwhile +client errors (\d+) until its restart") == 0
+        # the per-second lines show the killed replica, then the new reaper and the restart
+        assert re.search(rf"\| {killed.group(1)} killed", out), out
+        assert re.search(rf"\| {successor} reaper", out), out
+        assert re.search(rf"restart {killed.group(1)} \(on its old port; pid \d+\)", out), out
+        assert "meshlet demo: removed its" in out
+        with redis.Redis.from_url(server.url) as client:
+            assert client.dbsize() == 0  # its own prefix, and nothing of it left
+        assert_all_gone(demo)
+    finally:
+        server.stop()
+
+
+def test_the_ha_demo_with_no_redis_says_so_in_one_line_and_exits_2() -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    done = subprocess.run(
+        [MESHLET, "demo", "--ha", "--no-tty", "--redis", url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stdout == ""
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"meshlet demo: --ha needs a Redis server and {url} does not answer")
+    assert "apt-get install redis-server" in line
+    assert "--redis redis://HOST:PORT/DB" in line

@@ -7,9 +7,11 @@ Compose specification's schema, and what it mounts is there."""
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +19,29 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests.processes import free_port
+
 DEPLOY = Path(__file__).parents[2] / "deploy"
 #: the current release kubernetes-validate knows, and the first with native sidecars on
 VERSIONS = (kubernetes_validate.latest_version(), "1.29.0")
 
 
+def patches() -> set[Path]:
+    """The files kustomizations name as patches: partial manifests, checked as what
+    ``kubectl kustomize`` renders of them."""
+    found = set()
+    for kustomization in (DEPLOY / "kubernetes").rglob("kustomization.yaml"):
+        spec = yaml.safe_load(kustomization.read_text())
+        found |= {kustomization.parent / p["path"] for p in spec.get("patches", []) if "path" in p}
+    return found
+
+
 def manifests() -> list[tuple[str, dict[str, Any]]]:
+    partial = patches()
     found = [
         (f"{path.relative_to(DEPLOY)}[{i}]", doc)
         for path in sorted((DEPLOY / "kubernetes").rglob("*.yaml"))
-        if path.name != "kustomization.yaml"
+        if path.name != "kustomization.yaml" and path not in partial
         for i, doc in enumerate(yaml.safe_load_all(path.read_text()))
         if doc is not None
     ]
@@ -121,3 +136,107 @@ def test_the_example_overlay_is_inject_output_and_scrapes_as_shipped() -> None:
     # kustomize reads files only below the overlay: its copy of the scrape config is the same
     shipped = (DEPLOY / "prometheus" / "prometheus.yml").read_text()
     assert (example / "prometheus.yml").read_text() == shipped
+
+
+def rendered(overlay: str) -> dict[tuple[str, str], dict[str, Any]]:
+    """What ``kubectl kustomize`` renders of one kustomization, by (kind, name)."""
+    found = {}
+    for name, doc in kustomized():
+        if name.startswith(f"kubernetes/{overlay} (kustomized)"):
+            found[(doc["kind"], doc["metadata"]["name"])] = doc
+    assert found, overlay
+    return found
+
+
+def test_the_ha_overlay_runs_three_replicas_on_redis_with_the_password_in_a_file() -> None:
+    docs = rendered("ha")
+    deployment = docs[("Deployment", "meshlet-control-plane")]["spec"]
+    assert deployment["replicas"] == 3
+    assert deployment["strategy"]["type"] == "RollingUpdate"
+    pod = deployment["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["MESHLET_STORE"] == "redis://meshlet-redis:6379/0"
+    assert "MESHLET_REDIS_PASSWORD" not in env
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert env["MESHLET_REDIS_PASSWORD_FILE"] == mounts["redis-password"] + "/password"
+    assert volumes["redis-password"]["secret"]["secretName"] == "meshlet-redis"
+    assert "data" not in volumes  # no SQLite volume
+    assert "data" not in mounts
+    assert ("PersistentVolumeClaim", "meshlet-control-plane-data") not in docs
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # the name sidecars are given resolves to every replica
+    assert docs[("Service", "meshlet-control-plane")]["spec"]["clusterIP"] == "None"
+    pdb = docs[("PodDisruptionBudget", "meshlet-control-plane")]["spec"]
+    assert pdb == {
+        "maxUnavailable": 1,
+        "selector": {"matchLabels": {"app.kubernetes.io/name": "meshlet-control-plane"}},
+    }
+    redis = docs[("StatefulSet", "meshlet-redis")]["spec"]
+    assert redis["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+    secret = {v["name"]: v for v in redis["template"]["spec"]["volumes"]}["redis-password"]
+    assert secret["secret"]["secretName"] == "meshlet-redis"  # the replicas' Secret
+    assert docs[("Service", "meshlet-redis")]["spec"]["ports"][0]["port"] == 6379
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+def test_the_ha_overlays_redis_command_sets_the_password_and_the_append_only_file(
+    tmp_path: Path,
+) -> None:
+    """The StatefulSet's shell command, run here (its paths moved into tmp_path): Redis asks
+    for the Secret's password, keeps an append-only file, and no command line shows the
+    password; its readiness probe passes."""
+    (server,) = rendered("ha")[("StatefulSet", "meshlet-redis")]["spec"]["template"]["spec"][
+        "containers"
+    ]
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    password = "s3cret-" + os.urandom(8).hex()
+    (secrets / "password").write_text(password)
+    data = tmp_path / "data"
+    data.mkdir()
+    port = free_port()
+    where = {"/var/run/secrets/meshlet-redis": str(secrets), "/data": str(data)}
+
+    def here(text: str) -> str:
+        for old, new in where.items():
+            text = text.replace(old, new)
+        return text
+
+    script = here(server["args"][0]).replace(
+        "redis-server -", f"redis-server - --port {port} --bind 127.0.0.1", 1
+    )
+    assert server["command"] == ["sh", "-c"]
+    proc = subprocess.Popen(
+        ["sh", "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+
+        def cli(*args: str, auth: bool = True) -> str:
+            env = {k: v for k, v in os.environ.items() if k != "REDISCLI_AUTH"}
+            if auth:
+                env["REDISCLI_AUTH"] = password
+            done = subprocess.run(
+                ["redis-cli", "-p", str(port), *args],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=10,
+            )
+            return done.stdout.strip()
+
+        deadline = time.monotonic() + 10
+        while cli("ping") != "PONG":
+            assert proc.poll() is None, "redis exited"
+            assert time.monotonic() < deadline, "redis did not start within 10 s"
+            time.sleep(0.05)
+        assert "NOAUTH" in cli("ping", auth=False)
+        assert cli("config", "get", "appendonly").split() == ["appendonly", "yes"]
+        assert password.encode() not in Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+        probe = here(" ".join(server["readinessProbe"]["exec"]["command"][2:]))
+        probe = probe.replace("redis-cli ping", f"redis-cli -p {port} ping")
+        assert subprocess.run(["sh", "-c", probe], timeout=10).returncode == 0
+    finally:
+        proc.kill()
+        proc.wait(10)
