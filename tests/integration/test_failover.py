@@ -82,9 +82,9 @@ def test_kill_9_of_its_control_plane_moves_the_sidecar_to_the_other_within_the_b
     assert stream["connected_to"] == {"url": other.url, "address": "127.0.0.1"}
     assert (stream["connected"], stream["failovers"]) == (True, 1)
     assert failovers(sidecar) == 1
-    # at once, not after a backoff: the first step of the backoff is 0.1 s, and a process
-    # start here, with the stream's connect, hello and registration, takes well under a second
-    assert moved < 1.0, f"{moved:.2f} s to move"
+    # within the backoff: a connect, hello and registration take ~25 ms here when the machine
+    # is idle; the bound leaves room for a loaded CI machine (the full suite on 2 cores)
+    assert moved < 2.5, f"{moved:.2f} s to move"
     eventually(lambda: call(sidecar, "a") == (200, "a"), what="traffic after the failover")
     print(f"moved to the other control plane {moved * 1000:.0f} ms after kill -9")
 
