@@ -264,26 +264,30 @@ async def test_a_sidecar_that_stops_reading_is_dropped(
     import control_plane.publisher as pub
     import control_plane.table as table_module
 
-    monkeypatch.setattr(pub, "SEND_TIMEOUT", 0.5)
+    # the stuck one is cut after SEND_TIMEOUT; the reader beside it must take each 50 MB
+    # table within it, on a machine that may be busy (the whole suite on two cores)
+    monkeypatch.setattr(pub, "SEND_TIMEOUT", 2.0)
     # tables far larger than the socket buffers, to a sidecar that reads nothing at all
     monkeypatch.setattr(
         table_module, "message", lambda rendered, version, epoch, built: "x" * 50_000_000
     )
     assert cp.port is not None
     stuck = await raw_stream_client(cp.port, encode(hello(1)))
-    reader = await connect(cp, hello(2))  # a healthy sidecar beside it
-    async with cp.put("/v1/services/other/policy", json={"retries": 2}) as r:
-        assert r.status == 200
-    for _ in range(100):
-        if len(publisher(cp).sessions) == 1:
-            break
-        await asyncio.sleep(0.1)
-    assert "node-1 took no table for 0s: disconnecting" in caplog.text
-    async with cp.get("/v1/services/svc/instances/i1") as r:
-        assert (await r.json())["status"] == "unhealthy"
-    assert [s.node for s in publisher(cp).sessions.values()] == ["node-2"]
-    stuck.close()
-    del reader
+    try:
+        reader = await connect(cp, hello(2))  # a healthy sidecar beside it
+        async with cp.put("/v1/services/other/policy", json={"retries": 2}) as r:
+            assert r.status == 200
+        for _ in range(100):
+            if len(publisher(cp).sessions) == 1:
+                break
+            await asyncio.sleep(0.1)
+        assert "node-1 took no table for 2s: disconnecting" in caplog.text
+        async with cp.get("/v1/services/svc/instances/i1") as r:
+            assert (await r.json())["status"] == "unhealthy"
+        assert [s.node for s in publisher(cp).sessions.values()] == ["node-2"]
+        del reader
+    finally:
+        stuck.close()
 
 
 async def test_a_stale_stream_closing_leaves_the_live_one_alone(cp: Api) -> None:
