@@ -433,8 +433,9 @@ class Downstream(Watch):
         return bool(self._pauses)
 
     def exchange_done(self, ex: object, *, close: bool, abort: bool) -> None:
-        self.pause_reading("upstream", False)  # (one call from the exchange, not three)
-        self.pause_reading("pending", False)
+        if self._pauses:  # (one call from the exchange, not three; none when nothing paused)
+            self.pause_reading("upstream", False)
+            self.pause_reading("pending", False)
         if ex is self._active:
             self._active = None
         if ex is self._tunnel:  # an upgrade ends the connection, whatever the answer was
@@ -471,12 +472,14 @@ class Downstream(Watch):
                 self._active is None
                 and self._queue
                 and not self.write_paused
-                and not self._closing_now()
+                and self.transport is not None
+                and not self.transport.is_closing()
             ):
                 nxt = self._queue.popleft()
                 self._active = nxt
                 if not self._queue:
-                    self.pause_reading("pipeline", False)
+                    if self._pauses:
+                        self.pause_reading("pipeline", False)
                     if self._held is not None:  # parse the next pipeline's worth, not in here
                         self.loop.call_soon(self._feed_held)
                 nxt.start()
@@ -484,9 +487,6 @@ class Downstream(Watch):
             self._starting = False
         if self._active is None and not self._queue:
             self._idle()
-
-    def _closing_now(self) -> bool:
-        return self.transport is None or self.transport.is_closing()
 
     def become_tunnel(self) -> None:
         """The upstream answered 101: bytes now flow both ways unparsed, until either side

@@ -195,13 +195,14 @@ class Tries:
         self.request_done = request_done
         self._has_body = has_body
         timeout = policy.timeout
-        for ms in (timeout_ms, deadline_ms):
-            if ms is None:
-                continue
-            if relayed:  # that hop's wait for the head: it shortens this one
-                timeout = min(timeout, ms / 1000)
-            else:  # the caller's own: it bounds everything, the body included
-                self.hard_deadline = min(self.hard_deadline, now + ms / 1000)
+        if timeout_ms is not None or deadline_ms is not None:  # (most requests have neither)
+            for ms in (timeout_ms, deadline_ms):
+                if ms is None:
+                    continue
+                if relayed:  # that hop's wait for the head: it shortens this one
+                    timeout = min(timeout, ms / 1000)
+                else:  # the caller's own: it bounds everything, the body included
+                    self.hard_deadline = min(self.hard_deadline, now + ms / 1000)
         self.timeout = timeout
         if has_body and not request_done:  # the wait for the head starts at its end
             self.route_deadline = self.hard_deadline
