@@ -186,27 +186,27 @@ class RequestHead(HeadLines):
         action = actions.get(name, -1)
         if action < 0:
             action = action_of(actions, name)
-        if action == FORWARD:  # (join, not % formatting: half the work in CPython)
-            self.lines.append(b"".join((name, b": ", value, b"\r\n")))
+        if action == FORWARD:
+            self.lines.append(b"%s: %s\r\n" % (name, value))
         elif action == HOST:
             if self._host_seen:  # which one the upstream would take is anybody's guess
                 raise ValueError("more than one Host header")
             self._host_seen = True
             if self.authority is None:
                 self.authority = value
-            self.lines.append(b"".join((name, b": ", self.authority or value, b"\r\n")))
+            self.lines.append(b"%s: %s\r\n" % (name, self.authority or value))
         elif action == CL:
             if not value.strip().isdigit():  # (llhttp lets only digits through)
                 raise ValueError(f"Content-Length {value[:20]!r} is not a number")
             self.content_length = int(value)
-            self.lines.append(b"".join((name, b": ", value, b"\r\n")))
+            self.lines.append(b"%s: %s\r\n" % (name, value))
         elif action == EXPECT:
             self.expect_continue = value.strip().lower() == b"100-continue"
-            self.lines.append(b"".join((name, b": ", value, b"\r\n")))
+            self.lines.append(b"%s: %s\r\n" % (name, value))
         elif action == RID:
             if value and not self.request_id:
                 self.request_id = value
-            self.lines.append(b"".join((name, b": ", value, b"\r\n")))
+            self.lines.append(b"%s: %s\r\n" % (name, value))
         else:  # read, or dropped: not among the lines
             tokens = self._read(action, name, value)
             if tokens is not None:
@@ -372,11 +372,11 @@ class ResponseHead(HeadLines):
         if action < 0:
             action = action_of(actions, name)
         if action == FORWARD:
-            self.lines.append(b"".join((name, b": ", value, b"\r\n")))
+            self.lines.append(b"%s: %s\r\n" % (name, value))
             return
         if action == CL:
             self.sized = True
-            self.lines.append(b"".join((name, b": ", value, b"\r\n")))
+            self.lines.append(b"%s: %s\r\n" % (name, value))
             return
         tokens = self._read(action, name, value)  # read, or dropped: not among the lines
         if tokens is not None:
