@@ -137,34 +137,34 @@ class RequestHead(HeadLines):
         self, method: bytes, target: bytes, version: str, authority: bytes | None = None
     ) -> None:
         self.method = method
+        #: origin-form path and query, as sent upstream
         self.target = target
-        """origin-form path and query, as sent upstream"""
         self.version = version
+        #: (from ``complete``)
         self.keep_alive = True
-        """(from ``complete``)"""
+        #: absolute-form authority, else the Host header
         self.authority = authority
-        """absolute-form authority, else the Host header"""
+        #: absolute-form: sent to a proxy (``http_proxy``), for the host it names
         self.proxied = authority is not None
-        """absolute-form: sent to a proxy (``http_proxy``), for the host it names"""
         self.chunked = False
         self.upgrade = False
         self.expect_continue = False
         self.has_body = False
+        #: the ``Content-Length`` (-1: none)
         self.content_length = -1
-        """the ``Content-Length`` (-1: none)"""
         self.request_id = b""
+        #: transfer codings before the final chunked (kept when the body is re-chunked)
         self.codings = b""
-        """transfer codings before the final chunked (kept when the body is re-chunked)"""
         self.forwarded_for = b""
         self.upgrade_value = b""
+        #: ``x-meshlet-deadline-ms``: what an earlier hop left of its deadline
         self.deadline_ms: int | None = None
-        """``x-meshlet-deadline-ms``: what an earlier hop left of its deadline"""
+        #: ``x-meshlet-timeout-ms``: the caller's own shorter timeout
         self.timeout_ms: int | None = None
-        """``x-meshlet-timeout-ms``: the caller's own shorter timeout"""
+        #: ``x-meshlet-attempt``: the try of an earlier hop that retries (0: none)
         self.attempt = 0
-        """``x-meshlet-attempt``: the try of an earlier hop that retries (0: none)"""
+        #: ``x-meshlet-retry: on``: retry even a method that is not idempotent
         self.retry = False
-        """``x-meshlet-retry: on``: retry even a method that is not idempotent"""
         self.lines = []
         self.unlisted = self.unlisted_bytes = 0
         # what the lines decide only together, until ``complete``
@@ -346,18 +346,18 @@ class ResponseHead(HeadLines):
         self.status = status
         self.reason = reason
         self.lines = []
+        #: the final transfer coding is chunked
         self.chunked = False
-        """the final transfer coding is chunked"""
+        #: transfer codings other than a final chunked (a read-until-close body), kept
         self.codings = b""
-        """transfer codings other than a final chunked (a read-until-close body), kept"""
+        #: has a Content-Length
         self.sized = False
-        """has a Content-Length"""
+        #: the upstream closes the connection after it
         self.close = False
-        """the upstream closes the connection after it"""
         self.upgrade_value = b""
+        #: where its body ends, as the upstream sends it (``framing.response_framing``; the
+        #: answer to a HEAD request has none, whatever this says)
         self.framing = framing.EMPTY
-        """where its body ends, as the upstream sends it (``framing.response_framing``; the
-        answer to a HEAD request has none, whatever this says)"""
         self.unlisted = self.unlisted_bytes = 0
         self._te = None
         self._custom = None

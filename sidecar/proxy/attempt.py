@@ -37,8 +37,8 @@ class Attempt:
         stats: EndpointStats = member.stats
         self.stats = stats
         now = route.clock.monotonic()
+        #: this try probes an ejected endpoint: its outcome restores or ejects it again
         self.probing = False
-        """this try probes an ejected endpoint: its outcome restores or ejects it again"""
         if stats.excluded_until > now:  # the balancer chose among all: too few are available
             members = route.balancer.members
             available = sum(1 for m in members if m.stats.excluded_until <= now)
@@ -47,8 +47,8 @@ class Attempt:
             outlier.probe(stats)  # an ejected endpoint whose time is up: this try probes it
             self.probing = True
         stats.in_flight += 1
+        #: when the try began on the route's clock; 0 once its outcome is recorded
         self.tried_at = now
-        """when the try began on the route's clock; 0 once its outcome is recorded"""
 
     def __repr__(self) -> str:
         e = self.endpoint

@@ -146,16 +146,16 @@ class Tries:
         self.state = QUEUED
         self.request_done = False
         self._has_body = False
+        #: tries started (a try resent because none of it went out stays the same try)
         self.attempt = 0
-        """tries started (a try resent because none of it went out stays the same try)"""
+        #: tries resent elsewhere because none of them went out
         self.resends = 0
-        """tries resent elsewhere because none of them went out"""
         self.may_retry = False
         self.hedging = False
+        #: counted in the service's ``retrying`` (``max_retries``) until the request ends
         self.retrying = False
-        """counted in the service's ``retrying`` (``max_retries``) until the request ends"""
+        #: seconds: the wait for the response head, from the end of the request
         self.timeout = 0.0
-        """seconds: the wait for the response head, from the end of the request"""
         self.hard_deadline = math.inf
         self.route_deadline = math.inf
         self.try_deadline = math.inf
