@@ -106,10 +106,6 @@ class HedgeOwner(Protocol):
         self, hedged: Hedged, failed: bool, retry_after: float | None = None
     ) -> None: ...
 
-    def cork(self) -> None: ...
-
-    def uncork(self) -> None: ...
-
 
 class Hedged:
     """The first try of a hedged request, still waiting for its response head on its
@@ -163,9 +159,3 @@ class Hedged:
 
     def upstream_paused(self, paused: bool) -> None:
         pass
-
-    def cork(self) -> None:
-        self.owner.cork()
-
-    def uncork(self) -> None:
-        self.owner.uncork()

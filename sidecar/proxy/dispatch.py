@@ -199,7 +199,7 @@ class Dispatch:
         self._sent = True  # from here on the app may see it
         out = self.out
         held_back = out.held_back
-        conn.send(owner, out.take())
+        conn.send(owner, out.take(), self.client)
         if held_back:  # (the client was paused for ``pending`` only then)
             self.client.pause_reading("pending", False)
 
@@ -353,12 +353,6 @@ class Dispatch:
         conn.owner = hedged
         self.conn, self.attempt = None, None
         self._try(attempt.endpoint, now)
-
-    def cork(self) -> None:
-        self.client.cork()
-
-    def uncork(self) -> None:
-        self.client.uncork()
 
     def hedged_lost(self, hedged: Hedged, failed: bool, retry_after: float | None = None) -> None:
         if self._hedged is hedged:
