@@ -23,6 +23,7 @@ from sidecar.http.headers import (
     CL,
     CONN,
     DEADLINE,
+    DROP,
     EXPECT,
     FORWARD,
     HOST,
@@ -70,9 +71,9 @@ def new_request_id() -> bytes:
 
 class HeadLines:
     """What request and response heads read alike: the lines forwarded as they came, those
-    read but not forwarded (counted, for the limits), the transfer codings, and the names
-    ``Connection`` lists. (Subclasses set these fields in their own ``__init__``: one call
-    fewer a head.)"""
+    read but not forwarded (counted, for the limits, by each ``add``), the transfer codings,
+    and the names ``Connection`` lists. (Subclasses set these fields in their own
+    ``__init__``: one call fewer a head.)"""
 
     __slots__ = ("_custom", "_te", "lines", "unlisted", "unlisted_bytes", "upgrade_value")
 
@@ -86,18 +87,16 @@ class HeadLines:
     _te: list[bytes] | None
     _custom: frozenset[bytes] | None
 
-    def _read(self, action: int, name: bytes, value: bytes) -> frozenset[bytes] | None:
-        """A line not forwarded as it came: counted; Transfer-Encoding, Upgrade and
-        Connection read (Connection's tokens returned, for the caller to look at)."""
-        self.unlisted += 1
-        self.unlisted_bytes += len(name) + len(value) + 4
+    def _hop_by_hop(self, action: int, value: bytes) -> frozenset[bytes] | None:
+        """Transfer-Encoding, Upgrade and Connection read (Connection's tokens returned, for
+        the caller to look at)."""
         if action == TE:
             codings = split_codings(value)
             self._te = codings if self._te is None else self._te + codings
         elif action == CONN:
             tokens = connection_tokens(value)
-            extra = tokens - KEPT_TOKENS
-            if extra:
+            if not tokens <= KEPT_TOKENS:  # names to drop (the test allocates no set)
+                extra = tokens - KEPT_TOKENS
                 self._custom = extra if self._custom is None else self._custom | extra
             return tokens
         elif action == UPGRADE:
@@ -207,17 +206,20 @@ class RequestHead(HeadLines):
             if value and not self.request_id:
                 self.request_id = value
             self.lines.append(b"%s: %s\r\n" % (name, value))
-        else:  # read, or dropped: not among the lines
-            tokens = self._read(action, name, value)
-            if tokens is not None:
-                self._connection_upgrade = self._connection_upgrade or b"upgrade" in tokens
-            elif action == TE:
-                self.chunked = True  # httptools accepts only a final "chunked"
+        else:  # read, or dropped: not among the lines (counted, for the limits)
+            self.unlisted += 1
+            self.unlisted_bytes += len(name) + len(value) + 4
+            if action >= DEADLINE:  # the mesh's own: read, never forwarded as sent
+                _mesh_header(self, action, value.strip())
             elif action == XFF:
                 xff = self.forwarded_for
                 self.forwarded_for = xff + b", " + value if xff else value
-            elif action >= DEADLINE:  # the mesh's own: read, never forwarded as sent
-                _mesh_header(self, action, value.strip())
+            elif action != DROP:
+                tokens = self._hop_by_hop(action, value)
+                if tokens is not None:
+                    self._connection_upgrade = self._connection_upgrade or b"upgrade" in tokens
+                elif action == TE:
+                    self.chunked = True  # httptools accepts only a final "chunked"
 
     def complete(self, keep_alive: bool) -> None:
         """The last header line came: what the lines decide together."""
@@ -378,7 +380,9 @@ class ResponseHead(HeadLines):
             self.sized = True
             self.lines.append(b"%s: %s\r\n" % (name, value))
             return
-        tokens = self._read(action, name, value)  # read, or dropped: not among the lines
+        self.unlisted += 1  # read, or dropped: not among the lines (counted, for the limits)
+        self.unlisted_bytes += len(name) + len(value) + 4
+        tokens = self._hop_by_hop(action, value)
         if tokens is not None:
             self.close = self.close or b"close" in tokens
 
