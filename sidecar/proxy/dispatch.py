@@ -69,7 +69,7 @@ class Dispatch:
         self.tries = tries
         self.route: Route | None = None
         again = head.method in http1.IDEMPOTENT or head.retry
-        self.out = Outbox(chunked=head.chunked, replayable=again)
+        self.out = Outbox(head.chunked, again)  # (keywords to a class cost CPython a dict)
         self.attempt: Attempt | None = None  # the current try, while in flight
         self.conn: UpstreamConnection | None = None  # the current try's
         self.endpoint: Endpoint | None = None  # the last try's

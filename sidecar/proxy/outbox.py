@@ -32,7 +32,7 @@ class Outbox:
         "replayable",
     )
 
-    def __init__(self, *, chunked: bool, replayable: bool) -> None:
+    def __init__(self, chunked: bool, replayable: bool) -> None:
         self._chunked = chunked
         self._pending: list[bytes] = []  # framed request bytes not yet written upstream
         self._pending_size = 0
