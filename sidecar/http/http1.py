@@ -296,6 +296,10 @@ def _mesh_header(head: RequestHead, action: int, value: bytes) -> None:
             head.attempt = number
 
 
+#: ``x-meshlet-attempt`` lines of the first tries, made once
+_ATTEMPT_LINES: Final = tuple(b"x-meshlet-attempt: %d\r\n" % n for n in range(8))
+
+
 def upstream_request(
     head: RequestHead, client_ip: bytes, attempt: int = 0, deadline_ms: int | None = None
 ) -> bytes:
@@ -321,7 +325,11 @@ def upstream_request(
     if head.upgrade:
         out.append(b"connection: upgrade\r\nupgrade: " + head.upgrade_value + b"\r\n")
     if attempt:
-        out.append(b"x-meshlet-attempt: %d\r\n" % attempt)
+        out.append(
+            _ATTEMPT_LINES[attempt]
+            if attempt < len(_ATTEMPT_LINES)
+            else b"x-meshlet-attempt: %d\r\n" % attempt
+        )
     if deadline_ms is not None:
         out.append(b"x-meshlet-deadline-ms: %d\r\n" % deadline_ms)
     out.append(b"\r\n")
@@ -450,25 +458,22 @@ def downstream_response(
     resp: ResponseHead, *, chunked: bool, keep_alive: bool, client_version: str
 ) -> bytes:
     """The head sent to the client, with our framing and Connection."""
-    if chunked:
-        codings = resp.codings + b", chunked" if resp.codings else b"chunked"
-        end = b"transfer-encoding: " + codings + b"\r\n"
-    elif resp.codings:
-        end = b"transfer-encoding: " + resp.codings + b"\r\n"
-    else:
-        end = b""
-    if not keep_alive:
-        end += b"connection: close\r\n\r\n"
-    elif client_version == "1.0":
-        end += b"connection: keep-alive\r\n\r\n"
-    else:
-        end += b"\r\n"
     line = _STATUS_LINES.get((resp.status, resp.reason))
     if line is None:
         line = b"HTTP/1.1 %d %s\r\n" % (resp.status, reason_phrase(resp.status, resp.reason))
     out = [line]
     out.extend(resp.lines)
-    out.append(end)
+    if chunked:
+        codings = resp.codings + b", chunked" if resp.codings else b"chunked"
+        out.append(b"transfer-encoding: " + codings + b"\r\n")
+    elif resp.codings:
+        out.append(b"transfer-encoding: " + resp.codings + b"\r\n")
+    if not keep_alive:
+        out.append(b"connection: close\r\n\r\n")
+    elif client_version == "1.0":
+        out.append(b"connection: keep-alive\r\n\r\n")
+    else:
+        out.append(b"\r\n")
     return b"".join(out)
 
 
