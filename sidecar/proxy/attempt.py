@@ -12,6 +12,7 @@ the exchange that hedged it (a ``HedgeOwner``), which decides whether it wins.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from control_plane.wire import Endpoint
@@ -41,8 +42,7 @@ class Attempt:
         self.probing = False
         if stats.excluded_until > now:  # the balancer chose among all: too few are available
             members = route.balancer.members
-            available = sum(1 for m in members if m.stats.excluded_until <= now)
-            route.service.panic(now, available, len(members))
+            route.service.panic(now, _available(members, now), len(members))
         elif stats.ejection is not None and stats.ejection.phase is Phase.EJECTED:
             outlier.probe(stats)  # an ejected endpoint whose time is up: this try probes it
             self.probing = True
@@ -83,6 +83,12 @@ class Attempt:
             outlier.abandon(self.stats, self.route.clock.monotonic())
         self.tried_at = 0.0
         self.probing = False
+
+
+def _available(members: Sequence[Member], now: float) -> int:
+    """How many of ``members`` are not excluded (apart from ``Attempt``: a generator makes
+    CPython 3.11 build a closure cell at each call of the function holding it)."""
+    return sum(1 for m in members if m.stats.excluded_until <= now)
 
 
 def elsewhere(route: Route, endpoint: Endpoint | None) -> bool:
