@@ -435,13 +435,12 @@ def retry_after(resp: ResponseHead) -> float | None:
     return max(0.0, when.timestamp() - wall())
 
 
-#: the status lines of final responses with their usual reason phrase (or none), made once:
-#: ``(status, reason) -> line``
-_STATUS_LINES: Final[dict[tuple[int, bytes], bytes]] = {
-    (s.value, reason): b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode())
+#: the status lines of final responses with their usual reason phrase, made once:
+#: ``status -> (reason, line)``, for a response with that reason or none
+_STATUS_LINES: Final[dict[int, tuple[bytes, bytes]]] = {
+    s.value: (s.phrase.encode(), b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()))
     for s in HTTPStatus
     if s.value >= 200
-    for reason in (s.phrase.encode(), b"")
 }
 
 
@@ -458,8 +457,10 @@ def downstream_response(
     resp: ResponseHead, *, chunked: bool, keep_alive: bool, client_version: str
 ) -> bytes:
     """The head sent to the client, with our framing and Connection."""
-    line = _STATUS_LINES.get((resp.status, resp.reason))
-    if line is None:
+    usual = _STATUS_LINES.get(resp.status)
+    if usual is not None and (not resp.reason or resp.reason == usual[0]):
+        line = usual[1]
+    else:
         line = b"HTTP/1.1 %d %s\r\n" % (resp.status, reason_phrase(resp.status, resp.reason))
     out = [line]
     out.extend(resp.lines)

@@ -86,7 +86,9 @@ class TryPolicy:
     """seconds before the first try is hedged (inf: no hedging)"""
     retries: int = 0
     """retries after the first try (0: the route does not retry)"""
-    retry_on: tuple[str | int, ...] = ()
+    retry_on: frozenset[str | int] = frozenset()
+    """what a try may end with to be retried (a set: asked of every response, most of which
+    it does not hold: a tuple compared a 200 with each of its strings and numbers)"""
     max_retries: int = 0
     """requests of the service retrying at once"""
     budget_ratio: float = 0.0
@@ -104,7 +106,7 @@ class TryPolicy:
             per_try=per_try / 1000 if retries else math.inf,
             hedge=hedge.after_ms / 1000 if hedge is not None and not relay else math.inf,
             retries=retries,
-            retry_on=policy.retry_on,
+            retry_on=frozenset(policy.retry_on),
             max_retries=policy.max_retries,
             budget_ratio=policy.retry_budget.ratio,
             budget_min_per_s=policy.retry_budget.min_per_s,
