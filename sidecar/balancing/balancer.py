@@ -142,6 +142,11 @@ class _Members:
         pool = self.zone_pool()
         if not avoid and now >= self._exclusions.until and not self._exclusions.probing:
             return pool  # nobody asked for a pause: all are available
+        return self._narrowed(pool, avoid, now)
+
+    def _narrowed(self, pool: list[int], avoid: tuple[Endpoint, ...], now: float) -> list[int]:
+        # (apart from ``candidates``: a comprehension makes CPython 3.11 build closure cells
+        # at each call of the function holding it, taken or not)
         members = self.members
         ready = [i for i in pool if members[i].stats.excluded_until <= now]
         if len(ready) * 100 < self._panic * len(pool) or not ready:
@@ -152,6 +157,10 @@ class _Members:
 
     def slow_start(self, now: float) -> list[float]:
         return [self.weight(i, now) / w if w else 1.0 for i, w in enumerate(self.weights)]
+
+    def weights_at(self, pool: list[int], now: float) -> list[float]:
+        """The weights of the members ``pool`` names, slow start applied."""
+        return [self.weight(i, now) for i in pool]
 
     def weight(self, i: int, now: float) -> float:
         if now < self._ramp_end:
@@ -175,9 +184,7 @@ class RoundRobin(_Members):
         now = self.clock.monotonic()
         pool = self.candidates(avoid, now)
         current = self._current
-        weights = (
-            self.weights if now >= self._ramp_end else [self.weight(i, now) for i in self._all]
-        )
+        weights = self.weights if now >= self._ramp_end else self.weights_at(self._all, now)
         best = pool[0]
         total = 0.0
         for i in pool:
@@ -196,8 +203,7 @@ class WeightedRandom(_Members):
             return None
         now = self.clock.monotonic()
         pool = self.candidates(avoid, now)
-        weights = [self.weight(i, now) for i in pool]
-        return self.members[random.choices(pool, weights)[0]]
+        return self.members[random.choices(pool, self.weights_at(pool, now))[0]]
 
 
 class LeastRequest(_Members):
@@ -234,6 +240,11 @@ class LeastRequest(_Members):
         if self._equal and now >= self._ramp_end:
             x, y = random.sample(pool, 2)
             return self._better(members[x], members[y], now)
+        return self._weighted(pool, now)
+
+    def _weighted(self, pool: list[int], now: float) -> Member:
+        """A weighted choice on weight / cost (apart from ``pick``: see ``_narrowed``)."""
+        members = self.members
         latencies = [self._latency(members[i], now) for i in pool]
         measured = [t for i, t in zip(pool, latencies, strict=True) if members[i].stats.tries]
         guess = min(measured, default=1.0)

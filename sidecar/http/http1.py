@@ -23,6 +23,7 @@ from sidecar.http.headers import (
     CL,
     CONN,
     DEADLINE,
+    DROP,
     EXPECT,
     FORWARD,
     HOST,
@@ -70,9 +71,9 @@ def new_request_id() -> bytes:
 
 class HeadLines:
     """What request and response heads read alike: the lines forwarded as they came, those
-    read but not forwarded (counted, for the limits), the transfer codings, and the names
-    ``Connection`` lists. (Subclasses set these fields in their own ``__init__``: one call
-    fewer a head.)"""
+    read but not forwarded (counted, for the limits, by each ``add``), the transfer codings,
+    and the names ``Connection`` lists. (Subclasses set these fields in their own
+    ``__init__``: one call fewer a head.)"""
 
     __slots__ = ("_custom", "_te", "lines", "unlisted", "unlisted_bytes", "upgrade_value")
 
@@ -86,18 +87,16 @@ class HeadLines:
     _te: list[bytes] | None
     _custom: frozenset[bytes] | None
 
-    def _read(self, action: int, name: bytes, value: bytes) -> frozenset[bytes] | None:
-        """A line not forwarded as it came: counted; Transfer-Encoding, Upgrade and
-        Connection read (Connection's tokens returned, for the caller to look at)."""
-        self.unlisted += 1
-        self.unlisted_bytes += len(name) + len(value) + 4
+    def _hop_by_hop(self, action: int, value: bytes) -> frozenset[bytes] | None:
+        """Transfer-Encoding, Upgrade and Connection read (Connection's tokens returned, for
+        the caller to look at)."""
         if action == TE:
             codings = split_codings(value)
             self._te = codings if self._te is None else self._te + codings
         elif action == CONN:
             tokens = connection_tokens(value)
-            extra = tokens - KEPT_TOKENS
-            if extra:
+            if not tokens <= KEPT_TOKENS:  # names to drop (the test allocates no set)
+                extra = tokens - KEPT_TOKENS
                 self._custom = extra if self._custom is None else self._custom | extra
             return tokens
         elif action == UPGRADE:
@@ -137,34 +136,34 @@ class RequestHead(HeadLines):
         self, method: bytes, target: bytes, version: str, authority: bytes | None = None
     ) -> None:
         self.method = method
+        #: origin-form path and query, as sent upstream
         self.target = target
-        """origin-form path and query, as sent upstream"""
         self.version = version
+        #: (from ``complete``)
         self.keep_alive = True
-        """(from ``complete``)"""
+        #: absolute-form authority, else the Host header
         self.authority = authority
-        """absolute-form authority, else the Host header"""
+        #: absolute-form: sent to a proxy (``http_proxy``), for the host it names
         self.proxied = authority is not None
-        """absolute-form: sent to a proxy (``http_proxy``), for the host it names"""
         self.chunked = False
         self.upgrade = False
         self.expect_continue = False
         self.has_body = False
+        #: the ``Content-Length`` (-1: none)
         self.content_length = -1
-        """the ``Content-Length`` (-1: none)"""
         self.request_id = b""
+        #: transfer codings before the final chunked (kept when the body is re-chunked)
         self.codings = b""
-        """transfer codings before the final chunked (kept when the body is re-chunked)"""
         self.forwarded_for = b""
         self.upgrade_value = b""
+        #: ``x-meshlet-deadline-ms``: what an earlier hop left of its deadline
         self.deadline_ms: int | None = None
-        """``x-meshlet-deadline-ms``: what an earlier hop left of its deadline"""
+        #: ``x-meshlet-timeout-ms``: the caller's own shorter timeout
         self.timeout_ms: int | None = None
-        """``x-meshlet-timeout-ms``: the caller's own shorter timeout"""
+        #: ``x-meshlet-attempt``: the try of an earlier hop that retries (0: none)
         self.attempt = 0
-        """``x-meshlet-attempt``: the try of an earlier hop that retries (0: none)"""
+        #: ``x-meshlet-retry: on``: retry even a method that is not idempotent
         self.retry = False
-        """``x-meshlet-retry: on``: retry even a method that is not idempotent"""
         self.lines = []
         self.unlisted = self.unlisted_bytes = 0
         # what the lines decide only together, until ``complete``
@@ -207,17 +206,20 @@ class RequestHead(HeadLines):
             if value and not self.request_id:
                 self.request_id = value
             self.lines.append(b"%s: %s\r\n" % (name, value))
-        else:  # read, or dropped: not among the lines
-            tokens = self._read(action, name, value)
-            if tokens is not None:
-                self._connection_upgrade = self._connection_upgrade or b"upgrade" in tokens
-            elif action == TE:
-                self.chunked = True  # httptools accepts only a final "chunked"
+        else:  # read, or dropped: not among the lines (counted, for the limits)
+            self.unlisted += 1
+            self.unlisted_bytes += len(name) + len(value) + 4
+            if action >= DEADLINE:  # the mesh's own: read, never forwarded as sent
+                _mesh_header(self, action, value.strip())
             elif action == XFF:
                 xff = self.forwarded_for
                 self.forwarded_for = xff + b", " + value if xff else value
-            elif action >= DEADLINE:  # the mesh's own: read, never forwarded as sent
-                _mesh_header(self, action, value.strip())
+            elif action != DROP:
+                tokens = self._hop_by_hop(action, value)
+                if tokens is not None:
+                    self._connection_upgrade = self._connection_upgrade or b"upgrade" in tokens
+                elif action == TE:
+                    self.chunked = True  # httptools accepts only a final "chunked"
 
     def complete(self, keep_alive: bool) -> None:
         """The last header line came: what the lines decide together."""
@@ -294,6 +296,10 @@ def _mesh_header(head: RequestHead, action: int, value: bytes) -> None:
             head.attempt = number
 
 
+#: ``x-meshlet-attempt`` lines of the first tries, made once
+_ATTEMPT_LINES: Final = tuple(b"x-meshlet-attempt: %d\r\n" % n for n in range(8))
+
+
 def upstream_request(
     head: RequestHead, client_ip: bytes, attempt: int = 0, deadline_ms: int | None = None
 ) -> bytes:
@@ -310,7 +316,7 @@ def upstream_request(
     out.append(b"\r\nx-forwarded-proto: http\r\n")
     if not head.request_id:
         head.request_id = new_request_id()
-        out.append(b"x-request-id: %s\r\n" % head.request_id)
+        out.append(b"x-request-id: " + head.request_id + b"\r\n")
     if head.chunked:
         if head.codings:
             out.append(b"transfer-encoding: " + head.codings + b", chunked\r\n")
@@ -319,7 +325,11 @@ def upstream_request(
     if head.upgrade:
         out.append(b"connection: upgrade\r\nupgrade: " + head.upgrade_value + b"\r\n")
     if attempt:
-        out.append(b"x-meshlet-attempt: %d\r\n" % attempt)
+        out.append(
+            _ATTEMPT_LINES[attempt]
+            if attempt < len(_ATTEMPT_LINES)
+            else b"x-meshlet-attempt: %d\r\n" % attempt
+        )
     if deadline_ms is not None:
         out.append(b"x-meshlet-deadline-ms: %d\r\n" % deadline_ms)
     out.append(b"\r\n")
@@ -346,18 +356,18 @@ class ResponseHead(HeadLines):
         self.status = status
         self.reason = reason
         self.lines = []
+        #: the final transfer coding is chunked
         self.chunked = False
-        """the final transfer coding is chunked"""
+        #: transfer codings other than a final chunked (a read-until-close body), kept
         self.codings = b""
-        """transfer codings other than a final chunked (a read-until-close body), kept"""
+        #: has a Content-Length
         self.sized = False
-        """has a Content-Length"""
+        #: the upstream closes the connection after it
         self.close = False
-        """the upstream closes the connection after it"""
         self.upgrade_value = b""
+        #: where its body ends, as the upstream sends it (``framing.response_framing``; the
+        #: answer to a HEAD request has none, whatever this says)
         self.framing = framing.EMPTY
-        """where its body ends, as the upstream sends it (``framing.response_framing``; the
-        answer to a HEAD request has none, whatever this says)"""
         self.unlisted = self.unlisted_bytes = 0
         self._te = None
         self._custom = None
@@ -378,7 +388,9 @@ class ResponseHead(HeadLines):
             self.sized = True
             self.lines.append(b"%s: %s\r\n" % (name, value))
             return
-        tokens = self._read(action, name, value)  # read, or dropped: not among the lines
+        self.unlisted += 1  # read, or dropped: not among the lines (counted, for the limits)
+        self.unlisted_bytes += len(name) + len(value) + 4
+        tokens = self._hop_by_hop(action, value)
         if tokens is not None:
             self.close = self.close or b"close" in tokens
 
@@ -423,6 +435,15 @@ def retry_after(resp: ResponseHead) -> float | None:
     return max(0.0, when.timestamp() - wall())
 
 
+#: the status lines of final responses with their usual reason phrase, made once:
+#: ``status -> (reason, line)``, for a response with that reason or none
+_STATUS_LINES: Final[dict[int, tuple[bytes, bytes]]] = {
+    s.value: (s.phrase.encode(), b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()))
+    for s in HTTPStatus
+    if s.value >= 200
+}
+
+
 def reason_phrase(status: int, given: bytes) -> bytes:
     if given:
         return given
@@ -436,22 +457,24 @@ def downstream_response(
     resp: ResponseHead, *, chunked: bool, keep_alive: bool, client_version: str
 ) -> bytes:
     """The head sent to the client, with our framing and Connection."""
+    usual = _STATUS_LINES.get(resp.status)
+    if usual is not None and (not resp.reason or resp.reason == usual[0]):
+        line = usual[1]
+    else:
+        line = b"HTTP/1.1 %d %s\r\n" % (resp.status, reason_phrase(resp.status, resp.reason))
+    out = [line]
+    out.extend(resp.lines)
     if chunked:
         codings = resp.codings + b", chunked" if resp.codings else b"chunked"
-        end = b"transfer-encoding: " + codings + b"\r\n"
+        out.append(b"transfer-encoding: " + codings + b"\r\n")
     elif resp.codings:
-        end = b"transfer-encoding: " + resp.codings + b"\r\n"
-    else:
-        end = b""
+        out.append(b"transfer-encoding: " + resp.codings + b"\r\n")
     if not keep_alive:
-        end += b"connection: close\r\n\r\n"
+        out.append(b"connection: close\r\n\r\n")
     elif client_version == "1.0":
-        end += b"connection: keep-alive\r\n\r\n"
+        out.append(b"connection: keep-alive\r\n\r\n")
     else:
-        end += b"\r\n"
-    out = [b"HTTP/1.1 %d %s\r\n" % (resp.status, reason_phrase(resp.status, resp.reason))]
-    out.extend(resp.lines)
-    out.append(end)
+        out.append(b"\r\n")
     return b"".join(out)
 
 

@@ -12,6 +12,7 @@ the exchange that hedged it (a ``HedgeOwner``), which decides whether it wins.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from control_plane.wire import Endpoint
@@ -37,18 +38,17 @@ class Attempt:
         stats: EndpointStats = member.stats
         self.stats = stats
         now = route.clock.monotonic()
+        #: this try probes an ejected endpoint: its outcome restores or ejects it again
         self.probing = False
-        """this try probes an ejected endpoint: its outcome restores or ejects it again"""
         if stats.excluded_until > now:  # the balancer chose among all: too few are available
             members = route.balancer.members
-            available = sum(1 for m in members if m.stats.excluded_until <= now)
-            route.service.panic(now, available, len(members))
+            route.service.panic(now, _available(members, now), len(members))
         elif stats.ejection is not None and stats.ejection.phase is Phase.EJECTED:
             outlier.probe(stats)  # an ejected endpoint whose time is up: this try probes it
             self.probing = True
         stats.in_flight += 1
+        #: when the try began on the route's clock; 0 once its outcome is recorded
         self.tried_at = now
-        """when the try began on the route's clock; 0 once its outcome is recorded"""
 
     def __repr__(self) -> str:
         e = self.endpoint
@@ -85,6 +85,12 @@ class Attempt:
         self.probing = False
 
 
+def _available(members: Sequence[Member], now: float) -> int:
+    """How many of ``members`` are not excluded (apart from ``Attempt``: a generator makes
+    CPython 3.11 build a closure cell at each call of the function holding it)."""
+    return sum(1 for m in members if m.stats.excluded_until <= now)
+
+
 def elsewhere(route: Route, endpoint: Endpoint | None) -> bool:
     """Whether an endpoint of ``route`` other than ``endpoint`` is available now."""
     now = route.clock.monotonic()
@@ -105,10 +111,6 @@ class HedgeOwner(Protocol):
     def hedged_lost(
         self, hedged: Hedged, failed: bool, retry_after: float | None = None
     ) -> None: ...
-
-    def cork(self) -> None: ...
-
-    def uncork(self) -> None: ...
 
 
 class Hedged:
@@ -163,9 +165,3 @@ class Hedged:
 
     def upstream_paused(self, paused: bool) -> None:
         pass
-
-    def cork(self) -> None:
-        self.owner.cork()
-
-    def uncork(self) -> None:
-        self.owner.uncork()

@@ -69,7 +69,7 @@ class Dispatch:
         self.tries = tries
         self.route: Route | None = None
         again = head.method in http1.IDEMPOTENT or head.retry
-        self.out = Outbox(chunked=head.chunked, replayable=again)
+        self.out = Outbox(head.chunked, again)  # (keywords to a class cost CPython a dict)
         self.attempt: Attempt | None = None  # the current try, while in flight
         self.conn: UpstreamConnection | None = None  # the current try's
         self.endpoint: Endpoint | None = None  # the last try's
@@ -199,7 +199,7 @@ class Dispatch:
         self._sent = True  # from here on the app may see it
         out = self.out
         held_back = out.held_back
-        conn.send(owner, out.take())
+        conn.send(owner, out.take(), self.client)
         if held_back:  # (the client was paused for ``pending`` only then)
             self.client.pause_reading("pending", False)
 
@@ -354,12 +354,6 @@ class Dispatch:
         self.conn, self.attempt = None, None
         self._try(attempt.endpoint, now)
 
-    def cork(self) -> None:
-        self.client.cork()
-
-    def uncork(self) -> None:
-        self.client.uncork()
-
     def hedged_lost(self, hedged: Hedged, failed: bool, retry_after: float | None = None) -> None:
         if self._hedged is hedged:
             self._hedged = None
@@ -419,8 +413,9 @@ class Dispatch:
     def cancel(self) -> None:
         """Stop all upstream work: the try (a client gone mid-try: nothing learnt), a hedged
         try, a connect in progress, a retry waiting, the connection in use."""
-        if self.attempt is not None:
-            self._end_try()
+        attempt, self.attempt = self.attempt, None  # (``_end_try``, inline: once a request)
+        if attempt is not None:
+            attempt.end()
         if self._hedged is not None:
             self._drop_hedged()
         if self._connecting is not None:

@@ -259,12 +259,6 @@ class Exchange:
     def upstream_paused(self, paused: bool) -> None:
         self.client.pause_reading("upstream", paused)
 
-    def cork(self) -> None:
-        self.client.cork()
-
-    def uncork(self) -> None:
-        self.client.uncork()
-
     # -- endings --------------------------------------------------------------------------
 
     def route_timeout(self) -> None:

@@ -32,18 +32,18 @@ class Outbox:
         "replayable",
     )
 
-    def __init__(self, *, chunked: bool, replayable: bool) -> None:
+    def __init__(self, chunked: bool, replayable: bool) -> None:
         self._chunked = chunked
         self._pending: list[bytes] = []  # framed request bytes not yet written upstream
         self._pending_size = 0
         # the body so far, for another try; None: too big, or a request never sent twice
         self._replay: list[bytes] | None = [] if replayable else None
         self._replay_size = 0
+        #: the whole body so far is kept: another try can send it again
         self.replayable = replayable
-        """the whole body so far is kept: another try can send it again"""
         self._trailers: Headers | None = None  # (most requests have none)
+        #: ``hold`` went over ``PENDING_LIMIT`` (the client was paused) since the last ``take``
         self.held_back = False
-        """``hold`` went over ``PENDING_LIMIT`` (the client was paused) since the last ``take``"""
 
     def __repr__(self) -> str:
         kept = "not kept" if self._replay is None else f"{self._replay_size} bytes kept"

@@ -100,7 +100,7 @@ class Pool(Home):
             conn.close()
             return
         conn.owner = None
-        loop = self._event_loop()
+        loop = self._loop or self._event_loop()
         conn.idle_since = loop.time()
         self._idle.append(conn)
         if self._sweeper is None:

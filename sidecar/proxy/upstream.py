@@ -40,6 +40,10 @@ class ResponseSink(Protocol):
 
     def upstream_paused(self, paused: bool) -> None: ...
 
+
+class Corkable(Protocol):
+    """The client connection a response goes to, as the upstream connection sees it."""
+
     def cork(self) -> None:
         """Hold writes to the client until ``uncork`` (one upstream read, one client send)."""
         ...
@@ -79,6 +83,7 @@ class UpstreamConnection(asyncio.Protocol):
     """
 
     __slots__ = (
+        "_client",
         "_done",
         "_fresh",
         "_head",
@@ -103,6 +108,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.owner: ResponseSink | None = None
+        self._client: Corkable | None = None  # whose request is in flight (its writes corked)
         self._parser = httptools.HttpResponseParser(self)
         self._reader = HeadReader()  # the head being read, and the limits of heads, trailers
         self._in_body = False
@@ -133,15 +139,15 @@ class UpstreamConnection(asyncio.Protocol):
         if self._raw is not None:
             self._raw(data)
             return
-        owner = self.owner
-        if owner is None:  # bytes nobody asked for: the connection is not sane
+        client = self._client
+        if self.owner is None or client is None:  # bytes nobody asked for: not sane
             self.close()
             return
         self._fresh = b"" if self.received else data
         self.received = True
         reader = self._reader
         reader.read = n = len(data)
-        owner.cork()
+        client.cork()
         try:
             self._parser.feed_data(data)
             if (reader.in_head or reader.trailer_watch) and not reader.read_ended(n):
@@ -163,7 +169,9 @@ class UpstreamConnection(asyncio.Protocol):
                 done, self.owner = self.owner, None
                 if done is not None:
                     done.response_complete()
-            owner.uncork()
+            client.uncork()
+            if self.owner is None:  # (an idle connection holds on to no client)
+                self._client = None
 
     def eof_received(self) -> bool | None:
         if self.owner is not None and self._in_body:
@@ -275,9 +283,11 @@ class UpstreamConnection(asyncio.Protocol):
     def alive(self) -> bool:
         return self.transport is not None and not self.transport.is_closing()
 
-    def send(self, owner: ResponseSink, data: bytes) -> None:
-        """Start a request: ``owner`` gets the response; ``data`` is its head (and body)."""
+    def send(self, owner: ResponseSink, data: bytes, client: Corkable) -> None:
+        """Start a request: ``owner`` gets the response, which goes to ``client``; ``data``
+        is its head (and body)."""
         self.owner = owner
+        self._client = client
         self.received = False
         self._reader.expect_head()
         self.requests += 1
@@ -301,6 +311,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def close(self) -> None:
         self.owner = None
+        self._client = None
         self.reusable = False
         if self.transport is not None:
             self.transport.abort()

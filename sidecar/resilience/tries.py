@@ -86,7 +86,9 @@ class TryPolicy:
     """seconds before the first try is hedged (inf: no hedging)"""
     retries: int = 0
     """retries after the first try (0: the route does not retry)"""
-    retry_on: tuple[str | int, ...] = ()
+    retry_on: frozenset[str | int] = frozenset()
+    """what a try may end with to be retried (a set: asked of every response, most of which
+    it does not hold: a tuple compared a 200 with each of its strings and numbers)"""
     max_retries: int = 0
     """requests of the service retrying at once"""
     budget_ratio: float = 0.0
@@ -104,7 +106,7 @@ class TryPolicy:
             per_try=per_try / 1000 if retries else math.inf,
             hedge=hedge.after_ms / 1000 if hedge is not None and not relay else math.inf,
             retries=retries,
-            retry_on=policy.retry_on,
+            retry_on=frozenset(policy.retry_on),
             max_retries=policy.max_retries,
             budget_ratio=policy.retry_budget.ratio,
             budget_min_per_s=policy.retry_budget.min_per_s,
@@ -146,16 +148,16 @@ class Tries:
         self.state = QUEUED
         self.request_done = False
         self._has_body = False
+        #: tries started (a try resent because none of it went out stays the same try)
         self.attempt = 0
-        """tries started (a try resent because none of it went out stays the same try)"""
+        #: tries resent elsewhere because none of them went out
         self.resends = 0
-        """tries resent elsewhere because none of them went out"""
         self.may_retry = False
         self.hedging = False
+        #: counted in the service's ``retrying`` (``max_retries``) until the request ends
         self.retrying = False
-        """counted in the service's ``retrying`` (``max_retries``) until the request ends"""
+        #: seconds: the wait for the response head, from the end of the request
         self.timeout = 0.0
-        """seconds: the wait for the response head, from the end of the request"""
         self.hard_deadline = math.inf
         self.route_deadline = math.inf
         self.try_deadline = math.inf
@@ -195,13 +197,14 @@ class Tries:
         self.request_done = request_done
         self._has_body = has_body
         timeout = policy.timeout
-        for ms in (timeout_ms, deadline_ms):
-            if ms is None:
-                continue
-            if relayed:  # that hop's wait for the head: it shortens this one
-                timeout = min(timeout, ms / 1000)
-            else:  # the caller's own: it bounds everything, the body included
-                self.hard_deadline = min(self.hard_deadline, now + ms / 1000)
+        if timeout_ms is not None or deadline_ms is not None:  # (most requests have neither)
+            for ms in (timeout_ms, deadline_ms):
+                if ms is None:
+                    continue
+                if relayed:  # that hop's wait for the head: it shortens this one
+                    timeout = min(timeout, ms / 1000)
+                else:  # the caller's own: it bounds everything, the body included
+                    self.hard_deadline = min(self.hard_deadline, now + ms / 1000)
         self.timeout = timeout
         if has_body and not request_done:  # the wait for the head starts at its end
             self.route_deadline = self.hard_deadline

@@ -182,6 +182,16 @@ async def test_http10_clients(mesh: Mesh) -> None:
     assert (r1.body, r2.body) == (b"xx", b"xx")
 
 
+async def test_each_pipelined_request_has_its_own_version(mesh: Mesh) -> None:
+    """The version is read off the read's first request line only: an HTTP/1.0 request
+    behind an HTTP/1.1 one, the same up to the version, in the same read, stays HTTP/1.0."""
+    line = b"GET /sized?size=2 HTTP/1.%d\r\nHost: svc\r\nConnection: keep-alive\r\n\r\n"
+    r1, r2, r3 = await request(mesh.outbound, line % 1 + line % 0 + line % 1, count=3)
+    # an HTTP/1.0 client is told the connection stays open; an HTTP/1.1 one need not be
+    assert [r.header("connection") for r in (r1, r2, r3)] == [None, "keep-alive", None]
+    assert (r1.body, r2.body, r3.body) == (b"xx", b"xx", b"xx")
+
+
 # -- headers ----------------------------------------------------------------------------------
 
 
