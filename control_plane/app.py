@@ -132,8 +132,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     yield
     app[api.READY].ready = False
     background.cancel()  # step 4
-    with contextlib.suppress(asyncio.CancelledError):
-        await background
+    await _stopped(background)
     with contextlib.suppress(StoreError):
         await tokens.flush()
     if replica is not None:
@@ -161,6 +160,31 @@ async def _background(
         tasks.create_task(publisher.run(), name="publisher")
         tasks.create_task(run_reaper(tokens.flush, TOKEN_FLUSH_EVERY), name="token-flush")
         tasks.create_task(_probe_store(store, ready), name="store-probe")
+
+
+STOP_WITHIN = 10.0
+"""seconds the background tasks get to finish once cancelled"""
+
+
+async def _stopped(background: asyncio.Task[None]) -> None:
+    """Wait for the cancelled background tasks; one that does not stop within STOP_WITHIN is
+    a bug: logged with where every task still waits, and shutdown goes on without it."""
+    done, _ = await asyncio.wait([background], timeout=STOP_WITHIN)
+    if done:
+        with contextlib.suppress(asyncio.CancelledError):
+            background.result()
+        return
+    log.error("bug: background tasks did not stop within %.0fs; going on", STOP_WITHIN)
+    for task in asyncio.all_tasks():
+        if task is not asyncio.current_task():
+            log.error("still running: %r", task, stack_info=False)
+            for frame in task.get_stack(limit=8):
+                log.error(
+                    "    %s:%d in %s",
+                    frame.f_code.co_filename,
+                    frame.f_lineno,
+                    frame.f_code.co_name,
+                )
 
 
 async def _probe_store(store: Store, ready: api.Readiness) -> None:

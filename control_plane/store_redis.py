@@ -38,6 +38,8 @@ speaks TLS; ``?ssl_ca_certs=PATH`` names the CA bundle the server's certificate 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import re
@@ -473,7 +475,9 @@ class RedisStore:
         await self._call(self._redis.set(self._probe, repr(time.time())))
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        with contextlib.suppress(TimeoutError, RedisError, OSError):
+            async with asyncio.timeout(TIMEOUT):
+                await self._redis.aclose()
 
     # -- what replicas share (control_plane.replica) ---------------------------------------
 
