@@ -87,7 +87,8 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
 end
 return false
 """
-# Renew and release: only by its holder.
+# Renew (ARGV: holder, ms) and release (ARGV: holder): only by the holder (KEYS: the lease or
+# the lock; a lock's holder is its token).
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
     return redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -100,11 +101,29 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+# Health pairs (key, value; "" for healthy) from ARGV[first] to the one before the last ARGV
+# (the change stream's length), for instances still registered, each with its change entry.
+_PUT_HEALTH = """
+local function put_health(first, instances, health, changes)
+    for i = first, #ARGV - 1, 2 do
+        if redis.call('HEXISTS', instances, ARGV[i]) == 1 then
+            if ARGV[i + 1] == '' then
+                redis.call('HDEL', health, ARGV[i])
+            else
+                redis.call('HSET', health, ARGV[i], ARGV[i + 1])
+            end
+            redis.call('XADD', changes, 'MAXLEN', '~', ARGV[#ARGV], '*', 'k', 'h', 'key', ARGV[i])
+        end
+    end
+end
+"""
 # The reaper's writes, fenced: they happen only while KEYS[1] (the lease) is held by ARGV[1]
 # and the fence is still ARGV[2] (nobody acquired the lease since). KEYS: lease, fence,
 # instances, health, seen, changes. ARGV: holder, token, removed count, removed keys, then
 # health pairs (key, value; "" for healthy).
-_EXPIRE = """
+_EXPIRE = (
+    _PUT_HEALTH
+    + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('GET', KEYS[2]) ~= ARGV[2] then
     return 0
 end
@@ -115,19 +134,12 @@ for i = 4, 3 + removed do
     redis.call('HDEL', KEYS[5], ARGV[i])
     redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[#ARGV], '*', 'k', 'i', 'key', ARGV[i])
 end
-for i = 4 + removed, #ARGV - 1, 2 do
-    if redis.call('HEXISTS', KEYS[3], ARGV[i]) == 1 then
-        if ARGV[i + 1] == '' then
-            redis.call('HDEL', KEYS[4], ARGV[i])
-        else
-            redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 1])
-        end
-        redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[#ARGV], '*', 'k', 'h', 'key', ARGV[i])
-    end
-end
+put_health(4 + removed, KEYS[3], KEYS[4], KEYS[6])
 return 1
 """
-# App locks (KEYS: the lock, the fence). Acquire: free -> the next token, held for ARGV[1] ms.
+)
+# App locks (KEYS: the lock, the fence). Acquire: free -> the next token, held for ARGV[1] ms;
+# renewed and released with _RENEW and _RELEASE.
 _LOCK = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
     return false
@@ -137,40 +149,21 @@ redis.call('SET', KEYS[1], token, 'PX', ARGV[1])
 return token
 """
 # Renew (ARGV: token, ms) and release (ARGV: token): only by the token that holds it.
-_RENEW_LOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-    redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    return 1
-end
-return 0
-"""
-_UNLOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-    return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
 # A replica's batch of liveness, for instances still registered. KEYS: instances, seen,
 # health, changes. ARGV: seen count, seen pairs (key, time), health pairs (key, value; "" for
 # healthy), then the change stream's length.
-_SHARE = """
+_SHARE = (
+    _PUT_HEALTH
+    + """
 local seen = tonumber(ARGV[1])
 for i = 2, 2 * seen, 2 do
     if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 1 then
         redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
     end
 end
-for i = 2 + 2 * seen, #ARGV - 1, 2 do
-    if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 1 then
-        if ARGV[i + 1] == '' then
-            redis.call('HDEL', KEYS[3], ARGV[i])
-        else
-            redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
-        end
-        redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[#ARGV], '*', 'k', 'h', 'key', ARGV[i])
-    end
-end
+put_health(2 + 2 * seen, KEYS[1], KEYS[3], KEYS[4])
 """
+)
 # Where the change stream stands: its last id ("0-0": none yet), how many entries were ever
 # added to it, and how many it holds (the rest were trimmed, oldest first). KEYS: changes.
 _POSITION = """
@@ -254,8 +247,6 @@ class RedisStore:
         self._share = self._redis.register_script(_SHARE)
         self._position = self._redis.register_script(_POSITION)
         self._lock = self._redis.register_script(_LOCK)
-        self._renew_lock = self._redis.register_script(_RENEW_LOCK)
-        self._unlock = self._redis.register_script(_UNLOCK)
         self._lock_fence, self._grants = f"{p}lock-fence", f"{p}lock-grants"
 
     @classmethod
@@ -456,12 +447,12 @@ class RedisStore:
 
     async def renew_lock(self, key: str, token: int, ttl_ms: int) -> int | None:
         lock = f"{self.prefix}lock:{key}"
-        renewed = await self._call(self._renew_lock(keys=[lock], args=[str(token), ttl_ms]))
+        renewed = await self._call(self._renew(keys=[lock], args=[str(token), ttl_ms]))
         return ttl_ms if renewed else None
 
     async def release_lock(self, key: str, token: int) -> bool:
         lock = f"{self.prefix}lock:{key}"
-        return bool(await self._call(self._unlock(keys=[lock], args=[str(token)])))
+        return bool(await self._call(self._release(keys=[lock], args=[str(token)])))
 
     async def put_lock_grant(self, name: str, services: frozenset[str]) -> None:
         await self._transaction(
