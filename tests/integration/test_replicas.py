@@ -51,7 +51,9 @@ class Mesh:
         assert status == 200, body
         found: dict[str, str] = {}
         for service in body["services"]:
-            _, detail = cp.call("GET", f"/v1/services/{service['name']}")
+            status, detail = cp.call("GET", f"/v1/services/{service['name']}")
+            if status == 404:  # gone since the list
+                continue
             found |= {f"{service['name']}/{i['id']}": i["status"] for i in detail["instances"]}
         return found
 
