@@ -151,7 +151,6 @@ class Replica:
                     await self._apply(changes)
                     self._last, self._consumed = changes.last, self._consumed + changes.read
             except StoreError as e:
-                _unless_cancelled()
                 log.warning("cannot follow the registry's changes: %s; retrying", e)
                 await asyncio.sleep(RETRY_AFTER)
 
@@ -197,7 +196,6 @@ class Replica:
                     if not self.leading:  # (the reaper reads them every sweep)
                         self.registry.apply_seen(await self.store.load_seen())
             except StoreError as e:
-                _unless_cancelled()
                 log.debug("liveness not shared: %s", e)
 
     async def _share_once(self) -> None:
@@ -234,7 +232,6 @@ class Replica:
                 if not await self.store.renew_lease(self.fence, ttl_ms):
                     raise LeaseLost("the lease expired before it was renewed")
             except (LeaseLost, StoreError) as e:
-                _unless_cancelled()
                 self.fence = None
                 self.lost += 1
                 log.warning("stepped down as the reaper: %s", e)
@@ -253,11 +250,3 @@ class Replica:
         self.fence = fence
         self.acquired += 1
         log.info("took the reaper's lease (fencing token %d)", fence.token)
-
-
-def _unless_cancelled() -> None:
-    """A Redis call interrupted by this task's cancellation can surface as a StoreError (a
-    timeout or a dropped connection): the loop must end then, not retry."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError

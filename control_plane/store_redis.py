@@ -194,6 +194,11 @@ def _key(service: str, instance_id: str) -> str:
     return f"{service}/{instance_id}"
 
 
+def _still_cancelled(task: asyncio.Task[Any] | None, before: int) -> None:
+    if task is not None and task.cancelling() > before:
+        raise asyncio.CancelledError
+
+
 def _split(key: str) -> tuple[str, str]:
     service, _, instance_id = key.partition("/")
     return service, instance_id
@@ -284,10 +289,20 @@ class RedisStore:
         return cls(server, prefix=f"{prefix}:", password=_password(), ssl_ca_certs=ca or None)
 
     async def _call(self, call: Awaitable[T]) -> T:
+        """Every call: a Redis failure as StoreError, and a cancellation kept. redis-py's
+        asyncio client can swallow the cancellation of a task whose command is in flight and
+        return (or fail) as if nothing happened (redis-py#2028, #2665): a replica's loops and
+        the publisher then never stopped on SIGTERM. Whatever the call did, a task cancelled
+        meanwhile is cancelled."""
+        task = asyncio.current_task()
+        cancels = task.cancelling() if task is not None else 0
         try:
-            return await call
+            result = await call
         except (RedisError, OSError) as e:
+            _still_cancelled(task, cancels)
             raise StoreError(f"redis {self.url}: {e}") from e
+        _still_cancelled(task, cancels)
+        return result
 
     async def _transaction(self, *commands: tuple[Any, ...]) -> list[Any]:
         """The commands in one MULTI/EXEC: one round trip, all or nothing."""

@@ -215,3 +215,23 @@ def test_a_replica_killed_under_load_fails_no_request(mesh: Mesh) -> None:
     assert {s["service"] for s in body["sidecars"]} == {"a", "b"}
     assert all(s["replica"] for s in body["sidecars"])  # every one says where it is
     print(f"a moved {moved * 1000:.0f} ms after kill -9; {results[200]} requests, 0 failed")
+
+
+def test_a_replica_stops_on_sigterm_while_its_redis_calls_are_in_flight(
+    control_plane: StartCP, tmp_path: Path
+) -> None:
+    """redis-py can swallow the cancellation of a task whose command is in flight: a replica
+    is nearly always in one (its follower blocks in XREAD), and used to hang on SIGTERM."""
+    redis = RedisServer(tmp_path / "redis")
+    try:
+        for n in range(4):
+            cp = control_plane("--store", f"{redis.url}?prefix=stop", "--debounce-quiet", "0.01")
+            for i in range(20):  # the publisher and the followers busy too
+                body = {"id": f"i{i}", "address": f"10.0.0.{i + 1}", "port": 80 + n}
+                assert cp.call("POST", "/v1/services/s/instances", body)[0] in (200, 201)
+            started = time.monotonic()
+            assert cp.stop(timeout=15) == 0, cp.log()
+            assert time.monotonic() - started < 12, f"stop {n} took too long"
+            assert "did not stop" not in cp.log()
+    finally:
+        redis.stop()
