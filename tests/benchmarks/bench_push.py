@@ -339,9 +339,11 @@ class Deployment:
                 await asyncio.gather(*readies[start : start + 100])
 
     async def settle(self, http: aiohttp.ClientSession) -> None:
-        """Until every sidecar has the newest table of every replica."""
-        newest = max([await current_version(http, url, self.admin) for url in self.urls])
-        await settle_at_least(self.sims, newest)
+        """Until every sidecar has its replica's current table (replicas that built a table
+        of other content in the meantime have claimed other versions)."""
+        for k, url in enumerate(self.urls):
+            version = await current_version(http, url, self.admin)
+            await settle_at_least(self.sims[k :: len(self.urls)], version)
 
     async def _tokens(self, http: aiohttp.ClientSession, url: str) -> list[object]:
         async with http.get(f"{url}/v1/tokens", headers=bearer(self.admin)) as r:
