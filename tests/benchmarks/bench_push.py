@@ -13,6 +13,16 @@ table holds N endpoints across 50 services, as a real mesh of N sidecars would.
   burst      100 weight changes within 1 s: tables each sidecar receives (goal <= 2) and
              whether the final table has the final weight
 
+  replicas   the same flip through control planes on one Redis (issue 14): one control plane
+             on the Redis store, and three replicas on one Redis with the sidecars spread over
+             them round-robin and the change made on the first; flips alternate between the
+             two deployments (both up, each with its own N sidecars), with the default
+             debounce and again with it off. The time until each sidecar has a table of a
+             version at least the one the first replica published: p50 and p99 of each, the
+             ratio p99(3 replicas) / p99(1) over all flips (goal <= 1.5x) and the median of
+             the per-flip ratios. The three replicas and redis-server share CPU 0, the core a
+             single control plane gets; the sidecars of both deployments run on CPU 1.
+
 A sidecar's memory with a 1,000 x 10 table is bench_memory.py's.
 
 Tokens are on, as a user runs a mesh: each control plane has an admin token in its
@@ -20,6 +30,7 @@ environment, the benchmark's REST calls carry it, and every sidecar (simulated o
 its stream with a service token of its own service, minted by the admin.
 
 Run: .venv/bin/python tests/benchmarks/bench_push.py [--sizes 100,1000] [--flips 5]
+         [--replica-flips 10] [--only memory|replicas]
 """
 
 from __future__ import annotations
@@ -63,6 +74,19 @@ def wait_http(url: str) -> None:
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"{url} did not come up")
+
+
+def wait_redis(port: int) -> None:
+    for _ in range(200):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"redis-server on port {port} did not come up")
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -280,12 +304,177 @@ async def redis_floor(port: int, n: int, size: int, rounds: int) -> list[float]:
     return latencies
 
 
+class Deployment:
+    """N simulated sidecars spread round-robin over the control planes at ``urls`` (replicas
+    of one registry), tokens minted and changes made through the first."""
+
+    def __init__(self, name: str, urls: list[str], admin: str) -> None:
+        self.name = name
+        self.urls = urls
+        self.admin = admin
+        self.sims: list[SimSidecar] = []
+        self.tasks: list[asyncio.Task[None]] = []
+        self.latencies: list[float] = []
+        """every sidecar's convergence time of every flip, seconds"""
+        self.p99s: list[float] = []
+        """each flip's p99 over the sidecars, seconds"""
+
+    async def start(self, http: aiohttp.ClientSession, n: int) -> None:
+        tokens = [await mint(http, self.urls[0], self.admin, f"svc-{s}") for s in range(SERVICES)]
+        for url in self.urls[1:]:  # the others follow the minting through Redis
+            deadline = time.monotonic() + 10.0
+            while len(await self._tokens(http, url)) < SERVICES:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{url} never saw the tokens minted on {self.urls[0]}")
+                await asyncio.sleep(0.05)
+        self.sims = [SimSidecar(i, tokens[i % SERVICES]) for i in range(n)]
+        loop = asyncio.get_running_loop()
+        readies: list[asyncio.Future[None]] = [loop.create_future() for _ in self.sims]
+        self.tasks = [
+            asyncio.create_task(s.run(http, self.urls[s.n % len(self.urls)], ready))
+            for s, ready in zip(self.sims, readies, strict=True)
+        ]
+        async with asyncio.timeout(60.0):
+            for start in range(0, n, 100):  # connect in waves, as a fleet starts
+                await asyncio.gather(*readies[start : start + 100])
+
+    async def settle(self, http: aiohttp.ClientSession) -> None:
+        """Until every sidecar has its replica's current table (replicas that built a table
+        of other content in the meantime have claimed other versions)."""
+        for k, url in enumerate(self.urls):
+            version = await current_version(http, url, self.admin)
+            await settle_at_least(self.sims[k :: len(self.urls)], version)
+
+    async def _tokens(self, http: aiohttp.ClientSession, url: str) -> list[object]:
+        async with http.get(f"{url}/v1/tokens", headers=bearer(self.admin)) as r:
+            assert r.status == 200, await r.text()
+            tokens: list[object] = (await r.json())["tokens"]
+            return tokens
+
+    async def flip(self, http: aiohttp.ClientSession, weight: int) -> None:
+        """One weight change through the first replica; the time until each sidecar has a
+        table at least as new as the first one that replica published after it."""
+        first = self.sims[0]  # connected to the first replica
+        before = max(first.arrived)
+        flip_at = time.monotonic()
+        async with http.patch(
+            f"{self.urls[0]}/v1/services/svc-0/instances/i0",
+            json={"weight": weight},
+            headers=bearer(self.admin),
+        ) as r:
+            assert r.status == 200, await r.text()
+        deadline = flip_at + 30.0
+        while max(first.arrived) == before:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: no table after the change")
+            await asyncio.sleep(0.005)
+        version = min(v for v in first.arrived if v > before)
+        await settle_at_least(self.sims, version)
+        flip = [min(t for v, t in s.arrived.items() if v >= version) - flip_at for s in self.sims]
+        self.latencies += flip
+        self.p99s.append(percentile(flip, 99))
+        for s in self.sims[: len(self.urls)]:  # one sidecar of each replica: the content
+            endpoints = json.loads(s.last_payload)["services"]["svc-0"]["endpoints"]
+            weights = [e["weight"] for e in endpoints if e["instance"] == "i0"]
+            if weights != [weight]:
+                raise RuntimeError(f"{self.name}: sim-{s.n} has weight {weights}, not {weight}")
+
+    async def stop(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def settle_at_least(sims: list[SimSidecar], version: int) -> None:
+    deadline = time.monotonic() + 30.0
+    while any(max(s.arrived, default=0) < version for s in sims):
+        if time.monotonic() > deadline:
+            missing = sum(max(s.arrived, default=0) < version for s in sims)
+            raise RuntimeError(f"{missing} sidecars never got version {version} or newer")
+        await asyncio.sleep(0.01)
+
+
+async def replica_rounds(one: Deployment, three: Deployment, n: int, flips: int) -> None:
+    """Flips alternating between the two deployments, each settled before the next."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+        try:
+            for deployment in (one, three):
+                await deployment.start(http, n)
+            await asyncio.sleep(3.0)  # registrations debounced and pushed
+            for deployment in (one, three):
+                await deployment.settle(http)
+            for f in range(flips):
+                for deployment in (one, three):
+                    await deployment.flip(http, 50 + f)
+                    await asyncio.sleep(0.3)
+        finally:
+            for deployment in (one, three):
+                await deployment.stop()
+
+
+def compare_replicas(redis_port: int, admin: str, n: int, flips: int) -> list[str]:
+    """One control plane on Redis against three replicas on the same Redis, with the
+    default debounce and with it off; a line each."""
+    lines = []
+    for label, debounce in (
+        ("default debounce", ()),
+        ("debounce off", ("--debounce-quiet", "0.001", "--debounce-max", "0.001")),
+    ):
+        tag = secrets.token_hex(3)
+        one_store = f"redis://127.0.0.1:{redis_port}/0?prefix=one-{tag}:"
+        three_store = f"redis://127.0.0.1:{redis_port}/0?prefix=three-{tag}:"
+        ports = [free_port() for _ in range(4)]
+        stores = [one_store, three_store, three_store, three_store]
+        cps = [
+            start_control_plane(port, admin, *debounce, store=store)
+            for port, store in zip(ports, stores, strict=True)
+        ]
+        urls = [f"http://127.0.0.1:{port}" for port in ports]
+        one = Deployment("1 control plane", urls[:1], admin)
+        three = Deployment("3 replicas", urls[1:], admin)
+        try:
+            for url in urls:
+                wait_http(f"{url}/readyz")
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                runner.run(replica_rounds(one, three, n, flips))
+        finally:
+            stop(cps)
+        p99_one, p99_three = percentile(one.latencies, 99), percentile(three.latencies, 99)
+        per_flip = statistics.median(t / o for t, o in zip(three.p99s, one.p99s, strict=True))
+        lines.append(
+            f"N={n} on Redis, {label}, {flips} flips each: 1 control plane p50 "
+            f"{statistics.median(one.latencies) * 1000:.0f} ms, p99 {p99_one * 1000:.0f} ms; "
+            f"3 replicas p50 {statistics.median(three.latencies) * 1000:.0f} ms, p99 "
+            f"{p99_three * 1000:.0f} ms; p99(3)/p99(1) {p99_three / p99_one:.2f}x (goal <= "
+            f"1.5x), median of per-flip ratios {per_flip:.2f}x"
+        )
+        print("  " + lines[-1])
+    return lines
+
+
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM to each, then SIGKILL to any still running 15 s later (said on stderr: a
+    control plane should stop within its 10 s shutdown timeout)."""
+    for proc in procs:
+        proc.terminate()
+    deadline = time.monotonic() + 15.0
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            print(f"pid {proc.pid} still running 15 s after SIGTERM: killed", file=sys.stderr)
+            proc.kill()
+            proc.wait()
+
+
 def clean_env() -> dict[str, str]:
     """This environment without any MESHLET_ setting, so only the benchmark's tokens count."""
     return {k: v for k, v in os.environ.items() if not k.startswith("MESHLET_")}
 
 
-def start_control_plane(port: int, admin: str, *debounce: str) -> subprocess.Popen[bytes]:
+def start_control_plane(
+    port: int, admin: str, *debounce: str, store: str = "memory"
+) -> subprocess.Popen[bytes]:
     """A control plane with ``admin`` as its admin token, given in the environment."""
     return subprocess.Popen(
         [
@@ -298,7 +487,7 @@ def start_control_plane(port: int, admin: str, *debounce: str) -> subprocess.Pop
             "--listen",
             f"127.0.0.1:{port}",
             "--store",
-            "memory",
+            store,
             "--log-level",
             "warning",
             *debounce,
@@ -311,6 +500,14 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="100,1000")
     parser.add_argument("--flips", type=int, default=5)
+    parser.add_argument(
+        "--replica-flips", type=int, default=10, help="flips of each deployment on Redis"
+    )
+    parser.add_argument(
+        "--only",
+        choices=("memory", "replicas"),
+        help="memory: the memory-store rows and the Redis floor; replicas: the Redis rows",
+    )
     args = parser.parse_args()
     if shutil.which("redis-server") is None:
         print("redis-server not found (apt-get install redis-server)", file=sys.stderr)
@@ -318,7 +515,8 @@ def main() -> int:
     os.sched_setaffinity(0, {CLIENT_CORE})
     tmp = Path(tempfile.mkdtemp(prefix="bench-push-"))
     sizes = [int(x) for x in args.sizes.split(",")]
-    lines = []
+    lines: list[str] = []
+    replica_lines: list[str] = []
     admin = secrets.token_urlsafe(32)
     try:
         for n in sizes:
@@ -346,6 +544,11 @@ def main() -> int:
             )
             runs = {}
             try:
+                wait_redis(redis_port)
+                if args.only != "memory":
+                    replica_lines += compare_replicas(redis_port, admin, n, args.replica_flips)
+                if args.only == "replicas":
+                    continue
                 for label, debounce in (
                     ("default", ()),
                     ("off", ("--debounce-quiet", "0.001", "--debounce-max", "0.001")),
@@ -360,8 +563,7 @@ def main() -> int:
                                 push_rounds(url, admin, n, args.flips, burst=label == "default")
                             )
                     finally:
-                        cp.terminate()
-                        cp.wait(10)
+                        stop([cp])
                 size = runs["off"][1]
                 with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
                     floor = runner.run(redis_floor(redis_port, n, size, args.flips))
@@ -378,7 +580,7 @@ def main() -> int:
                 f"{percentile(off, 99) / percentile(floor, 99):.1f}x (goal <= 3x)"
             )
         print()
-        print("\n".join(lines))
+        print("\n".join(lines + replica_lines))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

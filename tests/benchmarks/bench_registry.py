@@ -1,17 +1,38 @@
-"""REST heartbeats per second one control-plane process absorbs on one core, beside Redis.
+"""REST heartbeats per second a control plane absorbs per core: on SQLite, on Redis, and as
+three replicas on one Redis, beside a raw Redis pipeline.
 
-The control plane (SQLite store in a temp dir, 1,000 instances of 50 services) and a private
-redis-server each run pinned to core 0; the load generator runs on core 1. The same client
-code drives both over C keep-alive connections, one request in flight per connection:
-  - meshlet: ``PUT /v1/services/{svc}/instances/{id}/heartbeat``
-  - Redis:   ``HSET hb:{svc}:{id} ts <now>`` + ``PEXPIRE hb:{svc}:{id} 15000`` in one write
-Rounds alternate between the two; the result is the median of the per-round ratios.
-Goals: >= 5,000 heartbeats/s and >= 0.2x the Redis figure.
+One private redis-server and every control plane run pinned to core 0; the load generator
+runs on core 1 (the machine has 2 cores). Each deployment holds 1,000 instances of 50
+services; the same client code drives every row over C keep-alive connections, one request in
+flight per connection:
+  - sqlite:   one control plane, SQLite store in a temp dir (``--store sqlite:///...``)
+  - redis:    one control plane on the Redis store (``--store redis://...?prefix=one:``)
+  - replicas: three control planes on that same Redis (``?prefix=three:``), all three on core
+              0: they share the one core a single control plane gets, so their sum is
+              heartbeats/s per replica core; the connections are spread over them
+              round-robin, as a load balancer in front of them would
+  - raw:      ``HSET hb:{svc}:{id} ts <now>`` + ``PEXPIRE hb:{svc}:{id} 15000`` in one write,
+              straight to the redis-server
+  (meshlet rows: ``PUT /v1/services/{svc}/instances/{id}/heartbeat``)
+Rounds alternate between the four; each prints min/median/max over the rounds, and the
+ratios are medians of the per-round ratios: the Redis store against SQLite, and heartbeats/s
+per replica core against SQLite, one control plane on Redis and raw Redis. Goals: >= 5,000
+heartbeats/s on SQLite and >= 0.2x the raw Redis figure. The Redis rows have no goal of their
+own in issue 14; they say what the store and replication cost: a heartbeat is memory-only on
+every store (a replica shares the ones it heard in one batch every 0.25 s), so the Redis
+store should match SQLite, and three replicas on one core pay for three processes' event
+loops, following the change stream and sharing heartbeats, which shows as their sum against
+one control plane's. When the machine is busy the client's core limits every row and the
+ratios drift toward 1: compare runs on a quiet machine.
+
+Every control plane runs with ``--heartbeat-ttl 60 --remove-after 600``: a deployment idles
+while the others are measured, and its instances must not lapse meanwhile (a lapse would
+rebuild and push tables, and a removal would turn heartbeats into 404s).
 
 Tokens are on, as a user runs a control plane: an admin token in its environment, which
 mints one service token per service; each instance registers and heartbeats with its
 service's token (``Authorization: Bearer mlt_...``: a SHA-256 and a dict lookup per call).
-``--no-tokens`` runs an open control plane (no token configured, no header sent) instead, to
+``--no-tokens`` runs open control planes (no token configured, no header sent) instead, to
 measure what tokens cost.
 
 Run: .venv/bin/python tests/benchmarks/bench_registry.py [--rounds 5] [--seconds 3] [--no-tokens]
@@ -21,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import secrets
@@ -32,7 +54,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, cast
 
@@ -105,7 +127,7 @@ def redis_done(buf: bytes) -> bool:
 
 
 async def drive(
-    port: int,
+    ports: list[int],
     conns: int,
     seconds: float,
     make: Callable[[int, int], bytes],
@@ -118,7 +140,7 @@ async def drive(
         def factory(c: int = c) -> Client:
             return Client(lambda n: make(c, n), done)
 
-        _, proto = await loop.create_connection(factory, "127.0.0.1", port)
+        _, proto = await loop.create_connection(factory, "127.0.0.1", ports[c % len(ports)])
         clients.append(proto)
     start = time.monotonic()
     for client in clients:
@@ -202,6 +224,100 @@ def control_plane_env(admin_token: str) -> dict[str, str]:
     return {**env, "MESHLET_ADMIN_TOKEN": admin_token} if admin_token else env
 
 
+def start_control_plane(port: int, store: str, admin_token: str) -> subprocess.Popen[bytes]:
+    wrap = os.environ.get("BENCH_WRAP", "").split()
+    return subprocess.Popen(
+        [
+            *wrap,
+            sys.executable,
+            "-m",
+            "control_plane",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--store",
+            store,
+            "--heartbeat-ttl",
+            "60",
+            "--remove-after",
+            "600",
+            "--log-level",
+            "warning",
+        ],
+        preexec_fn=pinned(SERVER_CORE),
+        env=control_plane_env(admin_token),
+    )
+
+
+def start_redis(port: int, tmp: Path) -> subprocess.Popen[bytes]:
+    """A private redis-server on core 0, nothing saved to disk."""
+    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    argv += ["--appendonly", "no", "--dir", str(tmp)]
+    proc = subprocess.Popen(argv, preexec_fn=pinned(SERVER_CORE), stdout=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return proc
+        except OSError:
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("redis-server did not come up")
+
+
+def heartbeat_ok(port: int, token: str) -> bool:
+    """Whether the control plane on ``port`` knows the last instance registered (and its
+    service's token): a replica that has followed every registration."""
+    i = INSTANCES - 1
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/services/svc-{i % SERVICES}/instances/inst-{i}/heartbeat",
+        method="PUT",
+        headers=auth,
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=2) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+def deploy(ports: list[int], admin_token: str) -> list[str]:
+    """Tokens minted and instances registered through the first control plane; the others
+    waited for until they have followed it all. The service tokens (none if open)."""
+    base = f"http://127.0.0.1:{ports[0]}"
+    tokens = mint_tokens(base, admin_token) if admin_token else []
+    register_all(base, tokens)
+    last_token = tokens[(INSTANCES - 1) % SERVICES] if tokens else ""
+    deadline = time.monotonic() + 30
+    for port in ports:
+        while not heartbeat_ok(port, last_token):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"control plane on port {port} never saw the instances")
+            time.sleep(0.1)
+    return tokens
+
+
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM to each, then SIGKILL to any still running 15 s later (said on stderr: a
+    control plane should stop within its 10 s shutdown timeout)."""
+    for proc in procs:
+        proc.terminate()
+    deadline = time.monotonic() + 15.0
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            print(f"pid {proc.pid} still running 15 s after SIGTERM: killed", file=sys.stderr)
+            proc.kill()
+            proc.wait()
+
+
+def spread(values: list[float]) -> str:
+    return f"{min(values):8.0f} {statistics.median(values):8.0f} {max(values):8.0f}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
@@ -210,87 +326,85 @@ def main() -> int:
     parser.add_argument(
         "--no-tokens",
         action="store_true",
-        help="an open control plane: no token configured, heartbeats without one",
+        help="open control planes: no token configured, heartbeats without one",
     )
     args = parser.parse_args()
-    redis_server = shutil.which("redis-server")
-    if redis_server is None:
+    if shutil.which("redis-server") is None:
         print("redis-server not found (apt-get install redis-server)", file=sys.stderr)
         return 2
     os.sched_setaffinity(0, {CLIENT_CORE})
     tmp = Path(tempfile.mkdtemp(prefix="bench-registry-"))
-    cp_port, redis_port = free_port(), free_port()
-    wrap = os.environ.get("BENCH_WRAP", "").split()
+    redis_port = free_port()
+    redis_url = f"redis://127.0.0.1:{redis_port}/0"
     admin_token = "" if args.no_tokens else secrets.token_urlsafe(32)
-    procs = [
-        subprocess.Popen(
-            [
-                *wrap,
-                sys.executable,
-                "-m",
-                "control_plane",
-                "--listen",
-                f"127.0.0.1:{cp_port}",
-                "--store",
-                f"sqlite:///{tmp}/meshlet.db",
-                "--log-level",
-                "warning",
-            ],
-            preexec_fn=pinned(SERVER_CORE),
-            env=control_plane_env(admin_token),
-        ),
-        subprocess.Popen(
-            [
-                redis_server,
-                "--port",
-                str(redis_port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(tmp),
-            ],
-            preexec_fn=pinned(SERVER_CORE),
-            stdout=subprocess.DEVNULL,
-        ),
-    ]
+    stores = {
+        "sqlite": [f"sqlite:///{tmp}/meshlet.db"],
+        "redis": [f"{redis_url}?prefix=one:"],
+        "replicas": [f"{redis_url}?prefix=three:"] * 3,
+    }
+    procs = [start_redis(redis_port, tmp)]
     try:
-        base = f"http://127.0.0.1:{cp_port}"
-        wait_http(f"{base}/readyz")
-        tokens = mint_tokens(base, admin_token) if admin_token else []
-        register_all(base, tokens)
-        heartbeat_request = heartbeat_requests(tokens)
-        ratios, meshlet_rates, redis_rates = [], [], []
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(drive(cp_port, args.connections, 1.0, heartbeat_request, http_done))  # warm
-            runner.run(drive(redis_port, args.connections, 1.0, redis_request, redis_done))
-            for r in range(args.rounds):
-                m = runner.run(
-                    drive(cp_port, args.connections, args.seconds, heartbeat_request, http_done)
-                )
-                d = runner.run(
-                    drive(redis_port, args.connections, args.seconds, redis_request, redis_done)
-                )
-                meshlet_rates.append(m)
-                redis_rates.append(d)
-                ratios.append(m / d)
-                print(f"round {r + 1}: meshlet {m:8.0f}/s  redis {d:8.0f}/s  ratio {m / d:.3f}")
-        auth = "none (open control plane)" if args.no_tokens else "a service token each"
-        print(
-            f"\nheartbeats/s, median of {args.rounds} rounds x {args.seconds:.0f}s, "
-            f"{args.connections} keep-alive connections, server pinned to one core, "
-            f"tokens: {auth}:\n"
-            f"  meshlet control plane {statistics.median(meshlet_rates):8.0f}/s (goal >= 5000)\n"
-            f"  redis HSET+PEXPIRE    {statistics.median(redis_rates):8.0f}/s\n"
-            f"  median ratio          {statistics.median(ratios):8.3f}   (goal >= 0.2)"
+        ports: dict[str, list[int]] = {}
+        for row, urls in stores.items():
+            ports[row] = [free_port() for _ in urls]
+            procs += [
+                start_control_plane(p, u, admin_token)
+                for p, u in zip(ports[row], urls, strict=True)
+            ]
+        for row in stores:
+            for port in ports[row]:
+                wait_http(f"http://127.0.0.1:{port}/readyz")
+        requests = {row: heartbeat_requests(deploy(ports[row], admin_token)) for row in stores}
+        rows: dict[str, Callable[[float], Coroutine[Any, Any, float]]] = {
+            row: functools.partial(
+                drive, ports[row], args.connections, make=requests[row], done=http_done
+            )
+            for row in stores
+        }
+        rows["raw"] = functools.partial(
+            drive, [redis_port], args.connections, make=redis_request, done=redis_done
         )
+        rates: dict[str, list[float]] = {row: [] for row in rows}
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            for measure in rows.values():
+                runner.run(measure(1.0))  # warm
+            for r in range(args.rounds):
+                for row, measure in rows.items():
+                    rates[row].append(runner.run(measure(args.seconds)))
+                print(
+                    f"round {r + 1}: "
+                    + "  ".join(f"{row} {rate[-1]:7.0f}/s" for row, rate in rates.items())
+                )
+
+        def ratio(a: str, b: str) -> float:
+            return statistics.median(x / y for x, y in zip(rates[a], rates[b], strict=True))
+
+        auth = "none (open control planes)" if args.no_tokens else "a service token each"
+        print(
+            f"\nheartbeats/s over {args.rounds} rounds x {args.seconds:g}s, "
+            f"{args.connections} keep-alive connections from core 1; redis-server and every "
+            f"control plane on core 0; tokens: {auth}:"
+        )
+        print(f"  {'':38} {'min':>8} {'median':>8} {'max':>8}")
+        for label, row, goal in (
+            ("meshlet on SQLite (1 control plane)", "sqlite", " (goal >= 5000)"),
+            ("meshlet on Redis (1 control plane)", "redis", ""),
+            ("3 replicas on Redis, sharing 1 core", "replicas", ""),
+            ("raw redis HSET+PEXPIRE", "raw", ""),
+        ):
+            print(f"  {label:38} {spread(rates[row])}{goal}")
+        print("medians of the per-round ratios:")
+        for label, a, b, goal in (
+            ("SQLite store / raw redis", "sqlite", "raw", " (goal >= 0.2)"),
+            ("Redis store / SQLite store", "redis", "sqlite", ""),
+            ("3 replicas per core / SQLite store", "replicas", "sqlite", ""),
+            ("3 replicas per core / 1 on Redis", "replicas", "redis", ""),
+            ("3 replicas per core / raw redis", "replicas", "raw", ""),
+        ):
+            print(f"  {label:38} {ratio(a, b):8.3f}{goal}")
     finally:
-        for p in procs:
-            p.terminate()
-            p.wait(10)
+        stop(procs[1:])
+        stop(procs[:1])  # redis-server last: its clients first
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
