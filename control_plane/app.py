@@ -107,9 +107,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     registry, publisher, tokens = app[api.REGISTRY], app[api.PUBLISHER], app[api.TOKENS]
     replica = app.get(REPLICA)
     try:
-        snapshot = await registry.start()
-        if replica is not None:  # the shared health first: the first table is the others'
-            await replica.start()
+        # a replica takes the shared health too: its first table is the others'
+        snapshot = await (registry.start() if replica is None else replica.start())
         await publisher.start(
             snapshot.table_version, snapshot.table_digest, snapshot.epoch, snapshot.table_built
         )

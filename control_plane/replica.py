@@ -53,7 +53,7 @@ from control_plane.locks import Locks
 from control_plane.model import TokenRecord
 from control_plane.publisher import Publisher
 from control_plane.registry import LeaseLost, Registry
-from control_plane.store import Changes, Fence
+from control_plane.store import Changes, Fence, Snapshot
 
 if TYPE_CHECKING:
     from control_plane.store_redis import RedisStore
@@ -117,12 +117,15 @@ class Replica:
     def leading(self) -> bool:
         return self.fence is not None
 
-    async def start(self) -> None:
-        """After the registry loaded, before the first table is built: follow from the newest
-        change, take the shared health, and share from now on."""
+    async def start(self) -> Snapshot:
+        """Load the registry (before the first table is built): the change stream's position
+        first, so that no write after the load is missed, then the shared health; from then
+        on, share."""
         self._last, self._consumed = await self.store.position()
+        snapshot = await self.registry.start()
         self.registry.apply_health(await self.store.load_health())
         self.registry.share_liveness()
+        return snapshot
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tasks:
