@@ -164,6 +164,7 @@ class Sidecar:
                 app_healthy=self.health is None or self.health.healthy,
             )
         self._background = asyncio.create_task(self._run_background(), name="sidecar-background")
+        self._background.add_done_callback(_crashed)
 
     async def _run_background(self) -> None:
         """The sidecar's own tasks, in one group: table watcher, stream, app health."""
@@ -457,3 +458,14 @@ def run(config: SidecarConfig) -> int:
         log.error("cannot start: %s%s", where, e.strerror or e)
         return 2
     return 0
+
+
+def _crashed(task: asyncio.Task[None]) -> None:
+    """The stream, the table watcher and app health end only when cancelled: one that ended
+    otherwise is a bug, said at once (the data path goes on with the table in force)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error(
+            "bug: the sidecar's background tasks died (no more table updates, heartbeats or "
+            "app health checks)",
+            exc_info=task.exception(),
+        )

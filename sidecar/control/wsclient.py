@@ -152,6 +152,9 @@ class WebSocket:
             try:
                 async with asyncio.timeout(wait):
                     data = await self._reader.read(READ_SIZE)
+            except ConnectionError:  # reset (a killed peer with bytes unread): the end, too
+                self._end(CLOSE_ABNORMAL)
+                return b""
             except TimeoutError:
                 assert keepalive is not None
                 due = keepalive.due(self._clock.monotonic())
@@ -192,6 +195,8 @@ class WebSocket:
         self._end(CLOSE_ABNORMAL)
 
     async def _write(self, frame: bytes) -> None:
+        if self._writer.transport.is_closing():  # (uvloop raises RuntimeError on a write)
+            raise ConnectionResetError("the connection is closed")
         self._writer.write(frame)
         await self._writer.drain()
 

@@ -4,10 +4,13 @@ runs) and a raw one that goes silent: pings answered, keepalive, the size limit 
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+import uvloop
 from aiohttp import web
 
 from sidecar.control.websocket import Close, Message, accept_for
@@ -124,6 +127,45 @@ async def test_a_connection_that_ends_without_a_close_is_1006(server: Any) -> No
     async with await open_ws(url) as ws:
         assert await ws.receive() == Message("bye")
         assert await ws.receive() == Close(1006, "")
+
+
+async def test_a_connection_reset_is_1006_and_the_close_after_it_raises_nothing() -> None:
+    """A control plane killed with bytes of ours unread resets the connection: the stream
+    ends as 1006, and leaving it sends nothing (uvloop raised RuntimeError on that write,
+    which killed the sidecar's stream task for good)."""
+    await _reset_by_the_server()
+
+
+def test_a_connection_reset_under_uvloop_as_the_sidecar_runs() -> None:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_reset_by_the_server())
+
+
+async def _reset_by_the_server() -> None:
+
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
+        key = next(
+            ln.split(": ")[1] for ln in head.split("\r\n") if ln.startswith("Sec-WebSocket-Key")
+        )
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            + f"Sec-WebSocket-Accept: {accept_for(key)}\r\n\r\n".encode()
+        )
+        await asyncio.sleep(0.1)  # the client's message arrives, unread
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # RST
+
+    srv = await asyncio.start_server(reset, LOCAL, 0)
+    url = f"ws://{LOCAL}:{srv.sockets[0].getsockname()[1]}/s"
+    async with srv:
+        async with await open_ws(url) as ws:
+            await ws.send_text("a heartbeat the server never reads")
+            async with asyncio.timeout(2):
+                assert await ws.receive() == Close(1006, "")
+        with pytest.raises(ConnectionResetError):
+            await ws.send_text("after the end")
 
 
 async def test_keepalive_gives_up_on_a_server_that_stops_answering() -> None:
