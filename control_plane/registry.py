@@ -570,7 +570,8 @@ class Registry:
             self._changed()
 
     def apply_seen(self, seen: Mapping[Key, float]) -> None:
-        """The reaper's replica: heartbeats that other replicas heard (wall-clock times)."""
+        """Heartbeats that other replicas heard (wall-clock times): the reaper judges ages by
+        them every sweep, the others show them as each instance's last heartbeat."""
         now, wall = self._clock.monotonic(), self._clock.time()
         for key, when in seen.items():
             live = self._live.get(key)
