@@ -1,0 +1,275 @@
+"""The mesh's certificate authority: workload certificates with SPIFFE identities (issue 15).
+
+The first piece of mutual TLS, and only the cryptography (the ``cryptography`` library, no
+hand-written ASN.1): make a root or load one handed to us (``--ca-cert``/``--ca-key``: a
+user's own PKI or cert-manager signs it as an intermediate), and sign a workload's CSR for the
+service its token acts for, whatever identity the CSR asks for. Not wired in yet: keeping the
+CA in the store, the CSR over the stream, and the sidecar's TLS come next.
+
+A workload certificate names exactly one identity, a SPIFFE ID in its URI SAN:
+``spiffe://<trust domain>/ns/<namespace>/svc/<service>`` (``default`` for an instance with no
+namespace). It is an end-entity certificate for both TLS client and server, valid 24 h by
+default (a sidecar renews at two thirds), never past the CA's own end.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+import secrets
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from control_plane.wire import check_service_name
+
+TRUST_DOMAIN = "cluster.local"
+WORKLOAD_TTL = 24 * 3600.0
+"""seconds a workload certificate is valid"""
+ROOT_TTL = 10 * 365 * 24 * 3600.0
+"""seconds a root this control plane makes is valid"""
+SKEW = 60.0
+"""seconds a certificate is valid before it is signed: clocks of hosts differ"""
+MAX_CSR_BYTES = 8192
+_TRUST_DOMAIN = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
+_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+class CAError(Exception):
+    """CA material that cannot be used, and why."""
+
+
+class Refused(Exception):
+    """A CSR this CA will not sign, and why (the caller answers 400 or 403)."""
+
+
+def spiffe_id(trust_domain: str, namespace: str, service: str) -> str:
+    return f"spiffe://{trust_domain}/ns/{namespace or 'default'}/svc/{service}"
+
+
+def check_trust_domain(trust_domain: str) -> str:
+    if _TRUST_DOMAIN.fullmatch(trust_domain) is None:
+        raise CAError(f"trust domain {trust_domain[:80]!r}: lower-case letters, digits, . and -")
+    return trust_domain
+
+
+def identity_of(certificate: x509.Certificate) -> str | None:
+    """The SPIFFE ID a certificate names (its one ``spiffe://`` URI SAN), if any."""
+    try:
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return None
+    uris = names.value.get_values_for_type(x509.UniformResourceIdentifier)
+    spiffe = [u for u in uris if u.startswith("spiffe://")]
+    return spiffe[0] if len(spiffe) == 1 else None
+
+
+def _utc(seconds: float) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Authority:
+    certificate: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+    trust_domain: str = TRUST_DOMAIN
+
+    @classmethod
+    def create(cls, now: float, trust_domain: str = TRUST_DOMAIN) -> Authority:
+        """A new root: ECDSA P-256, valid ``ROOT_TTL`` from ``now`` (wall clock)."""
+        check_trust_domain(trust_domain)
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshlet"),
+                x509.NameAttribute(NameOID.COMMON_NAME, f"meshlet root {trust_domain}"),
+            ]
+        )
+        public = key.public_key()
+        certificate = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(public)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(_utc(now - SKEW))
+            .not_valid_after(_utc(now + ROOT_TTL))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(_CA_USAGE, critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        return cls(certificate, key, trust_domain)
+
+    @classmethod
+    def load(
+        cls, cert_pem: bytes, key_pem: bytes, now: float, trust_domain: str = TRUST_DOMAIN
+    ) -> Authority:
+        """A CA handed to us (a root, or an intermediate of the user's PKI): CAError unless
+        it is a CA certificate valid now, with an ECDSA key that matches it."""
+        check_trust_domain(trust_domain)
+        try:
+            certificate = x509.load_pem_x509_certificate(cert_pem)
+        except ValueError as e:
+            raise CAError(f"the CA certificate is not a PEM certificate: {e}") from None
+        try:
+            key = serialization.load_pem_private_key(key_pem, password=None)
+        except (ValueError, TypeError) as e:
+            raise CAError(f"the CA key is not an unencrypted PEM private key: {e}") from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise CAError(f"the CA key must be ECDSA, not {type(key).__name__}")
+        try:
+            constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints)
+        except x509.ExtensionNotFound:
+            constraints = None
+        if constraints is None or not constraints.value.ca:
+            raise CAError("the CA certificate is not a CA (basicConstraints CA:TRUE)")
+        if key.public_key().public_numbers() != _ec_numbers(certificate):
+            raise CAError("the CA key does not match the CA certificate")
+        if not certificate.not_valid_before_utc <= _utc(now) < certificate.not_valid_after_utc:
+            raise CAError(
+                f"the CA certificate is valid from {certificate.not_valid_before_utc:%Y-%m-%d} "
+                f"to {certificate.not_valid_after_utc:%Y-%m-%d}, not now"
+            )
+        return cls(certificate, key, trust_domain)
+
+    def pem(self) -> tuple[bytes, bytes]:
+        """The certificate and its key, PEM (the key unencrypted: for the store only)."""
+        key = self.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        return self.certificate.public_bytes(serialization.Encoding.PEM), key
+
+    def sign(
+        self,
+        csr_pem: bytes,
+        *,
+        service: str,
+        namespace: str,
+        now: float,
+        ttl: float = WORKLOAD_TTL,
+    ) -> x509.Certificate:
+        """A workload certificate for ``service`` (the one the caller's token acts for) from
+        a CSR signed by its ECDSA P-256 key. The certificate names only the identity this CA
+        decides; a CSR that asks for another (a URI SAN) is Refused, as is one that is not a
+        valid, self-signed P-256 CSR."""
+        check_service_name(service)
+        if namespace and _NAMESPACE.fullmatch(namespace) is None:
+            raise Refused(f"namespace {namespace[:80]!r} is not a Kubernetes namespace name")
+        identity = spiffe_id(self.trust_domain, namespace, service)
+        csr = _parse_csr(csr_pem)
+        asked = _asked_identities(csr)
+        if asked and asked != [identity]:
+            raise Refused(
+                f"the CSR asks for {', '.join(a[:120] for a in asked)}; "
+                f"this token may only have {identity}"
+            )
+        public = csr.public_key()
+        end = min(_utc(now + ttl), self.certificate.not_valid_after_utc)
+        return (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, service)]))
+            .issuer_name(self.certificate.subject)
+            .public_key(public)
+            .serial_number(int.from_bytes(secrets.token_bytes(16), "big") >> 1)
+            .not_valid_before(_utc(now - SKEW))
+            .not_valid_after(end)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_WORKLOAD_USAGE, critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity)]),
+                critical=True,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                critical=False,
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+
+
+def make_csr(identity: str) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
+    """A new ECDSA P-256 key and a CSR for ``identity`` (as a sidecar makes them: its key
+    never leaves it)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity)]),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return key, csr.public_bytes(serialization.Encoding.PEM)
+
+
+_CA_USAGE = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=True,
+    crl_sign=True,
+    encipher_only=False,
+    decipher_only=False,
+)
+_WORKLOAD_USAGE = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=False,
+    crl_sign=False,
+    encipher_only=False,
+    decipher_only=False,
+)
+
+
+def _ec_numbers(certificate: x509.Certificate) -> ec.EllipticCurvePublicNumbers | None:
+    public = certificate.public_key()
+    return public.public_numbers() if isinstance(public, ec.EllipticCurvePublicKey) else None
+
+
+def _parse_csr(csr_pem: bytes) -> x509.CertificateSigningRequest:
+    if len(csr_pem) > MAX_CSR_BYTES:
+        raise Refused(f"the CSR is over {MAX_CSR_BYTES} bytes")
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as e:
+        raise Refused(f"the CSR is not a PEM certificate request: {e}") from None
+    public = csr.public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey) or public.curve.name != "secp256r1":
+        raise Refused("the CSR's key must be ECDSA P-256")
+    try:
+        valid = csr.is_signature_valid
+    except (InvalidSignature, ValueError):
+        valid = False
+    if not valid:
+        raise Refused("the CSR's signature does not match its key")
+    return csr
+
+
+def _asked_identities(csr: x509.CertificateSigningRequest) -> list[str]:
+    try:
+        names = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return []
+    except ValueError as e:
+        raise Refused(f"the CSR's extensions do not parse: {e}") from None
+    return [n.value if isinstance(n.value, str) else repr(n.value) for n in names.value]
