@@ -432,30 +432,10 @@ class Registry:
                 )
             else:
                 log.info("protection off: heartbeats recovered")
-        if fenced is not None:
-            await self._expire_fenced(fenced, plan.lapsed, plan.removed)
-            return
-        for key in plan.lapsed:
-            self._lapse(key, now)
-        if plan.removed:
-            async with self._lock:
-                now = self._clock.monotonic()
-                gone = [
-                    k
-                    for k in plan.removed
-                    if k in self._live and now - self._live[k].seen > self.remove_after
-                ]
-                if gone:
-                    await self._commit(self._store.delete_instances(gone), self._forget, gone)
-                    self.expired += len(gone)
-                    self._changed()
-            for service, instance_id in gone:
-                log.info(
-                    "removed %s/%s: no heartbeat for over %.0fs",
-                    service,
-                    instance_id,
-                    self.remove_after,
-                )
+        if fenced is None:  # lapses stay in this process
+            for key in plan.lapsed:
+                self._lapse(key, now)
+        await self._remove(plan.removed, plan.lapsed if fenced else (), fenced)
 
     def _lapse(self, key: Key, now: float) -> None:
         live = self._live[key]
@@ -464,9 +444,13 @@ class Registry:
             log.info("%s/%s unhealthy: no heartbeat for %.1fs", *key, now - live.seen)
             self._changed()
 
-    async def _expire_fenced(
-        self, fenced: FencedWrite, lapsed: tuple[Key, ...], removable: tuple[Key, ...]
+    async def _remove(
+        self, removable: tuple[Key, ...], lapsed: tuple[Key, ...], fenced: FencedWrite | None
     ) -> None:
+        """Remove the instances still past ``remove_after`` and, on a shared store, lapse
+        ``lapsed``: one write, the store's own or the reaper's fenced one."""
+        if not removable and not lapsed:
+            return
         async with self._lock:
             now = self._clock.monotonic()
             gone = [
@@ -482,7 +466,7 @@ class Registry:
             if not gone and not health:
                 return
 
-            async def write() -> None:
+            async def write_fenced(fenced: FencedWrite) -> None:
                 if not await fenced(gone, health):
                     raise LeaseLost("another replica holds the reaper's lease")
 
@@ -494,7 +478,8 @@ class Registry:
                     self.expired += len(gone)
                     self._changed()
 
-            await self._commit(write(), apply)
+            write = self._store.delete_instances(gone) if fenced is None else write_fenced(fenced)
+            await self._commit(write, apply)
         for service, instance_id in gone:
             log.info(
                 "removed %s/%s: no heartbeat for over %.0fs",

@@ -534,10 +534,9 @@ class RedisStore:
             ("g", self._grants),
         ]
         wanted = [(kind, name, sorted(keys.get(kind, ()))) for kind, name in kinds]
-        pipe = self._redis.pipeline(transaction=True)
-        for _, name, fields in wanted:
-            pipe.hmget(name, fields or ["-"])
-        values = await self._call(pipe.execute())
+        values = await self._transaction(
+            *(("HMGET", name, *(fields or ["-"])) for _, name, fields in wanted)
+        )
         found = [
             dict(zip(fields, v, strict=False))
             for (_, _, fields), v in zip(wanted, values, strict=True)

@@ -131,7 +131,13 @@ class Sidecar:
         if self.config.control_plane:
             self._load_saved()
             c = self.config
-            self.locks = LockClient(c.control_plane, c.service, c.token, self._control_plane_tls())
+            self.locks = LockClient(
+                c.control_planes,
+                c.service,
+                c.token,
+                self._control_plane_tls(),
+                lambda: self.discovery.replica if self.discovery else None,
+            )
         if self.config.table:
             self._table_signature = file_signature(self.config.table)
             table = load_table_file(self.config.table)

@@ -163,11 +163,12 @@ async def request(
     body: bytes,
     headers: dict[str, str],
     tls: ssl.SSLContext | None = None,
+    address: str = "",
 ) -> tuple[ResponseHead, bytes]:
-    """Send ``method url`` with a JSON ``body``; the answer's head and body (at most
-    ``MAX_BODY`` bytes)."""
+    """Send ``method url`` with a JSON ``body`` (to ``address`` if given: ``connect``); the
+    answer's head and body (at most ``MAX_BODY`` bytes). ConnectError: nothing was sent."""
     target = Target.of(url)
-    reader, writer = await connect(target, tls)
+    reader, writer = await connect(target, tls, address)
     try:
         sent = {
             "User-Agent": USER_AGENT,

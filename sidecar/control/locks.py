@@ -6,18 +6,25 @@ admin shared with its service).
 One connection per call (lock calls are few: an acquisition, a renewal every third of a lease,
 a release). A call may wait at the control plane for up to ``wait_ms`` (60 s at most), so it
 gets that much and 15 s more (``TIMEOUT``) before it is abandoned.
+
+With several control planes (replicas on one Redis, whose locks are one) a call goes to the
+replica the push stream is on, then to the others in the order given, but only while none
+could be connected to: a call that reached one is never sent twice (an acquisition must not
+take two locks).
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 from urllib.parse import quote
 
 from sidecar.control import httpclient
-from sidecar.errors import PeerError
+from sidecar.control.failover import Replica
+from sidecar.errors import ConnectError, PeerError
 
 TIMEOUT: Final = 75.0
 """seconds a forwarded call may take: the longest wait_ms (60 s) and 15 s for the rest"""
@@ -40,19 +47,33 @@ class LockStatistics:
 
 
 class LockClient:
-    """Forwards the app's lock calls to ``control_plane`` as ``service``."""
+    """Forwards the app's lock calls to the control planes at ``urls`` as ``service``;
+    ``current()`` is the replica the push stream is on, if any."""
 
     def __init__(
-        self, control_plane: str, service: str, token: str, tls: ssl.SSLContext | None
+        self,
+        urls: Sequence[str],
+        service: str,
+        token: str,
+        tls: ssl.SSLContext | None,
+        current: Callable[[], Replica | None] = lambda: None,
     ) -> None:
-        self._base = f"{control_plane.rstrip('/')}/v1/services/{service}/locks/"
+        self._urls = tuple(urls)
+        self._path = f"/v1/services/{service}/locks/"
+        self._current = current
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._tls = tls
         self.forwarded = self.failed = self.in_flight = 0
 
     def __repr__(self) -> str:
         s = self.statistics()
-        return f"<LockClient {self._base} [{s.in_flight} in flight, {s.failed} failed]>"
+        return f"<LockClient {self._path} [{s.in_flight} in flight, {s.failed} failed]>"
+
+    def _targets(self) -> list[Replica]:
+        """The stream's replica first, then every control plane as configured."""
+        current = self._current()
+        configured = [Replica(url, "") for url in self._urls]
+        return [current, *configured] if current is not None else configured
 
     def statistics(self) -> LockStatistics:
         return LockStatistics(self.forwarded, self.failed, self.in_flight)
@@ -60,11 +81,11 @@ class LockClient:
     async def call(self, method: str, name: str, renew: bool, body: bytes) -> Answer:
         """The control plane's answer to ``method`` on lock ``name`` (its ``/renew`` with
         ``renew``); PeerError when there is none."""
-        url = self._base + quote(name, safe="") + ("/renew" if renew else "")
+        path = self._path + quote(name, safe="") + ("/renew" if renew else "")
         self.in_flight += 1
         try:
             async with asyncio.timeout(TIMEOUT):
-                head, answer = await httpclient.request(method, url, body, self._headers, self._tls)
+                head, answer = await self._first_reachable(method, path, body)
         except TimeoutError:
             self.failed += 1
             raise PeerError(f"no answer within {TIMEOUT:g} s") from None
@@ -81,3 +102,19 @@ class LockClient:
             self.in_flight -= 1
         self.forwarded += 1
         return Answer(head.status, answer)
+
+    async def _first_reachable(
+        self, method: str, path: str, body: bytes
+    ) -> tuple[httpclient.ResponseHead, bytes]:
+        """The answer of the first target that takes the connection (ConnectError: none)."""
+        refused: ConnectError | None = None
+        for target in self._targets():
+            url = target.url.rstrip("/") + path
+            try:
+                return await httpclient.request(
+                    method, url, body, self._headers, self._tls, target.address
+                )
+            except ConnectError as e:  # nothing was sent: the next one may take it
+                refused = e
+        assert refused is not None  # (a sidecar with locks has a control plane)
+        raise refused

@@ -54,6 +54,12 @@ from pathlib import Path
 import aiohttp
 import uvloop
 
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # run as a script: ``tests`` from the repo root
+
+from tests.benchmarks.bench_registry import stop  # noqa: E402
+
 CP_CORE, CLIENT_CORE = 0, 1
 SERVICES = 50
 VERSION = re.compile(rb'"version":(\d+),"epoch"')
@@ -450,21 +456,6 @@ def compare_replicas(redis_port: int, admin: str, n: int, flips: int) -> list[st
         )
         print("  " + lines[-1])
     return lines
-
-
-def stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM to each, then SIGKILL to any still running 15 s later (said on stderr: a
-    control plane should stop within its 10 s shutdown timeout)."""
-    for proc in procs:
-        proc.terminate()
-    deadline = time.monotonic() + 15.0
-    for proc in procs:
-        try:
-            proc.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            print(f"pid {proc.pid} still running 15 s after SIGTERM: killed", file=sys.stderr)
-            proc.kill()
-            proc.wait()
 
 
 def clean_env() -> dict[str, str]:

@@ -225,10 +225,8 @@ def control_plane_env(admin_token: str) -> dict[str, str]:
 
 
 def start_control_plane(port: int, store: str, admin_token: str) -> subprocess.Popen[bytes]:
-    wrap = os.environ.get("BENCH_WRAP", "").split()
     return subprocess.Popen(
         [
-            *wrap,
             sys.executable,
             "-m",
             "control_plane",

@@ -92,6 +92,8 @@ def test_environment_fills_what_flags_do_not(monkeypatch: pytest.MonkeyPatch) ->
             "--max-instances-per-service: must be from 1 to --max-instances",
         ),
         (["--protect-max", "-1"], {}, "--protect-max: must not be negative"),
+        (["--lease-ttl", "0.5"], {}, "--lease-ttl: must be from 1 to 300 seconds"),
+        (["--lease-ttl", "1e9"], {}, "--lease-ttl: must be from 1 to 300 seconds"),
     ],
 )
 def test_bad_settings_exit_2_with_one_line(

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import fill
-from tests.processes import ControlPlane, eventually, http
+from tests.processes import ControlPlane, eventually, free_port, http
 
 Start = Callable[..., ControlPlane]
 
@@ -304,3 +304,27 @@ def test_requests_that_do_not_parse_are_one_line_each_within_a_budget(
     assert len(bad) == 5  # the rest of the 20 in these 10 s are counted, not logged
     assert all(len(line) < 400 for line in bad)
     assert cp.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("store", "says"),
+    [
+        ("redis://user:s3cret@127.0.0.1:6379/0", "put no credentials in the redis URL"),
+        ("redis://127.0.0.1:{port}/0", "cannot start: redis redis://127.0.0.1:{port}/0: "),
+    ],
+)
+def test_a_bad_or_unreachable_redis_store_fails_at_start_with_one_line(
+    store: str, says: str
+) -> None:
+    port = free_port()  # nothing listens there
+    proc = subprocess.run(
+        [sys.executable, "-m", "control_plane", "--listen", "127.0.0.1:0", "--store",
+         store.format(port=port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert says.format(port=port) in proc.stderr
+    assert "s3cret" not in proc.stderr
+    assert "Traceback" not in proc.stderr

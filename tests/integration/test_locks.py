@@ -9,13 +9,14 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 import trustme
 
 from meshlet import locks
-from tests.processes import ControlPlane, Sidecar, http
+from tests.processes import ControlPlane, Sidecar, eventually, free_port, http
 from tests.redis_server import RedisServer
 
 
@@ -238,3 +239,32 @@ async def test_fifty_clients_through_three_replicas_on_redis_never_hold_one_name
             assert lock.token > max(tokens)
     finally:
         redis.stop()
+
+
+async def test_a_sidecar_with_several_control_planes_takes_locks_through_a_live_one(
+    control_plane: Callable[..., ControlPlane],
+    sidecar_process: Callable[..., Sidecar],
+    tmp_path: Path,
+    redis_url: str,
+) -> None:
+    """Its calls go to the replica its stream is on, and to the next one it can reach when
+    that one is gone (a dead address in the list is passed over)."""
+    cps = [control_plane("--store", redis_url) for _ in range(2)]
+    dead = f"http://127.0.0.1:{free_port()}"
+    sidecar = sidecar_process(
+        "--service", "orders", "--control-plane", f"{dead},{cps[0].url},{cps[1].url}",
+        "--app", "http://127.0.0.1:9", "--app-health", "none", "--advertise", "127.0.0.1",
+        "--state-dir", str(tmp_path / "s"), env=cps[0].sidecar_env("orders"),
+    )  # fmt: skip
+    admin = f"http://127.0.0.1:{sidecar.ports['admin']}"
+    async with locks.hold("orders", ttl=5.0, admin=admin) as first:
+        pass
+
+    def stream_on() -> Any:
+        return http("GET", f"{admin}/config_dump")[1]["control_plane"]["connected_to"]
+
+    eventually(lambda: stream_on() is not None, what="the stream is up")
+    (on,) = [cp for cp in cps if cp.url == stream_on()["url"]]
+    on.kill()
+    async with locks.hold("orders", ttl=5.0, wait=5.0, admin=admin) as second:
+        assert second.token > first.token

@@ -141,17 +141,19 @@ def test_a_connection_reset_under_uvloop_as_the_sidecar_runs() -> None:
         runner.run(_reset_by_the_server())
 
 
-async def _reset_by_the_server() -> None:
+async def _upgrade(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A raw server's side of the WebSocket handshake."""
+    head = (await reader.readuntil(b"\r\n\r\n")).decode()
+    key = next(ln.split(": ")[1] for ln in head.split("\r\n") if ln.startswith("Sec-WebSocket-Key"))
+    writer.write(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        + f"Sec-WebSocket-Accept: {accept_for(key)}\r\n\r\n".encode()
+    )
 
+
+async def _reset_by_the_server() -> None:
     async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = (await reader.readuntil(b"\r\n\r\n")).decode()
-        key = next(
-            ln.split(": ")[1] for ln in head.split("\r\n") if ln.startswith("Sec-WebSocket-Key")
-        )
-        writer.write(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            + f"Sec-WebSocket-Accept: {accept_for(key)}\r\n\r\n".encode()
-        )
+        await _upgrade(reader, writer)
         await asyncio.sleep(0.1)  # the client's message arrives, unread
         sock = writer.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -174,14 +176,7 @@ async def test_keepalive_gives_up_on_a_server_that_stops_answering() -> None:
     finished = asyncio.Event()
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = (await reader.readuntil(b"\r\n\r\n")).decode()
-        key = next(
-            ln.split(": ")[1] for ln in head.split("\r\n") if ln.startswith("Sec-WebSocket-Key")
-        )
-        writer.write(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            + f"Sec-WebSocket-Accept: {accept_for(key)}\r\n\r\n".encode()
-        )
+        await _upgrade(reader, writer)
         while data := await reader.read(100):
             got.extend(data)
         writer.close()
