@@ -235,12 +235,15 @@ class Publisher:
                 await asyncio.sleep(1.0)
 
     async def rebuild(self) -> bool:
-        """Build the table; publish it as a new version if its content changed."""
+        """Build the table; publish it as a new version if its content changed. Replicas ask
+        the shared counter every time: another replica may have numbered other content since
+        this one last published (content this one never saw, debounced away), and a table
+        this one already has may then need the newer version every other replica gives it."""
         since = self.convergence.take()
         views = self.registry.views()  # one snapshot: the table and what it leaves out
         services = table.build(views)
         rendered, digest = table.render(services)
-        if digest == self.digest:
+        if digest == self.digest and self.claim is None:
             if not self._installed:  # the first build after a restart: same content, same version
                 self._install(services, rendered, self.version)
             return False
@@ -253,6 +256,8 @@ class Publisher:
         except BaseException:
             self.convergence.restore(since)  # the retry publishes the same change
             raise
+        if version == self.version and self._installed:
+            return False  # (a replica: the same content, already under this version)
         self.digest, self.built = digest, built
         self._install(services, rendered, version)
         log.info("table version %d: %d services", version, len(services))

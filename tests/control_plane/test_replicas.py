@@ -314,3 +314,24 @@ async def test_every_replica_knows_an_instances_last_heartbeat(
         return bool(on_b["last_heartbeat"] == on_a["last_heartbeat"])
 
     await eventually(b_knows_it)
+
+
+async def test_a_replica_that_never_saw_a_version_catches_up_to_the_newest(
+    make_api: MakeApi, redis_url: str
+) -> None:
+    """``slow`` debounces past a change and its undoing (A -> B -> A): it never sees B, so
+    its content ends where it began, yet the others numbered B and then A anew. It must push
+    A under the newest version too, not stay on the old one."""
+    quick = await make_api(store=open_store(redis_url), debounce_quiet=0.02, debounce_max=0.1)
+    slow = await make_api(store=open_store(redis_url), debounce_quiet=1.0, debounce_max=2.0)
+    await register(quick, id="i1", address="10.0.0.1", port=8080)
+
+    async def same() -> bool:
+        tables = [(await call(api, "GET", "/v1/table"))[1] for api in (quick, slow)]
+        return bool(tables[0] == tables[1] and tables[0]["services"].get("catalog"))
+
+    await eventually(same)
+    assert (await call(quick, "PUT", f"{CATALOG}/policy", {"retries": 3}))[0] == 200
+    await asyncio.sleep(0.3)  # quick publishes it; slow is still waiting for quiet
+    assert (await call(quick, "DELETE", f"{CATALOG}/policy"))[0] == 204
+    await eventually(same, within=8)
