@@ -89,9 +89,13 @@ def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> str | None:
     cert = ssl_object.getpeercert()
     if not cert:
         return None
+    sans = cert.get("subjectAltName", ())
     names = [
-        value
-        for kind, value in cert.get("subjectAltName", ())
-        if kind == "URI" and isinstance(value, str) and value.startswith("spiffe://")
+        pair[1]
+        for pair in sans
+        if isinstance(pair, tuple)
+        and pair[0] == "URI"
+        and isinstance(pair[1], str)
+        and pair[1].startswith("spiffe://")
     ]
     return names[0] if len(names) == 1 else None
