@@ -63,6 +63,8 @@ class Reason(enum.Enum):
     """Why the sidecar answered itself: (status, reason phrase, x-meshlet-error value)."""
 
     BAD_REQUEST = (400, "Bad Request", "bad-request")
+    #: the caller may not call this service (``allow_from``, ``mtls: strict``)
+    FORBIDDEN = (403, "Forbidden", "forbidden")
     NO_ROUTE = (404, "Not Found", "no-route")
     #: a destination outside the mesh, refused by ``outbound_policy: registry_only``
     OUTSIDE_MESH = (502, "Bad Gateway", "no-route")

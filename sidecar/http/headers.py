@@ -55,6 +55,7 @@ _SPECIAL_REQUEST: Final = {
     b"x-request-id": RID,
     b"x-forwarded-for": XFF,
     b"x-forwarded-proto": DROP,
+    b"x-meshlet-peer": DROP,  # the inbound sidecar writes the caller it verified
     b"keep-alive": DROP,
     b"te": DROP,
     b"trailer": DROP,

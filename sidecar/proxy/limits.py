@@ -111,6 +111,10 @@ class ListenerCounters:
     """times reading stopped because the client did not read its answers"""
     opaque_streams: int = 0
     """intercepted connections relayed as opaque TCP (not HTTP, or an opaque port)"""
+    tls_handshakes: int = 0
+    """inbound mesh TLS sessions opened"""
+    tls_failures: int = 0
+    """inbound TLS handshakes that failed (no certificate, another CA's, expired, garbage)"""
 
     def refused(self) -> dict[str, int]:
         return {

@@ -35,6 +35,7 @@ from sidecar.proxy.intercept import Interception, looks_like_http, original_dest
 from sidecar.proxy.limits import MAX_PIPELINED, Source
 from sidecar.proxy.relay import Relay
 from sidecar.proxy.routing import Route, Router
+from sidecar.proxy.tlslayer import TlsLayer
 from sidecar.proxy.tracker import ConnectionTracker
 from sidecar.proxy.watch import WAIT_HEAD, WAIT_IDLE, WAIT_TUNNEL, Timeouts, Watch
 from sidecar.resilience.tries import State
@@ -67,17 +68,20 @@ class Downstream(Watch):
         "_limit_error",
         "_linger",
         "_parser",
+        "_peer_line",
         "_pending_reject",
         "_queue",
         "_relay",
         "_sniffing",
         "_starting",
+        "_tls_first",
         "_unread",
         "_url",
         "answer",
         "client_ip",
         "draining",
         "original",
+        "peer",
         "record",
         "route",
         "router",
@@ -119,6 +123,10 @@ class Downstream(Watch):
         self._starting = False  # _start_next is running (it loops; calls inside it return)
         self._unread = False  # the client may still be sending: linger before closing
         self._linger: asyncio.TimerHandle | None = None
+        self._tls_first = False  # inbound with mesh TLS: the first read may start a session
+        #: the caller's verified SPIFFE ID (inbound mesh TLS), and its x-meshlet-peer line
+        self.peer: str | None = None
+        self._peer_line = b""
 
     def __repr__(self) -> str:
         state = "tunnel" if self._tunnel else "busy" if self._active else "idle"
@@ -137,6 +145,10 @@ class Downstream(Watch):
             self.transport.abort()
             return
         self.draining = self.tracker.draining
+        guard = self.tracker.guard
+        if guard is not None:
+            self.route = self._guarded_route
+            self._tls_first = guard.mesh.server is not None
         interception = self.tracker.interception
         if interception is not None:
             self.original = original = original_destination(transport)
@@ -150,6 +162,11 @@ class Downstream(Watch):
     def data_received(self, data: bytes) -> None:
         n = len(data)
         self._bytes_in += n
+        if self._tls_first:
+            self._tls_first = False
+            if data[:1] == b"\x16":  # a TLS handshake record: no HTTP method starts so
+                self._start_tls(data)
+                return
         if self._tunnel is not None:
             self._tunnel.tunnel_from_client(data)
             return
@@ -298,6 +315,48 @@ class Downstream(Watch):
         if self._active is None and self._queue and not self._closing:
             self._start_next()
 
+    # -- inbound mesh TLS (``guard``) -----------------------------------------------------
+
+    def _start_tls(self, first: bytes) -> None:
+        """The client opened with a TLS handshake: a session (``TlsLayer``) goes between the
+        socket and this connection, which reads and writes through it from now on."""
+        guard, raw = self.tracker.guard, self.transport
+        context = None if guard is None else guard.mesh.server
+        if context is None or raw is None:
+            self._close(abort=True)
+            return
+        layer = TlsLayer(
+            context,
+            self,
+            server_side=True,
+            attached=True,
+            verdict=self._tls_verdict,
+            failed=self._tls_failed,
+        )
+        raw.set_protocol(layer)
+        layer.connection_made(raw)
+        layer.data_received(first)
+
+    def _tls_verdict(self, layer: TlsLayer, peer: str | None) -> str | None:
+        """The handshake is done (the peer's certificate chains to the trust bundle): the
+        connection is the session's; who the caller is decides each request (``guard``)."""
+        self.transport = layer
+        self.peer = peer
+        if peer is not None:  # (printable ASCII: the URI of a verified certificate)
+            self._peer_line = b"x-meshlet-peer: " + peer.encode() + b"\r\n"
+        self.tracker.counters.tls_handshakes += 1
+        return None
+
+    def _tls_failed(self, why: str) -> None:
+        self.tracker.counters.tls_failures += 1
+        log.debug("inbound TLS from %s refused: %s", self.client_ip.decode(), why)
+
+    def _guarded_route(self, authority: bytes | None) -> Route | tuple[Reason, str]:
+        """The route, once the caller may call (``guard``)."""
+        guard = self.tracker.guard
+        refused = None if guard is None else guard.check(self.peer, self.client_ip)
+        return refused if refused is not None else self.router.route(authority)
+
     # -- httptools callbacks --------------------------------------------------------------
 
     def on_message_begin(self) -> None:
@@ -359,6 +418,8 @@ class Downstream(Watch):
         if head.authority is None and head.version == "1.1":
             self._limit_error = (Reason.BAD_REQUEST, "HTTP/1.1 request without Host")
             raise ValueError("no host")
+        if self._peer_line:
+            head.lines.append(self._peer_line)
         ex = Exchange(self, head)
         self._body_left = head.content_length
         self._current = self._latest = ex

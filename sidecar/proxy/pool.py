@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from dataclasses import dataclass
 
 from control_plane.wire import Endpoint
 from sidecar.balancing.ewma import EndpointStats, Exclusions
 from sidecar.clock import monotonic
+from sidecar.proxy.tlslayer import TlsLayer
 from sidecar.proxy.upstream import Home, UpstreamConnection
+from sidecar.tls import MeshTls
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,8 +42,12 @@ class Pool(Home):
         idle_timeout: float = 30.0,
         stats: EndpointStats | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        mesh: MeshTls | None = None,
     ) -> None:
         self.endpoint = endpoint
+        #: the SPIFFE ID the endpoint's sidecar proves over mesh TLS ("": plaintext)
+        self.identity = ""
+        self.mesh = mesh
         #: what balancers know of the endpoint; it lives as long as the pool (a table swap
         #: keeps it, an endpoint that leaves every table and comes back starts afresh)
         self.stats = stats if stats is not None else EndpointStats(monotonic(), Exclusions())
@@ -56,6 +63,7 @@ class Pool(Home):
         self._closed = False
         self._sweeper: asyncio.TimerHandle | None = None
         self._loop = loop  # (None: the running loop, looked up once)
+        self.tls_handshakes = 0
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         # asyncio.get_running_loop() makes a getpid() system call on Python 3.11: per
@@ -76,17 +84,51 @@ class Pool(Home):
         return None
 
     async def connect(self) -> UpstreamConnection:
-        """A new connection; the caller bounds the time with ``asyncio.timeout``."""
+        """A new connection (over mesh TLS when the endpoint has an identity and this sidecar
+        a certificate); the caller bounds the time with ``asyncio.timeout``."""
         loop = self._event_loop()
+        context = None if self.mesh is None or not self.identity else self.mesh.client
         self._connecting += 1
         try:
-            _, conn = await loop.create_connection(
-                lambda: UpstreamConnection(self), self.endpoint.address, self.endpoint.port
-            )
+            if context is None:
+                _, conn = await loop.create_connection(
+                    lambda: UpstreamConnection(self), self.endpoint.address, self.endpoint.port
+                )
+            else:
+                conn = await self._connect_tls(loop, context, self.identity)
         finally:
             self._connecting -= 1
         self._connects += 1
         self._all.add(conn)
+        return conn
+
+    async def _connect_tls(
+        self, loop: asyncio.AbstractEventLoop, context: ssl.SSLContext, expected: str
+    ) -> UpstreamConnection:
+        """A connection whose TLS handshake is done and whose peer proved ``expected``:
+        ConnectionError naming what went wrong otherwise."""
+        conn = UpstreamConnection(self)
+        opened: asyncio.Future[None] = loop.create_future()
+
+        def verdict(layer: TlsLayer, peer: str | None) -> str | None:
+            if peer != expected:
+                return f"the upstream proved {peer or 'no mesh identity'}, not {expected}"
+            if not opened.done():  # (not given up meanwhile)
+                opened.set_result(None)
+            return None
+
+        def failed(why: str) -> None:
+            if not opened.done():
+                opened.set_exception(ConnectionError(why))
+
+        layer = TlsLayer(context, conn, server_side=False, verdict=verdict, failed=failed)
+        await loop.create_connection(lambda: layer, self.endpoint.address, self.endpoint.port)
+        try:
+            await opened
+        except BaseException:
+            layer.abort()  # (refused, timed out or cancelled: the socket goes too)
+            raise
+        self.tls_handshakes += 1
         return conn
 
     def size(self) -> int:

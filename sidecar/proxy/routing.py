@@ -32,6 +32,7 @@ from sidecar.proxy.pool import Pool
 from sidecar.resilience.service import Services, ServiceState
 from sidecar.resilience.tries import TryPolicy
 from sidecar.telemetry.stats import RequestStats
+from sidecar.tls import MeshTls
 
 
 @dataclass(slots=True)
@@ -94,9 +95,16 @@ class Pools:
     """
 
     def __init__(
-        self, *, clock: Clock | None = None, max_idle: int = 64, idle_timeout: float = 30.0
+        self,
+        *,
+        clock: Clock | None = None,
+        max_idle: int = 64,
+        idle_timeout: float = 30.0,
+        mesh: MeshTls | None = None,
     ) -> None:
         self.clock = clock or SystemClock()
+        #: this sidecar's mesh credentials, for endpoints with an identity (None: no mesh TLS)
+        self.mesh = mesh
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         self._stats: dict[tuple[str, int], EndpointStats] = {}
@@ -122,6 +130,7 @@ class Pools:
                 max_idle=self.max_idle,
                 idle_timeout=self.idle_timeout,
                 stats=self.stats(endpoint),
+                mesh=self.mesh,
             )
             self._pools[key] = pool
         return pool

@@ -12,6 +12,7 @@ from sidecar.clock import wall
 from sidecar.errors import Reason
 from sidecar.http.http1 import RequestHead
 from sidecar.proxy.egress import Egress
+from sidecar.proxy.guard import InboundGuard
 from sidecar.proxy.intercept import Interception
 from sidecar.proxy.limits import Admission, ListenerCounters, ListenerLimits, Source
 from sidecar.proxy.routing import Route
@@ -48,6 +49,7 @@ class ConnectionTracker:
         limits: ListenerLimits | None = None,
         interception: Interception | None = None,
         egress: Egress | None = None,
+        guard: InboundGuard | None = None,
     ) -> None:
         self.direction = direction
         #: the service every request here is for (inbound: this sidecar's); "": by route
@@ -64,6 +66,8 @@ class ConnectionTracker:
         self.interception = interception
         #: outbound: the way out of the mesh, for hosts it does not know
         self.egress = egress
+        #: inbound: mesh TLS and who may call (None: plaintext only, anyone)
+        self.guard = guard
 
     def __repr__(self) -> str:
         return (

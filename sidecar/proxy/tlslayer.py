@@ -1,0 +1,227 @@
+"""Mesh TLS under a connection's HTTP protocol: ``TlsLayer``.
+
+One TLS session over memory BIOs (``ssl.SSLObject``), between the socket's transport and the
+HTTP protocol (a ``Downstream`` or an ``UpstreamConnection``), which sees the layer as its
+transport and never knows. Our own rather than asyncio's ``start_tls`` for two reasons: the
+inbound listener decides between TLS and plaintext on a connection's first bytes, which it has
+already read (``start_tls`` cannot be handed them), and the peer's identity is checked before
+the HTTP protocol hears of the connection.
+
+Flow control passes through: the socket's pause and resume of writing go to the protocol above,
+the protocol's pause and resume of reading go to the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+from sidecar.tls import peer_identity
+
+#: the most plaintext one ``read`` takes out of the session (a TLS record holds 16 KiB)
+_READ = 64 * 1024
+
+#: what the layer says once the handshake is done: the peer's SPIFFE ID (None: it has none).
+#: Returning a reason refuses the peer (the connection is aborted); None lets it in.
+Verdict = Callable[["TlsLayer", str | None], str | None]
+
+
+class TlsLayer(asyncio.Transport, asyncio.Protocol):
+    """A TLS session between a socket (this is its protocol) and an HTTP protocol (this is
+    its transport)."""
+
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        protocol: asyncio.Protocol,
+        *,
+        server_side: bool,
+        attached: bool = False,
+        verdict: Verdict,
+        failed: Callable[[str], None],
+        session: ssl.SSLSession | None = None,
+    ) -> None:
+        super().__init__()
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self._in, self._out, server_side=server_side, session=session)
+        self._protocol = protocol
+        self._verdict = verdict
+        self._failed: Callable[[str], None] | None = failed
+        self._raw: asyncio.Transport | None = None
+        self._open = False  # the handshake is done
+        # the protocol knows of the connection: from the start (``attached``: the inbound
+        # listener's, which read the first bytes itself), else once the handshake is done
+        self._told = attached
+        self._closing = False
+        self._error: Exception | None = None  # why the session failed, for connection_lost
+        #: the verified peer's SPIFFE ID, once the handshake is done
+        self.peer: str | None = None
+
+    def __repr__(self) -> str:
+        state = "open" if self._open else "closing" if self._closing else "handshaking"
+        return f"<TlsLayer {state} peer={self.peer!r}>"
+
+    # -- the socket's side (asyncio.Protocol) ---------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._raw = transport  # type: ignore[assignment]  # (a stream transport)
+        if not self.tls.server_side:
+            self._handshake()  # the client speaks first
+
+    def data_received(self, data: bytes) -> None:
+        self._in.write(data)
+        if not self._open and not self._handshake():
+            return
+        tls, protocol = self.tls, self._protocol
+        while True:
+            try:
+                plain = tls.read(_READ)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:  # the peer's close_notify: as an end of stream
+                self._flush()
+                self.close()
+                return
+            except ssl.SSLError as e:
+                self._fail(f"TLS: {e.reason or e}")
+                return
+            if not plain:
+                break
+            protocol.data_received(plain)
+            if not self._in.pending or self._raw is None:
+                break
+        if self._out.pending:  # (session tickets, key updates)
+            self._flush()
+
+    def eof_received(self) -> bool | None:
+        return None  # (a TLS stream ends with close_notify; a bare FIN closes it)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._raw = None
+        self._closing = True
+        if not self._open and self._failed is not None:
+            self._fail("the connection closed during the TLS handshake")
+        if self._told:
+            self._told = False
+            self._protocol.connection_lost(exc or self._error)
+
+    def pause_writing(self) -> None:
+        if self._told:
+            self._protocol.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._told:
+            self._protocol.resume_writing()
+
+    # -- the handshake --------------------------------------------------------------------
+
+    def _handshake(self) -> bool:
+        """Go on with the handshake: True once it is done and the peer accepted."""
+        try:
+            self.tls.do_handshake()
+        except ssl.SSLWantReadError:
+            self._flush()
+            return False
+        except (ssl.SSLError, ssl.CertificateError) as e:
+            self._flush()  # (the alert, so that the peer learns why)
+            self._fail(f"TLS handshake: {getattr(e, 'reason', None) or e}")
+            return False
+        self._flush()
+        self.peer = peer_identity(self.tls)
+        refused = self._verdict(self, self.peer)
+        if refused is not None:
+            self._fail(refused)
+            return False
+        self._open = True
+        self._failed = None
+        if not self._told:
+            self._told = True
+            self._protocol.connection_made(self)
+        return True
+
+    def _fail(self, why: str) -> None:
+        failed, self._failed = self._failed, None
+        raw, self._raw = self._raw, None
+        self._closing = True
+        self._error = ConnectionResetError(why)
+        if failed is not None:
+            failed(why)
+        if raw is not None:
+            raw.abort()  # (its connection_lost tells the protocol, if it knows of it)
+
+    def _flush(self) -> None:
+        out = self._out
+        if out.pending and self._raw is not None and not self._raw.is_closing():
+            self._raw.write(out.read())
+
+    # -- the HTTP protocol's side (asyncio.Transport) -------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._raw is None or self._closing:
+            return
+        try:
+            self.tls.write(data)
+        except ssl.SSLError as e:
+            self._fail(f"TLS: {e.reason or e}")
+            return
+        self._raw.write(self._out.read())
+
+    def is_closing(self) -> bool:
+        return self._closing or self._raw is None or self._raw.is_closing()
+
+    def close(self) -> None:
+        """Close after what was written: a close_notify, then the socket."""
+        if self._closing:
+            return
+        self._closing = True
+        with contextlib.suppress(ssl.SSLError):  # (the peer's close_notify is not awaited)
+            self.tls.unwrap()
+        self._flush()
+        if self._raw is not None:
+            self._raw.close()
+
+    def abort(self) -> None:
+        self._closing = True
+        if self._raw is not None:
+            self._raw.abort()
+
+    def can_write_eof(self) -> bool:
+        return False  # TLS has no half-close: the client's end is its close_notify
+
+    def pause_reading(self) -> None:
+        if self._raw is not None:
+            self._raw.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._raw is not None:
+            self._raw.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._raw is not None and self._raw.is_reading()
+
+    def get_write_buffer_size(self) -> int:
+        return 0 if self._raw is None else self._raw.get_write_buffer_size()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        if self._raw is not None:
+            self._raw.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return (0, 0) if self._raw is None else self._raw.get_write_buffer_limits()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = protocol  # type: ignore[assignment]  # (stream protocols only)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._protocol
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "ssl_object":
+            return self.tls
+        if name == "peer_identity":
+            return self.peer
+        return default if self._raw is None else self._raw.get_extra_info(name, default)

@@ -1,0 +1,236 @@
+"""Mesh TLS on the data path, in process: an outbound listener originating TLS to an inbound
+listener that sniffs it, verifies the caller and checks ``allow_from``; real sockets, real
+certificates from the mesh's CA, a real app behind the inbound."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import pytest
+from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+
+from control_plane.ca import Authority, make_csr, spiffe_id
+from control_plane.wire import Endpoint, parse_table
+from sidecar.proxy.guard import InboundGuard, Rules, service_of
+from sidecar.proxy.listener import Downstream
+from sidecar.proxy.routing import AppRouter, Pools, TableHolder
+from sidecar.proxy.tracker import ConnectionTracker
+from sidecar.proxy.watch import Timeouts
+from sidecar.tls import MeshTls, mesh_contexts
+
+LOCAL = "127.0.0.1"
+TD = "cluster.local"
+WEB = spiffe_id(TD, "shop", "web")
+CATALOG = spiffe_id(TD, "shop", "catalog")
+
+
+def credentials(ca: Authority, service: str, bundle: list[str]) -> MeshTls:
+    """A sidecar's MeshTls holding a certificate ``ca`` signed for ``service``."""
+    key, csr = make_csr(spiffe_id(TD, "shop", service))
+    cert = ca.sign(csr, service=service, namespace="shop", now=time.time())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    mesh = MeshTls()
+    mesh.trust_domain = TD
+    mesh.identity = spiffe_id(TD, "shop", service)
+    mesh.server, mesh.client = mesh_contexts(
+        cert.public_bytes(serialization.Encoding.PEM), key_pem, bundle
+    )
+    return mesh
+
+
+@dataclass
+class Hop:
+    """An outbound listener (web's sidecar) and an inbound one (catalog's) before an app."""
+
+    outbound: int
+    inbound: int
+    inbound_tracker: ConnectionTracker
+    guard: InboundGuard
+    pools: Pools
+    rules: list[Rules]
+
+
+@pytest.fixture
+def ca() -> Authority:
+    return Authority.create(time.time())
+
+
+async def _app() -> tuple[web.AppRunner, int]:
+    async def echo(request: web.Request) -> web.Response:
+        return web.json_response({"peer": request.headers.getall("x-meshlet-peer", [])})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", echo)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, LOCAL, 0)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+
+@pytest.fixture
+async def hop(ca: Authority) -> AsyncIterator[Callable[..., Hop]]:
+    loop = asyncio.get_running_loop()
+    runner, app_port = await _app()
+    servers: list[asyncio.Server] = []
+    made: list[Hop] = []
+
+    async def make(web_mesh: MeshTls, catalog_mesh: MeshTls, identity: str = CATALOG) -> Hop:
+        rules: list[Rules] = [("permissive", ("*",))]
+        guard = InboundGuard(catalog_mesh, lambda: rules[-1])
+        tracker = ConnectionTracker("inbound", "catalog", guard=guard)
+        app_router = AppRouter(Endpoint(LOCAL, app_port), Pools())
+        inbound = await loop.create_server(
+            lambda: Downstream(app_router, tracker, Timeouts(), loop), LOCAL, 0
+        )
+        in_port = inbound.sockets[0].getsockname()[1]
+        pools = Pools(mesh=web_mesh)
+        tables = TableHolder(pools, service="web")
+        table = parse_table(
+            {"services": {"catalog": {"endpoints": [{"address": LOCAL, "port": in_port}]}}}
+        )
+        tables.install(table, "test")
+        pools.get(table.services["catalog"].endpoints[0]).identity = identity
+        outbound = await loop.create_server(
+            lambda: Downstream(tables, ConnectionTracker("outbound"), Timeouts(), loop), LOCAL, 0
+        )
+        servers.extend((inbound, outbound))
+        out_port = outbound.sockets[0].getsockname()[1]
+        made.append(Hop(out_port, in_port, tracker, guard, pools, rules))
+        return made[-1]
+
+    yield make  # type: ignore[misc]
+    for server in servers:
+        server.close()
+    for h in made:
+        h.pools.close()
+    await runner.cleanup()
+
+
+async def get(
+    port: int, path: str = "/", host: str = "catalog"
+) -> tuple[int, dict[str, str], bytes]:
+    reader, writer = await asyncio.open_connection(LOCAL, port)
+    try:
+        writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: {host}\r\nx-meshlet-peer: forged\r\n\r\n".encode()
+        )
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        headers = dict(line.lower().split(": ", 1) for line in lines[1:] if line)
+        body = await reader.readexactly(int(headers["content-length"]))
+        return int(lines[0].split()[1]), headers, body
+    finally:
+        writer.close()
+
+
+async def test_two_sidecars_talk_mesh_tls_and_the_app_learns_the_verified_caller(
+    ca: Authority, hop: Callable[..., asyncio.Future[Hop]]
+) -> None:
+    bundle = [ca.pem()[0].decode()]
+    h = await hop(credentials(ca, "web", bundle), credentials(ca, "catalog", bundle))
+    for _ in range(3):  # one handshake, the connection kept
+        status, _, body = await get(h.outbound)
+        assert status == 200
+        assert json.loads(body)["peer"] == [WEB]  # the client's forged one is gone
+    assert h.inbound_tracker.counters.tls_handshakes == 1
+    pool = next(iter(h.pools._pools.values()))
+    assert pool.tls_handshakes == 1
+    assert pool.statistics().connects == 1
+
+
+async def test_allow_from_refuses_a_caller_with_403_and_counts_it(
+    ca: Authority, hop: Callable[..., asyncio.Future[Hop]]
+) -> None:
+    bundle = [ca.pem()[0].decode()]
+    h = await hop(credentials(ca, "web", bundle), credentials(ca, "catalog", bundle))
+    h.rules.append(("strict", ("orders",)))
+    status, headers, body = await get(h.outbound)
+    assert status == 403
+    assert headers["x-meshlet-error"] == "forbidden"
+    assert b"allow_from does not list web" in body
+    assert h.guard.forbidden == {"web": 1}
+    h.rules.append(("strict", ("orders", "web")))
+    assert (await get(h.outbound))[0] == 200
+
+
+async def test_strict_refuses_plaintext_from_another_host_but_not_from_loopback(
+    ca: Authority, hop: Callable[..., asyncio.Future[Hop]]
+) -> None:
+    bundle = [ca.pem()[0].decode()]
+    h = await hop(credentials(ca, "web", bundle), credentials(ca, "catalog", bundle))
+    h.rules.append(("strict", ("*",)))
+    # plaintext straight to the inbound port, from 127.0.0.2 ("another host")
+    reader, writer = await asyncio.open_connection(LOCAL, h.inbound, local_addr=("127.0.0.2", 0))
+    writer.write(b"GET / HTTP/1.1\r\nHost: catalog\r\n\r\n")
+    head = await reader.readuntil(b"\r\n\r\n")
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 403 ")
+    assert b"x-meshlet-error: forbidden" in head
+    assert h.guard.forbidden == {"plaintext": 1}
+    status, _, body = await get(h.inbound)  # from 127.0.0.1: the local app, a probe
+    assert status == 200
+    assert json.loads(body)["peer"] == []
+    h.rules.append(("permissive", ("*",)))
+    reader, writer = await asyncio.open_connection(LOCAL, h.inbound, local_addr=("127.0.0.2", 0))
+    writer.write(b"GET / HTTP/1.1\r\nHost: catalog\r\n\r\n")
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
+    writer.close()
+
+
+async def test_a_foreign_ca_or_the_wrong_identity_never_reaches_the_app(
+    ca: Authority, hop: Callable[..., asyncio.Future[Hop]]
+) -> None:
+    bundle = [ca.pem()[0].decode()]
+    foreign = Authority.create(time.time())
+    # web's certificate from another CA: the inbound refuses the handshake (in TLS 1.3 the
+    # client has finished its part by then, so web sees the refusal as a reset)
+    h = await hop(credentials(foreign, "web", bundle), credentials(ca, "catalog", bundle))
+    status, headers, body = await get(h.outbound)
+    assert status == 502
+    assert headers["x-meshlet-error"] == "upstream-reset"
+    assert h.inbound_tracker.counters.tls_failures == 2  # the try and its retry (a reset)
+    assert h.inbound_tracker.counters.tls_handshakes == 0
+    # the inbound proves catalog, the table says the endpoint is orders: web refuses it
+    h2 = await hop(
+        credentials(ca, "web", bundle),
+        credentials(ca, "catalog", bundle),
+        spiffe_id(TD, "shop", "orders"),
+    )
+    status, headers, body = await get(h2.outbound)
+    assert status == 502
+    assert b"proved " + CATALOG.encode() in body
+
+
+async def test_a_client_without_a_certificate_is_refused_in_the_handshake(
+    ca: Authority, hop: Callable[..., asyncio.Future[Hop]]
+) -> None:
+    bundle = [ca.pem()[0].decode()]
+    h = await hop(credentials(ca, "web", bundle), credentials(ca, "catalog", bundle))
+    ctx = ssl.create_default_context(cadata=bundle[0])
+    ctx.check_hostname = False
+
+    async def call() -> None:
+        reader, writer = await asyncio.open_connection(LOCAL, h.inbound, ssl=ctx)
+        writer.write(b"GET / HTTP/1.1\r\nHost: catalog\r\n\r\n")
+        await reader.readuntil(b"\r\n\r\n")
+
+    with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+        await call()
+    assert h.inbound_tracker.counters.tls_handshakes == 0
+
+
+def test_service_of_reads_only_this_trust_domains_service_ids() -> None:
+    assert service_of(WEB, TD) == "web"
+    assert service_of(WEB, "other.domain") is None
+    assert service_of("spiffe://cluster.local/ns/shop/sa/web", TD) is None
+    assert service_of("spiffe://cluster.local/ns//svc/web", TD) is None
+    assert service_of(WEB + "/extra", TD) is None
