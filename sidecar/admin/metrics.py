@@ -104,11 +104,28 @@ class SidecarMetrics:
             "intercepted connections relayed as TCP, unparsed (not HTTP, or an opaque port)",
             labels=["direction"],
         )
+        handshakes = counter(
+            "meshlet_listener_tls_handshakes",
+            "mesh TLS sessions a listener's clients opened (ok) or whose handshake failed: no "
+            "certificate, another CA's, expired, not TLS",
+            labels=["direction", "result"],
+        )
+        forbidden = counter(
+            "meshlet_inbound_forbidden",
+            "requests refused 403 by the service's allow_from or mtls: strict, by caller "
+            "(a service, or plaintext)",
+            labels=["caller"],
+        )
+        guard = sc.inbound.guard
+        for caller, n in sorted((guard.forbidden if guard is not None else {}).items()):
+            forbidden.add([caller], n)
         for tracker in trackers:
             direction = tracker.direction
             open_.add([direction], len(tracker.connections))
             counters = tracker.counters
             opaque.add([direction], counters.opaque_streams)
+            handshakes.add([direction, "ok"], counters.tls_handshakes)
+            handshakes.add([direction, "failed"], counters.tls_failures)
             for family, values in (
                 (refused, counters.refused()),
                 (timeouts, counters.timeouts()),
@@ -121,6 +138,8 @@ class SidecarMetrics:
         yield timeouts
         yield backpressure
         yield opaque
+        yield handshakes
+        yield forbidden
 
     def _requests(self, outbound: list[ServiceState]) -> Iterator[Family]:
         sc = self.sidecar

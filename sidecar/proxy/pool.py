@@ -64,6 +64,9 @@ class Pool(Home):
         self._sweeper: asyncio.TimerHandle | None = None
         self._loop = loop  # (None: the running loop, looked up once)
         self.tls_handshakes = 0
+        self.tls_resumed = 0
+        # a session to resume on the next mesh TLS connection (taken once its ticket came)
+        self._tls_session: ssl.SSLSession | None = None
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         # asyncio.get_running_loop() makes a getpid() system call on Python 3.11: per
@@ -121,7 +124,10 @@ class Pool(Home):
             if not opened.done():
                 opened.set_exception(ConnectionError(why))
 
-        layer = TlsLayer(context, conn, server_side=False, verdict=verdict, failed=failed)
+        session, self._tls_session = self._tls_session, None  # (a ticket is used once)
+        layer = TlsLayer(
+            context, conn, server_side=False, verdict=verdict, failed=failed, session=session
+        )
         await loop.create_connection(lambda: layer, self.endpoint.address, self.endpoint.port)
         try:
             await opened
@@ -129,6 +135,7 @@ class Pool(Home):
             layer.abort()  # (refused, timed out or cancelled: the socket goes too)
             raise
         self.tls_handshakes += 1
+        self.tls_resumed += layer.tls.session_reused
         return conn
 
     def size(self) -> int:
@@ -142,11 +149,21 @@ class Pool(Home):
             conn.close()
             return
         conn.owner = None
+        if self.identity and self._tls_session is None:
+            self._keep_session(conn)
         loop = self._loop or self._event_loop()
         conn.idle_since = loop.time()
         self._idle.append(conn)
         if self._sweeper is None:
             self._sweeper = loop.call_later(self.idle_timeout, self._sweep)
+
+    def _keep_session(self, conn: UpstreamConnection) -> None:
+        """Keep the TLS session of a connection that has had a response (TLS 1.3 sends the
+        ticket after the handshake), so that the next connection resumes it: a shorter
+        handshake without certificates."""
+        tls = conn.transport.get_extra_info("ssl_object") if conn.transport is not None else None
+        if isinstance(tls, ssl.SSLObject) and tls.session is not None and tls.session.has_ticket:
+            self._tls_session = tls.session
 
     def _sweep(self) -> None:
         """Close connections idle for longer than ``idle_timeout`` (the oldest are first)."""

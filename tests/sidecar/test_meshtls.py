@@ -145,6 +145,11 @@ async def test_two_sidecars_talk_mesh_tls_and_the_app_learns_the_verified_caller
     pool = next(iter(h.pools._pools.values()))
     assert pool.tls_handshakes == 1
     assert pool.statistics().connects == 1
+    # a second connection (two callers at once) resumes the first one's session
+    await asyncio.gather(get(h.outbound, "/a"), get(h.outbound, "/b"))
+    assert pool.tls_handshakes == 2
+    assert pool.tls_resumed == 1
+    assert h.inbound_tracker.counters.tls_handshakes == 2
 
 
 async def test_allow_from_refuses_a_caller_with_403_and_counts_it(
