@@ -107,7 +107,7 @@ class StoreContract(RuleBasedStateMachine):
         self.epoch = ""
         self.tokens: dict[str, TokenRecord] = {}
         self.ca: tuple[str, str] | None = None
-        self.bundle: dict[str, str] = {}
+        self.roots: dict[str, str] = {}
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.loop.run_until_complete(coro)
@@ -232,7 +232,7 @@ class StoreContract(RuleBasedStateMachine):
         if self.ca is None:
             self.ca = ca
             if root is not None:
-                self.bundle[root[0]] = root[1]
+                self.roots[root[0]] = root[1]
         assert stored == self.ca, "the first CA stays"
 
     @rule(ca=cas, root=roots)
@@ -240,17 +240,17 @@ class StoreContract(RuleBasedStateMachine):
         self.run(self.store.replace_ca(*ca, root))
         self.ca = ca
         if root is not None:
-            self.bundle[root[0]] = root[1]
+            self.roots[root[0]] = root[1]
 
     @rule(fingerprint=fingerprints, pem=st.sampled_from(["pem-1", "pem-3"]))
     def put_root(self, fingerprint: str, pem: str) -> None:
         self.run(self.store.put_root(fingerprint, pem))
-        self.bundle[fingerprint] = pem
+        self.roots[fingerprint] = pem
 
     @rule(fingerprint=fingerprints)
     def delete_root(self, fingerprint: str) -> None:
         self.run(self.store.delete_root(fingerprint))
-        self.bundle.pop(fingerprint, None)
+        self.roots.pop(fingerprint, None)
 
     @rule()
     def reopen(self) -> None:
@@ -273,7 +273,7 @@ class StoreContract(RuleBasedStateMachine):
         assert {t.id: t for t in snapshot.tokens} == self.tokens
         assert snapshot.lock_grants == self.grants
         assert snapshot.ca == self.ca
-        assert snapshot.trust_bundle == self.bundle
+        assert snapshot.trust_bundle == self.roots
 
     def teardown(self) -> None:
         self.run(self.store.close())
