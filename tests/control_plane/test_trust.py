@@ -49,9 +49,12 @@ async def pushed(sidecar: Sidecar, version: int = 0) -> Table:
     async with asyncio.timeout(3):
         while True:
             message = decode((await sidecar.ws.receive()).data)
-            if isinstance(message, Table) and "catalog" in message.services:
-                if message.version >= version:
-                    return message
+            if (
+                isinstance(message, Table)
+                and "catalog" in message.services
+                and message.version >= version
+            ):
+                return message
 
 
 @pytest.fixture
