@@ -18,9 +18,10 @@ token, 4403 another service's instance, 4409 someone else's instance or a full r
 counted by reason and logged once per instance and node.
 
 A ``csr`` after hello is signed for the stream's identity: its service (the token's) and the
-namespace its hello registered. The answer is a ``certificate`` message, with the chain or the
-reason it was refused; a refusal leaves the stream open. A stream may ask ``CSR_LIMIT`` times
-per ``CSR_WINDOW`` seconds (a sidecar renews once in 16 h): more are refused unread.
+namespace its instance is registered with. The answer is a ``certificate`` message, with the
+chain or the reason it was refused; a refusal leaves the stream open. A stream may ask
+``CSR_LIMIT`` times per ``CSR_WINDOW`` seconds (a sidecar renews once in 16 h): more are
+refused unread.
 
 Counters are plain integers (no lock, no label lookup on the event path); ``statistics()``
 hands them to ``metrics`` when Prometheus scrapes.
@@ -528,7 +529,9 @@ class Publisher:
             self._complain(session, "CSR refused for %r: %s", session.service, error)
             return Certificate(error=error)
         session.csrs.append(now)
-        namespace = session.hello.instance.namespace or ""
+        # the namespace its instance has (a hello that leaves it out keeps the registered one)
+        record = self.registry.find(session.service, session.instance)
+        namespace = record.namespace if record is not None else ""
         try:
             chain = self.trust.sign(message.csr, service=session.service, namespace=namespace)
         except CsrRefused as e:

@@ -14,7 +14,7 @@ from cryptography import x509
 from control_plane import api as api_module
 from control_plane.ca import Authority
 from control_plane.clock import FakeClock
-from control_plane.store import Store
+from control_plane.store import Store, open_store
 from control_plane.store_memory import MemoryStore
 from control_plane.trust import Trust
 from control_plane.wire import Certificate, Csr, Hello, Registration, Table, decode, parse_table
@@ -23,6 +23,7 @@ from tests.conftest import ADMIN, Api, MakeApi, new_store
 from tests.control_plane.test_access import JOIN, call, mint
 from tests.control_plane.test_metrics import scrape
 from tests.control_plane.test_publisher import Sidecar, connect, publisher
+from tests.control_plane.test_replicas import eventually, replicas
 
 
 def trust(api: Api) -> Trust:
@@ -78,8 +79,14 @@ async def test_a_csr_over_the_stream_gets_the_streams_identity_for_a_day(
     cert.verify_directly_issued_by(trust(api).authority.certificate)
     now = datetime.datetime.fromtimestamp(clock.time(), datetime.UTC)
     assert cert.not_valid_after_utc - now == datetime.timedelta(hours=24)
+    # a hello that leaves the namespace out keeps the registered one, and so the identity
+    await sidecar.ws.close()
+    bare = Registration(address="10.0.0.1", port=9001, id="c1")
+    again = await connect(api, Hello("node-1", "catalog", bare), token=secret)
+    answer = await certificate(again, csr)
+    assert identity_of(x509.load_pem_x509_certificate(answer.chain.encode())) == identity
     samples = await scrape(api)
-    assert samples['meshlet_cp_certificates_issued_total{service="catalog"}'] == 1
+    assert samples['meshlet_cp_certificates_issued_total{service="catalog"}'] == 2
 
 
 async def test_a_csr_for_another_identity_garbage_or_too_large_is_refused_on_an_open_stream(
@@ -276,3 +283,37 @@ async def test_an_intermediate_signs_with_its_chain_and_its_root_is_the_admins_t
     with pytest.raises(Exception, match="the signing CA chains to"):
         await t.delete_root(added.fingerprint)
     leaf.verify_directly_issued_by(chained)
+
+
+async def test_replicas_sign_with_one_ca_and_share_the_bundle(
+    make_api: MakeApi, redis_url: str, clock: FakeClock, tmp_path: Path
+) -> None:
+    a, b = await replicas(make_api, redis_url)
+    assert trust(a).authority.pem() == trust(b).authority.pem()
+    other = Authority.create(clock.time())
+    pem = other.pem()[0].decode()
+    assert (await a.post("/v1/trust-bundle", json={"pem": pem})).status == 201
+
+    async def b_trusts_it() -> bool:
+        return pem in trust(b).bundle()
+
+    await eventually(b_trusts_it)
+    assert (await b.delete(f"/v1/trust-bundle/{fingerprint(other.certificate)}")).status == 204
+
+    async def a_does_not() -> bool:
+        return pem not in trust(a).bundle()
+
+    await eventually(a_does_not)
+    # a third replica started with --ca-cert makes the others sign with its CA too
+    cert, key = other.pem()
+    (tmp_path / "ca.crt").write_bytes(cert)
+    (tmp_path / "ca.key").write_bytes(key)
+    files = {"ca_cert": str(tmp_path / "ca.crt"), "ca_key": str(tmp_path / "ca.key")}
+    c = await make_api(store=open_store(redis_url), **files)
+    assert trust(c).authority.pem() == other.pem()
+
+    async def all_sign_with_it() -> bool:
+        return all(trust(r).authority.pem() == other.pem() for r in (a, b))
+
+    await eventually(all_sign_with_it)
+    assert pem in trust(a).bundle()  # its root joined the bundle with it
