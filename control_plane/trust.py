@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import datetime
 import logging
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from control_plane.wire.identity import MAX_ROOTS, fingerprint, parse_root
 
 log = logging.getLogger("meshlet.trust")
 
-REFUSAL_REASONS: tuple[RefusalReason | str, ...] = ("too_large", "invalid", "identity", "rate")
+REFUSAL_REASONS: tuple[str, ...] = (*typing.get_args(RefusalReason), "rate")
 """why a CSR is refused (a metric label): over the size limit, not a valid P-256 CSR, an
 identity that is not the stream's, more than the stream may ask for per minute"""
 
@@ -185,11 +186,11 @@ class Trust:
         """Each root, and whether the signing CA chains to it."""
         return [(self._roots[fp], self._signs(self._roots[fp])) for fp in sorted(self._roots)]
 
-    async def add_root(self, pem: object) -> Root:
+    async def add_root(self, pem: str) -> Root:
         """BadRequest for what is not one PEM CA certificate, Conflict when it is there or the
         bundle is full."""
         try:
-            root = _root(pem)  # type: ignore[arg-type]  # parse_root checks it is a string
+            root = _root(pem)
         except WireError as e:
             raise BadRequest(e.message, e.field) from None
         if root.fingerprint in self._roots:
