@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
@@ -379,17 +380,11 @@ class Registry:
     async def update(self, service: str, instance_id: str, patch: InstancePatch) -> InstanceView:
         async with self._lock:
             old = self._record(service, instance_id)
-            record = InstanceRecord(
-                service,
-                instance_id,
-                old.address,
-                old.port,
-                zone=old.zone,
+            # (the rest as it was: its origin too, or a drained sidecar could not come back)
+            record = dataclasses.replace(
+                old,
                 weight=_given(patch.weight, old.weight),
-                metadata=old.metadata,
                 draining=old.draining if patch.status is None else patch.status == "draining",
-                namespace=old.namespace,
-                tls=old.tls,
             )
             if record != old:
                 await self._commit(self._store.put_instance(record), self._put, record)
