@@ -35,6 +35,7 @@ from control_plane.model import InstanceRecord, InstanceView, ServiceSummary, To
 from control_plane.ownership import Claimant
 from control_plane.publisher import Publisher
 from control_plane.registry import Registry
+from control_plane.trust import Root, Trust, not_after
 from control_plane.wire import HASH_POLICIES, STREAM_PATH, Policy, to_json
 
 log = logging.getLogger("meshlet.api")
@@ -44,6 +45,7 @@ PUBLISHER = web.AppKey("publisher", Publisher)
 METRICS = web.AppKey("metrics", metrics.Metrics)
 TOKENS = web.AppKey("tokens", Tokens)
 LOCKS = web.AppKey("locks", Locks)
+TRUST = web.AppKey("trust", Trust)
 PRINCIPAL = web.RequestKey("principal", Principal)
 
 
@@ -477,6 +479,43 @@ async def delete_lock_grant(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+# -- trust ----------------------------------------------------------------------------------
+
+
+def _root_json(root: Root, signing: bool) -> dict[str, Any]:
+    return {
+        "sha256": root.fingerprint,
+        "subject": root.certificate.subject.rfc4514_string(),
+        "not_after": not_after(root),
+        "pem": root.pem,
+        "signing": signing,
+    }
+
+
+async def get_trust_bundle(request: web.Request) -> web.Response:
+    roots = request.app[TRUST].roots()
+    return json_response({"roots": [_root_json(root, signing) for root, signing in roots]})
+
+
+async def add_root(request: web.Request) -> web.Response:
+    """Add a root sidecars trust (a bring-your-own CA's, or the next one of a rotation)."""
+    body = schema.document(schema.RootRequest, await read_json(request))
+    root = await request.app[TRUST].add_root(body.pem)
+    location = {"Location": f"/v1/trust-bundle/{root.fingerprint}"}
+    return json_response(_root_json(root, False), 201, location)
+
+
+async def delete_root(request: web.Request) -> web.Response:
+    await request.app[TRUST].delete_root(request.match_info["sha256"])
+    return web.Response(status=204)
+
+
+async def get_ca(request: web.Request) -> web.Response:
+    """The signing CA's certificate (never its key), PEM."""
+    cert, _ = request.app[TRUST].authority.pem()
+    return web.Response(body=cert, content_type="application/x-pem-file")
+
+
 _ROUTES: list[tuple[str, str, Handler, Access]] = [
     ("GET", "/healthz", healthz, Access.OPEN),
     ("GET", "/readyz", readyz, Access.OPEN),
@@ -506,6 +545,10 @@ _ROUTES: list[tuple[str, str, Handler, Access]] = [
     ("GET", "/v1/lock-grants", list_lock_grants, Access.ADMIN),
     ("PUT", "/v1/lock-grants/{name}", put_lock_grant, Access.ADMIN),
     ("DELETE", "/v1/lock-grants/{name}", delete_lock_grant, Access.ADMIN),
+    ("GET", "/v1/trust-bundle", get_trust_bundle, Access.ADMIN),
+    ("POST", "/v1/trust-bundle", add_root, Access.ADMIN),
+    ("DELETE", "/v1/trust-bundle/{sha256}", delete_root, Access.ADMIN),
+    ("GET", "/v1/ca", get_ca, Access.ADMIN),
 ]
 _ACCESS: dict[Handler, Access] = {handler: access for _, _, handler, access in _ROUTES}
 

@@ -1,7 +1,8 @@
 """Assembly and lifecycle of a control-plane process.
 
-Start-up: open the store, load the registry, the tokens and the lock grants, start the
-reaper (on a shared store: the replica's tasks, ``replica``), then listen (HTTPS with
+Start-up: open the store, load the registry, the tokens and the lock grants, the CA and the
+trust bundle (making a CA on the first start), start the reaper (on a shared store: the
+replica's tasks, ``replica``), then listen (HTTPS with
 ``--tls-cert``) and report ready. Shutdown on SIGTERM or SIGINT, in steps:
   1. not ready (``/readyz`` answers 503)
   2. stop accepting connections
@@ -40,6 +41,7 @@ from control_plane.registry import Registry
 from control_plane.replica import Replica
 from control_plane.schema import MAX_BODY_BYTES
 from control_plane.store import Store, open_store
+from control_plane.trust import Trust, load_given
 
 if TYPE_CHECKING:
     from control_plane.store_redis import RedisStore
@@ -74,8 +76,20 @@ def build_app(
         max_per_service=config.max_instances_per_service,
     )
     app[api.REGISTRY] = registry
+    trust = Trust(
+        store,
+        clock,
+        trust_domain=config.trust_domain,
+        given=load_given(config, clock.time()),
+    )
+    app[api.TRUST] = trust
     publisher = Publisher(
-        registry, store, quiet=config.debounce_quiet, max_wait=config.debounce_max, clock=clock
+        registry,
+        store,
+        quiet=config.debounce_quiet,
+        max_wait=config.debounce_max,
+        clock=clock,
+        trust=trust,
     )
     app[api.PUBLISHER] = publisher
     tokens = Tokens(store, clock, admin_token=config.admin_token, join_token=config.join_token)
@@ -92,9 +106,10 @@ def build_app(
             publisher,
             clock,
             lease_ttl=config.lease_ttl,
+            trust=trust,
         )
         app[REPLICA] = replica
-    app[api.METRICS] = Metrics(registry, publisher, tokens, locks, replica)
+    app[api.METRICS] = Metrics(registry, publisher, tokens, locks, replica, trust)
     app[api.READY] = api.Readiness()
     app[api.OPENAPI] = json.dumps(build_spec(), indent=1).encode()
     api.add_routes(app)
@@ -109,6 +124,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     try:
         # a replica takes the shared health too: its first table is the others'
         snapshot = await (registry.start() if replica is None else replica.start())
+        await app[api.TRUST].start(snapshot)
         await publisher.start(
             snapshot.table_version, snapshot.table_digest, snapshot.epoch, snapshot.table_built
         )

@@ -3,8 +3,8 @@
 The first piece of mutual TLS, and only the cryptography (the ``cryptography`` library, no
 hand-written ASN.1): make a root or load one handed to us (``--ca-cert``/``--ca-key``: a
 user's own PKI or cert-manager signs it as an intermediate), and sign a workload's CSR for the
-service its token acts for, whatever identity the CSR asks for. Not wired in yet: keeping the
-CA in the store, the CSR over the stream, and the sidecar's TLS come next.
+service its token acts for, whatever identity the CSR asks for. ``trust`` keeps it in the
+store and signs the CSRs sidecars send over their streams.
 
 A workload certificate names exactly one identity, a SPIFFE ID in its URI SAN:
 ``spiffe://<trust domain>/ns/<namespace>/svc/<service>`` (``default`` for an instance with no
@@ -18,6 +18,7 @@ import datetime
 import re
 import secrets
 from dataclasses import dataclass
+from typing import Literal
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -25,47 +26,61 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from control_plane.wire import check_service_name
+from control_plane.wire import WireError, check_service_name
+from control_plane.wire.identity import (
+    MAX_CSR_BYTES,
+    TRUST_DOMAIN,
+    check_trust_domain,
+    identity_of,
+    is_ca,
+    make_csr,
+    spiffe_id,
+)
 
-TRUST_DOMAIN = "cluster.local"
+__all__ = [
+    "MAX_CSR_BYTES",
+    "TRUST_DOMAIN",
+    "Authority",
+    "CAError",
+    "Refused",
+    "identity_of",
+    "make_csr",
+    "spiffe_id",
+]
+
 WORKLOAD_TTL = 24 * 3600.0
 """seconds a workload certificate is valid"""
 ROOT_TTL = 10 * 365 * 24 * 3600.0
 """seconds a root this control plane makes is valid"""
 SKEW = 60.0
 """seconds a certificate is valid before it is signed: clocks of hosts differ"""
-MAX_CSR_BYTES = 8192
-_TRUST_DOMAIN = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
 _NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
 class CAError(Exception):
-    """CA material that cannot be used, and why."""
+    """CA material that cannot be used, and why; ``field`` names the flag it came from."""
+
+    def __init__(self, message: str, field: str = "ca_cert") -> None:
+        super().__init__(message)
+        self.field = field
+
+
+RefusalReason = Literal["too_large", "invalid", "identity"]
 
 
 class Refused(Exception):
-    """A CSR this CA will not sign, and why (the caller answers 400 or 403)."""
+    """A CSR this CA will not sign, and why; ``reason`` is a metric label."""
+
+    def __init__(self, message: str, reason: RefusalReason = "invalid") -> None:
+        super().__init__(message)
+        self.reason: RefusalReason = reason
 
 
-def spiffe_id(trust_domain: str, namespace: str, service: str) -> str:
-    return f"spiffe://{trust_domain}/ns/{namespace or 'default'}/svc/{service}"
-
-
-def check_trust_domain(trust_domain: str) -> str:
-    if _TRUST_DOMAIN.fullmatch(trust_domain) is None:
-        raise CAError(f"trust domain {trust_domain[:80]!r}: lower-case letters, digits, . and -")
-    return trust_domain
-
-
-def identity_of(certificate: x509.Certificate) -> str | None:
-    """The SPIFFE ID a certificate names (its one ``spiffe://`` URI SAN), if any."""
+def _trust_domain(trust_domain: str) -> str:
     try:
-        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    except x509.ExtensionNotFound:
-        return None
-    uris = names.value.get_values_for_type(x509.UniformResourceIdentifier)
-    spiffe = [u for u in uris if u.startswith("spiffe://")]
-    return spiffe[0] if len(spiffe) == 1 else None
+        return check_trust_domain(trust_domain)
+    except WireError as e:
+        raise CAError(f"trust domain: {e.message}", "trust_domain") from None
 
 
 def _utc(seconds: float) -> datetime.datetime:
@@ -77,11 +92,18 @@ class Authority:
     certificate: x509.Certificate
     key: ec.EllipticCurvePrivateKey
     trust_domain: str = TRUST_DOMAIN
+    parents: tuple[x509.Certificate, ...] = ()
+    """the intermediates above a loaded intermediate CA, up to (not including) its root"""
+
+    @property
+    def self_signed(self) -> bool:
+        """A root (its own issuer), not an intermediate of someone else's PKI."""
+        return self.certificate.issuer == self.certificate.subject
 
     @classmethod
     def create(cls, now: float, trust_domain: str = TRUST_DOMAIN) -> Authority:
         """A new root: ECDSA P-256, valid ``ROOT_TTL`` from ``now`` (wall clock)."""
-        check_trust_domain(trust_domain)
+        _trust_domain(trust_domain)
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name(
             [
@@ -109,42 +131,49 @@ class Authority:
     def load(
         cls, cert_pem: bytes, key_pem: bytes, now: float, trust_domain: str = TRUST_DOMAIN
     ) -> Authority:
-        """A CA handed to us (a root, or an intermediate of the user's PKI): CAError unless
-        it is a CA certificate valid now, with an ECDSA key that matches it."""
-        check_trust_domain(trust_domain)
+        """A CA handed to us (a root, or an intermediate of the user's PKI, its file maybe
+        followed by the intermediates above it): CAError unless it is a CA certificate valid
+        now, with an ECDSA key that matches it."""
+        _trust_domain(trust_domain)
         try:
-            certificate = x509.load_pem_x509_certificate(cert_pem)
+            certificate, *above = x509.load_pem_x509_certificates(cert_pem)
         except ValueError as e:
             raise CAError(f"the CA certificate is not a PEM certificate: {e}") from None
         try:
             key = serialization.load_pem_private_key(key_pem, password=None)
         except (ValueError, TypeError) as e:
-            raise CAError(f"the CA key is not an unencrypted PEM private key: {e}") from None
+            raise CAError(
+                f"the CA key is not an unencrypted PEM private key: {e}", "ca_key"
+            ) from None
         if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise CAError(f"the CA key must be ECDSA, not {type(key).__name__}")
-        try:
-            constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints)
-        except x509.ExtensionNotFound:
-            constraints = None
-        if constraints is None or not constraints.value.ca:
+            raise CAError(f"the CA key must be ECDSA, not {type(key).__name__}", "ca_key")
+        if not is_ca(certificate):
             raise CAError("the CA certificate is not a CA (basicConstraints CA:TRUE)")
         if key.public_key().public_numbers() != _ec_numbers(certificate):
-            raise CAError("the CA key does not match the CA certificate")
+            raise CAError("the CA key does not match the CA certificate", "ca_key")
         if not certificate.not_valid_before_utc <= _utc(now) < certificate.not_valid_after_utc:
             raise CAError(
                 f"the CA certificate is valid from {certificate.not_valid_before_utc:%Y-%m-%d} "
                 f"to {certificate.not_valid_after_utc:%Y-%m-%d}, not now"
             )
-        return cls(certificate, key, trust_domain)
+        parents = tuple(c for c in above if c.issuer != c.subject)
+        return cls(certificate, key, trust_domain, parents)
 
     def pem(self) -> tuple[bytes, bytes]:
-        """The certificate and its key, PEM (the key unencrypted: for the store only)."""
+        """The certificate (with the intermediates above it) and its key, PEM (the key
+        unencrypted: for the store only)."""
         key = self.key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        return self.certificate.public_bytes(serialization.Encoding.PEM), key
+        return self.certificate.public_bytes(serialization.Encoding.PEM) + self.chain(), key
+
+    def chain(self) -> bytes:
+        """What a workload certificate is sent with: the intermediates from this CA up to
+        (not including) the root; nothing when this CA is the root."""
+        intermediates = () if self.self_signed else (self.certificate, *self.parents)
+        return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in intermediates)
 
     def sign(
         self,
@@ -168,7 +197,8 @@ class Authority:
         if asked and asked != [identity]:
             raise Refused(
                 f"the CSR asks for {', '.join(a[:120] for a in asked)}; "
-                f"this token may only have {identity}"
+                f"this token may only have {identity}",
+                "identity",
             )
         public = csr.public_key()
         end = min(_utc(now + ttl), self.certificate.not_valid_after_utc)
@@ -201,22 +231,6 @@ class Authority:
         )
 
 
-def make_csr(identity: str) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
-    """A new ECDSA P-256 key and a CSR for ``identity`` (as a sidecar makes them: its key
-    never leaves it)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([]))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity)]),
-            critical=True,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    return key, csr.public_bytes(serialization.Encoding.PEM)
-
-
 def _key_usage(*, signs_certificates: bool) -> x509.KeyUsage:
     """Digital signatures (ECDSA TLS); a CA's also certificates and CRLs."""
     return x509.KeyUsage(
@@ -243,7 +257,7 @@ def _ec_numbers(certificate: x509.Certificate) -> ec.EllipticCurvePublicNumbers 
 
 def _parse_csr(csr_pem: bytes) -> x509.CertificateSigningRequest:
     if len(csr_pem) > MAX_CSR_BYTES:
-        raise Refused(f"the CSR is over {MAX_CSR_BYTES} bytes")
+        raise Refused(f"the CSR is over {MAX_CSR_BYTES} bytes", "too_large")
     try:
         csr = x509.load_pem_x509_csr(csr_pem)
     except ValueError as e:

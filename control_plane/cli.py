@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 from control_plane.config import LOG_LEVELS, ControlPlaneConfig
 from control_plane.errors import ConfigError
 from control_plane.flags import FlagParser, host_port, number
+from control_plane.trust import load_given
 
 
 def build_parser(prog: str) -> FlagParser:
@@ -26,6 +28,9 @@ def build_parser(prog: str) -> FlagParser:
     p.secret("--join-token", "mesh-wide join token, which acts for any service's instances")
     p.flag("--tls-cert", "", "PEM certificate chain: serve HTTPS (REST and stream)")
     p.flag("--tls-key", "", "PEM private key of --tls-cert")
+    p.flag("--ca-cert", "", "PEM CA certificate that signs workload certificates (own PKI)")
+    p.flag("--ca-key", "", "PEM private key (ECDSA, unencrypted) of --ca-cert")
+    p.flag("--trust-domain", "cluster.local", "SPIFFE trust domain of workload identities")
     p.switch("--allow-loopback", "accept loopback instance addresses when not on loopback")
     p.flag("--max-instances", "100000", "instances the registry holds at most", convert=int)
     p.flag(
@@ -62,9 +67,11 @@ def parse_config(argv: Sequence[str] | None, prog: str) -> ControlPlaneConfig:
     values = parser.parse_flags(argv)
     host, port = values.pop("listen")
     try:
-        return ControlPlaneConfig(host=host, port=port, **values)
+        config = ControlPlaneConfig(host=host, port=port, **values)
+        load_given(config, time.time())  # a bad CA stops the start here, naming its flag
     except ConfigError as e:
         parser.field_error(e.field, e.message)
+    return config
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "meshlet control-plane") -> int:

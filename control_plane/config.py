@@ -6,6 +6,8 @@ import ipaddress
 from dataclasses import dataclass
 
 from control_plane.errors import ConfigError
+from control_plane.wire import WireError
+from control_plane.wire.checks import check_trust_domain
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -26,6 +28,13 @@ class ControlPlaneConfig:
     """PEM certificate chain to serve HTTPS (REST and stream) with; empty: plain HTTP"""
     tls_key: str = ""
     """PEM private key of ``tls_cert``"""
+    ca_cert: str = ""
+    """PEM certificate of the CA that signs workload certificates (a root, or an intermediate
+    followed by the intermediates above it); empty: the store's, made on first start"""
+    ca_key: str = ""
+    """PEM private key (ECDSA, unencrypted) of ``ca_cert``"""
+    trust_domain: str = "cluster.local"
+    """the SPIFFE trust domain of workload identities"""
     allow_loopback: bool = False
     """accept loopback instance addresses even when not listening on loopback"""
     max_instances: int = 100_000
@@ -68,6 +77,12 @@ class ControlPlaneConfig:
             raise ConfigError("debounce_max", "must be at least --debounce-quiet")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("tls_cert", "--tls-cert and --tls-key go together")
+        if bool(self.ca_cert) != bool(self.ca_key):
+            raise ConfigError("ca_cert", "--ca-cert and --ca-key go together")
+        try:
+            check_trust_domain(self.trust_domain)
+        except WireError as e:
+            raise ConfigError("trust_domain", e.message) from None
         if self.max_instances < 1:
             raise ConfigError("max_instances", "must be at least 1")
         if not 1 <= self.max_instances_per_service <= self.max_instances:

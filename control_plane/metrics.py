@@ -27,6 +27,10 @@ as it happens, a few times per table version.
 | ``meshlet_lock_renewals_total`` | counter | | leases renewed |
 | ``meshlet_lock_releases_total`` | counter | | locks released by their holder |
 | ``meshlet_lock_waiting`` | gauge | | acquisitions waiting for a holder now |
+| ``meshlet_cp_certificates_issued_total`` | counter | service | workload certificates signed |
+| ``meshlet_cp_csr_refused_total`` | counter | reason | CSRs refused: too_large, invalid, ... |
+| ``meshlet_cp_trust_bundle_roots`` | gauge | | roots in the trust bundle pushed to sidecars |
+| ``meshlet_cp_ca_expiry_timestamp_seconds`` | gauge | | when the signing CA expires |
 | ``meshlet_replica_reaper`` | gauge | | replicas: 1 while this one holds the reaper's lease |
 | ``meshlet_replica_leases_acquired_total`` | counter | | replicas: times it took the lease |
 | ``meshlet_replica_leases_lost_total`` | counter | | replicas: a fenced write or renewal failed |
@@ -55,6 +59,7 @@ from control_plane.locks import Locks
 from control_plane.publisher import Publisher
 from control_plane.registry import Registry
 from control_plane.replica import Replica
+from control_plane.trust import REFUSAL_REASONS, Trust
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -75,6 +80,7 @@ class Metrics:
         tokens: Tokens,
         locks: Locks,
         replica: Replica | None = None,
+        trust: Trust | None = None,
     ) -> None:
         self.collectors = CollectorRegistry()
         ProcessCollector(registry=self.collectors)
@@ -83,6 +89,8 @@ class Metrics:
         self.collectors.register(_Snapshot(registry, publisher, tokens, locks))
         if replica is not None:
             self.collectors.register(_ReplicaSnapshot(replica))
+        if trust is not None:
+            self.collectors.register(_TrustSnapshot(trust))
         self.convergence = Histogram(
             "meshlet_push_convergence_seconds",
             "Seconds from a registry change to the last ACK of the table version carrying it, "
@@ -238,4 +246,41 @@ class _ReplicaSnapshot(Collector):
             "Times this replica fell behind the change stream's retention and reloaded the "
             "whole registry",
             value=replica.resyncs,
+        )
+
+
+class _TrustSnapshot(Collector):
+    """The CA's counters (``trust.Trust``), read at scrape time."""
+
+    def __init__(self, trust: Trust) -> None:
+        self._trust = trust
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._trust.statistics()
+        issued = CounterMetricFamily(
+            "meshlet_cp_certificates_issued",
+            "Workload certificates signed for sidecars' CSRs, by service",
+            labels=["service"],
+        )
+        for service, count in sorted(stats.issued.items()):
+            issued.add_metric([service], count)
+        yield issued
+        refused = CounterMetricFamily(
+            "meshlet_cp_csr_refused",
+            "CSRs refused, by reason: too_large, invalid (not a P-256 CSR signed by its key), "
+            "identity (another than the stream's), rate (over 10 a minute on a stream)",
+            labels=["reason"],
+        )
+        for reason in REFUSAL_REASONS:
+            refused.add_metric([reason], stats.refused.get(reason, 0))
+        yield refused
+        yield GaugeMetricFamily(
+            "meshlet_cp_trust_bundle_roots",
+            "Root certificates in the trust bundle pushed to sidecars",
+            value=stats.roots,
+        )
+        yield GaugeMetricFamily(
+            "meshlet_cp_ca_expiry_timestamp_seconds",
+            "When the signing CA's certificate expires (0 before it is loaded)",
+            value=stats.ca_not_after,
         )

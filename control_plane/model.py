@@ -39,6 +39,8 @@ class InstanceRecord:
     draining: bool = False
     origin: Origin = Origin.REST
     namespace: str = ""
+    tls: bool = False
+    """its sidecar said its inbound accepts mesh TLS (a REST registration: no)"""
 
     def __post_init__(self) -> None:
         wire.check_service_name(self.service)

@@ -184,6 +184,8 @@ def _schemas() -> dict[str, Any]:
                 "minimum": 0,
                 "description": "when the control plane built this version (wall-clock seconds)",
             },
+            trust_domain=wire.json_schema(wire.Table)["properties"]["trust_domain"],
+            trust_bundle=wire.json_schema(wire.Table)["properties"]["trust_bundle"],
         ),
         "Sidecar": _object(
             node=string,
@@ -233,6 +235,18 @@ def _schemas() -> dict[str, Any]:
         "LockGrantRequest": wire.json_schema(schema.LockGrantRequest),
         "LockGrant": _object(name=string, services={"type": "array", "items": string}),
         "LockGrantList": _object(grants={"type": "array", "items": _ref("LockGrant")}),
+        "RootRequest": wire.json_schema(schema.RootRequest),
+        "Root": _object(
+            sha256={"type": "string", "description": "hex SHA-256 of the DER certificate"},
+            subject=string,
+            not_after={"type": "string", "description": "end of validity, ISO 8601 UTC"},
+            pem=string,
+            signing={
+                "type": "boolean",
+                "description": "the signing CA is this root or chains to it (not deletable)",
+            },
+        ),
+        "TrustBundle": _object(roots={"type": "array", "items": _ref("Root")}),
         "RingOwner": _object(
             key=string,
             instance=string,
@@ -561,6 +575,57 @@ def build_spec() -> dict[str, Any]:
                     {"204": {"description": "deleted"}, **_errors("400", "404", "503")},
                     params=(_LOCK_NAME,),
                 ),
+            },
+            "/v1/trust-bundle": {
+                "get": _op(
+                    "getTrustBundle",
+                    "the roots sidecars trust (pushed with the routing table)",
+                    {"200": _json("TrustBundle", "every root")},
+                ),
+                "post": _op(
+                    "addRoot",
+                    "trust another root: a bring-your-own CA's, or the next one of a rotation",
+                    {
+                        "201": _json("Root", "added; pushed with the next table"),
+                        "409": _json(
+                            "Error", f"the root is there already, or {wire.MAX_ROOTS} roots are"
+                        ),
+                        **_errors("400", "413", "415", "503"),
+                    },
+                    body="RootRequest",
+                ),
+            },
+            "/v1/trust-bundle/{sha256}": {
+                "delete": _op(
+                    "deleteRoot",
+                    "stop trusting a root (once nothing it signed is in use)",
+                    {
+                        "204": {"description": "deleted; pushed with the next table"},
+                        "409": _json("Error", "the signing CA is this root or chains to it"),
+                        **_errors("404", "503"),
+                    },
+                    params=(
+                        {
+                            "name": "sha256",
+                            "in": "path",
+                            "required": True,
+                            "description": "the root's fingerprint (hex SHA-256 of its DER)",
+                            "schema": {"type": "string"},
+                        },
+                    ),
+                )
+            },
+            "/v1/ca": {
+                "get": _op(
+                    "getCA",
+                    "the signing CA's certificate, PEM (never its key)",
+                    {
+                        "200": {
+                            "description": "the certificate, with any intermediates above it",
+                            "content": {"application/x-pem-file": {"schema": {"type": "string"}}},
+                        }
+                    },
+                )
             },
             inst + "/heartbeat": {
                 "put": _op(

@@ -17,6 +17,12 @@ Refusals close the stream with ``4000 + status`` (4400 a bad hello or address, 4
 token, 4403 another service's instance, 4409 someone else's instance or a full registry), are
 counted by reason and logged once per instance and node.
 
+A ``csr`` after hello is signed for the stream's identity: its service (the token's) and the
+namespace its instance is registered with. The answer is a ``certificate`` message, with the
+chain or the reason it was refused; a refusal leaves the stream open. A stream may ask
+``CSR_LIMIT`` times per ``CSR_WINDOW`` seconds (a sidecar renews once in 16 h): more are
+refused unread.
+
 Counters are plain integers (no lock, no label lookup on the event path); ``statistics()``
 hands them to ``metrics`` when Prometheus scrapes.
 """
@@ -37,6 +43,7 @@ from aiohttp import WSMsgType, web
 
 from control_plane import ownership, table
 from control_plane.access import Principal
+from control_plane.ca import Refused as CsrRefused
 from control_plane.clock import Clock
 from control_plane.convergence import Convergence
 from control_plane.errors import ApiError, BadRequest, NotFound, StoreError
@@ -44,8 +51,11 @@ from control_plane.flags import LogBudget
 from control_plane.ownership import Claimant
 from control_plane.registry import Registry
 from control_plane.store import Store
+from control_plane.trust import Trust
 from control_plane.wire import (
     Ack,
+    Certificate,
+    Csr,
     Deregister,
     Heartbeat,
     Hello,
@@ -82,6 +92,10 @@ HELLO_TIMEOUT = 10.0
 MAX_MESSAGE = 1024 * 1024
 #: refusals remembered so that each (instance, node) is logged once; the oldest are forgotten
 LOGGED_REFUSALS = 1024
+CSR_LIMIT = 10
+"""CSRs one stream may send per ``CSR_WINDOW``"""
+CSR_WINDOW = 60.0
+"""seconds"""
 
 
 @dataclass(slots=True)
@@ -104,6 +118,10 @@ class SidecarSession:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     complaints: LogBudget = field(default_factory=LogBudget)
     """log lines about what it sends (bad frames, NACKs): a few per 10 s"""
+    csrs: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=CSR_LIMIT)
+    )
+    """monotonic times of its last CSRs (at most ``CSR_LIMIT``)"""
 
     @property
     def claimant(self) -> Claimant:
@@ -149,8 +167,10 @@ class Publisher:
         quiet: float,
         max_wait: float,
         clock: Clock,
+        trust: Trust,
     ) -> None:
         self.registry = registry
+        self.trust = trust
         self.clock = clock
         self.store = store
         self.quiet = quiet
@@ -160,7 +180,7 @@ class Publisher:
         self.epoch = ""
         self.built = 0.0
         """wall-clock time the version in force was built (kept across restarts)"""
-        self.payload = table.message("{}", 0, "", 0.0)
+        self.payload = table.message(table.render({})[0], 0, "", 0.0)
         self.services: dict[str, Any] = {}
         """the table in force, as built (what ``payload`` carries)"""
         self._installed = False
@@ -183,6 +203,7 @@ class Publisher:
         self.refused: collections.Counter[str] = collections.Counter()
         self._logged: collections.OrderedDict[tuple[str, ...], None] = collections.OrderedDict()
         registry.on_change(self._on_change)
+        trust.on_change(self._on_change)
 
     def __repr__(self) -> str:
         return f"<Publisher [version {self.version}, {len(self.sessions)} sidecars]>"
@@ -242,7 +263,7 @@ class Publisher:
         since = self.convergence.take()
         views = self.registry.views()  # one snapshot: the table and what it leaves out
         services = table.build(views)
-        rendered, digest = table.render(services)
+        rendered, digest = table.render(services, self.trust.trust_domain, self.trust.bundle())
         if digest == self.digest and self.claim is None:
             if not self._installed:  # the first build after a restart: same content, same version
                 self._install(services, rendered, self.version)
@@ -454,7 +475,8 @@ class Publisher:
     async def _register(self, session: SidecarSession) -> None:
         """Register the session's instance (StoreError, or ApiError for a refused one)."""
         origin = session.claimant.origin
-        await self.registry.register(session.service, session.hello.instance, origin)
+        hello = session.hello
+        await self.registry.register(session.service, hello.instance, origin, tls=hello.tls)
 
     async def _receive(self, session: SidecarSession) -> None:
         async for msg in session.ws:
@@ -490,9 +512,38 @@ class Publisher:
             elif isinstance(message, Deregister):
                 session.deregistered = True
                 await self._deregister(session)
+            elif isinstance(message, Csr):
+                answer = self._certificate(session, message)
+                with contextlib.suppress(ConnectionError):
+                    await session.ws.send_str(encode(answer))
             else:
                 self.bad_messages += 1
                 self._complain(session, "sent an unexpected %s", type(message).__name__)
+
+    def _certificate(self, session: SidecarSession, message: Csr) -> Certificate:
+        """Sign the stream's CSR for its own identity, or say why not (logged either way)."""
+        now = self.clock.monotonic()
+        if len(session.csrs) == CSR_LIMIT and now - session.csrs[0] < CSR_WINDOW:
+            self.trust.refuse("rate")
+            error = f"more than {CSR_LIMIT} CSRs in {CSR_WINDOW:.0f}s on this stream"
+            self._complain(session, "CSR refused for %r: %s", session.service, error)
+            return Certificate(error=error)
+        session.csrs.append(now)
+        # the namespace its instance has (a hello that leaves it out keeps the registered one)
+        record = self.registry.find(session.service, session.instance)
+        namespace = record.namespace if record is not None else ""
+        try:
+            chain = self.trust.sign(message.csr, service=session.service, namespace=namespace)
+        except CsrRefused as e:
+            self._complain(session, "CSR refused for %r: %r", session.service, str(e)[:300])
+            return Certificate(error=str(e)[:1024])
+        log.info(
+            "certificate issued to %r (node %s, namespace %r)",
+            session.service,
+            session.node,
+            namespace or "default",
+        )
+        return Certificate(chain=chain)
 
     @staticmethod
     def _complain(session: SidecarSession, what: str, *args: object) -> None:

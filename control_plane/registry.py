@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
@@ -237,10 +238,17 @@ class Registry:
         log.info("policy of %s reset to defaults", service)
 
     async def register(
-        self, service: str, reg: Registration, origin: Origin = Origin.REST
+        self,
+        service: str,
+        reg: Registration,
+        origin: Origin = Origin.REST,
+        *,
+        tls: bool | None = None,
     ) -> tuple[InstanceView, bool]:
         """Register or update an instance; True when it is new. BadRequest for an address no
-        caller should be sent to, Conflict when the registry is full."""
+        caller should be sent to, Conflict when the registry is full. ``tls``: whether its
+        sidecar accepts mesh TLS (its hello says); None (REST) keeps what was said of the
+        same address, else no."""
         instance_id = reg.instance_id()
         routable(reg.address, loopback=self.loopback)
         async with self._lock:
@@ -258,6 +266,7 @@ class Registry:
                 draining=old.draining if old else False,
                 origin=origin,
                 namespace=_given(reg.namespace, old.namespace if old else ""),
+                tls=_given(tls, old is not None and old.tls and _same_place(old, reg)),
             )
 
             if record != old:
@@ -371,16 +380,11 @@ class Registry:
     async def update(self, service: str, instance_id: str, patch: InstancePatch) -> InstanceView:
         async with self._lock:
             old = self._record(service, instance_id)
-            record = InstanceRecord(
-                service,
-                instance_id,
-                old.address,
-                old.port,
-                zone=old.zone,
+            # (the rest as it was: its origin too, or a drained sidecar could not come back)
+            record = dataclasses.replace(
+                old,
                 weight=_given(patch.weight, old.weight),
-                metadata=old.metadata,
                 draining=old.draining if patch.status is None else patch.status == "draining",
-                namespace=old.namespace,
             )
             if record != old:
                 await self._commit(self._store.put_instance(record), self._put, record)
@@ -679,6 +683,10 @@ class Registry:
 
     def _view(self, record: InstanceRecord) -> InstanceView:
         return InstanceView(record, self._status(record), self._live[record.key].heartbeat_wall)
+
+
+def _same_place(record: InstanceRecord, reg: Registration) -> bool:
+    return (record.address, record.port) == (reg.address, reg.port)
 
 
 def _given(value: T | None, current: T) -> T:

@@ -8,11 +8,13 @@ follow
     Every write also appends its kind and key to a Redis Stream (``store_redis``). Each
     replica reads the stream from where it last was and applies the *current* value of each
     key named (read after the entry, under the registry's write lock, so that a write of its
-    own never interleaves): policies, instances, health, lock grants and tokens (a token
-    revoked on one replica closes its streams on all). After a reconnect it resumes from its
-    last entry; a replica that fell further behind than the stream keeps (``CHANGES_KEPT``)
-    reloads everything. Streams rather than pub/sub: pub/sub forgets what was said while a replica
-    was disconnected, and the stream's ids order changes with the writes.
+    own never interleaves): policies, instances, health, lock grants, tokens (a token
+    revoked on one replica closes its streams on all), the trust bundle's roots and the CA
+    (one replica restarted with ``--ca-cert`` makes the others sign with it too). After a
+    reconnect it resumes from its last entry; a replica that fell further behind than the
+    stream keeps (``CHANGES_KEPT``) reloads everything. Streams rather than pub/sub: pub/sub
+    forgets what was said while a replica was disconnected, and the stream's ids order
+    changes with the writes.
 share
     Heartbeats stay soft state, in batches: every ``SHARE_EVERY`` seconds one script writes the
     last heartbeat of every instance heard since (a hash of wall-clock times), the health
@@ -54,6 +56,7 @@ from control_plane.model import TokenRecord
 from control_plane.publisher import Publisher
 from control_plane.registry import LeaseLost, Registry
 from control_plane.store import Changes, Fence, Snapshot
+from control_plane.trust import Trust
 
 if TYPE_CHECKING:
     from control_plane.store_redis import RedisStore
@@ -82,8 +85,10 @@ class Replica:
         clock: Clock,
         *,
         lease_ttl: float,
+        trust: Trust,
     ) -> None:
         self.store = store
+        self.trust = trust
         self.registry = registry
         self.tokens = tokens
         self.locks = locks
@@ -160,10 +165,13 @@ class Replica:
     async def _apply(self, changes: Changes) -> None:
         if not changes.keys:
             return
-        policies, instances, tokens, health, grants = await self.store.fetch(changes.keys)
+        policies, instances, tokens, health, grants, roots = await self.store.fetch(changes.keys)
         await self.registry.apply_changes(policies, instances)
         self.registry.apply_health(health)
         self.locks.apply(grants)
+        self.trust.apply_roots(roots)
+        if "c" in changes.keys:
+            self.trust.apply_ca(await self.store.load_ca())
         await self._apply_tokens(tokens)
 
     async def _apply_tokens(self, tokens: dict[str, TokenRecord | None]) -> None:
@@ -178,6 +186,7 @@ class Replica:
         snapshot = await self.store.load()
         await self.registry.reload(snapshot, await self.store.load_health())
         self.locks.load(snapshot.lock_grants)
+        self.trust.reload(snapshot)
         tokens: dict[str, TokenRecord | None] = {r.id: None for r in self.tokens.records()}
         tokens.update({r.id: r for r in snapshot.tokens})
         await self._apply_tokens(tokens)

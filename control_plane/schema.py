@@ -24,6 +24,7 @@ __all__ = [
     "LockRenewal",
     "LockRequest",
     "Registration",
+    "RootRequest",
     "TokenRequest",
     "decode_json",
     "default_instance_id",
@@ -257,4 +258,24 @@ class LockGrantRequest:
             "maxItems": locks.MAX_GRANT_SERVICES,
             "items": {"type": "string", "pattern": f"^{wire.SERVICE_NAME.pattern}$"},
         },
+    )
+
+
+def _pem(value: Any, path: str) -> str:
+    if not isinstance(value, str):
+        raise WireError(path, "must be a PEM certificate (a string)")
+    if len(value) > wire.MAX_ROOT_BYTES:
+        raise WireError(path, f"is over {wire.MAX_ROOT_BYTES} bytes")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class RootRequest:
+    """Body of ``POST /v1/trust-bundle``: a root certificate sidecars are to trust."""
+
+    pem: str = spec(
+        dataclasses.MISSING,
+        "one CA certificate (basicConstraints CA:TRUE), PEM",
+        parse=_pem,
+        schema={"type": "string", "maxLength": wire.MAX_ROOT_BYTES},
     )

@@ -1,7 +1,8 @@
 """Where the registry keeps what must survive a restart, behind one Protocol.
 
 A store holds the explicit policies, the instance records (with their weights and drains),
-the service tokens (as digests), and the apps' locks (``locks``): the leases held now, the
+the service tokens (as digests), the mesh's CA (its key too: the one key that leaves the
+process that made it) and trust bundle, and the apps' locks (``locks``): the leases held now, the
 fence (the last fencing token handed out, one counter for every key, kept for good, so a
 key's row can go once its lease ends), and the admin's grants of shared lock names.
 Heartbeats are soft state and never reach a store. Implementations: ``store_sqlite`` (the
@@ -42,6 +43,10 @@ class Snapshot:
     """service tokens"""
     lock_grants: dict[str, frozenset[str]] = field(default_factory=dict)
     """shared lock names -> the services that share them"""
+    ca: tuple[str, str] | None = None
+    """the signing CA: its certificate (with any intermediates above it) and key, PEM"""
+    trust_bundle: dict[str, str] = field(default_factory=dict)
+    """the roots sidecars trust: hex SHA-256 of each (DER) -> its PEM"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +64,8 @@ class Changes:
     last: str
     """the stream id to read after next time"""
     keys: dict[str, set[str]]
-    """kind (p policy, i instance, t token, h health) -> keys"""
+    """kind (p policy, i instance, t token, h health, g lock grant, b trust-bundle root,
+    c the CA) -> keys"""
     read: int = 0
     """entries read"""
     gap: bool = False
@@ -120,6 +126,21 @@ class Store(Protocol):
     async def put_lock_grant(self, name: str, services: frozenset[str]) -> None:
         """Share lock ``name`` among ``services`` (replacing an earlier grant of it)."""
         ...
+
+    async def init_ca(self, cert: str, key: str, root: tuple[str, str] | None) -> tuple[str, str]:
+        """Keep this CA (PEM certificate, key) unless the store holds one already, atomically:
+        replicas starting together agree on one. With it ``root`` (fingerprint, PEM), when
+        given, joins the trust bundle. The CA the store holds now."""
+        ...
+
+    async def replace_ca(self, cert: str, key: str, root: tuple[str, str] | None) -> None:
+        """Make this the CA (one handed to the control plane); ``root`` joins the trust bundle.
+        The roots already there stay: the old root is trusted until an admin deletes it."""
+        ...
+
+    async def put_root(self, fingerprint: str, pem: str) -> None: ...
+
+    async def delete_root(self, fingerprint: str) -> None: ...
 
     async def delete_lock_grant(self, name: str) -> None: ...
 

@@ -42,6 +42,8 @@ class MemoryStore:
         """held key -> (its token, when its lease ends on the monotonic clock)"""
         self._prune_at = _PRUNE_AT
         self._grants: dict[str, frozenset[str]] = {}
+        self._ca: tuple[str, str] | None = None
+        self._bundle: dict[str, str] = {}
 
     async def load(self) -> Snapshot:
         version, digest, lapsed, built = self._table
@@ -55,6 +57,8 @@ class MemoryStore:
             lapsed=lapsed,
             tokens=list(self._tokens.values()),
             lock_grants=dict(self._grants),
+            ca=self._ca,
+            trust_bundle=dict(self._bundle),
         )
 
     async def put_policy(self, service: str, policy: Policy) -> None:
@@ -124,6 +128,23 @@ class MemoryStore:
 
     async def delete_lock_grant(self, name: str) -> None:
         self._grants.pop(name, None)
+
+    async def init_ca(self, cert: str, key: str, root: tuple[str, str] | None) -> tuple[str, str]:
+        if self._ca is None:
+            await self.replace_ca(cert, key, root)
+        assert self._ca is not None
+        return self._ca
+
+    async def replace_ca(self, cert: str, key: str, root: tuple[str, str] | None) -> None:
+        self._ca = (cert, key)
+        if root is not None:
+            self._bundle[root[0]] = root[1]
+
+    async def put_root(self, fingerprint: str, pem: str) -> None:
+        self._bundle[fingerprint] = pem
+
+    async def delete_root(self, fingerprint: str) -> None:
+        self._bundle.pop(fingerprint, None)
 
     async def probe(self) -> None:
         pass

@@ -12,12 +12,14 @@ database can hold several meshes:
     {p}lock:KEY      string an app lock's holder: its fencing token, with the lease as TTL
     {p}lock-fence    counter the last fencing token handed out (for every lock)
     {p}lock-grants   hash   shared lock name -> the services it is granted to (JSON)
+    {p}ca            string the signing CA: {"cert", "key"} (JSON; set once with SET NX)
+    {p}trust-bundle  hash   root fingerprint -> its PEM
 
 and what replicas share (``control_plane.replica``):
 
     {p}changes       stream what each write changed: kind (p policy, i instance, t token,
-                            h health, g lock grant) and key; replicas follow it and read the
-                            current value
+                            h health, g lock grant, b trust-bundle root, c the CA) and key;
+                            replicas follow it and read the current value
     {p}seen          hash   "service/id" -> wall-clock time of its last heartbeat, written in
                             batches by each replica
     {p}health        hash   "service/id" -> "lapsed", "sick" (its app is unhealthy) or both;
@@ -190,6 +192,19 @@ return {version, ARGV[2]}
 """
 
 
+# The CA, set once (KEYS: ca, trust bundle, changes; ARGV: the CA's JSON, the root's
+# fingerprint and PEM or two empty strings, the change stream's length): the CA stored now.
+_INIT_CA = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
+    if ARGV[2] ~= '' then
+        redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+        redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'k', 'b', 'key', ARGV[2])
+    end
+end
+return redis.call('GET', KEYS[1])
+"""
+
+
 def _key(service: str, instance_id: str) -> str:
     return f"{service}/{instance_id}"
 
@@ -253,6 +268,8 @@ class RedisStore:
         self._position = self._redis.register_script(_POSITION)
         self._lock = self._redis.register_script(_LOCK)
         self._lock_fence, self._grants = f"{p}lock-fence", f"{p}lock-grants"
+        self._ca, self._bundle = f"{p}ca", f"{p}trust-bundle"
+        self._init_ca = self._redis.register_script(_INIT_CA)
 
     @classmethod
     def from_url(cls, url: str) -> RedisStore:
@@ -312,7 +329,7 @@ class RedisStore:
         return await self._call(pipe.execute())
 
     async def load(self) -> Snapshot:
-        _, meta, policies, instances, tokens, used, grants = await self._transaction(
+        _, meta, policies, instances, tokens, used, grants, ca, bundle = await self._transaction(
             ("HSETNX", self._meta, "epoch", secrets.token_hex(8)),
             ("HGETALL", self._meta),
             ("HGETALL", self._policies),
@@ -320,6 +337,8 @@ class RedisStore:
             ("HGETALL", self._tokens),
             ("HGETALL", self._used),
             ("HGETALL", self._grants),
+            ("GET", self._ca),
+            ("HGETALL", self._bundle),
         )
         return Snapshot(
             {service: self._policy(service, document) for service, document in policies.items()},
@@ -336,7 +355,16 @@ class RedisStore:
             ),
             tokens=[self._token(i, document, used.get(i)) for i, document in tokens.items()],
             lock_grants={name: _services(value) for name, value in grants.items()},
+            ca=None if ca is None else self._ca_pair(ca),
+            trust_bundle=bundle,
         )
+
+    def _ca_pair(self, document: str) -> tuple[str, str]:
+        try:
+            d = json.loads(document)
+            return str(d["cert"]), str(d["key"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise StoreError(f"redis {self.url}: the stored CA is invalid: {e}") from e
 
     def _policy(self, service: str, document: str) -> Policy:
         try:
@@ -361,6 +389,7 @@ class RedisStore:
                 draining=d["draining"],
                 origin=Origin(d["origin"]),
                 namespace=d["namespace"],
+                tls=d.get("tls", False),
             )
         except (ValueError, KeyError, TypeError, WireError) as e:
             raise StoreError(f"redis {self.url}: stored instance {key!r} is invalid: {e}") from e
@@ -402,6 +431,7 @@ class RedisStore:
             "draining": record.draining,
             "origin": record.origin.value,
             "namespace": record.namespace,
+            "tls": record.tls,
         }
         key = _key(record.service, record.id)
         await self._transaction(
@@ -477,6 +507,36 @@ class RedisStore:
     async def delete_lock_grant(self, name: str) -> None:
         await self._transaction(("HDEL", self._grants, name), self._changed("g", name))
 
+    async def init_ca(self, cert: str, key: str, root: tuple[str, str] | None) -> tuple[str, str]:
+        fingerprint, pem = root if root is not None else ("", "")
+        argv: list[str | int] = [_dumps({"cert": cert, "key": key}), fingerprint, pem]
+        keys = [self._ca, self._bundle, self._changes]
+        stored = await self._call(self._init_ca(keys=keys, args=[*argv, CHANGES_KEPT]))
+        return self._ca_pair(str(stored))
+
+    async def replace_ca(self, cert: str, key: str, root: tuple[str, str] | None) -> None:
+        adds = [] if root is None else [("HSET", self._bundle, *root), self._changed("b", root[0])]
+        await self._transaction(
+            ("SET", self._ca, _dumps({"cert": cert, "key": key})),
+            *adds,
+            self._changed("c", "ca"),
+        )
+
+    async def load_ca(self) -> tuple[str, str] | None:
+        """The CA stored now (another replica may have replaced it)."""
+        document = await self._call(self._redis.get(self._ca))
+        return None if document is None else self._ca_pair(str(document))
+
+    async def put_root(self, fingerprint: str, pem: str) -> None:
+        await self._transaction(
+            ("HSET", self._bundle, fingerprint, pem), self._changed("b", fingerprint)
+        )
+
+    async def delete_root(self, fingerprint: str) -> None:
+        await self._transaction(
+            ("HDEL", self._bundle, fingerprint), self._changed("b", fingerprint)
+        )
+
     async def probe(self) -> None:
         await self._call(self._redis.set(self._probe, repr(time.time())))
 
@@ -523,6 +583,7 @@ class RedisStore:
         dict[str, TokenRecord | None],
         dict[tuple[str, str], Health],
         dict[str, frozenset[str] | None],
+        dict[str, str | None],
     ]:
         """The current values of changed keys (None: gone), in one round trip."""
         kinds = [
@@ -532,6 +593,7 @@ class RedisStore:
             ("t", self._used),
             ("h", self._health),
             ("g", self._grants),
+            ("b", self._bundle),
         ]
         wanted = [(kind, name, sorted(keys.get(kind, ()))) for kind, name in kinds]
         values = await self._transaction(
@@ -541,13 +603,14 @@ class RedisStore:
             dict(zip(fields, v, strict=False))
             for (_, _, fields), v in zip(wanted, values, strict=True)
         ]
-        policies, instances, tokens, used, health, grants = found
+        policies, instances, tokens, used, health, grants, bundle = found
         return (
             {k: None if v is None else self._policy(k, v) for k, v in policies.items()},
             {_split(k): None if v is None else self._instance(k, v) for k, v in instances.items()},
             {k: None if v is None else self._token(k, v, used.get(k)) for k, v in tokens.items()},
             {_split(k): Health.decode(v) for k, v in health.items()},
             {k: None if v is None else _services(v) for k, v in grants.items()},
+            bundle,
         )
 
     async def load_health(self) -> dict[tuple[str, str], Health]:

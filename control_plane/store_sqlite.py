@@ -30,9 +30,9 @@ from control_plane.model import InstanceRecord, Origin, TokenRecord
 from control_plane.store import Snapshot
 from control_plane.wire import Policy, WireError, parse_policy, to_json
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """1: policies, instances, meta; 2: instances.origin, tokens; 3: instances.namespace;
-4: locks, lock_grants (and meta's lock_fence)"""
+4: locks, lock_grants (and meta's lock_fence); 5: ca, trust_bundle, instances.tls"""
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS policies (service TEXT PRIMARY KEY, document TEXT NOT NULL);
@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS instances (
     draining INTEGER NOT NULL,
     origin TEXT NOT NULL DEFAULT 'rest',
     namespace TEXT NOT NULL DEFAULT '',
+    tls INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (service, id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS tokens (
@@ -64,9 +65,15 @@ CREATE TABLE IF NOT EXISTS locks (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS locks_expires ON locks (expires);
 CREATE TABLE IF NOT EXISTS lock_grants (name TEXT PRIMARY KEY, services TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS ca (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    cert TEXT NOT NULL,
+    key TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS trust_bundle (fingerprint TEXT PRIMARY KEY, pem TEXT NOT NULL);
 """
 _INSTANCE_COLUMNS = (
-    "service, id, address, port, zone, weight, metadata, draining, origin, namespace"
+    "service, id, address, port, zone, weight, metadata, draining, origin, namespace, tls"
 )
 
 T = TypeVar("T")
@@ -120,6 +127,8 @@ class SqliteStore:
                     db.execute(
                         "ALTER TABLE instances ADD COLUMN namespace TEXT NOT NULL DEFAULT ''"
                     )
+                if row is not None and int(row[0]) < 5:
+                    db.execute("ALTER TABLE instances ADD COLUMN tls INTEGER NOT NULL DEFAULT 0")
                 db.execute(
                     "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
                     (str(SCHEMA_VERSION),),
@@ -160,7 +169,7 @@ class SqliteStore:
             for row in db.execute(
                 f"SELECT {_INSTANCE_COLUMNS} FROM instances ORDER BY service, id"
             ):
-                service, id_, address, port, zone, weight, metadata, draining, origin, ns = row
+                service, id_, address, port, zone, weight, metadata, draining, origin, ns, tls = row
                 try:
                     instances.append(
                         InstanceRecord(
@@ -174,6 +183,7 @@ class SqliteStore:
                             draining=bool(draining),
                             origin=Origin(origin),
                             namespace=ns,
+                            tls=bool(tls),
                         )
                     )
                 except (ValueError, WireError) as e:
@@ -196,6 +206,7 @@ class SqliteStore:
                 name: frozenset(json.loads(services))
                 for name, services in db.execute("SELECT name, services FROM lock_grants")
             }
+            ca = db.execute("SELECT cert, key FROM ca").fetchone()
             return Snapshot(
                 policies,
                 instances,
@@ -206,6 +217,8 @@ class SqliteStore:
                 lapsed=lapsed,
                 tokens=tokens,
                 lock_grants=grants,
+                ca=None if ca is None else (ca[0], ca[1]),
+                trust_bundle=dict(db.execute("SELECT fingerprint, pem FROM trust_bundle")),
             )
 
         return await self._run(load)
@@ -238,13 +251,14 @@ class SqliteStore:
             int(record.draining),
             record.origin.value,
             record.namespace,
+            int(record.tls),
         )
 
         def put(db: sqlite3.Connection) -> None:
             with db:
                 db.execute(
                     f"INSERT OR REPLACE INTO instances ({_INSTANCE_COLUMNS}) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     row,
                 )
 
@@ -366,6 +380,38 @@ class SqliteStore:
 
         await self._run(delete)
 
+    async def init_ca(self, cert: str, key: str, root: tuple[str, str] | None) -> tuple[str, str]:
+        def init(db: sqlite3.Connection) -> tuple[str, str]:
+            with db:
+                if db.execute("INSERT OR IGNORE INTO ca VALUES (1, ?, ?)", (cert, key)).rowcount:
+                    _add_root(db, root)
+                stored = db.execute("SELECT cert, key FROM ca").fetchone()
+            return stored[0], stored[1]
+
+        return await self._run(init)
+
+    async def replace_ca(self, cert: str, key: str, root: tuple[str, str] | None) -> None:
+        def replace(db: sqlite3.Connection) -> None:
+            with db:
+                db.execute("INSERT OR REPLACE INTO ca VALUES (1, ?, ?)", (cert, key))
+                _add_root(db, root)
+
+        await self._run(replace)
+
+    async def put_root(self, fingerprint: str, pem: str) -> None:
+        def put(db: sqlite3.Connection) -> None:
+            with db:
+                _add_root(db, (fingerprint, pem))
+
+        await self._run(put)
+
+    async def delete_root(self, fingerprint: str) -> None:
+        def delete(db: sqlite3.Connection) -> None:
+            with db:
+                db.execute("DELETE FROM trust_bundle WHERE fingerprint = ?", (fingerprint,))
+
+        await self._run(delete)
+
     async def probe(self) -> None:
         row = ("probe", str(self._clock.time()))
 
@@ -389,3 +435,9 @@ class SqliteStore:
 
     def __repr__(self) -> str:
         return f"<SqliteStore {self.path} [{'open' if self._db else 'closed'}]>"
+
+
+def _add_root(db: sqlite3.Connection, root: tuple[str, str] | None) -> None:
+    """A root joins the trust bundle, in the caller's transaction."""
+    if root is not None:
+        db.execute("INSERT OR REPLACE INTO trust_bundle VALUES (?, ?)", root)

@@ -56,8 +56,9 @@ def build_one(view: ServiceView) -> dict[str, Any]:
             "zone": i.record.zone,
             "draining": i.status is Status.DRAINING,
             "instance": i.record.id,
-            # (only when said: a table without it is one sidecars before it take too)
+            # (only when said: a table without them is one sidecars before them take too)
             **({"namespace": i.record.namespace} if i.record.namespace else {}),
+            **({"tls": True} if i.record.tls else {}),
         }
         for i in view.instances
         if i.status is Status.HEALTHY or i.status is Status.DRAINING
@@ -92,16 +93,23 @@ def ring_owner(entry: dict[str, Any], key: str) -> str | None:
     return owner
 
 
-def render(services: dict[str, Any]) -> tuple[str, str]:
-    """(the services as canonical JSON, its digest). Equal content gives an equal digest,
-    across restarts; the JSON is serialized once and reused in every push."""
-    canonical = json.dumps(services, sort_keys=True, separators=(",", ":"))
+def render(
+    services: dict[str, Any], trust_domain: str = "", trust_bundle: tuple[str, ...] = ()
+) -> tuple[str, str]:
+    """(the table's content as canonical JSON members: the services and the trust the mesh's
+    TLS goes by, its digest). Equal content gives an equal digest, across restarts; the JSON
+    is serialized once and reused in every push."""
+    canonical = json.dumps(
+        {"services": services, "trust_domain": trust_domain, "trust_bundle": trust_bundle},
+        sort_keys=True,
+        separators=(",", ":"),
+    )[1:-1]
     return canonical, hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def message(services_json: str, version: int, epoch: str, built: float) -> str:
-    """The table message (as ``wire.table_message`` writes it) from rendered services."""
+def message(content: str, version: int, epoch: str, built: float) -> str:
+    """The table message (as ``wire.table_message`` writes it) from rendered content."""
     return (
-        f'{{"type":"table","services":{services_json},"version":{version},'
+        f'{{"type":"table",{content},"version":{version},'
         f'"epoch":{json.dumps(epoch)},"built":{built!r}}}'
     )

@@ -84,14 +84,11 @@ def table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def set_key(policy: dict[str, Any], assignment: str) -> None:
-    """``retries=2``, ``retry_budget.ratio=0.3``, ``lb=maglev``: JSON values, else strings."""
+    """``retries=2``, ``retry_budget.ratio=0.3``, ``lb=maglev``: JSON values, else strings;
+    a key whose value is a list takes a comma list (``allow_from=web,orders``, ``*``)."""
     key, sep, raw = assignment.partition("=")
     if not sep or not key:
         raise CtlError(f"--set {assignment!r}: expected KEY=VALUE")
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        value = raw
     *parents, last = key.split(".")
     target = policy
     for part in parents:
@@ -99,6 +96,11 @@ def set_key(policy: dict[str, Any], assignment: str) -> None:
         if not isinstance(child, dict):
             raise CtlError(f"--set {assignment!r}: {part} is not an object")
         target = child
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        is_list = isinstance(target.get(last), list)
+        value = [item.strip() for item in raw.split(",") if item.strip()] if is_list else raw
     target[last] = value
 
 
@@ -134,9 +136,9 @@ def run(args: argparse.Namespace, client: Client) -> tuple[Any, View]:
         return data, [Grid(["ID", "ADDRESS", "ZONE", "WEIGHT", "STATUS", "LAST HEARTBEAT"], rows)]
     if args.command == "policy":
         data = client.call("GET", f"/v1/services/{args.service}/policy")
-        if args.set:
+        if args.set or args.assignments:
             policy = data["policy"]
-            for assignment in args.set:
+            for assignment in [*args.set, *args.assignments]:
                 set_key(policy, assignment)
             data = client.call("PUT", f"/v1/services/{args.service}/policy", policy)
         return data, [json.dumps(data["policy"], indent=2)]
@@ -305,11 +307,17 @@ def build_parser(prog: str) -> FlagParser:
     pol = command("policy", "show a service's policy, or change keys of it")
     pol.add_argument("service")
     pol.add_argument(
+        "assignments",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="keys to change, as with --set (e.g. mtls=strict allow_from=web,orders)",
+    )
+    pol.add_argument(
         "--set",
         action="append",
         metavar="KEY=VALUE",
         default=[],
-        help="e.g. retries=2, lb=round_robin, retry_budget.ratio=0.3",
+        help="e.g. retries=2, lb=round_robin, retry_budget.ratio=0.3, allow_from=web,orders",
     )
     for name, help in (("drain", "drain an instance"), ("undrain", "undrain an instance")):
         cmd = command(name, help)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from control_plane.ca import Authority
 from control_plane.cli import parse_config
 from control_plane.config import ControlPlaneConfig
 from control_plane.flags import LogBudget, SafeFormatter
@@ -94,6 +96,9 @@ def test_environment_fills_what_flags_do_not(monkeypatch: pytest.MonkeyPatch) ->
         (["--protect-max", "-1"], {}, "--protect-max: must not be negative"),
         (["--lease-ttl", "0.5"], {}, "--lease-ttl: must be from 1 to 300 seconds"),
         (["--lease-ttl", "1e9"], {}, "--lease-ttl: must be from 1 to 300 seconds"),
+        (["--ca-cert", "c.pem"], {}, "--ca-cert: --ca-cert and --ca-key go together"),
+        (["--trust-domain", "Mesh!"], {}, "--trust-domain: must be a trust domain"),
+        ([], {"MESHLET_CA_KEY": "k.pem"}, "--ca-cert: --ca-cert and --ca-key go together"),
     ],
 )
 def test_bad_settings_exit_2_with_one_line(
@@ -171,3 +176,36 @@ def test_a_log_budget_lets_a_few_lines_through_and_counts_the_rest() -> None:
     assert budget.take() == " (and 3 more like it not logged)"
     assert budget.take() == ""
     assert budget.take() is None
+
+
+def _pem_files(tmp_path: Path, name: str, cert: bytes, key: bytes) -> list[str]:
+    (tmp_path / f"{name}.crt").write_bytes(cert)
+    (tmp_path / f"{name}.key").write_bytes(key)
+    return ["--ca-cert", str(tmp_path / f"{name}.crt"), "--ca-key", str(tmp_path / f"{name}.key")]
+
+
+def test_a_given_ca_is_checked_at_start_naming_its_flag(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ca = Authority.create(time.time(), "example.org")
+    cert, key = ca.pem()
+    _, other_key = Authority.create(time.time()).pem()
+    good = _pem_files(tmp_path, "good", cert, key)
+    config = parse_config([*good, "--trust-domain", "example.org"], PROG)
+    assert (config.ca_cert, config.trust_domain) == (good[1], "example.org")
+    monkeypatch.setenv("MESHLET_CA_CERT", good[1])
+    monkeypatch.setenv("MESHLET_CA_KEY", good[3])
+    assert parse_config([], PROG).ca_key == good[3]
+    for argv, says in (
+        (_pem_files(tmp_path, "mismatch", cert, other_key), "--ca-key: the CA key does not match"),
+        (_pem_files(tmp_path, "junk", b"junk", key), "--ca-cert: the CA certificate is not a PEM"),
+        (_pem_files(tmp_path, "nokey", cert, b"junk"), "--ca-key: the CA key is not an unenc"),
+        (["--ca-cert", "/nonexistent/ca.crt", "--ca-key", good[3]], "--ca-cert: cannot read"),
+    ):
+        with pytest.raises(SystemExit) as caught:
+            parse_config(argv, PROG)
+        assert caught.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        assert says in err
+        assert "PRIVATE KEY" not in err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import jsonschema
@@ -10,10 +11,15 @@ from openapi_spec_validator import validate
 from control_plane import api as api_module
 from control_plane.access import Access
 from control_plane.api import PUBLISHER
+from control_plane.ca import Authority
 from control_plane.openapi import SECURITY
+from control_plane.wire.identity import fingerprint
 from tests.conftest import Api
 
 CATALOG = "/v1/services/catalog"
+_OTHER_ROOT = Authority.create(time.time())
+ROOT = _OTHER_ROOT.pem()[0].decode()
+ROOT_SHA = fingerprint(_OTHER_ROOT.certificate)
 
 
 async def fetch_spec(api: Api) -> dict[str, Any]:
@@ -111,6 +117,12 @@ async def test_every_answer_matches_its_schema(api: Api) -> None:
         ("GET", "/v1/lock-grants", "/v1/lock-grants", None, 200),
         ("DELETE", "/v1/lock-grants/job", "/v1/lock-grants/{name}", None, 204),
         ("DELETE", "/v1/lock-grants/job", "/v1/lock-grants/{name}", None, 404),
+        ("GET", "/v1/trust-bundle", "/v1/trust-bundle", None, 200),
+        ("POST", "/v1/trust-bundle", "/v1/trust-bundle", {"pem": ROOT}, 201),
+        ("POST", "/v1/trust-bundle", "/v1/trust-bundle", {"pem": ROOT}, 409),
+        ("POST", "/v1/trust-bundle", "/v1/trust-bundle", {"pem": "junk"}, 400),
+        ("DELETE", f"/v1/trust-bundle/{ROOT_SHA}", "/v1/trust-bundle/{sha256}", None, 204),
+        ("DELETE", f"/v1/trust-bundle/{ROOT_SHA}", "/v1/trust-bundle/{sha256}", None, 404),
     ]
     for method, path, template, body, expected in calls:
         headers = {"Authorization": "Bearer wrong"} if expected == 401 else None

@@ -327,6 +327,21 @@ async def test_a_heartbeat_after_deregister_is_ignored(cp: Api) -> None:
         assert r.status == 404
 
 
+async def test_a_sidecar_whose_instance_the_admin_drained_comes_back_to_it(
+    make_api: MakeApi,
+) -> None:
+    """A drain keeps who registered the instance: its sidecar's next stream takes it again,
+    still draining (it once became a REST instance no stream could take: 4409)."""
+    api = await make_api(store=MemoryStore(), join_token="join-secret")
+    first = await connect(api, hello(1), token="join-secret")
+    assert (await api.patch("/v1/services/svc/instances/i1", json={"status": "draining"})).ok
+    await first.ws.close()
+    again = await connect(api, hello(1), token="join-secret")
+    assert again.welcome.instance == "i1"
+    async with api.get("/v1/services/svc/instances/i1") as r:
+        assert (await r.json())["status"] == "draining"
+
+
 async def test_streams_lost_at_once_are_protected(make_api: MakeApi) -> None:
     api = await make_api(store=MemoryStore(), debounce_quiet=0.05)
     sides = [await connect(api, hello(n)) for n in range(10)]

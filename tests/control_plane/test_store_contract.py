@@ -41,7 +41,11 @@ records = st.builds(
     metadata=st.dictionaries(st.sampled_from(["v", "team"]), st.text(max_size=5), max_size=2),
     draining=st.booleans(),
     origin=st.sampled_from(list(Origin)),
+    tls=st.booleans(),
 )
+cas = st.sampled_from([("cert-a", "key-a"), ("cert-b", "key-b")])
+fingerprints = st.sampled_from(["f1", "f2", "f3"])
+roots = st.none() | st.tuples(fingerprints, st.sampled_from(["pem-1", "pem-2"]))
 token_ids = st.sampled_from(["t1", "t2", "t3"])
 lock_keys = st.sampled_from(["a/orders", "b/orders", "*/shared"])
 ttls = st.integers(1, 3_000)
@@ -102,6 +106,8 @@ class StoreContract(RuleBasedStateMachine):
         self.table: tuple[int, str, frozenset[tuple[str, str]]] = (0, "", frozenset())
         self.epoch = ""
         self.tokens: dict[str, TokenRecord] = {}
+        self.ca: tuple[str, str] | None = None
+        self.roots: dict[str, str] = {}
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.loop.run_until_complete(coro)
@@ -220,6 +226,32 @@ class StoreContract(RuleBasedStateMachine):
         self.run(self.store.delete_lock_grant(name))
         self.grants.pop(name, None)
 
+    @rule(ca=cas, root=roots)
+    def init_ca(self, ca: tuple[str, str], root: tuple[str, str] | None) -> None:
+        stored = self.run(self.store.init_ca(*ca, root))
+        if self.ca is None:
+            self.ca = ca
+            if root is not None:
+                self.roots[root[0]] = root[1]
+        assert stored == self.ca, "the first CA stays"
+
+    @rule(ca=cas, root=roots)
+    def replace_ca(self, ca: tuple[str, str], root: tuple[str, str] | None) -> None:
+        self.run(self.store.replace_ca(*ca, root))
+        self.ca = ca
+        if root is not None:
+            self.roots[root[0]] = root[1]
+
+    @rule(fingerprint=fingerprints, pem=st.sampled_from(["pem-1", "pem-3"]))
+    def put_root(self, fingerprint: str, pem: str) -> None:
+        self.run(self.store.put_root(fingerprint, pem))
+        self.roots[fingerprint] = pem
+
+    @rule(fingerprint=fingerprints)
+    def delete_root(self, fingerprint: str) -> None:
+        self.run(self.store.delete_root(fingerprint))
+        self.roots.pop(fingerprint, None)
+
     @rule()
     def reopen(self) -> None:
         if self.durable:
@@ -240,6 +272,8 @@ class StoreContract(RuleBasedStateMachine):
         )
         assert {t.id: t for t in snapshot.tokens} == self.tokens
         assert snapshot.lock_grants == self.grants
+        assert snapshot.ca == self.ca
+        assert snapshot.trust_bundle == self.roots
 
     def teardown(self) -> None:
         self.run(self.store.close())
@@ -374,7 +408,7 @@ async def test_sqlite_upgrades_a_version_1_file(tmp_path: Path) -> None:
     assert [t.id for t in snapshot.tokens] == ["t1"]
     await store.close()
     with sqlite3.connect(tmp_path / "m.db") as db:
-        assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("4",)
+        assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("5",)
 
 
 async def test_sqlite_upgrades_a_version_2_file_instances_get_no_namespace(tmp_path: Path) -> None:
@@ -408,6 +442,7 @@ async def test_sqlite_upgrades_a_version_3_file_to_locks(tmp_path: Path) -> None
     with sqlite3.connect(tmp_path / "m.db") as db:  # back to what version 3 wrote
         db.executescript(
             "DROP TABLE locks; DROP TABLE lock_grants;"
+            "DROP TABLE ca; DROP TABLE trust_bundle; ALTER TABLE instances DROP COLUMN tls;"
             "UPDATE meta SET value = '3' WHERE key = 'schema_version';"
         )
     store = SqliteStore(str(tmp_path / "m.db"))
@@ -419,7 +454,44 @@ async def test_sqlite_upgrades_a_version_3_file_to_locks(tmp_path: Path) -> None
     assert (await store.load()).lock_grants == {"x": frozenset({"a", "b"})}
     await store.close()
     with sqlite3.connect(tmp_path / "m.db") as db:
-        assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("4",)
+        assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("5",)
+
+
+async def test_sqlite_upgrades_a_version_4_file_to_the_ca(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "m.db"))
+    await store.put_instance(InstanceRecord("a", "i1", "10.0.0.1", 80))
+    await store.close()
+    with sqlite3.connect(tmp_path / "m.db") as db:  # back to what version 4 wrote
+        db.executescript(
+            "DROP TABLE ca; DROP TABLE trust_bundle; ALTER TABLE instances DROP COLUMN tls;"
+            "UPDATE meta SET value = '4' WHERE key = 'schema_version';"
+        )
+    store = SqliteStore(str(tmp_path / "m.db"))
+    (record,) = (await store.load()).instances
+    assert record.tls is False
+    await store.put_instance(dataclasses.replace(record, id="i2", tls=True))
+    assert await store.init_ca("cert", "key", ("f", "pem")) == ("cert", "key")
+    await store.close()
+    store = SqliteStore(str(tmp_path / "m.db"))
+    snapshot = await store.load()
+    assert [(r.id, r.tls) for r in snapshot.instances] == [("i1", False), ("i2", True)]
+    assert (snapshot.ca, snapshot.trust_bundle) == (("cert", "key"), {"f": "pem"})
+    await store.close()
+
+
+async def test_replicas_starting_together_agree_on_one_ca(redis_url: str) -> None:
+    """SET NX: of several first starts at once, one CA is kept, with its root alone."""
+    stores = [open_store(redis_url) for _ in range(5)]
+    kept = await asyncio.gather(
+        *(s.init_ca(f"cert-{i}", f"key-{i}", (f"f{i}", f"pem-{i}")) for i, s in enumerate(stores))
+    )
+    assert len(set(kept)) == 1
+    winner = kept[0][0].removeprefix("cert-")
+    snapshot = await stores[0].load()
+    assert snapshot.ca == kept[0]
+    assert snapshot.trust_bundle == {f"f{winner}": f"pem-{winner}"}
+    for store in stores:
+        await store.close()
 
 
 async def test_fences_rise_across_release_expiry_and_reopen(

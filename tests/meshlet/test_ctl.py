@@ -289,3 +289,30 @@ def test_ctl_tokens_create_list_revoke(
     done = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=env)
     assert (done.returncode, done.stdout) == (0, "no service tokens\n")
     assert cp.stop() == 0
+
+
+def test_set_key_takes_a_comma_list_for_a_list_key() -> None:
+    policy: dict[str, object] = {"allow_from": ["*"], "retry_on": ["reset"], "mtls": "permissive"}
+    for assignment in ("allow_from=web, orders", "retry_on=reset,503", "mtls=strict"):
+        ctl_module.set_key(policy, assignment)
+    assert policy == {
+        "allow_from": ["web", "orders"],
+        "retry_on": ["reset", "503"],
+        "mtls": "strict",
+    }
+    ctl_module.set_key(policy, "allow_from=*")
+    ctl_module.set_key(policy, 'retry_on=["reset"]')  # JSON still works
+    assert (policy["allow_from"], policy["retry_on"]) == (["*"], ["reset"])
+
+
+def test_ctl_sets_mtls_and_allow_from(control_plane: Callable[..., ControlPlane]) -> None:
+    cp = control_plane("--store", "memory")
+    assert cp.call("PUT", "/v1/services/catalog/policy", {})[0] == 200
+    out = ctl(cp.url, "policy", "catalog", "mtls=strict", "allow_from=web,orders", "--json")
+    assert out.returncode == 0, out.stderr
+    policy = json.loads(out.stdout)["policy"]
+    assert (policy["mtls"], policy["allow_from"]) == ("strict", ["web", "orders"])
+    out = ctl(cp.url, "policy", "catalog", "allow_from=web,web")
+    assert out.returncode == 1
+    assert "allow_from[1]" in out.stderr
+    assert cp.stop() == 0
