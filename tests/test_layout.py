@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from pathlib import Path
 
@@ -40,10 +41,21 @@ def test_sidecar_imports_only_wire_ring_and_flags_from_the_control_plane() -> No
 
 
 def test_shared_modules_are_standard_library_only() -> None:
+    """But for wire.identity, which reads certificates (``cryptography``), and which no other
+    module of wire imports at the top: the package stays light for who does not need it."""
     shared = [ROOT / "control_plane" / "flags.py", *(ROOT / "control_plane" / "wire").glob("*.py")]
     assert len(shared) > 3
     for path in shared:
+        allowed = {"cryptography"} if path.name == "identity.py" else set()
         for module in imports(path):
             top = module.split(".")[0]
             own = module.startswith("control_plane.wire")
-            assert own or top in sys.stdlib_module_names or top == "__future__", (path, module)
+            assert own or top in sys.stdlib_module_names | allowed | {"__future__"}, (
+                path,
+                module,
+            )
+
+
+def test_importing_wire_does_not_import_cryptography() -> None:
+    code = "import sys, control_plane.wire; sys.exit('cryptography' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

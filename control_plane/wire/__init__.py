@@ -1,18 +1,23 @@
 """The contract the control plane and the sidecars both speak.
 
-Standard library only: the sidecar imports this package (and ``ring``, ``flags``) and nothing
-else from the control plane. Modules:
+Standard library only, but for ``identity``: the sidecar imports this package (and ``ring``,
+``flags``) and nothing else from the control plane. Modules:
 
     checks      names and values both sides validate (service names, ids, addresses ...)
     documents   frozen dataclasses whose field specs give both the parser and the JSON Schema
     policy      the per-service policy document
     table       instance registrations and the routing table
     stream      the push stream's messages
+    identity    SPIFFE IDs, CSRs and trust-bundle roots (``cryptography``; not imported here:
+                it costs a process about 10 MB)
 """
 
 from control_plane.wire.checks import (
     DEFAULT_WEIGHT,
     INSTANCE_ID,
+    MAX_CSR_BYTES,
+    MAX_ROOT_BYTES,
+    MAX_ROOTS,
     METADATA_KEY_MAX,
     METADATA_MAX_ENTRIES,
     METADATA_VALUE_MAX,
@@ -35,6 +40,7 @@ from control_plane.wire.policy import (
     DEFAULT_POLICY,
     HASH_POLICIES,
     LB_POLICIES,
+    MTLS_MODES,
     RETRY_ON_EVENTS,
     Hedge,
     Outlier,
@@ -46,6 +52,8 @@ from control_plane.wire.stream import (
     HEALTH,
     STREAM_PATH,
     Ack,
+    Certificate,
+    Csr,
     Deregister,
     Heartbeat,
     Hello,
@@ -72,9 +80,13 @@ __all__ = [
     "HEALTH",
     "INSTANCE_ID",
     "LB_POLICIES",
+    "MAX_CSR_BYTES",
+    "MAX_ROOTS",
+    "MAX_ROOT_BYTES",
     "METADATA_KEY_MAX",
     "METADATA_MAX_ENTRIES",
     "METADATA_VALUE_MAX",
+    "MTLS_MODES",
     "PORT_RANGE",
     "RETRY_ON_EVENTS",
     "SERVICE_NAME",
@@ -82,6 +94,8 @@ __all__ = [
     "WEIGHT_RANGE",
     "ZONE",
     "Ack",
+    "Certificate",
+    "Csr",
     "D",
     "Deregister",
     "Endpoint",

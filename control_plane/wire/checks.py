@@ -33,11 +33,31 @@ def check_service_name(name: str, field: str = "service") -> str:
     return name
 
 
+TRUST_DOMAIN_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
+
+
+def check_trust_domain(trust_domain: Any, field: str = "trust_domain") -> str:
+    """A SPIFFE trust domain (``cluster.local``): lower-case letters, digits, '.' and '-'."""
+    if not isinstance(trust_domain, str) or TRUST_DOMAIN_NAME.fullmatch(trust_domain) is None:
+        raise WireError(
+            field,
+            f"must be a trust domain of a-z, 0-9, '.' and '-', got {_json_type(trust_domain)}",
+        )
+    return trust_domain
+
+
 def check_instance_id(instance_id: str, field: str = "id") -> str:
     if not isinstance(instance_id, str) or INSTANCE_ID.fullmatch(instance_id) is None:
         raise WireError(field, "must be 1-128 of A-Z, a-z, 0-9, '.', '_' and '-'")
     return instance_id
 
+
+MAX_CSR_BYTES = 8192
+"""bytes of a PEM certificate signing request at most (``stream.Csr``)"""
+MAX_ROOTS = 8
+"""root certificates a trust bundle holds at most (``table.Table``)"""
+MAX_ROOT_BYTES = 16 * 1024
+"""bytes of one PEM root certificate at most"""
 
 PORT_RANGE = (1, 65535)
 WEIGHT_RANGE = (1, 10_000)

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from control_plane.wire.checks import WireError, _json_type
+from control_plane.wire.checks import SERVICE_NAME, WireError, _json_type, check_service_name
 from control_plane.wire.documents import check_bounds, parse, spec
 
 LB_POLICIES = ("round_robin", "random", "least_request", "peak_ewma", "ring_hash", "maglev")
@@ -16,6 +16,8 @@ HASH_POLICIES = frozenset({"ring_hash", "maglev"})
 HASH_ON = re.compile(r"(header|cookie|query):[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}|path|source_ip")
 RETRY_ON_EVENTS = ("connect-failure", "reset")
 _STATUS_TEXT = re.compile(r"[45][0-9][0-9]", re.ASCII)
+MTLS_MODES = ("permissive", "strict")
+MAX_ALLOW_FROM = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +108,33 @@ def _parse_hedge(value: Any, path: str) -> Hedge | None:
     return parse(Hedge, value, path)
 
 
+def _parse_allow_from(value: Any, path: str) -> tuple[str, ...]:
+    """Service names or "*", each once, at most ``MAX_ALLOW_FROM``."""
+    if not isinstance(value, list):
+        raise WireError(path, f"must be an array of service names or '*', got {_json_type(value)}")
+    if len(value) > MAX_ALLOW_FROM:
+        raise WireError(path, f"lists {len(value)} callers; at most {MAX_ALLOW_FROM}")
+    seen: set[str] = set()
+    for i, name in enumerate(value):
+        if name != "*":
+            check_service_name(name, f"{path}[{i}]")
+        if name in seen:
+            raise WireError(f"{path}[{i}]", f"{name!r} is listed twice")
+        seen.add(name)
+    return tuple(value)
+
+
+_ALLOW_FROM_SCHEMA = {
+    "type": "array",
+    "uniqueItems": True,
+    "maxItems": MAX_ALLOW_FROM,
+    "items": {
+        "oneOf": [
+            {"const": "*"},
+            {"type": "string", "pattern": f"^{SERVICE_NAME.pattern}$"},
+        ]
+    },
+}
 _RETRY_ON_SCHEMA = {
     "type": "array",
     "uniqueItems": True,
@@ -209,6 +238,19 @@ class Policy:
         'hedged requests: "off" (null) or {"after_ms": N}',
         parse=_parse_hedge,
         schema=_HEDGE_SCHEMA,
+    )
+    mtls: str = spec(
+        "permissive",
+        "mesh TLS of the service's inbound: permissive takes plaintext from other hosts too "
+        "(migration); strict refuses it",
+        choices=MTLS_MODES,
+    )
+    allow_from: tuple[str, ...] = spec(
+        ("*",),
+        'services whose verified identity may call this one, or "*" for any caller '
+        f"(at most {MAX_ALLOW_FROM})",
+        parse=_parse_allow_from,
+        schema=_ALLOW_FROM_SCHEMA,
     )
 
     @property

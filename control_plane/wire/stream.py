@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from control_plane.wire.checks import (
+    MAX_CSR_BYTES,
     WireError,
     _json_type,
     check_instance_id,
@@ -39,6 +40,7 @@ class Hello:
     version: int = spec(0, "the last table version it applied (0: none)", lo=0)
     health: str = spec("healthy", "its app's health", choices=HEALTH)
     epoch: str = spec("", "the epoch of the table it has (empty: none)", schema={"type": "string"})
+    tls: bool = spec(False, "its inbound listener accepts mesh TLS")
 
     def __post_init__(self) -> None:
         check_bounds(self)
@@ -104,7 +106,47 @@ class Welcome:
         check_bounds(self)
 
 
-Message = Hello | Heartbeat | Ack | Nack | Deregister | Welcome | Table
+def _pem_text(value: Any, path: str) -> str:
+    """A PEM document; its size is the signer's to judge (it answers a refusal, and the
+    stream's frame limit bounds what arrives)."""
+    if not isinstance(value, str):
+        raise WireError(path, f"must be a string, got {_json_type(value)}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Csr:
+    """Sidecar -> control plane, after hello: sign my key for my service's identity."""
+
+    csr: str = spec(
+        dataclasses.MISSING,
+        f"a PEM certificate signing request, at most {MAX_CSR_BYTES} bytes, of an ECDSA "
+        "P-256 key; it may ask for no identity but the stream's",
+        parse=_pem_text,
+        schema={"type": "string", "maxLength": MAX_CSR_BYTES},
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Certificate:
+    """Control plane -> sidecar, answering a csr: the certificate, or why not."""
+
+    chain: str = spec(
+        "",
+        "PEM: the workload certificate, then any intermediates up to (not including) the "
+        "root; empty when refused",
+        parse=_pem_text,
+        schema={"type": "string"},
+    )
+    error: str = spec(
+        "",
+        "why the CSR was refused; empty on success",
+        parse=_error_text,
+        schema={"type": "string"},
+    )
+
+
+Message = Hello | Heartbeat | Ack | Nack | Deregister | Welcome | Table | Csr | Certificate
 _MESSAGES: dict[str, type[Any]] = {
     "hello": Hello,
     "heartbeat": Heartbeat,
@@ -113,6 +155,8 @@ _MESSAGES: dict[str, type[Any]] = {
     "deregister": Deregister,
     "welcome": Welcome,
     "table": Table,
+    "csr": Csr,
+    "certificate": Certificate,
 }
 _TYPES = {cls: name for name, cls in _MESSAGES.items()}
 

@@ -12,6 +12,8 @@ from typing import Any
 from control_plane.wire.checks import (
     DEFAULT_WEIGHT,
     INSTANCE_ID,
+    MAX_ROOT_BYTES,
+    MAX_ROOTS,
     METADATA_KEY_MAX,
     METADATA_MAX_ENTRIES,
     METADATA_VALUE_MAX,
@@ -25,6 +27,7 @@ from control_plane.wire.checks import (
     check_metadata,
     check_namespace,
     check_service_name,
+    check_trust_domain,
     check_zone,
 )
 from control_plane.wire.documents import check_bounds, parse, spec, to_json
@@ -127,6 +130,7 @@ class Endpoint:
     draining: bool = spec(False, "in-flight requests finish; no new ones are sent")
     instance: str = spec("", "the registry's instance id, empty in static files")
     namespace: str = spec("", _NAMESPACE, parse=check_namespace, schema=_NAMESPACE_SCHEMA)
+    tls: bool = spec(False, "its sidecar accepts mesh TLS on this address")
 
     def __post_init__(self) -> None:
         check_bounds(self)
@@ -195,6 +199,20 @@ def _parse_services(value: Any, path: str) -> dict[str, ServiceEntry]:
     return services
 
 
+def _parse_trust_domain(value: Any, path: str) -> str:
+    return "" if value == "" else check_trust_domain(value, path)
+
+
+def _parse_trust_bundle(value: Any, path: str) -> tuple[str, ...]:
+    """Each a PEM CA certificate. Reading certificates takes ``cryptography`` (about 10 MB),
+    imported only when a table holds a bundle."""
+    if value == []:
+        return ()
+    from control_plane.wire.identity import parse_bundle
+
+    return parse_bundle(value, path)
+
+
 @dataclass(frozen=True, slots=True)
 class Table:
     """Everything a sidecar routes by: the static file's content, or a pushed snapshot."""
@@ -214,6 +232,23 @@ class Table:
         "when the control plane built this version; 0: unknown (a file)",
         unit="wall-clock seconds since 1970",
         lo=0,
+    )
+    trust_domain: str = spec(
+        "",
+        "the SPIFFE trust domain of the mesh's identities (empty: none)",
+        parse=_parse_trust_domain,
+        schema={"type": "string"},
+    )
+    trust_bundle: tuple[str, ...] = spec(
+        (),
+        f"PEM root certificates the sidecars trust, at most {MAX_ROOTS} of at most "
+        f"{MAX_ROOT_BYTES} bytes (empty: no mesh TLS)",
+        parse=_parse_trust_bundle,
+        schema={
+            "type": "array",
+            "maxItems": MAX_ROOTS,
+            "items": {"type": "string", "maxLength": MAX_ROOT_BYTES},
+        },
     )
 
     def __post_init__(self) -> None:

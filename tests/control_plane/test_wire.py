@@ -27,6 +27,8 @@ def test_empty_document_is_all_defaults() -> None:
     assert policy.slow_start_ms == 30_000
     assert policy.zone_aware is True
     assert policy.hedge is None
+    assert policy.mtls == "permissive"
+    assert policy.allow_from == ("*",)
     assert policy.hash_balance_factor == 1.25
 
 
@@ -59,6 +61,8 @@ def test_full_document_round_trips() -> None:
         "slow_start_ms": 0,
         "zone_aware": False,
         "hedge": {"after_ms": 50},
+        "mtls": "strict",
+        "allow_from": ["web", "orders"],
     }
     policy = parse_policy(doc)
     assert policy.retry_on == ("reset", 503, 429)  # status strings become numbers
@@ -70,6 +74,11 @@ def test_full_document_round_trips() -> None:
     ("doc", "field", "says"),
     [
         ({"lb": "fastest"}, "lb", "must be one of round_robin"),
+        ({"mtls": "on"}, "mtls", "must be one of permissive, strict"),
+        ({"allow_from": "web"}, "allow_from", "must be an array"),
+        ({"allow_from": ["web", "web"]}, "allow_from[1]", "'web' is listed twice"),
+        ({"allow_from": ["Web!"]}, "allow_from[0]", "must be a DNS label"),
+        ({"allow_from": [f"s{i}" for i in range(257)]}, "allow_from", "at most 256"),
         ({"lb": 3}, "lb", "must be a string"),
         ({"lb": "maglev"}, "hash_on", "is required when lb is maglev"),
         ({"hash_on": "path"}, "hash_on", "applies only when lb is ring_hash or maglev"),

@@ -1,0 +1,136 @@
+"""Workload identities both sides speak: SPIFFE IDs, the CSR a sidecar sends, the roots a
+trust bundle holds (issue 15).
+
+The one ``wire`` module that is not standard library only: a CSR and a certificate cannot be
+read without ASN.1, and we write none by hand (``cryptography``). Importing it costs a process
+about 10 MB, so ``control_plane.wire`` does not import it; a table's trust bundle imports it
+when there is one to check, and a sidecar that asks for a certificate needs it anyway.
+
+An identity is ``spiffe://<trust domain>/ns/<namespace>/svc/<service>``, ``default`` for an
+instance with no namespace.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from control_plane.wire.checks import (
+    MAX_CSR_BYTES,
+    MAX_ROOT_BYTES,
+    MAX_ROOTS,
+    SERVICE_NAME,
+    TRUST_DOMAIN_NAME,
+    WireError,
+    check_trust_domain,
+)
+
+__all__ = [
+    "MAX_CSR_BYTES",
+    "MAX_ROOTS",
+    "MAX_ROOT_BYTES",
+    "TRUST_DOMAIN",
+    "check_trust_domain",
+    "fingerprint",
+    "identity_of",
+    "is_ca",
+    "make_csr",
+    "parse_bundle",
+    "parse_root",
+    "parse_spiffe_id",
+    "spiffe_id",
+]
+
+TRUST_DOMAIN = "cluster.local"
+_SPIFFE = re.compile(r"spiffe://([^/]+)/ns/([^/]+)/svc/([^/]+)")
+
+
+def spiffe_id(trust_domain: str, namespace: str, service: str) -> str:
+    return f"spiffe://{trust_domain}/ns/{namespace or 'default'}/svc/{service}"
+
+
+def parse_spiffe_id(text: str) -> tuple[str, str, str] | None:
+    """(trust domain, namespace, service) of ``spiffe://TD/ns/NS/svc/SVC``; None for anything
+    else, names that are not valid included."""
+    found = _SPIFFE.fullmatch(text) if isinstance(text, str) else None
+    if found is None:
+        return None
+    trust_domain, namespace, service = found.groups()
+    if TRUST_DOMAIN_NAME.fullmatch(trust_domain) is None:
+        return None
+    if SERVICE_NAME.fullmatch(namespace) is None or SERVICE_NAME.fullmatch(service) is None:
+        return None
+    return trust_domain, namespace, service
+
+
+def identity_of(certificate: x509.Certificate) -> str | None:
+    """The SPIFFE ID a certificate names (its one ``spiffe://`` URI SAN), if any."""
+    try:
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return None
+    uris = names.value.get_values_for_type(x509.UniformResourceIdentifier)
+    spiffe = [u for u in uris if u.startswith("spiffe://")]
+    return spiffe[0] if len(spiffe) == 1 else None
+
+
+def make_csr(identity: str) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
+    """A new ECDSA P-256 key and a CSR for ``identity`` (as a sidecar makes them: its key
+    never leaves it)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity)]),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return key, csr.public_bytes(serialization.Encoding.PEM)
+
+
+def is_ca(certificate: x509.Certificate) -> bool:
+    """Whether it may sign certificates (basicConstraints CA:TRUE)."""
+    try:
+        constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints)
+    except x509.ExtensionNotFound:
+        return False
+    return constraints.value.ca
+
+
+def fingerprint(certificate: x509.Certificate) -> str:
+    """Hex SHA-256 of the DER certificate: how the API names a root."""
+    return hashlib.sha256(certificate.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def parse_root(pem: object, field: str = "pem") -> x509.Certificate:
+    """One CA certificate in PEM, at most ``MAX_ROOT_BYTES``; WireError naming ``field``."""
+    if not isinstance(pem, str):
+        raise WireError(field, "must be a PEM certificate (a string)")
+    if len(pem) > MAX_ROOT_BYTES:
+        raise WireError(field, f"is over {MAX_ROOT_BYTES} bytes")
+    try:
+        certificates = x509.load_pem_x509_certificates(pem.encode())
+    except ValueError as e:
+        raise WireError(field, f"is not a PEM certificate: {str(e)[:120]}") from None
+    if len(certificates) != 1:
+        raise WireError(field, f"holds {len(certificates)} certificates; give one")
+    if not is_ca(certificates[0]):
+        raise WireError(field, "is not a CA certificate (basicConstraints CA:TRUE)")
+    return certificates[0]
+
+
+def parse_bundle(value: object, path: str) -> tuple[str, ...]:
+    """A table's trust bundle: at most ``MAX_ROOTS`` PEM CA certificates."""
+    if not isinstance(value, list):
+        raise WireError(path, "must be an array of PEM certificates")
+    if len(value) > MAX_ROOTS:
+        raise WireError(path, f"holds {len(value)} roots; at most {MAX_ROOTS}")
+    for i, pem in enumerate(value):
+        parse_root(pem, f"{path}[{i}]")
+    return tuple(value)
