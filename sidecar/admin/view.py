@@ -8,6 +8,7 @@ from typing import Any, Protocol
 from sidecar.config import SidecarConfig
 from sidecar.control.discovery import Discovery
 from sidecar.control.health import AppHealth
+from sidecar.control.identity import IdentityManager
 from sidecar.control.locks import LockClient
 from sidecar.proxy.routing import AppRouter, Pools, TableHolder
 from sidecar.proxy.tracker import ConnectionTracker
@@ -34,6 +35,8 @@ class SidecarView(Protocol):
     health: AppHealth | None
     locks: LockClient | None
     """None: no control plane (``--table``)"""
+    identity: IdentityManager | None
+    """None: no mesh TLS (``--mtls off``, or ``--table``)"""
 
     @property
     def metrics(self) -> Exposition | None:
