@@ -3,17 +3,19 @@ Protocol, so that the ports sit below the process that serves them and import no
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sidecar.config import SidecarConfig
 from sidecar.control.discovery import Discovery
 from sidecar.control.health import AppHealth
-from sidecar.control.identity import IdentityManager
 from sidecar.control.locks import LockClient
 from sidecar.proxy.routing import AppRouter, Pools, TableHolder
 from sidecar.proxy.tracker import ConnectionTracker
 from sidecar.resilience.service import Services
 from sidecar.telemetry.accesslog import AccessLog
+
+if TYPE_CHECKING:
+    from sidecar.control.identity import IdentityManager
 
 
 class Exposition(Protocol):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,3 +253,12 @@ async def test_a_static_table_means_no_mesh_tls(make_mesh: MakeMesh) -> None:
     mesh = await make_mesh({})
     assert await identity_state(mesh) == {"mtls": "off", "why": "no control plane (--table)"}
     assert mesh.sidecar.identity is None
+
+
+def test_a_sidecar_on_a_static_table_does_not_load_cryptography() -> None:
+    code = (
+        "import sys, sidecar.app, sidecar.cli; "
+        "sys.exit('cryptography' in sys.modules and 'cryptography loaded')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], check=False, timeout=60)
+    assert done.returncode == 0
