@@ -164,6 +164,7 @@ class IdentityManager:
         """A table in force: take its trust domain and bundle."""
         if table.trust_domain != self.tls.trust_domain:
             self.tls.trust_domain = table.trust_domain
+            self._pending = None  # its answer would be for the old identity
             if self.credential is not None and self.credential.identity != self.identity:
                 log.warning("the trust domain is now %r: asking for a new identity", self.identity)
                 self._due = self._now()
@@ -254,12 +255,12 @@ class IdentityManager:
     # -- state changes ------------------------------------------------------------------------
 
     def _install(self, credential: Credential, now: float) -> None:
+        self._put(credential)  # first: an ssl.SSLError leaves everything as it was
         self._pending = None
         self._failures = 0
         if self.credential is not None:
             self.rotations += 1
         self.credential = credential
-        self._build_contexts()
         self.last_error = ""
         jitter = self._rng() * JITTER * credential.lifetime
         self._due = credential.not_before + ROTATE_AT * credential.lifetime + jitter
@@ -271,9 +272,9 @@ class IdentityManager:
             self._due - now,
         )
 
-    def _build_contexts(self) -> None:
-        """Replace the contexts whole (connections keep the ones they were made with)."""
-        c = self.credential
+    def _put(self, c: Credential | None) -> None:
+        """Replace MeshTls's contexts and identity whole, for ``c`` and the trust bundle
+        (connections keep the contexts they were made with); none without either."""
         if c is None or not self._bundle:
             self.tls.server = self.tls.client = None
             self.tls.identity = ""
@@ -295,7 +296,7 @@ class IdentityManager:
                 log.warning("the certificate in force does not chain to the new bundle: renewing")
                 self._due = self._now()
         try:
-            self._build_contexts()
+            self._put(c)
         except ssl.SSLError as e:  # (the table's parser checked every root)
             self._drop_contexts(f"the trust bundle does not load: {e}")
 

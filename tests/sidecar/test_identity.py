@@ -384,3 +384,23 @@ async def test_run_sends_csrs_and_stops_when_cancelled() -> None:
     async with asyncio.timeout(1):
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+def test_a_new_trust_domain_asks_for_the_new_identity_at_once(w: World) -> None:
+    w.certify()
+    server = w.tls.server
+    w.manager.on_table(table(w.ca, trust_domain="example.org"))
+    csr = w.request()
+    assert asked_for(csr) == ["spiffe://example.org/ns/default/svc/svc"]
+    assert w.tls.server is server  # the old identity serves until the new one is in
+    domain = Authority(w.ca.certificate, w.ca.key, trust_domain="example.org")
+    w.manager.on_certificate(w.sign(csr, by=domain))
+    assert w.tls.identity == "spiffe://example.org/ns/default/svc/svc"
+
+
+def test_a_csr_in_flight_when_the_trust_domain_changes_is_forgotten(w: World) -> None:
+    old = w.request()
+    w.manager.on_table(table(w.ca, trust_domain="example.org"))
+    w.manager.on_certificate(w.sign(old))  # for the old identity: no longer asked for
+    assert w.manager.credential is None
+    assert w.manager.errors["unexpected"] == 1
