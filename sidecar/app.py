@@ -24,7 +24,7 @@ import signal
 import socket
 import ssl
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvloop
 
@@ -56,7 +56,10 @@ from sidecar.proxy.tracker import ConnectionTracker
 from sidecar.proxy.watch import Timeouts
 from sidecar.resilience.service import Services
 from sidecar.telemetry.accesslog import AccessLog
-from sidecar.tls import client_context
+from sidecar.tls import MeshTls, client_context
+
+if TYPE_CHECKING:
+    from sidecar.control.identity import IdentityManager
 
 log = logging.getLogger("meshlet.sidecar")
 
@@ -113,6 +116,18 @@ class Sidecar:
         """the app's lock calls, forwarded to the control plane (none with ``--table``)"""
         self.state_path = Path(config.state_dir) / f"{config.service}.table"
         self.addresses: dict[str, Listen] = {}
+        self.mesh_tls = MeshTls()
+        """the mesh credentials the listeners read at each handshake"""
+        self.identity: IdentityManager | None = None
+        """keeps a certificate in ``mesh_tls`` (None: ``--mtls off``, or ``--table``)"""
+        if config.control_plane and config.mtls == "on":
+            # imported here: it loads cryptography (about 8 MB), which a sidecar on a static
+            # table does without (a pushed trust bundle loads it to be checked)
+            from sidecar.control.identity import IdentityManager
+
+            self.identity = IdentityManager(
+                service=config.service, namespace=config.namespace, tls=self.mesh_tls
+            )
 
     def __repr__(self) -> str:
         table = self.tables.current
@@ -128,6 +143,7 @@ class Sidecar:
     async def start(self) -> None:
         """Load a table (the file, or the one saved from the control plane), listen, and start
         the background work. A table file that cannot be used raises TableError."""
+        self._say_mtls()
         if self.config.control_plane:
             self._load_saved()
             c = self.config
@@ -168,6 +184,7 @@ class Sidecar:
                 tables=self.tables,
                 state_path=self.state_path,
                 app_healthy=self.health is None or self.health.healthy,
+                identity=self.identity,
             )
         self._background = asyncio.create_task(self._run_background(), name="sidecar-background")
         self._background.add_done_callback(_crashed)
@@ -181,6 +198,20 @@ class Sidecar:
                 tasks.create_task(self.discovery.run(), name="discovery")
             if self.health is not None:
                 tasks.create_task(self.health.run(), name="app-health")
+            if self.identity is not None:
+                tasks.create_task(self.identity.run(), name="identity")
+
+    def _say_mtls(self) -> None:
+        """Whether this sidecar will speak mesh TLS, and if not why (a plaintext mesh should
+        be a choice someone made)."""
+        if self.identity is not None:
+            log.info("mesh TLS on: a certificate will be asked of the control plane")
+        elif self.config.mtls == "off":
+            log.info("mesh TLS off (--mtls off): plaintext with other sidecars")
+        else:
+            log.info(
+                "mesh TLS off: a static --table file has no control plane to sign a certificate"
+            )
 
     def _load_saved(self) -> None:
         """Fail-static: start from the last table the control plane gave us, if it is sound."""
@@ -195,6 +226,8 @@ class Sidecar:
         except (state.StateError, TableError) as e:
             log.warning("saved table ignored: %s", e)
             return
+        if self.identity is not None:
+            self.identity.on_table(table)  # its trust bundle, until the control plane's
         log.info(
             "serving the saved table version %d until the control plane answers", table.version
         )
@@ -289,6 +322,7 @@ class Sidecar:
             "last_reload_error": self.last_reload_error or None,
             "control_plane": self._stream_state(),
             "table": table.dump() if table else None,
+            "identity": self._identity_state(),
             "build": build(),
         }
 
@@ -334,6 +368,12 @@ class Sidecar:
                     row["outlier"] = ejection.phase.name.lower() if ejection else "healthy"
                 rows.append(row)
         return {"services": services}
+
+    def _identity_state(self) -> dict[str, Any]:
+        if self.identity is None:
+            why = "--mtls off" if self.config.mtls == "off" else "no control plane (--table)"
+            return {"mtls": "off", "why": why}
+        return {"mtls": "on", **dataclasses.asdict(self.identity.statistics())}
 
     def _stream_state(self) -> dict[str, Any] | None:
         d = self.discovery

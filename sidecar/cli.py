@@ -113,6 +113,12 @@ def build_parser(prog: str) -> FlagParser:
         "Kubernetes' DNS domain: SERVICE.NAMESPACE.svc.<it> names SERVICE",
     )
     p.flag("--namespace", "", "the Kubernetes namespace this instance is registered in")
+    p.flag(
+        "--mtls",
+        "on",
+        "mesh TLS with other sidecars, under a certificate the control plane signs",
+        choices=("on", "off"),
+    )
     return p
 
 

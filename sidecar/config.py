@@ -98,6 +98,9 @@ class SidecarConfig:
     """Kubernetes' DNS domain: ``SERVICE.NAMESPACE.svc.<it>`` names SERVICE"""
     namespace: str = ""
     """the Kubernetes namespace this instance is registered in (empty: none)"""
+    mtls: str = "on"
+    """``on``: ask the control plane for a workload certificate and speak mesh TLS with other
+    sidecars (none with ``--table``: no control plane signs); ``off``: plaintext only"""
 
     def __post_init__(self) -> None:
         try:
@@ -113,6 +116,8 @@ class SidecarConfig:
             raise ConfigError("log_level", f"must be one of {', '.join(LOG_LEVELS)}")
         if self.metrics not in ("on", "off"):
             raise ConfigError("metrics", "must be on or off")
+        if self.mtls not in ("on", "off"):
+            raise ConfigError("mtls", "must be on or off")
         if self.max_connections < 1:
             raise ConfigError("max_connections", "must be at least 1")
         if not 0 <= self.source_share <= 1:

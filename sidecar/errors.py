@@ -7,6 +7,8 @@ application's.
     SidecarError
      ├── ConfigError    bad flags or environment; the process exits 2
      ├── TableError     a routing table (file or push) that cannot be used; the old one stays
+     ├── CertificateRejected  a workload certificate from the control plane not installed; its
+     │                  ``reason`` is one of a few words (the metric's label)
      └── PeerError      a server the sidecar calls (the control plane's stream, the app's health
           │             check) broke HTTP/1.1 or RFC 6455, or went silent
           ├── ConnectError     no connection to it (refused, unreachable, unknown host)
@@ -33,6 +35,14 @@ class ConfigError(SidecarError):
 
 class TableError(SidecarError):
     """A routing table was rejected; the message names the problem."""
+
+
+class CertificateRejected(SidecarError):
+    """A certificate the sidecar will not use; the one in force (if any) stays."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class PeerError(SidecarError):

@@ -74,7 +74,32 @@ class SidecarMetrics:
             yield family
         yield from self._endpoints()
         yield from self._table()
+        yield from self._identity()
         yield from self._listeners()
+
+    def _identity(self) -> Iterator[Family]:
+        """The workload certificate (``--mtls on`` with a control plane only)."""
+        identity = self.sidecar.identity
+        if identity is None:
+            return
+        yield gauge(
+            "meshlet_identity_expiry_seconds",
+            "until the workload certificate in force expires (0: none in force)",
+            value=identity.seconds_to_expiry(),
+        )
+        yield counter(
+            "meshlet_identity_rotations",
+            "workload certificates installed in place of an earlier one",
+            value=identity.rotations,
+        )
+        errors = counter(
+            "meshlet_identity_errors",
+            "CSRs and certificates that came to nothing, and certificates that expired",
+            labels=["reason"],
+        )
+        for reason, n in identity.errors.items():
+            errors.add([reason], n)
+        yield errors
 
     def _listeners(self) -> Iterator[Family]:
         """Client connections per listener, and what its limits did (``limits``)."""

@@ -3,7 +3,7 @@ Protocol, so that the ports sit below the process that serves them and import no
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sidecar.config import SidecarConfig
 from sidecar.control.discovery import Discovery
@@ -13,6 +13,9 @@ from sidecar.proxy.routing import AppRouter, Pools, TableHolder
 from sidecar.proxy.tracker import ConnectionTracker
 from sidecar.resilience.service import Services
 from sidecar.telemetry.accesslog import AccessLog
+
+if TYPE_CHECKING:
+    from sidecar.control.identity import IdentityManager
 
 
 class Exposition(Protocol):
@@ -34,6 +37,8 @@ class SidecarView(Protocol):
     health: AppHealth | None
     locks: LockClient | None
     """None: no control plane (``--table``)"""
+    identity: IdentityManager | None
+    """None: no mesh TLS (``--mtls off``, or ``--table``)"""
 
     @property
     def metrics(self) -> Exposition | None:

@@ -16,6 +16,10 @@ certificate is checked with the given ``tls`` context (``--ca-file``). A control
 refuses the stream (HTTP 401/403, or a 44xx close code) says why in the log line and in
 ``last_error``; the sidecar keeps retrying (a revoked token may be replaced on disk, an
 instance's other owner may go away).
+
+With mesh TLS on (``identity``), the hello says the inbound listener accepts it, the identity
+sends its CSRs on the stream in force, and the ``certificate`` answers and every table applied
+go to it.
 """
 
 from __future__ import annotations
@@ -30,11 +34,12 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from control_plane.wire import (
     STREAM_PATH,
     Ack,
+    Certificate,
     Deregister,
     Heartbeat,
     Hello,
@@ -53,6 +58,9 @@ from sidecar.control.websocket import Close
 from sidecar.control.wsclient import WebSocket, connect
 from sidecar.errors import HandshakeError, PeerError, TableError
 from sidecar.proxy.routing import TableHolder
+
+if TYPE_CHECKING:  # (it loads cryptography: see Sidecar.__init__)
+    from sidecar.control.identity import IdentityManager
 
 log = logging.getLogger("meshlet.discovery")
 
@@ -126,9 +134,11 @@ class Discovery:
         failover: Failover | None = None,
         clock: Clock | None = None,
         resolver: Callable[[str], Awaitable[list[Replica]]] = resolve,
+        identity: IdentityManager | None = None,
     ) -> None:
         """``resolver``: the addresses a control-plane URL stands for (``failover.resolve``:
-        the system's resolver)."""
+        the system's resolver); ``identity``: the workload identity that CSRs go out for and
+        certificates come in to (None: ``--mtls off``)."""
         assert control_planes, "a control plane to connect to"
         self.targets = tuple(control_planes)
         """the control plane's URLs, as configured"""
@@ -144,6 +154,7 @@ class Discovery:
         self.service = service
         self.registration = registration
         self.tables = tables
+        self.identity = identity
         self.state_path = state_path
         self.node = node_id(service)
         self.version = tables.current.info.version if tables.current else 0
@@ -231,7 +242,13 @@ class Discovery:
         async with ws:
             health = "healthy" if self.app_healthy else "unhealthy"
             hello = Hello(
-                self.node, self.service, self.registration, self.version, health, self.epoch
+                self.node,
+                self.service,
+                self.registration,
+                self.version,
+                health,
+                self.epoch,
+                tls=self.identity is not None,
             )
             await ws.send_text(encode(hello))
             async with asyncio.timeout(WELCOME_TIMEOUT):
@@ -266,15 +283,20 @@ class Discovery:
             self._ws = ws
             log.info("connected to %s as %s/%s", replica, self.service, welcome.instance)
             self._beats = asyncio.create_task(self._heartbeats(ws), name="heartbeats")
+            if self.identity is not None:
+                self.identity.attach(lambda csr: ws.send_text(encode(csr)))
             try:
-                return await self._take_tables(ws)
+                return await self._take_messages(ws)
             finally:
+                if self.identity is not None:
+                    self.identity.detach()
                 self._beats.cancel()
                 await asyncio.gather(self._beats, return_exceptions=True)
 
-    async def _take_tables(self, ws: WebSocket) -> str:
-        """Apply, ACK or NACK every table until the stream closes; why it closed. (A frame
-        the stream forbids, or no pong within the keepalive, raises PeerError.)"""
+    async def _take_messages(self, ws: WebSocket) -> str:
+        """Apply, ACK or NACK every table, hand certificates to the identity, until the
+        stream closes; why it closed. (A frame the stream forbids, or no pong within the
+        keepalive, raises PeerError.)"""
         while True:
             msg = await ws.receive()
             if isinstance(msg, Close):
@@ -282,7 +304,8 @@ class Discovery:
             if isinstance(msg.data, str):
                 answer = await self._apply(msg.data)
                 del msg  # a table's text (a few MB) is not held while the next one is awaited
-                await ws.send_text(encode(answer))
+                if answer is not None:
+                    await ws.send_text(encode(answer))
 
     async def _heartbeats(self, ws: WebSocket) -> None:
         """Every 5 s +-10 %, and at once when the app's health changes."""
@@ -296,14 +319,25 @@ class Discovery:
             except TimeoutError:
                 pass
 
-    async def _apply(self, text: str) -> Ack | Nack:
+    async def _apply(self, text: str) -> Ack | Nack | None:
+        """What a message from the control plane is answered with: a table's ACK or NACK; a
+        certificate goes to the identity, unanswered."""
         try:
             message = decode(text)
         except WireError as e:
             log.warning("table refused: %s", e)
             return Nack(_version_of(text), str(e))
+        if isinstance(message, Certificate):
+            if self.identity is None:
+                log.warning("a certificate came, but this sidecar asked for none (--mtls off)")
+            else:
+                self.identity.on_certificate(message)
+            return None
         if not isinstance(message, Table):
             return Nack(0, f"expected a table, got {type(message).__name__}")
+        return await self._apply_table(message, text)
+
+    async def _apply_table(self, message: Table, text: str) -> Ack | Nack:
         if message.version <= self._newer_than:
             error = f"version {message.version} is not newer than {self._newer_than}"
             log.warning("table refused: %s", error)
@@ -315,6 +349,8 @@ class Discovery:
             return Nack(message.version, str(e))
         self.version = self._newer_than = message.version
         self.epoch = message.epoch
+        if self.identity is not None:
+            self.identity.on_table(message)
         try:
             await asyncio.get_running_loop().run_in_executor(
                 None, state.save, self.state_path, text

@@ -184,3 +184,15 @@ def test_a_bad_control_plane_in_a_list_is_named_in_one_line(
         f"{PROG}: error: --control-plane: URL 2 of 2, 'cp-1:7070', is not http://HOST:PORT "
         "or https://HOST:PORT"
     )
+
+
+def test_mtls_is_on_by_default_and_off_by_flag_or_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert parse_config(BASE, PROG).mtls == "on"
+    assert parse_config([*BASE, "--mtls", "off"], PROG).mtls == "off"
+    monkeypatch.setenv("MESHLET_MTLS", "off")
+    assert parse_config(BASE, PROG).mtls == "off"
+    monkeypatch.setenv("MESHLET_MTLS", "strict")
+    (line,) = refused(BASE, capsys)[-1:]
+    assert line == f"{PROG}: error: MESHLET_MTLS='strict': must be one of on, off"
