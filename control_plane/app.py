@@ -81,6 +81,7 @@ def build_app(
         clock,
         trust_domain=config.trust_domain,
         given=load_given(config, clock.time()),
+        ttl=config.cert_ttl,
     )
     app[api.TRUST] = trust
     publisher = Publisher(

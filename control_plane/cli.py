@@ -58,6 +58,12 @@ def build_parser(prog: str) -> FlagParser:
         "replicas on redis: seconds the reaper's lease lasts unless renewed",
         convert=number,
     )
+    p.flag(
+        "--cert-ttl",
+        "86400",
+        "seconds a workload certificate lasts (sidecars renew at two thirds)",
+        convert=number,
+    )
     p.flag("--log-level", "info", "log level", choices=LOG_LEVELS)
     return p
 

@@ -35,6 +35,8 @@ class ControlPlaneConfig:
     """PEM private key (ECDSA, unencrypted) of ``ca_cert``"""
     trust_domain: str = "cluster.local"
     """the SPIFFE trust domain of workload identities"""
+    cert_ttl: float = 86400.0
+    """seconds a workload certificate lasts (sidecars renew at two thirds of it)"""
     allow_loopback: bool = False
     """accept loopback instance addresses even when not listening on loopback"""
     max_instances: int = 100_000
@@ -89,6 +91,8 @@ class ControlPlaneConfig:
             raise ConfigError("max_instances_per_service", "must be from 1 to --max-instances")
         if not self.protect_max >= 0:
             raise ConfigError("protect_max", "must not be negative (0: protection never holds)")
+        if not 5.0 <= self.cert_ttl <= 30 * 86400.0:
+            raise ConfigError("cert_ttl", "must be from 5 seconds to 30 days")
         if not 1.0 <= self.lease_ttl <= 300.0:
             raise ConfigError("lease_ttl", "must be from 1 to 300 seconds")
         if self.shutdown_timeout < 0:

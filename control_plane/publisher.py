@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import itertools
 import logging
 import time
@@ -516,6 +517,11 @@ class Publisher:
                 answer = self._certificate(session, message)
                 with contextlib.suppress(ConnectionError):
                     await session.ws.send_str(encode(answer))
+                if answer.chain and not session.hello.tls:
+                    # its inbound takes mesh TLS from now on: callers are told with the table
+                    session.hello = dataclasses.replace(session.hello, tls=True)
+                    with contextlib.suppress(StoreError, ApiError):  # (its next hello says so)
+                        await self._register(session)
             else:
                 self.bad_messages += 1
                 self._complain(session, "sent an unexpected %s", type(message).__name__)

@@ -25,7 +25,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
-from control_plane.ca import Authority, CAError, RefusalReason, Refused
+from control_plane.ca import WORKLOAD_TTL, Authority, CAError, RefusalReason, Refused
 from control_plane.clock import Clock
 from control_plane.config import ControlPlaneConfig
 from control_plane.errors import BadRequest, ConfigError, Conflict, NotFound
@@ -91,9 +91,16 @@ class Trust:
     """The signing CA and the trust bundle of one control plane."""
 
     def __init__(
-        self, store: Store, clock: Clock, *, trust_domain: str, given: Authority | None = None
+        self,
+        store: Store,
+        clock: Clock,
+        *,
+        trust_domain: str,
+        given: Authority | None = None,
+        ttl: float = WORKLOAD_TTL,
     ) -> None:
         self._store = store
+        self.ttl = ttl
         self._clock = clock
         self.trust_domain = trust_domain
         self._given = given
@@ -248,7 +255,11 @@ class Trust:
         Refused (counted by reason) for a CSR this CA will not sign."""
         try:
             certificate = self.authority.sign(
-                csr.encode(), service=service, namespace=namespace, now=self._clock.time()
+                csr.encode(),
+                service=service,
+                namespace=namespace,
+                now=self._clock.time(),
+                ttl=self.ttl,
             )
         except Refused as e:
             self.refuse(e.reason)

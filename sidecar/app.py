@@ -43,6 +43,7 @@ from sidecar.control.locks import LockClient
 from sidecar.control.tablefile import file_signature, load_table_file
 from sidecar.errors import ConfigError, TableError
 from sidecar.proxy.egress import Egress
+from sidecar.proxy.guard import InboundGuard
 from sidecar.proxy.intercept import Interception
 from sidecar.proxy.limits import ListenerLimits, MinRate, connections_that_fit, raise_fd_limit
 from sidecar.proxy.listener import Downstream
@@ -68,7 +69,10 @@ class Sidecar:
     def __init__(self, config: SidecarConfig, timeouts: Timeouts | None = None) -> None:
         self.config = config
         self.timeouts = timeouts or Timeouts()
-        self.pools = Pools()
+        self.mesh_tls = MeshTls()
+        """the mesh credentials the listeners read at each handshake"""
+        # outbound calls originate mesh TLS to endpoints that take it, with --mtls on
+        self.pools = Pools(mesh=self.mesh_tls if config.mtls == "on" else None)
         self.app_pools = Pools()
         metrics = config.metrics == "on"
         self.services = Services(metrics=metrics)
@@ -98,7 +102,9 @@ class Sidecar:
             access_log=self.access_log,
             limits=inbound,
             interception=Interception(opaque, local=True, http_port=config.app.port),
+            guard=InboundGuard(self.mesh_tls, config.service),
         )
+        self.tables.guard = self.inbound.guard
         self.app_router = AppRouter(
             Endpoint(config.app.host, config.app.port), self.app_pools, metrics=metrics
         )
@@ -116,8 +122,6 @@ class Sidecar:
         """the app's lock calls, forwarded to the control plane (none with ``--table``)"""
         self.state_path = Path(config.state_dir) / f"{config.service}.table"
         self.addresses: dict[str, Listen] = {}
-        self.mesh_tls = MeshTls()
-        """the mesh credentials the listeners read at each handshake"""
         self.identity: IdentityManager | None = None
         """keeps a certificate in ``mesh_tls`` (None: ``--mtls off``, or ``--table``)"""
         if config.control_plane and config.mtls == "on":

@@ -13,7 +13,6 @@ instance with no namespace.
 from __future__ import annotations
 
 import hashlib
-import re
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -23,11 +22,10 @@ from control_plane.wire.checks import (
     MAX_CSR_BYTES,
     MAX_ROOT_BYTES,
     MAX_ROOTS,
-    SERVICE_NAME,
-    TRUST_DOMAIN_NAME,
     WireError,
     check_trust_domain,
 )
+from control_plane.wire.spiffe import TRUST_DOMAIN, parse_spiffe_id, spiffe_id
 
 __all__ = [
     "MAX_CSR_BYTES",
@@ -44,27 +42,6 @@ __all__ = [
     "parse_spiffe_id",
     "spiffe_id",
 ]
-
-TRUST_DOMAIN = "cluster.local"
-_SPIFFE = re.compile(r"spiffe://([^/]+)/ns/([^/]+)/svc/([^/]+)")
-
-
-def spiffe_id(trust_domain: str, namespace: str, service: str) -> str:
-    return f"spiffe://{trust_domain}/ns/{namespace or 'default'}/svc/{service}"
-
-
-def parse_spiffe_id(text: str) -> tuple[str, str, str] | None:
-    """(trust domain, namespace, service) of ``spiffe://TD/ns/NS/svc/SVC``; None for anything
-    else, names that are not valid included."""
-    found = _SPIFFE.fullmatch(text) if isinstance(text, str) else None
-    if found is None:
-        return None
-    trust_domain, namespace, service = found.groups()
-    if TRUST_DOMAIN_NAME.fullmatch(trust_domain) is None:
-        return None
-    if SERVICE_NAME.fullmatch(namespace) is None or SERVICE_NAME.fullmatch(service) is None:
-        return None
-    return trust_domain, namespace, service
 
 
 def identity_of(certificate: x509.Certificate) -> str | None:

@@ -248,7 +248,9 @@ class Discovery:
                 self.version,
                 health,
                 self.epoch,
-                tls=self.identity is not None,
+                # its inbound takes mesh TLS once it holds a certificate (the control plane
+                # marks it so when it signs one, for a sidecar that had none at its hello)
+                tls=self.identity is not None and self.identity.tls.server is not None,
             )
             await ws.send_text(encode(hello))
             async with asyncio.timeout(WELCOME_TIMEOUT):

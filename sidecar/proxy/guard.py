@@ -12,59 +12,75 @@ service's own policy, as the table in force has it:
   a caller without a mesh identity matches only ``"*"``.
 
 A refusal is a 403 ``forbidden``, counted by caller (``forbidden``; its keys are service names
-from certificates of the mesh's own CA, or ``plaintext``: bounded by the mesh, not by a client).
+from certificates of the mesh's own CA, ``plaintext`` or ``unknown``: bounded by the mesh, not
+by a client).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
+from control_plane.wire import Table
+from control_plane.wire.spiffe import parse_spiffe_id
 from sidecar.errors import Reason
 from sidecar.tls import MeshTls
 
-#: (``mtls`` mode, ``allow_from``) of this sidecar's service in the table in force
-Rules = tuple[str, tuple[str, ...]]
-OPEN: Rules = ("permissive", ("*",))
-"""the rules of a service the table does not name (a static file): as the policy defaults"""
 _LOOPBACK = (b"127.0.0.1", b"::1")
 PLAINTEXT = "plaintext"
 """the caller of a request that came without mesh TLS, in ``forbidden``"""
+UNKNOWN = "unknown"
+"""a verified caller whose identity names no service of this trust domain"""
 
 
 def service_of(identity: str, trust_domain: str) -> str | None:
-    """The service a SPIFFE ID of this trust domain names (``spiffe://TD/ns/NS/svc/NAME``)."""
-    prefix = f"spiffe://{trust_domain}/ns/"
-    if not trust_domain or not identity.startswith(prefix):
-        return None
-    parts = identity[len(prefix) :].split("/")
-    if len(parts) != 3 or parts[1] != "svc" or not parts[0] or not parts[2]:
-        return None
-    return parts[2]
+    """The service a SPIFFE ID of this trust domain names."""
+    parsed = parse_spiffe_id(identity)
+    return parsed[2] if parsed is not None and parsed[0] == trust_domain else None
 
 
 class InboundGuard:
-    """Mesh TLS credentials and the authorization rules of the inbound listener."""
+    """Mesh TLS credentials and the authorization rules of the inbound listener: its
+    service's ``mtls`` and ``allow_from`` in the table in force (``apply``), as the policy
+    defaults while the table does not name the service (a static file)."""
 
-    __slots__ = ("forbidden", "mesh", "rules")
+    __slots__ = ("allowed", "forbidden", "mesh", "mode", "service")
 
-    def __init__(self, mesh: MeshTls, rules: Callable[[], Rules]) -> None:
+    def __init__(self, mesh: MeshTls, service: str) -> None:
         self.mesh = mesh
-        self.rules = rules
+        self.service = service
+        self.mode = "permissive"
+        self.allowed: tuple[str, ...] = ("*",)
         #: refused requests by caller: a service name, or ``plaintext``
         self.forbidden: dict[str, int] = {}
 
+    def apply(self, table: Table) -> None:
+        """The rules of the table just put in force."""
+        own = table.services.get(self.service)
+        if own is None:
+            self.mode, self.allowed = "permissive", ("*",)
+        else:
+            self.mode, self.allowed = own.policy.mtls, own.policy.allow_from
+
     def check(self, peer: str | None, client_ip: bytes) -> tuple[Reason, str] | None:
         """None when the request may go to the app, else the 403 and why."""
-        mode, allowed = self.rules()
-        caller = None if peer is None else service_of(peer, self.mesh.trust_domain)
-        if peer is None and mode == "strict" and client_ip not in _LOOPBACK:
-            why = "mtls is strict: plaintext from another host is refused"
-        elif "*" in allowed or (caller is not None and caller in allowed):
+        allowed = self.allowed
+        if peer is None:
+            if self.mode == "strict" and client_ip not in _LOOPBACK:
+                return self._refuse(
+                    PLAINTEXT, "mtls is strict: plaintext from another host is refused"
+                )
+            if "*" in allowed:
+                return None
+            return self._refuse(PLAINTEXT, "allow_from names services; this caller has no identity")
+        if "*" in allowed:
             return None
-        elif caller is None:
-            why = "allow_from names services; this caller has no mesh identity"
-        else:
-            why = f"allow_from does not list {caller}"
-        name = PLAINTEXT if caller is None else caller
-        self.forbidden[name] = self.forbidden.get(name, 0) + 1
+        caller = service_of(peer, self.mesh.trust_domain)
+        if caller is not None and caller in allowed:
+            return None
+        if caller is None:
+            return self._refuse(
+                UNKNOWN, f"allow_from names services; {peer[:200]!r} is none of ours"
+            )
+        return self._refuse(caller, f"allow_from does not list {caller}")
+
+    def _refuse(self, caller: str, why: str) -> tuple[Reason, str]:
+        self.forbidden[caller] = self.forbidden.get(caller, 0) + 1
         return Reason.FORBIDDEN, why

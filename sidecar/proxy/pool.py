@@ -157,6 +157,18 @@ class Pool(Home):
         if self._sweeper is None:
             self._sweeper = loop.call_later(self.idle_timeout, self._sweep)
 
+    def rekey(self, identity: str) -> None:
+        """The identity the endpoint proves now ("": plaintext): idle connections made
+        otherwise are closed; busy ones finish their response."""
+        if identity == self.identity:
+            return
+        self.identity = identity
+        self._tls_session = None
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            self._all.discard(conn)
+            conn.close()
+
     def _keep_session(self, conn: UpstreamConnection) -> None:
         """Keep the TLS session of a connection that has had a response (TLS 1.3 sends the
         ticket after the handshake), so that the next connection resumes it: a shorter

@@ -22,12 +22,14 @@ from control_plane.wire import (
     Table,
     to_json,
 )
+from control_plane.wire.spiffe import spiffe_id
 from sidecar.balancing import balancer
 from sidecar.balancing.balancer import Balancer, Locality, Member
 from sidecar.balancing.ewma import EndpointStats, Exclusions
 from sidecar.balancing.hashing import KeyOf, key_function
 from sidecar.clock import Clock, SystemClock, wall
 from sidecar.errors import Reason, TableError
+from sidecar.proxy.guard import InboundGuard
 from sidecar.proxy.pool import Pool
 from sidecar.resilience.service import Services, ServiceState
 from sidecar.resilience.tries import TryPolicy
@@ -105,6 +107,8 @@ class Pools:
         self.clock = clock or SystemClock()
         #: this sidecar's mesh credentials, for endpoints with an identity (None: no mesh TLS)
         self.mesh = mesh
+        # the identity each endpoint's sidecar proves over mesh TLS, by address (``secure``)
+        self._identities: dict[tuple[str, int], str] = {}
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         self._stats: dict[tuple[str, int], EndpointStats] = {}
@@ -132,6 +136,7 @@ class Pools:
                 stats=self.stats(endpoint),
                 mesh=self.mesh,
             )
+            pool.rekey(self._identities.get(key, ""))
             self._pools[key] = pool
         return pool
 
@@ -142,6 +147,21 @@ class Pools:
     def find_stats(self, endpoint: Endpoint) -> EndpointStats | None:
         """The endpoint's stats, if a table routed to it."""
         return self._stats.get((endpoint.address, endpoint.port))
+
+    def secure(self, table: Table) -> None:
+        """Which endpoints are called over mesh TLS, and the identity each must prove: those
+        whose sidecar said it takes mesh TLS (``tls``), when this sidecar has credentials."""
+        found: dict[tuple[str, int], str] = {}
+        if self.mesh is not None and table.trust_domain:
+            for name, entry in table.services.items():
+                for e in entry.endpoints:
+                    if e.tls:
+                        found[(e.address, e.port)] = spiffe_id(
+                            table.trust_domain, e.namespace, name
+                        )
+        self._identities = found
+        for key, pool in self._pools.items():
+            pool.rekey(found.get(key, ""))
 
     def retain(self, endpoints: set[tuple[str, int]]) -> None:
         """Forget endpoints no table routes to any more; close their idle connections."""
@@ -280,6 +300,8 @@ class TableHolder:
         self.service = service
         self.zone = zone
         self.current: RoutingTable | None = None
+        #: the inbound listener's rules, from each table put in force (None: no inbound)
+        self.guard: InboundGuard | None = None
 
     def route(self, authority: bytes | None) -> Route | tuple[Reason, str]:
         if self.current is None:
@@ -294,7 +316,10 @@ class TableHolder:
             table, info, self.pools, self.services, self._locality(table), self.cluster_domain
         )
         self.current = new
+        self.pools.secure(table)
         self.pools.retain(new.endpoints())
+        if self.guard is not None:
+            self.guard.apply(table)
         return new
 
     def _locality(self, table: Table) -> Locality:

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 
 from control_plane.ca import Authority, make_csr, spiffe_id
 from control_plane.wire import Endpoint, parse_table
-from sidecar.proxy.guard import InboundGuard, Rules, service_of
+from sidecar.proxy.guard import InboundGuard, service_of
 from sidecar.proxy.listener import Downstream
 from sidecar.proxy.routing import AppRouter, Pools, TableHolder
 from sidecar.proxy.tracker import ConnectionTracker
@@ -55,7 +55,6 @@ class Hop:
     inbound_tracker: ConnectionTracker
     guard: InboundGuard
     pools: Pools
-    rules: list[Rules]
 
 
 @pytest.fixture
@@ -84,8 +83,7 @@ async def hop(ca: Authority) -> AsyncIterator[Callable[..., Hop]]:
     made: list[Hop] = []
 
     async def make(web_mesh: MeshTls, catalog_mesh: MeshTls, identity: str = CATALOG) -> Hop:
-        rules: list[Rules] = [("permissive", ("*",))]
-        guard = InboundGuard(catalog_mesh, lambda: rules[-1])
+        guard = InboundGuard(catalog_mesh, "catalog")
         tracker = ConnectionTracker("inbound", "catalog", guard=guard)
         app_router = AppRouter(Endpoint(LOCAL, app_port), Pools())
         inbound = await loop.create_server(
@@ -98,13 +96,13 @@ async def hop(ca: Authority) -> AsyncIterator[Callable[..., Hop]]:
             {"services": {"catalog": {"endpoints": [{"address": LOCAL, "port": in_port}]}}}
         )
         tables.install(table, "test")
-        pools.get(table.services["catalog"].endpoints[0]).identity = identity
+        pools.get(table.services["catalog"].endpoints[0]).rekey(identity)
         outbound = await loop.create_server(
             lambda: Downstream(tables, ConnectionTracker("outbound"), Timeouts(), loop), LOCAL, 0
         )
         servers.extend((inbound, outbound))
         out_port = outbound.sockets[0].getsockname()[1]
-        made.append(Hop(out_port, in_port, tracker, guard, pools, rules))
+        made.append(Hop(out_port, in_port, tracker, guard, pools))
         return made[-1]
 
     yield make  # type: ignore[misc]
@@ -157,13 +155,13 @@ async def test_allow_from_refuses_a_caller_with_403_and_counts_it(
 ) -> None:
     bundle = [ca.pem()[0].decode()]
     h = await hop(credentials(ca, "web", bundle), credentials(ca, "catalog", bundle))
-    h.rules.append(("strict", ("orders",)))
+    h.guard.mode, h.guard.allowed = "strict", ("orders",)
     status, headers, body = await get(h.outbound)
     assert status == 403
     assert headers["x-meshlet-error"] == "forbidden"
     assert b"allow_from does not list web" in body
     assert h.guard.forbidden == {"web": 1}
-    h.rules.append(("strict", ("orders", "web")))
+    h.guard.mode, h.guard.allowed = "strict", ("orders", "web")
     assert (await get(h.outbound))[0] == 200
 
 
@@ -172,7 +170,7 @@ async def test_strict_refuses_plaintext_from_another_host_but_not_from_loopback(
 ) -> None:
     bundle = [ca.pem()[0].decode()]
     h = await hop(credentials(ca, "web", bundle), credentials(ca, "catalog", bundle))
-    h.rules.append(("strict", ("*",)))
+    h.guard.mode, h.guard.allowed = "strict", ("*",)
     # plaintext straight to the inbound port, from 127.0.0.2 ("another host")
     reader, writer = await asyncio.open_connection(LOCAL, h.inbound, local_addr=("127.0.0.2", 0))
     writer.write(b"GET / HTTP/1.1\r\nHost: catalog\r\n\r\n")
@@ -184,7 +182,7 @@ async def test_strict_refuses_plaintext_from_another_host_but_not_from_loopback(
     status, _, body = await get(h.inbound)  # from 127.0.0.1: the local app, a probe
     assert status == 200
     assert json.loads(body)["peer"] == []
-    h.rules.append(("permissive", ("*",)))
+    h.guard.mode, h.guard.allowed = "permissive", ("*",)
     reader, writer = await asyncio.open_connection(LOCAL, h.inbound, local_addr=("127.0.0.2", 0))
     writer.write(b"GET / HTTP/1.1\r\nHost: catalog\r\n\r\n")
     assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
