@@ -31,6 +31,12 @@ def build_parser(prog: str) -> FlagParser:
     p.flag("--ca-cert", "", "PEM CA certificate that signs workload certificates (own PKI)")
     p.flag("--ca-key", "", "PEM private key (ECDSA, unencrypted) of --ca-cert")
     p.flag("--trust-domain", "cluster.local", "SPIFFE trust domain of workload identities")
+    p.flag(
+        "--cert-ttl",
+        "86400",
+        "seconds a workload certificate lasts (sidecars renew at two thirds)",
+        convert=number,
+    )
     p.switch("--allow-loopback", "accept loopback instance addresses when not on loopback")
     p.flag("--max-instances", "100000", "instances the registry holds at most", convert=int)
     p.flag(
@@ -56,12 +62,6 @@ def build_parser(prog: str) -> FlagParser:
         "--lease-ttl",
         "5",
         "replicas on redis: seconds the reaper's lease lasts unless renewed",
-        convert=number,
-    )
-    p.flag(
-        "--cert-ttl",
-        "86400",
-        "seconds a workload certificate lasts (sidecars renew at two thirds)",
         convert=number,
     )
     p.flag("--log-level", "info", "log level", choices=LOG_LEVELS)

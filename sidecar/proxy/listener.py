@@ -123,7 +123,7 @@ class Downstream(Watch):
         self._starting = False  # _start_next is running (it loops; calls inside it return)
         self._unread = False  # the client may still be sending: linger before closing
         self._linger: asyncio.TimerHandle | None = None
-        self._tls_first = False  # inbound with mesh TLS: the first read may start a session
+        self._tls_first = False  # inbound: the first read may start a mesh TLS session
         #: the caller's verified SPIFFE ID (inbound mesh TLS), and its x-meshlet-peer line
         self.peer: str | None = None
         self._peer_line = b""
@@ -148,7 +148,6 @@ class Downstream(Watch):
         guard = self.tracker.guard
         if guard is not None:
             self.route = self._guarded_route
-            self._tls_first = guard.mesh.server is not None
         interception = self.tracker.interception
         if interception is not None:
             self.original = original = original_destination(transport)
@@ -157,6 +156,9 @@ class Downstream(Watch):
                     self._become_relay(b"")
                     return
                 self._sniffing = True
+        # mesh TLS comes to the inbound port itself; what iptables redirected there keeps its
+        # own bytes (an app's own TLS is relayed to it, as before)
+        self._tls_first = guard is not None and self.original is None
         self.expect(WAIT_HEAD, self.timeouts.head)
 
     def data_received(self, data: bytes) -> None:
@@ -322,7 +324,8 @@ class Downstream(Watch):
         socket and this connection, which reads and writes through it from now on."""
         guard, raw = self.tracker.guard, self.transport
         context = None if guard is None else guard.mesh.server
-        if context is None or raw is None:
+        if context is None or raw is None:  # no certificate (yet, or expired): no TLS
+            self._tls_failed("this sidecar holds no certificate")
             self._close(abort=True)
             return
         layer = TlsLayer(

@@ -170,6 +170,10 @@ def test_the_demo_fails_over_with_no_client_error_and_reports_it(demos: list[Dem
     # the per-second lines show the killed instance with no traffic, out of the table
     assert re.search(r"catalog-2 +0/s \(killed, unhealthy, out of table\)", out), out
     assert "slow start" in out
+    tls = re.search(r"mutual TLS +(\d+) sidecars hold a certificate; (\d+) sessions", out)
+    assert tls, out
+    assert int(tls.group(1)) >= 4  # (frontend, the catalogs alive at the end)
+    assert int(tls.group(2)) >= 2  # frontend to each catalog, and again after a restart
     assert_all_gone(demo)
 
 

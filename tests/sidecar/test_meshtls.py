@@ -30,10 +30,13 @@ WEB = spiffe_id(TD, "shop", "web")
 CATALOG = spiffe_id(TD, "shop", "catalog")
 
 
-def credentials(ca: Authority, service: str, bundle: list[str]) -> MeshTls:
-    """A sidecar's MeshTls holding a certificate ``ca`` signed for ``service``."""
+def credentials(
+    ca: Authority, service: str, bundle: list[str], *, signed: float = 0.0, ttl: float = 3600.0
+) -> MeshTls:
+    """A sidecar's MeshTls holding a certificate ``ca`` signed for ``service`` (``signed``
+    seconds ago, lasting ``ttl``)."""
     key, csr = make_csr(spiffe_id(TD, "shop", service))
-    cert = ca.sign(csr, service=service, namespace="shop", now=time.time())
+    cert = ca.sign(csr, service=service, namespace="shop", now=time.time() - signed, ttl=ttl)
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -229,6 +232,36 @@ async def test_a_client_without_a_certificate_is_refused_in_the_handshake(
     with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
         await call()
     assert h.inbound_tracker.counters.tls_handshakes == 0
+
+
+async def test_an_expired_certificate_is_refused_either_way(
+    ca: Authority, hop: Callable[..., asyncio.Future[Hop]]
+) -> None:
+    bundle = [ca.pem()[0].decode()]
+    expired = {"signed": 7200.0, "ttl": 3600.0}  # (ended an hour ago)
+    # the caller's certificate expired: the inbound fails the handshake
+    h = await hop(credentials(ca, "web", bundle, **expired), credentials(ca, "catalog", bundle))
+    assert (await get(h.outbound))[0] == 502
+    assert h.inbound_tracker.counters.tls_failures >= 1
+    assert h.inbound_tracker.counters.tls_handshakes == 0
+    # the server's expired: the caller refuses it before it sends a byte of the request
+    h2 = await hop(credentials(ca, "web", bundle), credentials(ca, "catalog", bundle, **expired))
+    status, headers, body = await get(h2.outbound)
+    assert status == 502
+    assert headers["x-meshlet-error"] == "upstream-connect-failure"
+    assert b"certificate has expired" in body or b"CERTIFICATE_VERIFY_FAILED" in body
+
+
+async def test_tls_to_an_inbound_without_a_certificate_is_cut_and_counted(
+    ca: Authority, hop: Callable[..., asyncio.Future[Hop]]
+) -> None:
+    bundle = [ca.pem()[0].decode()]
+    h = await hop(credentials(ca, "web", bundle), MeshTls())  # catalog has none yet
+    status, headers, _ = await get(h.outbound)
+    assert status == 502
+    assert headers["x-meshlet-error"] == "upstream-connect-failure"
+    assert h.inbound_tracker.counters.tls_failures >= 1
+    assert (await get(h.inbound))[0] == 200  # plaintext from the local host goes on
 
 
 def test_service_of_reads_only_this_trust_domains_service_ids() -> None:
