@@ -164,7 +164,10 @@ class TlsLayer(asyncio.Transport, asyncio.Protocol):
         if self._raw is None or self._closing:
             return
         try:
-            self.tls.write(data)
+            view = memoryview(data)
+            written = self.tls.write(view)
+            while written < len(view):  # (a memory BIO takes it all; in case it does not)
+                written += self.tls.write(view[written:])
         except ssl.SSLError as e:
             self._fail(f"TLS: {e.reason or e}")
             return

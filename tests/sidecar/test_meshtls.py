@@ -67,9 +67,11 @@ def ca() -> Authority:
 
 async def _app() -> tuple[web.AppRunner, int]:
     async def echo(request: web.Request) -> web.Response:
+        if request.path == "/big":  # (a body of many TLS records each way)
+            return web.Response(body=bytes(len(await request.read())))
         return web.json_response({"peer": request.headers.getall("x-meshlet-peer", [])})
 
-    app = web.Application()
+    app = web.Application(client_max_size=16 * 1024 * 1024)
     app.router.add_route("*", "/{tail:.*}", echo)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -151,6 +153,23 @@ async def test_two_sidecars_talk_mesh_tls_and_the_app_learns_the_verified_caller
     assert pool.tls_handshakes == 2
     assert pool.tls_resumed == 1
     assert h.inbound_tracker.counters.tls_handshakes == 2
+
+
+async def test_large_bodies_cross_mesh_tls_both_ways(
+    ca: Authority, hop: Callable[..., asyncio.Future[Hop]]
+) -> None:
+    bundle = [ca.pem()[0].decode()]
+    h = await hop(credentials(ca, "web", bundle), credentials(ca, "catalog", bundle))
+    size = 3 * 1024 * 1024 + 7
+    reader, writer = await asyncio.open_connection(LOCAL, h.outbound)
+    writer.write(b"POST /big HTTP/1.1\r\nHost: catalog\r\nContent-Length: %d\r\n\r\n" % size)
+    writer.write(b"x" * size)
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert b"content-length: %d" % size in head.lower()
+    assert len(await reader.readexactly(size)) == size
+    writer.close()
+    assert h.inbound_tracker.counters.tls_handshakes == 1
 
 
 async def test_allow_from_refuses_a_caller_with_403_and_counts_it(
