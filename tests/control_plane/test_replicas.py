@@ -218,6 +218,11 @@ async def test_redis_down_reads_answer_writes_refused_then_recovery(
         url = f"{server.url}?prefix=down"
         a, b = await replicas(make_api, url)
         await register(a, id="i1", address="10.0.0.1", port=8080)
+
+        async def b_has_it() -> bool:  # (b follows the change stream: it may be a beat late)
+            return (await call(b, "GET", CATALOG))[0] == 200
+
+        await eventually(b_has_it)
         server.stop()
         status, data = await call(b, "GET", CATALOG)
         assert status == 200  # reads from memory
