@@ -21,8 +21,9 @@ from typing import Any
 
 from sidecar.tls import peer_identity
 
-#: the most plaintext one ``read`` takes out of the session (a TLS record holds 16 KiB)
-_READ = 64 * 1024
+#: the most plaintext one ``read`` takes out of the session: a TLS record's (one read returns
+#: one record's at most, and a larger buffer is only a larger allocation)
+_READ = 16 * 1024
 
 #: what the layer says once the handshake is done: the peer's SPIFFE ID (None: it has none).
 #: Returning a reason refuses the peer (the connection is aborted); None lets it in.
@@ -164,10 +165,7 @@ class TlsLayer(asyncio.Transport, asyncio.Protocol):
         if self._raw is None or self._closing:
             return
         try:
-            view = memoryview(data)
-            written = self.tls.write(view)
-            while written < len(view):  # (a memory BIO takes it all; in case it does not)
-                written += self.tls.write(view[written:])
+            self.tls.write(data)  # (whole: Python's ssl does not ask OpenSSL for partial writes)
         except ssl.SSLError as e:
             self._fail(f"TLS: {e.reason or e}")
             return
