@@ -1,22 +1,33 @@
 """The sidecar proxy against nginx and HAProxy, measured in the same run.
 
-nginx serves a 1 KiB body as the backend. wrk (the load generator) and the backend are pinned
-to CPU 0; every proxy is pinned to CPU 1 (a single worker or thread each). Rounds interleave
-the targets:
+nginx serves a 1 KiB body as the backend. wrk (the load generator), the backend and the
+control plane are pinned to CPU 0; every proxy is pinned to CPU 1 (a single worker or thread
+each). Rounds interleave the targets:
   direct       wrk -> nginx backend
   nginx        wrk -> nginx proxy (upstream keepalive) -> backend
   haproxy      wrk -> HAProxy (http mode, keep-alive) -> backend
   meshlet      wrk -> meshlet outbound -> backend
   meshlet-nomet  the same with --metrics off (the cost of metrics: on/off CPU per request)
-  meshlet-2hop wrk -> meshlet outbound -> meshlet inbound -> backend
+  meshlet-2hop wrk -> meshlet outbound -> meshlet inbound -> backend (static --table)
+  meshlet-2hop-cp    the same, both sidecars joined to a control plane, --mtls off
+  meshlet-2hop-mtls  the same with mesh TLS on (another pair of services): checked before
+                     measuring (the inbound's TLS handshake counter, x-meshlet-peer at the app)
+  haproxy-2hop       wrk -> HAProxy -> HAProxy -> backend
+  haproxy-2hop-tls   the same, TLS 1.3 between them, both sides verifying certificates
+One CA signs every certificate (mesh_tls.py): the control plane's (--ca-cert/--ca-key),
+HAProxy's, and the client certificate of `openssl s_time`.
 Printed per round and as medians: throughput relative to nginx proxy, CPU-seconds per 1,000
-requests of each proxy (utime + stime from /proc), and latency added over direct (p50, p99)
-at 1 and at 50 connections.
+requests of each proxy (utime + stime from /proc; both processes of a two-hop pair), and
+latency added over direct (p50, p99) at 1 and at 50 connections. Then the cost of TLS on kept
+connections, as medians of per-round ratios of CPU per request: mtls / cp-plain and
+haproxy-tls / haproxy-2hop; and full handshakes (`openssl s_time -new`, client certificate)
+against meshlet's inbound and HAProxy's TLS bind: connections/s and the server's CPU per
+handshake.
 Goals: CPU per request <= 1.6x HAProxy (issue 12; was 2x); added p50 at one connection
-<= 0.3 ms per hop; throughput >= 0.5x nginx.
+<= 0.3 ms per hop; throughput >= 0.5x nginx; mTLS <= 1.3x the plaintext mesh (issue 15).
 
 Run: .venv/bin/python tests/benchmarks/bench_proxy.py [--rounds 3] [--seconds 5]
-Needs nginx, haproxy and wrk (apt-get install nginx haproxy wrk).
+Needs nginx, haproxy, wrk and openssl (apt-get install nginx haproxy wrk openssl).
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import secrets
 import shutil
 import socket
 import statistics
@@ -36,6 +48,12 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # run as a script: ``tests`` from the repo root
+
+from tests.benchmarks import mesh_tls  # noqa: E402
 
 LOAD_CORE = "0"
 PROXY_CORE = "1"
@@ -130,6 +148,26 @@ PROXY_PASS = (
 """nginx as a proxy to the backend, keeping upstream connections open"""
 
 
+@dataclass
+class Pair:
+    """Sidecar A (the caller, wrk's entry) and sidecar B, joined to the control plane."""
+
+    caller: str
+    service: str
+    """B's service: what A routes by Host"""
+    a: subprocess.Popen[bytes]
+    b: subprocess.Popen[bytes]
+    outbound: int
+    """A's outbound port"""
+    inbound: int
+    """B's inbound port"""
+    b_metrics: int
+
+    def processes(self) -> list[int]:
+        """Both sidecars (taskset execs the program: each pid is the sidecar itself)."""
+        return [self.a.pid, *children(self.a.pid), self.b.pid, *children(self.b.pid)]
+
+
 class Lab:
     """The backend, the proxies, and what to measure of each."""
 
@@ -138,6 +176,9 @@ class Lab:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.targets: dict[str, tuple[int, str, Callable[[], list[int]]]] = {}
         self.backend_port = 0
+        self.pki: mesh_tls.Pki | None = None
+        self.pairs: dict[str, Pair] = {}
+        self.tls_servers: dict[str, mesh_tls.TlsServer] = {}
 
     def spawn(
         self, core: str, *argv: str, env: dict[str, str] | None = None
@@ -188,14 +229,22 @@ http {{
         return port
 
     def backend(self) -> None:
-        """An nginx serving a 1 KiB body, on the load generator's core."""
+        """An nginx serving a 1 KiB body, on the load generator's core; ``/peer`` answers
+        the request's x-meshlet-peer (the caller an inbound sidecar verified)."""
         (self.tmp / "body").write_bytes(b"b" * 1024)
         self.backend_port = 0  # the backend itself has no upstream
         self.backend_port = self.nginx(
-            "backend", LOAD_CORE, f"location / {{ root {self.tmp}; try_files /body =404; }}"
+            "backend",
+            LOAD_CORE,
+            f"location / {{ root {self.tmp}; try_files /body =404; }} "
+            'location = /peer { return 200 "$http_x_meshlet_peer"; }',
         )
 
-    def haproxy_cfg(self, name: str, port: int, upstream: int) -> Path:
+    def haproxy_cfg(
+        self, name: str, port: int, upstream: int, bind_opts: str = "", server_opts: str = ""
+    ) -> Path:
+        """One thread proxying ``port`` to ``upstream``; the options end the bind and server
+        lines (TLS)."""
         cfg = self.tmp / f"{name}.cfg"
         cfg.write_text(
             f"""
@@ -209,8 +258,8 @@ defaults
   timeout server 30s
   option http-keep-alive
 listen proxy
-  bind 127.0.0.1:{port}
-  server backend 127.0.0.1:{upstream}
+  bind 127.0.0.1:{port} {bind_opts}
+  server backend 127.0.0.1:{upstream} {server_opts}
 """
         )
         return cfg
@@ -227,22 +276,27 @@ listen proxy
     def sidecar_argv(
         self, name: str, table: Path, outbound: int, inbound: int, *extra: str
     ) -> list[str]:
+        ports = (outbound, inbound, free_port(), 0)
+        return self.sidecar_base(name, *ports, "--table", str(table), *extra)
+
+    def sidecar_base(
+        self, name: str, outbound: int, inbound: int, admin: int, metrics: int, *extra: str
+    ) -> list[str]:
+        """A sidecar of service ``name`` in front of the backend (port 0: any free one)."""
         return [
             sys.executable,
             "-m",
             "sidecar",
             "--service",
             name,
-            "--table",
-            str(table),
             "--outbound",
             f"127.0.0.1:{outbound}",
             "--inbound",
             f"127.0.0.1:{inbound}",
             "--admin",
-            f"127.0.0.1:{free_port()}",
+            f"127.0.0.1:{admin}",
             "--metrics-listen",
-            "127.0.0.1:0",
+            f"127.0.0.1:{metrics}",
             "--app",
             f"http://127.0.0.1:{self.backend_port}",
             "--state-dir",
@@ -283,6 +337,99 @@ listen proxy
             "backend",
             lambda: self._tree(a2.pid) + self._tree(b.pid),
         )
+        self.start_tls()
+
+    def start_tls(self) -> None:
+        """The same two hops through a control plane, plaintext and mesh TLS, and HAProxy's
+        two hops without and with TLS (issue 15)."""
+        self.pki = pki = mesh_tls.make_pki(self.tmp)
+        cp = self.control_plane(pki)
+        for prefix, mtls in (("cp", "off"), ("mtls", "on")):
+            pair = self.mesh_pair(cp, prefix, mtls)
+            self.pairs[prefix] = pair
+            self.targets[f"meshlet-2hop-{prefix}"] = (
+                pair.outbound,
+                pair.service,
+                pair.processes,
+            )
+        mesh_b = self.pairs["mtls"]
+        self.tls_servers["meshlet-inbound"] = mesh_tls.TlsServer(
+            mesh_b.inbound,
+            lambda: cpu_seconds(self._tree(mesh_b.b.pid)),
+            lambda: mesh_tls.inbound_handshakes(mesh_b.b_metrics),
+        )
+
+        self.haproxy_chain("haproxy-2hop")
+        common = f"ca-file {pki.ca_cert} verify required ssl-min-ver TLSv1.3 alpn http/1.1"
+        inner, hap_in = self.haproxy_chain(
+            "haproxy-2hop-tls", f"ssl crt {pki.server} {common}", f"ssl crt {pki.client} {common}"
+        )
+        self.tls_servers["haproxy-tls-bind"] = mesh_tls.TlsServer(
+            inner, lambda: cpu_seconds(self._tree(hap_in.pid))
+        )
+
+    def control_plane(self, pki: mesh_tls.Pki) -> tuple[str, str]:
+        """A control plane signing with the run's CA: its URL and admin token."""
+        port, token = free_port(), secrets.token_urlsafe(24)
+        self.spawn(
+            LOAD_CORE,
+            *(sys.executable, "-m", "control_plane", "--listen", f"127.0.0.1:{port}"),
+            *("--store", "memory", "--debounce-quiet", "0.05", "--log-level", "warning"),
+            *("--ca-cert", str(pki.ca_cert), "--ca-key", str(pki.ca_key)),
+            env={"MESHLET_ADMIN_TOKEN": token},
+        )
+        wait_port(port)
+        return f"http://127.0.0.1:{port}", token
+
+    def mesh_pair(self, cp: tuple[str, str], prefix: str, mtls: str) -> Pair:
+        """Services ``prefix``-a and -b, each a sidecar with a token of its own; ready when A
+        routes to B (over mesh TLS with ``mtls`` on)."""
+        caller, service = f"{prefix}-a", f"{prefix}-b"
+        outbound, inbound, admin, metrics = (free_port() for _ in range(4))
+        b = self.mesh_sidecar(cp, service, (free_port(), inbound, free_port(), metrics), mtls)
+        a = self.mesh_sidecar(cp, caller, (outbound, free_port(), admin, free_port()), mtls)
+        routes = mesh_tls.routes_over_tls if mtls == "on" else mesh_tls.routes
+        mesh_tls.wait_until(lambda: routes(admin, service), f"{caller} routes to {service}")
+        return Pair(caller, service, a, b, outbound, inbound, metrics)
+
+    def mesh_sidecar(
+        self, cp: tuple[str, str], name: str, ports: tuple[int, int, int, int], mtls: str
+    ) -> subprocess.Popen[bytes]:
+        """``ports``: outbound, inbound, admin, metrics."""
+        url, admin_token = cp
+        argv = self.sidecar_base(name, *ports, "--control-plane", url, "--mtls", mtls)
+        env = {"MESHLET_TOKEN": mesh_tls.mint(url, admin_token, name)}
+        proc = self.spawn(PROXY_CORE, *argv, "--advertise", "127.0.0.1", env=env)
+        for port in ports:
+            wait_port(port)
+        return proc
+
+    def haproxy_chain(
+        self, name: str, bind_opts: str = "", server_opts: str = ""
+    ) -> tuple[int, subprocess.Popen[bytes]]:
+        """HAProxy -> HAProxy -> backend as target ``name``: the inner one's port and
+        process. ``bind_opts`` end the inner one's bind line, ``server_opts`` the outer one's
+        server line."""
+        outer, inner = free_port(), free_port()
+        cfg_in = self.haproxy_cfg(f"{name}-in", inner, self.backend_port, bind_opts=bind_opts)
+        cfg_out = self.haproxy_cfg(f"{name}-out", outer, inner, server_opts=server_opts)
+        hap_in = self.spawn(PROXY_CORE, "haproxy", "-f", str(cfg_in))
+        hap_out = self.spawn(PROXY_CORE, "haproxy", "-f", str(cfg_out))
+        wait_port(inner)
+        wait_port(outer)
+        self.targets[name] = (
+            outer,
+            "backend",
+            lambda: self._tree(hap_out.pid) + self._tree(hap_in.pid),
+        )
+        return inner, hap_in
+
+    def check_tls(self) -> None:
+        """Before measuring: the mtls pair's hop is mesh TLS, the cp pair's is not."""
+        assert self.pki is not None
+        for prefix, pair in self.pairs.items():
+            want = self.pki.identity(pair.caller) if prefix == "mtls" else ""
+            mesh_tls.check_hop(pair.outbound, pair.service, pair.b_metrics, want)
 
     def sidecar(
         self, name: str, table: Path, outbound: int, *extra: str, inbound: int | None = None
@@ -316,61 +463,83 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args()
-    for tool in ("nginx", "haproxy", "wrk", "taskset"):
+    for tool in ("nginx", "haproxy", "wrk", "taskset", "openssl"):
         if shutil.which(tool) is None:
-            print(f"{tool} not found (apt-get install nginx haproxy wrk)", file=sys.stderr)
+            print(f"{tool} not found (apt-get install nginx haproxy wrk openssl)", file=sys.stderr)
             return 2
     tmp = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
     tmp.chmod(0o755)  # nginx workers run as nobody and serve the body from here
     lab = Lab(tmp)
     results: dict[tuple[str, int], list[Result]] = defaultdict(list)
+    handshakes: dict[str, list[mesh_tls.Handshakes]] = defaultdict(list)
     try:
         lab.start()
-        for name, (port, host, _) in lab.targets.items():  # warm up, and check it answers
-            req = urllib.request.Request(f"http://127.0.0.1:{port}/", headers={"Host": host})
-            with urllib.request.urlopen(req, timeout=5) as r:
-                assert r.status == 200, name
-                assert len(r.read()) == 1024, name
-            run_wrk(port, host, 50, 1, [])
+        warm_up(lab)
         for rnd in range(args.rounds):
-            for conns in (1, 50):
-                for name, (port, host, pids) in lab.targets.items():
-                    res = run_wrk(port, host, conns, args.seconds, pids())
-                    results[(name, conns)].append(res)
-                    cpu = f"{res.cpu_per_1000:.3f}" if res.cpu_per_1000 is not None else "  -  "
-                    print(
-                        f"round {rnd + 1} c={conns:<2} {name:<13} {res.rps:9.0f} req/s  "
-                        f"p50 {res.p50_ms:6.3f} ms  p99 {res.p99_ms:6.3f} ms  cpu/1k {cpu} s",
-                        flush=True,
-                    )
+            measure_requests(lab, rnd, args.seconds, results)
+            measure_handshakes(lab, rnd, args.seconds, handshakes)
         report(results, args.rounds)
+        report_tls(results, handshakes)
     finally:
         lab.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 
-def report(results: dict[tuple[str, int], list[Result]], rounds: int) -> None:
-    def med(values: list[float]) -> float:
-        return statistics.median(values)
+def warm_up(lab: Lab) -> None:
+    """Every target answers the body; the TLS hops are what they claim."""
+    for name, (port, host, _) in lab.targets.items():
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/", headers={"Host": host})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            assert r.status == 200, name
+            assert len(r.read()) == 1024, name
+        run_wrk(port, host, 50, 1, [])
+    lab.check_tls()
 
-    names = ["direct", "nginx", "haproxy", "meshlet", "meshlet-nomet", "meshlet-2hop"]
+
+def measure_requests(
+    lab: Lab, rnd: int, seconds: float, results: dict[tuple[str, int], list[Result]]
+) -> None:
+    for conns in (1, 50):
+        for name, (port, host, pids) in lab.targets.items():
+            res = run_wrk(port, host, conns, seconds, pids())
+            results[(name, conns)].append(res)
+            cpu = f"{res.cpu_per_1000:.3f}" if res.cpu_per_1000 is not None else "  -  "
+            print(
+                f"round {rnd + 1} c={conns:<2} {name:<17} {res.rps:9.0f} req/s  "
+                f"p50 {res.p50_ms:6.3f} ms  p99 {res.p99_ms:6.3f} ms  cpu/1k {cpu} s",
+                flush=True,
+            )
+
+
+def measure_handshakes(
+    lab: Lab, rnd: int, seconds: float, handshakes: dict[str, list[mesh_tls.Handshakes]]
+) -> None:
+    assert lab.pki is not None
+    for name, server in lab.tls_servers.items():
+        hs = mesh_tls.s_time(server, lab.pki, seconds, LOAD_CORE)
+        handshakes[name].append(hs)
+        print(f"round {rnd + 1} s_time {name:<17} {hs}", flush=True)
+
+
+def med(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def report(results: dict[tuple[str, int], list[Result]], rounds: int) -> None:
+    names = list(dict.fromkeys(name for name, _ in results))
     print(f"\nmedians over {rounds} rounds (ratios taken per round)")
     print(
-        f"{'':13} {'rps/nginx':>10} {'cpu/1k req':>11} {'cpu/haproxy':>12} "
+        f"{'':17} {'rps/nginx':>10} {'cpu/1k req':>11} {'cpu/haproxy':>12} "
         f"{'+p50 c1':>9} {'+p99 c1':>9} {'+p50 c50':>9} {'+p99 c50':>9}"
     )
     for name in names:
         c50, c1 = results[(name, 50)], results[(name, 1)]
-        nginx50, hap50 = results[("nginx", 50)], results[("haproxy", 50)]
+        nginx50 = results[("nginx", 50)]
         d1, d50 = results[("direct", 1)], results[("direct", 50)]
         rps_ratio = med([r.rps / n.rps for r, n in zip(c50, nginx50, strict=True)])
         cpu = [r.cpu_per_1000 for r in c50 if r.cpu_per_1000 is not None]
-        cpu_ratio = [
-            r.cpu_per_1000 / h.cpu_per_1000
-            for r, h in zip(c50, hap50, strict=True)
-            if r.cpu_per_1000 and h.cpu_per_1000
-        ]
+        cpu_ratio = cpu_ratios(results, name, "haproxy", 50)
         added = [
             med([r.p50_ms - d.p50_ms for r, d in zip(c1, d1, strict=True)]),
             med([r.p99_ms - d.p99_ms for r, d in zip(c1, d1, strict=True)]),
@@ -378,23 +547,53 @@ def report(results: dict[tuple[str, int], list[Result]], rounds: int) -> None:
             med([r.p99_ms - d.p99_ms for r, d in zip(c50, d50, strict=True)]),
         ]
         print(
-            f"{name:13} {rps_ratio:10.2f} "
+            f"{name:17} {rps_ratio:10.2f} "
             f"{(f'{med(cpu):.3f} s') if cpu else '-':>11} "
             f"{(f'{med(cpu_ratio):.2f}x') if cpu_ratio else '-':>12} "
             + " ".join(f"{a:8.3f}ms" if name != "direct" else f"{'':>10}" for a in added)
         )
-    on, off = results[("meshlet", 50)], results[("meshlet-nomet", 50)]
-    metrics_cost = [
-        r.cpu_per_1000 / o.cpu_per_1000
-        for r, o in zip(on, off, strict=True)
-        if r.cpu_per_1000 and o.cpu_per_1000
-    ]
+    metrics_cost = cpu_ratios(results, "meshlet", "meshlet-nomet", 50)
     if metrics_cost:
         print(f"cpu per request, metrics on / off: {med(metrics_cost):.3f}x")
     print(
         "goals: cpu/haproxy <= 1.6x; +p50 at c=1 <= 0.3 ms per hop; rps/nginx >= 0.5; "
         "metrics on/off <= 1.10x"
     )
+
+
+def cpu_ratios(
+    results: dict[tuple[str, int], list[Result]], name: str, base: str, conns: int
+) -> list[float]:
+    """CPU per request of ``name`` over ``base``'s, round by round."""
+    return [
+        r.cpu_per_1000 / b.cpu_per_1000
+        for r, b in zip(results[(name, conns)], results[(base, conns)], strict=True)
+        if r.cpu_per_1000 and b.cpu_per_1000
+    ]
+
+
+TLS_RATIOS = (
+    ("meshlet-2hop-mtls", "meshlet-2hop-cp", "goal <= 1.3x"),
+    ("haproxy-2hop-tls", "haproxy-2hop", ""),
+    ("meshlet-2hop-cp", "haproxy-2hop", ""),
+    ("meshlet-2hop-mtls", "haproxy-2hop-tls", ""),
+)
+"""(name, base, goal): CPU per request of two-hop pairs, both processes"""
+
+
+def report_tls(
+    results: dict[tuple[str, int], list[Result]],
+    handshakes: dict[str, list[mesh_tls.Handshakes]],
+) -> None:
+    """The cost of TLS on kept connections, and of a full handshake: median (min..max) of
+    per-round values."""
+    print("\ncpu per request of a two-hop pair, ratio per round: median (min..max)")
+    for name, base, goal in TLS_RATIOS:
+        for conns in (50, 1):
+            ratios = cpu_ratios(results, name, base, conns)
+            if ratios:
+                print(f"  {name} / {base} c={conns:<2} {mesh_tls.spread(ratios, 'x')}  {goal}")
+    mesh_tls.report_handshakes(handshakes)
 
 
 if __name__ == "__main__":
