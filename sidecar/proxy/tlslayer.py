@@ -83,15 +83,14 @@ class TlsLayer(asyncio.Transport, asyncio.Protocol):
                 plain = tls.read(_READ)
             except ssl.SSLWantReadError:
                 break
-            except ssl.SSLZeroReturnError:  # the peer's close_notify: as an end of stream
-                self._flush()
-                self.close()
-                return
+            except ssl.SSLZeroReturnError:
+                plain = b""
             except ssl.SSLError as e:
                 self._fail(f"TLS: {e.reason or e}")
                 return
-            if not plain:
-                break
+            if not plain:  # the peer's close_notify: its end of the stream, and ours
+                self.close()
+                return
             protocol.data_received(plain)
             if not self._in.pending or self._raw is None:
                 break

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -281,6 +283,40 @@ async def test_tls_to_an_inbound_without_a_certificate_is_cut_and_counted(
     assert headers["x-meshlet-error"] == "upstream-connect-failure"
     assert h.inbound_tracker.counters.tls_failures >= 1
     assert (await get(h.inbound))[0] == 200  # plaintext from the local host goes on
+
+
+async def test_a_client_that_ends_with_close_notify_gets_one_back(
+    ca: Authority, hop: Callable[..., asyncio.Future[Hop]], tmp_path: Path
+) -> None:
+    """A TLS client that closes cleanly waits for the server's close_notify: it must come."""
+    bundle = [ca.pem()[0].decode()]
+    h = await hop(credentials(ca, "web", bundle), credentials(ca, "catalog", bundle))
+    key, csr = make_csr(WEB)
+    cert = ca.sign(csr, service="web", namespace="shop", now=time.time())
+    pem = tmp_path / "web.pem"
+    pem.write_bytes(
+        cert.public_bytes(serialization.Encoding.PEM)
+        + key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    ctx = ssl.create_default_context(cadata=bundle[0])
+    ctx.check_hostname = False
+    ctx.load_cert_chain(pem)
+
+    def clean_close() -> None:
+        with (
+            socket.create_connection((LOCAL, h.inbound), timeout=5) as s,
+            ctx.wrap_socket(s) as tls,
+        ):
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: catalog\r\n\r\n")
+            assert tls.recv(4096).startswith(b"HTTP/1.1 200 ")
+            tls.unwrap().close()  # sends close_notify, then waits for the server's
+
+    await asyncio.wait_for(asyncio.to_thread(clean_close), 10)
+    assert h.inbound_tracker.counters.tls_handshakes == 1
 
 
 def test_service_of_reads_only_this_trust_domains_service_ids() -> None:
