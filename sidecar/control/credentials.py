@@ -41,11 +41,6 @@ class Credential:
     def __repr__(self) -> str:  # never the key
         return f"<Credential {self.identity} serial {self.serial:x} until {self.not_after:.0f}>"
 
-    @property
-    def lifetime(self) -> float:
-        """seconds from ``not_before`` to ``not_after``"""
-        return self.not_after - self.not_before
-
     def key_pem(self) -> bytes:
         """The key as PEM, for OpenSSL (through a memfd: ``sidecar.tls``), never for a file."""
         return self.key.private_bytes(

@@ -262,8 +262,10 @@ class IdentityManager:
             self.rotations += 1
         self.credential = credential
         self.last_error = ""
-        jitter = self._rng() * JITTER * credential.lifetime
-        self._due = credential.not_before + ROTATE_AT * credential.lifetime + jitter
+        # two thirds of the life it has from now: its not_before is set back for clock skew
+        # (60 s), which would put a short-lived certificate's renewal in the past
+        life = max(0.0, credential.not_after - now)
+        self._due = now + (ROTATE_AT + self._rng() * JITTER) * life
         log.info(
             "identity %s in force: serial %x, valid %.0f s more, renewed in %.0f s",
             credential.identity,

@@ -27,7 +27,8 @@ StartSidecar = Callable[..., Sidecar]
 
 class App:
     """A tiny app: ``/whoami`` answers its name (with status ``self.code``; ``self.hits``
-    counts them), ``/healthz`` answers ``self.status``."""
+    counts them), ``/healthz`` answers ``self.status``, ``/peer`` the ``x-meshlet-peer`` its
+    sidecar gave it ("-": none)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -43,6 +44,8 @@ class App:
                     app.hits += 1
                     code = app.code
                 body = app.name.encode() if self.path == "/whoami" else b"ok"
+                if self.path == "/peer":  # the caller its sidecar verified (mesh TLS)
+                    body = (self.headers.get("x-meshlet-peer") or "-").encode()
                 self.send_response(code)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
