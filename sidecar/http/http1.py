@@ -38,7 +38,6 @@ from sidecar.http.headers import (
     XFF,
     action_of,
     connection_tokens,
-    header_value,
     split_codings,
     without,
 )
@@ -78,7 +77,8 @@ class HeadLines:
     __slots__ = ("_custom", "_te", "lines", "unlisted", "unlisted_bytes", "upgrade_value")
 
     lines: list[bytes]
-    """forwardable header lines, ``name: value\\r\\n`` each"""
+    """forwardable header lines, ``name: value\\r\\n`` each (a response head read whole,
+    ``wholehead``, has them all in one item)"""
     unlisted: int
     """header lines read but not forwarded as they came (for the limits, with ``lines``)"""
     unlisted_bytes: int
@@ -422,7 +422,12 @@ def parse_response_head(status: int, reason: bytes, headers: Headers) -> Respons
 
 def retry_after(resp: ResponseHead) -> float | None:
     """Seconds a ``Retry-After`` asks for (delay-seconds or an HTTP date), or None."""
-    found = header_value(resp.lines, b"retry-after")
+    found = None
+    for line in b"".join(resp.lines).split(b"\r\n"):  # (a head read whole is one item)
+        name, colon, rest = line.partition(b":")
+        if colon and name.lower() == b"retry-after":
+            found = rest
+            break
     if found is None:
         return None
     value = found.strip().decode("latin-1")

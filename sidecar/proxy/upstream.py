@@ -18,6 +18,7 @@ import httptools
 from control_plane.wire import Endpoint
 from sidecar.http import framing, http1
 from sidecar.http.reader import HeadReader
+from sidecar.http.wholehead import whole_response_head
 
 
 class ResponseSink(Protocol):
@@ -73,6 +74,20 @@ class _TooLarge(Exception):
     """The upstream's head or trailers are over the limits."""
 
 
+class _WholeHeads:
+    """The callbacks of the parser for responses whose head came whole (``wholehead``): the
+    connection's own methods, without a header callback, so that llhttp checks the head
+    without a call into Python for each of its lines."""
+
+    __slots__ = ("on_body", "on_headers_complete", "on_message_begin", "on_message_complete")
+
+    def __init__(self, conn: UpstreamConnection) -> None:
+        self.on_message_begin = conn.on_second_message
+        self.on_headers_complete = conn.on_whole_head
+        self.on_body = conn.on_whole_body
+        self.on_message_complete = conn.on_message_complete
+
+
 class UpstreamConnection(asyncio.Protocol):
     """One connection to an upstream endpoint, parsing responses.
 
@@ -80,6 +95,11 @@ class UpstreamConnection(asyncio.Protocol):
     that bytes after it (a broken upstream) can never reach the next request: a connection
     that sent more than one response's worth is closed, not reused. Heads and trailers are
     held to the client-side limits (64 KiB, 100 headers).
+
+    Two parsers take turns, a response each: one with a callback per header line, and one
+    without, for a response whose head came whole at the start of a read and was classified
+    from its bytes (``wholehead``). Each parses whole messages only, so either may take the
+    next one.
     """
 
     __slots__ = (
@@ -89,12 +109,14 @@ class UpstreamConnection(asyncio.Protocol):
         "_head",
         "_http11",
         "_in_body",
+        "_lines",
         "_parser",
         "_raw",
         "_reader",
         "_reason",
         "_sized",
         "_status",
+        "_whole",
         "idle_since",
         "owner",
         "pool",
@@ -109,7 +131,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.owner: ResponseSink | None = None
         self._client: Corkable | None = None  # whose request is in flight (its writes corked)
-        self._parser = httptools.HttpResponseParser(self)
+        self._lines = httptools.HttpResponseParser(self)
+        self._whole = httptools.HttpResponseParser(_WholeHeads(self))
+        self._parser = self._lines  # the current response's
         self._reader = HeadReader()  # the head being read, and the limits of heads, trailers
         self._in_body = False
         self._done = False  # the response is complete; handed over after this read
@@ -143,9 +167,16 @@ class UpstreamConnection(asyncio.Protocol):
         if self.owner is None or client is None:  # bytes nobody asked for: not sane
             self.close()
             return
-        self._fresh = b"" if self.received else data
-        self.received = True
         reader = self._reader
+        if self.received:
+            self._fresh = b""
+        else:  # the response's first read
+            self.received = True
+            self._head = whole_response_head(data)
+            if self._head is None:
+                self._parser, self._fresh = self._lines, data
+            else:  # (its head is read: nothing to count)
+                self._parser, reader.in_head = self._whole, False
         reader.read = n = len(data)
         client.cork()
         try:
@@ -233,17 +264,24 @@ class UpstreamConnection(asyncio.Protocol):
         parser = self._parser
         resp = self._head or self._begin_head()
         self._head = None
-        self._status = status = resp.status
+        self._status = resp.status
         if self.owner is None or self._done:
             return
         if self._reader.head_complete(resp.lines, resp.unlisted, resp.unlisted_bytes):
             raise _TooLarge
         resp.complete()
-        if resp.close or not (self._http11 or parser.get_http_version() == "1.1"):
+        if not (self._http11 or parser.get_http_version() == "1.1"):
             self.reusable = False
-        self._in_body = status >= 200
+        self._deliver(resp)
+
+    def _deliver(self, resp: http1.ResponseHead) -> None:
+        """The head is read and within the limits: to the owner."""
+        if resp.close:
+            self.reusable = False
+        self._in_body = resp.status >= 200
         # (the answer to a HEAD request has its end marked too: ``response_head`` says so)
         self._sized = resp.framing is not framing.UNTIL_CLOSE
+        assert self.owner is not None
         if self.owner.response_head(resp):
             # The response to a HEAD request: its Content-Length describes a body that will not
             # come, and httptools cannot be told so. Finish here and do not reuse the connection.
@@ -272,6 +310,26 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self._in_body = False
         self._done = True
+
+    # -- httptools callbacks for a head read whole (``_WholeHeads``) ----------------------
+
+    def on_second_message(self) -> None:
+        """A message begins: the first of the read was classified before it was parsed; one
+        after a complete response is not sane."""
+        if self._done:
+            self.reusable = False
+
+    def on_whole_head(self) -> None:
+        resp, self._head = self._head, None
+        if resp is None or self.owner is None or self._done:
+            return  # (a second response in the read)
+        self._status = resp.status
+        self._deliver(resp)
+
+    def on_whole_body(self, data: bytes) -> None:
+        """(``on_body`` without the reader's bookkeeping: such a body has no chunks)"""
+        if self.owner is not None and data and not self._done:
+            self.owner.response_body(data)
 
     # -- use by exchanges and the pool ----------------------------------------------------
 
