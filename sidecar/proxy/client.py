@@ -140,10 +140,12 @@ class Http1Answer:
     can read them: a body the upstream chunks or ends by closing is chunked for an HTTP/1.1
     client and ended by the close for an HTTP/1.0 one (``framing.relayed_framing``)."""
 
-    __slots__ = ("_chunked", "_trailers", "_write")
+    __slots__ = ("_chunked", "_trailers", "sink")
 
     def __init__(self, write: Callable[[bytes], None]) -> None:
-        self._write = write
+        #: where the answer's bytes go: the connection's ``write``, or while it holds its
+        #: writes back (``cork``) straight onto what it holds
+        self.sink = write
         self._chunked = False
         self._trailers: Headers | None = None  # (most responses have none)
 
@@ -152,7 +154,7 @@ class Http1Answer:
 
     def interim(self, resp: ResponseHead, version: str) -> None:
         if resp.status == 101 or version == "1.1":  # (HTTP/1.0 has no 1xx)
-            self._write(http1.interim_response(resp))
+            self.sink(http1.interim_response(resp))
 
     def head(
         self, resp: ResponseHead, *, version: str, head_request: bool, keep_alive: bool
@@ -163,7 +165,7 @@ class Http1Answer:
         self._trailers = None
         if out is framing.UNTIL_CLOSE:
             keep_alive = False
-        self._write(
+        self.sink(
             http1.downstream_response(
                 resp, chunked=chunked, keep_alive=keep_alive, client_version=version
             )
@@ -171,7 +173,7 @@ class Http1Answer:
         return keep_alive
 
     def body(self, data: bytes) -> None:
-        self._write(http1.chunk(data) if self._chunked else data)
+        self.sink(http1.chunk(data) if self._chunked else data)
 
     def trailer(self, name: bytes, value: bytes) -> None:
         if self._chunked:
@@ -183,8 +185,8 @@ class Http1Answer:
         if self._chunked:
             self._chunked = False
             trailers, self._trailers = self._trailers, None
-            self._write(http1.last_chunk(trailers or []))
+            self.sink(http1.last_chunk(trailers or []))
 
     def error(self, reason: Reason, detail: str, *, close: bool) -> None:
         self._chunked = False
-        self._write(error_response(reason, detail, close=close))
+        self.sink(error_response(reason, detail, close=close))

@@ -95,7 +95,11 @@ class Dispatch:
         self.route = route
         if route.key_of is not None:
             self._key = route.key_of(self.head, self.client.client_ip)
-        self._try(None, now)
+        member = route.balancer.pick(self._key, ())  # (``_try``, inline: once a request)
+        if member is None:
+            self._fail(Reason.NO_HEALTHY_UPSTREAM, f"service {route.name} has no endpoints")
+            return
+        self._send_to(member, now, False)
 
     def send(self, data: bytes) -> None:
         """Request body bytes (framed): to the connection, or held until one takes them."""
@@ -125,9 +129,9 @@ class Dispatch:
         if member is None:
             self._fail(Reason.NO_HEALTHY_UPSTREAM, f"service {route.name} has no endpoints")
             return
-        self._send_to(member, now, resend=False)
+        self._send_to(member, now, False)
 
-    def _send_to(self, member: Member, now: float, *, resend: bool) -> None:
+    def _send_to(self, member: Member, now: float, resend: bool) -> None:
         """Start a try on ``member``'s endpoint (``resend``: the last try again, none of
         which went out)."""
         route, tries = self.route, self.tries
@@ -135,7 +139,7 @@ class Dispatch:
         self.attempt = Attempt(route, member)
         self.endpoint = member.endpoint
         self._sent = False
-        tries.try_started(now, resend=resend)
+        tries.try_started(now, resend)
         data = self._request_head(now)
         if resend:
             self.out.readdressed(data)
@@ -290,7 +294,7 @@ class Dispatch:
         if not tries.resend(now, outcome):
             self._give_up(reason, detail)
         else:
-            self._send_to(member, now, resend=True)
+            self._send_to(member, now, True)
         return True
 
     def _fail(self, reason: Reason, detail: str) -> None:

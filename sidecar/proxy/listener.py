@@ -387,22 +387,32 @@ class Downstream(Watch):
     # -- exchanges ------------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        self._bytes_out += len(data)
         if self._corked is not None:
-            self._corked.append(data)
-        elif self.transport is not None and not self.transport.is_closing():
+            self._corked.append(data)  # (counted when it goes)
+            return
+        self._bytes_out += len(data)
+        if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
     def cork(self) -> None:
         """Hold writes until ``uncork``: a response head and body read together from the
-        upstream go out in one send instead of several."""
+        upstream go out in one send instead of several. Meanwhile the answer appends its
+        bytes to what is held without a call of ``write`` for each piece."""
         if self._corked is None:
-            self._corked = []
+            held: list[bytes] = []
+            self._corked = held
+            self.answer.sink = held.append
 
     def uncork(self) -> None:
         held, self._corked = self._corked, None
-        if held and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(held[0] if len(held) == 1 else b"".join(held))
+        if held is None:
+            return
+        self.answer.sink = self.write
+        if held:
+            data = held[0] if len(held) == 1 else b"".join(held)
+            self._bytes_out += len(data)
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(data)
 
     def pause_reading(self, reason: str, paused: bool) -> None:
         if not paused and reason not in self._pauses:
@@ -629,7 +639,9 @@ class Downstream(Watch):
         if transport is None or transport.is_closing():
             return
         if abort:
-            self._corked = None
+            if self._corked is not None:
+                self._corked = None
+                self.answer.sink = self.write
             transport.abort()
             return
         self.uncork()

@@ -83,7 +83,7 @@ class _WholeHeads:
 
     def __init__(self, conn: UpstreamConnection) -> None:
         self.on_message_begin = conn.on_second_message
-        self.on_headers_complete = conn.on_whole_head
+        self.on_headers_complete = conn._deliver
         self.on_body = conn.on_whole_body
         self.on_message_complete = conn.on_message_complete
 
@@ -272,16 +272,21 @@ class UpstreamConnection(asyncio.Protocol):
         resp.complete()
         if not (self._http11 or parser.get_http_version() == "1.1"):
             self.reusable = False
-        self._deliver(resp)
+        self._head = resp
+        self._deliver()
 
-    def _deliver(self, resp: http1.ResponseHead) -> None:
-        """The head is read and within the limits: to the owner."""
+    def _deliver(self) -> None:
+        """The head (``_head``) is read and within the limits: to the owner. (A head read
+        whole, ``_WholeHeads``, comes straight here from the parser.)"""
+        resp, self._head = self._head, None
+        if resp is None or self.owner is None or self._done:
+            return  # (a second response in the read)
+        self._status = resp.status
         if resp.close:
             self.reusable = False
         self._in_body = resp.status >= 200
         # (the answer to a HEAD request has its end marked too: ``response_head`` says so)
         self._sized = resp.framing is not framing.UNTIL_CLOSE
-        assert self.owner is not None
         if self.owner.response_head(resp):
             # The response to a HEAD request: its Content-Length describes a body that will not
             # come, and httptools cannot be told so. Finish here and do not reuse the connection.
@@ -318,13 +323,6 @@ class UpstreamConnection(asyncio.Protocol):
         after a complete response is not sane."""
         if self._done:
             self.reusable = False
-
-    def on_whole_head(self) -> None:
-        resp, self._head = self._head, None
-        if resp is None or self.owner is None or self._done:
-            return  # (a second response in the read)
-        self._status = resp.status
-        self._deliver(resp)
 
     def on_whole_body(self, data: bytes) -> None:
         """(``on_body`` without the reader's bookkeeping: such a body has no chunks)"""
