@@ -46,17 +46,22 @@ def whole_response_head(data: bytes) -> ResponseHead | None:
     eol = data.find(b"\r\n", 9)
     raw = data[eol : end + 2]  # every header line after a CRLF, the last with its own
     low = raw.lower()
-    if b"\r\ntransfer-encoding:" in low:
+    # (find, not ``in``: CPython's ``in`` tries its operand as a byte value first, and makes
+    # and clears an exception doing so; and two finds cost less than one more regex branch)
+    if low.find(b"\r\ntransfer-encoding:") >= 0:
         return None
     if len(raw) > _FEW_LINES and raw.count(b"\r\n") > MAX_HEADERS + 1:
         return None  # (too many: the line-by-line reading refuses it, saying so)
     status = int(code)
     resp = ResponseHead(status, data[13:eol] if data[12:13] == b" " else b"")
+    resp.sized = low.find(b"\r\ncontent-length:") >= 0
     cuts: list[tuple[int, int]] = []
     custom: frozenset[bytes] = frozenset()
-    for found in _HOP_BY_HOP.finditer(low):
+    found = _HOP_BY_HOP.search(low)  # (search again and again: finditer costs more)
+    while found is not None:
         at, value = found.span()
         line_end = low.find(b"\r\n", value)
+        found = _HOP_BY_HOP.search(low, line_end)
         cuts.append((at, line_end))  # the CRLF before the line, and the line
         if low[at + 2] == 0x63:  # "c": Connection
             tokens = connection_tokens(low[value:line_end].strip())
@@ -72,7 +77,6 @@ def whole_response_head(data: bytes) -> ResponseHead | None:
         resp.lines = [(raw[:at] + raw[line_end:])[2:]]
     else:
         resp.lines = [_without(raw, cuts)]
-    resp.sized = b"\r\ncontent-length:" in low
     resp.framing = response_framing(
         status, head_request=False, coded=False, chunked=False, sized=resp.sized
     )
