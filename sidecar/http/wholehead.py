@@ -30,6 +30,7 @@ from sidecar.http.http1 import MAX_HEAD_BYTES, MAX_HEADERS, ResponseHead
 #: the header lines no response forwards: hop-by-hop (RFC 9110 7.6.1) and ``Proxy-*``
 #: (``Transfer-Encoding`` is never here: such a head is read line by line)
 _HOP_BY_HOP: Final = re.compile(rb"\r\n(?:connection|keep-alive|te|trailer|upgrade|proxy-[^:]*):")
+_NONE: Final[frozenset[bytes]] = frozenset()
 #: a head this short has at most ``MAX_HEADERS`` lines (each at least ``a:`` and its CRLF)
 _FEW_LINES: Final = 4 * MAX_HEADERS
 
@@ -56,7 +57,7 @@ def whole_response_head(data: bytes) -> ResponseHead | None:
     resp = ResponseHead(status, data[13:eol] if data[12:13] == b" " else b"")
     resp.sized = low.find(b"\r\ncontent-length:") >= 0
     cuts: list[tuple[int, int]] = []
-    custom: frozenset[bytes] = frozenset()
+    custom = _NONE
     found = _HOP_BY_HOP.search(low)  # (search again and again: finditer costs more)
     while found is not None:
         at, value = found.span()
@@ -64,10 +65,12 @@ def whole_response_head(data: bytes) -> ResponseHead | None:
         found = _HOP_BY_HOP.search(low, line_end)
         cuts.append((at, line_end))  # the CRLF before the line, and the line
         if low[at + 2] == 0x63:  # "c": Connection
-            tokens = connection_tokens(low[value:line_end].strip())
-            resp.close = resp.close or b"close" in tokens
-            if not tokens <= KEPT_TOKENS:
-                custom |= tokens - KEPT_TOKENS
+            listed = low[value:line_end].strip()
+            if listed != b"keep-alive":  # (what nearly every response says)
+                tokens = connection_tokens(listed)
+                resp.close = resp.close or b"close" in tokens
+                if not tokens <= KEPT_TOKENS:
+                    custom |= tokens - KEPT_TOKENS
     if custom:
         _cut_named(low, custom, cuts)
     if not cuts:

@@ -338,6 +338,9 @@ class Downstream(Watch):
         if version != "1.1" and version != "1.0":
             self._limit_error = (Reason.BAD_REQUEST, f"HTTP/{version} is not supported")
             raise ValueError("version")
+        if url[:1] == b"/" and method != b"CONNECT":  # (``request_head``'s common case)
+            self._head = RequestHead(method, url, version)
+            return self._head
         try:
             self._head = http1.request_head(method, url, version)
         except ValueError as e:
