@@ -54,7 +54,7 @@ def whole_response_head(data: bytes) -> ResponseHead | None:
     if len(raw) > _FEW_LINES and raw.count(b"\r\n") > MAX_HEADERS + 1:
         return None  # (too many: the line-by-line reading refuses it, saying so)
     status = int(code)
-    resp = ResponseHead(status, data[13:eol] if data[12:13] == b" " else b"")
+    resp = ResponseHead(status, data[13:eol] if data[12] == 0x20 else b"")  # (" ")
     resp.sized = low.find(b"\r\ncontent-length:") >= 0
     cuts: list[tuple[int, int]] = []
     custom = _NONE
@@ -77,7 +77,7 @@ def whole_response_head(data: bytes) -> ResponseHead | None:
         resp.lines = [raw[2:]]
     elif len(cuts) == 1:
         at, line_end = cuts[0]
-        resp.lines = [(raw[:at] + raw[line_end:])[2:]]
+        resp.lines = [raw[2:at] + raw[line_end:] if at else raw[line_end + 2 :]]
     else:
         resp.lines = [_without(raw, cuts)]
     resp.framing = response_framing(

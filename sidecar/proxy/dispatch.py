@@ -399,7 +399,7 @@ class Dispatch:
 
     # -- the end --------------------------------------------------------------------------
 
-    def release(self, *, reusable: bool) -> None:
+    def release(self, reusable: bool) -> None:
         """The response is complete: its connection goes back to its pool."""
         conn, self.conn = self.conn, None
         if conn is not None:

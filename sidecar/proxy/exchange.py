@@ -227,8 +227,9 @@ class Exchange:
         if self.tries.state is DONE:
             return
         self.client.answer.end()
-        self.up.release(reusable=self.request_done)
-        self._finish(close=not self.keep_alive)
+        self.up.release(self.request_done)
+        self.cancel()  # (``_finish``, inline: once a request)
+        self.client.exchange_done(self, close=not self.keep_alive, abort=False)
 
     def response_upgraded(self, rest: bytes) -> None:
         conn = self.up.conn
