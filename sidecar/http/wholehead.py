@@ -10,7 +10,7 @@ were.
 This applies only where it decides as the line-by-line reading (``http1.ResponseHead.add``)
 does: a final response (2xx to 5xx) of HTTP/1.1, without ``Transfer-Encoding`` (chunked
 bodies may end with trailers, which only the parser's callbacks see), within the head limits.
-Everything else returns None and is read line by line. The upstream connection parses the
+Everything else is read line by line. The upstream connection parses the
 same bytes with a parser that has no header callbacks: llhttp still checks the head, and the
 head classified here is used only once it has (``on_headers_complete``). llhttp refuses
 whitespace around header names, bare CR or LF and folded lines, so in a head it accepts a
@@ -35,27 +35,30 @@ _NONE: Final[frozenset[bytes]] = frozenset()
 _FEW_LINES: Final = 4 * MAX_HEADERS
 
 
-def whole_response_head(data: bytes) -> ResponseHead | None:
-    """The head that ``data`` (a read that begins with a response) starts with, when it is
-    all there and may be read whole; None: read it line by line."""
+def whole_response_head(data: bytes, resp: ResponseHead) -> bool:
+    """Read the head that ``data`` (a read that begins with a response) starts with into
+    ``resp`` (a head made once per connection: its other fields keep what it was made with),
+    when it is all there and may be read whole; False: read it line by line."""
     end = data.find(b"\r\n\r\n")
     if end < 0 or end > MAX_HEAD_BYTES or data[:9] != b"HTTP/1.1 ":
-        return None
+        return False
     code = data[9:12]
     if not code.isdigit() or code < b"200":  # (1xx: interim, one head among several)
-        return None
+        return False
     eol = data.find(b"\r\n", 9)
     raw = data[eol : end + 2]  # every header line after a CRLF, the last with its own
     low = raw.lower()
     # (find, not ``in``: CPython's ``in`` tries its operand as a byte value first, and makes
     # and clears an exception doing so; and two finds cost less than one more regex branch)
     if low.find(b"\r\ntransfer-encoding:") >= 0:
-        return None
+        return False
     if len(raw) > _FEW_LINES and raw.count(b"\r\n") > MAX_HEADERS + 1:
-        return None  # (too many: the line-by-line reading refuses it, saying so)
+        return False  # (too many: the line-by-line reading refuses it, saying so)
     status = int(code)
-    resp = ResponseHead(status, data[13:eol] if data[12] == 0x20 else b"")  # (" ")
+    resp.status = status
+    resp.reason = data[13:eol] if data[12] == 0x20 else b""  # (0x20: " ")
     resp.sized = low.find(b"\r\ncontent-length:") >= 0
+    resp.close = False
     cuts: list[tuple[int, int]] = []
     custom = _NONE
     found = _HOP_BY_HOP.search(low)  # (search again and again: finditer costs more)
@@ -83,7 +86,7 @@ def whole_response_head(data: bytes) -> ResponseHead | None:
     resp.framing = response_framing(
         status, head_request=False, coded=False, chunked=False, sized=resp.sized
     )
-    return resp
+    return True
 
 
 def _cut_named(low: bytes, names: frozenset[bytes], cuts: list[tuple[int, int]]) -> None:

@@ -115,6 +115,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_reader",
         "_reason",
         "_sized",
+        "_spare",
         "_status",
         "_whole",
         "idle_since",
@@ -141,6 +142,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._status = 0
         self._reason = b""
         self._head: http1.ResponseHead | None = None  # the head being read, from its status line
+        # the head of each response read whole, made once: its owner is done with it when its
+        # ``response_head`` returns (a head read line by line is made for its response)
+        self._spare = http1.ResponseHead(0, b"")
         self._fresh = b""  # a read that began with the current response's first byte
         self._http11 = False  # the response's status line said HTTP/1.1 (False: not known)
         self._raw: Callable[[bytes], None] | None = None  # after an upgrade: bytes go here
@@ -172,11 +176,10 @@ class UpstreamConnection(asyncio.Protocol):
             self._fresh = b""
         else:  # the response's first read
             self.received = True
-            self._head = whole_response_head(data)
-            if self._head is None:
-                self._parser, self._fresh = self._lines, data
-            else:  # (its head is read: nothing to count)
-                self._parser, reader.in_head = self._whole, False
+            if whole_response_head(data, self._spare):  # (its head is read: nothing to count)
+                self._head, self._parser, reader.in_head = self._spare, self._whole, False
+            else:
+                self._head, self._parser, self._fresh = None, self._lines, data
         reader.read = n = len(data)
         client.cork()
         try:

@@ -47,19 +47,30 @@ def forwarded(resp: http1.ResponseHead) -> list[tuple[bytes, bytes]]:
     return [(n, v.strip()) for n, _, v in (line.partition(b":") for line in lines)]
 
 
+def whole(data: bytes) -> http1.ResponseHead | None:
+    resp = http1.ResponseHead(0, b"")
+    return resp if whole_response_head(data, resp) else None
+
+
 def assert_same(data: bytes) -> http1.ResponseHead:
-    whole = whole_response_head(data)
-    assert whole is not None
+    whole_head = whole(data)
+    assert whole_head is not None
     by_line = LineByLine(data).head()
-    assert (whole.status, whole.reason, whole.close, whole.sized, whole.framing) == (
+    assert (
+        whole_head.status,
+        whole_head.reason,
+        whole_head.close,
+        whole_head.sized,
+        whole_head.framing,
+    ) == (
         by_line.status,
         by_line.reason,
         by_line.close,
         by_line.sized,
         by_line.framing,
     )
-    assert forwarded(whole) == forwarded(by_line)
-    return whole
+    assert forwarded(whole_head) == forwarded(by_line)
+    return whole_head
 
 
 def test_a_usual_head_is_forwarded_as_it_came_without_connection() -> None:
@@ -136,12 +147,27 @@ def test_any_head_decides_as_line_by_line(headers: list[tuple[bytes, bytes]], si
     ],
 )
 def test_what_is_read_line_by_line(data: bytes) -> None:
-    assert whole_response_head(data) is None
+    assert whole(data) is None
 
 
 def test_retry_after_is_found_in_a_head_read_whole() -> None:
-    resp = whole_response_head(
+    resp = whole(
         b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\nretry-after:  7 \r\nConnection: close\r\n\r\n"
     )
     assert resp is not None
     assert http1.retry_after(resp) == 7.0
+
+
+def test_a_head_made_once_takes_each_response_anew() -> None:
+    resp = http1.ResponseHead(0, b"")
+    closing = b"HTTP/1.1 503 Busy\r\nConnection: close\r\nX-A: 1\r\n\r\n"
+    assert whole_response_head(closing, resp)
+    assert (resp.status, resp.close, resp.sized, resp.framing) == (
+        503,
+        True,
+        False,
+        framing.UNTIL_CLOSE,
+    )
+    assert whole_response_head(NGINX, resp)
+    assert (resp.status, resp.reason, resp.close, resp.sized) == (200, b"OK", False, True)
+    assert forwarded(resp) == forwarded(LineByLine(NGINX).head())
