@@ -155,18 +155,23 @@ class Exchange:
         self.cancel()
 
     def request_body(self, data: bytes) -> None:
-        self.up.send(self.up.out.frame(data))  # (its pace and silence are the connection's)
+        out = self.up.out
+        assert out is not None  # (only a request whose head says so has a body)
+        self.up.send(out.frame(data))  # (its pace and silence are the connection's)
 
     def request_trailer(self, name: bytes, value: bytes) -> None:
-        self.up.out.trailer(name, value)
+        out = self.up.out
+        assert out is not None  # (trailers end a chunked body)
+        out.trailer(name, value)
 
     def request_complete(self) -> None:
         self.request_done = True
         # as Envoy's route timeout: from the end of the request to the response head
         if self.route is not None and self.tries.request_complete(self.client.loop.time()):
             self.client.expect_route_at(self.tries.next_deadline())
-        if self.head.chunked:
-            self.up.send(self.up.out.last())
+        out = self.up.out
+        if out is not None and self.head.chunked:
+            self.up.send(out.last())
 
     def tunnel_from_client(self, data: bytes) -> None:
         state, conn = self.tries.state, self.up.conn
