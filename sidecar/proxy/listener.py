@@ -63,6 +63,8 @@ class Downstream(Watch):
         "_fresh",
         "_head",
         "_held",
+        "_held_writes",
+        "_hold",
         "_latest",
         "_limit_error",
         "_linger",
@@ -70,6 +72,7 @@ class Downstream(Watch):
         "_pending_reject",
         "_queue",
         "_relay",
+        "_send",
         "_sniffing",
         "_starting",
         "_unread",
@@ -101,7 +104,8 @@ class Downstream(Watch):
         self.client_ip = b"unknown"
         self.source: Source | None = None  # inbound: this address's share (``limits``)
         self.draining = False
-        self.answer = Http1Answer(self.write)
+        self._send = self.write  # (bound once: the answer's sink is set back to it often)
+        self.answer = Http1Answer(self._send)
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
         self._head: RequestHead | None = None  # the head being read, from its request line
@@ -114,7 +118,9 @@ class Downstream(Watch):
         self._latest: Exchange | None = None  # the exchange whose head came last
         self._limit_error: tuple[Reason, str] | None = None
         self._pending_reject: bytes | None = None
-        self._corked: list[bytes] | None = None
+        self._corked = False  # writes are held back (``cork``)
+        self._held_writes: list[bytes] = []  # what they held back
+        self._hold = self._held_writes.append
         self._body_left = -1  # bytes of the request body still to come (-1: chunked, none)
         self._starting = False  # _start_next is running (it loops; calls inside it return)
         self._unread = False  # the client may still be sending: linger before closing
@@ -390,8 +396,8 @@ class Downstream(Watch):
     # -- exchanges ------------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if self._corked is not None:
-            self._corked.append(data)  # (counted when it goes)
+        if self._corked:
+            self._held_writes.append(data)  # (counted when it goes)
             return
         self._bytes_out += len(data)
         if self.transport is not None and not self.transport.is_closing():
@@ -401,18 +407,19 @@ class Downstream(Watch):
         """Hold writes until ``uncork``: a response head and body read together from the
         upstream go out in one send instead of several. Meanwhile the answer appends its
         bytes to what is held without a call of ``write`` for each piece."""
-        if self._corked is None:
-            held: list[bytes] = []
-            self._corked = held
-            self.answer.sink = held.append
+        if not self._corked:
+            self._corked = True
+            self.answer.sink = self._hold
 
     def uncork(self) -> None:
-        held, self._corked = self._corked, None
-        if held is None:
+        if not self._corked:
             return
-        self.answer.sink = self.write
+        self._corked = False
+        self.answer.sink = self._send
+        held = self._held_writes
         if held:
             data = held[0] if len(held) == 1 else b"".join(held)
+            held.clear()
             self._bytes_out += len(data)
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.write(data)
@@ -642,9 +649,10 @@ class Downstream(Watch):
         if transport is None or transport.is_closing():
             return
         if abort:
-            if self._corked is not None:
-                self._corked = None
-                self.answer.sink = self.write
+            if self._corked:
+                self._corked = False
+                self._held_writes.clear()
+                self.answer.sink = self._send
             transport.abort()
             return
         self.uncork()
