@@ -459,7 +459,7 @@ def reason_phrase(status: int, given: bytes) -> bytes:
 
 
 def downstream_response(
-    resp: ResponseHead, *, chunked: bool, keep_alive: bool, client_version: str
+    resp: ResponseHead, chunked: bool, keep_alive: bool, client_version: str
 ) -> bytes:
     """The head sent to the client, with our framing and Connection."""
     usual = _STATUS_LINES.get(resp.status)

@@ -30,9 +30,7 @@ class Answer(Protocol):
         """A 1xx head (101 included), for a client speaking HTTP/``version``."""
         ...
 
-    def head(
-        self, resp: ResponseHead, *, version: str, head_request: bool, keep_alive: bool
-    ) -> bool:
+    def head(self, resp: ResponseHead, version: str, head_request: bool, keep_alive: bool) -> bool:
         """The final head; returns whether the connection stays open after this response
         (``keep_alive``, unless the framing needs the close to end the body)."""
         ...
@@ -156,9 +154,7 @@ class Http1Answer:
         if resp.status == 101 or version == "1.1":  # (HTTP/1.0 has no 1xx)
             self.sink(http1.interim_response(resp))
 
-    def head(
-        self, resp: ResponseHead, *, version: str, head_request: bool, keep_alive: bool
-    ) -> bool:
+    def head(self, resp: ResponseHead, version: str, head_request: bool, keep_alive: bool) -> bool:
         upstream = framing.EMPTY if head_request else resp.framing
         out = framing.relayed_framing(upstream, version)
         self._chunked = chunked = out is framing.CHUNKED
@@ -166,9 +162,7 @@ class Http1Answer:
         if out is framing.UNTIL_CLOSE:
             keep_alive = False
         self.sink(
-            http1.downstream_response(
-                resp, chunked=chunked, keep_alive=keep_alive, client_version=version
-            )
+            http1.downstream_response(resp, chunked, keep_alive, version)  # (by position)
         )
         return keep_alive
 

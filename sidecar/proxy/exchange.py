@@ -213,12 +213,12 @@ class Exchange:
         if attempt is not None:
             attempt.record(outcome.failed, retry_after)
         keep_alive = self.keep_alive and not client.draining and not head.upgrade
-        self.keep_alive = client.answer.head(
+        self.keep_alive = client.answer.head(  # (by position: keywords cost a lookup each)
             resp,
-            version=head.version,
-            head_request=head.method == b"HEAD",
+            head.version,
+            head.method == b"HEAD",
             # the rest of a request body still coming would have to be read first
-            keep_alive=keep_alive and self.request_done,
+            keep_alive and self.request_done,
         )
         return head.method == b"HEAD"
 

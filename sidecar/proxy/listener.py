@@ -475,7 +475,15 @@ class Downstream(Watch):
             self._close(abort=abort)
         elif self._queue:
             self._start_next()
-        elif not self._starting:
+        elif self._starting:
+            pass  # (``_start_next`` goes on)
+        elif self._relay is None and not (self._closing or self.draining):
+            # (``_idle``'s common case, inline: once a request)
+            if self._reader.in_head:
+                self.expect(WAIT_HEAD, self.timeouts.head)
+            else:
+                self.expect(WAIT_IDLE, self.timeouts.idle)
+        else:
             self._idle()
 
     def _idle(self) -> None:
