@@ -455,5 +455,7 @@ class Dispatch:
             self._cancel_retry()
         if self.conn is not None:
             self.close()
-        self._clear_out()
+        self._waiting = b""  # (``_clear_out``, inline: once a request)
+        if self.out is not None:
+            self.out.clear()
         self.owner = None  # the exchange and this dispatch hold each other: freed at once
