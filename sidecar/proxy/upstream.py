@@ -140,7 +140,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.owner: ResponseSink | None = None
         self._client: Corkable | None = None  # whose request is in flight (its writes corked)
         self._lines = httptools.HttpResponseParser(self)
-        self._whole = httptools.HttpResponseParser(_WholeHeads(self))
+        # (compiled, every head is read line by line: one parser does)
+        self._whole = (
+            httptools.HttpResponseParser(_WholeHeads(self)) if WHOLE_HEADS else self._lines
+        )
         self._parser = self._lines  # the current response's
         self._reader = HeadReader()  # the head being read, and the limits of heads, trailers
         self._in_body = False
