@@ -306,17 +306,20 @@ def upstream_request(
     """The head sent upstream: origin-form, HTTP/1.1, hop-by-hop removed, X-Forwarded-For
     appended, X-Forwarded-Proto set, X-Request-Id added when absent; which try this is and
     the milliseconds left (``x-meshlet-attempt``, ``x-meshlet-deadline-ms``) when given."""
-    out = [head.method, b" ", head.target, b" HTTP/1.1\r\n"]
-    out.extend(head.lines)
-    if head.forwarded_for:
-        out.append(b"x-forwarded-for: " + head.forwarded_for + b", ")
-    else:
-        out.append(b"x-forwarded-for: ")
-    out.append(client_ip)
-    out.append(b"\r\nx-forwarded-proto: http\r\n")
+    forwarded = head.forwarded_for
+    out = [  # (one list display: each append is a method call in pure Python)
+        head.method,
+        b" ",
+        head.target,
+        b" HTTP/1.1\r\n",
+        *head.lines,
+        b"x-forwarded-for: ",
+        forwarded + b", " + client_ip if forwarded else client_ip,
+        b"\r\nx-forwarded-proto: http\r\n",
+    ]
     if not head.request_id:
         head.request_id = new_request_id()
-        out.append(b"x-request-id: " + head.request_id + b"\r\n")
+        out += (b"x-request-id: ", head.request_id, b"\r\n")
     if head.chunked:
         if head.codings:
             out.append(b"transfer-encoding: " + head.codings + b", chunked\r\n")
@@ -330,9 +333,10 @@ def upstream_request(
             if attempt < len(_ATTEMPT_LINES)
             else b"x-meshlet-attempt: %d\r\n" % attempt
         )
-    if deadline_ms is not None:
-        out.append(b"x-meshlet-deadline-ms: %d\r\n" % deadline_ms)
-    out.append(b"\r\n")
+    if deadline_ms is not None:  # (the head's last line, and the blank line that ends it)
+        out.append(b"x-meshlet-deadline-ms: %d\r\n\r\n" % deadline_ms)
+    else:
+        out.append(b"\r\n")
     return b"".join(out)
 
 
