@@ -38,7 +38,6 @@ from sidecar.http.headers import (
     XFF,
     action_of,
     connection_tokens,
-    header_value,
     split_codings,
     without,
 )
@@ -78,7 +77,8 @@ class HeadLines:
     __slots__ = ("_custom", "_te", "lines", "unlisted", "unlisted_bytes", "upgrade_value")
 
     lines: list[bytes]
-    """forwardable header lines, ``name: value\\r\\n`` each"""
+    """forwardable header lines, ``name: value\\r\\n`` each (a response head read whole,
+    ``wholehead``, has them all in one item)"""
     unlisted: int
     """header lines read but not forwarded as they came (for the limits, with ``lines``)"""
     unlisted_bytes: int
@@ -306,17 +306,20 @@ def upstream_request(
     """The head sent upstream: origin-form, HTTP/1.1, hop-by-hop removed, X-Forwarded-For
     appended, X-Forwarded-Proto set, X-Request-Id added when absent; which try this is and
     the milliseconds left (``x-meshlet-attempt``, ``x-meshlet-deadline-ms``) when given."""
-    out = [head.method, b" ", head.target, b" HTTP/1.1\r\n"]
-    out.extend(head.lines)
-    if head.forwarded_for:
-        out.append(b"x-forwarded-for: " + head.forwarded_for + b", ")
-    else:
-        out.append(b"x-forwarded-for: ")
-    out.append(client_ip)
-    out.append(b"\r\nx-forwarded-proto: http\r\n")
+    forwarded = head.forwarded_for
+    out = [  # (one list display: each append is a method call in pure Python)
+        head.method,
+        b" ",
+        head.target,
+        b" HTTP/1.1\r\n",
+        *head.lines,
+        b"x-forwarded-for: ",
+        forwarded + b", " + client_ip if forwarded else client_ip,
+        b"\r\nx-forwarded-proto: http\r\n",
+    ]
     if not head.request_id:
         head.request_id = new_request_id()
-        out.append(b"x-request-id: " + head.request_id + b"\r\n")
+        out += (b"x-request-id: ", head.request_id, b"\r\n")
     if head.chunked:
         if head.codings:
             out.append(b"transfer-encoding: " + head.codings + b", chunked\r\n")
@@ -330,9 +333,10 @@ def upstream_request(
             if attempt < len(_ATTEMPT_LINES)
             else b"x-meshlet-attempt: %d\r\n" % attempt
         )
-    if deadline_ms is not None:
-        out.append(b"x-meshlet-deadline-ms: %d\r\n" % deadline_ms)
-    out.append(b"\r\n")
+    if deadline_ms is not None:  # (the head's last line, and the blank line that ends it)
+        out.append(b"x-meshlet-deadline-ms: %d\r\n\r\n" % deadline_ms)
+    else:
+        out.append(b"\r\n")
     return b"".join(out)
 
 
@@ -422,7 +426,12 @@ def parse_response_head(status: int, reason: bytes, headers: Headers) -> Respons
 
 def retry_after(resp: ResponseHead) -> float | None:
     """Seconds a ``Retry-After`` asks for (delay-seconds or an HTTP date), or None."""
-    found = header_value(resp.lines, b"retry-after")
+    found = None
+    for line in b"".join(resp.lines).split(b"\r\n"):  # (a head read whole is one item)
+        name, colon, rest = line.partition(b":")
+        if colon and name.lower() == b"retry-after":
+            found = rest
+            break
     if found is None:
         return None
     value = found.strip().decode("latin-1")
@@ -454,7 +463,7 @@ def reason_phrase(status: int, given: bytes) -> bytes:
 
 
 def downstream_response(
-    resp: ResponseHead, *, chunked: bool, keep_alive: bool, client_version: str
+    resp: ResponseHead, chunked: bool, keep_alive: bool, client_version: str
 ) -> bytes:
     """The head sent to the client, with our framing and Connection."""
     usual = _STATUS_LINES.get(resp.status)

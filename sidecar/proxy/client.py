@@ -30,9 +30,7 @@ class Answer(Protocol):
         """A 1xx head (101 included), for a client speaking HTTP/``version``."""
         ...
 
-    def head(
-        self, resp: ResponseHead, *, version: str, head_request: bool, keep_alive: bool
-    ) -> bool:
+    def head(self, resp: ResponseHead, version: str, head_request: bool, keep_alive: bool) -> bool:
         """The final head; returns whether the connection stays open after this response
         (``keep_alive``, unless the framing needs the close to end the body)."""
         ...
@@ -140,10 +138,12 @@ class Http1Answer:
     can read them: a body the upstream chunks or ends by closing is chunked for an HTTP/1.1
     client and ended by the close for an HTTP/1.0 one (``framing.relayed_framing``)."""
 
-    __slots__ = ("_chunked", "_trailers", "_write")
+    __slots__ = ("_chunked", "_trailers", "sink")
 
     def __init__(self, write: Callable[[bytes], None]) -> None:
-        self._write = write
+        #: where the answer's bytes go: the connection's ``write``, or while it holds its
+        #: writes back (``cork``) straight onto what it holds
+        self.sink = write
         self._chunked = False
         self._trailers: Headers | None = None  # (most responses have none)
 
@@ -152,26 +152,22 @@ class Http1Answer:
 
     def interim(self, resp: ResponseHead, version: str) -> None:
         if resp.status == 101 or version == "1.1":  # (HTTP/1.0 has no 1xx)
-            self._write(http1.interim_response(resp))
+            self.sink(http1.interim_response(resp))
 
-    def head(
-        self, resp: ResponseHead, *, version: str, head_request: bool, keep_alive: bool
-    ) -> bool:
+    def head(self, resp: ResponseHead, version: str, head_request: bool, keep_alive: bool) -> bool:
         upstream = framing.EMPTY if head_request else resp.framing
         out = framing.relayed_framing(upstream, version)
         self._chunked = chunked = out is framing.CHUNKED
         self._trailers = None
         if out is framing.UNTIL_CLOSE:
             keep_alive = False
-        self._write(
-            http1.downstream_response(
-                resp, chunked=chunked, keep_alive=keep_alive, client_version=version
-            )
+        self.sink(
+            http1.downstream_response(resp, chunked, keep_alive, version)  # (by position)
         )
         return keep_alive
 
     def body(self, data: bytes) -> None:
-        self._write(http1.chunk(data) if self._chunked else data)
+        self.sink(http1.chunk(data) if self._chunked else data)
 
     def trailer(self, name: bytes, value: bytes) -> None:
         if self._chunked:
@@ -183,8 +179,8 @@ class Http1Answer:
         if self._chunked:
             self._chunked = False
             trailers, self._trailers = self._trailers, None
-            self._write(http1.last_chunk(trailers or []))
+            self.sink(http1.last_chunk(trailers or []))
 
     def error(self, reason: Reason, detail: str, *, close: bool) -> None:
         self._chunked = False
-        self._write(error_response(reason, detail, close=close))
+        self.sink(error_response(reason, detail, close=close))

@@ -43,6 +43,7 @@ class Dispatch:
     """The upstream half of one exchange: its tries."""
 
     __slots__ = (
+        "_again",
         "_connecting",
         "_failed_at",
         "_failure",
@@ -51,6 +52,7 @@ class Dispatch:
         "_retry_timer",
         "_sent",
         "_stale_retried",
+        "_waiting",
         "attempt",
         "client",
         "conn",
@@ -69,7 +71,10 @@ class Dispatch:
         self.tries = tries
         self.route: Route | None = None
         again = head.method in http1.IDEMPOTENT or head.retry
-        self.out = Outbox(head.chunked, again)  # (keywords to a class cost CPython a dict)
+        #: the request's bytes, when it has a body (keywords to a class cost CPython a dict)
+        self.out = Outbox(head.chunked, again) if head.has_body else None
+        self._again = again  # another try may send it (one without a body: ``out`` is None)
+        self._waiting = b""  # no body: the current try's head, until a connection takes it
         self.attempt: Attempt | None = None  # the current try, while in flight
         self.conn: UpstreamConnection | None = None  # the current try's
         self.endpoint: Endpoint | None = None  # the last try's
@@ -95,11 +100,16 @@ class Dispatch:
         self.route = route
         if route.key_of is not None:
             self._key = route.key_of(self.head, self.client.client_ip)
-        self._try(None, now)
+        member = route.balancer.pick(self._key, ())  # (``_try``, inline: once a request)
+        if member is None:
+            self._fail(Reason.NO_HEALTHY_UPSTREAM, f"service {route.name} has no endpoints")
+            return
+        self._send_to(member, now, False)
 
     def send(self, data: bytes) -> None:
         """Request body bytes (framed): to the connection, or held until one takes them."""
         out = self.out
+        assert out is not None  # (only a request whose head says so has a body)
         out.keep(data)
         state = self.tries.state
         if state is SENT or state is RESPONDING:
@@ -125,9 +135,9 @@ class Dispatch:
         if member is None:
             self._fail(Reason.NO_HEALTHY_UPSTREAM, f"service {route.name} has no endpoints")
             return
-        self._send_to(member, now, resend=False)
+        self._send_to(member, now, False)
 
-    def _send_to(self, member: Member, now: float, *, resend: bool) -> None:
+    def _send_to(self, member: Member, now: float, resend: bool) -> None:
         """Start a try on ``member``'s endpoint (``resend``: the last try again, none of
         which went out)."""
         route, tries = self.route, self.tries
@@ -135,14 +145,17 @@ class Dispatch:
         self.attempt = Attempt(route, member)
         self.endpoint = member.endpoint
         self._sent = False
-        tries.try_started(now, resend=resend)
+        tries.try_started(now, resend)
         data = self._request_head(now)
-        if resend:
-            self.out.readdressed(data)
+        out = self.out
+        if out is None:  # (most requests: the head alone goes)
+            self._waiting = data
+        elif resend:
+            out.readdressed(data)
         elif tries.attempt > 1:
-            self.out.again(data)
+            out.again(data)
         else:
-            self.out.first(data)
+            out.first(data)
         self.client.expect_route_at(tries.next_deadline())
         pool = route.pool_for(member.endpoint)
         conn = pool.take_idle()
@@ -198,10 +211,24 @@ class Dispatch:
             conn.pause_reading(True)
         self._sent = True  # from here on the app may see it
         out = self.out
+        if out is None:
+            data, self._waiting = self._waiting, b""
+            conn.send(owner, data, self.client)
+            return
         held_back = out.held_back
         conn.send(owner, out.take(), self.client)
         if held_back:  # (the client was paused for ``pending`` only then)
             self.client.pause_reading("pending", False)
+
+    def _replayable(self) -> bool:
+        """Another try can send the request again: its whole body is kept (or it has none)."""
+        return self._again if self.out is None else self.out.replayable
+
+    def _clear_out(self) -> None:
+        """Nothing is to be sent any more."""
+        self._waiting = b""
+        if self.out is not None:
+            self.out.clear()
 
     def _end_try(self) -> None:
         attempt, self.attempt = self.attempt, None
@@ -214,7 +241,7 @@ class Dispatch:
         """A final response head came: True when it is the answer; False when the request
         goes again (a status ``retry_on`` lists) or a hedged first try may still answer."""
         tries = self.tries
-        if tries.retriable(outcome) and self.out.replayable:
+        if tries.retriable(outcome) and self._replayable():
             delay = tries.retry_delay(self.client.loop.time(), retry_after, self._elsewhere)
             if delay is not None:  # this response goes nowhere: the request goes again
                 self._abandon(outcome.failed, retry_after)
@@ -239,11 +266,15 @@ class Dispatch:
             and conn is not None
             and conn.stale()
             and not self._stale_retried
-            and self.out.replayable
+            and self._replayable()
             and self.head.method in http1.IDEMPOTENT
         ):
             self._stale_retried = True  # the same try again, on a fresh connection
-            self.out.again(self._request_head(self.client.loop.time()))
+            data = self._request_head(self.client.loop.time())
+            if self.out is None:
+                self._waiting = data
+            else:
+                self.out.again(data)
             pool = conn.pool
             assert isinstance(pool, Pool)  # (the only kind of ``upstream.Home``)
             self._connect(pool)
@@ -267,7 +298,7 @@ class Dispatch:
             return
         tries = self.tries
         delay = None
-        if tries.retriable(outcome) and self.out.replayable:
+        if tries.retriable(outcome) and self._replayable():
             delay = tries.retry_delay(self.client.loop.time())
         if delay is None:
             self._give_up(reason, detail)
@@ -290,7 +321,7 @@ class Dispatch:
         if not tries.resend(now, outcome):
             self._give_up(reason, detail)
         else:
-            self._send_to(member, now, resend=True)
+            self._send_to(member, now, True)
         return True
 
     def _fail(self, reason: Reason, detail: str) -> None:
@@ -328,7 +359,7 @@ class Dispatch:
         self._retry_timer = None
         if self.tries.state is not BACKOFF:
             return
-        if not self.out.replayable:  # the body grew past what is kept while waiting
+        if not self._replayable():  # the body grew past what is kept while waiting
             assert self._failure is not None
             self._fail(*self._failure)
             return
@@ -347,7 +378,7 @@ class Dispatch:
         conn, attempt = self.conn, self.attempt
         if conn is None or attempt is None:
             return
-        if not self.tries.hedge(now, replayable=self.out.replayable, elsewhere=self._elsewhere()):
+        if not self.tries.hedge(now, replayable=self._replayable(), elsewhere=self._elsewhere()):
             return
         self._hedged = hedged = Hedged(self, conn, attempt)
         conn.owner = hedged
@@ -379,7 +410,7 @@ class Dispatch:
         self._stop_connecting()
         self._end_try()
         self.close()
-        self.out.clear()
+        self._clear_out()
         self._take(hedged)
         return self.owner is not None and self.owner.response_head(resp)
 
@@ -395,7 +426,7 @@ class Dispatch:
 
     # -- the end --------------------------------------------------------------------------
 
-    def release(self, *, reusable: bool) -> None:
+    def release(self, reusable: bool) -> None:
         """The response is complete: its connection goes back to its pool."""
         conn, self.conn = self.conn, None
         if conn is not None:
@@ -424,5 +455,7 @@ class Dispatch:
             self._cancel_retry()
         if self.conn is not None:
             self.close()
-        self.out.clear()
+        self._waiting = b""  # (``_clear_out``, inline: once a request)
+        if self.out is not None:
+            self.out.clear()
         self.owner = None  # the exchange and this dispatch hold each other: freed at once

@@ -102,17 +102,17 @@ class Exchange:
             )
             return
         now = client.loop.time()
-        if not self.tries.start(
+        if not self.tries.start(  # (by position: keywords cost CPython a lookup each)
             now,
             routed.tries,
             service,
-            request_done=self.request_done,
-            has_body=head.has_body,
-            retryable=head.method in http1.IDEMPOTENT or head.retry,
-            upgrade=head.upgrade,
-            relayed=head.attempt != 0,
-            timeout_ms=head.timeout_ms,
-            deadline_ms=head.deadline_ms,
+            self.request_done,
+            head.has_body,
+            head.method in http1.IDEMPOTENT or head.retry,
+            head.upgrade,
+            head.attempt != 0,
+            head.timeout_ms,
+            head.deadline_ms,
         ):
             self.fail(Reason.UPSTREAM_TIMEOUT, "the caller's deadline is spent")
             return
@@ -155,18 +155,23 @@ class Exchange:
         self.cancel()
 
     def request_body(self, data: bytes) -> None:
-        self.up.send(self.up.out.frame(data))  # (its pace and silence are the connection's)
+        out = self.up.out
+        assert out is not None  # (only a request whose head says so has a body)
+        self.up.send(out.frame(data))  # (its pace and silence are the connection's)
 
     def request_trailer(self, name: bytes, value: bytes) -> None:
-        self.up.out.trailer(name, value)
+        out = self.up.out
+        assert out is not None  # (trailers end a chunked body)
+        out.trailer(name, value)
 
     def request_complete(self) -> None:
         self.request_done = True
         # as Envoy's route timeout: from the end of the request to the response head
         if self.route is not None and self.tries.request_complete(self.client.loop.time()):
             self.client.expect_route_at(self.tries.next_deadline())
-        if self.head.chunked:
-            self.up.send(self.up.out.last())
+        out = self.up.out
+        if out is not None and self.head.chunked:
+            self.up.send(out.last())
 
     def tunnel_from_client(self, data: bytes) -> None:
         state, conn = self.tries.state, self.up.conn
@@ -208,12 +213,12 @@ class Exchange:
         if attempt is not None:
             attempt.record(outcome.failed, retry_after)
         keep_alive = self.keep_alive and not client.draining and not head.upgrade
-        self.keep_alive = client.answer.head(
+        self.keep_alive = client.answer.head(  # (by position: keywords cost a lookup each)
             resp,
-            version=head.version,
-            head_request=head.method == b"HEAD",
+            head.version,
+            head.method == b"HEAD",
             # the rest of a request body still coming would have to be read first
-            keep_alive=keep_alive and self.request_done,
+            keep_alive and self.request_done,
         )
         return head.method == b"HEAD"
 
@@ -227,8 +232,9 @@ class Exchange:
         if self.tries.state is DONE:
             return
         self.client.answer.end()
-        self.up.release(reusable=self.request_done)
-        self._finish(close=not self.keep_alive)
+        self.up.release(self.request_done)
+        self.cancel()  # (``_finish``, inline: once a request)
+        self.client.exchange_done(self, close=not self.keep_alive, abort=False)
 
     def response_upgraded(self, rest: bytes) -> None:
         conn = self.up.conn

@@ -64,6 +64,8 @@ class Downstream(Watch):
         "_fresh",
         "_head",
         "_held",
+        "_held_writes",
+        "_hold",
         "_latest",
         "_limit_error",
         "_linger",
@@ -72,6 +74,7 @@ class Downstream(Watch):
         "_pending_reject",
         "_queue",
         "_relay",
+        "_send",
         "_sniffing",
         "_starting",
         "_tls_first",
@@ -105,7 +108,8 @@ class Downstream(Watch):
         self.client_ip = b"unknown"
         self.source: Source | None = None  # inbound: this address's share (``limits``)
         self.draining = False
-        self.answer = Http1Answer(self.write)
+        self._send = self.write  # (bound once: the answer's sink is set back to it often)
+        self.answer = Http1Answer(self._send)
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
         self._head: RequestHead | None = None  # the head being read, from its request line
@@ -118,7 +122,9 @@ class Downstream(Watch):
         self._latest: Exchange | None = None  # the exchange whose head came last
         self._limit_error: tuple[Reason, str] | None = None
         self._pending_reject: bytes | None = None
-        self._corked: list[bytes] | None = None
+        self._corked = False  # writes are held back (``cork``)
+        self._held_writes: list[bytes] = []  # what they held back
+        self._hold = self._held_writes.append
         self._body_left = -1  # bytes of the request body still to come (-1: chunked, none)
         self._starting = False  # _start_next is running (it loops; calls inside it return)
         self._unread = False  # the client may still be sending: linger before closing
@@ -400,6 +406,9 @@ class Downstream(Watch):
         if version != "1.1" and version != "1.0":
             self._limit_error = (Reason.BAD_REQUEST, f"HTTP/{version} is not supported")
             raise ValueError("version")
+        if url[:1] == b"/" and method != b"CONNECT":  # (``request_head``'s common case)
+            self._head = RequestHead(method, url, version)
+            return self._head
         try:
             self._head = http1.request_head(method, url, version)
         except ValueError as e:
@@ -451,22 +460,33 @@ class Downstream(Watch):
     # -- exchanges ------------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
+        if self._corked:
+            self._held_writes.append(data)  # (counted when it goes)
+            return
         self._bytes_out += len(data)
-        if self._corked is not None:
-            self._corked.append(data)
-        elif self.transport is not None and not self.transport.is_closing():
+        if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
     def cork(self) -> None:
         """Hold writes until ``uncork``: a response head and body read together from the
-        upstream go out in one send instead of several."""
-        if self._corked is None:
-            self._corked = []
+        upstream go out in one send instead of several. Meanwhile the answer appends its
+        bytes to what is held without a call of ``write`` for each piece."""
+        if not self._corked:
+            self._corked = True
+            self.answer.sink = self._hold
 
     def uncork(self) -> None:
-        held, self._corked = self._corked, None
-        if held and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(held[0] if len(held) == 1 else b"".join(held))
+        if not self._corked:
+            return
+        self._corked = False
+        self.answer.sink = self._send
+        held = self._held_writes
+        if held:
+            data = held[0] if len(held) == 1 else b"".join(held)
+            held.clear()
+            self._bytes_out += len(data)
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(data)
 
     def pause_reading(self, reason: str, paused: bool) -> None:
         if not paused and reason not in self._pauses:
@@ -519,7 +539,15 @@ class Downstream(Watch):
             self._close(abort=abort)
         elif self._queue:
             self._start_next()
-        elif not self._starting:
+        elif self._starting:
+            pass  # (``_start_next`` goes on)
+        elif self._relay is None and not (self._closing or self.draining):
+            # (``_idle``'s common case, inline: once a request)
+            if self._reader.in_head:
+                self.expect(WAIT_HEAD, self.timeouts.head)
+            else:
+                self.expect(WAIT_IDLE, self.timeouts.idle)
+        else:
             self._idle()
 
     def _idle(self) -> None:
@@ -693,7 +721,10 @@ class Downstream(Watch):
         if transport is None or transport.is_closing():
             return
         if abort:
-            self._corked = None
+            if self._corked:
+                self._corked = False
+                self._held_writes.clear()
+                self.answer.sink = self._send
             transport.abort()
             return
         self.uncork()

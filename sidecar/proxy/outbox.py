@@ -19,10 +19,12 @@ PENDING_LIMIT = 64 * 1024
 
 
 class Outbox:
-    """One request's upstream bytes: framed, held, and kept for another try."""
+    """One request's upstream bytes: framed, held, and kept for another try. (Its lists are
+    made when a body comes: most requests have none, and go as their head alone.)"""
 
     __slots__ = (
         "_chunked",
+        "_head",
         "_pending",
         "_pending_size",
         "_replay",
@@ -34,19 +36,19 @@ class Outbox:
 
     def __init__(self, chunked: bool, replayable: bool) -> None:
         self._chunked = chunked
-        self._pending: list[bytes] = []  # framed request bytes not yet written upstream
-        self._pending_size = 0
-        # the body so far, for another try; None: too big, or a request never sent twice
-        self._replay: list[bytes] | None = [] if replayable else None
+        self._head = b""  # the current try's head, not yet written upstream
+        self._pending: list[bytes] | None = None  # framed body bytes not yet written upstream
+        self._pending_size = 0  # (the head's bytes included)
+        self._replay: list[bytes] | None = None  # the body so far, kept for another try
         self._replay_size = 0
-        #: the whole body so far is kept: another try can send it again
+        #: the whole body so far is kept (or none came): another try can send it again
         self.replayable = replayable
         self._trailers: Headers | None = None  # (most requests have none)
         #: ``hold`` went over ``PENDING_LIMIT`` (the client was paused) since the last ``take``
         self.held_back = False
 
     def __repr__(self) -> str:
-        kept = "not kept" if self._replay is None else f"{self._replay_size} bytes kept"
+        kept = f"{self._replay_size} bytes kept" if self.replayable else "not kept"
         return f"<Outbox [{self._pending_size} bytes pending, {kept}]>"
 
     # -- the body, framed -----------------------------------------------------------------
@@ -69,18 +71,22 @@ class Outbox:
 
     def keep(self, data: bytes) -> None:
         """Framed body bytes: kept for another try, while they fit."""
-        replay = self._replay
-        if replay is not None:
-            replay.append(data)
-            self._replay_size += len(data)
-            if self._replay_size > REPLAY_LIMIT:
-                self._replay = None
-                self.replayable = False
+        if not self.replayable:
+            return
+        if self._replay is None:
+            self._replay = []
+        self._replay.append(data)
+        self._replay_size += len(data)
+        if self._replay_size > REPLAY_LIMIT:
+            self._replay = None
+            self.replayable = False
 
     # -- what waits for a connection ------------------------------------------------------
 
     def hold(self, data: bytes) -> bool:
         """Bytes no connection takes yet; True when they are over ``PENDING_LIMIT``."""
+        if self._pending is None:
+            self._pending = []
         self._pending.append(data)
         self._pending_size += len(data)
         over = self._pending_size > PENDING_LIMIT
@@ -90,28 +96,34 @@ class Outbox:
 
     def first(self, head: bytes) -> None:
         """The first try's head, ahead of the body that came with the request."""
-        self._pending.insert(0, head)
+        self._head = head
         self._pending_size += len(head)
 
     def again(self, head: bytes) -> None:
         """Another try: its head, then the body again from the replay."""
-        assert self._replay is not None
-        self._pending = [head, *self._replay]
+        assert self.replayable
+        self._head = head
+        self._pending = None if self._replay is None else list(self._replay)
         self._pending_size = len(head) + self._replay_size
 
     def readdressed(self, head: bytes) -> None:
         """The same try to another endpoint (none of it went out): a new head, same body."""
-        self._pending_size += len(head) - len(self._pending[0])
-        self._pending[0] = head
+        self._pending_size += len(head) - len(self._head)
+        self._head = head
 
     def take(self) -> bytes:
         """Everything pending, for a connection that takes it now."""
-        data = b"".join(self._pending)
-        self._pending.clear()
+        pending, head = self._pending, self._head
+        self._head = b""
         self._pending_size = 0
         self.held_back = False
-        return data
+        if pending is None:
+            return head
+        self._pending = None
+        pending.insert(0, head)
+        return b"".join(pending)
 
     def clear(self) -> None:
-        self._pending.clear()
+        self._head = b""
+        self._pending = None
         self._pending_size = 0

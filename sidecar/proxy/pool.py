@@ -81,7 +81,8 @@ class Pool(Home):
         idle = self._idle
         while idle:
             conn = idle.pop()
-            if conn.alive():
+            transport = conn.transport  # (``conn.alive()``, inline: once a request)
+            if transport is not None and not transport.is_closing():
                 self._reuses += 1
                 return conn
         return None

@@ -64,8 +64,15 @@ class Budget:
         return i
 
     def request(self, now: float) -> None:
-        """A request's first try."""
-        self._requests[self._bucket(now)] += 1
+        """A request's first try. (``_bucket``, inline: once a request)"""
+        second = int(now)
+        i = second % WINDOW
+        if self._seconds[i] != second:
+            self._seconds[i] = second
+            self._requests[i] = 1
+            self._retries[i] = 0
+        else:
+            self._requests[i] += 1
 
     def spend(self, now: float, ratio: float, min_per_s: int) -> bool:
         """Take one retry if the budget has one; a refusal is counted as suppressed."""

@@ -176,7 +176,6 @@ class Tries:
         now: float,
         policy: TryPolicy,
         service: ServiceState,
-        *,
         request_done: bool,
         has_body: bool,
         retryable: bool,
@@ -217,7 +216,7 @@ class Tries:
         self.hedging = again and policy.hedge < math.inf and not upgrade
         return True
 
-    def try_started(self, now: float, *, resend: bool = False) -> None:
+    def try_started(self, now: float, resend: bool = False) -> None:
         """A try is on its way (``resend``: the last one again, none of which went out)."""
         if not resend:
             self.attempt += 1
