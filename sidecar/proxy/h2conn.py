@@ -72,6 +72,7 @@ class H2Downstream(asyncio.Protocol):
         "_idle_timer",
         "_streams",
         "_watch",
+        "counters",
         "h2",
         "loop",
         "origin",
@@ -83,6 +84,7 @@ class H2Downstream(asyncio.Protocol):
         self, origin: Origin, loop: asyncio.AbstractEventLoop, idle: float, limits: H2Limits
     ) -> None:
         self.origin = origin
+        self.counters = origin.tracker.counters
         self.loop = loop
         self._idle = idle  # seconds the connection may sit with no stream open
         self.h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None))
@@ -133,11 +135,11 @@ class H2Downstream(asyncio.Protocol):
             self._refused(_reason_of(e), str(e))
             return
         self.cork()
-        started: list[Exchange] = []
+        started: list[tuple[H2Stream, Exchange]] = []
         for event in events:
             self._on_event(event, started)
-        for ex in started:  # once the whole read is read, as for HTTP/1 (a body may be in it)
-            ex.start()
+        for stream, ex in started:  # once the read is read, as for HTTP/1 (a body may be in it)
+            stream.start(ex)
         self.uncork()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -201,7 +203,7 @@ class H2Downstream(asyncio.Protocol):
 
     # -- events ----------------------------------------------------------------------------
 
-    def _on_event(self, event: Event, started: list[Exchange]) -> None:
+    def _on_event(self, event: Event, started: list[tuple[H2Stream, Exchange]]) -> None:
         if isinstance(event, DataReceived):
             stream = self._streams.get(event.stream_id)
             if stream is not None:
@@ -229,7 +231,7 @@ class H2Downstream(asyncio.Protocol):
         elif isinstance(event, ConnectionTerminated):  # the client's GOAWAY: it is done
             self._close()
 
-    def _new_stream(self, event: RequestReceived, started: list[Exchange]) -> None:
+    def _new_stream(self, event: RequestReceived, started: list[tuple[H2Stream, Exchange]]) -> None:
         sid = event.stream_id
         if self._closing:  # (after our GOAWAY: a stream it may retry elsewhere)
             self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
@@ -240,7 +242,7 @@ class H2Downstream(asyncio.Protocol):
         self.origin.tracker.h2.streams += 1
         ex = stream.begin(_pairs(event.headers), event.stream_ended is not None)
         if ex is not None:
-            started.append(ex)
+            started.append((stream, ex))
 
     def _window_opened(self, stream_id: int) -> None:
         """The client gave window back, to one stream or (0) the connection."""

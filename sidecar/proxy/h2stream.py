@@ -21,6 +21,7 @@ from typing import Final, Protocol
 
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
+from h2.exceptions import ProtocolError
 
 from control_plane.wire import Endpoint
 from sidecar.errors import Reason
@@ -28,7 +29,7 @@ from sidecar.http import http2
 from sidecar.http.http1 import Headers, RequestHead, ResponseHead
 from sidecar.proxy.client import Answer, Client
 from sidecar.proxy.exchange import Exchange
-from sidecar.proxy.limits import Source
+from sidecar.proxy.limits import ListenerCounters, Source
 from sidecar.proxy.routing import Route
 from sidecar.resilience.tries import State
 
@@ -43,6 +44,8 @@ class Wire(Protocol):
     h2: H2Connection
     write_paused: bool
     """the socket to the client is full"""
+    counters: ListenerCounters
+    """the listener's"""
 
     @property
     def origin(self) -> Client:
@@ -69,9 +72,12 @@ class H2Stream:
         "_ended",
         "_fin_sent",
         "_held_acks",
+        "_idle",
+        "_moved_at",
         "_out",
         "_out_size",
         "_paused",
+        "_silence",
         "_timer",
         "_trailers",
         "client_ip",
@@ -103,7 +109,10 @@ class H2Stream:
         self._ended = False  # the response is complete (sent when ``_out`` is)
         self._fin_sent = False  # END_STREAM went out
         self._trailers: Headers | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None  # the exchange's deadline
+        self._silence: asyncio.TimerHandle | None = None  # its stream's idle timeout
+        self._idle = 0.0  # seconds the stream may be silent both ways (0: no limit)
+        self._moved_at = 0.0  # loop time a byte of a body last moved either way
 
     def __repr__(self) -> str:
         state = "answered" if self._ended else "open"
@@ -124,12 +133,25 @@ class H2Stream:
         self.exchange = Exchange(self, head)
         return self.exchange
 
+    def start(self, ex: Exchange) -> None:
+        """Start its exchange (once the read its head came in is read), and watch its
+        silence: the route's ``stream_idle_timeout_ms``, as for an HTTP/1 request."""
+        ex.start()
+        route = ex.route
+        if ex.state is State.DONE or route is None or not route.policy.stream_idle_timeout_ms:
+            return
+        self._idle = route.policy.stream_idle_timeout_ms / 1000
+        self._moved_at = self.loop.time()
+        self._silence = self.loop.call_at(self._moved_at + self._idle, self._silence_check)
+
     def data(self, data: bytes, flow_controlled: int) -> None:
         """A piece of the request body (``flow_controlled``: the window it took)."""
         ex = self.exchange
         if ex is None or ex.state is State.DONE:
             self._give_back(flow_controlled)  # (nobody reads it: its window comes back)
             return
+        if self._idle:
+            self._moved_at = self.loop.time()
         ex.request_body(data)
         if self._paused:
             self._held_acks += flow_controlled
@@ -167,8 +189,11 @@ class H2Stream:
         self._set_write_paused(paused or self._out_size > OUT_LIMIT)
 
     def close(self) -> None:
-        """The connection is gone: so is the stream's work."""
+        """The connection is gone (or the stream over): so is the stream's work."""
         self._cancel_timer()
+        if self._silence is not None:
+            self._silence.cancel()
+            self._silence = None
         if self.exchange is not None:
             self.exchange.cancel()
 
@@ -260,6 +285,8 @@ class H2Stream:
 
     def body(self, data: bytes) -> None:
         if data and not self._ended:
+            if self._idle:
+                self._moved_at = self.loop.time()
             self._out.append(data)
             self._out_size += len(data)
             self._push()
@@ -289,10 +316,31 @@ class H2Stream:
     # -- internals ---------------------------------------------------------------------------
 
     def _send_headers(self, headers: Headers, end: bool) -> None:
-        self.wire.h2.send_headers(self.stream_id, headers, end_stream=end)
+        try:
+            self.wire.h2.send_headers(self.stream_id, headers, end_stream=end)
+        except ProtocolError:  # the stream is gone meanwhile (the connection's error)
+            self._lost()
+            return
         self.wire.flush()
 
     def _push(self) -> None:
+        try:
+            self._send_body()
+        except ProtocolError:
+            self._lost()
+            return
+        self._set_write_paused(self.wire.write_paused or self._out_size > OUT_LIMIT)
+        self.wire.flush()
+
+    def _lost(self) -> None:
+        """The codec will send no more on the stream: its exchange goes."""
+        self.request_ended = self._ended = True
+        self._out.clear()
+        self._out_size = 0
+        self.close()
+        self.wire.stream_over(self)
+
+    def _send_body(self) -> None:
         """Send the response body as far as the client's windows allow; the end (or the
         trailers) once all of it went."""
         h2, sid, out = self.wire.h2, self.stream_id, self._out
@@ -318,8 +366,6 @@ class H2Stream:
                 h2.end_stream(sid)
             if self.exchange is None or self.exchange.state is State.DONE:
                 self._over()
-        self._set_write_paused(self.wire.write_paused or self._out_size > OUT_LIMIT)
-        self.wire.flush()
 
     def _over(self) -> None:
         """Answered whole: a request body still coming is refused (RFC 9113 8.1)."""
@@ -346,6 +392,20 @@ class H2Stream:
             self.write_paused = paused
             if self.exchange is not None:
                 self.exchange.pause_upstream(paused)
+
+    def _silence_check(self) -> None:
+        """Nothing moved either way for the idle timeout: the exchange ends (a 408 while
+        the client holds back its body, a 504 while the upstream is silent)."""
+        self._silence = None
+        ex = self.exchange
+        if ex is None or ex.state is State.DONE:
+            return
+        due = self._moved_at + self._idle
+        if self.loop.time() < due:
+            self._silence = self.loop.call_at(due, self._silence_check)
+            return
+        self.wire.counters.stream_idle += 1
+        ex.idle_timeout(self._idle, client_stalled=not self._paused)
 
     def _route_timer(self) -> None:
         self._timer = None

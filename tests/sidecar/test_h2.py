@@ -351,6 +351,26 @@ async def test_drain_says_goaway_and_finishes_the_streams_open(mesh: Mesh) -> No
         await client.close()
 
 
+async def test_a_silent_stream_is_ended_by_the_routes_idle_timeout(
+    up: Upstream, make_mesh: MakeMesh
+) -> None:
+    mesh = await make_mesh({"svc": service(up.port, stream_idle_timeout_ms=300)})
+    client = await H2Client.open(mesh.outbound)
+    try:
+        sid = client.start("/consume", method="POST", end=False)  # and no body comes
+        resp = await client.response(sid, within=3)
+        assert (resp.status, resp.header(b"x-meshlet-error")) == (408, b"request-timeout")
+        assert mesh.sidecar.outbound.counters.stream_idle == 1
+        assert (await client.request("/echo")).status == 200  # the connection goes on
+    finally:
+        await client.close()
+    for _ in range(250):  # and once closed, the listener counts it no more
+        if not mesh.sidecar.outbound.connections:
+            break
+        await asyncio.sleep(0.02)
+    assert not mesh.sidecar.outbound.connections
+
+
 # -- attacks, each refused with a GOAWAY and counted ---------------------------------------------
 
 
