@@ -358,14 +358,15 @@ class H2Stream:
             fin = self._ended and not out and not self._trailers
             h2.send_data(sid, data, end_stream=fin)
             self._fin_sent = fin
-        if self._ended and not out and not self._fin_sent:
-            self._fin_sent = True
-            if self._trailers:
-                h2.send_headers(sid, self._trailers, end_stream=True)
-            else:
-                h2.end_stream(sid)
+        if self._ended and not out:
+            if not self._fin_sent:
+                self._fin_sent = True
+                if self._trailers:
+                    h2.send_headers(sid, self._trailers, end_stream=True)
+                else:
+                    h2.end_stream(sid)
             if self.exchange is None or self.exchange.state is State.DONE:
-                self._over()
+                self._over()  # (else once the exchange is done: ``exchange_done``)
 
     def _over(self) -> None:
         """Answered whole: a request body still coming is refused (RFC 9113 8.1)."""

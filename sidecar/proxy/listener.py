@@ -172,7 +172,7 @@ class Downstream(Watch):
             if data[:1] == b"\x16":  # a TLS handshake record: no HTTP method starts so
                 self._start_tls(data)
                 return
-        if data[:4] == b"PRI " and self._bytes_in == n:  # the HTTP/2 preface (no method is PRI)
+        if self._bytes_in == n and data[:4] == b"PRI ":  # the HTTP/2 preface (no method is PRI)
             self._start_h2(data)
             return
         if self._tunnel is not None:

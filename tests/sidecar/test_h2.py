@@ -211,6 +211,26 @@ async def test_a_client_that_grants_no_window_pauses_the_upstream(
         await client.close()
 
 
+async def test_a_body_held_for_window_goes_out_when_the_client_gives_it(mesh: Mesh) -> None:
+    client = await H2Client.open(mesh.outbound, auto_ack=False)
+    try:
+        sid = client.start(f"/sized?size={1 * MiB}")
+        await asyncio.sleep(0.3)
+        resp = client.responses[sid]
+        assert (resp.status, len(resp.body)) == (200, 65_535)  # the initial window, no more
+        client.auto_ack = True
+        client.conn.acknowledge_received_data(len(resp.body), sid)
+        client.flush()
+        resp = await client.response(sid)
+        assert len(resp.body) == MiB
+        # the stream is over for the sidecar too: a drain closes the connection at once
+        mesh.sidecar.outbound.drain()
+        async with asyncio.timeout(1):
+            await client.closed.wait()
+    finally:
+        await client.close()
+
+
 async def test_a_client_that_does_not_read_pauses_the_upstream(
     raw_upstream: RawUpstreams, make_mesh: MakeMesh
 ) -> None:
