@@ -13,6 +13,7 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import (
     DataReceived,
+    InformationalResponseReceived,
     ResponseReceived,
     StreamEnded,
     StreamReset,
@@ -40,6 +41,8 @@ class H2Response:
     body: bytearray = field(default_factory=bytearray)
     trailers: list[tuple[bytes, bytes]] = field(default_factory=list)
     reset: int | None = None  # the RST_STREAM error code, if the stream was reset
+    interim: list[int] = field(default_factory=list)  # 1xx statuses before the answer
+    interim_seen: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
     def header(self, name: bytes) -> bytes | None:
@@ -189,6 +192,10 @@ class H2Client:
             resp = self.responses[event.stream_id]
             resp.headers = [(bytes(n), bytes(v)) for n, v in event.headers or ()]
             resp.status = int(dict(resp.headers)[b":status"])
+        elif isinstance(event, InformationalResponseReceived):
+            resp = self.responses[event.stream_id]
+            resp.interim.append(int(dict(event.headers or ())[b":status"]))
+            resp.interim_seen.set()
         elif isinstance(event, DataReceived):
             self.responses[event.stream_id].body += event.data or b""
             if self.auto_ack:

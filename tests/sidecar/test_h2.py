@@ -188,6 +188,25 @@ async def test_trailers_both_ways(raw_upstream: RawUpstreams, make_mesh: MakeMes
     assert got[0].endswith(b"2\r\nhi\r\n0\r\nx-req: yes\r\n\r\n")
 
 
+async def test_100_continue_is_passed_to_the_client(mesh: Mesh) -> None:
+    client = await H2Client.open(mesh.outbound)
+    try:
+        sid = client.start(
+            "/consume",
+            method="POST",
+            headers=[(b"expect", b"100-continue"), (b"content-length", b"5")],
+            end=False,
+        )
+        async with asyncio.timeout(5):  # the upstream's 100, before any body was sent
+            await client.responses[sid].interim_seen.wait()
+        await client.send_body(sid, b"hello")
+        resp = await client.response(sid)
+    finally:
+        await client.close()
+    assert resp.interim == [100]
+    assert (resp.status, json.loads(resp.body)) == (200, {"received": 5})
+
+
 async def test_a_client_that_grants_no_window_pauses_the_upstream(
     raw_upstream: RawUpstreams, make_mesh: MakeMesh
 ) -> None:
