@@ -162,6 +162,24 @@ async def test_large_bodies_both_ways(mesh: Mesh) -> None:
         await client.close()
 
 
+async def test_head_no_content_and_repeated_headers(mesh: Mesh) -> None:
+    client = await H2Client.open(mesh.outbound)
+    try:
+        head = await client.request("/sized?size=5000", method="HEAD")
+        no_content = await client.request("/status/204")
+        cookies = await client.request("/cookies")
+    finally:
+        await client.close()
+    assert (head.status, head.header(b"content-length"), bytes(head.body)) == (200, b"5000", b"")
+    assert (no_content.status, bytes(no_content.body)) == (204, b"")
+    assert [v for n, v in cookies.headers if n == b"set-cookie"] == [b"a=1; Path=/", b"b=2; Path=/"]
+    assert cookies.header(b"keep-alive") is None  # hop-by-hop, and no HTTP/2 header
+    assert [n for n, _ in cookies.headers if n.startswith(b"x-order")] == [
+        b"x-order-1",
+        b"x-order-2",
+    ]
+
+
 async def test_trailers_both_ways(raw_upstream: RawUpstreams, make_mesh: MakeMesh) -> None:
     got: list[bytes] = []
 
