@@ -75,6 +75,7 @@ class H2Downstream(asyncio.Protocol):
         "counters",
         "h2",
         "loop",
+        "min_rate",
         "origin",
         "transport",
         "write_paused",
@@ -85,6 +86,7 @@ class H2Downstream(asyncio.Protocol):
     ) -> None:
         self.origin = origin
         self.counters = origin.tracker.counters
+        self.min_rate = origin.tracker.limits.min_rate
         self.loop = loop
         self._idle = idle  # seconds the connection may sit with no stream open
         self.h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None))

@@ -15,6 +15,7 @@ its own back-pressure, by HTTP/2 flow control:
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Final, Protocol
@@ -29,7 +30,7 @@ from sidecar.http import http2
 from sidecar.http.http1 import Headers, RequestHead, ResponseHead
 from sidecar.proxy.client import Answer, Client
 from sidecar.proxy.exchange import Exchange
-from sidecar.proxy.limits import ListenerCounters, Source
+from sidecar.proxy.limits import ListenerCounters, MinRate, Source
 from sidecar.proxy.routing import Route
 from sidecar.resilience.tries import State
 
@@ -46,6 +47,8 @@ class Wire(Protocol):
     """the socket to the client is full"""
     counters: ListenerCounters
     """the listener's"""
+    min_rate: MinRate
+    """the listener's minimum data rate, for request bodies"""
 
     @property
     def origin(self) -> Client:
@@ -69,6 +72,8 @@ class H2Stream:
     """One stream of an HTTP/2 client connection: its exchange's ``Client`` and ``Answer``."""
 
     __slots__ = (
+        "_body_moved",
+        "_body_since",
         "_ended",
         "_fin_sent",
         "_held_acks",
@@ -77,9 +82,9 @@ class H2Stream:
         "_out",
         "_out_size",
         "_paused",
-        "_silence",
         "_timer",
         "_trailers",
+        "_watch",
         "client_ip",
         "draining",
         "exchange",
@@ -110,9 +115,12 @@ class H2Stream:
         self._fin_sent = False  # END_STREAM went out
         self._trailers: Headers | None = None
         self._timer: asyncio.TimerHandle | None = None  # the exchange's deadline
-        self._silence: asyncio.TimerHandle | None = None  # its stream's idle timeout
+        #: the stream's pace: its silence and the request body's rate (``_on_watch``)
+        self._watch: asyncio.TimerHandle | None = None
         self._idle = 0.0  # seconds the stream may be silent both ways (0: no limit)
         self._moved_at = 0.0  # loop time a byte of a body last moved either way
+        self._body_since = 0.0  # loop time the request body's rate counts from
+        self._body_moved = 0  # request body bytes since then
 
     def __repr__(self) -> str:
         state = "answered" if self._ended else "open"
@@ -134,15 +142,16 @@ class H2Stream:
         return self.exchange
 
     def start(self, ex: Exchange) -> None:
-        """Start its exchange (once the read its head came in is read), and watch its
-        silence: the route's ``stream_idle_timeout_ms``, as for an HTTP/1 request."""
+        """Start its exchange (once the read its head came in is read), and watch its pace
+        as for an HTTP/1 request: the route's ``stream_idle_timeout_ms``, and the
+        listener's minimum data rate for the request body."""
         ex.start()
         route = ex.route
-        if ex.state is State.DONE or route is None or not route.policy.stream_idle_timeout_ms:
+        if ex.state is State.DONE or route is None:
             return
         self._idle = route.policy.stream_idle_timeout_ms / 1000
-        self._moved_at = self.loop.time()
-        self._silence = self.loop.call_at(self._moved_at + self._idle, self._silence_check)
+        self._moved_at = self._body_since = self.loop.time()
+        self._arm_watch()
 
     def data(self, data: bytes, flow_controlled: int) -> None:
         """A piece of the request body (``flow_controlled``: the window it took)."""
@@ -150,8 +159,8 @@ class H2Stream:
         if ex is None or ex.state is State.DONE:
             self._give_back(flow_controlled)  # (nobody reads it: its window comes back)
             return
-        if self._idle:
-            self._moved_at = self.loop.time()
+        self._moved_at = self.loop.time()
+        self._body_moved += len(data)
         ex.request_body(data)
         if self._paused:
             self._held_acks += flow_controlled
@@ -191,9 +200,9 @@ class H2Stream:
     def close(self) -> None:
         """The connection is gone (or the stream over): so is the stream's work."""
         self._cancel_timer()
-        if self._silence is not None:
-            self._silence.cancel()
-            self._silence = None
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         if self.exchange is not None:
             self.exchange.cancel()
 
@@ -230,8 +239,17 @@ class H2Stream:
         if paused:
             self._paused.add(reason)
             return
+        if reason not in self._paused:
+            return
         self._paused.discard(reason)
-        if not self._paused and self._held_acks:
+        if self._paused:
+            return
+        # the body's rate counts again, from now (the wait was the sidecar's)
+        self._body_since, self._body_moved = self.loop.time(), 0
+        ex = self.exchange
+        if ex is not None and ex.route is not None and ex.state is not State.DONE:
+            self._arm_watch()  # (started: its pace is watched)
+        if self._held_acks:
             held, self._held_acks = self._held_acks, 0
             self._give_back(held)
             self.wire.flush()
@@ -285,8 +303,7 @@ class H2Stream:
 
     def body(self, data: bytes) -> None:
         if data and not self._ended:
-            if self._idle:
-                self._moved_at = self.loop.time()
+            self._moved_at = self.loop.time()
             self._out.append(data)
             self._out_size += len(data)
             self._push()
@@ -394,19 +411,47 @@ class H2Stream:
             if self.exchange is not None:
                 self.exchange.pause_upstream(paused)
 
-    def _silence_check(self) -> None:
-        """Nothing moved either way for the idle timeout: the exchange ends (a 408 while
-        the client holds back its body, a 504 while the upstream is silent)."""
-        self._silence = None
+    def _rate_deadline(self) -> float:
+        """When the request body falls below the minimum rate (inf: it does not count: it
+        is whole, or the sidecar holds it up)."""
+        if self.request_ended or self._paused:
+            return math.inf
+        return self.wire.min_rate.deadline(self._body_since, self._body_moved)
+
+    def _arm_watch(self) -> None:
+        """Wake at the nearest of the stream's silence limit and its body's rate deadline
+        (lazily: bytes that move do not touch the timer, a wake-up that is early re-arms)."""
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        at = self._rate_deadline()
+        if self._idle and self._moved_at + self._idle < at:
+            at = self._moved_at + self._idle
+        if at < math.inf:
+            self._watch = self.loop.call_at(at, self._on_watch)
+
+    def _on_watch(self) -> None:
+        """The body came too slowly (408, or the stream reset once answering), or nothing
+        moved either way for the idle timeout (a 408 while the client holds back its body,
+        a 504 while the upstream is silent, a cut response)."""
+        self._watch = None
         ex = self.exchange
         if ex is None or ex.state is State.DONE:
             return
-        due = self._moved_at + self._idle
-        if self.loop.time() < due:
-            self._silence = self.loop.call_at(due, self._silence_check)
-            return
-        self.wire.counters.stream_idle += 1
-        ex.idle_timeout(self._idle, client_stalled=not self._paused)
+        now = self.loop.time()
+        if now >= self._rate_deadline():
+            self.wire.counters.request_body_rate += 1
+            rate = self.wire.min_rate.bytes_per_s
+            detail = f"the request body came slower than {rate:g} bytes/s"
+            if ex.state is State.RESPONDING:
+                self._reset(ErrorCodes.CANCEL)  # too late for a 408
+            else:
+                ex.fail(Reason.REQUEST_TIMEOUT, detail)
+        elif self._idle and now >= self._moved_at + self._idle:
+            self.wire.counters.stream_idle += 1
+            ex.idle_timeout(self._idle, client_stalled=not self._paused)
+        else:
+            self._arm_watch()
 
     def _route_timer(self) -> None:
         self._timer = None

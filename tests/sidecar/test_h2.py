@@ -5,6 +5,7 @@ what an exchange does per stream, and the attacks each refused with a GOAWAY."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import shutil
@@ -12,6 +13,7 @@ from collections.abc import Awaitable, Callable
 
 import hpack
 import pytest
+from h2.exceptions import ProtocolError
 
 from tests.sidecar.conftest import (
     LOCAL,
@@ -428,6 +430,32 @@ async def test_a_silent_stream_is_ended_by_the_routes_idle_timeout(
             break
         await asyncio.sleep(0.02)
     assert not mesh.sidecar.outbound.connections
+
+
+async def test_a_body_slower_than_the_minimum_rate_is_408(
+    up: Upstream, make_mesh: MakeMesh
+) -> None:
+    mesh = await make_mesh({"svc": service(up.port)}, min_data_rate=1000, data_rate_grace=0.3)
+    client = await H2Client.open(mesh.outbound)
+    try:
+        sid = client.start("/consume", method="POST", end=False)
+        await client.send_body(sid, b"x" * 10, end=False)  # and then a byte now and then
+        trickle = asyncio.create_task(trickle_body(client, sid))
+        resp = await client.response(sid, within=5)
+        trickle.cancel()
+        assert (resp.status, resp.header(b"x-meshlet-error")) == (408, b"request-timeout")
+        assert b"slower than 1000 bytes/s" in resp.body
+        assert mesh.sidecar.outbound.counters.request_body_rate == 1
+        assert (await client.request("/echo")).status == 200  # the connection goes on
+    finally:
+        await client.close()
+
+
+async def trickle_body(client: H2Client, sid: int) -> None:
+    with contextlib.suppress(ProtocolError):  # (the stream ended under it)
+        while not client.responses[sid].done.is_set():
+            await asyncio.sleep(0.05)
+            await client.send_body(sid, b"x", end=False)
 
 
 # -- attacks, each refused with a GOAWAY and counted ---------------------------------------------
