@@ -530,3 +530,21 @@ async def test_settings_and_ping_floods_are_refused(
     assert goaway_code(frames) == ENHANCE_YOUR_CALM
     assert await refused(mesh, reason) == 1
     await assert_still_serving(mesh)
+
+
+async def test_the_inbound_refuses_as_the_outbound_does(mesh: Mesh) -> None:
+    enc = hpack.Encoder()
+    attack = b"".join(
+        headers_frame(2 * n + 1, request_block(enc, "/echo")) + rst_frame(2 * n + 1)
+        for n in range(300)
+    )
+    frames = await send_raw(mesh.inbound, attack)
+    assert goaway_code(frames) == ENHANCE_YOUR_CALM
+    text = await metrics(mesh)
+    assert sample(text, "meshlet_h2_refused_total", direction="inbound", reason="rapid_reset") == 1
+    assert sample(text, "meshlet_h2_refused_total", direction="outbound", reason="rapid_reset") == 0
+    client = await H2Client.open(mesh.inbound)
+    try:
+        assert (await client.request("/echo")).status == 200
+    finally:
+        await client.close()
