@@ -30,6 +30,7 @@ from sidecar.http import http2
 from sidecar.http.http1 import Headers, RequestHead, ResponseHead
 from sidecar.proxy.client import Answer, Client
 from sidecar.proxy.exchange import Exchange
+from sidecar.proxy.h2pace import DUE_SILENT, DUE_SLOW_BODY, StreamPace
 from sidecar.proxy.limits import ListenerCounters, MinRate, Source
 from sidecar.proxy.routing import Route
 from sidecar.resilience.tries import State
@@ -72,15 +73,12 @@ class H2Stream:
     """One stream of an HTTP/2 client connection: its exchange's ``Client`` and ``Answer``."""
 
     __slots__ = (
-        "_body_moved",
-        "_body_since",
         "_ended",
         "_fin_sent",
         "_held_acks",
-        "_idle",
-        "_moved_at",
         "_out",
         "_out_size",
+        "_pace",
         "_paused",
         "_timer",
         "_trailers",
@@ -115,12 +113,8 @@ class H2Stream:
         self._fin_sent = False  # END_STREAM went out
         self._trailers: Headers | None = None
         self._timer: asyncio.TimerHandle | None = None  # the exchange's deadline
-        #: the stream's pace: its silence and the request body's rate (``_on_watch``)
-        self._watch: asyncio.TimerHandle | None = None
-        self._idle = 0.0  # seconds the stream may be silent both ways (0: no limit)
-        self._moved_at = 0.0  # loop time a byte of a body last moved either way
-        self._body_since = 0.0  # loop time the request body's rate counts from
-        self._body_moved = 0  # request body bytes since then
+        self._pace: StreamPace | None = None  # once started
+        self._watch: asyncio.TimerHandle | None = None  # the pace's timer (``_on_watch``)
 
     def __repr__(self) -> str:
         state = "answered" if self._ended else "open"
@@ -149,8 +143,8 @@ class H2Stream:
         route = ex.route
         if ex.state is State.DONE or route is None:
             return
-        self._idle = route.policy.stream_idle_timeout_ms / 1000
-        self._moved_at = self._body_since = self.loop.time()
+        idle = route.policy.stream_idle_timeout_ms / 1000
+        self._pace = StreamPace(self.wire.min_rate, idle, self.loop.time())
         self._arm_watch()
 
     def data(self, data: bytes, flow_controlled: int) -> None:
@@ -159,8 +153,8 @@ class H2Stream:
         if ex is None or ex.state is State.DONE:
             self._give_back(flow_controlled)  # (nobody reads it: its window comes back)
             return
-        self._moved_at = self.loop.time()
-        self._body_moved += len(data)
+        if self._pace is not None:
+            self._pace.body(self.loop.time(), len(data))
         ex.request_body(data)
         if self._paused:
             self._held_acks += flow_controlled
@@ -244,11 +238,10 @@ class H2Stream:
         self._paused.discard(reason)
         if self._paused:
             return
-        # the body's rate counts again, from now (the wait was the sidecar's)
-        self._body_since, self._body_moved = self.loop.time(), 0
         ex = self.exchange
-        if ex is not None and ex.route is not None and ex.state is not State.DONE:
-            self._arm_watch()  # (started: its pace is watched)
+        if self._pace is not None and ex is not None and ex.state is not State.DONE:
+            self._pace.resumed(self.loop.time())  # (the wait was the sidecar's)
+            self._arm_watch()
         if self._held_acks:
             held, self._held_acks = self._held_acks, 0
             self._give_back(held)
@@ -303,7 +296,8 @@ class H2Stream:
 
     def body(self, data: bytes) -> None:
         if data and not self._ended:
-            self._moved_at = self.loop.time()
+            if self._pace is not None:
+                self._pace.moved(self.loop.time())
             self._out.append(data)
             self._out_size += len(data)
             self._push()
@@ -411,45 +405,43 @@ class H2Stream:
             if self.exchange is not None:
                 self.exchange.pause_upstream(paused)
 
-    def _rate_deadline(self) -> float:
-        """When the request body falls below the minimum rate (inf: it does not count: it
-        is whole, or the sidecar holds it up)."""
-        if self.request_ended or self._paused:
-            return math.inf
-        return self.wire.min_rate.deadline(self._body_since, self._body_moved)
-
     def _arm_watch(self) -> None:
-        """Wake at the nearest of the stream's silence limit and its body's rate deadline
-        (lazily: bytes that move do not touch the timer, a wake-up that is early re-arms)."""
+        """Wake when the pace next needs a look."""
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
-        at = self._rate_deadline()
-        if self._idle and self._moved_at + self._idle < at:
-            at = self._moved_at + self._idle
-        if at < math.inf:
-            self._watch = self.loop.call_at(at, self._on_watch)
+        pace = self._pace
+        if pace is not None:
+            at = pace.next_at(self._body_counts())
+            if at < math.inf:
+                self._watch = self.loop.call_at(at, self._on_watch)
+
+    def _body_counts(self) -> bool:
+        """The request body's rate counts: it is still coming, and the sidecar does not
+        hold it up."""
+        return not self.request_ended and not self._paused
 
     def _on_watch(self) -> None:
         """The body came too slowly (408, or the stream reset once answering), or nothing
         moved either way for the idle timeout (a 408 while the client holds back its body,
         a 504 while the upstream is silent, a cut response)."""
         self._watch = None
-        ex = self.exchange
-        if ex is None or ex.state is State.DONE:
+        ex, pace = self.exchange, self._pace
+        if ex is None or pace is None or ex.state is State.DONE:
             return
-        now = self.loop.time()
-        if now >= self._rate_deadline():
+        due = pace.due(self.loop.time(), self._body_counts())
+        if due is DUE_SLOW_BODY:
             self.wire.counters.request_body_rate += 1
-            rate = self.wire.min_rate.bytes_per_s
-            detail = f"the request body came slower than {rate:g} bytes/s"
             if ex.state is State.RESPONDING:
                 self._reset(ErrorCodes.CANCEL)  # too late for a 408
             else:
-                ex.fail(Reason.REQUEST_TIMEOUT, detail)
-        elif self._idle and now >= self._moved_at + self._idle:
+                rate = self.wire.min_rate.bytes_per_s
+                ex.fail(
+                    Reason.REQUEST_TIMEOUT, f"the request body came slower than {rate:g} bytes/s"
+                )
+        elif due is DUE_SILENT:
             self.wire.counters.stream_idle += 1
-            ex.idle_timeout(self._idle, client_stalled=not self._paused)
+            ex.idle_timeout(pace.idle, client_stalled=not self._paused)
         else:
             self._arm_watch()
 
