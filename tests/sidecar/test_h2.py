@@ -227,6 +227,26 @@ async def test_100_continue_is_passed_to_the_client(mesh: Mesh) -> None:
     assert (resp.status, json.loads(resp.body)) == (200, {"received": 5})
 
 
+async def test_an_upstream_cut_mid_body_resets_the_stream(
+    raw_upstream: RawUpstreams, make_mesh: MakeMesh
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\npartial")
+        await writer.drain()
+        writer.close()  # 993 bytes short
+
+    upstream = await raw_upstream(handler)
+    mesh = await make_mesh({"svc": service(upstream.port)})
+    client = await H2Client.open(mesh.outbound)
+    try:
+        resp = await client.request("/cut")
+        assert (resp.status, resp.reset) == (200, 0x2)  # INTERNAL_ERROR: never seen as whole
+        assert (await client.request("/cut")).reset == 0x2  # and the connection goes on
+    finally:
+        await client.close()
+
+
 async def test_a_client_that_grants_no_window_pauses_the_upstream(
     raw_upstream: RawUpstreams, make_mesh: MakeMesh
 ) -> None:
