@@ -247,6 +247,21 @@ async def test_an_upstream_cut_mid_body_resets_the_stream(
         await client.close()
 
 
+async def test_a_stream_the_client_resets_cancels_its_request(mesh: Mesh) -> None:
+    client = await H2Client.open(mesh.outbound)
+    try:
+        sid = client.start("/slow?delay=1")
+        await asyncio.sleep(0.2)
+        client.conn.reset_stream(sid, 0x8)  # CANCEL
+        client.flush()
+        assert (await client.request("/echo")).status == 200
+    finally:
+        await client.close()
+    text = await metrics(mesh)  # the request left first: recorded, its code "none"
+    assert sample(text, "meshlet_requests_total", service="svc", code="none") == 1
+    assert sample(text, "meshlet_requests_total", service="svc", code="2xx") == 1
+
+
 async def test_a_client_that_grants_no_window_pauses_the_upstream(
     raw_upstream: RawUpstreams, make_mesh: MakeMesh
 ) -> None:
