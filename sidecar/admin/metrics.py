@@ -141,6 +141,21 @@ class SidecarMetrics:
             "(a service, or plaintext)",
             labels=["caller"],
         )
+        h2_connections = counter(
+            "meshlet_h2_connections",
+            "client connections that spoke HTTP/2 (h2c, prior knowledge)",
+            labels=["direction"],
+        )
+        h2_streams = counter(
+            "meshlet_h2_streams", "HTTP/2 streams (requests) clients opened", labels=["direction"]
+        )
+        h2_refused = counter(
+            "meshlet_h2_refused",
+            "HTTP/2 client connections closed with a GOAWAY for a limit they broke (rapid "
+            "reset, CONTINUATION or SETTINGS or PING flood, header size, streams) or an error "
+            "of the protocol",
+            labels=["direction", "reason"],
+        )
         guard = sc.inbound.guard
         for caller, n in sorted((guard.forbidden if guard is not None else {}).items()):
             forbidden.add([caller], n)
@@ -151,6 +166,11 @@ class SidecarMetrics:
             opaque.add([direction], counters.opaque_streams)
             handshakes.add([direction, "ok"], counters.tls_handshakes)
             handshakes.add([direction, "failed"], counters.tls_failures)
+            h2 = tracker.h2
+            h2_connections.add([direction], h2.connections)
+            h2_streams.add([direction], h2.streams)
+            for reason, n in h2.refused.items():
+                h2_refused.add([direction, reason], n)
             for family, values in (
                 (refused, counters.refused()),
                 (timeouts, counters.timeouts()),
@@ -165,6 +185,9 @@ class SidecarMetrics:
         yield opaque
         yield handshakes
         yield forbidden
+        yield h2_connections
+        yield h2_streams
+        yield h2_refused
 
     def _requests(self, outbound: list[ServiceState]) -> Iterator[Family]:
         sc = self.sidecar

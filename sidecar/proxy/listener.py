@@ -31,6 +31,7 @@ from sidecar.http import http1
 from sidecar.http.http1 import RequestHead
 from sidecar.proxy.client import Http1Answer
 from sidecar.proxy.exchange import Exchange
+from sidecar.proxy.h2conn import H2Downstream
 from sidecar.proxy.intercept import Interception, looks_like_http, original_destination
 from sidecar.proxy.limits import MAX_PIPELINED, Source
 from sidecar.proxy.relay import Relay
@@ -62,6 +63,7 @@ class Downstream(Watch):
         "_body_left",
         "_corked",
         "_fresh",
+        "_h2",
         "_head",
         "_held",
         "_held_writes",
@@ -130,6 +132,7 @@ class Downstream(Watch):
         self._unread = False  # the client may still be sending: linger before closing
         self._linger: asyncio.TimerHandle | None = None
         self._tls_first = False  # inbound: the first read may start a mesh TLS session
+        self._h2: H2Downstream | None = None  # the connection is HTTP/2's (``_start_h2``)
         #: the caller's verified SPIFFE ID (inbound mesh TLS), and its x-meshlet-peer line
         self.peer: str | None = None
         self._peer_line = b""
@@ -175,6 +178,9 @@ class Downstream(Watch):
             if data[:1] == b"\x16":  # a TLS handshake record: no HTTP method starts so
                 self._start_tls(data)
                 return
+        if self._bytes_in == n and data[:4] == b"PRI ":  # the HTTP/2 preface (no method is PRI)
+            self._start_h2(data)
+            return
         if self._tunnel is not None:
             self._tunnel.tunnel_from_client(data)
             return
@@ -345,6 +351,22 @@ class Downstream(Watch):
         raw.set_protocol(layer)
         layer.connection_made(raw)
         layer.data_received(first)
+
+    # -- HTTP/2 with prior knowledge (``h2conn``) -------------------------------------------
+
+    def _start_h2(self, first: bytes) -> None:
+        """The client opened with the HTTP/2 preface: the connection is an ``H2Downstream``'s
+        from now on, each of its streams a request; this one stays its ``origin`` (routes,
+        limits, metrics) and is told of draining."""
+        raw = self.transport
+        assert raw is not None
+        self._closing = True  # (nothing more reaches the parser)
+        self._cancel_timer()
+        tracker = self.tracker
+        self._h2 = h2 = H2Downstream(self, self.loop, self.timeouts.idle, tracker.h2_limits)
+        raw.set_protocol(h2)
+        h2.connection_made(raw)
+        h2.data_received(first)
 
     def _tls_verdict(self, layer: TlsLayer, peer: str | None) -> str | None:
         """The handshake is done (the peer's certificate chains to the trust bundle): the
@@ -604,6 +626,9 @@ class Downstream(Watch):
     def drain(self) -> None:
         """Finish what is in flight, then close; close at once if idle."""
         self.draining = True
+        if self._h2 is not None:
+            self._h2.drain()
+            return
         if self._relay is not None:
             self._relay.close()
             return

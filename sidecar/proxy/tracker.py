@@ -13,6 +13,7 @@ from sidecar.errors import Reason
 from sidecar.http.http1 import RequestHead
 from sidecar.proxy.egress import Egress
 from sidecar.proxy.guard import InboundGuard
+from sidecar.proxy.h2guard import H2Counters, H2Limits
 from sidecar.proxy.intercept import Interception
 from sidecar.proxy.limits import Admission, ListenerCounters, ListenerLimits, Source
 from sidecar.proxy.routing import Route
@@ -50,6 +51,7 @@ class ConnectionTracker:
         interception: Interception | None = None,
         egress: Egress | None = None,
         guard: InboundGuard | None = None,
+        h2_limits: H2Limits | None = None,
     ) -> None:
         self.direction = direction
         #: the service every request here is for (inbound: this sidecar's); "": by route
@@ -68,6 +70,9 @@ class ConnectionTracker:
         self.egress = egress
         #: inbound: mesh TLS and who may call (None: plaintext only, anyone)
         self.guard = guard
+        #: what an HTTP/2 client connection may ask (``h2guard``), and what they did
+        self.h2_limits = h2_limits or H2Limits()
+        self.h2 = H2Counters()
 
     def __repr__(self) -> str:
         return (
