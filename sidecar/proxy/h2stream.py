@@ -288,9 +288,7 @@ class H2Stream:
         if resp.status != 101:  # (never asked for: no upgrade over HTTP/2)
             self._send_headers(http2.response_headers(resp), False)
 
-    def head(
-        self, resp: ResponseHead, *, version: str, head_request: bool, keep_alive: bool
-    ) -> bool:
+    def head(self, resp: ResponseHead, version: str, head_request: bool, keep_alive: bool) -> bool:
         self._send_headers(http2.response_headers(resp), False)
         return True
 
