@@ -16,7 +16,9 @@ import grpc
 import pytest
 from grpc_tools import protoc
 
-from tests.sidecar.conftest import LOCAL, Mesh, service
+from control_plane.wire import Endpoint
+from sidecar.proxy.pool import Pool
+from tests.sidecar.conftest import LOCAL, Mesh, Upstream, get, request, service
 
 MakeMesh = Callable[..., Awaitable[Mesh]]
 
@@ -183,3 +185,53 @@ async def test_large_messages_both_ways_under_flow_control(
         name = "x" * (3 * 1024 * 1024)
         answer = await stub.Hello(pb[0].Ask(name=name), timeout=20)
     assert answer.text == "hello " + name
+
+
+async def test_an_http1_caller_reaches_an_http2_upstream(
+    pb: tuple[ModuleType, ModuleType], servers: Servers, make_mesh: MakeMesh
+) -> None:
+    """``protocol: http2`` takes an HTTP/1.1 request to the h2c upstream too: a gRPC call
+    made by hand, whose answer has no length, comes back chunked, with its trailers."""
+    port = await servers("one")
+    mesh = await make_mesh({"greeter": service(port, protocol="http2")})
+    message = pb[0].Ask(name="h1").SerializeToString()
+    body = b"\0" + len(message).to_bytes(4, "big") + message
+    raw = (
+        b"POST /meshtest.Greeter/Hello HTTP/1.1\r\nHost: greeter\r\n"
+        b"Content-Type: application/grpc\r\nTE: trailers\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    (resp,) = await request(mesh.outbound, raw)
+    assert resp.status == 200
+    assert resp.header("transfer-encoding") == "chunked"
+    answer = pb[0].Answer.FromString(resp.body[5:])
+    assert (answer.text, answer.server) == ("hello h1", "one")
+    assert ("grpc-status", "0") in resp.trailers
+
+
+async def test_auto_keeps_an_http1_callers_protocol(
+    upstreams: Callable[[str], Awaitable[Upstream]], make_mesh: MakeMesh
+) -> None:
+    """``protocol: auto`` calls an HTTP/1.1 upstream for an HTTP/1.1 caller (HTTP/2 would be
+    refused by it)."""
+    up = await upstreams("up")
+    mesh = await make_mesh({"svc": service(up.port, protocol="auto")})
+    (resp,) = await request(mesh.outbound, get("/echo/auto"))
+    assert resp.status == 200
+    assert b'"version": "1.1"' in resp.body
+
+
+async def test_an_idle_http2_connection_closes_after_the_idle_timeout(servers: Servers) -> None:
+    """A pool's HTTP/2 connection with no stream for ``idle_timeout`` goes; one in use stays."""
+    port = await servers("idle")
+    pool = Pool(Endpoint(LOCAL, port), idle_timeout=0.2)
+    first = await pool.connect(h2=True)
+    second = pool.take_stream()
+    assert second is not None  # (a stream of the same connection)
+    assert pool.statistics().h2_connections == 1
+    pool.release(first)
+    await asyncio.sleep(0.4)
+    assert pool.statistics().h2_connections == 1  # the other stream holds it
+    pool.release(second)
+    await asyncio.sleep(0.4)
+    assert pool.statistics().h2_connections == 0
