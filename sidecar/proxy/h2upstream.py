@@ -149,6 +149,9 @@ class H2Upstream(asyncio.Protocol):
                     each.push()
             return
         if channel is None:
+            if isinstance(event, DataReceived) and event.flow_controlled_length:
+                # (a stream given up: its window is the connection's too)
+                self.h2.acknowledge_received_data(event.flow_controlled_length, stream_id)
             return
         if isinstance(event, ResponseReceived):
             channel.response(event.headers, event.stream_ended is not None)
@@ -174,7 +177,7 @@ class H2Upstream(asyncio.Protocol):
         last = last_stream_id or 0
         for stream_id in [s for s in self._channels if s > last]:
             self._channels.pop(stream_id).lost(None, refused=True)
-        if not self._channels:
+        if not self.taken:
             self.abort()
 
     # -- for channels and links -----------------------------------------------------------
@@ -205,7 +208,7 @@ class H2Upstream(asyncio.Protocol):
             if stream is not None and not stream.closed:
                 self.h2.reset_stream(stream_id, ErrorCodes.CANCEL)
                 self.flush()
-        if self.goaway and not self._channels:
+        if self.goaway and not self.taken:
             self.abort()
         elif not self.taken and self._idle is None:
             self._idle = self.links.loop.call_later(self.links.idle_timeout, self._idled)
@@ -293,6 +296,11 @@ class H2Channel(Carrier):
     def send(self, owner: ResponseSink, data: bytes, client: Corkable) -> None:
         """(``client`` is not corked: the codec's bytes go out once per read anyway.)"""
         self.owner = owner
+        conn = self._conn
+        if conn is None or conn.goaway:  # it went away since this channel was taken
+            self._refused = True  # (the server never saw it: it may go again)
+            self._fail(None)
+            return
         self.write(data)
 
     def write(self, data: bytes) -> None:
@@ -457,10 +465,7 @@ class H2Channel(Carrier):
         conn = self._conn
         if conn is None or not n or not self.stream_id:
             return
-        try:
-            conn.h2.acknowledge_received_data(n, self.stream_id)
-        except (ProtocolError, StreamClosedError, KeyError):
-            return
+        conn.h2.acknowledge_received_data(n, self.stream_id)
         conn.flush()
 
     # -- use by exchanges and the pool (``Carrier``) --------------------------------------
