@@ -52,16 +52,18 @@ def pb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ModuleType, M
         sys.modules.pop("meshtest_pb2_grpc", None)
 
 
-Servers = Callable[..., Awaitable[int]]
+class Servers:
+    """grpcio servers started for a test, each naming itself in its answers."""
 
+    def __init__(self, pb: tuple[ModuleType, ModuleType]) -> None:
+        self.pb = pb
+        self.started: list[grpc.aio.Server] = []
 
-@pytest.fixture
-async def servers(pb: tuple[ModuleType, ModuleType]) -> AsyncIterator[Servers]:
-    """Start grpcio servers, each naming itself in its answers: their ports."""
-    msgs, stubs = pb
-    started: list[grpc.aio.Server] = []
+    async def __call__(self, name: str, max_streams: int = 0, delay: float = 0.0) -> int:
+        """Start one (``max_streams``: its MAX_CONCURRENT_STREAMS; ``delay``: seconds each
+        unary call takes): its port."""
+        msgs, stubs = self.pb
 
-    async def start(name: str, max_streams: int = 0, delay: float = 0.0) -> int:
         class Greeter(stubs.GreeterServicer):  # type: ignore[name-defined,misc]
             async def Hello(self, ask: Any, context: grpc.aio.ServicerContext) -> Any:
                 if ask.name == "fail":
@@ -79,11 +81,15 @@ async def servers(pb: tuple[ModuleType, ModuleType]) -> AsyncIterator[Servers]:
         stubs.add_GreeterServicer_to_server(Greeter(), server)
         port = server.add_insecure_port(f"{LOCAL}:0")
         await server.start()
-        started.append(server)
+        self.started.append(server)
         return int(port)
 
-    yield start
-    for server in started:
+
+@pytest.fixture
+async def servers(pb: tuple[ModuleType, ModuleType]) -> AsyncIterator[Servers]:
+    made = Servers(pb)
+    yield made
+    for server in made.started:
         await server.stop(None)
 
 
@@ -235,3 +241,25 @@ async def test_an_idle_http2_connection_closes_after_the_idle_timeout(servers: S
     pool.release(second)
     await asyncio.sleep(0.4)
     assert pool.statistics().h2_connections == 0
+
+
+async def test_an_endpoint_shutting_down_loses_no_call(
+    pb: tuple[ModuleType, ModuleType], servers: Servers, make_mesh: MakeMesh
+) -> None:
+    """A server that stops gracefully (GOAWAY, then its port closed) under load: calls it
+    refused or never saw go to the other endpoint, none fails."""
+    ports = [await servers("going"), await servers("staying")]
+    going = servers.started[0]
+    mesh = await make_mesh({"greeter": service(*ports, protocol="http2", lb="round_robin")})
+    channel, stub = stub_to(pb, mesh.outbound, "greeter")
+    seen: Counter[str] = Counter()
+    async with channel:
+        for batch in range(60):
+            if batch == 20:
+                stopping = asyncio.create_task(going.stop(0.5))
+            calls = [stub.Hello(pb[0].Ask(name="x"), timeout=10) for _ in range(5)]
+            for answer in await asyncio.gather(*calls):
+                seen[answer.server] += 1
+        await stopping
+    assert sum(seen.values()) == 300
+    assert 50 <= seen["going"] < 100, seen  # (a round robin's half until it went away)
