@@ -152,11 +152,14 @@ async def test_one_channel_spreads_over_three_endpoints(
     assert sum(seen.values()) == 3000
     for name in ("a", "b", "c"):
         assert 0.25 <= seen[name] / 3000 <= 0.42, seen
-    # a few HTTP/2 connections carried them, not one per call
+    # one HTTP/2 connection to each endpoint carried them, not one per call
     pools = [p for p in mesh.sidecar.pools if p.endpoint.port in ports]
-    assert all(0 < p.statistics().h2_connections <= 2 for p in pools), [
-        p.statistics() for p in pools
-    ]
+    assert [p.statistics().h2_connections for p in pools] == [1, 1, 1], pools
+    reader, writer = await asyncio.open_connection(LOCAL, mesh.sidecar.addresses["metrics"].port)
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    text = (await reader.read()).decode()
+    writer.close()
+    assert 'meshlet_upstream_connections{service="greeter",state="http2"} 3' in text
 
 
 async def test_streams_past_the_servers_limit_open_another_connection(
