@@ -63,6 +63,7 @@ class H2Upstream(asyncio.Protocol):
     __slots__ = (
         "_channels",
         "_idle",
+        "_reading",
         "closed",
         "goaway",
         "h2",
@@ -84,6 +85,7 @@ class H2Upstream(asyncio.Protocol):
             },
         )
         self._channels: dict[int, H2Channel] = {}
+        self._reading = False  # in ``data_received``: what the codec has goes out at its end
         self.taken = 0  # channels handed out and not yet done with
         self.goaway = False  # no new stream may start here
         self.closed = False
@@ -110,8 +112,12 @@ class H2Upstream(asyncio.Protocol):
             self.flush()  # (the codec's GOAWAY)
             self.abort()
             return
-        for event in events:
-            self._on_event(event)
+        self._reading = True
+        try:
+            for event in events:
+                self._on_event(event)
+        finally:
+            self._reading = False
         self.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -232,6 +238,9 @@ class H2Upstream(asyncio.Protocol):
         return not self.closed and self.transport is not None and not self.transport.is_closing()
 
     def flush(self) -> None:
+        """Write what the codec has to send (once a read, while one is handled)."""
+        if self._reading:
+            return
         data = self.h2.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
