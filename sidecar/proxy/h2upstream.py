@@ -317,11 +317,11 @@ class H2Channel(Carrier):
             return
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError:  # (can't happen: the sidecar framed it)
+            if self._in_body and not self._head_sent:  # (its HEADERS go before any body)
+                self._start(end=self._ended and not self._body and not self._trailers)
+        except (httptools.HttpParserError, ProtocolError):  # (the codec refused the head)
             self._fail(None)
             return
-        if self._ended and not self._head_sent:
-            self._start(end=not self._body and not self._trailers)
         self.push()
 
     def on_url(self, url: bytes) -> None:

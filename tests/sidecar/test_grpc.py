@@ -28,6 +28,8 @@ package meshtest;
 service Greeter {
   rpc Hello (Ask) returns (Answer);
   rpc Count (Ask) returns (stream Answer);
+  rpc Gather (stream Ask) returns (Answer);
+  rpc Chat (stream Ask) returns (stream Answer);
 }
 message Ask { string name = 1; int32 n = 2; }
 message Answer { string text = 1; string server = 2; }
@@ -75,6 +77,14 @@ class Servers:
             async def Count(self, ask: Any, context: grpc.aio.ServicerContext) -> Any:
                 for i in range(ask.n):
                     yield msgs.Answer(text=str(i), server=name)
+
+            async def Gather(self, asks: Any, context: grpc.aio.ServicerContext) -> Any:
+                names = [ask.name async for ask in asks]
+                return msgs.Answer(text=",".join(names), server=name)
+
+            async def Chat(self, asks: Any, context: grpc.aio.ServicerContext) -> Any:
+                async for ask in asks:
+                    yield msgs.Answer(text=f"re: {ask.name}", server=name)
 
         options = [("grpc.max_concurrent_streams", max_streams)] if max_streams else []
         server = grpc.aio.server(options=options)
@@ -266,3 +276,26 @@ async def test_an_endpoint_shutting_down_loses_no_call(
         await stopping
     assert sum(seen.values()) == 300
     assert 50 <= seen["going"] < 100, seen  # (a round robin's half until it went away)
+
+
+async def test_client_and_bidi_streaming_through_two_sidecars(
+    pb: tuple[ModuleType, ModuleType], servers: Servers, make_mesh: MakeMesh
+) -> None:
+    """A client stream, and a conversation where each answer comes before the next ask is
+    sent (the request's HEADERS go before its body, the answers while it is still open)."""
+    port = await servers("app")
+    callee = await make_mesh({}, app_port=port, app_protocol="http2")
+    caller = await make_mesh({"greeter": service(callee.inbound, protocol="http2")})
+    msgs = pb[0]
+    channel, stub = stub_to(pb, caller.outbound, "greeter")
+    async with channel:
+        gathered = await stub.Gather(iter([msgs.Ask(name=str(i)) for i in range(100)]), timeout=10)
+        assert gathered.text == ",".join(str(i) for i in range(100))
+        chat = stub.Chat(timeout=10)
+        for word in ("one", "two", "three"):
+            await chat.write(msgs.Ask(name=word))
+            answer = await chat.read()
+            assert answer.text == f"re: {word}"
+        await chat.done_writing()
+        assert await chat.read() == grpc.aio.EOF
+        assert await chat.code() == grpc.StatusCode.OK
