@@ -106,7 +106,10 @@ class Sidecar:
         )
         self.tables.guard = self.inbound.guard
         self.app_router = AppRouter(
-            Endpoint(config.app.host, config.app.port), self.app_pools, metrics=metrics
+            Endpoint(config.app.host, config.app.port),
+            self.app_pools,
+            metrics=metrics,
+            protocol=config.app_protocol,
         )
         self.metrics = SidecarMetrics(self) if metrics else None
         self.draining = False

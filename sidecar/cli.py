@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from control_plane.flags import FlagParser, host_port, number, ports
+from control_plane.wire import PROTOCOLS
 from sidecar import build_error
 from sidecar.config import LOG_LEVELS, OPAQUE_PORTS, OUTBOUND_POLICIES, Listen, SidecarConfig
 from sidecar.errors import ConfigError
@@ -60,6 +61,12 @@ def build_parser(prog: str) -> FlagParser:
         "sidecar",
         "register the inbound listener or the app itself",
         choices=("sidecar", "app"),
+    )
+    p.flag(
+        "--app-protocol",
+        "http1",
+        "how the inbound speaks to the app: http1, http2 (h2c) or auto (the caller's)",
+        choices=PROTOCOLS,
     )
     p.flag("--state-dir", ".meshlet", "where the last good table is kept")
     p.flag("--app-health", "/healthz", "path on the app to check, or none")

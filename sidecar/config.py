@@ -59,6 +59,9 @@ class SidecarConfig:
     """address other sidecars reach this one at; empty: this host's address"""
     register: str = "sidecar"
     """register the inbound listener (sidecar) or the app itself (app)"""
+    app_protocol: str = "http1"
+    """how the inbound speaks to the app: http1, http2 (h2c, prior knowledge) or auto (the
+    caller's protocol); gRPC apps want http2 or auto"""
     state_dir: str = ".meshlet"
     """where the last good table is kept for starts without a control plane"""
     app_health: str = "/healthz"
@@ -146,6 +149,8 @@ class SidecarConfig:
         urls = control_plane_urls(self.control_plane)
         if self.ca_file and not any(url.startswith("https://") for url in urls):
             raise ConfigError("ca_file", "verifies an https:// --control-plane; there is none")
+        if self.app_protocol not in wire.PROTOCOLS:
+            raise ConfigError("app_protocol", f"must be one of {', '.join(wire.PROTOCOLS)}")
         if self.register not in ("sidecar", "app"):
             raise ConfigError("register", "must be sidecar or app")
         if not self.app_health_interval > 0:

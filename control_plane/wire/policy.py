@@ -17,6 +17,7 @@ HASH_ON = re.compile(r"(header|cookie|query):[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}|p
 RETRY_ON_EVENTS = ("connect-failure", "reset")
 _STATUS_TEXT = re.compile(r"[45][0-9][0-9]", re.ASCII)
 MTLS_MODES = ("permissive", "strict")
+PROTOCOLS = ("http1", "http2", "auto")
 MAX_ALLOW_FROM = 256
 
 
@@ -238,6 +239,12 @@ class Policy:
         'hedged requests: "off" (null) or {"after_ms": N}',
         parse=_parse_hedge,
         schema=_HEDGE_SCHEMA,
+    )
+    protocol: str = spec(
+        "http1",
+        "how the sidecar speaks to the service's endpoints: http1, http2 (h2c, prior "
+        "knowledge; each request balanced on its own), or auto (the caller's protocol)",
+        choices=PROTOCOLS,
     )
     mtls: str = spec(
         "permissive",

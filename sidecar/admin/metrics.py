@@ -249,7 +249,7 @@ class SidecarMetrics:
         table = sc.tables.current
         now = sc.pools.clock.monotonic()
         for name, entry in table.table.services.items() if table else ():
-            idle = busy = 0
+            idle = busy = h2 = 0
             many = len(entry.endpoints) > MAX_ENDPOINT_SERIES
             for e in entry.endpoints:
                 pool = sc.pools.find(e)
@@ -257,6 +257,7 @@ class SidecarMetrics:
                     counts = pool.statistics()
                     idle += counts.idle
                     busy += counts.busy
+                    h2 += counts.h2_connections
                 if many:
                     continue
                 where = f"{e.address}:{e.port}"
@@ -269,6 +270,8 @@ class SidecarMetrics:
                     failures.add([name, where], stats.failures)
             connections.add([name, "idle"], idle)
             connections.add([name, "busy"], busy)
+            if h2:  # (HTTP/2 connections carry many requests: neither idle nor busy)
+                connections.add([name, "http2"], h2)
         yield state
         yield tries
         yield failures

@@ -22,7 +22,7 @@ from sidecar.balancing.ewma import EndpointStats, Phase
 from sidecar.http import http1
 from sidecar.http.http1 import ResponseHead
 from sidecar.proxy.routing import Route
-from sidecar.proxy.upstream import UpstreamConnection
+from sidecar.proxy.upstream import Carrier
 from sidecar.resilience import classify
 from sidecar.resilience.tries import Tries
 
@@ -119,7 +119,7 @@ class Hedged:
 
     __slots__ = ("attempt", "conn", "owner")
 
-    def __init__(self, owner: HedgeOwner, conn: UpstreamConnection, attempt: Attempt) -> None:
+    def __init__(self, owner: HedgeOwner, conn: Carrier, attempt: Attempt) -> None:
         self.owner = owner
         self.conn = conn
         self.attempt = attempt

@@ -15,11 +15,11 @@ from collections.abc import Callable
 from control_plane.wire import Endpoint
 from sidecar.errors import Reason
 from sidecar.proxy.pool import Pool
-from sidecar.proxy.upstream import UpstreamConnection
+from sidecar.proxy.upstream import Carrier
 from sidecar.resilience.service import ServiceState
 
 #: what a connect calls back: the connection, or None and why there is none
-Connected = Callable[[UpstreamConnection | None, Reason, str], None]
+Connected = Callable[[Carrier | None, Reason, str], None]
 
 
 class Connect:
@@ -34,6 +34,7 @@ class Connect:
         service: ServiceState,
         timeout_ms: int,
         done: Connected,
+        h2: bool = False,
     ) -> None:
         self.endpoint: Endpoint = pool.endpoint
         self._service = service
@@ -42,9 +43,9 @@ class Connect:
         service.pending += 1
         timeout = timeout_ms / 1000
 
-        async def connect() -> UpstreamConnection:
+        async def connect() -> Carrier:
             async with asyncio.timeout(timeout):
-                return await pool.connect()
+                return await pool.connect(h2)
 
         self._task = task = loop.create_task(connect())
         task.add_done_callback(self._finished)
@@ -60,7 +61,7 @@ class Connect:
             self._service.pending -= 1
             self._task.cancel()  # (``_finished`` still runs: a connection just made is kept)
 
-    def _finished(self, task: asyncio.Task[UpstreamConnection]) -> None:
+    def _finished(self, task: asyncio.Task[Carrier]) -> None:
         done, self._done = self._done, None
         if done is None:  # given up: a connection that opened anyway goes to its pool
             if not task.cancelled() and task.exception() is None:

@@ -25,7 +25,7 @@ from sidecar.proxy.connect import Connect
 from sidecar.proxy.outbox import Outbox
 from sidecar.proxy.pool import Pool
 from sidecar.proxy.routing import Route
-from sidecar.proxy.upstream import ResponseSink, UpstreamConnection
+from sidecar.proxy.upstream import Carrier, ResponseSink
 from sidecar.resilience import classify
 from sidecar.resilience.classify import Outcome
 from sidecar.resilience.tries import BACKOFF, CONNECTING, DONE, QUEUED, RESPONDING, SENT, Tries
@@ -47,6 +47,7 @@ class Dispatch:
         "_connecting",
         "_failed_at",
         "_failure",
+        "_h2",
         "_hedged",
         "_key",
         "_retry_timer",
@@ -76,7 +77,7 @@ class Dispatch:
         self._again = again  # another try may send it (one without a body: ``out`` is None)
         self._waiting = b""  # no body: the current try's head, until a connection takes it
         self.attempt: Attempt | None = None  # the current try, while in flight
-        self.conn: UpstreamConnection | None = None  # the current try's
+        self.conn: Carrier | None = None  # the current try's
         self.endpoint: Endpoint | None = None  # the last try's
         self._key: bytes | None = None  # hash policies: the request's
         self._sent = False  # the current try has written some of the request to a connection
@@ -86,6 +87,7 @@ class Dispatch:
         self._retry_timer: asyncio.TimerHandle | None = None
         self._failure: tuple[Reason, str] | None = None  # the last try's, for the answer
         self._hedged: Hedged | None = None  # the first try, still waiting after a hedge
+        self._h2 = False  # tries go over HTTP/2 (``Route.h2``)
 
     def __repr__(self) -> str:
         hedged = ", hedged" if self._hedged is not None else ""
@@ -98,6 +100,7 @@ class Dispatch:
     def start(self, route: Route, now: float) -> None:
         """The first try (the request is routed and admitted)."""
         self.route = route
+        self._h2 = route.h2(self.head)
         if route.key_of is not None:
             self._key = route.key_of(self.head, self.client.client_ip)
         member = route.balancer.pick(self._key, ())  # (``_try``, inline: once a request)
@@ -158,7 +161,8 @@ class Dispatch:
             out.first(data)
         self.client.expect_route_at(tries.next_deadline())
         pool = route.pool_for(member.endpoint)
-        conn = pool.take_idle()
+        # (HTTP/2 is h2c only yet: an endpoint called over mesh TLS gets HTTP/1.1)
+        conn = pool.take_stream() if self._h2 and not pool.identity else pool.take_idle()
         if conn is not None:
             self._send_on(conn)
         else:
@@ -186,9 +190,10 @@ class Dispatch:
             return
         self.tries.state = CONNECTING
         loop, timeout_ms = self.client.loop, policy.connect_timeout_ms
-        self._connecting = Connect(loop, pool, service, timeout_ms, self._connected)
+        h2 = self._h2 and not pool.identity
+        self._connecting = Connect(loop, pool, service, timeout_ms, self._connected, h2)
 
-    def _connected(self, conn: UpstreamConnection | None, reason: Reason, detail: str) -> None:
+    def _connected(self, conn: Carrier | None, reason: Reason, detail: str) -> None:
         self._connecting = None
         if conn is None:
             self.try_failed(reason, detail)
@@ -200,7 +205,7 @@ class Dispatch:
             self._connecting.cancel()
             self._connecting = None
 
-    def _send_on(self, conn: UpstreamConnection) -> None:
+    def _send_on(self, conn: Carrier) -> None:
         """Send on a live connection (a pooled one is checked by ``take_idle``)."""
         owner = self.owner
         if owner is None:  # (cancelled: nothing calls back then)
@@ -257,9 +262,7 @@ class Dispatch:
             tries.hedge_won()
         return True
 
-    def failed(
-        self, conn: UpstreamConnection | None, exc: BaseException | None, protocol_error: bool
-    ) -> None:
+    def failed(self, conn: Carrier | None, exc: BaseException | None, protocol_error: bool) -> None:
         """The try's connection ``conn`` failed before a response head went to the client."""
         if (
             not protocol_error
@@ -267,7 +270,7 @@ class Dispatch:
             and conn.stale()
             and not self._stale_retried
             and self._replayable()
-            and self.head.method in http1.IDEMPOTENT
+            and (self._h2 or self.head.method in http1.IDEMPOTENT)  # (h2: refused, unseen)
         ):
             self._stale_retried = True  # the same try again, on a fresh connection
             data = self._request_head(self.client.loop.time())
@@ -434,7 +437,7 @@ class Dispatch:
                 conn.reusable = False
             conn.pool.release(conn)
 
-    def close(self) -> UpstreamConnection | None:
+    def close(self) -> Carrier | None:
         """Let go of the current connection, which is never reused; it is returned."""
         conn, self.conn = self.conn, None
         if conn is not None:

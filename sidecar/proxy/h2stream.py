@@ -155,7 +155,8 @@ class H2Stream:
             return
         if self._pace is not None:
             self._pace.body(self.loop.time(), len(data))
-        ex.request_body(data)
+        if data:  # (an empty DATA frame, END_STREAM's carrier, would chunk as the last chunk)
+            ex.request_body(data)
         if self._paused:
             self._held_acks += flow_controlled
         else:

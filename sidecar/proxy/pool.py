@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from control_plane.wire import Endpoint
 from sidecar.balancing.ewma import EndpointStats, Exclusions
 from sidecar.clock import monotonic
+from sidecar.proxy.h2upstream import H2Channel, H2Links
 from sidecar.proxy.tlslayer import TlsLayer
-from sidecar.proxy.upstream import Home, UpstreamConnection
+from sidecar.proxy.upstream import Carrier, Home, UpstreamConnection
 from sidecar.tls import MeshTls
 
 
@@ -24,6 +25,7 @@ class PoolStatistics:
     busy: int
     connects: int
     reuses: int
+    h2_connections: int
 
 
 class Pool(Home):
@@ -67,6 +69,7 @@ class Pool(Home):
         self.tls_resumed = 0
         # a session to resume on the next mesh TLS connection (taken once its ticket came)
         self._tls_session: ssl.SSLSession | None = None
+        self._h2: H2Links | None = None  # HTTP/2 connections, from the first
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         # asyncio.get_running_loop() makes a getpid() system call on Python 3.11: per
@@ -87,10 +90,19 @@ class Pool(Home):
                 return conn
         return None
 
-    async def connect(self) -> UpstreamConnection:
+    def take_stream(self) -> H2Channel | None:
+        """A stream on an HTTP/2 connection that has one free, or None."""
+        return self._h2.take() if self._h2 is not None else None
+
+    async def connect(self, h2: bool = False) -> Carrier:
         """A new connection (over mesh TLS when the endpoint has an identity and this sidecar
-        a certificate); the caller bounds the time with ``asyncio.timeout``."""
+        a certificate), or (``h2``) a stream on a new HTTP/2 connection (h2c: never over
+        mesh TLS yet); the caller bounds the time with ``asyncio.timeout``."""
         loop = self._event_loop()
+        if h2:  # (its links count the connection opening, not the tries waiting for it)
+            if self._h2 is None:
+                self._h2 = H2Links(self, self.idle_timeout, loop)
+            return await self._h2.connect()
         context = None if self.mesh is None or not self.identity else self.mesh.client
         self._connecting += 1
         try:
@@ -141,10 +153,14 @@ class Pool(Home):
 
     def size(self) -> int:
         """Connections open or opening."""
-        return len(self._all) + self._connecting
+        h2 = self._h2.size() if self._h2 is not None else 0
+        return len(self._all) + self._connecting + h2
 
-    def release(self, conn: UpstreamConnection) -> None:
+    def release(self, conn: Carrier) -> None:
         """Back to the pool after a complete response, or closed when it cannot be reused."""
+        if not isinstance(conn, UpstreamConnection):
+            conn.close()  # (an HTTP/2 stream: its connection takes another)
+            return
         if not conn.reusable or len(self._idle) >= self.max_idle or self._closed:
             self._all.discard(conn)
             conn.close()
@@ -193,8 +209,11 @@ class Pool(Home):
         if idle:
             self._sweeper = loop.call_at(idle[0].idle_since + self.idle_timeout, self._sweep)
 
-    def discard(self, conn: UpstreamConnection) -> None:
+    def discard(self, conn: Carrier) -> None:
         """Forget a connection that closed."""
+        if not isinstance(conn, UpstreamConnection):
+            conn.close()
+            return
         with contextlib.suppress(ValueError):
             self._idle.remove(conn)
         self._all.discard(conn)
@@ -209,6 +228,8 @@ class Pool(Home):
         for conn in idle:
             self._all.discard(conn)
             conn.close()
+        if self._h2 is not None:
+            self._h2.close()
 
     def statistics(self) -> PoolStatistics:
         return PoolStatistics(
@@ -216,9 +237,12 @@ class Pool(Home):
             busy=len(self._all) - len(self._idle),
             connects=self._connects,
             reuses=self._reuses,
+            h2_connections=self._h2.size() if self._h2 is not None else 0,
         )
 
     def __repr__(self) -> str:
         s = self.statistics()
         e = self.endpoint
-        return f"<Pool {e.address}:{e.port} [{s.busy} busy, {s.idle} idle | {s.connects} connects]>"
+        h2 = f", {s.h2_connections} HTTP/2" if s.h2_connections else ""
+        state = f"{s.busy} busy, {s.idle} idle{h2} | {s.connects} connects"
+        return f"<Pool {e.address}:{e.port} [{state}]>"

@@ -29,6 +29,8 @@ from sidecar.balancing.ewma import EndpointStats, Exclusions
 from sidecar.balancing.hashing import KeyOf, key_function
 from sidecar.clock import Clock, SystemClock, wall
 from sidecar.errors import Reason, TableError
+from sidecar.http import http2
+from sidecar.http.http1 import RequestHead
 from sidecar.proxy.guard import InboundGuard
 from sidecar.proxy.pool import Pool
 from sidecar.resilience.service import Services, ServiceState
@@ -60,6 +62,14 @@ class Route:
 
     def __post_init__(self) -> None:
         self.tries = TryPolicy.of(self.policy, relay=self.relay)
+
+    def h2(self, head: RequestHead) -> bool:
+        """Whether a request goes upstream over HTTP/2 (``protocol``; ``auto``: as it came).
+        An upgrade (WebSocket) goes over HTTP/1.1, where it exists."""
+        protocol = self.policy.protocol
+        if protocol == "http1" or head.upgrade:
+            return False
+        return protocol == "http2" or head.version == http2.VERSION
 
 
 class Router(Protocol):
@@ -337,9 +347,12 @@ APP_CONNECT_TIMEOUT_MS = 5_000
 class AppRouter:
     """The inbound listener's only route: the local application."""
 
-    def __init__(self, endpoint: Endpoint, pools: Pools, *, metrics: bool = True) -> None:
+    def __init__(
+        self, endpoint: Endpoint, pools: Pools, *, metrics: bool = True, protocol: str = "http1"
+    ) -> None:
         policy = Policy(
             lb="round_robin",
+            protocol=protocol,
             retries=0,
             # A busy app whose accept queue is full drops the SYN, and the kernel sends it again
             # only after 1 s (its first retransmission timeout): 1 s, the outbound default,

@@ -68,12 +68,58 @@ class Home:
 
     endpoint: Endpoint
 
-    def release(self, conn: UpstreamConnection) -> None:
+    def release(self, conn: Carrier) -> None:
         """Back to the pool after a complete response, or closed when it cannot be reused."""
         raise NotImplementedError
 
-    def discard(self, conn: UpstreamConnection) -> None:
+    def discard(self, conn: Carrier) -> None:
         """Forget a connection that closed."""
+        raise NotImplementedError
+
+
+class Carrier(asyncio.Protocol):
+    """What carries one try's request to an endpoint and its response back, as the exchange
+    and its dispatch see it: an HTTP/1.1 connection (``UpstreamConnection``) or one stream of
+    an HTTP/2 connection (``h2upstream.H2Channel``). A base class, as ``Home`` is: compiled,
+    the calls stay native. The request goes as HTTP/1.1 bytes (``http1.upstream_request``,
+    then the framed body) whatever the carrier speaks."""
+
+    __slots__ = ("owner", "pool", "received", "reusable")
+
+    owner: ResponseSink | None
+    """the exchange the current response goes to"""
+    pool: Home
+    received: bool
+    """a byte of the current response came"""
+    reusable: bool
+
+    def send(self, owner: ResponseSink, data: bytes, client: Corkable) -> None:
+        """Start a request: ``owner`` gets the response, which goes to ``client``; ``data``
+        is its head (and body)."""
+        raise NotImplementedError
+
+    def write(self, data: bytes) -> None:
+        """More of the request's (framed) body."""
+        raise NotImplementedError
+
+    def pause_reading(self, paused: bool) -> None:
+        """Hold the response (the client is not taking it), or go on."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Give the request up; never reused."""
+        raise NotImplementedError
+
+    def stale(self) -> bool:
+        """The request failed before a byte of its response for a reason that says nothing
+        of the endpoint (a pooled connection gone stale): it may go again, on a fresh one."""
+        raise NotImplementedError
+
+    def alive(self) -> bool:
+        raise NotImplementedError
+
+    def tunnel_to(self, write: Callable[[bytes], None]) -> None:
+        """After a 101: every byte from the upstream goes to ``write`` unparsed."""
         raise NotImplementedError
 
 
@@ -95,7 +141,7 @@ class _WholeHeads:
         self.on_message_complete = conn.on_message_complete
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection(Carrier):
     """One connection to an upstream endpoint, parsing responses.
 
     A response is handed over complete only once the read it ended in has been parsed, so
@@ -126,11 +172,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_status",
         "_whole",
         "idle_since",
-        "owner",
-        "pool",
-        "received",
         "requests",
-        "reusable",
         "transport",
     )
 

@@ -28,6 +28,7 @@ def test_empty_document_is_all_defaults() -> None:
     assert policy.zone_aware is True
     assert policy.hedge is None
     assert policy.mtls == "permissive"
+    assert policy.protocol == "http1"
     assert policy.allow_from == ("*",)
     assert policy.hash_balance_factor == 1.25
 
@@ -61,6 +62,7 @@ def test_full_document_round_trips() -> None:
         "slow_start_ms": 0,
         "zone_aware": False,
         "hedge": {"after_ms": 50},
+        "protocol": "http2",
         "mtls": "strict",
         "allow_from": ["web", "orders"],
     }
@@ -75,6 +77,7 @@ def test_full_document_round_trips() -> None:
     [
         ({"lb": "fastest"}, "lb", "must be one of round_robin"),
         ({"mtls": "on"}, "mtls", "must be one of permissive, strict"),
+        ({"protocol": "h2"}, "protocol", "must be one of http1, http2, auto"),
         ({"allow_from": "web"}, "allow_from", "must be an array"),
         ({"allow_from": ["web", "web"]}, "allow_from[1]", "'web' is listed twice"),
         ({"allow_from": ["Web!"]}, "allow_from[0]", "must be a DNS label"),

@@ -196,3 +196,15 @@ def test_mtls_is_on_by_default_and_off_by_flag_or_environment(
     monkeypatch.setenv("MESHLET_MTLS", "strict")
     (line,) = refused(BASE, capsys)[-1:]
     assert line == f"{PROG}: error: MESHLET_MTLS='strict': must be one of on, off"
+
+
+def test_app_protocol_is_http1_by_default_and_checked(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert parse_config(BASE, PROG).app_protocol == "http1"
+    assert parse_config([*BASE, "--app-protocol", "http2"], PROG).app_protocol == "http2"
+    monkeypatch.setenv("MESHLET_APP_PROTOCOL", "auto")
+    assert parse_config(BASE, PROG).app_protocol == "auto"
+    monkeypatch.setenv("MESHLET_APP_PROTOCOL", "h2")
+    (line,) = refused(BASE, capsys)[-1:]
+    assert line == f"{PROG}: error: MESHLET_APP_PROTOCOL='h2': must be one of http1, http2, auto"

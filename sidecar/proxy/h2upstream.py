@@ -1,0 +1,585 @@
+"""Upstream HTTP/2 (h2c, prior knowledge): a connection (``H2Upstream``) multiplexes
+requests, each on a stream that is the try's ``Carrier`` (``H2Channel``); ``H2Links`` keeps
+an endpoint's connections for its ``pool.Pool``.
+
+A channel takes the request as the exchange writes it for HTTP/1.1 (``upstream_request``,
+then the framed body) and reads it back with httptools into HEADERS, DATA and trailers: the
+exchange, its retries, timeouts, hedging and records stay as they are. The response goes to
+the exchange through the same ``ResponseSink`` an HTTP/1.1 connection calls. Each way has
+HTTP/2 flow control: the request body goes as far as the server's windows allow and the
+client is paused past ``OUT_LIMIT`` bytes waiting; the response's window is given back only
+while the exchange reads (``pause_reading``).
+
+A connection takes channels while its streams (counted from when a channel is handed out,
+not when its HEADERS go) are fewer than the server's ``MAX_CONCURRENT_STREAMS``; a GOAWAY or
+a broken connection takes no more. A stream the server refused (REFUSED_STREAM, or above a
+GOAWAY's last stream) before answering is ``stale``: the dispatch sends it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from typing import Final, cast
+
+import httptools
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    Event,
+    RemoteSettingsChanged,
+    ResponseReceived,
+    StreamEnded,
+    StreamReset,
+    TrailersReceived,
+    WindowUpdated,
+)
+from h2.exceptions import ProtocolError, StreamClosedError
+from h2.settings import SettingCodes, Settings
+
+from sidecar.http import http1
+from sidecar.proxy.upstream import Carrier, Corkable, Home, ResponseSink
+
+#: request body bytes a channel holds for a server whose window is spent, before the client
+#: is paused
+OUT_LIMIT: Final = 64 * 1024
+#: response bytes the whole connection may have in flight to the sidecar (each stream: 64 KiB)
+CONNECTION_WINDOW: Final = 1024 * 1024
+_DEFAULT_WINDOW: Final = 65_535
+#: request headers an HTTP/2 request may not carry (RFC 9113 8.2.2), or that become
+#: pseudo-headers (``host``)
+_NOT_SENT: Final = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"host"}
+)
+
+
+class H2Upstream(asyncio.Protocol):
+    """One h2c connection to an endpoint: its codec and its channels by stream id."""
+
+    __slots__ = (
+        "_channels",
+        "_idle",
+        "_reading",
+        "closed",
+        "goaway",
+        "h2",
+        "links",
+        "settled",
+        "taken",
+        "transport",
+    )
+
+    def __init__(self, links: H2Links) -> None:
+        self.links = links
+        self._idle: asyncio.TimerHandle | None = None  # closes it after ``links.idle_timeout``
+        self.h2 = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        self.h2.local_settings = Settings(
+            client=True,
+            initial_values={
+                SettingCodes.ENABLE_PUSH: 0,
+                SettingCodes.MAX_HEADER_LIST_SIZE: http1.MAX_HEAD_BYTES,
+            },
+        )
+        self._channels: dict[int, H2Channel] = {}
+        self._reading = False  # in ``data_received``: what the codec has goes out at its end
+        self.taken = 0  # channels handed out and not yet done with
+        self.goaway = False  # no new stream may start here
+        self.closed = False
+        self.transport: asyncio.Transport | None = None
+        #: the server's first SETTINGS came (its stream limit is known), or the connection went
+        self.settled: asyncio.Future[None] = links.loop.create_future()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "goaway" if self.goaway else "open"
+        return f"<H2Upstream {state}, {self.taken} streams taken>"
+
+    # -- asyncio.Protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.h2.initiate_connection()
+        self.h2.increment_flow_control_window(CONNECTION_WINDOW - _DEFAULT_WINDOW)
+        self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.h2.receive_data(data)
+        except ProtocolError:
+            self.flush()  # (the codec's GOAWAY)
+            self.abort()
+            return
+        self._reading = True
+        try:
+            for event in events:
+                self._on_event(event)
+        finally:
+            self._reading = False
+        self.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = self.goaway = True
+        self._settle()
+        self._stop_idle()
+        self.links.forget(self)
+        channels = list(self._channels.values())
+        self._channels.clear()
+        for channel in channels:
+            channel.lost(exc, refused=False)
+
+    def pause_writing(self) -> None:
+        for channel in self._channels.values():
+            channel.socket_paused(True)
+
+    def resume_writing(self) -> None:
+        for channel in list(self._channels.values()):
+            channel.socket_paused(False)
+
+    def _on_event(self, event: Event) -> None:
+        if isinstance(event, RemoteSettingsChanged):
+            self._settle()
+            return
+        if isinstance(event, ConnectionTerminated):
+            self._went_away(event.last_stream_id)
+            return
+        stream_id = getattr(event, "stream_id", 0)
+        channel = self._channels.get(stream_id) if stream_id else None
+        if isinstance(event, WindowUpdated):
+            if channel is not None:
+                channel.push()
+            elif not stream_id:
+                for each in list(self._channels.values()):
+                    each.push()
+            return
+        if channel is None:
+            if isinstance(event, DataReceived) and event.flow_controlled_length:
+                # (a stream given up: its window is the connection's too)
+                self.h2.acknowledge_received_data(event.flow_controlled_length, stream_id)
+            return
+        if isinstance(event, ResponseReceived):
+            channel.response(event.headers, event.stream_ended is not None)
+        elif isinstance(event, DataReceived):
+            channel.data(event.data, event.flow_controlled_length)
+        elif isinstance(event, TrailersReceived):
+            channel.trailers(event.headers)
+        elif isinstance(event, StreamEnded):
+            channel.ended()
+        elif isinstance(event, StreamReset):
+            self._channels.pop(stream_id, None)
+            channel.lost(None, refused=event.error_code == ErrorCodes.REFUSED_STREAM)
+
+    def _settle(self) -> None:
+        if not self.settled.done():
+            self.settled.set_result(None)
+
+    def _went_away(self, last_stream_id: int | None) -> None:
+        """GOAWAY: streams above ``last_stream_id`` were never seen (they may go again);
+        those below finish."""
+        self.goaway = True
+        self.links.forget(self)
+        last = last_stream_id or 0
+        for stream_id in [s for s in self._channels if s > last]:
+            self._channels.pop(stream_id).lost(None, refused=True)
+        if not self.taken:
+            self.abort()
+
+    # -- for channels and links -----------------------------------------------------------
+
+    def has_room(self) -> bool:
+        """A new stream may start here now."""
+        if self.goaway or self.transport is None or self.transport.is_closing():
+            return False
+        return self.taken < self.h2.remote_settings.max_concurrent_streams
+
+    def take(self) -> H2Channel:
+        self.taken += 1
+        self._stop_idle()
+        return H2Channel(self)
+
+    def open_stream(self, channel: H2Channel, headers: http1.Headers, end: bool) -> int:
+        """Start the channel's stream with its request head: its id."""
+        stream_id = self.h2.get_next_available_stream_id()
+        self.h2.send_headers(stream_id, headers, end_stream=end)
+        self._channels[stream_id] = channel
+        return stream_id
+
+    def done(self, stream_id: int, reset: bool) -> None:
+        """A channel is over (``reset``: its stream is cancelled, if still open)."""
+        self.taken -= 1
+        if stream_id and self._channels.pop(stream_id, None) is not None and reset:
+            stream = self.h2.streams.get(stream_id)
+            if stream is not None and not stream.closed:
+                self.h2.reset_stream(stream_id, ErrorCodes.CANCEL)
+                self.flush()
+        if self.goaway and not self.taken:
+            self.abort()
+        elif not self.taken and self._idle is None:
+            self._idle = self.links.loop.call_later(self.links.idle_timeout, self._idled)
+
+    def _idled(self) -> None:
+        """No stream for ``idle_timeout``: it goes (a GOAWAY first, as the server expects)."""
+        self._idle = None
+        self.links.forget(self)
+        self.goaway = True
+        self.h2.close_connection()
+        self.flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _stop_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+
+    def alive(self) -> bool:
+        return not self.closed and self.transport is not None and not self.transport.is_closing()
+
+    def flush(self) -> None:
+        """Write what the codec has to send (once a read, while one is handled)."""
+        if self._reading:
+            return
+        data = self.h2.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def abort(self) -> None:
+        self.goaway = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class H2Channel(Carrier):
+    """One request on an ``H2Upstream``: the ``Carrier`` of its try."""
+
+    __slots__ = (
+        "_authority",
+        "_body",
+        "_body_size",
+        "_conn",
+        "_ended",
+        "_fin_sent",
+        "_head_sent",
+        "_headers",
+        "_held_acks",
+        "_in_body",
+        "_parser",
+        "_paused",
+        "_refused",
+        "_trailers",
+        "_url",
+        "_write_paused",
+        "stream_id",
+    )
+
+    def __init__(self, conn: H2Upstream) -> None:
+        self._conn: H2Upstream | None = conn  # None once done with
+        self.pool = conn.links.home
+        self.owner = None
+        self.received = False
+        self.reusable = True
+        self.stream_id = 0  # once its HEADERS went
+        self._parser = httptools.HttpRequestParser(self)
+        self._url = b""
+        self._authority = b""
+        self._headers: http1.Headers = []
+        self._trailers: http1.Headers = []
+        self._in_body = False  # the request's head is read: header lines are trailers
+        self._head_sent = False
+        self._fin_sent = False  # END_STREAM went (with the HEADERS, the last DATA or trailers)
+        self._ended = False  # the request is read whole
+        self._body: deque[bytes] = deque()  # request body the server's window did not take
+        self._body_size = 0
+        self._write_paused = False  # the client is paused for ``_body``
+        self._paused = False  # the exchange holds the response (``pause_reading``)
+        self._held_acks = 0  # response bytes not given back as window while paused
+        self._refused = False
+
+    def __repr__(self) -> str:
+        return f"<H2Channel stream {self.stream_id} [{self._body_size} bytes waiting]>"
+
+    # -- the request, as the exchange writes it (``Carrier``) -----------------------------
+
+    def send(self, owner: ResponseSink, data: bytes, client: Corkable) -> None:
+        """(``client`` is not corked: the codec's bytes go out once per read anyway.)"""
+        self.owner = owner
+        conn = self._conn
+        if conn is None or conn.goaway:  # it went away since this channel was taken
+            self._refused = True  # (the server never saw it: it may go again)
+            self._fail(None)
+            return
+        self.write(data)
+
+    def write(self, data: bytes) -> None:
+        if self._conn is None:
+            return
+        try:
+            self._parser.feed_data(data)
+            if self._in_body and not self._head_sent:  # (its HEADERS go before any body)
+                self._start(end=self._ended and not self._body and not self._trailers)
+        except (httptools.HttpParserError, ProtocolError):  # (the codec refused the head)
+            self._fail(None)
+            return
+        self.push()
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        lower = name.lower()
+        if self._in_body:
+            self._trailers.append((lower, value))
+        elif lower == b"host":
+            self._authority = value
+        elif lower not in _NOT_SENT:
+            self._headers.append((lower, value))
+
+    def on_headers_complete(self) -> None:
+        self._in_body = True
+        if not self._parser.should_keep_alive() or self._parser.should_upgrade():
+            self.reusable = False
+
+    def on_body(self, data: bytes) -> None:
+        if not self._head_sent:
+            self._start(end=False)
+        self._body.append(data)
+        self._body_size += len(data)
+
+    def on_message_complete(self) -> None:
+        self._ended = True
+
+    def _start(self, end: bool) -> None:
+        """The request's HEADERS: pseudo-headers, then its own lines (and ``te: trailers``:
+        the sidecar passes trailers on, which gRPC servers ask callers to say)."""
+        conn = self._conn
+        assert conn is not None
+        self._head_sent = True
+        method = self._parser.get_method()
+        head: http1.Headers = [
+            (b":method", method),
+            (b":scheme", b"http"),
+            (b":authority", self._authority),
+            (b":path", self._url),
+            (b"te", b"trailers"),
+            *self._headers,
+        ]
+        self._headers = []
+        self._fin_sent = end
+        self.stream_id = conn.open_stream(self, head, end)
+
+    def push(self) -> None:
+        """Send what the server's windows take of the waiting body; end the stream after
+        the last of it (with the trailers, if any)."""
+        conn = self._conn
+        if conn is None or not self.stream_id:
+            return
+        h2, stream_id, body = conn.h2, self.stream_id, self._body
+        try:
+            while body:
+                room = min(h2.local_flow_control_window(stream_id), h2.max_outbound_frame_size)
+                if room <= 0:
+                    break
+                piece = body.popleft()
+                if len(piece) > room:
+                    body.appendleft(piece[room:])
+                    piece = piece[:room]
+                self._body_size -= len(piece)
+                h2.send_data(stream_id, piece)
+            if not body and self._ended and not self._fin_sent:
+                self._fin_sent = True
+                if self._trailers:
+                    h2.send_headers(stream_id, self._trailers, end_stream=True)
+                else:
+                    h2.end_stream(stream_id)
+        except (ProtocolError, StreamClosedError, KeyError):
+            pass  # (the stream is over: the server answered without the rest)
+        conn.flush()
+        self._pace_client()
+
+    def _pace_client(self) -> None:
+        """Pause the client while more than ``OUT_LIMIT`` bytes wait for window."""
+        paused = self._body_size > OUT_LIMIT
+        if paused != self._write_paused and self.owner is not None:
+            self._write_paused = paused
+            self.owner.upstream_paused(paused)
+
+    def socket_paused(self, paused: bool) -> None:
+        if self.owner is not None:
+            self.owner.upstream_paused(paused or self._body_size > OUT_LIMIT)
+
+    # -- the response, from the connection ------------------------------------------------
+
+    def response(self, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
+        """The response's head (``ended``: and its end). A gRPC trailers-only response (its
+        ``grpc-status`` in a head that ends the stream) goes on as a head and trailers: a
+        proxy's answer ends with its body or trailers, never with its head."""
+        resp: http1.ResponseHead | None = None
+        trailers: http1.Headers = []
+        grpc_only = ended and any(name == b"grpc-status" for name, _ in headers)
+        for name, value in headers:
+            if name == b":status":
+                resp = http1.ResponseHead(int(value) if value.isdigit() else 0, b"")
+            elif resp is None or name[:1] == b":":
+                continue
+            elif grpc_only and name.startswith(b"grpc-"):
+                trailers.append((name, value))
+            else:
+                resp.add(name, value)
+        if resp is None or resp.status < 200:  # (interim responses are not passed on)
+            return
+        self.received = True
+        if not resp.sized and resp.status not in (204, 304):
+            resp.chunked = True  # its end is the stream's: an HTTP/1.1 client gets chunks
+        resp.complete()
+        owner = self.owner
+        if owner is not None and owner.response_head(resp):  # the answer to a HEAD request
+            self.owner = None
+            owner.response_complete()
+            return
+        self.trailers(trailers)
+
+    def data(self, data: bytes, flow_controlled: int) -> None:
+        if self._paused:
+            self._held_acks += flow_controlled
+        else:
+            self._give_back(flow_controlled)
+        if self.owner is not None and data:
+            self.owner.response_body(data)
+
+    def trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        if self.owner is not None:
+            for name, value in headers:
+                self.owner.response_trailer(name, value)
+
+    def ended(self) -> None:
+        owner, self.owner = self.owner, None
+        if owner is not None:
+            owner.response_complete()
+
+    def lost(self, exc: BaseException | None, refused: bool) -> None:
+        """The stream was reset, or the connection went: the try failed."""
+        self._refused = refused and not self.received
+        self.stream_id = 0  # (the connection forgot it)
+        self._fail(exc)
+
+    def _fail(self, exc: BaseException | None) -> None:
+        self.reusable = False
+        owner, self.owner = self.owner, None
+        if owner is not None:
+            owner.upstream_failed(exc, protocol_error=False)
+
+    def _give_back(self, n: int) -> None:
+        conn = self._conn
+        if conn is None or not n or not self.stream_id:
+            return
+        conn.h2.acknowledge_received_data(n, self.stream_id)
+        conn.flush()
+
+    # -- use by exchanges and the pool (``Carrier``) --------------------------------------
+
+    def pause_reading(self, paused: bool) -> None:
+        self._paused = paused
+        if not paused and self._held_acks:
+            held, self._held_acks = self._held_acks, 0
+            self._give_back(held)
+
+    def stale(self) -> bool:
+        return self._refused
+
+    def alive(self) -> bool:
+        return self._conn is not None and self._conn.alive()
+
+    def tunnel_to(self, write: Callable[[bytes], None]) -> None:
+        raise AssertionError("an HTTP/2 upstream never answers 101")
+
+    def finish(self) -> None:
+        """Done with (a complete response, or given up): the stream is cancelled if the
+        request or response is still under way, and the connection counts a stream fewer."""
+        conn, self._conn = self._conn, None
+        self.owner = None
+        self._body.clear()
+        if conn is not None:
+            conn.done(self.stream_id, reset=True)
+
+    def close(self) -> None:
+        self.reusable = False
+        self.finish()
+
+
+class H2Links:
+    """An endpoint's HTTP/2 connections, for its pool (``home``)."""
+
+    __slots__ = ("_conns", "_opening", "home", "idle_timeout", "loop")
+
+    def __init__(self, home: Home, idle_timeout: float, loop: asyncio.AbstractEventLoop) -> None:
+        self.home = home
+        #: seconds a connection without streams stays open
+        self.idle_timeout = idle_timeout
+        self.loop = loop
+        self._conns: list[H2Upstream] = []
+        self._opening: asyncio.Future[H2Upstream | None] | None = None  # a connect under way
+
+    def __repr__(self) -> str:
+        return f"<H2Links {len(self._conns)} connections>"
+
+    def take(self) -> H2Channel | None:
+        """A channel on a connection with a stream free, or None."""
+        for conn in self._conns:
+            if conn.has_room():
+                return conn.take()
+        return None
+
+    async def connect(self) -> H2Channel:
+        """A channel on a new connection (the caller bounds the time). While one is opening,
+        the next tries wait for it and share it if it has room: a burst of requests to a new
+        endpoint opens one connection, not one each."""
+        while (opening := self._opening) is not None:
+            await asyncio.shield(opening)
+            channel = self.take()  # (the one opened, or one a stream of which was freed)
+            if channel is not None:
+                return channel
+        return (await self._open()).take()
+
+    async def _open(self) -> H2Upstream:
+        """A new connection, once the server's SETTINGS say how many streams it takes."""
+        opened: asyncio.Future[H2Upstream | None] = self.loop.create_future()
+        self._opening = opened
+        endpoint = self.home.endpoint
+        conn: H2Upstream | None = None
+        try:
+            _, conn = await self.loop.create_connection(
+                lambda: H2Upstream(self), endpoint.address, endpoint.port
+            )
+            await conn.settled
+            if not conn.alive():
+                raise ConnectionError("the upstream closed the HTTP/2 connection at once")
+        except BaseException:
+            if conn is not None:
+                conn.abort()
+            opened.set_result(None)  # (those waiting open their own)
+            raise
+        finally:
+            if self._opening is opened:
+                self._opening = None
+        self._conns.append(conn)
+        opened.set_result(conn)
+        return conn
+
+    def forget(self, conn: H2Upstream) -> None:
+        """A connection that takes no more streams."""
+        if conn in self._conns:
+            self._conns.remove(conn)
+
+    def size(self) -> int:
+        """Connections open or opening."""
+        return len(self._conns) + (self._opening is not None)
+
+    def close(self) -> None:
+        """Idle connections close now; busy ones after their last stream."""
+        for conn in list(self._conns):
+            conn.goaway = True
+            if not conn.taken:
+                conn.abort()
+        self._conns.clear()

@@ -1,0 +1,301 @@
+"""gRPC through the sidecar: real grpcio clients and servers (``grpc.aio``) over h2c, a small
+service compiled here from its .proto by grpcio-tools; upstream HTTP/2 with each request
+balanced on its own, and trailers (``grpc-status``) passed through."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from types import ModuleType
+from typing import Any
+
+import grpc
+import pytest
+from grpc_tools import protoc
+
+from control_plane.wire import Endpoint
+from sidecar.proxy.pool import Pool
+from tests.sidecar.conftest import LOCAL, Mesh, Upstream, get, request, service
+
+MakeMesh = Callable[..., Awaitable[Mesh]]
+
+PROTO = """
+syntax = "proto3";
+package meshtest;
+service Greeter {
+  rpc Hello (Ask) returns (Answer);
+  rpc Count (Ask) returns (stream Answer);
+  rpc Gather (stream Ask) returns (Answer);
+  rpc Chat (stream Ask) returns (stream Answer);
+}
+message Ask { string name = 1; int32 n = 2; }
+message Answer { string text = 1; string server = 2; }
+"""
+
+
+@pytest.fixture(scope="module")
+def pb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ModuleType, ModuleType]]:
+    """The service's messages and stubs, compiled from ``PROTO``."""
+    out = tmp_path_factory.mktemp("proto")
+    (out / "meshtest.proto").write_text(PROTO)
+    code = protoc.main(
+        ["protoc", f"-I{out}", f"--python_out={out}", f"--grpc_python_out={out}", "meshtest.proto"]
+    )
+    assert code == 0
+    sys.path.insert(0, str(out))
+    try:
+        yield importlib.import_module("meshtest_pb2"), importlib.import_module("meshtest_pb2_grpc")
+    finally:
+        sys.path.remove(str(out))
+        sys.modules.pop("meshtest_pb2", None)
+        sys.modules.pop("meshtest_pb2_grpc", None)
+
+
+class Servers:
+    """grpcio servers started for a test, each naming itself in its answers."""
+
+    def __init__(self, pb: tuple[ModuleType, ModuleType]) -> None:
+        self.pb = pb
+        self.started: list[grpc.aio.Server] = []
+
+    async def __call__(self, name: str, max_streams: int = 0, delay: float = 0.0) -> int:
+        """Start one (``max_streams``: its MAX_CONCURRENT_STREAMS; ``delay``: seconds each
+        unary call takes): its port."""
+        msgs, stubs = self.pb
+
+        class Greeter(stubs.GreeterServicer):  # type: ignore[name-defined,misc]
+            async def Hello(self, ask: Any, context: grpc.aio.ServicerContext) -> Any:
+                if ask.name == "fail":
+                    await context.abort(grpc.StatusCode.NOT_FOUND, "no such name")
+                if delay:
+                    await asyncio.sleep(delay)
+                return msgs.Answer(text=f"hello {ask.name}", server=name)
+
+            async def Count(self, ask: Any, context: grpc.aio.ServicerContext) -> Any:
+                for i in range(ask.n):
+                    yield msgs.Answer(text=str(i), server=name)
+
+            async def Gather(self, asks: Any, context: grpc.aio.ServicerContext) -> Any:
+                names = [ask.name async for ask in asks]
+                return msgs.Answer(text=",".join(names), server=name)
+
+            async def Chat(self, asks: Any, context: grpc.aio.ServicerContext) -> Any:
+                async for ask in asks:
+                    yield msgs.Answer(text=f"re: {ask.name}", server=name)
+
+        options = [("grpc.max_concurrent_streams", max_streams)] if max_streams else []
+        server = grpc.aio.server(options=options)
+        stubs.add_GreeterServicer_to_server(Greeter(), server)
+        port = server.add_insecure_port(f"{LOCAL}:0")
+        await server.start()
+        self.started.append(server)
+        return int(port)
+
+
+@pytest.fixture
+async def servers(pb: tuple[ModuleType, ModuleType]) -> AsyncIterator[Servers]:
+    made = Servers(pb)
+    yield made
+    for server in made.started:
+        await server.stop(None)
+
+
+def stub_to(pb: tuple[ModuleType, ModuleType], port: int, authority: str) -> tuple[Any, Any]:
+    """A client channel to the sidecar's port, calling ``authority``: (channel, stub)."""
+    channel = grpc.aio.insecure_channel(
+        f"{LOCAL}:{port}", options=[("grpc.default_authority", authority)]
+    )
+    return channel, pb[1].GreeterStub(channel)
+
+
+async def test_unary_through_the_outbound(
+    pb: tuple[ModuleType, ModuleType], servers: Servers, make_mesh: MakeMesh
+) -> None:
+    port = await servers("one")
+    mesh = await make_mesh({"greeter": service(port, protocol="http2")})
+    channel, stub = stub_to(pb, mesh.outbound, "greeter")
+    async with channel:
+        answer = await stub.Hello(pb[0].Ask(name="mesh"), timeout=10)
+        assert (answer.text, answer.server) == ("hello mesh", "one")
+        # a failure's status and message come through (trailers-only response)
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await stub.Hello(pb[0].Ask(name="fail"), timeout=10)
+        assert failed.value.code() == grpc.StatusCode.NOT_FOUND
+        assert failed.value.details() == "no such name"
+
+
+async def test_unary_and_streaming_through_two_sidecars(
+    pb: tuple[ModuleType, ModuleType], servers: Servers, make_mesh: MakeMesh
+) -> None:
+    port = await servers("app")
+    callee = await make_mesh({}, app_port=port, app_protocol="http2")
+    caller = await make_mesh({"greeter": service(callee.inbound, protocol="auto")})
+    channel, stub = stub_to(pb, caller.outbound, "greeter")
+    async with channel:
+        answer = await stub.Hello(pb[0].Ask(name="twice"), timeout=10)
+        assert (answer.text, answer.server) == ("hello twice", "app")
+        texts = [a.text async for a in stub.Count(pb[0].Ask(n=50), timeout=10)]
+        assert texts == [str(i) for i in range(50)]
+        # the status in the trailers of a failure, through both sidecars
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await stub.Hello(pb[0].Ask(name="fail"), timeout=10)
+        assert failed.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_one_channel_spreads_over_three_endpoints(
+    pb: tuple[ModuleType, ModuleType], servers: Servers, make_mesh: MakeMesh
+) -> None:
+    """One client connection's 3,000 calls, each balanced on its own (round robin would be
+    exact; peak EWMA, the default, only fair): each endpoint gets 25-42 %."""
+    ports = [await servers(name) for name in ("a", "b", "c")]
+    mesh = await make_mesh({"greeter": service(*ports, protocol="http2")})
+    channel, stub = stub_to(pb, mesh.outbound, "greeter")
+    seen: Counter[str] = Counter()
+    async with channel:
+        for _ in range(300):  # ten calls in flight at a time
+            answers = [stub.Hello(pb[0].Ask(name="x"), timeout=10) for _ in range(10)]
+            for call in answers:
+                seen[(await call).server] += 1
+    assert sum(seen.values()) == 3000
+    for name in ("a", "b", "c"):
+        assert 0.25 <= seen[name] / 3000 <= 0.42, seen
+    # one HTTP/2 connection to each endpoint carried them, not one per call
+    pools = [p for p in mesh.sidecar.pools if p.endpoint.port in ports]
+    assert [p.statistics().h2_connections for p in pools] == [1, 1, 1], pools
+    reader, writer = await asyncio.open_connection(LOCAL, mesh.sidecar.addresses["metrics"].port)
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    text = (await reader.read()).decode()
+    writer.close()
+    assert 'meshlet_upstream_connections{service="greeter",state="http2"} 3' in text
+
+
+async def test_streams_past_the_servers_limit_open_another_connection(
+    pb: tuple[ModuleType, ModuleType], servers: Servers, make_mesh: MakeMesh
+) -> None:
+    """A server that takes 2 streams a connection: 10 calls at once go over 5 connections,
+    none refused."""
+    port = await servers("slow", max_streams=2, delay=0.3)
+    mesh = await make_mesh({"greeter": service(port, protocol="http2", timeout_ms=10000)})
+    channel, stub = stub_to(pb, mesh.outbound, "greeter")
+    async with channel:
+        calls = [stub.Hello(pb[0].Ask(name=str(i)), timeout=10) for i in range(10)]
+        answers = await asyncio.gather(*calls)
+    assert sorted(a.text for a in answers) == sorted(f"hello {i}" for i in range(10))
+    (pool,) = [p for p in mesh.sidecar.pools if p.endpoint.port == port]
+    assert pool.statistics().h2_connections == 5, pool.statistics()
+
+
+async def test_large_messages_both_ways_under_flow_control(
+    pb: tuple[ModuleType, ModuleType], servers: Servers, make_mesh: MakeMesh
+) -> None:
+    """A 3 MiB request and a 3 MiB answer: far past every window (64 KiB a stream upstream),
+    so both ways wait for WINDOW_UPDATEs."""
+    port = await servers("big")
+    mesh = await make_mesh({"greeter": service(port, protocol="http2")})
+    options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+    channel = grpc.aio.insecure_channel(
+        f"{LOCAL}:{mesh.outbound}", options=[("grpc.default_authority", "greeter"), *options]
+    )
+    stub = pb[1].GreeterStub(channel)
+    async with channel:
+        name = "x" * (3 * 1024 * 1024)
+        answer = await stub.Hello(pb[0].Ask(name=name), timeout=20)
+    assert answer.text == "hello " + name
+
+
+async def test_an_http1_caller_reaches_an_http2_upstream(
+    pb: tuple[ModuleType, ModuleType], servers: Servers, make_mesh: MakeMesh
+) -> None:
+    """``protocol: http2`` takes an HTTP/1.1 request to the h2c upstream too: a gRPC call
+    made by hand, whose answer has no length, comes back chunked, with its trailers."""
+    port = await servers("one")
+    mesh = await make_mesh({"greeter": service(port, protocol="http2")})
+    message = pb[0].Ask(name="h1").SerializeToString()
+    body = b"\0" + len(message).to_bytes(4, "big") + message
+    raw = (
+        b"POST /meshtest.Greeter/Hello HTTP/1.1\r\nHost: greeter\r\n"
+        b"Content-Type: application/grpc\r\nTE: trailers\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    (resp,) = await request(mesh.outbound, raw)
+    assert resp.status == 200
+    assert resp.header("transfer-encoding") == "chunked"
+    answer = pb[0].Answer.FromString(resp.body[5:])
+    assert (answer.text, answer.server) == ("hello h1", "one")
+    assert ("grpc-status", "0") in resp.trailers
+
+
+async def test_auto_keeps_an_http1_callers_protocol(
+    upstreams: Callable[[str], Awaitable[Upstream]], make_mesh: MakeMesh
+) -> None:
+    """``protocol: auto`` calls an HTTP/1.1 upstream for an HTTP/1.1 caller (HTTP/2 would be
+    refused by it)."""
+    up = await upstreams("up")
+    mesh = await make_mesh({"svc": service(up.port, protocol="auto")})
+    (resp,) = await request(mesh.outbound, get("/echo/auto"))
+    assert resp.status == 200
+    assert b'"version": "1.1"' in resp.body
+
+
+async def test_an_idle_http2_connection_closes_after_the_idle_timeout(servers: Servers) -> None:
+    """A pool's HTTP/2 connection with no stream for ``idle_timeout`` goes; one in use stays."""
+    port = await servers("idle")
+    pool = Pool(Endpoint(LOCAL, port), idle_timeout=0.2)
+    first = await pool.connect(h2=True)
+    second = pool.take_stream()
+    assert second is not None  # (a stream of the same connection)
+    assert pool.statistics().h2_connections == 1
+    pool.release(first)
+    await asyncio.sleep(0.4)
+    assert pool.statistics().h2_connections == 1  # the other stream holds it
+    pool.release(second)
+    await asyncio.sleep(0.4)
+    assert pool.statistics().h2_connections == 0
+
+
+async def test_an_endpoint_shutting_down_loses_no_call(
+    pb: tuple[ModuleType, ModuleType], servers: Servers, make_mesh: MakeMesh
+) -> None:
+    """A server that stops gracefully (GOAWAY, then its port closed) under load: calls it
+    refused or never saw go to the other endpoint, none fails."""
+    ports = [await servers("going"), await servers("staying")]
+    going = servers.started[0]
+    mesh = await make_mesh({"greeter": service(*ports, protocol="http2", lb="round_robin")})
+    channel, stub = stub_to(pb, mesh.outbound, "greeter")
+    seen: Counter[str] = Counter()
+    async with channel:
+        for batch in range(60):
+            if batch == 20:
+                stopping = asyncio.create_task(going.stop(0.5))
+            calls = [stub.Hello(pb[0].Ask(name="x"), timeout=10) for _ in range(5)]
+            for answer in await asyncio.gather(*calls):
+                seen[answer.server] += 1
+        await stopping
+    assert sum(seen.values()) == 300
+    assert 50 <= seen["going"] < 100, seen  # (a round robin's half until it went away)
+
+
+async def test_client_and_bidi_streaming_through_two_sidecars(
+    pb: tuple[ModuleType, ModuleType], servers: Servers, make_mesh: MakeMesh
+) -> None:
+    """A client stream, and a conversation where each answer comes before the next ask is
+    sent (the request's HEADERS go before its body, the answers while it is still open)."""
+    port = await servers("app")
+    callee = await make_mesh({}, app_port=port, app_protocol="http2")
+    caller = await make_mesh({"greeter": service(callee.inbound, protocol="http2")})
+    msgs = pb[0]
+    channel, stub = stub_to(pb, caller.outbound, "greeter")
+    async with channel:
+        gathered = await stub.Gather(iter([msgs.Ask(name=str(i)) for i in range(100)]), timeout=10)
+        assert gathered.text == ",".join(str(i) for i in range(100))
+        chat = stub.Chat(timeout=10)
+        for word in ("one", "two", "three"):
+            await chat.write(msgs.Ask(name=word))
+            answer = await chat.read()
+            assert answer.text == f"re: {word}"
+        await chat.done_writing()
+        assert await chat.read() == grpc.aio.EOF
+        assert await chat.code() == grpc.StatusCode.OK
