@@ -62,8 +62,8 @@ def request_head(headers: Sequence[tuple[bytes, bytes]], ended: bool) -> Request
 def response_headers(resp: ResponseHead) -> Headers:
     """The HTTP/2 head of an upstream's response: ``:status``, then its lines."""
     out: Headers = [(b":status", _STATUS.get(resp.status) or str(resp.status).encode())]
-    for line in resp.lines:
-        name, _, value = line[:-2].partition(b":")
+    for line in b"".join(resp.lines).split(b"\r\n")[:-1]:  # (a head read whole is one item)
+        name, _, value = line.partition(b":")
         name = name.lower()
         if name not in _CONNECTION_SPECIFIC:
             out.append((name, value.strip()))
