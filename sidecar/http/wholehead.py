@@ -31,6 +31,9 @@ from sidecar.http.http1 import MAX_HEAD_BYTES, MAX_HEADERS, ResponseHead
 #: (``Transfer-Encoding`` is never here: such a head is read line by line)
 _HOP_BY_HOP: Final = re.compile(rb"\r\n(?:connection|keep-alive|te|trailer|upgrade|proxy-[^:]*):")
 _NONE: Final[frozenset[bytes]] = frozenset()
+#: the final statuses a head read whole may have, by their three digits (one lookup costs
+#: less than ``isdigit``, a comparison and ``int``; 1xx are interim, one head among several)
+_FINAL: Final = {b"%d" % status: status for status in range(200, 1000)}
 #: a head this short has at most ``MAX_HEADERS`` lines (each at least ``a:`` and its CRLF)
 _FEW_LINES: Final = 4 * MAX_HEADERS
 
@@ -42,8 +45,8 @@ def whole_response_head(data: bytes, resp: ResponseHead) -> bool:
     end = data.find(b"\r\n\r\n")
     if end < 0 or end > MAX_HEAD_BYTES or data[:9] != b"HTTP/1.1 ":
         return False
-    code = data[9:12]
-    if not code.isdigit() or code < b"200":  # (1xx: interim, one head among several)
+    status = _FINAL.get(data[9:12], 0)
+    if not status:
         return False
     eol = data.find(b"\r\n", 9)
     raw = data[eol : end + 2]  # every header line after a CRLF, the last with its own
@@ -54,7 +57,6 @@ def whole_response_head(data: bytes, resp: ResponseHead) -> bool:
         return False
     if len(raw) > _FEW_LINES and raw.count(b"\r\n") > MAX_HEADERS + 1:
         return False  # (too many: the line-by-line reading refuses it, saying so)
-    status = int(code)
     resp.status = status
     resp.reason = data[13:eol] if data[12] == 0x20 else b""  # (0x20: " ")
     resp.sized = low.find(b"\r\ncontent-length:") >= 0
