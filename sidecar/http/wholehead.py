@@ -31,9 +31,10 @@ from sidecar.http.http1 import MAX_HEAD_BYTES, MAX_HEADERS, ResponseHead
 #: (``Transfer-Encoding`` is never here: such a head is read line by line)
 _HOP_BY_HOP: Final = re.compile(rb"\r\n(?:connection|keep-alive|te|trailer|upgrade|proxy-[^:]*):")
 _NONE: Final[frozenset[bytes]] = frozenset()
-#: the final statuses a head read whole may have, by their three digits (one lookup costs
-#: less than ``isdigit``, a comparison and ``int``; 1xx are interim, one head among several)
-_FINAL: Final = {b"%d" % status: status for status in range(200, 1000)}
+#: the final statuses a head read whole may have, by the start of their status line (one
+#: lookup costs less than ``isdigit``, comparisons and ``int``; 1xx are interim, one head
+#: among several)
+_FINAL: Final = {b"HTTP/1.1 %d" % status: status for status in range(200, 1000)}
 #: a head this short has at most ``MAX_HEADERS`` lines (each at least ``a:`` and its CRLF)
 _FEW_LINES: Final = 4 * MAX_HEADERS
 
@@ -43,12 +44,16 @@ def whole_response_head(data: bytes, resp: ResponseHead) -> bool:
     ``resp`` (a head made once per connection: its other fields keep what it was made with),
     when it is all there and may be read whole; False: read it line by line."""
     end = data.find(b"\r\n\r\n")
-    if end < 0 or end > MAX_HEAD_BYTES or data[:9] != b"HTTP/1.1 ":
+    if end < 0 or end > MAX_HEAD_BYTES:
         return False
-    status = _FINAL.get(data[9:12], 0)
+    status = _FINAL.get(data[:12], 0)
     if not status:
         return False
-    eol = data.find(b"\r\n", 9)
+    if data[12:17] == b" OK\r\n":  # (nearly every status line: no search for its end)
+        eol, reason = 15, b"OK"
+    else:
+        eol = data.find(b"\r\n", 12)
+        reason = data[13:eol] if data[12] == 0x20 else b""  # (0x20: " ")
     raw = data[eol : end + 2]  # every header line after a CRLF, the last with its own
     low = raw.lower()
     # (find, not ``in``: CPython's ``in`` tries its operand as a byte value first, and makes
@@ -58,7 +63,7 @@ def whole_response_head(data: bytes, resp: ResponseHead) -> bool:
     if len(raw) > _FEW_LINES and raw.count(b"\r\n") > MAX_HEADERS + 1:
         return False  # (too many: the line-by-line reading refuses it, saying so)
     resp.status = status
-    resp.reason = data[13:eol] if data[12] == 0x20 else b""  # (0x20: " ")
+    resp.reason = reason
     resp.sized = low.find(b"\r\ncontent-length:") >= 0
     resp.close = False
     cuts: list[tuple[int, int]] = []
@@ -85,9 +90,8 @@ def whole_response_head(data: bytes, resp: ResponseHead) -> bool:
         resp.lines = [raw[2:at] + raw[line_end:] if at else raw[line_end + 2 :]]
     else:
         resp.lines = [_without(raw, cuts)]
-    resp.framing = response_framing(
-        status, head_request=False, coded=False, chunked=False, sized=resp.sized
-    )
+    # (by position, as ``head_request, coded, chunked, sized``: keywords cost a lookup each)
+    resp.framing = response_framing(status, False, False, False, resp.sized)
     return True
 
 
