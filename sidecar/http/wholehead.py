@@ -75,9 +75,10 @@ def whole_response_head(data: bytes, resp: ResponseHead) -> bool:
         found = _HOP_BY_HOP.search(low, line_end)
         cuts.append((at, line_end))  # the CRLF before the line, and the line
         if low[at + 2] == 0x63:  # "c": Connection
-            listed = low[value:line_end].strip()
-            if listed != b"keep-alive":  # (what nearly every response says)
-                tokens = connection_tokens(listed)
+            listed = low[value:line_end]
+            # (what nearly every response says, and as it says it: no strip needed)
+            if listed != b" keep-alive" and listed.strip() != b"keep-alive":
+                tokens = connection_tokens(listed.strip())
                 resp.close = resp.close or b"close" in tokens
                 if not tokens <= KEPT_TOKENS:
                     custom |= tokens - KEPT_TOKENS
@@ -85,9 +86,9 @@ def whole_response_head(data: bytes, resp: ResponseHead) -> bool:
         _cut_named(low, custom, cuts)
     if not cuts:
         resp.lines = [raw[2:]]
-    elif len(cuts) == 1:
+    elif len(cuts) == 1:  # (the lines before it and after it, joined when the head goes)
         at, line_end = cuts[0]
-        resp.lines = [raw[2:at] + raw[line_end:] if at else raw[line_end + 2 :]]
+        resp.lines = [raw[2 : at + 2], raw[line_end + 2 :]] if at else [raw[line_end + 2 :]]
     else:
         resp.lines = [_without(raw, cuts)]
     # (by position, as ``head_request, coded, chunked, sized``: keywords cost a lookup each)
