@@ -321,6 +321,28 @@ async def test_head_and_idle_timeouts(upstreams: Upstreams, make_mesh: MakeMesh)
     writer.close()
 
 
+async def test_a_head_begun_after_a_request_has_the_head_timeout_however_it_trickles(
+    upstreams: Upstreams, make_mesh: MakeMesh
+) -> None:
+    up = await upstreams("up")
+    mesh = await make_mesh({"svc": service(up.port)}, timeouts=Timeouts(head=0.3, idle=30))
+    reader, writer = await asyncio.open_connection(LOCAL, mesh.outbound)
+    writer.write(get("/echo"))
+    await read_response(reader)  # (the connection waits idle: 30 s)
+    began = asyncio.get_running_loop().time()
+    writer.write(b"GET / HTTP/1.1\r\nHo")
+    answer = b""
+    async with asyncio.timeout(3):
+        while not answer:
+            try:  # a byte of the head every 0.1 s does not move its deadline
+                answer = await asyncio.wait_for(reader.read(100), 0.1)
+            except TimeoutError:
+                writer.write(b"x")
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert asyncio.get_running_loop().time() - began < 2
+    writer.close()
+
+
 async def test_connect_failures(raw_upstream: RawUpstreams, make_mesh: MakeMesh) -> None:
     import socket
 
