@@ -58,13 +58,16 @@ def whole_response_head(data: bytes, resp: ResponseHead) -> bool:
     low = raw.lower()
     # (find, not ``in``: CPython's ``in`` tries its operand as a byte value first, and makes
     # and clears an exception doing so; and two finds cost less than one more regex branch)
-    if low.find(b"\r\ntransfer-encoding:") >= 0:
+    sized = low.find(b"\r\ncontent-length:") >= 0
+    # llhttp refuses a Transfer-Encoding beside a Content-Length, before the head is used:
+    # only a head without a length is searched for one
+    if not sized and low.find(b"\r\ntransfer-encoding:") >= 0:
         return False
     if len(raw) > _FEW_LINES and raw.count(b"\r\n") > MAX_HEADERS + 1:
         return False  # (too many: the line-by-line reading refuses it, saying so)
     resp.status = status
     resp.reason = reason
-    resp.sized = low.find(b"\r\ncontent-length:") >= 0
+    resp.sized = sized
     resp.close = False
     cuts: list[tuple[int, int]] = []
     custom = _NONE

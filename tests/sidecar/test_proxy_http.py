@@ -394,6 +394,27 @@ async def test_upstream_reset_before_response(
     assert (resp.status, resp.header("x-meshlet-error")) == (502, "upstream-reset")
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+    ],
+)
+async def test_an_upstream_answer_with_a_length_and_chunks_is_refused(
+    raw_upstream: RawUpstreams, make_mesh: MakeMesh, answer: bytes
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(answer)  # (in one read: the pure build classifies such a head whole)
+        await writer.drain()
+
+    up = await raw_upstream(handler)
+    mesh = await make_mesh({"svc": service(up.port)})
+    (resp,) = await request(mesh.outbound, get("/"))
+    assert (resp.status, resp.header("x-meshlet-error")) == (502, "upstream-protocol-error")
+
+
 @pytest.mark.parametrize("framing", ["length", "chunked"])
 async def test_upstream_closing_mid_body_never_looks_complete(
     raw_upstream: RawUpstreams, make_mesh: MakeMesh, framing: str
