@@ -74,14 +74,16 @@ def whole_response_head(data: bytes, resp: ResponseHead) -> bool:
     found = _HOP_BY_HOP.search(low)  # (search again and again: finditer costs more)
     while found is not None:
         at, value = found.span()
-        line_end = low.find(b"\r\n", value)
+        connection = low[at + 2] == 0x63  # "c"
+        # (what nearly every response says, as it says it: its end needs no search)
+        usual = connection and low[value : value + 13] == b" keep-alive\r\n"
+        line_end = value + 11 if usual else low.find(b"\r\n", value)
         found = _HOP_BY_HOP.search(low, line_end)
         cuts.append((at, line_end))  # the CRLF before the line, and the line
-        if low[at + 2] == 0x63:  # "c": Connection
-            listed = low[value:line_end]
-            # (what nearly every response says, and as it says it: no strip needed)
-            if listed != b" keep-alive" and listed.strip() != b"keep-alive":
-                tokens = connection_tokens(listed.strip())
+        if connection and not usual:
+            listed = low[value:line_end].strip()
+            if listed != b"keep-alive":
+                tokens = connection_tokens(listed)
                 resp.close = resp.close or b"close" in tokens
                 if not tokens <= KEPT_TOKENS:
                     custom |= tokens - KEPT_TOKENS
