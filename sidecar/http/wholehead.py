@@ -46,12 +46,12 @@ def whole_response_head(data: bytes, resp: ResponseHead) -> bool:
     end = data.find(b"\r\n\r\n")
     if end < 0 or end > MAX_HEAD_BYTES:
         return False
-    status = _FINAL.get(data[:12], 0)
-    if not status:
-        return False
-    if data[12:17] == b" OK\r\n":  # (nearly every status line: no search for its end)
-        eol, reason = 15, b"OK"
+    if data[:17] == b"HTTP/1.1 200 OK\r\n":  # (nearly every status line: read at once)
+        status, eol, reason = 200, 15, b"OK"
     else:
+        status = _FINAL.get(data[:12], 0)
+        if not status:
+            return False
         eol = data.find(b"\r\n", 12)
         reason = data[13:eol] if data[12] == 0x20 else b""  # (0x20: " ")
     raw = data[eol : end + 2]  # every header line after a CRLF, the last with its own
