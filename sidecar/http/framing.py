@@ -48,7 +48,7 @@ def request_framing(chunked: bool, content_length: int) -> Framing:
 
 
 def response_framing(
-    status: int, *, head_request: bool, coded: bool, chunked: bool, sized: bool
+    status: int, head_request: bool, coded: bool, chunked: bool, sized: bool
 ) -> Framing:
     """A response's body, as it comes from the upstream (RFC 9112 6.3).
 

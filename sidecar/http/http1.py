@@ -50,19 +50,21 @@ MAX_HEAD_BYTES: Final = 64 * 1024
 MAX_HEADERS: Final = 100
 
 
-def _id_prefix() -> bytes:
-    prefix = os.urandom(8).hex()
-    return f"{prefix[:8]}-{prefix[8:12]}-{prefix[12:16]}-".encode()
+def _id_format() -> bytes:
+    """``%``-format of this process's request ids: 80 random bits, then 48 of a counter."""
+    random = os.urandom(10).hex()
+    return f"{random[:8]}-{random[8:12]}-{random[12:16]}-{random[16:]}-%012x".encode()
 
 
-_ID_PREFIX: Final = _id_prefix()
-_id_counter: Final = itertools.count(int.from_bytes(os.urandom(6), "big"))
+_ID_FORMAT: Final = _id_format()
+#: from a random start below 2**40: 12 hex digits for the next 2**48 - 2**40 requests
+_id_counter: Final = itertools.count(int.from_bytes(os.urandom(5), "big"))
 
 
 def new_request_id() -> bytes:
-    """A UUID-shaped id: 64 random bits per process, then a counter (cheaper than uuid4)."""
-    n = next(_id_counter) & 0xFFFF_FFFF_FFFF_FFFF
-    return _ID_PREFIX + n.to_bytes(8, "big").hex("-", 6).encode()  # (16 bits, dash, 48 bits)
+    """A UUID-shaped id: 80 random bits per process, then a counter (cheaper than uuid4,
+    and one formatting costs less than ``to_bytes``, ``hex`` and a concatenation)."""
+    return _ID_FORMAT % next(_id_counter)
 
 
 # -- requests ---------------------------------------------------------------------------------

@@ -31,6 +31,10 @@ from sidecar.http.http1 import MAX_HEAD_BYTES, MAX_HEADERS, ResponseHead
 #: (``Transfer-Encoding`` is never here: such a head is read line by line)
 _HOP_BY_HOP: Final = re.compile(rb"\r\n(?:connection|keep-alive|te|trailer|upgrade|proxy-[^:]*):")
 _NONE: Final[frozenset[bytes]] = frozenset()
+#: the final statuses a head read whole may have, by the start of their status line (one
+#: lookup costs less than ``isdigit``, comparisons and ``int``; 1xx are interim, one head
+#: among several)
+_FINAL: Final = {b"HTTP/1.1 %d" % status: status for status in range(200, 1000)}
 #: a head this short has at most ``MAX_HEADERS`` lines (each at least ``a:`` and its CRLF)
 _FEW_LINES: Final = 4 * MAX_HEADERS
 
@@ -40,36 +44,45 @@ def whole_response_head(data: bytes, resp: ResponseHead) -> bool:
     ``resp`` (a head made once per connection: its other fields keep what it was made with),
     when it is all there and may be read whole; False: read it line by line."""
     end = data.find(b"\r\n\r\n")
-    if end < 0 or end > MAX_HEAD_BYTES or data[:9] != b"HTTP/1.1 ":
+    if end < 0 or end > MAX_HEAD_BYTES:
         return False
-    code = data[9:12]
-    if not code.isdigit() or code < b"200":  # (1xx: interim, one head among several)
-        return False
-    eol = data.find(b"\r\n", 9)
+    if data[:17] == b"HTTP/1.1 200 OK\r\n":  # (nearly every status line: read at once)
+        status, eol, reason = 200, 15, b"OK"
+    else:
+        status = _FINAL.get(data[:12], 0)
+        if not status:
+            return False
+        eol = data.find(b"\r\n", 12)
+        reason = data[13:eol] if data[12] == 0x20 else b""  # (0x20: " ")
     raw = data[eol : end + 2]  # every header line after a CRLF, the last with its own
     low = raw.lower()
     # (find, not ``in``: CPython's ``in`` tries its operand as a byte value first, and makes
     # and clears an exception doing so; and two finds cost less than one more regex branch)
-    if low.find(b"\r\ntransfer-encoding:") >= 0:
+    sized = low.find(b"\r\ncontent-length:") >= 0
+    # llhttp refuses a Transfer-Encoding beside a Content-Length, before the head is used:
+    # only a head without a length is searched for one
+    if not sized and low.find(b"\r\ntransfer-encoding:") >= 0:
         return False
     if len(raw) > _FEW_LINES and raw.count(b"\r\n") > MAX_HEADERS + 1:
         return False  # (too many: the line-by-line reading refuses it, saying so)
-    status = int(code)
     resp.status = status
-    resp.reason = data[13:eol] if data[12] == 0x20 else b""  # (0x20: " ")
-    resp.sized = low.find(b"\r\ncontent-length:") >= 0
+    resp.reason = reason
+    resp.sized = sized
     resp.close = False
     cuts: list[tuple[int, int]] = []
     custom = _NONE
     found = _HOP_BY_HOP.search(low)  # (search again and again: finditer costs more)
     while found is not None:
         at, value = found.span()
-        line_end = low.find(b"\r\n", value)
+        connection = low[at + 2] == 0x63  # "c"
+        # (what nearly every response says, as it says it: its end needs no search)
+        usual = connection and low[value : value + 13] == b" keep-alive\r\n"
+        line_end = value + 11 if usual else low.find(b"\r\n", value)
         found = _HOP_BY_HOP.search(low, line_end)
         cuts.append((at, line_end))  # the CRLF before the line, and the line
-        if low[at + 2] == 0x63:  # "c": Connection
+        if connection and not usual:
             listed = low[value:line_end].strip()
-            if listed != b"keep-alive":  # (what nearly every response says)
+            if listed != b"keep-alive":
                 tokens = connection_tokens(listed)
                 resp.close = resp.close or b"close" in tokens
                 if not tokens <= KEPT_TOKENS:
@@ -78,14 +91,13 @@ def whole_response_head(data: bytes, resp: ResponseHead) -> bool:
         _cut_named(low, custom, cuts)
     if not cuts:
         resp.lines = [raw[2:]]
-    elif len(cuts) == 1:
+    elif len(cuts) == 1:  # (the lines before it and after it, joined when the head goes)
         at, line_end = cuts[0]
-        resp.lines = [raw[2:at] + raw[line_end:] if at else raw[line_end + 2 :]]
+        resp.lines = [raw[2 : at + 2], raw[line_end + 2 :]] if at else [raw[line_end + 2 :]]
     else:
         resp.lines = [_without(raw, cuts)]
-    resp.framing = response_framing(
-        status, head_request=False, coded=False, chunked=False, sized=resp.sized
-    )
+    # (by position, as ``head_request, coded, chunked, sized``: keywords cost a lookup each)
+    resp.framing = response_framing(status, False, False, False, resp.sized)
     return True
 
 

@@ -223,8 +223,13 @@ class Downstream(Watch):
 
     def _count_section(self, n: int) -> bool:
         """The read (of ``n`` bytes) ended inside a head or what may be trailers (``reader``).
-        False when it is too large (rejected)."""
-        if self._reader.read_ended(n):
+        False when it is too large (rejected). A head that began in it, with nothing in
+        flight, is waited for from now (``timeouts.head``): a head that ends in the read it
+        began in needs no wait of its own, its exchange sets the next."""
+        reader = self._reader
+        if reader.in_head and reader.began and self._active is None:
+            self.expect(WAIT_HEAD, self.timeouts.head)
+        if reader.read_ended(n):
             return True
         what = "head" if self._reader.in_head else "trailer section"
         self._reject(Reason.HEAD_TOO_LARGE, f"{what} larger than {http1.MAX_HEAD_BYTES} bytes")
@@ -393,9 +398,7 @@ class Downstream(Watch):
     def on_message_begin(self) -> None:
         self._url = b""
         self._head = None
-        self._reader.message_begin()
-        if self._active is None:
-            self.expect(WAIT_HEAD, self.timeouts.head)
+        self._reader.message_begin()  # (its wait: ``_count_section``)
 
     def on_url(self, url: bytes) -> None:
         self._url += url

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.http import http1, http2
+from sidecar.http import http1
 
 
 def parse(
@@ -112,24 +112,3 @@ def test_two_host_headers_are_refused() -> None:
         parse(b"/", [(b"Host", b"a"), (b"host", b"b")])
     with pytest.raises(ValueError, match="more than one Host"):
         parse(b"http://a/", [(b"Host", b"a"), (b"Host", b"a")])
-
-
-def test_an_http2_head_from_a_response_head_read_whole_or_line_by_line() -> None:
-    """``http2.response_headers`` reads the lines as each head holds them: one item per line,
-    or (read whole, ``wholehead``) all of them in one."""
-    by_line = http1.ResponseHead(200, b"OK")
-    by_line.lines = [
-        b"Content-Type: text/plain\r\n",
-        b"Set-Cookie: a=1\r\n",
-        b"Set-Cookie: b=2\r\n",
-    ]
-    whole = http1.ResponseHead(200, b"OK")
-    whole.lines = [b"Content-Type: text/plain\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n"]
-    expected = [
-        (b":status", b"200"),
-        (b"content-type", b"text/plain"),
-        (b"set-cookie", b"a=1"),
-        (b"set-cookie", b"b=2"),
-    ]
-    assert http2.response_headers(by_line) == expected
-    assert http2.response_headers(whole) == expected

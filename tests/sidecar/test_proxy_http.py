@@ -321,6 +321,28 @@ async def test_head_and_idle_timeouts(upstreams: Upstreams, make_mesh: MakeMesh)
     writer.close()
 
 
+async def test_a_head_begun_after_a_request_has_the_head_timeout_however_it_trickles(
+    upstreams: Upstreams, make_mesh: MakeMesh
+) -> None:
+    up = await upstreams("up")
+    mesh = await make_mesh({"svc": service(up.port)}, timeouts=Timeouts(head=0.3, idle=30))
+    reader, writer = await asyncio.open_connection(LOCAL, mesh.outbound)
+    writer.write(get("/echo"))
+    await read_response(reader)  # (the connection waits idle: 30 s)
+    began = asyncio.get_running_loop().time()
+    writer.write(b"GET / HTTP/1.1\r\nHo")
+    answer = b""
+    async with asyncio.timeout(3):
+        while not answer:
+            try:  # a byte of the head every 0.1 s does not move its deadline
+                answer = await asyncio.wait_for(reader.read(100), 0.1)
+            except TimeoutError:
+                writer.write(b"x")
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert asyncio.get_running_loop().time() - began < 2
+    writer.close()
+
+
 async def test_connect_failures(raw_upstream: RawUpstreams, make_mesh: MakeMesh) -> None:
     import socket
 
@@ -370,6 +392,27 @@ async def test_upstream_reset_before_response(
     mesh = await make_mesh({"svc": service(up.port)})
     (resp,) = await request(mesh.outbound, get("/"))
     assert (resp.status, resp.header("x-meshlet-error")) == (502, "upstream-reset")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+    ],
+)
+async def test_an_upstream_answer_with_a_length_and_chunks_is_refused(
+    raw_upstream: RawUpstreams, make_mesh: MakeMesh, answer: bytes
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(answer)  # (in one read: the pure build classifies such a head whole)
+        await writer.drain()
+
+    up = await raw_upstream(handler)
+    mesh = await make_mesh({"svc": service(up.port)})
+    (resp,) = await request(mesh.outbound, get("/"))
+    assert (resp.status, resp.header("x-meshlet-error")) == (502, "upstream-protocol-error")
 
 
 @pytest.mark.parametrize("framing", ["length", "chunked"])

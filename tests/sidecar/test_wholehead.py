@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.http import framing, http1
+from sidecar.http import framing, http1, http2
 from sidecar.http.wholehead import whole_response_head
 
 NGINX = (
@@ -75,10 +75,11 @@ def assert_same(data: bytes) -> http1.ResponseHead:
 
 def test_a_usual_head_is_forwarded_as_it_came_without_connection() -> None:
     resp = assert_same(NGINX)
-    assert resp.lines == [
+    assert b"".join(resp.lines) == (
         b"Server: nginx\r\nDate: Sun, 29 Nov 2026 20:22:47 GMT\r\nContent-Type: text/plain\r\n"
         b'Content-Length: 5\r\nETag: "6a1b-5"\r\n'
-    ]
+    )
+    assert all(line.endswith(b"\r\n") for line in resp.lines)  # (whole lines, each item)
     assert (resp.framing, resp.close) == (framing.LENGTH, False)
 
 
@@ -171,3 +172,10 @@ def test_a_head_made_once_takes_each_response_anew() -> None:
     assert whole_response_head(NGINX, resp)
     assert (resp.status, resp.reason, resp.close, resp.sized) == (200, b"OK", False, True)
     assert forwarded(resp) == forwarded(LineByLine(NGINX).head())
+
+
+def test_a_head_read_whole_goes_to_an_http2_client_as_read_line_by_line() -> None:
+    resp = whole(NGINX)
+    assert resp is not None
+    assert http2.response_headers(resp) == http2.response_headers(LineByLine(NGINX).head())
+    assert (b"etag", b'"6a1b-5"') in http2.response_headers(resp)
