@@ -24,10 +24,9 @@ from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError
 
-from control_plane.wire import Endpoint
 from sidecar.errors import Reason
 from sidecar.http import http2
-from sidecar.http.http1 import Headers, RequestHead, ResponseHead
+from sidecar.http.http1 import Headers, ResponseHead
 from sidecar.proxy.client import Answer, Client
 from sidecar.proxy.exchange import Exchange
 from sidecar.proxy.h2pace import DUE_SILENT, DUE_SLOW_BODY, StreamPace
@@ -87,7 +86,9 @@ class H2Stream:
         "draining",
         "exchange",
         "loop",
+        "record",
         "request_ended",
+        "route",
         "source",
         "stream_id",
         "wire",
@@ -99,6 +100,9 @@ class H2Stream:
         self.stream_id = stream_id
         self.loop = loop
         origin = wire.origin
+        # what an exchange asks of its client, straight from the connection's (no call between)
+        self.route = origin.route
+        self.record = origin.record
         self.client_ip = origin.client_ip
         self.source: Source | None = origin.source
         self.draining = False  # (a stream is one request: the connection drains itself)
@@ -211,9 +215,6 @@ class H2Stream:
     def answer(self) -> Answer:
         return self
 
-    def route(self, authority: bytes | None) -> Route | tuple[Reason, str]:
-        return self.wire.origin.route(authority)
-
     def egress(self, authority: bytes, proxied: bool) -> Route | tuple[Reason, str] | None:
         return self.wire.origin.egress(authority, proxied)
 
@@ -270,18 +271,6 @@ class H2Stream:
             self._reset(ErrorCodes.INTERNAL_ERROR)
         elif self._ended and not self._out:
             self._over()
-
-    def record(
-        self,
-        route: Route | None,
-        head: RequestHead | None,
-        status: int,
-        seconds: float,
-        endpoint: Endpoint | None = None,
-        attempts: int = 0,
-        error: str = "",
-    ) -> None:
-        self.wire.origin.record(route, head, status, seconds, endpoint, attempts, error)
 
     # -- Answer ----------------------------------------------------------------------------
 

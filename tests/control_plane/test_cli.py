@@ -96,6 +96,8 @@ def test_environment_fills_what_flags_do_not(monkeypatch: pytest.MonkeyPatch) ->
         (["--protect-max", "-1"], {}, "--protect-max: must not be negative"),
         (["--lease-ttl", "0.5"], {}, "--lease-ttl: must be from 1 to 300 seconds"),
         (["--lease-ttl", "1e9"], {}, "--lease-ttl: must be from 1 to 300 seconds"),
+        (["--cert-ttl", "1"], {}, "--cert-ttl: must be from 5 seconds to 30 days"),
+        (["--cert-ttl", "nan"], {}, "--cert-ttl"),
         (["--ca-cert", "c.pem"], {}, "--ca-cert: --ca-cert and --ca-key go together"),
         (["--trust-domain", "Mesh!"], {}, "--trust-domain: must be a trust domain"),
         ([], {"MESHLET_CA_KEY": "k.pem"}, "--ca-cert: --ca-cert and --ca-key go together"),
