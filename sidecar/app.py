@@ -373,6 +373,15 @@ class Sidecar:
                         row["excluded_for_s"] = None  # probing: out until its probe ends
                     ejection = stats.ejection
                     row["outlier"] = ejection.phase.name.lower() if ejection else "healthy"
+                pool = self.pools.find(e)
+                if pool is not None and pool.identity:  # (mesh TLS: sessions by ALPN)
+                    row["mesh_tls"] = {
+                        "identity": pool.identity,
+                        "handshakes": pool.tls_handshakes,
+                        "resumed": pool.tls_resumed,
+                        "h2": pool.tls_h2,
+                        "h2_fallback": pool.h2_fallback,
+                    }
                 rows.append(row)
         return {"services": services}
 

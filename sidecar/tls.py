@@ -29,49 +29,73 @@ def client_context(ca_file: str) -> ssl.SSLContext:
 # -- mesh TLS between sidecars (issue 15) ------------------------------------------------------
 
 MESH_ALPN = "http/1.1"
-"""the one protocol mesh TLS carries (a second codec will add its own)"""
+"""the protocol mesh TLS carries by default (and when a peer offers no ALPN)"""
+MESH_ALPN_H2 = "h2"
+"""HTTP/2 over mesh TLS: offered by the inbound listener, and by pools that call over HTTP/2"""
+
+
+#: (server, client, client_h2): what ``mesh_contexts`` makes, ``MeshTls`` holds
+MeshContexts = tuple[ssl.SSLContext, ssl.SSLContext, ssl.SSLContext]
 
 
 class MeshTls:
     """The sidecar's mesh credentials, as the data path reads them at each handshake.
 
-    The identity manager replaces ``server`` and ``client`` whole when its certificate is
-    rotated or the trust bundle changes; a connection keeps the context it was made with, so
-    a rotation drops none. Until the first certificate both are None: the sidecar then neither
-    accepts nor originates mesh TLS.
+    The identity manager replaces ``server``, ``client`` and ``client_h2`` whole when its
+    certificate is rotated or the trust bundle changes; a connection keeps the context it was
+    made with, so a rotation drops none. Until the first certificate all are None: the sidecar
+    then neither accepts nor originates mesh TLS.
     """
 
-    __slots__ = ("client", "identity", "server", "trust_domain")
+    __slots__ = ("client", "client_h2", "identity", "server", "trust_domain")
 
     def __init__(self) -> None:
         self.trust_domain = ""
         #: this sidecar's SPIFFE ID ("" until its first certificate)
         self.identity = ""
+        #: inbound: offers ALPN ``h2`` and ``http/1.1`` (the client's choice among them)
         self.server: ssl.SSLContext | None = None
+        #: outbound HTTP/1.1: offers ``http/1.1``
         self.client: ssl.SSLContext | None = None
+        #: outbound HTTP/2: offers ``h2``, then ``http/1.1`` (a sidecar without HTTP/2 over
+        #: TLS picks it, and the pool falls back to HTTP/1.1: ``pool.Pool``)
+        self.client_h2: ssl.SSLContext | None = None
+
+    def put(self, contexts: MeshContexts | None, identity: str) -> None:
+        """Replace the contexts and the identity whole (None: no mesh TLS)."""
+        if contexts is None:
+            self.server = self.client = self.client_h2 = None
+        else:
+            self.server, self.client, self.client_h2 = contexts
+        self.identity = identity
 
 
-def mesh_contexts(
-    chain_pem: bytes, key_pem: bytes, bundle: list[str]
-) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    """(server, client) contexts for mesh TLS: TLS 1.3 only, ALPN ``http/1.1``, the peer's
+def mesh_contexts(chain_pem: bytes, key_pem: bytes, bundle: list[str]) -> MeshContexts:
+    """(server, client, client_h2) contexts for mesh TLS: TLS 1.3 only, the peer's
     certificate required and verified against ``bundle`` (PEM roots) on both sides, with no
-    host name check (the caller checks the peer's SPIFFE ID: ``peer_identity``).
+    host name check (the caller checks the peer's SPIFFE ID: ``peer_identity``). ALPN: the
+    server offers ``h2`` and ``http/1.1`` (OpenSSL picks the first of its own list the client
+    offers too), ``client`` offers ``http/1.1``, ``client_h2`` offers ``h2`` then
+    ``http/1.1``.
 
     The key is handed to OpenSSL through an anonymous in-memory file (``memfd``): Python's
     ``ssl`` loads keys only from a path, and a workload key must never reach a disk.
     ``ssl.SSLError`` when the material does not fit together."""
     contexts = []
-    for purpose in (ssl.PROTOCOL_TLS_SERVER, ssl.PROTOCOL_TLS_CLIENT):
+    for purpose, alpn in (
+        (ssl.PROTOCOL_TLS_SERVER, [MESH_ALPN_H2, MESH_ALPN]),
+        (ssl.PROTOCOL_TLS_CLIENT, [MESH_ALPN]),
+        (ssl.PROTOCOL_TLS_CLIENT, [MESH_ALPN_H2, MESH_ALPN]),
+    ):
         ctx = ssl.SSLContext(purpose)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_REQUIRED
-        ctx.set_alpn_protocols([MESH_ALPN])
+        ctx.set_alpn_protocols(alpn)
         ctx.load_verify_locations(cadata="\n".join(bundle))
         _load_chain(ctx, chain_pem, key_pem)
         contexts.append(ctx)
-    return contexts[0], contexts[1]
+    return contexts[0], contexts[1], contexts[2]
 
 
 def _load_chain(ctx: ssl.SSLContext, chain_pem: bytes, key_pem: bytes) -> None:

@@ -243,7 +243,8 @@ class Policy:
     protocol: str = spec(
         "http1",
         "how the sidecar speaks to the service's endpoints: http1, http2 (h2c, prior "
-        "knowledge; each request balanced on its own), or auto (the caller's protocol)",
+        "knowledge, or h2 inside mesh TLS to an endpoint with a mesh identity; each request "
+        "balanced on its own), or auto (the caller's protocol)",
         choices=PROTOCOLS,
     )
     mtls: str = spec(

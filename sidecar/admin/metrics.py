@@ -135,6 +135,12 @@ class SidecarMetrics:
             "certificate, another CA's, expired, not TLS",
             labels=["direction", "result"],
         )
+        sessions = counter(
+            "meshlet_listener_tls_sessions",
+            "mesh TLS sessions a listener's clients opened, by the protocol chosen by ALPN (h2: "
+            "HTTP/2; http/1.1 also when the client offered none)",
+            labels=["direction", "alpn"],
+        )
         forbidden = counter(
             "meshlet_inbound_forbidden",
             "requests refused 403 by the service's allow_from or mtls: strict, by caller "
@@ -143,7 +149,7 @@ class SidecarMetrics:
         )
         h2_connections = counter(
             "meshlet_h2_connections",
-            "client connections that spoke HTTP/2 (h2c, prior knowledge)",
+            "client connections that spoke HTTP/2 (h2c, prior knowledge, or h2 over mesh TLS)",
             labels=["direction"],
         )
         h2_streams = counter(
@@ -166,6 +172,9 @@ class SidecarMetrics:
             opaque.add([direction], counters.opaque_streams)
             handshakes.add([direction, "ok"], counters.tls_handshakes)
             handshakes.add([direction, "failed"], counters.tls_failures)
+            if counters.tls_handshakes:
+                sessions.add([direction, "h2"], counters.tls_h2)
+                sessions.add([direction, "http/1.1"], counters.tls_handshakes - counters.tls_h2)
             h2 = tracker.h2
             h2_connections.add([direction], h2.connections)
             h2_streams.add([direction], h2.streams)
@@ -184,6 +193,7 @@ class SidecarMetrics:
         yield backpressure
         yield opaque
         yield handshakes
+        yield sessions
         yield forbidden
         yield h2_connections
         yield h2_streams
@@ -246,10 +256,16 @@ class SidecarMetrics:
             "pooled connections to the service's endpoints",
             labels=["service", "state"],
         )
+        handshakes = counter(
+            "meshlet_upstream_tls_handshakes",
+            "mesh TLS sessions opened to the service's endpoints, by the protocol chosen by "
+            "ALPN (h2: HTTP/2)",
+            labels=["service", "alpn"],
+        )
         table = sc.tables.current
         now = sc.pools.clock.monotonic()
         for name, entry in table.table.services.items() if table else ():
-            idle = busy = h2 = 0
+            idle = busy = h2 = tls = tls_h2 = 0
             many = len(entry.endpoints) > MAX_ENDPOINT_SERIES
             for e in entry.endpoints:
                 pool = sc.pools.find(e)
@@ -258,6 +274,8 @@ class SidecarMetrics:
                     idle += counts.idle
                     busy += counts.busy
                     h2 += counts.h2_connections
+                    tls += pool.tls_handshakes
+                    tls_h2 += counts.tls_h2
                 if many:
                     continue
                 where = f"{e.address}:{e.port}"
@@ -272,10 +290,14 @@ class SidecarMetrics:
             connections.add([name, "busy"], busy)
             if h2:  # (HTTP/2 connections carry many requests: neither idle nor busy)
                 connections.add([name, "http2"], h2)
+            if tls:
+                handshakes.add([name, "h2"], tls_h2)
+                handshakes.add([name, "http/1.1"], tls - tls_h2)
         yield state
         yield tries
         yield failures
         yield connections
+        yield handshakes
 
     def _table(self) -> Iterator[Family]:
         sc = self.sidecar

@@ -278,11 +278,9 @@ class IdentityManager:
         """Replace MeshTls's contexts and identity whole, for ``c`` and the trust bundle
         (connections keep the contexts they were made with); none without either."""
         if c is None or not self._bundle:
-            self.tls.server = self.tls.client = None
-            self.tls.identity = ""
+            self.tls.put(None, "")
             return
-        server, client = mesh_contexts(c.chain_pem, c.key_pem(), list(self._bundle))
-        self.tls.server, self.tls.client, self.tls.identity = server, client, c.identity
+        self.tls.put(mesh_contexts(c.chain_pem, c.key_pem(), list(self._bundle)), c.identity)
 
     def _take_bundle(self, bundle: tuple[str, ...]) -> None:
         self._bundle = bundle
@@ -334,8 +332,7 @@ class IdentityManager:
 
     def _drop_contexts(self, why: str) -> None:
         self.last_error = why
-        self.tls.server = self.tls.client = None
-        self.tls.identity = ""
+        self.tls.put(None, "")
         log.warning("%s: no mesh TLS until a new certificate", why)
 
     # -- what the admin port shows ------------------------------------------------------------

@@ -25,7 +25,7 @@ from sidecar.proxy.connect import Connect
 from sidecar.proxy.outbox import Outbox
 from sidecar.proxy.pool import Pool
 from sidecar.proxy.routing import Route
-from sidecar.proxy.upstream import Carrier, ResponseSink
+from sidecar.proxy.upstream import Carrier, ResponseSink, UpstreamConnection
 from sidecar.resilience import classify
 from sidecar.resilience.classify import Outcome
 from sidecar.resilience.tries import BACKOFF, CONNECTING, DONE, QUEUED, RESPONDING, SENT, Tries
@@ -161,8 +161,7 @@ class Dispatch:
             out.first(data)
         self.client.expect_route_at(tries.next_deadline())
         pool = route.pool_for(member.endpoint)
-        # (HTTP/2 is h2c only yet: an endpoint called over mesh TLS gets HTTP/1.1)
-        conn = pool.take_stream() if self._h2 and not pool.identity else pool.take_idle()
+        conn = pool.take_stream() if self._h2 else pool.take_idle()
         if conn is not None:
             self._send_on(conn)
         else:
@@ -190,8 +189,7 @@ class Dispatch:
             return
         self.tries.state = CONNECTING
         loop, timeout_ms = self.client.loop, policy.connect_timeout_ms
-        h2 = self._h2 and not pool.identity
-        self._connecting = Connect(loop, pool, service, timeout_ms, self._connected, h2)
+        self._connecting = Connect(loop, pool, service, timeout_ms, self._connected, self._h2)
 
     def _connected(self, conn: Carrier | None, reason: Reason, detail: str) -> None:
         self._connecting = None
@@ -270,7 +268,8 @@ class Dispatch:
             and conn.stale()
             and not self._stale_retried
             and self._replayable()
-            and (self._h2 or self.head.method in http1.IDEMPOTENT)  # (h2: refused, unseen)
+            # (an HTTP/2 stream's: refused, unseen; not an HTTP/1.1 fallback's: ``pool``)
+            and (not isinstance(conn, UpstreamConnection) or self.head.method in http1.IDEMPOTENT)
         ):
             self._stale_retried = True  # the same try again, on a fresh connection
             data = self._request_head(self.client.loop.time())

@@ -1,10 +1,12 @@
-"""An HTTP/2 client connection (h2c, prior knowledge): the ``h2`` codec between the socket and
-one ``H2Stream`` per request, each running its ``Exchange`` as an HTTP/1.1 request does.
+"""An HTTP/2 client connection (h2c by prior knowledge, or h2 over mesh TLS chosen by ALPN):
+the ``h2`` codec between the socket (or the TLS layer) and one ``H2Stream`` per request, each
+running its ``Exchange`` as an HTTP/1.1 request does.
 
 The listener's ``Downstream`` hands a connection over when its first read is the HTTP/2
-preface (``Downstream._start_h2``); it stays the connection's ``origin``: the route, the
-listener's counts and limits, the metrics and the access log are its. Upstreams are called
-over HTTP/1.1, through the same pools.
+preface, or when its mesh TLS session negotiated ``h2`` (``Downstream._start_h2``); it stays
+the connection's ``origin``: the route (and its guard), the verified caller, the listener's
+counts and limits, the metrics and the access log are its. Upstreams are called as the
+route's ``protocol`` says, through the same pools.
 
 What a client may ask of the connection is watched before the codec reads it
 (``h2guard.FrameWatch``); a connection that breaks a limit gets a GOAWAY and is closed, and
@@ -59,6 +61,8 @@ class Origin(Client, Tracked, Protocol):
     """The listener's connection that handed this one over (``listener.Downstream``)."""
 
     tracker: ConnectionTracker
+    peer_line: bytes
+    """the ``x-meshlet-peer`` line every request gets (inbound mesh TLS; b"": none)"""
 
 
 class H2Downstream(asyncio.Protocol):
@@ -244,6 +248,9 @@ class H2Downstream(asyncio.Protocol):
         self.origin.tracker.h2.streams += 1
         ex = stream.begin(_pairs(event.headers), event.stream_ended is not None)
         if ex is not None:
+            peer_line = self.origin.peer_line  # (the client's own line was dropped: ``http1``)
+            if peer_line:
+                ex.head.lines.append(peer_line)
             started.append((stream, ex))
 
     def _window_opened(self, stream_id: int) -> None:

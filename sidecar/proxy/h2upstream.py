@@ -1,6 +1,6 @@
-"""Upstream HTTP/2 (h2c, prior knowledge): a connection (``H2Upstream``) multiplexes
-requests, each on a stream that is the try's ``Carrier`` (``H2Channel``); ``H2Links`` keeps
-an endpoint's connections for its ``pool.Pool``.
+"""Upstream HTTP/2 (h2c by prior knowledge, or h2 over mesh TLS as the pool dials it): a
+connection (``H2Upstream``) multiplexes requests, each on a stream that is the try's
+``Carrier`` (``H2Channel``); ``H2Links`` keeps an endpoint's connections for its ``pool.Pool``.
 
 A channel takes the request as the exchange writes it for HTTP/1.1 (``upstream_request``,
 then the framed body) and reads it back with httptools into HEADERS, DATA and trailers: the
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final, cast
 
 import httptools
@@ -508,16 +508,29 @@ class H2Channel(Carrier):
         self.finish()
 
 
+#: how a pool connects a new HTTP/2 connection to its endpoint: the protocol is told of its
+#: transport (the socket's, or a mesh TLS session's) before the dial returns
+Dial = Callable[["H2Upstream"], Awaitable[None]]
+
+
 class H2Links:
-    """An endpoint's HTTP/2 connections, for its pool (``home``)."""
+    """An endpoint's HTTP/2 connections, for its pool (``home``), which says how a connection
+    is made (``dial``: h2c to the endpoint unless it says otherwise)."""
 
-    __slots__ = ("_conns", "_opening", "home", "idle_timeout", "loop")
+    __slots__ = ("_conns", "_opening", "dial", "home", "idle_timeout", "loop")
 
-    def __init__(self, home: Home, idle_timeout: float, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        home: Home,
+        idle_timeout: float,
+        loop: asyncio.AbstractEventLoop,
+        dial: Dial | None = None,
+    ) -> None:
         self.home = home
         #: seconds a connection without streams stays open
         self.idle_timeout = idle_timeout
         self.loop = loop
+        self.dial: Dial = dial if dial is not None else self._dial_h2c
         self._conns: list[H2Upstream] = []
         self._opening: asyncio.Future[H2Upstream | None] | None = None  # a connect under way
 
@@ -546,18 +559,14 @@ class H2Links:
         """A new connection, once the server's SETTINGS say how many streams it takes."""
         opened: asyncio.Future[H2Upstream | None] = self.loop.create_future()
         self._opening = opened
-        endpoint = self.home.endpoint
-        conn: H2Upstream | None = None
+        conn = H2Upstream(self)
         try:
-            _, conn = await self.loop.create_connection(
-                lambda: H2Upstream(self), endpoint.address, endpoint.port
-            )
+            await self.dial(conn)
             await conn.settled
             if not conn.alive():
                 raise ConnectionError("the upstream closed the HTTP/2 connection at once")
         except BaseException:
-            if conn is not None:
-                conn.abort()
+            conn.abort()
             opened.set_result(None)  # (those waiting open their own)
             raise
         finally:
@@ -566,6 +575,10 @@ class H2Links:
         self._conns.append(conn)
         opened.set_result(conn)
         return conn
+
+    async def _dial_h2c(self, conn: H2Upstream) -> None:
+        endpoint = self.home.endpoint
+        await self.loop.create_connection(lambda: conn, endpoint.address, endpoint.port)
 
     def forget(self, conn: H2Upstream) -> None:
         """A connection that takes no more streams."""

@@ -113,6 +113,8 @@ class ListenerCounters:
     """intercepted connections relayed as opaque TCP (not HTTP, or an opaque port)"""
     tls_handshakes: int = 0
     """inbound mesh TLS sessions opened"""
+    tls_h2: int = 0
+    """of those, sessions whose client chose HTTP/2 by ALPN (``h2``)"""
     tls_failures: int = 0
     """inbound TLS handshakes that failed (no certificate, another CA's, expired, garbage)"""
 

@@ -40,6 +40,7 @@ from sidecar.proxy.tlslayer import TlsLayer
 from sidecar.proxy.tracker import ConnectionTracker
 from sidecar.proxy.watch import WAIT_HEAD, WAIT_IDLE, WAIT_TUNNEL, Timeouts, Watch
 from sidecar.resilience.tries import State
+from sidecar.tls import MESH_ALPN_H2
 
 log = logging.getLogger("meshlet.proxy")
 
@@ -72,7 +73,6 @@ class Downstream(Watch):
         "_limit_error",
         "_linger",
         "_parser",
-        "_peer_line",
         "_pending_reject",
         "_queue",
         "_relay",
@@ -87,6 +87,7 @@ class Downstream(Watch):
         "draining",
         "original",
         "peer",
+        "peer_line",
         "record",
         "route",
         "router",
@@ -135,7 +136,7 @@ class Downstream(Watch):
         self._h2: H2Downstream | None = None  # the connection is HTTP/2's (``_start_h2``)
         #: the caller's verified SPIFFE ID (inbound mesh TLS), and its x-meshlet-peer line
         self.peer: str | None = None
-        self._peer_line = b""
+        self.peer_line = b""
 
     def __repr__(self) -> str:
         state = "tunnel" if self._tunnel else "busy" if self._active else "idle"
@@ -363,7 +364,7 @@ class Downstream(Watch):
         """The client opened with the HTTP/2 preface: the connection is an ``H2Downstream``'s
         from now on, each of its streams a request; this one stays its ``origin`` (routes,
         limits, metrics) and is told of draining."""
-        raw = self.transport
+        raw = self.transport  # (the socket's, or mesh TLS's: ``_tls_verdict``)
         assert raw is not None
         self._closing = True  # (nothing more reaches the parser)
         self._cancel_timer()
@@ -371,16 +372,23 @@ class Downstream(Watch):
         self._h2 = h2 = H2Downstream(self, self.loop, self.timeouts.idle, tracker.h2_limits)
         raw.set_protocol(h2)
         h2.connection_made(raw)
-        h2.data_received(first)
+        if first:
+            h2.data_received(first)
 
     def _tls_verdict(self, layer: TlsLayer, peer: str | None) -> str | None:
         """The handshake is done (the peer's certificate chains to the trust bundle): the
-        connection is the session's; who the caller is decides each request (``guard``)."""
+        connection is the session's; who the caller is decides each request (``guard``).
+        A session whose client chose ``h2`` by ALPN is HTTP/2's from its first byte, as a
+        connection that opened with the preface is (``_start_h2``)."""
         self.transport = layer
         self.peer = peer
         if peer is not None:  # (printable ASCII: the URI of a verified certificate)
-            self._peer_line = b"x-meshlet-peer: " + peer.encode() + b"\r\n"
-        self.tracker.counters.tls_handshakes += 1
+            self.peer_line = b"x-meshlet-peer: " + peer.encode() + b"\r\n"
+        counters = self.tracker.counters
+        counters.tls_handshakes += 1
+        if layer.tls.selected_alpn_protocol() == MESH_ALPN_H2:
+            counters.tls_h2 += 1
+            self._start_h2(b"")
         return None
 
     def _tls_failed(self, why: str) -> None:
@@ -455,8 +463,8 @@ class Downstream(Watch):
         if head.authority is None and head.version == "1.1":
             self._limit_error = (Reason.BAD_REQUEST, "HTTP/1.1 request without Host")
             raise ValueError("no host")
-        if self._peer_line:
-            head.lines.append(self._peer_line)
+        if self.peer_line:
+            head.lines.append(self.peer_line)
         ex = Exchange(self, head)
         self._body_left = head.content_length
         self._current = self._latest = ex

@@ -1,6 +1,12 @@
 """Keep-alive connections to one endpoint (``Pool``): idle ones reused most recent first,
 capped per endpoint and closed after ``idle_timeout``; a connection (``upstream``) comes back
-only after a complete response without ``Connection: close``.
+only after a complete response without ``Connection: close``. HTTP/2 connections
+(``h2upstream``) are kept apart, multiplexed.
+
+To an endpoint with a mesh identity every connection is mesh TLS: HTTP/1.1 ones offer ALPN
+``http/1.1``, HTTP/2 ones ``h2`` then ``http/1.1``. A sidecar that answers ``http/1.1`` to
+the latter (one from before HTTP/2 over TLS) gets the request over HTTP/1.1 on that very
+session, and the pool calls it over HTTP/1.1 from then on, until its identity changes.
 """
 
 from __future__ import annotations
@@ -9,14 +15,18 @@ import asyncio
 import contextlib
 import ssl
 from dataclasses import dataclass
+from typing import cast
 
 from control_plane.wire import Endpoint
 from sidecar.balancing.ewma import EndpointStats, Exclusions
 from sidecar.clock import monotonic
-from sidecar.proxy.h2upstream import H2Channel, H2Links
+from sidecar.proxy.h2upstream import H2Links, H2Upstream
 from sidecar.proxy.tlslayer import TlsLayer
 from sidecar.proxy.upstream import Carrier, Home, UpstreamConnection
-from sidecar.tls import MeshTls
+from sidecar.tls import MESH_ALPN_H2, MeshTls
+
+#: a TLS session to resume, with the context that made it
+_Session = tuple[ssl.SSLContext, ssl.SSLSession]
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +36,18 @@ class PoolStatistics:
     connects: int
     reuses: int
     h2_connections: int
+    tls_h2: int
+    """HTTP/2 connections opened over mesh TLS (ALPN ``h2``)"""
+    h2_fallback: bool
+    """the endpoint's sidecar chose HTTP/1.1 when offered ``h2``: HTTP/2 requests go over it"""
+
+
+class _Http1Chosen(Exception):
+    """An HTTP/2 dial whose peer chose ``http/1.1`` by ALPN: the session is ``conn``'s."""
+
+    def __init__(self, conn: UpstreamConnection) -> None:
+        super().__init__("the upstream chose http/1.1")
+        self.conn = conn
 
 
 class Pool(Home):
@@ -67,9 +89,15 @@ class Pool(Home):
         self._loop = loop  # (None: the running loop, looked up once)
         self.tls_handshakes = 0
         self.tls_resumed = 0
-        # a session to resume on the next mesh TLS connection (taken once its ticket came)
-        self._tls_session: ssl.SSLSession | None = None
+        self.tls_h2 = 0  # of those handshakes, HTTP/2's (ALPN ``h2``)
+        # a session to resume on the next mesh TLS connection of each kind (taken once its
+        # ticket came), with the context it belongs to (another one cannot resume it)
+        self._tls_session: _Session | None = None
+        self._tls_session_h2: _Session | None = None
         self._h2: H2Links | None = None  # HTTP/2 connections, from the first
+        #: the endpoint's sidecar chose ``http/1.1`` when offered ``h2``: HTTP/2 requests go
+        #: to it over HTTP/1.1 (until its identity changes: ``rekey``)
+        self.h2_fallback = False
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         # asyncio.get_running_loop() makes a getpid() system call on Python 3.11: per
@@ -90,19 +118,29 @@ class Pool(Home):
                 return conn
         return None
 
-    def take_stream(self) -> H2Channel | None:
-        """A stream on an HTTP/2 connection that has one free, or None."""
+    def take_stream(self) -> Carrier | None:
+        """A stream on an HTTP/2 connection that has one free, or None (an idle HTTP/1.1
+        connection instead, to an endpoint that chose it: ``h2_fallback``)."""
+        if self.h2_fallback:
+            return self.take_idle()
         return self._h2.take() if self._h2 is not None else None
 
     async def connect(self, h2: bool = False) -> Carrier:
         """A new connection (over mesh TLS when the endpoint has an identity and this sidecar
-        a certificate), or (``h2``) a stream on a new HTTP/2 connection (h2c: never over
-        mesh TLS yet); the caller bounds the time with ``asyncio.timeout``."""
+        a certificate), or (``h2``) a stream on a new HTTP/2 connection (over mesh TLS as
+        well, or h2c); the caller bounds the time with ``asyncio.timeout``."""
         loop = self._event_loop()
-        if h2:  # (its links count the connection opening, not the tries waiting for it)
+        if h2 and not self.h2_fallback:
+            # (its links count the connection opening, not the tries waiting for it)
             if self._h2 is None:
-                self._h2 = H2Links(self, self.idle_timeout, loop)
-            return await self._h2.connect()
+                self._h2 = H2Links(self, self.idle_timeout, loop, self._dial_h2)
+            try:
+                return await self._h2.connect()
+            except _Http1Chosen as e:
+                self.h2_fallback = True
+                self._connects += 1
+                self._all.add(e.conn)
+                return e.conn
         context = None if self.mesh is None or not self.identity else self.mesh.client
         self._connecting += 1
         try:
@@ -111,24 +149,51 @@ class Pool(Home):
                     lambda: UpstreamConnection(self), self.endpoint.address, self.endpoint.port
                 )
             else:
-                conn = await self._connect_tls(loop, context, self.identity)
+                conn = UpstreamConnection(self)
+                await self._connect_tls(loop, context, conn, h2=False)
         finally:
             self._connecting -= 1
         self._connects += 1
         self._all.add(conn)
         return conn
 
+    async def _dial_h2(self, conn: H2Upstream) -> None:
+        """Connect an HTTP/2 connection (``H2Links.dial``): over mesh TLS offering ``h2``
+        when the endpoint has an identity and this sidecar a certificate, else h2c.
+        ``_Http1Chosen`` when the peer chose HTTP/1.1 (the session is an HTTP/1.1
+        connection's then)."""
+        loop = self._event_loop()
+        context = None if self.mesh is None or not self.identity else self.mesh.client_h2
+        if context is None:
+            await loop.create_connection(lambda: conn, self.endpoint.address, self.endpoint.port)
+            return
+        layer = await self._connect_tls(loop, context, conn, h2=True)
+        if layer.get_protocol() is not conn:
+            raise _Http1Chosen(cast(UpstreamConnection, layer.get_protocol()))
+        self.tls_h2 += 1
+        # (its ticket comes before the server's first SETTINGS, which settle the connection)
+        conn.settled.add_done_callback(lambda _: self._keep_session(layer, h2=True))
+
     async def _connect_tls(
-        self, loop: asyncio.AbstractEventLoop, context: ssl.SSLContext, expected: str
-    ) -> UpstreamConnection:
-        """A connection whose TLS handshake is done and whose peer proved ``expected``:
-        ConnectionError naming what went wrong otherwise."""
-        conn = UpstreamConnection(self)
+        self,
+        loop: asyncio.AbstractEventLoop,
+        context: ssl.SSLContext,
+        protocol: UpstreamConnection | H2Upstream,
+        *,
+        h2: bool,
+    ) -> TlsLayer:
+        """Connect ``protocol`` over a TLS session whose handshake is done and whose peer
+        proved the endpoint's identity: ConnectionError naming what went wrong otherwise.
+        (``h2``: a peer that chose another protocol than ``h2`` gets an HTTP/1.1 connection
+        instead, the layer's protocol.)"""
+        expected = self.identity
         opened: asyncio.Future[None] = loop.create_future()
 
         def verdict(layer: TlsLayer, peer: str | None) -> str | None:
             if peer != expected:
                 return f"the upstream proved {peer or 'no mesh identity'}, not {expected}"
+            if h2 and layer.tls.selected_alpn_protocol() != MESH_ALPN_H2:
+                layer.set_protocol(UpstreamConnection(self))  # (before it is told of it)
             if not opened.done():  # (not given up meanwhile)
                 opened.set_result(None)
             return None
@@ -137,9 +202,14 @@ class Pool(Home):
             if not opened.done():
                 opened.set_exception(ConnectionError(why))
 
-        session, self._tls_session = self._tls_session, None  # (a ticket is used once)
+        kept = self._tls_session_h2 if h2 else self._tls_session
+        if h2:  # (a ticket is used once)
+            self._tls_session_h2 = None
+        else:
+            self._tls_session = None
+        session = kept[1] if kept is not None and kept[0] is context else None
         layer = TlsLayer(
-            context, conn, server_side=False, verdict=verdict, failed=failed, session=session
+            context, protocol, server_side=False, verdict=verdict, failed=failed, session=session
         )
         await loop.create_connection(lambda: layer, self.endpoint.address, self.endpoint.port)
         try:
@@ -149,7 +219,7 @@ class Pool(Home):
             raise
         self.tls_handshakes += 1
         self.tls_resumed += layer.tls.session_reused
-        return conn
+        return layer
 
     def size(self) -> int:
         """Connections open or opening."""
@@ -166,8 +236,8 @@ class Pool(Home):
             conn.close()
             return
         conn.owner = None
-        if self.identity and self._tls_session is None:
-            self._keep_session(conn)
+        if self.identity and self._tls_session is None and conn.transport is not None:
+            self._keep_session(conn.transport, h2=False)
         loop = self._loop or self._event_loop()
         conn.idle_since = loop.time()
         self._idle.append(conn)
@@ -180,19 +250,27 @@ class Pool(Home):
         if identity == self.identity:
             return
         self.identity = identity
-        self._tls_session = None
+        self._tls_session = self._tls_session_h2 = None
+        self.h2_fallback = False  # (another sidecar, or the same one upgraded)
         idle, self._idle = self._idle, []
         for conn in idle:
             self._all.discard(conn)
             conn.close()
+        if self._h2 is not None:  # (busy ones finish their streams)
+            self._h2.close()
 
-    def _keep_session(self, conn: UpstreamConnection) -> None:
+    def _keep_session(self, transport: asyncio.BaseTransport, *, h2: bool) -> None:
         """Keep the TLS session of a connection that has had a response (TLS 1.3 sends the
         ticket after the handshake), so that the next connection resumes it: a shorter
         handshake without certificates."""
-        tls = conn.transport.get_extra_info("ssl_object") if conn.transport is not None else None
-        if isinstance(tls, ssl.SSLObject) and tls.session is not None and tls.session.has_ticket:
-            self._tls_session = tls.session
+        tls = transport.get_extra_info("ssl_object")
+        if not isinstance(tls, ssl.SSLObject) or tls.session is None or not tls.session.has_ticket:
+            return
+        kept = (tls.context, tls.session)
+        if h2:
+            self._tls_session_h2 = kept
+        else:
+            self._tls_session = kept
 
     def _sweep(self) -> None:
         """Close connections idle for longer than ``idle_timeout`` (the oldest are first)."""
@@ -238,11 +316,14 @@ class Pool(Home):
             connects=self._connects,
             reuses=self._reuses,
             h2_connections=self._h2.size() if self._h2 is not None else 0,
+            tls_h2=self.tls_h2,
+            h2_fallback=self.h2_fallback,
         )
 
     def __repr__(self) -> str:
         s = self.statistics()
         e = self.endpoint
         h2 = f", {s.h2_connections} HTTP/2" if s.h2_connections else ""
+        h2 += " (HTTP/1.1 fallback)" if s.h2_fallback else ""
         state = f"{s.busy} busy, {s.idle} idle{h2} | {s.connects} connects"
         return f"<Pool {e.address}:{e.port} [{state}]>"

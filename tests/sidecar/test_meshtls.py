@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -44,9 +45,9 @@ def credentials(
     )
     mesh = MeshTls()
     mesh.trust_domain = TD
-    mesh.identity = spiffe_id(TD, "shop", service)
-    mesh.server, mesh.client = mesh_contexts(
-        cert.public_bytes(serialization.Encoding.PEM), key_pem, bundle
+    mesh.put(
+        mesh_contexts(cert.public_bytes(serialization.Encoding.PEM), key_pem, bundle),
+        spiffe_id(TD, "shop", service),
     )
     return mesh
 
@@ -89,7 +90,12 @@ async def hop(ca: Authority) -> AsyncIterator[Callable[..., Hop]]:
     servers: list[asyncio.Server] = []
     made: list[Hop] = []
 
-    async def make(web_mesh: MeshTls, catalog_mesh: MeshTls, identity: str = CATALOG) -> Hop:
+    async def make(
+        web_mesh: MeshTls,
+        catalog_mesh: MeshTls,
+        identity: str = CATALOG,
+        policy: dict[str, Any] | None = None,
+    ) -> Hop:
         guard = InboundGuard(catalog_mesh, "catalog")
         tracker = ConnectionTracker("inbound", "catalog", guard=guard)
         app_router = AppRouter(Endpoint(LOCAL, app_port), Pools())
@@ -99,9 +105,8 @@ async def hop(ca: Authority) -> AsyncIterator[Callable[..., Hop]]:
         in_port = inbound.sockets[0].getsockname()[1]
         pools = Pools(mesh=web_mesh)
         tables = TableHolder(pools, service="web")
-        table = parse_table(
-            {"services": {"catalog": {"endpoints": [{"address": LOCAL, "port": in_port}]}}}
-        )
+        catalog = {"endpoints": [{"address": LOCAL, "port": in_port}], "policy": policy or {}}
+        table = parse_table({"services": {"catalog": catalog}})
         tables.install(table, "test")
         pools.get(table.services["catalog"].endpoints[0]).rekey(identity)
         outbound = await loop.create_server(
@@ -147,6 +152,7 @@ async def test_two_sidecars_talk_mesh_tls_and_the_app_learns_the_verified_caller
         assert status == 200
         assert json.loads(body)["peer"] == [WEB]  # the client's forged one is gone
     assert h.inbound_tracker.counters.tls_handshakes == 1
+    assert h.inbound_tracker.counters.tls_h2 == 0  # an HTTP/1.1 pool chose http/1.1 by ALPN
     pool = next(iter(h.pools._pools.values()))
     assert pool.tls_handshakes == 1
     assert pool.statistics().connects == 1
