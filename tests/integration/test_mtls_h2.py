@@ -66,7 +66,8 @@ def greeter(pb: Pb) -> Iterator[int]:
 
 
 def h2_sessions(sidecar: Sidecar, alpn: str) -> float:
-    return metric(sidecar, "meshlet_listener_tls_sessions_total", direction="inbound", alpn=alpn)
+    # (labels in the order the exposition writes them: by name)
+    return metric(sidecar, "meshlet_listener_tls_sessions_total", alpn=alpn, direction="inbound")
 
 
 def test_grpc_crosses_two_sidecars_as_h2_over_mutual_tls(
@@ -115,7 +116,7 @@ def test_grpc_crosses_two_sidecars_as_h2_over_mutual_tls(
         # the hop between the sidecars was HTTP/2 inside mesh TLS, on both sides' word
         assert h2_sessions(catalog, "h2") >= 1
         assert (
-            metric(web, "meshlet_upstream_tls_handshakes_total", service="catalog", alpn="h2") >= 1
+            metric(web, "meshlet_upstream_tls_handshakes_total", alpn="h2", service="catalog") >= 1
         )
         assert h2_sessions(catalog, "http/1.1") == 0
 
@@ -123,7 +124,7 @@ def test_grpc_crosses_two_sidecars_as_h2_over_mutual_tls(
         call(web, "catalog", "/plain")  # (a gRPC server answers it as it may: not our test)
         assert h2_sessions(catalog, "http/1.1") >= 1
         assert (
-            metric(web, "meshlet_upstream_tls_handshakes_total", service="catalog", alpn="http/1.1")
+            metric(web, "meshlet_upstream_tls_handshakes_total", alpn="http/1.1", service="catalog")
             >= 1
         )
 
