@@ -136,3 +136,24 @@ async def test_a_sidecar_that_does_not_choose_h2_gets_http1_on_the_same_session(
     assert h.inbound_tracker.counters.tls_handshakes == 1  # (the second call reused it)
     pool.rekey("")  # another identity: the endpoint is asked for h2 again
     assert not pool.statistics().h2_fallback
+
+
+async def test_a_session_kept_from_before_a_rotation_is_not_offered_to_the_new_context(
+    ca: Authority, hop: Callable[..., asyncio.Future[Hop]]
+) -> None:
+    """Python refuses to resume a session of another context (ValueError): after a rotation
+    the pool opens a full handshake instead of failing a connect."""
+    bundle = [ca.pem()[0].decode()]
+    web = credentials(ca, "web", bundle)
+    h = await hop(web, credentials(ca, "catalog", bundle), policy=HTTP2)
+    assert (await get(h.outbound))[0] == 200
+    pool = pool_of(h)
+    # (a second connection: the first one's ticket is kept now)
+    (await pool.connect(h2=True)).close()
+    assert pool.tls_resumed == 1
+    rotated = credentials(ca, "web", bundle)  # the identity manager's new contexts
+    web.put((rotated.server, rotated.client, rotated.client_h2), web.identity)  # type: ignore[arg-type]
+    (await pool.connect(h2=True)).close()
+    assert (pool.tls_handshakes, pool.tls_resumed) == (3, 1)  # a full handshake, no failure
+    assert (await get(h.outbound))[0] == 200
+    assert pool.stats.failures == 0
