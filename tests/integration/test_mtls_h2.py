@@ -119,6 +119,11 @@ def test_grpc_crosses_two_sidecars_as_h2_over_mutual_tls(
             metric(web, "meshlet_upstream_tls_handshakes_total", alpn="h2", service="catalog") >= 1
         )
         assert h2_sessions(catalog, "http/1.1") == 0
+        status, clusters = web.admin("/clusters")
+        assert status == 200
+        (endpoint,) = clusters["services"]["catalog"]["endpoints"]
+        assert endpoint["mesh_tls"]["h2"] >= 1
+        assert endpoint["mesh_tls"]["h2_fallback"] is False
 
         # an HTTP/1.1 caller (auto keeps its protocol) still negotiates http/1.1
         call(web, "catalog", "/plain")  # (a gRPC server answers it as it may: not our test)
