@@ -170,12 +170,14 @@ class Dispatch:
 
     def _request_head(self, now: float) -> bytes:
         """The current try's head: which try it is, and the time it has left."""
-        route, tries = self.route, self.tries
+        route, tries, head = self.route, self.tries, self.head
         assert route is not None
+        grpc = None if head.grpc_timeout_ms is None else tries.hard_left_ms(now)
         if route.external:  # the mesh's own headers stay in the mesh
-            return http1.upstream_request(self.head, self.client.client_ip)
-        attempt = self.head.attempt if route.relay else tries.attempt
-        return http1.upstream_request(self.head, self.client.client_ip, attempt, tries.left_ms(now))
+            return http1.upstream_request(head, self.client.client_ip, 0, None, grpc)
+        attempt = head.attempt if route.relay else tries.attempt
+        left = tries.left_ms(now)
+        return http1.upstream_request(head, self.client.client_ip, attempt, left, grpc)
 
     def _connect(self, pool: Pool) -> None:
         route = self.route
