@@ -12,11 +12,14 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
 from grpc_tools import protoc
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.events import RequestReceived
 
 from control_plane.wire import Endpoint
 from sidecar.proxy.pool import Pool
@@ -405,3 +408,54 @@ async def test_grpc_timeout_sent_on_is_the_time_left(
     # spent: answered at once, and over HTTP/1.1 (no gRPC there) as the HTTP 504 it is
     resp, _ = await sent("grpc-timeout: 0m\r\n")
     assert (resp.status, resp.header("x-meshlet-error")) == (504, "upstream-timeout")
+
+
+class Refuser(asyncio.Protocol):
+    """An HTTP/2 server that answers a connection's first request with a GOAWAY saying it
+    processed no stream (last stream 0), having stopped listening first (``listener``)."""
+
+    def __init__(self, listener: list[asyncio.Server], refused: list[int]) -> None:
+        self.listener = listener
+        self.refused = refused
+        self.h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.h2.initiate_connection()
+        self.transport.write(self.h2.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        for event in self.h2.receive_data(data):
+            if isinstance(event, RequestReceived):
+                self.refused.append(event.stream_id)
+                for server in self.listener:
+                    server.close()  # (a connect from now on is refused)
+                self.h2.close_connection(last_stream_id=0)
+        self.transport.write(self.h2.data_to_send())
+
+
+async def test_a_call_an_endpoint_never_processed_goes_elsewhere_whatever_its_method(
+    pb: tuple[ModuleType, ModuleType], servers: Servers, make_mesh: MakeMesh
+) -> None:
+    """An endpoint going away answers a call's stream with a GOAWAY (last stream 0: never
+    processed) and refuses the connect that tries it again: the call, a POST not marked
+    for retry, goes to the other endpoint at once and succeeds."""
+    good = await servers("good")
+    listener: list[asyncio.Server] = []
+    refused: list[int] = []
+    loop = asyncio.get_running_loop()
+    listener.append(await loop.create_server(lambda: Refuser(listener, refused), LOCAL, 0))
+    bad = listener[0].sockets[0].getsockname()[1]
+    try:
+        mesh = await make_mesh(
+            {"greeter": service(bad, good, protocol="http2", lb="round_robin", retries=0)}
+        )
+        channel, stub = stub_to(pb, mesh.outbound, "greeter")
+        async with channel:
+            answers = [await stub.Hello(pb[0].Ask(name=str(i)), timeout=10) for i in range(4)]
+        assert [a.server for a in answers] == ["good"] * 4
+        assert refused == [1]
+    finally:
+        listener[0].close()
