@@ -41,11 +41,13 @@ DEADLINE: Final = 10  # from here on the mesh's own headers
 TIMEOUT: Final = 11
 ATTEMPT: Final = 12
 RETRY: Final = 13
+GRPC_TIMEOUT: Final = 14  # gRPC's deadline (``grpctimeout``), written again with the time left
 _SPECIAL_REQUEST: Final = {
     b"x-meshlet-deadline-ms": DEADLINE,
     b"x-meshlet-timeout-ms": TIMEOUT,
     b"x-meshlet-attempt": ATTEMPT,
     b"x-meshlet-retry": RETRY,
+    b"grpc-timeout": GRPC_TIMEOUT,
     b"host": HOST,
     b"transfer-encoding": TE,
     b"content-length": CL,

@@ -17,7 +17,7 @@ from http import HTTPStatus
 from typing import Final
 
 from sidecar.clock import wall
-from sidecar.http import framing
+from sidecar.http import framing, grpctimeout
 from sidecar.http.framing import request_framing, response_framing
 from sidecar.http.headers import (
     CL,
@@ -26,6 +26,7 @@ from sidecar.http.headers import (
     DROP,
     EXPECT,
     FORWARD,
+    GRPC_TIMEOUT,
     HOST,
     KEPT_TOKENS,
     REQUEST,
@@ -122,6 +123,8 @@ class RequestHead(HeadLines):
         "deadline_ms",
         "expect_continue",
         "forwarded_for",
+        "grpc",
+        "grpc_timeout_ms",
         "has_body",
         "keep_alive",
         "method",
@@ -166,6 +169,10 @@ class RequestHead(HeadLines):
         self.attempt = 0
         #: ``x-meshlet-retry: on``: retry even a method that is not idempotent
         self.retry = False
+        #: ``grpc-timeout``, in milliseconds: a gRPC caller's deadline (None: none, or malformed)
+        self.grpc_timeout_ms: int | None = None
+        #: a gRPC call (HTTP/2, ``content-type: application/grpc...``): answered in gRPC's terms
+        self.grpc = False
         self.lines = []
         self.unlisted = self.unlisted_bytes = 0
         # what the lines decide only together, until ``complete``
@@ -285,9 +292,16 @@ def parse_request_head(
 
 
 def _mesh_header(head: RequestHead, action: int, value: bytes) -> None:
-    """A malformed value is ignored (as Envoy ignores a bad x-envoy-upstream-rq-timeout-ms)."""
+    """A malformed value is ignored (as Envoy ignores a bad x-envoy-upstream-rq-timeout-ms);
+    a malformed ``grpc-timeout`` goes on as it came (it is the server's to judge)."""
     if action == RETRY:
         head.retry = value.lower() == b"on"
+    elif action == GRPC_TIMEOUT:
+        ms = grpctimeout.parse_ms(value)
+        if ms is None:
+            head.lines.append(b"grpc-timeout: %s\r\n" % value)
+        elif head.grpc_timeout_ms is None or ms < head.grpc_timeout_ms:
+            head.grpc_timeout_ms = ms
     elif value.isdigit() and len(value) <= 10:
         number = int(value)
         if action == DEADLINE:
@@ -303,11 +317,16 @@ _ATTEMPT_LINES: Final = tuple(b"x-meshlet-attempt: %d\r\n" % n for n in range(8)
 
 
 def upstream_request(
-    head: RequestHead, client_ip: bytes, attempt: int = 0, deadline_ms: int | None = None
+    head: RequestHead,
+    client_ip: bytes,
+    attempt: int = 0,
+    deadline_ms: int | None = None,
+    grpc_ms: int | None = None,
 ) -> bytes:
     """The head sent upstream: origin-form, HTTP/1.1, hop-by-hop removed, X-Forwarded-For
     appended, X-Forwarded-Proto set, X-Request-Id added when absent; which try this is and
-    the milliseconds left (``x-meshlet-attempt``, ``x-meshlet-deadline-ms``) when given."""
+    the milliseconds left (``x-meshlet-attempt``, ``x-meshlet-deadline-ms``) when given, and
+    a gRPC caller's deadline left (``grpc-timeout``) when given."""
     forwarded = head.forwarded_for
     out = [  # (one list display: each append is a method call in pure Python)
         head.method,
@@ -329,6 +348,8 @@ def upstream_request(
             out.append(b"transfer-encoding: chunked\r\n")
     if head.upgrade:
         out.append(b"connection: upgrade\r\nupgrade: " + head.upgrade_value + b"\r\n")
+    if grpc_ms is not None:
+        out.append(b"grpc-timeout: " + grpctimeout.format_ms(grpc_ms) + b"\r\n")
     if attempt:
         out.append(
             _ATTEMPT_LINES[attempt]

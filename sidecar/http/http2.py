@@ -31,6 +31,7 @@ def request_head(headers: Sequence[tuple[bytes, bytes]], ended: bool) -> Request
     method = path = authority = b""
     cookies: list[bytes] = []
     regular: Headers = []
+    grpc = False
     for name, value in headers:
         if name[:1] == b":":
             if name == b":method":
@@ -42,6 +43,8 @@ def request_head(headers: Sequence[tuple[bytes, bytes]], ended: bool) -> Request
         elif name == b"cookie":
             cookies.append(value)
         else:
+            if name == b"content-type":
+                grpc = value.startswith(b"application/grpc")
             regular.append((name, value))
     if method == b"CONNECT":
         raise ValueError("CONNECT is not served over HTTP/2")
@@ -49,6 +52,7 @@ def request_head(headers: Sequence[tuple[bytes, bytes]], ended: bool) -> Request
         raise ValueError(f":path {path[:64]!r} is not origin-form")
     head = RequestHead(method, path, VERSION, authority or None)
     head.proxied = False  # (the authority is the stream's, not an absolute-form target's)
+    head.grpc = grpc
     for name, value in regular:
         head.add(name, value)
     if cookies:
@@ -93,3 +97,27 @@ def error_headers(reason: Reason, body: bytes) -> Headers:
 
 def error_body(reason: Reason, detail: str) -> bytes:
     return f"{reason.code}: {detail}\n".encode()
+
+
+def grpc_error_headers(reason: Reason, detail: str) -> Headers | None:
+    """The sidecar's own answer to a gRPC call as gRPC's trailers-only response, for the
+    reasons that have a gRPC status of their own: a deadline that passed is
+    DEADLINE_EXCEEDED (4), not the UNAVAILABLE a client would make of a 504. None: the
+    answer stays HTTP's (``error_headers``)."""
+    if reason is not Reason.UPSTREAM_TIMEOUT:
+        return None
+    return [
+        (b":status", b"200"),
+        (b"content-type", b"application/grpc"),
+        (b"grpc-status", b"4"),
+        (b"grpc-message", grpc_message(f"{reason.code}: {detail}")),
+        (b"x-meshlet-error", reason.code.encode()),
+    ]
+
+
+def grpc_message(text: str) -> bytes:
+    """``grpc-message``: UTF-8, each byte outside printable ASCII and ``%`` percent-encoded
+    (PROTOCOL-HTTP2.md)."""
+    return b"".join(
+        bytes((b,)) if 0x20 <= b <= 0x7E and b != 0x25 else b"%%%02X" % b for b in text.encode()
+    )

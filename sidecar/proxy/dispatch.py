@@ -72,8 +72,10 @@ class Dispatch:
         self.tries = tries
         self.route: Route | None = None
         again = head.method in http1.IDEMPOTENT or head.retry
-        #: the request's bytes, when it has a body (keywords to a class cost CPython a dict)
-        self.out = Outbox(head.chunked, again) if head.has_body else None
+        #: the request's bytes, when it has a body (keywords to a class cost CPython a dict);
+        #: kept for another try until ``start`` knows whether one may send it (HTTP/2: a
+        #: stream refused unseen goes again, whatever the method)
+        self.out = Outbox(head.chunked, True) if head.has_body else None
         self._again = again  # another try may send it (one without a body: ``out`` is None)
         self._waiting = b""  # no body: the current try's head, until a connection takes it
         self.attempt: Attempt | None = None  # the current try, while in flight
@@ -100,7 +102,11 @@ class Dispatch:
     def start(self, route: Route, now: float) -> None:
         """The first try (the request is routed and admitted)."""
         self.route = route
-        self._h2 = route.h2(self.head)
+        self._h2 = h2 = route.h2(self.head)
+        if h2:
+            self._again = True  # (only a stream refused unseen: ``retry_on`` still asks more)
+        elif not self._again and self.out is not None:
+            self.out.forget()  # no try but this one sends the body: no copy of it is kept
         if route.key_of is not None:
             self._key = route.key_of(self.head, self.client.client_ip)
         member = route.balancer.pick(self._key, ())  # (``_try``, inline: once a request)
@@ -169,12 +175,14 @@ class Dispatch:
 
     def _request_head(self, now: float) -> bytes:
         """The current try's head: which try it is, and the time it has left."""
-        route, tries = self.route, self.tries
+        route, tries, head = self.route, self.tries, self.head
         assert route is not None
+        grpc = None if head.grpc_timeout_ms is None else tries.hard_left_ms(now)
         if route.external:  # the mesh's own headers stay in the mesh
-            return http1.upstream_request(self.head, self.client.client_ip)
-        attempt = self.head.attempt if route.relay else tries.attempt
-        return http1.upstream_request(self.head, self.client.client_ip, attempt, tries.left_ms(now))
+            return http1.upstream_request(head, self.client.client_ip, 0, None, grpc)
+        attempt = head.attempt if route.relay else tries.attempt
+        left = tries.left_ms(now)
+        return http1.upstream_request(head, self.client.client_ip, attempt, left, grpc)
 
     def _connect(self, pool: Pool) -> None:
         route = self.route
@@ -266,21 +274,24 @@ class Dispatch:
             not protocol_error
             and conn is not None
             and conn.stale()
-            and not self._stale_retried
             and self._replayable()
             # (an HTTP/2 stream's: refused, unseen; not an HTTP/1.1 fallback's: ``pool``)
             and (not isinstance(conn, UpstreamConnection) or self.head.method in http1.IDEMPOTENT)
         ):
-            self._stale_retried = True  # the same try again, on a fresh connection
+            # nothing of the try is on a connection now: a connect that fails next, or an
+            # HTTP/2 stream refused again, goes to another endpoint at once (``_resend``)
+            self._sent = False
             data = self._request_head(self.client.loop.time())
             if self.out is None:
                 self._waiting = data
             else:
                 self.out.again(data)
-            pool = conn.pool
-            assert isinstance(pool, Pool)  # (the only kind of ``upstream.Home``)
-            self._connect(pool)
-            return
+            if not self._stale_retried:
+                self._stale_retried = True  # the same try again, on a fresh connection
+                pool = conn.pool
+                assert isinstance(pool, Pool)  # (the only kind of ``upstream.Home``)
+                self._connect(pool)
+                return
         detail = f"{type(exc).__name__}: {exc}" if exc else "connection closed"
         if protocol_error:
             self._fail(Reason.UPSTREAM_PROTOCOL_ERROR, "the upstream sent a malformed response")

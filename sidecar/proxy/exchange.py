@@ -113,6 +113,7 @@ class Exchange:
             head.attempt != 0,
             head.timeout_ms,
             head.deadline_ms,
+            head.grpc_timeout_ms,
         ):
             self.fail(Reason.UPSTREAM_TIMEOUT, "the caller's deadline is spent")
             return

@@ -303,6 +303,18 @@ class H2Stream:
             self._push()
 
     def error(self, reason: Reason, detail: str, *, close: bool) -> None:
+        ex = self.exchange
+        if ex is not None and ex.head.grpc:
+            grpc = http2.grpc_error_headers(reason, detail)
+            if grpc is not None:  # trailers-only: the head ends the stream
+                self._out.clear()
+                self._out_size = 0
+                self._trailers = None
+                self._ended = self._fin_sent = True
+                self._send_headers(grpc, True)
+                if ex.state is State.DONE:
+                    self._over()
+                return
         body = http2.error_body(reason, detail)
         self._send_headers(http2.error_headers(reason, body), False)
         self._out.clear()

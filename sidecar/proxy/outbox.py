@@ -81,6 +81,12 @@ class Outbox:
             self._replay = None
             self.replayable = False
 
+    def forget(self) -> None:
+        """No other try will send the body: keep none of it."""
+        self.replayable = False
+        self._replay = None
+        self._replay_size = 0
+
     # -- what waits for a connection ------------------------------------------------------
 
     def hold(self, data: bytes) -> bool:

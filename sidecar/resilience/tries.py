@@ -20,7 +20,8 @@ Deadlines, in seconds on that clock (``math.inf``: none):
     hedge   when the first try, still without a head, is hedged (``hedge.after_ms``)
     hard    the caller's own deadline (``x-meshlet-deadline-ms`` or ``-timeout-ms`` from an
             app); from another hop (``x-meshlet-attempt``) those headers only shorten the
-            route timeout, as they are that hop's wait for the head
+            route timeout, as they are that hop's wait for the head. A gRPC call's
+            ``grpc-timeout`` is its hard deadline from any hop (it bounds the whole call)
 
 Retries and resends, and what bounds them, are explained in ``budget``.
 """
@@ -183,14 +184,20 @@ class Tries:
         relayed: bool = False,
         timeout_ms: int | None = None,
         deadline_ms: int | None = None,
+        grpc_ms: int | None = None,
     ) -> bool:
         """The request reached the front and was routed to a service with ``policy``.
         ``retryable``: idempotent, or asked to be retried;
         ``relayed``: an earlier hop's try (``x-meshlet-attempt``), retried there, not here;
-        ``timeout_ms`` and ``deadline_ms``: its deadline headers. False: the caller's
+        ``timeout_ms`` and ``deadline_ms``: its deadline headers; ``grpc_ms``: its
+        ``grpc-timeout``, a gRPC call's own deadline from whichever hop. False: the caller's
         deadline is already spent (answer 504, send nothing)."""
         if deadline_ms is not None and deadline_ms <= 0:
             return False
+        if grpc_ms is not None:
+            if grpc_ms <= 0:
+                return False
+            self.hard_deadline = now + grpc_ms / 1000
         self.policy = policy
         self.service = service
         self.request_done = request_done
@@ -260,6 +267,16 @@ class Tries:
         route, try_ = self.route_deadline, self.try_deadline  # (min(), inline)
         left = (try_ if try_ < route else route) - now
         if not self.request_done and self.timeout < left:
+            left = self.timeout
+        return int(left * 1000) if left > 0 else 0
+
+    def hard_left_ms(self, now: float) -> int:
+        """What is left of the caller's own deadline (``grpc-timeout`` sent upstream): a
+        gRPC deadline bounds the whole call, its streamed messages too, so the server is
+        given what this hop gives it at most, not the wait for the head that
+        ``left_ms`` is (an abandoned try's stream is cancelled, its server told so)."""
+        left = self.hard_deadline - now
+        if left == math.inf:
             left = self.timeout
         return int(left * 1000) if left > 0 else 0
 

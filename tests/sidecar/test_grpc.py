@@ -6,19 +6,25 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 import sys
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
 from grpc_tools import protoc
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.events import RequestReceived
 
 from control_plane.wire import Endpoint
 from sidecar.proxy.pool import Pool
-from tests.sidecar.conftest import LOCAL, Mesh, Upstream, get, request, service
+from tests.sidecar.conftest import LOCAL, Mesh, Response, Upstream, get, request, service
+from tests.sidecar.h2client import H2Client
 
 MakeMesh = Callable[..., Awaitable[Mesh]]
 
@@ -60,16 +66,28 @@ class Servers:
     def __init__(self, pb: tuple[ModuleType, ModuleType]) -> None:
         self.pb = pb
         self.started: list[grpc.aio.Server] = []
+        #: calls named "slow" (2 s each): the time each had left when it began
+        self.remaining: list[float | None] = []
+        #: and those of them cancelled before their 2 s were up
+        self.cancelled = asyncio.Event()
 
     async def __call__(self, name: str, max_streams: int = 0, delay: float = 0.0) -> int:
         """Start one (``max_streams``: its MAX_CONCURRENT_STREAMS; ``delay``: seconds each
         unary call takes): its port."""
         msgs, stubs = self.pb
+        remaining, cancelled = self.remaining, self.cancelled
 
         class Greeter(stubs.GreeterServicer):  # type: ignore[name-defined,misc]
             async def Hello(self, ask: Any, context: grpc.aio.ServicerContext) -> Any:
                 if ask.name == "fail":
                     await context.abort(grpc.StatusCode.NOT_FOUND, "no such name")
+                if ask.name == "slow":
+                    remaining.append(context.time_remaining())
+                    try:
+                        await asyncio.sleep(2)
+                    except asyncio.CancelledError:
+                        cancelled.set()
+                        raise
                 if delay:
                     await asyncio.sleep(delay)
                 return msgs.Answer(text=f"hello {ask.name}", server=name)
@@ -299,3 +317,145 @@ async def test_client_and_bidi_streaming_through_two_sidecars(
         await chat.done_writing()
         assert await chat.read() == grpc.aio.EOF
         assert await chat.code() == grpc.StatusCode.OK
+
+
+async def test_grpc_timeout_is_the_deadline_of_every_hop(
+    pb: tuple[ModuleType, ModuleType], servers: Servers, make_mesh: MakeMesh
+) -> None:
+    """A call with a 300 ms deadline through two sidecars to a server that takes 2 s: the
+    client has DEADLINE_EXCEEDED at ~0.3 s, and the server was given what was left (the
+    ``grpc-timeout`` each sidecar sent on, shrunk), and saw its call cancelled."""
+    port = await servers("app")
+    callee = await make_mesh({}, app_port=port, app_protocol="http2")
+    caller = await make_mesh({"greeter": service(callee.inbound, protocol="http2")})
+    channel, stub = stub_to(pb, caller.outbound, "greeter")
+    async with channel:
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await stub.Hello(pb[0].Ask(name="slow"), timeout=0.3)
+        took = time.monotonic() - started
+        assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert 0.25 <= took < 1.5, took
+        async with asyncio.timeout(1.5):  # (well before its 2 s were up)
+            await servers.cancelled.wait()
+    (left,) = servers.remaining
+    assert left is not None
+    assert 0.05 < left <= 0.3, left
+
+
+async def test_the_sidecar_answers_deadline_exceeded_when_grpc_timeout_passes(
+    upstreams: Callable[[str], Awaitable[Upstream]], make_mesh: MakeMesh
+) -> None:
+    """A gRPC call whose client does not enforce its ``grpc-timeout: 300m`` itself, to an
+    upstream that ignores it and stalls: the sidecar answers it at ~0.3 s, trailers-only,
+    DEADLINE_EXCEEDED (4), not an HTTP 504; a ``grpc-timeout`` of 0 is spent at once."""
+    up = await upstreams("stalls")
+    mesh = await make_mesh({"greeter": service(up.port)})
+    grpc_head = [(b"content-type", b"application/grpc"), (b"te", b"trailers")]
+    client = await H2Client.open(mesh.outbound)
+    try:
+        for timeout, lower, upper in ((b"300m", 0.25, 1.0), (b"0n", 0.0, 0.2)):
+            started = time.monotonic()
+            resp = await client.request(
+                "/behave",
+                method="POST",
+                authority="greeter",
+                headers=[*grpc_head, (b"grpc-timeout", timeout)],
+                body=b"\0\0\0\0\0",  # (an empty message)
+            )
+            took = time.monotonic() - started
+            assert lower <= took < upper, (timeout, took)
+            assert resp.status == 200
+            assert resp.header(b"grpc-status") == b"4"
+            assert resp.header(b"x-meshlet-error") == b"upstream-timeout"
+            assert resp.header(b"content-type") == b"application/grpc"
+            message = resp.header(b"grpc-message") or b""
+            assert message.startswith(b"upstream-timeout: "), message
+            assert not resp.body  # the head was the whole answer
+            assert not resp.trailers
+            assert resp.reset is None
+    finally:
+        await client.close()
+    assert up.hits == 1  # (the spent one was not sent)
+
+
+async def test_grpc_timeout_sent_on_is_the_time_left(
+    upstreams: Callable[[str], Awaitable[Upstream]], make_mesh: MakeMesh
+) -> None:
+    """What the upstream is sent: a valid ``grpc-timeout`` as the milliseconds left of it
+    (the smaller of it and ``x-meshlet-deadline-ms`` bounds the call); a malformed one (no
+    unit, 9 digits, a unit gRPC has not) goes on as it came, and is no deadline here."""
+    up = await upstreams("up")
+    mesh = await make_mesh({"svc": service(up.port)})
+
+    async def sent(extra: str) -> tuple[Response, dict[str, str]]:
+        (resp,) = await request(mesh.outbound, get("/echo", extra=extra))
+        headers = dict(json.loads(resp.body)["headers"]) if resp.status == 200 else {}
+        return resp, headers
+
+    _, seen = await sent("grpc-timeout: 5S\r\n")
+    assert seen["grpc-timeout"].endswith("m")
+    assert 4_900 <= int(seen["grpc-timeout"][:-1]) <= 5_000, seen
+    _, seen = await sent("grpc-timeout: 2M\r\nx-meshlet-deadline-ms: 700\r\n")  # the sooner
+    assert 600 <= int(seen["grpc-timeout"][:-1]) <= 700, seen
+    assert 600 <= int(seen["x-meshlet-deadline-ms"]) <= 700, seen
+    _, seen = await sent("Grpc-Timeout: 1500000u\r\n")  # (any spelling, any unit)
+    assert 1_400 <= int(seen["grpc-timeout"][:-1]) <= 1_500, seen
+    for bad in ("300", "123456789m", "10x", "m", "-5m", "1.5S"):
+        resp, seen = await sent(f"grpc-timeout: {bad}\r\n")
+        assert resp.status == 200, (bad, resp.status)
+        assert seen["grpc-timeout"] == bad
+    # spent: answered at once, and over HTTP/1.1 (no gRPC there) as the HTTP 504 it is
+    resp, _ = await sent("grpc-timeout: 0m\r\n")
+    assert (resp.status, resp.header("x-meshlet-error")) == (504, "upstream-timeout")
+
+
+class Refuser(asyncio.Protocol):
+    """An HTTP/2 server that answers a connection's first request with a GOAWAY saying it
+    processed no stream (last stream 0), having stopped listening first (``listener``)."""
+
+    def __init__(self, listener: list[asyncio.Server], refused: list[int]) -> None:
+        self.listener = listener
+        self.refused = refused
+        self.h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.h2.initiate_connection()
+        self.transport.write(self.h2.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        for event in self.h2.receive_data(data):
+            if isinstance(event, RequestReceived):
+                self.refused.append(event.stream_id)
+                for server in self.listener:
+                    server.close()  # (a connect from now on is refused)
+                self.h2.close_connection(last_stream_id=0)
+        self.transport.write(self.h2.data_to_send())
+
+
+async def test_a_call_an_endpoint_never_processed_goes_elsewhere_whatever_its_method(
+    pb: tuple[ModuleType, ModuleType], servers: Servers, make_mesh: MakeMesh
+) -> None:
+    """An endpoint going away answers a call's stream with a GOAWAY (last stream 0: never
+    processed) and refuses the connect that tries it again: the call, a POST not marked
+    for retry, goes to the other endpoint at once and succeeds."""
+    good = await servers("good")
+    listener: list[asyncio.Server] = []
+    refused: list[int] = []
+    loop = asyncio.get_running_loop()
+    listener.append(await loop.create_server(lambda: Refuser(listener, refused), LOCAL, 0))
+    bad = listener[0].sockets[0].getsockname()[1]
+    try:
+        mesh = await make_mesh(
+            {"greeter": service(bad, good, protocol="http2", lb="round_robin", retries=0)}
+        )
+        channel, stub = stub_to(pb, mesh.outbound, "greeter")
+        async with channel:
+            answers = [await stub.Hello(pb[0].Ask(name=str(i)), timeout=10) for i in range(4)]
+        assert [a.server for a in answers] == ["good"] * 4
+        assert refused == [1]
+    finally:
+        listener[0].close()

@@ -548,3 +548,39 @@ def test_repr_shows_the_state(clock: FakeClock, service: ServiceState) -> None:
     r.send()
     r.retry(RESET)
     assert repr(r.tries) == "<Tries BACKOFF [try 1, 0 resent, retrying]>"
+
+
+def test_grpc_timeout_is_the_calls_deadline_at_every_hop(
+    clock: FakeClock, service: ServiceState
+) -> None:
+    """test_grpc_timeout_is_the_deadline_of_every_hop: a gRPC call's ``grpc-timeout`` bounds
+    the whole call (its streamed answer too) even from another hop, the sooner of it and
+    ``x-meshlet-deadline-ms`` wins, and what goes upstream is what is left of it, not the
+    route timeout's wait for the head"""
+    hop = Request(clock, service, timeout_ms=15_000)
+    started = clock.now
+    assert hop.start(relayed=True, deadline_ms=900, grpc_ms=400)
+    hop.send()
+    assert hop.tries.next_deadline() == pytest.approx(started + 0.4)
+    clock.advance(0.1)
+    assert hop.tries.hard_left_ms(clock.now) in (299, 300)  # (float rounding)
+    hop.tries.answered()
+    assert hop.timer() is Due.CUT  # mid-stream, at the call's deadline
+    assert clock.now == pytest.approx(started + 0.4)
+
+    sooner = Request(clock, service)
+    started = clock.now
+    sooner.start(deadline_ms=200, grpc_ms=60_000)
+    sooner.send()
+    assert sooner.tries.left_ms(clock.now) in (199, 200)
+    assert sooner.tries.hard_left_ms(clock.now) in (199, 200)
+    assert sooner.timer() is Due.CALLER_TIMEOUT
+    assert clock.now == pytest.approx(started + 0.2)
+
+    long = Request(clock, service, timeout_ms=1_000)  # a stream longer than the route timeout
+    long.start(grpc_ms=60_000)
+    long.send()
+    assert long.tries.left_ms(clock.now) in (499, 500)  # the first try's wait for the head
+    assert long.tries.hard_left_ms(clock.now) in (59_999, 60_000)  # the server's time for the call
+
+    assert not Request(clock, service).start(grpc_ms=0)  # spent: nothing sent
