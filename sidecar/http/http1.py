@@ -122,6 +122,7 @@ class RequestHead(HeadLines):
         "deadline_ms",
         "expect_continue",
         "forwarded_for",
+        "grpc",
         "has_body",
         "keep_alive",
         "method",
@@ -166,6 +167,8 @@ class RequestHead(HeadLines):
         self.attempt = 0
         #: ``x-meshlet-retry: on``: retry even a method that is not idempotent
         self.retry = False
+        #: a gRPC call (``application/grpc*`` over HTTP/2, ``http2.request_head``)
+        self.grpc = False
         self.lines = []
         self.unlisted = self.unlisted_bytes = 0
         # what the lines decide only together, until ``complete``
@@ -353,6 +356,7 @@ class ResponseHead(HeadLines):
         "close",
         "codings",
         "framing",
+        "grpc_status",
         "reason",
         "sized",
         "status",
@@ -374,6 +378,9 @@ class ResponseHead(HeadLines):
         #: where its body ends, as the upstream sends it (``framing.response_framing``; the
         #: answer to a HEAD request has none, whatever this says)
         self.framing = framing.EMPTY
+        #: a gRPC trailers-only response's ``grpc-status`` (its trailers follow the head;
+        #: ``h2upstream``), -1 for any other response
+        self.grpc_status = -1
         self.unlisted = self.unlisted_bytes = 0
         self._te = None
         self._custom = None
