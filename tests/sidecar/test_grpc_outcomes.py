@@ -141,7 +141,8 @@ def test_unavailable_calls_eject_the_endpoint() -> None:
         assert ex.state is State.DONE
         mesh.clock.advance(0.001)
     ejection = mesh.stats[0].ejection
-    assert ejection is not None and ejection.phase is Phase.EJECTED
+    assert ejection is not None
+    assert ejection.phase is Phase.EJECTED
     assert mesh.stats[1].ejection is None
     assert mesh.service.ejections == 1
 
