@@ -21,7 +21,7 @@ from sidecar.balancing import outlier
 from sidecar.balancing.balancer import Member
 from sidecar.balancing.ewma import EndpointStats, Phase
 from sidecar.http import http1
-from sidecar.http.http1 import ResponseHead
+from sidecar.http.http1 import RequestHead, ResponseHead
 from sidecar.proxy.routing import Route
 from sidecar.proxy.upstream import Carrier
 from sidecar.resilience import classify
@@ -112,6 +112,8 @@ class HedgeOwner(Protocol):
     """What a hedged first try tells the request that hedged it."""
 
     tries: Tries
+    head: RequestHead
+    """the request's (a gRPC call's trailers-only answer is judged by its code)"""
 
     def hedged_won(self, hedged: Hedged, resp: ResponseHead) -> bool:
         """Its head is the answer (the return is ``ResponseSink.response_head``'s)."""
@@ -150,7 +152,11 @@ class Hedged:
         better)."""
         if resp.status < 200:
             return False  # an interim response: the real one follows (no upgrade is hedged)
-        outcome = classify.response(resp.status)
+        code = resp.grpc_status
+        if code >= 0 and self.owner.head.grpc:  # (as ``Exchange.response_head``)
+            outcome = classify.grpc_response(code)
+        else:
+            outcome = classify.response(resp.status)
         if self.owner.tries.listed(outcome):
             retry_after = http1.retry_after(resp) if outcome.pauses else None
             self.owner.hedged_lost(self, outcome.failed, retry_after)

@@ -155,3 +155,32 @@ def test_the_sidecars_own_answer_to_a_call_is_recorded_with_its_code() -> None:
     ex.fail(Reason.NO_HEALTHY_UPSTREAM, "service svc has no endpoints")
     assert grpc_of(mesh) == [(200, 14)]
     assert mesh.client.records[0][6] == "no-healthy-upstream"
+
+
+def test_a_hedged_call_answered_unavailable_leaves_the_other_try_to_answer() -> None:
+    """A call hedged (``x-meshlet-retry: on`` makes a POST hedgeable): the first try's
+    trailers-only UNAVAILABLE, a code retry_on lists, loses to the hedge's answer."""
+    mesh = Mesh(hedge={"after_ms": 50}, retry_on=["unavailable"])
+    head = http1.parse_request_head(
+        b"POST",
+        b"/pkg.Svc/Do",
+        "2",
+        [(b"host", b"svc"), GRPC, (b"x-meshlet-retry", b"on"), (b"content-length", b"0")],
+        True,
+    )
+    head.grpc = True
+    ex = Exchange(mesh.client, head)
+    ex.request_complete()
+    ex.start()
+    mesh.ring(ex)  # the hedge
+    first, hedge = mesh.conns()
+    resp = http1.parse_response_head(200, b"", [GRPC])
+    resp.grpc_status = 14
+    assert first.owner is not None
+    assert first.owner.response_head(resp) is False  # the hedged first try lost
+    assert closed(first)
+    assert mesh.client.written == b""
+    streamed(hedge, 0)
+    assert mesh.status() == 200
+    assert grpc_of(mesh) == [(200, 0)]
+    assert [s.failures for s in mesh.stats] == [1, 0]
