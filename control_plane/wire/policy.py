@@ -15,6 +15,9 @@ LB_POLICIES = ("round_robin", "random", "least_request", "peak_ewma", "ring_hash
 HASH_POLICIES = frozenset({"ring_hash", "maglev"})
 HASH_ON = re.compile(r"(header|cookie|query):[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}|path|source_ip")
 RETRY_ON_EVENTS = ("connect-failure", "reset")
+#: gRPC codes a retry may be for (Envoy's ``retry_on`` for gRPC), as they are kept; Envoy's
+#: hyphenated spelling (``resource-exhausted``) is accepted too
+RETRY_ON_GRPC = ("cancelled", "deadline_exceeded", "internal", "resource_exhausted", "unavailable")
 _STATUS_TEXT = re.compile(r"[45][0-9][0-9]", re.ASCII)
 MTLS_MODES = ("permissive", "strict")
 PROTOCOLS = ("http1", "http2", "auto")
@@ -87,13 +90,20 @@ def _parse_retry_on(value: Any, path: str) -> tuple[str | int, ...]:
     out: list[str | int] = []
     for i, item in enumerate(value):
         where = f"{path}[{i}]"
-        if isinstance(item, str) and _STATUS_TEXT.fullmatch(item):
-            item = int(item)
+        if isinstance(item, str):
+            if _STATUS_TEXT.fullmatch(item):
+                item = int(item)
+            elif item.replace("-", "_") in RETRY_ON_GRPC:
+                item = item.replace("-", "_")
         if isinstance(item, bool) or not (
-            item in RETRY_ON_EVENTS or (isinstance(item, int) and 400 <= item <= 599)
+            item in RETRY_ON_EVENTS
+            or item in RETRY_ON_GRPC
+            or (isinstance(item, int) and 400 <= item <= 599)
         ):
             raise WireError(
-                where, f"must be {' or '.join(RETRY_ON_EVENTS)} or a status 400-599, got {item!r}"
+                where,
+                f"must be {' or '.join(RETRY_ON_EVENTS)}, a status 400-599 or a gRPC code "
+                f"({', '.join(RETRY_ON_GRPC)}), got {item!r}",
             )
         if item in out:
             raise WireError(where, f"{item!r} is listed twice")
@@ -142,6 +152,7 @@ _RETRY_ON_SCHEMA = {
     "items": {
         "oneOf": [
             {"enum": list(RETRY_ON_EVENTS)},
+            {"enum": [*RETRY_ON_GRPC, *(c.replace("_", "-") for c in RETRY_ON_GRPC if "_" in c)]},
             {"type": "integer", "minimum": 400, "maximum": 599},
             {"type": "string", "pattern": "^[45][0-9][0-9]$"},
         ]
@@ -211,7 +222,8 @@ class Policy:
     retries: int = spec(1, "retries after the first try (idempotent requests only)", lo=0, hi=10)
     retry_on: tuple[str | int, ...] = spec(
         ("connect-failure", "reset", 502, 503, 504),
-        "what a retry is for: connect-failure, reset, or response statuses",
+        "what a retry is for: connect-failure, reset, response statuses, or gRPC codes "
+        "(cancelled, deadline_exceeded, internal, resource_exhausted, unavailable)",
         parse=_parse_retry_on,
         schema=_RETRY_ON_SCHEMA,
     )

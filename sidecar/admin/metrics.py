@@ -17,6 +17,7 @@ from sidecar.admin.exposition import Family, counter, gauge, histogram, render
 from sidecar.admin.process import ProcessMetrics
 from sidecar.balancing.ewma import EndpointStats, Phase
 from sidecar.clock import wall
+from sidecar.http import grpc
 from sidecar.telemetry.stats import BUCKETS, CODES, RequestStats
 
 if TYPE_CHECKING:
@@ -216,10 +217,19 @@ class SidecarMetrics:
             ("outbound", "", sc.outbound.unrouted),
             ("inbound", "", sc.inbound.unrouted),
         ]
+        grpc_calls = counter(
+            "meshlet_grpc_responses",
+            "gRPC calls answered, by grpc-status (the sidecar's own answers too; a code "
+            "outside the 17 is other)",
+            labels=labels,
+        )
         bounds = [*(repr(b) for b in BUCKETS), "+Inf"]
         for direction, service, stats in sources:
             if stats is None:
                 continue
+            for code, n in enumerate(stats.grpc or ()):
+                if n:
+                    grpc_calls.add([direction, service, grpc.name(code)], n)
             for code, name in enumerate(CODES):
                 counts = stats.buckets[code]
                 if counts is None:
@@ -234,6 +244,7 @@ class SidecarMetrics:
                 duration.add_histogram(key, cumulative, stats.sums[code])
         yield total
         yield duration
+        yield grpc_calls
 
     def _endpoints(self) -> Iterator[Family]:
         sc = self.sidecar
@@ -248,7 +259,8 @@ class SidecarMetrics:
         )
         failures = counter(
             "meshlet_endpoint_failures",
-            "tries that failed (5xx, reset, timeout, refused connect), per endpoint",
+            "tries that failed (5xx, reset, timeout, refused connect, a gRPC status that "
+            "means a 5xx), per endpoint",
             labels=labels,
         )
         connections = gauge(

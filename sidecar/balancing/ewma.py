@@ -78,6 +78,10 @@ class EndpointStatistics:
     penalty_ms: float
     excluded_for_s: float
     since_s: float
+    tries: int = 0
+    """tries answered or failed"""
+    failures: int = 0
+    """of them, failed (a 5xx, a reset, a gRPC status that means a 5xx, ...)"""
 
 
 class EndpointStats:
@@ -161,4 +165,6 @@ class EndpointStats:
             penalty_ms=round(self._penalty * math.exp((self._penalty_at - now) / DECAY) * 1000, 3),
             excluded_for_s=max(0.0, round(self.excluded_until - now, 3)),
             since_s=round(now - self.since, 3),
+            tries=self.tries,
+            failures=self.failures,
         )

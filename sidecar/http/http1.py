@@ -171,7 +171,7 @@ class RequestHead(HeadLines):
         self.retry = False
         #: ``grpc-timeout``, in milliseconds: a gRPC caller's deadline (None: none, or malformed)
         self.grpc_timeout_ms: int | None = None
-        #: a gRPC call (HTTP/2, ``content-type: application/grpc...``): answered in gRPC's terms
+        #: a gRPC call (``application/grpc*`` over HTTP/2, ``http2.request_head``)
         self.grpc = False
         self.lines = []
         self.unlisted = self.unlisted_bytes = 0
@@ -374,6 +374,7 @@ class ResponseHead(HeadLines):
         "close",
         "codings",
         "framing",
+        "grpc_status",
         "reason",
         "sized",
         "status",
@@ -395,6 +396,9 @@ class ResponseHead(HeadLines):
         #: where its body ends, as the upstream sends it (``framing.response_framing``; the
         #: answer to a HEAD request has none, whatever this says)
         self.framing = framing.EMPTY
+        #: a gRPC trailers-only response's ``grpc-status`` (its trailers follow the head;
+        #: ``h2upstream``), -1 for any other response
+        self.grpc_status = -1
         self.unlisted = self.unlisted_bytes = 0
         self._te = None
         self._custom = None

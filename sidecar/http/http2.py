@@ -3,8 +3,9 @@
 A stream's request head (pseudo-headers first, names lower-case, as the ``h2`` library hands
 them over, already checked against RFC 9113 8.2) becomes a ``RequestHead`` as if it had come
 over HTTP/1.1: ``:method`` and ``:path`` make the request line, ``:authority`` the Host, split
-``cookie`` fields are joined again (RFC 9113 8.2.3), and a body whose length no
-``content-length`` gives is chunked upstream. A response head goes the other way: its lines,
+``cookie`` fields are joined again (RFC 9113 8.2.3), a body whose length no
+``content-length`` gives is chunked upstream, and an ``application/grpc*`` content-type makes
+it a gRPC call (``grpc``). A response head goes the other way: its lines,
 hop-by-hop headers already gone, lower-cased under a ``:status``.
 """
 
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from sidecar.errors import Reason
+from sidecar.http import grpc
 from sidecar.http.http1 import Headers, RequestHead, ResponseHead
 
 #: what ``request_head`` calls an HTTP/2 request's version (the access log's, never sent)
@@ -29,9 +31,9 @@ def request_head(headers: Sequence[tuple[bytes, bytes]], ended: bool) -> Request
     """The request of a stream's ``headers`` (``ended``: no body follows). ValueError, its
     message for the client, when the proxy cannot forward it."""
     method = path = authority = b""
+    is_grpc = False
     cookies: list[bytes] = []
     regular: Headers = []
-    grpc = False
     for name, value in headers:
         if name[:1] == b":":
             if name == b":method":
@@ -43,16 +45,16 @@ def request_head(headers: Sequence[tuple[bytes, bytes]], ended: bool) -> Request
         elif name == b"cookie":
             cookies.append(value)
         else:
-            if name == b"content-type":
-                grpc = value.startswith(b"application/grpc")
             regular.append((name, value))
+            if name == b"content-type" and grpc.is_grpc(value):
+                is_grpc = True
     if method == b"CONNECT":
         raise ValueError("CONNECT is not served over HTTP/2")
     if not path.startswith(b"/") and not (path == b"*" and method == b"OPTIONS"):
         raise ValueError(f":path {path[:64]!r} is not origin-form")
     head = RequestHead(method, path, VERSION, authority or None)
     head.proxied = False  # (the authority is the stream's, not an absolute-form target's)
-    head.grpc = grpc
+    head.grpc = is_grpc
     for name, value in regular:
         head.add(name, value)
     if cookies:
@@ -97,27 +99,3 @@ def error_headers(reason: Reason, body: bytes) -> Headers:
 
 def error_body(reason: Reason, detail: str) -> bytes:
     return f"{reason.code}: {detail}\n".encode()
-
-
-def grpc_error_headers(reason: Reason, detail: str) -> Headers | None:
-    """The sidecar's own answer to a gRPC call as gRPC's trailers-only response, for the
-    reasons that have a gRPC status of their own: a deadline that passed is
-    DEADLINE_EXCEEDED (4), not the UNAVAILABLE a client would make of a 504. None: the
-    answer stays HTTP's (``error_headers``)."""
-    if reason is not Reason.UPSTREAM_TIMEOUT:
-        return None
-    return [
-        (b":status", b"200"),
-        (b"content-type", b"application/grpc"),
-        (b"grpc-status", b"4"),
-        (b"grpc-message", grpc_message(f"{reason.code}: {detail}")),
-        (b"x-meshlet-error", reason.code.encode()),
-    ]
-
-
-def grpc_message(text: str) -> bytes:
-    """``grpc-message``: UTF-8, each byte outside printable ASCII and ``%`` percent-encoded
-    (PROTOCOL-HTTP2.md)."""
-    return b"".join(
-        bytes((b,)) if 0x20 <= b <= 0x7E and b != 0x25 else b"%%%02X" % b for b in text.encode()
-    )

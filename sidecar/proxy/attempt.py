@@ -3,7 +3,8 @@
 An ``Attempt`` lasts from the pick of its endpoint to the end of its try: the endpoint counts
 it in flight meanwhile; a pick of an ejected endpoint whose time is up makes it the probe
 (``outlier``); and its outcome (``classify``: failed or not, a Retry-After) goes into the
-endpoint's statistics and outlier state once, when its response head came or it failed.
+endpoint's statistics and outlier state once, when its response head came or it failed (a
+gRPC call's, when its trailers came: its latency is still the head's).
 
 A ``Hedged`` try is the first try of a request whose hedge (``hedge.after_ms``) was sent: it
 keeps its connection and waits for its head while the hedge runs, and hands what it gets to
@@ -20,7 +21,7 @@ from sidecar.balancing import outlier
 from sidecar.balancing.balancer import Member
 from sidecar.balancing.ewma import EndpointStats, Phase
 from sidecar.http import http1
-from sidecar.http.http1 import ResponseHead
+from sidecar.http.http1 import RequestHead, ResponseHead
 from sidecar.proxy.routing import Route
 from sidecar.proxy.upstream import Carrier
 from sidecar.resilience import classify
@@ -30,7 +31,7 @@ from sidecar.resilience.tries import Tries
 class Attempt:
     """One try's endpoint: in flight there from the pick to the end of the try."""
 
-    __slots__ = ("endpoint", "probing", "route", "stats", "tried_at")
+    __slots__ = ("answered_at", "endpoint", "probing", "route", "stats", "tried_at")
 
     def __init__(self, route: Route, member: Member) -> None:
         self.route = route
@@ -49,6 +50,8 @@ class Attempt:
         stats.in_flight += 1
         #: when the try began on the route's clock; 0 once its outcome is recorded
         self.tried_at = now
+        #: when its response head came, if its outcome is recorded later (``answered``)
+        self.answered_at = 0.0
 
     def __repr__(self) -> str:
         e = self.endpoint
@@ -63,7 +66,7 @@ class Attempt:
             return
         route, stats = self.route, self.stats
         now = route.clock.monotonic()
-        stats.record(now, now - self.tried_at, failed, retry_after)
+        stats.record(now, (self.answered_at or now) - self.tried_at, failed, retry_after)
         self.tried_at = 0.0
         ejection = stats.ejection
         if ejection is None:
@@ -74,6 +77,12 @@ class Attempt:
         config, members = route.policy.outlier, route.balancer.members
         if outlier.record(stats, failed, now, config, members, route.name, self.endpoint):
             route.service.ejections += 1
+
+    def answered(self) -> None:
+        """The response head came, but not the outcome: a gRPC call's status comes in its
+        trailers. Its latency is counted to now when ``record`` comes."""
+        if self.tried_at:
+            self.answered_at = self.route.clock.monotonic()
 
     def end(self) -> None:
         """The try is over: the endpoint has it in flight no more. A probe that got no answer
@@ -103,6 +112,8 @@ class HedgeOwner(Protocol):
     """What a hedged first try tells the request that hedged it."""
 
     tries: Tries
+    head: RequestHead
+    """the request's (a gRPC call's trailers-only answer is judged by its code)"""
 
     def hedged_won(self, hedged: Hedged, resp: ResponseHead) -> bool:
         """Its head is the answer (the return is ``ResponseSink.response_head``'s)."""
@@ -141,7 +152,11 @@ class Hedged:
         better)."""
         if resp.status < 200:
             return False  # an interim response: the real one follows (no upgrade is hedged)
-        outcome = classify.response(resp.status)
+        code = resp.grpc_status
+        if code >= 0 and self.owner.head.grpc:  # (as ``Exchange.response_head``)
+            outcome = classify.grpc_response(code)
+        else:
+            outcome = classify.response(resp.status)
         if self.owner.tries.listed(outcome):
             retry_after = http1.retry_after(resp) if outcome.pauses else None
             self.owner.hedged_lost(self, outcome.failed, retry_after)

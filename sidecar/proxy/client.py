@@ -127,9 +127,10 @@ class Client(Protocol):
         endpoint: Endpoint | None = None,
         attempts: int = 0,
         error: str = "",
+        grpc_status: int = -1,
     ) -> None:
-        """A request answered (``status`` 0: the client left first): into the metrics and
-        the access log."""
+        """A request answered (``status`` 0: the client left first; ``grpc_status``: a gRPC
+        call's, -1 if none): into the metrics and the access log."""
         ...
 
 

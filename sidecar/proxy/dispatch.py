@@ -71,7 +71,8 @@ class Dispatch:
         self.head = head
         self.tries = tries
         self.route: Route | None = None
-        again = head.method in http1.IDEMPOTENT or head.retry
+        # (a gRPC call is kept too: a code that ``retry_on`` names retries it, ``Tries``)
+        again = head.method in http1.IDEMPOTENT or head.retry or head.grpc
         #: the request's bytes, when it has a body (keywords to a class cost CPython a dict);
         #: kept for another try until ``start`` knows whether one may send it (HTTP/2: a
         #: stream refused unseen goes again, whatever the method)
@@ -256,7 +257,7 @@ class Dispatch:
             delay = tries.retry_delay(self.client.loop.time(), retry_after, self._elsewhere)
             if delay is not None:  # this response goes nowhere: the request goes again
                 self._abandon(outcome.failed, retry_after)
-                detail = f"the upstream answered {resp.status}; the request body grew too large"
+                detail = f"the upstream answered {outcome.label}; the request body grew too large"
                 self._backoff(delay, Reason.UPSTREAM_RESET, f"{detail} to retry", outcome)
                 return False
         if self._hedged is not None:

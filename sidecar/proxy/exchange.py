@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from sidecar.clock import monotonic
 from sidecar.errors import Reason
-from sidecar.http import http1
+from sidecar.http import grpc, http1
 from sidecar.http.http1 import RequestHead, ResponseHead
 from sidecar.proxy.client import Client
 from sidecar.proxy.dispatch import Dispatch
@@ -31,6 +31,7 @@ class Exchange:
     __slots__ = (
         "_counted",
         "_error",
+        "_grpc",
         "_started",
         "_status",
         "_tunnel_early",
@@ -56,6 +57,7 @@ class Exchange:
         self._started = monotonic()
         self._status = 0  # what the client was answered (0: nothing yet)
         self._error = ""  # x-meshlet-error, when the sidecar answered itself
+        self._grpc = -1  # a gRPC call's grpc-status, once known
         self._counted = False  # counted in the service's in flight
         self._tunnel_early: list[bytes] | None = None  # bytes for an upgrade before its 101
 
@@ -114,6 +116,7 @@ class Exchange:
             head.timeout_ms,
             head.deadline_ms,
             head.grpc_timeout_ms,
+            head.grpc,
         ):
             self.fail(Reason.UPSTREAM_TIMEOUT, "the caller's deadline is spent")
             return
@@ -204,7 +207,11 @@ class Exchange:
             self._status = 101
             client.answer.interim(resp, head.version)
             return False
-        outcome = classify.response(status)
+        grpc_status = resp.grpc_status
+        if grpc_status >= 0 and head.grpc:  # a trailers-only answer: classified by its code
+            outcome = classify.grpc_response(grpc_status)
+        else:
+            outcome = classify.response(status)
         retry_after = http1.retry_after(resp) if outcome.pauses else None
         if not self.up.on_head(resp, outcome, retry_after):
             return False
@@ -212,7 +219,10 @@ class Exchange:
         self._status = status
         attempt = self.up.attempt
         if attempt is not None:
-            attempt.record(outcome.failed, retry_after)
+            if head.grpc and grpc_status < 0 and status == 200:
+                attempt.answered()  # the call's status comes in its trailers: recorded then
+            else:
+                attempt.record(outcome.failed, retry_after)
         keep_alive = self.keep_alive and not client.draining and not head.upgrade
         self.keep_alive = client.answer.head(  # (by position: keywords cost a lookup each)
             resp,
@@ -227,11 +237,16 @@ class Exchange:
         self.client.answer.body(data)
 
     def response_trailer(self, name: bytes, value: bytes) -> None:
+        if self.head.grpc and name.lower() == b"grpc-status":
+            self._grpc = code = grpc.parse_status(value)
+            self.up.record(classify.grpc_response(code).failed)  # (once: not if at the head)
         self.client.answer.trailer(name, value)
 
     def response_complete(self) -> None:
         if self.tries.state is DONE:
             return
+        if self.head.grpc:  # a call whose trailers had no grpc-status: as its HTTP status
+            self.up.record(classify.response(self._status).failed)
         self.client.answer.end()
         self.up.release(self.request_done)
         self.cancel()  # (``_finish``, inline: once a request)
@@ -258,6 +273,8 @@ class Exchange:
         if state is TUNNEL:
             self._finish(close=True)
         elif state is RESPONDING:
+            if self.head.grpc:  # a call cut before its status: the endpoint failed it
+                self.up.record(True)
             # mid-body: the client must not see a body that looks complete
             self._finish(close=True, abort=True)
         else:
@@ -321,8 +338,11 @@ class Exchange:
         unread_body = not self.request_done and (head.has_body or head.chunked)
         # (after a CONNECT, the bytes that follow are not HTTP)
         close = not self.keep_alive or unread_body or head.upgrade or head.method == b"CONNECT"
-        self._status = reason.status
         self._error = reason.code
+        if head.grpc:  # answered as a gRPC call's failure (``Answer.error``): a 200
+            self._status, self._grpc = 200, grpc.code_of(reason.status)
+        else:
+            self._status = reason.status
         self.client.answer.error(reason, detail, close=close)
         self._finish(close=close)
 
@@ -347,6 +367,7 @@ class Exchange:
                 self.up.endpoint,
                 tries.attempt + tries.resends,
                 self._error,
+                self._grpc,
             )
         self.up.cancel()
         self.tries.finish()

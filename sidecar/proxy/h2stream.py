@@ -25,7 +25,7 @@ from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError
 
 from sidecar.errors import Reason
-from sidecar.http import http2
+from sidecar.http import grpc, http2
 from sidecar.http.http1 import Headers, ResponseHead
 from sidecar.proxy.client import Answer, Client
 from sidecar.proxy.exchange import Exchange
@@ -75,6 +75,7 @@ class H2Stream:
         "_ended",
         "_fin_sent",
         "_held_acks",
+        "_held_head",
         "_out",
         "_out_size",
         "_pace",
@@ -116,6 +117,8 @@ class H2Stream:
         self._ended = False  # the response is complete (sent when ``_out`` is)
         self._fin_sent = False  # END_STREAM went out
         self._trailers: Headers | None = None
+        #: a trailers-only answer's head, sent with its trailers (``head``)
+        self._held_head: Headers | None = None
         self._timer: asyncio.TimerHandle | None = None  # the exchange's deadline
         self._pace: StreamPace | None = None  # once started
         self._watch: asyncio.TimerHandle | None = None  # the pace's timer (``_on_watch``)
@@ -279,7 +282,11 @@ class H2Stream:
             self._send_headers(http2.response_headers(resp), False)
 
     def head(self, resp: ResponseHead, version: str, head_request: bool, keep_alive: bool) -> bool:
-        self._send_headers(http2.response_headers(resp), False)
+        headers = http2.response_headers(resp)
+        if resp.grpc_status >= 0:  # trailers-only upstream: so again, sent with its trailers
+            self._held_head = headers  # (the next hop may still retry it by its grpc-status)
+        else:
+            self._send_headers(headers, False)
         return True
 
     def body(self, data: bytes) -> None:
@@ -303,18 +310,20 @@ class H2Stream:
             self._push()
 
     def error(self, reason: Reason, detail: str, *, close: bool) -> None:
+        """The sidecar's own answer: plain text, or to a gRPC call a trailers-only response
+        with the gRPC code of its status (``grpc.code_of``) and the detail as its
+        ``grpc-message``."""
         ex = self.exchange
         if ex is not None and ex.head.grpc:
-            grpc = http2.grpc_error_headers(reason, detail)
-            if grpc is not None:  # trailers-only: the head ends the stream
-                self._out.clear()
-                self._out_size = 0
-                self._trailers = None
-                self._ended = self._fin_sent = True
-                self._send_headers(grpc, True)
-                if ex.state is State.DONE:
-                    self._over()
-                return
+            self._out.clear()
+            self._out_size = 0
+            self._trailers = self._held_head = None
+            self._ended = self._fin_sent = True
+            code = grpc.code_of(reason.status)
+            self._send_headers(grpc.trailers_only(code, detail, reason.code), True)
+            if ex.state is State.DONE:
+                self._over()  # (else once the exchange is done: ``exchange_done``)
+            return
         body = http2.error_body(reason, detail)
         self._send_headers(http2.error_headers(reason, body), False)
         self._out.clear()
@@ -355,6 +364,15 @@ class H2Stream:
         """Send the response body as far as the client's windows allow; the end (or the
         trailers) once all of it went."""
         h2, sid, out = self.wire.h2, self.stream_id, self._out
+        held = self._held_head
+        if held is not None:
+            self._held_head = None
+            if self._ended and not out:  # a trailers-only answer: one HEADERS, as it came
+                h2.send_headers(sid, held + (self._trailers or []), end_stream=True)
+                self._trailers = None
+                self._fin_sent = True
+            else:
+                h2.send_headers(sid, held, end_stream=False)
         while out:
             room = min(h2.local_flow_control_window(sid), h2.max_outbound_frame_size)
             if room <= 0:

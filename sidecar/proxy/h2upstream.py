@@ -41,7 +41,7 @@ from h2.events import (
 from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
 
-from sidecar.http import http1
+from sidecar.http import grpc, http1
 from sidecar.proxy.upstream import Carrier, Corkable, Home, ResponseSink
 
 #: request body bytes a channel holds for a server whose window is spent, before the client
@@ -414,7 +414,8 @@ class H2Channel(Carrier):
     def response(self, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
         """The response's head (``ended``: and its end). A gRPC trailers-only response (its
         ``grpc-status`` in a head that ends the stream) goes on as a head and trailers: a
-        proxy's answer ends with its body or trailers, never with its head."""
+        proxy's answer ends with its body or trailers, never with its head; the head
+        carries its ``grpc_status``, to classify the call by before it is answered."""
         resp: http1.ResponseHead | None = None
         trailers: http1.Headers = []
         grpc_only = ended and any(name == b"grpc-status" for name, _ in headers)
@@ -425,6 +426,8 @@ class H2Channel(Carrier):
                 continue
             elif grpc_only and name.startswith(b"grpc-"):
                 trailers.append((name, value))
+                if name == b"grpc-status":  # (the exchange classifies the call by it now)
+                    resp.grpc_status = grpc.parse_status(value)
             else:
                 resp.add(name, value)
         if resp is None or resp.status < 200:  # (interim responses are not passed on)

@@ -89,17 +89,21 @@ class ConnectionTracker:
         endpoint: Endpoint | None = None,
         attempts: int = 0,
         error: str = "",
+        grpc_status: int = -1,
     ) -> None:
-        """A request answered (``status`` 0: the client left first): into the metrics (its
-        route's service, else ``unrouted``) and the access log."""
+        """A request answered (``status`` 0: the client left first; ``grpc_status``: a gRPC
+        call's, -1 if none): into the metrics (its route's service, else ``unrouted``) and
+        the access log."""
         stats = route.service.requests if route is not None else self.unrouted
         if stats is not None:
             stats.record(status, seconds)
+            if grpc_status >= 0:
+                stats.record_grpc(grpc_status)
         if self.access_log is not None:
             service = self.service or (route.name if route is not None else "")
             started = wall() - seconds
             entry = (started, self.direction, service, head, status, seconds, endpoint)
-            self.access_log.add((*entry, attempts, error))
+            self.access_log.add((*entry, attempts, error, grpc_status))
 
     def rejected(self, reason: Reason, seconds: float) -> None:
         """A request the connection answered itself before it became an exchange."""

@@ -8,6 +8,12 @@ asks the outcome, never the status: the endpoint's latency cost and outlier ejec
                  endpoint's); 429 and 503 may ask for a pause (``Retry-After``)
     an error     a refused or timed-out connect, a reset, a try out of its time, a malformed
                  response: the endpoint failed
+    a gRPC call  its ``grpc-status`` (a failure is a 200), as the HTTP status that means the
+                 same (``grpc.HTTP_OF_CODE``, Envoy's): 14 UNAVAILABLE fails as a 503, 13
+                 INTERNAL and 2 UNKNOWN as a 500, 4 DEADLINE_EXCEEDED as a 504; 8
+                 RESOURCE_EXHAUSTED, a 429, and the client's mistakes do not. ``retry_on``
+                 names five codes: cancelled, deadline_exceeded, internal,
+                 resource_exhausted, unavailable
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Final
 
+from control_plane.wire import RETRY_ON_GRPC
 from sidecar.errors import Reason
+from sidecar.http import grpc
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +42,9 @@ class Outcome:
     """the retry metric's ``reason`` for it"""
     pauses: bool = False
     """a 429 or 503: its ``Retry-After`` may ask that the endpoint be left alone"""
+    grpc_status: int = -1
+    """a gRPC call's ``grpc-status``, 17 for any code outside the 17 (-1: not a gRPC
+    status)"""
 
 
 def _of_status(status: int) -> Outcome:
@@ -52,10 +63,30 @@ _ERRORS: Final = {
 }
 
 
+#: what ``retry_on`` may name of the gRPC codes (Envoy's ``retry_on`` for gRPC)
+RETRIABLE_CODES: Final = frozenset(RETRY_ON_GRPC)
+
+
+def _of_code(code: int) -> Outcome:
+    name = grpc.name(code)
+    event = name if name in RETRIABLE_CODES else ""
+    return Outcome(200, grpc.http_status(code) >= 500, event, name, False, code)
+
+
+#: the outcomes of the 17 codes, then of any other (a server's own: as UNKNOWN, a 500), made
+#: once
+_CODES: Final = tuple(_of_code(code) for code in range(len(grpc.NAMES) + 1))
+
+
 def response(status: int) -> Outcome:
     """The outcome of a try answered with ``status``."""
     outcome = _RESPONSES.get(status)
     return outcome if outcome is not None else _of_status(status)
+
+
+def grpc_response(code: int) -> Outcome:
+    """The outcome of a gRPC call answered with ``grpc-status: code``."""
+    return _CODES[code] if 0 <= code < len(grpc.NAMES) else _CODES[-1]
 
 
 def error(reason: Reason) -> Outcome:

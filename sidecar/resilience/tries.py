@@ -129,6 +129,7 @@ class Tries:
         "hedge_at",
         "hedging",
         "may_retry",
+        "may_retry_grpc",
         "policy",
         "request_done",
         "resends",
@@ -154,6 +155,8 @@ class Tries:
         #: tries resent elsewhere because none of them went out
         self.resends = 0
         self.may_retry = False
+        #: a gRPC call, retried for the codes ``retry_on`` names whatever its method
+        self.may_retry_grpc = False
         self.hedging = False
         #: counted in the service's ``retrying`` (``max_retries``) until the request ends
         self.retrying = False
@@ -185,9 +188,13 @@ class Tries:
         timeout_ms: int | None = None,
         deadline_ms: int | None = None,
         grpc_ms: int | None = None,
+        grpc: bool = False,
     ) -> bool:
         """The request reached the front and was routed to a service with ``policy``.
-        ``retryable``: idempotent, or asked to be retried;
+        ``retryable``: idempotent, or asked to be retried; ``grpc``: a gRPC call, which a
+        gRPC code that ``retry_on`` names retries even when it is not ``retryable`` (a
+        server's UNAVAILABLE says the call may be made again: gRPC's own retry policy
+        retries by code, not by method);
         ``relayed``: an earlier hop's try (``x-meshlet-attempt``), retried there, not here;
         ``timeout_ms`` and ``deadline_ms``: its deadline headers; ``grpc_ms``: its
         ``grpc-timeout``, a gRPC call's own deadline from whichever hop. False: the caller's
@@ -220,6 +227,7 @@ class Tries:
         service.budget.request(now)
         again = retryable and not relayed
         self.may_retry = again and policy.retries > 0
+        self.may_retry_grpc = grpc and not relayed and policy.retries > 0
         self.hedging = again and policy.hedge < math.inf and not upgrade
         return True
 
@@ -339,13 +347,14 @@ class Tries:
     def retriable(self, outcome: Outcome) -> bool:
         """Whether the policy retries a try that ended so (if the request's body was kept
         for another try); ``retry_delay`` says if it fits."""
-        if not self.may_retry:
+        answered = outcome.grpc_status >= 0
+        if not self.may_retry and not (answered and self.may_retry_grpc):
             return False
         policy = self.policy
         if outcome.event not in policy.retry_on or self.attempt > policy.retries:
             return False
         # answered before the whole request came: nothing to replay yet
-        return self.request_done or not isinstance(outcome.event, int)
+        return self.request_done or not (answered or isinstance(outcome.event, int))
 
     def listed(self, outcome: Outcome) -> bool:
         """``retry_on`` names the outcome: while a hedged first try waits, such an answer

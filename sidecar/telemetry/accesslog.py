@@ -34,8 +34,8 @@ MAX_PENDING = 100_000
 
 #: (start, wall-clock seconds; direction; service; the request head, None when it was not
 #: parseable; status, 0 if none was sent; seconds; the last try's endpoint; tries; the
-#: sidecar's own error reason (``x-meshlet-error``), or "")
-Entry = tuple[float, str, str, "RequestHead | None", int, float, "Endpoint | None", int, str]
+#: sidecar's own error reason (``x-meshlet-error``), or ""; a gRPC call's grpc-status, or -1)
+Entry = tuple[float, str, str, "RequestHead | None", int, float, "Endpoint | None", int, str, int]
 
 
 class AccessLog:
@@ -107,7 +107,7 @@ class AccessLog:
 
 
 def line(entry: Entry) -> str:
-    started, direction, service, head, status, seconds, endpoint, attempts, error = entry
+    started, direction, service, head, status, seconds, endpoint, attempts, error, grpc = entry
     record = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(started))
         + f".{int(started % 1 * 1000):03d}Z",
@@ -119,6 +119,7 @@ def line(entry: Entry) -> str:
         "authority": None,
         "path": None,
         "status": status,
+        "grpc_status": grpc if grpc >= 0 else None,
         "duration_ms": round(seconds * 1000, 3),
         "upstream": f"{endpoint.address}:{endpoint.port}" if endpoint is not None else None,
         "attempts": attempts,

@@ -1,5 +1,6 @@
 """Requests of one service through one listener, as the data path records them: plain lists
-(a bisect and two increments per request), read by the Prometheus collector at scrape time."""
+(a bisect and two increments per request; a gRPC call one more, by its status code), read by
+the Prometheus collector at scrape time."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ floats it would box anew at each call); bisect, not a loop over the bounds: a sl
 (or one timed under valgrind) took a dozen bytecodes a bound"""
 CODES = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")
 """status classes by ``status // 100``; ``none``: the client left before any response"""
+GRPC_CODES: Final = 17
+"""gRPC status codes counted each on its own; a higher one counts as ``other`` (the last)"""
 
 
 class RequestStats:
@@ -37,11 +40,13 @@ class RequestStats:
     durations (its buckets' counts, not yet cumulative; made at a class's first request, as
     a table may name thousands of services this sidecar never calls) and the sum."""
 
-    __slots__ = ("buckets", "sums")
+    __slots__ = ("buckets", "grpc", "sums")
 
     def __init__(self) -> None:
         self.buckets: list[list[int] | None] = [None] * len(CODES)
         self.sums = [0.0] * len(CODES)
+        #: gRPC calls by their grpc-status (the last: ``other``), from the first call
+        self.grpc: list[int] | None = None
 
     def __repr__(self) -> str:
         return f"<RequestStats [{sum(map(self.count, range(len(CODES))))} requests]>"
@@ -53,6 +58,12 @@ class RequestStats:
             counts = self.buckets[code] = [0] * (len(BUCKETS) + 1)
         counts[bisect_left(_BOUNDS, seconds)] += 1
         self.sums[code] += seconds
+
+    def record_grpc(self, code: int) -> None:
+        counts = self.grpc
+        if counts is None:
+            counts = self.grpc = [0] * (GRPC_CODES + 1)
+        counts[code if 0 <= code < GRPC_CODES else GRPC_CODES] += 1
 
     def count(self, code: int) -> int:
         counts = self.buckets[code]

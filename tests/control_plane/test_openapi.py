@@ -149,6 +149,8 @@ async def test_policy_schema_rejects_what_the_api_rejects(api: Api) -> None:
     spec = await fetch_spec(api)
     validator = jsonschema.Draft202012Validator(spec["components"]["schemas"]["Policy"])
     assert validator.is_valid({"lb": "random", "hedge": {"after_ms": 5}, "retry_on": [503]})
+    assert validator.is_valid({"retry_on": ["unavailable", "resource-exhausted", "reset"]})
+    assert not validator.is_valid({"retry_on": ["not_found"]})
     assert validator.is_valid({"hedge": "off"})
     assert validator.is_valid({"hedge": None})
     for bad in ({"lb": "x"}, {"retries": 11}, {"x": 1}, {"outlier": {"y": 1}}, {"hedge": "on"}):

@@ -70,7 +70,7 @@ policies = (
         lb=st.sampled_from(["round_robin", "least_request", "peak_ewma", "random"]),
         retries=st.integers(0, 10),
         retry_on=st.lists(
-            st.sampled_from(["connect-failure", "reset", 429, 500, 503]), unique=True
+            st.sampled_from(["connect-failure", "reset", 429, 500, 503, "unavailable"]), unique=True
         ).map(tuple),
         retry_budget=st.builds(RetryBudget, ratio=st.floats(0, 1), min_per_s=st.integers(0, 50)),
         zone_aware=st.booleans(),

@@ -110,6 +110,14 @@ def test_full_document_round_trips() -> None:
         ({"retry_on": ["\u00b2"]}, "retry_on[0]", "must be connect-failure"),
         ({"retry_on": ["\u0665\u0660\u0662"]}, "retry_on[0]", "must be connect-failure"),
         ({"retry_on": ["0502"]}, "retry_on[0]", "must be connect-failure"),
+        ({"retry_on": ["unavailabel"]}, "retry_on[0]", "a gRPC code (cancelled, deadline_"),
+        ({"retry_on": ["not_found"]}, "retry_on[0]", "got 'not_found'"),
+        ({"retry_on": ["unavailable", "UNAVAILABLE"]}, "retry_on[1]", "got 'UNAVAILABLE'"),
+        (
+            {"retry_on": ["resource_exhausted", "resource-exhausted"]},
+            "retry_on[1]",
+            "'resource_exhausted' is listed twice",
+        ),
         ({"hash_balance_factor": 10**400}, "hash_balance_factor", "is too large"),
         ({"retry_budget": {"ratio": 10**400}}, "retry_budget.ratio", "is too large"),
         ({"timeout_ms": 10**400}, "timeout_ms", "must be from 1 to 3600000"),
@@ -216,3 +224,19 @@ policies: st.SearchStrategy[dict[str, Any]] = st.builds(
 def test_any_valid_policy_round_trips(doc: dict[str, Any]) -> None:
     policy = parse_policy(doc)
     assert parse_policy(to_json(policy)) == policy
+
+
+def test_retry_on_names_grpc_codes_in_either_spelling() -> None:
+    """The issue's spelling, and Envoy's hyphenated one, kept as the former."""
+    doc = {"retry_on": ["unavailable", "deadline-exceeded", "resource_exhausted", 503]}
+    policy = parse_policy(doc)
+    assert policy.retry_on == ("unavailable", "deadline_exceeded", "resource_exhausted", 503)
+    assert to_json(policy)["retry_on"] == list(policy.retry_on)
+    every = parse_policy({"retry_on": list(wire.RETRY_ON_GRPC)})
+    assert every.retry_on == (
+        "cancelled",
+        "deadline_exceeded",
+        "internal",
+        "resource_exhausted",
+        "unavailable",
+    )

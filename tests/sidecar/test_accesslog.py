@@ -57,6 +57,7 @@ async def test_each_request_is_a_json_line(
         "status": 200,
         "attempts": first["attempts"],
         "error": None,
+        "grpc_status": None,  # (a gRPC call's code: test_grpc)
     }
     # round robin: the busy endpoint first (a 503, retried) or the good one at once
     assert first["attempts"] in (1, 2)

@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import socket
 import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from types import ModuleType
 from typing import Any, cast
 
@@ -23,8 +25,18 @@ from h2.events import RequestReceived
 
 from control_plane.wire import Endpoint
 from sidecar.proxy.pool import Pool
-from tests.sidecar.conftest import LOCAL, Mesh, Response, Upstream, get, request, service
+from tests.sidecar.conftest import (
+    LOCAL,
+    NO_OUTLIER,
+    Mesh,
+    Response,
+    Upstream,
+    get,
+    request,
+    service,
+)
 from tests.sidecar.h2client import H2Client
+from tests.sidecar.test_metrics import promtool_check, samples, scrape, value
 
 MakeMesh = Callable[..., Awaitable[Mesh]]
 
@@ -71,14 +83,29 @@ class Servers:
         #: and those of them cancelled before their 2 s were up
         self.cancelled = asyncio.Event()
 
-    async def __call__(self, name: str, max_streams: int = 0, delay: float = 0.0) -> int:
+        self.calls: Counter[str] = Counter()
+        """unary calls each server was made"""
+
+    async def __call__(
+        self,
+        name: str,
+        max_streams: int = 0,
+        delay: float = 0.0,
+        unavailable: int = 0,
+    ) -> int:
         """Start one (``max_streams``: its MAX_CONCURRENT_STREAMS; ``delay``: seconds each
-        unary call takes): its port."""
+        unary call takes; ``unavailable``: its first calls answered UNAVAILABLE, -1: all):
+        its port."""
         msgs, stubs = self.pb
         remaining, cancelled = self.remaining, self.cancelled
 
+        calls = self.calls
+
         class Greeter(stubs.GreeterServicer):  # type: ignore[name-defined,misc]
             async def Hello(self, ask: Any, context: grpc.aio.ServicerContext) -> Any:
+                calls[name] += 1
+                if unavailable < 0 or calls[name] <= unavailable:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"{name} is down")
                 if ask.name == "fail":
                     await context.abort(grpc.StatusCode.NOT_FOUND, "no such name")
                 if ask.name == "slow":
@@ -95,6 +122,8 @@ class Servers:
             async def Count(self, ask: Any, context: grpc.aio.ServicerContext) -> Any:
                 for i in range(ask.n):
                     yield msgs.Answer(text=str(i), server=name)
+                if ask.name == "break":  # the status in the trailers, after the messages
+                    await context.abort(grpc.StatusCode.INTERNAL, "broke after the messages")
 
             async def Gather(self, asks: Any, context: grpc.aio.ServicerContext) -> Any:
                 names = [ask.name async for ask in asks]
@@ -370,7 +399,7 @@ async def test_the_sidecar_answers_deadline_exceeded_when_grpc_timeout_passes(
             assert resp.header(b"x-meshlet-error") == b"upstream-timeout"
             assert resp.header(b"content-type") == b"application/grpc"
             message = resp.header(b"grpc-message") or b""
-            assert message.startswith(b"upstream-timeout: "), message
+            assert b"deadline" in message, message  # (the detail: the code is x-meshlet-error)
             assert not resp.body  # the head was the whole answer
             assert not resp.trailers
             assert resp.reset is None
@@ -459,3 +488,161 @@ async def test_a_call_an_endpoint_never_processed_goes_elsewhere_whatever_its_me
         assert refused == [1]
     finally:
         listener[0].close()
+
+
+# -- gRPC outcomes: classification by grpc-status, retries by code, the sidecar's own answers
+
+
+async def grpc_calls(mesh: Mesh, service: str, direction: str = "outbound") -> dict[str, float]:
+    """``meshlet_grpc_responses_total`` of a service, by code (the text checked by promtool
+    first)."""
+    text = await scrape(mesh)
+    promtool_check(text)
+    return {
+        dict(labels)["code"]: n
+        for (name, labels), n in samples(text).items()
+        if name == "meshlet_grpc_responses_total"
+        and dict(labels)["service"] == service
+        and dict(labels)["direction"] == direction
+    }
+
+
+async def endpoints(mesh: Mesh, service: str) -> dict[int, dict[str, Any]]:
+    """``/clusters``' rows of a service's endpoints, by port."""
+    reader, writer = await asyncio.open_connection(LOCAL, mesh.admin)
+    writer.write(b"GET /clusters HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    raw = await reader.read()
+    writer.close()
+    rows = json.loads(raw.partition(b"\r\n\r\n")[2])["services"][service]["endpoints"]
+    return {row["port"]: row for row in rows}
+
+
+async def test_an_unavailable_call_is_retried_and_the_client_sees_ok(
+    pb: tuple[ModuleType, ModuleType], servers: Servers, make_mesh: MakeMesh, tmp_path: Path
+) -> None:
+    """A server that answers its first call UNAVAILABLE (trailers-only): ``retry_on:
+    [unavailable]`` retries the call, a POST, and the client gets OK; the access log has
+    the call's status."""
+    port = await servers("flaky", unavailable=1)
+    policy = {"protocol": "http2", "retry_on": ["unavailable"], "outlier": NO_OUTLIER}
+    log = tmp_path / "access.log"
+    mesh = await make_mesh({"greeter": service(port, **policy)}, access_log=str(log))
+    channel, stub = stub_to(pb, mesh.outbound, "greeter")
+    async with channel:
+        answer = await stub.Hello(pb[0].Ask(name="again"), timeout=10)
+    assert (answer.text, servers.calls["flaky"]) == ("hello again", 2)
+    found = samples(await scrape(mesh))
+    reason = {"service": "greeter", "reason": "unavailable"}
+    assert value(found, "meshlet_upstream_retries_total", **reason) == 1
+    assert await grpc_calls(mesh, "greeter") == {"ok": 1}  # (the retried try: no call's)
+    await mesh.sidecar.stop()  # (the access log's last lines written)
+    (entry,) = [json.loads(line) for line in log.read_text().splitlines()]
+    assert (entry["status"], entry["grpc_status"], entry["attempts"]) == (200, 0, 2)
+
+
+async def test_a_retry_by_code_works_through_two_sidecars(
+    pb: tuple[ModuleType, ModuleType], servers: Servers, make_mesh: MakeMesh
+) -> None:
+    """The callee's sidecar passes a trailers-only answer on as one (a HEADERS frame that
+    ends the stream), so the caller's sidecar classifies it at its head and retries it."""
+    port = await servers("app", unavailable=2)
+    callee = await make_mesh({}, app_port=port, app_protocol="http2")
+    policy = {"protocol": "auto", "retries": 2, "retry_on": ["unavailable"]}
+    caller = await make_mesh({"greeter": service(callee.inbound, **policy)})
+    channel, stub = stub_to(pb, caller.outbound, "greeter")
+    async with channel:
+        answer = await stub.Hello(pb[0].Ask(name="thrice"), timeout=10)
+        assert (answer.text, servers.calls["app"]) == ("hello thrice", 3)
+        # a code retry_on does not name is the answer, with its status and message
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await stub.Hello(pb[0].Ask(name="fail"), timeout=10)
+        assert (failed.value.code(), failed.value.details()) == (
+            grpc.StatusCode.NOT_FOUND,
+            "no such name",
+        )
+    assert servers.calls["app"] == 4
+
+
+async def test_an_endpoint_answering_unavailable_is_ejected_and_the_others_serve(
+    pb: tuple[ModuleType, ModuleType], servers: Servers, make_mesh: MakeMesh
+) -> None:
+    """Every call a 200 on the wire; the one endpoint's UNAVAILABLE count as its failures
+    (``consecutive_failures: 3``): it is ejected, the other two serve the rest."""
+    ports = [await servers("down", unavailable=-1), await servers("a"), await servers("b")]
+    outlier = {"consecutive_failures": 3, "failure_rate_percent": 0}
+    policy = {"protocol": "http2", "lb": "round_robin", "outlier": outlier}
+    mesh = await make_mesh({"greeter": service(*ports, **policy)})
+    channel, stub = stub_to(pb, mesh.outbound, "greeter")
+    codes: Counter[grpc.StatusCode] = Counter()
+    async with channel:
+        for _ in range(30):
+            try:
+                await stub.Hello(pb[0].Ask(name="x"), timeout=10)
+                codes[grpc.StatusCode.OK] += 1
+            except grpc.aio.AioRpcError as e:
+                codes[e.code()] += 1
+    assert codes == {grpc.StatusCode.UNAVAILABLE: 3, grpc.StatusCode.OK: 27}
+    assert servers.calls["down"] == 3
+    rows = await endpoints(mesh, "greeter")
+    assert (rows[ports[0]]["state"], rows[ports[0]]["failures"]) == ("ejected", 3)
+    assert [rows[p]["failures"] for p in ports[1:]] == [0, 0]
+    assert sum(rows[p]["tries"] for p in ports) == 30
+    assert await grpc_calls(mesh, "greeter") == {"unavailable": 3, "ok": 27}
+    found = samples(await scrape(mesh))
+    assert value(found, "meshlet_outlier_ejections_total", service="greeter") == 1
+    down = {"service": "greeter", "endpoint": f"{LOCAL}:{ports[0]}"}
+    assert value(found, "meshlet_endpoint_failures_total", **down) == 3
+
+
+async def test_the_sidecars_own_answers_are_grpc_failures(
+    pb: tuple[ModuleType, ModuleType], make_mesh: MakeMesh
+) -> None:
+    """No endpoint, no such service, an endpoint that refuses the connection: trailers-only
+    answers with the code of the status (Envoy's mapping), the detail as grpc-message, and
+    x-meshlet-error in the trailing metadata."""
+    closed = socket.socket()
+    closed.bind((LOCAL, 0))
+    refused = closed.getsockname()[1]
+    closed.close()  # (nothing listens there now)
+    table = {
+        "greeter": service(protocol="http2"),
+        "refuser": service(refused, protocol="http2", outlier=NO_OUTLIER),
+    }
+    mesh = await make_mesh(table)
+    cases = [
+        ("greeter", grpc.StatusCode.UNAVAILABLE, "no-healthy-upstream", "has no endpoints"),
+        ("nowhere", grpc.StatusCode.UNIMPLEMENTED, "no-route", "nowhere"),
+        ("refuser", grpc.StatusCode.UNAVAILABLE, "upstream-connect-failure", "connect"),
+    ]
+    for authority, code, error, detail in cases:
+        channel, stub = stub_to(pb, mesh.outbound, authority)
+        async with channel:
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await stub.Hello(pb[0].Ask(name="x"), timeout=10)
+        assert failed.value.code() == code, authority
+        assert detail in (failed.value.details() or ""), failed.value.details()
+        assert ("x-meshlet-error", error) in list(failed.value.trailing_metadata() or ())
+    assert await grpc_calls(mesh, "greeter") == {"unavailable": 1}
+    assert await grpc_calls(mesh, "refuser") == {"unavailable": 1}
+    assert await grpc_calls(mesh, "") == {"unimplemented": 1}  # (no service: unrouted)
+
+
+async def test_a_failure_in_the_trailers_after_messages_is_counted_by_code(
+    pb: tuple[ModuleType, ModuleType], servers: Servers, make_mesh: MakeMesh
+) -> None:
+    """A server stream that fails after its messages: the client gets them, then INTERNAL;
+    the call counts under its code and as a failure of the endpoint."""
+    port = await servers("streamer")
+    mesh = await make_mesh({"greeter": service(port, protocol="http2", outlier=NO_OUTLIER)})
+    channel, stub = stub_to(pb, mesh.outbound, "greeter")
+    async with channel:
+        call = stub.Count(pb[0].Ask(name="break", n=3), timeout=10)
+        assert [(await call.read()).text for _ in range(3)] == ["0", "1", "2"]
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await call.read()
+        assert failed.value.code() == grpc.StatusCode.INTERNAL
+        ok = [a.text async for a in stub.Count(pb[0].Ask(n=2), timeout=10)]
+        assert ok == ["0", "1"]
+    assert await grpc_calls(mesh, "greeter") == {"internal": 1, "ok": 1}
+    row = (await endpoints(mesh, "greeter"))[port]
+    assert (row["tries"], row["failures"]) == (2, 1)

@@ -584,3 +584,63 @@ def test_grpc_timeout_is_the_calls_deadline_at_every_hop(
     assert long.tries.hard_left_ms(clock.now) in (59_999, 60_000)  # the server's time for the call
 
     assert not Request(clock, service).start(grpc_ms=0)  # spent: nothing sent
+
+
+# -- gRPC calls ------------------------------------------------------------------------------
+
+GRPC_UNAVAILABLE = classify.grpc_response(14)
+
+
+def test_a_grpc_code_retry_on_names_retries_a_call_of_any_method(
+    clock: FakeClock, service: ServiceState
+) -> None:
+    """A gRPC call is a POST: not retryable, yet UNAVAILABLE (listed) retries it; what
+    retries an idempotent request only (a reset, a 503) does not."""
+    r = Request(clock, service, retry_on=["unavailable", "reset", 503])
+    r.start(retryable=False, grpc=True)
+    r.send()
+    assert not r.tries.retriable(RESET)
+    assert not r.tries.retriable(UNAVAILABLE)
+    assert not r.tries.retriable(classify.grpc_response(13))  # INTERNAL: not listed
+    assert r.retry(GRPC_UNAVAILABLE) == 0.010
+    assert service.retry_reasons == {"unavailable": 1}
+    clock.advance(0.010)
+    r.send()
+    assert r.retry(GRPC_UNAVAILABLE) is None  # retries: 1
+
+
+def test_a_grpc_code_is_not_retried_by_the_default_policy_or_for_another_hop(
+    clock: FakeClock, service: ServiceState
+) -> None:
+    default = Request(clock, service)
+    default.start(retryable=False, grpc=True)
+    default.send()
+    assert default.retry(GRPC_UNAVAILABLE) is None  # retry_on lists no gRPC code
+    relayed = Request(clock, service, retry_on=["unavailable"])
+    relayed.start(retryable=False, grpc=True, relayed=True)  # the caller's hop retries
+    relayed.send()
+    assert relayed.retry(GRPC_UNAVAILABLE) is None
+    plain = Request(clock, service, retry_on=["unavailable"])
+    plain.start(retryable=False)  # not a gRPC call: a code cannot retry it
+    plain.send()
+    assert plain.retry(GRPC_UNAVAILABLE) is None
+
+
+def test_a_grpc_answer_before_the_whole_call_came_is_not_retried(
+    clock: FakeClock, service: ServiceState
+) -> None:
+    """A client stream answered UNAVAILABLE while it still sends: nothing whole to replay."""
+    r = Request(clock, service, retry_on=["unavailable"])
+    r.start(retryable=False, grpc=True, request_done=False, has_body=True)
+    r.send()
+    assert not r.tries.retriable(GRPC_UNAVAILABLE)
+    r.tries.request_complete(clock.now)
+    assert r.tries.retriable(GRPC_UNAVAILABLE)
+
+
+def test_a_grpc_retry_must_fit_in_the_time_left(clock: FakeClock, service: ServiceState) -> None:
+    r = Request(clock, service, retry_on=["unavailable"], timeout_ms=1000)
+    r.start(retryable=False, grpc=True)
+    r.send()
+    clock.advance(0.999)
+    assert r.retry(GRPC_UNAVAILABLE) is None
