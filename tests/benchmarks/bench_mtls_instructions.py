@@ -47,7 +47,7 @@ from tests.benchmarks.bench_instructions import PURE, Counted, Lab, build_of  # 
 from tests.benchmarks.bench_proxy import LOAD_CORE, free_port, wait_port  # noqa: E402
 
 SERVICE, CALLER = "bench-server", "bench-client"
-START_TIMEOUT = 300.0
+START_TIMEOUT = 600.0
 """seconds a process under valgrind may take to listen"""
 GOAL = 1.3
 """mtls / plain instructions per request (issue 15)"""
