@@ -17,13 +17,23 @@ import asyncio
 import contextlib
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final, Protocol
 
 from sidecar.tls import peer_identity
 
 #: the most plaintext one ``read`` takes out of the session: a TLS record's (one read returns
 #: one record's at most, and a larger buffer is only a larger allocation)
-_READ = 16 * 1024
+_READ: Final = 16 * 1024
+
+
+class _Core(Protocol):
+    """What the data path calls of a TLS session: ``ssl.SSLObject``'s, or the C object under
+    it (``_ssl._SSLSocket``), which has the same methods without a Python frame around each."""
+
+    def read(self, len: int, /) -> bytes: ...
+
+    def write(self, data: bytes | bytearray | memoryview, /) -> int: ...
+
 
 #: what the layer says once the handshake is done: the peer's SPIFFE ID (None: it has none).
 #: Returning a reason refuses the peer (the connection is aborted); None lets it in.
@@ -49,6 +59,14 @@ class TlsLayer(asyncio.Transport, asyncio.Protocol):
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
         self.tls = context.wrap_bio(self._in, self._out, server_side=server_side, session=session)
+        # the data path calls the session's C object straight, and through bound methods:
+        # ``SSLObject.read``/``write`` are Python functions around it (one frame each, four a
+        # request over two hops), and a bound method spares a lookup per call
+        core: _Core = getattr(self.tls, "_sslobj", self.tls)  # (CPython's; else the wrapper)
+        self._decrypt = core.read
+        self._encrypt = core.write
+        self._feed = self._in.write
+        self._drain = self._out.read
         self._protocol = protocol
         self._verdict = verdict
         self._failed: Callable[[str], None] | None = failed
@@ -74,13 +92,13 @@ class TlsLayer(asyncio.Transport, asyncio.Protocol):
             self._handshake()  # the client speaks first
 
     def data_received(self, data: bytes) -> None:
-        self._in.write(data)
+        self._feed(data)
         if not self._open and not self._handshake():
             return
-        tls, protocol = self.tls, self._protocol
+        decrypt, protocol = self._decrypt, self._protocol
         while True:
             try:
-                plain = tls.read(_READ)
+                plain = decrypt(_READ)
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
@@ -164,11 +182,11 @@ class TlsLayer(asyncio.Transport, asyncio.Protocol):
         if self._raw is None or self._closing:
             return
         try:
-            self.tls.write(data)  # (whole: Python's ssl does not ask OpenSSL for partial writes)
+            self._encrypt(data)  # (whole: Python's ssl does not ask OpenSSL for partial writes)
         except ssl.SSLError as e:
             self._fail(f"TLS: {e.reason or e}")
             return
-        self._raw.write(self._out.read())
+        self._raw.write(self._drain())
 
     def is_closing(self) -> bool:
         return self._closing or self._raw is None or self._raw.is_closing()

@@ -1,0 +1,236 @@
+"""Instructions per request of two sidecar hops, plaintext vs mesh TLS, counted by callgrind.
+
+Issue 15's goal: mTLS costs <= 1.3x the plaintext mesh per request on kept-alive connections.
+Each variant is one Python process under ``valgrind --tool=callgrind`` holding both hops, built
+as the sidecar builds its listeners (``serve`` below): an outbound listener (caller "bench-client")
+routing to an inbound listener (service "bench-server", its guard in force) before
+bench_proxy's nginx backend (1 KiB body, not under valgrind):
+  plain   client -> outbound -> plaintext -> inbound -> backend
+  mtls    client -> outbound -> mesh TLS 1.3 (both certificates verified) -> inbound -> backend
+The certificates come from one CA (mesh_tls.make_pki), as the control plane would sign them.
+This process is the client, as in bench_instructions: one keep-alive connection per variant and
+round, one request at a time, each answer read in full; ``--warmup`` requests (the handshake,
+the pools), ``callgrind_control -z``, ``--requests`` requests and a dump, then as long idle and
+a second dump; instructions per request = (measured - idle) / requests.
+
+Printed: min/median/max over the rounds per variant, and of the per-round ratio mtls / plain.
+``--keep`` keeps the dumps: ``callgrind_annotate --inclusive=yes <dump>`` shows where the
+instructions go.
+
+Run: .venv/bin/python tests/benchmarks/bench_mtls_instructions.py [--requests 2000]
+     [--warmup 300] [--rounds 3] [--keep] [--pure]
+Needs valgrind and nginx. About 2 minutes a round on two cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import FrameType
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # run as a script: ``tests`` from the repo root
+
+from sidecar.tls import MeshTls, mesh_contexts  # noqa: E402
+from tests.benchmarks import mesh_tls  # noqa: E402
+from tests.benchmarks.bench_instructions import PURE, Counted, Lab, build_of  # noqa: E402
+from tests.benchmarks.bench_proxy import LOAD_CORE, free_port, wait_port  # noqa: E402
+
+SERVICE, CALLER = "bench-server", "bench-client"
+START_TIMEOUT = 600.0
+"""seconds a process under valgrind may take to listen"""
+GOAL = 1.3
+"""mtls / plain instructions per request (issue 15)"""
+
+
+# -- the process under callgrind: both hops ----------------------------------------------------
+
+
+def _mesh(pem: Path, pki: mesh_tls.Pki, service: str) -> MeshTls:
+    """The credentials of ``service`` from its PEM file (certificate, then key)."""
+    data = pem.read_bytes()
+    cut = data.index(b"-----BEGIN PRIVATE KEY-----")
+    mesh = MeshTls()
+    mesh.trust_domain = pki.trust_domain
+    mesh.identity = pki.identity(service)
+    mesh.server, mesh.client = mesh_contexts(data[:cut], data[cut:], [pki.ca_cert.read_text()])
+    return mesh
+
+
+async def _serve(port: int, backend: int, mtls: bool, pki: mesh_tls.Pki) -> None:
+    from control_plane.wire import Endpoint, parse_table
+    from sidecar.proxy.guard import InboundGuard
+    from sidecar.proxy.listener import Downstream
+    from sidecar.proxy.routing import AppRouter, Pools, TableHolder
+    from sidecar.proxy.tracker import ConnectionTracker
+    from sidecar.proxy.watch import Timeouts
+
+    loop = asyncio.get_running_loop()
+    server_mesh, client_mesh = _mesh(pki.server, pki, SERVICE), _mesh(pki.client, pki, CALLER)
+    guard = InboundGuard(server_mesh, SERVICE)
+    inbound = ConnectionTracker("inbound", SERVICE, metrics=True, guard=guard)
+    app = AppRouter(Endpoint("127.0.0.1", backend), Pools())
+    timeouts = Timeouts()
+    in_server = await loop.create_server(
+        lambda: Downstream(app, inbound, timeouts, loop), "127.0.0.1", 0
+    )
+    in_port = in_server.sockets[0].getsockname()[1]
+    pools = Pools(mesh=client_mesh if mtls else None)
+    tables = TableHolder(pools, service=CALLER)
+    # (a handshake under valgrind takes seconds: the policy waits for it)
+    policy = {"connect_timeout_ms": 60_000, "timeout_ms": 120_000}
+    endpoints = [{"address": "127.0.0.1", "port": in_port}]
+    table = parse_table({"services": {SERVICE: {"endpoints": endpoints, "policy": policy}}})
+    tables.install(table, "bench")
+    pools.get(table.services[SERVICE].endpoints[0]).rekey(pki.identity(SERVICE) if mtls else "")
+    outbound = ConnectionTracker("outbound", metrics=True)
+    await loop.create_server(
+        lambda: Downstream(tables, outbound, timeouts, loop), "127.0.0.1", port
+    )
+    await asyncio.Event().wait()  # (until the bench kills the process)
+
+
+def serve(argv: list[str]) -> int:
+    import uvloop
+
+    parser = argparse.ArgumentParser(prog="serve")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--backend", type=int, required=True)
+    parser.add_argument("--mtls", action="store_true")
+    parser.add_argument("--pki", type=Path, required=True)
+    parser.add_argument("--trust-domain", default="cluster.local")
+    args = parser.parse_args(argv)
+    d = args.pki
+    pki = mesh_tls.Pki(
+        d / "ca.pem", d / "ca.key", d / "server.pem", d / "client.pem", args.trust_domain
+    )
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_serve(args.port, args.backend, args.mtls, pki))
+    return 0
+
+
+# -- the bench: the client, counting --------------------------------------------------------------
+
+
+def get(conn: http.client.HTTPConnection, n: int, expect: bytes) -> None:
+    for _ in range(n):
+        conn.putrequest("GET", "/", skip_host=True, skip_accept_encoding=True)
+        conn.putheader("Host", SERVICE)  # the only header
+        conn.endheaders()
+        with conn.getresponse() as answer:
+            body = answer.read()
+        if answer.status != 200 or body != expect:
+            raise RuntimeError(f"answer {answer.status} with {len(body)} bytes")
+
+
+def peer_seen(port: int) -> bytes:
+    """The x-meshlet-peer the backend saw through ``port`` (b"": none)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("GET", "/peer", headers={"Host": SERVICE})
+        return conn.getresponse().read()
+    finally:
+        conn.close()
+
+
+def measure(port: int, hop: Counted, warmup: int, requests: int) -> float:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        get(conn, warmup, b"b" * 1024)
+        hop.control("-z")
+        started = time.monotonic()
+        get(conn, requests, b"b" * 1024)
+        seconds = time.monotonic() - started
+        busy = hop.dump()
+        time.sleep(seconds)
+        idle = hop.dump()
+    finally:
+        conn.close()
+    return (busy - idle) / requests
+
+
+def spread(values: list[float], fmt: str = "10,.0f") -> str:
+    lo, mid, hi = min(values), statistics.median(values), max(values)
+    return f"{lo:{fmt}} {mid:{fmt}} {hi:{fmt}}"
+
+
+def main() -> int:
+    if sys.argv[1:2] == ["serve"]:
+        return serve(sys.argv[2:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0] if __doc__ else None)
+    parser.add_argument("--requests", type=int, default=2000, help="measured requests a round")
+    parser.add_argument("--warmup", type=int, default=300, help="requests before counting")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--keep", action="store_true", help="keep the callgrind dumps")
+    parser.add_argument("--pure", action="store_true", help="the pure-Python build")
+    args = parser.parse_args()
+    if args.requests < 1 or args.warmup < 1 or args.rounds < 1:
+        parser.error("--requests, --warmup and --rounds must be >= 1")
+    for tool in ("valgrind", "callgrind_control", "nginx", "taskset"):
+        if shutil.which(tool) is None:
+            print(f"{tool} not found (apt-get install valgrind nginx)", file=sys.stderr)
+            return 2
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)  # through the finally below: no valgrind left behind
+
+    signal.signal(signal.SIGTERM, stop)
+    os.sched_setaffinity(0, {int(LOAD_CORE)})
+    env = PURE if args.pure else {}
+    print(f"meshlet build: {build_of(env)}")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-mtls-"))
+    tmp.chmod(0o755)  # the backend's workers run as nobody and serve the body from here
+    lab = Lab(tmp)
+    pki = mesh_tls.make_pki(tmp)
+    me = str(Path(__file__).resolve())
+    results: dict[str, list[float]] = {"plain": [], "mtls": []}
+    started = time.monotonic()
+    try:
+        lab.backend()
+        ports: dict[str, tuple[int, Counted]] = {}
+        for name in results:
+            port = free_port()
+            argv = [sys.executable, me, "serve", "--port", str(port)]
+            argv += ["--backend", str(lab.backend_port), "--pki", str(tmp)]
+            argv += ["--mtls"] if name == "mtls" else []
+            ports[name] = port, lab.counted(name, *argv, env=env)
+        for port, _ in ports.values():
+            wait_port(port, START_TIMEOUT)
+        for name, (port, _) in ports.items():  # each variant is what it claims
+            want = pki.identity(CALLER).encode() if name == "mtls" else b""
+            if (seen := peer_seen(port)) != want:
+                raise RuntimeError(f"{name}: the backend saw x-meshlet-peer {seen!r}")
+        print(f"both listening after {time.monotonic() - started:.0f} s", flush=True)
+        for rnd in range(1, args.rounds + 1):
+            for name, (port, hop) in ports.items():
+                per = measure(port, hop, args.warmup, args.requests)
+                results[name].append(per)
+                print(f"round {rnd} {name:6} {per:10,.0f} instructions/request", flush=True)
+        ratios = [m / p for m, p in zip(results["mtls"], results["plain"], strict=True)]
+        print(f"\ninstructions per request, 2 hops, {args.rounds} rounds (idle subtracted)")
+        print(f"{'':8} {'min':>10} {'median':>10} {'max':>10}")
+        for name, runs in results.items():
+            print(f"{name:8} {spread(runs)}")
+        print(f"{'ratio':8} {spread(ratios, '10.3f')}   mtls / plain, goal <= {GOAL}x")
+        print(f"took {time.monotonic() - started:.0f} s")
+    finally:
+        lab.stop()
+        if args.keep:
+            print(f"callgrind dumps kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
