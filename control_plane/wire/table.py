@@ -31,6 +31,7 @@ from control_plane.wire.checks import (
     check_zone,
 )
 from control_plane.wire.documents import check_bounds, parse, spec, to_json
+from control_plane.wire.pem import parse_bundle
 from control_plane.wire.policy import DEFAULT_POLICY, Policy
 
 _ID_SCHEMA = {"type": "string", "pattern": f"^{INSTANCE_ID.pattern}$"}
@@ -204,13 +205,9 @@ def _parse_trust_domain(value: Any, path: str) -> str:
 
 
 def _parse_trust_bundle(value: Any, path: str) -> tuple[str, ...]:
-    """Each a PEM CA certificate. Reading certificates takes ``cryptography`` (about 10 MB),
-    imported only when a table holds a bundle."""
-    if value == []:
-        return ()
-    from control_plane.wire.identity import parse_bundle
-
-    return parse_bundle(value, path)
+    """Each a PEM CA certificate, checked with ``ssl`` (``pem``): a sidecar holding a table
+    does not load ``cryptography``."""
+    return () if value == [] else parse_bundle(value, path)
 
 
 @dataclass(frozen=True, slots=True)
