@@ -9,14 +9,17 @@ import asyncio
 import contextlib
 import ssl
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from control_plane.wire import Endpoint
 from sidecar.balancing.ewma import EndpointStats, Exclusions
 from sidecar.clock import monotonic
-from sidecar.proxy.h2upstream import H2Channel, H2Links
 from sidecar.proxy.tlslayer import TlsLayer
 from sidecar.proxy.upstream import Carrier, Home, UpstreamConnection
 from sidecar.tls import MeshTls
+
+if TYPE_CHECKING:  # (imported with the first HTTP/2 upstream connection: ``connect``)
+    from sidecar.proxy.h2upstream import H2Channel, H2Links
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +104,8 @@ class Pool(Home):
         loop = self._event_loop()
         if h2:  # (its links count the connection opening, not the tries waiting for it)
             if self._h2 is None:
+                from sidecar.proxy.h2upstream import H2Links  # (h2: only once HTTP/2 is used)
+
                 self._h2 = H2Links(self, self.idle_timeout, loop)
             return await self._h2.connect()
         context = None if self.mesh is None or not self.identity else self.mesh.client
