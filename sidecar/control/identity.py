@@ -10,7 +10,9 @@ memfd (``sidecar.tls.mesh_contexts``), no file ever holds it. The certificate is
 
 A certificate valid from B to E goes through:
 
-    B + 2/3 (E - B) + jitter      a new key and CSR; the certificate stays in force meanwhile
+    B + 2/3 (E - B) + jitter      a new key and CSR (made ahead, once the certificate came in:
+                                  the rotation waits for no child process); the certificate
+                                  stays in force meanwhile
     refused, or no answer in 30 s another CSR after a backoff (2 s doubling to 5 min, 50-100 %)
     E                             dropped (MeshTls.server and client None: no mesh TLS until
                                   the next one), logged, counted; a CSR at once
@@ -138,6 +140,10 @@ class IdentityManager:
         self._bundle: tuple[str, ...] = ()
         self._fingerprints: list[str] = []
         self._pending: CsrDue | None = None
+        self._spare: tuple[str, bytes, bytes] | None = None
+        """(identity, key, CSR) made ahead for the next rotation"""
+        self._spare_for: Credential | None = None
+        """the certificate in force when the spare was made (one try each)"""
         self._due = 0.0
         """wall time from which a CSR may go out"""
         self._failures = 0
@@ -262,11 +268,14 @@ class IdentityManager:
     # -- the I/O ------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Make keys and send CSRs when ``tick`` asks, until cancelled."""
+        """Make keys and send CSRs when ``tick`` asks, until cancelled; once a certificate
+        is in force, make the key and CSR of the next rotation ahead (``_make_spare``)."""
         while True:
             due = self.tick()
             if due is not None:
                 await self._ask(due)
+            elif self.credential is not None and self._spare_for is not self.credential:
+                await self._make_spare(self.credential)
             self._wake.clear()
             try:
                 async with asyncio.timeout(self.seconds_to_next()):
@@ -275,10 +284,15 @@ class IdentityManager:
                 pass
 
     async def _ask(self, due: CsrDue) -> None:
-        """Have a key and CSR made for ``due`` and send the CSR on the stream in force."""
+        """Have a key and CSR made for ``due`` (or take the spare) and send the CSR on the
+        stream in force."""
+        spare, self._spare = self._spare, None
         try:
-            async with asyncio.timeout(KEYGEN_TIMEOUT):
-                key_pem, csr_pem = await self._make_key(due.identity)
+            if spare is not None and spare[0] == due.identity:
+                key_pem, csr_pem = spare[1], spare[2]
+            else:
+                async with asyncio.timeout(KEYGEN_TIMEOUT):
+                    key_pem, csr_pem = await self._make_key(due.identity)
         except CertificateRejected as e:
             self.not_made(due, e)
             return
@@ -294,6 +308,19 @@ class IdentityManager:
                 await send(csr)
         except (PeerError, OSError, TimeoutError) as e:  # the next stream asks again
             log.info("the CSR was not sent: %s", e)
+
+    async def _make_spare(self, credential: Credential) -> None:
+        """The key and CSR of the next rotation, made while ``credential`` is in force (hours
+        ahead): a rotation then waits for no process start, however busy the host is. One try
+        per certificate; a failure is logged, and the rotation makes its own."""
+        self._spare_for, identity = credential, self.identity
+        try:
+            async with asyncio.timeout(KEYGEN_TIMEOUT):
+                key_pem, csr_pem = await self._make_key(identity)
+        except (CertificateRejected, OSError, TimeoutError) as e:
+            log.info("no key made ahead for the next rotation: %s", str(e) or "timed out")
+            return
+        self._spare = (identity, key_pem, csr_pem)
 
     # -- state changes ------------------------------------------------------------------------
 

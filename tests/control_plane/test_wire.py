@@ -227,12 +227,11 @@ def test_a_pushed_table_leaves_defaults_unsaid_and_round_trips(
     sidecar's parse gives back the very table."""
     endpoints = tuple(
         wire.Endpoint(
-            address=f"10.0.0.{i + 1}",
-            port=8080,
-            instance=f"i{i}",
-            **({"weight": 7, "zone": "b", "draining": True, "namespace": "shop", "tls": True}
-               if strange else {}),
+            address=f"10.0.0.{i + 1}", port=8080, instance=f"i{i}", weight=7, zone="b",
+            draining=True, namespace="shop", tls=True,
         )
+        if strange
+        else wire.Endpoint(address=f"10.0.0.{i + 1}", port=8080, instance=f"i{i}")
         for i, strange in enumerate(odd)
     )  # fmt: skip
     table = wire.Table(
@@ -249,9 +248,9 @@ def test_a_pushed_table_leaves_defaults_unsaid_and_round_trips(
     assert wire.decode(text) == table
     sent = json.loads(text)["services"]
     assert sent["plain"] == ({"endpoints": sent["plain"]["endpoints"]} if endpoints else {})
-    for e, plain in zip(sent["plain"]["endpoints"] if endpoints else [], odd, strict=True):
+    for e, strange in zip(sent["plain"]["endpoints"] if endpoints else [], odd, strict=True):
         assert set(e) == (
             {"address", "port", "instance", "weight", "zone", "draining", "namespace", "tls"}
-            if plain
+            if strange
             else {"address", "port", "instance"}
         )

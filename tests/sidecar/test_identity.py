@@ -488,6 +488,46 @@ async def test_run_sends_csrs_and_stops_when_cancelled() -> None:
             await task
 
 
+async def test_run_makes_the_next_key_ahead_and_rotates_with_it() -> None:
+    """Once a certificate is in, the loop has the next rotation's key and CSR made at once;
+    at two thirds of the life that CSR goes out without another child process."""
+    made: list[bytes] = []
+    sent: list[Csr] = []
+
+    async def make_key(identity: str) -> tuple[bytes, bytes]:
+        key, csr = make_csr(identity)
+        made.append(csr)
+        return key_pem(key), csr
+
+    async def send(csr: Csr) -> None:
+        sent.append(csr)
+        asyncio.get_running_loop().call_soon(ahead.manager.on_certificate, ahead.sign(csr))
+
+    ahead = world(make_key=make_key)
+    task = asyncio.create_task(ahead.manager.run())
+    ahead.manager.attach(send)
+    ahead.manager.on_table(table(ahead.ca))
+    for _ in range(500):
+        if len(made) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert len(made) == 2  # the first key, and the spare
+    assert [s.csr.encode() for s in sent] == made[:1]
+    first = ahead.manager.credential
+    assert first is not None
+    ahead.clock.advance(ROTATE_AT * (first.not_after - ahead.clock.now))
+    ahead.manager.on_table(table(ahead.ca))  # (anything that wakes the loop)
+    for _ in range(500):
+        if ahead.manager.rotations == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert ahead.manager.rotations == 1
+    assert sent[1].csr.encode() == made[1]  # the spare's CSR, made before it was due
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 async def test_run_counts_a_key_maker_that_fails_and_sends_nothing() -> None:
     made: list[str] = []
     sent: list[Csr] = []
