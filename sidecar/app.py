@@ -24,7 +24,7 @@ import signal
 import socket
 import ssl
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvloop
 
@@ -39,7 +39,6 @@ from sidecar.config import DEFAULT_MAX_CONNECTIONS, Listen, SidecarConfig
 from sidecar.control import state
 from sidecar.control.discovery import Discovery
 from sidecar.control.health import AppHealth
-from sidecar.control.identity import IdentityManager
 from sidecar.control.locks import LockClient
 from sidecar.control.tablefile import file_signature, load_table_file
 from sidecar.errors import ConfigError, TableError
@@ -59,6 +58,9 @@ from sidecar.proxy.watch import Timeouts
 from sidecar.resilience.service import Services
 from sidecar.telemetry.accesslog import AccessLog
 from sidecar.tls import MeshTls, client_context
+
+if TYPE_CHECKING:
+    from sidecar.control.identity import IdentityManager
 
 log = logging.getLogger("meshlet.sidecar")
 
@@ -126,6 +128,10 @@ class Sidecar:
         self.identity: IdentityManager | None = None
         """keeps a certificate in ``mesh_tls`` (None: ``--mtls off``, or ``--table``)"""
         if config.control_plane and config.mtls == "on":
+            # imported here: a sidecar on a static table does without the identity's modules
+            # (its checks, its key maker: about 0.4 MB)
+            from sidecar.control.identity import IdentityManager
+
             self.identity = IdentityManager(
                 service=config.service, namespace=config.namespace, tls=self.mesh_tls
             )

@@ -34,7 +34,7 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from control_plane.wire import (
     STREAM_PATH,
@@ -54,11 +54,13 @@ from control_plane.wire import (
 from sidecar.clock import Clock, SystemClock
 from sidecar.control import state
 from sidecar.control.failover import Failover, Replica, resolve
-from sidecar.control.identity import IdentityManager
 from sidecar.control.websocket import Close
 from sidecar.control.wsclient import WebSocket, connect
 from sidecar.errors import HandshakeError, PeerError, TableError
 from sidecar.proxy.routing import TableHolder
+
+if TYPE_CHECKING:  # (a sidecar on a static table does without it: see Sidecar.__init__)
+    from sidecar.control.identity import IdentityManager
 
 log = logging.getLogger("meshlet.discovery")
 
