@@ -128,8 +128,8 @@ class Sidecar:
         self.identity: IdentityManager | None = None
         """keeps a certificate in ``mesh_tls`` (None: ``--mtls off``, or ``--table``)"""
         if config.control_plane and config.mtls == "on":
-            # imported here: it loads cryptography (about 8 MB), which a sidecar on a static
-            # table does without (a pushed trust bundle loads it to be checked)
+            # imported here: a sidecar on a static table does without the identity's modules
+            # (its checks, its key maker: about 0.4 MB)
             from sidecar.control.identity import IdentityManager
 
             self.identity = IdentityManager(

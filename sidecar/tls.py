@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import ssl
+from typing import Any, Final
 
 from sidecar.errors import ConfigError
 
@@ -70,17 +71,26 @@ class MeshTls:
         self.identity = identity
 
 
-def mesh_contexts(chain_pem: bytes, key_pem: bytes, bundle: list[str]) -> MeshContexts:
+NO_CHECK_TIME: Final = 0x200000
+"""OpenSSL's ``X509_V_FLAG_NO_CHECK_TIME`` (``ssl.VerifyFlags`` does not name it): verify a
+chain's signatures, names and constraints but not the validity times (``check_pair``: the
+sidecar judges those on its own clock)"""
+
+
+def mesh_contexts(
+    chain_pem: bytes, key_pem: bytes, bundle: list[str], *, check_time: bool = True
+) -> MeshContexts:
     """(server, client, client_h2) contexts for mesh TLS: TLS 1.3 only, the peer's
     certificate required and verified against ``bundle`` (PEM roots) on both sides, with no
     host name check (the caller checks the peer's SPIFFE ID: ``peer_identity``). ALPN: the
     server offers ``h2`` and ``http/1.1`` (OpenSSL picks the first of its own list the client
     offers too), ``client`` offers ``http/1.1``, ``client_h2`` offers ``h2`` then
-    ``http/1.1``.
+    ``http/1.1``. ``check_time=False`` makes contexts that are only for ``check_pair``.
 
     The key is handed to OpenSSL through an anonymous in-memory file (``memfd``): Python's
     ``ssl`` loads keys only from a path, and a workload key must never reach a disk.
-    ``ssl.SSLError`` when the material does not fit together."""
+    ``ssl.SSLError`` when the material does not fit together (``KEY_VALUES_MISMATCH``: the
+    certificate is not for the key)."""
     contexts = []
     for purpose, alpn in (
         (ssl.PROTOCOL_TLS_SERVER, [MESH_ALPN_H2, MESH_ALPN]),
@@ -91,11 +101,40 @@ def mesh_contexts(chain_pem: bytes, key_pem: bytes, bundle: list[str]) -> MeshCo
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_REQUIRED
+        if not check_time:
+            ctx.verify_flags |= NO_CHECK_TIME
         ctx.set_alpn_protocols(alpn)
         ctx.load_verify_locations(cadata="\n".join(bundle))
         _load_chain(ctx, chain_pem, key_pem)
         contexts.append(ctx)
     return contexts[0], contexts[1], contexts[2]
+
+
+HANDSHAKE_ROUNDS: Final = 8
+"""flights an in-memory handshake may take (TLS 1.3 takes three)"""
+
+
+def check_pair(server: ssl.SSLContext, client: ssl.SSLContext) -> dict[str, Any]:
+    """A TLS handshake between the two contexts in memory (no socket), as two sidecars
+    holding them would make it: each verifies the other's chain against its trust bundle,
+    as OpenSSL does at every real handshake. Returns the server's certificate as the client
+    decoded it (``SSLSocket.getpeercert``); ``ssl.SSLCertVerificationError`` when either
+    refuses the other's chain, ``ssl.SSLError`` for any other failure."""
+    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls_client = client.wrap_bio(c_in, c_out, server_side=False)
+    tls_server = server.wrap_bio(s_in, s_out, server_side=True)
+    for _ in range(HANDSHAKE_ROUNDS):
+        done = 0
+        for side, out, other in ((tls_client, c_out, s_in), (tls_server, s_out, c_in)):
+            try:
+                side.do_handshake()
+                done += 1
+            except ssl.SSLWantReadError:
+                pass
+            other.write(out.read())
+        if done == 2:
+            return tls_client.getpeercert() or {}
+    raise ssl.SSLError(f"an in-memory handshake did not finish in {HANDSHAKE_ROUNDS} flights")
 
 
 def _load_chain(ctx: ssl.SSLContext, chain_pem: bytes, key_pem: bytes) -> None:
@@ -111,9 +150,13 @@ def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> str | None:
     """The SPIFFE ID of a verified peer: its certificate's one ``spiffe://`` URI SAN, or None
     (no certificate, none, or several)."""
     cert = ssl_object.getpeercert()
-    if not cert:
-        return None
-    sans = cert.get("subjectAltName", ())
+    return spiffe_id_of(cert) if cert else None
+
+
+def spiffe_id_of(certificate: dict[str, Any]) -> str | None:
+    """The SPIFFE ID a certificate as ``getpeercert`` decodes it names: its one
+    ``spiffe://`` URI SAN, or None (none, or several)."""
+    sans = certificate.get("subjectAltName", ())
     names = [
         pair[1]
         for pair in sans

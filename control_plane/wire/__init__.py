@@ -10,6 +10,7 @@ Standard library only, but for ``identity``: the sidecar imports this package (a
     stream      the push stream's messages
     identity    SPIFFE IDs, CSRs and trust-bundle roots (``cryptography``; not imported here:
                 it costs a process about 10 MB)
+    pem         PEM certificates with ``ssl`` alone: a table's trust bundle, fingerprints
 """
 
 from control_plane.wire.checks import (

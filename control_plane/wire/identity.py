@@ -3,8 +3,9 @@ trust bundle holds (issue 15).
 
 The one ``wire`` module that is not standard library only: a CSR and a certificate cannot be
 read without ASN.1, and we write none by hand (``cryptography``). Importing it costs a process
-about 10 MB, so ``control_plane.wire`` does not import it; a table's trust bundle imports it
-when there is one to check, and a sidecar that asks for a certificate needs it anyway.
+about 10 MB, so ``control_plane.wire`` does not import it, and a sidecar loads it only in the
+short-lived child that makes its key and CSR (``sidecar.control.keygen``); a table's trust
+bundle is checked with ``ssl`` (``wire.pem``).
 
 An identity is ``spiffe://<trust domain>/ns/<namespace>/svc/<service>``, ``default`` for an
 instance with no namespace.
@@ -37,7 +38,6 @@ __all__ = [
     "identity_of",
     "is_ca",
     "make_csr",
-    "parse_bundle",
     "parse_root",
     "parse_spiffe_id",
     "spiffe_id",
@@ -100,14 +100,3 @@ def parse_root(pem: object, field: str = "pem") -> x509.Certificate:
     if not is_ca(certificates[0]):
         raise WireError(field, "is not a CA certificate (basicConstraints CA:TRUE)")
     return certificates[0]
-
-
-def parse_bundle(value: object, path: str) -> tuple[str, ...]:
-    """A table's trust bundle: at most ``MAX_ROOTS`` PEM CA certificates."""
-    if not isinstance(value, list):
-        raise WireError(path, "must be an array of PEM certificates")
-    if len(value) > MAX_ROOTS:
-        raise WireError(path, f"holds {len(value)} roots; at most {MAX_ROOTS}")
-    for i, pem in enumerate(value):
-        parse_root(pem, f"{path}[{i}]")
-    return tuple(value)

@@ -2,24 +2,28 @@
 
 Pure functions of their arguments and a wall time: the identity manager (``identity``) calls
 them, tests call them on any time they like. A certificate the control plane sends is used
-only if it names the identity asked for, holds the key the sidecar made, is valid now and
-chains to a root of the trust bundle; otherwise ``CertificateRejected`` says which of these
+only if it is for the key the sidecar made, chains to a root of the trust bundle, names the
+identity asked for and is valid now; otherwise ``CertificateRejected`` says which of these
 failed (its ``reason``) and why.
+
+Everything here is the standard library's ``ssl`` (OpenSSL), never ``cryptography`` (about
+10 MB a long-running sidecar would hold; only the child that makes keys loads it:
+``keygen``). OpenSSL proves the key fits the certificate when it loads them together, and
+verifies the chain in a TLS handshake between the sidecar's own new contexts, in memory
+(``sidecar.tls.check_pair``): the very check every peer will make, but for the validity
+times, which are judged here on the caller's clock.
 """
 
 from __future__ import annotations
 
-import datetime
-from dataclasses import dataclass
-from typing import Final
+import ssl
+import time
+from dataclasses import dataclass, field
+from typing import Any, Final
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
-from control_plane.wire.identity import fingerprint, identity_of, is_ca
+from control_plane.wire.pem import certificates, fingerprint
 from sidecar.errors import CertificateRejected
+from sidecar.tls import check_pair, mesh_contexts, spiffe_id_of
 
 MAX_CHAIN: Final = 8
 """certificates a chain may hold (the workload's and its intermediates)"""
@@ -27,9 +31,9 @@ MAX_CHAIN: Final = 8
 
 @dataclass(frozen=True, slots=True)
 class Credential:
-    """A certificate in force: its chain (PEM), its key (in memory only), what it says."""
+    """A certificate in force: its chain (PEM), its key (PEM, in memory only), what it says."""
 
-    key: ec.EllipticCurvePrivateKey
+    key_pem: bytes = field(repr=False)
     chain_pem: bytes
     identity: str
     serial: int
@@ -41,108 +45,108 @@ class Credential:
     def __repr__(self) -> str:  # never the key
         return f"<Credential {self.identity} serial {self.serial:x} until {self.not_after:.0f}>"
 
-    def key_pem(self) -> bytes:
-        """The key as PEM, for OpenSSL (through a memfd: ``sidecar.tls``), never for a file."""
-        return self.key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
 
-
-def parse_roots(bundle: tuple[str, ...]) -> list[x509.Certificate]:
-    """A table's trust bundle (checked when the table was parsed) as certificates."""
-    return [x509.load_pem_x509_certificate(pem.encode()) for pem in bundle]
-
-
-def fingerprints(roots: list[x509.Certificate]) -> list[str]:
-    """Hex SHA-256 of each root, as the control plane's API names them."""
-    return [fingerprint(root) for root in roots]
+def fingerprints(bundle: tuple[str, ...]) -> list[str]:
+    """Hex SHA-256 of each root of a trust bundle (checked when the table was parsed), as the
+    control plane's API names them."""
+    return [fingerprint(der) for pem in bundle for der in certificates(pem)[:1]]
 
 
 def accept(
     chain_text: str,
     *,
-    key: ec.EllipticCurvePrivateKey,
+    key_pem: bytes,
     identity: str,
-    roots: list[x509.Certificate],
+    bundle: tuple[str, ...],
     now: float,
 ) -> Credential:
-    """The certificate the control plane answered a CSR with, checked in order: it parses,
-    names ``identity``, holds ``key``'s public half, is valid at ``now`` and chains to one of
-    ``roots``; CertificateRejected otherwise."""
-    chain = _parse_chain(chain_text)
-    leaf = chain[0]
-    named = identity_of(leaf)
+    """The certificate the control plane answered a CSR with, checked in order: it is PEM
+    certificates, holds ``key_pem``'s public half, chains to a root of ``bundle``, names
+    ``identity`` and is valid at ``now``; CertificateRejected otherwise."""
+    _check_pem(chain_text)
+    chain_pem = chain_text.encode()
+    leaf = _verified_leaf(chain_pem, key_pem, bundle)
+    named = spiffe_id_of(leaf)
     if named != identity:
         shown = repr(named[:200]) if named else "no SPIFFE ID"
         raise CertificateRejected(
             "wrong_identity", f"the certificate names {shown}, not {identity}"
         )
-    if leaf.public_key() != key.public_key():
-        raise CertificateRejected(
-            "wrong_key", "the certificate is not for the key of the CSR in flight (a late answer?)"
-        )
-    check_valid(leaf, now)
-    if not chains_to(chain, roots):
-        raise CertificateRejected(
-            "untrusted", "the certificate does not chain to a root of the trust bundle"
-        )
+    not_before, not_after = _validity(leaf)
+    check_valid(not_before, not_after, now)
     return Credential(
-        key=key,
-        chain_pem=chain_text.encode(),
+        key_pem=key_pem,
+        chain_pem=chain_pem,
         identity=identity,
-        serial=leaf.serial_number,
-        not_before=leaf.not_valid_before_utc.timestamp(),
-        not_after=leaf.not_valid_after_utc.timestamp(),
+        serial=int(str(leaf.get("serialNumber", "0")), 16),
+        not_before=not_before,
+        not_after=not_after,
     )
 
 
-def _parse_chain(chain_text: str) -> list[x509.Certificate]:
+def chains_to(chain_pem: bytes, key_pem: bytes, bundle: tuple[str, ...]) -> bool:
+    """Whether a certificate in force still chains to a root of ``bundle`` (a new one)."""
     try:
-        chain = x509.load_pem_x509_certificates(chain_text.encode())
-    except ValueError as e:
-        raise CertificateRejected(
-            "invalid", f"the chain is not PEM certificates: {str(e)[:120]}"
-        ) from None
-    if len(chain) > MAX_CHAIN:
-        raise CertificateRejected("invalid", f"the chain holds {len(chain)} certificates")
-    return chain
-
-
-def check_valid(leaf: x509.Certificate, now: float) -> None:
-    """CertificateRejected unless ``now`` is within the certificate's validity."""
-    at = datetime.datetime.fromtimestamp(now, datetime.UTC)
-    if at < leaf.not_valid_before_utc:
-        raise CertificateRejected(
-            "invalid",
-            f"the certificate is valid only from {leaf.not_valid_before_utc:%Y-%m-%d %H:%M:%S}"
-            " UTC (this host's clock is behind?)",
-        )
-    if at >= leaf.not_valid_after_utc:
-        raise CertificateRejected(
-            "expired", f"the certificate expired at {leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S}"
-        )
-
-
-def chains_to(chain: list[x509.Certificate], roots: list[x509.Certificate]) -> bool:
-    """Whether ``chain[0]`` was signed by a root, directly or through the CA certificates
-    after it (in any order). Signatures and names only: the peers' TLS libraries judge the
-    rest at each handshake."""
-    current, spare = chain[0], [c for c in chain[1:] if is_ca(c)]
-    while True:
-        if any(_issued_by(current, root) for root in roots):
-            return True
-        parent = next((c for c in spare if _issued_by(current, c)), None)
-        if parent is None:
-            return False
-        spare.remove(parent)
-        current = parent
-
-
-def _issued_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
-    try:
-        certificate.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
+        _verified_leaf(chain_pem, key_pem, bundle)
+    except CertificateRejected:
         return False
     return True
+
+
+def _check_pem(chain_text: str) -> None:
+    try:
+        chain = certificates(chain_text)
+    except ValueError as e:
+        raise CertificateRejected("invalid", f"the chain is not PEM certificates: {e}") from None
+    if not chain:
+        raise CertificateRejected("invalid", "the chain is not PEM certificates: none found")
+    if len(chain) > MAX_CHAIN:
+        raise CertificateRejected("invalid", f"the chain holds {len(chain)} certificates")
+
+
+def _verified_leaf(chain_pem: bytes, key_pem: bytes, bundle: tuple[str, ...]) -> dict[str, Any]:
+    """The leaf as OpenSSL decoded it once it loaded it with the key and verified the chain
+    (times aside) to ``bundle``."""
+    if not bundle:
+        raise CertificateRejected("untrusted", "there is no trust bundle to check it against")
+    try:
+        server, client, _ = mesh_contexts(chain_pem, key_pem, list(bundle), check_time=False)
+    except ssl.SSLError as e:
+        if e.reason == "KEY_VALUES_MISMATCH":
+            raise CertificateRejected(
+                "wrong_key",
+                "the certificate is not for the key of the CSR in flight (a late answer?)",
+            ) from None
+        raise CertificateRejected("invalid", f"OpenSSL cannot load it: {e}") from None
+    try:
+        return check_pair(server, client)
+    except ssl.SSLCertVerificationError as e:
+        raise CertificateRejected(
+            "untrusted",
+            f"the certificate does not chain to a root of the trust bundle ({e.verify_message})",
+        ) from None
+    except ssl.SSLError as e:
+        raise CertificateRejected("invalid", f"a handshake with it fails: {e}") from None
+
+
+def _validity(certificate: dict[str, Any]) -> tuple[float, float]:
+    return (
+        float(ssl.cert_time_to_seconds(certificate["notBefore"])),
+        float(ssl.cert_time_to_seconds(certificate["notAfter"])),
+    )
+
+
+def check_valid(not_before: float, not_after: float, now: float) -> None:
+    """CertificateRejected unless ``now`` is within [not_before, not_after)."""
+    if now < not_before:
+        raise CertificateRejected(
+            "invalid",
+            f"the certificate is valid only from {_utc(not_before)} UTC (this host's clock is "
+            "behind?)",
+        )
+    if now >= not_after:
+        raise CertificateRejected("expired", f"the certificate expired at {_utc(not_after)}")
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t))

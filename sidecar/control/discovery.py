@@ -59,7 +59,7 @@ from sidecar.control.wsclient import WebSocket, connect
 from sidecar.errors import HandshakeError, PeerError, TableError
 from sidecar.proxy.routing import TableHolder
 
-if TYPE_CHECKING:  # (it loads cryptography: see Sidecar.__init__)
+if TYPE_CHECKING:  # (a sidecar on a static table does without it: see Sidecar.__init__)
     from sidecar.control.identity import IdentityManager
 
 log = logging.getLogger("meshlet.discovery")

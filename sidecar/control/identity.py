@@ -2,12 +2,17 @@
 
 The sidecar makes its own ECDSA P-256 key, sends a CSR for its SPIFFE ID over the push stream
 (``Csr``) and installs the certificate that comes back (``Certificate``) into ``MeshTls``,
-which the data path reads at each handshake. The key stays in this process's memory: OpenSSL
-gets it through a memfd (``sidecar.tls.mesh_contexts``), no file ever holds it.
+which the data path reads at each handshake. The key and the CSR are made by a short-lived
+child process (``keygen``: the sidecar itself never loads ``cryptography``) and come back
+over a pipe; from there the key stays in this process's memory: OpenSSL gets it through a
+memfd (``sidecar.tls.mesh_contexts``), no file ever holds it. The certificate is checked with
+``ssl`` alone (``credentials``).
 
 A certificate valid from B to E goes through:
 
-    B + 2/3 (E - B) + jitter      a new key and CSR; the certificate stays in force meanwhile
+    B + 2/3 (E - B) + jitter      a new key and CSR (made ahead, once the certificate came in:
+                                  the rotation waits for no child process); the certificate
+                                  stays in force meanwhile
     refused, or no answer in 30 s another CSR after a backoff (2 s doubling to 5 min, 50-100 %)
     E                             dropped (MeshTls.server and client None: no mesh TLS until
                                   the next one), logged, counted; a CSR at once
@@ -17,9 +22,10 @@ first after the welcome, and after every reconnect while no valid certificate is
 table with another trust bundle rebuilds the contexts with the same key and certificate (and
 asks for a new certificate if the one in force no longer chains to it).
 
-Decisions are plain methods that read the injected wall clock (``tick``, ``on_certificate``,
-``on_table``, ``attach``, ``detach``): tests drive them on a fake clock without sockets. ``run``
-is the thin loop that sends what ``tick`` asks for and sleeps until the next thing is due.
+Decisions are plain methods that read the injected wall clock (``tick``, ``made``,
+``on_certificate``, ``on_table``, ``attach``, ``detach``): tests drive them on a fake clock
+without sockets. ``run`` is the thin loop that has a key and CSR made when ``tick`` says one is
+due, sends the CSR, and sleeps until the next thing is due.
 """
 
 from __future__ import annotations
@@ -30,16 +36,14 @@ import logging
 import random
 import ssl
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
-from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from control_plane.wire import Certificate, Csr, Table
-from control_plane.wire.identity import make_csr, spiffe_id
+from control_plane.wire.spiffe import spiffe_id
 from sidecar.clock import wall
-from sidecar.control.credentials import Credential, accept, chains_to, fingerprints, parse_roots
+from sidecar.control import keygen
+from sidecar.control.credentials import Credential, accept, chains_to, fingerprints
 from sidecar.errors import CertificateRejected, PeerError
 from sidecar.tls import MeshTls, mesh_contexts
 
@@ -51,7 +55,10 @@ JITTER: Final = 0.02
 """up to this share of the life is added to the rotation time (sidecars started together
 spread their CSRs)"""
 ANSWER_TIMEOUT: Final = 30.0
-"""seconds a CSR waits for its answer before it counts as unanswered"""
+"""seconds a CSR waits for its answer (its key and itself made, sent, answered) before it
+counts as unanswered"""
+KEYGEN_TIMEOUT: Final = 20.0
+"""seconds the child process that makes a key and its CSR may take"""
 RETRY_BASE: Final = 2.0
 """seconds before the first retry of a refused or unanswered CSR; doubles up to RETRY_CAP"""
 RETRY_CAP: Final = 300.0
@@ -67,9 +74,12 @@ REASONS: Final = (
     "untrusted",  # does not chain to the trust bundle
     "unexpected",  # a certificate while no CSR was in flight
     "expired",  # the certificate in force expired before a new one came
+    "keygen",  # the child process that makes the key and the CSR failed
 )
 
 Send = Callable[[Csr], Awaitable[None]]
+Keygen = Callable[[str], Awaitable[tuple[bytes, bytes]]]
+"""a new key and a CSR (each PEM) for a SPIFFE ID (``keygen.make``)"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,11 +103,15 @@ class IdentityStatistics:
     csr_in_flight: bool
 
 
-@dataclass(frozen=True, slots=True)
-class _Pending:
-    key: ec.EllipticCurvePrivateKey
+@dataclass(eq=False, slots=True)
+class CsrDue:
+    """What ``tick`` asks for: a new key and a CSR for ``identity``, to hand to ``made``. It
+    is the CSR in flight from ``since`` (wall time) until answered or given up on."""
+
     identity: str
-    sent_at: float
+    since: float
+    key_pem: bytes | None = field(default=None, repr=False)
+    """the key the CSR was made with, once ``made``"""
 
 
 class IdentityManager:
@@ -111,19 +125,25 @@ class IdentityManager:
         tls: MeshTls,
         now: Callable[[], float] = wall,
         rng: Callable[[], float] = random.random,
+        make_key: Keygen = keygen.make,
     ) -> None:
         """``now``: wall-clock seconds (certificates are valid between wall times);
-        ``rng``: a number in [0, 1) for jitter."""
+        ``rng``: a number in [0, 1) for jitter; ``make_key``: what ``run`` has a key and a CSR
+        made by."""
         self.service = service
         self.namespace = namespace
         self.tls = tls
         self._now = now
         self._rng = rng
+        self._make_key = make_key
         self.credential: Credential | None = None
-        self._roots: list[x509.Certificate] = []
         self._bundle: tuple[str, ...] = ()
         self._fingerprints: list[str] = []
-        self._pending: _Pending | None = None
+        self._pending: CsrDue | None = None
+        self._spare: tuple[str, bytes, bytes] | None = None
+        """(identity, key, CSR) made ahead for the next rotation"""
+        self._spare_for: Credential | None = None
+        """the certificate in force when the spare was made (one try each)"""
         self._due = 0.0
         """wall time from which a CSR may go out"""
         self._failures = 0
@@ -176,16 +196,16 @@ class IdentityManager:
         """The control plane's answer to the CSR in flight: install it, or say why not."""
         pending, now = self._pending, self._now()
         try:
-            if pending is None:
+            if pending is None or pending.key_pem is None:
                 raise CertificateRejected("unexpected", "a certificate came with no CSR in flight")
             if message.error or not message.chain:
                 said = repr(message.error[:200]) if message.error else "an empty chain"
                 raise CertificateRejected("refused", f"the control plane refused the CSR: {said}")
             credential = accept(
                 message.chain,
-                key=pending.key,
+                key_pem=pending.key_pem,
                 identity=pending.identity,
-                roots=self._roots,
+                bundle=self._bundle,
                 now=now,
             )
             self._install(credential, now)
@@ -195,23 +215,35 @@ class IdentityManager:
             self._rejected(CertificateRejected("invalid", f"OpenSSL refused it: {e}"), now)
         self._wake.set()
 
-    def tick(self) -> Csr | None:
+    def tick(self) -> CsrDue | None:
         """Whatever is due now: drop an expired certificate, give up on a CSR unanswered for
-        too long, and return a new CSR if one should go out."""
+        too long, and say if a new key and CSR should be made (the CSR counts as in flight
+        from now: ``made`` takes them)."""
         now = self._now()
         c = self.credential
         if c is not None and now >= c.not_after:
             self._drop(now)
         p = self._pending
-        if p is not None and now - p.sent_at >= ANSWER_TIMEOUT:
+        if p is not None and now - p.since >= ANSWER_TIMEOUT:
             self._failed("unanswered", f"no answer to the CSR within {ANSWER_TIMEOUT:.0f}s", now)
         if not self._may_ask() or now < self._due:
             return None
-        identity = self.identity
-        key, csr = make_csr(identity)
-        self._pending = _Pending(key, identity, now)
-        log.info("asking the control plane to sign %s", identity)
-        return Csr(csr.decode())
+        self._pending = CsrDue(self.identity, now)
+        return self._pending
+
+    def made(self, due: CsrDue, key_pem: bytes, csr_pem: bytes) -> Csr | None:
+        """The key and CSR made for ``due``: the CSR to send, or None when it is no longer
+        wanted (the stream ended, or the trust domain changed, meanwhile)."""
+        if self._pending is not due or due.key_pem is not None:
+            return None
+        due.key_pem = key_pem
+        log.info("asking the control plane to sign %s", due.identity)
+        return Csr(csr_pem.decode("ascii"))
+
+    def not_made(self, due: CsrDue, error: CertificateRejected) -> None:
+        """No key and CSR could be made for ``due``: another try after a backoff."""
+        if self._pending is due:
+            self._failed(error.reason, str(error), self._now())
 
     def seconds_to_next(self) -> float:
         """How long ``tick`` has nothing to do (at most MAX_NAP)."""
@@ -220,7 +252,7 @@ class IdentityManager:
         if self.credential is not None:
             times.append(self.credential.not_after)
         if self._pending is not None:
-            times.append(self._pending.sent_at + ANSWER_TIMEOUT)
+            times.append(self._pending.since + ANSWER_TIMEOUT)
         elif self._may_ask():
             times.append(self._due)
         return max(0.0, min(times) - now)
@@ -230,27 +262,65 @@ class IdentityManager:
             self._send is not None
             and self._pending is None
             and bool(self.tls.trust_domain)
-            and bool(self._roots)
+            and bool(self._bundle)
         )
 
     # -- the I/O ------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Send CSRs when ``tick`` asks, until cancelled."""
+        """Make keys and send CSRs when ``tick`` asks, until cancelled; once a certificate
+        is in force, make the key and CSR of the next rotation ahead (``_make_spare``)."""
         while True:
-            send, csr = self._send, self.tick()
-            if csr is not None and send is not None:
-                try:
-                    async with asyncio.timeout(ANSWER_TIMEOUT):
-                        await send(csr)
-                except (PeerError, OSError, TimeoutError) as e:  # the next stream asks again
-                    log.info("the CSR was not sent: %s", e)
+            due = self.tick()
+            if due is not None:
+                await self._ask(due)
+            elif self.credential is not None and self._spare_for is not self.credential:
+                await self._make_spare(self.credential)
             self._wake.clear()
             try:
                 async with asyncio.timeout(self.seconds_to_next()):
                     await self._wake.wait()
             except TimeoutError:
                 pass
+
+    async def _ask(self, due: CsrDue) -> None:
+        """Have a key and CSR made for ``due`` (or take the spare) and send the CSR on the
+        stream in force."""
+        spare, self._spare = self._spare, None
+        try:
+            if spare is not None and spare[0] == due.identity:
+                key_pem, csr_pem = spare[1], spare[2]
+            else:
+                async with asyncio.timeout(KEYGEN_TIMEOUT):
+                    key_pem, csr_pem = await self._make_key(due.identity)
+        except CertificateRejected as e:
+            self.not_made(due, e)
+            return
+        except (OSError, TimeoutError) as e:
+            why = str(e) or f"no key within {KEYGEN_TIMEOUT:.0f} s"
+            self.not_made(due, CertificateRejected("keygen", f"the key maker failed: {why}"))
+            return
+        csr, send = self.made(due, key_pem, csr_pem), self._send
+        if csr is None or send is None:
+            return
+        try:
+            async with asyncio.timeout(ANSWER_TIMEOUT):
+                await send(csr)
+        except (PeerError, OSError, TimeoutError) as e:  # the next stream asks again
+            log.info("the CSR was not sent: %s", e)
+
+    async def _make_spare(self, credential: Credential) -> None:
+        """The key and CSR of the next rotation, made while ``credential`` is in force (hours
+        ahead): a rotation then waits for no process start, however busy the host is. One try
+        per certificate; a failure is logged, and the rotation makes its own."""
+        self._spare_for, identity = credential, self.identity
+        try:
+            async with asyncio.timeout(KEYGEN_TIMEOUT):
+                key_pem, csr_pem = await self._make_key(identity)
+        except (CertificateRejected, OSError, TimeoutError) as e:
+            log.info("no key made ahead for the next rotation: %s", str(e) or "timed out")
+            return
+        self._spare = (identity, key_pem, csr_pem)
 
     # -- state changes ------------------------------------------------------------------------
 
@@ -280,21 +350,18 @@ class IdentityManager:
         if c is None or not self._bundle:
             self.tls.put(None, "")
             return
-        self.tls.put(mesh_contexts(c.chain_pem, c.key_pem(), list(self._bundle)), c.identity)
+        self.tls.put(mesh_contexts(c.chain_pem, c.key_pem, list(self._bundle)), c.identity)
 
     def _take_bundle(self, bundle: tuple[str, ...]) -> None:
         self._bundle = bundle
-        self._roots = parse_roots(bundle)
-        self._fingerprints = fingerprints(self._roots)
+        self._fingerprints = fingerprints(bundle)
         log.info("trust bundle: %d roots (%s)", len(bundle), ", ".join(self._fingerprints))
         if not bundle:
             log.warning("the table carries no trust bundle: no mesh TLS until one comes")
         c = self.credential
-        if c is not None and bundle:
-            chain = x509.load_pem_x509_certificates(c.chain_pem)
-            if not chains_to(chain, self._roots):
-                log.warning("the certificate in force does not chain to the new bundle: renewing")
-                self._due = self._now()
+        if c is not None and bundle and not chains_to(c.chain_pem, c.key_pem, bundle):
+            log.warning("the certificate in force does not chain to the new bundle: renewing")
+            self._due = self._now()
         try:
             self._put(c)
         except ssl.SSLError as e:  # (the table's parser checked every root)

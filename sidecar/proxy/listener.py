@@ -22,7 +22,7 @@ import math
 from collections import deque
 from collections.abc import Callable
 from functools import partial
-from typing import Final, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
@@ -31,7 +31,6 @@ from sidecar.http import http1
 from sidecar.http.http1 import RequestHead
 from sidecar.proxy.client import Http1Answer
 from sidecar.proxy.exchange import Exchange
-from sidecar.proxy.h2conn import H2Downstream
 from sidecar.proxy.intercept import Interception, looks_like_http, original_destination
 from sidecar.proxy.limits import MAX_PIPELINED, Source
 from sidecar.proxy.relay import Relay
@@ -41,6 +40,9 @@ from sidecar.proxy.tracker import ConnectionTracker
 from sidecar.proxy.watch import WAIT_HEAD, WAIT_IDLE, WAIT_TUNNEL, Timeouts, Watch
 from sidecar.resilience.tries import State
 from sidecar.tls import MESH_ALPN_H2
+
+if TYPE_CHECKING:  # (imported when the first HTTP/2 connection comes: ``_start_h2``)
+    from sidecar.proxy.h2conn import H2Downstream
 
 log = logging.getLogger("meshlet.proxy")
 
@@ -364,6 +366,9 @@ class Downstream(Watch):
         """The client opened with the HTTP/2 preface: the connection is an ``H2Downstream``'s
         from now on, each of its streams a request; this one stays its ``origin`` (routes,
         limits, metrics) and is told of draining."""
+        # here, not at the top: h2 costs a sidecar that never sees HTTP/2 1.6 MB (issue 12)
+        from sidecar.proxy.h2conn import H2Downstream
+
         raw = self.transport  # (the socket's, or mesh TLS's: ``_tls_verdict``)
         assert raw is not None
         self._closing = True  # (nothing more reaches the parser)

@@ -15,18 +15,20 @@ import asyncio
 import contextlib
 import ssl
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from control_plane.wire import Endpoint
 from sidecar.balancing.ewma import EndpointStats, Exclusions
 from sidecar.clock import monotonic
-from sidecar.proxy.h2upstream import H2Links, H2Upstream
 from sidecar.proxy.tlslayer import TlsLayer
 from sidecar.proxy.upstream import Carrier, Home, UpstreamConnection
 from sidecar.tls import MESH_ALPN_H2, MeshTls
 
 #: a TLS session to resume, with the context that made it
 _Session = tuple[ssl.SSLContext, ssl.SSLSession]
+
+if TYPE_CHECKING:  # (imported with the first HTTP/2 upstream connection: ``connect``)
+    from sidecar.proxy.h2upstream import H2Links, H2Upstream
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +135,8 @@ class Pool(Home):
         if h2 and not self.h2_fallback:
             # (its links count the connection opening, not the tries waiting for it)
             if self._h2 is None:
+                from sidecar.proxy.h2upstream import H2Links  # (h2: only once HTTP/2 is used)
+
                 self._h2 = H2Links(self, self.idle_timeout, loop, self._dial_h2)
             try:
                 return await self._h2.connect()

@@ -62,8 +62,9 @@ def _mesh(pem: Path, pki: mesh_tls.Pki, service: str) -> MeshTls:
     cut = data.index(b"-----BEGIN PRIVATE KEY-----")
     mesh = MeshTls()
     mesh.trust_domain = pki.trust_domain
-    mesh.identity = pki.identity(service)
-    mesh.server, mesh.client = mesh_contexts(data[:cut], data[cut:], [pki.ca_cert.read_text()])
+    mesh.put(
+        mesh_contexts(data[:cut], data[cut:], [pki.ca_cert.read_text()]), pki.identity(service)
+    )
     return mesh
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -240,3 +241,40 @@ def test_retry_on_names_grpc_codes_in_either_spelling() -> None:
         "resource_exhausted",
         "unavailable",
     )
+
+
+@given(policies, st.lists(st.booleans(), min_size=0, max_size=4))
+def test_a_pushed_table_leaves_defaults_unsaid_and_round_trips(
+    doc: dict[str, Any], odd: list[bool]
+) -> None:
+    """The control plane's table message leaves out what a field's default says; the
+    sidecar's parse gives back the very table."""
+    endpoints = tuple(
+        wire.Endpoint(
+            address=f"10.0.0.{i + 1}", port=8080, instance=f"i{i}", weight=7, zone="b",
+            draining=True, namespace="shop", tls=True,
+        )
+        if strange
+        else wire.Endpoint(address=f"10.0.0.{i + 1}", port=8080, instance=f"i{i}")
+        for i, strange in enumerate(odd)
+    )  # fmt: skip
+    table = wire.Table(
+        services={
+            "plain": wire.ServiceEntry(DEFAULT_POLICY, endpoints),
+            "custom": wire.ServiceEntry(parse_policy(doc), endpoints),
+            "empty": wire.ServiceEntry(),
+        },
+        version=3,
+        epoch="e1",
+        trust_domain="cluster.local",
+    )
+    text = wire.table_message(table)
+    assert wire.decode(text) == table
+    sent = json.loads(text)["services"]
+    assert sent["plain"] == ({"endpoints": sent["plain"]["endpoints"]} if endpoints else {})
+    for e, strange in zip(sent["plain"]["endpoints"] if endpoints else [], odd, strict=True):
+        assert set(e) == (
+            {"address", "port", "instance", "weight", "zone", "draining", "namespace", "tls"}
+            if strange
+            else {"address", "port", "instance"}
+        )

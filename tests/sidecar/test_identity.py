@@ -1,30 +1,38 @@
 """The identity manager on a fake clock, driven through its inputs (attach, tables, the
 control plane's certificates) without sockets: the first certificate, rotation at two thirds,
 retries after a refusal or silence, expiry, a new trust bundle, and the certificates it must
-never install. The CA is the control plane's own (``control_plane.ca``)."""
+never install. The CA is the control plane's own (``control_plane.ca``). Keys and CSRs are
+made in this process (``made``), as the sidecar's child process makes them (``keygen``)."""
 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import re
 from dataclasses import dataclass
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from control_plane.ca import Authority
 from control_plane.wire import Certificate, Csr, Table
-from control_plane.wire.identity import fingerprint, make_csr
+from control_plane.wire.identity import fingerprint, make_csr, spiffe_id
 from sidecar.clock import FakeClock, wall
+from sidecar.control import keygen
 from sidecar.control.identity import (
     ANSWER_TIMEOUT,
     JITTER,
     RETRY_BASE,
     RETRY_CAP,
     ROTATE_AT,
+    CsrDue,
     IdentityManager,
+    Keygen,
 )
+from sidecar.errors import CertificateRejected
 from sidecar.tls import MeshTls
 
 ME = "spiffe://cluster.local/ns/default/svc/svc"
@@ -32,6 +40,29 @@ ME = "spiffe://cluster.local/ns/default/svc/svc"
 
 def pem(certificate: x509.Certificate) -> str:
     return certificate.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def forged(ca: Authority, csr: Csr, service: str, now: float) -> Certificate:
+    """A certificate of ``ca`` for the key of ``csr`` that names another service: what a CA
+    that signs what it should not would send (``Authority.sign`` refuses to)."""
+    request = x509.load_pem_x509_csr(csr.csr.encode())
+    at = datetime.datetime.fromtimestamp(now, datetime.UTC)
+    usage = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    name = x509.UniformResourceIdentifier(spiffe_id(ca.trust_domain, "", service))
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, service)]))
+        .issuer_name(ca.certificate.subject)
+        .public_key(request.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(at - datetime.timedelta(minutes=1))
+        .not_valid_after(at + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
+        .add_extension(x509.SubjectAlternativeName([name]), critical=True)
+        .sign(ca.key, hashes.SHA256())
+    )
+    return Certificate(chain=pem(certificate))
 
 
 def table(*roots: Authority, trust_domain: str = "cluster.local") -> Table:
@@ -43,7 +74,24 @@ def table(*roots: Authority, trust_domain: str = "cluster.local") -> Table:
 
 
 async def _nowhere(csr: Csr) -> None:
-    raise AssertionError("tests take the CSR from tick()")
+    raise AssertionError("tests take the CSR from tick() and made()")
+
+
+def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def make(manager: IdentityManager, due: CsrDue) -> tuple[ec.EllipticCurvePrivateKey, Csr]:
+    """What ``run`` does with what ``tick`` asks for: a key and CSR made (here, in this
+    process), handed to ``made``."""
+    key, csr = make_csr(due.identity)
+    made = manager.made(due, key_pem(key), csr)
+    assert made is not None, f"{due} no longer wanted by {manager!r}"
+    return key, made
 
 
 @dataclass
@@ -52,6 +100,8 @@ class World:
     ca: Authority
     tls: MeshTls
     manager: IdentityManager
+    keys: list[ec.EllipticCurvePrivateKey]
+    """the key of every CSR made, the last one last"""
 
     def sign(
         self,
@@ -66,16 +116,20 @@ class World:
         return Certificate(chain=pem(certificate))
 
     def request(self) -> Csr:
-        csr = self.manager.tick()
-        assert csr is not None, f"no CSR from {self.manager!r}"
+        due = self.manager.tick()
+        assert due is not None, f"no CSR from {self.manager!r}"
+        key, csr = make(self.manager, due)
+        self.keys.append(key)
         return csr
 
     def wait_for_csr(self) -> tuple[Csr, float]:
         """The next CSR, the fake clock moved as ``run`` would sleep; and the time waited."""
         start = self.clock.now
         for _ in range(100):
-            csr = self.manager.tick()
-            if csr is not None:
+            due = self.manager.tick()
+            if due is not None:
+                key, csr = make(self.manager, due)
+                self.keys.append(key)
                 return csr, self.clock.now - start
             self.clock.advance(self.manager.seconds_to_next())
         raise AssertionError(f"no CSR within 100 naps: {self.manager!r}")
@@ -86,14 +140,19 @@ class World:
         assert self.manager.credential is not None
 
 
-def world(rng: float = 0.0, namespace: str = "") -> World:
+def world(rng: float = 0.0, namespace: str = "", make_key: Keygen = keygen.make) -> World:
     clock = FakeClock(wall())
     ca = Authority.create(clock.now)
     tls = MeshTls()
     manager = IdentityManager(
-        service="svc", namespace=namespace, tls=tls, now=clock.monotonic, rng=lambda: rng
+        service="svc",
+        namespace=namespace,
+        tls=tls,
+        now=clock.monotonic,
+        rng=lambda: rng,
+        make_key=make_key,
     )
-    return World(clock, ca, tls, manager)
+    return World(clock, ca, tls, manager, [])
 
 
 @pytest.fixture
@@ -170,7 +229,7 @@ def test_a_new_key_and_csr_at_two_thirds_of_the_life(w: World) -> None:
     second = w.manager.credential
     assert second is not None
     assert second.serial != first.serial
-    assert second.key.public_key() != first.key.public_key()  # a new key, not a re-signing
+    assert second.key_pem != first.key_pem  # a new key, not a re-signing
     assert w.tls.server is not server
     assert w.tls.client is not client
     assert w.manager.rotations == 1
@@ -316,10 +375,8 @@ def test_a_bundle_without_the_root_of_the_certificate_asks_for_a_new_one(w: Worl
 
 
 def test_a_certificate_for_another_identity_is_never_installed(w: World) -> None:
-    w.request()
-    _, other_csr = make_csr("spiffe://cluster.local/ns/default/svc/other")
-    other = w.sign(Csr(other_csr.decode()), service="other")
-    w.manager.on_certificate(other)
+    csr = w.request()
+    w.manager.on_certificate(forged(w.ca, csr, "other", w.clock.now))  # for its key
     assert w.tls.server is None
     assert w.tls.identity == ""
     assert w.manager.credential is None
@@ -343,9 +400,36 @@ def test_a_certificate_for_another_key_is_ignored_and_the_csr_stays_in_flight(w:
     csr = w.request()
     _, earlier = make_csr(ME)  # as if the answer to an earlier CSR came late
     w.manager.on_certificate(w.sign(Csr(earlier.decode())))
-    assert w.manager.errors["wrong_key"] == 1
+    _, other = make_csr(spiffe_id("cluster.local", "", "other"))  # whatever it names
+    w.manager.on_certificate(w.sign(Csr(other.decode()), service="other"))
+    assert w.manager.errors["wrong_key"] == 2
+    assert w.manager.errors["wrong_identity"] == 0
     assert w.manager.credential is None
     assert w.manager.statistics().csr_in_flight
+    w.manager.on_certificate(w.sign(csr))
+    assert w.tls.identity == ME
+
+
+def test_a_key_and_csr_made_after_the_stream_dropped_are_not_sent(w: World) -> None:
+    due = w.manager.tick()
+    assert due is not None
+    w.manager.detach()  # while the child made them
+    key, csr = make_csr(due.identity)
+    assert w.manager.made(due, key_pem(key), csr) is None
+    w.manager.attach(_nowhere)
+    w.certify()  # a new CSR, at once
+
+
+def test_a_failed_key_maker_is_tried_again_after_a_backoff(w: World) -> None:
+    due = w.manager.tick()
+    assert due is not None
+    w.manager.not_made(due, CertificateRejected("keygen", "the key maker exited with 1"))
+    assert w.manager.errors["keygen"] == 1
+    assert "exited with 1" in w.manager.last_error
+    assert not w.manager.statistics().csr_in_flight
+    assert w.manager.tick() is None
+    csr, waited = w.wait_for_csr()
+    assert waited == RETRY_BASE / 2
     w.manager.on_certificate(w.sign(csr))
     assert w.tls.identity == ME
 
@@ -374,8 +458,9 @@ def test_a_certificate_not_valid_yet_is_refused(w: World) -> None:
 
 
 async def test_run_sends_csrs_and_stops_when_cancelled() -> None:
-    """The loop itself, on the event loop: a table wakes it, its CSR goes out through the
-    stream's send, the answer installs; cancelling it ends it at once."""
+    """The loop itself, on the event loop: a table wakes it, a child process makes the key
+    and the CSR (``keygen``), the CSR goes out through the stream's send, the answer
+    installs; cancelling it ends it at once."""
     w = world()
     sent: list[Csr] = []
     answered = asyncio.Event()
@@ -401,6 +486,75 @@ async def test_run_sends_csrs_and_stops_when_cancelled() -> None:
     async with asyncio.timeout(1):
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def test_run_makes_the_next_key_ahead_and_rotates_with_it() -> None:
+    """Once a certificate is in, the loop has the next rotation's key and CSR made at once;
+    at two thirds of the life that CSR goes out without another child process."""
+    made: list[bytes] = []
+    sent: list[Csr] = []
+
+    async def make_key(identity: str) -> tuple[bytes, bytes]:
+        key, csr = make_csr(identity)
+        made.append(csr)
+        return key_pem(key), csr
+
+    async def send(csr: Csr) -> None:
+        sent.append(csr)
+        asyncio.get_running_loop().call_soon(ahead.manager.on_certificate, ahead.sign(csr))
+
+    ahead = world(make_key=make_key)
+    task = asyncio.create_task(ahead.manager.run())
+    ahead.manager.attach(send)
+    ahead.manager.on_table(table(ahead.ca))
+    for _ in range(500):
+        if len(made) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert len(made) == 2  # the first key, and the spare
+    assert [s.csr.encode() for s in sent] == made[:1]
+    first = ahead.manager.credential
+    assert first is not None
+    ahead.clock.advance(ROTATE_AT * (first.not_after - ahead.clock.now))
+    ahead.manager.on_table(table(ahead.ca))  # (anything that wakes the loop)
+    for _ in range(500):
+        if ahead.manager.rotations == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert ahead.manager.rotations == 1
+    assert sent[1].csr.encode() == made[1]  # the spare's CSR, made before it was due
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_run_counts_a_key_maker_that_fails_and_sends_nothing() -> None:
+    made: list[str] = []
+    sent: list[Csr] = []
+
+    async def broken(identity: str) -> tuple[bytes, bytes]:
+        made.append(identity)
+        raise OSError("python is gone")
+
+    async def send(csr: Csr) -> None:
+        sent.append(csr)
+
+    w = world(make_key=broken)
+    task = asyncio.create_task(w.manager.run())
+    w.manager.attach(send)
+    w.manager.on_table(table(w.ca))
+    for _ in range(500):
+        if w.manager.errors["keygen"]:
+            break
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert made == [ME]
+    assert sent == []
+    assert w.manager.errors["keygen"] == 1
+    assert "python is gone" in w.manager.last_error
+    assert not w.manager.statistics().csr_in_flight
 
 
 def test_a_new_trust_domain_asks_for_the_new_identity_at_once(w: World) -> None:

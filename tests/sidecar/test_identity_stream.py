@@ -31,10 +31,11 @@ from control_plane.wire import (
     encode,
     table_message,
 )
-from control_plane.wire.identity import fingerprint, make_csr, spiffe_id
+from control_plane.wire.identity import fingerprint
 from sidecar.clock import wall
 from sidecar.tls import MeshTls, peer_identity
 from tests.sidecar.conftest import LOCAL, Mesh
+from tests.sidecar.test_identity import forged
 from tests.sidecar.test_metrics import promtool_check, samples, value
 
 MakeMesh = Callable[..., Awaitable[Mesh]]
@@ -49,7 +50,7 @@ def pem(certificate: x509.Certificate) -> str:
 class Signer:
     """A control plane's stream end that pushes one table with its CA as the trust bundle and
     answers every CSR: signed for the stream's service, or (``impostor``) with a certificate
-    for another service."""
+    for the CSR's key naming another service."""
 
     ca: Authority = field(default_factory=lambda: Authority.create(wall()))
     impostor: bool = False
@@ -67,12 +68,10 @@ class Signer:
         )
 
     def answer(self, hello: Hello, csr: Csr) -> Certificate:
-        service, request = hello.service, csr.csr.encode()
-        if self.impostor:
-            service = "other"
-            _, request = make_csr(spiffe_id("cluster.local", "", service))
+        if self.impostor:  # the sidecar's key, another service's name
+            return forged(self.ca, csr, "other", wall())
         try:
-            signed = self.ca.sign(request, service=service, namespace="", now=wall())
+            signed = self.ca.sign(csr.csr.encode(), service=hello.service, namespace="", now=wall())
         except Refused as e:
             return Certificate(error=str(e))
         return Certificate(chain=pem(signed))
