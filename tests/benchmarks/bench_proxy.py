@@ -26,8 +26,14 @@ handshake.
 Goals: CPU per request <= 1.6x HAProxy (issue 12; was 2x); added p50 at one connection
 <= 0.3 ms per hop; throughput >= 0.5x nginx; mTLS <= 1.3x the plaintext mesh (issue 15).
 
+Then HTTP/2 (issue 16, ``h2_lab``): h2c GETs and unary gRPC calls from h2load through the
+sidecar, HAProxy and nginx, each speaking HTTP/2 both ways to an nginx h2c backend; CPU per
+request and its ratios to HAProxy's and nginx's (goal: <= 2x HAProxy on unary gRPC).
+
 Run: .venv/bin/python tests/benchmarks/bench_proxy.py [--rounds 3] [--seconds 5]
-Needs nginx, haproxy, wrk and openssl (apt-get install nginx haproxy wrk openssl).
+     [--only http1|h2]
+Needs nginx, haproxy, wrk, h2load and openssl (apt-get install nginx haproxy wrk
+nghttp2-client openssl).
 """
 
 from __future__ import annotations
