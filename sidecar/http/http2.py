@@ -7,12 +7,20 @@ over HTTP/1.1: ``:method`` and ``:path`` make the request line, ``:authority`` t
 ``content-length`` gives is chunked upstream, and an ``application/grpc*`` content-type makes
 it a gRPC call (``grpc``). A response head goes the other way: its lines,
 hop-by-hop headers already gone, lower-cased under a ``:status``.
+
+What goes to the client is made ready here, not by the codec (``h2conn`` turns off h2's
+outbound normalisation and validation, a tenth of its cost per exchange): names lower-cased
+and stripped, values stripped, no connection-specific field nor ``te`` (RFC 9113 8.2.2), no
+empty or pseudo-header name but ``:status`` first, and ``authorization`` fields (and a short
+``cookie``) never indexed by HPACK, as h2's ``_secure_headers`` would.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Final
+
+from hpack import NeverIndexedHeaderTuple
 
 from sidecar.errors import Reason
 from sidecar.http import grpc
@@ -24,6 +32,10 @@ VERSION: Final = "2"
 _CONNECTION_SPECIFIC: Final = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
 )
+#: fields not sent to an HTTP/2 client: the connection-specific ones, and ``te`` (a request's)
+_NOT_SENT: Final = _CONNECTION_SPECIFIC | {b"te"}
+#: fields kept out of the HPACK table (h2's ``_secure_headers``; a ``cookie`` when short)
+_SECRET: Final = frozenset({b"authorization", b"proxy-authorization"})
 _STATUS: Final = {status: str(status).encode() for status in range(100, 600)}
 
 
@@ -73,16 +85,21 @@ def response_headers(resp: ResponseHead) -> Headers:
         if not line:
             continue
         name, _, value = line.partition(b":")
-        name = name.lower()
-        if name not in _CONNECTION_SPECIFIC:
-            out.append((name, value.strip()))
+        name = name.strip().lower()
+        if not name or name in _NOT_SENT:
+            continue
+        value = value.strip()
+        if name in _SECRET or (name == b"cookie" and len(value) < 20):
+            out.append(NeverIndexedHeaderTuple(name, value))
+        else:
+            out.append((name, value))
     return out
 
 
 def trailer_field(name: bytes, value: bytes) -> tuple[bytes, bytes] | None:
     """A trailer field as HTTP/2 carries it, or None for one it may not carry."""
-    name = name.lower()
-    if name in _CONNECTION_SPECIFIC or name[:1] == b":":
+    name = name.strip().lower()
+    if not name or name in _NOT_SENT or name[:1] == b":":
         return None
     return name, value.strip()
 

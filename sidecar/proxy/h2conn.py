@@ -93,7 +93,7 @@ class H2Downstream(asyncio.Protocol):
         self.min_rate = origin.tracker.limits.min_rate
         self.loop = loop
         self._idle = idle  # seconds the connection may sit with no stream open
-        self.h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        self.h2 = H2Connection(server_config())
         self.h2.local_settings = Settings(
             client=False,
             initial_values={
@@ -318,6 +318,20 @@ class H2Downstream(asyncio.Protocol):
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
+
+
+def server_config() -> H2Configuration:
+    """The codec's: what a client sends is validated (RFC 9113 8.2) and its split cookies
+    joined by ``http2.request_head``; what goes out is made ready by ``http2``, not by the
+    codec again (its normalisation and validation of outbound fields cost about 84k
+    instructions a unary gRPC exchange, callgrind, h2 4.4)."""
+    return H2Configuration(
+        client_side=False,
+        header_encoding=None,
+        normalize_inbound_headers=False,
+        validate_outbound_headers=False,
+        normalize_outbound_headers=False,
+    )
 
 
 def _reason_of(e: ProtocolError) -> str:

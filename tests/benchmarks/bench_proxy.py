@@ -26,8 +26,14 @@ handshake.
 Goals: CPU per request <= 1.6x HAProxy (issue 12; was 2x); added p50 at one connection
 <= 0.3 ms per hop; throughput >= 0.5x nginx; mTLS <= 1.3x the plaintext mesh (issue 15).
 
+Then HTTP/2 (issue 16, ``h2_lab``): h2c GETs and unary gRPC calls from h2load through the
+sidecar, HAProxy and nginx, each speaking HTTP/2 both ways to an nginx h2c backend; CPU per
+request and its ratios to HAProxy's and nginx's (goal: <= 2x HAProxy on unary gRPC).
+
 Run: .venv/bin/python tests/benchmarks/bench_proxy.py [--rounds 3] [--seconds 5]
-Needs nginx, haproxy, wrk and openssl (apt-get install nginx haproxy wrk openssl).
+     [--only http1|h2]
+Needs nginx, haproxy, wrk, h2load and openssl (apt-get install nginx haproxy wrk
+nghttp2-client openssl).
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run as a script: ``tests`` from the repo root
 
-from tests.benchmarks import mesh_tls  # noqa: E402
+from tests.benchmarks import h2_lab, mesh_tls  # noqa: E402
 
 LOAD_CORE = "0"
 PROXY_CORE = "1"
@@ -192,13 +198,21 @@ class Lab:
         self.procs.append(proc)
         return proc
 
-    def nginx_conf(self, name: str, port: int, server: str, extra: str = "") -> Path:
-        """One worker serving ``server`` on ``port``; ``http://backend`` is the backend."""
+    def nginx_conf(
+        self,
+        name: str,
+        port: int,
+        server: str,
+        extra: str = "",
+        listen: str = "",
+        backend: int | None = None,
+    ) -> Path:
+        """One worker serving ``server`` on ``port`` (``listen``: more of the listen line);
+        ``http://backend`` is the backend (``backend``: another one's port)."""
         conf = self.tmp / f"{name}.conf"
+        backend = self.backend_port if backend is None else backend
         upstream = (
-            f"upstream backend {{ server 127.0.0.1:{self.backend_port}; keepalive 128; }}"
-            if self.backend_port
-            else ""
+            f"upstream backend {{ server 127.0.0.1:{backend}; keepalive 128; }}" if backend else ""
         )
         conf.write_text(
             f"""
@@ -213,7 +227,7 @@ http {{
   keepalive_requests 1000000;
   {upstream}
   server {{
-    listen 127.0.0.1:{port} reuseport backlog=4096;
+    listen 127.0.0.1:{port} {listen} reuseport backlog=4096;
     {server}
   }}
 }}
@@ -221,9 +235,11 @@ http {{
         )
         return conf
 
-    def nginx(self, name: str, core: str, server: str) -> int:
+    def nginx(
+        self, name: str, core: str, server: str, listen: str = "", backend: int | None = None
+    ) -> int:
         port = free_port()
-        conf = self.nginx_conf(name, port, server)
+        conf = self.nginx_conf(name, port, server, listen=listen, backend=backend)
         self.spawn(core, "nginx", "-c", str(conf), "-e", f"{self.tmp}/{name}.error.log")
         wait_port(port)
         return port
@@ -264,11 +280,11 @@ listen proxy
         )
         return cfg
 
-    def table(self, name: str, port: int) -> Path:
+    def table(self, name: str, port: int, protocol: str = "http1") -> Path:
         """A routing table sending service "backend" to ``port``."""
         path = self.tmp / f"{name}.yaml"
         path.write_text(
-            f"services:\n  backend:\n    policy: {{lb: round_robin}}\n"
+            f"services:\n  backend:\n    policy: {{lb: round_robin, protocol: {protocol}}}\n"
             f"    endpoints: [{{address: 127.0.0.1, port: {port}}}]\n"
         )
         return path
@@ -307,7 +323,7 @@ listen proxy
         ]
 
     def start(self) -> None:
-        self.backend()
+        """HTTP/1 and mesh TLS targets, in front of the backend (started already)."""
         self.targets["direct"] = (self.backend_port, "backend", list)
 
         nginx_port = self.nginx("proxy", PROXY_CORE, PROXY_PASS)
@@ -367,6 +383,26 @@ listen proxy
         self.tls_servers["haproxy-tls-bind"] = mesh_tls.TlsServer(
             inner, lambda: cpu_seconds(self._tree(hap_in.pid))
         )
+
+    def start_h2(self) -> h2_lab.Targets:
+        """The HTTP/2 backend and a proxy of each kind in front of it (``h2_lab``)."""
+        h2_lab.write_files(self.tmp)
+        server = h2_lab.backend_server(self.tmp)
+        backend = self.nginx("h2-backend", LOAD_CORE, server, listen="http2", backend=0)
+        nginx = self.nginx("h2-nginx", PROXY_CORE, h2_lab.GRPC_PASS, "http2", backend)
+        nginx_master = self.procs[-1].pid
+        hap_port = free_port()
+        cfg = self.haproxy_cfg("h2-haproxy", hap_port, backend, "proto h2", "proto h2")
+        hap = self.spawn(PROXY_CORE, "haproxy", "-f", str(cfg))
+        wait_port(hap_port)
+        mesh_port = free_port()
+        mesh = self.sidecar("h2-meshlet", self.table("h2", backend, "http2"), mesh_port)
+        return {
+            "h2-direct": (backend, None),
+            "h2-nginx": (nginx, lambda: cpu_seconds(self._nginx_workers(nginx_master))),
+            "h2-haproxy": (hap_port, lambda: cpu_seconds(self._tree(hap.pid))),
+            "h2-meshlet": (mesh_port, lambda: cpu_seconds(self._tree(mesh.pid))),
+        }
 
     def control_plane(self, pki: mesh_tls.Pki) -> tuple[str, str]:
         """A control plane signing with the run's CA: its URL and admin token."""
@@ -462,28 +498,54 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument(
+        "--only", choices=("http1", "h2"), help="only HTTP/1 and TLS, or only HTTP/2 and gRPC"
+    )
     args = parser.parse_args()
-    for tool in ("nginx", "haproxy", "wrk", "taskset", "openssl"):
+    if args.rounds < 1 or args.seconds <= 0:
+        parser.error("--rounds must be >= 1 and --seconds > 0")
+    for tool in ("nginx", "haproxy", "wrk", "h2load", "taskset", "openssl"):
         if shutil.which(tool) is None:
-            print(f"{tool} not found (apt-get install nginx haproxy wrk openssl)", file=sys.stderr)
+            print(
+                f"{tool} not found (apt-get install nginx haproxy wrk nghttp2-client openssl)",
+                file=sys.stderr,
+            )
             return 2
     tmp = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
     tmp.chmod(0o755)  # nginx workers run as nobody and serve the body from here
     lab = Lab(tmp)
-    results: dict[tuple[str, int], list[Result]] = defaultdict(list)
-    handshakes: dict[str, list[mesh_tls.Handshakes]] = defaultdict(list)
     try:
-        lab.start()
-        warm_up(lab)
-        for rnd in range(args.rounds):
-            measure_requests(lab, rnd, args.seconds, results)
-            measure_handshakes(lab, rnd, args.seconds, handshakes)
-        report(results, args.rounds)
-        report_tls(results, handshakes)
+        lab.backend()
+        if args.only != "h2":
+            run_http1(lab, args.rounds, args.seconds)
+        if args.only != "http1":
+            run_h2(lab, args.rounds, args.seconds)
     finally:
         lab.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+def run_http1(lab: Lab, rounds: int, seconds: float) -> None:
+    results: dict[tuple[str, int], list[Result]] = defaultdict(list)
+    handshakes: dict[str, list[mesh_tls.Handshakes]] = defaultdict(list)
+    lab.start()
+    warm_up(lab)
+    for rnd in range(rounds):
+        measure_requests(lab, rnd, seconds, results)
+        measure_handshakes(lab, rnd, seconds, handshakes)
+    report(results, rounds)
+    report_tls(results, handshakes)
+
+
+def run_h2(lab: Lab, rounds: int, seconds: float) -> None:
+    """h2c and unary gRPC through each proxy (``h2_lab``), after HTTP/1's rounds."""
+    targets = lab.start_h2()
+    h2_lab.warm_up(LOAD_CORE, targets, lab.tmp)
+    results = h2_lab.new_results()
+    for rnd in range(rounds):
+        h2_lab.measure(LOAD_CORE, targets, rnd, seconds, lab.tmp, results)
+    h2_lab.report(results)
 
 
 def warm_up(lab: Lab) -> None:
