@@ -11,7 +11,6 @@ its own framing (``Transfer-Encoding``) and ``Connection``.
 from __future__ import annotations
 
 import email.utils
-import itertools
 import os
 from http import HTTPStatus
 from typing import Final
@@ -51,21 +50,44 @@ MAX_HEAD_BYTES: Final = 64 * 1024
 MAX_HEADERS: Final = 100
 
 
-def _id_format() -> bytes:
-    """``%``-format of this process's request ids: 80 random bits, then 48 of a counter."""
-    random = os.urandom(10).hex()
-    return f"{random[:8]}-{random[8:12]}-{random[12:16]}-{random[16:]}-%012x".encode()
+class RequestIds:
+    """UUID-shaped request ids: 80 random bits per process, then a 48-bit counter from a
+    random start below 2**40 (12 hex digits for the next 2**48 - 2**40 requests).
+
+    The counter's last two hex digits come from a table, the ten before them are formatted
+    once per 256 ids: an id costs one concatenation (a ``%``-format of the whole counter per
+    id cost 2.2k instructions, 3 % of a compiled sidecar's work per request)."""
+
+    __slots__ = ("_base", "_format", "_next")
+
+    def __init__(self, random: bytes, start: int) -> None:
+        hexed = random.hex()
+        prefix = f"{hexed[:8]}-{hexed[8:12]}-{hexed[12:16]}-{hexed[16:20]}-"
+        #: the id's prefix and the counter's first ten hex digits
+        self._format = prefix.encode() + b"%010x"
+        self._next = start
+        self._base = self._format % (start >> 8)
+
+    def __repr__(self) -> str:
+        return f"<RequestIds next {self._next:#x}>"
+
+    def new(self) -> bytes:
+        n = self._next
+        self._next = n + 1
+        low = n & 0xFF
+        if low == 0:  # (a new block of 256: its first ten hex digits)
+            self._base = self._format % (n >> 8)
+        return self._base + _LOW_DIGITS[low]
 
 
-_ID_FORMAT: Final = _id_format()
-#: from a random start below 2**40: 12 hex digits for the next 2**48 - 2**40 requests
-_id_counter: Final = itertools.count(int.from_bytes(os.urandom(5), "big"))
+#: the counter's last two hex digits, by its lowest byte
+_LOW_DIGITS: Final = [b"%02x" % n for n in range(256)]
+_REQUEST_IDS: Final = RequestIds(os.urandom(10), int.from_bytes(os.urandom(5), "big"))
 
 
 def new_request_id() -> bytes:
-    """A UUID-shaped id: 80 random bits per process, then a counter (cheaper than uuid4,
-    and one formatting costs less than ``to_bytes``, ``hex`` and a concatenation)."""
-    return _ID_FORMAT % next(_id_counter)
+    """A UUID-shaped id, unique in this process (``RequestIds``)."""
+    return _REQUEST_IDS.new()
 
 
 # -- requests ---------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from sidecar.balancing.ewma import EndpointStats, Phase
 from sidecar.http import http1
 from sidecar.http.http1 import RequestHead, ResponseHead
 from sidecar.proxy.routing import Route
-from sidecar.proxy.upstream import Carrier
+from sidecar.proxy.upstream import Carrier, ResponseSink
 from sidecar.resilience import classify
 from sidecar.resilience.tries import Tries
 
@@ -124,7 +124,7 @@ class HedgeOwner(Protocol):
     ) -> None: ...
 
 
-class Hedged:
+class Hedged(ResponseSink):
     """The first try of a hedged request, still waiting for its response head on its
     connection (as the connection's ``ResponseSink``) while the exchange's hedge runs."""
 

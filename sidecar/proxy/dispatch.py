@@ -12,7 +12,6 @@ request fails for good. The exchange stays its connections' ``ResponseSink`` and
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
 
 from control_plane.wire import Endpoint
 from sidecar.balancing.balancer import Member
@@ -31,12 +30,15 @@ from sidecar.resilience.classify import Outcome
 from sidecar.resilience.tries import BACKOFF, CONNECTING, DONE, QUEUED, RESPONDING, SENT, Tries
 
 
-class Owner(ResponseSink, Protocol):
-    """What a dispatch tells the exchange it works for (besides its responses)."""
+class Owner(ResponseSink):
+    """What a dispatch tells the exchange it works for (besides its responses). A base class,
+    as ``ResponseSink`` is."""
+
+    __slots__ = ()
 
     def fail(self, reason: Reason, detail: str) -> None:
         """The request failed for good: answer so."""
-        ...
+        raise NotImplementedError
 
 
 class Dispatch:

@@ -19,13 +19,13 @@ from sidecar.errors import Reason
 from sidecar.http import grpc, http1
 from sidecar.http.http1 import RequestHead, ResponseHead
 from sidecar.proxy.client import Client
-from sidecar.proxy.dispatch import Dispatch
+from sidecar.proxy.dispatch import Dispatch, Owner
 from sidecar.proxy.routing import Route
 from sidecar.resilience import classify
 from sidecar.resilience.tries import DONE, RESPONDING, TUNNEL, Due, State, Tries
 
 
-class Exchange:
+class Exchange(Owner):
     """One request's journey upstream and its response's journey back."""
 
     __slots__ = (

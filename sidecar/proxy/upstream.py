@@ -11,42 +11,45 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from typing import Final, Protocol, cast
+from typing import Protocol, cast
 
 import httptools
 
-import sidecar
 from control_plane.wire import Endpoint
 from sidecar.http import framing, http1
 from sidecar.http.reader import HeadReader
 from sidecar.http.wholehead import whole_response_head
 
-WHOLE_HEADS: Final = not sidecar.__compiled__
-"""Read response heads whole (``wholehead``) where this module runs as Python source: there
-a callback into Python per header line costs more than lowering the head and searching it;
-compiled, the callbacks cost less than those bytes methods, which it calls by name
-(bench_instructions, 1 hop: pure 180.0k -> 173.7k instructions a request, compiled +4k)."""
 
+class ResponseSink:
+    """What an upstream connection tells the exchange that owns it (``exchange.Exchange``).
+    A base class rather than a Protocol, as ``Home`` is: compiled, the three calls a response
+    makes (head, body, end) stay native calls."""
 
-class ResponseSink(Protocol):
-    """What an upstream connection tells the exchange that owns it."""
+    __slots__ = ()
 
     def response_head(self, resp: http1.ResponseHead) -> bool:
         """A response head arrived; return True when no body follows even though the head
         says one does (the answer to a HEAD request)."""
-        ...
+        raise NotImplementedError
 
-    def response_body(self, data: bytes) -> None: ...
+    def response_body(self, data: bytes) -> None:
+        raise NotImplementedError
 
-    def response_trailer(self, name: bytes, value: bytes) -> None: ...
+    def response_trailer(self, name: bytes, value: bytes) -> None:
+        raise NotImplementedError
 
-    def response_complete(self) -> None: ...
+    def response_complete(self) -> None:
+        raise NotImplementedError
 
-    def response_upgraded(self, rest: bytes) -> None: ...
+    def response_upgraded(self, rest: bytes) -> None:
+        raise NotImplementedError
 
-    def upstream_failed(self, exc: BaseException | None, protocol_error: bool) -> None: ...
+    def upstream_failed(self, exc: BaseException | None, protocol_error: bool) -> None:
+        raise NotImplementedError
 
-    def upstream_paused(self, paused: bool) -> None: ...
+    def upstream_paused(self, paused: bool) -> None:
+        raise NotImplementedError
 
 
 class Corkable(Protocol):
@@ -182,10 +185,7 @@ class UpstreamConnection(Carrier):
         self.owner: ResponseSink | None = None
         self._client: Corkable | None = None  # whose request is in flight (its writes corked)
         self._lines = httptools.HttpResponseParser(self)
-        # (compiled, every head is read line by line: one parser does)
-        self._whole = (
-            httptools.HttpResponseParser(_WholeHeads(self)) if WHOLE_HEADS else self._lines
-        )
+        self._whole = httptools.HttpResponseParser(_WholeHeads(self))
         self._parser = self._lines  # the current response's
         self._reader = HeadReader()  # the head being read, and the limits of heads, trailers
         self._in_body = False
@@ -220,7 +220,10 @@ class UpstreamConnection(Carrier):
             self._raw(data)
             return
         client = self._client
-        if self.owner is None or client is None:  # bytes nobody asked for: not sane
+        # (a local, not ``self.owner is None``: mypy would keep that narrowing past the parser's
+        # callbacks, which may clear it, and compiled, reading it then is a checked cast)
+        owner = self.owner
+        if owner is None or client is None:  # bytes nobody asked for: not sane
             self.close()
             return
         reader = self._reader
@@ -228,7 +231,7 @@ class UpstreamConnection(Carrier):
             self._fresh = b""
         else:  # the response's first read
             self.received = True
-            if WHOLE_HEADS and whole_response_head(data, self._spare):
+            if whole_response_head(data, self._spare):
                 # (its head is read: the reader has nothing to count)
                 self._head, self._parser, reader.in_head = self._spare, self._whole, False
             else:
@@ -335,7 +338,8 @@ class UpstreamConnection(Carrier):
         """The head (``_head``) is read and within the limits: to the owner. (A head read
         whole, ``_WholeHeads``, comes straight here from the parser.)"""
         resp, self._head = self._head, None
-        if resp is None or self.owner is None or self._done:
+        owner = self.owner
+        if resp is None or owner is None or self._done:
             return  # (a second response in the read)
         self._status = resp.status
         if resp.close:
@@ -343,12 +347,12 @@ class UpstreamConnection(Carrier):
         self._in_body = resp.status >= 200
         # (the answer to a HEAD request has its end marked too: ``response_head`` says so)
         self._sized = resp.framing is not framing.UNTIL_CLOSE
-        if self.owner.response_head(resp):
+        if owner.response_head(resp):
             # The response to a HEAD request: its Content-Length describes a body that will not
             # come, and httptools cannot be told so. Finish here and do not reuse the connection.
             self._in_body = False
             self.reusable = False
-            owner, self.owner = self.owner, None
+            self.owner = None
             owner.response_complete()
             self.close()
 
