@@ -18,13 +18,13 @@ from typing import Any, cast
 
 import grpc
 import pytest
-from grpc_tools import protoc
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import RequestReceived
 
 from control_plane.wire import Endpoint
 from sidecar.proxy.pool import Pool
+from tests.grpc_backend import compile_proto
 from tests.sidecar.conftest import (
     LOCAL,
     NO_OUTLIER,
@@ -40,29 +40,12 @@ from tests.sidecar.test_metrics import promtool_check, samples, scrape, value
 
 MakeMesh = Callable[..., Awaitable[Mesh]]
 
-PROTO = """
-syntax = "proto3";
-package meshtest;
-service Greeter {
-  rpc Hello (Ask) returns (Answer);
-  rpc Count (Ask) returns (stream Answer);
-  rpc Gather (stream Ask) returns (Answer);
-  rpc Chat (stream Ask) returns (stream Answer);
-}
-message Ask { string name = 1; int32 n = 2; }
-message Answer { string text = 1; string server = 2; }
-"""
-
 
 @pytest.fixture(scope="module")
 def pb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ModuleType, ModuleType]]:
-    """The service's messages and stubs, compiled from ``PROTO``."""
+    """The service's messages and stubs, compiled from ``grpc_backend.PROTO``."""
     out = tmp_path_factory.mktemp("proto")
-    (out / "meshtest.proto").write_text(PROTO)
-    code = protoc.main(
-        ["protoc", f"-I{out}", f"--python_out={out}", f"--grpc_python_out={out}", "meshtest.proto"]
-    )
-    assert code == 0
+    compile_proto(out)
     sys.path.insert(0, str(out))
     try:
         yield importlib.import_module("meshtest_pb2"), importlib.import_module("meshtest_pb2_grpc")
