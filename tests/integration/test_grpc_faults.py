@@ -105,7 +105,9 @@ async def test_kill_9_of_an_endpoint_under_grpc_load_fails_no_call(
             f"{len(failures)} of {CALLS} calls failed: {collections.Counter(failures)}"
         )
         assert sum(answered.values()) == CALLS
-        assert answered[victim.name] > 0.2 * CALLS / 3, answered  # it had its share before
+        # it served before it died (its share depends on peak EWMA: a latency spike is held
+        # 10 s, and one CI run gave it 161 of the first 1,000)
+        assert answered[victim.name] > 0, answered
         svc: dict[str, Any] = service(sc, "greeter")
         (dead,) = [e for e in svc["endpoints"] if e["port"] == victim.port]
         assert dead["outlier"] == "ejected" or dead["penalty_ms"] > 0, dead
