@@ -20,7 +20,7 @@ from typing import Final
 from control_plane.wire.spiffe import parse_spiffe_id
 from sidecar.errors import CertificateRejected
 
-MODULE: Final = "sidecar.control.keymaker"
+MODULE: Final = "control_plane.wire.keymaker"
 MAX_OUTPUT: Final = 16 * 1024
 """bytes the child may write (a P-256 key and its CSR are under 1 KiB)"""
 _KEY: Final = re.compile(
