@@ -71,6 +71,16 @@ def make_csr(identity: str) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
     return key, csr.public_bytes(serialization.Encoding.PEM)
 
 
+def key_and_csr_pem(identity: str) -> bytes:
+    """``make_csr``'s key (PKCS #8) and CSR, both PEM, one after the other: what the sidecar's
+    key maker child hands its parent (``keymaker``)."""
+    key, csr_pem = make_csr(identity)
+    pkcs8 = serialization.PrivateFormat.PKCS8
+    return key.private_bytes(serialization.Encoding.PEM, pkcs8, serialization.NoEncryption()) + (
+        csr_pem
+    )
+
+
 def is_ca(certificate: x509.Certificate) -> bool:
     """Whether it may sign certificates (basicConstraints CA:TRUE)."""
     try:

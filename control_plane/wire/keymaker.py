@@ -1,5 +1,5 @@
 """The child process of the sidecar's ``keygen``: a new ECDSA P-256 key and a CSR for one
-SPIFFE ID, made by ``identity.make_csr``.
+SPIFFE ID, made by ``identity.make_csr`` (``identity.key_and_csr_pem``).
 
     python -P -m control_plane.wire.keymaker spiffe://cluster.local/ns/default/svc/catalog
 
@@ -23,17 +23,9 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1 or not argv[0].startswith("spiffe://") or len(argv[0]) > MAX_ID:
         print(USAGE, file=sys.stderr)
         return 2
-    from cryptography.hazmat.primitives import serialization
+    from control_plane.wire.identity import key_and_csr_pem
 
-    from control_plane.wire.identity import make_csr
-
-    key, csr_pem = make_csr(argv[0])
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    sys.stdout.buffer.write(pem + csr_pem)
+    sys.stdout.buffer.write(key_and_csr_pem(argv[0]))
     sys.stdout.buffer.flush()
     return 0
 
