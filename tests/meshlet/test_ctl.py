@@ -164,15 +164,18 @@ def test_ctl_sidecars_and_table(
     )
     inbound = f"127.0.0.1-{sidecar.ports['inbound']}"
 
-    # the sidecar's own registration is a change too: wait until it acknowledged the table
-    # that holds it
+    # the sidecar's own registration is a change too, and so is its inbound taking mesh TLS
+    # once its certificate is signed: wait until it acknowledged the table that says both
     for _ in range(100):
         table = json.loads(ctl(cp.url, "table", "--json").stdout)
         sidecars = json.loads(ctl(cp.url, "sidecars", "--json").stdout)["sidecars"]
         acked = [s["acked_version"] for s in sidecars]
-        if "frontend" in table["services"] and acked == [table["version"]]:
+        frontend = table["services"].get("frontend", {"endpoints": []})["endpoints"]
+        meshed = bool(frontend) and all(e.get("tls") for e in frontend)
+        if meshed and acked == [table["version"]]:
             break
         time.sleep(0.1)
+    assert meshed, table
     version = table["version"]
     assert len(sidecars) == 1
     assert (sidecars[0]["service"], sidecars[0]["instance"]) == ("frontend", inbound)
