@@ -63,6 +63,7 @@ class Relay:
     """An intercepted client connection relayed, unparsed, to ``destination``."""
 
     __slots__ = (
+        "_client_eof",
         "_closed",
         "_eofs",
         "_held",
@@ -113,6 +114,7 @@ class Relay:
         self._held: list[bytes] = []
         self._held_bytes = 0
         self._eofs = 0
+        self._client_eof = False
         self._closed = False
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
@@ -130,6 +132,9 @@ class Relay:
         transport.resume_reading()  # (a CONNECT's client was paused while it waited its turn)
         if first:
             self.hold(first)
+        # what the destination sends may come before the connect returns (a server that speaks
+        # first, under uvloop): it goes to the client from the start
+        self.upstream.other = self.client
         self._task = self.loop.create_task(self._connect())
         self._look()
 
@@ -156,12 +161,15 @@ class Relay:
         self._tell(True)
         for data in held:
             upstream.write(data)
-        self.client.other, self.upstream.other = self.upstream, self.client
+        self.client.other = self.upstream
         if self._held_bytes > HOLD and self.client.transport is not None:
             self.client.transport.resume_reading()
         self._held_bytes = 0
-        if self._eofs and upstream.can_write_eof():  # the client closed its way meanwhile
-            upstream.write_eof()
+        if self._client_eof:  # the client closed its way meanwhile
+            if self._eofs >= 2:  # and so did the destination: over once what was held is out
+                self.close()
+            elif upstream.can_write_eof():
+                upstream.write_eof()
 
     def _tell(self, opened: bool) -> None:
         tell, self.opened = self.opened, None
@@ -178,10 +186,13 @@ class Relay:
         """``side`` will send no more: pass it on; True keeps the other way open."""
         self._eofs += 1
         other = side.other
+        if other is None:  # (the client, before the destination's connection is open: what it
+            self._client_eof = True  # sent is held, and goes first)
+            return True
         if self._eofs >= 2:
             self.close()
             return False
-        if other is not None and other.transport is not None and other.transport.can_write_eof():
+        if other.transport is not None and other.transport.can_write_eof():
             other.transport.write_eof()
         return True
 

@@ -62,6 +62,9 @@ def test_heartbeats_do_not_write_the_store(control_plane: Start, tmp_path: Path)
     db_path = tmp_path / "m.db"
     cp = control_plane("--store", sqlite_url(db_path))
     assert cp.call("POST", "/v1/services/a/instances", {"id": "x", "address": "h", "port": 1})[0]
+    # the registration's table version is written once, after the debounce: wait for it
+    # (the version is stored before the table that holds it is served)
+    eventually(lambda: "a" in cp.call("GET", "/v1/table")[1]["services"], what="table has a")
     wal = db_path.with_name("m.db-wal")
     before = (wal.stat().st_size, db_path.stat().st_mtime_ns)
     for _ in range(50):

@@ -5,9 +5,14 @@ connection that is not HTTP."""
 from __future__ import annotations
 
 import asyncio
+import functools
+import socket
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import cast
 
 import pytest
+import uvloop
 
 from sidecar.proxy.intercept import Interception
 from sidecar.proxy.relay import HOLD, Relay
@@ -109,3 +114,51 @@ async def test_a_silent_stream_is_closed_after_the_idle_timeout(relaying: Relayi
         await ended.wait()
     writer.close()
     target.close()
+
+
+def test_a_destination_that_speaks_first_is_heard_by_the_client() -> None:
+    """A server that writes as it accepts (MySQL, SMTP), in another thread as it would be in
+    another process: under uvloop its greeting can come before the relay's connect returns, and
+    it goes to the client, never back to the server (71 of 200 did before the fix)."""
+    heard: list[bytes] = []
+    listener = socket.create_server((LOCAL, 0))
+    listener.settimeout(10)
+
+    def serve() -> None:
+        for _ in range(100):
+            conn, _ = listener.accept()
+            conn.settimeout(10)
+            with conn:
+                conn.sendall(b"hello\n")
+                conn.shutdown(socket.SHUT_WR)  # said all it says: each way ends on its own
+                heard.append(b"".join(iter(functools.partial(conn.recv, 4096), b"")))
+
+    async def clients() -> list[bytes]:
+        loop = asyncio.get_running_loop()
+        destination = listener.getsockname()[:2]
+
+        class Handover(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                client = cast(asyncio.Transport, transport)  # (uvloop's is not a subclass)
+                Relay(client, destination, DEFAULT, loop, lambda: None).start(b"first:")
+
+        server = await loop.create_server(Handover, LOCAL, 0)
+        port = server.sockets[0].getsockname()[1]
+        greetings = []
+        for _ in range(100):
+            reader, writer = await asyncio.open_connection(LOCAL, port)
+            async with asyncio.timeout(10):
+                greetings.append(await reader.read())
+            writer.close()
+        server.close()
+        return greetings
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        greetings = uvloop.run(clients())
+    finally:
+        listener.close()
+        thread.join(10)
+    assert greetings == [b"hello\n"] * 100
+    assert heard == [b"first:"] * 100  # what the client sent, and never the greeting
