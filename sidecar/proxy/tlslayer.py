@@ -95,12 +95,15 @@ class TlsLayer(asyncio.Transport, asyncio.Protocol):
         self._feed(data)
         if not self._open and not self._handshake():
             return
+        # What the reads leave to send is not looked at (a call each time): in TLS 1.3 a read
+        # writes only the answer to a peer's KeyUpdate, which RFC 8446 4.6.3 wants before our
+        # next record, and ``write`` sends it then; session tickets go with the handshake.
         decrypt, protocol = self._decrypt, self._protocol
         while True:
             try:
                 plain = decrypt(_READ)
             except ssl.SSLWantReadError:
-                break
+                return
             except ssl.SSLZeroReturnError:
                 plain = b""
             except ssl.SSLError as e:
@@ -111,9 +114,7 @@ class TlsLayer(asyncio.Transport, asyncio.Protocol):
                 return
             protocol.data_received(plain)
             if not self._in.pending or self._raw is None:
-                break
-        if self._out.pending:  # (session tickets, key updates)
-            self._flush()
+                return
 
     def eof_received(self) -> bool | None:
         return None  # (a TLS stream ends with close_notify; a bare FIN closes it)

@@ -1,25 +1,31 @@
-"""Instructions per request of two sidecar hops, plaintext vs mesh TLS, counted by callgrind.
+"""Instructions per request of two sidecar hops, plaintext vs mesh TLS, counted by callgrind,
+beside HAProxy's two hops without and with the same TLS.
 
 Issue 15's goal: mTLS costs <= 1.3x the plaintext mesh per request on kept-alive connections.
-Each variant is one Python process under ``valgrind --tool=callgrind`` holding both hops, built
-as the sidecar builds its listeners (``serve`` below): an outbound listener (caller "bench-client")
-routing to an inbound listener (service "bench-server", its guard in force) before
-bench_proxy's nginx backend (1 KiB body, not under valgrind):
-  plain   client -> outbound -> plaintext -> inbound -> backend
-  mtls    client -> outbound -> mesh TLS 1.3 (both certificates verified) -> inbound -> backend
-The certificates come from one CA (mesh_tls.make_pki), as the control plane would sign them.
+Each meshlet variant is one Python process under ``valgrind --tool=callgrind`` holding both
+hops, built as the sidecar builds its listeners (``serve`` below): an outbound listener (caller
+"bench-client") routing to an inbound listener (service "bench-server", its guard in force)
+before bench_proxy's nginx backend (1 KiB body, not under valgrind):
+  plain        client -> outbound -> plaintext -> inbound -> backend
+  mtls         client -> outbound -> mesh TLS 1.3 (both certificates verified) -> inbound -> backend
+  haproxy      client -> HAProxy -> plaintext -> HAProxy -> backend (two processes, counted both)
+  haproxy-tls  the same with TLS 1.3 between them, as bench_proxy's (mesh_tls.haproxy_tls)
+HAProxy pays OpenSSL's per-record cost as we do, in C around it: its ratio says how much of ours
+is OpenSSL's. The certificates come from one CA (mesh_tls.make_pki), as the control plane would
+sign them.
 This process is the client, as in bench_instructions: one keep-alive connection per variant and
 round, one request at a time, each answer read in full; ``--warmup`` requests (the handshake,
 the pools), ``callgrind_control -z``, ``--requests`` requests and a dump, then as long idle and
 a second dump; instructions per request = (measured - idle) / requests.
 
-Printed: min/median/max over the rounds per variant, and of the per-round ratio mtls / plain.
+Printed: min/median/max over the rounds per variant, of the per-round ratios mtls / plain and
+haproxy-tls / haproxy, and of what TLS adds to a request in each (instructions).
 ``--keep`` keeps the dumps: ``callgrind_annotate --inclusive=yes <dump>`` shows where the
 instructions go.
 
 Run: .venv/bin/python tests/benchmarks/bench_mtls_instructions.py [--requests 2000]
      [--warmup 300] [--rounds 3] [--keep] [--pure]
-Needs valgrind and nginx. About 2 minutes a round on two cores.
+Needs valgrind, nginx and haproxy. About 6 minutes for 3 rounds on two cores.
 """
 
 from __future__ import annotations
@@ -144,20 +150,34 @@ def peer_seen(port: int) -> bytes:
         conn.close()
 
 
-def measure(port: int, hop: Counted, warmup: int, requests: int) -> float:
+def measure(port: int, hops: list[Counted], warmup: int, requests: int) -> float:
+    """Instructions per request of ``hops`` together (the processes behind ``port``)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
         get(conn, warmup, b"b" * 1024)
-        hop.control("-z")
+        for hop in hops:
+            hop.control("-z")
         started = time.monotonic()
         get(conn, requests, b"b" * 1024)
         seconds = time.monotonic() - started
-        busy = hop.dump()
+        busy = sum(hop.dump() for hop in hops)
         time.sleep(seconds)
-        idle = hop.dump()
+        idle = sum(hop.dump() for hop in hops)
     finally:
         conn.close()
     return (busy - idle) / requests
+
+
+def haproxy_hops(lab: Lab, name: str, tls: tuple[str, str] | None) -> tuple[int, list[Counted]]:
+    """HAProxy -> HAProxy -> backend, both under callgrind: the outer one's port, and the
+    two. ``tls``: the inner one's bind options and the outer one's server options."""
+    outer, inner = free_port(), free_port()
+    bind, server = tls or ("", "")
+    cfg_in = lab.haproxy_cfg(f"{name}-in", inner, lab.backend_port, bind_opts=bind)
+    cfg_out = lab.haproxy_cfg(f"{name}-out", outer, inner, server_opts=server)
+    hop_in = lab.counted(f"{name}-in", "haproxy", "-f", str(cfg_in))
+    hop_out = lab.counted(f"{name}-out", "haproxy", "-f", str(cfg_out))
+    return outer, [hop_out, hop_in]
 
 
 def spread(values: list[float], fmt: str = "10,.0f") -> str:
@@ -177,9 +197,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.requests < 1 or args.warmup < 1 or args.rounds < 1:
         parser.error("--requests, --warmup and --rounds must be >= 1")
-    for tool in ("valgrind", "callgrind_control", "nginx", "taskset"):
+    for tool in ("valgrind", "callgrind_control", "nginx", "haproxy", "taskset"):
         if shutil.which(tool) is None:
-            print(f"{tool} not found (apt-get install valgrind nginx)", file=sys.stderr)
+            print(f"{tool} not found (apt-get install valgrind nginx haproxy)", file=sys.stderr)
             return 2
 
     def stop(signum: int, frame: FrameType | None) -> None:
@@ -194,35 +214,44 @@ def main() -> int:
     lab = Lab(tmp)
     pki = mesh_tls.make_pki(tmp)
     me = str(Path(__file__).resolve())
-    results: dict[str, list[float]] = {"plain": [], "mtls": []}
+    results: dict[str, list[float]] = {"plain": [], "mtls": [], "haproxy": [], "haproxy-tls": []}
     started = time.monotonic()
     try:
         lab.backend()
-        ports: dict[str, tuple[int, Counted]] = {}
-        for name in results:
+        ports: dict[str, tuple[int, list[Counted]]] = {}
+        for name in ("plain", "mtls"):
             port = free_port()
             argv = [sys.executable, me, "serve", "--port", str(port)]
             argv += ["--backend", str(lab.backend_port), "--pki", str(tmp)]
             argv += ["--mtls"] if name == "mtls" else []
-            ports[name] = port, lab.counted(name, *argv, env=env)
+            ports[name] = port, [lab.counted(name, *argv, env=env)]
+        ports["haproxy"] = haproxy_hops(lab, "haproxy", None)
+        ports["haproxy-tls"] = haproxy_hops(lab, "haproxy-tls", mesh_tls.haproxy_tls(pki))
         for port, _ in ports.values():
             wait_port(port, START_TIMEOUT)
-        for name, (port, _) in ports.items():  # each variant is what it claims
+        # each meshlet variant is what it claims (HAProxy's inner TLS bind answers only TLS)
+        for name in ("plain", "mtls"):
             want = pki.identity(CALLER).encode() if name == "mtls" else b""
-            if (seen := peer_seen(port)) != want:
+            if (seen := peer_seen(ports[name][0])) != want:
                 raise RuntimeError(f"{name}: the backend saw x-meshlet-peer {seen!r}")
-        print(f"both listening after {time.monotonic() - started:.0f} s", flush=True)
+        print(f"all listening after {time.monotonic() - started:.0f} s", flush=True)
         for rnd in range(1, args.rounds + 1):
-            for name, (port, hop) in ports.items():
-                per = measure(port, hop, args.warmup, args.requests)
+            for name, (port, hops) in ports.items():
+                per = measure(port, hops, args.warmup, args.requests)
                 results[name].append(per)
-                print(f"round {rnd} {name:6} {per:10,.0f} instructions/request", flush=True)
-        ratios = [m / p for m, p in zip(results["mtls"], results["plain"], strict=True)]
+                print(f"round {rnd} {name:11} {per:10,.0f} instructions/request", flush=True)
         print(f"\ninstructions per request, 2 hops, {args.rounds} rounds (idle subtracted)")
-        print(f"{'':8} {'min':>10} {'median':>10} {'max':>10}")
+        print(f"{'':22} {'min':>10} {'median':>10} {'max':>10}")
         for name, runs in results.items():
-            print(f"{name:8} {spread(runs)}")
-        print(f"{'ratio':8} {spread(ratios, '10.3f')}   mtls / plain, goal <= {GOAL}x")
+            print(f"{name:22} {spread(runs)}")
+        for tls, plain, note in (
+            ("mtls", "plain", f"goal <= {GOAL}x"),
+            ("haproxy-tls", "haproxy", "(OpenSSL's per record, in C)"),
+        ):
+            pairs = list(zip(results[tls], results[plain], strict=True))
+            print(f"{tls + ' - ' + plain:22} {spread([t - p for t, p in pairs])}   TLS's own")
+            ratios = [t / p for t, p in pairs]
+            print(f"{tls + ' / ' + plain:22} {spread(ratios, '10.3f')}   {note}")
         print(f"took {time.monotonic() - started:.0f} s")
     finally:
         lab.stop()

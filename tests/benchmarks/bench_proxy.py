@@ -376,10 +376,7 @@ listen proxy
         )
 
         self.haproxy_chain("haproxy-2hop")
-        common = f"ca-file {pki.ca_cert} verify required ssl-min-ver TLSv1.3 alpn http/1.1"
-        inner, hap_in = self.haproxy_chain(
-            "haproxy-2hop-tls", f"ssl crt {pki.server} {common}", f"ssl crt {pki.client} {common}"
-        )
+        inner, hap_in = self.haproxy_chain("haproxy-2hop-tls", *mesh_tls.haproxy_tls(pki))
         self.tls_servers["haproxy-tls-bind"] = mesh_tls.TlsServer(
             inner, lambda: cpu_seconds(self._tree(hap_in.pid))
         )

@@ -64,6 +64,13 @@ def make_pki(directory: Path, trust_domain: str = "cluster.local") -> Pki:
     return pki
 
 
+def haproxy_tls(pki: Pki) -> tuple[str, str]:
+    """(bind, server) line options for HAProxy -> TLS -> HAProxy as the mesh makes it: TLS 1.3
+    only, ALPN http/1.1, each side's certificate verified against the CA."""
+    common = f"ca-file {pki.ca_cert} verify required ssl-min-ver TLSv1.3 alpn http/1.1"
+    return f"ssl crt {pki.server} {common}", f"ssl crt {pki.client} {common}"
+
+
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,

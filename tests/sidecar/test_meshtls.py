@@ -297,17 +297,7 @@ async def test_a_client_that_ends_with_close_notify_gets_one_back(
     """A TLS client that closes cleanly waits for the server's close_notify: it must come."""
     bundle = [ca.pem()[0].decode()]
     h = await hop(credentials(ca, "web", bundle), credentials(ca, "catalog", bundle))
-    key, csr = make_csr(WEB)
-    cert = ca.sign(csr, service="web", namespace="shop", now=time.time())
-    pem = tmp_path / "web.pem"
-    pem.write_bytes(
-        cert.public_bytes(serialization.Encoding.PEM)
-        + key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    pem = web_pem(ca, tmp_path)
     ctx = ssl.create_default_context(cadata=bundle[0])
     ctx.check_hostname = False
     ctx.load_cert_chain(pem)
@@ -323,6 +313,68 @@ async def test_a_client_that_ends_with_close_notify_gets_one_back(
 
     await asyncio.wait_for(asyncio.to_thread(clean_close), 10)
     assert h.inbound_tracker.counters.tls_handshakes == 1
+
+
+async def test_a_peers_key_update_is_answered_with_the_next_record(
+    ca: Authority, hop: Callable[..., asyncio.Future[Hop]], tmp_path: Path
+) -> None:
+    """A client that updates its keys and asks for ours (TLS 1.3 KeyUpdate, here ``openssl
+    s_client``'s ``K`` command) gets our KeyUpdate before the next answer, which it reads
+    under our new keys. (The layer sends what a read leaves to send with its next write.)"""
+    bundle = [ca.pem()[0].decode()]
+    h = await hop(credentials(ca, "web", bundle), credentials(ca, "catalog", bundle))
+    pem, ca_pem = web_pem(ca, tmp_path), tmp_path / "ca.pem"
+    ca_pem.write_text(bundle[0])
+    client = await asyncio.create_subprocess_exec(
+        *("openssl", "s_client", "-connect", f"{LOCAL}:{h.inbound}", "-cert", str(pem)),
+        *("-CAfile", str(ca_pem), "-alpn", "http/1.1", "-crlf", "-msg"),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    assert client.stdin is not None
+    assert client.stdout is not None
+    out = client.stdout
+    seen: list[str] = []  # its lines so far
+
+    async def until(text: str, count: int = 1) -> int:
+        """s_client's lines read until ``count`` of them held ``text``: the last one's index."""
+        while len(found := [i for i, line in enumerate(seen) if text in line]) < count:
+            line = await out.readline()
+            assert line, f"s_client ended before {text!r}: {seen[-5:]}"
+            seen.append(line.decode(errors="replace"))
+        return found[count - 1]
+
+    try:
+        async with asyncio.timeout(20):
+            client.stdin.write(b"GET / HTTP/1.1\nHost: catalog\n\n")
+            first = await until("HTTP/1.1 200")
+            client.stdin.write(b"K\n")  # (alone: s_client takes a command's whole read)
+            theirs = await until(">>> TLS 1.3, Handshake [length 0005], KeyUpdate")
+            client.stdin.write(b"GET / HTTP/1.1\nHost: catalog\n\n")
+            ours = await until("<<< TLS 1.3, Handshake [length 0005], KeyUpdate")
+            second = await until("HTTP/1.1 200", 2)
+    finally:
+        client.kill()
+        await client.wait()
+    assert first < theirs < ours < second  # ours came with the answer, read under it
+    assert h.inbound_tracker.counters.tls_handshakes == 1
+
+
+def web_pem(ca: Authority, directory: Path) -> Path:
+    """A PEM file with a certificate ``ca`` signed for web, then its key."""
+    key, csr = make_csr(WEB)
+    cert = ca.sign(csr, service="web", namespace="shop", now=time.time())
+    pem = directory / "web.pem"
+    pem.write_bytes(
+        cert.public_bytes(serialization.Encoding.PEM)
+        + key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return pem
 
 
 def test_service_of_reads_only_this_trust_domains_service_ids() -> None:
