@@ -50,6 +50,7 @@ from control_plane.wire import (
     WireError,
     decode,
     encode,
+    following,
 )
 from sidecar.clock import Clock, SystemClock
 from sidecar.control import state
@@ -325,7 +326,8 @@ class Discovery:
         """What a message from the control plane is answered with: a table's ACK or NACK; a
         certificate goes to the identity, unanswered."""
         try:
-            message = decode(text)
+            with following(self.tables.in_force()):
+                message = decode(text)
         except WireError as e:
             log.warning("table refused: %s", e)
             return Nack(_version_of(text), str(e))

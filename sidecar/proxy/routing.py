@@ -8,7 +8,7 @@ address in ``Pools``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -206,7 +206,11 @@ class TableInfo:
 
 class RoutingTable:
     """Built once per table: each service's route, with its balancer over the endpoints that
-    are not draining (draining ones only finish what they have)."""
+    are not draining (draining ones only finish what they have).
+
+    A service whose entry is the one of the ``previous`` table (``wire.following`` made it
+    so: it did not change) keeps its route, balancer state included, while the locality the
+    balancers were made for stays the same: a new version builds only what changed."""
 
     def __init__(
         self,
@@ -216,9 +220,11 @@ class RoutingTable:
         services: Services,
         locality: Locality = Locality(),  # noqa: B008
         cluster_domain: str = CLUSTER_DOMAIN,
+        previous: RoutingTable | None = None,
     ) -> None:
         self.table = table
         self.info = info
+        self.locality = locality
         self.cluster_domain = cluster_domain
         # the namespaces a service's instances are in, where they say (SERVICE.NAMESPACE)
         self._namespaces = {
@@ -226,8 +232,13 @@ class RoutingTable:
             for name, entry in table.services.items()
             if (spaces := frozenset(e.namespace for e in entry.endpoints if e.namespace))
         }
-        self._routes = {
-            name: self._route(name, entry, pools, services.get(name), locality)
+        kept = previous if previous is not None and previous.locality == locality else None
+        self._routes: dict[str, Route] = {
+            name: (
+                kept._routes[name]
+                if kept is not None and kept.table.services.get(name) is entry
+                else self._route(name, entry, pools, services.get(name), locality)
+            )
             for name, entry in table.services.items()
         }
         self._cache: dict[bytes, Route] = {}
@@ -318,12 +329,18 @@ class TableHolder:
             return Reason.NO_ROUTE, "no routing table loaded yet"
         return self.current.route(authority)
 
+    def in_force(self) -> Mapping[str, ServiceEntry]:
+        """The services of the table in force (none yet: empty), for the next table to be
+        parsed ``following``."""
+        return self.current.table.services if self.current is not None else {}
+
     def install(self, table: Table, source: str) -> RoutingTable:
         """Build the table's routes and put them in force; TableError (nothing changes) if
         a ring does not fit its service."""
         info = TableInfo(table.version, source, wall(), table.built)
+        locality = self._locality(table)
         new = RoutingTable(
-            table, info, self.pools, self.services, self._locality(table), self.cluster_domain
+            table, info, self.pools, self.services, locality, self.cluster_domain, self.current
         )
         self.current = new
         self.pools.secure(table)

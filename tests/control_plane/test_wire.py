@@ -278,3 +278,29 @@ def test_a_pushed_table_leaves_defaults_unsaid_and_round_trips(
             if strange
             else {"address", "port", "instance"}
         )
+
+
+def test_a_table_parsed_following_the_one_in_force_keeps_what_did_not_change() -> None:
+    old = wire.parse_table(
+        {
+            "services": {
+                "same": {"endpoints": [{"address": "10.0.0.1", "port": 80}]},
+                "moved": {"endpoints": [{"address": "10.0.0.2", "port": 80}]},
+                "custom": {"policy": {"retries": 3}},
+            }
+        }
+    )
+    doc = {
+        "services": {
+            "same": {"endpoints": [{"address": "10.0.0.1", "port": 80}]},
+            "moved": {"endpoints": [{"address": "10.0.0.3", "port": 80}]},
+            "added": {"policy": {"retries": 3}},
+        }
+    }
+    with wire.following(old.services):
+        new = wire.parse_table(doc)
+    assert new.services["same"] is old.services["same"]
+    assert new.services["moved"].endpoints == (wire.Endpoint("10.0.0.3", 80),)
+    assert new.services["added"].policy is old.services["custom"].policy
+    assert wire.parse_table(doc).services["same"] is not old.services["same"]  # not following
+
