@@ -42,7 +42,6 @@ from sidecar.control.health import AppHealth
 from sidecar.control.locks import LockClient
 from sidecar.control.tablefile import file_signature, load_table_file
 from sidecar.errors import ConfigError, TableError
-from sidecar.heap import keep_large_blocks_mapped
 from sidecar.proxy.egress import Egress
 from sidecar.proxy.guard import InboundGuard
 from sidecar.proxy.intercept import Interception
@@ -510,7 +509,6 @@ async def serve(config: SidecarConfig, stop: asyncio.Event | None = None) -> Non
 def run(config: SidecarConfig) -> int:
     setup_logging(config.log_level)
     raise_fd_limit()
-    keep_large_blocks_mapped()
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(serve(config))

@@ -52,6 +52,7 @@ from control_plane.wire import (
     encode,
     following,
 )
+from sidecar import heap
 from sidecar.clock import Clock, SystemClock
 from sidecar.control import state
 from sidecar.control.failover import Failover, Replica, resolve
@@ -364,6 +365,7 @@ class Discovery:
                 "table %d in force but not saved to %s: %s", message.version, self.state_path, e
             )
         log.info("table version %d applied: %d services", message.version, len(message.services))
+        heap.tidy_after(len(text))
         return Ack(message.version)
 
     async def deregister(self) -> None:
