@@ -8,9 +8,10 @@ address in ``Pools``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Protocol
 
 from control_plane import ring
 from control_plane.ring import Ring
@@ -233,11 +234,12 @@ class RoutingTable:
             if (spaces := frozenset(e.namespace for e in entry.endpoints if e.namespace))
         }
         kept = previous if previous is not None and previous.locality == locality else None
+        tries: dict[TryPolicy, TryPolicy] = {}
         self._routes: dict[str, Route] = {
             name: (
                 kept._routes[name]
                 if kept is not None and kept.table.services.get(name) is entry
-                else self._route(name, entry, pools, services.get(name), locality)
+                else self._route(name, entry, pools, services.get(name), locality, tries)
             )
             for name, entry in table.services.items()
         }
@@ -245,8 +247,15 @@ class RoutingTable:
 
     @staticmethod
     def _route(
-        name: str, entry: ServiceEntry, pools: Pools, service: ServiceState, locality: Locality
+        name: str,
+        entry: ServiceEntry,
+        pools: Pools,
+        service: ServiceState,
+        locality: Locality,
+        tries: dict[TryPolicy, TryPolicy],
     ) -> Route:
+        """``tries``: the try policies of the table's routes so far: routes of equal policies
+        share one (its ``retry_on`` set is 700 bytes: 0.7 MB for 1,000 services)."""
         index: list[int] = []
         members: list[Member] = []
         for e in entry.endpoints:
@@ -256,7 +265,7 @@ class RoutingTable:
         policy = entry.policy
         hashing = policy.hashes and bool(members)
         built = _ring(name, entry) if hashing else None
-        return Route(
+        route = Route(
             name,
             policy,
             balancer.make(policy, members, pools.clock, locality, built, index),
@@ -265,6 +274,8 @@ class RoutingTable:
             key_function(policy.hash_on) if hashing else None,
             pools.clock,
         )
+        route.tries = tries.setdefault(route.tries, route.tries)
+        return route
 
     def route(self, authority: bytes | None) -> Route | tuple[Reason, str]:
         if authority is None:
@@ -299,7 +310,7 @@ class RoutingTable:
             "loaded_at": self.info.loaded_at,
             "built_at": self.info.built_at or None,
             "age_s": round(self.info.age(wall()), 3),
-            "services": to_json(self.table)["services"],
+            "services": _services_json(self.table),
         }
 
 
@@ -391,6 +402,29 @@ class AppRouter:
 
     def route(self, authority: bytes | None) -> Route | tuple[Reason, str]:
         return self._route
+
+
+_ENDPOINT_FIELDS: Final = tuple(f.name for f in dataclasses.fields(Endpoint))
+
+
+def _services_json(table: Table) -> dict[str, object]:
+    """The table's services as ``to_json`` gives them, built in one pass: ``to_json`` copies a
+    document twice over (``asdict``, then tuples to lists), a policy per service included,
+    and for 1,000 services x 10 endpoints that garbage left the sidecar 10 MB larger after
+    each ``/config_dump``. A policy's JSON is made once and shared by the services that share
+    the policy; an endpoint's fields are taken as they are (none is a tuple)."""
+    policies: dict[Policy, dict[str, object]] = {}
+    services: dict[str, object] = {}
+    for name, entry in table.services.items():
+        policy = policies.get(entry.policy)
+        if policy is None:
+            policy = policies[entry.policy] = to_json(entry.policy)
+        services[name] = {
+            "policy": policy,
+            "endpoints": [{f: getattr(e, f) for f in _ENDPOINT_FIELDS} for e in entry.endpoints],
+            "ring": None if entry.ring is None else dict(entry.ring),
+        }
+    return services
 
 
 def _ring(name: str, entry: ServiceEntry) -> Ring:
