@@ -21,11 +21,11 @@ MMAP_THRESHOLD = 128 * 1024
 
 
 def tidy_after(size: int) -> bool:
-    """After a message of ``size`` bytes was taken in and put to use: if it was large, large
-    blocks are mapped of their own from now on, and the heap's free pages go back to the
-    system. False where nothing was done: a small message (``ctypes`` is not even imported,
-    0.3 MB an idle sidecar does without), or a C library that is not glibc (musl maps large
-    blocks always)."""
+    """After a message of ``size`` characters (as many bytes or more) was taken in and put
+    to use: if it was large, large blocks are mapped of their own from now on, and the heap's
+    free pages go back to the system. False where nothing was done: a small message
+    (``ctypes`` is not even imported, 0.3 MB an idle sidecar does without), or a C library
+    that is not glibc (musl maps large blocks always)."""
     if size < MMAP_THRESHOLD:
         return False
     import ctypes
