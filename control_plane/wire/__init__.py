@@ -72,6 +72,7 @@ from control_plane.wire.table import (
     ServiceEntry,
     Table,
     default_instance_id,
+    following,
     parse_table,
     table_message,
 )
@@ -130,6 +131,7 @@ __all__ = [
     "decode",
     "default_instance_id",
     "encode",
+    "following",
     "json_schema",
     "parse",
     "parse_policy",

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from control_plane.wire.checks import (
+    _SURROGATE_ESCAPE,
     MAX_CSR_BYTES,
     WireError,
     _json_type,
@@ -17,7 +19,7 @@ from control_plane.wire.checks import (
     check_unicode,
 )
 from control_plane.wire.documents import check_bounds, lenient, parse, spec, to_json
-from control_plane.wire.table import _ID_SCHEMA, Registration, Table
+from control_plane.wire.table import _ID_SCHEMA, Registration, ServiceEntries, Table
 
 STREAM_PATH = "/v1/stream"
 HEALTH = ("healthy", "unhealthy")
@@ -167,6 +169,10 @@ def encode(message: Message) -> str:
 
 def decode(text: str | bytes) -> Message:
     """One stream message; WireError names what is wrong (``type`` for an unknown one)."""
+    if isinstance(text, str) and text.startswith(_TABLE_START):
+        table = _table_by_service(text)
+        if table is not None:
+            return table
     try:
         data = json.loads(text)
     except (ValueError, RecursionError) as e:
@@ -181,3 +187,80 @@ def decode(text: str | bytes) -> Message:
     with lenient():  # a peer of a newer version may send fields this one does not know
         message: Message = parse(cls, data)
     return message
+
+
+_TABLE_START = '{"type":"table",'
+"""how the control plane's table messages begin (``control_plane.table.message``)"""
+_DECODER = json.JSONDecoder()
+
+
+def _table_by_service(text: str) -> Table | None:
+    """A table message decoded one service at a time: the JSON objects of a whole large
+    table (7 MB for 1,000 services x 10 endpoints, twice the table they make) are never in
+    memory together, only one service's. None for anything this path does not take as it
+    comes (a lone surrogate's escape to look for, a second ``services`` or ``type``) or
+    finds wrong: ``decode`` then reads the text whole, and says what is wrong as it always
+    did."""
+    if _SURROGATE_ESCAPE.search(text) is not None:
+        return None
+    services = ServiceEntries()
+    rest: dict[str, Any] = {}
+
+    def member(key: str, at: int) -> int:
+        if key == "services" and "services" not in rest:
+            rest[key] = None  # (seen: a second one goes the whole-text way)
+            return _members(text, at, entry)
+        if key in ("services", "type"):
+            raise ValueError(f"a second {key!r}")
+        rest[key], end = _DECODER.raw_decode(text, at)
+        return end
+
+    def entry(name: str, at: int) -> int:
+        value, end = _DECODER.raw_decode(text, at)
+        services.add(name, value)
+        return end
+
+    try:
+        with lenient():  # (as ``decode`` parses: a newer peer's fields are skipped)
+            end = _members(text, len(_TABLE_START), member, opened=True)
+            if _skip(text, end) != len(text) or "services" not in rest:
+                return None
+            rest["services"] = {}
+            table = parse(Table, rest)
+    except (WireError, ValueError, RecursionError):
+        return None
+    return dataclasses.replace(table, services=services.parsed)
+
+
+def _members(text: str, at: int, take: Callable[[str, int], int], opened: bool = False) -> int:
+    """Walk the JSON object at ``text[at]`` (``opened``: just inside its brace, where a first
+    member follows): ``take(key, start)`` decodes each member's value from ``start`` and says
+    where it ends. Where the object ends; ValueError if it is not one."""
+    at = _skip(text, at)
+    if not opened:
+        if not text.startswith("{", at):
+            raise ValueError("not an object")
+        at = _skip(text, at + 1)
+        if text.startswith("}", at):
+            return at + 1
+    while True:
+        key, at = _DECODER.raw_decode(text, at)
+        if not isinstance(key, str):
+            raise ValueError("a key that is not a string")
+        at = _skip(text, at)
+        if not text.startswith(":", at):
+            raise ValueError("no colon after a key")
+        at = take(key, _skip(text, at + 1))
+        at = _skip(text, at)
+        if text.startswith("}", at):
+            return at + 1
+        if not text.startswith(",", at):
+            raise ValueError("no comma between members")
+        at = _skip(text, at + 1)
+
+
+def _skip(text: str, at: int) -> int:
+    """Past the JSON whitespace at ``text[at]``."""
+    while text.startswith((" ", "\t", "\n", "\r"), at):
+        at += 1
+    return at

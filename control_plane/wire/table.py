@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import ipaddress
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from control_plane.wire.checks import (
@@ -185,19 +189,57 @@ class ServiceEntry:
         check_bounds(self)
 
 
+#: the services of the table in force while the next one is parsed (``following``)
+_in_force: contextvars.ContextVar[Mapping[str, ServiceEntry]] = contextvars.ContextVar(
+    "in_force", default=MappingProxyType({})
+)
+
+
+@contextlib.contextmanager
+def following(services: Mapping[str, ServiceEntry]) -> Iterator[None]:
+    """Within: a table parsed takes the entry of ``services`` (the table in force) for every
+    service whose entry equals it, and shares their policies. A new version then holds new
+    objects only for what changed (a sidecar keeps the routes of the others too), and the
+    old and new copies of a large table are never alive together."""
+    token = _in_force.set(services)
+    try:
+        yield
+    finally:
+        _in_force.reset(token)
+
+
 def _parse_services(value: Any, path: str) -> dict[str, ServiceEntry]:
     if not isinstance(value, dict):
         raise WireError(path, f"must be an object of services, got {_json_type(value)}")
-    services = {}
-    policies: dict[Policy, Policy] = {}  # most services share a few policies: keep one of each
+    services = ServiceEntries(path)
     for name, entry in value.items():
-        check_service_name(name, f"{path}.{name}")
-        parsed = parse(ServiceEntry, {} if entry is None else entry, f"{path}.{name}")
-        shared = policies.setdefault(parsed.policy, parsed.policy)
-        if shared is not parsed.policy:
-            parsed = ServiceEntry(shared, parsed.endpoints, parsed.ring)
-        services[name] = parsed
-    return services
+        services.add(name, entry)
+    return services.parsed
+
+
+class ServiceEntries:
+    """A table's services, parsed one at a time (``decode`` takes a large table's services
+    as it decodes them). Most services share a few policies: one of each is kept, the table
+    in force's first; a service equal to its entry there is that entry (``following``)."""
+
+    def __init__(self, path: str = "services") -> None:
+        self.path = path
+        self.in_force = _in_force.get()
+        self.policies = {entry.policy: entry.policy for entry in self.in_force.values()}
+        self.parsed: dict[str, ServiceEntry] = {}
+
+    def add(self, name: str, entry: Any) -> None:
+        """Service ``name`` from its decoded JSON (WireError names what is wrong)."""
+        check_service_name(name, f"{self.path}.{name}")
+        parsed = parse(ServiceEntry, {} if entry is None else entry, f"{self.path}.{name}")
+        kept = self.in_force.get(name)
+        if kept is not None and kept == parsed:
+            parsed = kept
+        else:
+            shared = self.policies.setdefault(parsed.policy, parsed.policy)
+            if shared is not parsed.policy:
+                parsed = ServiceEntry(shared, parsed.endpoints, parsed.ring)
+        self.parsed[name] = parsed
 
 
 def _parse_trust_domain(value: Any, path: str) -> str:

@@ -50,7 +50,9 @@ from control_plane.wire import (
     WireError,
     decode,
     encode,
+    following,
 )
+from sidecar import heap
 from sidecar.clock import Clock, SystemClock
 from sidecar.control import state
 from sidecar.control.failover import Failover, Replica, resolve
@@ -325,7 +327,8 @@ class Discovery:
         """What a message from the control plane is answered with: a table's ACK or NACK; a
         certificate goes to the identity, unanswered."""
         try:
-            message = decode(text)
+            with following(self.tables.in_force()):
+                message = decode(text)
         except WireError as e:
             log.warning("table refused: %s", e)
             return Nack(_version_of(text), str(e))
@@ -362,6 +365,7 @@ class Discovery:
                 "table %d in force but not saved to %s: %s", message.version, self.state_path, e
             )
         log.info("table version %d applied: %d services", message.version, len(message.services))
+        heap.tidy_after(len(text))
         return Ack(message.version)
 
     async def deregister(self) -> None:

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from control_plane import wire
-from control_plane.wire import DEFAULT_POLICY, Policy, WireError, parse_policy, to_json
+from control_plane.wire import DEFAULT_POLICY, Policy, WireError, parse_policy, stream, to_json
 
 
 def test_empty_document_is_all_defaults() -> None:
@@ -278,3 +278,88 @@ def test_a_pushed_table_leaves_defaults_unsaid_and_round_trips(
             if strange
             else {"address", "port", "instance"}
         )
+
+
+def test_a_table_parsed_following_the_one_in_force_keeps_what_did_not_change() -> None:
+    old = wire.parse_table(
+        {
+            "services": {
+                "same": {"endpoints": [{"address": "10.0.0.1", "port": 80}]},
+                "moved": {"endpoints": [{"address": "10.0.0.2", "port": 80}]},
+                "custom": {"policy": {"retries": 3}},
+            }
+        }
+    )
+    doc = {
+        "services": {
+            "same": {"endpoints": [{"address": "10.0.0.1", "port": 80}]},
+            "moved": {"endpoints": [{"address": "10.0.0.3", "port": 80}]},
+            "added": {"policy": {"retries": 3}},
+        }
+    }
+    with wire.following(old.services):
+        new = wire.parse_table(doc)
+    assert new.services["same"] is old.services["same"]
+    assert new.services["moved"].endpoints == (wire.Endpoint("10.0.0.3", 80),)
+    assert new.services["added"].policy is old.services["custom"].policy
+    assert wire.parse_table(doc).services["same"] is not old.services["same"]  # not following
+
+
+TABLE_BY_SERVICE = (
+    '{"type":"table","services":{"a":{"endpoints":[{"address":"10.0.0.1","port":80}]},'
+    '"b":{"policy":{"lb":"round_robin"}}},"version":9,"epoch":"e","built":1.5}'
+)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        TABLE_BY_SERVICE,
+        ' {"type":"table", "services" : {"a" : {} ,"b":null} ,"version":2 , "new":1}\n',
+        '{"type":"table","services":{},"trust_domain":"cluster.local"}',
+        '{"type":"table","services":{"a":{},"a":{"policy":{"retries":0}}}}',
+    ],
+)
+def test_a_table_message_decoded_service_by_service_is_the_table_decoded_whole(
+    text: str,
+) -> None:
+    """The control plane's table messages (``{"type":"table",`` first) are decoded one
+    service at a time, the JSON of a large table never whole; the same table comes out."""
+    whole = wire.decode(" " + text.strip())  # (not the control plane's start: read whole)
+    assert stream._table_by_service(text.strip()) == whole
+    assert wire.decode(text.strip()) == whole
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ('{"type":"table","services":{"a":{"endpoints":[{"port":0}]}}}', "address: is required"),
+        ('{"type":"table","services":{"a":{}},"version":-1}', "version: must be"),
+        ('{"type":"table","services":{"a":{}}', "not JSON"),
+        ('{"type":"table","services":{"a":{}}}]', "not JSON"),
+        ('{"type":"table","services":{"a" {}}}', "not JSON"),
+        ('{"type":"table","services":[]}', "services: must be an object of services"),
+        ('{"type":"table","version":1}', "services: is required"),
+        ('{"type":"table","services":{"\\ud800":{}}}', "not valid Unicode"),
+        ('{"type":"table","services":{"bad name":{}}}', "services.bad name"),
+    ],
+)
+def test_a_table_message_wrong_anywhere_is_refused_as_a_whole_one_is(text: str, says: str) -> None:
+    """Whatever the by-service decoding finds wrong, or does not take as it comes, is read
+    whole, and refused with what the whole reading says."""
+    assert stream._table_by_service(text) is None
+    with pytest.raises(WireError) as e:
+        wire.decode(text)
+    assert says in str(e.value)
+
+
+def test_a_later_type_or_services_counts_as_in_any_json_reading() -> None:
+    """JSON's last duplicate wins: a second ``type`` or ``services`` is read whole."""
+    retyped = '{"type":"table","services":{},"type":"ack","version":4}'
+    assert stream._table_by_service(retyped) is None
+    assert wire.decode(retyped) == wire.Ack(4)
+    twice = '{"type":"table","services":{"a":{}},"services":{"b":{}}}'
+    assert stream._table_by_service(twice) is None
+    decoded = wire.decode(twice)
+    assert isinstance(decoded, wire.Table)
+    assert list(decoded.services) == ["b"]

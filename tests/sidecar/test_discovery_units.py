@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 
 from control_plane import ring
-from control_plane.wire import Ack, Nack, Registration, Table, parse_table, table_message
+from control_plane.wire import (
+    Ack,
+    Nack,
+    Registration,
+    Table,
+    parse_table,
+    table_message,
+    to_json,
+)
 from sidecar.control import state
 from sidecar.control.discovery import Discovery, describe_close, stream_url
 from sidecar.control.failover import Backoff
@@ -135,6 +143,22 @@ async def test_apply_acks_newer_tables_and_saves_them(tmp_path: Path) -> None:
     assert holder.current is not None
     assert (holder.current.info.version, holder.current.info.source) == (3, "control-plane")
     assert state.load(tmp_path / "svc.table") == TABLE
+
+
+async def test_a_pushed_table_keeps_what_the_one_in_force_has_of_it(tmp_path: Path) -> None:
+    """Services a new version did not change are the very entries (and routes) in force."""
+    holder = TableHolder(Pools())
+    d = discovery(tmp_path, holder)
+    await d._apply(table_message(TABLE))
+    assert holder.current is not None
+    before = holder.current.table.services["a"], holder.route(b"a")
+    b = {"endpoints": [{"address": "10.0.0.2", "port": 80}]}
+    newer = parse_table({"services": {"a": to_json(TABLE.services["a"]), "b": b}, "version": 4})
+    assert await d._apply(table_message(newer)) == Ack(4)
+    assert holder.current.table == newer
+    assert (holder.current.table.services["a"], holder.route(b"a")) == before
+    assert holder.current.table.services["a"] is before[0]
+    assert holder.route(b"a") is before[1]
 
 
 @pytest.mark.parametrize(

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from typing import Any
 
 import pytest
 
 from control_plane import ring
-from control_plane.wire import Endpoint, parse_table
+from control_plane.wire import Endpoint, following, parse_table, to_json
 from sidecar.errors import Reason, TableError
 from sidecar.proxy.pool import Pool
 from sidecar.proxy.routing import Pools, Route, TableHolder, service_of
@@ -90,6 +92,78 @@ def test_an_endpoints_pool_is_made_at_its_first_connection_its_stats_with_the_ta
     assert pools.find(endpoint) is not None
     holder.install(parse_table({"services": {}}), "file:x")
     assert (pools.find(endpoint), pools.find_stats(endpoint)) == (None, None)
+
+
+def test_a_new_table_keeps_the_routes_of_the_services_it_did_not_change() -> None:
+    """Balancer state and all, while the locality the balancers were made for holds."""
+    holder = TableHolder(Pools(), service="own", zone="z1")
+    services: dict[str, Any] = {
+        "a": {"endpoints": [{"address": "10.0.0.1", "port": 1}]},
+        "b": {"endpoints": [{"address": "10.0.0.2", "port": 1}]},
+        "own": {"endpoints": [{"address": "10.0.0.9", "port": 1, "zone": "z1"}]},
+    }
+
+    def install() -> tuple[object, object]:
+        with following(holder.in_force()):
+            holder.install(parse_table({"services": services}), "control-plane")
+        return holder.route(b"a"), holder.route(b"b")
+
+    a, b = install()
+    services["b"]["endpoints"].append({"address": "10.0.0.3", "port": 1})
+    a2, b2 = install()
+    assert a2 is a
+    assert b2 is not b
+    assert isinstance(b2, Route)
+    assert len(b2.balancer.members) == 2
+    services["own"]["endpoints"][0]["zone"] = "z2"  # the callers' share of zone z1 changed
+    a3, _ = install()
+    assert a3 is not a
+    holder.install(parse_table({"services": services}), "file:x")  # not following: all anew
+    assert holder.route(b"a") is not a3
+
+
+def test_routes_of_equal_policies_share_their_try_policy() -> None:
+    holder = TableHolder(Pools())
+    endpoints = [{"address": "10.0.0.1", "port": 1}]
+    services = {
+        "a": {"endpoints": endpoints},
+        "b": {"endpoints": endpoints},
+        "c": {"endpoints": endpoints, "policy": {"retries": 2}},
+    }
+    holder.install(parse_table({"services": services}), "file:x")
+    a, b, c = (holder.route(name) for name in (b"a", b"b", b"c"))
+    assert isinstance(a, Route)
+    assert isinstance(b, Route)
+    assert isinstance(c, Route)
+    assert a.tries is b.tries
+    assert (c.tries.retries, a.tries.retries) == (2, 1)
+
+
+def test_the_dump_shows_the_table_as_its_json() -> None:
+    holder = TableHolder(Pools())
+    maglev = ring.encode(ring.build_maglev(["x", "y"], [1, 1]))
+    e = {"address": "10.0.0.1", "port": 1, "zone": "a", "namespace": "shop", "instance": "x"}
+    f = {"address": "10.0.0.2", "port": 2, "weight": 7, "draining": True, "tls": True}
+    table = parse_table(
+        {
+            "services": {
+                "plain": {"endpoints": [e, f]},
+                "same": {"endpoints": [f]},
+                "hashed": {
+                    "policy": {"lb": "maglev", "hash_on": "path"},
+                    "endpoints": [e, {**f, "draining": False}],
+                    "ring": maglev,
+                },
+                "none": {},
+            },
+            "version": 4,
+        }
+    )
+    holder.install(table, "control-plane")
+    assert holder.current is not None
+    dump = holder.current.dump()
+    assert dump["services"] == to_json(table)["services"]
+    assert json.loads(json.dumps(dump["services"])) == to_json(table)["services"]
 
 
 async def test_pool_idle_cap_and_idle_timeout() -> None:
