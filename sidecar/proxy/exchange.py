@@ -220,14 +220,15 @@ class Exchange(Owner):
             else:
                 attempt.record(outcome.failed, retry_after)
         keep_alive = self.keep_alive and not client.draining and not head.upgrade
+        head_request = head.method == b"HEAD"
         self.keep_alive = client.answer.head(  # (by position: keywords cost a lookup each)
             resp,
             head.version,
-            head.method == b"HEAD",
+            head_request,
             # the rest of a request body still coming would have to be read first
             keep_alive and self.request_done,
         )
-        return head.method == b"HEAD"
+        return head_request
 
     def response_body(self, data: bytes) -> None:
         self.client.answer.body(data)

@@ -92,7 +92,8 @@ def response_head(resp: ResponseHead, grpc_call: bool) -> Outcome:
     code = resp.grpc_status
     if code >= 0 and grpc_call:
         return grpc_response(code)
-    return response(resp.status)
+    outcome = _RESPONSES.get(resp.status)  # (``response``, inline: once a request)
+    return outcome if outcome is not None else _of_status(resp.status)
 
 
 def grpc_response(code: int) -> Outcome:
