@@ -361,7 +361,7 @@ def upstream_request(
         b"\r\nx-forwarded-proto: http\r\n",
     ]
     if not head.request_id:
-        head.request_id = new_request_id()
+        head.request_id = _REQUEST_IDS.new()  # (``new_request_id``, inline: once a request)
         out += (b"x-request-id: ", head.request_id, b"\r\n")
     if head.chunked:
         if head.codings:

@@ -152,11 +152,7 @@ class Hedged(ResponseSink):
         better)."""
         if resp.status < 200:
             return False  # an interim response: the real one follows (no upgrade is hedged)
-        code = resp.grpc_status
-        if code >= 0 and self.owner.head.grpc:  # (as ``Exchange.response_head``)
-            outcome = classify.grpc_response(code)
-        else:
-            outcome = classify.response(resp.status)
+        outcome = classify.response_head(resp, self.owner.head.grpc)
         if self.owner.tries.listed(outcome):
             retry_after = http1.retry_after(resp) if outcome.pauses else None
             self.owner.hedged_lost(self, outcome.failed, retry_after)

@@ -105,7 +105,7 @@ class Dispatch:
     def start(self, route: Route, now: float) -> None:
         """The first try (the request is routed and admitted)."""
         self.route = route
-        self._h2 = h2 = route.h2(self.head)
+        self._h2 = h2 = not route.http1 and route.h2(self.head)
         if h2:
             self._again = True  # (only a stream refused unseen: ``retry_on`` still asks more)
         elif not self._again and self.out is not None:

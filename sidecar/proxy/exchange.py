@@ -207,11 +207,7 @@ class Exchange(Owner):
             self._status = 101
             client.answer.interim(resp, head.version)
             return False
-        grpc_status = resp.grpc_status
-        if grpc_status >= 0 and head.grpc:  # a trailers-only answer: classified by its code
-            outcome = classify.grpc_response(grpc_status)
-        else:
-            outcome = classify.response(status)
+        outcome = classify.response_head(resp, head.grpc)
         retry_after = http1.retry_after(resp) if outcome.pauses else None
         if not self.up.on_head(resp, outcome, retry_after):
             return False
@@ -219,19 +215,20 @@ class Exchange(Owner):
         self._status = status
         attempt = self.up.attempt
         if attempt is not None:
-            if head.grpc and grpc_status < 0 and status == 200:
+            if head.grpc and resp.grpc_status < 0 and status == 200:
                 attempt.answered()  # the call's status comes in its trailers: recorded then
             else:
                 attempt.record(outcome.failed, retry_after)
         keep_alive = self.keep_alive and not client.draining and not head.upgrade
+        head_request = head.method == b"HEAD"
         self.keep_alive = client.answer.head(  # (by position: keywords cost a lookup each)
             resp,
             head.version,
-            head.method == b"HEAD",
+            head_request,
             # the rest of a request body still coming would have to be read first
             keep_alive and self.request_done,
         )
-        return head.method == b"HEAD"
+        return head_request
 
     def response_body(self, data: bytes) -> None:
         self.client.answer.body(data)

@@ -60,17 +60,20 @@ class Route:
     """a destination outside the mesh (``egress``): sent no ``x-meshlet-*`` headers"""
     tries: TryPolicy = field(init=False)
     """what each request's tries may do: timeouts, retries, hedging, the budget"""
+    http1: bool = field(init=False)
+    """``protocol: http1``: every request goes upstream over HTTP/1.1 (``h2`` need not be
+    asked, once a request)"""
 
     def __post_init__(self) -> None:
         self.tries = TryPolicy.of(self.policy, relay=self.relay)
+        self.http1 = self.policy.protocol == "http1"
 
     def h2(self, head: RequestHead) -> bool:
         """Whether a request goes upstream over HTTP/2 (``protocol``; ``auto``: as it came).
         An upgrade (WebSocket) goes over HTTP/1.1, where it exists."""
-        protocol = self.policy.protocol
-        if protocol == "http1" or head.upgrade:
+        if self.http1 or head.upgrade:
             return False
-        return protocol == "http2" or head.version == http2.VERSION
+        return self.policy.protocol == "http2" or head.version == http2.VERSION
 
 
 class Router(Protocol):
@@ -243,7 +246,8 @@ class RoutingTable:
             )
             for name, entry in table.services.items()
         }
-        self._cache: dict[bytes, Route] = {}
+        #: routes by the authorities requests named, as found (at most ``_CACHE_LIMIT``)
+        self.cache: dict[bytes, Route] = {}
 
     @staticmethod
     def _route(
@@ -280,7 +284,7 @@ class RoutingTable:
     def route(self, authority: bytes | None) -> Route | tuple[Reason, str]:
         if authority is None:
             return Reason.NO_ROUTE, "the request names no service (no Host header)"
-        route = self._cache.get(authority)
+        route = self.cache.get(authority)
         if route is not None:
             return route
         name = service_of(authority, self.cluster_domain)
@@ -292,8 +296,8 @@ class RoutingTable:
                 route = self._routes.get(service)
         if route is None:
             return Reason.NO_ROUTE, f"no service {name[:100]!r} in the routing table"
-        if len(self._cache) < _CACHE_LIMIT:
-            self._cache[authority] = route
+        if len(self.cache) < _CACHE_LIMIT:
+            self.cache[authority] = route
         return route
 
     def named(self, name: str) -> Route | None:
@@ -336,9 +340,12 @@ class TableHolder:
         self.guard: InboundGuard | None = None
 
     def route(self, authority: bytes | None) -> Route | tuple[Reason, str]:
-        if self.current is None:
+        current = self.current
+        if current is None:
             return Reason.NO_ROUTE, "no routing table loaded yet"
-        return self.current.route(authority)
+        # (a route found before, inline: once a request; ``RoutingTable.route`` finds the rest)
+        route = current.cache.get(authority) if authority is not None else None
+        return route if route is not None else current.route(authority)
 
     def in_force(self) -> Mapping[str, ServiceEntry]:
         """The services of the table in force (none yet: empty), for the next table to be

@@ -25,6 +25,7 @@ from typing import Final
 from control_plane.wire import RETRY_ON_GRPC
 from sidecar.errors import Reason
 from sidecar.http import grpc
+from sidecar.http.http1 import ResponseHead
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +83,17 @@ def response(status: int) -> Outcome:
     """The outcome of a try answered with ``status``."""
     outcome = _RESPONSES.get(status)
     return outcome if outcome is not None else _of_status(status)
+
+
+def response_head(resp: ResponseHead, grpc_call: bool) -> Outcome:
+    """The outcome of a try answered with the final head ``resp``: a gRPC call's
+    trailers-only answer (its ``grpc-status`` in the head) by its code, any other by its
+    status (a gRPC call's code in its trailers is classified when they come)."""
+    code = resp.grpc_status
+    if code >= 0 and grpc_call:
+        return grpc_response(code)
+    outcome = _RESPONSES.get(resp.status)  # (``response``, inline: once a request)
+    return outcome if outcome is not None else _of_status(resp.status)
 
 
 def grpc_response(code: int) -> Outcome:

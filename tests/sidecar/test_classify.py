@@ -7,6 +7,7 @@ import pytest
 from control_plane.wire import RETRY_ON_GRPC
 from sidecar.errors import Reason
 from sidecar.http import grpc
+from sidecar.http.http1 import ResponseHead
 from sidecar.resilience import classify
 
 
@@ -88,3 +89,14 @@ def test_grpc_outcomes_are_made_once() -> None:
 def test_http_answers_are_no_grpc_outcomes() -> None:
     assert classify.response(200).grpc_status == -1
     assert classify.error(Reason.UPSTREAM_RESET).grpc_status == -1
+
+
+def test_a_response_head_by_its_grpc_status_only_for_a_grpc_call() -> None:
+    """A trailers-only answer (grpc-status in the head) of a gRPC call is judged by its code;
+    a head of anything else, or without a code, by its HTTP status."""
+    trailers_only = ResponseHead(200, b"OK")
+    trailers_only.grpc_status = 14  # unavailable
+    assert classify.response_head(trailers_only, True) is classify.grpc_response(14)
+    assert classify.response_head(trailers_only, False) is classify.response(200)
+    plain = ResponseHead(503, b"")
+    assert classify.response_head(plain, True) is classify.response(503)
