@@ -343,6 +343,31 @@ def test_under_uvloop_as_a_sidecar_process_runs_it() -> None:
     assert uvloop.run(scenario()) == [200, 200, 200, 400]
 
 
+def test_a_streamed_answer_under_uvloop() -> None:
+    """uvloop's transport, too, pauses the writer from within ``write``: the stream is
+    produced as the client reads it."""
+
+    async def scenario() -> tuple[int, int, bytes]:
+        streamed = Streamed(256)
+        port = Port("metrics", streamed.answer)
+        _, number = await port.start(LOCAL, 0)
+        reader, writer = await asyncio.open_connection(LOCAL, number)
+        try:
+            writer.write(b"GET /stream HTTP/1.1\r\nHost: h\r\n\r\n")
+            await asyncio.sleep(0.3)
+            taken = streamed.taken
+            async with asyncio.timeout(10):
+                body = (await read_response(reader)).body
+            return taken, streamed.pieces, body
+        finally:
+            writer.close()
+            await port.close()
+
+    taken, pieces, body = uvloop.run(scenario())
+    assert 0 < taken < pieces / 2
+    assert body == Streamed.PIECE * pieces
+
+
 def test_the_admin_modules_load_neither_aiohttp_nor_prometheus_client() -> None:
     """About 17 MB of an idle sidecar is those two (tests/benchmarks/bench_memory.py)."""
     code = (
