@@ -4,7 +4,10 @@ function (``Answer``) that returns a ``Response`` at once, or a coroutine of one
 a lock call the sidecar forwards). The port owns the task that awaits a deferred answer and
 cancels it when the client goes or the port closes; the connection parses nothing more until
 the answer is written (it holds at most one more request's bytes, and sees a hang-up), and its
-timers wait meanwhile (the answer bounds its own time).
+timers wait meanwhile (the answer bounds its own time). A response may also be produced as it is
+written (``Response.stream``: the metrics of a large table are megabytes): a piece whenever the
+transport's buffer is below its high-water mark, chunked (or, to an HTTP/1.0 client or one that
+asked to close, up to the close), so that a large answer is never held whole.
 
 No client can grow the sidecar's memory or hold its connections:
   1. a head (request line and headers) is read up to its blank line, at most
@@ -26,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, cast
 from urllib.parse import unquote
@@ -194,13 +197,18 @@ class Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._pending: asyncio.Task[None] | None = None
         """awaiting a deferred answer: read nothing more until it is written"""
+        self._stream: Iterator[bytes] | None = None
+        """the pieces of an answer being written (``Response.stream``): read nothing more
+        until the last is written"""
+        self._chunked = False
+        """the stream is written chunked (else up to the close)"""
 
     def __repr__(self) -> str:
         state = (
             "closing"
             if self._closing
             else "answering"
-            if self._pending is not None
+            if self._pending is not None or self._stream is not None
             else "request"
             if self._busy()
             else "idle"
@@ -225,6 +233,7 @@ class Connection(asyncio.Protocol):
             self._timer.cancel()
         if self._pending is not None:  # nobody is left to answer
             self._pending.cancel()
+        self._stream = None
         self.port.connections.discard(self)
 
     def pause_writing(self) -> None:
@@ -235,12 +244,18 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self._stream is not None:
+            self._pump()
         self._read_on()
 
+    def _answering(self) -> bool:
+        """An answer is still awaited or being written, or the client is not reading its
+        answers: the next request waits."""
+        return self._write_paused or self._pending is not None or self._stream is not None
+
     def _read_on(self) -> None:
-        """Resume reading (and parse what was held) unless an answer is still awaited or the
-        client is not reading its answers."""
-        if self._closing or self.transport is None or self._pending or self._write_paused:
+        """Resume reading (and parse what was held) unless ``_answering``."""
+        if self._closing or self.transport is None or self._answering():
             return
         self.transport.resume_reading()
         held, self._held = self._held, b""
@@ -250,8 +265,8 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return
-        if self._write_paused or self._pending is not None:  # (reading is paused, or an
-            self._held += data  # answer is awaited: the next request waits, bounded)
+        if self._answering():  # (reading is paused, or an answer is awaited or being
+            self._held += data  # written: the next request waits, bounded)
             if len(self._held) > self.limits.max_head_bytes + self.limits.max_body_bytes:
                 self.port.note(
                     logging.WARNING,
@@ -278,8 +293,8 @@ class Connection(asyncio.Protocol):
         """Parse ``data`` a head or a body at a time, answering each request as it ends."""
         pos, end = 0, len(data)
         while pos < end and not self._closing:
-            if self._write_paused or self._pending is not None:  # wait for the client, or
-                self._held = data[pos:]  # for the answer being awaited
+            if self._answering():  # wait for the client, or for the answer
+                self._held = data[pos:]
                 return
             if self._body_left:
                 n = min(self._body_left, end - pos)
@@ -439,15 +454,55 @@ class Connection(asyncio.Protocol):
 
     def _send(self, request: Request, response: Response, upgrade: bool) -> None:
         self.port.answered += 1
+        # (an HTTP/1.0 client reads no chunked body: a stream to it ends with the connection)
+        streamed = response.stream is not None and request.method != "HEAD"
         keep_alive = request.keep_alive and not upgrade
-        self._write(
-            _head(response, keep_alive, request.version)
-            + (b"" if request.method == "HEAD" else response.body)
-        )
+        if response.stream is not None and request.version == "1.0":
+            keep_alive = False
+        head = _head(response, keep_alive, request.version)
+        if streamed:
+            self._write(head)
+            self._stream, self._chunked = response.stream, keep_alive
+            # a client that stops taking it in is cut (``_timed_out``), as one that does
+            # not read a whole answer is
+            self._arm(self.limits.idle_timeout)
+            self._pump()
+            return
+        self._write(head + (b"" if request.method == "HEAD" else response.body))
+        self._sent(keep_alive)
+
+    def _sent(self, keep_alive: bool) -> None:
+        """An answer is written whole: close, or wait for the next request."""
         if not keep_alive:
             self._close()
         elif not self._busy():
             self._arm(self.limits.idle_timeout)
+
+    def _pump(self) -> None:
+        """Write the stream's next pieces until the client's buffer is full (``pause_writing``
+        comes from within ``write``) or there are no more; then its end, and what was held of
+        the next requests is read."""
+        stream = self._stream
+        assert stream is not None
+        while not self._write_paused:
+            if self.transport is None or self.transport.is_closing():  # the client went
+                self._stream = None
+                return
+            try:
+                piece = next(stream, None)
+            except Exception:  # a bug: the head is sent, so the connection is cut
+                log.exception("%s port: writing an answer failed", self.port.name)
+                self._stream = None
+                self.abort()
+                return
+            if piece is None:  # the end
+                self._stream = None
+                if self._chunked:
+                    self._write(b"0\r\n\r\n")
+                self._sent(self._chunked)
+                self._read_on()
+                return
+            self._write(b"%x\r\n%b\r\n" % (len(piece), piece) if self._chunked else piece)
 
     def _refuse(self, refused: _Refused) -> None:
         """Answer a request the server will not pass on, and close."""
@@ -498,12 +553,16 @@ class Connection(asyncio.Protocol):
 
 def _head(response: Response, keep_alive: bool, version: str) -> bytes:
     status = response.status
+    if response.stream is None:
+        framing = b"Content-Length: %d\r\n" % len(response.body)
+    else:  # (HEAD too: the header a GET would have had)
+        framing = b"Transfer-Encoding: chunked\r\n" if keep_alive else b""
     lines = [
         b"HTTP/1.1 %d %s\r\n" % (status, http1.reason_phrase(status, b"")),
-        b"Content-Type: %s\r\nContent-Length: %d\r\nDate: %s\r\n"
+        b"Content-Type: %s\r\n%bDate: %s\r\n"
         % (
             response.content_type.encode(),
-            len(response.body),
+            framing,
             email.utils.formatdate(usegmt=True).encode(),
         ),
     ]

@@ -4,7 +4,7 @@ a parsed request, and the response to write."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import parse_qsl
@@ -42,6 +42,9 @@ class Response:
     body: bytes = b""
     content_type: str = JSON
     headers: tuple[tuple[str, str], ...] = ()
+    stream: Iterator[bytes] | None = None
+    """a body written as it is produced, instead of ``body``: a piece whenever the client has
+    taken in what was written (chunked; to an HTTP/1.0 client, up to the connection's close)"""
 
 
 Deferred = Coroutine[Any, Any, Response]

@@ -10,10 +10,11 @@ out. (No prometheus-client: it would cost the sidecar about 4 MB of its idle mem
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from itertools import chain
 from typing import TYPE_CHECKING
 
-from sidecar.admin.exposition import Family, counter, gauge, histogram, render
+from sidecar.admin.exposition import Family, Rows, chunks, counter, gauge, histogram
 from sidecar.admin.process import ProcessMetrics
 from sidecar.balancing.ewma import EndpointStats, Phase
 from sidecar.clock import wall
@@ -21,6 +22,7 @@ from sidecar.http import grpc
 from sidecar.telemetry.stats import BUCKETS, CODES, RequestStats
 
 if TYPE_CHECKING:
+    from control_plane.wire import ServiceEntry
     from sidecar.admin.view import SidecarView
     from sidecar.resilience.service import ServiceState
 
@@ -52,10 +54,10 @@ class SidecarMetrics:
     def __repr__(self) -> str:
         return f"<SidecarMetrics {self.sidecar.config.service}>"
 
-    def render(self) -> bytes:
-        """The text exposition (``exposition.CONTENT_TYPE``): the sidecar's families, then
-        the process's."""
-        return render([*self.collect(), *self.process.families()])
+    def chunks(self) -> Iterator[bytes]:
+        """The text exposition (``exposition.CONTENT_TYPE``), in pieces produced as they are
+        taken: the sidecar's families, then the process's."""
+        return chunks(chain(self.collect(), self.process.families()))
 
     def collect(self) -> Iterator[Family]:
         outbound = self.sidecar.services.states()
@@ -247,21 +249,30 @@ class SidecarMetrics:
         yield grpc_calls
 
     def _endpoints(self) -> Iterator[Family]:
+        """Per endpoint (10,000 of them in a 1,000 x 10 table: rows, see ``exposition``) and
+        per service, of the table in force when the scrape began."""
         sc = self.sidecar
-        state = gauge(
+        table = sc.tables.current
+        services = table.table.services if table else {}
+        labels = ["service", "endpoint"]
+        yield gauge(
             "meshlet_endpoint_state",
             f"1 for each endpoint's state (services of up to {MAX_ENDPOINT_SERIES} endpoints)",
             labels=["service", "endpoint", "state"],
+            rows=self._endpoint_states(services, sc.pools.clock.monotonic()),
         )
-        labels = ["service", "endpoint"]
-        tries = counter(
-            "meshlet_endpoint_tries", "tries answered or failed, per endpoint", labels=labels
+        yield counter(
+            "meshlet_endpoint_tries",
+            "tries answered or failed, per endpoint",
+            labels=labels,
+            rows=self._endpoint_counts(services, failures=False),
         )
-        failures = counter(
+        yield counter(
             "meshlet_endpoint_failures",
             "tries that failed (5xx, reset, timeout, refused connect, a gRPC status that "
             "means a 5xx), per endpoint",
             labels=labels,
+            rows=self._endpoint_counts(services, failures=True),
         )
         connections = gauge(
             "meshlet_upstream_connections",
@@ -274,11 +285,8 @@ class SidecarMetrics:
             "ALPN (h2: HTTP/2)",
             labels=["service", "alpn"],
         )
-        table = sc.tables.current
-        now = sc.pools.clock.monotonic()
-        for name, entry in table.table.services.items() if table else ():
+        for name, entry in services.items():
             idle = busy = h2 = tls = tls_h2 = 0
-            many = len(entry.endpoints) > MAX_ENDPOINT_SERIES
             for e in entry.endpoints:
                 pool = sc.pools.find(e)
                 if pool is not None:
@@ -288,16 +296,6 @@ class SidecarMetrics:
                     h2 += counts.h2_connections
                     tls += pool.tls_handshakes
                     tls_h2 += counts.tls_h2
-                if many:
-                    continue
-                where = f"{e.address}:{e.port}"
-                stats = sc.pools.find_stats(e)
-                current = endpoint_state(e.draining, stats, now)
-                for s in ENDPOINT_STATES:
-                    state.add([name, where, s], float(s == current))
-                if stats is not None:
-                    tries.add([name, where], stats.tries)
-                    failures.add([name, where], stats.failures)
             connections.add([name, "idle"], idle)
             connections.add([name, "busy"], busy)
             if h2:  # (HTTP/2 connections carry many requests: neither idle nor busy)
@@ -305,11 +303,32 @@ class SidecarMetrics:
             if tls:
                 handshakes.add([name, "h2"], tls_h2)
                 handshakes.add([name, "http/1.1"], tls - tls_h2)
-        yield state
-        yield tries
-        yield failures
         yield connections
         yield handshakes
+
+    def _endpoint_states(self, services: Mapping[str, ServiceEntry], now: float) -> Rows:
+        """Each endpoint's state as five series, one of them 1."""
+        for name, entry in services.items():
+            if len(entry.endpoints) > MAX_ENDPOINT_SERIES:
+                continue
+            for e in entry.endpoints:
+                where = f"{e.address}:{e.port}"
+                current = endpoint_state(e.draining, self.sidecar.pools.find_stats(e), now)
+                for s in ENDPOINT_STATES:
+                    yield [name, where, s], float(s == current)
+
+    def _endpoint_counts(self, services: Mapping[str, ServiceEntry], failures: bool) -> Rows:
+        """Each endpoint's tries, or failures, once it has statistics."""
+        for name, entry in services.items():
+            if len(entry.endpoints) > MAX_ENDPOINT_SERIES:
+                continue
+            for e in entry.endpoints:
+                stats = self.sidecar.pools.find_stats(e)
+                if stats is not None:
+                    yield (
+                        [name, f"{e.address}:{e.port}"],
+                        stats.failures if failures else stats.tries,
+                    )
 
     def _table(self) -> Iterator[Family]:
         sc = self.sidecar

@@ -95,7 +95,7 @@ def clusters_text(data: dict[str, Any]) -> str:
 def metrics(sidecar: SidecarView, request: Request) -> Response:
     if sidecar.metrics is None:
         return json_response({"error": "metrics are off (--metrics off)"}, 404)
-    return Response(200, sidecar.metrics.render(), CONTENT_TYPE)
+    return Response(200, content_type=CONTENT_TYPE, stream=sidecar.metrics.chunks())
 
 
 def drain(sidecar: SidecarView, request: Request) -> Response:

@@ -3,6 +3,7 @@ Protocol, so that the ports sit below the process that serves them and import no
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sidecar.config import SidecarConfig
@@ -19,8 +20,9 @@ if TYPE_CHECKING:
 
 
 class Exposition(Protocol):
-    def render(self) -> bytes:
-        """Every metric, in the Prometheus text format (``exposition.CONTENT_TYPE``)."""
+    def chunks(self) -> Iterator[bytes]:
+        """Every metric, in the Prometheus text format (``exposition.CONTENT_TYPE``), in
+        pieces produced as they are taken."""
         ...
 
 

@@ -8,7 +8,7 @@ import asyncio
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 import uvloop
@@ -258,6 +258,75 @@ async def test_a_client_that_does_not_read_its_answers_is_not_answered_further(
         assert json.loads((await read_response(reader)).body)["path"] == "/small"
 
 
+class Streamed:
+    """An answer written as it is produced: ``pieces`` of 64 KiB, counted as they are taken;
+    any other path is ``answer``'s."""
+
+    PIECE = b"y" * (64 * 1024)
+
+    def __init__(self, pieces: int) -> None:
+        self.pieces = pieces
+        self.taken = 0
+
+    def answer(self, request: Request) -> Response:
+        if request.path != "/stream":
+            return answer(request)
+        return Response(200, content_type="text/plain", stream=self.produce())
+
+    def produce(self) -> Iterator[bytes]:
+        for _ in range(self.pieces):
+            self.taken += 1
+            yield self.PIECE
+
+
+@pytest.fixture
+async def streamed_port() -> AsyncIterator[tuple[Port, Streamed]]:
+    streamed = Streamed(256)  # 16 MiB: more than the kernel's buffers on the way hold
+    port = Port("metrics", streamed.answer)
+    await port.start(LOCAL, 0)
+    yield port, streamed
+    await port.close()
+
+
+async def test_a_streamed_answer_is_produced_as_the_client_takes_it_in(
+    streamed_port: tuple[Port, Streamed], connect: Connect
+) -> None:
+    """Chunked, a piece whenever the transport's buffer has room: while the client reads
+    nothing, most of it is not produced yet; pipelined requests wait for its end."""
+    port, streamed = streamed_port
+    reader, writer = await connect(port)
+    writer.write(b"GET /stream HTTP/1.1\r\nHost: h\r\n\r\nGET /after HTTP/1.1\r\nHost: h\r\n\r\n")
+    await asyncio.sleep(0.3)
+    assert 0 < streamed.taken < streamed.pieces / 2
+    assert port.statistics().answered == 1
+    resp = await read_response(reader)
+    assert (resp.status, resp.header("Transfer-Encoding"), resp.header("Content-Length")) == (
+        200,
+        "chunked",
+        None,
+    )
+    assert resp.body == Streamed.PIECE * streamed.pieces
+    assert json.loads((await read_response(reader)).body)["path"] == "/after"
+
+
+async def test_a_streamed_answer_to_http_1_0_or_a_head_request(
+    streamed_port: tuple[Port, Streamed], connect: Connect
+) -> None:
+    """HTTP/1.0 reads no chunked body: it gets the stream up to the close. HEAD gets the
+    head a GET would have had, and nothing is produced."""
+    port, streamed = streamed_port
+    reader, writer = await connect(port)
+    writer.write(b"HEAD /stream HTTP/1.1\r\nHost: h\r\n\r\n")
+    head = await read_response(reader, head_request=True)
+    assert (head.status, head.header("Transfer-Encoding")) == (200, "chunked")
+    assert streamed.taken == 0
+    reader, writer = await connect(port)
+    writer.write(b"GET /stream HTTP/1.0\r\n\r\n")
+    resp = await read_response(reader)
+    assert (resp.header("Connection"), resp.header("Transfer-Encoding")) == ("close", None)
+    assert resp.body == Streamed.PIECE * streamed.pieces
+
+
 def test_under_uvloop_as_a_sidecar_process_runs_it() -> None:
     async def scenario() -> list[int]:
         port = Port("admin", answer)
@@ -272,6 +341,31 @@ def test_under_uvloop_as_a_sidecar_process_runs_it() -> None:
             await port.close()
 
     assert uvloop.run(scenario()) == [200, 200, 200, 400]
+
+
+def test_a_streamed_answer_under_uvloop() -> None:
+    """uvloop's transport, too, pauses the writer from within ``write``: the stream is
+    produced as the client reads it."""
+
+    async def scenario() -> tuple[int, int, bytes]:
+        streamed = Streamed(256)
+        port = Port("metrics", streamed.answer)
+        _, number = await port.start(LOCAL, 0)
+        reader, writer = await asyncio.open_connection(LOCAL, number)
+        try:
+            writer.write(b"GET /stream HTTP/1.1\r\nHost: h\r\n\r\n")
+            await asyncio.sleep(0.3)
+            taken = streamed.taken
+            async with asyncio.timeout(10):
+                body = (await read_response(reader)).body
+            return taken, streamed.pieces, body
+        finally:
+            writer.close()
+            await port.close()
+
+    taken, pieces, body = uvloop.run(scenario())
+    assert 0 < taken < pieces / 2
+    assert body == Streamed.PIECE * pieces
 
 
 def test_the_admin_modules_load_neither_aiohttp_nor_prometheus_client() -> None:

@@ -8,6 +8,7 @@ import math
 import os
 import resource
 import time
+from collections.abc import Iterator
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -19,7 +20,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.admin.exposition import counter, gauge, go_float, histogram, render
+from sidecar.admin.exposition import CHUNK, chunks, counter, gauge, go_float, histogram, render
 from sidecar.admin.process import ProcessMetrics
 
 AWKWARD = ["plain", "back\\slash", 'a "quoted" one', "two\nlines", "", "ünïcode"]
@@ -85,6 +86,31 @@ def test_histograms_write_cumulative_buckets_count_and_sum() -> None:
         'meshlet_seconds_bucket{code="2xx",direction="out",le="+Inf"} 4.0\n'
         in render([ours]).decode()
     )
+
+
+def test_rows_are_produced_as_the_pieces_are_taken() -> None:
+    """A family's ``rows`` (the per-endpoint series) are read only as the exposition is
+    written, in pieces that each end at a line's end; the text is prometheus-client's."""
+    rows = [([f"svc-{i % 7}", f"10.0.{i >> 8}.{i & 255}:8080"], float(i)) for i in range(5000)]
+    produced = 0
+
+    def produce() -> Iterator[tuple[list[str], float]]:
+        nonlocal produced
+        for row in rows:
+            produced += 1
+            yield row
+
+    labels = ["service", "endpoint"]
+    pieces = chunks([counter("meshlet_tries", "per endpoint", labels=labels, rows=produce())])
+    first = next(pieces)
+    assert 0 < produced < len(rows)
+    rest = list(pieces)
+    assert produced == len(rows)
+    assert all(p.endswith(b"\n") and len(p) < CHUNK + 200 for p in [first, *rest])
+    their = CounterMetricFamily("meshlet_tries", "per endpoint", labels=labels)
+    for values, value in rows:
+        their.add_metric(values, value)
+    assert b"".join([first, *rest]) == theirs(their)
 
 
 @pytest.mark.parametrize(
