@@ -466,12 +466,16 @@ async def test_a_deadline_passing_mid_stream_ends_the_call_deadline_exceeded(
 
 
 class Breaker(asyncio.Protocol):
-    """An HTTP/2 server that answers a stream with a gRPC head and one message (``message``)
-    and then closes its connection, the call's status never sent."""
+    """An HTTP/2 server that answers a stream with a gRPC head (and ``extra`` fields, sent as
+    they are) and one message (``message``) and then closes its connection, the call's
+    status never sent."""
 
-    def __init__(self, message: bytes) -> None:
+    def __init__(self, message: bytes, extra: list[tuple[bytes, bytes]] | None = None) -> None:
         self.message = message
-        self.h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        self.extra = extra or []
+        config = H2Configuration(client_side=False, header_encoding=None)
+        config.validate_outbound_headers = config.normalize_outbound_headers = False
+        self.h2 = H2Connection(config)
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -483,7 +487,7 @@ class Breaker(asyncio.Protocol):
         assert self.transport is not None
         for event in self.h2.receive_data(data):
             if isinstance(event, RequestReceived):
-                head = [(b":status", b"200"), (b"content-type", b"application/grpc")]
+                head = [(b":status", b"200"), (b"content-type", b"application/grpc"), *self.extra]
                 self.h2.send_headers(event.stream_id, head)
                 self.h2.send_data(event.stream_id, framed(self.message))
                 self.transport.write(self.h2.data_to_send())
@@ -518,6 +522,33 @@ async def test_an_upstream_cut_mid_stream_ends_the_call_unavailable(
     assert await grpc_calls(mesh, "greeter") == {"unavailable": 1}
     row = (await endpoints(mesh, "greeter"))[port]
     assert (row["tries"], row["failures"]) == (1, 1)
+
+
+async def test_an_upstreams_malformed_head_fails_the_call_as_a_broken_connection(
+    pb: tuple[ModuleType, ModuleType], make_mesh: MakeMesh
+) -> None:
+    """A response head RFC 9113 calls malformed (a field that would split into two HTTP/1
+    lines): the sidecar's own check (the codec's is off) drops the connection, as the
+    codec's check did, and the call fails UNAVAILABLE before any answer; nothing of the
+    field reaches the client."""
+    message = pb[0].Answer(text="0").SerializeToString()
+    loop = asyncio.get_running_loop()
+    extra = [(b"x-bad", b"a\r\nx-injected: 1")]
+    listener = await loop.create_server(lambda: Breaker(message, extra), LOCAL, 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        table = {"greeter": service(port, protocol="http2", outlier=NO_OUTLIER, retries=0)}
+        mesh = await make_mesh(table)
+        channel, stub = stub_to(pb, mesh.outbound, "greeter")
+        async with channel, asyncio.timeout(5):
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await stub.Hello(pb[0].Ask(name="x"))
+    finally:
+        listener.close()
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert not failed.value.initial_metadata()  # (a trailers-only answer: no head went)
+    trailing = dict(failed.value.trailing_metadata() or ())
+    assert trailing["x-meshlet-error"] == "upstream-reset"
 
 
 class Refuser(asyncio.Protocol):
