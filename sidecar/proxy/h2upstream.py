@@ -351,8 +351,9 @@ class H2Channel(Carrier):
         if lower == b"host" and not self._in_body:
             self._authority = value
         elif lower not in _NOT_SENT:
-            fields = self._trailers if self._in_body else self._headers
-            fields.append(http2.field(lower, value.strip()))
+            http2.add_field(
+                self._trailers if self._in_body else self._headers, lower, value.strip()
+            )
 
     def on_headers_complete(self) -> None:
         self._in_body = True
@@ -539,7 +540,7 @@ class H2Channel(Carrier):
 
 
 def client_config() -> H2Configuration:
-    """The codec's: what goes out is made ready by ``H2Channel`` (``http2.field``: names
+    """The codec's: what goes out is made ready by ``H2Channel`` (``http2.add_field``: names
     lower-cased, values stripped, connection-specific fields and ``te`` dropped, secrets
     never indexed), not by the codec again; a response's fields are validated by
     ``H2Channel`` (RFC 9113 8.2, 8.3.2: ``http2.Malformed``; no CR, LF or NUL reaches the

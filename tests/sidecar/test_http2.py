@@ -1,11 +1,12 @@
 """What ``http2`` hands the codec for a client: made ready by it, since the downstream codec
-neither normalises nor validates what it sends (``h2conn``)."""
+neither normalises nor validates what it sends (``h2conn``); and what it takes from one,
+checked by it (``Malformed``), since neither codec validates what it receives."""
 
 from __future__ import annotations
 
+import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
-import pytest
 from h2.events import RequestReceived, ResponseReceived, TrailersReceived
 from h2.exceptions import ProtocolError
 from hpack import NeverIndexedHeaderTuple
@@ -155,3 +156,12 @@ def test_trailers_take_no_pseudo_header_nor_a_malformed_field() -> None:
     for trailers in ([(b":status", b"200")], [(b"Grpc-Status", b"0")], [(b"x", b"a\n")]):
         with pytest.raises(http2.Malformed):
             http2.check_trailers(trailers)
+
+
+def test_values_new_each_request_are_not_indexed() -> None:
+    """``x-request-id`` and the deadlines left are new each request: indexed, they would only
+    push the others out of the HPACK table."""
+    out: http1.Headers = []
+    for name in (b"x-request-id", b"grpc-timeout", b"x-meshlet-deadline-ms", b"x-other"):
+        http2.add_field(out, name, b"1")
+    assert [isinstance(f, NeverIndexedHeaderTuple) for f in out] == [True, True, True, False]
