@@ -137,9 +137,13 @@ def encode_message(text: str) -> bytes:
 def trailers_only(code: int, message: str, error: str) -> list[tuple[bytes, bytes]]:
     """The HEADERS of the sidecar's own answer to a gRPC call: a trailers-only response
     (``error``: its ``x-meshlet-error``)."""
+    return [(b":status", b"200"), (b"content-type", CONTENT_TYPE), *status(code, message, error)]
+
+
+def status(code: int, message: str, error: str) -> list[tuple[bytes, bytes]]:
+    """The sidecar's status of a gRPC call: the trailers that end a call it fails after
+    the response's head went (``error``: its ``x-meshlet-error``)."""
     return [
-        (b":status", b"200"),
-        (b"content-type", CONTENT_TYPE),
         (b"grpc-status", b"%d" % code),
         (b"grpc-message", encode_message(message)),
         (b"x-meshlet-error", error.encode()),

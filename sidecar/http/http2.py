@@ -8,11 +8,12 @@ over HTTP/1.1: ``:method`` and ``:path`` make the request line, ``:authority`` t
 it a gRPC call (``grpc``). A response head goes the other way: its lines,
 hop-by-hop headers already gone, lower-cased under a ``:status``.
 
-What goes to the client is made ready here, not by the codec (``h2conn`` turns off h2's
-outbound normalisation and validation, a tenth of its cost per exchange): names lower-cased
-and stripped, values stripped, no connection-specific field nor ``te`` (RFC 9113 8.2.2), no
-empty or pseudo-header name but ``:status`` first, and ``authorization`` fields (and a short
-``cookie``) never indexed by HPACK, as h2's ``_secure_headers`` would.
+What goes to the client, and to an HTTP/2 upstream (``h2upstream``), is made ready here, not
+by the codec (``h2conn`` and ``h2upstream`` turn off h2's outbound normalisation and
+validation, a tenth of its cost per exchange each way): names lower-cased and stripped, values
+stripped, no connection-specific field nor ``te`` (RFC 9113 8.2.2), no empty or pseudo-header
+name but ``:status`` first, and ``authorization`` fields (and a short ``cookie``) never indexed
+by HPACK, as h2's ``_secure_headers`` would, nor the values new each request (``x-request-id``).
 """
 
 from __future__ import annotations
@@ -32,34 +33,119 @@ VERSION: Final = "2"
 _CONNECTION_SPECIFIC: Final = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
 )
-#: fields not sent to an HTTP/2 client: the connection-specific ones, and ``te`` (a request's)
-_NOT_SENT: Final = _CONNECTION_SPECIFIC | {b"te"}
-#: fields kept out of the HPACK table (h2's ``_secure_headers``; a ``cookie`` when short)
-_SECRET: Final = frozenset({b"authorization", b"proxy-authorization"})
+#: fields not sent over HTTP/2: the connection-specific ones, and ``te`` (a request's; an
+#: upstream is sent the sidecar's own ``te: trailers``)
+NOT_SENT: Final = _CONNECTION_SPECIFIC | {b"te"}
+#: fields kept out of the HPACK table: secrets (h2's ``_secure_headers``; a ``cookie`` when
+#: short), and the values the sidecar writes new for each request (``http1.upstream_request``),
+#: which would only push the others out of the table, and make each of the encoder's lookups,
+#: a walk of the table, the longer (30 % of the upstream's encoding, with x-request-id indexed)
+_NOT_INDEXED: Final = frozenset(
+    {
+        b"authorization",
+        b"proxy-authorization",
+        b"x-request-id",
+        b"grpc-timeout",
+        b"x-meshlet-deadline-ms",
+    }
+)
 _STATUS: Final = {status: str(status).encode() for status in range(100, 600)}
+#: the bytes a received field's name may hold (RFC 9113 8.2.1: no upper case, no control,
+#: space, ``:``, DEL or non-ASCII byte)
+_NAME_BYTES: Final = bytes(c for c in range(0x21, 0x7F) if c != 0x3A and not 0x41 <= c <= 0x5A)
+#: names ``check_field`` took already, up to ``_NAMES_KEPT`` of them (a set lookup, not the
+#: ``translate`` of each name that builds its table each time, 1.4k instructions)
+_NAMES_TAKEN: Final[set[bytes]] = set()
+_NAMES_KEPT: Final = 1024
+#: what a field's value may not begin or end with (SP, HTAB)
+_AROUND: Final = (0x20, 0x09)
+#: a request's pseudo-headers, each with the bit ``request_head`` marks it seen by
+_REQUEST_PSEUDO: Final = {b":method": 1, b":scheme": 2, b":authority": 4, b":path": 8}
+
+
+class Malformed(Exception):
+    """A received header block RFC 9113 (8.2, 8.3) calls malformed: the connection is refused
+    with PROTOCOL_ERROR, as the ``h2`` codec's own check would refuse it. That check is turned
+    off (``h2conn.server_config``, ``h2upstream.client_config``): per field it loops over
+    every byte in Python, a tenth of the codec's cost per exchange; these checks are the same
+    rules, compiled."""
+
+
+def check_field(name: bytes, value: bytes) -> None:
+    """Malformed unless a received field (not a pseudo-header) may be taken: RFC 9113 8.2.1
+    (its characters) and 8.2.2 (no connection-specific field, ``te`` only as ``trailers``)."""
+    if name not in _NAMES_TAKEN:
+        if not name or name.translate(None, _NAME_BYTES):
+            raise Malformed(f"field name {name[:64]!r}")
+        if len(_NAMES_TAKEN) < _NAMES_KEPT:
+            _NAMES_TAKEN.add(name)
+    _check_value(name, value)
+    if name in _CONNECTION_SPECIFIC or (name == b"te" and value.lower() != b"trailers"):
+        raise Malformed(f"connection-specific field {name!r}")
+
+
+def _check_value(name: bytes, value: bytes) -> None:
+    """No NUL, CR or LF; no whitespace around (RFC 9113 8.2.1). (The bytes looked for as
+    ints: ``b"\\r" in value`` tries the needle as an int first, a TypeError raised and
+    cleared each time, 2k instructions.)"""
+    if value and (
+        0x0D in value or 0x0A in value or 0 in value or value[0] in _AROUND or value[-1] in _AROUND
+    ):
+        raise Malformed(f"the value of {name[:64]!r}")
+
+
+def check_trailers(headers: Sequence[tuple[bytes, bytes]]) -> None:
+    """Malformed unless received trailers may be taken: no pseudo-header, fields as
+    ``check_field`` takes them."""
+    for name, value in headers:
+        if name[:1] == b":":
+            raise Malformed(f"pseudo-header {name[:64]!r} in trailers")
+        check_field(name, value)
 
 
 def request_head(headers: Sequence[tuple[bytes, bytes]], ended: bool) -> RequestHead:
-    """The request of a stream's ``headers`` (``ended``: no body follows). ValueError, its
-    message for the client, when the proxy cannot forward it."""
+    """The request of a stream's ``headers`` (``ended``: no body follows). Malformed when
+    RFC 9113 says so (8.2, 8.3.1); ValueError, its message for the client, when the proxy
+    cannot forward it."""
     method = path = authority = b""
+    host: bytes | None = None
+    seen = 0  # the pseudo-headers seen (``_REQUEST_PSEUDO``'s bits)
     is_grpc = False
     cookies: list[bytes] = []
     regular: Headers = []
     for name, value in headers:
         if name[:1] == b":":
+            bit = _REQUEST_PSEUDO.get(name, 0)
+            if not bit or seen & bit or regular or cookies:
+                raise Malformed(f"pseudo-header {name[:64]!r} unknown, repeated or late")
+            seen |= bit
+            _check_value(name, value)
             if name == b":method":
                 method = value
             elif name == b":path":
                 path = value
             elif name == b":authority":
                 authority = value
-        elif name == b"cookie":
+            continue
+        check_field(name, value)
+        if name == b"cookie":
             cookies.append(value)
-        else:
-            regular.append((name, value))
-            if name == b"content-type" and grpc.is_grpc(value):
-                is_grpc = True
+            continue
+        regular.append((name, value))
+        if name == b"host":
+            if host is not None:
+                raise Malformed("two host fields")
+            host = value
+        elif name == b"content-type" and grpc.is_grpc(value):
+            is_grpc = True
+    if not seen & 1:
+        raise Malformed("no :method")
+    if host is None and not seen & 4:
+        raise Malformed("neither :authority nor host")
+    if host is not None and seen & 4 and host != authority:
+        raise Malformed(":authority and host differ")
+    if method != b"CONNECT" and ((seen & 10) != 10 or not path):
+        raise Malformed("no :scheme, or no :path")
     if method == b"CONNECT":
         raise ValueError("CONNECT is not served over HTTP/2")
     if not path.startswith(b"/") and not (path == b"*" and method == b"OPTIONS"):
@@ -86,20 +172,27 @@ def response_headers(resp: ResponseHead) -> Headers:
             continue
         name, _, value = line.partition(b":")
         name = name.strip().lower()
-        if not name or name in _NOT_SENT:
+        if not name or name in NOT_SENT:
             continue
-        value = value.strip()
-        if name in _SECRET or (name == b"cookie" and len(value) < 20):
-            out.append(NeverIndexedHeaderTuple(name, value))
-        else:
-            out.append((name, value))
+        add_field(out, name, value.strip())
     return out
+
+
+def add_field(out: Headers, name: bytes, value: bytes) -> None:
+    """Add a field to send (``name`` lower-case, ``value`` stripped), kept out of the HPACK
+    table if it is a secret or new each request. (Appended here: returned as a
+    ``tuple[bytes, bytes]``, a ``NeverIndexedHeaderTuple`` would be unboxed by mypyc, and
+    indexed after all.)"""
+    if name in _NOT_INDEXED or (name == b"cookie" and len(value) < 20):
+        out.append(NeverIndexedHeaderTuple(name, value))
+    else:
+        out.append((name, value))
 
 
 def trailer_field(name: bytes, value: bytes) -> tuple[bytes, bytes] | None:
     """A trailer field as HTTP/2 carries it, or None for one it may not carry."""
     name = name.strip().lower()
-    if not name or name in _NOT_SENT or name[:1] == b":":
+    if not name or name in NOT_SENT or name[:1] == b":":
         return None
     return name, value.strip()
 

@@ -44,7 +44,8 @@ class Answer(Protocol):
         ...
 
     def error(self, reason: Reason, detail: str, *, close: bool) -> None:
-        """The sidecar's own answer instead of an upstream's."""
+        """The sidecar's own answer instead of an upstream's; to a gRPC call (HTTP/2 only)
+        whose head went already, the trailers that end it with the answer's code."""
         ...
 
 

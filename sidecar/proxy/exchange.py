@@ -272,8 +272,11 @@ class Exchange(Owner):
         elif state is RESPONDING:
             if self.head.grpc:  # a call cut before its status: the endpoint failed it
                 self.up.record(True)
-            # mid-body: the client must not see a body that looks complete
-            self._finish(close=True, abort=True)
+            if protocol_error:
+                self._cut(Reason.UPSTREAM_PROTOCOL_ERROR, "the upstream's response broke off")
+            else:
+                detail = f"{type(exc).__name__}: {exc}" if exc else "connection closed"
+                self._cut(Reason.UPSTREAM_RESET, f"upstream cut the response ({detail})")
         else:
             self.up.failed(conn, exc, protocol_error)
 
@@ -299,7 +302,7 @@ class Exchange(Owner):
             ms = round(tries.policy.per_try * 1000)
             up.try_failed(Reason.UPSTREAM_TIMEOUT, f"no response within {ms} ms (per try)")
         elif due is Due.CUT:
-            self._finish(close=True, abort=True)  # the caller's deadline, mid-body
+            self._cut(Reason.UPSTREAM_TIMEOUT, "the caller's deadline passed during the response")
         elif due is Due.UPLOAD_TIMEOUT:
             self.fail(Reason.UPSTREAM_TIMEOUT, "the caller's deadline ran out during the upload")
         elif due is Due.CALLER_TIMEOUT:
@@ -342,6 +345,19 @@ class Exchange(Owner):
             self._status = reason.status
         self.client.answer.error(reason, detail, close=close)
         self._finish(close=close)
+
+    def _cut(self, reason: Reason, detail: str) -> None:
+        """The response, under way, failed for ``reason``. A gRPC call ends with the code of
+        it in its trailers (``Answer.error`` after the head), as Envoy ends it: its client
+        sees DEADLINE_EXCEEDED or UNAVAILABLE, not a reset. Any other response is aborted:
+        the client must not see a body that looks complete."""
+        if not self.head.grpc:
+            self._finish(close=True, abort=True)
+            return
+        self._error = reason.code
+        self._grpc = grpc.code_of(reason.status)
+        self.client.answer.error(reason, detail, close=True)
+        self._finish(close=True)
 
     def _finish(self, *, close: bool, abort: bool = False) -> None:
         if self.tries.state is DONE:

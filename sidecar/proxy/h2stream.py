@@ -74,6 +74,7 @@ class H2Stream:
     __slots__ = (
         "_ended",
         "_fin_sent",
+        "_head_sent",
         "_held_acks",
         "_held_head",
         "_out",
@@ -116,6 +117,7 @@ class H2Stream:
         self._out_size = 0
         self._ended = False  # the response is complete (sent when ``_out`` is)
         self._fin_sent = False  # END_STREAM went out
+        self._head_sent = False  # the response's head went out (not an interim one)
         self._trailers: Headers | None = None
         #: a trailers-only answer's head, sent with its trailers (``head``)
         self._held_head: Headers | None = None
@@ -286,6 +288,7 @@ class H2Stream:
         if resp.grpc_status >= 0:  # trailers-only upstream: so again, sent with its trailers
             self._held_head = headers  # (the next hop may still retry it by its grpc-status)
         else:
+            self._head_sent = True
             self._send_headers(headers, False)
         return True
 
@@ -312,8 +315,14 @@ class H2Stream:
     def error(self, reason: Reason, detail: str, *, close: bool) -> None:
         """The sidecar's own answer: plain text, or to a gRPC call a trailers-only response
         with the gRPC code of its status (``grpc.code_of``) and the detail as its
-        ``grpc-message``."""
+        ``grpc-message``; a gRPC call whose head went already (its response cut) gets them
+        as its trailers, after the messages the client's window still holds back."""
         ex = self.exchange
+        if ex is not None and ex.head.grpc and self._head_sent:
+            self._trailers = grpc.status(grpc.code_of(reason.status), detail, reason.code)
+            self._ended = True
+            self._push()
+            return
         if ex is not None and ex.head.grpc:
             self._out.clear()
             self._out_size = 0
@@ -372,6 +381,7 @@ class H2Stream:
                 self._trailers = None
                 self._fin_sent = True
             else:
+                self._head_sent = True
                 h2.send_headers(sid, held, end_stream=False)
         while out:
             room = min(h2.local_flow_control_window(sid), h2.max_outbound_frame_size)

@@ -41,7 +41,7 @@ from h2.events import (
 from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
 
-from sidecar.http import grpc, http1
+from sidecar.http import grpc, http1, http2
 from sidecar.proxy.upstream import Carrier, Corkable, Home, ResponseSink
 
 #: request body bytes a channel holds for a server whose window is spent, before the client
@@ -50,11 +50,9 @@ OUT_LIMIT: Final = 64 * 1024
 #: response bytes the whole connection may have in flight to the sidecar (each stream: 64 KiB)
 CONNECTION_WINDOW: Final = 1024 * 1024
 _DEFAULT_WINDOW: Final = 65_535
-#: request headers an HTTP/2 request may not carry (RFC 9113 8.2.2), or that become
+#: request fields an HTTP/2 request may not carry (RFC 9113 8.2.2), or that become
 #: pseudo-headers (``host``)
-_NOT_SENT: Final = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"host"}
-)
+_NOT_SENT: Final = http2.NOT_SENT | {b"host"}
 
 
 class H2Upstream(asyncio.Protocol):
@@ -76,7 +74,7 @@ class H2Upstream(asyncio.Protocol):
     def __init__(self, links: H2Links) -> None:
         self.links = links
         self._idle: asyncio.TimerHandle | None = None  # closes it after ``links.idle_timeout``
-        self.h2 = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        self.h2 = H2Connection(client_config())
         self.h2.local_settings = Settings(
             client=True,
             initial_values={
@@ -113,11 +111,24 @@ class H2Upstream(asyncio.Protocol):
             self.abort()
             return
         self._reading = True
+        # each client a response of this read goes to is corked meanwhile: its head, body
+        # and trailers go out in one send (its codec's bytes taken once), not one each
+        corked: list[Corkable] = []
+        malformed = False
         try:
             for event in events:
-                self._on_event(event)
+                self._on_event(event, corked)
+        except http2.Malformed:  # (the codec's own check, turned off: ``client_config``)
+            malformed = True
         finally:
             self._reading = False
+            for client in corked:
+                client.uncork()
+        if malformed:  # refused as the codec refuses a connection error
+            self.h2.close_connection(ErrorCodes.PROTOCOL_ERROR)
+            self.flush()
+            self.abort()
+            return
         self.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -138,7 +149,7 @@ class H2Upstream(asyncio.Protocol):
         for channel in list(self._channels.values()):
             channel.socket_paused(False)
 
-    def _on_event(self, event: Event) -> None:
+    def _on_event(self, event: Event, corked: list[Corkable]) -> None:
         if isinstance(event, RemoteSettingsChanged):
             self._settle()
             return
@@ -159,11 +170,16 @@ class H2Upstream(asyncio.Protocol):
                 # (a stream given up: its window is the connection's too)
                 self.h2.acknowledge_received_data(event.flow_controlled_length, stream_id)
             return
+        client = channel.client
+        if client is not None and client not in corked:
+            client.cork()
+            corked.append(client)
         if isinstance(event, ResponseReceived):
             channel.response(event.headers, event.stream_ended is not None)
         elif isinstance(event, DataReceived):
             channel.data(event.data, event.flow_controlled_length)
         elif isinstance(event, TrailersReceived):
+            http2.check_trailers(event.headers)
             channel.trailers(event.headers)
         elif isinstance(event, StreamEnded):
             channel.ended()
@@ -271,6 +287,7 @@ class H2Channel(Carrier):
         "_trailers",
         "_url",
         "_write_paused",
+        "client",
         "stream_id",
     )
 
@@ -281,6 +298,7 @@ class H2Channel(Carrier):
         self.received = False
         self.reusable = True
         self.stream_id = 0  # once its HEADERS went
+        self.client: Corkable | None = None  # the response's (corked during a read)
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
         self._authority = b""
@@ -303,8 +321,8 @@ class H2Channel(Carrier):
     # -- the request, as the exchange writes it (``Carrier``) -----------------------------
 
     def send(self, owner: ResponseSink, data: bytes, client: Corkable) -> None:
-        """(``client`` is not corked: the codec's bytes go out once per read anyway.)"""
         self.owner = owner
+        self.client = client
         conn = self._conn
         if conn is None or conn.goaway:  # it went away since this channel was taken
             self._refused = True  # (the server never saw it: it may go again)
@@ -328,13 +346,14 @@ class H2Channel(Carrier):
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        """(Each field made ready to send here: ``client_config``.)"""
         lower = name.lower()
-        if self._in_body:
-            self._trailers.append((lower, value))
-        elif lower == b"host":
+        if lower == b"host" and not self._in_body:
             self._authority = value
         elif lower not in _NOT_SENT:
-            self._headers.append((lower, value))
+            http2.add_field(
+                self._trailers if self._in_body else self._headers, lower, value.strip()
+            )
 
     def on_headers_complete(self) -> None:
         self._in_body = True
@@ -386,7 +405,10 @@ class H2Channel(Carrier):
                     body.appendleft(piece[room:])
                     piece = piece[:room]
                 self._body_size -= len(piece)
-                h2.send_data(stream_id, piece)
+                # (the last piece ends the stream: no empty DATA frame after it)
+                fin = not body and self._ended and not self._trailers
+                h2.send_data(stream_id, piece, end_stream=fin)
+                self._fin_sent = fin
             if not body and self._ended and not self._fin_sent:
                 self._fin_sent = True
                 if self._trailers:
@@ -420,17 +442,23 @@ class H2Channel(Carrier):
         trailers: http1.Headers = []
         grpc_only = ended and any(name == b"grpc-status" for name, _ in headers)
         for name, value in headers:
-            if name == b":status":
-                resp = http1.ResponseHead(int(value) if value.isdigit() else 0, b"")
-            elif resp is None or name[:1] == b":":
+            if resp is None:  # (RFC 9113 8.3.2: :status, once, and first)
+                if name != b":status" or not value.isdigit():
+                    raise http2.Malformed("no :status first")
+                resp = http1.ResponseHead(int(value), b"")
                 continue
-            elif grpc_only and name.startswith(b"grpc-"):
+            if name[:1] == b":":
+                raise http2.Malformed(f"pseudo-header {name[:64]!r} in a response")
+            http2.check_field(name, value)
+            if grpc_only and name.startswith(b"grpc-"):
                 trailers.append((name, value))
                 if name == b"grpc-status":  # (the exchange classifies the call by it now)
                     resp.grpc_status = grpc.parse_status(value)
             else:
                 resp.add(name, value)
-        if resp is None or resp.status < 200:  # (interim responses are not passed on)
+        if resp is None:
+            raise http2.Malformed("no :status")
+        if resp.status < 200:  # (interim responses are not passed on)
             return
         self.received = True
         if not resp.sized and resp.status not in (204, 304):
@@ -501,7 +529,7 @@ class H2Channel(Carrier):
         """Done with (a complete response, or given up): the stream is cancelled if the
         request or response is still under way, and the connection counts a stream fewer."""
         conn, self._conn = self._conn, None
-        self.owner = None
+        self.owner = self.client = None
         self._body.clear()
         if conn is not None:
             conn.done(self.stream_id, reset=True)
@@ -509,6 +537,23 @@ class H2Channel(Carrier):
     def close(self) -> None:
         self.reusable = False
         self.finish()
+
+
+def client_config() -> H2Configuration:
+    """The codec's: what goes out is made ready by ``H2Channel`` (``http2.add_field``: names
+    lower-cased, values stripped, connection-specific fields and ``te`` dropped, secrets
+    never indexed), not by the codec again; a response's fields are validated by
+    ``H2Channel`` (RFC 9113 8.2, 8.3.2: ``http2.Malformed``; no CR, LF or NUL reaches the
+    HTTP/1-shaped head they become), and not normalised (which joins ``cookie`` fields: a
+    request's, not a response's)."""
+    return H2Configuration(
+        client_side=True,
+        header_encoding=None,
+        validate_inbound_headers=False,
+        normalize_inbound_headers=False,
+        validate_outbound_headers=False,
+        normalize_outbound_headers=False,
+    )
 
 
 #: how a pool connects a new HTTP/2 connection to its endpoint: the protocol is told of its

@@ -63,7 +63,7 @@ class Servers:
         self.started: list[grpc.aio.Server] = []
         #: calls named "slow" (2 s each): the time each had left when it began
         self.remaining: list[float | None] = []
-        #: and those of them cancelled before their 2 s were up
+        #: a "slow" call cancelled before its 2 s were up, or a "stall" stream before its 5 s
         self.cancelled = asyncio.Event()
 
         self.calls: Counter[str] = Counter()
@@ -107,6 +107,12 @@ class Servers:
                     yield msgs.Answer(text=str(i), server=name)
                 if ask.name == "break":  # the status in the trailers, after the messages
                     await context.abort(grpc.StatusCode.INTERNAL, "broke after the messages")
+                if ask.name == "stall":  # silent after the messages, for 5 s
+                    try:
+                        await asyncio.sleep(5)
+                    except asyncio.CancelledError:
+                        cancelled.set()
+                        raise
 
             async def Gather(self, asks: Any, context: grpc.aio.ServicerContext) -> Any:
                 names = [ask.name async for ask in asks]
@@ -131,6 +137,11 @@ async def servers(pb: tuple[ModuleType, ModuleType]) -> AsyncIterator[Servers]:
     yield made
     for server in made.started:
         await server.stop(None)
+
+
+def framed(message: bytes) -> bytes:
+    """A gRPC message as a stream carries it: uncompressed, after its length."""
+    return b"\0" + len(message).to_bytes(4, "big") + message
 
 
 def stub_to(pb: tuple[ModuleType, ModuleType], port: int, authority: str) -> tuple[Any, Any]:
@@ -246,7 +257,7 @@ async def test_an_http1_caller_reaches_an_http2_upstream(
     port = await servers("one")
     mesh = await make_mesh({"greeter": service(port, protocol="http2")})
     message = pb[0].Ask(name="h1").SerializeToString()
-    body = b"\0" + len(message).to_bytes(4, "big") + message
+    body = framed(message)
     raw = (
         b"POST /meshtest.Greeter/Hello HTTP/1.1\r\nHost: greeter\r\n"
         b"Content-Type: application/grpc\r\nTE: trailers\r\n"
@@ -422,6 +433,122 @@ async def test_grpc_timeout_sent_on_is_the_time_left(
     # spent: answered at once, and over HTTP/1.1 (no gRPC there) as the HTTP 504 it is
     resp, _ = await sent("grpc-timeout: 0m\r\n")
     assert (resp.status, resp.header("x-meshlet-error")) == (504, "upstream-timeout")
+
+
+async def test_a_deadline_passing_mid_stream_ends_the_call_deadline_exceeded(
+    pb: tuple[ModuleType, ModuleType], servers: Servers, make_mesh: MakeMesh, tmp_path: Path
+) -> None:
+    """A server stream that sends its head and a message, then stalls past the caller's
+    deadline (``x-meshlet-deadline-ms``: the client keeps none of its own): the sidecar ends
+    the call with DEADLINE_EXCEEDED in its trailers (not a reset: INTERNAL to the client),
+    cancels it upstream, and its metrics and access log say so."""
+    port = await servers("staller")
+    log = tmp_path / "access.log"
+    policy = {"protocol": "http2", "outlier": NO_OUTLIER}
+    mesh = await make_mesh({"greeter": service(port, **policy)}, access_log=str(log))
+    channel, stub = stub_to(pb, mesh.outbound, "greeter")
+    async with channel, asyncio.timeout(5):
+        call = stub.Count(
+            pb[0].Ask(name="stall", n=1), metadata=(("x-meshlet-deadline-ms", "500"),)
+        )
+        assert (await call.read()).text == "0"
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await call.read()
+        await servers.cancelled.wait()  # (well before its 5 s were up)
+    assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "deadline" in (failed.value.details() or ""), failed.value.details()
+    trailing = list(failed.value.trailing_metadata() or ())
+    assert ("x-meshlet-error", "upstream-timeout") in trailing
+    assert await grpc_calls(mesh, "greeter") == {"deadline_exceeded": 1}
+    await mesh.sidecar.stop()  # (the access log's last lines written)
+    (entry,) = [json.loads(line) for line in log.read_text().splitlines()]
+    assert (entry["status"], entry["grpc_status"], entry["error"]) == (200, 4, "upstream-timeout")
+
+
+class Breaker(asyncio.Protocol):
+    """An HTTP/2 server that answers a stream with a gRPC head (and ``extra`` fields, sent as
+    they are) and one message (``message``) and then closes its connection, the call's
+    status never sent."""
+
+    def __init__(self, message: bytes, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+        self.message = message
+        self.extra = extra or []
+        config = H2Configuration(client_side=False, header_encoding=None)
+        config.validate_outbound_headers = config.normalize_outbound_headers = False
+        self.h2 = H2Connection(config)
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.h2.initiate_connection()
+        self.transport.write(self.h2.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        for event in self.h2.receive_data(data):
+            if isinstance(event, RequestReceived):
+                head = [(b":status", b"200"), (b"content-type", b"application/grpc"), *self.extra]
+                self.h2.send_headers(event.stream_id, head)
+                self.h2.send_data(event.stream_id, framed(self.message))
+                self.transport.write(self.h2.data_to_send())
+                self.transport.close()
+                return
+        self.transport.write(self.h2.data_to_send())
+
+
+async def test_an_upstream_cut_mid_stream_ends_the_call_unavailable(
+    pb: tuple[ModuleType, ModuleType], make_mesh: MakeMesh
+) -> None:
+    """An upstream that closes its connection after a call's head and first message: the
+    client has the message, then UNAVAILABLE in the trailers (not a reset), and the call
+    counts under its code and as a failure of the endpoint."""
+    message = pb[0].Answer(text="0", server="breaker").SerializeToString()
+    loop = asyncio.get_running_loop()
+    listener = await loop.create_server(lambda: Breaker(message), LOCAL, 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        mesh = await make_mesh({"greeter": service(port, protocol="http2", outlier=NO_OUTLIER)})
+        channel, stub = stub_to(pb, mesh.outbound, "greeter")
+        async with channel, asyncio.timeout(5):
+            call = stub.Count(pb[0].Ask(n=2))
+            assert (await call.read()).server == "breaker"
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await call.read()
+    finally:
+        listener.close()
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    trailing = list(failed.value.trailing_metadata() or ())
+    assert ("x-meshlet-error", "upstream-reset") in trailing
+    assert await grpc_calls(mesh, "greeter") == {"unavailable": 1}
+    row = (await endpoints(mesh, "greeter"))[port]
+    assert (row["tries"], row["failures"]) == (1, 1)
+
+
+async def test_an_upstreams_malformed_head_fails_the_call_as_a_broken_connection(
+    pb: tuple[ModuleType, ModuleType], make_mesh: MakeMesh
+) -> None:
+    """A response head RFC 9113 calls malformed (a field that would split into two HTTP/1
+    lines): the sidecar's own check (the codec's is off) drops the connection, as the
+    codec's check did, and the call fails UNAVAILABLE before any answer; nothing of the
+    field reaches the client."""
+    message = pb[0].Answer(text="0").SerializeToString()
+    loop = asyncio.get_running_loop()
+    extra = [(b"x-bad", b"a\r\nx-injected: 1")]
+    listener = await loop.create_server(lambda: Breaker(message, extra), LOCAL, 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        table = {"greeter": service(port, protocol="http2", outlier=NO_OUTLIER, retries=0)}
+        mesh = await make_mesh(table)
+        channel, stub = stub_to(pb, mesh.outbound, "greeter")
+        async with channel, asyncio.timeout(5):
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await stub.Hello(pb[0].Ask(name="x"))
+    finally:
+        listener.close()
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert not failed.value.initial_metadata()  # (a trailers-only answer: no head went)
+    trailing = dict(failed.value.trailing_metadata() or ())
+    assert trailing["x-meshlet-error"] == "upstream-reset"
 
 
 class Refuser(asyncio.Protocol):

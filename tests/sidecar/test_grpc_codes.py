@@ -71,7 +71,12 @@ def test_grpc_message_is_percent_encoded() -> None:
 )
 def test_which_requests_are_grpc_calls(content_type: bytes, is_grpc: bool) -> None:
     assert grpc.is_grpc(content_type) == is_grpc
-    headers = [(b":method", b"POST"), (b":path", b"/s/m"), (b":authority", b"svc")]
+    headers = [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":path", b"/s/m"),
+        (b":authority", b"svc"),
+    ]
     head = http2.request_head([*headers, (b"content-type", content_type)], False)
     assert head.grpc == is_grpc
 

@@ -520,6 +520,33 @@ async def test_more_streams_than_allowed_is_a_protocol_error(mesh: Mesh) -> None
     await assert_still_serving(mesh)
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [[(b"X-Upper", b"1")], [(b"x", b"a\r\nx-injected: 1")], [(b"connection", b"close")]],
+)
+async def test_a_malformed_request_is_a_protocol_error(
+    mesh: Mesh, extra: list[tuple[bytes, bytes]]
+) -> None:
+    """What RFC 9113 calls malformed (the sidecar's own check: the codec's is off) gets a
+    GOAWAY, as the codec's check gave it, and is counted."""
+    frames = await send_raw(
+        mesh.outbound, headers_frame(1, request_block(hpack.Encoder(), extra=extra))
+    )
+    assert goaway_code(frames) == PROTOCOL_ERROR
+    assert await refused(mesh, "protocol") == 1
+    await assert_still_serving(mesh)
+
+
+async def test_a_pseudo_header_in_trailers_is_a_protocol_error(mesh: Mesh) -> None:
+    enc = hpack.Encoder()
+    head = headers_frame(1, request_block(enc, extra=[(b"te", b"trailers")]), end_stream=False)
+    trailers = headers_frame(1, enc.encode([(b":path", b"/other")]))
+    frames = await send_raw(mesh.outbound, head + trailers)
+    assert goaway_code(frames) == PROTOCOL_ERROR
+    assert await refused(mesh, "protocol") == 1
+    await assert_still_serving(mesh)
+
+
 async def test_rapid_reset_is_refused(mesh: Mesh) -> None:
     enc = hpack.Encoder()
     attack = b"".join(

@@ -1,11 +1,14 @@
 """What ``http2`` hands the codec for a client: made ready by it, since the downstream codec
-neither normalises nor validates what it sends (``h2conn``)."""
+neither normalises nor validates what it sends (``h2conn``); and what it takes from one,
+checked by it (``Malformed``), since neither codec validates what it receives."""
 
 from __future__ import annotations
 
+import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import RequestReceived, ResponseReceived, TrailersReceived
+from h2.exceptions import ProtocolError
 from hpack import NeverIndexedHeaderTuple
 
 from sidecar.http import http1, http2
@@ -84,3 +87,81 @@ def test_split_cookies_from_a_client_are_joined_once() -> None:
     head = http2.request_head(request.headers, True)
     assert b"".join(head.lines).count(b"ookie") == 1
     assert b"ookie: a=1; b=2\r\n" in b"".join(head.lines)
+
+
+REQUEST = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"svc"), (b":path", b"/")]
+MALFORMED = [
+    [*REQUEST, (b"X-Upper", b"1")],
+    [*REQUEST, (b"x y", b"1")],
+    [*REQUEST, (b"x:y", b"1")],
+    [*REQUEST, (b"", b"1")],
+    [*REQUEST, (b"x", b"a\r\nb: c")],
+    [*REQUEST, (b"x", b"a\0")],
+    [*REQUEST, (b"x", b" a")],
+    [*REQUEST, (b"x", b"a\t")],
+    [*REQUEST, (b"connection", b"close")],
+    [*REQUEST, (b"transfer-encoding", b"chunked")],
+    [*REQUEST, (b"te", b"gzip")],
+    [*REQUEST, (b"host", b"other")],  # (its :authority says svc)
+    [*REQUEST, (b"host", b"svc"), (b"host", b"svc")],
+    [*REQUEST, (b":path", b"/again")],
+    [
+        (b":method", b"GET"),
+        (b"x", b"1"),
+        (b":scheme", b"http"),
+        (b":path", b"/"),
+        (b"host", b"svc"),
+    ],
+    [*REQUEST, (b":status", b"200")],
+    [*REQUEST, (b":protocol", b"websocket")],
+    [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/")],  # no authority nor host
+    [(b":scheme", b"http"), (b":authority", b"svc"), (b":path", b"/")],
+    [(b":method", b"GET"), (b":authority", b"svc"), (b":path", b"/")],
+    [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"svc"), (b":path", b"")],
+    [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"svc\r\n"), (b":path", b"/")],
+]
+
+
+@pytest.mark.parametrize("headers", MALFORMED)
+def test_a_malformed_request_is_refused_as_the_codec_would(headers: http1.Headers) -> None:
+    """What RFC 9113 (8.2, 8.3.1) calls malformed: ``http2.Malformed``, as h2's own check
+    (turned off in ``server_config``) raises ProtocolError for it."""
+    with pytest.raises(http2.Malformed):
+        http2.request_head(headers, True)
+    checking = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+    client = H2Connection(
+        H2Configuration(client_side=True, validate_outbound_headers=False,
+                        normalize_outbound_headers=False, header_encoding=None)
+    )  # fmt: skip
+    checking.initiate_connection()
+    client.initiate_connection()
+    client.send_headers(1, headers, end_stream=True)
+    with pytest.raises(ProtocolError):
+        checking.receive_data(client.data_to_send())
+
+
+def test_what_the_codec_takes_is_taken() -> None:
+    """A host equal to the :authority, ``te: trailers`` in any case, an empty value, a
+    value of any byte but NUL, CR and LF; a host without :authority."""
+    head = http2.request_head(
+        [*REQUEST, (b"host", b"svc"), (b"te", b"Trailers"), (b"x", b""), (b"y", b"\xff a")], True
+    )
+    assert (head.method, head.target, head.authority) == (b"GET", b"/", b"svc")
+    only_host = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b"host", b"h")]
+    assert http2.request_head(only_host, True).authority == b"h"
+
+
+def test_trailers_take_no_pseudo_header_nor_a_malformed_field() -> None:
+    http2.check_trailers([(b"grpc-status", b"0"), (b"x", b"")])
+    for trailers in ([(b":status", b"200")], [(b"Grpc-Status", b"0")], [(b"x", b"a\n")]):
+        with pytest.raises(http2.Malformed):
+            http2.check_trailers(trailers)
+
+
+def test_values_new_each_request_are_not_indexed() -> None:
+    """``x-request-id`` and the deadlines left are new each request: indexed, they would only
+    push the others out of the HPACK table."""
+    out: http1.Headers = []
+    for name in (b"x-request-id", b"grpc-timeout", b"x-meshlet-deadline-ms", b"x-other"):
+        http2.add_field(out, name, b"1")
+    assert [isinstance(f, NeverIndexedHeaderTuple) for f in out] == [True, True, True, False]
