@@ -202,6 +202,21 @@ class Backend(Process):
             raise
         self.name = name
 
+    def toggle_failing(self, failing: bool) -> None:
+        """SIGUSR1, and wait until the app answers as it now should (the signal is handled on
+        its event loop's next turn, not at once)."""
+        self.proc.send_signal(signal.SIGUSR1)
+        want = 503 if failing else 200
+
+        def answers() -> int:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/whoami", timeout=5) as r:
+                    return int(r.status)
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        eventually(lambda: answers() == want, timeout=5, what=f"app answers {want}")
+
     def hits(self) -> int:
         status, data = http("GET", f"http://127.0.0.1:{self.port}/hits")
         assert status == 200

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import signal
 import subprocess
 import urllib.error
 import urllib.request
@@ -140,7 +139,7 @@ def exposition(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, s
         eventually(lambda: whoami(sidecar, "items") == 200, timeout=20, what="items routed")
         for _ in range(5):
             assert whoami(sidecar, "items") == 200
-        app.proc.send_signal(signal.SIGUSR1)  # the app answers 503 from now on: retried
+        app.toggle_failing(True)  # the app answers 503 from now on: retried
         assert whoami(sidecar, "items") == 503
         yield {
             "sidecar": fetch(f"http://127.0.0.1:{sidecar.ports['metrics']}/metrics"),
