@@ -29,7 +29,10 @@ from sidecar.http.http1 import MAX_HEAD_BYTES, MAX_HEADERS, ResponseHead
 
 #: the header lines no response forwards: hop-by-hop (RFC 9110 7.6.1) and ``Proxy-*``
 #: (``Transfer-Encoding`` is never here: such a head is read line by line)
-_HOP_BY_HOP: Final = re.compile(rb"\r\n(?:connection|keep-alive|te|trailer|upgrade|proxy-[^:]*):")
+#: (a match is the whole line, but its CRLF; group 1 is its value)
+_HOP_BY_HOP: Final = re.compile(
+    rb"\r\n(?:connection|keep-alive|te|trailer|upgrade|proxy-[^:]*):([^\r]*)"
+)
 _NONE: Final[frozenset[bytes]] = frozenset()
 #: the final statuses a head read whole may have, by the start of their status line (one
 #: lookup costs less than ``isdigit``, comparisons and ``int``; 1xx are interim, one head
@@ -73,20 +76,18 @@ def whole_response_head(data: bytes, resp: ResponseHead) -> bool:
     custom = _NONE
     found = _HOP_BY_HOP.search(low)  # (search again and again: finditer costs more)
     while found is not None:
-        at, value = found.span()
-        connection = low[at + 2] == 0x63  # "c"
-        # (what nearly every response says, as it says it: its end needs no search)
-        usual = connection and low[value : value + 13] == b" keep-alive\r\n"
-        line_end = value + 11 if usual else low.find(b"\r\n", value)
-        found = _HOP_BY_HOP.search(low, line_end)
+        at, line_end = found.span()
         cuts.append((at, line_end))  # the CRLF before the line, and the line
-        if connection and not usual:
-            listed = low[value:line_end].strip()
-            if listed != b"keep-alive":
-                tokens = connection_tokens(listed)
-                resp.close = resp.close or b"close" in tokens
-                if not tokens <= KEPT_TOKENS:
-                    custom |= tokens - KEPT_TOKENS
+        if low[at + 2] == 0x63:  # "c": Connection, whose value may name more lines
+            listed = found[1]
+            if listed != b" keep-alive":  # (what nearly every response says, as it says it)
+                listed = listed.strip()
+                if listed != b"keep-alive":
+                    tokens = connection_tokens(listed)
+                    resp.close = resp.close or b"close" in tokens
+                    if not tokens <= KEPT_TOKENS:
+                        custom |= tokens - KEPT_TOKENS
+        found = _HOP_BY_HOP.search(low, line_end)
     if custom:
         _cut_named(low, custom, cuts)
     if not cuts:
