@@ -38,6 +38,15 @@ _NONE: Final[frozenset[bytes]] = frozenset()
 #: lookup costs less than ``isdigit``, comparisons and ``int``; 1xx are interim, one head
 #: among several)
 _FINAL: Final = {b"HTTP/1.1 %d" % status: status for status in range(200, 1000)}
+#: ``response_framing`` of each of those statuses, read whole (no Transfer-Encoding, not the
+#: answer to a HEAD request: the exchange knows that), with a Content-Length and without:
+#: asked once here, a lookup a head instead of a call
+_SIZED: Final = {
+    status: response_framing(status, False, False, False, True) for status in _FINAL.values()
+}
+_UNSIZED: Final = {
+    status: response_framing(status, False, False, False, False) for status in _FINAL.values()
+}
 #: a head this short has at most ``MAX_HEADERS`` lines (each at least ``a:`` and its CRLF)
 _FEW_LINES: Final = 4 * MAX_HEADERS
 
@@ -97,8 +106,7 @@ def whole_response_head(data: bytes, resp: ResponseHead) -> bool:
         resp.lines = [raw[2 : at + 2], raw[line_end + 2 :]] if at else [raw[line_end + 2 :]]
     else:
         resp.lines = [_without(raw, cuts)]
-    # (by position, as ``head_request, coded, chunked, sized``: keywords cost a lookup each)
-    resp.framing = response_framing(status, False, False, False, resp.sized)
+    resp.framing = _SIZED[status] if sized else _UNSIZED[status]
     return True
 
 
