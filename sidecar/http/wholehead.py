@@ -29,12 +29,24 @@ from sidecar.http.http1 import MAX_HEAD_BYTES, MAX_HEADERS, ResponseHead
 
 #: the header lines no response forwards: hop-by-hop (RFC 9110 7.6.1) and ``Proxy-*``
 #: (``Transfer-Encoding`` is never here: such a head is read line by line)
-_HOP_BY_HOP: Final = re.compile(rb"\r\n(?:connection|keep-alive|te|trailer|upgrade|proxy-[^:]*):")
+#: (a match is the whole line, but its CRLF; group 1 is its value)
+_HOP_BY_HOP: Final = re.compile(
+    rb"\r\n(?:connection|keep-alive|te|trailer|upgrade|proxy-[^:]*):([^\r]*)"
+)
 _NONE: Final[frozenset[bytes]] = frozenset()
 #: the final statuses a head read whole may have, by the start of their status line (one
 #: lookup costs less than ``isdigit``, comparisons and ``int``; 1xx are interim, one head
 #: among several)
 _FINAL: Final = {b"HTTP/1.1 %d" % status: status for status in range(200, 1000)}
+#: ``response_framing`` of each of those statuses, read whole (no Transfer-Encoding, not the
+#: answer to a HEAD request: the exchange knows that), with a Content-Length and without:
+#: asked once here, a lookup a head instead of a call
+_SIZED: Final = {
+    status: response_framing(status, False, False, False, True) for status in _FINAL.values()
+}
+_UNSIZED: Final = {
+    status: response_framing(status, False, False, False, False) for status in _FINAL.values()
+}
 #: a head this short has at most ``MAX_HEADERS`` lines (each at least ``a:`` and its CRLF)
 _FEW_LINES: Final = 4 * MAX_HEADERS
 
@@ -73,20 +85,18 @@ def whole_response_head(data: bytes, resp: ResponseHead) -> bool:
     custom = _NONE
     found = _HOP_BY_HOP.search(low)  # (search again and again: finditer costs more)
     while found is not None:
-        at, value = found.span()
-        connection = low[at + 2] == 0x63  # "c"
-        # (what nearly every response says, as it says it: its end needs no search)
-        usual = connection and low[value : value + 13] == b" keep-alive\r\n"
-        line_end = value + 11 if usual else low.find(b"\r\n", value)
-        found = _HOP_BY_HOP.search(low, line_end)
+        at, line_end = found.span()
         cuts.append((at, line_end))  # the CRLF before the line, and the line
-        if connection and not usual:
-            listed = low[value:line_end].strip()
-            if listed != b"keep-alive":
-                tokens = connection_tokens(listed)
-                resp.close = resp.close or b"close" in tokens
-                if not tokens <= KEPT_TOKENS:
-                    custom |= tokens - KEPT_TOKENS
+        if low[at + 2] == 0x63:  # "c": Connection, whose value may name more lines
+            listed = found[1]
+            if listed != b" keep-alive":  # (what nearly every response says, as it says it)
+                listed = listed.strip()
+                if listed != b"keep-alive":
+                    tokens = connection_tokens(listed)
+                    resp.close = resp.close or b"close" in tokens
+                    if not tokens <= KEPT_TOKENS:
+                        custom |= tokens - KEPT_TOKENS
+        found = _HOP_BY_HOP.search(low, line_end)
     if custom:
         _cut_named(low, custom, cuts)
     if not cuts:
@@ -96,8 +106,7 @@ def whole_response_head(data: bytes, resp: ResponseHead) -> bool:
         resp.lines = [raw[2 : at + 2], raw[line_end + 2 :]] if at else [raw[line_end + 2 :]]
     else:
         resp.lines = [_without(raw, cuts)]
-    # (by position, as ``head_request, coded, chunked, sized``: keywords cost a lookup each)
-    resp.framing = response_framing(status, False, False, False, resp.sized)
+    resp.framing = _SIZED[status] if sized else _UNSIZED[status]
     return True
 
 

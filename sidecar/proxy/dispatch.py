@@ -442,14 +442,6 @@ class Dispatch:
 
     # -- the end --------------------------------------------------------------------------
 
-    def release(self, reusable: bool) -> None:
-        """The response is complete: its connection goes back to its pool."""
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            if not reusable:
-                conn.reusable = False
-            conn.pool.release(conn)
-
     def close(self) -> Carrier | None:
         """Let go of the current connection, which is never reused; it is returned."""
         conn, self.conn = self.conn, None
@@ -457,9 +449,10 @@ class Dispatch:
             conn.close()
         return conn
 
-    def cancel(self) -> None:
+    def cancel(self, reusable: bool | None = None) -> None:
         """Stop all upstream work: the try (a client gone mid-try: nothing learnt), a hedged
-        try, a connect in progress, a retry waiting, the connection in use."""
+        try, a connect in progress, a retry waiting, the connection in use: closed, or with
+        ``reusable`` (the response is complete) back to its pool, reused if True."""
         attempt, self.attempt = self.attempt, None  # (``_end_try``, inline: once a request)
         if attempt is not None:
             attempt.end()
@@ -469,8 +462,15 @@ class Dispatch:
             self._stop_connecting()
         if self._retry_timer is not None:
             self._cancel_retry()
-        if self.conn is not None:
-            self.close()
+        conn = self.conn
+        if conn is not None:
+            self.conn = None
+            if reusable is None:
+                conn.close()
+            else:
+                if not reusable:
+                    conn.reusable = False
+                conn.pool.release(conn)
         self._waiting = b""  # (``_clear_out``, inline: once a request)
         if self.out is not None:
             self.out.clear()

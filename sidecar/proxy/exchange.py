@@ -245,8 +245,8 @@ class Exchange(Owner):
         if self.head.grpc:  # a call whose trailers had no grpc-status: as its HTTP status
             self.up.record(classify.response(self._status).failed)
         self.client.answer.end()
-        self.up.release(self.request_done)
-        self.cancel()  # (``_finish``, inline: once a request)
+        # its connection back to its pool (``_finish``, inline: once a request)
+        self.cancel(self.request_done)
         self.client.exchange_done(self, close=not self.keep_alive, abort=False)
 
     def response_upgraded(self, rest: bytes) -> None:
@@ -365,9 +365,9 @@ class Exchange(Owner):
         self.cancel()
         self.client.exchange_done(self, close=close, abort=abort)
 
-    def cancel(self) -> None:
-        """Stop all upstream work (``Dispatch.cancel``); the request leaves the service's
-        count, and goes into its metrics."""
+    def cancel(self, reusable: bool | None = None) -> None:
+        """Stop all upstream work (``Dispatch.cancel``: ``reusable``, the response is
+        complete); the request leaves the service's count, and goes into its metrics."""
         if self._started >= 0:
             seconds = monotonic() - self._started
             self._started = -1.0
@@ -382,7 +382,7 @@ class Exchange(Owner):
                 self._error,
                 self._grpc,
             )
-        self.up.cancel()
+        self.up.cancel(reusable)
         self.tries.finish()
         route = self.route
         if self._counted and route is not None:
