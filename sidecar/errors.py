@@ -98,6 +98,11 @@ class Reason(enum.Enum):
         return self.value[2]
 
 
+def connection_lost(exc: BaseException | None) -> str:
+    """How a connection that ended is described in a failure's detail."""
+    return f"{type(exc).__name__}: {exc}" if exc else "connection closed"
+
+
 def error_response(reason: Reason, detail: str, *, close: bool) -> bytes:
     """The whole synthetic response: status line, headers and a one-line text body."""
     status, phrase, code = reason.value

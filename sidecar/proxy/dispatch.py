@@ -15,7 +15,7 @@ import asyncio
 
 from control_plane.wire import Endpoint
 from sidecar.balancing.balancer import Member
-from sidecar.errors import Reason
+from sidecar.errors import Reason, connection_lost
 from sidecar.http import http1
 from sidecar.http.http1 import RequestHead, ResponseHead
 from sidecar.proxy.attempt import Attempt, Hedged, elsewhere
@@ -295,7 +295,7 @@ class Dispatch:
                 assert isinstance(pool, Pool)  # (the only kind of ``upstream.Home``)
                 self._connect(pool)
                 return
-        detail = f"{type(exc).__name__}: {exc}" if exc else "connection closed"
+        detail = connection_lost(exc)
         if protocol_error:
             self._fail(Reason.UPSTREAM_PROTOCOL_ERROR, "the upstream sent a malformed response")
         elif conn is not None and conn.received:

@@ -15,7 +15,7 @@ All of it is synchronous callback code; the only thing awaited is a new upstream
 from __future__ import annotations
 
 from sidecar.clock import monotonic
-from sidecar.errors import Reason
+from sidecar.errors import Reason, connection_lost
 from sidecar.http import grpc, http1
 from sidecar.http.http1 import RequestHead, ResponseHead
 from sidecar.proxy.client import Client
@@ -275,7 +275,7 @@ class Exchange(Owner):
             if protocol_error:
                 self._cut(Reason.UPSTREAM_PROTOCOL_ERROR, "the upstream's response broke off")
             else:
-                detail = f"{type(exc).__name__}: {exc}" if exc else "connection closed"
+                detail = connection_lost(exc)
                 self._cut(Reason.UPSTREAM_RESET, f"upstream cut the response ({detail})")
         else:
             self.up.failed(conn, exc, protocol_error)
