@@ -14,10 +14,15 @@ validation, a tenth of its cost per exchange each way): names lower-cased and st
 stripped, no connection-specific field nor ``te`` (RFC 9113 8.2.2), no empty or pseudo-header
 name but ``:status`` first, and ``authorization`` fields (and a short ``cookie``) never indexed
 by HPACK, as h2's ``_secure_headers`` would, nor the values new each request (``x-request-id``).
+
+The ``hpack`` library's loggers are disabled on import: they log each field coded, at debug,
+secrets too (``authorization``, under ``--log-level debug``), and cost a ``Logger.debug``
+call each time even when nothing is logged (``HPACK_LOGGERS``).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Final
 
@@ -49,6 +54,13 @@ _NOT_INDEXED: Final = frozenset(
         b"x-meshlet-deadline-ms",
     }
 )
+#: the ``hpack`` library's loggers, disabled: they never write a field's value (a secret) to
+#: the sidecar's log, and their ``debug`` calls, about 60 a unary gRPC exchange through the
+#: sidecar, stop at ``isEnabledFor``'s first check (17k instructions less an exchange, of
+#: the calls' 120k: ``bench_h2_library``)
+HPACK_LOGGERS: Final = ("hpack.hpack", "hpack.table")
+for _name in HPACK_LOGGERS:
+    logging.getLogger(_name).disabled = True
 _STATUS: Final = {status: str(status).encode() for status in range(100, 600)}
 #: the bytes a received field's name may hold (RFC 9113 8.2.1: no upper case, no control,
 #: space, ``:``, DEL or non-ASCII byte)

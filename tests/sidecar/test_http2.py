@@ -4,6 +4,8 @@ checked by it (``Malformed``), since neither codec validates what it receives.""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
@@ -165,3 +167,22 @@ def test_values_new_each_request_are_not_indexed() -> None:
     for name in (b"x-request-id", b"grpc-timeout", b"x-meshlet-deadline-ms", b"x-other"):
         http2.add_field(out, name, b"1")
     assert [isinstance(f, NeverIndexedHeaderTuple) for f in out] == [True, True, True, False]
+
+
+def test_the_codec_logs_no_field_at_debug(caplog: pytest.LogCaptureFixture) -> None:
+    """Under ``--log-level debug`` the sidecar's log holds no field the codec coded (hpack
+    logs each one, an ``authorization`` value too), and hpack's debug calls cost nothing
+    but the call."""
+    caplog.set_level(logging.DEBUG)
+    server = H2Connection(server_config())
+    client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+    server.initiate_connection()
+    client.initiate_connection()
+    client.send_headers(1, [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"),
+                            (b":authority", b"x"), (b"authorization", b"Bearer s3cret")],
+                        end_stream=True)  # fmt: skip
+    events = server.receive_data(client.data_to_send())
+    assert any(isinstance(e, RequestReceived) for e in events)
+    assert "s3cret" not in caplog.text
+    assert not [r for r in caplog.records if r.name.startswith("hpack")]
+    assert not logging.getLogger("hpack.hpack").isEnabledFor(logging.DEBUG)
