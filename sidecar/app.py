@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import uvloop
 
 from control_plane.flags import setup_logging
-from control_plane.wire import Endpoint, Registration
+from control_plane.wire import Endpoint, Registration, following
 from sidecar import build
 from sidecar.admin.httpd import Port
 from sidecar.admin.metrics import SidecarMetrics, endpoint_state
@@ -284,10 +284,12 @@ class Sidecar:
     # -- the routing file -------------------------------------------------------------------
 
     def reload(self) -> bool:
-        """Load the routing file again; a bad one is logged and the old table stays."""
+        """Load the routing file again; a bad one is logged and the old table stays. A
+        service whose entry did not change keeps its route and balancer state."""
         path = self.config.table
         try:
-            table = load_table_file(path)
+            with following(self.tables.in_force()):
+                table = load_table_file(path)
             self.tables.install(table, f"file:{path}")
         except TableError as e:
             self.last_reload_error = str(e)

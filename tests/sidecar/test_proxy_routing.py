@@ -302,3 +302,15 @@ async def test_table_file_reload_and_rejection(
     mesh.table_path.write_text("services: [\n")
     assert not mesh.sidecar.reload()
     assert "not valid YAML at line" in mesh.sidecar.last_reload_error
+    # a reload that changes one service keeps the route (balancer state) of the other
+    mesh.write_table({"svc": service(b.port), "other": service(a.port)})
+    assert mesh.sidecar.reload()
+    routes = mesh.sidecar.tables.current
+    assert routes is not None
+    before = routes.named("svc"), routes.named("other")
+    mesh.write_table({"svc": service(b.port), "other": service(b.port)})
+    assert mesh.sidecar.reload()
+    routes = mesh.sidecar.tables.current
+    assert routes is not None
+    assert routes.named("svc") is before[0]
+    assert routes.named("other") is not before[1]
