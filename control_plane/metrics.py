@@ -31,7 +31,7 @@ as it happens, a few times per table version.
 | ``meshlet_cp_csr_refused_total`` | counter | reason | CSRs refused: too_large, invalid, ... |
 | ``meshlet_cp_trust_bundle_roots`` | gauge | | roots in the trust bundle pushed to sidecars |
 | ``meshlet_cp_ca_expiry_timestamp_seconds`` | gauge | | when the signing CA expires |
-| ``meshlet_replica_reaper`` | gauge | | replicas: 1 while this one holds the reaper's lease |
+| ``meshlet_replica_reaper`` | gauge | | replicas: 1 while its lease is good by its own clock |
 | ``meshlet_replica_leases_acquired_total`` | counter | | replicas: times it took the lease |
 | ``meshlet_replica_leases_lost_total`` | counter | | replicas: a fenced write or renewal failed |
 | ``meshlet_replica_resyncs_total`` | counter | | replicas: reloads after falling behind |

@@ -99,6 +99,9 @@ class Replica:
         """this replica's name in Redis (the lease's holder, the sidecar lists)"""
         self.fence: Fence | None = None
         """the reaper's lease while this replica holds it"""
+        self._lease_until = 0.0
+        """when the lease runs out by this replica's clock: counted from before it asked Redis
+        to take or renew it, so never later than Redis lets it go"""
         self.interval = min(1.0, lease_ttl / 5, registry.heartbeat_ttl / 4)
         """seconds between reaper ticks: a sweep and a renewal, or a try to acquire"""
         self.acquired = 0
@@ -120,7 +123,9 @@ class Replica:
 
     @property
     def leading(self) -> bool:
-        return self.fence is not None
+        """Holding the lease, as far as this replica can tell: a replica paused past its lease
+        stops saying so as it resumes, before its next tick finds out from the fence."""
+        return self.fence is not None and self.clock.monotonic() < self._lease_until
 
     async def start(self) -> Snapshot:
         """Load the registry (before the first table is built): the change stream's position
@@ -241,8 +246,10 @@ class Replica:
                 # from the fence, which no clock of its own can fool
                 self.registry.apply_seen(await self.store.load_seen())
                 await self.registry.expire(functools.partial(self.store.expire_fenced, self.fence))
+                asked = self.clock.monotonic()
                 if not await self.store.renew_lease(self.fence, ttl_ms):
                     raise LeaseLost("the lease expired before it was renewed")
+                self._lease_until = asked + self.lease_ttl
             except (LeaseLost, StoreError) as e:
                 self.fence = None
                 self.lost += 1
@@ -252,6 +259,7 @@ class Replica:
 
     async def _acquire(self, ttl_ms: int) -> None:
         try:
+            asked = self.clock.monotonic()
             fence = await self.store.acquire_lease(self.id, ttl_ms)
             if fence is None:
                 return
@@ -260,5 +268,6 @@ class Replica:
             return
         self.registry.grace()
         self.fence = fence
+        self._lease_until = asked + self.lease_ttl
         self.acquired += 1
         log.info("took the reaper's lease (fencing token %d)", fence.token)

@@ -145,6 +145,29 @@ async def test_one_replica_reaps_and_every_replica_sees_the_removal(
     assert leaders().count(True) == 1
 
 
+async def test_a_reaper_past_its_lease_by_its_own_clock_says_it_no_longer_leads(
+    make_api: MakeApi, redis_url: str, clock: FakeClock
+) -> None:
+    """A reaper resumed after a pause (here: its clock moved past the lease between two ticks)
+    does not report itself the reaper before a tick has renewed the lease."""
+    a, b = await replicas(make_api, redis_url, lease_ttl=1.0)
+
+    def leaders() -> list[bool]:
+        return [api.app[REPLICA].leading for api in (a, b)]
+
+    async def one_leader() -> bool:
+        return leaders().count(True) == 1
+
+    await eventually(one_leader)
+    leader = a.app[REPLICA] if leaders()[0] else b.app[REPLICA]
+    clock.advance(0.9)
+    assert leader.leading  # within its lease
+    clock.advance(0.2)
+    assert leaders() == [False, False]  # no tick has run since the clock moved
+    await eventually(one_leader)  # the next tick renews it: Redis never let it go
+    assert leader.leading
+
+
 async def test_a_reaper_that_lost_its_lease_writes_nothing(redis_url: str) -> None:
     """A reaper paused past its lease (here: it simply did not renew) while another took it:
     its expiry is refused by the fencing check in Redis, and the registry keeps everything."""

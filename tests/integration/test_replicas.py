@@ -98,10 +98,24 @@ def mesh(control_plane: StartCP, sidecar_process: StartSidecar, tmp_path: Path) 
         redis.stop()
 
 
-def versions(mesh: Mesh) -> set[int]:
-    """Table versions of every live replica and every sidecar."""
-    found = {cp.call("GET", "/v1/table")[1]["version"] for cp in mesh.live()}
-    return found | {dump(s)["table"]["version"] for s in (mesh.a, mesh.b)}
+def versions(mesh: Mesh) -> dict[str, int]:
+    """Table version of every live replica and every sidecar, by who holds it."""
+    found = {f"replica {cp.url}": cp.call("GET", "/v1/table")[1]["version"] for cp in mesh.live()}
+    sidecars = {"sidecar a": mesh.a, "sidecar b": mesh.b}
+    return found | {name: dump(s)["table"]["version"] for name, s in sidecars.items()}
+
+
+def one_version(mesh: Mesh, timeout: float) -> None:
+    held: dict[str, int] = {}
+
+    def same() -> bool:
+        held.update(versions(mesh))
+        return len(set(held.values())) == 1
+
+    try:
+        eventually(same, timeout=timeout, what="one version everywhere")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; last seen {held}") from None
 
 
 def test_the_leader_killed_another_reaps_within_the_lease_ttl(mesh: Mesh) -> None:
@@ -160,7 +174,7 @@ def test_a_leader_paused_past_its_lease_expires_nothing_when_it_resumes(mesh: Me
     eventually(all_healthy, timeout=8, what="every instance healthy on every replica")
     assert len(mesh.leaders()) == 1
     assert mesh.metric(leader, "meshlet_replica_reaper") == 0
-    eventually(lambda: len(versions(mesh)) == 1, timeout=5, what="one version everywhere")
+    one_version(mesh, timeout=5)
     assert call(mesh.b, "a") == (200, "a")
 
 
@@ -184,7 +198,7 @@ def test_redis_restarted_nothing_expires_and_everyone_converges(mesh: Mesh) -> N
     eventually(lambda: len(mesh.leaders()) == 1, timeout=10, what="a reaper again")
     status, body = mesh.cps[2].call("PUT", "/v1/services/a/policy", {"lb": "random"})
     assert status == 200, body
-    eventually(lambda: len(versions(mesh)) == 1, timeout=10, what="one version everywhere")
+    one_version(mesh, timeout=10)
     for cp in mesh.cps:
         assert mesh.instances(cp) == before
     assert call(mesh.b, "a") == (200, "a")
