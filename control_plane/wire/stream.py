@@ -217,7 +217,7 @@ def _table_by_service(text: str) -> Table | None:
 
     def entry(name: str, at: int) -> int:
         value, end = _DECODER.raw_decode(text, at)
-        services.add(name, value)
+        services.add(name, value, text[at:end])
         return end
 
     try:
@@ -229,6 +229,8 @@ def _table_by_service(text: str) -> Table | None:
             table = parse(Table, rest)
     except (WireError, ValueError, RecursionError):
         return None
+    if services.following is not None:
+        services.following.digests = services.digests
     return dataclasses.replace(table, services=services.parsed)
 
 

@@ -189,21 +189,38 @@ class ServiceEntry:
         check_bounds(self)
 
 
-#: the services of the table in force while the next one is parsed (``following``)
-_in_force: contextvars.ContextVar[Mapping[str, ServiceEntry]] = contextvars.ContextVar(
-    "in_force", default=MappingProxyType({})
+@dataclass(slots=True)
+class Following:
+    """The table in force while the next one is parsed (``following``): its services, and
+    for those it was sent in a table message a digest of the JSON they came in, ``sent``.
+    ``digests``: the same for the table parsed, once a table message was parsed whole."""
+
+    services: Mapping[str, ServiceEntry]
+    sent: Mapping[str, bytes]
+    digests: Mapping[str, bytes] = dataclasses.field(default_factory=dict)
+
+
+#: the table in force while the next one is parsed (``following``)
+_in_force: contextvars.ContextVar[Following | None] = contextvars.ContextVar(
+    "in_force", default=None
 )
 
 
 @contextlib.contextmanager
-def following(services: Mapping[str, ServiceEntry]) -> Iterator[None]:
+def following(
+    services: Mapping[str, ServiceEntry], sent: Mapping[str, bytes] = MappingProxyType({})
+) -> Iterator[Following]:
     """Within: a table parsed takes the entry of ``services`` (the table in force) for every
     service whose entry equals it, and shares their policies. A new version then holds new
     objects only for what changed (a sidecar keeps the routes of the others too), and the
-    old and new copies of a large table are never alive together."""
-    token = _in_force.set(services)
+    old and new copies of a large table are never alive together. A service a table message
+    sends in the very JSON ``sent`` has a digest of is taken without parsing it again: an
+    unchanged 1,000 x 10 table costs 30 ms instead of 0.5 s. Pass the digests only with the
+    services they were made with (``Following.digests`` of the message that made them)."""
+    now = Following(services, sent)
+    token = _in_force.set(now)
     try:
-        yield
+        yield now
     finally:
         _in_force.reset(token)
 
@@ -224,12 +241,26 @@ class ServiceEntries:
 
     def __init__(self, path: str = "services") -> None:
         self.path = path
-        self.in_force = _in_force.get()
+        self.following = _in_force.get()
+        self.in_force: Mapping[str, ServiceEntry] = (
+            self.following.services if self.following is not None else {}
+        )
         self.policies = {entry.policy: entry.policy for entry in self.in_force.values()}
         self.parsed: dict[str, ServiceEntry] = {}
+        self.digests: dict[str, bytes] = {}
+        """of the services ``add`` was given the JSON text of, while ``following``"""
 
-    def add(self, name: str, entry: Any) -> None:
-        """Service ``name`` from its decoded JSON (WireError names what is wrong)."""
+    def add(self, name: str, entry: Any, sent: str | None = None) -> None:
+        """Service ``name`` from its decoded JSON (WireError names what is wrong); ``sent``:
+        the JSON text it was decoded from, when a table message is read one service at a
+        time."""
+        if sent is not None and self.following is not None:
+            digest = hashlib.blake2b(sent.encode(), digest_size=16).digest()
+            self.digests[name] = digest
+            kept = self.in_force.get(name)
+            if kept is not None and self.following.sent.get(name) == digest:
+                self.parsed[name] = kept
+                return
         check_service_name(name, f"{self.path}.{name}")
         parsed = parse(ServiceEntry, {} if entry is None else entry, f"{self.path}.{name}")
         kept = self.in_force.get(name)

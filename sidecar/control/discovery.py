@@ -32,7 +32,7 @@ import random
 import re
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -166,6 +166,10 @@ class Discovery:
         self._newer_than = self.version
         """a table must be newer than this to be applied: the version in force, or 0 in a
         session with a control plane of another history"""
+        self._sent: tuple[Table | None, Mapping[str, bytes]] = (None, {})
+        """the last table the stream sent that went in force, and digests of the JSON each
+        of its services came in (``wire.following``: what comes again as it was is not
+        parsed again)"""
         self.instance: str | None = None
         self.app_healthy = app_healthy
         self.connected = False
@@ -326,8 +330,12 @@ class Discovery:
     async def _apply(self, text: str) -> Ack | Nack | None:
         """What a message from the control plane is answered with: a table's ACK or NACK; a
         certificate goes to the identity, unanswered."""
+        held, sent = self._sent
+        current = self.tables.current
+        if current is None or current.table is not held:
+            sent = {}
         try:
-            with following(self.tables.in_force()):
+            with following(self.tables.in_force(), sent) as parsed:
                 message = decode(text)
         except WireError as e:
             log.warning("table refused: %s", e)
@@ -340,9 +348,11 @@ class Discovery:
             return None
         if not isinstance(message, Table):
             return Nack(0, f"expected a table, got {type(message).__name__}")
-        return await self._apply_table(message, text)
+        return await self._apply_table(message, text, parsed.digests)
 
-    async def _apply_table(self, message: Table, text: str) -> Ack | Nack:
+    async def _apply_table(
+        self, message: Table, text: str, digests: Mapping[str, bytes]
+    ) -> Ack | Nack:
         if message.version <= self._newer_than:
             error = f"version {message.version} is not newer than {self._newer_than}"
             log.warning("table refused: %s", error)
@@ -354,6 +364,7 @@ class Discovery:
             return Nack(message.version, str(e))
         self.version = self._newer_than = message.version
         self.epoch = message.epoch
+        self._sent = (message, digests)
         if self.identity is not None:
             self.identity.on_table(message)
         try:

@@ -159,6 +159,14 @@ async def test_a_pushed_table_keeps_what_the_one_in_force_has_of_it(tmp_path: Pa
     assert (holder.current.table.services["a"], holder.route(b"a")) == before
     assert holder.current.table.services["a"] is before[0]
     assert holder.route(b"a") is before[1]
+    # what it came in is remembered with the table it made, and used only with that table
+    table, digests = d._sent
+    assert table is holder.current.table
+    assert set(digests) == {"a", "b"}
+    holder.install(parse_table({"services": {"a": b}, "version": 5}), "file:x")
+    newest = parse_table({"services": {"a": to_json(TABLE.services["a"]), "b": b}, "version": 6})
+    assert await d._apply(table_message(newest)) == Ack(6)
+    assert holder.current.table == newest  # "a" parsed again: the table in force had changed
 
 
 @pytest.mark.parametrize(
