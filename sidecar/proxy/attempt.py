@@ -78,6 +78,15 @@ class Attempt:
         if outlier.record(stats, failed, now, config, members, route.name, self.endpoint):
             route.service.ejections += 1
 
+    def connected(self) -> None:
+        """The try had to open a connection, and it is up: its latency counts from now, as
+        Linkerd's peak EWMA counts from the call on a ready connection. A connect (and mesh
+        TLS handshake) is the pool's cost, not the endpoint's: counted, it held a latency
+        spike for ~10 s against an endpoint whose idle connections had been closed, sending
+        it still less traffic. A connect that fails is a failure all the same."""
+        if self.tried_at:
+            self.tried_at = self.route.clock.monotonic()
+
     def answered(self) -> None:
         """The response head came, but not the outcome: a gRPC call's status comes in its
         trailers. Its latency is counted to now when ``record`` comes."""

@@ -206,8 +206,10 @@ class Dispatch:
         self._connecting = None
         if conn is None:
             self.try_failed(reason, detail)
-        else:
-            self._send_on(conn)
+            return
+        if self.attempt is not None:
+            self.attempt.connected()
+        self._send_on(conn)
 
     def _stop_connecting(self) -> None:
         if self._connecting is not None:

@@ -19,6 +19,7 @@ from sidecar.balancing.ewma import EndpointStats, Exclusions
 from sidecar.clock import FakeClock
 from sidecar.errors import Reason
 from sidecar.http import http1
+from sidecar.proxy.attempt import Attempt
 from sidecar.proxy.client import Http1Answer
 from sidecar.proxy.exchange import Exchange
 from sidecar.proxy.limits import Source
@@ -347,3 +348,25 @@ def test_the_deadline_header_is_the_tries_time_left() -> None:
     mesh = Mesh()  # 15 s, one retry: 7.5 s a try
     mesh.request()
     assert b"x-meshlet-deadline-ms: 7500" in sent(mesh.conns()[0])
+
+
+def test_a_trys_latency_counts_from_its_connection_up_not_from_its_connect() -> None:
+    """A try that had to open a connection: its endpoint's latency is from the connection
+    up to the response head (Linkerd's peak EWMA measures on a ready connection); a connect
+    that fails is a failure all the same."""
+    mesh = Mesh()
+    member = mesh.route.balancer.members[0]
+    attempt = Attempt(mesh.route, member)
+    mesh.clock.advance(0.200)  # the connect and its TLS handshake
+    attempt.connected()
+    mesh.clock.advance(0.010)
+    attempt.record(False)
+    attempt.end()
+    stats = mesh.stats[0].statistics(mesh.clock.now)
+    # a peak EWMA takes a sample above its estimate at once: 210 ms, had the connect counted
+    assert stats.rtt_ms < 50
+    failing = Attempt(mesh.route, mesh.route.balancer.members[1])
+    mesh.clock.advance(0.200)  # a connect timing out
+    failing.record(True)
+    failing.end()
+    assert mesh.stats[1].failures == 1
