@@ -10,7 +10,17 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.sidecar.conftest import LOCAL, NO_OUTLIER, Mesh, Upstream, each, get, request, svc
+from tests.sidecar.conftest import (
+    LOCAL,
+    NO_OUTLIER,
+    Mesh,
+    Upstream,
+    each,
+    get,
+    request,
+    service,
+    svc,
+)
 
 MakeMesh = Callable[..., Awaitable[Mesh]]
 Upstreams = Callable[[str], Awaitable[Upstream]]
@@ -171,12 +181,30 @@ async def test_metrics_off_is_404_and_records_nothing(
 
 
 @pytest.mark.parametrize("endpoints", [100, 101])
-async def test_per_endpoint_series_stop_above_a_hundred_endpoints(
+async def test_per_endpoint_series_only_of_services_called_of_up_to_a_hundred_endpoints(
     make_mesh: MakeMesh, endpoints: int
 ) -> None:
-    mesh = await make_mesh(svc(*range(20000, 20000 + endpoints)))
+    table = svc(*range(20000, 20000 + endpoints))
+    table["never"] = service(*range(30000, 30010))
+    mesh = await make_mesh(table)
+
+    def series(found: Samples, name: str) -> dict[str, list[float]]:
+        by_service: dict[str, list[float]] = {}
+        for (sample, labels), v in found.items():
+            if sample == name:
+                by_service.setdefault(dict(labels)["service"], []).append(v)
+        return by_service
+
+    assert series(samples(await scrape(mesh)), "meshlet_endpoint_state") == {}  # none called
+    (resp,) = await request(mesh.outbound, get("/"))  # (nothing listens: a refused connect)
+    assert resp.status == 502
     found = samples(await scrape(mesh))
-    states = [k for k in found if k[0] == "meshlet_endpoint_state"]
-    assert len(states) == (endpoints * 5 if endpoints <= 100 else 0)
-    tries = [v for k, v in found.items() if k[0] == "meshlet_endpoint_tries_total"]
-    assert tries == ([0.0] * endpoints if endpoints <= 100 else [])
+    states = series(found, "meshlet_endpoint_state")
+    tries = series(found, "meshlet_endpoint_tries_total")
+    if endpoints <= 100:
+        assert set(states) == set(tries) == {"svc"}  # not "never": this sidecar never called it
+        assert len(states["svc"]) == endpoints * 5
+        assert len(tries["svc"]) == endpoints
+        assert sum(tries["svc"]) >= 1  # (a refused connect is resent elsewhere: maybe more)
+    else:
+        assert states == tries == {}
