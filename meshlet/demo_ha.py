@@ -398,9 +398,13 @@ class Takeovers:
 
     async def restart(self, t: Takeover) -> None:
         t.restarted_at = time.monotonic()
-        replica = await self.mesh.restart_replica(t.name)
-        t.pid_after = replica.child.pid
-        self.event(f"restart {t.name} (on its old port; pid {t.pid_after}): a follower now")
+
+        def spawned(pid: int) -> None:
+            t.pid_after = pid
+            self.event(f"restart {t.name} (on its old port; pid {pid})")
+
+        await self.mesh.restart_replica(t.name, spawned)
+        self.event(f"{t.name} is up again: a follower now")
 
     def summary(self) -> list[str]:
         lines = []

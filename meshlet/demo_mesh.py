@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -275,7 +276,11 @@ class Mesh:
         self.replicas = dict(sorted(self.replicas.items()))
         return first.url
 
-    async def _start_replica(self, name: str, port: int, store: str) -> Replica:
+    async def _start_replica(
+        self, name: str, port: int, store: str, spawned: Callable[[int], None] | None = None
+    ) -> Replica:
+        """``spawned``: told the pid as soon as the process exists (the demo may end before
+        the replica listens; every process it started has been named)."""
         extra = ("--lease-ttl", f"{self.lease_ttl:g}") if self.ha else ()
         child = await self._spawn(
             name,
@@ -286,6 +291,8 @@ class Mesh:
             *extra,
             keep_env=REDIS_PASSWORD_ENV if self.ha else (),
         )  # fmt: skip
+        if spawned is not None:
+            spawned(child.pid)
         (found,) = await child.wait_for(LISTENING)
         replica = Replica(name, child, found.group(1))
         self.replicas[name] = replica
@@ -298,9 +305,9 @@ class Mesh:
         await child.proc.wait()
         return child.pid
 
-    async def restart_replica(self, name: str) -> Replica:
+    async def restart_replica(self, name: str, spawned: Callable[[int], None]) -> Replica:
         """Start a replica that was killed again, on its old port."""
-        return await self._start_replica(name, self.replicas[name].port, self.store)
+        return await self._start_replica(name, self.replicas[name].port, self.store, spawned)
 
     async def mint_token(self, http: aiohttp.ClientSession, service: str) -> None:
         """A service token for ``service``'s sidecars (``secrets/SERVICE.token``)."""
