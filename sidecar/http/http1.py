@@ -19,6 +19,7 @@ from sidecar.clock import wall
 from sidecar.http import framing, grpctimeout
 from sidecar.http.framing import request_framing, response_framing
 from sidecar.http.headers import (
+    ATTEMPT,
     CL,
     CONN,
     DEADLINE,
@@ -43,6 +44,12 @@ from sidecar.http.headers import (
 )
 
 Headers = list[tuple[bytes, bytes]]
+
+# ``RequestHead.add`` tells the headers a request does not forward as they came (XFF, the
+# dropped ones, the mesh's own) from the rest by one comparison, and the mesh's numbers from
+# the rest of its own by another
+assert max(HOST, TE, CL, CONN, UPGRADE, EXPECT, RID) < XFF < DROP < DEADLINE
+assert max(DEADLINE, TIMEOUT, ATTEMPT) < RETRY < GRPC_TIMEOUT
 
 #: methods whose requests may be replayed on a fresh connection (RFC 9110 9.2.2)
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
@@ -218,13 +225,40 @@ class RequestHead(HeadLines):
             action = action_of(actions, name)
         if action == FORWARD:
             self.lines.append(b"%s: %s\r\n" % (name, value))
-        elif action == HOST:
+            return
+        if action >= XFF:  # read, or dropped: not among the lines (counted, for the limits)
+            self.unlisted += 1
+            self.unlisted_bytes += len(name) + len(value) + 4
+            if action == DROP:
+                return
+            if action == XFF:
+                xff = self.forwarded_for
+                self.forwarded_for = xff + b", " + value if xff else value
+            elif action >= RETRY:  # the mesh's own: read, never forwarded as sent
+                _mesh_header(self, action, value.strip())
+            else:  # the mesh's numbers: a request of the mesh has two (a malformed one is
+                # ignored, as Envoy ignores a bad x-envoy-upstream-rq-timeout-ms)
+                value = value.strip()
+                if value.isdigit() and len(value) <= 10:
+                    number = int(value)
+                    if action == DEADLINE:
+                        self.deadline_ms = number
+                    elif action == ATTEMPT:
+                        self.attempt = number
+                    else:
+                        self.timeout_ms = number or None
+            return
+        if action == HOST:
             if self._host_seen:  # which one the upstream would take is anybody's guess
                 raise ValueError("more than one Host header")
             self._host_seen = True
             if self.authority is None:
                 self.authority = value
             self.lines.append(b"%s: %s\r\n" % (name, self.authority or value))
+        elif action == RID:
+            if value and not self.request_id:
+                self.request_id = value
+            self.lines.append(b"%s: %s\r\n" % (name, value))
         elif action == CL:
             if not value.strip().isdigit():  # (llhttp lets only digits through)
                 raise ValueError(f"Content-Length {value[:20]!r} is not a number")
@@ -233,24 +267,14 @@ class RequestHead(HeadLines):
         elif action == EXPECT:
             self.expect_continue = value.strip().lower() == b"100-continue"
             self.lines.append(b"%s: %s\r\n" % (name, value))
-        elif action == RID:
-            if value and not self.request_id:
-                self.request_id = value
-            self.lines.append(b"%s: %s\r\n" % (name, value))
-        else:  # read, or dropped: not among the lines (counted, for the limits)
+        else:  # Transfer-Encoding, Connection, Upgrade: read, not among the lines
             self.unlisted += 1
             self.unlisted_bytes += len(name) + len(value) + 4
-            if action >= DEADLINE:  # the mesh's own: read, never forwarded as sent
-                _mesh_header(self, action, value.strip())
-            elif action == XFF:
-                xff = self.forwarded_for
-                self.forwarded_for = xff + b", " + value if xff else value
-            elif action != DROP:
-                tokens = self._hop_by_hop(action, value)
-                if tokens is not None:
-                    self._connection_upgrade = self._connection_upgrade or b"upgrade" in tokens
-                elif action == TE:
-                    self.chunked = True  # httptools accepts only a final "chunked"
+            tokens = self._hop_by_hop(action, value)
+            if tokens is not None:
+                self._connection_upgrade = self._connection_upgrade or b"upgrade" in tokens
+            elif action == TE:
+                self.chunked = True  # httptools accepts only a final "chunked"
 
     def complete(self, keep_alive: bool) -> None:
         """The last header line came: what the lines decide together."""
@@ -314,24 +338,16 @@ def parse_request_head(
 
 
 def _mesh_header(head: RequestHead, action: int, value: bytes) -> None:
-    """A malformed value is ignored (as Envoy ignores a bad x-envoy-upstream-rq-timeout-ms);
+    """``x-meshlet-retry`` or ``grpc-timeout`` (the mesh's numbers: ``RequestHead.add``);
     a malformed ``grpc-timeout`` goes on as it came (it is the server's to judge)."""
     if action == RETRY:
         head.retry = value.lower() == b"on"
-    elif action == GRPC_TIMEOUT:
+    else:
         ms = grpctimeout.parse_ms(value)
         if ms is None:
             head.lines.append(b"grpc-timeout: %s\r\n" % value)
         elif head.grpc_timeout_ms is None or ms < head.grpc_timeout_ms:
             head.grpc_timeout_ms = ms
-    elif value.isdigit() and len(value) <= 10:
-        number = int(value)
-        if action == DEADLINE:
-            head.deadline_ms = number
-        elif action == TIMEOUT:
-            head.timeout_ms = number or None
-        else:
-            head.attempt = number
 
 
 #: ``x-meshlet-attempt`` lines of the first tries, made once

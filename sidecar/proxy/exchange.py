@@ -96,7 +96,12 @@ class Exchange(Owner):
             )
             return
         source = client.source
-        if source is not None and not client.source_allows(policy.max_requests):
+        # (a source with nothing in flight is within any share: at least one request)
+        if (
+            source is not None
+            and source.in_flight
+            and not client.source_allows(policy.max_requests)
+        ):
             self.fail(
                 Reason.OVERLOADED,
                 f"{client.client_ip.decode()} has its share of the {policy.max_requests} "

@@ -403,7 +403,9 @@ class Downstream(Watch):
     def _guarded_route(self, authority: bytes | None) -> Route | tuple[Reason, str]:
         """The route, once the caller may call (``guard``)."""
         guard = self.tracker.guard
-        refused = None if guard is None else guard.check(self.peer, self.client_ip)
+        if guard is None or guard.open:  # (nothing to refuse: one call fewer a request)
+            return self.router.route(authority)
+        refused = guard.check(self.peer, self.client_ip)
         return refused if refused is not None else self.router.route(authority)
 
     # -- httptools callbacks --------------------------------------------------------------

@@ -112,3 +112,52 @@ def test_two_host_headers_are_refused() -> None:
         parse(b"/", [(b"Host", b"a"), (b"host", b"b")])
     with pytest.raises(ValueError, match="more than one Host"):
         parse(b"http://a/", [(b"Host", b"a"), (b"Host", b"a")])
+
+
+@pytest.mark.parametrize(
+    ("headers", "read"),
+    [
+        (
+            [(b"x-meshlet-attempt", b"2"), (b"X-Meshlet-Deadline-Ms", b" 1500 ")],
+            (1500, None, 2, False),
+        ),
+        ([(b"x-meshlet-timeout-ms", b"0"), (b"x-meshlet-retry", b"ON")], (None, None, 0, True)),
+        (
+            [(b"x-meshlet-timeout-ms", b"250"), (b"x-meshlet-deadline-ms", b"1e3")],
+            (None, 250, 0, False),
+        ),
+        # malformed numbers are ignored (too long, signed), as Envoy ignores its own
+        (
+            [(b"x-meshlet-deadline-ms", b"12345678901"), (b"x-meshlet-attempt", b"-1")],
+            (None, None, 0, False),
+        ),
+        # a later line wins
+        ([(b"x-meshlet-attempt", b"1"), (b"x-meshlet-attempt", b"3")], (None, None, 3, False)),
+    ],
+)
+def test_the_mesh_headers_are_read_and_never_forwarded_as_sent(
+    headers: list[tuple[bytes, bytes]], read: tuple[object, ...]
+) -> None:
+    head = parse(b"/", [(b"Host", b"svc"), *headers, (b"X-Keep", b"1")])
+    assert (head.deadline_ms, head.timeout_ms, head.attempt, head.retry) == read
+    assert head.lines == [b"Host: svc\r\n", b"X-Keep: 1\r\n"]
+    assert (head.unlisted, head.unlisted_bytes) == (
+        len(headers),
+        sum(len(n) + len(v) + 4 for n, v in headers),
+    )
+
+
+def test_forwarding_and_dropped_headers_are_counted_for_the_limits() -> None:
+    head = parse(
+        b"/",
+        [
+            (b"X-Forwarded-For", b"1.1.1.1"),
+            (b"x-forwarded-proto", b"https"),
+            (b"Keep-Alive", b"5"),
+            (b"x-forwarded-for", b"2.2.2.2"),
+            (b"Host", b"svc"),
+        ],
+    )
+    assert head.forwarded_for == b"1.1.1.1, 2.2.2.2"
+    assert head.lines == [b"Host: svc\r\n"]
+    assert head.unlisted == 4

@@ -383,3 +383,19 @@ def test_service_of_reads_only_this_trust_domains_service_ids() -> None:
     assert service_of("spiffe://cluster.local/ns/shop/sa/web", TD) is None
     assert service_of("spiffe://cluster.local/ns//svc/web", TD) is None
     assert service_of(WEB + "/extra", TD) is None
+
+
+def test_a_guard_is_open_only_while_it_has_nothing_to_refuse() -> None:
+    """``open`` lets the listener skip ``check``: it follows the rules as they are set."""
+    guard = InboundGuard(MeshTls(), "catalog")
+    assert guard.open
+    assert guard.check(None, b"10.0.0.9") is None
+    guard.mode = "strict"
+    assert not guard.open
+    assert guard.check(None, b"10.0.0.9") is not None
+    guard.mode, guard.allowed = "permissive", ("orders",)
+    assert not guard.open
+    assert guard.check(None, b"127.0.0.1") is not None
+    guard.allowed = ("orders", "*")
+    assert guard.open
+    assert guard.check(None, b"10.0.0.9") is None
