@@ -12,6 +12,7 @@ from h2.connection import H2Connection
 from h2.events import RequestReceived, ResponseReceived, TrailersReceived
 from h2.exceptions import ProtocolError
 from hpack import NeverIndexedHeaderTuple
+from hyperframe.frame import DataFrame
 
 from sidecar.http import http1, http2
 from sidecar.proxy.h2conn import server_config
@@ -186,3 +187,13 @@ def test_the_codec_logs_no_field_at_debug(caplog: pytest.LogCaptureFixture) -> N
     assert "s3cret" not in caplog.text
     assert not [r for r in caplog.records if r.name.startswith("hpack")]
     assert not logging.getLogger("hpack.hpack").isEnabledFor(logging.DEBUG)
+
+
+def test_a_frame_received_is_not_formatted_for_the_codecs_trace() -> None:
+    """The codec makes the ``repr`` of each frame it receives for a trace log that writes
+    nothing: it is ``object``'s, no flag nor a byte of the body formatted (a secret in a
+    body stays out of it too)."""
+    frame = DataFrame(1, b"Bearer s3cret", flags=("END_STREAM",))
+    assert repr(frame) == object.__repr__(frame)
+    assert "s3cret" not in repr(frame)
+    assert "END_STREAM" not in repr(frame)
