@@ -67,6 +67,11 @@ class Wire(Protocol):
         """The stream is over both ways, as far as the sidecar cares."""
         ...
 
+    def wake_by(self, at: float) -> None:
+        """Call the ``look`` of each stream whose ``wake_at`` passed, no later than ``at``
+        (loop time)."""
+        ...
+
 
 class H2Stream:
     """One stream of an HTTP/2 client connection: its exchange's ``Client`` and ``Answer``."""
@@ -81,9 +86,8 @@ class H2Stream:
         "_out_size",
         "_pace",
         "_paused",
-        "_timer",
+        "_route_at",
         "_trailers",
-        "_watch",
         "client_ip",
         "draining",
         "exchange",
@@ -93,6 +97,7 @@ class H2Stream:
         "route",
         "source",
         "stream_id",
+        "wake_at",
         "wire",
         "write_paused",
     )
@@ -121,9 +126,12 @@ class H2Stream:
         self._trailers: Headers | None = None
         #: a trailers-only answer's head, sent with its trailers (``head``)
         self._held_head: Headers | None = None
-        self._timer: asyncio.TimerHandle | None = None  # the exchange's deadline
+        self._route_at = math.inf  # the exchange's deadline (``expect_route_at``)
         self._pace: StreamPace | None = None  # once started
-        self._watch: asyncio.TimerHandle | None = None  # the pace's timer (``_on_watch``)
+        #: when the stream needs its next ``look``, for both (inf: never): the connection's
+        #: one timer wakes by the nearest of its streams' (``Wire.wake_by``), lazily: a
+        #: deadline that moves later asks nothing of it, the look finds it early
+        self.wake_at = math.inf
 
     def __repr__(self) -> str:
         state = "answered" if self._ended else "open"
@@ -153,8 +161,8 @@ class H2Stream:
         if ex.state is State.DONE or route is None:
             return
         idle = route.policy.stream_idle_timeout_ms / 1000
-        self._pace = StreamPace(self.wire.min_rate, idle, self.loop.time())
-        self._arm_watch()
+        self._pace = pace = StreamPace(self.wire.min_rate, idle, self.loop.time())
+        self._arm(pace.next_at(self._body_counts()))
 
     def data(self, data: bytes, flow_controlled: int) -> None:
         """A piece of the request body (``flow_controlled``: the window it took)."""
@@ -203,10 +211,7 @@ class H2Stream:
 
     def close(self) -> None:
         """The connection is gone (or the stream over): so is the stream's work."""
-        self._cancel_timer()
-        if self._watch is not None:
-            self._watch.cancel()
-            self._watch = None
+        self.wake_at = math.inf
         if self.exchange is not None:
             self.exchange.cancel()
 
@@ -245,18 +250,18 @@ class H2Stream:
         self._paused.discard(reason)
         if self._paused:
             return
-        ex = self.exchange
-        if self._pace is not None and ex is not None and ex.state is not State.DONE:
-            self._pace.resumed(self.loop.time())  # (the wait was the sidecar's)
-            self._arm_watch()
+        ex, pace = self.exchange, self._pace
+        if pace is not None and ex is not None and ex.state is not State.DONE:
+            pace.resumed(self.loop.time())  # (the wait was the sidecar's)
+            self._arm(pace.next_at(self._body_counts()))
         if self._held_acks:
             held, self._held_acks = self._held_acks, 0
             self._give_back(held)
             self.wire.flush()
 
     def expect_route_at(self, when: float) -> None:
-        self._cancel_timer()
-        self._timer = self.loop.call_at(when, self._route_timer)
+        self._route_at = when
+        self._arm(when)
 
     def become_tunnel(self) -> None:
         raise AssertionError("no tunnel over HTTP/2")
@@ -267,7 +272,7 @@ class H2Stream:
         raise AssertionError("no CONNECT over HTTP/2")
 
     def exchange_done(self, ex: object, *, close: bool, abort: bool) -> None:
-        self._cancel_timer()
+        self.wake_at = math.inf  # (nothing left to look at)
         self._paused.clear()  # (the back-pressure it put on the request body goes with it)
         if self._held_acks:
             held, self._held_acks = self._held_acks, 0
@@ -433,31 +438,50 @@ class H2Stream:
             if self.exchange is not None:
                 self.exchange.pause_upstream(paused)
 
-    def _arm_watch(self) -> None:
-        """Wake when the pace next needs a look."""
-        if self._watch is not None:
-            self._watch.cancel()
-            self._watch = None
-        pace = self._pace
-        if pace is not None:
-            at = pace.next_at(self._body_counts())
-            if at < math.inf:
-                self._watch = self.loop.call_at(at, self._on_watch)
+    def _arm(self, at: float) -> None:
+        """Ask for a ``look`` no later than ``at`` (loop time; inf: no need)."""
+        if at < self.wake_at:
+            self.wake_at = at
+            self.wire.wake_by(at)
 
     def _body_counts(self) -> bool:
         """The request body's rate counts: it is still coming, and the sidecar does not
         hold it up."""
         return not self.request_ended and not self._paused
 
-    def _on_watch(self) -> None:
+    def look(self, now: float) -> None:
+        """The connection's timer woke past ``wake_at``: the exchange's deadline passed
+        (``Exchange.route_timeout`` says what is due), or the pace needs a look; the next
+        look is asked for at the nearer of the two."""
+        self.wake_at = math.inf
+        ex = self.exchange
+        if ex is None or ex.state is State.DONE:
+            return
+        if now >= self._route_at:
+            self._route_at = math.inf  # (``route_timeout`` sets the next, if any)
+            ex.route_timeout()
+        self._look(ex, now)
+
+    def _look(self, ex: Exchange, now: float) -> None:
+        """The pace's turn (unless the deadline's ended the exchange), then the timer's next
+        wake: the nearer of the two."""
+        if ex.state is State.DONE:
+            return
+        pace = self._pace
+        if pace is None:
+            self._arm(self._route_at)
+        elif self._paced(ex, pace, now):
+            self._pace = None  # (it said its word: the exchange was cut or answered)
+            self._arm(self._route_at)  # (a look finds it done, or its deadline passed)
+        else:
+            at = pace.next_at(self._body_counts())
+            self._arm(at if at < self._route_at else self._route_at)
+
+    def _paced(self, ex: Exchange, pace: StreamPace, now: float) -> bool:
         """The body came too slowly (408, or the stream reset once answering), or nothing
         moved either way for the idle timeout (a 408 while the client holds back its body,
-        a 504 while the upstream is silent, a cut response)."""
-        self._watch = None
-        ex, pace = self.exchange, self._pace
-        if ex is None or pace is None or ex.state is State.DONE:
-            return
-        due = pace.due(self.loop.time(), self._body_counts())
+        a 504 while the upstream is silent, a cut response): True when either was due."""
+        due = pace.due(now, self._body_counts())
         if due is DUE_SLOW_BODY:
             self.wire.counters.request_body_rate += 1
             if ex.state is State.RESPONDING:
@@ -467,18 +491,9 @@ class H2Stream:
                 ex.fail(
                     Reason.REQUEST_TIMEOUT, f"the request body came slower than {rate:g} bytes/s"
                 )
-        elif due is DUE_SILENT:
+            return True
+        if due is DUE_SILENT:
             self.wire.counters.stream_idle += 1
             ex.idle_timeout(pace.idle, client_stalled=not self._paused)
-        else:
-            self._arm_watch()
-
-    def _route_timer(self) -> None:
-        self._timer = None
-        if self.exchange is not None:
-            self.exchange.route_timeout()
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+            return True
+        return False

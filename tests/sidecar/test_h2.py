@@ -15,6 +15,7 @@ import hpack
 import pytest
 from h2.exceptions import ProtocolError
 
+from sidecar.proxy.watch import Timeouts
 from tests.sidecar.conftest import (
     LOCAL,
     NO_OUTLIER,
@@ -403,6 +404,27 @@ async def test_synthetic_errors_timeouts_deadlines_and_retries_per_stream(
     assert fine.hits == 4
 
 
+async def test_a_stream_with_a_nearer_deadline_than_those_open_times_out_by_it(
+    mesh: Mesh,
+) -> None:
+    """The streams of a connection share one timer, armed by their nearest deadline: one
+    opened after a stream with a later deadline still times out by its own."""
+    loop = asyncio.get_running_loop()
+    client = await H2Client.open(mesh.outbound)
+    try:
+        long = client.start("/slow?delay=1.5")  # the route's 10 s
+        await asyncio.sleep(0.05)
+        started = loop.time()
+        short = await client.request("/slow?delay=1.5", headers=[(b"x-meshlet-timeout-ms", b"200")])
+        took = loop.time() - started
+        slow = await client.response(long)
+    finally:
+        await client.close()
+    assert (short.status, short.header(b"x-meshlet-error")) == (504, b"upstream-timeout")
+    assert 0.15 <= took < 1.0
+    assert (slow.status, bytes(slow.body)) == (200, b"slow")
+
+
 async def test_a_post_answered_early_resets_the_rest_of_its_body(mesh: Mesh) -> None:
     client = await H2Client.open(mesh.outbound)
     try:
@@ -442,6 +464,34 @@ async def test_drain_says_goaway_and_finishes_the_streams_open(mesh: Mesh) -> No
         assert (resp.status, bytes(resp.body)) == (200, b"slow")
         async with asyncio.timeout(5):
             await client.closed.wait()
+        assert client.goaway == 0
+    finally:
+        await client.close()
+
+
+async def test_an_idle_connection_is_drained_the_idle_timeout_after_its_last_stream(
+    up: Upstream, make_mesh: MakeMesh
+) -> None:
+    """The listener's idle timeout counts from the end of the connection's last stream (not
+    from its start, nor its first stream's end), and a stream open past it keeps the
+    connection: then a GOAWAY (NO_ERROR) and the close."""
+    mesh = await make_mesh({"svc": service(up.port)}, timeouts=Timeouts(idle=0.5))
+    loop = asyncio.get_running_loop()
+    client = await H2Client.open(mesh.outbound)
+    try:
+        assert (await client.request("/echo")).status == 200
+        await asyncio.sleep(0.3)
+        assert (await client.request("/echo")).status == 200
+        last = loop.time()
+        await asyncio.sleep(0.35)  # past the first stream's end + 0.5, not the last's
+        assert not client.closed.is_set()
+        slow = await client.request("/slow?delay=0.8")  # open across a whole idle timeout
+        assert (slow.status, bytes(slow.body)) == (200, b"slow")
+        last = loop.time()
+        assert not client.closed.is_set()
+        async with asyncio.timeout(5):
+            await client.closed.wait()
+        assert loop.time() - last >= 0.45
         assert client.goaway == 0
     finally:
         await client.close()
