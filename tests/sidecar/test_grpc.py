@@ -295,6 +295,12 @@ async def test_an_idle_http2_connection_closes_after_the_idle_timeout(servers: S
     await asyncio.sleep(0.4)
     assert pool.statistics().h2_connections == 1  # the other stream holds it
     pool.release(second)
+    await asyncio.sleep(0.1)
+    third = pool.take_stream()  # used again before the idle timeout: it counts anew
+    assert third is not None
+    pool.release(third)
+    await asyncio.sleep(0.15)  # 0.25 s after the first idle moment, 0.15 after the last
+    assert pool.statistics().h2_connections == 1
     await asyncio.sleep(0.4)
     assert pool.statistics().h2_connections == 0
 
