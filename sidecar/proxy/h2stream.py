@@ -59,6 +59,11 @@ class Wire(Protocol):
         """Write what the codec has to send (unless corked)."""
         ...
 
+    def owe(self, n: int, stream_id: int) -> None:
+        """``n`` bytes of DATA that ended stream ``stream_id`` were taken: their window
+        comes back to the connection (one acknowledgement for many)."""
+        ...
+
     def cork(self) -> None: ...
 
     def uncork(self) -> None: ...
@@ -164,8 +169,9 @@ class H2Stream:
         self._pace = pace = StreamPace(self.wire.min_rate, idle, self.loop.time())
         self._arm(pace.next_at(self._body_counts()))
 
-    def data(self, data: bytes, flow_controlled: int) -> None:
-        """A piece of the request body (``flow_controlled``: the window it took)."""
+    def data(self, data: bytes, flow_controlled: int, last: bool) -> None:
+        """A piece of the request body (``flow_controlled``: the window it took; ``last``:
+        its frame ended the stream, whose own window is then no matter)."""
         ex = self.exchange
         if ex is None or ex.state is State.DONE:
             self._give_back(flow_controlled)  # (nobody reads it: its window comes back)
@@ -176,6 +182,8 @@ class H2Stream:
             ex.request_body(data)
         if self._paused:
             self._held_acks += flow_controlled
+        elif last:
+            self.wire.owe(flow_controlled, self.stream_id)
         else:
             self._give_back(flow_controlled)
 

@@ -49,6 +49,8 @@ from sidecar.proxy.upstream import Carrier, Corkable, Home, ResponseSink
 OUT_LIMIT: Final = 64 * 1024
 #: response bytes the whole connection may have in flight to the sidecar (each stream: 64 KiB)
 CONNECTION_WINDOW: Final = 1024 * 1024
+#: bytes of connection window the server may be owed for DATA that ended streams (``owe``)
+OWED_MAX: Final = 64 * 1024
 _DEFAULT_WINDOW: Final = 65_535
 #: request fields an HTTP/2 request may not carry (RFC 9113 8.2.2), or that become
 #: pseudo-headers (``host``)
@@ -63,6 +65,7 @@ class H2Upstream(asyncio.Protocol):
         "_idle",
         "_idle_since",
         "_max_streams",
+        "_owed",
         "_reading",
         "closed",
         "goaway",
@@ -90,6 +93,7 @@ class H2Upstream(asyncio.Protocol):
         #: the server's SETTINGS_MAX_CONCURRENT_STREAMS, kept as each SETTINGS changes it
         #: (the codec's ``remote_settings`` answers through three Python calls)
         self._max_streams = self.h2.remote_settings.max_concurrent_streams
+        self._owed = 0  # bytes of window owed to the server's connection (``owe``)
         self._reading = False  # in ``data_received``: what the codec has goes out at its end
         self.taken = 0  # channels handed out and not yet done with
         self.goaway = False  # no new stream may start here
@@ -161,10 +165,11 @@ class H2Upstream(asyncio.Protocol):
         if isinstance(event, DataReceived):
             channel = self._channel(event.stream_id, corked)
             if channel is not None:
-                channel.data(event.data, event.flow_controlled_length)
-            elif event.flow_controlled_length:
-                # (a stream given up: its window is the connection's too)
-                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                channel.data(
+                    event.data, event.flow_controlled_length, event.stream_ended is not None
+                )
+            elif event.flow_controlled_length:  # (a stream given up)
+                self.owe(event.flow_controlled_length, event.stream_id)
         elif isinstance(event, ResponseReceived):
             channel = self._channel(event.stream_id, corked)
             if channel is not None:
@@ -242,6 +247,18 @@ class H2Upstream(asyncio.Protocol):
         self.h2.send_headers(stream_id, headers, end_stream=end)
         self._channels[stream_id] = channel
         return stream_id
+
+    def owe(self, n: int, stream_id: int) -> None:
+        """Window the server gets back once ``OWED_MAX`` bytes are owed: DATA of a stream
+        it ended (or of one given up) takes the connection's window only, so one call of
+        the codec acknowledges many responses' last DATA frames."""
+        owed = self._owed + n
+        if owed < OWED_MAX:
+            self._owed = owed
+            return
+        self._owed = 0
+        self.h2.acknowledge_received_data(owed, stream_id)  # (the stream's own: no matter)
+        self.flush()
 
     def done(self, stream_id: int, reset: bool) -> None:
         """A channel is over (``reset``: its stream is cancelled, if still open)."""
@@ -506,9 +523,15 @@ class H2Channel(Carrier):
             return
         self.trailers(trailers)
 
-    def data(self, data: bytes, flow_controlled: int) -> None:
+    def data(self, data: bytes, flow_controlled: int, last: bool) -> None:
+        """A piece of the response body (``last``: its frame ended the stream, whose own
+        window is then no matter: the connection's comes back with others')."""
         if self._paused:
             self._held_acks += flow_controlled
+        elif last:
+            conn = self._conn
+            if conn is not None:
+                conn.owe(flow_controlled, self.stream_id)
         else:
             self._give_back(flow_controlled)
         if self.owner is not None and data:

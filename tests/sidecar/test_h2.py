@@ -425,6 +425,31 @@ async def test_a_stream_with_a_nearer_deadline_than_those_open_times_out_by_it(
     assert (slow.status, bytes(slow.body)) == (200, b"slow")
 
 
+async def test_bodies_that_end_their_streams_give_the_connection_window_back_both_ways(
+    up: Upstream, make_mesh: MakeMesh
+) -> None:
+    """Requests whose one DATA frame ends the stream, and responses whose last DATA frame
+    does, 1.6 MiB each way on one connection (its window: 1 MiB): their window comes back
+    to the connection a few at a time, and none waits for it. Through two sidecars, the
+    first speaking HTTP/2 to the second."""
+    callee = await make_mesh({}, app_port=up.port)
+    caller = await make_mesh({"svc": service(callee.inbound, protocol="http2")})
+    client = await H2Client.open(caller.outbound)
+    body = b"x" * 16384  # (one frame: the codec's largest)
+    try:
+        for _ in range(100):
+            sid = client.start("/consume", method="POST", end=False)
+            client.conn.send_data(sid, body, end_stream=True)
+            client.flush()
+            resp = await client.response(sid, within=5)
+            assert json.loads(bytes(resp.body)) == {"received": 16384}
+        for _ in range(100):
+            resp = await client.request("/sized?size=16384", within=5)
+            assert (resp.status, len(resp.body)) == (200, 16384)
+    finally:
+        await client.close()
+
+
 async def test_a_post_answered_early_resets_the_rest_of_its_body(mesh: Mesh) -> None:
     client = await H2Client.open(mesh.outbound)
     try:
