@@ -22,7 +22,7 @@ from typing import Final, Protocol
 
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.exceptions import ProtocolError
+from h2.exceptions import FlowControlError, ProtocolError
 
 from sidecar.errors import Reason
 from sidecar.http import grpc, http2
@@ -396,11 +396,25 @@ class H2Stream:
             else:
                 self._head_sent = True
                 h2.send_headers(sid, held, end_stream=False)
+        # each piece whole while the windows take it, as is common: the codec checks them
+        # itself, and refuses before it sends (no ``local_flow_control_window`` a piece)
+        whole = True
         while out:
+            data = out[0]
+            if whole and len(data) <= h2.max_outbound_frame_size:
+                fin = self._ended and len(out) == 1 and not self._trailers
+                try:
+                    h2.send_data(sid, data, end_stream=fin)
+                except FlowControlError:
+                    whole = False  # (as much as the windows take, below)
+                else:
+                    out.popleft()
+                    self._out_size -= len(data)
+                    self._fin_sent = fin
+                    continue
             room = min(h2.local_flow_control_window(sid), h2.max_outbound_frame_size)
             if room <= 0:
                 break
-            data = out[0]
             if len(data) > room:
                 out[0] = data[room:]
                 data = data[:room]

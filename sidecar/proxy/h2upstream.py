@@ -38,7 +38,7 @@ from h2.events import (
     TrailersReceived,
     WindowUpdated,
 )
-from h2.exceptions import ProtocolError, StreamClosedError
+from h2.exceptions import FlowControlError, ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
 
 from sidecar.http import grpc, http1, http2
@@ -448,7 +448,20 @@ class H2Channel(Carrier):
             return
         h2, stream_id, body = conn.h2, self.stream_id, self._body
         try:
+            whole = True  # (each piece whole while the windows take it: ``H2Stream``'s)
             while body:
+                piece = body[0]
+                if whole and len(piece) <= h2.max_outbound_frame_size:
+                    fin = len(body) == 1 and self._ended and not self._trailers
+                    try:
+                        h2.send_data(stream_id, piece, end_stream=fin)
+                    except FlowControlError:
+                        whole = False  # (as much as the windows take, below)
+                    else:
+                        body.popleft()
+                        self._body_size -= len(piece)
+                        self._fin_sent = fin
+                        continue
                 room = min(h2.local_flow_control_window(stream_id), h2.max_outbound_frame_size)
                 if room <= 0:
                     break
