@@ -185,8 +185,30 @@ def request_head(headers: Sequence[tuple[bytes, bytes]], ended: bool) -> Request
     return head
 
 
+class H2ResponseHead(ResponseHead):
+    """A response head that came over HTTP/2 (``h2upstream``), with the fields it forwards
+    ready to send on as they came (``fields``: ``:status``, then one a line), so that
+    ``response_headers`` need not split its lines again."""
+
+    __slots__ = ("fields",)
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status, b"")
+        self.fields: Headers = [(b":status", _STATUS.get(status) or str(status).encode())]
+
+    def forward(self, name: bytes, value: bytes) -> None:
+        """A field received (``check_field`` took it): a line of the head, as ``add`` makes
+        one (or none), and then a field to send on."""
+        lines = len(self.lines)
+        self.add(name, value)
+        if len(self.lines) > lines:
+            add_field(self.fields, name, value)
+
+
 def response_headers(resp: ResponseHead) -> Headers:
     """The HTTP/2 head of an upstream's response: ``:status``, then its lines."""
+    if isinstance(resp, H2ResponseHead) and len(resp.fields) == len(resp.lines) + 1:
+        return resp.fields  # (as its lines would make them: none dropped since)
     out: Headers = [(b":status", _STATUS.get(resp.status) or str(resp.status).encode())]
     # (one entry of ``lines`` may hold several header lines: a head read whole, ``wholehead``)
     for line in b"".join(resp.lines).split(b"\r\n"):

@@ -503,14 +503,14 @@ class H2Channel(Carrier):
         ``grpc-status`` in a head that ends the stream) goes on as a head and trailers: a
         proxy's answer ends with its body or trailers, never with its head; the head
         carries its ``grpc_status``, to classify the call by before it is answered."""
-        resp: http1.ResponseHead | None = None
+        resp: http2.H2ResponseHead | None = None
         trailers: http1.Headers = []
         grpc_only = ended and any(name == b"grpc-status" for name, _ in headers)
         for name, value in headers:
             if resp is None:  # (RFC 9113 8.3.2: :status, once, and first)
                 if name != b":status" or not value.isdigit():
                     raise http2.Malformed("no :status first")
-                resp = http1.ResponseHead(int(value), b"")
+                resp = http2.H2ResponseHead(int(value))
                 continue
             if name[:1] == b":":
                 raise http2.Malformed(f"pseudo-header {name[:64]!r} in a response")
@@ -520,7 +520,7 @@ class H2Channel(Carrier):
                 if name == b"grpc-status":  # (the exchange classifies the call by it now)
                     resp.grpc_status = grpc.parse_status(value)
             else:
-                resp.add(name, value)
+                resp.forward(name, value)
         if resp is None:
             raise http2.Malformed("no :status")
         if resp.status < 200:  # (interim responses are not passed on)

@@ -38,6 +38,40 @@ def test_response_fields_lower_cased_stripped_and_the_forbidden_ones_left_out() 
     ]
 
 
+def test_a_head_from_http2_sends_on_the_fields_its_lines_would_make() -> None:
+    """A head that came over HTTP/2 keeps its fields as they go on (no line split again):
+    the same fields, never-indexed ones too, as its lines make; none once a line went."""
+    resp = http2.H2ResponseHead(200)
+    for name, value in [
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+        (b"trailer", b"grpc-status"),
+        (b"proxy-thing", b"1"),
+        (b"x-request-id", b"0123"),
+        (b"content-length", b"5"),
+    ]:
+        resp.forward(name, value)
+    resp.complete()
+    made = http2.response_headers(resp)
+    assert made is resp.fields
+    from_lines = http2.response_headers(response(*resp.lines))
+    assert (
+        made
+        == from_lines
+        == [
+            (b":status", b"200"),
+            (b"content-type", b"application/grpc"),
+            (b"x-request-id", b"0123"),
+            (b"content-length", b"5"),
+        ]
+    )
+    never = [isinstance(f, NeverIndexedHeaderTuple) for f in made]
+    assert never == [isinstance(f, NeverIndexedHeaderTuple) for f in from_lines]
+    assert never == [False, False, True, False]
+    resp.lines.pop()
+    assert http2.response_headers(resp) == from_lines[:-1]
+
+
 def test_authorization_and_a_short_cookie_are_never_indexed() -> None:
     resp = response(b"Authorization: Basic eA==\r\n", b"Cookie: a=1\r\n", b"Set-Cookie: a=1\r\n")
     _, auth, cookie, set_cookie = http2.response_headers(resp)
