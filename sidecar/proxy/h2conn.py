@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Sequence
 from typing import Final, Protocol, cast
 
@@ -53,9 +54,13 @@ STREAM_WINDOW: Final = 256 * 1024
 #: bytes of request body the whole connection may have in flight to the sidecar
 CONNECTION_WINDOW: Final = 1024 * 1024
 _DEFAULT_WINDOW: Final = 65_535
+#: bytes of connection window a client may be owed for DATA of streams it ended (``owe``)
+OWED_MAX: Final = 64 * 1024
 #: seconds a refused connection keeps dropping what the client still sends, so that it reads
 #: the GOAWAY before the close (a close with unread bytes would reset the connection)
 LINGER: Final = 2.0
+#: the shortest wait between two looks of the streams' timer, in seconds
+_MIN_WAKE: Final = 0.01
 
 
 class Origin(Client, Tracked, Protocol):
@@ -74,8 +79,12 @@ class H2Downstream(asyncio.Protocol):
         "_corked",
         "_dead",
         "_idle",
+        "_idle_since",
         "_idle_timer",
+        "_owed",
         "_streams",
+        "_timer",
+        "_timer_at",
         "_watch",
         "counters",
         "h2",
@@ -111,7 +120,14 @@ class H2Downstream(asyncio.Protocol):
         self._corked = 0
         self._closing = False  # a GOAWAY went: no new streams, close once the last is over
         self._dead = False  # refused: what the client still sends is dropped
+        #: wakes ``_idle`` seconds after the last stream ended (lazily: ``_on_idle``), or
+        #: closes a refused connection after its ``LINGER``
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_since = 0.0  # loop time the last stream ended (< 0: one is open)
+        self._owed = 0  # bytes of window owed to the client's connection (``owe``)
+        #: wakes by the nearest ``wake_at`` of the streams, at ``_timer_at`` (``wake_by``)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
 
     def __repr__(self) -> str:
         state = "closing" if self._closing else "open"
@@ -157,6 +173,7 @@ class H2Downstream(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
         self._cancel_idle()
+        self._cancel_timer()
         streams = list(self._streams.values())
         self._streams.clear()
         for stream in streams:
@@ -179,6 +196,18 @@ class H2Downstream(asyncio.Protocol):
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
+    def owe(self, n: int, stream_id: int) -> None:
+        """Window the client gets back once ``OWED_MAX`` bytes are owed: DATA of a stream
+        it ended (or of one gone) takes the connection's window only, so one call of the
+        codec acknowledges many unary requests' bodies (each a Python call chain of ~10k
+        instructions), and the client's connection window is at most that much short."""
+        owed = self._owed + n
+        if owed < OWED_MAX:
+            self._owed = owed
+            return
+        self._owed = 0
+        self.h2.acknowledge_received_data(owed, stream_id)  # (the stream's own: no matter)
+
     def cork(self) -> None:
         self._corked += 1
 
@@ -196,6 +225,38 @@ class H2Downstream(asyncio.Protocol):
             self._close()
         else:
             self._arm_idle()
+
+    def wake_by(self, at: float) -> None:
+        """One timer for every stream's deadlines and pace, lazy as ``watch.Watch``'s: armed
+        only when a stream needs a look sooner than it wakes, so a stream a request asks
+        nothing of it but the first."""
+        timer = self._timer
+        if timer is not None:
+            if self._timer_at <= at:
+                return
+            timer.cancel()
+        self._timer = self.loop.call_at(at, self._on_timer)
+        self._timer_at = at
+
+    def _on_timer(self) -> None:
+        """Each stream whose ``wake_at`` passed gets its ``look``; then the timer wakes by
+        the nearest one left (no sooner than ``_MIN_WAKE`` from now)."""
+        self._timer = None
+        now = self.loop.time()
+        for stream in list(self._streams.values()):
+            if stream.wake_at <= now:
+                stream.look(now)
+        at = math.inf
+        for stream in self._streams.values():
+            if stream.wake_at < at:
+                at = stream.wake_at
+        if at < math.inf:
+            self.wake_by(at if at > now + _MIN_WAKE else now + _MIN_WAKE)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     # -- the listener's asks ---------------------------------------------------------------
 
@@ -219,9 +280,11 @@ class H2Downstream(asyncio.Protocol):
         if isinstance(event, DataReceived):
             stream = self._streams.get(event.stream_id)
             if stream is not None:
-                stream.data(event.data, event.flow_controlled_length)
+                stream.data(
+                    event.data, event.flow_controlled_length, event.stream_ended is not None
+                )
             elif event.flow_controlled_length:  # (a stream answered and gone)
-                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                self.owe(event.flow_controlled_length, event.stream_id)
         elif isinstance(event, RequestReceived):
             self._new_stream(event, started)
         elif isinstance(event, StreamEnded):
@@ -250,7 +313,7 @@ class H2Downstream(asyncio.Protocol):
         if self._closing:  # (after our GOAWAY: a stream it may retry elsewhere)
             self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
             return
-        self._cancel_idle()
+        self._idle_since = -1.0  # (an idle timer armed finds it busy, and lets it be)
         stream = H2Stream(self, sid, self.loop)
         self._streams[sid] = stream
         self.origin.tracker.h2.streams += 1
@@ -314,14 +377,29 @@ class H2Downstream(asyncio.Protocol):
     def _close(self) -> None:
         self._closing = True
         self._cancel_idle()
+        self._cancel_timer()
         self._corked = 0  # (what a stream's last read wrote goes out before the close)
         self.flush()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
     def _arm_idle(self) -> None:
-        self._cancel_idle()
-        self._idle_timer = self.loop.call_later(self._idle, self.drain)
+        """No stream is open from now on: drain after ``_idle`` seconds of that. (A timer
+        armed already stays: it looks again when it wakes, so a stream a request does not
+        arm and cancel one each.)"""
+        self._idle_since = self.loop.time()
+        if self._idle_timer is None:
+            self._idle_timer = self.loop.call_later(self._idle, self._on_idle)
+
+    def _on_idle(self) -> None:
+        self._idle_timer = None
+        if self._closing or self._idle_since < 0:
+            return  # (a stream is open: the last to end arms it again)
+        left = self._idle_since + self._idle - self.loop.time()
+        if left > 0:
+            self._idle_timer = self.loop.call_later(left, self._on_idle)
+        else:
+            self.drain()
 
     def _cancel_idle(self) -> None:
         if self._idle_timer is not None:

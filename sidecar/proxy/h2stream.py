@@ -22,7 +22,7 @@ from typing import Final, Protocol
 
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.exceptions import ProtocolError
+from h2.exceptions import FlowControlError, ProtocolError
 
 from sidecar.errors import Reason
 from sidecar.http import grpc, http2
@@ -59,12 +59,22 @@ class Wire(Protocol):
         """Write what the codec has to send (unless corked)."""
         ...
 
+    def owe(self, n: int, stream_id: int) -> None:
+        """``n`` bytes of DATA that ended stream ``stream_id`` were taken: their window
+        comes back to the connection (one acknowledgement for many)."""
+        ...
+
     def cork(self) -> None: ...
 
     def uncork(self) -> None: ...
 
     def stream_over(self, stream: H2Stream) -> None:
         """The stream is over both ways, as far as the sidecar cares."""
+        ...
+
+    def wake_by(self, at: float) -> None:
+        """Call the ``look`` of each stream whose ``wake_at`` passed, no later than ``at``
+        (loop time)."""
         ...
 
 
@@ -81,9 +91,8 @@ class H2Stream:
         "_out_size",
         "_pace",
         "_paused",
-        "_timer",
+        "_route_at",
         "_trailers",
-        "_watch",
         "client_ip",
         "draining",
         "exchange",
@@ -93,6 +102,7 @@ class H2Stream:
         "route",
         "source",
         "stream_id",
+        "wake_at",
         "wire",
         "write_paused",
     )
@@ -121,9 +131,12 @@ class H2Stream:
         self._trailers: Headers | None = None
         #: a trailers-only answer's head, sent with its trailers (``head``)
         self._held_head: Headers | None = None
-        self._timer: asyncio.TimerHandle | None = None  # the exchange's deadline
+        self._route_at = math.inf  # the exchange's deadline (``expect_route_at``)
         self._pace: StreamPace | None = None  # once started
-        self._watch: asyncio.TimerHandle | None = None  # the pace's timer (``_on_watch``)
+        #: when the stream needs its next ``look``, for both (inf: never): the connection's
+        #: one timer wakes by the nearest of its streams' (``Wire.wake_by``), lazily: a
+        #: deadline that moves later asks nothing of it, the look finds it early
+        self.wake_at = math.inf
 
     def __repr__(self) -> str:
         state = "answered" if self._ended else "open"
@@ -153,11 +166,12 @@ class H2Stream:
         if ex.state is State.DONE or route is None:
             return
         idle = route.policy.stream_idle_timeout_ms / 1000
-        self._pace = StreamPace(self.wire.min_rate, idle, self.loop.time())
-        self._arm_watch()
+        self._pace = pace = StreamPace(self.wire.min_rate, idle, self.loop.time())
+        self._arm(pace.next_at(self._body_counts()))
 
-    def data(self, data: bytes, flow_controlled: int) -> None:
-        """A piece of the request body (``flow_controlled``: the window it took)."""
+    def data(self, data: bytes, flow_controlled: int, last: bool) -> None:
+        """A piece of the request body (``flow_controlled``: the window it took; ``last``:
+        its frame ended the stream, whose own window is then no matter)."""
         ex = self.exchange
         if ex is None or ex.state is State.DONE:
             self._give_back(flow_controlled)  # (nobody reads it: its window comes back)
@@ -168,6 +182,8 @@ class H2Stream:
             ex.request_body(data)
         if self._paused:
             self._held_acks += flow_controlled
+        elif last:
+            self.wire.owe(flow_controlled, self.stream_id)
         else:
             self._give_back(flow_controlled)
 
@@ -203,10 +219,7 @@ class H2Stream:
 
     def close(self) -> None:
         """The connection is gone (or the stream over): so is the stream's work."""
-        self._cancel_timer()
-        if self._watch is not None:
-            self._watch.cancel()
-            self._watch = None
+        self.wake_at = math.inf
         if self.exchange is not None:
             self.exchange.cancel()
 
@@ -245,18 +258,18 @@ class H2Stream:
         self._paused.discard(reason)
         if self._paused:
             return
-        ex = self.exchange
-        if self._pace is not None and ex is not None and ex.state is not State.DONE:
-            self._pace.resumed(self.loop.time())  # (the wait was the sidecar's)
-            self._arm_watch()
+        ex, pace = self.exchange, self._pace
+        if pace is not None and ex is not None and ex.state is not State.DONE:
+            pace.resumed(self.loop.time())  # (the wait was the sidecar's)
+            self._arm(pace.next_at(self._body_counts()))
         if self._held_acks:
             held, self._held_acks = self._held_acks, 0
             self._give_back(held)
             self.wire.flush()
 
     def expect_route_at(self, when: float) -> None:
-        self._cancel_timer()
-        self._timer = self.loop.call_at(when, self._route_timer)
+        self._route_at = when
+        self._arm(when)
 
     def become_tunnel(self) -> None:
         raise AssertionError("no tunnel over HTTP/2")
@@ -267,7 +280,7 @@ class H2Stream:
         raise AssertionError("no CONNECT over HTTP/2")
 
     def exchange_done(self, ex: object, *, close: bool, abort: bool) -> None:
-        self._cancel_timer()
+        self.wake_at = math.inf  # (nothing left to look at)
         self._paused.clear()  # (the back-pressure it put on the request body goes with it)
         if self._held_acks:
             held, self._held_acks = self._held_acks, 0
@@ -383,11 +396,25 @@ class H2Stream:
             else:
                 self._head_sent = True
                 h2.send_headers(sid, held, end_stream=False)
+        # each piece whole while the windows take it, as is common: the codec checks them
+        # itself, and refuses before it sends (no ``local_flow_control_window`` a piece)
+        whole = True
         while out:
+            data = out[0]
+            if whole and len(data) <= h2.max_outbound_frame_size:
+                fin = self._ended and len(out) == 1 and not self._trailers
+                try:
+                    h2.send_data(sid, data, end_stream=fin)
+                except FlowControlError:
+                    whole = False  # (as much as the windows take, below)
+                else:
+                    out.popleft()
+                    self._out_size -= len(data)
+                    self._fin_sent = fin
+                    continue
             room = min(h2.local_flow_control_window(sid), h2.max_outbound_frame_size)
             if room <= 0:
                 break
-            data = out[0]
             if len(data) > room:
                 out[0] = data[room:]
                 data = data[:room]
@@ -433,31 +460,50 @@ class H2Stream:
             if self.exchange is not None:
                 self.exchange.pause_upstream(paused)
 
-    def _arm_watch(self) -> None:
-        """Wake when the pace next needs a look."""
-        if self._watch is not None:
-            self._watch.cancel()
-            self._watch = None
-        pace = self._pace
-        if pace is not None:
-            at = pace.next_at(self._body_counts())
-            if at < math.inf:
-                self._watch = self.loop.call_at(at, self._on_watch)
+    def _arm(self, at: float) -> None:
+        """Ask for a ``look`` no later than ``at`` (loop time; inf: no need)."""
+        if at < self.wake_at:
+            self.wake_at = at
+            self.wire.wake_by(at)
 
     def _body_counts(self) -> bool:
         """The request body's rate counts: it is still coming, and the sidecar does not
         hold it up."""
         return not self.request_ended and not self._paused
 
-    def _on_watch(self) -> None:
+    def look(self, now: float) -> None:
+        """The connection's timer woke past ``wake_at``: the exchange's deadline passed
+        (``Exchange.route_timeout`` says what is due), or the pace needs a look; the next
+        look is asked for at the nearer of the two."""
+        self.wake_at = math.inf
+        ex = self.exchange
+        if ex is None or ex.state is State.DONE:
+            return
+        if now >= self._route_at:
+            self._route_at = math.inf  # (``route_timeout`` sets the next, if any)
+            ex.route_timeout()
+        self._look(ex, now)
+
+    def _look(self, ex: Exchange, now: float) -> None:
+        """The pace's turn (unless the deadline's ended the exchange), then the timer's next
+        wake: the nearer of the two."""
+        if ex.state is State.DONE:
+            return
+        pace = self._pace
+        if pace is None:
+            self._arm(self._route_at)
+        elif self._paced(ex, pace, now):
+            self._pace = None  # (it said its word: the exchange was cut or answered)
+            self._arm(self._route_at)  # (a look finds it done, or its deadline passed)
+        else:
+            at = pace.next_at(self._body_counts())
+            self._arm(at if at < self._route_at else self._route_at)
+
+    def _paced(self, ex: Exchange, pace: StreamPace, now: float) -> bool:
         """The body came too slowly (408, or the stream reset once answering), or nothing
         moved either way for the idle timeout (a 408 while the client holds back its body,
-        a 504 while the upstream is silent, a cut response)."""
-        self._watch = None
-        ex, pace = self.exchange, self._pace
-        if ex is None or pace is None or ex.state is State.DONE:
-            return
-        due = pace.due(self.loop.time(), self._body_counts())
+        a 504 while the upstream is silent, a cut response): True when either was due."""
+        due = pace.due(now, self._body_counts())
         if due is DUE_SLOW_BODY:
             self.wire.counters.request_body_rate += 1
             if ex.state is State.RESPONDING:
@@ -467,18 +513,9 @@ class H2Stream:
                 ex.fail(
                     Reason.REQUEST_TIMEOUT, f"the request body came slower than {rate:g} bytes/s"
                 )
-        elif due is DUE_SILENT:
+            return True
+        if due is DUE_SILENT:
             self.wire.counters.stream_idle += 1
             ex.idle_timeout(pace.idle, client_stalled=not self._paused)
-        else:
-            self._arm_watch()
-
-    def _route_timer(self) -> None:
-        self._timer = None
-        if self.exchange is not None:
-            self.exchange.route_timeout()
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+            return True
+        return False

@@ -38,7 +38,7 @@ from h2.events import (
     TrailersReceived,
     WindowUpdated,
 )
-from h2.exceptions import ProtocolError, StreamClosedError
+from h2.exceptions import FlowControlError, ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
 
 from sidecar.http import grpc, http1, http2
@@ -49,6 +49,8 @@ from sidecar.proxy.upstream import Carrier, Corkable, Home, ResponseSink
 OUT_LIMIT: Final = 64 * 1024
 #: response bytes the whole connection may have in flight to the sidecar (each stream: 64 KiB)
 CONNECTION_WINDOW: Final = 1024 * 1024
+#: bytes of connection window the server may be owed for DATA that ended streams (``owe``)
+OWED_MAX: Final = 64 * 1024
 _DEFAULT_WINDOW: Final = 65_535
 #: request fields an HTTP/2 request may not carry (RFC 9113 8.2.2), or that become
 #: pseudo-headers (``host``)
@@ -61,6 +63,9 @@ class H2Upstream(asyncio.Protocol):
     __slots__ = (
         "_channels",
         "_idle",
+        "_idle_since",
+        "_max_streams",
+        "_owed",
         "_reading",
         "closed",
         "goaway",
@@ -73,7 +78,9 @@ class H2Upstream(asyncio.Protocol):
 
     def __init__(self, links: H2Links) -> None:
         self.links = links
-        self._idle: asyncio.TimerHandle | None = None  # closes it after ``links.idle_timeout``
+        #: closes it after ``links.idle_timeout`` without a stream (lazily: ``_on_idle``)
+        self._idle: asyncio.TimerHandle | None = None
+        self._idle_since = 0.0  # loop time its last channel was done with
         self.h2 = H2Connection(client_config())
         self.h2.local_settings = Settings(
             client=True,
@@ -83,6 +90,10 @@ class H2Upstream(asyncio.Protocol):
             },
         )
         self._channels: dict[int, H2Channel] = {}
+        #: the server's SETTINGS_MAX_CONCURRENT_STREAMS, kept as each SETTINGS changes it
+        #: (the codec's ``remote_settings`` answers through three Python calls)
+        self._max_streams = self.h2.remote_settings.max_concurrent_streams
+        self._owed = 0  # bytes of window owed to the server's connection (``owe``)
         self._reading = False  # in ``data_received``: what the codec has goes out at its end
         self.taken = 0  # channels handed out and not yet done with
         self.goaway = False  # no new stream may start here
@@ -150,42 +161,58 @@ class H2Upstream(asyncio.Protocol):
             channel.socket_paused(False)
 
     def _on_event(self, event: Event, corked: list[Corkable]) -> None:
-        if isinstance(event, RemoteSettingsChanged):
-            self._settle()
-            return
-        if isinstance(event, ConnectionTerminated):
-            self._went_away(event.last_stream_id)
-            return
-        stream_id = getattr(event, "stream_id", 0)
-        channel = self._channels.get(stream_id) if stream_id else None
-        if isinstance(event, WindowUpdated):
+        """(The events of a response first, in the order they come: fewer checks each.)"""
+        if isinstance(event, DataReceived):
+            channel = self._channel(event.stream_id, corked)
             if channel is not None:
-                channel.push()
-            elif not stream_id:
+                channel.data(
+                    event.data, event.flow_controlled_length, event.stream_ended is not None
+                )
+            elif event.flow_controlled_length:  # (a stream given up)
+                self.owe(event.flow_controlled_length, event.stream_id)
+        elif isinstance(event, ResponseReceived):
+            channel = self._channel(event.stream_id, corked)
+            if channel is not None:
+                channel.response(event.headers, event.stream_ended is not None)
+        elif isinstance(event, StreamEnded):
+            channel = self._channel(event.stream_id, corked)
+            if channel is not None:
+                channel.ended()
+        elif isinstance(event, TrailersReceived):
+            channel = self._channel(event.stream_id, corked)
+            if channel is not None:
+                http2.check_trailers(event.headers)
+                channel.trailers(event.headers)
+        elif isinstance(event, WindowUpdated):
+            stream_id = event.stream_id
+            if stream_id:
+                channel = self._channels.get(stream_id)
+                if channel is not None:
+                    channel.push()
+            else:
                 for each in list(self._channels.values()):
                     each.push()
-            return
-        if channel is None:
-            if isinstance(event, DataReceived) and event.flow_controlled_length:
-                # (a stream given up: its window is the connection's too)
-                self.h2.acknowledge_received_data(event.flow_controlled_length, stream_id)
-            return
-        client = channel.client
-        if client is not None and client not in corked:
-            client.cork()
-            corked.append(client)
-        if isinstance(event, ResponseReceived):
-            channel.response(event.headers, event.stream_ended is not None)
-        elif isinstance(event, DataReceived):
-            channel.data(event.data, event.flow_controlled_length)
-        elif isinstance(event, TrailersReceived):
-            http2.check_trailers(event.headers)
-            channel.trailers(event.headers)
-        elif isinstance(event, StreamEnded):
-            channel.ended()
         elif isinstance(event, StreamReset):
-            self._channels.pop(stream_id, None)
-            channel.lost(None, refused=event.error_code == ErrorCodes.REFUSED_STREAM)
+            channel = self._channel(event.stream_id, corked)
+            if channel is not None:
+                self._channels.pop(event.stream_id, None)
+                channel.lost(None, refused=event.error_code == ErrorCodes.REFUSED_STREAM)
+        elif isinstance(event, RemoteSettingsChanged):
+            self._max_streams = self.h2.remote_settings.max_concurrent_streams
+            self._settle()
+        elif isinstance(event, ConnectionTerminated):
+            self._went_away(event.last_stream_id)
+
+    def _channel(self, stream_id: int, corked: list[Corkable]) -> H2Channel | None:
+        """The channel of a stream an event is for (None: given up), its client corked till
+        the end of the read."""
+        channel = self._channels.get(stream_id)
+        if channel is not None:
+            client = channel.client
+            if client is not None and client not in corked:
+                client.cork()
+                corked.append(client)
+        return channel
 
     def _settle(self) -> None:
         if not self.settled.done():
@@ -208,11 +235,10 @@ class H2Upstream(asyncio.Protocol):
         """A new stream may start here now."""
         if self.goaway or self.transport is None or self.transport.is_closing():
             return False
-        return self.taken < self.h2.remote_settings.max_concurrent_streams
+        return self.taken < self._max_streams
 
     def take(self) -> H2Channel:
-        self.taken += 1
-        self._stop_idle()
+        self.taken += 1  # (an idle timer armed finds it busy when it wakes, and lets it be)
         return H2Channel(self)
 
     def open_stream(self, channel: H2Channel, headers: http1.Headers, end: bool) -> int:
@@ -221,6 +247,18 @@ class H2Upstream(asyncio.Protocol):
         self.h2.send_headers(stream_id, headers, end_stream=end)
         self._channels[stream_id] = channel
         return stream_id
+
+    def owe(self, n: int, stream_id: int) -> None:
+        """Window the server gets back once ``OWED_MAX`` bytes are owed: DATA of a stream
+        it ended (or of one given up) takes the connection's window only, so one call of
+        the codec acknowledges many responses' last DATA frames."""
+        owed = self._owed + n
+        if owed < OWED_MAX:
+            self._owed = owed
+            return
+        self._owed = 0
+        self.h2.acknowledge_received_data(owed, stream_id)  # (the stream's own: no matter)
+        self.flush()
 
     def done(self, stream_id: int, reset: bool) -> None:
         """A channel is over (``reset``: its stream is cancelled, if still open)."""
@@ -232,12 +270,26 @@ class H2Upstream(asyncio.Protocol):
                 self.flush()
         if self.goaway and not self.taken:
             self.abort()
-        elif not self.taken and self._idle is None:
-            self._idle = self.links.loop.call_later(self.links.idle_timeout, self._idled)
+        elif not self.taken:
+            # (a timer armed already stays: it looks again when it wakes, so a request
+            # does not arm and cancel one each)
+            loop = self.links.loop
+            self._idle_since = loop.time()
+            if self._idle is None:
+                self._idle = loop.call_later(self.links.idle_timeout, self._on_idle)
+
+    def _on_idle(self) -> None:
+        self._idle = None
+        if self.taken or self.closed or self.goaway:
+            return  # (busy: its last channel done with arms it again)
+        left = self._idle_since + self.links.idle_timeout - self.links.loop.time()
+        if left > 0:
+            self._idle = self.links.loop.call_later(left, self._on_idle)
+        else:
+            self._idled()
 
     def _idled(self) -> None:
         """No stream for ``idle_timeout``: it goes (a GOAWAY first, as the server expects)."""
-        self._idle = None
         self.links.forget(self)
         self.goaway = True
         self.h2.close_connection()
@@ -396,7 +448,20 @@ class H2Channel(Carrier):
             return
         h2, stream_id, body = conn.h2, self.stream_id, self._body
         try:
+            whole = True  # (each piece whole while the windows take it: ``H2Stream``'s)
             while body:
+                piece = body[0]
+                if whole and len(piece) <= h2.max_outbound_frame_size:
+                    fin = len(body) == 1 and self._ended and not self._trailers
+                    try:
+                        h2.send_data(stream_id, piece, end_stream=fin)
+                    except FlowControlError:
+                        whole = False  # (as much as the windows take, below)
+                    else:
+                        body.popleft()
+                        self._body_size -= len(piece)
+                        self._fin_sent = fin
+                        continue
                 room = min(h2.local_flow_control_window(stream_id), h2.max_outbound_frame_size)
                 if room <= 0:
                     break
@@ -438,14 +503,14 @@ class H2Channel(Carrier):
         ``grpc-status`` in a head that ends the stream) goes on as a head and trailers: a
         proxy's answer ends with its body or trailers, never with its head; the head
         carries its ``grpc_status``, to classify the call by before it is answered."""
-        resp: http1.ResponseHead | None = None
+        resp: http2.H2ResponseHead | None = None
         trailers: http1.Headers = []
         grpc_only = ended and any(name == b"grpc-status" for name, _ in headers)
         for name, value in headers:
             if resp is None:  # (RFC 9113 8.3.2: :status, once, and first)
                 if name != b":status" or not value.isdigit():
                     raise http2.Malformed("no :status first")
-                resp = http1.ResponseHead(int(value), b"")
+                resp = http2.H2ResponseHead(int(value))
                 continue
             if name[:1] == b":":
                 raise http2.Malformed(f"pseudo-header {name[:64]!r} in a response")
@@ -455,7 +520,7 @@ class H2Channel(Carrier):
                 if name == b"grpc-status":  # (the exchange classifies the call by it now)
                     resp.grpc_status = grpc.parse_status(value)
             else:
-                resp.add(name, value)
+                resp.forward(name, value)
         if resp is None:
             raise http2.Malformed("no :status")
         if resp.status < 200:  # (interim responses are not passed on)
@@ -471,9 +536,15 @@ class H2Channel(Carrier):
             return
         self.trailers(trailers)
 
-    def data(self, data: bytes, flow_controlled: int) -> None:
+    def data(self, data: bytes, flow_controlled: int, last: bool) -> None:
+        """A piece of the response body (``last``: its frame ended the stream, whose own
+        window is then no matter: the connection's comes back with others')."""
         if self._paused:
             self._held_acks += flow_controlled
+        elif last:
+            conn = self._conn
+            if conn is not None:
+                conn.owe(flow_controlled, self.stream_id)
         else:
             self._give_back(flow_controlled)
         if self.owner is not None and data:

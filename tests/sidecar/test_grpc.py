@@ -295,6 +295,12 @@ async def test_an_idle_http2_connection_closes_after_the_idle_timeout(servers: S
     await asyncio.sleep(0.4)
     assert pool.statistics().h2_connections == 1  # the other stream holds it
     pool.release(second)
+    await asyncio.sleep(0.1)
+    third = pool.take_stream()  # used again before the idle timeout: it counts anew
+    assert third is not None
+    pool.release(third)
+    await asyncio.sleep(0.15)  # 0.25 s after the first idle moment, 0.15 after the last
+    assert pool.statistics().h2_connections == 1
     await asyncio.sleep(0.4)
     assert pool.statistics().h2_connections == 0
 
@@ -551,6 +557,59 @@ async def test_an_upstreams_malformed_head_fails_the_call_as_a_broken_connection
     assert not failed.value.initial_metadata()  # (a trailers-only answer: no head went)
     trailing = dict(failed.value.trailing_metadata() or ())
     assert trailing["x-meshlet-error"] == "upstream-reset"
+
+
+class Sender(asyncio.Protocol):
+    """An HTTP/2 server that answers each stream 200 with ``size`` bytes, its one DATA frame
+    ending the stream, as far as its windows allow (the rest when the client gives them)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        self.waiting: list[int] = []  # streams whose answer waits for window
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.h2.initiate_connection()
+        self.transport.write(self.h2.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        for event in self.h2.receive_data(data):
+            if isinstance(event, RequestReceived):
+                self.h2.send_headers(event.stream_id, [(b":status", b"200")])
+                self.waiting.append(event.stream_id)
+        still = []
+        for sid in self.waiting:
+            if self.h2.local_flow_control_window(sid) >= self.size:
+                self.h2.send_data(sid, b"x" * self.size, end_stream=True)
+            else:
+                still.append(sid)
+        self.waiting = still
+        self.transport.write(self.h2.data_to_send())
+
+
+async def test_answers_that_end_their_streams_give_the_connection_window_back(
+    make_mesh: MakeMesh,
+) -> None:
+    """Responses whose one DATA frame ends the stream, 1.6 MiB on one upstream connection
+    (its window: 1 MiB): their window comes back to the connection a few at a time, and no
+    answer waits for it."""
+    loop = asyncio.get_running_loop()
+    listener = await loop.create_server(lambda: Sender(16384), LOCAL, 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        mesh = await make_mesh({"svc": service(port, protocol="http2")})
+        client = await H2Client.open(mesh.outbound)
+        try:
+            for _ in range(100):
+                resp = await client.request("/", within=5)
+                assert (resp.status, len(resp.body)) == (200, 16384)
+        finally:
+            await client.close()
+    finally:
+        listener.close()
 
 
 class Refuser(asyncio.Protocol):

@@ -15,6 +15,7 @@ import hpack
 import pytest
 from h2.exceptions import ProtocolError
 
+from sidecar.proxy.watch import Timeouts
 from tests.sidecar.conftest import (
     LOCAL,
     NO_OUTLIER,
@@ -403,6 +404,52 @@ async def test_synthetic_errors_timeouts_deadlines_and_retries_per_stream(
     assert fine.hits == 4
 
 
+async def test_a_stream_with_a_nearer_deadline_than_those_open_times_out_by_it(
+    mesh: Mesh,
+) -> None:
+    """The streams of a connection share one timer, armed by their nearest deadline: one
+    opened after a stream with a later deadline still times out by its own."""
+    loop = asyncio.get_running_loop()
+    client = await H2Client.open(mesh.outbound)
+    try:
+        long = client.start("/slow?delay=1.5")  # the route's 10 s
+        await asyncio.sleep(0.05)
+        started = loop.time()
+        short = await client.request("/slow?delay=1.5", headers=[(b"x-meshlet-timeout-ms", b"200")])
+        took = loop.time() - started
+        slow = await client.response(long)
+    finally:
+        await client.close()
+    assert (short.status, short.header(b"x-meshlet-error")) == (504, b"upstream-timeout")
+    assert 0.15 <= took < 1.0
+    assert (slow.status, bytes(slow.body)) == (200, b"slow")
+
+
+async def test_bodies_that_end_their_streams_give_the_connection_window_back_both_ways(
+    up: Upstream, make_mesh: MakeMesh
+) -> None:
+    """Requests whose one DATA frame ends the stream, and responses whose last DATA frame
+    does, 1.6 MiB each way on one connection (its window: 1 MiB): their window comes back
+    to the connection a few at a time, and none waits for it. Through two sidecars, the
+    first speaking HTTP/2 to the second."""
+    callee = await make_mesh({}, app_port=up.port)
+    caller = await make_mesh({"svc": service(callee.inbound, protocol="http2")})
+    client = await H2Client.open(caller.outbound)
+    body = b"x" * 16384  # (one frame: the codec's largest)
+    try:
+        for _ in range(100):
+            sid = client.start("/consume", method="POST", end=False)
+            client.conn.send_data(sid, body, end_stream=True)
+            client.flush()
+            resp = await client.response(sid, within=5)
+            assert json.loads(bytes(resp.body)) == {"received": 16384}
+        for _ in range(100):
+            resp = await client.request("/sized?size=16384", within=5)
+            assert (resp.status, len(resp.body)) == (200, 16384)
+    finally:
+        await client.close()
+
+
 async def test_a_post_answered_early_resets_the_rest_of_its_body(mesh: Mesh) -> None:
     client = await H2Client.open(mesh.outbound)
     try:
@@ -442,6 +489,34 @@ async def test_drain_says_goaway_and_finishes_the_streams_open(mesh: Mesh) -> No
         assert (resp.status, bytes(resp.body)) == (200, b"slow")
         async with asyncio.timeout(5):
             await client.closed.wait()
+        assert client.goaway == 0
+    finally:
+        await client.close()
+
+
+async def test_an_idle_connection_is_drained_the_idle_timeout_after_its_last_stream(
+    up: Upstream, make_mesh: MakeMesh
+) -> None:
+    """The listener's idle timeout counts from the end of the connection's last stream (not
+    from its start, nor its first stream's end), and a stream open past it keeps the
+    connection: then a GOAWAY (NO_ERROR) and the close."""
+    mesh = await make_mesh({"svc": service(up.port)}, timeouts=Timeouts(idle=0.5))
+    loop = asyncio.get_running_loop()
+    client = await H2Client.open(mesh.outbound)
+    try:
+        assert (await client.request("/echo")).status == 200
+        await asyncio.sleep(0.3)
+        assert (await client.request("/echo")).status == 200
+        last = loop.time()
+        await asyncio.sleep(0.35)  # past the first stream's end + 0.5, not the last's
+        assert not client.closed.is_set()
+        slow = await client.request("/slow?delay=0.8")  # open across a whole idle timeout
+        assert (slow.status, bytes(slow.body)) == (200, b"slow")
+        last = loop.time()
+        assert not client.closed.is_set()
+        async with asyncio.timeout(5):
+            await client.closed.wait()
+        assert loop.time() - last >= 0.45
         assert client.goaway == 0
     finally:
         await client.close()

@@ -12,6 +12,7 @@ from h2.connection import H2Connection
 from h2.events import RequestReceived, ResponseReceived, TrailersReceived
 from h2.exceptions import ProtocolError
 from hpack import NeverIndexedHeaderTuple
+from hyperframe.frame import DataFrame
 
 from sidecar.http import http1, http2
 from sidecar.proxy.h2conn import server_config
@@ -35,6 +36,40 @@ def test_response_fields_lower_cased_stripped_and_the_forbidden_ones_left_out() 
         (b"content-type", b"text/plain"),
         (b"x-trace", b"a"),
     ]
+
+
+def test_a_head_from_http2_sends_on_the_fields_its_lines_would_make() -> None:
+    """A head that came over HTTP/2 keeps its fields as they go on (no line split again):
+    the same fields, never-indexed ones too, as its lines make; none once a line went."""
+    resp = http2.H2ResponseHead(200)
+    for name, value in [
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+        (b"trailer", b"grpc-status"),
+        (b"proxy-thing", b"1"),
+        (b"x-request-id", b"0123"),
+        (b"content-length", b"5"),
+    ]:
+        resp.forward(name, value)
+    resp.complete()
+    made = http2.response_headers(resp)
+    assert made is resp.fields
+    from_lines = http2.response_headers(response(*resp.lines))
+    assert (
+        made
+        == from_lines
+        == [
+            (b":status", b"200"),
+            (b"content-type", b"application/grpc"),
+            (b"x-request-id", b"0123"),
+            (b"content-length", b"5"),
+        ]
+    )
+    never = [isinstance(f, NeverIndexedHeaderTuple) for f in made]
+    assert never == [isinstance(f, NeverIndexedHeaderTuple) for f in from_lines]
+    assert never == [False, False, True, False]
+    resp.lines.pop()
+    assert http2.response_headers(resp) == from_lines[:-1]
 
 
 def test_authorization_and_a_short_cookie_are_never_indexed() -> None:
@@ -186,3 +221,13 @@ def test_the_codec_logs_no_field_at_debug(caplog: pytest.LogCaptureFixture) -> N
     assert "s3cret" not in caplog.text
     assert not [r for r in caplog.records if r.name.startswith("hpack")]
     assert not logging.getLogger("hpack.hpack").isEnabledFor(logging.DEBUG)
+
+
+def test_a_frame_received_is_not_formatted_for_the_codecs_trace() -> None:
+    """The codec makes the ``repr`` of each frame it receives for a trace log that writes
+    nothing: it is ``object``'s, no flag nor a byte of the body formatted (a secret in a
+    body stays out of it too)."""
+    frame = DataFrame(1, b"Bearer s3cret", flags=("END_STREAM",))
+    assert repr(frame) == object.__repr__(frame)
+    assert "s3cret" not in repr(frame)
+    assert "END_STREAM" not in repr(frame)
