@@ -41,7 +41,7 @@ from h2.events import (
 from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
 
-from sidecar.http import grpc, http1, http2
+from sidecar.http import grpc, hpackcodec, http1, http2
 from sidecar.proxy.upstream import Carrier, Corkable, Home, ResponseSink
 
 #: request body bytes a channel holds for a server whose window is spent, before the client
@@ -75,6 +75,7 @@ class H2Upstream(asyncio.Protocol):
         self.links = links
         self._idle: asyncio.TimerHandle | None = None  # closes it after ``links.idle_timeout``
         self.h2 = H2Connection(client_config())
+        hpackcodec.install(self.h2)  # the compiled HPACK codec, not hpack's
         self.h2.local_settings = Settings(
             client=True,
             initial_values={
