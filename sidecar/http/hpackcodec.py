@@ -1,8 +1,8 @@
 """HPACK (RFC 7541), the header compression of HTTP/2, written for mypyc: an ``Encoder`` and a
 ``Decoder`` that the ``h2`` codec takes in place of the ``hpack`` library's (``install``), with
 their interface (what ``h2.connection`` calls and sets) and their errors (the ``hpack``
-exception classes, which h2 turns into a COMPRESSION_ERROR GOAWAY, or ENHANCE_YOUR_CALM for a
-header list above ``max_header_list_size``).
+exception classes, which h2 turns into the same GOAWAY as before: PROTOCOL_ERROR, or
+ENHANCE_YOUR_CALM for a header list above ``max_header_list_size``).
 
 The ``hpack`` library is pure Python and its three blocks decoded and three encoded are a
 fifth of a unary gRPC call through the sidecar (``bench_h2_library``). Here:
@@ -18,7 +18,7 @@ fifth of a unary gRPC call through the sidecar (``bench_h2_library``). Here:
     since the last block and the last one (4.2), not each change;
   * what the decoder returns: ``(name, value)`` pairs of bytes, a field that came
     never-indexed (6.2.3) as a ``hpack.NeverIndexedHeaderTuple``, which the encoder, like
-    ``hpack``'s, never indexes.
+    ``hpack``'s, never adds to the table (it sends one the table holds already as indexed).
 """
 
 from __future__ import annotations
