@@ -193,9 +193,10 @@ _MOVES, _ENDS = _decoding_machine()
 def huffman_encode(data: bytes) -> bytes:
     """``data`` Huffman-coded, padded with the first bits of EOS (5.2)."""
     out: list[int] = []
+    encoding = _ENCODING  # (a module's global is a dict lookup each time, compiled)
     bits = held = 0  # ``held``: the ``bits`` low bits not yet written
     for i in range(len(data)):
-        code = _ENCODING[data[i]]
+        code = encoding[data[i]]
         length = code & 31
         held = (held << length) | (code >> 5)
         bits += length
@@ -212,15 +213,16 @@ def huffman_decode(data: bytes, start: int, end: int) -> bytes:
     """The Huffman-coded string ``data[start:end]`` decoded; HPACKDecodingError if it holds
     EOS or ends on bad padding (5.2)."""
     out: list[int] = []
+    moves = _MOVES  # (a module's global is a dict lookup each time, compiled)
     state = 0
     for i in range(start, end):
         byte = data[i]
-        move = _MOVES[(state << 4) | (byte >> 4)]
+        move = moves[(state << 4) | (byte >> 4)]
         if move & (_EMIT | _FAIL):
             if move & _FAIL:
                 raise HPACKDecodingError("Invalid Huffman string: EOS")
             out.append(move >> _SYMBOL_SHIFT)
-        move = _MOVES[((move & 0xFF) << 4) | (byte & 0x0F)]
+        move = moves[((move & 0xFF) << 4) | (byte & 0x0F)]
         if move & (_EMIT | _FAIL):
             if move & _FAIL:
                 raise HPACKDecodingError("Invalid Huffman string: EOS")
