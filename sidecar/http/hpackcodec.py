@@ -132,7 +132,8 @@ _HUFFMAN_CODES: Final[tuple[tuple[int, int], ...]] = (
 )
 # fmt: on
 
-_STATIC_LENGTH: Final = len(_STATIC)
+_STATIC_LENGTH: Final = 61  # (a literal: compiled, a name bound to an expression is looked up)
+assert len(_STATIC) == _STATIC_LENGTH
 #: the static index of each name (its first), and of each name and value
 _STATIC_NAMES: Final = {name: len(_STATIC) - i for i, (name, _) in enumerate(reversed(_STATIC))}
 _STATIC_FIELDS: Final[dict[bytes, dict[bytes, int]]] = {name: {} for name, _ in _STATIC}
@@ -271,15 +272,6 @@ def decode_integer(data: bytes, at: int, prefix: int) -> tuple[int, int]:
             raise HPACKDecodingError(f"Integer representation longer than {_INTEGER_BYTES + 1}")
 
 
-def _encode_string(out: list[bytes], data: bytes, huffman: bool) -> None:
-    if huffman:
-        data = huffman_encode(data)
-        out.append(encode_integer(len(data), 7, 0x80))
-    else:
-        out.append(encode_integer(len(data), 7, 0))
-    out.append(data)
-
-
 def _decode_string(data: bytes, at: int) -> tuple[bytes, int]:
     """The string literal at ``data[at]`` (5.2), and where what follows it starts."""
     length, start = decode_integer(data, at, 7)
@@ -302,6 +294,7 @@ class HeaderTable:
         self.max_size = DEFAULT_TABLE_SIZE
         self.indexed = indexed
         self.added = 0  # entries ever added: entry ``added - 1`` is the newest
+        self.static = _STATIC  # (compiled, a module's global is a dict lookup each use)
         self._values: dict[bytes, dict[bytes, int]] = {}  # name, value: newest entry's number
         self._names: dict[bytes, int] = {}  # name: the newest entry's number
 
@@ -311,7 +304,7 @@ class HeaderTable:
     def get(self, index: int) -> tuple[bytes, bytes]:
         """The field at ``index`` of the whole table, static first (2.3.3)."""
         if 0 < index <= _STATIC_LENGTH:
-            return _STATIC[index - 1]
+            return self.static[index - 1]
         back = index - _STATIC_LENGTH  # 1: the newest entry
         if index <= 0 or back > len(self.entries):
             raise InvalidTableIndexError(f"Invalid table index {index}")
@@ -375,6 +368,11 @@ class Encoder:
         self.table = HeaderTable(True)
         self._resized = False  # a size update is due at the next block's start
         self._smallest = 0  # the smallest size set since the last block
+        # the module's tables held here (compiled, a module's global is a dict lookup each use)
+        self._static_fields = _STATIC_FIELDS
+        self._static_names = _STATIC_NAMES
+        self._bytes = _BYTES
+        self._never: type[NeverIndexedHeaderTuple] = NeverIndexedHeaderTuple
 
     def __repr__(self) -> str:
         return f"<hpackcodec.Encoder {self.table!r}>"
@@ -398,15 +396,15 @@ class Encoder:
         if self._resized:
             self._resized = False
             if self._smallest < self.table.max_size:
-                out.append(encode_integer(self._smallest, 5, 0x20))
-            out.append(encode_integer(self.table.max_size, 5, 0x20))
+                out.append(self._integer(self._smallest, 5, 0x20))
+            out.append(self._integer(self.table.max_size, 5, 0x20))
         for field in headers:
             name, value = field[0], field[1]
             self._add(
                 out,
                 name if isinstance(name, bytes) else name.encode(),
                 value if isinstance(value, bytes) else value.encode(),
-                isinstance(field, NeverIndexedHeaderTuple),
+                isinstance(field, self._never),
                 huffman,
             )
         return b"".join(out)
@@ -414,22 +412,35 @@ class Encoder:
     def _add(self, out: list[bytes], name: bytes, value: bytes, never: bool, huffman: bool) -> None:
         """One field: indexed if the table holds it (6.1), else a literal (6.2) with an
         indexed name if it holds the name, added to the table unless ``never``."""
-        static = _STATIC_FIELDS.get(name)
+        static = self._static_fields.get(name)
         index = 0 if static is None else static.get(value, 0)
         if not index:
             index = self.table.find(name, value)
         if index:
-            out.append(encode_integer(index, 7, 0x80))
+            out.append(self._integer(index, 7, 0x80))
             return
-        index = _STATIC_NAMES.get(name, 0) or self.table.find_name(name)
+        index = self._static_names.get(name, 0) or self.table.find_name(name)
         if index:
-            out.append(encode_integer(index, 4, 0x10) if never else encode_integer(index, 6, 0x40))
+            out.append(self._integer(index, 4, 0x10) if never else self._integer(index, 6, 0x40))
         else:
             out.append(b"\x10" if never else b"\x40")
-            _encode_string(out, name, huffman)
-        _encode_string(out, value, huffman)
+            self._string(out, name, huffman)
+        self._string(out, value, huffman)
         if not never:
             self.table.add(name, value)
+
+    def _integer(self, value: int, prefix: int, flags: int) -> bytes:
+        if value < (1 << prefix) - 1:
+            return self._bytes[flags | value]
+        return encode_integer(value, prefix, flags)
+
+    def _string(self, out: list[bytes], data: bytes, huffman: bool) -> None:
+        if huffman:
+            data = huffman_encode(data)
+            out.append(self._integer(len(data), 7, 0x80))
+        else:
+            out.append(self._integer(len(data), 7, 0))
+        out.append(data)
 
 
 class Decoder:
