@@ -40,7 +40,7 @@ from h2.exceptions import DenialOfServiceError, ProtocolError, TooManyStreamsErr
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 
-from sidecar.http import http2
+from sidecar.http import hpackcodec, http2
 from sidecar.proxy.client import Client
 from sidecar.proxy.exchange import Exchange
 from sidecar.proxy.h2guard import ENHANCE_YOUR_CALM, FrameWatch, H2Limits
@@ -104,6 +104,7 @@ class H2Downstream(asyncio.Protocol):
         self.loop = loop
         self._idle = idle  # seconds the connection may sit with no stream open
         self.h2 = H2Connection(server_config())
+        hpackcodec.install(self.h2)  # the compiled HPACK codec, not hpack's
         self.h2.local_settings = Settings(
             client=False,
             initial_values={

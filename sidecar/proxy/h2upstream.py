@@ -41,7 +41,7 @@ from h2.events import (
 from h2.exceptions import FlowControlError, ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
 
-from sidecar.http import grpc, http1, http2
+from sidecar.http import grpc, hpackcodec, http1, http2
 from sidecar.proxy.upstream import Carrier, Corkable, Home, ResponseSink
 
 #: request body bytes a channel holds for a server whose window is spent, before the client
@@ -82,6 +82,7 @@ class H2Upstream(asyncio.Protocol):
         self._idle: asyncio.TimerHandle | None = None
         self._idle_since = 0.0  # loop time its last channel was done with
         self.h2 = H2Connection(client_config())
+        hpackcodec.install(self.h2)  # the compiled HPACK codec, not hpack's
         self.h2.local_settings = Settings(
             client=True,
             initial_values={

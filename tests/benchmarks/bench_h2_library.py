@@ -8,7 +8,10 @@ One exchange is what the sidecar's two codecs do for a unary call: the client's 
 DATA, trailers); the upstream's (``h2upstream.client_config``) sends the request and takes the
 answer. The bytes each takes are made by peer codecs before counting. Pieces:
   h2         both codecs, everything (hpack and hyperframe included)
-  decode     hpack decoding of the three blocks taken; encode: of the three sent
+  h2-ours    the same, each codec on ``hpackcodec`` (``install``) as the sidecar runs it
+  decode     hpack decoding of the three blocks taken (``raw``, as h2 asks); encode: of the
+             three sent
+  decode-ours, encode-ours: the same blocks by ``hpackcodec`` (compiled when the sidecar is)
   parse      hyperframe parsing of the five frames taken; serialize: of five frames
   repr       the ``repr`` of each frame taken (h2 makes it for a trace call, logged or not)
 Each piece runs in a process of its own under ``valgrind --tool=callgrind``, ``--exchanges``
@@ -40,7 +43,7 @@ from h2.connection import H2Connection  # noqa: E402
 from hpack import Decoder, Encoder  # noqa: E402
 from hyperframe.frame import Frame  # noqa: E402
 
-from sidecar.http import http2  # noqa: E402
+from sidecar.http import hpackcodec, http2  # noqa: E402
 from sidecar.proxy.h2conn import server_config  # noqa: E402
 from sidecar.proxy.h2upstream import client_config  # noqa: E402
 
@@ -58,7 +61,10 @@ RESPONSE: Fields = [(b":status", b"200"), (b"server", b"nginx/1.22.1"),
 TRAILERS: Fields = [(b"grpc-status", b"0")]
 ASK = b"\x00\x00\x00\x00\x07\n\x05bench"
 ANSWER = b"\x00\x00\x00\x00\x0c\n\nhello bench"
-PIECES = ("none", "h2", "decode", "encode", "parse", "serialize", "repr")
+PIECES = ("none", "h2", "h2-ours", "decode", "encode", "decode-ours", "encode-ours", "parse",
+          "serialize", "repr")  # fmt: skip
+#: what the derived pieces below do not take apart
+OURS = ("h2-ours", "decode-ours", "encode-ours")
 
 
 def peer(client_side: bool) -> H2Connection:
@@ -86,8 +92,11 @@ def wire(n: int) -> tuple[list[bytes], list[bytes]]:
     return down, up
 
 
-def codecs(down: list[bytes], up: list[bytes]) -> None:
+def codecs(down: list[bytes], up: list[bytes], ours: bool) -> None:
     inbound, outbound = H2Connection(server_config()), H2Connection(client_config())
+    if ours:
+        hpackcodec.install(inbound)
+        hpackcodec.install(outbound)
     for conn, preface in ((inbound, down[0]), (outbound, up[0])):
         conn.initiate_connection()
         conn.receive_data(preface)
@@ -125,16 +134,18 @@ def run(piece: str, n: int) -> None:
     answers = Encoder()
     blocks = [(requests.encode(REQUEST), answers.encode(RESPONSE), answers.encode(TRAILERS))
               for _ in range(n)]  # fmt: skip
-    if piece == "h2":
-        codecs(down, up)
-    elif piece == "decode":
-        takes_requests, takes_answers = Decoder(), Decoder()
+    if piece in ("h2", "h2-ours"):
+        codecs(down, up, piece == "h2-ours")
+    elif piece in ("decode", "decode-ours"):
+        decoder = hpackcodec.Decoder if piece == "decode-ours" else Decoder
+        takes_requests, takes_answers = decoder(), decoder()
         for request, response, trailers in blocks:
-            takes_requests.decode(request)
-            takes_answers.decode(response)
-            takes_answers.decode(trailers)
-    elif piece == "encode":
-        sends_answers, sends_requests = Encoder(), Encoder()
+            takes_requests.decode(request, raw=True)
+            takes_answers.decode(response, raw=True)
+            takes_answers.decode(trailers, raw=True)
+    elif piece in ("encode", "encode-ours"):
+        encoder = hpackcodec.Encoder if piece == "encode-ours" else Encoder
+        sends_answers, sends_requests = encoder(), encoder()
         for _ in range(n):
             sends_answers.encode(RESPONSE)
             sends_answers.encode(TRAILERS)
@@ -175,6 +186,7 @@ def main() -> int:
     count("none", 1, False)  # (not counted: a first run may write the modules' .pyc files)
     base = count("none", n, False)
     costs = {p: (count(p, n, False) - base) / n for p in PIECES[1:]}
+    ours = {p: costs.pop(p) for p in OURS}
     base_logged = count("none", n, True)  # (the set-up encodes too)
     logged = sum((count(p, n, True) - base_logged) / n for p in ("decode", "encode"))
     costs["hpack-logs"] = logged - costs["decode"] - costs["encode"]
@@ -185,6 +197,10 @@ def main() -> int:
     print(f"instructions per unary gRPC exchange, {n} exchanges (callgrind)")
     for piece, cost in costs.items():
         print(f"  {piece:18} {cost:10,.0f}  {100 * cost / costs['h2']:5.1f} % of h2")
+    print(f"hpackcodec ({Path(hpackcodec.__file__).name}) in place of hpack")
+    for piece, cost in ours.items():
+        was = costs[piece.removesuffix("-ours")]
+        print(f"  {piece:18} {cost:10,.0f}  {100 * cost / was:5.1f} % of {piece[:-5]}'s")
     return 0
 
 
