@@ -384,6 +384,10 @@ class Encoder:
 
     @header_table_size.setter
     def header_table_size(self, size: int) -> None:
+        # A peer's SETTINGS_HEADER_TABLE_SIZE is the most it lets the table hold, not what it
+        # must: past 4 KiB a client could make every connection keep whatever fields it is
+        # sent (up to 4 GiB each). The table stays within 4 KiB, as nghttp2's and Envoy's do.
+        size = min(size, DEFAULT_TABLE_SIZE)
         if size == self.table.max_size:
             return
         self._smallest = min(self._smallest, size) if self._resized else size
