@@ -193,7 +193,8 @@ class ServiceEntry:
 class Following:
     """The table in force while the next one is parsed (``following``): its services, and
     for those it was sent in a table message a digest of the JSON they came in, ``sent``.
-    ``digests``: the same for the table parsed, once a table message was parsed whole."""
+    ``digests``: the same for the table parsed, once a table message was read service by
+    service (one read whole makes none)."""
 
     services: Mapping[str, ServiceEntry]
     sent: Mapping[str, bytes]
