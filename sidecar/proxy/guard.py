@@ -41,52 +41,37 @@ class InboundGuard:
     service's ``mtls`` and ``allow_from`` in the table in force (``apply``), as the policy
     defaults while the table does not name the service (a static file)."""
 
-    __slots__ = ("_allowed", "_mode", "forbidden", "mesh", "open", "service")
+    __slots__ = ("allowed", "forbidden", "mesh", "mode", "open", "service")
 
     def __init__(self, mesh: MeshTls, service: str) -> None:
         self.mesh = mesh
         self.service = service
-        self._mode = "permissive"
-        self._allowed: tuple[str, ...] = ("*",)
+        self.mode = "permissive"
+        self.allowed: tuple[str, ...] = ("*",)
         #: any caller may call, plaintext included: ``check`` has nothing to refuse (asked
         #: once a request before it)
         self.open = True
         #: refused requests by caller: a service name, or ``plaintext``
         self.forbidden: dict[str, int] = {}
 
-    @property
-    def mode(self) -> str:
-        """``strict`` or ``permissive`` (``mtls``)"""
-        return self._mode
-
-    @mode.setter
-    def mode(self, mode: str) -> None:
-        self._mode = mode
-        self.open = mode != "strict" and "*" in self._allowed
-
-    @property
-    def allowed(self) -> tuple[str, ...]:
-        """the services that may call (``allow_from``; ``*``: any caller)"""
-        return self._allowed
-
-    @allowed.setter
-    def allowed(self, allowed: tuple[str, ...]) -> None:
-        self._allowed = allowed
-        self.open = self._mode != "strict" and "*" in allowed
-
     def apply(self, table: Table) -> None:
         """The rules of the table just put in force."""
         own = table.services.get(self.service)
         if own is None:
-            self.mode, self.allowed = "permissive", ("*",)
+            self.rules("permissive", ("*",))
         else:
-            self.mode, self.allowed = own.policy.mtls, own.policy.allow_from
+            self.rules(own.policy.mtls, own.policy.allow_from)
+
+    def rules(self, mode: str, allowed: tuple[str, ...]) -> None:
+        """``mtls`` (``strict`` or ``permissive``) and ``allow_from`` (``*``: any caller)."""
+        self.mode, self.allowed = mode, allowed
+        self.open = mode != "strict" and "*" in allowed
 
     def check(self, peer: str | None, client_ip: bytes) -> tuple[Reason, str] | None:
         """None when the request may go to the app, else the 403 and why."""
-        allowed = self._allowed
+        allowed = self.allowed
         if peer is None:
-            if self._mode == "strict" and client_ip not in _LOOPBACK:
+            if self.mode == "strict" and client_ip not in _LOOPBACK:
                 return self._refuse(
                     PLAINTEXT, "mtls is strict: plaintext from another host is refused"
                 )

@@ -43,6 +43,7 @@ from hyperframe.frame import GoAwayFrame
 from sidecar.http import hpackcodec, http2
 from sidecar.proxy.client import Client
 from sidecar.proxy.exchange import Exchange
+from sidecar.proxy.h2flow import give_back
 from sidecar.proxy.h2guard import ENHANCE_YOUR_CALM, FrameWatch, H2Limits
 from sidecar.proxy.h2stream import H2Stream
 from sidecar.proxy.tracker import ConnectionTracker, Tracked
@@ -54,8 +55,6 @@ STREAM_WINDOW: Final = 256 * 1024
 #: bytes of request body the whole connection may have in flight to the sidecar
 CONNECTION_WINDOW: Final = 1024 * 1024
 _DEFAULT_WINDOW: Final = 65_535
-#: bytes of connection window a client may be owed for DATA of streams it ended (``owe``)
-OWED_MAX: Final = 64 * 1024
 #: seconds a refused connection keeps dropping what the client still sends, so that it reads
 #: the GOAWAY before the close (a close with unread bytes would reset the connection)
 LINGER: Final = 2.0
@@ -198,16 +197,9 @@ class H2Downstream(asyncio.Protocol):
             self.transport.write(data)
 
     def owe(self, n: int, stream_id: int) -> None:
-        """Window the client gets back once ``OWED_MAX`` bytes are owed: DATA of a stream
-        it ended (or of one gone) takes the connection's window only, so one call of the
-        codec acknowledges many unary requests' bodies (each a Python call chain of ~10k
-        instructions), and the client's connection window is at most that much short."""
-        owed = self._owed + n
-        if owed < OWED_MAX:
-            self._owed = owed
-            return
-        self._owed = 0
-        self.h2.acknowledge_received_data(owed, stream_id)  # (the stream's own: no matter)
+        """Window the client gets back, in batches (``h2flow.give_back``): DATA of a stream
+        it ended (or of one gone) takes the connection's window only."""
+        self._owed = give_back(self.h2, self._owed, n, stream_id)
 
     def cork(self) -> None:
         self._corked += 1

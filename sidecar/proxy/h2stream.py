@@ -22,13 +22,14 @@ from typing import Final, Protocol
 
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.exceptions import FlowControlError, ProtocolError
+from h2.exceptions import ProtocolError
 
 from sidecar.errors import Reason
 from sidecar.http import grpc, http2
 from sidecar.http.http1 import Headers, ResponseHead
 from sidecar.proxy.client import Answer, Client
 from sidecar.proxy.exchange import Exchange
+from sidecar.proxy.h2flow import send_pieces
 from sidecar.proxy.h2pace import DUE_SILENT, DUE_SLOW_BODY, StreamPace
 from sidecar.proxy.limits import ListenerCounters, MinRate, Source
 from sidecar.proxy.routing import Route
@@ -396,34 +397,9 @@ class H2Stream:
             else:
                 self._head_sent = True
                 h2.send_headers(sid, held, end_stream=False)
-        # each piece whole while the windows take it, as is common: the codec checks them
-        # itself, and refuses before it sends (no ``local_flow_control_window`` a piece)
-        whole = True
-        while out:
-            data = out[0]
-            if whole and len(data) <= h2.max_outbound_frame_size:
-                fin = self._ended and len(out) == 1 and not self._trailers
-                try:
-                    h2.send_data(sid, data, end_stream=fin)
-                except FlowControlError:
-                    whole = False  # (as much as the windows take, below)
-                else:
-                    out.popleft()
-                    self._out_size -= len(data)
-                    self._fin_sent = fin
-                    continue
-            room = min(h2.local_flow_control_window(sid), h2.max_outbound_frame_size)
-            if room <= 0:
-                break
-            if len(data) > room:
-                out[0] = data[room:]
-                data = data[:room]
-            else:
-                out.popleft()
-            self._out_size -= len(data)
-            fin = self._ended and not out and not self._trailers
-            h2.send_data(sid, data, end_stream=fin)
-            self._fin_sent = fin
+        sent, fin = send_pieces(h2, sid, out, self._ended and not self._trailers)
+        self._out_size -= sent
+        self._fin_sent = self._fin_sent or fin
         if self._ended and not out:
             if not self._fin_sent:
                 self._fin_sent = True

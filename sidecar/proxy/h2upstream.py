@@ -38,10 +38,11 @@ from h2.events import (
     TrailersReceived,
     WindowUpdated,
 )
-from h2.exceptions import FlowControlError, ProtocolError, StreamClosedError
+from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
 
 from sidecar.http import grpc, hpackcodec, http1, http2
+from sidecar.proxy.h2flow import give_back, send_pieces
 from sidecar.proxy.upstream import Carrier, Corkable, Home, ResponseSink
 
 #: request body bytes a channel holds for a server whose window is spent, before the client
@@ -49,8 +50,6 @@ from sidecar.proxy.upstream import Carrier, Corkable, Home, ResponseSink
 OUT_LIMIT: Final = 64 * 1024
 #: response bytes the whole connection may have in flight to the sidecar (each stream: 64 KiB)
 CONNECTION_WINDOW: Final = 1024 * 1024
-#: bytes of connection window the server may be owed for DATA that ended streams (``owe``)
-OWED_MAX: Final = 64 * 1024
 _DEFAULT_WINDOW: Final = 65_535
 #: request fields an HTTP/2 request may not carry (RFC 9113 8.2.2), or that become
 #: pseudo-headers (``host``)
@@ -250,16 +249,11 @@ class H2Upstream(asyncio.Protocol):
         return stream_id
 
     def owe(self, n: int, stream_id: int) -> None:
-        """Window the server gets back once ``OWED_MAX`` bytes are owed: DATA of a stream
-        it ended (or of one given up) takes the connection's window only, so one call of
-        the codec acknowledges many responses' last DATA frames."""
-        owed = self._owed + n
-        if owed < OWED_MAX:
-            self._owed = owed
-            return
-        self._owed = 0
-        self.h2.acknowledge_received_data(owed, stream_id)  # (the stream's own: no matter)
-        self.flush()
+        """Window the server gets back, in batches (``h2flow.give_back``): DATA of a stream
+        it ended (or of one given up) takes the connection's window only."""
+        self._owed = give_back(self.h2, self._owed, n, stream_id)
+        if not self._owed:
+            self.flush()
 
     def done(self, stream_id: int, reset: bool) -> None:
         """A channel is over (``reset``: its stream is cancelled, if still open)."""
@@ -449,32 +443,9 @@ class H2Channel(Carrier):
             return
         h2, stream_id, body = conn.h2, self.stream_id, self._body
         try:
-            whole = True  # (each piece whole while the windows take it: ``H2Stream``'s)
-            while body:
-                piece = body[0]
-                if whole and len(piece) <= h2.max_outbound_frame_size:
-                    fin = len(body) == 1 and self._ended and not self._trailers
-                    try:
-                        h2.send_data(stream_id, piece, end_stream=fin)
-                    except FlowControlError:
-                        whole = False  # (as much as the windows take, below)
-                    else:
-                        body.popleft()
-                        self._body_size -= len(piece)
-                        self._fin_sent = fin
-                        continue
-                room = min(h2.local_flow_control_window(stream_id), h2.max_outbound_frame_size)
-                if room <= 0:
-                    break
-                piece = body.popleft()
-                if len(piece) > room:
-                    body.appendleft(piece[room:])
-                    piece = piece[:room]
-                self._body_size -= len(piece)
-                # (the last piece ends the stream: no empty DATA frame after it)
-                fin = not body and self._ended and not self._trailers
-                h2.send_data(stream_id, piece, end_stream=fin)
-                self._fin_sent = fin
+            sent, fin = send_pieces(h2, stream_id, body, self._ended and not self._trailers)
+            self._body_size -= sent
+            self._fin_sent = self._fin_sent or fin
             if not body and self._ended and not self._fin_sent:
                 self._fin_sent = True
                 if self._trailers:

@@ -473,7 +473,20 @@ async def test_a_deadline_passing_mid_stream_ends_the_call_deadline_exceeded(
     assert (entry["status"], entry["grpc_status"], entry["error"]) == (200, 4, "upstream-timeout")
 
 
-class Breaker(asyncio.Protocol):
+class H2Server(asyncio.Protocol):
+    """A test's HTTP/2 server connection: its codec, which sends its SETTINGS on connect."""
+
+    def __init__(self, config: H2Configuration | None = None) -> None:
+        self.h2 = H2Connection(config or H2Configuration(client_side=False, header_encoding=None))
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.h2.initiate_connection()
+        self.transport.write(self.h2.data_to_send())
+
+
+class Breaker(H2Server):
     """An HTTP/2 server that answers a stream with a gRPC head (and ``extra`` fields, sent as
     they are) and one message (``message``) and then closes its connection, the call's
     status never sent."""
@@ -483,13 +496,7 @@ class Breaker(asyncio.Protocol):
         self.extra = extra or []
         config = H2Configuration(client_side=False, header_encoding=None)
         config.validate_outbound_headers = config.normalize_outbound_headers = False
-        self.h2 = H2Connection(config)
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.h2.initiate_connection()
-        self.transport.write(self.h2.data_to_send())
+        super().__init__(config)
 
     def data_received(self, data: bytes) -> None:
         assert self.transport is not None
@@ -559,20 +566,14 @@ async def test_an_upstreams_malformed_head_fails_the_call_as_a_broken_connection
     assert trailing["x-meshlet-error"] == "upstream-reset"
 
 
-class Sender(asyncio.Protocol):
+class Sender(H2Server):
     """An HTTP/2 server that answers each stream 200 with ``size`` bytes, its one DATA frame
     ending the stream, as far as its windows allow (the rest when the client gives them)."""
 
     def __init__(self, size: int) -> None:
+        super().__init__()
         self.size = size
-        self.h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None))
         self.waiting: list[int] = []  # streams whose answer waits for window
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.h2.initiate_connection()
-        self.transport.write(self.h2.data_to_send())
 
     def data_received(self, data: bytes) -> None:
         assert self.transport is not None
@@ -612,20 +613,14 @@ async def test_answers_that_end_their_streams_give_the_connection_window_back(
         listener.close()
 
 
-class Refuser(asyncio.Protocol):
+class Refuser(H2Server):
     """An HTTP/2 server that answers a connection's first request with a GOAWAY saying it
     processed no stream (last stream 0), having stopped listening first (``listener``)."""
 
     def __init__(self, listener: list[asyncio.Server], refused: list[int]) -> None:
+        super().__init__()
         self.listener = listener
         self.refused = refused
-        self.h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None))
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.h2.initiate_connection()
-        self.transport.write(self.h2.data_to_send())
 
     def data_received(self, data: bytes) -> None:
         assert self.transport is not None

@@ -185,13 +185,13 @@ async def test_allow_from_refuses_a_caller_with_403_and_counts_it(
 ) -> None:
     bundle = [ca.pem()[0].decode()]
     h = await hop(credentials(ca, "web", bundle), credentials(ca, "catalog", bundle))
-    h.guard.mode, h.guard.allowed = "strict", ("orders",)
+    h.guard.rules("strict", ("orders",))
     status, headers, body = await get(h.outbound)
     assert status == 403
     assert headers["x-meshlet-error"] == "forbidden"
     assert b"allow_from does not list web" in body
     assert h.guard.forbidden == {"web": 1}
-    h.guard.mode, h.guard.allowed = "strict", ("orders", "web")
+    h.guard.rules("strict", ("orders", "web"))
     assert (await get(h.outbound))[0] == 200
 
 
@@ -200,7 +200,7 @@ async def test_strict_refuses_plaintext_from_another_host_but_not_from_loopback(
 ) -> None:
     bundle = [ca.pem()[0].decode()]
     h = await hop(credentials(ca, "web", bundle), credentials(ca, "catalog", bundle))
-    h.guard.mode, h.guard.allowed = "strict", ("*",)
+    h.guard.rules("strict", ("*",))
     # plaintext straight to the inbound port, from 127.0.0.2 ("another host")
     reader, writer = await asyncio.open_connection(LOCAL, h.inbound, local_addr=("127.0.0.2", 0))
     writer.write(b"GET / HTTP/1.1\r\nHost: catalog\r\n\r\n")
@@ -212,7 +212,7 @@ async def test_strict_refuses_plaintext_from_another_host_but_not_from_loopback(
     status, _, body = await get(h.inbound)  # from 127.0.0.1: the local app, a probe
     assert status == 200
     assert json.loads(body)["peer"] == []
-    h.guard.mode, h.guard.allowed = "permissive", ("*",)
+    h.guard.rules("permissive", ("*",))
     reader, writer = await asyncio.open_connection(LOCAL, h.inbound, local_addr=("127.0.0.2", 0))
     writer.write(b"GET / HTTP/1.1\r\nHost: catalog\r\n\r\n")
     assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
@@ -390,12 +390,12 @@ def test_a_guard_is_open_only_while_it_has_nothing_to_refuse() -> None:
     guard = InboundGuard(MeshTls(), "catalog")
     assert guard.open
     assert guard.check(None, b"10.0.0.9") is None
-    guard.mode = "strict"
+    guard.rules("strict", ("*",))
     assert not guard.open
     assert guard.check(None, b"10.0.0.9") is not None
-    guard.mode, guard.allowed = "permissive", ("orders",)
+    guard.rules("permissive", ("orders",))
     assert not guard.open
     assert guard.check(None, b"127.0.0.1") is not None
-    guard.allowed = ("orders", "*")
+    guard.rules("permissive", ("orders", "*"))
     assert guard.open
     assert guard.check(None, b"10.0.0.9") is None

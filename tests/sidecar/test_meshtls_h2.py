@@ -53,7 +53,7 @@ async def test_allow_from_refuses_a_caller_over_h2(
 ) -> None:
     bundle = [ca.pem()[0].decode()]
     h = await hop(credentials(ca, "web", bundle), credentials(ca, "catalog", bundle), policy=HTTP2)
-    h.guard.mode, h.guard.allowed = "strict", ("orders",)
+    h.guard.rules("strict", ("orders",))
     status, headers, body = await get(h.outbound)
     assert status == 403
     assert headers["x-meshlet-error"] == "forbidden"
@@ -107,7 +107,7 @@ async def test_an_h2_client_over_mesh_tls_is_guarded_and_its_forged_peer_dropped
     head, body = await call()
     assert head[b":status"] == b"200"
     assert json.loads(body)["peer"] == [WEB]
-    h.guard.mode, h.guard.allowed = "strict", ("orders",)
+    h.guard.rules("strict", ("orders",))
     head, body = await call()
     assert head[b":status"] == b"403"
     assert head[b"x-meshlet-error"] == b"forbidden"
