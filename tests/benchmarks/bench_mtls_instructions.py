@@ -10,21 +10,26 @@ before bench_proxy's nginx backend (1 KiB body, not under valgrind):
   mtls         client -> outbound -> mesh TLS 1.3 (both certificates verified) -> inbound -> backend
   haproxy      client -> HAProxy -> plaintext -> HAProxy -> backend (two processes, counted both)
   haproxy-tls  the same with TLS 1.3 between them, as bench_proxy's (mesh_tls.haproxy_tls)
+  ssl-floor    no proxy: one request's four records (request encrypted, decrypted; answer
+               encrypted, decrypted) through Python's ``ssl`` over memory BIOs, nothing else
 HAProxy pays OpenSSL's per-record cost as we do, in C around it: its ratio says how much of ours
-is OpenSSL's. The certificates come from one CA (mesh_tls.make_pki), as the control plane would
-sign them.
-This process is the client, as in bench_instructions: one keep-alive connection per variant and
-round, one request at a time, each answer read in full; ``--warmup`` requests (the handshake,
-the pools), ``callgrind_control -z``, ``--requests`` requests and a dump, then as long idle and
-a second dump; instructions per request = (measured - idle) / requests.
+is OpenSSL's. The floor says what TLS costs a Python sidecar that uses the ``ssl`` module, however
+little code it puts around it. The certificates come from one CA (mesh_tls.make_pki), as the
+control plane would sign them.
+This process is the client, as in bench_instructions: ``--connections`` keep-alive connections
+per variant and round (default one), each one request at a time, each answer read in full;
+``--warmup`` requests (the handshakes, the pools; with several connections, repeated until a
+pass opens no socket), ``callgrind_control -z``, ``--requests`` requests and a dump, then as
+long idle and a second dump; instructions per request = (measured - idle) / requests.
 
 Printed: min/median/max over the rounds per variant, of the per-round ratios mtls / plain and
-haproxy-tls / haproxy, and of what TLS adds to a request in each (instructions).
+haproxy-tls / haproxy, of what TLS adds to a request in each (instructions), and of
+(plain + ssl-floor) / plain: the lowest mtls / plain the ``ssl`` module allows.
 ``--keep`` keeps the dumps: ``callgrind_annotate --inclusive=yes <dump>`` shows where the
 instructions go.
 
 Run: .venv/bin/python tests/benchmarks/bench_mtls_instructions.py [--requests 2000]
-     [--warmup 300] [--rounds 3] [--keep] [--pure]
+     [--warmup 300] [--rounds 3] [--connections 1] [--keep] [--pure]
 Needs valgrind, nginx and haproxy. About 6 minutes for 3 rounds on two cores.
 """
 
@@ -32,16 +37,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import http.client
 import os
+import re
 import shutil
 import signal
+import socket
+import ssl
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Final
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
@@ -126,6 +136,73 @@ def serve(argv: list[str]) -> int:
     return 0
 
 
+# -- the floor: Python's ssl module alone ---------------------------------------------------------
+
+#: a request and an answer of the size the mesh's records carry (bench "GET /", 1 KiB body)
+_FLOOR_REQUEST: Final = b"GET / HTTP/1.1\r\nHost: bench-server\r\n" + b"x" * 160 + b"\r\n\r\n"
+_FLOOR_ANSWER: Final = b"HTTP/1.1 200 OK\r\n" + b"h" * 150 + b"\r\n\r\n" + b"b" * 1024
+
+
+def floor(argv: list[str]) -> None:
+    """What one request's four records cost through ``ssl`` with nothing around them: a mesh
+    TLS session over memory BIOs between two contexts of this process, the request encrypted
+    and decrypted one way and the answer the other (as an outbound and an inbound sidecar do).
+    Served on ``--port``: a line "N" runs N requests and is answered "ok"."""
+    parser = argparse.ArgumentParser(prog="floor")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--pki", type=Path, required=True)
+    args = parser.parse_args(argv)
+    ca = (args.pki / "ca.pem").read_text()
+    contexts = []
+    for pem in (args.pki / "server.pem", args.pki / "client.pem"):
+        data = pem.read_bytes()
+        cut = data.index(b"-----BEGIN PRIVATE KEY-----")
+        contexts.append(mesh_contexts(data[:cut], data[cut:], [ca]))
+    to_server, from_client, to_client, from_server = (ssl.MemoryBIO() for _ in range(4))
+    server = contexts[0][0].wrap_bio(to_server, from_server, server_side=True)
+    client = contexts[1][1].wrap_bio(to_client, from_client)
+    while not (server.version() and client.version()):
+        for side in (client, server):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                side.do_handshake()
+        to_server.write(from_client.read())
+        to_client.write(from_server.read())
+    # the session's C objects, as TlsLayer calls them (``SSLObject``'s methods wrap them)
+    client_core, server_core = client._sslobj, server._sslobj  # type: ignore[attr-defined]
+    with socket.create_server(("127.0.0.1", args.port)) as listener:
+        while True:  # (until the bench kills the process; wait_port's probe comes first)
+            conn, _ = listener.accept()
+            with conn, conn.makefile("rwb") as lines:
+                for line in lines:
+                    for _ in range(int(line)):
+                        client_core.write(_FLOOR_REQUEST)
+                        to_server.write(from_client.read())
+                        server_core.read(16 * 1024)
+                        server_core.write(_FLOOR_ANSWER)
+                        to_client.write(from_server.read())
+                        client_core.read(16 * 1024)
+                    lines.write(b"ok\n")
+                    lines.flush()
+
+
+def measure_floor(port: int, hops: list[Counted], warmup: int, requests: int) -> float:
+    """``measure`` for the floor: instructions per request of its process."""
+    with socket.create_connection(("127.0.0.1", port), timeout=600) as conn:
+        lines = conn.makefile("rwb")
+
+        def run(n: int) -> None:
+            lines.write(b"%d\n" % n)
+            lines.flush()
+            if lines.readline() != b"ok\n":
+                raise RuntimeError("the floor process did not answer")
+
+        run(warmup)
+        for hop in hops:
+            hop.control("-z")
+        run(requests)
+        return sum(hop.dump() for hop in hops) / requests
+
+
 # -- the bench: the client, counting --------------------------------------------------------------
 
 
@@ -150,8 +227,77 @@ def peer_seen(port: int) -> bytes:
         conn.close()
 
 
-def measure(port: int, hops: list[Counted], warmup: int, requests: int) -> float:
+_REQUEST: Final = f"GET / HTTP/1.1\r\nHost: {SERVICE}\r\n\r\n".encode()
+
+
+async def _get_many(
+    links: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]], n: int, expect: bytes
+) -> None:
+    """``n`` requests spread over ``links``, each link one request at a time."""
+    left = n
+
+    async def one_link(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            writer.write(_REQUEST)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)[1])  # type: ignore[index]
+            body = await reader.readexactly(length)
+            if not head.startswith(b"HTTP/1.1 200 ") or body != expect:
+                raise RuntimeError(f"answer {head!r} {body[:200]!r}")
+
+    await asyncio.gather(*(one_link(r, w) for r, w in links))
+
+
+WARMUP_PASSES: Final = 8
+"""at most, with ``--connections``"""
+
+
+def _sockets(hops: list[Counted]) -> int:
+    """The sockets the processes of ``hops`` hold."""
+    held = 0
+    for hop in hops:
+        fds = Path(f"/proc/{hop.proc.pid}/fd")
+        held += sum(os.readlink(fd).startswith("socket:") for fd in fds.iterdir())
+    return held
+
+
+async def _measure_many(
+    port: int, hops: list[Counted], warmup: int, requests: int, connections: int
+) -> float:
+    """``measure`` over ``connections`` kept-alive connections used at once: every one is
+    open (its handshake done) before the counters are zeroed, and stays open to the end."""
+    links = [await asyncio.open_connection("127.0.0.1", port) for _ in range(connections)]
+    body = b"b" * 1024
+    try:
+        # Warm-up passes until one opens no socket: under valgrind a pass can run below the
+        # full concurrency, and a pool that grows later would count handshakes as requests.
+        sockets = -1
+        for _ in range(WARMUP_PASSES):
+            await _get_many(links, max(warmup, connections), body)
+            if sockets == (sockets := _sockets(hops)):
+                break
+        for hop in hops:
+            hop.control("-z")
+        started = time.monotonic()
+        await _get_many(links, requests, body)
+        seconds = time.monotonic() - started
+        busy = sum(hop.dump() for hop in hops)
+        await asyncio.sleep(seconds)
+        idle = sum(hop.dump() for hop in hops)
+    finally:
+        for _, writer in links:
+            writer.close()
+    return (busy - idle) / requests
+
+
+def measure(
+    port: int, hops: list[Counted], warmup: int, requests: int, connections: int = 1
+) -> float:
     """Instructions per request of ``hops`` together (the processes behind ``port``)."""
+    if connections > 1:
+        return asyncio.run(_measure_many(port, hops, warmup, requests, connections))
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
         get(conn, warmup, b"b" * 1024)
@@ -188,15 +334,20 @@ def spread(values: list[float], fmt: str = "10,.0f") -> str:
 def main() -> int:
     if sys.argv[1:2] == ["serve"]:
         return serve(sys.argv[2:])
+    if sys.argv[1:2] == ["floor"]:
+        floor(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0] if __doc__ else None)
     parser.add_argument("--requests", type=int, default=2000, help="measured requests a round")
     parser.add_argument("--warmup", type=int, default=300, help="requests before counting")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--keep", action="store_true", help="keep the callgrind dumps")
     parser.add_argument("--pure", action="store_true", help="the pure-Python build")
+    parser.add_argument(
+        "--connections", type=int, default=1, help="kept-alive connections used at once"
+    )
     args = parser.parse_args()
-    if args.requests < 1 or args.warmup < 1 or args.rounds < 1:
-        parser.error("--requests, --warmup and --rounds must be >= 1")
+    if min(args.requests, args.warmup, args.rounds, args.connections) < 1:
+        parser.error("--requests, --warmup, --rounds and --connections must be >= 1")
     for tool in ("valgrind", "callgrind_control", "nginx", "haproxy", "taskset"):
         if shutil.which(tool) is None:
             print(f"{tool} not found (apt-get install valgrind nginx haproxy)", file=sys.stderr)
@@ -214,7 +365,13 @@ def main() -> int:
     lab = Lab(tmp)
     pki = mesh_tls.make_pki(tmp)
     me = str(Path(__file__).resolve())
-    results: dict[str, list[float]] = {"plain": [], "mtls": [], "haproxy": [], "haproxy-tls": []}
+    results: dict[str, list[float]] = {
+        "plain": [],
+        "mtls": [],
+        "haproxy": [],
+        "haproxy-tls": [],
+        "ssl-floor": [],
+    }
     started = time.monotonic()
     try:
         lab.backend()
@@ -227,6 +384,9 @@ def main() -> int:
             ports[name] = port, [lab.counted(name, *argv, env=env)]
         ports["haproxy"] = haproxy_hops(lab, "haproxy", None)
         ports["haproxy-tls"] = haproxy_hops(lab, "haproxy-tls", mesh_tls.haproxy_tls(pki))
+        port = free_port()
+        argv = [sys.executable, me, "floor", "--port", str(port), "--pki", str(tmp)]
+        ports["ssl-floor"] = port, [lab.counted("ssl-floor", *argv, env=env)]
         for port, _ in ports.values():
             wait_port(port, START_TIMEOUT)
         # each meshlet variant is what it claims (HAProxy's inner TLS bind answers only TLS)
@@ -237,10 +397,16 @@ def main() -> int:
         print(f"all listening after {time.monotonic() - started:.0f} s", flush=True)
         for rnd in range(1, args.rounds + 1):
             for name, (port, hops) in ports.items():
-                per = measure(port, hops, args.warmup, args.requests)
+                if name == "ssl-floor":
+                    per = measure_floor(port, hops, args.warmup, args.requests)
+                else:
+                    per = measure(port, hops, args.warmup, args.requests, args.connections)
                 results[name].append(per)
                 print(f"round {rnd} {name:11} {per:10,.0f} instructions/request", flush=True)
-        print(f"\ninstructions per request, 2 hops, {args.rounds} rounds (idle subtracted)")
+        print(
+            f"\ninstructions per request, 2 hops, {args.connections} connection(s), "
+            f"{args.rounds} rounds (idle subtracted)"
+        )
         print(f"{'':22} {'min':>10} {'median':>10} {'max':>10}")
         for name, runs in results.items():
             print(f"{name:22} {spread(runs)}")
@@ -252,6 +418,11 @@ def main() -> int:
             print(f"{tls + ' - ' + plain:22} {spread([t - p for t, p in pairs])}   TLS's own")
             ratios = [t / p for t, p in pairs]
             print(f"{tls + ' / ' + plain:22} {spread(ratios, '10.3f')}   {note}")
+        pairs = list(zip(results["ssl-floor"], results["plain"], strict=True))
+        floor_ratios = [(p + f) / p for f, p in pairs]
+        print(
+            f"{'(plain + floor) / plain':22} {spread(floor_ratios, '10.3f')}   the best ssl allows"
+        )
         print(f"took {time.monotonic() - started:.0f} s")
     finally:
         lab.stop()

@@ -269,7 +269,7 @@ global
   maxconn 4000
 defaults
   mode http
-  timeout connect 1s
+  timeout connect 30s
   timeout client 30s
   timeout server 30s
   option http-keep-alive
