@@ -280,7 +280,7 @@ class RequestHead(HeadLines):
     def mesh_tail(self, tail: re.Match[bytes]) -> None:
         """The mesh's lines that ended the head (``cut_mesh_tail``), read as ``add`` reads
         them: each counted for the limits, all but x-request-id's among the unlisted."""
-        forwarded, request_id, attempt, deadline = tail.groups()
+        forwarded, line, request_id, attempt, deadline = tail.groups()
         start, end = tail.span()
         size = end - 4 - start  # (each line's CRLF before it, the blank line's after them)
         xff = self.forwarded_for
@@ -288,7 +288,6 @@ class RequestHead(HeadLines):
         if request_id is not None:
             if not self.request_id:
                 self.request_id = request_id
-            line = b"x-request-id: %s\r\n" % request_id
             self.lines.append(line)
             size -= len(line)
         self.attempt = int(attempt)
@@ -366,9 +365,9 @@ def parse_request_head(
 #: what matches is what llhttp accepts there (visible ASCII, no space around a value).
 MESH_TAIL: Final = re.compile(
     rb"\r\n(?:\r\n|x-forwarded-for: ([!-~][ !-~]*+)(?<! )"
-    rb"\r\nx-forwarded-proto: http"
-    rb"(?:\r\nx-request-id: ([!-~]++)|)"
-    rb"\r\nx-meshlet-attempt: ([0-9]{1,10}+)"
+    rb"\r\nx-forwarded-proto: http\r\n"
+    rb"(x-request-id: ([!-~]++)\r\n|)"  # (the line as it is forwarded, and its value)
+    rb"x-meshlet-attempt: ([0-9]{1,10}+)"
     rb"\r\nx-meshlet-deadline-ms: ([0-9]{1,10}+)\r\n\r\n)"
 )
 
