@@ -139,9 +139,8 @@ class Downstream(Watch):
         self._linger: asyncio.TimerHandle | None = None
         self._tls_first = False  # inbound: the first read may start a mesh TLS session
         self._mesh_tails = False  # inbound: heads may end with the lines an outbound sidecar adds
-        self._tail: re.Match[bytes] | None = (
-            None  # those lines, cut off the read the head came in (``http1.cut_mesh_tail``)
-        )
+        #: those lines, cut off the read the head came in (``http1.cut_mesh_tail``)
+        self._tail: re.Match[bytes] | None = None
         self._h2: H2Downstream | None = None  # the connection is HTTP/2's (``_start_h2``)
         #: the caller's verified SPIFFE ID (inbound mesh TLS), and its x-meshlet-peer line
         self.peer: str | None = None
