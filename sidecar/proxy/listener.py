@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 from collections import deque
 from collections.abc import Callable
 from functools import partial
@@ -74,6 +75,7 @@ class Downstream(Watch):
         "_latest",
         "_limit_error",
         "_linger",
+        "_mesh_tails",
         "_parser",
         "_pending_reject",
         "_queue",
@@ -81,6 +83,7 @@ class Downstream(Watch):
         "_send",
         "_sniffing",
         "_starting",
+        "_tail",
         "_tls_first",
         "_unread",
         "_url",
@@ -135,6 +138,9 @@ class Downstream(Watch):
         self._unread = False  # the client may still be sending: linger before closing
         self._linger: asyncio.TimerHandle | None = None
         self._tls_first = False  # inbound: the first read may start a mesh TLS session
+        self._mesh_tails = False  # inbound: heads may end with the lines an outbound sidecar adds
+        #: those lines, cut off the read the head came in (``http1.cut_mesh_tail``)
+        self._tail: re.Match[bytes] | None = None
         self._h2: H2Downstream | None = None  # the connection is HTTP/2's (``_start_h2``)
         #: the caller's verified SPIFFE ID (inbound mesh TLS), and its x-meshlet-peer line
         self.peer: str | None = None
@@ -171,6 +177,7 @@ class Downstream(Watch):
         # mesh TLS comes to the inbound port itself; what iptables redirected there keeps its
         # own bytes (an app's own TLS is relayed to it, as before)
         self._tls_first = guard is not None and self.original is None
+        self._mesh_tails = self.tracker.direction == "inbound"
         self.expect(WAIT_HEAD, self.timeouts.head)
 
     def data_received(self, data: bytes) -> None:
@@ -197,7 +204,14 @@ class Downstream(Watch):
         else:  # ``_parse``, inline: on the hot path a call costs as much as the rest
             reader = self._reader
             reader.read = n
-            self._fresh = data if self._current is None and not reader.in_head else b""
+            if self._current is None and not reader.in_head:
+                self._fresh = data
+                if self._mesh_tails:  # its head's last lines are read without the parser
+                    cut = http1.cut_mesh_tail(data)
+                    if cut is not None:
+                        data, self._tail = cut
+            else:
+                self._fresh = b""
             try:
                 self._parser.feed_data(data)
             except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:
@@ -459,6 +473,9 @@ class Downstream(Watch):
     def on_headers_complete(self) -> None:
         head = self._head or self._begin_head()
         self._head = None
+        if self._tail is not None:  # (the first head of its read: none came between)
+            head.mesh_tail(self._tail)
+            self._tail = None
         reader = self._reader
         too_large = reader.head_complete(
             head.lines, head.unlisted, len(self._url) + head.unlisted_bytes

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import httptools
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sidecar.http import http1
 
@@ -161,3 +164,176 @@ def test_forwarding_and_dropped_headers_are_counted_for_the_limits() -> None:
     assert head.forwarded_for == b"1.1.1.1, 2.2.2.2"
     assert head.lines == [b"Host: svc\r\n"]
     assert head.unlisted == 4
+
+
+# -- the mesh's lines read whole (``cut_mesh_tail``) -------------------------------------------
+
+
+class ParsedLines:
+    """The first request head of a read as httptools delivers it: target and header lines."""
+
+    def __init__(self, data: bytes) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.method = b""
+        self.parser = httptools.HttpRequestParser(self)
+        self.parser.feed_data(data)
+
+    def on_url(self, url: bytes) -> None:
+        if not self.method:
+            self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.method:
+            self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.method = self.method or self.parser.get_method()
+
+
+def read_head(data: bytes, *, cut: bool) -> tuple[http1.RequestHead, bool]:
+    """The first head of ``data`` as the inbound listener reads it (``cut``: its mesh lines
+    cut off and read whole when it ends with them), and whether they were."""
+    found = http1.cut_mesh_tail(data) if cut else None
+    tail = None
+    if found is not None:
+        data, tail = found
+    parsed = ParsedLines(data)
+    head = http1.request_head(parsed.method, parsed.url, "1.1")
+    for name, value in parsed.headers:
+        head.add(name, value)
+    if tail is not None:
+        head.mesh_tail(tail)
+    head.complete(True)
+    return head, tail is not None
+
+
+#: what a request head says (compiled, its class has no ``__slots__`` to list them)
+_FIELDS = (
+    "method",
+    "target",
+    "version",
+    "keep_alive",
+    "authority",
+    "proxied",
+    "chunked",
+    "upgrade",
+    "expect_continue",
+    "has_body",
+    "content_length",
+    "request_id",
+    "codings",
+    "forwarded_for",
+    "upgrade_value",
+    "deadline_ms",
+    "timeout_ms",
+    "attempt",
+    "retry",
+    "grpc_timeout_ms",
+    "grpc",
+    "lines",
+    "unlisted",
+    "unlisted_bytes",
+)
+
+
+def same_either_way(data: bytes) -> bool:
+    """The head reads the same with its mesh lines cut off as line by line; whether they
+    were cut off."""
+    whole, cut = read_head(data, cut=True)
+    by_line, _ = read_head(data, cut=False)
+    assert {f: getattr(whole, f) for f in _FIELDS} == {f: getattr(by_line, f) for f in _FIELDS}
+    return cut
+
+
+_APP_LINES = st.sampled_from(
+    [
+        (b"Host", b"svc"),
+        (b"host", b"svc:80"),
+        (b"X-Forwarded-For", b"1.1.1.1"),
+        (b"x-forwarded-for", b"2.2.2.2, 3.3.3.3"),
+        (b"X-Request-Id", b"from-the-app"),
+        (b"x-meshlet-attempt", b"5"),
+        (b"x-meshlet-deadline-ms", b"70"),
+        (b"x-meshlet-timeout-ms", b"80"),
+        (b"Accept", b"*/*"),
+        (b"Content-Length", b"0"),
+    ]
+)
+
+
+@given(
+    st.lists(_APP_LINES, max_size=6, unique_by=lambda line: line[0].lower()),
+    st.integers(1, 10**10 - 1),  # (an outbound's tries count from 1)
+    st.integers(0, 10**10 - 1),
+    st.sampled_from([b"", b"GET /b HTTP/1.1\r\n", b"GET /b HTTP/1.1\r\nhost: b\r\n\r\n"]),
+)
+def test_the_mesh_lines_an_outbound_sends_read_whole_as_line_by_line(
+    lines: list[tuple[bytes, bytes]], attempt: int, deadline: int, after: bytes
+) -> None:
+    app = http1.request_head(b"GET", b"/a", "1.1")
+    for name, value in lines:
+        app.add(name, value)
+    app.complete(True)
+    sent = http1.upstream_request(app, b"127.0.0.1", attempt, deadline)
+    sent += after  # (a request may follow, all there or not)
+    assert same_either_way(sent)
+
+
+@pytest.mark.parametrize(
+    ("data", "cut"),
+    [
+        (
+            b"GET / HTTP/1.1\r\nhost: a\r\nx-forwarded-for: 1.2.3.4\r\nx-forwarded-proto: http"
+            b"\r\nx-meshlet-attempt: 1\r\nx-meshlet-deadline-ms: 900\r\n\r\n",
+            True,
+        ),
+        # what differs in the least is read line by line
+        (
+            b"GET / HTTP/1.1\r\nhost: a\r\nx-forwarded-for: 1.2.3.4 \r\nx-forwarded-proto: http"
+            b"\r\nx-meshlet-attempt: 1\r\nx-meshlet-deadline-ms: 900\r\n\r\n",
+            False,
+        ),
+        (
+            b"GET / HTTP/1.1\r\nhost: a\r\nX-Forwarded-For: 1.2.3.4\r\nx-forwarded-proto: http"
+            b"\r\nx-meshlet-attempt: 1\r\nx-meshlet-deadline-ms: 900\r\n\r\n",
+            False,
+        ),
+        (
+            b"GET / HTTP/1.1\r\nhost: a\r\nx-forwarded-for: 1.2.3.4\r\nx-forwarded-proto: http"
+            b"\r\nx-meshlet-attempt: 1\r\nx-meshlet-deadline-ms: 12345678901\r\n\r\n",
+            False,
+        ),
+        (
+            b"GET / HTTP/1.1\r\nhost: a\r\nx-forwarded-for: 1.2.3.4\r\nx-forwarded-proto: http"
+            b"\r\ngrpc-timeout: 1S\r\nx-meshlet-attempt: 1\r\nx-meshlet-deadline-ms: 9\r\n\r\n",
+            False,
+        ),
+        (
+            b"GET / HTTP/1.1\r\nhost: a\r\nx-forwarded-for: 1.2.3.4\r\nx-forwarded-proto: http"
+            b"\r\nx-meshlet-attempt: 1\r\nx-meshlet-deadline-ms: 9\r\nx-more: 1\r\n\r\n",
+            False,
+        ),
+        # only the first head's: a second one in the same read is read line by line
+        (
+            b"GET / HTTP/1.1\r\nhost: a\r\n\r\nGET / HTTP/1.1\r\nhost: a\r\nx-forwarded-for: 1"
+            b"\r\nx-forwarded-proto: http\r\nx-meshlet-attempt: 1\r\nx-meshlet-deadline-ms: 9"
+            b"\r\n\r\n",
+            False,
+        ),
+    ],
+)
+def test_only_the_mesh_lines_as_an_outbound_writes_them_are_read_whole(
+    data: bytes, cut: bool
+) -> None:
+    assert same_either_way(data) is cut
+
+
+def test_a_value_llhttp_refuses_is_left_to_it() -> None:
+    data = (
+        b"GET / HTTP/1.1\r\nhost: a\r\nx-forwarded-for: 1.2.\x013.4\r\nx-forwarded-proto: "
+        b"http\r\nx-meshlet-attempt: 1\r\nx-meshlet-deadline-ms: 9\r\n\r\n"
+    )
+    assert http1.cut_mesh_tail(data) is None
+    with pytest.raises(httptools.HttpParserError):
+        ParsedLines(data)

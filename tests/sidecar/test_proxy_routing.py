@@ -172,6 +172,29 @@ async def test_inbound_forwards_to_the_app(upstreams: Upstreams, make_mesh: Make
     assert json.loads(resp.body)["server"] == "the-app"
 
 
+async def test_inbound_reads_the_lines_an_outbound_sidecar_adds(
+    upstreams: Upstreams, make_mesh: MakeMesh
+) -> None:
+    app = await upstreams("the-app")
+    mesh = await make_mesh({}, app_port=app.port)
+    mesh_lines = (
+        "x-forwarded-for: 10.1.1.1\r\nx-forwarded-proto: http\r\nx-request-id: abc\r\n"
+        "x-meshlet-attempt: 2\r\nx-meshlet-deadline-ms: 5000\r\n"
+    )
+    # read whole off the first head of a read; the next head, in the same read, has none
+    responses = await request(
+        mesh.inbound, get("/echo", "app", mesh_lines) + get("/echo", "app"), count=2
+    )
+    first, second = (dict(json.loads(r.body)["headers"]) for r in responses)
+    assert first["x-forwarded-for"] == f"10.1.1.1, {LOCAL}"
+    assert (first["x-request-id"], first["x-meshlet-attempt"]) == ("abc", "2")
+    assert 0 < int(first["x-meshlet-deadline-ms"]) <= 5000
+    assert second["x-forwarded-for"] == LOCAL
+    assert second["x-request-id"] != "abc"
+    assert "x-meshlet-attempt" not in second
+    assert int(second["x-meshlet-deadline-ms"]) > 5000  # (its own route timeout)
+
+
 async def test_admin_port(upstreams: Upstreams, make_mesh: MakeMesh) -> None:
     up = await upstreams("u")
     mesh = await make_mesh({"svc": service(up.port, lb="round_robin")})
