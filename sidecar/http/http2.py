@@ -6,7 +6,10 @@ over HTTP/1.1: ``:method`` and ``:path`` make the request line, ``:authority`` t
 ``cookie`` fields are joined again (RFC 9113 8.2.3), a body whose length no
 ``content-length`` gives is chunked upstream, and an ``application/grpc*`` content-type makes
 it a gRPC call (``grpc``). A response head goes the other way: its lines,
-hop-by-hop headers already gone, lower-cased under a ``:status``.
+hop-by-hop headers already gone, lower-cased under a ``:status``; and so does a request to an
+HTTP/2 upstream (``upstream_headers``): its lines and the proxy's own (``http1.proxy_lines``)
+under its pseudo-headers, the head an HTTP/1.1 upstream gets, without a detour through bytes
+that a parser reads back.
 
 What goes to the client, and to an HTTP/2 upstream (``h2upstream``), is made ready here, not
 by the codec (``h2conn`` and ``h2upstream`` turn off h2's outbound normalisation and
@@ -33,7 +36,7 @@ from hyperframe.frame import Frame
 
 from sidecar.errors import Reason
 from sidecar.http import grpc
-from sidecar.http.http1 import Headers, RequestHead, ResponseHead
+from sidecar.http.http1 import Headers, RequestHead, ResponseHead, proxy_lines
 
 #: what ``request_head`` calls an HTTP/2 request's version (the access log's, never sent)
 VERSION: Final = "2"
@@ -44,8 +47,11 @@ _CONNECTION_SPECIFIC: Final = frozenset(
 #: fields not sent over HTTP/2: the connection-specific ones, and ``te`` (a request's; an
 #: upstream is sent the sidecar's own ``te: trailers``)
 NOT_SENT: Final = _CONNECTION_SPECIFIC | {b"te"}
+#: request fields not sent to an HTTP/2 upstream as they are: ``NOT_SENT``, and ``host``,
+#: which is its ``:authority``
+_NOT_SENT_UPSTREAM: Final = NOT_SENT | {b"host"}
 #: fields kept out of the HPACK table: secrets (h2's ``_secure_headers``; a ``cookie`` when
-#: short), and the values the sidecar writes new for each request (``http1.upstream_request``),
+#: short), and the values the sidecar writes new for each request (``http1.proxy_lines``),
 #: which would only push the others out of the table, and make each of the encoder's lookups,
 #: a walk of the table, the longer (30 % of the upstream's encoding, with x-request-id indexed)
 _NOT_INDEXED: Final = frozenset(
@@ -183,6 +189,42 @@ def request_head(headers: Sequence[tuple[bytes, bytes]], ended: bool) -> Request
     if not ended and head.content_length < 0:  # a body of a length only its end will tell
         head.chunked = head.has_body = True
     return head
+
+
+def upstream_headers(
+    head: RequestHead,
+    client_ip: bytes,
+    attempt: int,
+    deadline_ms: int | None,
+    grpc_ms: int | None,
+) -> Headers:
+    """The HEADERS of a request sent to an HTTP/2 upstream: its pseudo-headers, ``te:
+    trailers`` (the sidecar passes trailers on, which gRPC servers ask callers to say), then
+    the head's lines and the proxy's own (``http1.proxy_lines``, as an HTTP/1.1 upstream gets
+    them), made ready to send (``add_field``), without what HTTP/2 does not carry."""
+    fields: Headers = [
+        (b":method", head.method),
+        (b":scheme", b"http"),
+        (b":authority", head.authority or b""),
+        (b":path", head.target),
+        (b"te", b"trailers"),
+    ]
+    extra = proxy_lines(head, client_ip, attempt, deadline_ms, grpc_ms)  # (first: ``lines``)
+    lines = b"".join(head.lines + extra)
+    for line in lines.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        name = name.lower()  # (a client's HTTP/1.1 head keeps its names' case)
+        if name and name not in _NOT_SENT_UPSTREAM:
+            add_field(fields, name, value.strip())
+    return fields
+
+
+def upstream_trailer(out: Headers, name: bytes, value: bytes) -> None:
+    """Add a request trailer for an HTTP/2 upstream to ``out``, unless HTTP/2 does not carry
+    it."""
+    name = name.lower()
+    if name not in _NOT_SENT_UPSTREAM:
+        add_field(out, name, value.strip())
 
 
 class H2ResponseHead(ResponseHead):
