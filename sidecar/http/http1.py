@@ -361,11 +361,24 @@ def upstream_request(
     deadline_ms: int | None = None,
     grpc_ms: int | None = None,
 ) -> bytes:
-    """The head sent upstream over HTTP/1.1: origin-form, hop-by-hop removed, the framing of
-    its body (``Transfer-Encoding``) and an upgrade's lines, and the proxy's own lines
-    (``proxy_lines``)."""
-    extra = proxy_lines(head, client_ip, attempt, deadline_ms, grpc_ms)  # (first: ``lines``)
-    out = [head.method, b" ", head.target, b" HTTP/1.1\r\n", *head.lines]
+    """The head sent upstream: origin-form, HTTP/1.1, hop-by-hop removed, X-Forwarded-For
+    appended, X-Forwarded-Proto set, X-Request-Id added when absent (``ensure_request_id``);
+    which try this is and the milliseconds left (``x-meshlet-attempt``,
+    ``x-meshlet-deadline-ms``) when given, and a gRPC caller's deadline left
+    (``grpc-timeout``) when given. (``http2.upstream_headers`` makes the same head for an
+    HTTP/2 upstream.)"""
+    ensure_request_id(head)
+    forwarded = head.forwarded_for
+    out = [  # (one list display: each append is a method call in pure Python)
+        head.method,
+        b" ",
+        head.target,
+        b" HTTP/1.1\r\n",
+        *head.lines,
+        b"x-forwarded-for: ",
+        forwarded + b", " + client_ip if forwarded else client_ip,
+        b"\r\nx-forwarded-proto: http\r\n",
+    ]
     if head.chunked:
         if head.codings:
             out.append(b"transfer-encoding: " + head.codings + b", chunked\r\n")
@@ -373,32 +386,6 @@ def upstream_request(
             out.append(b"transfer-encoding: chunked\r\n")
     if head.upgrade:
         out.append(b"connection: upgrade\r\nupgrade: " + head.upgrade_value + b"\r\n")
-    out += extra
-    out.append(b"\r\n")
-    return b"".join(out)
-
-
-def proxy_lines(
-    head: RequestHead,
-    client_ip: bytes,
-    attempt: int = 0,
-    deadline_ms: int | None = None,
-    grpc_ms: int | None = None,
-) -> list[bytes]:
-    """The lines the proxy adds to a request it sends upstream, over either protocol:
-    X-Forwarded-For appended, X-Forwarded-Proto set; which try this is and the milliseconds
-    left (``x-meshlet-attempt``, ``x-meshlet-deadline-ms``) when given, and a gRPC caller's
-    deadline left (``grpc-timeout``) when given. A head without an X-Request-Id gets one
-    among its ``lines`` (called before they are read): every try sends the same."""
-    if not head.request_id:
-        head.request_id = _REQUEST_IDS.new()  # (``new_request_id``, inline: once a request)
-        head.lines.append(b"x-request-id: " + head.request_id + b"\r\n")
-    forwarded = head.forwarded_for
-    out = [  # (one list display: each append is a method call in pure Python)
-        b"x-forwarded-for: ",
-        forwarded + b", " + client_ip if forwarded else client_ip,
-        b"\r\nx-forwarded-proto: http\r\n",
-    ]
     if grpc_ms is not None:
         out.append(b"grpc-timeout: " + grpctimeout.format_ms(grpc_ms) + b"\r\n")
     if attempt:
@@ -407,9 +394,19 @@ def proxy_lines(
             if attempt < len(_ATTEMPT_LINES)
             else b"x-meshlet-attempt: %d\r\n" % attempt
         )
-    if deadline_ms is not None:
-        out.append(b"x-meshlet-deadline-ms: %d\r\n" % deadline_ms)
-    return out
+    if deadline_ms is not None:  # (the head's last line, and the blank line that ends it)
+        out.append(b"x-meshlet-deadline-ms: %d\r\n\r\n" % deadline_ms)
+    else:
+        out.append(b"\r\n")
+    return b"".join(out)
+
+
+def ensure_request_id(head: RequestHead) -> None:
+    """A head without an X-Request-Id gets one, among its ``lines``: every try of the
+    request sends the same."""
+    if not head.request_id:
+        head.request_id = _REQUEST_IDS.new()  # (``new_request_id``, inline: once a request)
+        head.lines.append(b"x-request-id: " + head.request_id + b"\r\n")
 
 
 # -- responses --------------------------------------------------------------------------------

@@ -265,7 +265,7 @@ class _ReadBack:
 
 def _from_http1() -> http1.RequestHead:
     return http1.parse_request_head(b"POST", b"/p?q=1", "1.1", [
-        (b"Host", b"svc:80"), (b"Content-Type", b"text/plain"), (b"X-Forwarded-For", b"10.0.0.1"),
+        (b"Host", b"svc:80"), (b"Content-Type", b"text/plain"), (b"X-Forwarded-For", b" 10.0.0.1"),
         (b"Connection", b"keep-alive, X-Hop"), (b"X-Hop", b"1"), (b"Authorization", b"Basic eA=="),
         (b"Cookie", b"a=1"), (b"grpc-timeout", b"soon"), (b"Transfer-Encoding", b"chunked"),
         (b"TE", b"trailers"), (b"Proxy-Thing", b"1"), (b"x-meshlet-deadline-ms", b"900"),
@@ -284,11 +284,19 @@ def _from_http2() -> http1.RequestHead:
     return head
 
 
+def _from_http2_with_host() -> http1.RequestHead:
+    return http2.request_head([
+        (b":method", b"PUT"), (b":scheme", b"http"), (b":path", b"/x"), (b"host", b"svc"),
+        (b"content-length", b"3"), (b"grpc-timeout", b"never"), (b"x-forwarded-for", b"1.1.1.1"),
+        (b"authorization", b"Bearer t"), (b"expect", b"100-continue"),
+    ], ended=False)  # fmt: skip
+
+
 def _absolute_form() -> http1.RequestHead:
     return http1.parse_request_head(b"GET", b"http://svc/x", "1.1", [(b"Accept", b"*/*")], True)
 
 
-@pytest.mark.parametrize("make", [_from_http1, _from_http2, _absolute_form])
+@pytest.mark.parametrize("make", [_from_http1, _from_http2, _from_http2_with_host, _absolute_form])
 @pytest.mark.parametrize("numbers", [(0, None, None), (2, 700, 650), (9, 0, None)])
 def test_an_http2_upstream_gets_the_fields_an_http1_upstream_gets_in_its_head(
     make: Callable[[], http1.RequestHead], numbers: tuple[int, int | None, int | None]
