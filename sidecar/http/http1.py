@@ -408,9 +408,12 @@ def upstream_request(
     grpc_ms: int | None = None,
 ) -> bytes:
     """The head sent upstream: origin-form, HTTP/1.1, hop-by-hop removed, X-Forwarded-For
-    appended, X-Forwarded-Proto set, X-Request-Id added when absent; which try this is and
-    the milliseconds left (``x-meshlet-attempt``, ``x-meshlet-deadline-ms``) when given, and
-    a gRPC caller's deadline left (``grpc-timeout``) when given."""
+    appended, X-Forwarded-Proto set, X-Request-Id added when absent (``ensure_request_id``);
+    which try this is and the milliseconds left (``x-meshlet-attempt``,
+    ``x-meshlet-deadline-ms``) when given, and a gRPC caller's deadline left
+    (``grpc-timeout``) when given. (``http2.upstream_headers`` makes the same head for an
+    HTTP/2 upstream.)"""
+    ensure_request_id(head)
     forwarded = head.forwarded_for
     out = [  # (one list display: each append is a method call in pure Python)
         head.method,
@@ -422,9 +425,6 @@ def upstream_request(
         forwarded + b", " + client_ip if forwarded else client_ip,
         b"\r\nx-forwarded-proto: http\r\n",
     ]
-    if not head.request_id:
-        head.request_id = _REQUEST_IDS.new()  # (``new_request_id``, inline: once a request)
-        out += (b"x-request-id: ", head.request_id, b"\r\n")
     if head.chunked:
         if head.codings:
             out.append(b"transfer-encoding: " + head.codings + b", chunked\r\n")
@@ -445,6 +445,14 @@ def upstream_request(
     else:
         out.append(b"\r\n")
     return b"".join(out)
+
+
+def ensure_request_id(head: RequestHead) -> None:
+    """A head without an X-Request-Id gets one, among its ``lines``: every try of the
+    request sends the same."""
+    if not head.request_id:
+        head.request_id = _REQUEST_IDS.new()  # (``new_request_id``, inline: once a request)
+        head.lines.append(b"x-request-id: " + head.request_id + b"\r\n")
 
 
 # -- responses --------------------------------------------------------------------------------

@@ -3,10 +3,12 @@ and after a try fails, do what ``Tries`` answers (``resilience.tries``): resend 
 none of which went out, retry after a backoff, hedge a slow first try, or give up.
 
 A ``Dispatch`` is the upstream half of an ``Exchange``: it holds the current try (an
-``Attempt`` and its connection), the request's bytes (an ``Outbox``), a connect under way,
+``Attempt`` and its connection), the request's body (an ``Outbox``), a connect under way,
 a retry waiting, and a hedged first try; it tells the exchange (its ``Owner``) only when the
-request fails for good. The exchange stays its connections' ``ResponseSink`` and asks it
-(``on_head``) whether a response head is the answer.
+request fails for good. It is its tries' ``Outgoing``: the carrier a try goes on takes the
+request's head for that try in its own protocol (HTTP/1.1 bytes, or HTTP/2 fields). The
+exchange stays its connections' ``ResponseSink`` and asks it (``on_head``) whether a
+response head is the answer.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import asyncio
 from control_plane.wire import Endpoint
 from sidecar.balancing.balancer import Member
 from sidecar.errors import Reason, connection_lost
-from sidecar.http import http1
+from sidecar.http import http1, http2
 from sidecar.http.http1 import RequestHead, ResponseHead
 from sidecar.proxy.attempt import Attempt, Hedged, elsewhere
 from sidecar.proxy.client import Client
@@ -24,7 +26,7 @@ from sidecar.proxy.connect import Connect
 from sidecar.proxy.outbox import Outbox
 from sidecar.proxy.pool import Pool
 from sidecar.proxy.routing import Route
-from sidecar.proxy.upstream import Carrier, ResponseSink, UpstreamConnection
+from sidecar.proxy.upstream import Carrier, Outgoing, ResponseSink, UpstreamConnection
 from sidecar.resilience import classify
 from sidecar.resilience.classify import Outcome
 from sidecar.resilience.tries import BACKOFF, CONNECTING, DONE, QUEUED, RESPONDING, SENT, Tries
@@ -41,26 +43,27 @@ class Owner(ResponseSink):
         raise NotImplementedError
 
 
-class Dispatch:
+class Dispatch(Outgoing):
     """The upstream half of one exchange: its tries."""
 
     __slots__ = (
         "_again",
+        "_attempt_sent",
         "_connecting",
+        "_deadline_sent",
         "_failed_at",
         "_failure",
+        "_grpc_sent",
         "_h2",
         "_hedged",
         "_key",
         "_retry_timer",
         "_sent",
         "_stale_retried",
-        "_waiting",
         "attempt",
         "client",
         "conn",
         "endpoint",
-        "head",
         "out",
         "owner",
         "route",
@@ -75,12 +78,16 @@ class Dispatch:
         self.route: Route | None = None
         # (a gRPC call is kept too: a code that ``retry_on`` names retries it, ``Tries``)
         again = head.method in http1.IDEMPOTENT or head.retry or head.grpc
-        #: the request's bytes, when it has a body (keywords to a class cost CPython a dict);
-        #: kept for another try until ``start`` knows whether one may send it (HTTP/2: a
-        #: stream refused unseen goes again, whatever the method)
-        self.out = Outbox(head.chunked, True) if head.has_body else None
+        #: the request's body, when it has one; kept for another try until ``start`` knows
+        #: whether one may send it (HTTP/2: a stream refused unseen goes again, whatever the
+        #: method)
+        self.out = Outbox(True) if head.has_body else None
         self._again = again  # another try may send it (one without a body: ``out`` is None)
-        self._waiting = b""  # no body: the current try's head, until a connection takes it
+        # what the current try's head says, as of its start (``_stamp``): which try it is,
+        # the milliseconds left, a gRPC caller's milliseconds left
+        self._attempt_sent = 0
+        self._deadline_sent: int | None = None
+        self._grpc_sent: int | None = None
         self.attempt: Attempt | None = None  # the current try, while in flight
         self.conn: Carrier | None = None  # the current try's
         self.endpoint: Endpoint | None = None  # the last try's
@@ -119,16 +126,26 @@ class Dispatch:
         self._send_to(member, now, False)
 
     def send(self, data: bytes) -> None:
-        """Request body bytes (framed): to the connection, or held until one takes them."""
+        """Request body bytes (as they came): to the connection, or held until one takes
+        them."""
         out = self.out
         assert out is not None  # (only a request whose head says so has a body)
         out.keep(data)
         state = self.tries.state
         if state is SENT or state is RESPONDING:
             if self.conn is not None:
-                self.conn.write(data)
+                self.conn.body(data)
         elif state is not DONE and state is not BACKOFF and out.hold(data):
             self.client.pause_reading("pending", True)
+
+    def end(self) -> None:
+        """The request body is whole: so it goes, or will go, to the connection."""
+        out = self.out
+        assert out is not None
+        out.ended = True
+        state = self.tries.state
+        if (state is SENT or state is RESPONDING) and self.conn is not None:
+            self.conn.end(out.trailers)
 
     def record(self, failed: bool, retry_after: float | None = None) -> None:
         """How the current try went (``classify``), for its endpoint."""
@@ -158,16 +175,10 @@ class Dispatch:
         self.endpoint = member.endpoint
         self._sent = False
         tries.try_started(now, resend)
-        data = self._request_head(now)
+        self._stamp(now)
         out = self.out
-        if out is None:  # (most requests: the head alone goes)
-            self._waiting = data
-        elif resend:
-            out.readdressed(data)
-        elif tries.attempt > 1:
-            out.again(data)
-        else:
-            out.first(data)
+        if out is not None and not resend and tries.attempt > 1:
+            out.again()  # (a resend's body is the same try's, none of it gone out)
         self.client.expect_route_at(tries.next_deadline())
         pool = route.pool_for(member.endpoint)
         conn = pool.take_stream() if self._h2 else pool.take_idle()
@@ -176,16 +187,45 @@ class Dispatch:
         else:
             self._connect(pool)
 
-    def _request_head(self, now: float) -> bytes:
-        """The current try's head: which try it is, and the time it has left."""
+    def _stamp(self, now: float) -> None:
+        """What the current try's head says: which try it is, and the time it has left."""
         route, tries, head = self.route, self.tries, self.head
         assert route is not None
-        grpc = None if head.grpc_timeout_ms is None else tries.hard_left_ms(now)
+        self._grpc_sent = None if head.grpc_timeout_ms is None else tries.hard_left_ms(now)
         if route.external:  # the mesh's own headers stay in the mesh
-            return http1.upstream_request(head, self.client.client_ip, 0, None, grpc)
-        attempt = head.attempt if route.relay else tries.attempt
-        left = tries.left_ms(now)
-        return http1.upstream_request(head, self.client.client_ip, attempt, left, grpc)
+            self._attempt_sent, self._deadline_sent = 0, None
+        else:
+            self._attempt_sent = head.attempt if route.relay else tries.attempt
+            self._deadline_sent = tries.left_ms(now)
+
+    # -- the try's request, as its carrier takes it (``Outgoing``) --------------------------
+
+    def http1_head(self) -> bytes:
+        return http1.upstream_request(
+            self.head,
+            self.client.client_ip,
+            self._attempt_sent,
+            self._deadline_sent,
+            self._grpc_sent,
+        )
+
+    def h2_head(self) -> http1.Headers:
+        return http2.upstream_headers(
+            self.head,
+            self.client.client_ip,
+            self._attempt_sent,
+            self._deadline_sent,
+            self._grpc_sent,
+        )
+
+    def take_body(self) -> list[bytes] | None:
+        return None if self.out is None else self.out.take()
+
+    def body_ended(self) -> bool:
+        return self.out is None or self.out.ended
+
+    def trailers(self) -> http1.Headers | None:
+        return None if self.out is None else self.out.trailers
 
     def _connect(self, pool: Pool) -> None:
         route = self.route
@@ -227,12 +267,8 @@ class Dispatch:
             conn.pause_reading(True)
         self._sent = True  # from here on the app may see it
         out = self.out
-        if out is None:
-            data, self._waiting = self._waiting, b""
-            conn.send(owner, data, self.client)
-            return
-        held_back = out.held_back
-        conn.send(owner, out.take(), self.client)
+        held_back = out is not None and out.held_back
+        conn.send(owner, self, self.client)  # (it takes what is pending: ``take_body``)
         if held_back:  # (the client was paused for ``pending`` only then)
             self.client.pause_reading("pending", False)
 
@@ -242,7 +278,6 @@ class Dispatch:
 
     def _clear_out(self) -> None:
         """Nothing is to be sent any more."""
-        self._waiting = b""
         if self.out is not None:
             self.out.clear()
 
@@ -286,11 +321,9 @@ class Dispatch:
             # nothing of the try is on a connection now: a connect that fails next, or an
             # HTTP/2 stream refused again, goes to another endpoint at once (``_resend``)
             self._sent = False
-            data = self._request_head(self.client.loop.time())
-            if self.out is None:
-                self._waiting = data
-            else:
-                self.out.again(data)
+            self._stamp(self.client.loop.time())
+            if self.out is not None:
+                self.out.again()
             if not self._stale_retried:
                 self._stale_retried = True  # the same try again, on a fresh connection
                 pool = conn.pool
@@ -473,7 +506,6 @@ class Dispatch:
                 if not reusable:
                     conn.reusable = False
                 conn.pool.release(conn)
-        self._waiting = b""  # (``_clear_out``, inline: once a request)
-        if self.out is not None:
+        if self.out is not None:  # (``_clear_out``, inline: once a request)
             self.out.clear()
         self.owner = None  # the exchange and this dispatch hold each other: freed at once

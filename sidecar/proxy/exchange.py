@@ -164,9 +164,7 @@ class Exchange(Owner):
         self.cancel()
 
     def request_body(self, data: bytes) -> None:
-        out = self.up.out
-        assert out is not None  # (only a request whose head says so has a body)
-        self.up.send(out.frame(data))  # (its pace and silence are the connection's)
+        self.up.send(data)  # (its pace and silence are the connection's)
 
     def request_trailer(self, name: bytes, value: bytes) -> None:
         out = self.up.out
@@ -178,9 +176,8 @@ class Exchange(Owner):
         # as Envoy's route timeout: from the end of the request to the response head
         if self.route is not None and self.tries.request_complete(self.client.loop.time()):
             self.client.expect_route_at(self.tries.next_deadline())
-        out = self.up.out
-        if out is not None and self.head.chunked:
-            self.up.send(out.last())
+        if self.up.out is not None:
+            self.up.end()
 
     def tunnel_from_client(self, data: bytes) -> None:
         state, conn = self.tries.state, self.up.conn

@@ -10,6 +10,10 @@ its own back-pressure, by HTTP/2 flow control:
   waits instead of the sidecar buffering;
 - the response body: sent as far as the client's windows allow; what does not fit waits
   here, and past ``OUT_LIMIT`` bytes (or while the socket is full) the upstream is paused.
+
+What an upstream read brings of a response (its upstream corks the stream meanwhile) is sent
+when the read is over: a body whose end came in the same read ends with its last DATA frame,
+not with an empty one after it; a response that has no body ends with its HEADERS.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError
 
 from sidecar.errors import Reason
-from sidecar.http import grpc, http2
+from sidecar.http import framing, grpc, http2
 from sidecar.http.http1 import Headers, ResponseHead
 from sidecar.proxy.client import Answer, Client
 from sidecar.proxy.exchange import Exchange
@@ -83,6 +87,8 @@ class H2Stream:
     """One stream of an HTTP/2 client connection: its exchange's ``Client`` and ``Answer``."""
 
     __slots__ = (
+        "_corked",
+        "_due",
         "_ended",
         "_fin_sent",
         "_head_sent",
@@ -125,6 +131,8 @@ class H2Stream:
         self._paused: set[str] = set()  # why the request body is held (``pause_reading``)
         self._held_acks = 0  # request body bytes not yet given back as window, while paused
         self._out: deque[bytes] = deque()  # response body the client's window did not take
+        self._corked = 0  # an upstream's read is under way (``cork``)
+        self._due = False  # what came of the response during the read goes at its end
         self._out_size = 0
         self._ended = False  # the response is complete (sent when ``_out`` is)
         self._fin_sent = False  # END_STREAM went out
@@ -205,6 +213,7 @@ class H2Stream:
         self.request_ended = self._ended = True
         self._out.clear()
         self._out_size = 0
+        self._due = False
         if self.exchange is not None:
             self.exchange.cancel()
         self.wire.stream_over(self)
@@ -245,9 +254,13 @@ class H2Stream:
         raise AssertionError("no tunnel over HTTP/2")
 
     def cork(self) -> None:
+        self._corked += 1
         self.wire.cork()
 
     def uncork(self) -> None:
+        self._corked -= 1
+        if self._due and not self._corked:
+            self._push()
         self.wire.uncork()
 
     def pause_reading(self, reason: str, paused: bool) -> None:
@@ -303,7 +316,11 @@ class H2Stream:
             self._held_head = headers  # (the next hop may still retry it by its grpc-status)
         else:
             self._head_sent = True
-            self._send_headers(headers, False)
+            # (a response that has no body ends here; trailers after it would have no body
+            # to follow, as for an HTTP/1.1 client)
+            if head_request or resp.framing is framing.EMPTY:
+                self._ended = self._fin_sent = True
+            self._send_headers(headers, self._ended)
         return True
 
     def body(self, data: bytes) -> None:
@@ -312,7 +329,7 @@ class H2Stream:
                 self._pace.moved(self.loop.time())
             self._out.append(data)
             self._out_size += len(data)
-            self._push()
+            self._push_soon()
 
     def trailer(self, name: bytes, value: bytes) -> None:
         field = http2.trailer_field(name, value)
@@ -324,7 +341,7 @@ class H2Stream:
     def end(self) -> None:
         if not self._ended:
             self._ended = True
-            self._push()
+            self._push_soon()
 
     def error(self, reason: Reason, detail: str, *, close: bool) -> None:
         """The sidecar's own answer: plain text, or to a gRPC call a trailers-only response
@@ -366,7 +383,15 @@ class H2Stream:
             return
         self.wire.flush()
 
+    def _push_soon(self) -> None:
+        """Push, or (an upstream's read under way) once the read is over."""
+        if self._corked:
+            self._due = True
+        else:
+            self._push()
+
     def _push(self) -> None:
+        self._due = False
         try:
             self._send_body()
         except ProtocolError:
@@ -380,6 +405,7 @@ class H2Stream:
         self.request_ended = self._ended = True
         self._out.clear()
         self._out_size = 0
+        self._due = False
         self.close()
         self.wire.stream_over(self)
 
@@ -420,6 +446,7 @@ class H2Stream:
     def _reset(self, code: ErrorCodes) -> None:
         self._out.clear()
         self._out_size = 0
+        self._due = False
         self.request_ended = self._ended = True
         if not self._reset_done():
             self.wire.h2.reset_stream(self.stream_id, code)

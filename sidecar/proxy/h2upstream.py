@@ -2,13 +2,13 @@
 connection (``H2Upstream``) multiplexes requests, each on a stream that is the try's
 ``Carrier`` (``H2Channel``); ``H2Links`` keeps an endpoint's connections for its ``pool.Pool``.
 
-A channel takes the request as the exchange writes it for HTTP/1.1 (``upstream_request``,
-then the framed body) and reads it back with httptools into HEADERS, DATA and trailers: the
-exchange, its retries, timeouts, hedging and records stay as they are. The response goes to
-the exchange through the same ``ResponseSink`` an HTTP/1.1 connection calls. Each way has
-HTTP/2 flow control: the request body goes as far as the server's windows allow and the
-client is paused past ``OUT_LIMIT`` bytes waiting; the response's window is given back only
-while the exchange reads (``pause_reading``).
+A channel takes the request's head as HTTP/2 fields (``Outgoing.h2_head``: every rewrite an
+HTTP/1.1 upstream's head gets), then its body as it came, into HEADERS, DATA and trailers:
+the exchange, its retries, timeouts, hedging and records are the same for either protocol.
+The response goes to the exchange through the same ``ResponseSink`` an HTTP/1.1 connection
+calls. Each way has HTTP/2 flow control: the request body goes as far as the server's
+windows allow and the client is paused past ``OUT_LIMIT`` bytes waiting; the response's
+window is given back only while the exchange reads (``pause_reading``).
 
 A connection takes channels while its streams (counted from when a channel is handed out,
 not when its HEADERS go) are fewer than the server's ``MAX_CONCURRENT_STREAMS``; a GOAWAY or
@@ -23,7 +23,6 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Final, cast
 
-import httptools
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
@@ -43,7 +42,7 @@ from h2.settings import SettingCodes, Settings
 
 from sidecar.http import grpc, hpackcodec, http1, http2
 from sidecar.proxy.h2flow import give_back, send_pieces
-from sidecar.proxy.upstream import Carrier, Corkable, Home, ResponseSink
+from sidecar.proxy.upstream import Carrier, Corkable, Home, Outgoing, ResponseSink
 
 #: request body bytes a channel holds for a server whose window is spent, before the client
 #: is paused
@@ -51,9 +50,6 @@ OUT_LIMIT: Final = 64 * 1024
 #: response bytes the whole connection may have in flight to the sidecar (each stream: 64 KiB)
 CONNECTION_WINDOW: Final = 1024 * 1024
 _DEFAULT_WINDOW: Final = 65_535
-#: request fields an HTTP/2 request may not carry (RFC 9113 8.2.2), or that become
-#: pseudo-headers (``host``)
-_NOT_SENT: Final = http2.NOT_SENT | {b"host"}
 
 
 class H2Upstream(asyncio.Protocol):
@@ -318,21 +314,15 @@ class H2Channel(Carrier):
     """One request on an ``H2Upstream``: the ``Carrier`` of its try."""
 
     __slots__ = (
-        "_authority",
         "_body",
         "_body_size",
         "_conn",
         "_ended",
         "_fin_sent",
-        "_head_sent",
-        "_headers",
         "_held_acks",
-        "_in_body",
-        "_parser",
         "_paused",
         "_refused",
         "_trailers",
-        "_url",
         "_write_paused",
         "client",
         "stream_id",
@@ -346,15 +336,9 @@ class H2Channel(Carrier):
         self.reusable = True
         self.stream_id = 0  # once its HEADERS went
         self.client: Corkable | None = None  # the response's (corked during a read)
-        self._parser = httptools.HttpRequestParser(self)
-        self._url = b""
-        self._authority = b""
-        self._headers: http1.Headers = []
         self._trailers: http1.Headers = []
-        self._in_body = False  # the request's head is read: header lines are trailers
-        self._head_sent = False
         self._fin_sent = False  # END_STREAM went (with the HEADERS, the last DATA or trailers)
-        self._ended = False  # the request is read whole
+        self._ended = False  # the request's body is whole
         self._body: deque[bytes] = deque()  # request body the server's window did not take
         self._body_size = 0
         self._write_paused = False  # the client is paused for ``_body``
@@ -365,9 +349,10 @@ class H2Channel(Carrier):
     def __repr__(self) -> str:
         return f"<H2Channel stream {self.stream_id} [{self._body_size} bytes waiting]>"
 
-    # -- the request, as the exchange writes it (``Carrier``) -----------------------------
+    # -- the request (``Carrier``) --------------------------------------------------------
 
-    def send(self, owner: ResponseSink, data: bytes, client: Corkable) -> None:
+    def send(self, owner: ResponseSink, request: Outgoing, client: Corkable) -> None:
+        """Start the stream: its HEADERS, then what came of the body (and its end)."""
         self.owner = owner
         self.client = client
         conn = self._conn
@@ -375,65 +360,38 @@ class H2Channel(Carrier):
             self._refused = True  # (the server never saw it: it may go again)
             self._fail(None)
             return
-        self.write(data)
-
-    def write(self, data: bytes) -> None:
-        if self._conn is None:
-            return
+        for piece in request.take_body() or ():
+            self._body.append(piece)
+            self._body_size += len(piece)
+        if request.body_ended():
+            self._end(request.trailers())
         try:
-            self._parser.feed_data(data)
-            if self._in_body and not self._head_sent:  # (its HEADERS go before any body)
-                self._start(end=self._ended and not self._body and not self._trailers)
-        except (httptools.HttpParserError, ProtocolError):  # (the codec refused the head)
+            end = self._ended and not self._body and not self._trailers
+            self._fin_sent = end
+            self.stream_id = conn.open_stream(self, request.h2_head(), end)
+        except ProtocolError:  # (the codec refused the head)
             self._fail(None)
             return
         self.push()
 
-    def on_url(self, url: bytes) -> None:
-        self._url += url
+    def body(self, data: bytes) -> None:
+        if self._conn is not None and data:
+            self._body.append(data)
+            self._body_size += len(data)
+            self.push()
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        """(Each field made ready to send here: ``client_config``.)"""
-        lower = name.lower()
-        if lower == b"host" and not self._in_body:
-            self._authority = value
-        elif lower not in _NOT_SENT:
-            http2.add_field(
-                self._trailers if self._in_body else self._headers, lower, value.strip()
-            )
+    def end(self, trailers: http1.Headers | None) -> None:
+        if self._conn is not None:
+            self._end(trailers)
+            self.push()
 
-    def on_headers_complete(self) -> None:
-        self._in_body = True
-        if not self._parser.should_keep_alive() or self._parser.should_upgrade():
-            self.reusable = False
-
-    def on_body(self, data: bytes) -> None:
-        if not self._head_sent:
-            self._start(end=False)
-        self._body.append(data)
-        self._body_size += len(data)
-
-    def on_message_complete(self) -> None:
+    def _end(self, trailers: http1.Headers | None) -> None:
         self._ended = True
+        for name, value in trailers or ():
+            http2.upstream_trailer(self._trailers, name, value)
 
-    def _start(self, end: bool) -> None:
-        """The request's HEADERS: pseudo-headers, then its own lines (and ``te: trailers``:
-        the sidecar passes trailers on, which gRPC servers ask callers to say)."""
-        conn = self._conn
-        assert conn is not None
-        self._head_sent = True
-        method = self._parser.get_method()
-        head: http1.Headers = [
-            (b":method", method),
-            (b":scheme", b"http"),
-            (b":authority", self._authority),
-            (b":path", self._url),
-            (b"te", b"trailers"),
-            *self._headers,
-        ]
-        self._headers = []
-        self._fin_sent = end
-        self.stream_id = conn.open_stream(self, head, end)
+    def write(self, data: bytes) -> None:
+        raise AssertionError("no tunnel over HTTP/2")
 
     def push(self) -> None:
         """Send what the server's windows take of the waiting body; end the stream after
@@ -583,7 +541,7 @@ class H2Channel(Carrier):
 
 
 def client_config() -> H2Configuration:
-    """The codec's: what goes out is made ready by ``H2Channel`` (``http2.add_field``: names
+    """The codec's: what goes out is made ready by ``http2`` (``upstream_headers``: names
     lower-cased, values stripped, connection-specific fields and ``te`` dropped, secrets
     never indexed), not by the codec again; a response's fields are validated by
     ``H2Channel`` (RFC 9113 8.2, 8.3.2: ``http2.Malformed``; no CR, LF or NUL reaches the

@@ -1,15 +1,14 @@
-"""A request's bytes on their way upstream, across its tries.
+"""A request's body on its way upstream, across its tries.
 
-The body is framed for HTTP/1 as it comes (a chunked body is chunked again, its trailers end
-it). What no connection has taken yet waits in ``pending``, behind the head made for the
-current try; past ``PENDING_LIMIT`` the client is paused. A copy of the body is kept for
-another try (``replay``) while it is at most ``REPLAY_LIMIT`` and the request may be sent
+The body is kept as it came (each carrier frames it for its protocol: ``upstream``,
+``h2upstream``), with its trailers and whether it is whole. What no connection has taken yet
+waits in ``pending``; past ``PENDING_LIMIT`` the client is paused. A copy of the body is kept
+for another try (``replay``) while it is at most ``REPLAY_LIMIT`` and the request may be sent
 twice at all; a longer one is not replayed.
 """
 
 from __future__ import annotations
 
-from sidecar.http import http1
 from sidecar.http.http1 import Headers
 
 #: request body bytes kept for a replay on a fresh connection; larger bodies are not replayed
@@ -19,58 +18,48 @@ PENDING_LIMIT = 64 * 1024
 
 
 class Outbox:
-    """One request's upstream bytes: framed, held, and kept for another try. (Its lists are
-    made when a body comes: most requests have none, and go as their head alone.)"""
+    """One request's body upstream: held, and kept for another try. (Its lists are made when
+    a body comes: most requests have none, and go as their head alone.)"""
 
     __slots__ = (
-        "_chunked",
-        "_head",
         "_pending",
         "_pending_size",
         "_replay",
         "_replay_size",
-        "_trailers",
+        "ended",
         "held_back",
         "replayable",
+        "trailers",
     )
 
-    def __init__(self, chunked: bool, replayable: bool) -> None:
-        self._chunked = chunked
-        self._head = b""  # the current try's head, not yet written upstream
-        self._pending: list[bytes] | None = None  # framed body bytes not yet written upstream
-        self._pending_size = 0  # (the head's bytes included)
+    def __init__(self, replayable: bool) -> None:
+        self._pending: list[bytes] | None = None  # body bytes not yet written upstream
+        self._pending_size = 0
         self._replay: list[bytes] | None = None  # the body so far, kept for another try
         self._replay_size = 0
         #: the whole body so far is kept (or none came): another try can send it again
         self.replayable = replayable
-        self._trailers: Headers | None = None  # (most requests have none)
+        #: the body is whole (the client's request is complete)
+        self.ended = False
+        #: the body's trailers (None: none came, as for most requests)
+        self.trailers: Headers | None = None
         #: ``hold`` went over ``PENDING_LIMIT`` (the client was paused) since the last ``take``
         self.held_back = False
 
     def __repr__(self) -> str:
         kept = f"{self._replay_size} bytes kept" if self.replayable else "not kept"
-        return f"<Outbox [{self._pending_size} bytes pending, {kept}]>"
+        ended = ", ended" if self.ended else ""
+        return f"<Outbox [{self._pending_size} bytes pending, {kept}{ended}]>"
 
-    # -- the body, framed -----------------------------------------------------------------
-
-    def frame(self, data: bytes) -> bytes:
-        """A piece of the request body as it goes upstream."""
-        return http1.chunk(data) if self._chunked else data
+    # -- the body -------------------------------------------------------------------------
 
     def trailer(self, name: bytes, value: bytes) -> None:
-        if self._trailers is None:
-            self._trailers = []
-        self._trailers.append((name, value))
-
-    def last(self) -> bytes:
-        """The end of a chunked body: its last chunk with the trailers (b"": not chunked)."""
-        if not self._chunked:
-            return b""
-        trailers, self._trailers = self._trailers, None
-        return http1.last_chunk(trailers or [])
+        if self.trailers is None:
+            self.trailers = []
+        self.trailers.append((name, value))
 
     def keep(self, data: bytes) -> None:
-        """Framed body bytes: kept for another try, while they fit."""
+        """Body bytes: kept for another try, while they fit."""
         if not self.replayable:
             return
         if self._replay is None:
@@ -100,36 +89,19 @@ class Outbox:
             self.held_back = True
         return over
 
-    def first(self, head: bytes) -> None:
-        """The first try's head, ahead of the body that came with the request."""
-        self._head = head
-        self._pending_size += len(head)
-
-    def again(self, head: bytes) -> None:
-        """Another try: its head, then the body again from the replay."""
+    def again(self) -> None:
+        """Another try: the body again, from the replay."""
         assert self.replayable
-        self._head = head
         self._pending = None if self._replay is None else list(self._replay)
-        self._pending_size = len(head) + self._replay_size
+        self._pending_size = self._replay_size
 
-    def readdressed(self, head: bytes) -> None:
-        """The same try to another endpoint (none of it went out): a new head, same body."""
-        self._pending_size += len(head) - len(self._head)
-        self._head = head
-
-    def take(self) -> bytes:
-        """Everything pending, for a connection that takes it now."""
-        pending, head = self._pending, self._head
-        self._head = b""
+    def take(self) -> list[bytes] | None:
+        """Everything pending (None: nothing), for a connection that takes it now."""
+        pending, self._pending = self._pending, None
         self._pending_size = 0
         self.held_back = False
-        if pending is None:
-            return head
-        self._pending = None
-        pending.insert(0, head)
-        return b"".join(pending)
+        return pending
 
     def clear(self) -> None:
-        self._head = b""
         self._pending = None
         self._pending_size = 0

@@ -80,12 +80,43 @@ class Home:
         raise NotImplementedError
 
 
+class Outgoing:
+    """A try's request as the carrier that sends it takes it (``dispatch.Dispatch`` is the
+    one): its head for this try in either protocol, and its body (as it came) so far. A base
+    class, as ``Home`` is: compiled, the calls stay native."""
+
+    __slots__ = ("head",)
+
+    head: http1.RequestHead
+    """the client's request, as it came (``Outgoing`` makes each try's head of it)"""
+
+    def http1_head(self) -> bytes:
+        """The try's head for HTTP/1.1 (``http1.upstream_request``)."""
+        raise NotImplementedError
+
+    def h2_head(self) -> http1.Headers:
+        """The try's HEADERS for HTTP/2 (``http2.upstream_headers``)."""
+        raise NotImplementedError
+
+    def take_body(self) -> list[bytes] | None:
+        """The body that came so far and no carrier took (None: none)."""
+        raise NotImplementedError
+
+    def body_ended(self) -> bool:
+        """The body is whole: no more of it will come."""
+        raise NotImplementedError
+
+    def trailers(self) -> http1.Headers | None:
+        """The body's trailers, once it is whole (None: none)."""
+        raise NotImplementedError
+
+
 class Carrier(asyncio.Protocol):
     """What carries one try's request to an endpoint and its response back, as the exchange
     and its dispatch see it: an HTTP/1.1 connection (``UpstreamConnection``) or one stream of
     an HTTP/2 connection (``h2upstream.H2Channel``). A base class, as ``Home`` is: compiled,
-    the calls stay native. The request goes as HTTP/1.1 bytes (``http1.upstream_request``,
-    then the framed body) whatever the carrier speaks."""
+    the calls stay native. The request comes as the try's ``Outgoing``, then its body as it
+    came; each carrier frames it for its protocol."""
 
     __slots__ = ("owner", "pool", "received", "reusable")
 
@@ -96,13 +127,21 @@ class Carrier(asyncio.Protocol):
     """a byte of the current response came"""
     reusable: bool
 
-    def send(self, owner: ResponseSink, data: bytes, client: Corkable) -> None:
-        """Start a request: ``owner`` gets the response, which goes to ``client``; ``data``
-        is its head (and body)."""
+    def send(self, owner: ResponseSink, request: Outgoing, client: Corkable) -> None:
+        """Start a request: ``owner`` gets the response, which goes to ``client``; its head,
+        the body so far and (if it ended) its end are ``request``'s."""
+        raise NotImplementedError
+
+    def body(self, data: bytes) -> None:
+        """More of the request's body, as it came."""
+        raise NotImplementedError
+
+    def end(self, trailers: http1.Headers | None) -> None:
+        """The request's body is whole (with ``trailers``, if any)."""
         raise NotImplementedError
 
     def write(self, data: bytes) -> None:
-        """More of the request's (framed) body."""
+        """A tunnel's bytes, after a 101 (HTTP/1.1 only)."""
         raise NotImplementedError
 
     def pause_reading(self, paused: bool) -> None:
@@ -159,6 +198,7 @@ class UpstreamConnection(Carrier):
     """
 
     __slots__ = (
+        "_chunked",
         "_client",
         "_done",
         "_fresh",
@@ -184,6 +224,7 @@ class UpstreamConnection(Carrier):
         self.transport: asyncio.Transport | None = None
         self.owner: ResponseSink | None = None
         self._client: Corkable | None = None  # whose request is in flight (its writes corked)
+        self._chunked = False  # the request in flight has a chunked body
         self._lines = httptools.HttpResponseParser(self)
         self._whole = httptools.HttpResponseParser(_WholeHeads(self))
         self._parser = self._lines  # the current response's
@@ -399,16 +440,36 @@ class UpstreamConnection(Carrier):
     def alive(self) -> bool:
         return self.transport is not None and not self.transport.is_closing()
 
-    def send(self, owner: ResponseSink, data: bytes, client: Corkable) -> None:
-        """Start a request: ``owner`` gets the response, which goes to ``client``; ``data``
-        is its head (and body)."""
+    def send(self, owner: ResponseSink, request: Outgoing, client: Corkable) -> None:
+        """Start a request: ``owner`` gets the response, which goes to ``client``; its head
+        and the body so far go in one write."""
         self.owner = owner
         self._client = client
         self.received = False
         self._reader.expect_head()
         self.requests += 1
+        self._chunked = chunked = request.head.chunked
+        data = request.http1_head()
+        pieces = request.take_body()
+        ended = chunked and request.body_ended()
+        if pieces is not None or ended:
+            out = [data]
+            out += [http1.chunk(piece) for piece in pieces or ()] if chunked else pieces or ()
+            if ended:
+                out.append(http1.last_chunk(request.trailers() or []))
+            data = b"".join(out)
         assert self.transport is not None
         self.transport.write(data)
+
+    def body(self, data: bytes) -> None:
+        """(Chunked again if it came so: its framing is the client's.)"""
+        self.write(http1.chunk(data) if self._chunked else data)
+
+    def end(self, trailers: http1.Headers | None) -> None:
+        """(A chunked body's last chunk, with its trailers; a sized body ended with its last
+        byte, and has none.)"""
+        if self._chunked:
+            self.write(http1.last_chunk(trailers or []))
 
     def tunnel_to(self, write: Callable[[bytes], None]) -> None:
         """After a 101: every byte from the upstream goes to ``write`` unparsed."""

@@ -39,6 +39,7 @@ class H2Response:
     status: int = 0
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     body: bytearray = field(default_factory=bytearray)
+    data_frames: list[int] = field(default_factory=list)  # the length of each DATA frame
     trailers: list[tuple[bytes, bytes]] = field(default_factory=list)
     reset: int | None = None  # the RST_STREAM error code, if the stream was reset
     interim: list[int] = field(default_factory=list)  # 1xx statuses before the answer
@@ -197,7 +198,9 @@ class H2Client:
             resp.interim.append(int(dict(event.headers or ())[b":status"]))
             resp.interim_seen.set()
         elif isinstance(event, DataReceived):
-            self.responses[event.stream_id].body += event.data or b""
+            resp = self.responses[event.stream_id]
+            resp.body += event.data or b""
+            resp.data_frames.append(len(event.data or b""))
             if self.auto_ack:
                 self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
         elif isinstance(event, TrailersReceived):

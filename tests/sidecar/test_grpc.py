@@ -613,6 +613,26 @@ async def test_answers_that_end_their_streams_give_the_connection_window_back(
         listener.close()
 
 
+async def test_an_answer_ends_on_its_last_data_frame_from_an_http2_upstream(
+    make_mesh: MakeMesh,
+) -> None:
+    """The upstream's one DATA frame ends its stream, and so does the one the client gets:
+    no empty DATA frame after it."""
+    loop = asyncio.get_running_loop()
+    listener = await loop.create_server(lambda: Sender(1024), LOCAL, 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        mesh = await make_mesh({"svc": service(port, protocol="http2")})
+        client = await H2Client.open(mesh.outbound)
+        try:
+            answers = [await client.request("/", within=5) for _ in range(3)]
+        finally:
+            await client.close()
+    finally:
+        listener.close()
+    assert [(resp.status, resp.data_frames) for resp in answers] == [(200, [1024])] * 3
+
+
 class Refuser(H2Server):
     """An HTTP/2 server that answers a connection's first request with a GOAWAY saying it
     processed no stream (last stream 0), having stopped listening first (``listener``)."""

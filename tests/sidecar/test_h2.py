@@ -183,6 +183,24 @@ async def test_head_no_content_and_repeated_headers(mesh: Mesh) -> None:
     ]
 
 
+async def test_a_response_ends_with_its_last_data_frame_or_its_head(mesh: Mesh) -> None:
+    """END_STREAM goes on the last DATA frame of a body whose end came with it, and on the
+    HEADERS of a response that has no body: never on an empty DATA frame after them."""
+    client = await H2Client.open(mesh.outbound)
+    try:
+        sized = await client.request("/sized?size=5000")
+        echoed = await client.request("/echo")
+        head = await client.request("/sized?size=5000", method="HEAD")
+        no_content = await client.request("/status/204")
+    finally:
+        await client.close()
+    assert (sized.status, sum(sized.data_frames), sized.data_frames[-1] > 0) == (200, 5000, True)
+    assert echoed.status == 200
+    assert echoed.data_frames == [len(echoed.body)]
+    assert (head.status, head.data_frames) == (200, [])
+    assert (no_content.status, no_content.data_frames) == (204, [])
+
+
 async def test_trailers_both_ways(raw_upstream: RawUpstreams, make_mesh: MakeMesh) -> None:
     got: list[bytes] = []
 

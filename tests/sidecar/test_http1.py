@@ -74,6 +74,15 @@ def test_upgrade_keeps_upgrade_headers() -> None:
     assert b"h2c" not in http1.upstream_request(plain, b"1.2.3.4")
 
 
+def test_every_try_sends_the_request_id_the_sidecar_gave_it() -> None:
+    """A request that came without an ``x-request-id`` keeps the one it was given on its
+    first try: a retry sends it again (it sent none)."""
+    head = parse(b"/", [(b"Host", b"svc")])
+    tries = [http1.upstream_request(head, b"1.2.3.4", attempt) for attempt in (1, 2)]
+    assert [t.count(b"x-request-id: " + head.request_id + b"\r\n") for t in tries] == [1, 1]
+    assert len(head.request_id) == 36
+
+
 def test_request_ids_are_unique_and_uuid_shaped() -> None:
     ids = {http1.new_request_id() for _ in range(1000)}
     assert len(ids) == 1000

@@ -5,7 +5,9 @@ checked by it (``Malformed``), since neither codec validates what it receives.""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
+import httptools
 import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
@@ -231,3 +233,88 @@ def test_a_frame_received_is_not_formatted_for_the_codecs_trace() -> None:
     assert repr(frame) == object.__repr__(frame)
     assert "s3cret" not in repr(frame)
     assert "END_STREAM" not in repr(frame)
+
+
+class _ReadBack:
+    """A request's HTTP/1.1 bytes read back into HTTP/2 fields, as ``h2upstream`` once sent
+    an HTTP/2 upstream every request (through httptools): what ``upstream_headers`` must
+    make without that detour."""
+
+    def __init__(self, data: bytes) -> None:
+        self.url = self.authority = b""
+        self.fields: http1.Headers = []
+        parser = httptools.HttpRequestParser(self)
+        parser.feed_data(data)
+        self.method = parser.get_method()
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        lower = name.lower()
+        if lower == b"host":
+            self.authority = value
+        elif lower not in http2.NOT_SENT | {b"host"}:
+            http2.add_field(self.fields, lower, value.strip())
+
+    def headers(self) -> http1.Headers:
+        pseudo = [(b":method", self.method), (b":scheme", b"http"),
+                  (b":authority", self.authority), (b":path", self.url)]  # fmt: skip
+        return [*pseudo, (b"te", b"trailers"), *self.fields]
+
+
+def _from_http1() -> http1.RequestHead:
+    return http1.parse_request_head(b"POST", b"/p?q=1", "1.1", [
+        (b"Host", b"svc:80"), (b"Content-Type", b"text/plain"), (b"X-Forwarded-For", b" 10.0.0.1"),
+        (b"Connection", b"keep-alive, X-Hop"), (b"X-Hop", b"1"), (b"Authorization", b"Basic eA=="),
+        (b"Cookie", b"a=1"), (b"grpc-timeout", b"soon"), (b"Transfer-Encoding", b"chunked"),
+        (b"TE", b"trailers"), (b"Proxy-Thing", b"1"), (b"x-meshlet-deadline-ms", b"900"),
+        (b"X-Custom", b"  spaced  "),
+    ], keep_alive=True)  # fmt: skip
+
+
+def _from_http2() -> http1.RequestHead:
+    head = http2.request_head([
+        (b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"greeter"),
+        (b":path", b"/pkg.Greeter/Hello"), (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"), (b"grpc-timeout", b"5S"), (b"cookie", b"a=1"),
+        (b"cookie", b"b=2"), (b"x-request-id", b"given"), (b"user-agent", b"grpc-python"),
+    ], ended=False)  # fmt: skip
+    head.lines.append(b"x-meshlet-peer: spiffe://mesh/caller\r\n")  # (``h2conn``'s peer line)
+    return head
+
+
+def _from_http2_with_host() -> http1.RequestHead:
+    return http2.request_head([
+        (b":method", b"PUT"), (b":scheme", b"http"), (b":path", b"/x"), (b"host", b"svc"),
+        (b"content-length", b"3"), (b"grpc-timeout", b"never"), (b"x-forwarded-for", b"1.1.1.1"),
+        (b"authorization", b"Bearer t"), (b"expect", b"100-continue"),
+    ], ended=False)  # fmt: skip
+
+
+def _absolute_form() -> http1.RequestHead:
+    return http1.parse_request_head(b"GET", b"http://svc/x", "1.1", [(b"Accept", b"*/*")], True)
+
+
+@pytest.mark.parametrize("make", [_from_http1, _from_http2, _from_http2_with_host, _absolute_form])
+@pytest.mark.parametrize("numbers", [(0, None, None), (2, 700, 650), (9, 0, None)])
+def test_an_http2_upstream_gets_the_fields_an_http1_upstream_gets_in_its_head(
+    make: Callable[[], http1.RequestHead], numbers: tuple[int, int | None, int | None]
+) -> None:
+    """Every rewrite the HTTP/1.1 head gets (hop-by-hop and ``Connection``-listed headers
+    gone, ``x-forwarded-*``, ``x-request-id``, the try and the time left, the peer's line),
+    and the same fields never indexed, as the HTTP/1.1 bytes read back made them."""
+    head = make()
+    via_http1 = _ReadBack(http1.upstream_request(head, b"10.0.0.9", *numbers)).headers()
+    made = http2.upstream_headers(head, b"10.0.0.9", *numbers)  # (its x-request-id kept)
+    assert made == via_http1
+    never = [isinstance(f, NeverIndexedHeaderTuple) for f in made]
+    assert never == [isinstance(f, NeverIndexedHeaderTuple) for f in via_http1]
+    assert any(never)
+
+
+def test_request_trailers_for_an_http2_upstream() -> None:
+    out: http1.Headers = []
+    for name, value in [(b"X-Checksum", b" 42 "), (b"Transfer-Encoding", b"x"), (b"host", b"h")]:
+        http2.upstream_trailer(out, name, value)
+    assert out == [(b"x-checksum", b"42")]
