@@ -280,7 +280,7 @@ class RequestHead(HeadLines):
     def mesh_tail(self, tail: re.Match[bytes]) -> None:
         """The mesh's lines that ended the head (``cut_mesh_tail``), read as ``add`` reads
         them: each counted for the limits, all but x-request-id's among the unlisted."""
-        forwarded, line, request_id, attempt, deadline = tail.groups()
+        line, request_id, forwarded, attempt, deadline = tail.groups()
         start, end = tail.span()
         size = end - 4 - start  # (each line's CRLF before it, the blank line's after them)
         xff = self.forwarded_for
@@ -356,7 +356,8 @@ def parse_request_head(
     return head
 
 
-#: the lines an outbound sidecar ends a request head with (``upstream_request``), exactly
+#: the lines an outbound sidecar ends a request head with (``upstream_request``; an
+#: x-request-id it made is the last of the head's own lines, ``ensure_request_id``), exactly
 #: as it writes them, and the blank line after them; or the blank line that ends a head
 #: without them, whichever comes first. An inbound sidecar reads them off the read with this
 #: one search (``cut_mesh_tail``) instead of a parser callback and an ``add`` each: in pure
@@ -364,9 +365,9 @@ def parse_request_head(
 #: least (a spelling, a space, a line between them, a number too long) is read line by line;
 #: what matches is what llhttp accepts there (visible ASCII, no space around a value).
 MESH_TAIL: Final = re.compile(
-    rb"\r\n(?:\r\n|x-forwarded-for: ([!-~][ !-~]*+)(?<! )"
+    rb"\r\n(?:\r\n|(x-request-id: ([!-~]++)\r\n|)"  # (the line as forwarded, and its value)
+    rb"x-forwarded-for: ([!-~][ !-~]*+)(?<! )"
     rb"\r\nx-forwarded-proto: http\r\n"
-    rb"(x-request-id: ([!-~]++)\r\n|)"  # (the line as it is forwarded, and its value)
     rb"x-meshlet-attempt: ([0-9]{1,10}+)"
     rb"\r\nx-meshlet-deadline-ms: ([0-9]{1,10}+)\r\n\r\n)"
 )

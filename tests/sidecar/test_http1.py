@@ -289,6 +289,17 @@ def test_the_mesh_lines_an_outbound_sends_read_whole_as_line_by_line(
     assert same_either_way(sent)
 
 
+def test_an_id_the_outbound_made_is_read_whole_with_the_mesh_lines() -> None:
+    app = http1.request_head(b"GET", b"/a", "1.1")
+    app.add(b"Host", b"svc")
+    app.complete(True)
+    found = http1.cut_mesh_tail(http1.upstream_request(app, b"127.0.0.1", 1, 900))
+    assert found is not None
+    rest, tail = found
+    assert rest == b"GET /a HTTP/1.1\r\nHost: svc\r\n\r\n"  # (nothing left for the parser)
+    assert tail[2] == app.request_id
+
+
 @pytest.mark.parametrize(
     ("data", "cut"),
     [
