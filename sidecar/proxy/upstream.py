@@ -448,16 +448,18 @@ class UpstreamConnection(Carrier):
         self.received = False
         self._reader.expect_head()
         self.requests += 1
-        self._chunked = chunked = request.head.chunked
+        head = request.head
+        self._chunked = chunked = head.chunked
         data = request.http1_head()
-        pieces = request.take_body()
-        ended = chunked and request.body_ended()
-        if pieces is not None or ended:
-            out = [data]
-            out += [http1.chunk(piece) for piece in pieces or ()] if chunked else pieces or ()
-            if ended:
-                out.append(http1.last_chunk(request.trailers() or []))
-            data = b"".join(out)
+        if head.has_body:  # (most requests have none: two calls spared)
+            pieces = request.take_body()
+            ended = chunked and request.body_ended()
+            if pieces is not None or ended:
+                out = [data]
+                out += [http1.chunk(piece) for piece in pieces or ()] if chunked else pieces or ()
+                if ended:
+                    out.append(http1.last_chunk(request.trailers() or []))
+                data = b"".join(out)
         assert self.transport is not None
         self.transport.write(data)
 
