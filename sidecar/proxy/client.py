@@ -157,8 +157,11 @@ class Http1Answer:
             self.sink(http1.interim_response(resp))
 
     def head(self, resp: ResponseHead, version: str, head_request: bool, keep_alive: bool) -> bool:
-        upstream = framing.EMPTY if head_request else resp.framing
-        out = framing.relayed_framing(upstream, version)
+        out = framing.EMPTY if head_request else resp.framing
+        # (a sized or empty body goes as it came: ``relayed_framing`` is asked only about
+        # the others, a call fewer for nearly every response)
+        if out is not framing.LENGTH and out is not framing.EMPTY:
+            out = framing.relayed_framing(out, version)
         self._chunked = chunked = out is framing.CHUNKED
         self._trailers = None
         if out is framing.UNTIL_CLOSE:

@@ -90,6 +90,7 @@ class Downstream(Watch):
         "answer",
         "client_ip",
         "draining",
+        "on_message_begin",
         "original",
         "peer",
         "peer_line",
@@ -118,6 +119,11 @@ class Downstream(Watch):
         self.draining = False
         self._send = self.write  # (bound once: the answer's sink is set back to it often)
         self.answer = Http1Answer(self._send)
+        # the parser's callback at a message's start, straight into the head reader, not
+        # through a method of this connection (a Python call fewer a request; httptools
+        # looks its callbacks up once, as it is made): the request line and the head being
+        # read are cleared when a head completes
+        self.on_message_begin = self._reader.message_begin
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
         self._head: RequestHead | None = None  # the head being read, from its request line
@@ -424,11 +430,6 @@ class Downstream(Watch):
 
     # -- httptools callbacks --------------------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        self._url = b""
-        self._head = None
-        self._reader.message_begin()  # (its wait: ``_count_section``)
-
     def on_url(self, url: bytes) -> None:
         self._url += url
 
@@ -480,6 +481,7 @@ class Downstream(Watch):
         too_large = reader.head_complete(
             head.lines, head.unlisted, len(self._url) + head.unlisted_bytes
         )
+        self._url = b""  # (the next message's target: ``on_url`` adds to it)
         if too_large:
             self._limit_error = (Reason.HEAD_TOO_LARGE, too_large)
             raise ValueError(too_large)
