@@ -27,7 +27,7 @@ check nothing either, and a 5 s timer that falls in the measured window or not i
 runs ``master_process off`` so that the process under valgrind is the one that serves.
 
 Run: .venv/bin/python tests/benchmarks/bench_instructions.py [--requests 2000] [--warmup 500]
-     [--rounds 3] [--keep]
+     [--rounds 3] [--keep] [--build compiled|pure]
 Needs valgrind, nginx and haproxy (apt-get install valgrind nginx haproxy). Takes about
 4.5 minutes on two cores with one build (valgrind runs a proxy ~50x slower, a sidecar needs
 a minute to start). ``--keep`` keeps the dumps: ``callgrind_annotate <dump>`` shows where the
@@ -251,6 +251,9 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=500, help="requests before counting")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--keep", action="store_true", help="keep the callgrind dumps")
+    parser.add_argument(
+        "--build", choices=("compiled", "pure"), help="count this sidecar build only (default: both)"
+    )
     args = parser.parse_args()
     if args.requests < 1 or args.warmup < 0 or args.rounds < 1:
         parser.error("--requests and --rounds must be >= 1, --warmup >= 0")
@@ -265,6 +268,11 @@ def main() -> int:
     signal.signal(signal.SIGTERM, stop)
     os.sched_setaffinity(0, {int(LOAD_CORE)})  # the client beside the backend
     variants = builds()
+    if args.build is not None:
+        if args.build not in variants:
+            print(f"the {args.build} build is not installed", file=sys.stderr)
+            return 2
+        variants = {args.build: variants[args.build]}
     print(
         f"meshlet builds: {', '.join(variants)}; {len(variants) * 3 + 4} processes under valgrind"
     )
