@@ -102,6 +102,10 @@ class Result:
     p50_ms: float
     p99_ms: float
     cpu_per_1000: float | None
+    pooled: float | None = None
+    """a two-hop meshlet pair: A's idle connections to B when the measured run began"""
+    handshakes: float | None = None
+    """a two-hop meshlet pair: TLS handshakes B's inbound completed during the run"""
 
 
 UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
@@ -167,11 +171,21 @@ class Pair:
     """A's outbound port"""
     inbound: int
     """B's inbound port"""
+    a_metrics: int
     b_metrics: int
+    mtls: bool
 
     def processes(self) -> list[int]:
         """Both sidecars (taskset execs the program: each pid is the sidecar itself)."""
         return [self.a.pid, *children(self.a.pid), self.b.pid, *children(self.b.pid)]
+
+    def pooled(self) -> float:
+        """A's idle connections to B (a scrape of A's metrics)."""
+        return mesh_tls.idle_upstreams(self.a_metrics, self.service)
+
+    def handshakes(self) -> float:
+        """TLS handshakes B's inbound has completed (a scrape of B's metrics)."""
+        return mesh_tls.inbound_handshakes(self.b_metrics)
 
 
 class Lab:
@@ -184,6 +198,7 @@ class Lab:
         self.backend_port = 0
         self.pki: mesh_tls.Pki | None = None
         self.pairs: dict[str, Pair] = {}
+        """the two-hop meshlet pairs joined to the control plane, by target name"""
         self.tls_servers: dict[str, mesh_tls.TlsServer] = {}
 
     def spawn(
@@ -362,13 +377,13 @@ listen proxy
         cp = self.control_plane(pki)
         for prefix, mtls in (("cp", "off"), ("mtls", "on")):
             pair = self.mesh_pair(cp, prefix, mtls)
-            self.pairs[prefix] = pair
+            self.pairs[f"meshlet-2hop-{prefix}"] = pair
             self.targets[f"meshlet-2hop-{prefix}"] = (
                 pair.outbound,
                 pair.service,
                 pair.processes,
             )
-        mesh_b = self.pairs["mtls"]
+        mesh_b = self.pairs["meshlet-2hop-mtls"]
         self.tls_servers["meshlet-inbound"] = mesh_tls.TlsServer(
             mesh_b.inbound,
             lambda: cpu_seconds(self._tree(mesh_b.b.pid)),
@@ -418,12 +433,12 @@ listen proxy
         """Services ``prefix``-a and -b, each a sidecar with a token of its own; ready when A
         routes to B (over mesh TLS with ``mtls`` on)."""
         caller, service = f"{prefix}-a", f"{prefix}-b"
-        outbound, inbound, admin, metrics = (free_port() for _ in range(4))
-        b = self.mesh_sidecar(cp, service, (free_port(), inbound, free_port(), metrics), mtls)
-        a = self.mesh_sidecar(cp, caller, (outbound, free_port(), admin, free_port()), mtls)
+        outbound, inbound, admin, a_metrics, b_metrics = (free_port() for _ in range(5))
+        b = self.mesh_sidecar(cp, service, (free_port(), inbound, free_port(), b_metrics), mtls)
+        a = self.mesh_sidecar(cp, caller, (outbound, free_port(), admin, a_metrics), mtls)
         routes = mesh_tls.routes_over_tls if mtls == "on" else mesh_tls.routes
         mesh_tls.wait_until(lambda: routes(admin, service), f"{caller} routes to {service}")
-        return Pair(caller, service, a, b, outbound, inbound, metrics)
+        return Pair(caller, service, a, b, outbound, inbound, a_metrics, b_metrics, mtls == "on")
 
     def mesh_sidecar(
         self, cp: tuple[str, str], name: str, ports: tuple[int, int, int, int], mtls: str
@@ -460,8 +475,8 @@ listen proxy
     def check_tls(self) -> None:
         """Before measuring: the mtls pair's hop is mesh TLS, the cp pair's is not."""
         assert self.pki is not None
-        for prefix, pair in self.pairs.items():
-            want = self.pki.identity(pair.caller) if prefix == "mtls" else ""
+        for pair in self.pairs.values():
+            want = self.pki.identity(pair.caller) if pair.mtls else ""
             mesh_tls.check_hop(pair.outbound, pair.service, pair.b_metrics, want)
 
     def sidecar(
@@ -564,12 +579,21 @@ def measure_requests(
             # one second unmeasured first: the other targets' runs took longer than a pool
             # keeps an idle connection (30 s), and the goal is the cost on kept-alive ones
             run_wrk(port, host, conns, 1, [])
+            pair = lab.pairs.get(name)
+            # (scraped outside the measured window: a scrape costs the sidecar CPU)
+            pooled, handshakes = (pair.pooled(), pair.handshakes()) if pair else (0.0, 0.0)
             res = run_wrk(port, host, conns, seconds, pids())
+            if pair is not None:
+                res.pooled = pooled
+                res.handshakes = pair.handshakes() - handshakes if pair.mtls else None
             results[(name, conns)].append(res)
             cpu = f"{res.cpu_per_1000:.3f}" if res.cpu_per_1000 is not None else "  -  "
+            mesh = "" if pair is None else f"  pooled {pooled:2.0f}"
+            if res.handshakes is not None:
+                mesh += f"  tls handshakes {res.handshakes:3.0f}"
             print(
                 f"round {rnd + 1} c={conns:<2} {name:<17} {res.rps:9.0f} req/s  "
-                f"p50 {res.p50_ms:6.3f} ms  p99 {res.p99_ms:6.3f} ms  cpu/1k {cpu} s",
+                f"p50 {res.p50_ms:6.3f} ms  p99 {res.p99_ms:6.3f} ms  cpu/1k {cpu} s{mesh}",
                 flush=True,
             )
 
@@ -655,7 +679,24 @@ def report_tls(
             ratios = cpu_ratios(results, name, base, conns)
             if ratios:
                 print(f"  {name} / {base} c={conns:<2} {mesh_tls.spread(ratios, 'x')}  {goal}")
+    report_kept(results)
     mesh_tls.report_handshakes(handshakes)
+
+
+def report_kept(results: dict[tuple[str, int], list[Result]]) -> None:
+    """Whether the two-hop meshlet pairs were measured on kept-alive connections: A's idle
+    connections to B when each measured run began, and the TLS handshakes B's inbound did
+    during it (the goal's terms: ~0; handshakes are measured apart, below)."""
+    for (name, conns), runs in sorted(results.items()):
+        pooled = [r.pooled for r in runs if r.pooled is not None]
+        if pooled:
+            print(f"  {name} c={conns:<2} pooled when measuring began: {mesh_tls.spread(pooled)}")
+        shakes = [r.handshakes for r in runs if r.handshakes is not None]
+        if shakes:
+            print(
+                f"  {name} c={conns:<2} inbound TLS handshakes per measured run: "
+                f"{mesh_tls.spread(shakes)}"
+            )
 
 
 if __name__ == "__main__":

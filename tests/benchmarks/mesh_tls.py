@@ -119,6 +119,11 @@ def inbound_handshakes(metrics_port: int) -> float:
     )
 
 
+def idle_upstreams(metrics_port: int, service: str) -> float:
+    """Idle connections the sidecar's pools keep to ``service``'s endpoints."""
+    return metric(metrics_port, "meshlet_upstream_connections", service=service, state="idle")
+
+
 def routes_over_tls(admin_port: int, service: str) -> bool:
     """The sidecar holds a certificate and its table marks ``service``'s endpoints tls."""
     data: dict[str, Any] = json.loads(get(f"http://127.0.0.1:{admin_port}/config_dump"))
