@@ -26,6 +26,32 @@ handshake.
 Goals: CPU per request <= 1.6x HAProxy (issue 12; was 2x); added p50 at one connection
 <= 0.3 ms per hop; throughput >= 0.5x nginx; mTLS <= 1.3x the plaintext mesh (issue 15).
 
+How a measured run is taken, the same for every target (the goals are on kept-alive
+connections; a handshake's cost is measured apart, by s_time):
+- First one second of wrk, unmeasured: the other targets' runs outlast a pool's idle timeout
+  (meshlet's 30 s), so the pools are opened again there.
+- Then a clean end to it (``settle``): wrk stops by closing its connections with answers in
+  flight, and a proxy closes the upstream connections of those (Envoy does too); the meshlet
+  pairs kept from 4 to 50 of their 50 (repeated 1 s runs), and the next run opened the rest
+  inside its measured window (a TLS handshake each on the TLS hops). The settle pass, on the
+  load generator's core, sends ``conns`` requests at once on as many keep-alive connections,
+  a few times, and closes them with nothing in flight.
+- HAProxy reuses any idle server connection (``http-reuse always``, ``HTTP1_REUSE``), as
+  meshlet's pools and nginx's upstream keepalive do; with its default (safe) each of wrk's 50
+  new client connections opened a server connection per hop in every measured run.
+- Printed per measured run and as medians: the TLS handshakes the server side of each TLS hop
+  did inside the window (meshlet's inbound metric, HAProxy's CumSslConns), ~0 when the terms
+  hold; and A's idle connections to B when the window opened, for the meshlet pairs.
+- Odd rounds take the targets in reverse order, so that what ran just before a target, and a
+  drift of the host's load over a round, fall on both sides of a ratio alike.
+- wrk, the backend, the control plane and the settle client share CPU 0; every proxy, both
+  processes of a two-hop pair included, CPU 1. At 50 connections a two-hop pair fills CPU 1:
+  its CPU per request is then about 1/throughput and depends on how the scheduler interleaves
+  the pair's two processes (how many requests each handles a wakeup), as much for HAProxy's
+  pair as for meshlet's; the ratios at one connection are the steadier measure of CPU cost.
+  Anything else on CPU 1 (another process, another helper's job) takes throughput from the
+  pair measured: the per-round ratios spread, the medians over rounds are what to read.
+
 Then HTTP/2 (issue 16, ``h2_lab``): h2c GETs and unary gRPC calls from h2load through the
 sidecar, HAProxy and nginx, each speaking HTTP/2 both ways to an nginx h2c backend; CPU per
 request and its ratios to HAProxy's and nginx's (goal: <= 2x HAProxy on unary gRPC).
@@ -59,7 +85,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run as a script: ``tests`` from the repo root
 
-from tests.benchmarks import h2_lab, mesh_tls  # noqa: E402
+from tests.benchmarks import h2_lab, mesh_tls, settle  # noqa: E402
 
 LOAD_CORE = "0"
 PROXY_CORE = "1"
@@ -105,7 +131,7 @@ class Result:
     pooled: float | None = None
     """a two-hop meshlet pair: A's idle connections to B when the measured run began"""
     handshakes: float | None = None
-    """a two-hop meshlet pair: TLS handshakes B's inbound completed during the run"""
+    """a TLS hop (``Lab.handshakes``): TLS sessions its server side opened during the run"""
 
 
 UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
@@ -150,6 +176,11 @@ def run_wrk(port: int, host: str, conns: int, seconds: float, cpu_pids: list[int
     per_1000 = used / requests * 1000 if used is not None and requests else None
     return Result(rps, requests, p50, p99, per_1000)
 
+
+HTTP1_REUSE = "always"
+"""HAProxy's HTTP/1 targets reuse any idle server connection, as meshlet's pools and nginx's
+upstream keepalive do: by default (safe) a client connection's first request opens a server
+connection of its own, so each measured run opened 50 (TLS ones on haproxy-2hop-tls)"""
 
 PROXY_PASS = (
     "location / { proxy_pass http://backend; proxy_http_version 1.1; "
@@ -200,6 +231,8 @@ class Lab:
         self.pairs: dict[str, Pair] = {}
         """the two-hop meshlet pairs joined to the control plane, by target name"""
         self.tls_servers: dict[str, mesh_tls.TlsServer] = {}
+        self.handshakes: dict[str, Callable[[], float]] = {}
+        """TLS sessions the server side of a TLS hop has opened so far, by target name"""
 
     def spawn(
         self, core: str, *argv: str, env: dict[str, str] | None = None
@@ -272,18 +305,31 @@ http {{
         )
 
     def haproxy_cfg(
-        self, name: str, port: int, upstream: int, bind_opts: str = "", server_opts: str = ""
+        self,
+        name: str,
+        port: int,
+        upstream: int,
+        bind_opts: str = "",
+        server_opts: str = "",
+        *,
+        reuse: str = "",
+        stats: Path | None = None,
     ) -> Path:
         """One thread proxying ``port`` to ``upstream``; the options end the bind and server
-        lines (TLS)."""
+        lines (TLS). ``reuse``: its ``http-reuse`` (HAProxy's default: safe); ``stats``: a
+        stats socket there."""
         cfg = self.tmp / f"{name}.cfg"
+        stats_line = f"stats socket {stats}" if stats else ""
+        reuse_line = f"http-reuse {reuse}" if reuse else ""
         cfg.write_text(
             f"""
 global
   nbthread 1
   maxconn 4000
+  {stats_line}
 defaults
   mode http
+  {reuse_line}
   timeout connect 30s
   timeout client 30s
   timeout server 30s
@@ -346,7 +392,7 @@ listen proxy
         self.targets["nginx"] = (nginx_port, "backend", lambda: self._nginx_workers(nginx_master))
 
         hap_port = free_port()
-        cfg = self.haproxy_cfg("haproxy", hap_port, self.backend_port)
+        cfg = self.haproxy_cfg("haproxy", hap_port, self.backend_port, reuse=HTTP1_REUSE)
         hap = self.spawn(PROXY_CORE, "haproxy", "-f", str(cfg))
         wait_port(hap_port)
         self.targets["haproxy"] = (hap_port, "backend", lambda: self._tree(hap.pid))
@@ -391,10 +437,12 @@ listen proxy
         )
 
         self.haproxy_chain("haproxy-2hop")
-        inner, hap_in = self.haproxy_chain("haproxy-2hop-tls", *mesh_tls.haproxy_tls(pki))
+        inner, hap_in, stats = self.haproxy_chain("haproxy-2hop-tls", *mesh_tls.haproxy_tls(pki))
         self.tls_servers["haproxy-tls-bind"] = mesh_tls.TlsServer(
             inner, lambda: cpu_seconds(self._tree(hap_in.pid))
         )
+        self.handshakes["meshlet-2hop-mtls"] = mesh_b.handshakes
+        self.handshakes["haproxy-2hop-tls"] = lambda: mesh_tls.haproxy_tls_sessions(stats)
 
     def start_h2(self) -> h2_lab.Targets:
         """The HTTP/2 backend and a proxy of each kind in front of it (``h2_lab``)."""
@@ -454,13 +502,18 @@ listen proxy
 
     def haproxy_chain(
         self, name: str, bind_opts: str = "", server_opts: str = ""
-    ) -> tuple[int, subprocess.Popen[bytes]]:
-        """HAProxy -> HAProxy -> backend as target ``name``: the inner one's port and
-        process. ``bind_opts`` end the inner one's bind line, ``server_opts`` the outer one's
-        server line."""
+    ) -> tuple[int, subprocess.Popen[bytes], Path]:
+        """HAProxy -> HAProxy -> backend as target ``name``: the inner one's port, process
+        and stats socket. ``bind_opts`` end the inner one's bind line, ``server_opts`` the
+        outer one's server line."""
         outer, inner = free_port(), free_port()
-        cfg_in = self.haproxy_cfg(f"{name}-in", inner, self.backend_port, bind_opts=bind_opts)
-        cfg_out = self.haproxy_cfg(f"{name}-out", outer, inner, server_opts=server_opts)
+        stats = self.tmp / f"{name}-in.sock"
+        cfg_in = self.haproxy_cfg(
+            f"{name}-in", inner, self.backend_port, bind_opts, reuse=HTTP1_REUSE, stats=stats
+        )
+        cfg_out = self.haproxy_cfg(
+            f"{name}-out", outer, inner, server_opts=server_opts, reuse=HTTP1_REUSE
+        )
         hap_in = self.spawn(PROXY_CORE, "haproxy", "-f", str(cfg_in))
         hap_out = self.spawn(PROXY_CORE, "haproxy", "-f", str(cfg_out))
         wait_port(inner)
@@ -470,7 +523,7 @@ listen proxy
             "backend",
             lambda: self._tree(hap_out.pid) + self._tree(hap_in.pid),
         )
-        return inner, hap_in
+        return inner, hap_in, stats
 
     def check_tls(self) -> None:
         """Before measuring: the mtls pair's hop is mesh TLS, the cp pair's is not."""
@@ -574,21 +627,27 @@ def warm_up(lab: Lab) -> None:
 def measure_requests(
     lab: Lab, rnd: int, seconds: float, results: dict[tuple[str, int], list[Result]]
 ) -> None:
+    # odd rounds take the targets in reverse: what ran just before a target, and a drift of
+    # the host's load over a round, fall on each side of a ratio alike over the rounds
+    order = list(lab.targets.items())[:: -1 if rnd % 2 else 1]
     for conns in (1, 50):
-        for name, (port, host, pids) in lab.targets.items():
+        for name, (port, host, pids) in order:
             # one second unmeasured first: the other targets' runs took longer than a pool
-            # keeps an idle connection (30 s), and the goal is the cost on kept-alive ones
+            # keeps an idle connection (30 s), and the goal is the cost on kept-alive ones;
+            # then a clean end to it, as wrk's is not (``settle``): the connections a proxy
+            # closed for the answers wrk left in flight would be opened in the measured run
             run_wrk(port, host, conns, 1, [])
-            pair = lab.pairs.get(name)
-            # (scraped outside the measured window: a scrape costs the sidecar CPU)
-            pooled, handshakes = (pair.pooled(), pair.handshakes()) if pair else (0.0, 0.0)
+            settle.settle(port, host, conns, LOAD_CORE)
+            pair, sessions = lab.pairs.get(name), lab.handshakes.get(name)
+            # (read outside the measured window: a scrape costs the sidecar CPU)
+            pooled = pair.pooled() if pair else None
+            before = sessions() if sessions else 0.0
             res = run_wrk(port, host, conns, seconds, pids())
-            if pair is not None:
-                res.pooled = pooled
-                res.handshakes = pair.handshakes() - handshakes if pair.mtls else None
+            res.pooled = pooled
+            res.handshakes = sessions() - before if sessions else None
             results[(name, conns)].append(res)
             cpu = f"{res.cpu_per_1000:.3f}" if res.cpu_per_1000 is not None else "  -  "
-            mesh = "" if pair is None else f"  pooled {pooled:2.0f}"
+            mesh = "" if pooled is None else f"  pooled {pooled:2.0f}"
             if res.handshakes is not None:
                 mesh += f"  tls handshakes {res.handshakes:3.0f}"
             print(
@@ -684,9 +743,9 @@ def report_tls(
 
 
 def report_kept(results: dict[tuple[str, int], list[Result]]) -> None:
-    """Whether the two-hop meshlet pairs were measured on kept-alive connections: A's idle
-    connections to B when each measured run began, and the TLS handshakes B's inbound did
-    during it (the goal's terms: ~0; handshakes are measured apart, below)."""
+    """Whether the two-hop pairs were measured on kept-alive connections: meshlet's A's idle
+    connections to B when each measured run began, and the TLS handshakes the server side of
+    each TLS hop did during it (the goal's terms: ~0; handshakes are measured apart, below)."""
     for (name, conns), runs in sorted(results.items()):
         pooled = [r.pooled for r in runs if r.pooled is not None]
         if pooled:
@@ -694,8 +753,7 @@ def report_kept(results: dict[tuple[str, int], list[Result]]) -> None:
         shakes = [r.handshakes for r in runs if r.handshakes is not None]
         if shakes:
             print(
-                f"  {name} c={conns:<2} inbound TLS handshakes per measured run: "
-                f"{mesh_tls.spread(shakes)}"
+                f"  {name} c={conns:<2} TLS handshakes per measured run: {mesh_tls.spread(shakes)}"
             )
 
 
