@@ -45,12 +45,15 @@ connections; a handshake's cost is measured apart, by s_time):
 - Odd rounds take the targets in reverse order, so that what ran just before a target, and a
   drift of the host's load over a round, fall on both sides of a ratio alike.
 - wrk, the backend, the control plane and the settle client share CPU 0; every proxy, both
-  processes of a two-hop pair included, CPU 1. At 50 connections a two-hop pair fills CPU 1:
-  its CPU per request is then about 1/throughput and depends on how the scheduler interleaves
-  the pair's two processes (how many requests each handles a wakeup), as much for HAProxy's
-  pair as for meshlet's; the ratios at one connection are the steadier measure of CPU cost.
-  Anything else on CPU 1 (another process, another helper's job) takes throughput from the
-  pair measured: the per-round ratios spread, the medians over rounds are what to read.
+  processes of a two-hop pair included, CPU 1 (kept: moving B to CPU 0 would share it with
+  wrk and the backend instead). At 50 connections a proxy's CPU per request depends on how
+  many requests it handles a wakeup: fewer when it waits for wrk or the backend (CPU 0 slowed
+  by anything else) or shares CPU 1, so the per-round ratios spread with the host's other
+  load (on a busy host, 0.0375 to 0.0481 ms a request for the same plaintext pair, with
+  112 and 169 voluntary context switches per 1,000 requests). Each measured run prints how
+  much of CPU 1 was idle and how much went to other processes than the target's: a round
+  where these differ between the two sides of a ratio is suspect. The ratios at one
+  connection are the steadier measure of CPU cost; read medians over rounds.
 
 Then HTTP/2 (issue 16, ``h2_lab``): h2c GETs and unary gRPC calls from h2load through the
 sidecar, HAProxy and nginx, each speaking HTTP/2 both ways to an nginx h2c backend; CPU per
@@ -116,6 +119,18 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def core_seconds(core: str) -> tuple[float, float]:
+    """CPU ``core``'s time in processes (user, nice, system) and idle (idle, iowait) so far,
+    in seconds (/proc/stat)."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *ticks = line.split()
+        if name == f"cpu{core}":
+            user, nice, system, idle, iowait = (int(t) for t in ticks[:5])
+            hz = os.sysconf("SC_CLK_TCK")
+            return (user + nice + system) / hz, (idle + iowait) / hz
+    raise RuntimeError(f"no cpu{core} in /proc/stat")
+
+
 def children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
@@ -128,6 +143,10 @@ class Result:
     p50_ms: float
     p99_ms: float
     cpu_per_1000: float | None
+    core_idle: float | None = None
+    """the share of the run's wall time PROXY_CORE was idle (a measured run)"""
+    core_other: float | None = None
+    """the share of it PROXY_CORE spent in other processes than the target's"""
     pooled: float | None = None
     """a two-hop meshlet pair: A's idle connections to B when the measured run began"""
     handshakes: float | None = None
@@ -152,7 +171,10 @@ def parse_wrk(out: str) -> tuple[float, int, float, float]:
 
 
 def run_wrk(port: int, host: str, conns: int, seconds: float, cpu_pids: list[int]) -> Result:
+    """wrk on LOAD_CORE; with ``cpu_pids`` (the target's processes, all on PROXY_CORE) the
+    CPU they used per request, and what else PROXY_CORE did meanwhile."""
     before = cpu_seconds(cpu_pids) if cpu_pids else 0.0
+    core_before, start = core_seconds(PROXY_CORE), time.monotonic()
     out = subprocess.run(
         [
             "taskset",
@@ -172,9 +194,14 @@ def run_wrk(port: int, host: str, conns: int, seconds: float, cpu_pids: list[int
         check=True,
     ).stdout
     used = cpu_seconds(cpu_pids) - before if cpu_pids else None
+    core_after, wall = core_seconds(PROXY_CORE), time.monotonic() - start
     rps, requests, p50, p99 = parse_wrk(out)
-    per_1000 = used / requests * 1000 if used is not None and requests else None
-    return Result(rps, requests, p50, p99, per_1000)
+    if used is None:
+        return Result(rps, requests, p50, p99, None)
+    busy, idle = (after - b for after, b in zip(core_after, core_before, strict=True))
+    return Result(
+        rps, requests, p50, p99, used / requests * 1000, idle / wall, max(0.0, busy - used) / wall
+    )
 
 
 HTTP1_REUSE = "always"
@@ -647,7 +674,12 @@ def measure_requests(
             res.handshakes = sessions() - before if sessions else None
             results[(name, conns)].append(res)
             cpu = f"{res.cpu_per_1000:.3f}" if res.cpu_per_1000 is not None else "  -  "
-            mesh = "" if pooled is None else f"  pooled {pooled:2.0f}"
+            mesh = (
+                ""
+                if res.core_idle is None or res.core_other is None
+                else f"  cpu{PROXY_CORE} idle {res.core_idle:4.0%} other {res.core_other:4.0%}"
+            )
+            mesh += "" if pooled is None else f"  pooled {pooled:2.0f}"
             if res.handshakes is not None:
                 mesh += f"  tls handshakes {res.handshakes:3.0f}"
             print(
@@ -745,8 +777,19 @@ def report_tls(
 def report_kept(results: dict[tuple[str, int], list[Result]]) -> None:
     """Whether the two-hop pairs were measured on kept-alive connections: meshlet's A's idle
     connections to B when each measured run began, and the TLS handshakes the server side of
-    each TLS hop did during it (the goal's terms: ~0; handshakes are measured apart, below)."""
+    each TLS hop did during it (the goal's terms: ~0; handshakes are measured apart, below);
+    and how much of PROXY_CORE the pair had (idle: it waited; other: something else ran)."""
+    pairs = {name for ratio in TLS_RATIOS for name in ratio[:2]}
     for (name, conns), runs in sorted(results.items()):
+        if name not in pairs:
+            continue
+        idle = [r.core_idle for r in runs if r.core_idle is not None]
+        other = [r.core_other for r in runs if r.core_other is not None]
+        if idle and other:
+            print(
+                f"  {name} c={conns:<2} cpu{PROXY_CORE} idle {mesh_tls.spread(idle)}, "
+                f"in other processes {mesh_tls.spread(other)} (shares of the run)"
+            )
         pooled = [r.pooled for r in runs if r.pooled is not None]
         if pooled:
             print(f"  {name} c={conns:<2} pooled when measuring began: {mesh_tls.spread(pooled)}")
