@@ -37,9 +37,8 @@ class Server:
         self.wait_for, self.status = wait_for, status
         self.seen = Seen()
         self.port = 0
-        self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
 
     def __enter__(self) -> Server:
         self._thread.start()
@@ -47,19 +46,26 @@ class Server:
         return self
 
     def __exit__(self, *_: object) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(5)
+        assert not self._thread.is_alive()
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        server = self._loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0))
+    async def _main(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = server.sockets[0].getsockname()[1]
         self._ready.set()
-        self._loop.run_forever()
-        server.close()
-        self._loop.close()
+        async with server:
+            await self._stop.wait()
+        # (asyncio.run then cancels the connections still served: each closes its own)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._answer_all(reader, writer)
+        finally:
+            writer.close()
+
+    async def _answer_all(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         seen = self.seen
         seen.connections += 1
         while True:
@@ -67,7 +73,7 @@ class Server:
                 await reader.readuntil(b"\r\n\r\n")
             except asyncio.IncompleteReadError as e:
                 seen.cut += bool(e.partial)
-                break
+                return
             seen.requests += 1
             seen.in_flight += 1
             seen.most_in_flight = max(seen.most_in_flight, seen.in_flight)
@@ -80,7 +86,6 @@ class Server:
             writer.write(answer)
             if seen.in_flight == 0:
                 seen.all_in.clear()
-        writer.close()
 
     def _answer(self, *, chunked: bool) -> bytes:
         head = f"HTTP/1.1 {self.status} X\r\n".encode()
