@@ -54,6 +54,9 @@ connections; a handshake's cost is measured apart, by s_time):
   much of CPU 1 was idle and how much went to other processes than the target's: a round
   where these differ between the two sides of a ratio is suspect. The ratios at one
   connection are the steadier measure of CPU cost; read medians over rounds.
+- Run length (--seconds, 5 by default) is left as it was: what every measured run pays once
+  (wrk's 50 new client connections) is small against the ~100,000 requests of a run at 50
+  connections; the spread above comes from the host, which a longer run does not remove.
 
 Then HTTP/2 (issue 16, ``h2_lab``): h2c GETs and unary gRPC calls from h2load through the
 sidecar, HAProxy and nginx, each speaking HTTP/2 both ways to an nginx h2c backend; CPU per
