@@ -26,6 +26,38 @@ handshake.
 Goals: CPU per request <= 1.6x HAProxy (issue 12; was 2x); added p50 at one connection
 <= 0.3 ms per hop; throughput >= 0.5x nginx; mTLS <= 1.3x the plaintext mesh (issue 15).
 
+How a measured run is taken, the same for every target (the goals are on kept-alive
+connections; a handshake's cost is measured apart, by s_time):
+- First one second of wrk, unmeasured: the other targets' runs outlast a pool's idle timeout
+  (meshlet's 30 s), so the pools are opened again there.
+- Then a clean end to it (``settle``): wrk stops by closing its connections with answers in
+  flight, and a proxy closes the upstream connections of those (Envoy does too); the meshlet
+  pairs kept from 4 to 50 of their 50 (repeated 1 s runs), and the next run opened the rest
+  inside its measured window (a TLS handshake each on the TLS hops). The settle pass, on the
+  load generator's core, sends ``conns`` requests at once on as many keep-alive connections,
+  a few times, and closes them with nothing in flight.
+- HAProxy reuses any idle server connection (``http-reuse always``, ``HTTP1_REUSE``), as
+  meshlet's pools and nginx's upstream keepalive do; with its default (safe) each of wrk's 50
+  new client connections opened a server connection per hop in every measured run.
+- Printed per measured run and as medians: the TLS handshakes the server side of each TLS hop
+  did inside the window (meshlet's inbound metric, HAProxy's CumSslConns), ~0 when the terms
+  hold; and A's idle connections to B when the window opened, for the meshlet pairs.
+- Odd rounds take the targets in reverse order, so that what ran just before a target, and a
+  drift of the host's load over a round, fall on both sides of a ratio alike.
+- wrk, the backend, the control plane and the settle client share CPU 0; every proxy, both
+  processes of a two-hop pair included, CPU 1 (kept: moving B to CPU 0 would share it with
+  wrk and the backend instead). At 50 connections a proxy's CPU per request depends on how
+  many requests it handles a wakeup: fewer when it waits for wrk or the backend (CPU 0 slowed
+  by anything else) or shares CPU 1, so the per-round ratios spread with the host's other
+  load (on a busy host, 0.0375 to 0.0481 ms a request for the same plaintext pair, with
+  112 and 169 voluntary context switches per 1,000 requests). Each measured run prints how
+  much of CPU 1 was idle and how much went to other processes than the target's: a round
+  where these differ between the two sides of a ratio is suspect. The ratios at one
+  connection are the steadier measure of CPU cost; read medians over rounds.
+- Run length (--seconds, 5 by default) is left as it was: what every measured run pays once
+  (wrk's 50 new client connections) is small against the ~100,000 requests of a run at 50
+  connections; the spread above comes from the host, which a longer run does not remove.
+
 Then HTTP/2 (issue 16, ``h2_lab``): h2c GETs and unary gRPC calls from h2load through the
 sidecar, HAProxy and nginx, each speaking HTTP/2 both ways to an nginx h2c backend; CPU per
 request and its ratios to HAProxy's and nginx's (goal: <= 2x HAProxy on unary gRPC).
@@ -59,7 +91,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run as a script: ``tests`` from the repo root
 
-from tests.benchmarks import h2_lab, mesh_tls  # noqa: E402
+from tests.benchmarks import h2_lab, mesh_tls, settle  # noqa: E402
 
 LOAD_CORE = "0"
 PROXY_CORE = "1"
@@ -90,6 +122,18 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def core_seconds(core: str) -> tuple[float, float]:
+    """CPU ``core``'s time in processes (user, nice, system) and idle (idle, iowait) so far,
+    in seconds (/proc/stat)."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *ticks = line.split()
+        if name == f"cpu{core}":
+            user, nice, system, idle, iowait = (int(t) for t in ticks[:5])
+            hz = os.sysconf("SC_CLK_TCK")
+            return (user + nice + system) / hz, (idle + iowait) / hz
+    raise RuntimeError(f"no cpu{core} in /proc/stat")
+
+
 def children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
@@ -102,6 +146,14 @@ class Result:
     p50_ms: float
     p99_ms: float
     cpu_per_1000: float | None
+    core_idle: float | None = None
+    """the share of the run's wall time PROXY_CORE was idle (a measured run)"""
+    core_other: float | None = None
+    """the share of it PROXY_CORE spent in other processes than the target's"""
+    pooled: float | None = None
+    """a two-hop meshlet pair: A's idle connections to B when the measured run began"""
+    handshakes: float | None = None
+    """a TLS hop (``Lab.handshakes``): TLS sessions its server side opened during the run"""
 
 
 UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
@@ -122,7 +174,10 @@ def parse_wrk(out: str) -> tuple[float, int, float, float]:
 
 
 def run_wrk(port: int, host: str, conns: int, seconds: float, cpu_pids: list[int]) -> Result:
+    """wrk on LOAD_CORE; with ``cpu_pids`` (the target's processes, all on PROXY_CORE) the
+    CPU they used per request, and what else PROXY_CORE did meanwhile."""
     before = cpu_seconds(cpu_pids) if cpu_pids else 0.0
+    core_before, start = core_seconds(PROXY_CORE), time.monotonic()
     out = subprocess.run(
         [
             "taskset",
@@ -142,10 +197,20 @@ def run_wrk(port: int, host: str, conns: int, seconds: float, cpu_pids: list[int
         check=True,
     ).stdout
     used = cpu_seconds(cpu_pids) - before if cpu_pids else None
+    core_after, wall = core_seconds(PROXY_CORE), time.monotonic() - start
     rps, requests, p50, p99 = parse_wrk(out)
-    per_1000 = used / requests * 1000 if used is not None and requests else None
-    return Result(rps, requests, p50, p99, per_1000)
+    if used is None:
+        return Result(rps, requests, p50, p99, None)
+    busy, idle = (after - b for after, b in zip(core_after, core_before, strict=True))
+    return Result(
+        rps, requests, p50, p99, used / requests * 1000, idle / wall, max(0.0, busy - used) / wall
+    )
 
+
+HTTP1_REUSE = "always"
+"""HAProxy's HTTP/1 targets reuse any idle server connection, as meshlet's pools and nginx's
+upstream keepalive do: by default (safe) a client connection's first request opens a server
+connection of its own, so each measured run opened 50 (TLS ones on haproxy-2hop-tls)"""
 
 PROXY_PASS = (
     "location / { proxy_pass http://backend; proxy_http_version 1.1; "
@@ -167,11 +232,21 @@ class Pair:
     """A's outbound port"""
     inbound: int
     """B's inbound port"""
+    a_metrics: int
     b_metrics: int
+    mtls: bool
 
     def processes(self) -> list[int]:
         """Both sidecars (taskset execs the program: each pid is the sidecar itself)."""
         return [self.a.pid, *children(self.a.pid), self.b.pid, *children(self.b.pid)]
+
+    def pooled(self) -> float:
+        """A's idle connections to B (a scrape of A's metrics)."""
+        return mesh_tls.idle_upstreams(self.a_metrics, self.service)
+
+    def handshakes(self) -> float:
+        """TLS handshakes B's inbound has completed (a scrape of B's metrics)."""
+        return mesh_tls.inbound_handshakes(self.b_metrics)
 
 
 class Lab:
@@ -184,7 +259,10 @@ class Lab:
         self.backend_port = 0
         self.pki: mesh_tls.Pki | None = None
         self.pairs: dict[str, Pair] = {}
+        """the two-hop meshlet pairs joined to the control plane, by target name"""
         self.tls_servers: dict[str, mesh_tls.TlsServer] = {}
+        self.handshakes: dict[str, Callable[[], float]] = {}
+        """TLS sessions the server side of a TLS hop has opened so far, by target name"""
 
     def spawn(
         self, core: str, *argv: str, env: dict[str, str] | None = None
@@ -257,18 +335,31 @@ http {{
         )
 
     def haproxy_cfg(
-        self, name: str, port: int, upstream: int, bind_opts: str = "", server_opts: str = ""
+        self,
+        name: str,
+        port: int,
+        upstream: int,
+        bind_opts: str = "",
+        server_opts: str = "",
+        *,
+        reuse: str = "",
+        stats: Path | None = None,
     ) -> Path:
         """One thread proxying ``port`` to ``upstream``; the options end the bind and server
-        lines (TLS)."""
+        lines (TLS). ``reuse``: its ``http-reuse`` (HAProxy's default: safe); ``stats``: a
+        stats socket there."""
         cfg = self.tmp / f"{name}.cfg"
+        stats_line = f"stats socket {stats}" if stats else ""
+        reuse_line = f"http-reuse {reuse}" if reuse else ""
         cfg.write_text(
             f"""
 global
   nbthread 1
   maxconn 4000
+  {stats_line}
 defaults
   mode http
+  {reuse_line}
   timeout connect 30s
   timeout client 30s
   timeout server 30s
@@ -331,7 +422,7 @@ listen proxy
         self.targets["nginx"] = (nginx_port, "backend", lambda: self._nginx_workers(nginx_master))
 
         hap_port = free_port()
-        cfg = self.haproxy_cfg("haproxy", hap_port, self.backend_port)
+        cfg = self.haproxy_cfg("haproxy", hap_port, self.backend_port, reuse=HTTP1_REUSE)
         hap = self.spawn(PROXY_CORE, "haproxy", "-f", str(cfg))
         wait_port(hap_port)
         self.targets["haproxy"] = (hap_port, "backend", lambda: self._tree(hap.pid))
@@ -362,13 +453,13 @@ listen proxy
         cp = self.control_plane(pki)
         for prefix, mtls in (("cp", "off"), ("mtls", "on")):
             pair = self.mesh_pair(cp, prefix, mtls)
-            self.pairs[prefix] = pair
+            self.pairs[f"meshlet-2hop-{prefix}"] = pair
             self.targets[f"meshlet-2hop-{prefix}"] = (
                 pair.outbound,
                 pair.service,
                 pair.processes,
             )
-        mesh_b = self.pairs["mtls"]
+        mesh_b = self.pairs["meshlet-2hop-mtls"]
         self.tls_servers["meshlet-inbound"] = mesh_tls.TlsServer(
             mesh_b.inbound,
             lambda: cpu_seconds(self._tree(mesh_b.b.pid)),
@@ -376,10 +467,12 @@ listen proxy
         )
 
         self.haproxy_chain("haproxy-2hop")
-        inner, hap_in = self.haproxy_chain("haproxy-2hop-tls", *mesh_tls.haproxy_tls(pki))
+        inner, hap_in, stats = self.haproxy_chain("haproxy-2hop-tls", *mesh_tls.haproxy_tls(pki))
         self.tls_servers["haproxy-tls-bind"] = mesh_tls.TlsServer(
             inner, lambda: cpu_seconds(self._tree(hap_in.pid))
         )
+        self.handshakes["meshlet-2hop-mtls"] = mesh_b.handshakes
+        self.handshakes["haproxy-2hop-tls"] = lambda: mesh_tls.haproxy_tls_sessions(stats)
 
     def start_h2(self) -> h2_lab.Targets:
         """The HTTP/2 backend and a proxy of each kind in front of it (``h2_lab``)."""
@@ -418,12 +511,12 @@ listen proxy
         """Services ``prefix``-a and -b, each a sidecar with a token of its own; ready when A
         routes to B (over mesh TLS with ``mtls`` on)."""
         caller, service = f"{prefix}-a", f"{prefix}-b"
-        outbound, inbound, admin, metrics = (free_port() for _ in range(4))
-        b = self.mesh_sidecar(cp, service, (free_port(), inbound, free_port(), metrics), mtls)
-        a = self.mesh_sidecar(cp, caller, (outbound, free_port(), admin, free_port()), mtls)
+        outbound, inbound, admin, a_metrics, b_metrics = (free_port() for _ in range(5))
+        b = self.mesh_sidecar(cp, service, (free_port(), inbound, free_port(), b_metrics), mtls)
+        a = self.mesh_sidecar(cp, caller, (outbound, free_port(), admin, a_metrics), mtls)
         routes = mesh_tls.routes_over_tls if mtls == "on" else mesh_tls.routes
         mesh_tls.wait_until(lambda: routes(admin, service), f"{caller} routes to {service}")
-        return Pair(caller, service, a, b, outbound, inbound, metrics)
+        return Pair(caller, service, a, b, outbound, inbound, a_metrics, b_metrics, mtls == "on")
 
     def mesh_sidecar(
         self, cp: tuple[str, str], name: str, ports: tuple[int, int, int, int], mtls: str
@@ -439,13 +532,18 @@ listen proxy
 
     def haproxy_chain(
         self, name: str, bind_opts: str = "", server_opts: str = ""
-    ) -> tuple[int, subprocess.Popen[bytes]]:
-        """HAProxy -> HAProxy -> backend as target ``name``: the inner one's port and
-        process. ``bind_opts`` end the inner one's bind line, ``server_opts`` the outer one's
-        server line."""
+    ) -> tuple[int, subprocess.Popen[bytes], Path]:
+        """HAProxy -> HAProxy -> backend as target ``name``: the inner one's port, process
+        and stats socket. ``bind_opts`` end the inner one's bind line, ``server_opts`` the
+        outer one's server line."""
         outer, inner = free_port(), free_port()
-        cfg_in = self.haproxy_cfg(f"{name}-in", inner, self.backend_port, bind_opts=bind_opts)
-        cfg_out = self.haproxy_cfg(f"{name}-out", outer, inner, server_opts=server_opts)
+        stats = self.tmp / f"{name}-in.sock"
+        cfg_in = self.haproxy_cfg(
+            f"{name}-in", inner, self.backend_port, bind_opts, reuse=HTTP1_REUSE, stats=stats
+        )
+        cfg_out = self.haproxy_cfg(
+            f"{name}-out", outer, inner, server_opts=server_opts, reuse=HTTP1_REUSE
+        )
         hap_in = self.spawn(PROXY_CORE, "haproxy", "-f", str(cfg_in))
         hap_out = self.spawn(PROXY_CORE, "haproxy", "-f", str(cfg_out))
         wait_port(inner)
@@ -455,13 +553,13 @@ listen proxy
             "backend",
             lambda: self._tree(hap_out.pid) + self._tree(hap_in.pid),
         )
-        return inner, hap_in
+        return inner, hap_in, stats
 
     def check_tls(self) -> None:
         """Before measuring: the mtls pair's hop is mesh TLS, the cp pair's is not."""
         assert self.pki is not None
-        for prefix, pair in self.pairs.items():
-            want = self.pki.identity(pair.caller) if prefix == "mtls" else ""
+        for pair in self.pairs.values():
+            want = self.pki.identity(pair.caller) if pair.mtls else ""
             mesh_tls.check_hop(pair.outbound, pair.service, pair.b_metrics, want)
 
     def sidecar(
@@ -559,17 +657,37 @@ def warm_up(lab: Lab) -> None:
 def measure_requests(
     lab: Lab, rnd: int, seconds: float, results: dict[tuple[str, int], list[Result]]
 ) -> None:
+    # odd rounds take the targets in reverse: what ran just before a target, and a drift of
+    # the host's load over a round, fall on each side of a ratio alike over the rounds
+    order = list(lab.targets.items())[:: -1 if rnd % 2 else 1]
     for conns in (1, 50):
-        for name, (port, host, pids) in lab.targets.items():
+        for name, (port, host, pids) in order:
             # one second unmeasured first: the other targets' runs took longer than a pool
-            # keeps an idle connection (30 s), and the goal is the cost on kept-alive ones
+            # keeps an idle connection (30 s), and the goal is the cost on kept-alive ones;
+            # then a clean end to it, as wrk's is not (``settle``): the connections a proxy
+            # closed for the answers wrk left in flight would be opened in the measured run
             run_wrk(port, host, conns, 1, [])
+            settle.settle(port, host, conns, LOAD_CORE)
+            pair, sessions = lab.pairs.get(name), lab.handshakes.get(name)
+            # (read outside the measured window: a scrape costs the sidecar CPU)
+            pooled = pair.pooled() if pair else None
+            before = sessions() if sessions else 0.0
             res = run_wrk(port, host, conns, seconds, pids())
+            res.pooled = pooled
+            res.handshakes = sessions() - before if sessions else None
             results[(name, conns)].append(res)
             cpu = f"{res.cpu_per_1000:.3f}" if res.cpu_per_1000 is not None else "  -  "
+            mesh = (
+                ""
+                if res.core_idle is None or res.core_other is None
+                else f"  cpu{PROXY_CORE} idle {res.core_idle:4.0%} other {res.core_other:4.0%}"
+            )
+            mesh += "" if pooled is None else f"  pooled {pooled:2.0f}"
+            if res.handshakes is not None:
+                mesh += f"  tls handshakes {res.handshakes:3.0f}"
             print(
                 f"round {rnd + 1} c={conns:<2} {name:<17} {res.rps:9.0f} req/s  "
-                f"p50 {res.p50_ms:6.3f} ms  p99 {res.p99_ms:6.3f} ms  cpu/1k {cpu} s",
+                f"p50 {res.p50_ms:6.3f} ms  p99 {res.p99_ms:6.3f} ms  cpu/1k {cpu} s{mesh}",
                 flush=True,
             )
 
@@ -655,7 +773,34 @@ def report_tls(
             ratios = cpu_ratios(results, name, base, conns)
             if ratios:
                 print(f"  {name} / {base} c={conns:<2} {mesh_tls.spread(ratios, 'x')}  {goal}")
+    report_kept(results)
     mesh_tls.report_handshakes(handshakes)
+
+
+def report_kept(results: dict[tuple[str, int], list[Result]]) -> None:
+    """Whether the two-hop pairs were measured on kept-alive connections: meshlet's A's idle
+    connections to B when each measured run began, and the TLS handshakes the server side of
+    each TLS hop did during it (the goal's terms: ~0; handshakes are measured apart, below);
+    and how much of PROXY_CORE the pair had (idle: it waited; other: something else ran)."""
+    pairs = {name for ratio in TLS_RATIOS for name in ratio[:2]}
+    for (name, conns), runs in sorted(results.items()):
+        if name not in pairs:
+            continue
+        idle = [r.core_idle for r in runs if r.core_idle is not None]
+        other = [r.core_other for r in runs if r.core_other is not None]
+        if idle and other:
+            print(
+                f"  {name} c={conns:<2} cpu{PROXY_CORE} idle {mesh_tls.spread(idle)}, "
+                f"in other processes {mesh_tls.spread(other)} (shares of the run)"
+            )
+        pooled = [r.pooled for r in runs if r.pooled is not None]
+        if pooled:
+            print(f"  {name} c={conns:<2} pooled when measuring began: {mesh_tls.spread(pooled)}")
+        shakes = [r.handshakes for r in runs if r.handshakes is not None]
+        if shakes:
+            print(
+                f"  {name} c={conns:<2} TLS handshakes per measured run: {mesh_tls.spread(shakes)}"
+            )
 
 
 if __name__ == "__main__":

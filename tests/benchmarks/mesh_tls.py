@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import statistics
 import subprocess
 import time
@@ -117,6 +118,25 @@ def inbound_handshakes(metrics_port: int) -> float:
     return metric(
         metrics_port, "meshlet_listener_tls_handshakes_total", direction="inbound", result="ok"
     )
+
+
+def haproxy_tls_sessions(stats_socket: Path) -> float:
+    """TLS sessions HAProxy's frontends have opened (CumSslConns of ``show info``, read from
+    its stats socket)."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(str(stats_socket))
+        s.sendall(b"show info\n")
+        out = b"".join(iter(lambda: s.recv(65536), b"")).decode()
+    found = re.search(r"^CumSslConns: (\d+)$", out, re.M)
+    if found is None:
+        raise RuntimeError(f"HAProxy's show info has no CumSslConns:\n{out}")
+    return float(found.group(1))
+
+
+def idle_upstreams(metrics_port: int, service: str) -> float:
+    """Idle connections the sidecar's pools keep to ``service``'s endpoints."""
+    return metric(metrics_port, "meshlet_upstream_connections", service=service, state="idle")
 
 
 def routes_over_tls(admin_port: int, service: str) -> bool:
