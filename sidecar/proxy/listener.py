@@ -432,6 +432,18 @@ class Downstream(Watch):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        # The head of nearly every request (its line whole in the read it began, origin-form,
+        # HTTP/1.1), made here rather than at its first header line (``_begin_head``, which
+        # makes the others): a Python call fewer a request. (llhttp hands the target over
+        # once it ends, or at the end of a read: ``_fresh`` is b"" after a read that began
+        # inside the line.)
+        line = self._fresh
+        if line and url[:1] == b"/":
+            method = self._parser.get_method()
+            at = len(method) + len(url) + 2
+            if line[at : at + 10] == b"HTTP/1.1\r\n" and method != b"CONNECT":
+                self._fresh = b""
+                self._head = RequestHead(method, url, "1.1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._current is None:  # a line of the head: read as it comes
