@@ -616,8 +616,17 @@ class Downstream(Watch):
             # (``_idle``'s common case, inline: once a request)
             if self._reader.in_head:
                 self.expect(WAIT_HEAD, self.timeouts.head)
-            else:
-                self.expect(WAIT_IDLE, self.timeouts.idle)
+                return
+            # (``expect(WAIT_IDLE, ...)``, inline: the timer, armed for the exchange, nearly
+            # always wakes in time for the wait that follows; else ``expect`` re-arms it)
+            now, timeouts = self.loop.time(), self.timeouts
+            self._wait = WAIT_IDLE
+            self._deadline = deadline = now + timeouts.idle
+            when = now + timeouts.head
+            if deadline < when:
+                when = deadline
+            if self._timer is None or when < self._timer_at:
+                self.expect(WAIT_IDLE, timeouts.idle)
         else:
             self._idle()
 
