@@ -29,7 +29,7 @@ import httptools
 
 from sidecar.errors import Reason, error_response
 from sidecar.http import http1
-from sidecar.http.http1 import RequestHead
+from sidecar.http.http1 import MAX_HEAD_BYTES, MAX_HEADERS, RequestHead
 from sidecar.proxy.client import Http1Answer
 from sidecar.proxy.exchange import Exchange
 from sidecar.proxy.intercept import Interception, looks_like_http, original_destination
@@ -490,13 +490,21 @@ class Downstream(Watch):
             head.mesh_tail(self._tail)
             self._tail = None
         reader = self._reader
-        too_large = reader.head_complete(
-            head.lines, head.unlisted, len(self._url) + head.unlisted_bytes
-        )
+        if (  # (``HeadReader.head_complete``'s common case, inline: once a request)
+            len(head.lines) + head.unlisted <= MAX_HEADERS
+            and reader.raw_count + reader.raw_first + reader.read <= MAX_HEAD_BYTES
+        ):
+            reader.in_head = False
+            reader.raw_count = reader.raw_first = 0
+            reader.trailer_count = reader.trailer_size = 0
+        else:
+            too_large = reader.head_complete(
+                head.lines, head.unlisted, len(self._url) + head.unlisted_bytes
+            )
+            if too_large:
+                self._limit_error = (Reason.HEAD_TOO_LARGE, too_large)
+                raise ValueError(too_large)
         self._url = b""  # (the next message's target: ``on_url`` adds to it)
-        if too_large:
-            self._limit_error = (Reason.HEAD_TOO_LARGE, too_large)
-            raise ValueError(too_large)
         head.complete(self._parser.should_keep_alive())
         if head.authority is None and head.version == "1.1":
             self._limit_error = (Reason.BAD_REQUEST, "HTTP/1.1 request without Host")
