@@ -415,7 +415,9 @@ def upstream_request(
     ``x-meshlet-deadline-ms``) when given, and a gRPC caller's deadline left
     (``grpc-timeout``) when given. (``http2.upstream_headers`` makes the same head for an
     HTTP/2 upstream.)"""
-    ensure_request_id(head)
+    if not head.request_id:  # (``ensure_request_id``, inline: once a request)
+        head.request_id = _REQUEST_IDS.new()
+        head.lines.append(b"x-request-id: " + head.request_id + b"\r\n")
     forwarded = head.forwarded_for
     out = [  # (one list display: each append is a method call in pure Python)
         head.method,

@@ -26,6 +26,11 @@ from sidecar.proxy.routing import Route
 class Answer(Protocol):
     """The response to the client's current request, as the client's codec sends it."""
 
+    needs_end: bool
+    """``end`` has something to send (an HTTP/1 chunked body's last chunk; an HTTP/2
+    stream's end, always): when False, the response is complete with its last byte and the
+    exchange leaves the call out (a Python call fewer for nearly every response)"""
+
     def interim(self, resp: ResponseHead, version: str) -> None:
         """A 1xx head (101 included), for a client speaking HTTP/``version``."""
         ...
@@ -140,13 +145,14 @@ class Http1Answer:
     can read them: a body the upstream chunks or ends by closing is chunked for an HTTP/1.1
     client and ended by the close for an HTTP/1.0 one (``framing.relayed_framing``)."""
 
-    __slots__ = ("_chunked", "_trailers", "sink")
+    __slots__ = ("_chunked", "_trailers", "needs_end", "sink")
 
     def __init__(self, write: Callable[[bytes], None]) -> None:
         #: where the answer's bytes go: the connection's ``write``, or while it holds its
         #: writes back (``cork``) straight onto what it holds
         self.sink = write
         self._chunked = False
+        self.needs_end = False  # (a chunked body's: its last chunk)
         self._trailers: Headers | None = None  # (most responses have none)
 
     def __repr__(self) -> str:
@@ -162,7 +168,7 @@ class Http1Answer:
         # the others, a call fewer for nearly every response)
         if out is not framing.LENGTH and out is not framing.EMPTY:
             out = framing.relayed_framing(out, version)
-        self._chunked = chunked = out is framing.CHUNKED
+        self._chunked = self.needs_end = chunked = out is framing.CHUNKED
         self._trailers = None
         if out is framing.UNTIL_CLOSE:
             keep_alive = False
@@ -182,10 +188,10 @@ class Http1Answer:
 
     def end(self) -> None:
         if self._chunked:
-            self._chunked = False
+            self._chunked = self.needs_end = False
             trailers, self._trailers = self._trailers, None
             self.sink(http1.last_chunk(trailers or []))
 
     def error(self, reason: Reason, detail: str, *, close: bool) -> None:
-        self._chunked = False
+        self._chunked = self.needs_end = False
         self.sink(error_response(reason, detail, close=close))

@@ -246,7 +246,9 @@ class Exchange(Owner):
             return
         if self.head.grpc:  # a call whose trailers had no grpc-status: as its HTTP status
             self.up.record(classify.response(self._status).failed)
-        self.client.answer.end()
+        answer = self.client.answer
+        if answer.needs_end:
+            answer.end()
         # its connection back to its pool (``_finish``, inline: once a request)
         self.cancel(self.request_done)
         self.client.exchange_done(self, close=not self.keep_alive, abort=False)

@@ -104,6 +104,7 @@ class H2Stream:
         "draining",
         "exchange",
         "loop",
+        "needs_end",
         "record",
         "request_ended",
         "route",
@@ -138,6 +139,7 @@ class H2Stream:
         self._fin_sent = False  # END_STREAM went out
         self._head_sent = False  # the response's head went out (not an interim one)
         self._trailers: Headers | None = None
+        self.needs_end = True  # (``Answer``: its stream ends with END_STREAM)
         #: a trailers-only answer's head, sent with its trailers (``head``)
         self._held_head: Headers | None = None
         self._route_at = math.inf  # the exchange's deadline (``expect_route_at``)

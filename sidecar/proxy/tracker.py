@@ -6,6 +6,7 @@ access log).
 from __future__ import annotations
 
 import asyncio
+from bisect import bisect_left
 from typing import TYPE_CHECKING, Protocol
 
 from sidecar.clock import wall
@@ -18,7 +19,7 @@ from sidecar.proxy.intercept import Interception
 from sidecar.proxy.limits import Admission, ListenerCounters, ListenerLimits, Source
 from sidecar.proxy.routing import Route
 from sidecar.telemetry.accesslog import AccessLog
-from sidecar.telemetry.stats import RequestStats
+from sidecar.telemetry.stats import BOUNDS, RequestStats
 
 if TYPE_CHECKING:
     from control_plane.wire import Endpoint
@@ -96,7 +97,15 @@ class ConnectionTracker:
         the access log."""
         stats = route.service.requests if route is not None else self.unrouted
         if stats is not None:
-            stats.record(status, seconds)
+            # (``RequestStats.record``, inline once its status class has been seen: once a
+            # request, a Python call fewer)
+            code = status // 100 if 100 <= status < 600 else 0
+            counts = stats.buckets[code]
+            if counts is None:
+                stats.record(status, seconds)
+            else:
+                counts[bisect_left(BOUNDS, seconds)] += 1
+                stats.sums[code] += seconds
             if grpc_status >= 0:
                 stats.record_grpc(grpc_status)
         if self.access_log is not None:

@@ -55,8 +55,9 @@ class Watch(asyncio.Protocol):
 
     ``listener.Downstream`` is the connection: it keeps these fields as it parses requests
     and runs their exchanges, and does what the watch decides (``write``, ``_close``,
-    ``_reject``). A base class rather than an object of its own: ``expect`` (twice a
-    request) and ``expect_route_at`` (once) stay one call each.
+    ``_reject``). A base class rather than an object of its own: ``expect`` and
+    ``expect_route_at`` stay one call each (the keep-alive wait after a response takes none:
+    ``Downstream.exchange_done`` sets it inline).
     """
 
     __slots__ = (

@@ -25,7 +25,7 @@ BUCKETS: Final[tuple[float, ...]] = (
     30.0,
 )
 """seconds: the request duration histogram's upper bounds (and +Inf)"""
-_BOUNDS: Final = list(BUCKETS)
+BOUNDS: Final = list(BUCKETS)
 """``BUCKETS`` for bisect: a list, which compiled code passes as it is (a ``Final`` tuple of
 floats it would box anew at each call); bisect, not a loop over the bounds: a slow request
 (or one timed under valgrind) took a dozen bytecodes a bound"""
@@ -56,7 +56,7 @@ class RequestStats:
         counts = self.buckets[code]
         if counts is None:
             counts = self.buckets[code] = [0] * (len(BUCKETS) + 1)
-        counts[bisect_left(_BOUNDS, seconds)] += 1
+        counts[bisect_left(BOUNDS, seconds)] += 1
         self.sums[code] += seconds
 
     def record_grpc(self, code: int) -> None:
