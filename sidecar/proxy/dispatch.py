@@ -18,7 +18,7 @@ import asyncio
 from control_plane.wire import Endpoint
 from sidecar.balancing.balancer import Member
 from sidecar.errors import Reason, connection_lost
-from sidecar.http import http1, http2
+from sidecar.http import http1
 from sidecar.http.http1 import RequestHead, ResponseHead
 from sidecar.proxy.attempt import Attempt, Hedged, elsewhere
 from sidecar.proxy.client import Client
@@ -48,12 +48,9 @@ class Dispatch(Outgoing):
 
     __slots__ = (
         "_again",
-        "_attempt_sent",
         "_connecting",
-        "_deadline_sent",
         "_failed_at",
         "_failure",
-        "_grpc_sent",
         "_h2",
         "_hedged",
         "_key",
@@ -64,7 +61,6 @@ class Dispatch(Outgoing):
         "client",
         "conn",
         "endpoint",
-        "out",
         "owner",
         "route",
         "tries",
@@ -74,6 +70,7 @@ class Dispatch(Outgoing):
         self.owner: Owner | None = owner  # None once cancelled (no cycle left for the gc)
         self.client = client
         self.head = head
+        self.client_ip = client.client_ip
         self.tries = tries
         self.route: Route | None = None
         # (a gRPC call is kept too: a code that ``retry_on`` names retries it, ``Tries``)
@@ -85,9 +82,9 @@ class Dispatch(Outgoing):
         self._again = again  # another try may send it (one without a body: ``out`` is None)
         # what the current try's head says, as of its start (``_stamp``): which try it is,
         # the milliseconds left, a gRPC caller's milliseconds left
-        self._attempt_sent = 0
-        self._deadline_sent: int | None = None
-        self._grpc_sent: int | None = None
+        self.attempt_sent = 0
+        self.deadline_sent: int | None = None
+        self.grpc_sent: int | None = None
         self.attempt: Attempt | None = None  # the current try, while in flight
         self.conn: Carrier | None = None  # the current try's
         self.endpoint: Endpoint | None = None  # the last try's
@@ -174,12 +171,11 @@ class Dispatch(Outgoing):
         self.attempt = Attempt(route, member)
         self.endpoint = member.endpoint
         self._sent = False
-        tries.try_started(now, resend)
+        self.client.expect_route_at(tries.try_started(now, resend))
         self._stamp(now)
         out = self.out
         if out is not None and not resend and tries.attempt > 1:
             out.again()  # (a resend's body is the same try's, none of it gone out)
-        self.client.expect_route_at(tries.next_deadline())
         pool = route.pool_for(member.endpoint)
         conn = pool.take_stream() if self._h2 else pool.take_idle()
         if conn is not None:
@@ -191,41 +187,12 @@ class Dispatch(Outgoing):
         """What the current try's head says: which try it is, and the time it has left."""
         route, tries, head = self.route, self.tries, self.head
         assert route is not None
-        self._grpc_sent = None if head.grpc_timeout_ms is None else tries.hard_left_ms(now)
+        self.grpc_sent = None if head.grpc_timeout_ms is None else tries.hard_left_ms(now)
         if route.external:  # the mesh's own headers stay in the mesh
-            self._attempt_sent, self._deadline_sent = 0, None
+            self.attempt_sent, self.deadline_sent = 0, None
         else:
-            self._attempt_sent = head.attempt if route.relay else tries.attempt
-            self._deadline_sent = tries.left_ms(now)
-
-    # -- the try's request, as its carrier takes it (``Outgoing``) --------------------------
-
-    def http1_head(self) -> bytes:
-        return http1.upstream_request(
-            self.head,
-            self.client.client_ip,
-            self._attempt_sent,
-            self._deadline_sent,
-            self._grpc_sent,
-        )
-
-    def h2_head(self) -> http1.Headers:
-        return http2.upstream_headers(
-            self.head,
-            self.client.client_ip,
-            self._attempt_sent,
-            self._deadline_sent,
-            self._grpc_sent,
-        )
-
-    def take_body(self) -> list[bytes] | None:
-        return None if self.out is None else self.out.take()
-
-    def body_ended(self) -> bool:
-        return self.out is None or self.out.ended
-
-    def trailers(self) -> http1.Headers | None:
-        return None if self.out is None else self.out.trailers
+            self.attempt_sent = head.attempt if route.relay else tries.attempt
+            self.deadline_sent = tries.left_ms(now)
 
     def _connect(self, pool: Pool) -> None:
         route = self.route
@@ -268,7 +235,7 @@ class Dispatch(Outgoing):
         self._sent = True  # from here on the app may see it
         out = self.out
         held_back = out is not None and out.held_back
-        conn.send(owner, self, self.client)  # (it takes what is pending: ``take_body``)
+        conn.send(owner, self, self.client)  # (it takes what is pending of ``out``)
         if held_back:  # (the client was paused for ``pending`` only then)
             self.client.pause_reading("pending", False)
 
