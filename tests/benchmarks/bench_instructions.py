@@ -252,7 +252,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--keep", action="store_true", help="keep the callgrind dumps")
     parser.add_argument(
-        "--build", choices=("compiled", "pure"), help="count this sidecar build only (default: both)"
+        "--build",
+        choices=("compiled", "pure"),
+        help="count this sidecar build only (default: both)",
     )
     args = parser.parse_args()
     if args.requests < 1 or args.warmup < 0 or args.rounds < 1:
