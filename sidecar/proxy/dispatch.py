@@ -135,11 +135,12 @@ class Dispatch(Sending):
         self.attempt = Attempt(route, member)
         self.endpoint = member.endpoint
         self._sent = False
-        self.client.expect_route_at(tries.try_started(now, resend))
+        at = tries.try_started(now, resend)
         self._stamp(now)
         out = self.out
         if out is not None and not resend and tries.attempt > 1:
             out.again()  # (a resend's body is the same try's, none of it gone out)
+        self.client.expect_route_at(at)
         pool = route.pool_for(member.endpoint)
         conn = pool.take_stream() if self._h2 else pool.take_idle()
         if conn is not None:

@@ -166,15 +166,12 @@ class _TooLarge(Exception):
 class _WholeHeads:
     """The callbacks of the parser for responses whose head came whole (``wholehead``): the
     connection's own methods, without a header callback, so that llhttp checks the head
-    without a call into Python for each of its lines. A message's begin takes the one key
-    the connection put in ``_one`` for the read (a builtin, not a call into Python: it comes
-    with every response): a second message in the read finds none, and the parser fails (a
-    connection that sent more than one response's worth is not reused)."""
+    without a call into Python for each of its lines."""
 
     __slots__ = ("on_body", "on_headers_complete", "on_message_begin", "on_message_complete")
 
     def __init__(self, conn: UpstreamConnection) -> None:
-        self.on_message_begin: Callable[[], object] = conn._one.popitem
+        self.on_message_begin = conn.on_second_message
         self.on_headers_complete = conn._deliver
         self.on_body = conn.on_whole_body
         self.on_message_complete = conn.on_message_complete
@@ -203,7 +200,6 @@ class UpstreamConnection(Carrier):
         "_http11",
         "_in_body",
         "_lines",
-        "_one",
         "_parser",
         "_raw",
         "_reader",
@@ -224,9 +220,6 @@ class UpstreamConnection(Carrier):
         self._client: Corkable | None = None  # whose request is in flight (its writes corked)
         self._chunked = False  # the request in flight has a chunked body
         self._lines = httptools.HttpResponseParser(self)
-        # a key while the parser of heads read whole has a read to parse: its message's begin
-        # takes it (``_WholeHeads``)
-        self._one: dict[int, None] = {}
         self._whole = httptools.HttpResponseParser(_WholeHeads(self))
         self._parser = self._lines  # the current response's
         self._reader = HeadReader()  # the head being read, and the limits of heads, trailers
@@ -276,7 +269,6 @@ class UpstreamConnection(Carrier):
             if whole_response_head(data, self._spare):
                 # (its head is read: the reader has nothing to count)
                 self._head, self._parser, reader.in_head = self._spare, self._whole, False
-                self._one[0] = None  # (for its first message: a second has no key to take)
             else:
                 self._head, self._parser, self._fresh = None, self._lines, data
         reader.read = n = len(data)
@@ -420,6 +412,12 @@ class UpstreamConnection(Carrier):
         self._done = True
 
     # -- httptools callbacks for a head read whole (``_WholeHeads``) ----------------------
+
+    def on_second_message(self) -> None:
+        """A message begins: the first of the read was classified before it was parsed; one
+        after a complete response is not sane."""
+        if self._done:
+            self.reusable = False
 
     def on_whole_body(self, data: bytes) -> None:
         """(``on_body`` without the reader's bookkeeping: such a body has no chunks)"""
