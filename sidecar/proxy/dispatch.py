@@ -5,9 +5,9 @@ none of which went out, retry after a backoff, hedge a slow first try, or give u
 A ``Dispatch`` is the upstream half of an ``Exchange``: it holds the current try (an
 ``Attempt`` and its connection), the request's body (an ``Outbox``), a connect under way,
 a retry waiting, and a hedged first try; it tells the exchange (its ``Owner``) only when the
-request fails for good. It is its tries' ``Outgoing``: the carrier a try goes on takes the
-request's head for that try in its own protocol (HTTP/1.1 bytes, or HTTP/2 fields). The
-exchange stays its connections' ``ResponseSink`` and asks it (``on_head``) whether a
+request fails for good. Moving the request's bytes (the body to the current connection, what
+each try's head says: the ``Outgoing`` its carriers take) is its base's, ``sending.Sending``.
+The exchange stays its connections' ``ResponseSink`` and asks it (``on_head``) whether a
 response head is the answer.
 """
 
@@ -18,7 +18,7 @@ import asyncio
 from control_plane.wire import Endpoint
 from sidecar.balancing.balancer import Member
 from sidecar.errors import Reason, connection_lost
-from sidecar.http import http1, http2
+from sidecar.http import http1
 from sidecar.http.http1 import RequestHead, ResponseHead
 from sidecar.proxy.attempt import Attempt, Hedged, elsewhere
 from sidecar.proxy.client import Client
@@ -26,73 +26,56 @@ from sidecar.proxy.connect import Connect
 from sidecar.proxy.outbox import Outbox
 from sidecar.proxy.pool import Pool
 from sidecar.proxy.routing import Route
-from sidecar.proxy.upstream import Carrier, Outgoing, ResponseSink, UpstreamConnection
+from sidecar.proxy.sending import Owner, Sending
+from sidecar.proxy.upstream import Carrier, UpstreamConnection
 from sidecar.resilience import classify
 from sidecar.resilience.classify import Outcome
-from sidecar.resilience.tries import BACKOFF, CONNECTING, DONE, QUEUED, RESPONDING, SENT, Tries
+from sidecar.resilience.tries import BACKOFF, CONNECTING, QUEUED, SENT, Tries
+
+__all__ = ["Dispatch", "Owner"]  # (``Owner`` as well: the exchange implements it)
 
 
-class Owner(ResponseSink):
-    """What a dispatch tells the exchange it works for (besides its responses). A base class,
-    as ``ResponseSink`` is."""
-
-    __slots__ = ()
-
-    def fail(self, reason: Reason, detail: str) -> None:
-        """The request failed for good: answer so."""
-        raise NotImplementedError
-
-
-class Dispatch(Outgoing):
+class Dispatch(Sending):
     """The upstream half of one exchange: its tries."""
 
     __slots__ = (
-        "_again",
-        "_attempt_sent",
         "_connecting",
-        "_deadline_sent",
         "_failed_at",
         "_failure",
-        "_grpc_sent",
         "_h2",
         "_hedged",
         "_key",
         "_retry_timer",
-        "_sent",
         "_stale_retried",
         "attempt",
-        "client",
-        "conn",
         "endpoint",
-        "out",
-        "owner",
-        "route",
-        "tries",
     )
 
     def __init__(self, owner: Owner, client: Client, head: RequestHead, tries: Tries) -> None:
-        self.owner: Owner | None = owner  # None once cancelled (no cycle left for the gc)
+        # (``Sending``'s fields and ``Outgoing``'s too: no call to their class a request)
+        self.owner = owner
         self.client = client
         self.head = head
+        self.client_ip = client.client_ip
         self.tries = tries
-        self.route: Route | None = None
+        self.route = None
         # (a gRPC call is kept too: a code that ``retry_on`` names retries it, ``Tries``)
         again = head.method in http1.IDEMPOTENT or head.retry or head.grpc
         #: the request's body, when it has one; kept for another try until ``start`` knows
         #: whether one may send it (HTTP/2: a stream refused unseen goes again, whatever the
         #: method)
         self.out = Outbox(True) if head.has_body else None
-        self._again = again  # another try may send it (one without a body: ``out`` is None)
+        self._again = again
         # what the current try's head says, as of its start (``_stamp``): which try it is,
         # the milliseconds left, a gRPC caller's milliseconds left
-        self._attempt_sent = 0
-        self._deadline_sent: int | None = None
-        self._grpc_sent: int | None = None
+        self.attempt_sent = 0
+        self.deadline_sent: int | None = None
+        self.grpc_sent: int | None = None
         self.attempt: Attempt | None = None  # the current try, while in flight
-        self.conn: Carrier | None = None  # the current try's
+        self.conn = None
         self.endpoint: Endpoint | None = None  # the last try's
         self._key: bytes | None = None  # hash policies: the request's
-        self._sent = False  # the current try has written some of the request to a connection
+        self._sent = False
         self._stale_retried = False
         self._failed_at: tuple[Endpoint, ...] = ()  # endpoints this request's tries failed on
         self._connecting: Connect | None = None
@@ -125,28 +108,6 @@ class Dispatch(Outgoing):
             return
         self._send_to(member, now, False)
 
-    def send(self, data: bytes) -> None:
-        """Request body bytes (as they came): to the connection, or held until one takes
-        them."""
-        out = self.out
-        assert out is not None  # (only a request whose head says so has a body)
-        out.keep(data)
-        state = self.tries.state
-        if state is SENT or state is RESPONDING:
-            if self.conn is not None:
-                self.conn.body(data)
-        elif state is not DONE and state is not BACKOFF and out.hold(data):
-            self.client.pause_reading("pending", True)
-
-    def end(self) -> None:
-        """The request body is whole: so it goes, or will go, to the connection."""
-        out = self.out
-        assert out is not None
-        out.ended = True
-        state = self.tries.state
-        if (state is SENT or state is RESPONDING) and self.conn is not None:
-            self.conn.end(out.trailers)
-
     def record(self, failed: bool, retry_after: float | None = None) -> None:
         """How the current try went (``classify``), for its endpoint."""
         if self.attempt is not None:
@@ -174,58 +135,18 @@ class Dispatch(Outgoing):
         self.attempt = Attempt(route, member)
         self.endpoint = member.endpoint
         self._sent = False
-        tries.try_started(now, resend)
+        at = tries.try_started(now, resend)
         self._stamp(now)
         out = self.out
         if out is not None and not resend and tries.attempt > 1:
             out.again()  # (a resend's body is the same try's, none of it gone out)
-        self.client.expect_route_at(tries.next_deadline())
+        self.client.expect_route_at(at)
         pool = route.pool_for(member.endpoint)
         conn = pool.take_stream() if self._h2 else pool.take_idle()
         if conn is not None:
             self._send_on(conn)
         else:
             self._connect(pool)
-
-    def _stamp(self, now: float) -> None:
-        """What the current try's head says: which try it is, and the time it has left."""
-        route, tries, head = self.route, self.tries, self.head
-        assert route is not None
-        self._grpc_sent = None if head.grpc_timeout_ms is None else tries.hard_left_ms(now)
-        if route.external:  # the mesh's own headers stay in the mesh
-            self._attempt_sent, self._deadline_sent = 0, None
-        else:
-            self._attempt_sent = head.attempt if route.relay else tries.attempt
-            self._deadline_sent = tries.left_ms(now)
-
-    # -- the try's request, as its carrier takes it (``Outgoing``) --------------------------
-
-    def http1_head(self) -> bytes:
-        return http1.upstream_request(
-            self.head,
-            self.client.client_ip,
-            self._attempt_sent,
-            self._deadline_sent,
-            self._grpc_sent,
-        )
-
-    def h2_head(self) -> http1.Headers:
-        return http2.upstream_headers(
-            self.head,
-            self.client.client_ip,
-            self._attempt_sent,
-            self._deadline_sent,
-            self._grpc_sent,
-        )
-
-    def take_body(self) -> list[bytes] | None:
-        return None if self.out is None else self.out.take()
-
-    def body_ended(self) -> bool:
-        return self.out is None or self.out.ended
-
-    def trailers(self) -> http1.Headers | None:
-        return None if self.out is None else self.out.trailers
 
     def _connect(self, pool: Pool) -> None:
         route = self.route
@@ -255,31 +176,6 @@ class Dispatch(Outgoing):
         if self._connecting is not None:
             self._connecting.cancel()
             self._connecting = None
-
-    def _send_on(self, conn: Carrier) -> None:
-        """Send on a live connection (a pooled one is checked by ``take_idle``)."""
-        owner = self.owner
-        if owner is None:  # (cancelled: nothing calls back then)
-            return
-        self.conn = conn
-        self.tries.state = SENT
-        if self.client.write_paused:
-            conn.pause_reading(True)
-        self._sent = True  # from here on the app may see it
-        out = self.out
-        held_back = out is not None and out.held_back
-        conn.send(owner, self, self.client)  # (it takes what is pending: ``take_body``)
-        if held_back:  # (the client was paused for ``pending`` only then)
-            self.client.pause_reading("pending", False)
-
-    def _replayable(self) -> bool:
-        """Another try can send the request again: its whole body is kept (or it has none)."""
-        return self._again if self.out is None else self.out.replayable
-
-    def _clear_out(self) -> None:
-        """Nothing is to be sent any more."""
-        if self.out is not None:
-            self.out.clear()
 
     def _end_try(self) -> None:
         attempt, self.attempt = self.attempt, None
@@ -374,11 +270,6 @@ class Dispatch(Outgoing):
         else:
             self._send_to(member, now, True)
         return True
-
-    def _fail(self, reason: Reason, detail: str) -> None:
-        """The request failed for good: its owner answers so."""
-        if self.owner is not None:
-            self.owner.fail(reason, detail)
 
     def _give_up(self, reason: Reason, detail: str) -> None:
         """The current try failed for good: the answer, unless a hedged try still waits."""
@@ -476,13 +367,6 @@ class Dispatch(Outgoing):
             self._retry_timer = None
 
     # -- the end --------------------------------------------------------------------------
-
-    def close(self) -> Carrier | None:
-        """Let go of the current connection, which is never reused; it is returned."""
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            conn.close()
-        return conn
 
     def cancel(self, reusable: bool | None = None) -> None:
         """Stop all upstream work: the try (a client gone mid-try: nothing learnt), a hedged

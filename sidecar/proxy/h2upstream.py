@@ -2,7 +2,7 @@
 connection (``H2Upstream``) multiplexes requests, each on a stream that is the try's
 ``Carrier`` (``H2Channel``); ``H2Links`` keeps an endpoint's connections for its ``pool.Pool``.
 
-A channel takes the request's head as HTTP/2 fields (``Outgoing.h2_head``: every rewrite an
+A channel takes the request's head as HTTP/2 fields (``http2.upstream_headers``: every rewrite an
 HTTP/1.1 upstream's head gets), then its body as it came, into HEADERS, DATA and trailers:
 the exchange, its retries, timeouts, hedging and records are the same for either protocol.
 The response goes to the exchange through the same ``ResponseSink`` an HTTP/1.1 connection
@@ -360,15 +360,24 @@ class H2Channel(Carrier):
             self._refused = True  # (the server never saw it: it may go again)
             self._fail(None)
             return
-        for piece in request.take_body() or ():
-            self._body.append(piece)
-            self._body_size += len(piece)
-        if request.body_ended():
-            self._end(request.trailers())
+        body = request.out
+        if body is not None:
+            for piece in body.take() or ():
+                self._body.append(piece)
+                self._body_size += len(piece)
+        if body is None or body.ended:
+            self._end(None if body is None else body.trailers)
         try:
             end = self._ended and not self._body and not self._trailers
             self._fin_sent = end
-            self.stream_id = conn.open_stream(self, request.h2_head(), end)
+            fields = http2.upstream_headers(
+                request.head,
+                request.client_ip,
+                request.attempt_sent,
+                request.deadline_sent,
+                request.grpc_sent,
+            )
+            self.stream_id = conn.open_stream(self, fields, end)
         except ProtocolError:  # (the codec refused the head)
             self._fail(None)
             return

@@ -19,6 +19,7 @@ from control_plane.wire import Endpoint
 from sidecar.http import framing, http1
 from sidecar.http.reader import HeadReader
 from sidecar.http.wholehead import whole_response_head
+from sidecar.proxy.outbox import Outbox
 
 
 class ResponseSink:
@@ -82,33 +83,26 @@ class Home:
 
 class Outgoing:
     """A try's request as the carrier that sends it takes it (``dispatch.Dispatch`` is the
-    one): its head for this try in either protocol, and its body (as it came) so far. A base
-    class, as ``Home`` is: compiled, the calls stay native."""
+    one): the client's head, what this try's head says besides, and the body as it came so
+    far. Fields, not methods: each carrier frames them for its protocol
+    (``http1.upstream_request``, ``http2.upstream_headers``), a call less a try in pure
+    Python. A base class, as ``Home`` is: compiled, the reads stay native."""
 
-    __slots__ = ("head",)
+    __slots__ = ("attempt_sent", "client_ip", "deadline_sent", "grpc_sent", "head", "out")
 
     head: http1.RequestHead
-    """the client's request, as it came (``Outgoing`` makes each try's head of it)"""
-
-    def http1_head(self) -> bytes:
-        """The try's head for HTTP/1.1 (``http1.upstream_request``)."""
-        raise NotImplementedError
-
-    def h2_head(self) -> http1.Headers:
-        """The try's HEADERS for HTTP/2 (``http2.upstream_headers``)."""
-        raise NotImplementedError
-
-    def take_body(self) -> list[bytes] | None:
-        """The body that came so far and no carrier took (None: none)."""
-        raise NotImplementedError
-
-    def body_ended(self) -> bool:
-        """The body is whole: no more of it will come."""
-        raise NotImplementedError
-
-    def trailers(self) -> http1.Headers | None:
-        """The body's trailers, once it is whole (None: none)."""
-        raise NotImplementedError
+    """the client's request, as it came"""
+    client_ip: bytes
+    """the client's address (``x-forwarded-for``)"""
+    attempt_sent: int
+    """``x-meshlet-attempt`` (0: none)"""
+    deadline_sent: int | None
+    """``x-meshlet-deadline-ms``: the milliseconds the try has left (None: none)"""
+    grpc_sent: int | None
+    """``grpc-timeout``: the milliseconds left of a gRPC caller's deadline (None: none)"""
+    out: Outbox | None
+    """the body (None: the request has none); a carrier takes what is pending of it, and
+    its end and trailers once it ``ended``"""
 
 
 class Carrier(asyncio.Protocol):
@@ -450,15 +444,18 @@ class UpstreamConnection(Carrier):
         self.requests += 1
         head = request.head
         self._chunked = chunked = head.chunked
-        data = request.http1_head()
-        if head.has_body:  # (most requests have none: two calls spared)
-            pieces = request.take_body()
-            ended = chunked and request.body_ended()
+        data = http1.upstream_request(
+            head, request.client_ip, request.attempt_sent, request.deadline_sent, request.grpc_sent
+        )
+        body = request.out
+        if body is not None:  # (most requests have none)
+            pieces = body.take()
+            ended = chunked and body.ended
             if pieces is not None or ended:
                 out = [data]
                 out += [http1.chunk(piece) for piece in pieces or ()] if chunked else pieces or ()
                 if ended:
-                    out.append(http1.last_chunk(request.trailers() or []))
+                    out.append(http1.last_chunk(body.trailers or []))
                 data = b"".join(out)
         assert self.transport is not None
         self.transport.write(data)

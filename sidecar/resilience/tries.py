@@ -235,17 +235,20 @@ class Tries:
         self.hedging = again and policy.hedge < math.inf and not upgrade
         return True
 
-    def try_started(self, now: float, resend: bool = False) -> None:
-        """A try is on its way (``resend``: the last one again, none of which went out)."""
+    def try_started(self, now: float, resend: bool = False) -> float:
+        """A try is on its way (``resend``: the last one again, none of which went out).
+        Returns when the timer must ring next (``next_deadline``, inline: once a try)."""
         if not resend:
             self.attempt += 1
         per_try = self.policy.per_try
-        if self.request_done and per_try < self.route_deadline - now:
-            self.try_deadline = now + per_try
+        at = self.route_deadline
+        if self.request_done and per_try < at - now:
+            self.try_deadline = at = now + per_try  # (before the route's: it rings first)
         else:  # (the route deadline comes first, or the try's starts with the request's end)
             self.try_deadline = math.inf
         if self.hedging and self.attempt == 1 and self.request_done:
             self.hedge_at = now + self.policy.hedge
+        return self.hedge_at if self.hedge_at < at else at
 
     def request_complete(self, now: float) -> bool:
         """The request's body ended: the wait for the response head counts from here (as
