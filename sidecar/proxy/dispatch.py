@@ -136,7 +136,7 @@ class Dispatch(Sending):
         self.endpoint = member.endpoint
         self._sent = False
         at = tries.try_started(now, resend)
-        self._stamp(now)
+        self._stamp(now, tries.given_ms)
         out = self.out
         if out is not None and not resend and tries.attempt > 1:
             out.again()  # (a resend's body is the same try's, none of it gone out)
@@ -217,7 +217,8 @@ class Dispatch(Sending):
             # nothing of the try is on a connection now: a connect that fails next, or an
             # HTTP/2 stream refused again, goes to another endpoint at once (``_resend``)
             self._sent = False
-            self._stamp(self.client.loop.time())
+            now = self.client.loop.time()
+            self._stamp(now, self.tries.left_ms(now))
             if self.out is not None:
                 self.out.again()
             if not self._stale_retried:

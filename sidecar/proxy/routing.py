@@ -35,7 +35,7 @@ from sidecar.http.http1 import RequestHead
 from sidecar.proxy.guard import InboundGuard
 from sidecar.proxy.pool import Pool
 from sidecar.resilience.service import Services, ServiceState
-from sidecar.resilience.tries import TryPolicy
+from sidecar.resilience.trypolicy import TryPolicy
 from sidecar.telemetry.stats import RequestStats
 from sidecar.tls import MeshTls
 

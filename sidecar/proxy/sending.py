@@ -74,8 +74,9 @@ class Sending(Outgoing):
 
     # -- a try's request -----------------------------------------------------------------
 
-    def _stamp(self, now: float) -> None:
-        """What the current try's head says: which try it is, and the time it has left."""
+    def _stamp(self, now: float, left_ms: int) -> None:
+        """What the current try's head says: which try it is, and the time it has left
+        (``left_ms``: ``Tries.left_ms``, or its ``given_ms`` at the try's start)."""
         route, tries, head = self.route, self.tries, self.head
         assert route is not None
         self.grpc_sent = None if head.grpc_timeout_ms is None else tries.hard_left_ms(now)
@@ -83,7 +84,7 @@ class Sending(Outgoing):
             self.attempt_sent, self.deadline_sent = 0, None
         else:
             self.attempt_sent = head.attempt if route.relay else tries.attempt
-            self.deadline_sent = tries.left_ms(now)
+            self.deadline_sent = left_ms
 
     def _send_on(self, conn: Carrier) -> None:
         """Send on a live connection (a pooled one is checked by ``take_idle``)."""

@@ -31,13 +31,12 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Final
 
-from control_plane.wire import Policy
 from sidecar.resilience.budget import MAX_RESENDS, MIN_TRY, backoff
 from sidecar.resilience.classify import Outcome
 from sidecar.resilience.service import ServiceState
+from sidecar.resilience.trypolicy import UNROUTED, TryPolicy
 
 
 class State(enum.Enum):
@@ -75,49 +74,6 @@ class Due(enum.Enum):
     ROUTE_TIMEOUT = 6  # no response head within the route timeout
 
 
-@dataclass(frozen=True, slots=True)
-class TryPolicy:
-    """What a route allows each of its requests' tries (built once per route)."""
-
-    timeout: float = math.inf
-    """seconds: the route timeout, from the end of the request to the response head"""
-    per_try: float = math.inf
-    """seconds: each try's timeout (inf when the route does not retry)"""
-    hedge: float = math.inf
-    """seconds before the first try is hedged (inf: no hedging)"""
-    retries: int = 0
-    """retries after the first try (0: the route does not retry)"""
-    retry_on: frozenset[str | int] = frozenset()
-    """what a try may end with to be retried (a set: asked of every response, most of which
-    it does not hold: a tuple compared a 200 with each of its strings and numbers)"""
-    max_retries: int = 0
-    """requests of the service retrying at once"""
-    budget_ratio: float = 0.0
-    budget_min_per_s: int = 0
-
-    @staticmethod
-    def of(policy: Policy, *, relay: bool = False) -> TryPolicy:
-        """A service's policy; ``relay``: the inbound route, which neither retries nor
-        hedges (the caller's hop does)."""
-        retries = 0 if relay else policy.retries
-        per_try = policy.per_try_timeout_ms or policy.timeout_ms / (retries + 1)
-        hedge = policy.hedge
-        return TryPolicy(
-            timeout=policy.timeout_ms / 1000,
-            per_try=per_try / 1000 if retries else math.inf,
-            hedge=hedge.after_ms / 1000 if hedge is not None and not relay else math.inf,
-            retries=retries,
-            retry_on=frozenset(policy.retry_on),
-            max_retries=policy.max_retries,
-            budget_ratio=policy.retry_budget.ratio,
-            budget_min_per_s=policy.retry_budget.min_per_s,
-        )
-
-
-#: before a request is routed: no tries allowed
-UNROUTED = TryPolicy()
-
-
 class Tries:
     """One request's state, deadlines and retry decisions."""
 
@@ -125,6 +81,7 @@ class Tries:
         "_backoff",
         "_has_body",
         "attempt",
+        "given_ms",
         "hard_deadline",
         "hedge_at",
         "hedging",
@@ -166,6 +123,8 @@ class Tries:
         self.route_deadline = math.inf
         self.try_deadline = math.inf
         self.hedge_at = math.inf
+        #: ``left_ms`` as of the current try's start: what its head gives the next hop
+        self.given_ms = 0
 
     def __repr__(self) -> str:
         return (
@@ -237,7 +196,8 @@ class Tries:
 
     def try_started(self, now: float, resend: bool = False) -> float:
         """A try is on its way (``resend``: the last one again, none of which went out).
-        Returns when the timer must ring next (``next_deadline``, inline: once a try)."""
+        Returns when the timer must ring next (``next_deadline``, inline: once a try), and
+        sets ``given_ms``."""
         if not resend:
             self.attempt += 1
         per_try = self.policy.per_try
@@ -246,6 +206,10 @@ class Tries:
             self.try_deadline = at = now + per_try  # (before the route's: it rings first)
         else:  # (the route deadline comes first, or the try's starts with the request's end)
             self.try_deadline = math.inf
+        left = at - now  # (``left_ms``, inline: once a try; ``at`` is the sooner deadline)
+        if not self.request_done and self.timeout < left:
+            left = self.timeout
+        self.given_ms = int(left * 1000) if left > 0 else 0
         if self.hedging and self.attempt == 1 and self.request_done:
             self.hedge_at = now + self.policy.hedge
         return self.hedge_at if self.hedge_at < at else at

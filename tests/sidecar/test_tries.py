@@ -16,7 +16,8 @@ from sidecar.errors import Reason
 from sidecar.resilience import classify
 from sidecar.resilience.budget import MAX_RESENDS
 from sidecar.resilience.service import ServiceState
-from sidecar.resilience.tries import Due, State, Tries, TryPolicy
+from sidecar.resilience.tries import Due, State, Tries
+from sidecar.resilience.trypolicy import TryPolicy
 
 OK = classify.response(200)
 UNAVAILABLE = classify.response(503)
@@ -228,6 +229,7 @@ def test_deadlines_travel_and_are_honoured(clock: FakeClock, service: ServiceSta
     r.start()
     r.send()
     assert r.tries.left_ms(clock.now) == 7500
+    assert r.tries.given_ms == 7500  # what the try's head said, as of its start
     clock.advance(0.25)
     assert r.tries.left_ms(clock.now) == 7250
 
@@ -235,6 +237,7 @@ def test_deadlines_travel_and_are_honoured(clock: FakeClock, service: ServiceSta
     short.start(timeout_ms=300)
     short.send()
     assert 299 <= short.tries.left_ms(clock.now) <= 300  # (whole milliseconds, rounded down)
+    assert short.tries.given_ms == short.tries.left_ms(clock.now)
 
     spent = Request(clock, service)  # a deadline already spent: 504 at once, nothing sent
     assert not spent.start(deadline_ms=0)
@@ -320,6 +323,7 @@ def test_the_route_timeout_counts_from_the_end_of_the_request(
     r.send()
     assert r.tries.next_deadline() == math.inf
     assert r.tries.left_ms(clock.now) == 300  # what the next hop may wait after the body
+    assert r.tries.given_ms == 300
     clock.advance(1.0)
     r.tries.request_complete(clock.now)
     assert r.tries.next_deadline() == pytest.approx(clock.now + 0.15)  # the first try's
