@@ -49,10 +49,20 @@ SLOW_START_GRACE = 1.0
 """seconds: endpoints first seen within this of the earliest one do not slow-start"""
 
 
-@dataclass(slots=True)
 class Member:
-    endpoint: Endpoint
-    stats: EndpointStats
+    """An endpoint among a balancer's, with what is known of it."""
+
+    __slots__ = ("endpoint", "pool", "stats")
+
+    def __init__(self, endpoint: Endpoint, stats: EndpointStats) -> None:
+        self.endpoint = endpoint
+        self.stats = stats
+        #: the proxy's, not looked at here: the endpoint's connection pool, kept on the
+        #: member once a try found it (as a Tower balancer's endpoints are its services)
+        self.pool: object = None
+
+    def __repr__(self) -> str:
+        return f"Member({self.endpoint!r})"
 
 
 @dataclass(frozen=True, slots=True)

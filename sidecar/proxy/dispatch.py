@@ -141,7 +141,11 @@ class Dispatch(Sending):
         if out is not None and not resend and tries.attempt > 1:
             out.again()  # (a resend's body is the same try's, none of it gone out)
         self.client.expect_route_at(at)
-        pool = route.pool_for(member.endpoint)
+        # (kept on the member: ``pool_for`` makes a key and looks it up, a call a try; a
+        # member outlives its pool only in a table gone, whose tries then connect afresh)
+        pool = member.pool
+        if not isinstance(pool, Pool):
+            pool = member.pool = route.pool_for(member.endpoint)
         conn = pool.take_stream() if self._h2 else pool.take_idle()
         if conn is not None:
             self._send_on(conn)

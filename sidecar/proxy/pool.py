@@ -87,6 +87,8 @@ class Pool(Home):
         self._connecting = 0
         self._reuses = 0
         self._closed = False
+        #: the last lines of heads sent here, by milliseconds left (``http1.upstream_request``)
+        self.head_ends: dict[int, bytes] = {}
         self._sweeper: asyncio.TimerHandle | None = None
         self._loop = loop  # (None: the running loop, looked up once)
         self.tls_handshakes = 0

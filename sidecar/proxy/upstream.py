@@ -71,6 +71,8 @@ class Home:
     stays a native call (mypyc calls a Protocol's methods as Python does)."""
 
     endpoint: Endpoint
+    head_ends: dict[int, bytes]
+    """the last lines of heads sent here, by milliseconds left (``http1.upstream_request``)"""
 
     def release(self, conn: Carrier) -> None:
         """Back to the pool after a complete response, or closed when it cannot be reused."""
@@ -445,7 +447,12 @@ class UpstreamConnection(Carrier):
         head = request.head
         self._chunked = chunked = head.chunked
         data = http1.upstream_request(
-            head, request.client_ip, request.attempt_sent, request.deadline_sent, request.grpc_sent
+            head,
+            request.client_ip,
+            request.attempt_sent,
+            request.deadline_sent,
+            request.grpc_sent,
+            self.pool.head_ends,
         )
         body = request.out
         if body is not None:  # (most requests have none)

@@ -248,6 +248,25 @@ def test_a_retriable_status_is_retried_on_the_other_endpoint() -> None:
     assert second.pool.statistics().idle == 2  # back to its pool for the next request
 
 
+def test_each_member_keeps_the_pool_its_first_try_found() -> None:
+    """the pool is asked of the route once a member (``Dispatch._send_to``), then kept"""
+    mesh = Mesh()
+    asked: list[Endpoint] = []
+    find = mesh.route.pool_for
+
+    def pool_for(endpoint: Endpoint) -> Pool:
+        asked.append(endpoint)
+        return find(endpoint)
+
+    object.__setattr__(mesh.route, "pool_for", pool_for)
+    for _ in range(4):  # round robin: two requests each
+        mesh.request()
+        answer(mesh.conns()[-1], 200)
+        assert mesh.status() == 200
+    assert [m.pool for m in mesh.route.balancer.members] == mesh.pools
+    assert sorted(e.address for e in asked) == ["10.0.1.1", "10.0.1.2"]  # once each
+
+
 def test_a_retried_429_is_no_failure_of_the_endpoint() -> None:
     mesh = Mesh(retry_on=[429])
     ex = mesh.request()

@@ -357,3 +357,25 @@ def test_a_value_llhttp_refuses_is_left_to_it() -> None:
     assert http1.cut_mesh_tail(data) is None
     with pytest.raises(httptools.HttpParserError):
         ParsedLines(data)
+
+
+def test_the_last_lines_kept_for_an_upstream_are_the_ones_made_and_bounded() -> None:
+    """``upstream_request``'s ``ends``: a value seen before reuses its line; the same bytes
+    go either way; the store never holds more than DEADLINE_ENDS"""
+    head = http1.request_head(b"GET", b"/a", "1.1")
+    head.add(b"Host", b"svc")
+    head.complete(True)
+    ends: dict[int, bytes] = {}
+    first = http1.upstream_request(head, b"10.0.0.1", 1, 1500, None, ends)
+    assert first == http1.upstream_request(head, b"10.0.0.1", 1, 1500)
+    assert first.endswith(b"\r\nx-meshlet-deadline-ms: 1500\r\n\r\n")
+    kept = ends[1500]
+    again = http1.upstream_request(head, b"10.0.0.1", 1, 1500, None, ends)
+    assert again == first
+    assert ends[1500] is kept  # (made once)
+    for ms in range(2 * http1.DEADLINE_ENDS):
+        sent = http1.upstream_request(head, b"10.0.0.1", 1, ms, None, ends)
+        assert sent.endswith(b"x-meshlet-deadline-ms: %d\r\n\r\n" % ms)
+        assert len(ends) <= http1.DEADLINE_ENDS
+    no_deadline = http1.upstream_request(head, b"10.0.0.1", 1, None, None, ends)
+    assert no_deadline.endswith(b"x-meshlet-attempt: 1\r\n\r\n")
