@@ -27,7 +27,6 @@ is a bug: a JSON 500, logged with its traceback.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import logging
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, replace
@@ -38,6 +37,7 @@ import httptools
 
 from control_plane.flags import LogBudget, escape
 from sidecar.admin.messages import Answer, Deferred, Request, Response, json_response
+from sidecar.clock import wall
 from sidecar.http import http1
 
 log = logging.getLogger("meshlet.admin")
@@ -563,7 +563,7 @@ def _head(response: Response, keep_alive: bool, version: str) -> bytes:
         % (
             response.content_type.encode(),
             framing,
-            email.utils.formatdate(usegmt=True).encode(),
+            http1.http_date(wall()),
         ),
     ]
     lines += [b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in response.headers]

@@ -36,10 +36,16 @@ from hyperframe.frame import Frame
 
 from sidecar.errors import Reason
 from sidecar.http import grpc, grpctimeout
-from sidecar.http.http1 import Headers, RequestHead, ResponseHead, ensure_request_id
+from sidecar.http.http1 import (
+    HTTP2_VERSION,
+    Headers,
+    RequestHead,
+    ResponseHead,
+    ensure_request_id,
+)
 
 #: what ``request_head`` calls an HTTP/2 request's version (the access log's, never sent)
-VERSION: Final = "2"
+VERSION: Final = HTTP2_VERSION
 #: headers RFC 9113 8.2.2 forbids in HTTP/2 (a response line of one is not forwarded)
 _CONNECTION_SPECIFIC: Final = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}

@@ -30,7 +30,7 @@ from sidecar.balancing.ewma import EndpointStats, Exclusions
 from sidecar.balancing.hashing import KeyOf, key_function
 from sidecar.clock import Clock, SystemClock, wall
 from sidecar.errors import Reason, TableError
-from sidecar.http import http2
+from sidecar.http import http1
 from sidecar.http.http1 import RequestHead
 from sidecar.proxy.guard import InboundGuard
 from sidecar.proxy.pool import Pool
@@ -73,7 +73,7 @@ class Route:
         An upgrade (WebSocket) goes over HTTP/1.1, where it exists."""
         if self.http1 or head.upgrade:
             return False
-        return self.policy.protocol == "http2" or head.version == http2.VERSION
+        return self.policy.protocol == "http2" or head.version == http1.HTTP2_VERSION
 
 
 class Router(Protocol):

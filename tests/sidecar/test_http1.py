@@ -379,3 +379,17 @@ def test_the_last_lines_kept_for_an_upstream_are_the_ones_made_and_bounded() -> 
         assert len(ends) <= http1.DEADLINE_ENDS
     no_deadline = http1.upstream_request(head, b"10.0.0.1", 1, None, None, ends)
     assert no_deadline.endswith(b"x-meshlet-attempt: 1\r\n\r\n")
+
+
+def test_http_date_writes_what_the_email_package_writes() -> None:
+    """``http_date``: IMF-fixdate, as ``email.utils.formatdate(usegmt=True)`` (the admin
+    port's Date header), for every weekday and month"""
+    import email.utils  # (the reference)
+
+    for when in [
+        0.0,
+        784111777.0,
+        951782400.5,
+        *(1_700_000_000 + 2_700_000 * i for i in range(14)),
+    ]:
+        assert http1.http_date(when) == email.utils.formatdate(when, usegmt=True).encode()
