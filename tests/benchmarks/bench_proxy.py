@@ -760,6 +760,25 @@ TLS_RATIOS = (
 )
 """(name, base, goal): CPU per request of two-hop pairs, both processes"""
 
+TLS_OWN = (
+    ("meshlet", "meshlet-2hop-mtls", "meshlet-2hop-cp"),
+    ("haproxy", "haproxy-2hop-tls", "haproxy-2hop"),
+)
+"""(who, TLS pair, plaintext pair): what TLS adds to a request, in CPU time"""
+
+
+def tls_own(
+    results: dict[tuple[str, int], list[Result]], name: str, base: str, conns: int
+) -> list[float]:
+    """Microseconds of CPU that ``name`` spends on a request beyond ``base``, round by round.
+    Unlike a ratio to the plaintext pair this does not grow when the plaintext pair gets
+    cheaper."""
+    return [
+        (r.cpu_per_1000 - b.cpu_per_1000) * 1000
+        for r, b in zip(results[(name, conns)], results[(base, conns)], strict=True)
+        if r.cpu_per_1000 and b.cpu_per_1000
+    ]
+
 
 def report_tls(
     results: dict[tuple[str, int], list[Result]],
@@ -773,6 +792,16 @@ def report_tls(
             ratios = cpu_ratios(results, name, base, conns)
             if ratios:
                 print(f"  {name} / {base} c={conns:<2} {mesh_tls.spread(ratios, 'x')}  {goal}")
+    print("TLS's own cpu per request (TLS pair - plaintext pair), per round: median (min..max)")
+    for conns in (50, 1):
+        own = {who: tls_own(results, name, base, conns) for who, name, base in TLS_OWN}
+        for who, values in own.items():
+            if values:
+                print(f"  {who:8} c={conns:<2} {mesh_tls.spread(values, ' us')}")
+        if all(own.values()):
+            ratios = [m / h for m, h in zip(*own.values(), strict=True) if h > 0]
+            if ratios:
+                print(f"  meshlet / haproxy c={conns:<2} {mesh_tls.spread(ratios, 'x')}")
     report_kept(results)
     mesh_tls.report_handshakes(handshakes)
 
