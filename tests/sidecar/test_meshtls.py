@@ -5,6 +5,7 @@ certificates from the mesh's CA, a real app behind the inbound."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import ssl
@@ -25,7 +26,7 @@ from sidecar.proxy.listener import Downstream
 from sidecar.proxy.routing import AppRouter, Pools, TableHolder
 from sidecar.proxy.tracker import ConnectionTracker
 from sidecar.proxy.watch import Timeouts
-from sidecar.tls import MeshTls, mesh_contexts
+from sidecar.tls import HANDSHAKE_ROUNDS, SESSION_TICKETS, MeshTls, mesh_contexts
 
 LOCAL = "127.0.0.1"
 TD = "cluster.local"
@@ -399,3 +400,45 @@ def test_a_guard_is_open_only_while_it_has_nothing_to_refuse() -> None:
     guard.rules("permissive", ("orders", "*"))
     assert guard.open
     assert guard.check(None, b"10.0.0.9") is None
+
+
+def records(data: bytes) -> int:
+    """The TLS records in ``data``, whole ones back to back."""
+    count = 0
+    while data:
+        count += 1
+        data = data[5 + int.from_bytes(data[3:5], "big") :]
+    return count
+
+
+def test_the_inbound_sends_one_session_ticket_a_handshake(ca: Authority) -> None:
+    """What follows the server's side of a handshake is its tickets, one record each: one
+    ticket (a pool resumes only the last, once), which still resumes a session."""
+    bundle = [ca.pem()[0].decode()]
+    server_ctx = credentials(ca, "catalog", bundle).server
+    client_ctx = credentials(ca, "web", bundle).client
+    assert server_ctx is not None
+    assert client_ctx is not None
+    session = None
+    for resumed in (False, True):
+        to_server, to_client, from_server, from_client = (ssl.MemoryBIO() for _ in range(4))
+        server = server_ctx.wrap_bio(to_server, from_server, server_side=True)
+        client = client_ctx.wrap_bio(to_client, from_client, session=session)
+        last = b""
+        for _ in range(HANDSHAKE_ROUNDS):
+            for side in (client, server):
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    side.do_handshake()
+            to_server.write(from_client.read())
+            last = from_server.read()
+            to_client.write(last)
+            if server.version():  # (its side is done: what it wrote last is its tickets)
+                break
+        assert server.version() == "TLSv1.3"
+        assert records(last) == SESSION_TICKETS == 1
+        with contextlib.suppress(ssl.SSLWantReadError):
+            client.read(1)  # (takes the ticket in)
+        assert client.session_reused is resumed
+        session = client.session
+        assert session is not None
+        assert session.has_ticket
