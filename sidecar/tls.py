@@ -80,8 +80,8 @@ sidecar judges those on its own clock)"""
 SESSION_TICKETS: Final = 1
 """TLS 1.3 session tickets the inbound sends after a handshake, not OpenSSL's default two: a
 pool resumes only the last session it was given, once. OpenSSL 3.0 copies the session, the
-client's certificate with it, through DER for each ticket it sends (and a client for each it
-receives): the second ticket cost the inbound 14 % of a full handshake's instructions."""
+client's certificate with it, through DER for each ticket: the second one cost the inbound
+14 % of the instructions of a new connection (handshake, one request, close)."""
 
 
 def mesh_contexts(
