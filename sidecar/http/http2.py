@@ -44,8 +44,6 @@ from sidecar.http.http1 import (
     ensure_request_id,
 )
 
-#: what ``request_head`` calls an HTTP/2 request's version (the access log's, never sent)
-VERSION: Final = HTTP2_VERSION
 #: headers RFC 9113 8.2.2 forbids in HTTP/2 (a response line of one is not forwarded)
 _CONNECTION_SPECIFIC: Final = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
@@ -185,7 +183,7 @@ def request_head(headers: Sequence[tuple[bytes, bytes]], ended: bool) -> Request
         raise ValueError("CONNECT is not served over HTTP/2")
     if not path.startswith(b"/") and not (path == b"*" and method == b"OPTIONS"):
         raise ValueError(f":path {path[:64]!r} is not origin-form")
-    head = H2RequestHead(method, path, VERSION, authority or None)
+    head = H2RequestHead(method, path, HTTP2_VERSION, authority or None)
     head.proxied = False  # (the authority is the stream's, not an absolute-form target's)
     head.grpc = is_grpc
     for name, value in regular:

@@ -626,7 +626,7 @@ class Downstream(Watch):
                 self.expect(WAIT_HEAD, self.timeouts.head)
                 return
             # (``expect(WAIT_IDLE, ...)``, inline: the timer, armed for the exchange, nearly
-            # always wakes in time for the wait that follows; else ``expect`` re-arms it)
+            # always wakes in time for the wait that follows; else it is re-armed)
             now, timeouts = self.loop.time(), self.timeouts
             self._wait = WAIT_IDLE
             self._deadline = deadline = now + timeouts.idle
@@ -634,7 +634,7 @@ class Downstream(Watch):
             if deadline < when:
                 when = deadline
             if self._timer is None or when < self._timer_at:
-                self.expect(WAIT_IDLE, timeouts.idle)
+                self._arm_at(when)
         else:
             self._idle()
 
